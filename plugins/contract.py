@@ -1,0 +1,182 @@
+"""The contract every training backend satisfies, and the typed results it returns.
+
+Arrays crossing the contract are NumPy: images are float32 ``(n, height, width, channels)``
+scaled to [0, 1] (channels last, as the lesson feeds them), labels are int64 ``(n,)``.
+Backends convert to their framework's layout internally. A device is a string such as
+``"cpu"`` or ``"cuda:1"`` chosen by the placement module and always passed in.
+Backends never talk to MLflow: they hand the flow a :class:`LoggableModel` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from cnn_train.plugins.config import ModelConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """What one finished epoch measured. ``epoch`` counts from 1."""
+
+    epoch: int
+    loss: float
+    accuracy: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+    images_per_second: float
+
+
+@dataclass(frozen=True)
+class TrainHistory:
+    """Every epoch of one ``train`` call, in order."""
+
+    epochs: tuple[EpochMetrics, ...]
+
+    @property
+    def final(self) -> EpochMetrics:
+        return self.epochs[-1]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Mean loss and accuracy over a labelled set."""
+
+    loss: float
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class LoggableModel:
+    """What the tracking module needs to log a model in its framework's native MLflow flavor.
+
+    ``flavor`` names an MLflow module (``"pytorch"``, ``"keras"``, ``"sklearn"``...): the tracking
+    module calls ``mlflow.<flavor>.log_model(model, ...)``. ``model`` must map a float32 batch
+    ``(n, height, width, channels)`` to class probabilities ``(n, num_classes)`` when served
+    through ``mlflow.pyfunc``.
+    """
+
+    flavor: str
+    model: Any
+    pip_requirements: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+EpochCallback = Callable[[EpochMetrics], None]
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Training and validation arrays, already scaled to [0, 1]."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+class BackendInputError(ValueError):
+    """Data handed to a backend does not fit the model (shape, emptiness, label range)."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A training framework behind one name. Constructed with no arguments; does no work until ``build``.
+
+    The lifecycle is ``build`` (or ``load``), then any of ``train``, ``evaluate``, ``predict_proba``,
+    ``feature_maps``, ``first_conv_kernels``, ``save``, ``loggable_model``.
+    """
+
+    #: Name of the MLflow flavor module used to log models of this backend.
+    mlflow_flavor: ClassVar[str]
+
+    def build(self, config: ModelConfig, *, device: str, seed: int) -> None:
+        """Create a freshly initialised model for ``config`` on ``device``; same seed, same weights."""
+        ...
+
+    def parameter_count(self) -> int:
+        """Trainable parameters of the built model."""
+        ...
+
+    def train(
+        self,
+        data: TrainData,
+        config: TrainConfig,
+        *,
+        on_epoch: EpochCallback | None = None,
+        initial_epoch: int = 0,
+    ) -> TrainHistory:
+        """Train for epochs ``initial_epoch + 1 .. config.epochs``, calling ``on_epoch`` as each one ends."""
+        ...
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> Evaluation:
+        """Mean cross-entropy loss and accuracy on ``(x, y)``."""
+        ...
+
+    def predict_proba(self, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+        """Class probabilities ``(n, num_classes)``; each row sums to 1."""
+        ...
+
+    def feature_maps(self, x: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+        """Activations of the named layers (``conv1``, ``pool1``, ...) for a batch, channels last."""
+        ...
+
+    def first_conv_kernels(self) -> np.ndarray:
+        """Weights of the first convolution as ``(kernel_h, kernel_w, in_channels, filters)``."""
+        ...
+
+    def save(self, path: Path) -> None:
+        """Write model weights (and optimizer state, so training can resume) under directory ``path``."""
+        ...
+
+    def load(self, path: Path, config: ModelConfig, *, device: str) -> None:
+        """Rebuild the model for ``config`` on ``device`` from what ``save`` wrote."""
+        ...
+
+    def loggable_model(self) -> LoggableModel:
+        """The model as its framework's MLflow flavor expects it, outputting probabilities."""
+        ...
+
+
+#: Members that every backend must provide, with the parameters each must accept.
+CONTRACT_METHODS: tuple[str, ...] = (
+    "build",
+    "parameter_count",
+    "train",
+    "evaluate",
+    "predict_proba",
+    "feature_maps",
+    "first_conv_kernels",
+    "save",
+    "load",
+    "loggable_model",
+)
+CONTRACT_ATTRIBUTES: tuple[str, ...] = ("mlflow_flavor",)
+
+
+def check_images(x: np.ndarray, config: ModelConfig, *, what: str = "images") -> None:
+    """Refuse image batches that do not match ``config.input_shape``, with a message saying what would."""
+    expected = tuple(config.input_shape)
+    if not isinstance(x, np.ndarray):
+        raise BackendInputError(f"{what} must be a NumPy array, got {type(x).__name__}")
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise BackendInputError(
+            f"{what} must have shape (n, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
+        )
+    if x.shape[0] == 0:
+        raise BackendInputError(f"{what} is empty: need at least one image")
+
+
+def check_labels(y: np.ndarray, n: int, num_classes: int, *, what: str = "labels") -> None:
+    """Refuse labels of the wrong length or outside ``[0, num_classes)``."""
+    if y.ndim != 1 or y.shape[0] != n:
+        raise BackendInputError(f"{what} must have shape ({n},) to match the images, got {tuple(y.shape)}")
+    if n and (y.min() < 0 or y.max() >= num_classes):
+        raise BackendInputError(
+            f"{what} must lie in [0, {num_classes - 1}], got values from {int(y.min())} to {int(y.max())}"
+        )
