@@ -1,0 +1,369 @@
+"""Which device each task runs on, decided in one place.
+
+Each task makes a request: ``cpu``, ``gpu-preferred`` (fall back to the CPU with a warning),
+``gpu-required`` (wait for a GPU up to a timeout, then fail) or an explicit ``cuda:N``.
+:func:`place_task` turns a request into a :class:`Placement` and, for a GPU, leases the card
+for as long as the task runs, so that concurrent tasks and concurrent flow runs on one machine
+get different GPUs.
+
+A lease is an OS file lock (``flock``) on ``<state dir>/gpu-leases/cuda-N.lock``. The kernel
+drops it when its holder closes it, raises or dies, even by SIGKILL, so a crashed holder never
+blocks the others. A sidecar ``cuda-N.holder`` names the holder for error messages only; the lock
+is the truth. Leases key on the CUDA index, so processes sharing a lease directory must see the
+same ``CUDA_VISIBLE_DEVICES``. Inside a scheduler that already assigned GPUs (Ray restricts
+``CUDA_VISIBLE_DEVICES`` per task), pass ``assigned_by_scheduler=True`` or set
+``CNN_TRAIN_SCHEDULER_ASSIGNED=1``: the task then uses ``cuda:0`` of what it sees, without a lease.
+
+The GPU inventory is injectable, so all of this is testable without a GPU; :func:`cuda_inventory`
+is the only CUDA-specific code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from filelock import FileLock, Timeout
+
+from cnn_train.flows.settings import state_dir
+
+__all__ = [
+    "DEFAULT_REQUESTS",
+    "POLICIES",
+    "SCHEDULER_ASSIGNED_ENV",
+    "TASKS",
+    "DeviceRequest",
+    "GpuInfo",
+    "Placement",
+    "PlacementError",
+    "cuda_inventory",
+    "parse_request",
+    "place_task",
+    "ray_resources",
+    "resolve_requests",
+]
+
+_log = logging.getLogger(__name__)
+
+TASKS: tuple[str, ...] = ("prep", "train", "evaluate", "report")
+DEFAULT_REQUESTS: dict[str, str] = {
+    "prep": "cpu",
+    "train": "gpu-preferred",
+    "evaluate": "gpu-preferred",
+    "report": "cpu",
+}
+
+Policy = Literal["cpu", "gpu-preferred", "gpu-required", "explicit"]
+POLICIES: tuple[str, ...] = ("cpu", "gpu-preferred", "gpu-required", "explicit")
+
+#: Set to ``1`` inside a task whose GPUs a scheduler (Ray) already assigned.
+SCHEDULER_ASSIGNED_ENV = "CNN_TRAIN_SCHEDULER_ASSIGNED"
+
+_ALLOWED_FORMS = "'cpu', 'gpu-preferred', 'gpu-required' or 'cuda:N' (N a GPU index, e.g. 'cuda:0')"
+_EXPLICIT = re.compile(r"cuda:(\d+)")
+_MIB = 1024 * 1024
+
+Logger = logging.Logger | logging.LoggerAdapter
+
+
+class PlacementError(ValueError):
+    """A device request that is invalid or cannot be met; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class DeviceRequest:
+    """What a task asks for. ``index`` is set exactly when ``policy == 'explicit'``."""
+
+    policy: Policy
+    index: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise PlacementError(f"unknown device policy {self.policy!r}; expected one of {', '.join(POLICIES)}")
+        if self.policy == "explicit" and (self.index is None or self.index < 0):
+            raise PlacementError(f"an explicit device request needs a GPU index >= 0, got {self.index!r}")
+        if self.policy != "explicit" and self.index is not None:
+            raise PlacementError(f"policy {self.policy!r} takes no GPU index, got {self.index!r}")
+
+    @property
+    def wants_gpu(self) -> bool:
+        return self.policy != "cpu"
+
+    def __str__(self) -> str:
+        return f"cuda:{self.index}" if self.policy == "explicit" else self.policy
+
+
+def parse_request(value: str | DeviceRequest) -> DeviceRequest:
+    """``'cpu'``, ``'gpu-preferred'``, ``'gpu-required'`` or ``'cuda:N'`` as a :class:`DeviceRequest`."""
+    if isinstance(value, DeviceRequest):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in ("cpu", "gpu-preferred", "gpu-required"):
+        return DeviceRequest(text)
+    if text is not None and (match := _EXPLICIT.fullmatch(text)):
+        return DeviceRequest("explicit", int(match.group(1)))
+    raise PlacementError(f"invalid device request {value!r}; expected {_ALLOWED_FORMS}")
+
+
+def resolve_requests(overrides: Mapping[str, str | DeviceRequest | None] | None = None) -> dict[str, DeviceRequest]:
+    """Each task's request: :data:`DEFAULT_REQUESTS`, overridden per task (``None`` keeps the default)."""
+    overrides = dict(overrides or {})
+    if unknown := sorted(set(overrides) - set(TASKS)):
+        raise PlacementError(f"device requests for unknown tasks {unknown}; the tasks are {', '.join(TASKS)}")
+    requests = {}
+    for task in TASKS:
+        value = overrides.get(task)
+        try:
+            requests[task] = parse_request(DEFAULT_REQUESTS[task] if value is None else value)
+        except PlacementError as error:
+            raise PlacementError(f"device request for {task}: {error}") from None
+    return requests
+
+
+def ray_resources(request: str | DeviceRequest) -> dict[str, int]:
+    """Ray task options for ``request``: one GPU for any GPU request, none for ``cpu``."""
+    return {"num_gpus": 1 if parse_request(request).wants_gpu else 0}
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """One visible CUDA device; memory in MiB."""
+
+    index: int
+    name: str
+    total_memory_mb: int
+    free_memory_mb: int
+
+
+def cuda_inventory() -> list[GpuInfo]:
+    """The CUDA devices this process sees (after ``CUDA_VISIBLE_DEVICES``); ``[]`` without CUDA."""
+    import torch  # lazily: listing tasks or placing them on the CPU must not pay for torch
+
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(index)
+        gpus.append(GpuInfo(index, torch.cuda.get_device_properties(index).name, total // _MIB, free // _MIB))
+    return gpus
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a task runs: ``device`` is ``'cpu'`` or ``'cuda:N'``; ``gpu`` describes the card, if any."""
+
+    task: str
+    device: str
+    gpu: GpuInfo | None
+    reason: str
+
+    def as_tags(self) -> dict[str, str]:
+        """Run tags recording the device, e.g. ``{'device.train': 'cuda:0', 'device.train.name': ...}``."""
+        tags = {f"device.{self.task}": self.device}
+        if self.gpu is not None:
+            tags[f"device.{self.task}.name"] = self.gpu.name
+            tags[f"device.{self.task}.memory_mb"] = str(self.gpu.total_memory_mb)
+        return tags
+
+
+@contextmanager
+def place_task(
+    task: str,
+    request: str | DeviceRequest,
+    *,
+    inventory: Callable[[], list[GpuInfo]] = cuda_inventory,
+    lease_dir: Path | None = None,
+    wait_timeout: float = 600.0,
+    poll_interval: float = 0.5,
+    logger: Logger | None = None,
+    assigned_by_scheduler: bool | None = None,
+) -> Iterator[Placement]:
+    """Pick a device for ``task`` and hold its GPU lease, if any, until the block exits.
+
+    Among the GPUs nobody leases, the one with the most free memory wins. ``gpu-preferred`` never
+    waits: with every GPU leased it runs on the CPU, because a slower task now beats an idle one
+    queued behind a long training run. ``gpu-required`` and ``cuda:N`` wait up to ``wait_timeout``
+    seconds, then raise :class:`PlacementError` naming the holders. Without any visible GPU they
+    fail at once. ``assigned_by_scheduler`` (default: ``$CNN_TRAIN_SCHEDULER_ASSIGNED == '1'``)
+    trusts the scheduler's assignment and leases nothing.
+    """
+    log = logger or _log
+    request = parse_request(request)
+    lease: _Lease | None = None
+    if not request.wants_gpu:
+        placement = Placement(task, "cpu", None, "cpu requested")
+    elif _scheduler_assigned(assigned_by_scheduler):
+        placement = _scheduler_placement(task, request, inventory(), log)
+    else:
+        placement, lease = _leased_placement(
+            task, request, inventory(), lease_dir, wait_timeout=wait_timeout, poll_interval=poll_interval, log=log
+        )
+    _log_placement(log, placement)
+    try:
+        yield placement
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _leased_placement(
+    task: str,
+    request: DeviceRequest,
+    gpus: list[GpuInfo],
+    lease_dir: Path | None,
+    *,
+    wait_timeout: float,
+    poll_interval: float,
+    log: Logger,
+) -> tuple[Placement, _Lease | None]:
+    if not gpus:
+        return _without_gpu(task, request, log), None
+    if request.policy == "explicit":
+        candidates = [gpu for gpu in gpus if gpu.index == request.index]
+        if not candidates:
+            raise PlacementError(
+                f"{task} requested {request}, but the visible GPUs are {_describe(gpus)}; "
+                f"pick one of those, or 'gpu-preferred' / 'gpu-required' to let placement choose"
+            )
+    else:
+        candidates = sorted(gpus, key=lambda gpu: gpu.free_memory_mb, reverse=True)
+    if lease_dir is None:
+        lease_dir = state_dir() / "gpu-leases"
+    lease_dir.mkdir(parents=True, exist_ok=True)
+
+    if (lease := _try_lease(candidates, lease_dir, task)) is None:
+        wanted = str(request) if request.policy == "explicit" else f"any of {len(candidates)} GPUs"
+        holders = _holders(candidates, lease_dir)
+        if request.policy == "gpu-preferred":
+            log.warning("all %d GPUs are leased (%s); %s runs on CPU", len(candidates), holders, task)
+            return Placement(task, "cpu", None, f"gpu-preferred, all GPUs leased ({holders})"), None
+        log.info("%s waits up to %g s for %s, leased by %s", task, wait_timeout, wanted, holders)
+        started = time.monotonic()
+        deadline = started + wait_timeout
+        while (lease := _try_lease(candidates, lease_dir, task)) is None:
+            if (remaining := deadline - time.monotonic()) <= 0:
+                raise PlacementError(
+                    f"{task} requires {wanted} ({request}), but none became free within {wait_timeout:g} s; "
+                    f"leased by {_holders(candidates, lease_dir)}. Wait longer (wait timeout), free a GPU, "
+                    f"or request 'gpu-preferred' to fall back to CPU"
+                )
+            time.sleep(min(poll_interval, remaining))
+        reason = f"{request}, leased after waiting {time.monotonic() - started:.1f} s"
+    elif request.policy == "explicit":
+        reason = f"{request}, leased"
+    else:
+        reason = f"{request}, leased the free GPU with the most free memory"
+    return Placement(task, f"cuda:{lease.gpu.index}", lease.gpu, reason), lease
+
+
+def _without_gpu(task: str, request: DeviceRequest, log: Logger) -> Placement:
+    """The CPU for ``gpu-preferred``; for anything stricter, an immediate error saying how to run on CPU."""
+    if request.policy == "gpu-preferred":
+        log.warning("no GPU visible; %s runs on CPU", task)
+        return Placement(task, "cpu", None, "gpu-preferred, no GPU visible")
+    raise PlacementError(
+        f"{task} requires a GPU ({request}), but no GPU is visible to this process "
+        f"(check the NVIDIA driver, a CUDA build of torch and CUDA_VISIBLE_DEVICES). "
+        f"To run {task} on CPU, pass the device policy 'cpu' for it (e.g. --{task}-device cpu), "
+        f"or 'gpu-preferred' to use a GPU only when there is one"
+    )
+
+
+def _scheduler_assigned(flag: bool | None) -> bool:
+    return os.environ.get(SCHEDULER_ASSIGNED_ENV, "").strip() == "1" if flag is None else flag
+
+
+def _scheduler_placement(task: str, request: DeviceRequest, gpus: list[GpuInfo], log: Logger) -> Placement:
+    """Use what the scheduler made visible: ``cuda:0`` of the visible devices, no lease."""
+    ray_gpu_ids = _ray_gpu_ids()
+    if ray_gpu_ids == []:  # Ray gave this task no GPU, whatever else the process can see
+        gpus = []
+    if not gpus:
+        return _without_gpu(task, request, log)
+    if request.policy == "explicit" and request.index != 0:
+        log.info("%s asked for %s; the scheduler's assignment takes precedence", task, request)
+    assigned = "assigned by the scheduler" + (f" (Ray GPU ids {ray_gpu_ids})" if ray_gpu_ids else "")
+    return Placement(task, "cuda:0", gpus[0], f"{request}, {assigned}")
+
+
+def _ray_gpu_ids() -> list[int | str] | None:
+    """Ray's GPU ids for this task when this process runs Ray, else ``None``."""
+    ray = sys.modules.get("ray")  # only a process that already imported Ray can be inside a Ray task
+    if ray is None:
+        return None
+    try:
+        return list(ray.get_gpu_ids())
+    except Exception:  # Ray raises outside a worker; then it assigned nothing we must respect
+        return None
+
+
+@dataclass
+class _Lease:
+    gpu: GpuInfo
+    lock: FileLock
+    holder_file: Path
+
+    def release(self) -> None:
+        # Remove the sidecar while still holding the lock, so it can never delete the next holder's.
+        self.holder_file.unlink(missing_ok=True)
+        self.lock.release()
+
+
+def _try_lease(candidates: Sequence[GpuInfo], lease_dir: Path, task: str) -> _Lease | None:
+    """Lease the first candidate nobody holds, or return ``None``; never waits."""
+    for gpu in candidates:
+        lock = FileLock(lease_dir / f"cuda-{gpu.index}.lock")
+        try:
+            lock.acquire(blocking=False)
+        except Timeout:
+            continue
+        holder_file = lease_dir / f"cuda-{gpu.index}.holder"
+        since = datetime.now(UTC).isoformat(timespec="seconds")
+        try:
+            holder_file.write_text(f"pid={os.getpid()} host={socket.gethostname()} task={task} since={since}\n")
+        except BaseException:
+            lock.release()
+            raise
+        return _Lease(gpu, lock, holder_file)
+    return None
+
+
+def _holders(gpus: Sequence[GpuInfo], lease_dir: Path) -> str:
+    def holder(gpu: GpuInfo) -> str:
+        try:
+            text = (lease_dir / f"cuda-{gpu.index}.holder").read_text().strip()
+        except FileNotFoundError:
+            text = ""
+        return f"cuda:{gpu.index} by {text or 'an unknown holder'}"
+
+    return "; ".join(holder(gpu) for gpu in gpus)
+
+
+def _describe(gpus: Sequence[GpuInfo]) -> str:
+    return ", ".join(f"cuda:{gpu.index} ({gpu.name})" for gpu in gpus)
+
+
+def _log_placement(log: Logger, placement: Placement) -> None:
+    if placement.gpu is None:
+        log.info("%s runs on %s (%s)", placement.task, placement.device, placement.reason)
+    else:
+        gpu = placement.gpu
+        log.info(
+            "%s runs on %s: %s, %d MB total, %d MB free (%s)",
+            placement.task,
+            placement.device,
+            gpu.name,
+            gpu.total_memory_mb,
+            gpu.free_memory_mb,
+            placement.reason,
+        )
