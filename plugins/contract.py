@@ -94,9 +94,14 @@ class Backend(Protocol):
 
     #: Name of the MLflow flavor module used to log models of this backend.
     mlflow_flavor: ClassVar[str]
+    #: Architectures (``ModelConfig.architecture`` values) this backend can build.
+    architectures: ClassVar[tuple[str, ...]]
 
     def build(self, config: ModelConfig, *, device: str, seed: int) -> None:
-        """Create a freshly initialised model for ``config`` on ``device``; same seed, same weights."""
+        """Create a freshly initialised model for ``config`` on ``device``; same seed, same weights.
+
+        Raises ValueError when ``config.architecture`` is not in ``architectures`` or the device
+        is one this backend cannot use."""
         ...
 
     def parameter_count(self) -> int:
@@ -156,7 +161,7 @@ CONTRACT_METHODS: tuple[str, ...] = (
     "load",
     "loggable_model",
 )
-CONTRACT_ATTRIBUTES: tuple[str, ...] = ("mlflow_flavor",)
+CONTRACT_ATTRIBUTES: tuple[str, ...] = ("mlflow_flavor", "architectures")
 
 
 def check_images(x: np.ndarray, config: ModelConfig, *, what: str = "images") -> None:

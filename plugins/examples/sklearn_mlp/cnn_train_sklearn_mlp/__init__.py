@@ -1,0 +1,160 @@
+"""A third-party cnn-train backend: the dense network (Flatten, Dense 128 relu, Dense 10) as a
+scikit-learn ``MLPClassifier``. It has exactly the lesson's 101,770 parameters and trains with
+Adam one epoch per ``partial_fit`` call, so the flow sees every epoch as it ends.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import joblib
+import numpy as np
+import sklearn
+from sklearn.metrics import accuracy_score, log_loss
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import FunctionTransformer
+
+from cnn_train.plugins.config import ModelConfig, TrainConfig
+from cnn_train.plugins.contract import (
+    EpochCallback,
+    EpochMetrics,
+    Evaluation,
+    LoggableModel,
+    TrainData,
+    TrainHistory,
+    check_images,
+    check_labels,
+)
+
+_MODEL_FILE = "pipeline.joblib"
+
+
+class SklearnMLPBackend:
+    """The dense architecture on the CPU with scikit-learn."""
+
+    mlflow_flavor: ClassVar[str] = "sklearn"
+    architectures: ClassVar[tuple[str, ...]] = ("dense",)
+
+    def __init__(self) -> None:
+        self._config: ModelConfig | None = None
+        self._pipeline: Pipeline | None = None
+
+    def build(self, config: ModelConfig, *, device: str, seed: int) -> None:
+        if config.architecture not in self.architectures:
+            raise ValueError(
+                f"sklearn-mlp cannot build architecture {config.architecture!r}; it supports: {', '.join(self.architectures)}"
+            )
+        if device != "cpu":
+            raise ValueError(f"sklearn-mlp runs only on device 'cpu', got {device!r}")
+        self._config = config
+        mlp = MLPClassifier(
+            hidden_layer_sizes=(config.dense_units,),
+            activation="relu",
+            solver="adam",
+            alpha=0.0,  # the lesson's network has no weight decay
+            random_state=seed,
+            shuffle=True,
+        )
+        # Images arrive as (n, h, w, c); the MLP wants flat rows, like the lesson's Flatten layer.
+        self._pipeline = make_pipeline(FunctionTransformer(np.reshape, kw_args={"shape": (-1, self._flat())}), mlp)
+
+    def _flat(self) -> int:
+        assert self._config is not None
+        h, w, c = self._config.input_shape
+        return h * w * c
+
+    def _require(self) -> tuple[ModelConfig, Pipeline]:
+        if self._config is None or self._pipeline is None:
+            raise RuntimeError("sklearn-mlp: call build() or load() first")
+        return self._config, self._pipeline
+
+    @property
+    def _mlp(self) -> MLPClassifier:
+        return self._require()[1][-1]
+
+    def parameter_count(self) -> int:
+        config, _ = self._require()
+        units = [self._flat(), config.dense_units, config.num_classes]
+        return sum(a * b + b for a, b in zip(units, units[1:]))
+
+    def train(
+        self,
+        data: TrainData,
+        config: TrainConfig,
+        *,
+        on_epoch: EpochCallback | None = None,
+        initial_epoch: int = 0,
+    ) -> TrainHistory:
+        model_config, pipeline = self._require()
+        check_images(data.x_train, model_config, what="training images")
+        check_labels(data.y_train, len(data.x_train), model_config.num_classes, what="training labels")
+        check_images(data.x_val, model_config, what="validation images")
+        check_labels(data.y_val, len(data.x_val), model_config.num_classes, what="validation labels")
+        mlp = self._mlp
+        mlp.set_params(batch_size=config.batch_size, learning_rate_init=config.learning_rate)
+        flat = data.x_train.reshape(len(data.x_train), -1)
+        classes = np.arange(model_config.num_classes)
+        history = []
+        for epoch in range(initial_epoch + 1, config.epochs + 1):
+            start = time.perf_counter()
+            mlp.partial_fit(flat, data.y_train, classes=classes)
+            train_seconds = time.perf_counter() - start
+            val = self.evaluate(data.x_val, data.y_val)
+            metrics = EpochMetrics(
+                epoch=epoch,
+                loss=float(mlp.loss_),
+                accuracy=float(accuracy_score(data.y_train, pipeline.predict(data.x_train))),
+                val_loss=val.loss,
+                val_accuracy=val.accuracy,
+                seconds=time.perf_counter() - start,
+                images_per_second=len(flat) / train_seconds,
+            )
+            history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(metrics)
+        return TrainHistory(tuple(history))
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> Evaluation:
+        config, _ = self._require()
+        check_images(x, config)
+        check_labels(y, len(x), config.num_classes)
+        proba = self.predict_proba(x)
+        labels = np.arange(config.num_classes)
+        return Evaluation(
+            loss=float(log_loss(y, proba, labels=labels)),
+            accuracy=float(accuracy_score(y, proba.argmax(axis=1))),
+        )
+
+    def predict_proba(self, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+        config, pipeline = self._require()
+        check_images(x, config)
+        return pipeline.predict_proba(x).astype(np.float32)
+
+    def feature_maps(self, x: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+        raise ValueError("sklearn-mlp builds the dense architecture, which has no convolution feature maps")
+
+    def first_conv_kernels(self) -> np.ndarray:
+        raise ValueError("sklearn-mlp builds the dense architecture, which has no convolution kernels")
+
+    def save(self, path: Path) -> None:
+        _, pipeline = self._require()
+        path.mkdir(parents=True, exist_ok=True)
+        joblib.dump(pipeline, path / _MODEL_FILE)
+
+    def load(self, path: Path, config: ModelConfig, *, device: str) -> None:
+        self.build(config, device=device, seed=0)
+        self._pipeline = joblib.load(path / _MODEL_FILE)
+
+    def loggable_model(self) -> LoggableModel:
+        _, pipeline = self._require()
+        return LoggableModel(
+            flavor=self.mlflow_flavor,
+            model=pipeline,
+            pip_requirements=(f"scikit-learn=={sklearn.__version__}", f"numpy=={np.__version__}"),
+            # pyfunc should serve probabilities, not class labels.
+            extra={"pyfunc_predict_fn": "predict_proba"},
+        )
