@@ -1,0 +1,115 @@
+"""Shared pytest fixtures.
+
+Data fixtures come first and stand alone: tiny but valid Fashion-MNIST IDX files, the real files
+when Debian's package is installed, and a guard that keeps every test off the network.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# --- data fixtures -------------------------------------------------------------------------------
+
+REAL_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+
+def _idx_bytes(array: np.ndarray, *, magic: int | None = None, count: int | None = None) -> bytes:
+    """``array`` as an uncompressed IDX file of unsigned bytes.
+
+    ``magic`` and ``count`` override the header (default: 2049 for 1-D labels, 2051 for 3-D images,
+    and the real length) so tests can build broken files.
+    """
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    magic = 0x0800 + array.ndim if magic is None else magic
+    dims = [array.shape[0] if count is None else count, *array.shape[1:]]
+    return np.array([magic, *dims], dtype=">u4").tobytes() + array.tobytes()
+
+
+def _write_idx_gz(
+    path: Path, array: np.ndarray, *, magic: int | None = None, count: int | None = None
+) -> Path:
+    """Write ``array`` as a gzipped IDX file at ``path`` (see :func:`_idx_bytes` for the overrides)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(_idx_bytes(array, magic=magic, count=count), mtime=0))
+    return path
+
+
+@dataclass(frozen=True, eq=False)
+class FakeFashionMNIST:
+    """A folder with the four files, and the arrays written into them."""
+
+    folder: Path
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+MakeFashionMNIST = Callable[..., FakeFashionMNIST]
+
+
+@pytest.fixture
+def write_idx_gz() -> Callable[..., Path]:
+    """``write(path, array, *, magic=None, count=None)``: a gzipped IDX file, its header may lie."""
+    return _write_idx_gz
+
+
+@pytest.fixture
+def make_fashion_mnist(tmp_path: Path) -> MakeFashionMNIST:
+    """Factory writing small, valid Fashion-MNIST files: random 28x28 images, every class equally often."""
+
+    def make(
+        folder: Path | None = None, *, n_train: int = 200, n_test: int = 50, seed: int = 0
+    ) -> FakeFashionMNIST:
+        folder = folder or tmp_path / "fashion-mnist"
+        rng = np.random.default_rng(seed)
+        x_train = rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8)
+        x_test = rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8)
+        y_train = rng.permutation(np.arange(n_train) % 10).astype(np.uint8)
+        y_test = rng.permutation(np.arange(n_test) % 10).astype(np.uint8)
+        for name, array in zip(FASHION_MNIST_FILES, (x_train, y_train, x_test, y_test)):
+            _write_idx_gz(folder / name, array)
+        return FakeFashionMNIST(folder, x_train, y_train, x_test, y_test)
+
+    return make
+
+
+@pytest.fixture
+def fake_fashion_mnist(make_fashion_mnist: MakeFashionMNIST) -> FakeFashionMNIST:
+    """200 training and 50 test images, 20 and 5 per class."""
+    return make_fashion_mnist()
+
+
+@pytest.fixture
+def real_fashion_mnist_dir() -> Path:
+    """Debian's copy of the official files; the test is skipped when they are not installed."""
+    missing = [name for name in FASHION_MNIST_FILES if not (REAL_FASHION_MNIST_DIR / name).is_file()]
+    if missing:
+        pytest.skip(
+            f"real Fashion-MNIST not installed ({REAL_FASHION_MNIST_DIR} lacks {', '.join(missing)}); "
+            "apt-get install dataset-fashion-mnist to run this test"
+        )
+    return REAL_FASHION_MNIST_DIR
+
+
+@pytest.fixture(autouse=True)
+def _no_dataset_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to download Fashion-MNIST fails the test loudly instead of using the network."""
+    from cnn_train.flows import data
+
+    def refuse(url: str, timeout: float) -> bytes:
+        raise AssertionError(f"a test tried to download {url}; tests must not use the network")
+
+    monkeypatch.setattr(data, "_fetch", refuse)

@@ -1,0 +1,510 @@
+"""flows/data.py: finding, verifying, splitting and caching Fashion-MNIST, on tiny synthetic IDX files
+and once on the real files."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnn_train.flows import data
+from cnn_train.flows.data import DatasetError, load_raw, locate_fashion_mnist, prepare_data
+from cnn_train.plugins.config import FASHION_MNIST_CLASSES
+from cnn_train.plugins.contract import TrainData
+
+SPLITS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No user settings leak in, and anything written to the state dir stays in tmp_path."""
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
+
+
+def prepare(folder: Path, cache_dir: Path, **kwargs) -> data.PreparedData:
+    """prepare_data on synthetic files, which cannot match the official checksums."""
+    return prepare_data(folder, cache_dir=cache_dir, verify_checksums=False, **kwargs)
+
+
+def assert_same_splits(a: data.PreparedData, b: data.PreparedData) -> None:
+    for name in SPLITS:
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+# --- parsing -------------------------------------------------------------------------------------
+
+
+def test_load_raw_returns_what_the_files_hold(fake_fashion_mnist):
+    x_train, y_train, x_test, y_test = load_raw(fake_fashion_mnist.folder, verify_checksums=False)
+
+    np.testing.assert_array_equal(x_train, fake_fashion_mnist.x_train)
+    np.testing.assert_array_equal(y_train, fake_fashion_mnist.y_train)
+    np.testing.assert_array_equal(x_test, fake_fashion_mnist.x_test)
+    np.testing.assert_array_equal(y_test, fake_fashion_mnist.y_test)
+    assert (x_train.dtype, x_train.shape) == (np.uint8, (200, 28, 28))
+    assert (y_train.dtype, y_test.shape) == (np.int64, (50,))
+
+
+def _truncate_gzip(path: Path, write_idx_gz) -> None:
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+
+
+def _not_gzip(path: Path, write_idx_gz) -> None:
+    path.write_bytes(b"<html>Not Found</html>")
+
+
+def _truncate_header(path: Path, write_idx_gz) -> None:
+    path.write_bytes(gzip.compress(b"\x00\x00\x08\x03\x00\x00"))
+
+
+def _header_announces_more_images(path: Path, write_idx_gz) -> None:
+    write_idx_gz(path, np.zeros((200, 28, 28), np.uint8), count=201)
+
+
+def _header_announces_fewer_images(path: Path, write_idx_gz) -> None:
+    write_idx_gz(path, np.zeros((200, 28, 28), np.uint8), count=199)
+
+
+def _label_magic_in_image_file(path: Path, write_idx_gz) -> None:
+    write_idx_gz(path, np.zeros((200, 28, 28), np.uint8), magic=2049)
+
+
+def _small_images(path: Path, write_idx_gz) -> None:
+    write_idx_gz(path, np.zeros((200, 20, 20), np.uint8))
+
+
+BROKEN_TRAIN_IMAGES = [
+    pytest.param(_truncate_gzip, r"not a complete gzip file", id="truncated-gzip"),
+    pytest.param(_not_gzip, r"not a complete gzip file", id="not-gzip"),
+    pytest.param(_truncate_header, r"truncated IDX header \(6 bytes", id="truncated-header"),
+    pytest.param(
+        _header_announces_more_images,
+        r"truncated payload: the header announces 201 images \(157600 bytes\), the file holds 156816 bytes",
+        id="truncated-payload",
+    ),
+    pytest.param(_header_announces_fewer_images, r"unexpected trailing bytes", id="trailing-bytes"),
+    pytest.param(
+        _label_magic_in_image_file, r"wrong IDX magic number 2049; .* must start with 2051", id="wrong-magic"
+    ),
+    pytest.param(
+        _small_images, r"images are 20x20, Fashion-MNIST images must be 28x28", id="wrong-image-size"
+    ),
+]
+
+
+@pytest.mark.parametrize(("damage", "message"), BROKEN_TRAIN_IMAGES)
+def test_a_broken_file_is_named_with_what_is_wrong(fake_fashion_mnist, write_idx_gz, damage, message):
+    path = fake_fashion_mnist.folder / "train-images-idx3-ubyte.gz"
+    damage(path, write_idx_gz)
+
+    with pytest.raises(DatasetError, match=rf"train-images-idx3-ubyte\.gz: {message}"):
+        load_raw(fake_fashion_mnist.folder, verify_checksums=False)
+
+
+def test_labels_out_of_range_are_refused(fake_fashion_mnist, write_idx_gz):
+    write_idx_gz(fake_fashion_mnist.folder / "t10k-labels-idx1-ubyte.gz", np.full(50, 12, np.uint8))
+
+    with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte\.gz: label 12 is out of range.*\[0, 9\]"):
+        load_raw(fake_fashion_mnist.folder, verify_checksums=False)
+
+
+def test_image_and_label_counts_must_agree(fake_fashion_mnist, write_idx_gz):
+    write_idx_gz(fake_fashion_mnist.folder / "train-labels-idx1-ubyte.gz", np.zeros(190, np.uint8))
+
+    with pytest.raises(
+        DatasetError,
+        match=r"train-images-idx3-ubyte\.gz holds 200 images but "
+        r"train-labels-idx1-ubyte\.gz holds 190 labels",
+    ):
+        load_raw(fake_fashion_mnist.folder, verify_checksums=False)
+
+
+def test_checksum_mismatch_says_expected_and_got(fake_fashion_mnist):
+    with pytest.raises(DatasetError) as raised:
+        load_raw(fake_fashion_mnist.folder)
+
+    message = str(raised.value)
+    assert "train-images-idx3-ubyte.gz: checksum mismatch" in message
+    assert f"expected SHA-256 {data.TRAIN_IMAGES.sha256}" in message
+    assert "It holds 200 images, the official file 60000" in message
+    assert "verify_checksums=False" in message
+    got = message.split(", got ")[1][:64]
+    assert len(got) == 64 and got != data.TRAIN_IMAGES.sha256
+
+
+def test_skipping_checksums_needs_an_explicit_folder(fake_fashion_mnist, tmp_path):
+    with pytest.raises(ValueError, match=r"verify_checksums=False needs an explicit data_dir"):
+        prepare_data(verify_checksums=False, search_paths=[fake_fashion_mnist.folder], cache_dir=tmp_path)
+
+
+def test_skipping_checksums_is_allowed_for_the_environment_folder(
+    fake_fashion_mnist, tmp_path, monkeypatch
+):
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(fake_fashion_mnist.folder))
+
+    prepared = prepare_data(verify_checksums=False, cache_dir=tmp_path / "cache")
+
+    assert prepared.source == str(fake_fashion_mnist.folder.resolve())
+
+
+# --- finding the files ---------------------------------------------------------------------------
+
+
+def test_explicit_folder_lacking_files_names_them(fake_fashion_mnist):
+    (fake_fashion_mnist.folder / "train-labels-idx1-ubyte.gz").unlink()
+    (fake_fashion_mnist.folder / "t10k-labels-idx1-ubyte.gz").unlink()
+
+    with pytest.raises(
+        DatasetError,
+        match=r"data_dir .* does not hold train-labels-idx1-ubyte\.gz, t10k-labels-idx1-ubyte\.gz; "
+        r"it must contain all four",
+    ):
+        locate_fashion_mnist(fake_fashion_mnist.folder, search_paths=[])
+
+
+def test_environment_folder_lacking_files_is_an_error_not_a_fall_through(
+    make_fashion_mnist, tmp_path, monkeypatch
+):
+    complete = make_fashion_mnist(tmp_path / "complete").folder
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "empty"))
+
+    with pytest.raises(DatasetError, match=r"\$CNN_TRAIN_DATA_DIR .*empty does not hold train-images"):
+        locate_fashion_mnist(search_paths=[complete])
+
+
+def test_search_order_is_argument_environment_then_search_paths(make_fashion_mnist, tmp_path, monkeypatch):
+    given, env, first, second = (
+        make_fashion_mnist(tmp_path / name).folder for name in ("given", "env", "first", "second")
+    )
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "train-images-idx3-ubyte.gz").write_bytes(b"")
+
+    assert locate_fashion_mnist(search_paths=[tmp_path / "missing", partial, first, second]) == first
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(env))
+    assert locate_fashion_mnist(search_paths=[first]) == env
+    assert locate_fashion_mnist(given, search_paths=[first]) == given
+
+
+def test_nothing_found_lists_every_place_and_how_to_get_the_data(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+
+    with pytest.raises(DatasetError) as raised:
+        locate_fashion_mnist(allow_download=False, search_paths=[tmp_path / "missing", empty])
+
+    message = str(raised.value)
+    assert f"{tmp_path / 'missing'} (does not exist)" in message
+    assert f"{empty} (lacks train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, " in message
+    assert "download not allowed (allow_download=False)" in message
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert "CNN_TRAIN_DATA_DIR" in message
+
+
+def test_a_failed_download_is_reported_with_the_places_looked_at(tmp_path, monkeypatch):
+    def offline(target, **kwargs):
+        raise DatasetError("could not download train-images-idx3-ubyte.gz: network unreachable")
+
+    monkeypatch.setattr(data, "download_fashion_mnist", offline)
+
+    with pytest.raises(
+        DatasetError, match=r"(?s)missing \(does not exist\).*download failed: .*network unreachable"
+    ):
+        locate_fashion_mnist(search_paths=[tmp_path / "missing"])
+
+
+def test_default_search_paths_are_debian_keras_cache_then_downloads(tmp_path):
+    assert data.default_search_paths() == [
+        Path("/usr/share/datasets/fashion-mnist"),
+        tmp_path / "keras-home" / "datasets" / "fashion-mnist",
+        tmp_path / "state" / "data" / "fashion-mnist",
+    ]
+
+
+def test_download_falls_back_to_the_next_url_and_keeps_only_verified_files(
+    real_fashion_mnist_dir, tmp_path, monkeypatch
+):
+    fetched = []
+
+    def fetch(url: str, timeout: float) -> bytes:
+        fetched.append(url)
+        if url.startswith("https://primary.invalid/"):
+            raise urllib.error.URLError("connection refused")
+        return (real_fashion_mnist_dir / url.rsplit("/", 1)[1]).read_bytes()
+
+    monkeypatch.setattr(data, "_fetch", fetch)
+    target = tmp_path / "downloads"
+
+    data.download_fashion_mnist(target, urls=("https://primary.invalid/", "https://mirror.invalid/"))
+
+    assert len(fetched) == 8
+    for name in data.FILE_NAMES:
+        assert (target / name).read_bytes() == (real_fashion_mnist_dir / name).read_bytes()
+    prepared = prepare_data(target, cache_dir=tmp_path / "cache", sample_limit=100, test_limit=10)
+    assert prepared.source == "https://mirror.invalid/"
+
+
+def test_download_refuses_files_that_are_not_the_official_ones(fake_fashion_mnist, tmp_path, monkeypatch):
+    def fetch(url: str, timeout: float) -> bytes:
+        return (fake_fashion_mnist.folder / url.rsplit("/", 1)[1]).read_bytes()
+
+    monkeypatch.setattr(data, "_fetch", fetch)
+    target = tmp_path / "downloads"
+
+    with pytest.raises(
+        DatasetError,
+        match=r"could not download train-images-idx3-ubyte\.gz: "
+        r"https://a\.invalid/train-images-idx3-ubyte\.gz: checksum mismatch"
+        r".* This server does not send the official file\.; "
+        r"https://b\.invalid/train-images-idx3-ubyte\.gz: checksum mismatch",
+    ):
+        data.download_fashion_mnist(target, urls=("https://a.invalid/", "https://b.invalid/"))
+    assert not any(target.iterdir())
+
+
+# --- splitting -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "per_class"),
+    [
+        pytest.param(
+            {"validation_fraction": 0.25},
+            {"train": 15, "validation": 5, "test": 5},
+            id="all-images-quarter-val",
+        ),
+        pytest.param(
+            {"validation_fraction": 0.1, "sample_limit": 100, "test_limit": 20},
+            {"train": 9, "validation": 1, "test": 2},
+            id="limited-tenth-val",
+        ),
+    ],
+)
+def test_splits_are_stratified(fake_fashion_mnist, tmp_path, options, per_class):
+    prepared = prepare(fake_fashion_mnist.folder, tmp_path / "cache", **options)
+
+    assert prepared.summary() == {split: 10 * n for split, n in per_class.items()}
+    labels = {"train": prepared.y_train, "validation": prepared.y_val, "test": prepared.y_test}
+    for split, n in per_class.items():
+        assert np.bincount(labels[split], minlength=10).tolist() == [n] * 10, split
+
+
+def test_splits_are_scaled_images_of_the_files_with_their_labels(fake_fashion_mnist, tmp_path):
+    fake = fake_fashion_mnist
+    prepared = prepare(fake.folder, tmp_path / "cache", sample_limit=150, test_limit=30)
+    label_of_train_image = {image.tobytes(): int(y) for image, y in zip(fake.x_train, fake.y_train)}
+    label_of_test_image = {image.tobytes(): int(y) for image, y in zip(fake.x_test, fake.y_test)}
+
+    for x, y, source in (
+        (prepared.x_train, prepared.y_train, label_of_train_image),
+        (prepared.x_val, prepared.y_val, label_of_train_image),
+        (prepared.x_test, prepared.y_test, label_of_test_image),
+    ):
+        assert x.dtype == np.float32 and x.shape[1:] == (28, 28, 1) and y.dtype == np.int64
+        assert 0.0 <= x.min() and x.max() <= 1.0
+        originals = np.rint(x[..., 0] * 255).astype(np.uint8)
+        np.testing.assert_array_equal(x[..., 0], originals.astype(np.float32) / np.float32(255))
+        assert [source[img.tobytes()] for img in originals] == y.tolist()
+    train_and_val = np.rint(np.concatenate([prepared.x_train, prepared.x_val]) * 255).astype(np.uint8)
+    assert len({image.tobytes() for image in train_and_val}) == 150, "the same image twice"
+
+
+def test_same_seed_same_split_other_seed_other_split(fake_fashion_mnist, tmp_path):
+    first = prepare(fake_fashion_mnist.folder, tmp_path / "a", sample_limit=100, test_limit=20, seed=7)
+    again = prepare(fake_fashion_mnist.folder, tmp_path / "b", sample_limit=100, test_limit=20, seed=7)
+    other = prepare(fake_fashion_mnist.folder, tmp_path / "c", sample_limit=100, test_limit=20, seed=8)
+
+    assert_same_splits(first, again)
+    assert first.digest == again.digest
+    assert other.digest != first.digest
+    assert not np.array_equal(other.y_train, first.y_train)
+
+
+def test_digest_is_short_and_follows_the_split_parameters(fake_fashion_mnist, tmp_path):
+    variants = ({}, {"sample_limit": 200, "test_limit": 50}, {"seed": 1}, {"validation_fraction": 0.2})
+    folder = fake_fashion_mnist.folder
+    digests = {prepare(folder, tmp_path / "cache", **options).digest for options in variants}
+
+    assert len(digests) == 3, "an explicit limit equal to the whole set is the same data"
+    assert all(len(d) == 16 for d in digests)
+
+
+def test_prepared_data_describes_itself(fake_fashion_mnist, tmp_path):
+    prepared = prepare(fake_fashion_mnist.folder, tmp_path / "cache")
+
+    assert prepared.class_names == FASHION_MNIST_CLASSES
+    assert prepared.source == str(fake_fashion_mnist.folder.resolve())
+    train_data = prepared.train_data()
+    assert isinstance(train_data, TrainData)
+    assert train_data.x_val is prepared.x_val
+
+
+#: id -> (arguments, what the error must say)
+BAD_ARGUMENTS = {
+    "fraction-zero": ({"validation_fraction": 0}, r"validation_fraction must lie strictly between 0 and 1"),
+    "fraction-one": ({"validation_fraction": 1.0}, r"strictly between 0 and 1 .*got 1\.0"),
+    "fraction-nan": ({"validation_fraction": math.nan}, r"strictly between 0 and 1"),
+    "fraction-string": ({"validation_fraction": "0.1"}, r"validation_fraction must be a number"),
+    "seed-negative": ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*32\)"),
+    "seed-bool": ({"seed": True}, r"seed must be an integer"),
+    "limit-too-small": ({"sample_limit": 19}, r"sample_limit must be None .* in \[20, 60000\], got 19"),
+    "limit-too-large": ({"sample_limit": 60001}, r"\[20, 60000\], got 60001"),
+    "limit-float": ({"sample_limit": 100.0}, r"sample_limit must be None"),
+    "test-limit-too-small": ({"test_limit": 9}, r"test_limit must be None .* \[10, 10000\]"),
+    "limit-above-files": ({"sample_limit": 500}, r"sample_limit=500 exceeds the 200 images available"),
+    "test-limit-above-files": ({"test_limit": 60}, r"test_limit=60 exceeds the 50 images available"),
+    "limit-too-small-for-the-fraction": (
+        {"sample_limit": 20},
+        r"splitting 20 images with validation_fraction=0\.1 gives 18 training and 2 validation images; "
+        r".*at least 10 in each .*use sample_limit >= 91",
+    ),
+    "fraction-too-small-for-the-files": (
+        {"validation_fraction": 0.001},
+        r"gives 199 training and 1 validation images.*: change validation_fraction",
+    ),
+}
+
+
+@pytest.mark.parametrize(("options", "message"), list(BAD_ARGUMENTS.values()), ids=list(BAD_ARGUMENTS))
+def test_bad_arguments_say_what_is_allowed(fake_fashion_mnist, tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        prepare(fake_fashion_mnist.folder, tmp_path / "cache", **options)
+
+
+# --- caching -------------------------------------------------------------------------------------
+
+
+def _forbid_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def parse(*args, **kwargs):
+        raise AssertionError("the files were parsed again although the cache holds this split")
+
+    monkeypatch.setattr(data, "_parse_folder", parse)
+
+
+def test_a_cached_split_is_returned_without_parsing(fake_fashion_mnist, tmp_path, monkeypatch):
+    first = prepare(fake_fashion_mnist.folder, tmp_path / "cache", sample_limit=100)
+    _forbid_parsing(monkeypatch)
+
+    second = prepare(fake_fashion_mnist.folder, tmp_path / "cache", sample_limit=100)
+
+    assert_same_splits(first, second)
+    assert (second.digest, second.source) == (first.digest, first.source)
+    assert second.x_train.dtype == np.float32 and second.x_train.flags.writeable
+
+
+def test_a_split_cached_without_verification_is_not_served_to_a_verifying_run(fake_fashion_mnist, tmp_path):
+    prepare(fake_fashion_mnist.folder, tmp_path / "cache")
+
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte\.gz: checksum mismatch"):
+        prepare_data(fake_fashion_mnist.folder, cache_dir=tmp_path / "cache")
+
+
+def _cache_file(cache_dir: Path) -> Path:
+    (path,) = cache_dir.glob("*.npz")
+    return path
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _overwrite_with_garbage(path: Path) -> None:
+    path.write_bytes(b"\x00garbage" * 100)
+
+
+def _flip_a_byte(path: Path) -> None:
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 3] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
+def _store_other_shapes(path: Path) -> None:
+    three_of_each = {name: np.zeros((3, 28, 28) if name[0] == "x" else 3, np.uint8) for name in SPLITS}
+    with path.open("wb") as file:
+        np.savez(file, **three_of_each)
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(_truncate, id="truncated"),
+        pytest.param(_overwrite_with_garbage, id="garbage"),
+        pytest.param(_flip_a_byte, id="flipped-byte"),
+        pytest.param(_store_other_shapes, id="wrong-shapes"),
+        pytest.param(_empty, id="empty"),
+    ],
+)
+def test_a_damaged_cache_is_rebuilt(fake_fashion_mnist, tmp_path, monkeypatch, damage, caplog):
+    cache_dir = tmp_path / "cache"
+    first = prepare(fake_fashion_mnist.folder, cache_dir)
+    damage(_cache_file(cache_dir))
+
+    rebuilt = prepare(fake_fashion_mnist.folder, cache_dir)
+
+    assert_same_splits(first, rebuilt)
+    assert "rebuilding the damaged data cache" in caplog.text
+    _forbid_parsing(monkeypatch)
+    assert_same_splits(first, prepare(fake_fashion_mnist.folder, cache_dir))
+
+
+def test_an_unreadable_file_memo_only_costs_a_reparse(fake_fashion_mnist, tmp_path):
+    cache_dir = tmp_path / "cache"
+    first = prepare(fake_fashion_mnist.folder, cache_dir)
+    (memo,) = cache_dir.glob("files-*.json")
+    memo.write_text("{not json")
+
+    assert_same_splits(first, prepare(fake_fashion_mnist.folder, cache_dir))
+
+
+def test_changed_files_are_not_served_from_the_cache(make_fashion_mnist, tmp_path):
+    cache_dir = tmp_path / "cache"
+    folder = tmp_path / "fashion-mnist"
+    first = prepare(make_fashion_mnist(folder, seed=0).folder, cache_dir)
+    changed = make_fashion_mnist(folder, seed=1)
+    for name in data.FILE_NAMES:  # same sizes: only the timestamps betray the change
+        os.utime(folder / name, ns=(10**18, 10**18))
+
+    second = prepare(changed.folder, cache_dir)
+
+    assert second.digest != first.digest
+    assert not np.array_equal(second.x_test, first.x_test)
+
+
+def test_an_unusable_cache_dir_does_not_stop_the_run(fake_fashion_mnist, tmp_path):
+    not_a_dir = tmp_path / "cache"
+    not_a_dir.write_text("a file where the cache folder should be")
+
+    prepared = prepare(fake_fashion_mnist.folder, not_a_dir)
+
+    assert prepared.summary() == {"train": 180, "validation": 20, "test": 50}
+
+
+# --- the real files ------------------------------------------------------------------------------
+
+
+def test_real_fashion_mnist_is_verified_and_split(real_fashion_mnist_dir, tmp_path):
+    x_train, y_train, x_test, y_test = load_raw(real_fashion_mnist_dir)  # checksums verified
+    assert (x_train.shape, y_train.shape, x_test.shape, y_test.shape) == (
+        (60000, 28, 28), (60000,), (10000, 28, 28), (10000,),
+    )
+    assert np.bincount(y_train).tolist() == [6000] * 10 and np.bincount(y_test).tolist() == [1000] * 10
+
+    prepared = prepare_data(real_fashion_mnist_dir, cache_dir=tmp_path / "cache", search_paths=[])
+
+    assert prepared.summary() == {"train": 54000, "validation": 6000, "test": 10000}
+    assert prepared.x_train.shape == (54000, 28, 28, 1) and prepared.x_train.dtype == np.float32
+    assert 0.0 == prepared.x_test.min() and prepared.x_test.max() == 1.0
+    assert np.bincount(prepared.y_val).tolist() == [600] * 10
+    assert prepared.source == str(real_fashion_mnist_dir)
