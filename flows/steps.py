@@ -1,0 +1,189 @@
+"""The recipe's steps as plain functions: prepare, train, evaluate. No Prefect here, so each
+step is testable on its own; the flow wraps them in tasks and gives them their devices."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+from cnn_train.flows.data import PreparedData, prepare_data
+from cnn_train.flows.params import RunParameters
+from cnn_train.flows.tracking import RunTracker
+from cnn_train.plugins import registry
+from cnn_train.plugins.config import ModelConfig
+from cnn_train.plugins.contract import EpochMetrics, Evaluation, TrainData, TrainHistory
+
+_PROGRESS_FILE = "progress.json"
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """A finished training: where its checkpoint is and what each epoch measured."""
+
+    architecture: str
+    checkpoint: Path
+    history: TrainHistory
+    parameters: int
+    model_uri: str
+    resumed_from_epoch: int
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        return float(np.median([e.seconds for e in self.history.epochs]))
+
+    @property
+    def images_per_second(self) -> float:
+        return float(np.median([e.images_per_second for e in self.history.epochs]))
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    """Test-set results, with what the report needs to draw."""
+
+    evaluation: Evaluation
+    probabilities: np.ndarray
+    feature_maps: dict[str, np.ndarray]
+    kernels: np.ndarray | None
+
+
+def prepare(params: RunParameters) -> PreparedData:
+    return prepare_data(
+        Path(params.data_dir) if params.data_dir else None,
+        validation_fraction=params.validation_fraction,
+        seed=params.seed,
+        sample_limit=params.sample_limit,
+        test_limit=params.test_limit,
+    )
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def run_description(params: RunParameters) -> dict[str, str]:
+    """Backend provenance and library versions, logged as params so runs can be compared on them."""
+    info = registry.backend_info(params.backend)
+    described = {
+        "backend.distribution": info.distribution,
+        "backend.version": info.version,
+        "backend.entry_point": info.target,
+        "python": platform.python_version(),
+    }
+    for package in ("cnn-train", "torch", "keras", "mlflow", "prefect", "scikit-learn", "numpy"):
+        described[f"version.{package}"] = _package_version(package)
+    return described
+
+
+def log_inputs(tracker: RunTracker, params: RunParameters, data: PreparedData) -> None:
+    """Every flow parameter, the backend's provenance, and the datasets through MLflow's dataset API."""
+    tracker.log_params(params.model_dump())
+    tracker.log_params(run_description(params))
+    tracker.log_params({f"data.{key}": value for key, value in data.summary().items()})
+    tracker.log_params({"model.parameters": params.model().parameter_count()})
+    for context, (x, y) in {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}.items():
+        tracker.log_dataset(x, y, name=f"fashion-mnist-{context}", source=data.source, digest=data.digest, context=context)
+
+
+def _read_progress(checkpoint: Path) -> list[EpochMetrics]:
+    progress = checkpoint / _PROGRESS_FILE
+    if not progress.is_file():
+        return []
+    return [EpochMetrics(**item) for item in json.loads(progress.read_text())]
+
+
+def _write_progress(checkpoint: Path, epochs: list[EpochMetrics]) -> None:
+    tmp = checkpoint / (_PROGRESS_FILE + ".tmp")
+    tmp.write_text(json.dumps([e.__dict__ for e in epochs]))
+    tmp.replace(checkpoint / _PROGRESS_FILE)
+
+
+def train(
+    params: RunParameters,
+    model_config: ModelConfig,
+    data: PreparedData,
+    tracker: RunTracker,
+    *,
+    device: str,
+    checkpoint: Path,
+    metric_prefix: str = "",
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+) -> TrainOutcome:
+    """Train (resuming from ``checkpoint`` when an earlier attempt saved epochs), log every epoch as
+    it ends, then log the finished model. Only a completed training is logged as the model."""
+    backend = registry.load_backend(params.backend)
+    done = _read_progress(checkpoint)
+    if done:
+        backend.load(checkpoint / "weights", model_config, device=device)
+        # An attempt can die between saving an epoch and logging it; log what MLflow lacks.
+        logged = set(tracker.logged_steps(metric_prefix + "val_accuracy"))
+        for metrics in done:
+            if metrics.epoch not in logged:
+                tracker.log_epoch(metrics, prefix=metric_prefix)
+    else:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        checkpoint.mkdir(parents=True)
+        backend.build(model_config, device=device, seed=params.seed)
+
+    epochs = list(done)
+
+    def finished_epoch(metrics: EpochMetrics) -> None:
+        # Checkpoint first: a retry then resumes after this epoch and re-logs it if needed.
+        backend.save(checkpoint / "weights")
+        epochs.append(metrics)
+        _write_progress(checkpoint, epochs)
+        tracker.log_epoch(metrics, prefix=metric_prefix)
+        if on_epoch is not None:
+            on_epoch(metrics)
+
+    train_data = TrainData(data.x_train, data.y_train, data.x_val, data.y_val)
+    backend.train(train_data, params.training(), on_epoch=finished_epoch, initial_epoch=len(done))
+    model_uri = tracker.log_model(
+        backend.loggable_model(),
+        input_shape=model_config.input_shape,
+        num_classes=model_config.num_classes,
+        name="model" if not metric_prefix else metric_prefix.rstrip("._") + "_model",
+    )
+    return TrainOutcome(
+        architecture=model_config.architecture,
+        checkpoint=checkpoint,
+        history=TrainHistory(tuple(epochs)),
+        parameters=backend.parameter_count(),
+        model_uri=model_uri,
+        resumed_from_epoch=len(done),
+    )
+
+
+def evaluate(
+    params: RunParameters,
+    model_config: ModelConfig,
+    trained: TrainOutcome,
+    data: PreparedData,
+    *,
+    device: str,
+) -> EvalOutcome:
+    """Test loss and accuracy, probabilities for the report, and the lesson's feature maps."""
+    backend = registry.load_backend(params.backend)
+    backend.load(trained.checkpoint / "weights", model_config, device=device)
+    evaluation = backend.evaluate(data.x_test, data.y_test)
+    probabilities = backend.predict_proba(data.x_test)
+    layers = [name for name, _ in model_config.feature_map_shapes()]
+    maps = backend.feature_maps(data.x_test[:1], layers) if layers else {}
+    kernels = backend.first_conv_kernels() if layers else None
+    return EvalOutcome(evaluation, probabilities, maps, kernels)
+
+
+def timed(function: Callable[[], object]) -> tuple[object, float]:
+    start = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start
