@@ -1,0 +1,105 @@
+"""``cnn-train up``: bring up the servers, trigger ``cnn-train/default`` and follow it to the end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cnn_train.flows import services
+
+Echo = Callable[[str], None]
+
+_FINAL_EPOCH_METRIC = "val_accuracy"
+
+
+def _start(service: services.Service, echo: Echo, *, timeout: float) -> None:
+    echo(f"{service.name}: {'starting' if not service.ready() else 'already running'}")
+    if service.start(timeout=timeout):
+        echo(f"{service.name}: ready (log: {service.log_file})")
+
+
+def point_prefect_cli_at_server(echo: Echo) -> None:
+    """Make a plain `prefect deployment run cnn-train/default` in the user's shell reach our server,
+    as Prefect's self-hosting guide does: set PREFECT_API_URL in the active Prefect profile."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    current = subprocess.run(
+        [prefect, "config", "view", "--hide-defaults"], env=env, capture_output=True, text=True, check=False
+    ).stdout
+    if f"PREFECT_API_URL='{services.prefect_api_url()}'" in current:
+        return
+    subprocess.run(
+        [prefect, "config", "set", f"PREFECT_API_URL={services.prefect_api_url()}"],
+        env=env,
+        capture_output=True,
+        check=True,
+    )
+    echo(f"prefect profile: PREFECT_API_URL set to {services.prefect_api_url()} (undo: prefect config unset PREFECT_API_URL)")
+
+
+def up(*, trigger: bool, watch_timeout: float, echo: Echo) -> int:
+    """Start what is not running, then (optionally) run the deployment; returns an exit code."""
+    _start(services.prefect_server, echo, timeout=120)
+    _start(services.mlflow_server, echo, timeout=120)
+    point_prefect_cli_at_server(echo)
+    _start(services.serve_process, echo, timeout=120)
+    echo(f"Prefect UI: {services.prefect_ui_url()}")
+    echo(f"MLflow UI:  {services.mlflow_url()}")
+    if not trigger:
+        return 0
+    return trigger_and_watch(watch_timeout=watch_timeout, echo=echo)
+
+
+def trigger_and_watch(*, watch_timeout: float, echo: Echo, parameters: dict | None = None) -> int:
+    """What `prefect deployment run cnn-train/default --watch` does, plus the MLflow side: epochs as
+    they land, then the run's URL and test accuracy."""
+    os.environ.update(services.quiet_environment())
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from cnn_train.flows import tracking
+
+    flow_run = run_deployment(services.DEPLOYMENT, parameters=parameters or {}, timeout=0)
+    echo(f"Prefect flow run: {services.prefect_ui_url()}/runs/flow-run/{flow_run.id}")
+    mlflow_uri = services.mlflow_url()
+    shown: set[int] = set()
+    run = None
+    deadline = time.monotonic() + watch_timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(flow_run.id).state
+            run = _main_run(str(flow_run.id), mlflow_uri) or run
+            if run is not None:
+                for metric in tracking.client(mlflow_uri).get_metric_history(run.info.run_id, _FINAL_EPOCH_METRIC):
+                    if metric.step not in shown:
+                        shown.add(metric.step)
+                        echo(f"  epoch {metric.step}: val_accuracy {metric.value:.4f}")
+            if state is not None and state.is_final():
+                break
+            if time.monotonic() > deadline:
+                echo(f"gave up waiting after {watch_timeout:.0f} s; the flow run is still {state.name if state else 'unknown'}")
+                return 1
+            time.sleep(3)
+    run = _main_run(str(flow_run.id), mlflow_uri)
+    echo(f"flow run state: {state.name}")
+    if run is None:
+        echo("no MLflow run was recorded for this flow run")
+        return 1
+    echo(f"MLflow run: {tracking.run_url(mlflow_uri, run.info.experiment_id, run.info.run_id)}")
+    metrics = run.data.metrics
+    if "test_accuracy" in metrics:
+        echo(f"test accuracy: {metrics['test_accuracy']:.4f}")
+    if "dense.test_accuracy" in metrics:
+        echo(f"dense network test accuracy: {metrics['dense.test_accuracy']:.4f}")
+    return 0 if state.is_completed() else 1
+
+
+def _main_run(flow_run_id: str, uri: str):  # noqa: ANN202 - an MLflow Run
+    from cnn_train.flows import tracking
+
+    runs = [r for r in tracking.find_runs_for_flow_run(flow_run_id, uri=uri) if "mlflow.parentRunId" not in r.data.tags]
+    return runs[0] if runs else None
