@@ -152,6 +152,8 @@ def train(
         backend.loggable_model(),
         input_shape=model_config.input_shape,
         num_classes=model_config.num_classes,
+        # Two images: a batch of one would let PyTorch's exporter fix the batch size at 1.
+        input_example=data.x_val[:2],
         name="model" if not metric_prefix else metric_prefix.rstrip("._") + "_model",
     )
     return TrainOutcome(

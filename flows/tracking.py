@@ -198,6 +198,7 @@ class RunTracker:
         *,
         input_shape: tuple[int, ...],
         num_classes: int,
+        input_example: np.ndarray | None = None,
         name: str = "model",
     ) -> str:
         """Log the model in its native flavor with a tensor signature; returns its model URI."""
@@ -218,6 +219,7 @@ class RunTracker:
             run_id=self.run_id,
             signature=signature,
             pip_requirements=list(loggable.pip_requirements) or None,
+            input_example=input_example if loggable.accepts_input_example else None,
             **{model_argument: loggable.model},
             **loggable.extra,
         )

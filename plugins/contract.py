@@ -64,6 +64,10 @@ class LoggableModel:
     flavor: str
     model: Any
     pip_requirements: tuple[str, ...] = ()
+    #: Whether the flavor can log an input example (mlflow.keras cannot: MLflow issue #16183).
+    #: PyTorch's default ``pt2`` format needs one to trace the graph.
+    accepts_input_example: bool = True
+    #: Further keyword arguments for ``mlflow.<flavor>.log_model``.
     extra: dict[str, Any] = field(default_factory=dict)
 
 

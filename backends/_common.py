@@ -1,0 +1,79 @@
+"""Small pieces both built-in backends share, so they read, check and shuffle data identically."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from importlib.metadata import version
+
+from cnn_train.plugins.config import ModelConfig
+from cnn_train.plugins.contract import TrainData, check_images, check_labels
+
+#: Images per forward pass when nothing is trained (validation, evaluation, prediction).
+INFERENCE_BATCH = 256
+
+NOT_BUILT = "no model yet: call build() (or load()) first"
+
+#: Every architecture ModelConfig knows; both built-in backends build them all.
+ARCHITECTURES: tuple[str, ...] = ("cnn", "dense")
+
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def check_buildable(config: ModelConfig, device: str, architectures: Sequence[str]) -> None:
+    """Refuse an architecture the backend lacks or a device string that is not ``cpu`` or ``cuda:N``."""
+    if config.architecture not in architectures:
+        raise ValueError(
+            f"architecture {config.architecture!r} is not supported here; supported: {', '.join(architectures)}"
+        )
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise ValueError(f"device must be 'cpu' or 'cuda:N' (e.g. 'cuda:0'), got {device!r}")
+
+
+def unusable_device(device: str, error: Exception) -> ValueError:
+    """The error to raise when the framework cannot place the model on ``device``."""
+    return ValueError(f"cannot use device {device!r}: {type(error).__name__}: {error}")
+
+
+def check_train_data(data: TrainData, config: ModelConfig) -> None:
+    """Refuse training or validation arrays that do not fit ``config`` before any work starts."""
+    check_images(data.x_train, config, what="training images")
+    check_labels(data.y_train, data.x_train.shape[0], config.num_classes, what="training labels")
+    check_images(data.x_val, config, what="validation images")
+    check_labels(data.y_val, data.x_val.shape[0], config.num_classes, what="validation labels")
+
+
+def check_initial_epoch(initial_epoch: int) -> None:
+    """Epochs count from 1, so training resumes after epoch 0 or later."""
+    if initial_epoch < 0:
+        raise ValueError(f"initial_epoch must be >= 0, got {initial_epoch}")
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of the shuffle of ``epoch``: a function of the run seed and the epoch only, so a run resumed
+    after epoch k sees the same batches in epoch k + 1 as a run that never stopped."""
+    return (seed * 1_000_003 + epoch) % (2**63)
+
+
+def check_layer_names(config: ModelConfig, layers: Sequence[str]) -> None:
+    """Refuse feature-map names the model does not have, listing the ones it does."""
+    valid = [name for name, _ in config.feature_map_shapes()]
+    if not valid:
+        raise ValueError(
+            f"the {config.architecture!r} architecture has no convolution or pooling layers, "
+            "so it has no feature maps"
+        )
+    unknown = [name for name in layers if name not in valid]
+    if unknown:
+        raise ValueError(f"unknown layer(s) {', '.join(map(repr, unknown))}; valid names: {', '.join(valid)}")
+
+
+def check_has_convolution(config: ModelConfig) -> None:
+    """Refuse to hand out convolution kernels of a model that has none."""
+    if not config.conv_layers:
+        raise ValueError(f"the {config.architecture!r} architecture has no convolution, so no kernels")
+
+
+def pinned(*distributions: str) -> tuple[str, ...]:
+    """``name==version`` for each installed distribution, as MLflow's ``pip_requirements`` wants."""
+    return tuple(f"{name}=={version(name)}" for name in distributions)

@@ -1,0 +1,276 @@
+"""The PyTorch backend: the ModelConfig network as an ``nn.Module``, trained by a plain, lean loop.
+
+The whole training set lives on the device as one tensor; each epoch is a seeded ``randperm`` and
+slices of it, with no DataLoader. Weights are kept in channels-last memory format, the layout of
+the contract's NHWC arrays, so turning an NHWC batch into the NCHW shape PyTorch's API expects is
+a free ``permute`` view rather than a copy per batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnn_train.backends._common import (
+    ARCHITECTURES,
+    INFERENCE_BATCH,
+    NOT_BUILT,
+    check_buildable,
+    check_has_convolution,
+    check_initial_epoch,
+    check_layer_names,
+    check_train_data,
+    epoch_seed,
+    pinned,
+    unusable_device,
+)
+from cnn_train.plugins.config import ModelConfig, TrainConfig
+from cnn_train.plugins.contract import (
+    EpochCallback,
+    EpochMetrics,
+    Evaluation,
+    LoggableModel,
+    TrainData,
+    TrainHistory,
+    check_images,
+    check_labels,
+)
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class Network(nn.Module):
+    """The ModelConfig network, taking NCHW images and returning logits.
+
+    ``features`` holds one named stage per feature map (``conv1`` is padding, convolution and ReLU,
+    ``pool1`` the max pool after it). The last map is flattened in (height, width, channels) order, as a
+    channels-last Keras model flattens, so both backends' dense weights mean the same thing.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        stages: OrderedDict[str, nn.Module] = OrderedDict()
+        channels = config.input_shape[2]
+        for index, block in enumerate(config.conv_layers, start=1):
+            layers: OrderedDict[str, nn.Module] = OrderedDict()
+            padding = 0
+            if block.padding == "same":
+                # Keras gives the extra row and column of an even kernel's 'same' padding to the bottom
+                # and right; pad explicitly to match (the config allows 'same' only with stride 1).
+                before, after = (block.kernel_size - 1) // 2, block.kernel_size // 2
+                if before == after:
+                    padding = before
+                else:
+                    layers["pad"] = nn.ZeroPad2d((before, after, before, after))
+            layers["conv"] = nn.Conv2d(channels, block.filters, block.kernel_size, stride=block.stride, padding=padding)
+            layers["relu"] = nn.ReLU()
+            stages[f"conv{index}"] = nn.Sequential(layers)
+            if block.pool_size:
+                stages[f"pool{index}"] = nn.MaxPool2d(block.pool_size, stride=block.pool_stride or block.pool_size)
+            channels = block.filters
+        self.features = nn.Sequential(stages)
+        self.hidden = nn.Linear(config.flat_features(), config.dense_units)
+        self.logits = nn.Linear(config.dense_units, config.num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        maps = self.features(images)
+        flat = maps.permute(0, 2, 3, 1).flatten(1)
+        return self.logits(F.relu(self.hidden(flat)))
+
+
+class ProbabilityModel(nn.Module):
+    """What gets logged: float32 NHWC images in, class probabilities out."""
+
+    def __init__(self, network: Network) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self.network(images.permute(0, 3, 1, 2)), dim=1)
+
+
+class TorchBackend:
+    """Trains the ModelConfig network with PyTorch on the device it is given."""
+
+    mlflow_flavor: ClassVar[str] = "pytorch"
+    architectures: ClassVar[tuple[str, ...]] = ARCHITECTURES
+
+    def __init__(self) -> None:
+        self._config: ModelConfig | None = None
+        self._device: torch.device | None = None
+        self._network: Network | None = None
+        self._optimizer: torch.optim.Adam | None = None
+
+    def build(self, config: ModelConfig, *, device: str, seed: int) -> None:
+        check_buildable(config, device, self.architectures)
+        # Seed only the initialisation, leaving the caller's global generator as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            network = Network(config)
+        try:
+            network = network.to(device, memory_format=torch.channels_last)
+        except (RuntimeError, AssertionError) as error:  # a CPU-only torch asserts on CUDA
+            raise unusable_device(device, error) from error
+        self._device = torch.device(device)
+        self._network = network
+        self._optimizer = torch.optim.Adam(network.parameters())
+        self._config = config
+        logger.debug("built %s network on %s", config.architecture, device)
+
+    def parameter_count(self) -> int:
+        network, _ = self._built()
+        return sum(p.numel() for p in network.parameters() if p.requires_grad)
+
+    def train(
+        self,
+        data: TrainData,
+        config: TrainConfig,
+        *,
+        on_epoch: EpochCallback | None = None,
+        initial_epoch: int = 0,
+    ) -> TrainHistory:
+        network, optimizer = self._built()
+        check_train_data(data, self._config)
+        check_initial_epoch(initial_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate
+
+        x_train, y_train = self._tensors(data.x_train, data.y_train)
+        x_val, y_val = self._tensors(data.x_val, data.y_val)
+        count = x_train.shape[0]
+        epochs = []
+        for epoch in range(initial_epoch + 1, config.epochs + 1):
+            started = time.perf_counter()
+            network.train()
+            shuffle = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+            order = torch.randperm(count, generator=shuffle).to(self._device)
+            loss_sum = torch.zeros((), device=self._device)
+            correct = torch.zeros((), dtype=torch.int64, device=self._device)
+            for start in range(0, count, config.batch_size):
+                batch = order[start : start + config.batch_size]
+                labels = y_train[batch]
+                optimizer.zero_grad(set_to_none=True)
+                logits = network(x_train[batch].permute(0, 3, 1, 2))
+                loss = F.cross_entropy(logits, labels)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    loss_sum += loss * labels.shape[0]
+                    correct += (logits.argmax(dim=1) == labels).sum()
+            loss_mean, accuracy = loss_sum.item() / count, correct.item() / count
+            train_seconds = time.perf_counter() - started
+
+            validation = self._evaluate(x_val, y_val, INFERENCE_BATCH)
+            metrics = EpochMetrics(
+                epoch=epoch,
+                loss=loss_mean,
+                accuracy=accuracy,
+                val_loss=validation.loss,
+                val_accuracy=validation.accuracy,
+                seconds=time.perf_counter() - started,
+                images_per_second=count / train_seconds,
+            )
+            epochs.append(metrics)
+            if on_epoch is not None:
+                on_epoch(metrics)
+        return TrainHistory(epochs=tuple(epochs))
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> Evaluation:
+        self._built()
+        check_images(x, self._config)
+        check_labels(y, x.shape[0], self._config.num_classes)
+        return self._evaluate(*self._tensors(x, y), batch_size)
+
+    def predict_proba(self, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+        network, _ = self._built()
+        check_images(x, self._config)
+        images = self._images(x)
+        network.eval()
+        with torch.inference_mode():
+            batches = [
+                F.softmax(network(images[start : start + batch_size].permute(0, 3, 1, 2)), dim=1).cpu()
+                for start in range(0, images.shape[0], batch_size)
+            ]
+        return torch.cat(batches).numpy().astype(np.float32, copy=False)
+
+    def feature_maps(self, x: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
+        network, _ = self._built()
+        check_layer_names(self._config, layers)
+        check_images(x, self._config)
+        wanted = set(layers)
+        maps: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+        images = self._images(x)
+        network.eval()
+        with torch.inference_mode():
+            for start in range(0, images.shape[0], INFERENCE_BATCH):
+                activations = images[start : start + INFERENCE_BATCH].permute(0, 3, 1, 2)
+                for name, stage in network.features.named_children():
+                    activations = stage(activations)
+                    if name in wanted:
+                        maps[name].append(activations.permute(0, 2, 3, 1).cpu().numpy())
+        return {name: np.ascontiguousarray(np.concatenate(parts)) for name, parts in maps.items()}
+
+    def first_conv_kernels(self) -> np.ndarray:
+        network, _ = self._built()
+        check_has_convolution(self._config)
+        conv = network.features.conv1.conv
+        # PyTorch stores (filters, in, kh, kw); the contract speaks Keras' (kh, kw, in, filters).
+        return np.ascontiguousarray(conv.weight.detach().permute(2, 3, 1, 0).cpu().numpy())
+
+    def save(self, path: Path) -> None:
+        network, optimizer = self._built()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": network.state_dict(), "optimizer": optimizer.state_dict()}, path / CHECKPOINT_FILE)
+
+    def load(self, path: Path, config: ModelConfig, *, device: str) -> None:
+        checkpoint_file = Path(path) / CHECKPOINT_FILE
+        if not checkpoint_file.is_file():
+            raise FileNotFoundError(f"no torch checkpoint at {checkpoint_file}; was it written by TorchBackend.save?")
+        self.build(config, device=device, seed=0)
+        checkpoint = torch.load(checkpoint_file, map_location=self._device, weights_only=True)
+        self._network.load_state_dict(checkpoint["model"])
+        self._optimizer.load_state_dict(checkpoint["optimizer"])
+
+    def loggable_model(self) -> LoggableModel:
+        network, _ = self._built()
+        # A copy, so logging neither moves the live model off its device nor out of training mode.
+        logged = ProbabilityModel(copy.deepcopy(network).to("cpu", memory_format=torch.contiguous_format))
+        return LoggableModel(flavor=self.mlflow_flavor, model=logged.eval(), pip_requirements=pinned("torch"))
+
+    def _built(self) -> tuple[Network, torch.optim.Adam]:
+        if self._network is None or self._optimizer is None:
+            raise RuntimeError(NOT_BUILT)
+        return self._network, self._optimizer
+
+    def _images(self, x: np.ndarray) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.float32, device=self._device)
+
+    def _tensors(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._images(x), torch.tensor(y, dtype=torch.int64, device=self._device)
+
+    def _evaluate(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Evaluation:
+        network = self._network
+        network.eval()
+        loss_sum = torch.zeros((), device=self._device)
+        correct = torch.zeros((), dtype=torch.int64, device=self._device)
+        with torch.inference_mode():
+            for start in range(0, images.shape[0], batch_size):
+                batch_labels = labels[start : start + batch_size]
+                logits = network(images[start : start + batch_size].permute(0, 3, 1, 2))
+                loss_sum += F.cross_entropy(logits, batch_labels, reduction="sum")
+                correct += (logits.argmax(dim=1) == batch_labels).sum()
+        count = images.shape[0]
+        return Evaluation(loss=loss_sum.item() / count, accuracy=correct.item() / count)
