@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -16,6 +16,7 @@ import numpy as np
 
 from cnn_train.flows.data import PreparedData, prepare_data
 from cnn_train.flows.params import RunParameters
+from cnn_train.flows.reports import classification_tables
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.plugins import registry
 from cnn_train.plugins.config import ModelConfig
@@ -185,7 +186,17 @@ def evaluate(
     return EvalOutcome(evaluation, probabilities, maps, kernels)
 
 
-def timed(function: Callable[[], object]) -> tuple[object, float]:
-    start = time.perf_counter()
-    result = function()
-    return result, time.perf_counter() - start
+def _metric_key(class_name: str) -> str:
+    """``"T-shirt/top"`` -> ``"t_shirt_top"``: MLflow-safe and stable."""
+    return re.sub(r"[^0-9a-zA-Z]+", "_", class_name).strip("_").lower()
+
+
+def test_metrics(evaluated: EvalOutcome, data: PreparedData) -> dict[str, float]:
+    """Test loss and accuracy, and precision, recall and F1 per class (scikit-learn)."""
+    summary = classification_tables(data.y_test, evaluated.probabilities.argmax(axis=1), data.class_names)
+    metrics = {"test_loss": evaluated.evaluation.loss, "test_accuracy": evaluated.evaluation.accuracy}
+    for row in summary.per_class.to_dict(orient="records"):
+        key = _metric_key(str(row["class"]))
+        for measure in ("precision", "recall", "f1"):
+            metrics[f"test_{measure}.{key}"] = float(row[measure])
+    return metrics

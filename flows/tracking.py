@@ -207,14 +207,20 @@ class RunTracker:
 
         flavor = importlib.import_module(f"mlflow.{loggable.flavor}")
         signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape), "images")]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes), "probabilities")]),
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
         )
         # Each flavor names its model argument differently (pytorch_model, model, sk_model...).
         model_argument = next(iter(inspect.signature(flavor.save_model).parameters))
+        # Model.log would file the model under the thread's active experiment (often the default
+        # one), where `runs:/<run id>/model` cannot find it; create it in the run's experiment.
+        logged = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=self.run_id, tags={"flavor": loggable.flavor}
+        )
         info = Model.log(
             artifact_path=None,
             name=name,
+            model_id=logged.model_id,
             flavor=flavor,
             run_id=self.run_id,
             signature=signature,

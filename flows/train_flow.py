@@ -6,7 +6,6 @@ from :mod:`cnn_train.flows.steps` or :mod:`cnn_train.flows.reports`, and records
 
 from __future__ import annotations
 
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,12 +105,7 @@ def evaluate_task(
     with place_task("evaluate", params.evaluate_device, logger=logger) as placement:
         _record_placement(tracker, placement)
         outcome = steps.evaluate(params, model_config, trained, data, device=placement.device)
-    summary = reports.classification_tables(data.y_test, outcome.probabilities.argmax(axis=1), data.class_names)
-    metrics = {"test_loss": outcome.evaluation.loss, "test_accuracy": outcome.evaluation.accuracy}
-    for row in summary.per_class.itertuples():
-        key = re.sub(r"[^0-9a-zA-Z]+", "_", str(row.__getattribute__("class"))).strip("_").lower()
-        metrics.update({f"test_precision.{key}": row.precision, f"test_recall.{key}": row.recall, f"test_f1.{key}": row.f1})
-    tracker.log_metrics(metrics, step=params.epochs)
+    tracker.log_metrics(steps.test_metrics(outcome, data), step=params.epochs)
     logger.info("test accuracy %.4f, test loss %.4f", outcome.evaluation.accuracy, outcome.evaluation.loss)
     return outcome
 
