@@ -93,9 +93,11 @@ def run(
     parameters = dict(locals())
     from cnn_train.flows.params import ParameterError, validate_parameters
 
+    from cnn_train.flows.placement import PlacementError, check_satisfiable
+
     try:
-        validate_parameters(**parameters)
-    except ParameterError as error:
+        check_satisfiable(validate_parameters(**parameters).device_requests())
+    except (ParameterError, PlacementError) as error:
         _fail(str(error))
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -106,6 +108,45 @@ def run(
         _fail(f"flow run ended {state.name}: {state.message}", 1)
     result = state.result()
     _print_summary(result)
+
+
+@app.command()
+def compare(
+    backend: Annotated[list[str], typer.Option(help="A backend to compare (repeat; at least two).")] = ["keras", "torch"],  # noqa: B006
+    architecture: Annotated[str, typer.Option(help="'cnn' or 'dense'.")] = "cnn",
+    epochs: Annotated[int, typer.Option(help="Passes over the training set.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Images per optimizer step.")] = 32,
+    learning_rate: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed shared by every backend.")] = 42,
+    validation_fraction: Annotated[float, typer.Option(help="Share of training images held out.")] = 0.1,
+    sample_limit: Annotated[Optional[int], typer.Option(help="Train on this many images only.")] = None,
+    test_limit: Annotated[Optional[int], typer.Option(help="Evaluate on this many test images only.")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "cnn-train",
+    data_dir: Annotated[Optional[str], typer.Option(help="Folder with the Fashion-MNIST .gz files.")] = None,
+    train_device: Annotated[str, typer.Option(help="cpu, gpu-preferred, gpu-required or cuda:N.")] = "gpu-preferred",
+    evaluate_device: Annotated[str, typer.Option(help="cpu, gpu-preferred, gpu-required or cuda:N.")] = "gpu-preferred",
+    tolerance_points: Annotated[float, typer.Option(help="Accuracy gap (points) still called parity.")] = 1.0,
+) -> None:
+    """Train one config on several backends (same seed and split) and print them side by side."""
+    parameters = dict(locals())
+    parameters["backends"] = parameters.pop("backend")
+    from cnn_train.flows.params import ParameterError
+
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from cnn_train.flows.compare_flow import cnn_train_compare, validate_backends
+
+    try:
+        values = {k: v for k, v in parameters.items() if k not in ("backends", "tolerance_points")}
+        validate_backends(parameters["backends"], values)
+    except ParameterError as error:
+        _fail(str(error))
+    state = cnn_train_compare(**parameters, return_state=True)
+    if not state.is_completed():
+        _fail(f"flow run ended {state.name}: {state.message}", 1)
+    result = state.result()
+    typer.echo(result["report"])
+    typer.echo(f"MLflow parent run: {result['mlflow_run_url']}")
 
 
 def _print_summary(result: dict[str, Any]) -> None:
@@ -144,6 +185,31 @@ def status() -> None:
     from cnn_train.flows import services
 
     typer.echo(services.status_json())
+
+
+@app.command()
+def doctor(
+    fix: Annotated[bool, typer.Option(help="Mark abandoned RUNNING MLflow runs FAILED.")] = False,
+    data_dir: Annotated[Optional[str], typer.Option(help="Folder with the Fashion-MNIST .gz files.")] = None,
+) -> None:
+    """Check the Prefect server, the deployment's serve process, MLflow, the dataset and stale runs."""
+    from pathlib import Path
+
+    from prefect.settings import get_current_settings
+
+    from cnn_train.flows import doctor as checks
+    from cnn_train.flows import tracking
+
+    findings = checks.diagnose(
+        api_url=get_current_settings().api.url,
+        tracking_uri=tracking.tracking_uri(),
+        data_dir=Path(data_dir) if data_dir else None,
+        fix=fix,
+    )
+    for finding in findings:
+        typer.echo(finding.line())
+    if not all(finding.ok for finding in findings):
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -46,6 +46,7 @@ __all__ = [
     "GpuInfo",
     "Placement",
     "PlacementError",
+    "check_satisfiable",
     "cuda_inventory",
     "parse_request",
     "place_task",
@@ -156,6 +157,29 @@ def cuda_inventory() -> list[GpuInfo]:
         free, total = torch.cuda.mem_get_info(index)
         gpus.append(GpuInfo(index, torch.cuda.get_device_properties(index).name, total // _MIB, free // _MIB))
     return gpus
+
+
+def check_satisfiable(
+    requests: Mapping[str, str | DeviceRequest],
+    *,
+    inventory: Callable[[], list[GpuInfo]] = cuda_inventory,
+    assigned_by_scheduler: bool | None = None,
+) -> None:
+    """Refuse, before a run starts, requests that no wait could meet on this machine: a required GPU
+    when none is visible, or a ``cuda:N`` that does not exist. Busy GPUs are not an error here."""
+    parsed = {task: parse_request(request) for task, request in requests.items()}
+    strict = {task: r for task, r in parsed.items() if r.policy in ("gpu-required", "explicit")}
+    if not strict or _scheduler_assigned(assigned_by_scheduler):
+        return
+    gpus = inventory()
+    for task, request in strict.items():
+        if not gpus:
+            _without_gpu(task, request, _log)
+        if request.policy == "explicit" and request.index not in {gpu.index for gpu in gpus}:
+            raise PlacementError(
+                f"{task} requested {request}, but the visible GPUs are {_describe(gpus)}; "
+                f"pick one of those, or 'gpu-preferred' / 'gpu-required' to let placement choose"
+            )
 
 
 @dataclass(frozen=True)

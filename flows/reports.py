@@ -825,3 +825,47 @@ def write_report(
     report_md = out_dir / "report.md"
     report_md.write_text(render_report_markdown(inputs, summary, figures), encoding="utf-8")
     return ReportFiles(report_md=report_md, per_class_csv=per_class_csv, epochs_csv=epochs_csv, figures=figures)
+
+
+@dataclass(frozen=True)
+class ComparisonFiles:
+    """What :func:`write_comparison_report` wrote."""
+
+    report_md: Path
+    table_csv: Path
+    confusion_matrices: tuple[Path, ...]
+
+    def paths(self) -> tuple[Path, ...]:
+        return (self.report_md, self.table_csv, *self.confusion_matrices)
+
+
+def write_comparison_report(
+    rows: Sequence[ComparisonRow],
+    confusions: Mapping[str, np.ndarray],
+    out_dir: Path | str,
+    *,
+    title: str,
+    class_names: Sequence[str] = FASHION_MNIST_CLASSES,
+    tolerance_points: float = 1.0,
+    links: Mapping[str, str] | None = None,
+) -> ComparisonFiles:
+    """``compare.md``, ``comparison.csv`` and one confusion-matrix PNG per row, side by side by backend."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = comparison_table(rows)
+    table_csv = out_dir / "comparison.csv"
+    table.to_csv(table_csv, index=False)
+    verdict = parity_verdict({row.name: row.test_accuracy for row in rows}, tolerance_points)
+    pictures = tuple(
+        plot_confusion_matrix(confusions[row.name], class_names, out_dir / f"confusion_matrix_{row.name}.png")
+        for row in rows
+    )
+    lines = [f"# {title}", ""]
+    if links:
+        lines += [" · ".join(f"[{label}]({url})" for label, url in links.items()), ""]
+    lines += [markdown_table(table, COMPARISON_FORMATS), "", f"**Verdict**: {verdict}", ""]
+    for row, picture in zip(rows, pictures, strict=True):
+        lines += [f"## {row.name}", "", f"![Confusion matrix, {row.name}]({picture.name})", ""]
+    report_md = out_dir / "compare.md"
+    report_md.write_text("\n".join(lines), encoding="utf-8")
+    return ComparisonFiles(report_md, table_csv, pictures)

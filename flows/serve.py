@@ -1,4 +1,4 @@
-"""Serve the ``cnn-train/default`` deployment from this process until interrupted.
+"""Serve the ``cnn-train/default`` and ``cnn-train-compare/default`` deployments until interrupted.
 
 Started in the background by ``cnn-train up``; flow runs execute in subprocesses that inherit this
 process's environment (MLflow tracking URI, Prefect API URL).
@@ -6,6 +6,9 @@ process's environment (MLflow tracking URI, Prefect API URL).
 
 from __future__ import annotations
 
+from prefect import serve
+
+from cnn_train.flows.compare_flow import cnn_train_compare
 from cnn_train.flows.train_flow import cnn_train
 
 #: What `prefect deployment run cnn-train/default` trains unless told otherwise.
@@ -13,12 +16,18 @@ DEFAULT_DEPLOYMENT_PARAMETERS = {"compare_dense": True}
 
 
 def main() -> None:
-    cnn_train.serve(
-        name="default",
-        parameters=DEFAULT_DEPLOYMENT_PARAMETERS,
-        description="The lesson's Fashion-MNIST CNN, trained, evaluated and reported, with the dense network beside it.",
-        tags=["cnn-train"],
-        print_starting_message=True,
+    serve(
+        cnn_train.to_deployment(
+            name="default",
+            parameters=DEFAULT_DEPLOYMENT_PARAMETERS,
+            description="The lesson's Fashion-MNIST CNN, trained, evaluated and reported, with the dense network beside it.",
+            tags=["cnn-train"],
+        ),
+        cnn_train_compare.to_deployment(
+            name="default",
+            description="The same config on the keras and torch backends, side by side with a parity verdict.",
+            tags=["cnn-train"],
+        ),
     )
 
 

@@ -86,12 +86,16 @@ def run_description(params: RunParameters) -> dict[str, str]:
     return described
 
 
-def log_inputs(tracker: RunTracker, params: RunParameters, data: PreparedData) -> None:
-    """Every flow parameter, the backend's provenance, and the datasets through MLflow's dataset API."""
+def log_run_params(tracker: RunTracker, params: RunParameters) -> None:
+    """Every flow parameter and the backend's provenance and library versions."""
     tracker.log_params(params.model_dump())
     tracker.log_params(run_description(params))
-    tracker.log_params({f"data.{key}": value for key, value in data.summary().items()})
     tracker.log_params({"model.parameters": params.model().parameter_count()})
+
+
+def log_datasets(tracker: RunTracker, data: PreparedData) -> None:
+    """Split sizes, and the datasets through MLflow's dataset API (digest and source)."""
+    tracker.log_params({f"data.{key}": value for key, value in data.summary().items()})
     for context, (x, y) in {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}.items():
         tracker.log_dataset(x, y, name=f"fashion-mnist-{context}", source=data.source, digest=data.digest, context=context)
 
@@ -149,6 +153,11 @@ def train(
 
     train_data = TrainData(data.x_train, data.y_train, data.x_val, data.y_val)
     backend.train(train_data, params.training(), on_epoch=finished_epoch, initial_epoch=len(done))
+    if [m.epoch for m in epochs] != list(range(1, params.epochs + 1)):
+        raise BackendOutputError(
+            f"backend {params.backend!r} reported epochs {[m.epoch for m in epochs]} through on_epoch, "
+            f"expected 1..{params.epochs}; the model is not logged"
+        )
     model_uri = tracker.log_model(
         backend.loggable_model(),
         input_shape=model_config.input_shape,
@@ -179,11 +188,36 @@ def evaluate(
     backend = registry.load_backend(params.backend)
     backend.load(trained.checkpoint / "weights", model_config, device=device)
     evaluation = backend.evaluate(data.x_test, data.y_test)
-    probabilities = backend.predict_proba(data.x_test)
+    probabilities = np.asarray(backend.predict_proba(data.x_test))
+    check_backend_outputs(params.backend, evaluation, probabilities, len(data.x_test), model_config.num_classes)
     layers = [name for name, _ in model_config.feature_map_shapes()]
     maps = backend.feature_maps(data.x_test[:1], layers) if layers else {}
     kernels = backend.first_conv_kernels() if layers else None
     return EvalOutcome(evaluation, probabilities, maps, kernels)
+
+
+class BackendOutputError(RuntimeError):
+    """A backend returned results that break the contract; the message names the backend and what."""
+
+
+def check_backend_outputs(
+    backend: str, evaluation: Evaluation, probabilities: np.ndarray, n: int, num_classes: int
+) -> None:
+    """Refuse results of the wrong shape or range before they reach MLflow or the report."""
+    problems = []
+    if probabilities.shape != (n, num_classes):
+        problems.append(f"predict_proba returned shape {probabilities.shape}, expected ({n}, {num_classes})")
+    elif not np.isfinite(probabilities).all() or not np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-3):
+        problems.append("predict_proba rows must be finite probabilities summing to 1")
+    if not (np.isfinite(evaluation.loss) and evaluation.loss >= 0):
+        problems.append(f"evaluate returned loss {evaluation.loss}, expected a finite number >= 0")
+    if not 0.0 <= evaluation.accuracy <= 1.0:
+        problems.append(f"evaluate returned accuracy {evaluation.accuracy}, expected a fraction in [0, 1]")
+    if problems:
+        raise BackendOutputError(
+            f"backend {backend!r} broke the contract: " + "; ".join(problems)
+            + f". Check it with `cnn-train check-backend {backend}`"
+        )
 
 
 def _metric_key(class_name: str) -> str:

@@ -6,13 +6,17 @@ state, so this module uses ``MlflowClient`` and passes run ids around instead.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import logging
 import os
 import socket
+import threading
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,12 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, Ru
 # Tag linking an MLflow run to the Prefect flow run that produced it.
 FLOW_RUN_TAG = "prefect.flow_run_id"
 HEARTBEAT_TAG = "cnn_train.heartbeat"
+REAPED_TAG = "cnn_train.reaped"
+HEARTBEAT_SECONDS = float(os.environ.get("CNN_TRAIN_HEARTBEAT_SECONDS", "20"))
+#: A RUNNING run whose last heartbeat is older than this was abandoned (its process was killed).
+STALE_AFTER_SECONDS = 6 * HEARTBEAT_SECONDS
+
+_log = logging.getLogger(__name__)
 _MAX_PARAM_LENGTH = 6000
 
 
@@ -244,10 +254,31 @@ class RunTracker:
     def status(self) -> str:
         return self.client.get_run(self.run_id).info.status
 
+    @contextlib.contextmanager
+    def heartbeat(self, interval: float = HEARTBEAT_SECONDS) -> Iterator[None]:
+        """Stamp the run every ``interval`` seconds while the block runs, so a run whose process was
+        SIGKILLed (and so could not mark itself) is recognisable as stale and can be reaped."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while True:
+                try:
+                    self.set_tags({HEARTBEAT_TAG: f"{time.time():.0f}"})
+                except Exception:  # noqa: BLE001 - a missed beat must not break training
+                    _log.debug("heartbeat for run %s failed", self.run_id, exc_info=True)
+                if stop.wait(interval):
+                    return
+
+        thread = threading.Thread(target=beat, name=f"mlflow-heartbeat-{self.run_id[:8]}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 
@@ -268,3 +299,34 @@ def mark_unfinished(run_id: str, status: str, *, uri: str | None = None) -> bool
         return False
     mlflow_client.set_terminated(run_id, status=status)
     return True
+
+
+def stale_runs(*, uri: str | None = None, stale_after: float = STALE_AFTER_SECONDS) -> list[Any]:
+    """RUNNING runs written by cnn-train whose heartbeat stopped more than ``stale_after`` seconds ago."""
+    mlflow_client = client(uri)
+    experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
+    if not experiments:
+        return []
+    now = time.time()
+    running = mlflow_client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    return [
+        run
+        for run in running
+        if HEARTBEAT_TAG in run.data.tags and now - float(run.data.tags[HEARTBEAT_TAG]) > stale_after
+    ]
+
+
+def reap_stale_runs(*, uri: str | None = None, stale_after: float = STALE_AFTER_SECONDS) -> list[str]:
+    """Mark abandoned RUNNING runs FAILED, saying why in a tag; returns their ids."""
+    reaped = []
+    mlflow_client = client(uri)
+    for run in stale_runs(uri=uri, stale_after=stale_after):
+        silent = time.time() - float(run.data.tags[HEARTBEAT_TAG])
+        mlflow_client.set_tag(
+            run.info.run_id,
+            REAPED_TAG,
+            f"no heartbeat for {silent:.0f} s (its process died without ending the run); marked FAILED",
+        )
+        mlflow_client.set_terminated(run.info.run_id, status="FAILED")
+        reaped.append(run.info.run_id)
+    return reaped

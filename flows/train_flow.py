@@ -25,7 +25,7 @@ from prefect.exceptions import TerminationSignal
 from cnn_train.flows import reports, steps, tracking
 from cnn_train.flows.data import PreparedData
 from cnn_train.flows.params import RunParameters, validate_parameters
-from cnn_train.flows.placement import Placement, place_task
+from cnn_train.flows.placement import Placement, check_satisfiable, place_task
 from cnn_train.flows.settings import state_dir
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.plugins.config import ModelConfig
@@ -57,7 +57,7 @@ def prep_task(params: RunParameters, tracker: RunTracker) -> PreparedData:
     with place_task("prep", params.prep_device, logger=logger) as placement:
         _record_placement(tracker, placement)
         data = steps.prepare(params)
-        steps.log_inputs(tracker, params, data)
+        steps.log_datasets(tracker, data)
     logger.info("data: %s from %s", data.summary(), data.source)
     return data
 
@@ -111,39 +111,44 @@ def evaluate_task(
 
 
 @dataclass(frozen=True)
-class DenseBaseline:
-    """The previous lesson's dense network, trained on the same data and split."""
+class ChildRun:
+    """A training and evaluation recorded as its own MLflow run under a parent run."""
 
-    row: reports.ComparisonRow
     run_id: str
+    trained: steps.TrainOutcome
+    evaluated: steps.EvalOutcome
+
+    def row(self, name: str) -> reports.ComparisonRow:
+        return reports.ComparisonRow(
+            name=name,
+            test_accuracy=self.evaluated.evaluation.accuracy,
+            parameters=self.trained.parameters,
+            seconds_per_epoch=self.trained.seconds_per_epoch,
+            images_per_second=self.trained.images_per_second,
+        )
 
 
-def _train_dense_baseline(params: RunParameters, data: PreparedData, tracker: RunTracker) -> DenseBaseline:
-    dense_params = params.model_copy(update={"architecture": "dense", "compare_dense": False})
+def _train_child_run(
+    params: RunParameters, data: PreparedData, parent: RunTracker, *, run_name: str, role: str
+) -> ChildRun:
     child = RunTracker.start(
         params.experiment,
-        run_name=f"{params.backend}-dense-baseline",
-        tags=_flow_run_tags() | {"cnn_train.role": "dense-baseline"},
-        parent_run_id=tracker.run_id,
-        uri=tracker.uri,
+        run_name=run_name,
+        tags=_flow_run_tags() | {"cnn_train.role": role},
+        parent_run_id=parent.run_id,
+        uri=parent.uri,
     )
     try:
-        child.log_params(dense_params.model_dump())
-        trained = train_task(dense_params, dense_params.model(), data, child, label="dense")
-        evaluated = evaluate_task(dense_params, dense_params.model(), trained, data, child)
+        with child.heartbeat():
+            steps.log_run_params(child, params)
+            steps.log_datasets(child, data)
+            trained = train_task(params, params.model(), data, child, label=run_name)
+            evaluated = evaluate_task(params, params.model(), trained, data, child)
     except BaseException as error:
         child.finish(_status_for(error))
         raise
     child.finish("FINISHED")
-    row = reports.ComparisonRow(
-        name="dense network",
-        test_accuracy=evaluated.evaluation.accuracy,
-        parameters=trained.parameters,
-        seconds_per_epoch=trained.seconds_per_epoch,
-        images_per_second=trained.images_per_second,
-    )
-    tracker.log_metrics({"dense.test_accuracy": row.test_accuracy, "dense.parameters": trained.parameters})
-    return DenseBaseline(row, child.run_id)
+    return ChildRun(child.run_id, trained, evaluated)
 
 
 @task(name="report", **_IN_MEMORY)
@@ -217,6 +222,12 @@ def _flow_run_tags() -> dict[str, str]:
     return {k: v for k, v in tags.items() if v}
 
 
+def _reap_abandoned_runs(logger: Any) -> None:
+    """Runs whose process was SIGKILLed stay RUNNING forever; the next start marks them FAILED."""
+    for run_id in tracking.reap_stale_runs():
+        logger.warning("marked abandoned MLflow run %s FAILED (its heartbeat had stopped)", run_id)
+
+
 def _status_for(error: BaseException) -> str:
     """KILLED for interruptions and cancellations, FAILED for everything else."""
     return "KILLED" if isinstance(error, (KeyboardInterrupt, TerminationSignal)) else "FAILED"
@@ -259,19 +270,31 @@ def cnn_train(
 ) -> dict[str, Any]:
     """Prepare Fashion-MNIST, train the chosen backend, evaluate on the test set, report."""
     params = validate_parameters(**{k: v for k, v in locals().items()})
+    # A GPU that no wait can produce fails the run here, before an MLflow run exists.
+    check_satisfiable(params.device_requests())
     logger = get_run_logger()
+    _reap_abandoned_runs(logger)
     tracker = RunTracker.start(
         params.experiment, run_name=f"{params.backend}-{params.architecture}", tags=_flow_run_tags()
     )
     logger.info("MLflow run %s: %s", tracker.run_id, tracker.url)
     try:
-        data = prep_task(params, tracker)
-        trained = train_task(params, params.model(), data, tracker, label=params.architecture)
-        evaluated = evaluate_task(params, params.model(), trained, data, tracker)
-        dense = None
-        if params.compare_dense and params.architecture == "cnn":
-            dense = _train_dense_baseline(params, data, tracker).row
-        report_task(params, data, trained, evaluated, tracker, dense)
+        with tracker.heartbeat():
+            steps.log_run_params(tracker, params)
+            data = prep_task(params, tracker)
+            trained = train_task(params, params.model(), data, tracker, label=params.architecture)
+            evaluated = evaluate_task(params, params.model(), trained, data, tracker)
+            dense = None
+            if params.compare_dense and params.architecture == "cnn":
+                dense_params = params.model_copy(update={"architecture": "dense", "compare_dense": False})
+                baseline = _train_child_run(
+                    dense_params, data, tracker, run_name=f"{params.backend}-dense-baseline", role="dense-baseline"
+                )
+                dense = baseline.row("dense network")
+                tracker.log_metrics(
+                    {"dense.test_accuracy": dense.test_accuracy, "dense.parameters": dense.parameters or 0}
+                )
+            report_task(params, data, trained, evaluated, tracker, dense)
     except BaseException as error:
         tracker.finish(_status_for(error))
         raise

@@ -7,7 +7,7 @@ when Debian's package is installed, and a guard that keeps every test off the ne
 from __future__ import annotations
 
 import gzip
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +92,7 @@ def fake_fashion_mnist(make_fashion_mnist: MakeFashionMNIST) -> FakeFashionMNIST
     return make_fashion_mnist()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_fashion_mnist_dir() -> Path:
     """Debian's copy of the official files; the test is skipped when they are not installed."""
     missing = [name for name in FASHION_MNIST_FILES if not (REAL_FASHION_MNIST_DIR / name).is_file()]
@@ -113,3 +113,30 @@ def _no_dataset_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError(f"a test tried to download {url}; tests must not use the network")
 
     monkeypatch.setattr(data, "_fetch", refuse)
+
+
+# --- orchestration fixtures ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url() -> Iterator[str]:
+    """One temporary Prefect server (Prefect's test harness) for the whole session; its API URL is
+    also what subprocesses get as PREFECT_API_URL so their flow runs are recorded there."""
+    from prefect.settings import get_current_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield get_current_settings().api.url
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory, prefect_api_url: str, real_fashion_mnist_dir: Path) -> Iterator[str]:
+    """A private SQLite MLflow store and state dir for one test module, with the real data."""
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    patcher = pytest.MonkeyPatch()
+    patcher.setenv("MLFLOW_TRACKING_URI", uri)
+    patcher.setenv("CNN_TRAIN_STATE_DIR", str(root / "state"))
+    patcher.setenv("CNN_TRAIN_DATA_DIR", str(real_fashion_mnist_dir))
+    yield uri
+    patcher.undo()

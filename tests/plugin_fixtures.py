@@ -54,7 +54,53 @@ NOT_A_CLASS = object()
 assert isinstance(GoodBackend(), Backend)
 
 
+
+
+def _torch_backend():
+    from cnn_train.backends.torch_backend import TorchBackend
+
+    return TorchBackend
+
+
+def make_wrong_shape_backend():
+    base = _torch_backend()
+
+    class WrongShapeBackend(base):
+        def predict_proba(self, x, *, batch_size=256):
+            return super().predict_proba(x, batch_size=batch_size)[:, :9]
+
+    return WrongShapeBackend
+
+
+def make_flaky_backend():
+    """The torch backend, failing once right after epoch 1 ends (a transient fault), remembered in
+    the file named by $FLAKY_MARKER so that the retry succeeds."""
+    import os
+    from pathlib import Path
+
+    base = _torch_backend()
+
+    class FlakyBackend(base):
+        def train(self, data, config, *, on_epoch=None, initial_epoch=0):
+            marker = Path(os.environ["FLAKY_MARKER"])
+
+            def fail_once(metrics):
+                if on_epoch is not None:
+                    on_epoch(metrics)
+                if metrics.epoch == 1 and not marker.exists():
+                    marker.write_text("failed once")
+                    raise ConnectionError("injected transient fault after epoch 1")
+
+            return super().train(data, config, on_epoch=fail_once, initial_epoch=initial_epoch)
+
+    return FlakyBackend
+
+
 def __getattr__(name: str):
     if name == "RaisesOnImport":
         raise RuntimeError("plugin is broken at import time")
+    if name == "WrongShapeBackend":
+        return make_wrong_shape_backend()
+    if name == "FlakyBackend":
+        return make_flaky_backend()
     raise AttributeError(name)

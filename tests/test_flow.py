@@ -16,27 +16,8 @@ SMALL = {"epochs": 2, "sample_limit": 600, "test_limit": 300, "batch_size": 32, 
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, real_fashion_mnist_dir_module) -> str:
-    """A private MLflow store and state dir, and a Prefect test server, for this module."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    root = tmp_path_factory.mktemp("flow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    patcher = pytest.MonkeyPatch()
-    patcher.setenv("MLFLOW_TRACKING_URI", uri)
-    patcher.setenv("CNN_TRAIN_STATE_DIR", str(root / "state"))
-    patcher.setenv("CNN_TRAIN_DATA_DIR", str(real_fashion_mnist_dir_module))
-    with prefect_test_harness(server_startup_timeout=120):
-        yield uri
-    patcher.undo()
-
-
-@pytest.fixture(scope="module")
-def real_fashion_mnist_dir_module() -> Path:
-    folder = Path("/usr/share/datasets/fashion-mnist")
-    if not (folder / "t10k-labels-idx1-ubyte.gz").is_file():
-        pytest.skip("Debian's dataset-fashion-mnist is not installed (scripts/bootstrap.sh installs it as root)")
-    return folder
+def store(mlflow_store) -> str:
+    return mlflow_store
 
 
 def _run_flow(**parameters):
@@ -165,3 +146,60 @@ def test_prefect_artifacts(finished):
     assert {"markdown", "table", "progress"} <= types
     progress = [a for a in artifacts if a.type == "progress"]
     assert any(float(a.data) == 100.0 for a in progress)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        pytest.param({"train_device": "gpu-required"}, "no GPU is visible", id="gpu-required-without-gpu"),
+        pytest.param({"epochs": 0}, "epochs: Input should be greater than or equal to 1", id="zero-epochs"),
+        pytest.param({"backend": "tensorflow"}, "unknown backend 'tensorflow'; installed backends:", id="unknown-backend"),
+        pytest.param({"batch_size": 1000, "sample_limit": 600}, "batch_size: 1000 is larger than the training set (540 images)", id="batch-larger-than-data"),
+    ],
+)
+def test_bad_input_fails_before_any_mlflow_run(store, parameters, message):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+
+    def run_count() -> int:
+        experiment = client.get_experiment_by_name("cnn-train")
+        return len(client.search_runs([experiment.experiment_id])) if experiment else 0
+
+    before = run_count()
+    state = _run_flow(**(SMALL | parameters))
+    assert state.is_failed()
+    with pytest.raises(Exception) as caught:
+        state.result()
+    assert message in str(caught.value)
+    assert run_count() == before
+
+
+def test_compare_command_side_by_side(store, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cli = Path(sys.executable).with_name("cnn-train")
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CNN_TRAIN_STATE_DIR": str(tmp_path / "state")}
+    env.pop("PREFECT_API_URL", None)  # its own temporary Prefect server, as a user without servers gets
+    result = subprocess.run(
+        [cli, "compare", "--backend", "keras", "--backend", "torch", "--epochs", "1",
+         "--sample-limit", "400", "--test-limit", "200", "--seed", "5"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert any("keras" in line for line in table) and any("torch" in line for line in table)
+    assert "parity" in result.stdout
+    from mlflow import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("cnn-train").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("cnn_train.role") == "compare"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.params["backend"] for r in children) == ["keras", "torch"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "compare")}
+    assert {"compare/compare.md", "compare/confusion_matrix_keras.png", "compare/confusion_matrix_torch.png"} <= artifacts

@@ -24,6 +24,7 @@ from cnn_train.flows.placement import (
     GpuInfo,
     Placement,
     PlacementError,
+    check_satisfiable,
     cuda_inventory,
     parse_request,
     place_task,
@@ -509,3 +510,37 @@ def test_real_gpu_required_fails_fast_instead_of_waiting(no_real_gpu, lease_dir:
     [error] = errors
     assert "no GPU is visible" in str(error)
     assert "--train-device cpu" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("requests", "gpus", "message"),
+    [
+        pytest.param({"train": "gpu-required"}, 0, "no GPU is visible", id="required-none-visible"),
+        pytest.param({"evaluate": "cuda:0"}, 0, "no GPU is visible", id="explicit-none-visible"),
+        pytest.param({"train": "cuda:2"}, 2, "requested cuda:2, but the visible GPUs are", id="explicit-missing-index"),
+    ],
+)
+def test_check_satisfiable_refuses_impossible_requests(requests, gpus, message):
+    inventory = lambda: [GpuInfo(i, f"Fake GPU {i}", 16_000, 15_000) for i in range(gpus)]  # noqa: E731
+    with pytest.raises(PlacementError, match=message):
+        check_satisfiable(requests, inventory=inventory, assigned_by_scheduler=False)
+
+
+@pytest.mark.parametrize(
+    ("requests", "gpus"),
+    [
+        pytest.param({"train": "gpu-preferred", "prep": "cpu"}, 0, id="preferred-without-gpu"),
+        pytest.param({"train": "gpu-required"}, 1, id="required-with-gpu"),
+        pytest.param({"train": "cuda:1"}, 2, id="explicit-present"),
+    ],
+)
+def test_check_satisfiable_accepts_possible_requests(requests, gpus):
+    inventory = lambda: [GpuInfo(i, f"Fake GPU {i}", 16_000, 15_000) for i in range(gpus)]  # noqa: E731
+    check_satisfiable(requests, inventory=inventory, assigned_by_scheduler=False)
+
+
+def test_check_satisfiable_never_reads_inventory_for_cpu_only():
+    def inventory():
+        raise AssertionError("inventory read for CPU-only requests")
+
+    check_satisfiable({"prep": "cpu", "train": "gpu-preferred"}, inventory=inventory)

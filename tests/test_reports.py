@@ -395,3 +395,19 @@ def test_dense_baseline_only_for_a_cnn(history: TrainHistory) -> None:
             test=Evaluation(loss=0.3, accuracy=0.88),
             dense_baseline=ComparisonRow("dense", 0.88),
         )
+
+
+def test_comparison_report_side_by_side(tmp_path):
+    rng = np.random.default_rng(0)
+    confusions = {name: rng.integers(0, 50, size=(10, 10)) for name in ("keras", "torch")}
+    rows = [
+        reports.ComparisonRow("keras", 0.912, 421_642, 22.0, 2900.0),
+        reports.ComparisonRow("torch", 0.918, 421_642, 16.0, 3900.0),
+    ]
+    files = reports.write_comparison_report(rows, confusions, tmp_path, title="keras against torch")
+    text = files.report_md.read_text()
+    assert "| keras |" in text.replace("  ", " ") or "keras" in text
+    assert "parity: max gap 0.60 points <= 1" in text
+    assert [p.name for p in files.confusion_matrices] == ["confusion_matrix_keras.png", "confusion_matrix_torch.png"]
+    assert all(p.stat().st_size > 10_000 for p in files.confusion_matrices)
+    assert len(files.table_csv.read_text().splitlines()) == 3

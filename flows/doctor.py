@@ -1,0 +1,105 @@
+"""``cnn-train doctor``: what is missing for a run to work, found before a run trips over it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnn_train.flows import services, tracking
+from cnn_train.flows.data import DatasetError, locate_fashion_mnist
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check: what was looked at, whether it is fine, and what to do when it is not."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        mark = "ok  " if self.ok else "FAIL"
+        return f"{mark} {self.name}: {self.detail}" + (f" -> {self.fix}" if self.fix else "")
+
+
+def check_prefect_server(api_url: str | None) -> Finding:
+    if not api_url:
+        return Finding(
+            "prefect server",
+            False,
+            "no PREFECT_API_URL: flows run on temporary servers and deployments cannot be served",
+            "run `cnn-train up` (or `cnn-train run` for a one-off run without servers)",
+        )
+    if services.http_ok(f"{api_url.rstrip('/')}/health"):
+        return Finding("prefect server", True, f"{api_url} answers")
+    return Finding("prefect server", False, f"{api_url} does not answer", "run `cnn-train up`")
+
+
+def check_deployment(api_url: str | None, name: str = services.DEPLOYMENT) -> Finding:
+    """The deployment exists and something polls for its runs (a serve process or worker)."""
+    if not api_url or not services.http_ok(f"{api_url.rstrip('/')}/health"):
+        return Finding("deployment", False, f"cannot look up {name} without a Prefect server", "run `cnn-train up`")
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return Finding("deployment", False, f"{name} is not deployed", "run `cnn-train up`")
+    status = getattr(deployment.status, "value", deployment.status)
+    if status == "READY":
+        return Finding("deployment", True, f"{name} is served (status READY)")
+    return Finding(
+        "deployment",
+        False,
+        f"{name} exists but nothing serves it (status {status}); triggered runs would wait in Scheduled",
+        "run `cnn-train up` to start the serve process",
+    )
+
+
+def check_tracking(uri: str) -> Finding:
+    try:
+        tracking.check_reachable(uri, timeout=3.0)
+    except tracking.TrackingUnavailableError as error:
+        return Finding("mlflow", False, str(error))
+    return Finding("mlflow", True, f"tracking store {uri}")
+
+
+def check_dataset(data_dir: Path | None = None) -> Finding:
+    try:
+        folder = locate_fashion_mnist(data_dir, allow_download=False)
+    except DatasetError as error:
+        return Finding("dataset", False, str(error))
+    return Finding("dataset", True, f"Fashion-MNIST in {folder}")
+
+
+def check_stale_runs(uri: str, *, fix: bool, stale_after: float = tracking.STALE_AFTER_SECONDS) -> Finding:
+    """RUNNING runs whose process died: reported, and marked FAILED with ``fix``."""
+    try:
+        stale = tracking.stale_runs(uri=uri, stale_after=stale_after)
+    except Exception as error:  # noqa: BLE001 - an unreachable store is reported by check_tracking
+        return Finding("stale runs", False, f"could not search {uri}: {error}")
+    if not stale:
+        return Finding("stale runs", True, "no abandoned RUNNING runs")
+    ids = ", ".join(run.info.run_id for run in stale)
+    if fix:
+        reaped = tracking.reap_stale_runs(uri=uri, stale_after=stale_after)
+        return Finding("stale runs", True, f"marked {len(reaped)} abandoned run(s) FAILED: {', '.join(reaped)}")
+    return Finding(
+        "stale runs", False, f"{len(stale)} run(s) RUNNING without a heartbeat: {ids}", "run `cnn-train doctor --fix`"
+    )
+
+
+def diagnose(*, api_url: str | None, tracking_uri: str, data_dir: Path | None = None, fix: bool = False) -> list[Finding]:
+    findings = [
+        check_prefect_server(api_url),
+        check_deployment(api_url),
+        check_tracking(tracking_uri),
+        check_dataset(data_dir),
+    ]
+    if findings[2].ok:
+        findings.append(check_stale_runs(tracking_uri, fix=fix))
+    return findings

@@ -1,0 +1,83 @@
+"""The product as users meet it: real local Prefect and MLflow servers, the serve process, and
+`prefect deployment run cnn-train/default` triggering a flow run that lands in MLflow."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, real_fashion_mnist_dir):
+    """`cnn-train up --no-trigger` in a private project root, home and pair of ports; `down` after."""
+    root = tmp_path_factory.mktemp("project")
+    env = os.environ | {
+        "CNN_TRAIN_ROOT": str(root),
+        "HOME": str(root / "home"),  # the Prefect profile `up` writes stays in here
+        "CNN_TRAIN_PREFECT_PORT": str(_free_port()),
+        "CNN_TRAIN_MLFLOW_PORT": str(_free_port()),
+        "CNN_TRAIN_DATA_DIR": str(real_fashion_mnist_dir),
+    }
+    for key in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI", "CNN_TRAIN_STATE_DIR"):
+        env.pop(key, None)
+    up = subprocess.run([BIN / "cnn-train", "up", "--no-trigger"], env=env, capture_output=True, text=True, timeout=400)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield env, up.stdout
+    finally:
+        down = subprocess.run([BIN / "cnn-train", "down"], env=env, capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stdout + down.stderr
+
+
+def test_up_is_idempotent(stack):
+    env, first = stack
+    assert "prefect-server: starting" in first
+    again = subprocess.run([BIN / "cnn-train", "up", "--no-trigger"], env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    for service in ("prefect-server", "mlflow-server", "deployment-server"):
+        assert f"{service}: already running" in again.stdout
+
+
+def test_prefect_deployment_run_lands_in_mlflow(stack):
+    env, _ = stack
+    # Exactly what a user types, through the Prefect profile that `up` configured.
+    run = subprocess.run(
+        [BIN / "prefect", "deployment", "run", "cnn-train/default",
+         "-p", "epochs=1", "-p", "sample_limit=400", "-p", "test_limit=200", "-p", "compare_dense=false",
+         "--watch", "--watch-timeout", "400"],
+        env={k: v for k, v in env.items() if k != "PREFECT_API_URL"}, capture_output=True, text=True, timeout=500,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Completed" in run.stdout
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"http://127.0.0.1:{env['CNN_TRAIN_MLFLOW_PORT']}")
+    experiment = client.get_experiment_by_name("cnn-train")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert len(runs) == 1
+    mlflow_run = runs[0]
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.tags["prefect.deployment"] == "default"
+    assert mlflow_run.data.tags["device.train"] == "cpu"
+    assert mlflow_run.data.params["epochs"] == "1"
+    assert 0.1 < mlflow_run.data.metrics["test_accuracy"] <= 1.0
+    # The project's store is the SQLite file at the (temporary) project root.
+    assert (Path(env["CNN_TRAIN_ROOT"]) / "mlflow.db").is_file()
