@@ -99,8 +99,7 @@ def run(
         check_satisfiable(validate_parameters(**parameters).device_requests())
     except (ParameterError, PlacementError) as error:
         _fail(str(error))
-    os.environ.setdefault("DO_NOT_TRACK", "true")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _require_reachable_servers()
     from cnn_train.flows.train_flow import cnn_train
 
     state = cnn_train(**parameters, return_state=True)
@@ -132,8 +131,7 @@ def compare(
     parameters["backends"] = parameters.pop("backend")
     from cnn_train.flows.params import ParameterError
 
-    os.environ.setdefault("DO_NOT_TRACK", "true")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _require_reachable_servers()
     from cnn_train.flows.compare_flow import cnn_train_compare, validate_backends
 
     try:
@@ -147,6 +145,27 @@ def compare(
     result = state.result()
     typer.echo(result["report"])
     typer.echo(f"MLflow parent run: {result['mlflow_run_url']}")
+
+
+def _require_reachable_servers() -> None:
+    """A configured but dead Prefect API or MLflow server would fail the run late; say so at once."""
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.settings import get_current_settings
+
+    from cnn_train.flows import tracking
+    from cnn_train.flows.services import http_ok
+
+    try:
+        tracking.check_reachable(tracking.tracking_uri())
+    except tracking.TrackingUnavailableError as error:
+        _fail(str(error))
+    api_url = get_current_settings().api.url
+    if api_url and not http_ok(f"{api_url.rstrip('/')}/health", timeout=3.0):
+        _fail(
+            f"the Prefect API at {api_url} does not answer; start it with `cnn-train up --no-trigger`, "
+            "or `prefect config unset PREFECT_API_URL` to run on a temporary server"
+        )
 
 
 def _print_summary(result: dict[str, Any]) -> None:
@@ -174,9 +193,12 @@ def down() -> None:
     """Stop the serve process, the MLflow server and the Prefect server started by `cnn-train up`."""
     from cnn_train.flows import services
 
+    from cnn_train.flows import launcher
+
     for service in reversed(services.SERVICES):
         stopped = service.stop()
         typer.echo(f"{service.name}: {'stopped' if stopped else 'not running'}")
+    launcher.forget_server_in_prefect_cli(typer.echo)
 
 
 @app.command()

@@ -25,20 +25,26 @@ def _start(service: services.Service, echo: Echo, *, timeout: float) -> None:
 def point_prefect_cli_at_server(echo: Echo) -> None:
     """Make a plain `prefect deployment run cnn-train/default` in the user's shell reach our server,
     as Prefect's self-hosting guide does: set PREFECT_API_URL in the active Prefect profile."""
+    if f"PREFECT_API_URL='{services.prefect_api_url()}'" in _user_prefect("config", "view", "--hide-defaults").stdout:
+        return
+    result = _user_prefect("config", "set", f"PREFECT_API_URL={services.prefect_api_url()}")
+    if result.returncode != 0:
+        raise RuntimeError(f"could not set PREFECT_API_URL in the Prefect profile: {result.stderr.strip()}")
+    echo(f"prefect profile: PREFECT_API_URL set to {services.prefect_api_url()} (`cnn-train down` unsets it)")
+
+
+def _user_prefect(*args: str) -> subprocess.CompletedProcess[str]:
+    """The prefect CLI as the user's shell runs it: their profile, not this project's PREFECT_HOME."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
     prefect = str(Path(sys.executable).with_name("prefect"))
-    current = subprocess.run(
-        [prefect, "config", "view", "--hide-defaults"], env=env, capture_output=True, text=True, check=False
-    ).stdout
-    if f"PREFECT_API_URL='{services.prefect_api_url()}'" in current:
-        return
-    subprocess.run(
-        [prefect, "config", "set", f"PREFECT_API_URL={services.prefect_api_url()}"],
-        env=env,
-        capture_output=True,
-        check=True,
-    )
-    echo(f"prefect profile: PREFECT_API_URL set to {services.prefect_api_url()} (undo: prefect config unset PREFECT_API_URL)")
+    return subprocess.run([prefect, *args], env=env, capture_output=True, text=True, check=False)
+
+
+def forget_server_in_prefect_cli(echo: Echo) -> None:
+    """Undo :func:`point_prefect_cli_at_server` when the profile still points at our server."""
+    if f"PREFECT_API_URL='{services.prefect_api_url()}'" in _user_prefect("config", "view", "--hide-defaults").stdout:
+        _user_prefect("config", "unset", "PREFECT_API_URL", "-y")
+        echo("prefect profile: PREFECT_API_URL unset (flows called directly use a temporary server again)")
 
 
 def up(*, trigger: bool, watch_timeout: float, echo: Echo) -> int:

@@ -273,6 +273,7 @@ def cnn_train(
     # A GPU that no wait can produce fails the run here, before an MLflow run exists.
     check_satisfiable(params.device_requests())
     logger = get_run_logger()
+    tracking.check_reachable(tracking.tracking_uri())
     _reap_abandoned_runs(logger)
     tracker = RunTracker.start(
         params.experiment, run_name=f"{params.backend}-{params.architecture}", tags=_flow_run_tags()

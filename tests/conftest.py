@@ -7,12 +7,20 @@ when Debian's package is installed, and a guard that keeps every test off the ne
 from __future__ import annotations
 
 import gzip
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Tests never see the developer's Prefect profile (`cnn-train up` points it at a local server that
+# may be down) nor a PREFECT_API_URL from the shell: each session gets a Prefect home of its own.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cnn-train-tests-prefect-")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 # --- data fixtures -------------------------------------------------------------------------------
 
