@@ -147,6 +147,82 @@ def compare(
     typer.echo(f"MLflow parent run: {result['mlflow_run_url']}")
 
 
+def _parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """``["learning_rate=0.001,0.0003", "architecture=cnn,dense"]`` as a grid; values parse as JSON
+    when they can (numbers), else stay strings."""
+    import json
+
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            _fail(f"--grid takes FIELD=VALUE,VALUE...; got {item!r}")
+        parsed = []
+        for value in values.split(","):
+            try:
+                parsed.append(json.loads(value))
+            except ValueError:
+                parsed.append(value)
+        grid[key.strip()] = parsed
+    return grid
+
+
+@app.command()
+def sweep(
+    grid: Annotated[list[str], typer.Option(help="FIELD=V1,V2 (repeat per field), e.g. learning_rate=0.001,0.0003.")],
+    backend: Annotated[str, typer.Option(help="Backend for fields the grid does not vary.")] = "torch",
+    architecture: Annotated[str, typer.Option(help="'cnn' or 'dense'.")] = "cnn",
+    epochs: Annotated[int, typer.Option(help="Passes over the training set.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Images per optimizer step.")] = 32,
+    learning_rate: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed of the shared split and of each trial.")] = 42,
+    validation_fraction: Annotated[float, typer.Option(help="Share of training images held out.")] = 0.1,
+    sample_limit: Annotated[Optional[int], typer.Option(help="Train on this many images only.")] = None,
+    test_limit: Annotated[Optional[int], typer.Option(help="Evaluate on this many test images only.")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "cnn-train",
+    data_dir: Annotated[Optional[str], typer.Option(help="Folder with the Fashion-MNIST .gz files.")] = None,
+    train_device: Annotated[str, typer.Option(help="cpu, gpu-preferred, gpu-required or cuda:N.")] = "gpu-preferred",
+    max_concurrent: Annotated[int, typer.Option(help="Trials running at once.")] = 2,
+    register_best: Annotated[Optional[str], typer.Option(help="Register the best model under this name.")] = None,
+    task_runner: Annotated[str, typer.Option(help="'local' (threads) or 'ray'.")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(help="Existing Ray cluster (default: start a local Ray).")] = None,
+) -> None:
+    """Run a grid of configurations (data prepared once), ranked in a parent MLflow run."""
+    parameters = dict(locals())
+    runner_name = parameters.pop("task_runner")
+    address = parameters.pop("ray_address")
+    parameters["grid"] = _parse_grid(grid)
+    if runner_name not in ("local", "ray"):
+        _fail(f"--task-runner must be 'local' or 'ray', got {runner_name!r}")
+    if address and runner_name != "ray":
+        _fail("--ray-address needs --task-runner ray")
+    _require_reachable_servers()
+    from cnn_train.flows.params import ParameterError
+    from cnn_train.flows.sweep_flow import cnn_train_sweep, trial_parameters
+
+    try:
+        base = {k: v for k, v in parameters.items() if k not in ("grid", "max_concurrent", "register_best")}
+        trial_parameters(base, parameters["grid"])
+    except ParameterError as error:
+        _fail(str(error))
+    flow_fn = cnn_train_sweep
+    if runner_name == "ray":
+        from cnn_train.flows.sweep_flow import ray_task_runner
+
+        flow_fn = cnn_train_sweep.with_options(task_runner=ray_task_runner(address))
+    state = flow_fn(**parameters, return_state=True)
+    if not state.is_completed():
+        _fail(f"flow run ended {state.name}: {state.message}", 1)
+    result = state.result()
+    import pandas as pd
+
+    typer.echo(pd.DataFrame(result["ranking"]).to_string(index=False))
+    typer.echo(f"best trial: {result['best_run_id']} test accuracy {result['best_test_accuracy']:.4f}")
+    typer.echo(f"MLflow sweep run: {result['mlflow_run_url']}")
+    if "registered_version" in result:
+        typer.echo(f"registered model: {register_best} version {result['registered_version']}")
+
+
 def _require_reachable_servers() -> None:
     """A configured but dead Prefect API or MLflow server would fail the run late; say so at once."""
     os.environ.setdefault("DO_NOT_TRACK", "true")

@@ -131,9 +131,17 @@ def resolve_requests(overrides: Mapping[str, str | DeviceRequest | None] | None 
     return requests
 
 
-def ray_resources(request: str | DeviceRequest) -> dict[str, int]:
-    """Ray task options for ``request``: one GPU for any GPU request, none for ``cpu``."""
-    return {"num_gpus": 1 if parse_request(request).wants_gpu else 0}
+def ray_resources(request: str | DeviceRequest, *, cluster_gpus: float | None = None) -> dict[str, int]:
+    """Ray task options for ``request``: one GPU for a GPU request, none for ``cpu``.
+
+    With ``cluster_gpus`` known, ``gpu-preferred`` asks for no GPU on a cluster that has none, so
+    CPU-only clusters run it instead of queueing it forever; strict requests still ask for one and
+    wait for Ray to find it, as they would locally.
+    """
+    parsed = parse_request(request)
+    if parsed.policy == "gpu-preferred" and cluster_gpus is not None and cluster_gpus < 1:
+        return {"num_gpus": 0}
+    return {"num_gpus": 1 if parsed.wants_gpu else 0}
 
 
 @dataclass(frozen=True)

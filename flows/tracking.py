@@ -43,6 +43,9 @@ HEARTBEAT_SECONDS = float(os.environ.get("CNN_TRAIN_HEARTBEAT_SECONDS", "20"))
 STALE_AFTER_SECONDS = 6 * HEARTBEAT_SECONDS
 
 _log = logging.getLogger(__name__)
+# PyTorch's exporter (MLflow's default pt2 format) keeps its tracing mode in process-global state,
+# so two threads logging models at once (sweep trials) break each other.
+_LOG_MODEL_LOCK = threading.Lock()
 _MAX_PARAM_LENGTH = 6000
 
 
@@ -212,7 +215,7 @@ class RunTracker:
         name: str = "model",
     ) -> str:
         """Log the model in its native flavor with a tensor signature; returns its model URI."""
-        from mlflow.models import Model, ModelSignature
+        from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
         flavor = importlib.import_module(f"mlflow.{loggable.flavor}")
@@ -220,6 +223,14 @@ class RunTracker:
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
         )
+        with _LOG_MODEL_LOCK:
+            return self._log_model_locked(flavor, loggable, signature, input_example, name)
+
+    def _log_model_locked(
+        self, flavor: Any, loggable: LoggableModel, signature: Any, input_example: np.ndarray | None, name: str
+    ) -> str:
+        from mlflow.models import Model
+
         # Each flavor names its model argument differently (pytorch_model, model, sk_model...).
         model_argument = next(iter(inspect.signature(flavor.save_model).parameters))
         # Model.log would file the model under the thread's active experiment (often the default
@@ -330,3 +341,18 @@ def reap_stale_runs(*, uri: str | None = None, stale_after: float = STALE_AFTER_
         mlflow_client.set_terminated(run.info.run_id, status="FAILED")
         reaped.append(run.info.run_id)
     return reaped
+
+
+def register_model(name: str, model_uri: str, *, run_id: str, description: str, uri: str | None = None) -> int:
+    """A new version of registered model ``name`` from a logged model; returns the version number."""
+    mlflow_client = client(uri)
+    try:
+        mlflow_client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    version = mlflow_client.create_model_version(
+        name, source=model_uri, run_id=run_id, description=description, model_id=model_id
+    )
+    return int(version.version)

@@ -27,9 +27,9 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 stamp=".venv/.cnn-train-installed"
 want="$(cat pyproject.toml plugins/examples/sklearn_mlp/pyproject.toml; echo "$TORCH_SPEC")"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "bootstrap: installing $TORCH_SPEC and cnn-train (editable, with test extras)"
+  echo "bootstrap: installing $TORCH_SPEC and cnn-train (editable, with the test and ray extras)"
   # shellcheck disable=SC2086
   .venv/bin/python -m pip install -q --disable-pip-version-check $TORCH_SPEC
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,ray]"
   printf '%s' "$want" > "$stamp"
 fi

@@ -544,3 +544,16 @@ def test_check_satisfiable_never_reads_inventory_for_cpu_only():
         raise AssertionError("inventory read for CPU-only requests")
 
     check_satisfiable({"prep": "cpu", "train": "gpu-preferred"}, inventory=inventory)
+
+
+@pytest.mark.parametrize(
+    ("request_text", "cluster_gpus", "resources"),
+    [
+        pytest.param("gpu-preferred", 0, {"num_gpus": 0}, id="preferred-cpu-cluster"),
+        pytest.param("gpu-preferred", 4, {"num_gpus": 1}, id="preferred-gpu-cluster"),
+        pytest.param("gpu-required", 0, {"num_gpus": 1}, id="required-cpu-cluster-still-asks"),
+        pytest.param("cpu", 4, {"num_gpus": 0}, id="cpu-gpu-cluster"),
+    ],
+)
+def test_ray_resources_know_the_cluster(request_text, cluster_gpus, resources):
+    assert ray_resources(request_text, cluster_gpus=cluster_gpus) == resources

@@ -1,0 +1,128 @@
+"""Sweeps: the grid, the ranking, local and Ray runs with MLflow parent/child runs, the registry,
+and device requests turned into Ray resource requests."""
+
+from __future__ import annotations
+
+import pytest
+
+from cnn_train.flows.params import ParameterError
+from cnn_train.flows.sweep_flow import TrialResult, expand_grid, ranking_table, trial_parameters
+
+GRID = {"learning_rate": [1e-3, 3e-4], "architecture": ["cnn", "dense"]}
+SMALL = {"epochs": 1, "sample_limit": 400, "test_limit": 200, "seed": 4}
+
+
+def test_grid_expands_to_every_combination():
+    assert expand_grid(GRID) == [
+        {"architecture": "cnn", "learning_rate": 1e-3},
+        {"architecture": "cnn", "learning_rate": 3e-4},
+        {"architecture": "dense", "learning_rate": 1e-3},
+        {"architecture": "dense", "learning_rate": 3e-4},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        pytest.param({}, "give at least one field to vary", id="empty"),
+        pytest.param({"sample_limit": [100, 200]}, "cannot vary ['sample_limit']; sweepable fields: backend", id="data-field"),
+        pytest.param({"learning_rate": []}, "learning_rate needs a non-empty list", id="no-values"),
+        pytest.param({"architecture": "cnn"}, "architecture needs a non-empty list", id="string-not-list"),
+    ],
+)
+def test_bad_grids_are_refused(grid, message):
+    with pytest.raises(ParameterError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        expand_grid(grid)
+
+
+def test_an_invalid_combination_fails_the_sweep_before_it_starts():
+    with pytest.raises(ParameterError, match=r"(?s)trial \{'learning_rate': -1\}: .*learning_rate: Input should be greater than 0"):
+        trial_parameters({"backend": "torch"}, {"learning_rate": [1e-3, -1]})
+
+
+def test_ranking_is_best_first():
+    results = [
+        TrialResult("a", {"learning_rate": 0.1}, 0.7, 0.9, 1.0, "models:/m-a", "cpu"),
+        TrialResult("b", {"learning_rate": 0.01}, 0.9, 0.3, 1.0, "models:/m-b", "cpu"),
+        TrialResult("c", {"learning_rate": 0.001}, 0.8, 0.5, 1.0, "models:/m-c", "cpu"),
+    ]
+    ranking = ranking_table(results)
+    assert list(ranking["run_id"]) == ["b", "c", "a"]
+    assert list(ranking["rank"]) == [1, 2, 3]
+
+
+def _children(client, parent_id):
+    run = client.get_run(parent_id)
+    return client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+@pytest.mark.slow
+def test_local_sweep_ranks_four_children_and_registers_the_best(mlflow_store):
+    from mlflow import MlflowClient
+
+    from cnn_train.flows.sweep_flow import cnn_train_sweep
+
+    result = cnn_train_sweep(grid=GRID, register_best="fashion-cnn-best", **SMALL)
+    client = MlflowClient(mlflow_store)
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = _children(client, parent.info.run_id)
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    assert {"sweep/ranking.csv", "sweep/ranking.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    best = max(children, key=lambda c: c.data.metrics["test_accuracy"])
+    assert parent.data.tags["cnn_train.best_run_id"] == best.info.run_id
+    assert parent.data.metrics["best_test_accuracy"] == pytest.approx(best.data.metrics["test_accuracy"])
+    version = client.get_model_version("fashion-cnn-best", str(result["registered_version"]))
+    assert version.run_id == best.info.run_id
+    assert f"test_accuracy={best.data.metrics['test_accuracy']:.4f}" in version.description
+
+
+@pytest.fixture
+def recorded_ray_options(monkeypatch):
+    """What prefect-ray passes to ``ray.remote`` for each submitted task."""
+    import prefect_ray.task_runners as runners
+
+    recorded: list[dict] = []
+    original = runners.ray.remote
+
+    def remote(*args, **kwargs):
+        if "num_gpus" in kwargs:  # Ray's own helpers call ray.remote too (num_cpus=0)
+            recorded.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runners.ray, "remote", remote)
+    return recorded
+
+
+@pytest.mark.slow
+def test_ray_sweep_on_cpu(mlflow_store, recorded_ray_options):
+    from mlflow import MlflowClient
+
+    from cnn_train.flows.sweep_flow import cnn_train_sweep, ray_task_runner
+
+    runner = ray_task_runner(init_kwargs={"num_cpus": 2, "num_gpus": 0})
+    result = cnn_train_sweep.with_options(task_runner=runner)(grid=GRID, **SMALL)
+    client = MlflowClient(mlflow_store)
+    children = _children(client, result["mlflow_run_id"])
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    assert client.get_run(result["mlflow_run_id"]).data.params["task_runner"] == "RayTaskRunner"
+    assert [r["rank"] for r in result["ranking"]] == [1, 2, 3, 4]
+    # gpu-preferred on a cluster without GPUs asks Ray for none, so the trials can run at all.
+    assert recorded_ray_options == [{"num_gpus": 0}] * 4
+
+
+@pytest.mark.slow
+def test_gpu_request_becomes_a_ray_gpu_resource(mlflow_store, recorded_ray_options):
+    from mlflow import MlflowClient
+
+    from cnn_train.flows.sweep_flow import cnn_train_sweep, ray_task_runner
+
+    # Ray lets a node declare GPUs it lacks: Ray schedules on them, torch still sees no CUDA.
+    runner = ray_task_runner(init_kwargs={"num_cpus": 2, "num_gpus": 2})
+    result = cnn_train_sweep.with_options(task_runner=runner)(
+        grid={"learning_rate": [1e-3, 3e-4]}, architecture="dense", **SMALL
+    )
+    assert recorded_ray_options == [{"num_gpus": 1}] * 2
+    children = _children(MlflowClient(mlflow_store), result["mlflow_run_id"])
+    # Inside the Ray task placement trusts Ray's assignment; with no real CUDA it falls back to CPU.
+    assert {c.data.tags["device.train"] for c in children} == {"cpu"}
