@@ -9,6 +9,7 @@ so they need no display and can be drawn from several threads at once.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -869,3 +870,12 @@ def write_comparison_report(
     report_md = out_dir / "compare.md"
     report_md.write_text("\n".join(lines), encoding="utf-8")
     return ComparisonFiles(report_md, table_csv, pictures)
+
+
+_FIGURE_LINK = re.compile(r"(!\[[^\]]*\]\()([\w.-]+\.png)(\))")
+
+
+def relink_figures(markdown: str, url_for: Callable[[str], str]) -> str:
+    """``report.md`` with each figure's file name replaced by ``url_for(name)``, for viewers (the
+    Prefect UI) that do not have the files beside the document."""
+    return _FIGURE_LINK.sub(lambda m: f"{m.group(1)}{url_for(m.group(2))}{m.group(3)}", markdown)

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import numpy as np
 
@@ -83,6 +83,14 @@ def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
 def ui_base_url(uri: str) -> str | None:
     """The web UI serving ``uri``, when it is a server."""
     return uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else None
+
+
+def artifact_url(uri: str, run_id: str, path: str) -> str | None:
+    """A browser URL serving one artifact of a run, when the store is an MLflow server."""
+    base = ui_base_url(uri)
+    if base is None:
+        return None
+    return f"{base}/get-artifact?path={quote(path)}&run_uuid={run_id}"
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import (
+    create_image_artifact,
     create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
@@ -190,6 +191,16 @@ def report_task(
         )
         tracker.log_artifacts(out_dir, "report")
     markdown = files.report_md.read_text(encoding="utf-8")
+    if tracking.ui_base_url(tracker.uri):
+        # The Prefect UI has no files beside the report: point its figures at the MLflow server.
+        def figure_url(name: str) -> str:
+            return tracking.artifact_url(tracker.uri, tracker.run_id, f"report/{name}") or name
+
+        markdown = reports.relink_figures(markdown, figure_url)
+        drawn = {path.name for path in files.figures.paths()}
+        for figure in ("learning_curves.png", "confusion_matrix.png", "feature_maps.png"):
+            if figure in drawn:
+                create_image_artifact(figure_url(figure), key=figure.removesuffix(".png").replace("_", "-"))
     create_markdown_artifact(markdown, key="cnn-train-report", description="cnn-train run report")
     per_class = reports.classification_tables(
         data.y_test, evaluated.probabilities.argmax(axis=1), data.class_names

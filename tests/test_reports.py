@@ -411,3 +411,11 @@ def test_comparison_report_side_by_side(tmp_path):
     assert [p.name for p in files.confusion_matrices] == ["confusion_matrix_keras.png", "confusion_matrix_torch.png"]
     assert all(p.stat().st_size > 10_000 for p in files.confusion_matrices)
     assert len(files.table_csv.read_text().splitlines()) == 3
+
+
+def test_relink_figures_rewrites_only_figure_links():
+    markdown = "![Curves](learning_curves.png)\n[MLflow run](http://x/#/runs/1)\n![CM](confusion_matrix.png)\n"
+    out = reports.relink_figures(markdown, lambda name: f"http://mlflow/get-artifact?path=report/{name}")
+    assert "![Curves](http://mlflow/get-artifact?path=report/learning_curves.png)" in out
+    assert "![CM](http://mlflow/get-artifact?path=report/confusion_matrix.png)" in out
+    assert "[MLflow run](http://x/#/runs/1)" in out
