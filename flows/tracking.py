@@ -44,7 +44,8 @@ STALE_AFTER_SECONDS = 6 * HEARTBEAT_SECONDS
 
 _log = logging.getLogger(__name__)
 # PyTorch's exporter (MLflow's default pt2 format) keeps its tracing mode in process-global state,
-# so two threads logging models at once (sweep trials) break each other.
+# and Model.log reads the process-wide tracking URI: two threads logging models at once (sweep
+# trials) would break each other.
 _LOG_MODEL_LOCK = threading.Lock()
 _MAX_PARAM_LENGTH = 6000
 
@@ -232,7 +233,13 @@ class RunTracker:
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
         )
         with _LOG_MODEL_LOCK:
-            return self._log_model_locked(flavor, loggable, signature, input_example, name)
+            # Model.log talks to the process-wide tracking URI, which may not be this run's store.
+            previous = mlflow.get_tracking_uri()
+            mlflow.set_tracking_uri(self.uri)
+            try:
+                return self._log_model_locked(flavor, loggable, signature, input_example, name)
+            finally:
+                mlflow.set_tracking_uri(previous)
 
     def _log_model_locked(
         self, flavor: Any, loggable: LoggableModel, signature: Any, input_example: np.ndarray | None, name: str

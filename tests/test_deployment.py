@@ -79,5 +79,19 @@ def test_prefect_deployment_run_lands_in_mlflow(stack):
     assert mlflow_run.data.tags["device.train"] == "cpu"
     assert mlflow_run.data.params["epochs"] == "1"
     assert 0.1 < mlflow_run.data.metrics["test_accuracy"] <= 1.0
+    # Through the MLflow server, the Prefect report shows its figures: image artifacts point at them.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api = f"http://127.0.0.1:{env['CNN_TRAIN_PREFECT_PORT']}/api"
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    assert {"markdown", "table", "progress", "image"} <= {a.type for a in artifacts}
+    assert any(a.key == "mlflow-run" for a in artifacts)
+    image = next(a for a in artifacts if a.type == "image")
+    assert image.data.startswith(f"http://127.0.0.1:{env['CNN_TRAIN_MLFLOW_PORT']}/get-artifact?path=report/")
     # The project's store is the SQLite file at the (temporary) project root.
     assert (Path(env["CNN_TRAIN_ROOT"]) / "mlflow.db").is_file()

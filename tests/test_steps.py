@@ -1,0 +1,69 @@
+"""The recipe's plain steps, without Prefect: epochs reach MLflow as they end, and a resumed
+training re-logs exactly what an interrupted attempt saved but did not log."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cnn_train.flows import steps
+from cnn_train.flows.params import validate_parameters
+from cnn_train.flows.tracking import RunTracker
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_data(real_fashion_mnist_dir, tmp_path_factory):
+    params = validate_parameters(sample_limit=300, test_limit=100, epochs=3, seed=9)
+    from cnn_train.flows.data import prepare_data
+
+    data = prepare_data(real_fashion_mnist_dir, sample_limit=300, test_limit=100, seed=9,
+                        cache_dir=tmp_path_factory.mktemp("cache"))
+    return params, data
+
+
+@pytest.fixture
+def tracker(tmp_path):
+    return RunTracker.start("steps", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_each_epoch_is_in_mlflow_when_it_ends(small_data, tracker, tmp_path):
+    params, data = small_data
+    seen_during_training: list[list[int]] = []
+    outcome = steps.train(
+        params, params.model(), data, tracker, device="cpu", checkpoint=tmp_path / "ckpt",
+        on_epoch=lambda metrics: seen_during_training.append(tracker.logged_steps("val_accuracy")),
+    )
+    assert seen_during_training == [[1], [1, 2], [1, 2, 3]]
+    assert [m.epoch for m in outcome.history.epochs] == [1, 2, 3]
+    assert outcome.model_uri.startswith("models:/")
+
+
+def test_resume_relogs_saved_but_unlogged_epochs(small_data, tracker, tmp_path):
+    params, data = small_data
+    one_epoch = params.model_copy(update={"epochs": 1})
+    steps.train(one_epoch, params.model(), data, tracker, device="cpu", checkpoint=tmp_path / "ckpt")
+    # An attempt that died after checkpointing epoch 1 but before logging it: drop it from MLflow.
+    fresh = RunTracker.start("steps", uri=tracker.uri)
+    progress = json.loads((tmp_path / "ckpt" / "progress.json").read_text())
+    assert [p["epoch"] for p in progress] == [1]
+    outcome = steps.train(params, params.model(), data, fresh, device="cpu", checkpoint=tmp_path / "ckpt")
+    assert outcome.resumed_from_epoch == 1
+    assert fresh.logged_steps("val_accuracy") == [1, 2, 3]
+    assert fresh.logged_steps("loss") == [1, 2, 3]
+
+
+def test_wrong_epoch_reports_are_refused(small_data, tracker, tmp_path, monkeypatch):
+    params, data = small_data
+    from cnn_train.backends.torch_backend import TorchBackend
+
+    original = TorchBackend.train
+
+    def skip_callbacks(self, data, config, *, on_epoch=None, initial_epoch=0):
+        return original(self, data, config, on_epoch=None, initial_epoch=initial_epoch)
+
+    monkeypatch.setattr(TorchBackend, "train", skip_callbacks)
+    with pytest.raises(steps.BackendOutputError, match=r"reported epochs \[\] through on_epoch, expected 1..3; the model is not logged"):
+        steps.train(params, params.model(), data, tracker, device="cpu", checkpoint=tmp_path / "ckpt")
