@@ -19,7 +19,6 @@ from cnn_train.flows.params import RunParameters
 from cnn_train.flows.reports import classification_tables
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.plugins import registry
-from cnn_train.plugins.config import ModelConfig
 from cnn_train.plugins.contract import EpochMetrics, Evaluation, TrainData, TrainHistory
 
 _PROGRESS_FILE = "progress.json"
@@ -115,7 +114,6 @@ def _write_progress(checkpoint: Path, epochs: list[EpochMetrics]) -> None:
 
 def train(
     params: RunParameters,
-    model_config: ModelConfig,
     data: PreparedData,
     tracker: RunTracker,
     *,
@@ -126,6 +124,7 @@ def train(
 ) -> TrainOutcome:
     """Train (resuming from ``checkpoint`` when an earlier attempt saved epochs), log every epoch as
     it ends, then log the finished model. Only a completed training is logged as the model."""
+    model_config = params.model()
     backend = registry.load_backend(params.backend)
     done = _read_progress(checkpoint)
     if done:
@@ -178,13 +177,13 @@ def train(
 
 def evaluate(
     params: RunParameters,
-    model_config: ModelConfig,
     trained: TrainOutcome,
     data: PreparedData,
     *,
     device: str,
 ) -> EvalOutcome:
     """Test loss and accuracy, probabilities for the report, and the lesson's feature maps."""
+    model_config = params.model()
     backend = registry.load_backend(params.backend)
     backend.load(trained.checkpoint / "weights", model_config, device=device)
     evaluation = backend.evaluate(data.x_test, data.y_test)

@@ -97,10 +97,10 @@ def trial_task(
             with place_task("train", params.train_device, logger=logger, assigned_by_scheduler=scheduler_assigned) as placement:
                 child.set_tags(placement.as_tags())
                 trained = steps.train(
-                    params, params.model(), data, child, device=placement.device,
+                    params, data, child, device=placement.device,
                     checkpoint=state_dir() / "checkpoints" / child.run_id,
                 )
-                evaluated = steps.evaluate(params, params.model(), trained, data, device=placement.device)
+                evaluated = steps.evaluate(params, trained, data, device=placement.device)
             child.log_metrics(steps.test_metrics(evaluated, data), step=params.epochs)
     except BaseException as error:
         child.finish(_status_for(error))

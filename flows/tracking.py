@@ -232,14 +232,8 @@ class RunTracker:
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
         )
-        with _LOG_MODEL_LOCK:
-            # Model.log talks to the process-wide tracking URI, which may not be this run's store.
-            previous = mlflow.get_tracking_uri()
-            mlflow.set_tracking_uri(self.uri)
-            try:
-                return self._log_model_locked(flavor, loggable, signature, input_example, name)
-            finally:
-                mlflow.set_tracking_uri(previous)
+        with _LOG_MODEL_LOCK, _process_tracking_uri(self.uri):
+            return self._log_model_locked(flavor, loggable, signature, input_example, name)
 
     def _log_model_locked(
         self, flavor: Any, loggable: LoggableModel, signature: Any, input_example: np.ndarray | None, name: str
@@ -302,6 +296,27 @@ class RunTracker:
         finally:
             stop.set()
             thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def _process_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at ``uri`` for a block (Model.log reads only that).
+
+    MLflow's own helper for this restores the URI but also rewrites or unsets the
+    MLFLOW_TRACKING_URI environment variable, which this process and its children rely on, so the
+    variable is put back as it was.
+    """
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
 def _now_ms() -> int:

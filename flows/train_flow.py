@@ -29,7 +29,6 @@ from cnn_train.flows.params import RunParameters, validate_parameters
 from cnn_train.flows.placement import Placement, check_satisfiable, place_task
 from cnn_train.flows.settings import state_dir
 from cnn_train.flows.tracking import RunTracker
-from cnn_train.plugins.config import ModelConfig
 from cnn_train.plugins.contract import EpochMetrics
 
 # Arrays and models pass between tasks in memory; persisting them would copy ~200 MB per run.
@@ -64,9 +63,7 @@ def prep_task(params: RunParameters, tracker: RunTracker) -> PreparedData:
 
 
 @task(name="train", retries=1, retry_delay_seconds=2, **_IN_MEMORY)
-def train_task(
-    params: RunParameters, model_config: ModelConfig, data: PreparedData, tracker: RunTracker, *, label: str
-) -> steps.TrainOutcome:
+def train_task(params: RunParameters, data: PreparedData, tracker: RunTracker, *, label: str) -> steps.TrainOutcome:
     """Train on the placed device, logging each epoch as it ends; a retry resumes from the last epoch."""
     logger = get_run_logger()
     progress = create_progress_artifact(
@@ -81,7 +78,6 @@ def train_task(
         _record_placement(tracker, placement)
         outcome = steps.train(
             params,
-            model_config,
             data,
             tracker,
             device=placement.device,
@@ -96,7 +92,6 @@ def train_task(
 @task(name="evaluate", **_IN_MEMORY)
 def evaluate_task(
     params: RunParameters,
-    model_config: ModelConfig,
     trained: steps.TrainOutcome,
     data: PreparedData,
     tracker: RunTracker,
@@ -105,7 +100,7 @@ def evaluate_task(
     logger = get_run_logger()
     with place_task("evaluate", params.evaluate_device, logger=logger) as placement:
         _record_placement(tracker, placement)
-        outcome = steps.evaluate(params, model_config, trained, data, device=placement.device)
+        outcome = steps.evaluate(params, trained, data, device=placement.device)
     tracker.log_metrics(steps.test_metrics(outcome, data), step=params.epochs)
     logger.info("test accuracy %.4f, test loss %.4f", outcome.evaluation.accuracy, outcome.evaluation.loss)
     return outcome
@@ -143,8 +138,8 @@ def _train_child_run(
         with child.heartbeat():
             steps.log_run_params(child, params)
             steps.log_datasets(child, data)
-            trained = train_task(params, params.model(), data, child, label=run_name)
-            evaluated = evaluate_task(params, params.model(), trained, data, child)
+            trained = train_task(params, data, child, label=run_name)
+            evaluated = evaluate_task(params, trained, data, child)
     except BaseException as error:
         child.finish(_status_for(error))
         raise
@@ -294,8 +289,8 @@ def cnn_train(
         with tracker.heartbeat():
             steps.log_run_params(tracker, params)
             data = prep_task(params, tracker)
-            trained = train_task(params, params.model(), data, tracker, label=params.architecture)
-            evaluated = evaluate_task(params, params.model(), trained, data, tracker)
+            trained = train_task(params, data, tracker, label=params.architecture)
+            evaluated = evaluate_task(params, trained, data, tracker)
             dense = None
             if params.compare_dense and params.architecture == "cnn":
                 dense_params = params.model_copy(update={"architecture": "dense", "compare_dense": False})

@@ -33,7 +33,7 @@ def test_each_epoch_is_in_mlflow_when_it_ends(small_data, tracker, tmp_path):
     params, data = small_data
     seen_during_training: list[list[int]] = []
     outcome = steps.train(
-        params, params.model(), data, tracker, device="cpu", checkpoint=tmp_path / "ckpt",
+        params, data, tracker, device="cpu", checkpoint=tmp_path / "ckpt",
         on_epoch=lambda metrics: seen_during_training.append(tracker.logged_steps("val_accuracy")),
     )
     assert seen_during_training == [[1], [1, 2], [1, 2, 3]]
@@ -44,12 +44,12 @@ def test_each_epoch_is_in_mlflow_when_it_ends(small_data, tracker, tmp_path):
 def test_resume_relogs_saved_but_unlogged_epochs(small_data, tracker, tmp_path):
     params, data = small_data
     one_epoch = params.model_copy(update={"epochs": 1})
-    steps.train(one_epoch, params.model(), data, tracker, device="cpu", checkpoint=tmp_path / "ckpt")
+    steps.train(one_epoch, data, tracker, device="cpu", checkpoint=tmp_path / "ckpt")
     # An attempt that died after checkpointing epoch 1 but before logging it: drop it from MLflow.
     fresh = RunTracker.start("steps", uri=tracker.uri)
     progress = json.loads((tmp_path / "ckpt" / "progress.json").read_text())
     assert [p["epoch"] for p in progress] == [1]
-    outcome = steps.train(params, params.model(), data, fresh, device="cpu", checkpoint=tmp_path / "ckpt")
+    outcome = steps.train(params, data, fresh, device="cpu", checkpoint=tmp_path / "ckpt")
     assert outcome.resumed_from_epoch == 1
     assert fresh.logged_steps("val_accuracy") == [1, 2, 3]
     assert fresh.logged_steps("loss") == [1, 2, 3]
@@ -66,4 +66,4 @@ def test_wrong_epoch_reports_are_refused(small_data, tracker, tmp_path, monkeypa
 
     monkeypatch.setattr(TorchBackend, "train", skip_callbacks)
     with pytest.raises(steps.BackendOutputError, match=r"reported epochs \[\] through on_epoch, expected 1..3; the model is not logged"):
-        steps.train(params, params.model(), data, tracker, device="cpu", checkpoint=tmp_path / "ckpt")
+        steps.train(params, data, tracker, device="cpu", checkpoint=tmp_path / "ckpt")
