@@ -19,11 +19,11 @@ from cnn_train.flows.placement import check_satisfiable
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.flows.train_flow import (
     ChildRun,
-    _flow_run_tags,
-    _mark_runs,
-    _status_for,
-    _train_child_run,
+    ended,
+    flow_run_tags,
+    mark_runs_hook,
     prep_task,
+    train_child_run,
 )
 
 
@@ -36,8 +36,8 @@ def validate_backends(backends: list[str], values: dict[str, Any]) -> list[RunPa
 @flow(
     name="cnn-train-compare",
     description="Train one config on several backends with the same seed and split, and compare them.",
-    on_cancellation=[_mark_runs("KILLED")],
-    on_crashed=[_mark_runs("FAILED")],
+    on_cancellation=[mark_runs_hook("KILLED")],
+    on_crashed=[mark_runs_hook("FAILED")],
     persist_result=False,
 )
 def cnn_train_compare(
@@ -64,25 +64,22 @@ def cnn_train_compare(
     parent = RunTracker.start(
         per_backend[0].experiment,
         run_name="compare-" + "-".join(backends),
-        tags=_flow_run_tags() | {"cnn_train.role": "compare"},
+        tags=flow_run_tags() | {"cnn_train.role": "compare"},
     )
     logger.info("MLflow parent run %s: %s", parent.run_id, parent.url)
-    try:
-        with parent.heartbeat():
-            parent.log_params(values | {"backends": ",".join(backends), "tolerance_points": tolerance_points})
-            data = prep_task(per_backend[0], parent)
-            children = {
-                params.backend: _train_child_run(
-                    params, data, parent, run_name=f"{params.backend}-{params.architecture}", role="compare-backend"
-                )
-                for params in per_backend
-            }
-            result = _report(parent, data, children, title=f"{architecture} on " + " against ".join(backends),
-                             tolerance_points=tolerance_points)
-    except BaseException as error:
-        parent.finish(_status_for(error))
-        raise
-    parent.finish("FINISHED")
+    with ended(parent):
+        parent.log_params(values | {"backends": ",".join(backends), "tolerance_points": tolerance_points})
+        data = prep_task(per_backend[0], parent)
+        children = {
+            params.backend: train_child_run(
+                params, data, parent, run_name=f"{params.backend}-{params.architecture}", role="compare-backend"
+            )
+            for params in per_backend
+        }
+        result = _report(
+            parent, data, children, title=f"{architecture} on " + " against ".join(backends),
+            tolerance_points=tolerance_points,
+        )
     logger.info(result["verdict"])
     return result
 

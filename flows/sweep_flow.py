@@ -28,7 +28,7 @@ from cnn_train.flows.params import ParameterError, RunParameters, validate_param
 from cnn_train.flows.placement import check_satisfiable, place_task, ray_resources
 from cnn_train.flows.settings import state_dir
 from cnn_train.flows.tracking import RunTracker
-from cnn_train.flows.train_flow import _flow_run_tags, _mark_runs, _status_for, prep_task
+from cnn_train.flows.train_flow import ended, flow_run_tags, mark_runs_hook, prep_task
 
 #: Fields a grid may vary. Data-shaping fields are fixed per sweep, since data prep runs once.
 SWEEPABLE = ("backend", "architecture", "epochs", "batch_size", "learning_rate", "seed")
@@ -90,22 +90,17 @@ def trial_task(
         parent_run_id=parent.run_id,
         uri=parent.uri,
     )
-    try:
-        with child.heartbeat():
-            steps.log_run_params(child, params)
-            steps.log_datasets(child, data)
-            with place_task("train", params.train_device, logger=logger, assigned_by_scheduler=scheduler_assigned) as placement:
-                child.set_tags(placement.as_tags())
-                trained = steps.train(
-                    params, data, child, device=placement.device,
-                    checkpoint=state_dir() / "checkpoints" / child.run_id,
-                )
-                evaluated = steps.evaluate(params, trained, data, device=placement.device)
-            child.log_metrics(steps.test_metrics(evaluated, data), step=params.epochs)
-    except BaseException as error:
-        child.finish(_status_for(error))
-        raise
-    child.finish("FINISHED")
+    with ended(child):
+        steps.log_run_params(child, params)
+        steps.log_datasets(child, data)
+        with place_task("train", params.train_device, logger=logger, assigned_by_scheduler=scheduler_assigned) as placement:
+            child.set_tags(placement.as_tags())
+            trained = steps.train(
+                params, data, child, device=placement.device,
+                checkpoint=state_dir() / "checkpoints" / child.run_id,
+            )
+            evaluated = steps.evaluate(params, trained, data, device=placement.device)
+        child.log_metrics(steps.test_metrics(evaluated, data), step=params.epochs)
     logger.info("trial %s: test accuracy %.4f", values, evaluated.evaluation.accuracy)
     return TrialResult(
         run_id=child.run_id,
@@ -153,7 +148,7 @@ def _submit_trials(
     *, max_concurrent: int, on_ray: bool,
 ) -> list[TrialResult]:
     """Submit trials, at most ``max_concurrent`` in flight, each with its Ray resource request."""
-    flow_tags = _flow_run_tags()
+    flow_tags = flow_run_tags()
     results: list[TrialResult] = []
     for start in range(0, len(trials), max_concurrent):
         futures = []
@@ -168,8 +163,8 @@ def _submit_trials(
 @flow(
     name="cnn-train-sweep",
     description="A grid of cnn-train configurations sharing one data prep, ranked in a parent MLflow run.",
-    on_cancellation=[_mark_runs("KILLED")],
-    on_crashed=[_mark_runs("FAILED")],
+    on_cancellation=[mark_runs_hook("KILLED")],
+    on_crashed=[mark_runs_hook("FAILED")],
     persist_result=False,
 )
 def cnn_train_sweep(
@@ -201,18 +196,13 @@ def cnn_train_sweep(
 
     runner = FlowRunContext.get().task_runner
     on_ray = type(runner).__name__ == "RayTaskRunner"
-    parent = RunTracker.start(experiment, run_name=f"sweep-{len(trials)}-trials", tags=_flow_run_tags() | {"cnn_train.role": "sweep"})
+    parent = RunTracker.start(experiment, run_name=f"sweep-{len(trials)}-trials", tags=flow_run_tags() | {"cnn_train.role": "sweep"})
     logger.info("MLflow sweep run %s: %s (%d trials, %s)", parent.run_id, parent.url, len(trials), type(runner).__name__)
-    try:
-        with parent.heartbeat():
-            parent.log_params(base | {"grid": grid, "trials": len(trials), "task_runner": type(runner).__name__})
-            data = prep_task(trials[0], parent)
-            results = _submit_trials(trials, combos, data, parent, max_concurrent=max_concurrent, on_ray=on_ray)
-            summary = _rank_and_record(parent, results, register_best)
-    except BaseException as error:
-        parent.finish(_status_for(error))
-        raise
-    parent.finish("FINISHED")
+    with ended(parent):
+        parent.log_params(base | {"grid": grid, "trials": len(trials), "task_runner": type(runner).__name__})
+        data = prep_task(trials[0], parent)
+        results = _submit_trials(trials, combos, data, parent, max_concurrent=max_concurrent, on_ray=on_ray)
+        summary = _rank_and_record(parent, results, register_best)
     return summary
 
 

@@ -6,7 +6,9 @@ from :mod:`cnn_train.flows.steps` or :mod:`cnn_train.flows.reports`, and records
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,26 +126,21 @@ class ChildRun:
         )
 
 
-def _train_child_run(
+def train_child_run(
     params: RunParameters, data: PreparedData, parent: RunTracker, *, run_name: str, role: str
 ) -> ChildRun:
     child = RunTracker.start(
         params.experiment,
         run_name=run_name,
-        tags=_flow_run_tags() | {"cnn_train.role": role},
+        tags=flow_run_tags() | {"cnn_train.role": role},
         parent_run_id=parent.run_id,
         uri=parent.uri,
     )
-    try:
-        with child.heartbeat():
-            steps.log_run_params(child, params)
-            steps.log_datasets(child, data)
-            trained = train_task(params, data, child, label=run_name)
-            evaluated = evaluate_task(params, trained, data, child)
-    except BaseException as error:
-        child.finish(_status_for(error))
-        raise
-    child.finish("FINISHED")
+    with ended(child):
+        steps.log_run_params(child, params)
+        steps.log_datasets(child, data)
+        trained = train_task(params, data, child, label=run_name)
+        evaluated = evaluate_task(params, trained, data, child)
     return ChildRun(child.run_id, trained, evaluated)
 
 
@@ -217,7 +214,7 @@ def report_task(
     return files.report_md
 
 
-def _flow_run_tags() -> dict[str, str]:
+def flow_run_tags() -> dict[str, str]:
     tags = {
         tracking.FLOW_RUN_TAG: str(runtime.flow_run.id or ""),
         "prefect.flow_run_name": str(runtime.flow_run.name or ""),
@@ -239,7 +236,20 @@ def _status_for(error: BaseException) -> str:
     return "KILLED" if isinstance(error, (KeyboardInterrupt, TerminationSignal)) else "FAILED"
 
 
-def _mark_runs(status: str) -> Any:
+@contextlib.contextmanager
+def ended(tracker: RunTracker) -> Iterator[None]:
+    """Heartbeat the MLflow run while the block runs, then end it FINISHED, or KILLED when
+    interrupted (Ctrl-C, SIGTERM, a cancellation), or FAILED: never left RUNNING."""
+    try:
+        with tracker.heartbeat():
+            yield
+    except BaseException as error:
+        tracker.finish(_status_for(error))
+        raise
+    tracker.finish("FINISHED")
+
+
+def mark_runs_hook(status: str) -> Any:
     """A Prefect state hook marking this flow run's MLflow runs, for when the flow body could not."""
 
     def hook(flow_obj: Any, flow_run: Any, state: Any) -> None:
@@ -252,8 +262,8 @@ def _mark_runs(status: str) -> Any:
 @flow(
     name="cnn-train",
     description="Train, evaluate and report the Fashion-MNIST CNN; every run is logged to MLflow.",
-    on_cancellation=[_mark_runs("KILLED")],
-    on_crashed=[_mark_runs("FAILED")],
+    on_cancellation=[mark_runs_hook("KILLED")],
+    on_crashed=[mark_runs_hook("FAILED")],
     persist_result=False,
 )
 def cnn_train(
@@ -282,30 +292,25 @@ def cnn_train(
     tracking.check_reachable(tracking.tracking_uri())
     _reap_abandoned_runs(logger)
     tracker = RunTracker.start(
-        params.experiment, run_name=f"{params.backend}-{params.architecture}", tags=_flow_run_tags()
+        params.experiment, run_name=f"{params.backend}-{params.architecture}", tags=flow_run_tags()
     )
     logger.info("MLflow run %s: %s", tracker.run_id, tracker.url)
-    try:
-        with tracker.heartbeat():
-            steps.log_run_params(tracker, params)
-            data = prep_task(params, tracker)
-            trained = train_task(params, data, tracker, label=params.architecture)
-            evaluated = evaluate_task(params, trained, data, tracker)
-            dense = None
-            if params.compare_dense and params.architecture == "cnn":
-                dense_params = params.model_copy(update={"architecture": "dense", "compare_dense": False})
-                baseline = _train_child_run(
-                    dense_params, data, tracker, run_name=f"{params.backend}-dense-baseline", role="dense-baseline"
-                )
-                dense = baseline.row("dense network")
-                tracker.log_metrics(
-                    {"dense.test_accuracy": dense.test_accuracy, "dense.parameters": dense.parameters or 0}
-                )
-            report_task(params, data, trained, evaluated, tracker, dense)
-    except BaseException as error:
-        tracker.finish(_status_for(error))
-        raise
-    tracker.finish("FINISHED")
+    with ended(tracker):
+        steps.log_run_params(tracker, params)
+        data = prep_task(params, tracker)
+        trained = train_task(params, data, tracker, label=params.architecture)
+        evaluated = evaluate_task(params, trained, data, tracker)
+        dense = None
+        if params.compare_dense and params.architecture == "cnn":
+            dense_params = params.model_copy(update={"architecture": "dense", "compare_dense": False})
+            baseline = train_child_run(
+                dense_params, data, tracker, run_name=f"{params.backend}-dense-baseline", role="dense-baseline"
+            )
+            dense = baseline.row("dense network")
+            tracker.log_metrics(
+                {"dense.test_accuracy": dense.test_accuracy, "dense.parameters": dense.parameters or 0}
+            )
+        report_task(params, data, trained, evaluated, tracker, dense)
     return {
         "mlflow_run_id": tracker.run_id,
         "mlflow_run_url": tracker.url,
