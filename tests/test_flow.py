@@ -152,9 +152,22 @@ def test_prefect_artifacts(finished):
     ("parameters", "message"),
     [
         pytest.param({"train_device": "gpu-required"}, "no GPU is visible", id="gpu-required-without-gpu"),
+        pytest.param({"evaluate_device": "gpu:0"}, "invalid device request 'gpu:0'; expected 'cpu', 'gpu-preferred'", id="bad-device-string"),
         pytest.param({"epochs": 0}, "epochs: Input should be greater than or equal to 1", id="zero-epochs"),
+        pytest.param({"epochs": -3}, "epochs: Input should be greater than or equal to 1", id="negative-epochs"),
+        pytest.param({"epochs": 2.5}, "epochs", id="fractional-epochs"),
         pytest.param({"backend": "tensorflow"}, "unknown backend 'tensorflow'; installed backends:", id="unknown-backend"),
+        pytest.param({"architecture": "resnet"}, "unknown architecture 'resnet'; allowed: cnn", id="unknown-architecture"),
+        pytest.param({"batch_size": 0}, "batch_size: Input should be greater than or equal to 1", id="zero-batch"),
         pytest.param({"batch_size": 1000, "sample_limit": 600}, "batch_size: 1000 is larger than the training set (540 images)", id="batch-larger-than-data"),
+        pytest.param({"learning_rate": 0.0}, "learning_rate: Input should be greater than 0", id="zero-learning-rate"),
+        pytest.param({"learning_rate": -0.1}, "learning_rate: Input should be greater than 0", id="negative-learning-rate"),
+        pytest.param({"learning_rate": float("nan")}, "learning_rate: Input should be a finite number", id="nan-learning-rate"),
+        pytest.param({"learning_rate": float("inf")}, "learning_rate: Input should be a finite number", id="infinite-learning-rate"),
+        pytest.param({"validation_fraction": 0.0}, "validation_fraction: Input should be greater than 0", id="zero-validation"),
+        pytest.param({"validation_fraction": 1.5}, "validation_fraction: Input should be less than 1", id="validation-above-one"),
+        pytest.param({"sample_limit": 0}, "sample_limit: Input should be greater than or equal to 20", id="zero-sample-limit"),
+        pytest.param({"sample_limit": 70_000}, "sample_limit: Input should be less than or equal to 60000", id="sample-limit-above-data"),
     ],
 )
 def test_bad_input_fails_before_any_mlflow_run(store, parameters, message):
