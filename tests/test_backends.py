@@ -357,3 +357,44 @@ def test_keras_imported_with_another_backend_is_refused(monkeypatch: pytest.Monk
     spec = importlib.util.spec_from_file_location("fresh_keras_backend", source)
     with pytest.raises(RuntimeError, match="already imported with the 'jax' backend.*set KERAS_BACKEND=torch"):
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+@pytest.mark.parametrize("config", [ModelConfig(), CUSTOM, ModelConfig.preset("dense")], ids=["default", "custom", "dense"])
+def test_keras_fast_forward_matches_the_layers_own_calls(config: ModelConfig) -> None:
+    """The fused torch ops the Keras model trains with compute what its Keras layers compute, gradients too."""
+    import torch
+
+    model = built("keras", config, seed=2)._model
+    weights = [variable.value for variable in model.trainable_weights]
+    images = torch.rand(5, 28, 28, 1)
+    fast = model.call(images)
+    reference = images
+    for layer in model.layers:
+        reference = layer.call(reference)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(fast.sum(), weights), torch.autograd.grad(reference.sum(), weights)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_keras_loss_shortcut_matches_the_compiled_loss() -> None:
+    import torch
+
+    model = built("keras")._model
+    keras = sys.modules[load_backend_class("keras").__module__].keras
+    logits, labels = torch.randn(32, 10), torch.randint(0, 10, (32,))
+    expected = keras.Sequential.compute_loss(model, y=labels, y_pred=logits)
+    torch.testing.assert_close(model.compute_loss(y=labels, y_pred=logits), expected)
+    weights = torch.rand(32)
+    weighted = keras.Sequential.compute_loss(model, y=labels, y_pred=logits, sample_weight=weights)
+    torch.testing.assert_close(model.compute_loss(y=labels, y_pred=logits, sample_weight=weights), weighted)
+
+
+def test_keras_fit_still_drives_user_callbacks_and_compiled_metrics(data: TrainData) -> None:
+    model = built("keras")._model
+    keras = sys.modules[load_backend_class("keras").__module__].keras
+    batches: list[dict] = []
+    callback = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: batches.append(dict(logs)))
+    history = model.fit(data.x_train, data.y_train, batch_size=32, epochs=1, callbacks=[callback], verbose=0)
+    assert len(batches) == math.ceil(len(data.x_train) / 32)
+    assert set(batches[-1]) >= {"loss", "accuracy"}
+    assert history.history["accuracy"][0] == pytest.approx(batches[-1]["accuracy"])
