@@ -1,0 +1,702 @@
+"""Benchmark cnn-train against the lesson's CNN trained bare, on the same data, seed and epochs.
+
+    .venv/bin/python benchmarks/bench.py [--epochs 10] [--sample-limit N] [--test-limit N]
+        [--repeats R] [--skip-servers] [--markdown] [--json out.json]
+
+Runs, each in a fresh process: a plain PyTorch loop and a plain Keras ``fit`` (``bare.py``); the
+real ``cnn-train`` flow for the torch and keras backends, with MLflow logging (a temporary SQLite
+store) and reports; ``prepare_data`` with its cache emptied and then filled; and, unless
+``--skip-servers``, ``cnn-train up`` in a temporary root, with ``cnn-train/default`` triggered to
+time trigger -> first training step. An fp32 matmul measures the machine's peak in the same run.
+Prints one table and whether each target is met. Defaults (10 epochs, all 70,000 images) take
+about 25 minutes on 2 cores. Nothing touches the project's own MLflow store, cache or servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import flops
+from cnn_train.plugins.config import ModelConfig
+from probes import TRIGGER_SAMPLE_LIMIT, TRIGGER_TEST_LIMIT
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+BACKENDS = ("torch", "keras")
+SUBPROCESS_TIMEOUT = 1800.0
+EPOCH_TIMEOUT = 300.0
+#: More CPU than this taken by other processes makes the timings unrepresentative.
+BUSY_SHARE = 0.05
+
+
+class BenchError(RuntimeError):
+    """A measured process failed; the message carries the end of its output."""
+
+
+_STARTED = time.monotonic()
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.monotonic() - _STARTED:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every variant trains on: the same split, seed and number of epochs."""
+
+    epochs: int = 10
+    sample_limit: int | None = None
+    test_limit: int | None = None
+    repeats: int = 3
+    skip_servers: bool = False
+    seed: int = 42
+    validation_fraction: float = 0.1
+    data_dir: str | None = None
+    peak_size: int = 4096
+
+    def split_args(self) -> list[str]:
+        args = ["--seed", str(self.seed), "--validation-fraction", str(self.validation_fraction)]
+        if self.sample_limit is not None:
+            args += ["--sample-limit", str(self.sample_limit)]
+        if self.test_limit is not None:
+            args += ["--test-limit", str(self.test_limit)]
+        if self.data_dir is not None:
+            args += ["--data-dir", self.data_dir]
+        return args
+
+    @property
+    def is_target_configuration(self) -> bool:
+        """The issue's targets are stated for 10 epochs on all the data (batch 32 is fixed)."""
+        return self.epochs == 10 and self.sample_limit is None and self.test_limit is None
+
+    def describe(self) -> str:
+        images = "all 60,000 training images" if self.sample_limit is None else f"sample_limit={self.sample_limit}"
+        test = "all 10,000 test images" if self.test_limit is None else f"test_limit={self.test_limit}"
+        return (
+            f"{self.epochs} epoch(s), batch 32, Adam 1e-3, seed {self.seed}, {images} "
+            f"({self.validation_fraction:.0%} held out for validation), {test}, CPU"
+        )
+
+
+# --- results -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of training the model, and what it measured.
+
+    ``run_wall``: bare, the script's body (prepare data, build, train, test); cnn-train, the Prefect
+    flow run from start to end. ``train_seconds``: the epochs as the trainer timed them (cnn-train's
+    include the per-epoch validation pass that its ``fit`` does). ``train_only_seconds``: the
+    training phase of those epochs alone, which images/s is computed from.
+    """
+
+    name: str
+    process_wall: float
+    run_wall: float
+    train_seconds: float
+    train_only_seconds: float
+    images_trained: int
+    test_accuracy: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_trained / self.train_only_seconds
+
+    @property
+    def overhead(self) -> float:
+        """(run wall - training time) / training time."""
+        return (self.run_wall - self.train_seconds) / self.train_seconds
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """Everything one benchmark run measured; timings in seconds."""
+
+    peak: flops.Peak
+    train_flops_per_image: int
+    variants: dict[str, Variant]
+    prep_cold: list[float]
+    prep_cached: list[float]
+    trigger_to_first_step: dict[str, list[float]]
+    stack: dict[str, Any]
+    #: Share of the machine's CPU time used by other work while the variants trained.
+    foreign_cpu_share: float = 0.0
+
+
+def median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+# --- running measured processes ------------------------------------------------------------------
+
+
+def base_environment(work: Path, settings: Settings) -> dict[str, str]:
+    """A private MLflow store, state folder and Prefect home; no Prefect server configured, so the
+    flow starts a temporary one as ``cnn-train run`` does; telemetry off."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env |= {
+        "CNN_TRAIN_STATE_DIR": str(work / "state"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+        "PREFECT_HOME": str(work / "prefect"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "true",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
+    }
+    if settings.data_dir is not None:
+        env["CNN_TRAIN_DATA_DIR"] = settings.data_dir
+    return env
+
+
+@dataclass(frozen=True)
+class ProbeRun:
+    result: dict[str, Any]
+    launched_at: float
+    process_wall: float
+
+
+def run_script(
+    script: str, args: Sequence[str], *, env: dict[str, str], out: Path, timeout: float = SUBPROCESS_TIMEOUT
+) -> ProbeRun:
+    """Run ``benchmarks/<script>`` in a fresh interpreter; it writes its JSON result to ``out``."""
+    out.unlink(missing_ok=True)
+    command = [sys.executable, str(HERE / script), *args, "--out", str(out)]
+    launched_at = time.time()
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    process_wall = time.time() - launched_at
+    if completed.returncode != 0 or not out.is_file():
+        output = (completed.stdout + completed.stderr)[-4000:]
+        raise BenchError(f"{' '.join(command[1:])} failed (exit {completed.returncode}):\n{output}")
+    return ProbeRun(json.loads(out.read_text()), launched_at, process_wall)
+
+
+@dataclass(frozen=True)
+class OtherWork:
+    """How much CPU processes other than this benchmark and its children take: the machine's busy
+    time (``/proc/stat``, including time the hypervisor stole) minus our own (``getrusage``)."""
+
+    wall: float
+    machine_busy: float
+    ours: float
+
+    @staticmethod
+    def _machine_busy() -> float:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(
+            int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+        )
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _ours() -> float:
+        usages = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+        return sum(usage.ru_utime + usage.ru_stime for usage in usages)
+
+    @classmethod
+    def start(cls) -> OtherWork:
+        try:
+            return cls(time.monotonic(), cls._machine_busy(), cls._ours())
+        except (OSError, ValueError):
+            return cls(time.monotonic(), math.nan, math.nan)
+
+    def share(self) -> float:
+        """Other processes' share of all CPU time since :meth:`start` (NaN where /proc is missing)."""
+        try:
+            busy = self._machine_busy() - self.machine_busy
+        except (OSError, ValueError):
+            return math.nan
+        capacity = (time.monotonic() - self.wall) * (os.cpu_count() or 1)
+        return max(0.0, busy - (self._ours() - self.ours)) / capacity
+
+
+def _training_timeout(settings: Settings) -> float:
+    return SUBPROCESS_TIMEOUT + settings.epochs * EPOCH_TIMEOUT
+
+
+# --- the measurements ----------------------------------------------------------------------------
+
+
+def measure_prep(settings: Settings, env: dict[str, str], work: Path) -> tuple[list[float], list[float]]:
+    """``prepare_data`` in fresh processes: ``repeats`` times with its cache emptied, then cached."""
+    cache = work / "prep-cache"
+    args = ["prep", *settings.split_args(), "--cache-dir", str(cache)]
+    cold = []
+    for _ in range(settings.repeats):
+        shutil.rmtree(cache, ignore_errors=True)
+        cold.append(run_script("probes.py", args, env=env, out=work / "prep.json").result["seconds"])
+    cached = [
+        run_script("probes.py", args, env=env, out=work / "prep.json").result["seconds"]
+        for _ in range(settings.repeats)
+    ]
+    return cold, cached
+
+
+def run_bare(framework: str, settings: Settings, env: dict[str, str], work: Path) -> Variant:
+    run = run_script(
+        "bare.py",
+        [framework, "--epochs", str(settings.epochs), *settings.split_args()],
+        env=env,
+        out=work / f"bare-{framework}.json",
+        timeout=_training_timeout(settings),
+    )
+    result = run.result
+    train_seconds = sum(result["epoch_seconds"])
+    return Variant(
+        name=f"bare {'PyTorch loop' if framework == 'torch' else 'Keras fit'}",
+        process_wall=run.process_wall,
+        run_wall=result["run_wall_seconds"],
+        train_seconds=train_seconds,
+        train_only_seconds=train_seconds,
+        images_trained=result["train_images"] * result["epochs"],
+        test_accuracy=result["test_accuracy"],
+        details={"epoch_seconds": result["epoch_seconds"]},
+    )
+
+
+def run_flow(backend: str, settings: Settings, env: dict[str, str], work: Path) -> Variant:
+    run = run_script(
+        "probes.py",
+        ["flow", "--backend", backend, "--epochs", str(settings.epochs), *settings.split_args()],
+        env=env,
+        out=work / f"flow-{backend}.json",
+        timeout=_training_timeout(settings),
+    )
+    result = run.result
+    images = result["train_images"]
+    train_only = sum(images / rate for rate in result["images_per_second"])
+    return Variant(
+        name=f"cnn-train {backend}",
+        process_wall=run.process_wall,
+        run_wall=result["flow_end"] - result["flow_start"],
+        train_seconds=sum(result["epoch_seconds"]),
+        train_only_seconds=train_only,
+        images_trained=images * len(result["images_per_second"]),
+        test_accuracy=result["test_accuracy"],
+        details={
+            "epoch_seconds": result["epoch_seconds"],
+            "images_per_second": result["images_per_second"],
+            "task_seconds": result["task_seconds"],
+            "imports_seconds": result["imported_at"] - run.launched_at,
+            "launch_to_flow_start_seconds": result["flow_start"] - run.launched_at,
+            "after_flow_end_seconds": run.launched_at + run.process_wall - result["flow_end"],
+            "mlflow_run_wall_seconds": (result["mlflow_end"] or result["flow_end"]) - result["mlflow_start"],
+            "flow_run_id": result["flow_run_id"],
+            "mlflow_run_id": result["mlflow_run_id"],
+        },
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_stack(work: Path, env: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """``cnn-train up --no-trigger`` in a temporary project root, home and pair of ports; ``down`` after."""
+    root = work / "stack"
+    stack_env = {k: v for k, v in env.items() if k not in ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "CNN_TRAIN_STATE_DIR")}
+    stack_env |= {
+        "CNN_TRAIN_ROOT": str(root),
+        "HOME": str(root / "home"),  # the Prefect profile `up` writes stays in here
+        "CNN_TRAIN_PREFECT_PORT": str(_free_port()),
+        "CNN_TRAIN_MLFLOW_PORT": str(_free_port()),
+    }
+    started = time.time()
+    up = subprocess.run(
+        [str(BIN / "cnn-train"), "up", "--no-trigger"], env=stack_env, capture_output=True, text=True,
+        timeout=600, check=False,
+    )
+    up_seconds = time.time() - started
+    try:
+        if up.returncode != 0:
+            raise BenchError(f"cnn-train up failed (exit {up.returncode}):\n{(up.stdout + up.stderr)[-4000:]}")
+        yield {"env": stack_env, "up_seconds": up_seconds}
+    finally:
+        subprocess.run(
+            [str(BIN / "cnn-train"), "down"], env=stack_env, capture_output=True, text=True, timeout=300, check=False
+        )
+
+
+def measure_trigger(settings: Settings, env: dict[str, str], work: Path) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Trigger ``cnn-train/default`` ``repeats`` times per backend on a running stack, one run at a time."""
+    with running_stack(work, env) as stack:
+        stack_env = stack["env"]
+        mlflow_url = f"http://127.0.0.1:{stack_env['CNN_TRAIN_MLFLOW_PORT']}"
+        trigger_env = stack_env | {"PREFECT_API_URL": f"http://127.0.0.1:{stack_env['CNN_TRAIN_PREFECT_PORT']}/api"}
+        split = ["--seed", str(settings.seed), "--validation-fraction", str(settings.validation_fraction)]
+        # Warm the stack's data cache, as any earlier run would have: this times the trigger, not a parse.
+        warm = ["prep", *split, "--sample-limit", str(TRIGGER_SAMPLE_LIMIT), "--test-limit", str(TRIGGER_TEST_LIMIT)]
+        run_script("probes.py", warm, env=stack_env, out=work / "warm.json")
+        timings: dict[str, list[float]] = {backend: [] for backend in BACKENDS}
+        runs = []
+        for _ in range(settings.repeats):
+            for backend in BACKENDS:
+                log(f"trigger cnn-train/default with backend={backend}")
+                result = run_script(
+                    "probes.py",
+                    ["trigger", "--backend", backend, "--mlflow-url", mlflow_url],
+                    env=trigger_env,
+                    out=work / "trigger.json",
+                ).result
+                timings[backend].append(result["trigger_to_first_step"])
+                runs.append({"backend": backend, **result})
+    return timings, {"up_seconds": stack["up_seconds"], "triggers": runs}
+
+
+def measure(settings: Settings, work: Path) -> Measurements:
+    env = base_environment(work, settings)
+    others = OtherWork.start()
+    flops.check_reference_model()
+    train_flops = flops.training_flops(ModelConfig())
+
+    log("creating the temporary MLflow store and Prefect database")
+    run_script("probes.py", ["init"], env=env, out=work / "init.json")
+    log(f"fp32 peak: {settings.peak_size}x{settings.peak_size} matmul")
+    peak_before = flops.matmul_peak(settings.peak_size)
+    log("data prep, cold and cached")
+    prep_cold, prep_cached = measure_prep(settings, env, work)
+    run_script("probes.py", ["prep", *settings.split_args()], env=env, out=work / "warm.json")
+
+    variants = {}
+    for framework in BACKENDS:
+        log(f"bare {framework}")
+        variants[f"bare-{framework}"] = run_bare(framework, settings, env, work)
+    for backend in BACKENDS:
+        log(f"cnn-train flow, backend {backend}")
+        variants[f"cnn-train-{backend}"] = run_flow(backend, settings, env, work)
+
+    foreign_cpu_share = others.share()
+
+    triggers: dict[str, list[float]] = {backend: [] for backend in BACKENDS}
+    stack: dict[str, Any] = {}
+    if not settings.skip_servers:
+        log("cnn-train up, then trigger -> first training step")
+        triggers, stack = measure_trigger(settings, env, work)
+
+    log("fp32 peak again")
+    peak_after = flops.matmul_peak(settings.peak_size)
+    peak = max(peak_before, peak_after, key=lambda p: p.gflops)
+    return Measurements(
+        peak, train_flops, variants, prep_cold, prep_cached, triggers, stack, foreign_cpu_share
+    )
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+COLUMNS = (
+    "variant",
+    "process wall s",
+    "run wall s",
+    "train s",
+    "train img/s",
+    "overhead",
+    "prep cold s",
+    "prep cached s",
+    "trigger→1st step s",
+    "test acc",
+    "fp32 peak",
+)
+
+LEGEND = (
+    "process wall: launch to exit of a fresh process (imports; cnn-train also starts a temporary Prefect server)",
+    "run wall: bare, the script body (prepare data, build, train, test); cnn-train, the Prefect flow run, start to end",
+    "train: sum of the epochs as the trainer timed them (cnn-train's include its per-epoch validation pass)",
+    "train img/s: training images x epochs / seconds of the training phase (validation excluded)",
+    "overhead: (run wall - train) / train; for cnn-train this is the orchestration overhead",
+    "prep: prepare_data in a fresh process, cache emptied (cold) and filled (cached); median of the repeats",
+    "trigger→1st step: run_deployment(cnn-train/default) to the first epoch's start, servers up; median",
+    "fp32 peak: train img/s x training FLOPs per image / the best fp32 matmul rate measured in this run",
+)
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "—" if value is None else format(value, pattern)
+
+
+def table_rows(m: Measurements) -> list[list[str]]:
+    peak_flops = m.peak.gflops * 1e9
+    rows = []
+    for key, variant in m.variants.items():
+        is_flow = key.startswith("cnn-train")
+        backend = key.rsplit("-", 1)[1]
+        rows.append([
+            variant.name,
+            _fmt(variant.process_wall, ".1f"),
+            _fmt(variant.run_wall, ".1f"),
+            _fmt(variant.train_seconds, ".1f"),
+            _fmt(variant.images_per_second, ".0f"),
+            _fmt(variant.overhead, ".1%"),
+            _fmt(median(m.prep_cold) if is_flow else None, ".2f"),
+            _fmt(median(m.prep_cached) if is_flow else None, ".2f"),
+            _fmt(median(m.trigger_to_first_step[backend]) if is_flow else None, ".1f"),
+            _fmt(variant.test_accuracy, ".2%"),
+            _fmt(variant.images_per_second * m.train_flops_per_image / peak_flops, ".1%"),
+        ])
+    return rows
+
+
+def breakdown_lines(m: Measurements) -> list[str]:
+    """Where each cnn-train run's time went outside the epochs: what the overhead is made of."""
+    lines = []
+    for key, variant in m.variants.items():
+        details = variant.details
+        if "task_seconds" not in details:
+            continue
+        tasks = details["task_seconds"]
+        train_task_rest = tasks.get("train", 0.0) - variant.train_seconds
+        other = variant.run_wall - variant.train_seconds - train_task_rest - sum(
+            seconds for task, seconds in tasks.items() if task != "train"
+        )
+        lines.append(
+            f"{variant.name}: flow run {variant.run_wall:.1f} s = epochs {variant.train_seconds:.1f}"
+            f" + train task outside the epochs {train_task_rest:.1f} (build, checkpoints, model logging)"
+            f" + prep {tasks.get('prep', 0.0):.1f} + evaluate {tasks.get('evaluate', 0.0):.1f}"
+            f" + report {tasks.get('report', 0.0):.1f} + the rest {other:.1f} (flow start, parameter checks that"
+            f" import the backend, MLflow run start, task scheduling); the process also spent {details['launch_to_flow_start_seconds']:.1f} s before the flow"
+            f" run started (imports {details['imports_seconds']:.1f} s, temporary Prefect server) and"
+            f" {details['after_flow_end_seconds']:.1f} s after it ended"
+        )
+    return lines
+
+
+@dataclass(frozen=True)
+class Target:
+    what: str
+    goal: str
+    measured: str
+    met: bool | None
+
+
+def _ratio_target(what: str, goal: str, value: float | None, limit: float, *, at_most: bool, pattern: str) -> Target:
+    if value is None:
+        return Target(what, goal, "not measured", None)
+    met = value <= limit if at_most else value >= limit
+    return Target(what, goal, format(value, pattern), met)
+
+
+def targets(m: Measurements) -> list[Target]:
+    v = m.variants
+    torch_rate = v["cnn-train-torch"].images_per_second
+    found = [
+        _ratio_target(
+            f"orchestration overhead, {backend}", "<= 3% of training", v[f"cnn-train-{backend}"].overhead, 0.03,
+            at_most=True, pattern=".1%",
+        )
+        for backend in BACKENDS
+    ]
+    found += [
+        _ratio_target(
+            "torch backend img/s / bare PyTorch loop", ">= 0.97x", torch_rate / v["bare-torch"].images_per_second,
+            0.97, at_most=False, pattern=".3f",
+        ),
+        _ratio_target(
+            "keras backend img/s / torch backend", ">= 0.8x", v["cnn-train-keras"].images_per_second / torch_rate,
+            0.8, at_most=False, pattern=".3f",
+        ),
+        _ratio_target("data prep, cold", "<= 2 s", median(m.prep_cold), 2.0, at_most=True, pattern=".2f"),
+        _ratio_target("data prep, cached", "<= 0.3 s", median(m.prep_cached), 0.3, at_most=True, pattern=".2f"),
+    ]
+    found += [
+        _ratio_target(
+            f"trigger to first training step, {backend}", "<= 10 s", median(m.trigger_to_first_step[backend]),
+            10.0, at_most=True, pattern=".1f",
+        )
+        for backend in BACKENDS
+    ]
+    found += [
+        _ratio_target(
+            f"test accuracy, {backend}", ">= 91.5%", v[f"cnn-train-{backend}"].test_accuracy, 0.915,
+            at_most=False, pattern=".2%",
+        )
+        for backend in BACKENDS
+    ]
+    return found
+
+
+def target_rows(found: list[Target]) -> list[list[str]]:
+    verdict = {True: "met", False: "MISSED", None: "—"}
+    return [[t.what, t.goal, t.measured, verdict[t.met]] for t in found]
+
+
+def render_text(header: Sequence[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+             for line in [list(header), *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_markdown(header: Sequence[str], rows: list[list[str]]) -> str:
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    return "\n".join("| " + " | ".join(line) + " |" for line in [list(header), align, *rows])
+
+
+# --- the machine ---------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _ram_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "ram_gib": _ram_gib(),
+        "python": platform.python_version(),
+        **{name: _package_version(name) for name in ("torch", "keras", "prefect", "mlflow")},
+    }
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def report(settings: Settings, m: Measurements, command: str, *, markdown: bool) -> str:
+    render: Callable[[Sequence[str], list[list[str]]], str] = render_markdown if markdown else render_text
+    info = machine()
+    ram = f"{info['ram_gib']:.0f} GiB RAM" if info["ram_gib"] else "RAM unknown"
+    lines = [
+        f"machine: {info['cpu']}, {info['cpus']} CPUs, {ram}; Python {info['python']}, torch {info['torch']}, "
+        f"keras {info['keras']}, prefect {info['prefect']}, mlflow {info['mlflow']}",
+        f"command: {command}",
+        f"configuration: {settings.describe()}",
+        f"fp32 peak: {m.peak.gflops:.0f} GFLOP/s ({m.peak.size}x{m.peak.size} matmul, {m.peak.threads} threads); "
+        f"training cost: {m.train_flops_per_image / 1e6:.2f} MFLOP per image "
+        f"({flops.forward_flops(ModelConfig()) / 1e6:.2f} forward x {flops.TRAINING_STEP_FACTOR})",
+        f"other work on this machine while the variants trained: {m.foreign_cpu_share:.0%} of its CPU time",
+        "",
+        render(COLUMNS, table_rows(m)),
+        "",
+        *(f"- {line}" if markdown else f"  {line}" for line in LEGEND),
+        "",
+        *(f"- {line}" if markdown else line for line in breakdown_lines(m)),
+        "",
+    ]
+    if m.foreign_cpu_share > BUSY_SHARE:
+        lines += [
+            f"WARNING: other processes used {m.foreign_cpu_share:.0%} of the CPU while the variants trained; "
+            "work on the same cores slows multi-threaded training many times over, so these timings are "
+            "not representative: rerun on an idle machine",
+            "",
+        ]
+    if not settings.is_target_configuration:
+        lines += [
+            "targets are stated for the default configuration (10 epochs, all the data); this run is not it, "
+            "so the verdicts below only show the tool works",
+            "",
+        ]
+    lines.append(render(("target", "goal", "measured", "verdict"), target_rows(targets(m))))
+    if markdown:
+        # Line breaks inside a paragraph collapse in markdown; keep the header lines apart.
+        lines[:5] = [f"{line}  " for line in lines[:5]]
+    return "\n".join(lines)
+
+
+def raw_numbers(settings: Settings, m: Measurements) -> dict[str, Any]:
+    return {
+        "settings": asdict(settings),
+        "machine": machine(),
+        "peak": asdict(m.peak),
+        "train_flops_per_image": m.train_flops_per_image,
+        "variants": {
+            key: asdict(v) | {"images_per_second": v.images_per_second, "overhead": v.overhead}
+            for key, v in m.variants.items()
+        },
+        "prep_cold_seconds": m.prep_cold,
+        "prep_cached_seconds": m.prep_cached,
+        "trigger_to_first_step_seconds": m.trigger_to_first_step,
+        "stack": m.stack,
+        "foreign_cpu_share": m.foreign_cpu_share,
+        "targets": [asdict(t) for t in targets(m)],
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=10, help="epochs for every variant (default 10)")
+    parser.add_argument("--sample-limit", type=int, default=None, help="training + validation images (default all 60,000)")
+    parser.add_argument("--test-limit", type=int, default=None, help="test images (default all 10,000)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of data prep and of each trigger (default 3)")
+    parser.add_argument("--skip-servers", action="store_true", help="do not start the stack; no trigger timing")
+    parser.add_argument("--data-dir", default=None, help="folder with the four Fashion-MNIST .gz files")
+    parser.add_argument("--peak-size", type=int, default=4096, help="side of the matmul that measures the peak")
+    parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
+    args = parser.parse_args(argv)
+    if args.epochs < 1 or args.repeats < 1:
+        parser.error("--epochs and --repeats must be at least 1")
+    settings = Settings(
+        epochs=args.epochs,
+        sample_limit=args.sample_limit,
+        test_limit=args.test_limit,
+        repeats=args.repeats,
+        skip_servers=args.skip_servers,
+        data_dir=args.data_dir,
+        peak_size=args.peak_size,
+    )
+    return settings, args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings, args = parse_args(argv)
+    command = " ".join([".venv/bin/python", "benchmarks/bench.py", *(sys.argv[1:] if argv is None else argv)])
+    work = Path(tempfile.mkdtemp(prefix="cnn-train-bench-"))
+    try:
+        measurements = measure(settings, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(report(settings, measurements, command, markdown=args.markdown))
+    if args.json is not None:
+        args.json.write_text(json.dumps(raw_numbers(settings, measurements), indent=2))
+
+
+if __name__ == "__main__":
+    main()

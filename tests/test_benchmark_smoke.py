@@ -1,0 +1,101 @@
+"""The benchmark at a tiny size, so it cannot rot: every variant runs for real and the table prints.
+
+No timing is asserted: CI machines are too noisy for that. The full run is in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROWS = ("bare PyTorch loop", "bare Keras fit", "cnn-train torch", "cnn-train keras")
+VARIANT_KEYS = ("bare-torch", "bare-keras", "cnn-train-torch", "cnn-train-keras")
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``benchmarks/bench.py`` imported as a module, as its script directory would import it."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("bench")
+
+
+def test_reference_model_costs_8_48_mflop_forward(bench: ModuleType) -> None:
+    from cnn_train.plugins.config import ModelConfig
+
+    assert bench.flops.forward_flops(ModelConfig()) == 8_482_304
+    assert bench.flops.training_flops(ModelConfig()) == 3 * 8_482_304
+    assert bench.flops.forward_flops(ModelConfig(architecture="dense")) == 2 * (784 * 128 + 128 * 10)
+
+
+def _variant(bench: ModuleType, name: str, *, run_wall: float, train: float, rate: float) -> object:
+    return bench.Variant(name, run_wall + 5, run_wall, train, train, int(rate * train), 0.92)
+
+
+def test_targets_compare_the_right_numbers(bench: ModuleType) -> None:
+    measurements = bench.Measurements(
+        peak=bench.flops.Peak(gflops=200.0, size=4096, threads=2, seconds=(0.7,)),
+        train_flops_per_image=25_446_912,
+        variants={
+            "bare-torch": _variant(bench, "bare PyTorch loop", run_wall=110, train=100, rate=1000),
+            "bare-keras": _variant(bench, "bare Keras fit", run_wall=110, train=100, rate=500),
+            "cnn-train-torch": _variant(bench, "cnn-train torch", run_wall=102, train=100, rate=980),
+            "cnn-train-keras": _variant(bench, "cnn-train keras", run_wall=105, train=100, rate=700),
+        },
+        prep_cold=[1.5, 2.5, 1.9],
+        prep_cached=[0.2],
+        trigger_to_first_step={"torch": [8.0], "keras": []},
+        stack={},
+    )
+    verdicts = {t.what: (t.measured, t.met) for t in bench.targets(measurements)}
+    assert verdicts["orchestration overhead, torch"] == ("2.0%", True)
+    assert verdicts["orchestration overhead, keras"] == ("5.0%", False)
+    assert verdicts["torch backend img/s / bare PyTorch loop"] == ("0.980", True)
+    assert verdicts["keras backend img/s / torch backend"] == ("0.714", False)
+    assert verdicts["data prep, cold"] == ("1.90", True)
+    assert verdicts["trigger to first training step, torch"] == ("8.0", True)
+    assert verdicts["trigger to first training step, keras"] == ("not measured", None)
+    rows = {row[0]: row for row in bench.table_rows(measurements)}
+    # 980 img/s x 25.4 MFLOP = 24.9 GFLOP/s of a 200 GFLOP/s peak.
+    assert rows["cnn-train torch"][-1] == "12.5%"
+    assert rows["bare PyTorch loop"][6] == "—"
+    markdown = bench.render_markdown(bench.COLUMNS, bench.table_rows(measurements))
+    assert markdown.splitlines()[0] == "| " + " | ".join(bench.COLUMNS) + " |"
+    assert len(markdown.splitlines()) == 2 + len(ROWS)
+
+
+def test_benchmark_runs_every_variant_at_tiny_size(tmp_path: Path, real_fashion_mnist_dir: Path) -> None:
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable, str(BENCHMARKS / "bench.py"),
+        "--epochs", "1", "--sample-limit", "400", "--test-limit", "200", "--repeats", "1",
+        "--skip-servers", "--peak-size", "1024", "--data-dir", str(real_fashion_mnist_dir), "--json", str(out),
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    lines = run.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("variant"))
+    for column in ("process wall s", "run wall s", "train s", "train img/s", "overhead", "prep cold s",
+                   "prep cached s", "trigger→1st step s", "test acc", "fp32 peak"):
+        assert column in header
+    for row in ROWS:
+        assert any(line.startswith(row) for line in lines), f"no row {row!r} in:\n{run.stdout}"
+    assert "configuration: 1 epoch(s)" in run.stdout
+    assert "trigger to first training step, torch" in run.stdout
+
+    raw = json.loads(out.read_text())
+    assert set(raw["variants"]) == set(VARIANT_KEYS)
+    for key in VARIANT_KEYS:
+        variant = raw["variants"][key]
+        assert variant["images_trained"] == 360  # 400 images, 10% held out, one epoch
+        assert 0.0 <= variant["test_accuracy"] <= 1.0
+    assert set(raw["variants"]["cnn-train-torch"]["details"]["task_seconds"]) == {"prep", "train", "evaluate", "report"}
+    assert len(raw["prep_cold_seconds"]) == len(raw["prep_cached_seconds"]) == 1
+    assert raw["trigger_to_first_step_seconds"] == {"torch": [], "keras": []}
