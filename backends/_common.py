@@ -14,7 +14,7 @@ INFERENCE_BATCH = 256
 
 NOT_BUILT = "no model yet: call build() (or load()) first"
 
-#: Every architecture ModelConfig knows; both built-in backends build them all.
+#: The lessons' two networks; both built-in backends build them (torch also builds the recipe's).
 ARCHITECTURES: tuple[str, ...] = ("cnn", "dense")
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")

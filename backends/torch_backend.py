@@ -4,15 +4,21 @@ The whole training set lives on the device as one tensor; each epoch is a seeded
 slices of it, with no DataLoader. Weights are kept in channels-last memory format, the layout of
 the contract's NHWC arrays, so turning an NHWC batch into the NCHW shape PyTorch's API expects is
 a free ``permute`` view rather than a copy per batch.
+
+Besides the lessons' networks it builds the opt-in ``cnn-improved`` recipe (batch norm, dropout) and
+trains with a one-cycle learning rate, light augmentation, label smoothing and bfloat16 autocast
+when the TrainConfig asks. Everything random in an epoch (shuffle, augmentation, dropout) is seeded by the run seed and
+the epoch alone, so resuming after epoch k replays epoch k + 1 exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -34,7 +40,7 @@ from cnn_train.backends._common import (
     pinned,
     unusable_device,
 )
-from cnn_train.plugins.config import ModelConfig, TrainConfig
+from cnn_train.plugins.config import AUGMENT_MAX_SHIFT, IMPROVED_ARCHITECTURE, ModelConfig, TrainConfig
 from cnn_train.plugins.contract import (
     EpochCallback,
     EpochMetrics,
@@ -54,9 +60,10 @@ CHECKPOINT_FILE = "checkpoint.pt"
 class Network(nn.Module):
     """The ModelConfig network, taking NCHW images and returning logits.
 
-    ``features`` holds one named stage per feature map (``conv1`` is padding, convolution and ReLU,
-    ``pool1`` the max pool after it). The last map is flattened in (height, width, channels) order, as a
-    channels-last Keras model flattens, so both backends' dense weights mean the same thing.
+    ``features`` holds one named stage per feature map (``conv1`` is padding, convolution, batch norm
+    when the config asks, and ReLU; ``pool1`` the max pool after it). The last map is flattened in
+    (height, width, channels) order, as a channels-last Keras model flattens, so both backends' dense
+    weights mean the same thing.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -74,7 +81,16 @@ class Network(nn.Module):
                     padding = before
                 else:
                     layers["pad"] = nn.ZeroPad2d((before, after, before, after))
-            layers["conv"] = nn.Conv2d(channels, block.filters, block.kernel_size, stride=block.stride, padding=padding)
+            layers["conv"] = nn.Conv2d(
+                channels,
+                block.filters,
+                block.kernel_size,
+                stride=block.stride,
+                padding=padding,
+                bias=not config.batch_norm,
+            )
+            if config.batch_norm:
+                layers["norm"] = nn.BatchNorm2d(block.filters)
             layers["relu"] = nn.ReLU()
             stages[f"conv{index}"] = nn.Sequential(layers)
             if block.pool_size:
@@ -82,12 +98,13 @@ class Network(nn.Module):
             channels = block.filters
         self.features = nn.Sequential(stages)
         self.hidden = nn.Linear(config.flat_features(), config.dense_units)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.logits = nn.Linear(config.dense_units, config.num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         maps = self.features(images)
         flat = maps.permute(0, 2, 3, 1).flatten(1)
-        return self.logits(F.relu(self.hidden(flat)))
+        return self.logits(self.dropout(F.relu(self.hidden(flat))))
 
 
 class ProbabilityModel(nn.Module):
@@ -105,7 +122,7 @@ class TorchBackend:
     """Trains the ModelConfig network with PyTorch on the device it is given."""
 
     mlflow_flavor: ClassVar[str] = "pytorch"
-    architectures: ClassVar[tuple[str, ...]] = ARCHITECTURES
+    architectures: ClassVar[tuple[str, ...]] = (*ARCHITECTURES, IMPROVED_ARCHITECTURE)
 
     def __init__(self) -> None:
         self._config: ModelConfig | None = None
@@ -150,25 +167,40 @@ class TorchBackend:
         x_train, y_train = self._tensors(data.x_train, data.y_train)
         x_val, y_val = self._tensors(data.x_val, data.y_val)
         count = x_train.shape[0]
+        steps_per_epoch = -(-count // config.batch_size)
+        total_steps = config.epochs * steps_per_epoch
+        bfloat16 = config.precision == "bfloat16"
         epochs = []
         for epoch in range(initial_epoch + 1, config.epochs + 1):
             started = time.perf_counter()
             network.train()
             shuffle = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
             order = torch.randperm(count, generator=shuffle).to(self._device)
+            shifts, flips = _augmentation_draws(count, shuffle, self._device) if config.augment else (None, None)
+            step = (epoch - 1) * steps_per_epoch
             loss_sum = torch.zeros((), device=self._device)
             correct = torch.zeros((), dtype=torch.int64, device=self._device)
-            for start in range(0, count, config.batch_size):
-                batch = order[start : start + config.batch_size]
-                labels = y_train[batch]
-                optimizer.zero_grad(set_to_none=True)
-                logits = network(x_train[batch].permute(0, 3, 1, 2))
-                loss = F.cross_entropy(logits, labels)
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    loss_sum += loss * labels.shape[0]
-                    correct += (logits.argmax(dim=1) == labels).sum()
+            with self._seeded_dropout(epoch_seed(config.seed, epoch)):
+                for start in range(0, count, config.batch_size):
+                    batch = order[start : start + config.batch_size]
+                    labels = y_train[batch]
+                    images = x_train[batch]
+                    if shifts is not None and flips is not None:
+                        end = start + config.batch_size
+                        images = _shift_and_flip(images, shifts[start:end], flips[start:end])
+                    if config.lr_schedule != "constant":
+                        for group in optimizer.param_groups:
+                            group["lr"] = config.learning_rate_at(step, total_steps)
+                    optimizer.zero_grad(set_to_none=True)
+                    with torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=bfloat16):
+                        logits = network(images.permute(0, 3, 1, 2))
+                        loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+                    loss.backward()
+                    optimizer.step()
+                    step += 1
+                    with torch.no_grad():
+                        loss_sum += loss * labels.shape[0]
+                        correct += (logits.argmax(dim=1) == labels).sum()
             loss_mean, accuracy = loss_sum.item() / count, correct.item() / count
             train_seconds = time.perf_counter() - started
 
@@ -250,6 +282,14 @@ class TorchBackend:
         logged = ProbabilityModel(copy.deepcopy(network).to("cpu", memory_format=torch.contiguous_format))
         return LoggableModel(flavor=self.mlflow_flavor, model=logged.eval(), pip_requirements=pinned("torch"))
 
+    @contextlib.contextmanager
+    def _seeded_dropout(self, seed: int) -> Iterator[None]:
+        """Draw this epoch's dropout masks from ``seed``, leaving the caller's global generator as it was."""
+        devices = [self._device] if self._device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
     def _built(self) -> tuple[Network, torch.optim.Adam]:
         if self._network is None or self._optimizer is None:
             raise RuntimeError(NOT_BUILT)
@@ -274,3 +314,24 @@ class TorchBackend:
                 correct += (logits.argmax(dim=1) == batch_labels).sum()
         count = images.shape[0]
         return Evaluation(loss=loss_sum.item() / count, accuracy=correct.item() / count)
+
+
+def _augmentation_draws(
+    count: int, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image of an epoch: a (row, column) shift in ``[-AUGMENT_MAX_SHIFT, AUGMENT_MAX_SHIFT]`` and whether to
+    mirror it. Drawn on the CPU from the epoch's generator, so every device sees the same epoch."""
+    shifts = torch.randint(-AUGMENT_MAX_SHIFT, AUGMENT_MAX_SHIFT + 1, (count, 2), generator=generator)
+    flips = torch.rand(count, generator=generator) < 0.5
+    return shifts.to(device), flips.to(device)
+
+
+def _shift_and_flip(images: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """NHWC ``images`` shifted (zero fill) and mirrored per image, as one gather from a zero-padded copy."""
+    n, height, width, _ = images.shape
+    margin = AUGMENT_MAX_SHIFT
+    padded = F.pad(images, (0, 0, margin, margin, margin, margin))
+    rows = torch.arange(height, device=images.device) + margin - shifts[:, :1]
+    columns = torch.arange(width, device=images.device) + margin - shifts[:, 1:]
+    columns = torch.where(flips[:, None], columns.flip(1), columns)
+    return padded[torch.arange(n, device=images.device)[:, None, None], rows[:, :, None], columns[:, None, :]]

@@ -1,0 +1,135 @@
+"""Measure the improved recipe against the lesson's CNN: seconds per epoch and test accuracy.
+
+    .venv/bin/python benchmarks/bench_recipe.py [VARIANT ...] [--epochs N] [--sample-limit N]
+        [--test-limit N] [--threads N] [--json out.json]
+
+Each variant trains with the torch backend on the flow's split (``prepare_data``: full data,
+validation share 0.1, seed 42 unless told otherwise) and is then evaluated on the test set. Prints
+every epoch's time and validation accuracy, then one line per variant: training seconds (what the
+flow's training step spends, validation included), test accuracy and the time as a share of the
+lesson's ``lesson`` run when it ran in the same call. With no VARIANT, runs ``lesson`` and
+``recipe`` (the ``cnn-improved`` preset with its training defaults, as the flow runs it).
+
+On a shared machine, two OpenMP threads fighting other processes for two cores can run ten times
+slower than one thread; ``--threads 1`` gives stable (if not fastest) timings for screening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cnn_train.flows.data import prepare_data
+from cnn_train.plugins.config import (
+    IMPROVED_ARCHITECTURE,
+    ConvBlock,
+    ModelConfig,
+    TrainConfig,
+    recipe_training_defaults,
+)
+from cnn_train.plugins.contract import EpochMetrics
+
+
+def _recipe() -> tuple[ModelConfig, TrainConfig]:
+    """The cnn-improved preset with its training defaults, as the flow runs it."""
+    training = TrainConfig(**recipe_training_defaults(IMPROVED_ARCHITECTURE))
+    return ModelConfig.preset(IMPROVED_ARCHITECTURE), training
+
+
+def _improved(*filters: int, pools: tuple[int, ...] | None = None) -> ModelConfig:
+    """A cnn-improved network with batch norm and dropout 0.3 on the given 3x3 convolutions."""
+    pools = pools or (2,) * len(filters)
+    blocks = tuple(ConvBlock(filters=f, pool_size=p) for f, p in zip(filters, pools, strict=True))
+    return ModelConfig(architecture=IMPROVED_ARCHITECTURE, conv_blocks=blocks, batch_norm=True, dropout=0.3)
+
+
+_ONECYCLE_B128: dict[str, Any] = {"epochs": 10, "batch_size": 128, "learning_rate": 3e-3, "lr_schedule": "onecycle"}
+
+#: Name -> (network, training). ``lesson`` is the default run the recipe's time budget comes from; the
+#: others are what was measured on the way to the recipe (results in plugins/config.py).
+VARIANTS: dict[str, Callable[[], tuple[ModelConfig, TrainConfig]]] = {
+    "lesson": lambda: (ModelConfig(), TrainConfig()),
+    "recipe": _recipe,
+    "bn-dropout-onecycle-b128": lambda: (_improved(32, 64), TrainConfig(**_ONECYCLE_B128)),
+    "bn-dropout-onecycle-aug-b128": lambda: (_improved(32, 64), TrainConfig(**_ONECYCLE_B128, augment=True)),
+    "conv3-bf16-smooth-b128": lambda: (
+        _improved(32, 64, 128),
+        TrainConfig(**_ONECYCLE_B128, label_smoothing=0.1, precision="bfloat16"),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    name: str
+    parameters: int
+    epochs: tuple[EpochMetrics, ...]
+    test_accuracy: float
+
+    @property
+    def train_seconds(self) -> float:
+        return sum(epoch.seconds for epoch in self.epochs)
+
+
+def run_variant(name: str, data: Any, *, epochs: int | None, threads: int | None) -> VariantResult:
+    import torch
+
+    from cnn_train.backends.torch_backend import TorchBackend
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model, train = VARIANTS[name]()
+    if epochs is not None:
+        train = TrainConfig(**{**train.model_dump(), "epochs": epochs})
+    print(f"== {name}: {model.model_dump(exclude_defaults=True)} {train.model_dump(exclude_defaults=True)}", flush=True)
+    backend = TorchBackend()
+    backend.build(model, device="cpu", seed=train.seed)
+
+    def report(metrics: EpochMetrics) -> None:
+        print(
+            f"   epoch {metrics.epoch:2d}: {metrics.seconds:6.1f} s  loss {metrics.loss:.4f}  "
+            f"val_acc {metrics.val_accuracy:.4f}  {metrics.images_per_second:,.0f} img/s",
+            flush=True,
+        )
+
+    history = backend.train(data.train_data(), train, on_epoch=report)
+    test = backend.evaluate(data.x_test, data.y_test)
+    return VariantResult(name, backend.parameter_count(), history.epochs, test.accuracy)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("variants", nargs="*", metavar="VARIANT", help=f"Any of: {', '.join(VARIANTS)}.")
+    parser.add_argument("--epochs", type=int, help="Override every variant's epochs (screening).")
+    parser.add_argument("--sample-limit", type=int, help="Train + validation images (default: all 60,000).")
+    parser.add_argument("--test-limit", type=int, help="Test images (default: all 10,000).")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads before training.")
+    parser.add_argument("--json", type=Path, help="Also write the results here.")
+    args = parser.parse_args()
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    args.variants = args.variants or ["lesson", "recipe"]
+
+    data = prepare_data(validation_fraction=0.1, seed=42, sample_limit=args.sample_limit, test_limit=args.test_limit)
+    print(f"data: {data.summary()}", flush=True)
+    results = [run_variant(name, data, epochs=args.epochs, threads=args.threads) for name in args.variants]
+
+    budget = next((r.train_seconds for r in results if r.name == "lesson"), None)
+    print(f"\n{'variant':40s} {'params':>8s} {'s/epoch':>8s} {'train s':>8s} {'test acc':>9s} {'time/lesson':>12s}")
+    for result in results:
+        share = f"{result.train_seconds / budget:12.2f}" if budget else f"{'-':>12s}"
+        print(
+            f"{result.name:40s} {result.parameters:8,d} {result.train_seconds / len(result.epochs):8.1f} "
+            f"{result.train_seconds:8.1f} {result.test_accuracy:9.4f} {share}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps([{**asdict(r), "train_seconds": r.train_seconds} for r in results], indent=1))
+
+
+if __name__ == "__main__":
+    main()
