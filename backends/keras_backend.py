@@ -45,6 +45,7 @@ from cnn_train.plugins.contract import (
     TrainHistory,
     check_images,
     check_labels,
+    check_plain_training,
 )
 
 logger = logging.getLogger(__name__)
@@ -322,6 +323,7 @@ class KerasBackend:
         model = self._built()
         check_train_data(data, self._config)
         check_initial_epoch(initial_epoch)
+        check_plain_training(config, "keras")
         model.optimizer.learning_rate.assign(config.learning_rate)
         reporter = EpochReporter(seed=config.seed, train_images=data.x_train.shape[0], on_epoch=on_epoch)
         with keras.device(self._device):

@@ -197,6 +197,32 @@ def check_cpu_determinism(subject: Subject) -> None:
     np.testing.assert_array_equal(first.predict_proba(x), second.predict_proba(x), err_msg="same seed, different predictions")
 
 
+#: One non-lesson value per TrainConfig option, each of which changes the first epoch's loss when honoured.
+_TRAINING_OPTIONS: dict[str, object] = {
+    "lr_schedule": "onecycle",
+    "augment": True,
+    "label_smoothing": 0.1,
+    "precision": "bfloat16",
+}
+
+
+def check_training_options(subject: Subject) -> None:
+    """Each training option beyond the lesson's is honoured (the loss changes) or refused with a ValueError."""
+    _, plain = _trained(subject)
+    for name, value in _TRAINING_OPTIONS.items():
+        backend = _built(subject)
+        seen: list[EpochMetrics] = []
+        try:
+            backend.train(_train_data(), _SMOKE.model_copy(update={name: value}), on_epoch=seen.append)
+        except ValueError as error:
+            assert name in str(error), f"{name}={value!r} refused, but the message does not name it: {error}"
+            continue
+        assert seen and seen[0].loss != plain[0].loss, (
+            f"{name}={value!r} trained exactly as the lesson's plain training does: the option was ignored; "
+            "implement it or refuse it (cnn_train.plugins.contract.check_plain_training)"
+        )
+
+
 def _expect_input_error(action: Callable[[], Any], what: str, words: tuple[str, ...]) -> None:
     try:
         action()
@@ -335,6 +361,7 @@ CHECKS: tuple[Check, ...] = tuple(
         check_predict_proba,
         check_save_load_round_trip,
         check_cpu_determinism,
+        check_training_options,
         check_rejects_wrong_image_shape,
         check_rejects_empty_data,
         check_rejects_labels_out_of_range,

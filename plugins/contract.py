@@ -189,3 +189,18 @@ def check_labels(y: np.ndarray, n: int, num_classes: int, *, what: str = "labels
         raise BackendInputError(
             f"{what} must lie in [0, {num_classes - 1}], got values from {int(y.min())} to {int(y.max())}"
         )
+
+
+#: TrainConfig options beyond the lesson's plain training (constant rate, no augmentation, no label smoothing,
+#: float32). A backend that does not implement them calls :func:`check_plain_training`.
+PLAIN_TRAINING: tuple[str, ...] = ("lr_schedule", "augment", "label_smoothing", "precision")
+
+
+def check_plain_training(config: TrainConfig, backend: str) -> None:
+    """Refuse training options ``backend`` does not implement, rather than train otherwise than the run records."""
+    plain = TrainConfig()
+    asked = {name: value for name in PLAIN_TRAINING if (value := getattr(config, name)) != getattr(plain, name)}
+    if asked:
+        wanted = ", ".join(f"{name}={value!r}" for name, value in asked.items())
+        allowed = ", ".join(f"{name}={getattr(plain, name)!r}" for name in PLAIN_TRAINING)
+        raise BackendInputError(f"the {backend} backend trains only as the lesson does ({allowed}); got {wanted}")

@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from cnn_train.plugins import conformance
+from cnn_train.backends.torch_backend import TorchBackend
+from cnn_train.plugins import conformance, registry
+from cnn_train.plugins.config import ModelConfig, TrainConfig
+from cnn_train.plugins.contract import PLAIN_TRAINING, BackendInputError, TrainData
 from cnn_train.plugins.conformance import CHECK_NAMES, parametrize_with_checks, run_checks
 from tests.plugin_fixtures import GoodBackend
 
@@ -116,3 +120,27 @@ def test_check_backend_unknown_name():
 def test_run_checks_rejects_unknown_check_name():
     with pytest.raises(ValueError, match="unknown check"):
         conformance.run_checks("torch", only=("bogus",))
+
+
+class _IgnoresTrainingOptions(TorchBackend):
+    """Trains every config the lesson's plain way: the kit must catch options silently dropped."""
+
+    def train(self, data, config, **kwargs):
+        plain = {name: getattr(TrainConfig(), name) for name in PLAIN_TRAINING}
+        return super().train(data, config.model_copy(update=plain), **kwargs)
+
+
+def test_silently_ignored_training_options_fail_the_kit():
+    [result] = run_checks(_IgnoresTrainingOptions, only=["training_options"])
+    assert not result.passed
+    assert "lr_schedule='onecycle' trained exactly as the lesson's plain training does" in result.reason
+
+
+def test_refusing_training_options_says_which_and_what_is_allowed():
+    backend = registry.load_backend_class("keras")()
+    backend.build(ModelConfig(), device="cpu", seed=0)
+    x = np.zeros((4, 28, 28, 1), dtype=np.float32)
+    y = np.arange(4, dtype=np.int64)
+    with pytest.raises(BackendInputError, match=r"the keras backend trains only as the lesson does \(lr_schedule="
+                       r"'constant', augment=False, label_smoothing=0.0, precision='float32'\); got precision='bfloat16'"):
+        backend.train(TrainData(x, y, x, y), TrainConfig(epochs=1, precision="bfloat16"))

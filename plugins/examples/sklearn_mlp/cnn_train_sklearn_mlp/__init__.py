@@ -28,6 +28,7 @@ from cnn_train.plugins.contract import (
     TrainHistory,
     check_images,
     check_labels,
+    check_plain_training,
 )
 
 _MODEL_FILE = "pipeline.joblib"
@@ -94,6 +95,7 @@ class SklearnMLPBackend:
         check_labels(data.y_train, len(data.x_train), model_config.num_classes, what="training labels")
         check_images(data.x_val, model_config, what="validation images")
         check_labels(data.y_val, len(data.x_val), model_config.num_classes, what="validation labels")
+        check_plain_training(config, "sklearn-mlp")
         mlp = self._mlp
         mlp.set_params(batch_size=config.batch_size, learning_rate_init=config.learning_rate)
         flat = data.x_train.reshape(len(data.x_train), -1)
