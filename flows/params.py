@@ -4,15 +4,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cnn_train.flows import placement
 from cnn_train.plugins import registry
-from cnn_train.plugins.config import ARCHITECTURES, ModelConfig, TrainConfig, format_validation_error
+from cnn_train.plugins.config import (
+    ARCHITECTURES,
+    ModelConfig,
+    TrainConfig,
+    format_validation_error,
+    recipe_training_defaults,
+)
 
 #: Images in Fashion-MNIST's training file; the sample limit cannot exceed it.
 TRAIN_IMAGES = 60_000
 TEST_IMAGES = 10_000
+
+#: Training values a run may leave to its architecture (None in the flows' and the CLI's signatures).
+TRAINING_VALUES = ("epochs", "batch_size", "learning_rate")
+LESSON_TRAINING: dict[str, Any] = {name: TrainConfig.model_fields[name].default for name in TRAINING_VALUES}
+
+
+def training_defaults(architecture: str) -> dict[str, Any]:
+    """Epochs, batch size and learning rate a run of ``architecture`` uses unless told otherwise."""
+    recipe = recipe_training_defaults(architecture)
+    return {name: recipe.get(name, LESSON_TRAINING[name]) for name in TRAINING_VALUES}
 
 
 class ParameterError(ValueError):
@@ -25,10 +41,15 @@ class RunParameters(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     backend: str = Field(default="torch", description="Installed backend name (see `cnn-train backends`).")
-    architecture: str = Field(default="cnn", description="'cnn' (the lesson's model) or 'dense'.")
-    epochs: int = Field(default=10, ge=1, description="Passes over the training set.")
-    batch_size: int = Field(default=32, ge=1, description="Images per optimizer step.")
-    learning_rate: float = Field(default=1e-3, gt=0, allow_inf_nan=False, description="Adam learning rate.")
+    architecture: str = Field(
+        default="cnn", description="'cnn' (the lesson's model), 'dense' or 'cnn-improved' (the improved recipe)."
+    )
+    # None (or left out) means the architecture's own value: the lesson's 10 / 32 / 1e-3, or the recipe's.
+    epochs: int = Field(default=LESSON_TRAINING["epochs"], ge=1, description="Passes over the training set.")
+    batch_size: int = Field(default=LESSON_TRAINING["batch_size"], ge=1, description="Images per optimizer step.")
+    learning_rate: float = Field(
+        default=LESSON_TRAINING["learning_rate"], gt=0, allow_inf_nan=False, description="Adam learning rate."
+    )
     seed: int = Field(default=42, ge=0, description="Seed for weights, shuffling and the split.")
     validation_fraction: float = Field(default=0.1, gt=0, lt=1, description="Share of training images held out.")
     sample_limit: int | None = Field(
@@ -46,6 +67,16 @@ class RunParameters(BaseModel):
         default=placement.DEFAULT_REQUESTS["evaluate"], description="Device request for evaluation."
     )
     report_device: str = Field(default=placement.DEFAULT_REQUESTS["report"], description="Device request for the report.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _architecture_defaults(cls, values: Any) -> Any:
+        # Flows and the CLI pass None for a training value the user did not choose; it becomes the
+        # architecture's default here, before validation, so the run is checked and logged as it trains.
+        if not isinstance(values, dict):
+            return values
+        defaults = training_defaults(values.get("architecture", "cnn"))
+        return values | {name: defaults[name] for name in TRAINING_VALUES if values.get(name) is None}
 
     @field_validator("epochs", "batch_size", "seed", "sample_limit", "test_limit", mode="before")
     @classmethod
@@ -69,12 +100,12 @@ class RunParameters(BaseModel):
         return value
 
     def model(self) -> ModelConfig:
-        return ModelConfig(architecture=self.architecture)
+        return ModelConfig.preset(self.architecture)
 
     def training(self) -> TrainConfig:
-        return TrainConfig(
-            epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate, seed=self.seed
-        )
+        """The run's training; an architecture with a recipe also gets the recipe's schedule and augmentation."""
+        chosen = {"epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.learning_rate}
+        return TrainConfig(**recipe_training_defaults(self.architecture) | chosen | {"seed": self.seed})
 
     def device_requests(self) -> dict[str, str]:
         return {

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cnn_train.flows.data import PreparedData, prepare_data
-from cnn_train.flows.params import RunParameters
+from cnn_train.flows.params import TRAINING_VALUES, RunParameters
 from cnn_train.flows.reports import classification_tables
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.plugins import registry
@@ -90,6 +90,16 @@ def log_run_params(tracker: RunTracker, params: RunParameters) -> None:
     tracker.log_params(params.model_dump())
     tracker.log_params(run_description(params))
     tracker.log_params({"model.parameters": params.model().parameter_count()})
+    tracker.log_params(training_extras(params))
+
+
+def training_extras(params: RunParameters) -> dict[str, object]:
+    """What the run trains with beyond its flow parameters: the lesson's plain values, or the recipe's."""
+    model, training = params.model(), params.training()
+    extras = training.model_dump(exclude={*TRAINING_VALUES, "seed"})
+    layers = {"conv_filters": ",".join(str(block.filters) for block in model.conv_layers)}
+    layers |= {"batch_norm": model.batch_norm, "dropout": model.dropout}
+    return {f"train.{key}": value for key, value in extras.items()} | {f"model.{k}": v for k, v in layers.items()}
 
 
 def log_datasets(tracker: RunTracker, data: PreparedData) -> None:

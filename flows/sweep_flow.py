@@ -171,9 +171,9 @@ def cnn_train_sweep(
     grid: dict[str, list[Any]] = {"learning_rate": [1e-3, 3e-4], "architecture": ["cnn", "dense"]},  # noqa: B006
     backend: str = "torch",
     architecture: str = "cnn",
-    epochs: int = 10,
-    batch_size: int = 32,
-    learning_rate: float = 1e-3,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    learning_rate: float | None = None,
     seed: int = 42,
     validation_fraction: float = 0.1,
     sample_limit: int | None = None,
@@ -184,7 +184,15 @@ def cnn_train_sweep(
     max_concurrent: int = 2,
     register_best: str | None = None,
 ) -> dict[str, Any]:
-    """Run every grid combination as a trial; rank them; optionally register the best model."""
+    """Run every grid combination as a trial; rank them; optionally register the best model.
+
+    Args:
+        epochs: Passes over the training set; empty for the architecture's default (10, or the
+            recipe's 7 for cnn-improved).
+        batch_size: Images per optimizer step; empty for the architecture's default (32, or 128).
+        learning_rate: Adam learning rate (the peak of cnn-improved's one-cycle schedule); empty for
+            the architecture's default (0.001, or 0.003).
+    """
     base = {k: v for k, v in locals().items() if k not in ("grid", "max_concurrent", "register_best")}
     if max_concurrent < 1:
         raise ParameterError(f"max_concurrent: must be at least 1, got {max_concurrent}")

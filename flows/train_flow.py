@@ -269,9 +269,9 @@ def mark_runs_hook(status: str) -> Any:
 def cnn_train(
     backend: str = "torch",
     architecture: str = "cnn",
-    epochs: int = 10,
-    batch_size: int = 32,
-    learning_rate: float = 1e-3,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    learning_rate: float | None = None,
     seed: int = 42,
     validation_fraction: float = 0.1,
     sample_limit: int | None = None,
@@ -284,7 +284,15 @@ def cnn_train(
     evaluate_device: str = "gpu-preferred",
     report_device: str = "cpu",
 ) -> dict[str, Any]:
-    """Prepare Fashion-MNIST, train the chosen backend, evaluate on the test set, report."""
+    """Prepare Fashion-MNIST, train the chosen backend, evaluate on the test set, report.
+
+    Args:
+        epochs: Passes over the training set; empty for the architecture's default (10, or the
+            recipe's 7 for cnn-improved).
+        batch_size: Images per optimizer step; empty for the architecture's default (32, or 128).
+        learning_rate: Adam learning rate (the peak of cnn-improved's one-cycle schedule); empty for
+            the architecture's default (0.001, or 0.003).
+    """
     params = validate_parameters(**{k: v for k, v in locals().items()})
     # A GPU that no wait can produce fails the run here, before an MLflow run exists.
     check_satisfiable(params.device_requests())

@@ -216,3 +216,23 @@ def test_compare_command_side_by_side(store, tmp_path):
     assert all(r.info.status == "FINISHED" for r in children)
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "compare")}
     assert {"compare/compare.md", "compare/confusion_matrix_keras.png", "compare/confusion_matrix_torch.png"} <= artifacts
+
+
+def test_the_improved_recipe_runs_and_records_how_it_trained(store):
+    """Left-out training values become the recipe's, and MLflow says so, down to the schedule."""
+    state = _run_flow(architecture="cnn-improved", epochs=1, sample_limit=600, test_limit=300, seed=3)
+    assert state.is_completed(), state.message
+    from mlflow import MlflowClient
+
+    run = MlflowClient(store).get_run(state.result()["mlflow_run_id"])
+    params = run.data.params
+    expected = {"architecture": "cnn-improved", "epochs": "1", "batch_size": "128", "learning_rate": "0.003",
+                "train.lr_schedule": "onecycle", "train.label_smoothing": "0.1", "train.precision": "bfloat16",
+                "train.augment": "False", "model.batch_norm": "True", "model.dropout": "0.3",
+                "model.conv_filters": "32,32,64,64", "model.parameters": "468010"}
+    assert {k: params[k] for k in expected} == expected
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    images = np.random.default_rng(0).uniform(size=(3, 28, 28, 1)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(model.predict(images)).sum(axis=1), 1.0, atol=1e-5)
