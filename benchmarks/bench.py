@@ -1,15 +1,16 @@
 """Benchmark cnn-train against the lesson's CNN trained bare, on the same data, seed and epochs.
 
     .venv/bin/python benchmarks/bench.py [--epochs 10] [--sample-limit N] [--test-limit N]
-        [--repeats R] [--skip-servers] [--markdown] [--json out.json]
+        [--repeats R] [--skip-servers] [--recipe-epochs N] [--markdown] [--json out.json]
 
 Runs, each in a fresh process: a plain PyTorch loop and a plain Keras ``fit`` (``bare.py``); the
 real ``cnn-train`` flow for the torch and keras backends, with MLflow logging (a temporary SQLite
-store) and reports; ``prepare_data`` with its cache emptied and then filled; and, unless
+store) and reports; the same flow with the opt-in improved recipe (``architecture=cnn-improved``,
+its own epochs) against the default run's wall time; ``prepare_data`` with its cache emptied and then filled; and, unless
 ``--skip-servers``, ``cnn-train up`` in a temporary root, with ``cnn-train/default`` triggered to
 time trigger -> first training step. An fp32 matmul measures the machine's peak in the same run.
 Prints one table and whether each target is met. Defaults (10 epochs, all 70,000 images) take
-about 25 minutes on 2 cores. Nothing touches the project's own MLflow store, cache or servers.
+about 30 minutes on 2 cores. Nothing touches the project's own MLflow store, cache or servers.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import flops
-from cnn_train.plugins.config import ModelConfig
+from cnn_train.plugins.config import IMPROVED_ARCHITECTURE, IMPROVED_TRAINING, ModelConfig
 from probes import TRIGGER_SAMPLE_LIMIT, TRIGGER_TEST_LIMIT
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 BACKENDS = ("torch", "keras")
+RECIPE_KEY = "cnn-train-torch-recipe"
 SUBPROCESS_TIMEOUT = 1800.0
 EPOCH_TIMEOUT = 300.0
 #: More CPU than this taken by other processes makes the timings unrepresentative.
@@ -74,6 +76,8 @@ class Settings:
     validation_fraction: float = 0.1
     data_dir: str | None = None
     peak_size: int = 4096
+    #: Epochs of the opt-in improved recipe's run (its own default); 0 leaves the recipe out.
+    recipe_epochs: int = IMPROVED_TRAINING["epochs"]
 
     def split_args(self) -> list[str]:
         args = ["--seed", str(self.seed), "--validation-fraction", str(self.validation_fraction)]
@@ -96,6 +100,7 @@ class Settings:
         return (
             f"{self.epochs} epoch(s), batch 32, Adam 1e-3, seed {self.seed}, {images} "
             f"({self.validation_fraction:.0%} held out for validation), {test}, CPU"
+            + (f"; the improved recipe: {self.recipe_epochs} epoch(s) of its own training" if self.recipe_epochs else "")
         )
 
 
@@ -120,6 +125,10 @@ class Variant:
     images_trained: int
     test_accuracy: float
     details: dict[str, Any] = field(default_factory=dict)
+    #: cnn-train's backend (None for the bare variants).
+    backend: str | None = None
+    #: Training FLOPs per image in fp32 arithmetic, for the peak share (None: not an fp32 run).
+    fp32_flops_per_image: int | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -273,22 +282,27 @@ def run_bare(framework: str, settings: Settings, env: dict[str, str], work: Path
         images_trained=result["train_images"] * result["epochs"],
         test_accuracy=result["test_accuracy"],
         details={"epoch_seconds": result["epoch_seconds"]},
+        fp32_flops_per_image=flops.training_flops(ModelConfig()),
     )
 
 
-def run_flow(backend: str, settings: Settings, env: dict[str, str], work: Path) -> Variant:
+def run_flow(
+    backend: str, settings: Settings, env: dict[str, str], work: Path, *, architecture: str = "cnn"
+) -> Variant:
+    recipe = architecture == IMPROVED_ARCHITECTURE
+    epochs = settings.recipe_epochs if recipe else settings.epochs
     run = run_script(
         "probes.py",
-        ["flow", "--backend", backend, "--epochs", str(settings.epochs), *settings.split_args()],
+        ["flow", "--backend", backend, "--architecture", architecture, "--epochs", str(epochs), *settings.split_args()],
         env=env,
-        out=work / f"flow-{backend}.json",
+        out=work / f"flow-{backend}-{architecture}.json",
         timeout=_training_timeout(settings),
     )
     result = run.result
     images = result["train_images"]
     train_only = sum(images / rate for rate in result["images_per_second"])
     return Variant(
-        name=f"cnn-train {backend}",
+        name=f"cnn-train {backend}, {architecture}" if recipe else f"cnn-train {backend}",
         process_wall=run.process_wall,
         run_wall=result["flow_end"] - result["flow_start"],
         train_seconds=sum(result["epoch_seconds"]),
@@ -306,6 +320,8 @@ def run_flow(backend: str, settings: Settings, env: dict[str, str], work: Path) 
             "flow_run_id": result["flow_run_id"],
             "mlflow_run_id": result["mlflow_run_id"],
         },
+        backend=backend,
+        fp32_flops_per_image=None if recipe else flops.training_flops(ModelConfig()),
     )
 
 
@@ -389,6 +405,9 @@ def measure(settings: Settings, work: Path) -> Measurements:
     for backend in BACKENDS:
         log(f"cnn-train flow, backend {backend}")
         variants[f"cnn-train-{backend}"] = run_flow(backend, settings, env, work)
+    if settings.recipe_epochs:
+        log(f"cnn-train flow, backend torch, the improved recipe ({settings.recipe_epochs} epochs)")
+        variants[RECIPE_KEY] = run_flow("torch", settings, env, work, architecture=IMPROVED_ARCHITECTURE)
 
     foreign_cpu_share = others.share()
 
@@ -430,7 +449,8 @@ LEGEND = (
     "overhead: (run wall - train) / train; for cnn-train this is the orchestration overhead",
     "prep: prepare_data in a fresh process, cache emptied (cold) and filled (cached); median of the repeats",
     "trigger→1st step: run_deployment(cnn-train/default) to the first epoch's start, servers up; median",
-    "fp32 peak: train img/s x training FLOPs per image / the best fp32 matmul rate measured in this run",
+    "fp32 peak: train img/s x training FLOPs per image / the best fp32 matmul rate measured in this run "
+    "(none for the recipe, whose convolutions and matrix products run in bfloat16)",
 )
 
 
@@ -442,8 +462,8 @@ def table_rows(m: Measurements) -> list[list[str]]:
     peak_flops = m.peak.gflops * 1e9
     rows = []
     for key, variant in m.variants.items():
-        is_flow = key.startswith("cnn-train")
-        backend = key.rsplit("-", 1)[1]
+        is_flow = variant.backend is not None
+        default_run = key in (f"cnn-train-{name}" for name in BACKENDS)
         rows.append([
             variant.name,
             _fmt(variant.process_wall, ".1f"),
@@ -453,9 +473,13 @@ def table_rows(m: Measurements) -> list[list[str]]:
             _fmt(variant.overhead, ".1%"),
             _fmt(median(m.prep_cold) if is_flow else None, ".2f"),
             _fmt(median(m.prep_cached) if is_flow else None, ".2f"),
-            _fmt(median(m.trigger_to_first_step[backend]) if is_flow else None, ".1f"),
+            _fmt(median(m.trigger_to_first_step[variant.backend]) if default_run else None, ".1f"),
             _fmt(variant.test_accuracy, ".2%"),
-            _fmt(variant.images_per_second * m.train_flops_per_image / peak_flops, ".1%"),
+            _fmt(
+                variant.images_per_second * variant.fp32_flops_per_image / peak_flops
+                if variant.fp32_flops_per_image else None,
+                ".1%",
+            ),
         ])
     return rows
 
@@ -535,6 +559,14 @@ def targets(m: Measurements) -> list[Target]:
         )
         for backend in BACKENDS
     ]
+    if RECIPE_KEY in v:
+        recipe = v[RECIPE_KEY]
+        found += [
+            _ratio_target("improved recipe, test accuracy", ">= 93.5%", recipe.test_accuracy, 0.935, at_most=False,
+                          pattern=".2%"),
+            _ratio_target("improved recipe, flow run wall / default torch run's", "<= 1.0x",
+                          recipe.run_wall / v["cnn-train-torch"].run_wall, 1.0, at_most=True, pattern=".3f"),
+        ]
     return found
 
 
@@ -668,11 +700,17 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     parser.add_argument("--skip-servers", action="store_true", help="do not start the stack; no trigger timing")
     parser.add_argument("--data-dir", default=None, help="folder with the four Fashion-MNIST .gz files")
     parser.add_argument("--peak-size", type=int, default=4096, help="side of the matmul that measures the peak")
+    parser.add_argument(
+        "--recipe-epochs", type=int, default=IMPROVED_TRAINING["epochs"],
+        help=f"epochs of the improved recipe's run (default its own {IMPROVED_TRAINING['epochs']}; 0 leaves it out)",
+    )
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.repeats < 1:
         parser.error("--epochs and --repeats must be at least 1")
+    if args.recipe_epochs < 0:
+        parser.error("--recipe-epochs must be 0 (leave the recipe out) or more")
     settings = Settings(
         epochs=args.epochs,
         sample_limit=args.sample_limit,
@@ -681,6 +719,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         skip_servers=args.skip_servers,
         data_dir=args.data_dir,
         peak_size=args.peak_size,
+        recipe_epochs=args.recipe_epochs,
     )
     return settings, args
 

@@ -2,7 +2,8 @@
 
     probes.py prep    --out F [split options] [--cache-dir D]   time one prepare_data call
     probes.py init    --out F                                   create the MLflow store and the Prefect database
-    probes.py flow    --out F --backend B [split options]       run the cnn-train flow, read back its timings
+    probes.py flow    --out F --backend B [--architecture A] [split options]
+                                                              run the cnn-train flow, read back its timings
     probes.py trigger --out F --backend B --mlflow-url U        trigger cnn-train/default on a running stack
 
 Each writes one JSON object to ``--out``. Wall-clock instants are ``time.time()`` seconds, so
@@ -109,6 +110,7 @@ def flow(args: argparse.Namespace) -> dict[str, Any]:
     imported_at = time.time()
     state = cnn_train(
         backend=args.backend,
+        architecture=args.architecture,
         epochs=args.epochs,
         data_dir=args.data_dir,
         train_device="cpu",
@@ -197,6 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("probe", choices=sorted(PROBES))
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
     parser.add_argument("--backend", default="torch")
+    parser.add_argument("--architecture", default="cnn")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--validation-fraction", type=float, default=0.1)

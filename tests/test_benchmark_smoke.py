@@ -15,8 +15,8 @@ from types import ModuleType
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-ROWS = ("bare PyTorch loop", "bare Keras fit", "cnn-train torch", "cnn-train keras")
-VARIANT_KEYS = ("bare-torch", "bare-keras", "cnn-train-torch", "cnn-train-keras")
+ROWS = ("bare PyTorch loop", "bare Keras fit", "cnn-train torch", "cnn-train keras", "cnn-train torch, cnn-improved")
+VARIANT_KEYS = ("bare-torch", "bare-keras", "cnn-train-torch", "cnn-train-keras", "cnn-train-torch-recipe")
 
 
 @pytest.fixture
@@ -34,19 +34,32 @@ def test_reference_model_costs_8_48_mflop_forward(bench: ModuleType) -> None:
     assert bench.flops.forward_flops(ModelConfig(architecture="dense")) == 2 * (784 * 128 + 128 * 10)
 
 
-def _variant(bench: ModuleType, name: str, *, run_wall: float, train: float, rate: float) -> object:
-    return bench.Variant(name, run_wall + 5, run_wall, train, train, int(rate * train), 0.92)
+REFERENCE_TRAINING_FLOPS = 25_446_912
+
+
+def _variant(
+    bench: ModuleType, name: str, *, run_wall: float, train: float, rate: float, backend: str | None = None,
+    accuracy: float = 0.92, fp32: bool = True,
+) -> object:
+    return bench.Variant(
+        name, run_wall + 5, run_wall, train, train, int(rate * train), accuracy,
+        backend=backend, fp32_flops_per_image=REFERENCE_TRAINING_FLOPS if fp32 else None,
+    )
 
 
 def test_targets_compare_the_right_numbers(bench: ModuleType) -> None:
     measurements = bench.Measurements(
         peak=bench.flops.Peak(gflops=200.0, size=4096, threads=2, seconds=(0.7,)),
-        train_flops_per_image=25_446_912,
+        train_flops_per_image=REFERENCE_TRAINING_FLOPS,
         variants={
             "bare-torch": _variant(bench, "bare PyTorch loop", run_wall=110, train=100, rate=1000),
             "bare-keras": _variant(bench, "bare Keras fit", run_wall=110, train=100, rate=500),
-            "cnn-train-torch": _variant(bench, "cnn-train torch", run_wall=102, train=100, rate=980),
-            "cnn-train-keras": _variant(bench, "cnn-train keras", run_wall=105, train=100, rate=700),
+            "cnn-train-torch": _variant(bench, "cnn-train torch", run_wall=102, train=100, rate=980, backend="torch"),
+            "cnn-train-keras": _variant(bench, "cnn-train keras", run_wall=105, train=100, rate=700, backend="keras"),
+            "cnn-train-torch-recipe": _variant(
+                bench, "cnn-train torch, cnn-improved", run_wall=99, train=90, rate=2000, backend="torch",
+                accuracy=0.9375, fp32=False,
+            ),
         },
         prep_cold=[1.5, 2.5, 1.9],
         prep_cached=[0.2],
@@ -61,10 +74,15 @@ def test_targets_compare_the_right_numbers(bench: ModuleType) -> None:
     assert verdicts["data prep, cold"] == ("1.90", True)
     assert verdicts["trigger to first training step, torch"] == ("8.0", True)
     assert verdicts["trigger to first training step, keras"] == ("not measured", None)
+    assert verdicts["improved recipe, test accuracy"] == ("93.75%", True)
+    assert verdicts["improved recipe, flow run wall / default torch run's"] == ("0.971", True)
     rows = {row[0]: row for row in bench.table_rows(measurements)}
     # 980 img/s x 25.4 MFLOP = 24.9 GFLOP/s of a 200 GFLOP/s peak.
     assert rows["cnn-train torch"][-1] == "12.5%"
     assert rows["bare PyTorch loop"][6] == "—"
+    # The recipe trains in bfloat16 and is triggered by nobody: no fp32 share, no trigger time.
+    assert rows["cnn-train torch, cnn-improved"][-1] == rows["cnn-train torch, cnn-improved"][8] == "—"
+    assert rows["cnn-train torch"][8] == "8.0"
     markdown = bench.render_markdown(bench.COLUMNS, bench.table_rows(measurements))
     assert markdown.splitlines()[0] == "| " + " | ".join(bench.COLUMNS) + " |"
     assert len(markdown.splitlines()) == 2 + len(ROWS)
@@ -75,7 +93,7 @@ def test_benchmark_runs_every_variant_at_tiny_size(tmp_path: Path, real_fashion_
     command = [
         sys.executable, str(BENCHMARKS / "bench.py"),
         "--epochs", "1", "--sample-limit", "400", "--test-limit", "200", "--repeats", "1",
-        "--skip-servers", "--peak-size", "1024", "--data-dir", str(real_fashion_mnist_dir), "--json", str(out),
+        "--skip-servers", "--peak-size", "1024", "--recipe-epochs", "1", "--data-dir", str(real_fashion_mnist_dir), "--json", str(out),
     ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
