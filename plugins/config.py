@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 #: The lesson's class names, in label order.
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
@@ -69,6 +69,13 @@ def conv_output_side(side: int, block: ConvBlock) -> tuple[int, int]:
     return after_conv, after_pool
 
 
+def _a_share(value: float, info: ValidationInfo) -> float:
+    """A field that is a share of something: 0 (off) up to, but not including, 1 (all of it)."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{info.field_name} must be a share in [0, 1), got {value}")
+    return value
+
+
 ArchitectureName = Literal["cnn", "dense", "cnn-improved"]
 ARCHITECTURES: tuple[str, ...] = ("cnn", "dense", "cnn-improved")
 #: The opt-in improved recipe: a CNN that may use batch norm and dropout. The lessons' 'cnn' and 'dense'
@@ -118,12 +125,7 @@ class ModelConfig(BaseModel):
             raise ValueError(f"input_shape must be positive (height, width, channels), got {value}")
         return value
 
-    @field_validator("dropout")
-    @classmethod
-    def _dropout_is_a_share(cls, value: float) -> float:
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"dropout must be a share in [0, 1), got {value}")
-        return value
+    _dropout_is_a_share = field_validator("dropout")(_a_share)
 
     @model_validator(mode="after")
     def _recipe_layers_need_the_recipe(self) -> ModelConfig:
@@ -252,12 +254,7 @@ class TrainConfig(BaseModel):
             raise ValueError(f"learning_rate must be a finite number > 0, got {value}")
         return value
 
-    @field_validator("label_smoothing")
-    @classmethod
-    def _smoothing_is_a_share(cls, value: float) -> float:
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"label_smoothing must be a share in [0, 1), got {value}")
-        return value
+    _smoothing_is_a_share = field_validator("label_smoothing")(_a_share)
 
     def learning_rate_at(self, step: int, total_steps: int) -> float:
         """The learning rate of optimizer step ``step`` (from 0) of ``total_steps``.

@@ -27,6 +27,7 @@ from cnn_train.plugins.config import (
     recipe_training_defaults,
 )
 from cnn_train.plugins.contract import EpochMetrics, TrainData
+from tests.test_backends import measured, synthetic_data
 
 RECIPE = ModelConfig.preset(IMPROVED_ARCHITECTURE)
 #: Every recipe knob on, at a size that trains in a blink.
@@ -53,28 +54,10 @@ CUSTOM_BN = ModelConfig(
 )
 
 
-def synthetic_data(n: int = 192, seed: int = 0) -> TrainData:
-    """Images whose label sets the row of a bright stripe, 3/4 for training and 1/4 for validation."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n)
-    images = rng.random((n, 28, 28, 1), dtype=np.float32) * 0.3
-    for image, label in zip(images, labels):
-        image[2 + 2 * label : 4 + 2 * label, 4:24, 0] = 1.0
-    split = n * 3 // 4
-    return TrainData(images[:split], labels[:split], images[split:], labels[split:])
-
-
 def built(config: ModelConfig = RECIPE, seed: int = 0) -> TorchBackend:
     backend = TorchBackend()
     backend.build(config, device="cpu", seed=seed)
     return backend
-
-
-def measured(metrics: EpochMetrics) -> dict[str, float]:
-    """Everything an epoch reports except its timings, which vary run to run."""
-    values = asdict(metrics)
-    del values["seconds"], values["images_per_second"]
-    return values
 
 
 @pytest.fixture(scope="module")
