@@ -25,6 +25,18 @@ EPOCHS_HELP = "Passes over the training set (default 10; 7 for cnn-improved, its
 BATCH_HELP = "Images per optimizer step (default 32; 128 for cnn-improved)."
 LR_HELP = "Adam learning rate (default 0.001; for cnn-improved 0.003, the peak of its one-cycle schedule)."
 
+# Options the run, compare and sweep commands share, declared once.
+Architecture = Annotated[str, typer.Option(help=ARCHITECTURE_HELP)]
+Epochs = Annotated[Optional[int], typer.Option(help=EPOCHS_HELP)]
+BatchSize = Annotated[Optional[int], typer.Option(help=BATCH_HELP)]
+LearningRate = Annotated[Optional[float], typer.Option(help=LR_HELP)]
+ValidationFraction = Annotated[float, typer.Option(help="Share of training images held out.")]
+SampleLimit = Annotated[Optional[int], typer.Option(help="Train on this many images only.")]
+TestLimit = Annotated[Optional[int], typer.Option(help="Evaluate on this many test images only.")]
+Experiment = Annotated[str, typer.Option(help="MLflow experiment.")]
+DataDir = Annotated[Optional[str], typer.Option(help="Folder with the four Fashion-MNIST .gz files.")]
+DeviceRequest = Annotated[str, typer.Option(help="cpu, gpu-preferred, gpu-required or cuda:N.")]
+
 def _fail(message: str, code: int = 2) -> None:
     typer.echo(f"cnn-train: {message}", err=True)
     raise typer.Exit(code)
@@ -79,20 +91,20 @@ def check_backend(
 @app.command()
 def run(
     backend: Annotated[str, typer.Option(help="Installed backend (see `cnn-train backends`).")] = "torch",
-    architecture: Annotated[str, typer.Option(help=ARCHITECTURE_HELP)] = "cnn",
-    epochs: Annotated[Optional[int], typer.Option(help=EPOCHS_HELP)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help=BATCH_HELP)] = None,
-    learning_rate: Annotated[Optional[float], typer.Option(help=LR_HELP)] = None,
+    architecture: Architecture = "cnn",
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    learning_rate: LearningRate = None,
     seed: Annotated[int, typer.Option(help="Seed for weights, shuffling and the split.")] = 42,
-    validation_fraction: Annotated[float, typer.Option(help="Share of training images held out.")] = 0.1,
-    sample_limit: Annotated[Optional[int], typer.Option(help="Train on this many images only.")] = None,
-    test_limit: Annotated[Optional[int], typer.Option(help="Evaluate on this many test images only.")] = None,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "cnn-train",
-    data_dir: Annotated[Optional[str], typer.Option(help="Folder with the four Fashion-MNIST .gz files.")] = None,
+    validation_fraction: ValidationFraction = 0.1,
+    sample_limit: SampleLimit = None,
+    test_limit: TestLimit = None,
+    experiment: Experiment = "cnn-train",
+    data_dir: DataDir = None,
     compare_dense: Annotated[bool, typer.Option(help="Also train the dense network and compare.")] = False,
     prep_device: Annotated[str, typer.Option(help="Device request for data prep.")] = "cpu",
-    train_device: Annotated[str, typer.Option(help="cpu, gpu-preferred, gpu-required or cuda:N.")] = "gpu-preferred",
-    evaluate_device: Annotated[str, typer.Option(help="cpu, gpu-preferred, gpu-required or cuda:N.")] = "gpu-preferred",
+    train_device: DeviceRequest = "gpu-preferred",
+    evaluate_device: DeviceRequest = "gpu-preferred",
     report_device: Annotated[str, typer.Option(help="Device request for the report.")] = "cpu",
 ) -> None:
     """Run the cnn-train flow directly in this process (no servers needed)."""
@@ -118,18 +130,18 @@ def run(
 @app.command()
 def compare(
     backend: Annotated[list[str], typer.Option(help="A backend to compare (repeat; at least two).")] = ["keras", "torch"],  # noqa: B006
-    architecture: Annotated[str, typer.Option(help=ARCHITECTURE_HELP)] = "cnn",
-    epochs: Annotated[Optional[int], typer.Option(help=EPOCHS_HELP)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help=BATCH_HELP)] = None,
-    learning_rate: Annotated[Optional[float], typer.Option(help=LR_HELP)] = None,
+    architecture: Architecture = "cnn",
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    learning_rate: LearningRate = None,
     seed: Annotated[int, typer.Option(help="Seed shared by every backend.")] = 42,
-    validation_fraction: Annotated[float, typer.Option(help="Share of training images held out.")] = 0.1,
-    sample_limit: Annotated[Optional[int], typer.Option(help="Train on this many images only.")] = None,
-    test_limit: Annotated[Optional[int], typer.Option(help="Evaluate on this many test images only.")] = None,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "cnn-train",
-    data_dir: Annotated[Optional[str], typer.Option(help="Folder with the Fashion-MNIST .gz files.")] = None,
-    train_device: Annotated[str, typer.Option(help="cpu, gpu-preferred, gpu-required or cuda:N.")] = "gpu-preferred",
-    evaluate_device: Annotated[str, typer.Option(help="cpu, gpu-preferred, gpu-required or cuda:N.")] = "gpu-preferred",
+    validation_fraction: ValidationFraction = 0.1,
+    sample_limit: SampleLimit = None,
+    test_limit: TestLimit = None,
+    experiment: Experiment = "cnn-train",
+    data_dir: DataDir = None,
+    train_device: DeviceRequest = "gpu-preferred",
+    evaluate_device: DeviceRequest = "gpu-preferred",
     tolerance_points: Annotated[float, typer.Option(help="Accuracy gap (points) still called parity.")] = 1.0,
 ) -> None:
     """Train one config on several backends (same seed and split) and print them side by side."""
@@ -177,17 +189,17 @@ def _parse_grid(items: list[str]) -> dict[str, list[Any]]:
 def sweep(
     grid: Annotated[list[str], typer.Option(help="FIELD=V1,V2 (repeat per field), e.g. learning_rate=0.001,0.0003.")],
     backend: Annotated[str, typer.Option(help="Backend for fields the grid does not vary.")] = "torch",
-    architecture: Annotated[str, typer.Option(help=ARCHITECTURE_HELP)] = "cnn",
-    epochs: Annotated[Optional[int], typer.Option(help=EPOCHS_HELP)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help=BATCH_HELP)] = None,
-    learning_rate: Annotated[Optional[float], typer.Option(help=LR_HELP)] = None,
+    architecture: Architecture = "cnn",
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    learning_rate: LearningRate = None,
     seed: Annotated[int, typer.Option(help="Seed of the shared split and of each trial.")] = 42,
-    validation_fraction: Annotated[float, typer.Option(help="Share of training images held out.")] = 0.1,
-    sample_limit: Annotated[Optional[int], typer.Option(help="Train on this many images only.")] = None,
-    test_limit: Annotated[Optional[int], typer.Option(help="Evaluate on this many test images only.")] = None,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "cnn-train",
-    data_dir: Annotated[Optional[str], typer.Option(help="Folder with the Fashion-MNIST .gz files.")] = None,
-    train_device: Annotated[str, typer.Option(help="cpu, gpu-preferred, gpu-required or cuda:N.")] = "gpu-preferred",
+    validation_fraction: ValidationFraction = 0.1,
+    sample_limit: SampleLimit = None,
+    test_limit: TestLimit = None,
+    experiment: Experiment = "cnn-train",
+    data_dir: DataDir = None,
+    train_device: DeviceRequest = "gpu-preferred",
     max_concurrent: Annotated[int, typer.Option(help="Trials running at once.")] = 2,
     register_best: Annotated[Optional[str], typer.Option(help="Register the best model under this name.")] = None,
     task_runner: Annotated[str, typer.Option(help="'local' (threads) or 'ray'.")] = "local",
@@ -294,7 +306,7 @@ def status() -> None:
 @app.command()
 def doctor(
     fix: Annotated[bool, typer.Option(help="Mark abandoned RUNNING MLflow runs FAILED.")] = False,
-    data_dir: Annotated[Optional[str], typer.Option(help="Folder with the Fashion-MNIST .gz files.")] = None,
+    data_dir: DataDir = None,
 ) -> None:
     """Check the Prefect server, the deployment's serve process, MLflow, the dataset and stale runs."""
     from pathlib import Path

@@ -21,8 +21,8 @@ from cnn_train.flows.train_flow import (
     ChildRun,
     ended,
     flow_run_tags,
-    mark_runs_hook,
     prep_task,
+    recorded_flow,
     train_child_run,
 )
 
@@ -36,9 +36,7 @@ def validate_backends(backends: list[str], values: dict[str, Any]) -> list[RunPa
 @flow(
     name="cnn-train-compare",
     description="Train one config on several backends with the same seed and split, and compare them.",
-    on_cancellation=[mark_runs_hook("KILLED")],
-    on_crashed=[mark_runs_hook("FAILED")],
-    persist_result=False,
+    **recorded_flow(),
 )
 def cnn_train_compare(
     backends: list[str] = ["keras", "torch"],  # noqa: B006 - Prefect needs a literal default for the form

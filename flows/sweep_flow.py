@@ -28,7 +28,7 @@ from cnn_train.flows.params import ParameterError, RunParameters, validate_param
 from cnn_train.flows.placement import check_satisfiable, place_task, ray_resources
 from cnn_train.flows.settings import state_dir
 from cnn_train.flows.tracking import RunTracker
-from cnn_train.flows.train_flow import ended, flow_run_tags, mark_runs_hook, prep_task
+from cnn_train.flows.train_flow import ended, flow_run_tags, prep_task, recorded_flow
 
 #: Fields a grid may vary. Data-shaping fields are fixed per sweep, since data prep runs once.
 SWEEPABLE = ("backend", "architecture", "epochs", "batch_size", "learning_rate", "seed")
@@ -163,9 +163,7 @@ def _submit_trials(
 @flow(
     name="cnn-train-sweep",
     description="A grid of cnn-train configurations sharing one data prep, ranked in a parent MLflow run.",
-    on_cancellation=[mark_runs_hook("KILLED")],
-    on_crashed=[mark_runs_hook("FAILED")],
-    persist_result=False,
+    **recorded_flow(),
 )
 def cnn_train_sweep(
     grid: dict[str, list[Any]] = {"learning_rate": [1e-3, 3e-4], "architecture": ["cnn", "dense"]},  # noqa: B006

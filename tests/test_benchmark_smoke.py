@@ -43,7 +43,7 @@ def _variant(
 ) -> object:
     return bench.Variant(
         name, run_wall + 5, run_wall, train, train, int(rate * train), accuracy,
-        backend=backend, fp32_flops_per_image=REFERENCE_TRAINING_FLOPS if fp32 else None,
+        backend=backend, fp32_reference=fp32,
     )
 
 
