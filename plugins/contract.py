@@ -42,6 +42,18 @@ class TrainHistory:
     def final(self) -> EpochMetrics:
         return self.epochs[-1]
 
+    # The one definition of a run's speed, used by MLflow, report.md, Prefect tables, compare, sweep
+    # and the benchmark: the median, so the first epoch's warm-up (kernel selection) does not skew it.
+    @property
+    def seconds_per_epoch(self) -> float:
+        """Median wall-clock seconds of the recorded epochs."""
+        return float(np.median([epoch.seconds for epoch in self.epochs]))
+
+    @property
+    def images_per_second(self) -> float:
+        """Median training throughput of the recorded epochs."""
+        return float(np.median([epoch.images_per_second for epoch in self.epochs]))
+
 
 @dataclass(frozen=True)
 class Evaluation:
