@@ -1,4 +1,4 @@
-"""flows/data.py: finding, verifying, splitting and caching Fashion-MNIST, on tiny synthetic IDX files
+"""flows/data/: finding, verifying, splitting and caching Fashion-MNIST, on tiny synthetic IDX files
 and once on the real files."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import time
 import urllib.error
 from pathlib import Path
 
@@ -13,17 +14,27 @@ import numpy as np
 import pytest
 
 from cnn_train.flows import data
-from cnn_train.flows.data import DatasetError, load_raw, locate_fashion_mnist, prepare_data
+from cnn_train.flows.data import (
+    DatasetError,
+    SplitError,
+    check_split,
+    locate_fashion_mnist,
+    prepare_data,
+    verify_dataset,
+)
+from cnn_train.flows.data.idx import read_folder
 from cnn_train.plugins.config import FASHION_MNIST_CLASSES
 from cnn_train.plugins.contract import TrainData
 
 SPLITS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+TRAIN_IMAGES_FILE = "train-images-idx3-ubyte.gz"
 
 
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No user settings leak in, and anything written to the state dir stays in tmp_path."""
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.delenv(data.CACHED_SPLITS_ENV, raising=False)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
 
@@ -41,15 +52,15 @@ def assert_same_splits(a: data.PreparedData, b: data.PreparedData) -> None:
 # --- parsing -------------------------------------------------------------------------------------
 
 
-def test_load_raw_returns_what_the_files_hold(fake_fashion_mnist):
-    x_train, y_train, x_test, y_test = load_raw(fake_fashion_mnist.folder, verify_checksums=False)
+def test_read_folder_returns_what_the_files_hold(fake_fashion_mnist):
+    raw = read_folder(fake_fashion_mnist.folder, verify_checksums=False)
 
-    np.testing.assert_array_equal(x_train, fake_fashion_mnist.x_train)
-    np.testing.assert_array_equal(y_train, fake_fashion_mnist.y_train)
-    np.testing.assert_array_equal(x_test, fake_fashion_mnist.x_test)
-    np.testing.assert_array_equal(y_test, fake_fashion_mnist.y_test)
-    assert (x_train.dtype, x_train.shape) == (np.uint8, (200, 28, 28))
-    assert (y_train.dtype, y_test.shape) == (np.int64, (50,))
+    np.testing.assert_array_equal(raw.x_train, fake_fashion_mnist.x_train)
+    np.testing.assert_array_equal(raw.y_train, fake_fashion_mnist.y_train)
+    np.testing.assert_array_equal(raw.x_test, fake_fashion_mnist.x_test)
+    np.testing.assert_array_equal(raw.y_test, fake_fashion_mnist.y_test)
+    assert (raw.x_train.dtype, raw.x_train.shape) == (np.uint8, (200, 28, 28))
+    assert (raw.y_train.dtype, raw.y_test.shape) == (np.int64, (50,))
 
 
 def _truncate_gzip(path: Path, write_idx_gz) -> None:
@@ -81,6 +92,10 @@ def _small_images(path: Path, write_idx_gz) -> None:
     write_idx_gz(path, np.zeros((200, 20, 20), np.uint8))
 
 
+def _delete(path: Path, write_idx_gz) -> None:
+    path.unlink()
+
+
 BROKEN_TRAIN_IMAGES = [
     pytest.param(_truncate_gzip, r"not a complete gzip file", id="truncated-gzip"),
     pytest.param(_not_gzip, r"not a complete gzip file", id="not-gzip"),
@@ -97,23 +112,25 @@ BROKEN_TRAIN_IMAGES = [
     pytest.param(
         _small_images, r"images are 20x20, Fashion-MNIST images must be 28x28", id="wrong-image-size"
     ),
+    pytest.param(_delete, r"missing; the folder must hold all four Fashion-MNIST files", id="missing-file"),
 ]
 
 
 @pytest.mark.parametrize(("damage", "message"), BROKEN_TRAIN_IMAGES)
-def test_a_broken_file_is_named_with_what_is_wrong(fake_fashion_mnist, write_idx_gz, damage, message):
-    path = fake_fashion_mnist.folder / "train-images-idx3-ubyte.gz"
+def test_a_broken_file_is_named_with_what_is_wrong_in_one_line(fake_fashion_mnist, write_idx_gz, damage, message):
+    path = fake_fashion_mnist.folder / TRAIN_IMAGES_FILE
     damage(path, write_idx_gz)
 
-    with pytest.raises(DatasetError, match=rf"train-images-idx3-ubyte\.gz: {message}"):
-        load_raw(fake_fashion_mnist.folder, verify_checksums=False)
+    with pytest.raises(DatasetError, match=rf"train-images-idx3-ubyte\.gz: {message}") as raised:
+        read_folder(fake_fashion_mnist.folder, verify_checksums=False)
+    assert "\n" not in str(raised.value)
 
 
 def test_labels_out_of_range_are_refused(fake_fashion_mnist, write_idx_gz):
     write_idx_gz(fake_fashion_mnist.folder / "t10k-labels-idx1-ubyte.gz", np.full(50, 12, np.uint8))
 
     with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte\.gz: label 12 is out of range.*\[0, 9\]"):
-        load_raw(fake_fashion_mnist.folder, verify_checksums=False)
+        read_folder(fake_fashion_mnist.folder, verify_checksums=False)
 
 
 def test_image_and_label_counts_must_agree(fake_fashion_mnist, write_idx_gz):
@@ -124,12 +141,12 @@ def test_image_and_label_counts_must_agree(fake_fashion_mnist, write_idx_gz):
         match=r"train-images-idx3-ubyte\.gz holds 200 images but "
         r"train-labels-idx1-ubyte\.gz holds 190 labels",
     ):
-        load_raw(fake_fashion_mnist.folder, verify_checksums=False)
+        read_folder(fake_fashion_mnist.folder, verify_checksums=False)
 
 
 def test_checksum_mismatch_says_expected_and_got(fake_fashion_mnist):
     with pytest.raises(DatasetError) as raised:
-        load_raw(fake_fashion_mnist.folder)
+        read_folder(fake_fashion_mnist.folder, verify_checksums=True)
 
     message = str(raised.value)
     assert "train-images-idx3-ubyte.gz: checksum mismatch" in message
@@ -153,6 +170,55 @@ def test_skipping_checksums_is_allowed_for_the_environment_folder(
     prepared = prepare_data(verify_checksums=False, cache_dir=tmp_path / "cache")
 
     assert prepared.source == str(fake_fashion_mnist.folder.resolve())
+
+
+# --- verifying a folder (cnn-train doctor) -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("damage", "message"), BROKEN_TRAIN_IMAGES)
+def test_verify_reports_the_line_a_run_would_raise(fake_fashion_mnist, write_idx_gz, damage, message):
+    damage(fake_fashion_mnist.folder / TRAIN_IMAGES_FILE, write_idx_gz)
+    with pytest.raises(DatasetError) as raised:
+        read_folder(fake_fashion_mnist.folder, verify_checksums=False)
+
+    assert verify_dataset(fake_fashion_mnist.folder, verify_checksums=False) == [str(raised.value)]
+
+
+def test_verify_reports_every_problem_one_line_each(fake_fashion_mnist, write_idx_gz):
+    folder = fake_fashion_mnist.folder
+    _truncate_gzip(folder / TRAIN_IMAGES_FILE, write_idx_gz)
+    write_idx_gz(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(50, np.uint8), magic=2051)
+    write_idx_gz(folder / "train-labels-idx1-ubyte.gz", np.zeros(190, np.uint8))  # no images to compare with
+
+    problems = verify_dataset(folder, verify_checksums=False)
+
+    assert len(problems) == 2, problems
+    assert problems[0].startswith(f"{folder / TRAIN_IMAGES_FILE}: not a complete gzip file")
+    assert problems[1].startswith(f"{folder / 't10k-labels-idx1-ubyte.gz'}: wrong IDX magic number 2051")
+    assert all("\n" not in line for line in problems)
+
+
+def test_verify_reports_image_and_label_counts_that_disagree(fake_fashion_mnist, write_idx_gz):
+    write_idx_gz(fake_fashion_mnist.folder / "t10k-labels-idx1-ubyte.gz", np.zeros(40, np.uint8))
+
+    assert verify_dataset(fake_fashion_mnist.folder, verify_checksums=False) == [
+        f"{fake_fashion_mnist.folder}: t10k-images-idx3-ubyte.gz holds 50 images but t10k-labels-idx1-ubyte.gz "
+        "holds 40 labels; each image needs exactly one label. The two files come from different datasets "
+        "or one is damaged"
+    ]
+
+
+def test_verify_checks_the_official_checksums_by_default(fake_fashion_mnist):
+    problems = verify_dataset(fake_fashion_mnist.folder)
+
+    assert [line.split(": ", 1)[1][:17] for line in problems] == ["checksum mismatch"] * 4
+    assert verify_dataset(fake_fashion_mnist.folder, verify_checksums=False) == []
+
+
+def test_verify_a_missing_folder_is_one_line_saying_how_to_get_the_data(tmp_path):
+    (line,) = verify_dataset(tmp_path / "nowhere")
+
+    assert line.startswith(f"{tmp_path / 'nowhere'}: no such folder. To fix: install Debian's")
 
 
 # --- finding the files ---------------------------------------------------------------------------
@@ -186,7 +252,7 @@ def test_search_order_is_argument_environment_then_search_paths(make_fashion_mni
     )
     partial = tmp_path / "partial"
     partial.mkdir()
-    (partial / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    (partial / TRAIN_IMAGES_FILE).write_bytes(b"")
 
     assert locate_fashion_mnist(search_paths=[tmp_path / "missing", partial, first, second]) == first
     monkeypatch.setenv(data.DATA_DIR_ENV, str(env))
@@ -194,7 +260,7 @@ def test_search_order_is_argument_environment_then_search_paths(make_fashion_mni
     assert locate_fashion_mnist(given, search_paths=[first]) == given
 
 
-def test_nothing_found_lists_every_place_and_how_to_get_the_data(tmp_path):
+def test_nothing_found_lists_every_place_and_how_to_get_the_data_in_one_line(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
 
@@ -202,7 +268,8 @@ def test_nothing_found_lists_every_place_and_how_to_get_the_data(tmp_path):
         locate_fashion_mnist(allow_download=False, search_paths=[tmp_path / "missing", empty])
 
     message = str(raised.value)
-    assert f"{tmp_path / 'missing'} (does not exist)" in message
+    assert "\n" not in message
+    assert f"{tmp_path / 'missing'} (does not exist); " in message
     assert f"{empty} (lacks train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, " in message
     assert "download not allowed (allow_download=False)" in message
     assert "apt-get install dataset-fashion-mnist" in message
@@ -213,11 +280,9 @@ def test_a_failed_download_is_reported_with_the_places_looked_at(tmp_path, monke
     def offline(target, **kwargs):
         raise DatasetError("could not download train-images-idx3-ubyte.gz: network unreachable")
 
-    monkeypatch.setattr(data, "download_fashion_mnist", offline)
+    monkeypatch.setattr("cnn_train.flows.data.locate.download_fashion_mnist", offline)
 
-    with pytest.raises(
-        DatasetError, match=r"(?s)missing \(does not exist\).*download failed: .*network unreachable"
-    ):
+    with pytest.raises(DatasetError, match=r"missing \(does not exist\); download failed: .*network unreachable"):
         locate_fashion_mnist(search_paths=[tmp_path / "missing"])
 
 
@@ -227,6 +292,11 @@ def test_default_search_paths_are_debian_keras_cache_then_downloads(tmp_path):
         tmp_path / "keras-home" / "datasets" / "fashion-mnist",
         tmp_path / "state" / "data" / "fashion-mnist",
     ]
+
+
+def test_the_network_guard_reaches_downloads(tmp_path):
+    with pytest.raises(AssertionError, match=r"a test tried to download https://x\.invalid/"):
+        data.download_fashion_mnist(tmp_path / "downloads", urls=("https://x.invalid/",))
 
 
 def test_download_falls_back_to_the_next_url_and_keeps_only_verified_files(
@@ -268,6 +338,89 @@ def test_download_refuses_files_that_are_not_the_official_ones(fake_fashion_mnis
     ):
         data.download_fashion_mnist(target, urls=("https://a.invalid/", "https://b.invalid/"))
     assert not any(target.iterdir())
+
+
+# --- checking the split arguments ----------------------------------------------------------------
+
+#: id -> (check_split arguments, what the error must say); no files are read.
+BAD_SPLITS = {
+    "fraction-zero": ({"validation_fraction": 0}, r"^validation_fraction must lie strictly between 0 and 1"),
+    "fraction-one": ({"validation_fraction": 1.0}, r"strictly between 0 and 1 .*got 1\.0$"),
+    "fraction-nan": ({"validation_fraction": math.nan}, r"strictly between 0 and 1 .*got nan$"),
+    "fraction-string": (
+        {"validation_fraction": "0.1"}, r"^validation_fraction must be a number in \(0, 1\), got '0\.1'$"
+    ),
+    "seed-negative": ({"seed": -1}, r"^seed must be an integer in \[0, 2\*\*32\), got -1$"),
+    "seed-bool": ({"seed": True}, r"^seed must be an integer .*got True$"),
+    "limit-too-small": ({"sample_limit": 19}, r"^sample_limit must be None .* in \[20, 60000\], got 19$"),
+    "limit-too-large": ({"sample_limit": 60001}, r"\[20, 60000\], got 60001$"),
+    "limit-float": ({"sample_limit": 100.0}, r"^sample_limit must be None .*got 100\.0$"),
+    "limit-above-the-files": (
+        {"sample_limit": 500, "train_images": 200},
+        r"^sample_limit must be None \(all 200 training images\) or an integer in \[20, 200\], got 500$",
+    ),
+    "test-limit-too-small": ({"test_limit": 9}, r"^test_limit must be None .* \[10, 10000\] .*got 9$"),
+    "test-limit-above-the-files": ({"test_limit": 60, "test_images": 50}, r"\[10, 50\] .*got 60$"),
+    "fraction-leaves-no-training-images": (
+        {"sample_limit": 200, "validation_fraction": 0.999},
+        r"^validation_fraction=0\.999 leaves too few training images: 0 of sample_limit=200 \(200 go to "
+        r"validation\), and a stratified split needs at least 10 in each \(one per class\); "
+        r"use validation_fraction between 0\.05 and 0\.95 or sample_limit >= 10000$",
+    ),
+    "fraction-too-large-for-all-images": (
+        {"validation_fraction": 0.99999},
+        r"^validation_fraction=0\.99999 leaves too few training images: 0 of the 60000 training images .*"
+        r"use validation_fraction between 0\.00017 and 0\.99983$",
+    ),
+    "limit-too-small-for-the-fraction": (
+        {"sample_limit": 20, "validation_fraction": 0.1},
+        r"^validation_fraction=0\.1 leaves too few validation images: 2 of sample_limit=20 \(18 go to "
+        r"training\).*use validation_fraction=0\.5 or sample_limit >= 91$",
+    ),
+    "fraction-too-small-for-the-files": (
+        {"validation_fraction": 0.001, "train_images": 200},
+        r"too few validation images: 1 of the 200 training images .*use validation_fraction between "
+        r"0\.05 and 0\.95$",
+    ),
+}
+
+
+@pytest.mark.parametrize(("arguments", "message"), list(BAD_SPLITS.values()), ids=list(BAD_SPLITS))
+def test_bad_split_arguments_say_the_cause_and_what_is_allowed(arguments, message):
+    arguments = {"sample_limit": None, "validation_fraction": 0.1} | arguments
+
+    with pytest.raises(SplitError, match=message) as raised:
+        check_split(**arguments)
+    assert isinstance(raised.value, ValueError) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "sizes"),
+    [
+        pytest.param({"sample_limit": None, "validation_fraction": 0.1}, (54000, 6000, 10000), id="defaults"),
+        pytest.param({"sample_limit": 200, "validation_fraction": 0.05}, (190, 10, 10000), id="smallest-fraction"),
+        pytest.param({"sample_limit": 200, "validation_fraction": 0.95}, (10, 190, 10000), id="largest-fraction"),
+        pytest.param(
+            {"sample_limit": 20, "validation_fraction": 0.5, "test_limit": 10}, (10, 10, 10), id="smallest-everything"
+        ),
+    ],
+)
+def test_a_good_split_is_planned(arguments, sizes):
+    plan = check_split(**arguments)
+
+    assert (plan.train_size, plan.validation_size, plan.test_size) == sizes
+
+
+def test_the_split_is_checked_again_against_the_files(fake_fashion_mnist, tmp_path):
+    with pytest.raises(SplitError, match=r"sample_limit must be None \(all 200 training images\)"):
+        prepare(fake_fashion_mnist.folder, tmp_path / "cache", sample_limit=500)
+    with pytest.raises(SplitError, match=r"0\.001 leaves too few validation images: 1 of the 200 training"):
+        prepare(fake_fashion_mnist.folder, tmp_path / "cache", validation_fraction=0.001)
+
+
+def test_bad_split_arguments_fail_before_any_file_is_looked_for(tmp_path):
+    with pytest.raises(SplitError, match=r"leaves too few training images"):
+        prepare_data(tmp_path / "nowhere", sample_limit=200, validation_fraction=0.999)
 
 
 # --- splitting -----------------------------------------------------------------------------------
@@ -347,38 +500,6 @@ def test_prepared_data_describes_itself(fake_fashion_mnist, tmp_path):
     assert train_data.x_val is prepared.x_val
 
 
-#: id -> (arguments, what the error must say)
-BAD_ARGUMENTS = {
-    "fraction-zero": ({"validation_fraction": 0}, r"validation_fraction must lie strictly between 0 and 1"),
-    "fraction-one": ({"validation_fraction": 1.0}, r"strictly between 0 and 1 .*got 1\.0"),
-    "fraction-nan": ({"validation_fraction": math.nan}, r"strictly between 0 and 1"),
-    "fraction-string": ({"validation_fraction": "0.1"}, r"validation_fraction must be a number"),
-    "seed-negative": ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*32\)"),
-    "seed-bool": ({"seed": True}, r"seed must be an integer"),
-    "limit-too-small": ({"sample_limit": 19}, r"sample_limit must be None .* in \[20, 60000\], got 19"),
-    "limit-too-large": ({"sample_limit": 60001}, r"\[20, 60000\], got 60001"),
-    "limit-float": ({"sample_limit": 100.0}, r"sample_limit must be None"),
-    "test-limit-too-small": ({"test_limit": 9}, r"test_limit must be None .* \[10, 10000\]"),
-    "limit-above-files": ({"sample_limit": 500}, r"sample_limit=500 exceeds the 200 images available"),
-    "test-limit-above-files": ({"test_limit": 60}, r"test_limit=60 exceeds the 50 images available"),
-    "limit-too-small-for-the-fraction": (
-        {"sample_limit": 20},
-        r"splitting 20 images with validation_fraction=0\.1 gives 18 training and 2 validation images; "
-        r".*at least 10 in each .*use sample_limit >= 91",
-    ),
-    "fraction-too-small-for-the-files": (
-        {"validation_fraction": 0.001},
-        r"gives 199 training and 1 validation images.*: change validation_fraction",
-    ),
-}
-
-
-@pytest.mark.parametrize(("options", "message"), list(BAD_ARGUMENTS.values()), ids=list(BAD_ARGUMENTS))
-def test_bad_arguments_say_what_is_allowed(fake_fashion_mnist, tmp_path, options, message):
-    with pytest.raises(ValueError, match=message):
-        prepare(fake_fashion_mnist.folder, tmp_path / "cache", **options)
-
-
 # --- caching -------------------------------------------------------------------------------------
 
 
@@ -386,7 +507,7 @@ def _forbid_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     def parse(*args, **kwargs):
         raise AssertionError("the files were parsed again although the cache holds this split")
 
-    monkeypatch.setattr(data, "_parse_folder", parse)
+    monkeypatch.setattr("cnn_train.flows.data.prepare.read_folder", parse)
 
 
 def test_a_cached_split_is_returned_without_parsing(fake_fashion_mnist, tmp_path, monkeypatch):
@@ -491,15 +612,59 @@ def test_an_unusable_cache_dir_does_not_stop_the_run(fake_fashion_mnist, tmp_pat
     assert prepared.summary() == {"train": 180, "validation": 20, "test": 50}
 
 
+def _cached_digests(cache_dir: Path) -> set[str]:
+    return {path.stem for path in cache_dir.glob("*.npz")}
+
+
+def _make_long_unused(cache_dir: Path) -> None:
+    """Date every cached split back, oldest first in creation order: file times tick too coarsely
+    for splits made a few milliseconds apart to be told apart otherwise."""
+    by_age = sorted(cache_dir.glob("*.npz"), key=lambda path: path.stat().st_mtime_ns)
+    hour_ago = time.time() - 3600
+    for offset, path in enumerate(by_age):
+        os.utime(path, (hour_ago + offset, hour_ago + offset))
+
+
+def test_the_cache_keeps_only_the_most_recently_used_splits(fake_fashion_mnist, tmp_path, monkeypatch):
+    monkeypatch.setenv(data.CACHED_SPLITS_ENV, "2")
+    cache_dir = tmp_path / "cache"
+    digest = {}
+    for seed in (1, 2):
+        digest[seed] = prepare(fake_fashion_mnist.folder, cache_dir, seed=seed).digest
+        _make_long_unused(cache_dir)
+    prepare(fake_fashion_mnist.folder, cache_dir, seed=1)  # a hit makes seed 1's split the recent one
+
+    digest[3] = prepare(fake_fashion_mnist.folder, cache_dir, seed=3).digest
+
+    assert _cached_digests(cache_dir) == {digest[1], digest[3]}
+
+
+def test_the_cache_bound_defaults_to_a_few_splits(fake_fashion_mnist, tmp_path):
+    cache_dir = tmp_path / "cache"
+    digests = []
+    for seed in range(data.MAX_CACHED_SPLITS + 1):
+        digests.append(prepare(fake_fashion_mnist.folder, cache_dir, seed=seed).digest)
+        _make_long_unused(cache_dir)
+
+    assert data.MAX_CACHED_SPLITS == 4
+    assert _cached_digests(cache_dir) == set(digests[1:])
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", ""], ids=["zero", "negative", "word", "empty"])
+def test_a_bad_cache_bound_warns_and_keeps_the_default(fake_fashion_mnist, tmp_path, monkeypatch, caplog, value):
+    monkeypatch.setenv(data.CACHED_SPLITS_ENV, value)
+
+    prepare(fake_fashion_mnist.folder, tmp_path / "cache")
+
+    expected = f"ignoring $CNN_TRAIN_CACHED_SPLITS={value!r}: it must be a whole number of splits, at least 1"
+    assert expected in caplog.text
+
+
 # --- the real files ------------------------------------------------------------------------------
 
 
 def test_real_fashion_mnist_is_verified_and_split(real_fashion_mnist_dir, tmp_path):
-    x_train, y_train, x_test, y_test = load_raw(real_fashion_mnist_dir)  # checksums verified
-    assert (x_train.shape, y_train.shape, x_test.shape, y_test.shape) == (
-        (60000, 28, 28), (60000,), (10000, 28, 28), (10000,),
-    )
-    assert np.bincount(y_train).tolist() == [6000] * 10 and np.bincount(y_test).tolist() == [1000] * 10
+    assert verify_dataset(real_fashion_mnist_dir) == []
 
     prepared = prepare_data(real_fashion_mnist_dir, cache_dir=tmp_path / "cache", search_paths=[])
 
@@ -507,4 +672,5 @@ def test_real_fashion_mnist_is_verified_and_split(real_fashion_mnist_dir, tmp_pa
     assert prepared.x_train.shape == (54000, 28, 28, 1) and prepared.x_train.dtype == np.float32
     assert 0.0 == prepared.x_test.min() and prepared.x_test.max() == 1.0
     assert np.bincount(prepared.y_val).tolist() == [600] * 10
+    assert np.bincount(prepared.y_test).tolist() == [1000] * 10
     assert prepared.source == str(real_fashion_mnist_dir)

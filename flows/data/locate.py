@@ -1,0 +1,155 @@
+"""Find the four Fashion-MNIST files: a folder the user named, the usual places, else a download."""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cnn_train.flows.data.atomic import write_atomically
+from cnn_train.flows.data.files import FILE_NAMES, FILES, DatasetError
+from cnn_train.flows.data.idx import check_content, decompress
+from cnn_train.flows.settings import state_dir
+
+log = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "CNN_TRAIN_DATA_DIR"
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+#: Where Keras (and then the zalando repository) serve the official files, in the order tried.
+DOWNLOAD_URLS: tuple[str, ...] = (
+    "https://storage.googleapis.com/tensorflow/tf-keras-datasets/",
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+)
+DOWNLOAD_TIMEOUT_SECONDS = 15.0
+HOW_TO_GET = (
+    f"install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist), "
+    f"pass data_dir / set {DATA_DIR_ENV} to a folder holding the four files, or allow the download"
+)
+# Records which mirror filled our download folder, so runs on those files report the URL.
+SOURCE_MARKER = ".source-url"
+DOWNLOAD_MISMATCH_FIX = "This server does not send the official file."
+
+
+def keras_cache_dir() -> Path:
+    """Where Keras's ``fashion_mnist.load_data()`` keeps its files (``$KERAS_HOME`` or ``~/.keras``)."""
+    home = os.environ.get("KERAS_HOME") or Path.home() / ".keras"
+    return Path(home) / "datasets" / "fashion-mnist"
+
+
+def download_dir() -> Path:
+    """Where a download lands: the state dir's ``data/fashion-mnist``."""
+    return state_dir() / "data" / "fashion-mnist"
+
+
+def default_search_paths() -> list[Path]:
+    """Folders tried, in order, when neither ``data_dir`` nor ``$CNN_TRAIN_DATA_DIR`` is given."""
+    return [DEBIAN_DIR, keras_cache_dir(), download_dir()]
+
+
+def _missing_files(folder: Path) -> list[str]:
+    return [name for name in FILE_NAMES if not (folder / name).is_file()]
+
+
+def explicit_dir(data_dir: Path | str | None) -> tuple[Path, str] | None:
+    """The folder the user named (argument first, then the environment) and how they named it."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser(), "data_dir"
+    if env := os.environ.get(DATA_DIR_ENV):
+        return Path(env).expanduser(), f"${DATA_DIR_ENV}"
+    return None
+
+
+def locate_fashion_mnist(
+    data_dir: Path | str | None = None,
+    *,
+    allow_download: bool = True,
+    search_paths: Sequence[Path | str] | None = None,
+) -> Path:
+    """The first folder holding all four files: ``data_dir``, ``$CNN_TRAIN_DATA_DIR``, then
+    ``search_paths`` (default :func:`default_search_paths`), else a verified download.
+
+    A folder the user named that lacks files is an error naming them, never a silent fall-through.
+    """
+    if explicit := explicit_dir(data_dir):
+        folder, named_by = explicit
+        if missing := _missing_files(folder):
+            raise DatasetError(
+                f"{named_by} {folder} does not hold {', '.join(missing)}; it must contain all four "
+                f"Fashion-MNIST files ({', '.join(FILE_NAMES)}). Point it at a folder that does, or "
+                f"unset it to search the usual places ({DEBIAN_DIR}, the Keras cache, a download)"
+            )
+        return folder
+
+    candidates = default_search_paths() if search_paths is None else [Path(p) for p in search_paths]
+    looked_at = []
+    for folder in candidates:
+        missing = _missing_files(folder)
+        if not missing:
+            return folder
+        what = "does not exist" if not folder.is_dir() else f"lacks {', '.join(missing)}"
+        looked_at.append(f"{folder} ({what})")
+
+    if allow_download:
+        try:
+            return download_fashion_mnist(download_dir())
+        except DatasetError as error:
+            looked_at.append(f"download failed: {error}")
+    else:
+        looked_at.append("download not allowed (allow_download=False)")
+    raise DatasetError(
+        f"Fashion-MNIST not found: looked for the four files ({', '.join(FILE_NAMES)}) in "
+        f"{'; '.join(looked_at)}. To fix: {HOW_TO_GET}."
+    )
+
+
+def _fetch(url: str, timeout: float) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read()
+
+
+def _fetcher() -> Callable[[str, float], bytes]:
+    # The tests' network guard (tests/conftest.py) replaces ``cnn_train.flows.data._fetch``, the
+    # package's name for :func:`_fetch`; looking it up there at call time lets the guard reach
+    # every download, which a name bound in this module would bypass.
+    from cnn_train.flows import data
+
+    return data._fetch
+
+
+def download_fashion_mnist(
+    target: Path, *, urls: Sequence[str] = DOWNLOAD_URLS, timeout: float = DOWNLOAD_TIMEOUT_SECONDS
+) -> Path:
+    """Fetch the four files into ``target``, trying each base URL in turn; only verified files are kept."""
+    target.mkdir(parents=True, exist_ok=True)
+    fetch = _fetcher()
+    used = []
+    for spec in FILES:
+        failures = []
+        for base in urls:
+            url = base + spec.name
+            try:
+                blob = fetch(url, timeout)
+                check_content(decompress(blob, url), spec, url, verify_checksum=True, fix=DOWNLOAD_MISMATCH_FIX)
+            except DatasetError as error:
+                failures.append(str(error))
+                continue
+            except (OSError, http.client.HTTPException) as error:
+                failures.append(f"{url}: {error}")
+                continue
+            write_atomically(target / spec.name, lambda file: file.write(blob))
+            used.append(base)
+            break
+        else:
+            raise DatasetError(f"could not download {spec.name}: " + "; ".join(failures))
+    write_atomically(target / SOURCE_MARKER, lambda file: file.write(used[0].encode()))
+    log.info("downloaded Fashion-MNIST from %s into %s", used[0], target)
+    return target
+
+
+def source_of(folder: Path) -> str:
+    """The URL a download came from, else the folder itself: what a run reports as its data source."""
+    marker = folder / SOURCE_MARKER
+    return marker.read_text().strip() if marker.is_file() else str(folder.resolve())
