@@ -10,13 +10,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cnn_train.flows import reports
-from cnn_train.flows.reports import ComparisonRow, ReportFiles, ReportInputs
+from cnn_train.flows import reporting
+from cnn_train.flows.reporting import ComparisonRow, ReportFiles, ReportInputs
+from cnn_train.flows.reporting.canvas import mosaic
 from cnn_train.plugins.config import FASHION_MNIST_CLASSES, ModelConfig, TrainConfig
 from cnn_train.plugins.contract import EpochMetrics, Evaluation, TrainHistory
 
 N_IMAGES = 40
 CLASSES = FASHION_MNIST_CLASSES
+MLFLOW_URL = "http://127.0.0.1:5000/#/experiments/1/runs/abc123"
+PREFECT_URL = "http://127.0.0.1:4200/runs/flow-run/f00"
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +56,8 @@ def probabilities(rng: np.random.Generator, y_true: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def history() -> TrainHistory:
+    """Three epochs, the first slowed by warm-up, so the median (13.0 s) and the mean (15.0 s) differ."""
+    seconds = {1: 20.0, 2: 12.0, 3: 13.0}
     return TrainHistory(
         epochs=tuple(
             EpochMetrics(
@@ -61,8 +66,8 @@ def history() -> TrainHistory:
                 accuracy=0.78 + 0.04 * e,
                 val_loss=0.55 / e + 0.05,
                 val_accuracy=0.80 + 0.03 * e,
-                seconds=12.0 + e,
-                images_per_second=4000.0 + 100 * e,
+                seconds=seconds[e],
+                images_per_second=54_000 / seconds[e],
             )
             for e in (1, 2, 3)
         )
@@ -77,19 +82,22 @@ def feature_maps(rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def inputs(history: TrainHistory) -> ReportInputs:
+def dense_row() -> ComparisonRow:
+    return ComparisonRow("dense (torch)", 0.8843, 101_770, 6.1, 9000.0)
+
+
+@pytest.fixture(scope="module")
+def inputs(history: TrainHistory, dense_row: ComparisonRow) -> ReportInputs:
     return ReportInputs(
         backend="torch",
         model_config=ModelConfig(),
         train_config=TrainConfig(epochs=3),
         history=history,
         test=Evaluation(loss=0.2617, accuracy=0.91234),
-        device="cpu",
         run_name="cnn-torch-demo",
-        mlflow_run_url="http://127.0.0.1:5000/#/experiments/1/runs/abc123",
-        prefect_flow_run_url="http://127.0.0.1:4200/runs/flow-run/f00",
-        dense_baseline=ComparisonRow("dense (torch)", 0.8843, 101_770, 6.1, 9000.0),
-        other_backends=(ComparisonRow("keras", 0.9085, 421_642, 15.2, 3500.0),),
+        mlflow_run_url=MLFLOW_URL,
+        prefect_flow_run_url=PREFECT_URL,
+        dense_baseline=dense_row,
     )
 
 
@@ -103,7 +111,7 @@ def written(
     feature_maps: dict[str, np.ndarray],
     rng: np.random.Generator,
 ) -> ReportFiles:
-    return reports.write_report(
+    return reporting.write_report(
         inputs,
         tmp_path_factory.mktemp("report"),
         images=images,
@@ -112,6 +120,11 @@ def written(
         kernels=rng.normal(size=(3, 3, 1, 32)),
         feature_maps=feature_maps,
     )
+
+
+@pytest.fixture(scope="module")
+def report_text(written: ReportFiles) -> str:
+    return written.report_md.read_text()
 
 
 def assert_real_png(path: Path) -> None:
@@ -130,46 +143,51 @@ FigureCase = Callable[..., Path]
 
 
 def _learning_curves(path: Path, **data) -> Path:
-    return reports.plot_learning_curves(data["history"], path)
+    return reporting.plot_learning_curves(data["history"], path)
 
 
 def _learning_curves_from_list(path: Path, **data) -> Path:
-    return reports.plot_learning_curves(list(data["history"].epochs), path)
+    return reporting.plot_learning_curves(list(data["history"].epochs), path)
 
 
 def _confusion(path: Path, **data) -> Path:
-    counts = reports.classification_tables(data["y_true"], data["probabilities"].argmax(1), CLASSES).confusion
-    return reports.plot_confusion_matrix(counts, CLASSES, path)
+    summary = reporting.classification_tables(data["y_true"], data["probabilities"].argmax(1), CLASSES)
+    return reporting.plot_confusion_matrix(summary, path)
 
 
 def _grid(path: Path, **data) -> Path:
-    return reports.plot_predictions_grid(data["images"], data["y_true"], data["probabilities"], CLASSES, path)
+    return reporting.plot_predictions_grid(data["images"], data["y_true"], data["probabilities"], CLASSES, path)
+
+
+def _grid_rgb(path: Path, **data) -> Path:
+    rgb = np.repeat(data["images"], 3, axis=-1)
+    return reporting.plot_predictions_grid(rgb, data["y_true"], data["probabilities"], CLASSES, path, n=7)
 
 
 def _mistakes(path: Path, **data) -> Path:
-    return reports.plot_confident_mistakes(data["images"], data["y_true"], data["probabilities"], CLASSES, path)
+    return reporting.plot_confident_mistakes(data["images"], data["y_true"], data["probabilities"], CLASSES, path)
 
 
 def _no_mistakes(path: Path, **data) -> Path:
     perfect = np.eye(len(CLASSES))[data["y_true"]]
-    return reports.plot_confident_mistakes(data["images"], data["y_true"], perfect, CLASSES, path)
+    return reporting.plot_confident_mistakes(data["images"], data["y_true"], perfect, CLASSES, path)
 
 
 def _kernels(path: Path, **data) -> Path:
-    return reports.plot_kernels(data["rng"].normal(size=(3, 3, 1, 32)), path)
+    return reporting.plot_kernels(data["rng"].normal(size=(3, 3, 1, 32)), path)
 
 
 def _kernels_rgb(path: Path, **data) -> Path:
-    return reports.plot_kernels(data["rng"].normal(size=(5, 5, 3, 6)), path)
+    return reporting.plot_kernels(data["rng"].normal(size=(5, 5, 3, 6)), path)
 
 
 def _feature_maps(path: Path, **data) -> Path:
-    return reports.plot_feature_maps(data["images"][0], data["feature_maps"], path)
+    return reporting.plot_feature_maps(data["images"][0], data["feature_maps"], path)
 
 
 def _feature_maps_unbatched(path: Path, **data) -> Path:
     maps = {name: values[0, :, :, :4] for name, values in data["feature_maps"].items()}
-    return reports.plot_feature_maps(data["images"][0], maps, path, max_channels=16)
+    return reporting.plot_feature_maps(data["images"][0], maps, path, max_channels=16)
 
 
 @pytest.mark.parametrize(
@@ -179,6 +197,7 @@ def _feature_maps_unbatched(path: Path, **data) -> Path:
         pytest.param(_learning_curves_from_list, id="learning-curves-from-epoch-list"),
         pytest.param(_confusion, id="confusion-matrix"),
         pytest.param(_grid, id="predictions-grid"),
+        pytest.param(_grid_rgb, id="predictions-grid-rgb-partial-row"),
         pytest.param(_mistakes, id="confident-mistakes"),
         pytest.param(_no_mistakes, id="confident-mistakes-when-none"),
         pytest.param(_kernels, id="kernels"),
@@ -210,6 +229,15 @@ def test_written_figures_are_real_pictures(written: ReportFiles) -> None:
         assert_real_png(path)
 
 
+def test_mosaic_places_every_tile_with_gaps_and_caption_bands() -> None:
+    tiles = np.arange(5 * 2 * 3, dtype=float).reshape(5, 2, 3)
+    tiled = mosaic(tiles, 2, gap=1, band=2)
+    assert tiled.pixels.shape == (3 * (2 + 2) + 2 * 1, 2 * 3 + 1)
+    for tile, (x, y) in zip(tiles, tiled.origins, strict=True):
+        np.testing.assert_array_equal(tiled.pixels[y : y + 2, x : x + 3], tile)
+    assert np.isnan(tiled.pixels).sum() == tiled.pixels.size - tiles.size, "gaps and bands are NaN"
+
+
 @pytest.mark.parametrize(
     ("name", "shape", "title"),
     [
@@ -218,12 +246,12 @@ def test_written_figures_are_real_pictures(written: ReportFiles) -> None:
     ],
 )
 def test_feature_map_title_names_the_shape(name: str, shape: tuple[int, ...], title: str) -> None:
-    assert reports.feature_map_title(name, shape) == title
+    assert reporting.feature_map_title(name, shape) == title
 
 
 def test_feature_maps_refuse_a_batch_of_several(images: np.ndarray, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"'conv1' must be \(height, width, channels\) or \(1, h, w, c\)"):
-        reports.plot_feature_maps(images[0], {"conv1": np.zeros((2, 28, 28, 32))}, tmp_path / "f.png")
+        reporting.plot_feature_maps(images[0], {"conv1": np.zeros((2, 28, 28, 32))}, tmp_path / "f.png")
 
 
 @pytest.mark.parametrize(
@@ -234,19 +262,19 @@ def test_feature_maps_refuse_a_batch_of_several(images: np.ndarray, tmp_path: Pa
     ],
 )
 def test_prediction_title(args: tuple, expected: str) -> None:
-    assert reports.prediction_title(*args) == expected
+    assert reporting.prediction_title(*args) == expected
 
 
 def test_confident_mistakes_are_ordered_by_confidence() -> None:
     probabilities = np.array([[0.9, 0.1], [0.3, 0.7], [0.2, 0.8], [0.6, 0.4]])
     y_true = np.array([0, 0, 0, 1])
-    assert reports.confident_mistakes(y_true, probabilities, n=10).tolist() == [2, 1, 3]
-    assert reports.confident_mistakes(y_true, probabilities, n=1).tolist() == [2]
+    assert reporting.confident_mistakes(y_true, probabilities, n=10).tolist() == [2, 1, 3]
+    assert reporting.confident_mistakes(y_true, probabilities, n=1).tolist() == [2]
 
 
 def test_predictions_refuse_mismatched_probabilities(images: np.ndarray, y_true: np.ndarray, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"probabilities must be \(n, 10\)"):
-        reports.plot_predictions_grid(images, y_true, np.full((N_IMAGES, 3), 1 / 3), CLASSES, tmp_path / "g.png")
+        reporting.plot_predictions_grid(images, y_true, np.full((N_IMAGES, 3), 1 / 3), CLASSES, tmp_path / "g.png")
 
 
 # --------------------------------------------------------------------------- tables
@@ -254,29 +282,40 @@ def test_predictions_refuse_mismatched_probabilities(images: np.ndarray, y_true:
 
 def test_classification_tables_values() -> None:
     names = ("a", "b", "c")
-    summary = reports.classification_tables(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), names)
+    summary = reporting.classification_tables(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), names)
     assert summary.accuracy == pytest.approx(0.75)
     assert summary.confusion.tolist() == [[1, 1, 0], [0, 2, 0], [0, 0, 0]]
+    assert summary.confusion_rates.tolist() == [[0.5, 0.5, 0], [0, 1, 0], [0, 0, 0]], "an absent class: zeros"
+    assert list(summary.per_class.columns) == list(reporting.PER_CLASS_COLUMNS)
     row = summary.per_class.set_index("class")
     assert row.loc["a"].tolist() == pytest.approx([1.0, 0.5, 2 / 3, 2])
     assert row.loc["b"].tolist() == pytest.approx([2 / 3, 1.0, 0.8, 2])
     assert row.loc["c"].tolist() == [0, 0, 0, 0], "an absent class gets zeros, not NaN"
     averages = summary.averages.set_index("class")
-    assert averages.loc["macro avg", "recall"] == pytest.approx(0.5)
-    assert averages.loc["weighted avg", "recall"] == pytest.approx(0.75)
+    assert averages.loc["macro avg"].tolist() == pytest.approx([5 / 9, 0.5, (2 / 3 + 0.8) / 3, 4])
+    assert averages.loc["weighted avg"].tolist() == pytest.approx([5 / 6, 0.75, (2 / 3 + 0.8) / 2, 4])
     assert list(summary.with_averages()["class"]) == ["a", "b", "c", "macro avg", "weighted avg"]
 
 
-def test_classification_tables_refuse_labels_outside_the_classes() -> None:
-    message = r"y_pred must lie in \[0, 1\] to match 2 class names, got values from 0 to 2"
+@pytest.mark.parametrize(
+    ("y_pred", "names", "message"),
+    [
+        pytest.param(
+            [0, 2], ("a", "b"), r"y_pred must lie in \[0, 1\] to match 2 class names, got values from 0 to 2",
+            id="label-outside-the-classes",
+        ),
+        pytest.param([0], ("a", "b"), "y_true and y_pred must have the same length, got 2 and 1", id="lengths"),
+        pytest.param([0, 1], ("a", "a"), r"class_names must be distinct, got \['a', 'a'\]", id="duplicate-names"),
+    ],
+)
+def test_classification_tables_refuse(y_pred: list[int], names: tuple[str, ...], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        reports.classification_tables(np.array([0, 1]), np.array([0, 2]), ("a", "b"))
+        reporting.classification_tables(np.array([0, 1]), np.array(y_pred), names)
 
 
-def test_normalised_confusion_rows_sum_to_one(y_true: np.ndarray, probabilities: np.ndarray) -> None:
-    summary = reports.classification_tables(y_true, probabilities.argmax(1), CLASSES)
-    np.testing.assert_allclose(summary.confusion_normalised.sum(axis=1), 1.0)
-    assert reports.normalise_rows(np.array([[0, 0], [1, 3]])).tolist() == [[0, 0], [0.25, 0.75]]
+def test_confusion_rates_rows_sum_to_one(y_true: np.ndarray, probabilities: np.ndarray) -> None:
+    summary = reporting.classification_tables(y_true, probabilities.argmax(1), CLASSES)
+    np.testing.assert_allclose(summary.confusion_rates.sum(axis=1), 1.0)
 
 
 @pytest.mark.parametrize(
@@ -290,7 +329,7 @@ def test_normalised_confusion_rows_sum_to_one(y_true: np.ndarray, probabilities:
     ],
 )
 def test_parity_verdict(accuracies: dict[str, float], verdict: str) -> None:
-    text = reports.parity_verdict(accuracies, tolerance_points=1.0)
+    text = reporting.parity_verdict(accuracies, tolerance_points=1.0)
     assert text.startswith(verdict)
     assert "torch 91.20%" in text
 
@@ -304,89 +343,215 @@ def test_parity_verdict(accuracies: dict[str, float], verdict: str) -> None:
 )
 def test_parity_verdict_refuses(accuracies: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        reports.parity_verdict(accuracies)
+        reporting.parity_verdict(accuracies)
 
 
 def test_comparison_table_accepts_rows_and_mappings() -> None:
-    frame = reports.comparison_table(
+    frame = reporting.comparison_table(
         [ComparisonRow("cnn", 0.912, 421_642, 12.5, 4800.0), {"name": "dense", "test_accuracy": 0.884}]
     )
-    assert list(frame.columns) == list(reports.COMPARISON_COLUMNS)
+    assert list(frame.columns) == list(reporting.COMPARISON_COLUMNS)
     assert frame["parameters"].tolist()[0] == 421_642
     assert pd.isna(frame.loc[1, "seconds_per_epoch"])
-    table = reports.markdown_table(frame, reports.COMPARISON_FORMATS)
+    table = reporting.markdown_table(frame)
     assert "| cnn | 91.20% | 421,642 | 12.5 | 4,800 |" in table
     assert "| dense | 88.40% | n/a | n/a | n/a |" in table
 
 
 def test_comparison_table_refuses_unknown_keys() -> None:
-    with pytest.raises(ValueError, match=r"unknown keys \['acc'\]"):
-        reports.comparison_table([{"name": "cnn", "test_accuracy": 0.9, "acc": 0.9}])
+    with pytest.raises(ValueError, match=r"unknown keys \['acc'\]; allowed: name, test_accuracy"):
+        reporting.comparison_table([{"name": "cnn", "test_accuracy": 0.9, "acc": 0.9}])
+
+
+def test_comparison_row_of_a_history_takes_its_median_speed(history: TrainHistory) -> None:
+    row = ComparisonRow.of("cnn (torch)", history, 0.91, 421_642)
+    assert row == ComparisonRow("cnn (torch)", 0.91, 421_642, 13.0, 54_000 / 13.0)
+
+
+# --------------------------------------------------------------------------- markdown numbers
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "cell"),
+    [
+        pytest.param("test_accuracy", 0.79713525390625, "79.71%", id="test-accuracy-percent"),
+        pytest.param("val_accuracy", 0.9, "90.00%", id="val-accuracy-percent"),
+        pytest.param("accuracy", 0.8125, "81.25%", id="accuracy-percent"),
+        pytest.param("seconds_per_epoch", 13.0449, "13.0", id="seconds-per-epoch-one-decimal"),
+        pytest.param("seconds", 9.96, "10.0", id="seconds-one-decimal"),
+        pytest.param("images_per_second", 4153.846, "4,154", id="throughput-whole-with-separators"),
+        pytest.param("test_loss", 0.261749, "0.2617", id="loss-four-decimals"),
+        pytest.param("parameters", 421642, "421,642", id="parameters-separators"),
+        pytest.param("f1", 2 / 3, "0.667", id="f1-three-decimals"),
+        pytest.param("learning_rate", 0.0003, "0.0003", id="unknown-float-plain"),
+        pytest.param("test_accuracy", float("nan"), "n/a", id="missing"),
+    ],
+)
+def test_markdown_table_formats_well_known_columns(column: str, value: object, cell: str) -> None:
+    table = reporting.markdown_table(pd.DataFrame({column: [value]}))
+    assert table.splitlines()[-1] == f"| {cell} |"
+
+
+def test_markdown_table_takes_formats_per_column() -> None:
+    frame = pd.DataFrame({"test_accuracy": [0.5], "ratio": [0.123456]})
+    table = reporting.markdown_table(frame, {"ratio": reporting.percent_format})
+    assert table.splitlines()[-1] == "| 50.00% | 12.35% |"
+
+
+def test_sweep_ranking_reads_as_human_numbers() -> None:
+    ranking = pd.DataFrame(
+        {
+            "rank": [1, 2],
+            "learning_rate": [0.001, 0.003],
+            "test_accuracy": [0.79713525390625, 0.7812],
+            "test_loss": [0.5612345, 0.6],
+            "seconds_per_epoch": [13.04, 12.96],
+            "run_id": ["abc", "def"],
+        }
+    )
+    lines = reporting.markdown_table(ranking).splitlines()
+    assert lines[0] == "| rank | learning rate | test accuracy | test loss | seconds per epoch | run id |"
+    assert lines[2] == "| 1 | 0.001 | 79.71% | 0.5612 | 13.0 | abc |"
+
+
+def test_table_records_carry_the_markdown_numbers() -> None:
+    frame = reporting.comparison_table([ComparisonRow("cnn", 0.912, 421_642, 12.5, 4800.0), ComparisonRow("d", 0.9)])
+    assert reporting.table_records(frame) == [
+        {
+            "name": "cnn",
+            "test_accuracy": "91.20%",
+            "parameters": "421,642",
+            "seconds_per_epoch": "12.5",
+            "images_per_second": "4,800",
+        },
+        {"name": "d", "test_accuracy": "90.00%"} | dict.fromkeys(reporting.COMPARISON_COLUMNS[2:], "n/a"),
+    ]
 
 
 def test_markdown_table_aligns_numbers_and_escapes_pipes() -> None:
-    table = reports.markdown_table(pd.DataFrame({"name": ["a|b"], "value": [1.5]}))
+    table = reporting.markdown_table(pd.DataFrame({"name": ["a|b"], "value": [1.5]}))
     assert table.splitlines() == ["| name | value |", "| :--- | ---: |", r"| a\|b | 1.5 |"]
 
 
 # --------------------------------------------------------------------------- report
 
 
-def test_per_class_csv_has_one_row_per_class(written: ReportFiles) -> None:
+def test_per_class_csv_keeps_raw_values(written: ReportFiles) -> None:
     frame = pd.read_csv(written.per_class_csv)
-    assert list(frame.columns) == list(reports.PER_CLASS_COLUMNS)
+    assert list(frame.columns) == list(reporting.PER_CLASS_COLUMNS)
     assert frame["class"].tolist() == list(CLASSES)
     assert frame["support"].sum() == N_IMAGES
-    assert len(pd.read_csv(written.epochs_csv)) == 3
+    epochs = pd.read_csv(written.epochs_csv)
+    assert epochs["images_per_second"].tolist() == pytest.approx([2700.0, 4500.0, 54_000 / 13])
 
 
-def test_report_states_metrics_links_and_tables(written: ReportFiles) -> None:
-    text = written.report_md.read_text()
-    assert text.startswith("# Fashion-MNIST CNN, torch backend")
-    assert "| test accuracy | 91.23% (0.9123) |" in text
-    assert "| test loss | 0.2617 |" in text
-    assert "| epochs | 3 |" in text
-    assert "| seconds per epoch | 14.0 |" in text
-    assert "[MLflow run](http://127.0.0.1:5000/#/experiments/1/runs/abc123)" in text
-    assert "[Prefect flow run](http://127.0.0.1:4200/runs/flow-run/f00)" in text
+def test_report_states_metrics_links_and_tables(report_text: str) -> None:
+    assert report_text.startswith("# Fashion-MNIST CNN, torch backend")
+    assert "| test accuracy | 91.23% (0.9123) |" in report_text
+    assert "| test loss | 0.2617 |" in report_text
+    assert "| epochs | 3 |" in report_text
+    assert f"[MLflow run]({MLFLOW_URL}) · [Prefect flow run]({PREFECT_URL})" in report_text
     for name in CLASSES:
-        assert f"| {name} | " in text
-    assert "| macro avg | " in text
-    assert "| 3 | 0.2000 | 90.00% | 0.2333 | 89.00% | 15.0 | 4,300 |" in text
-    assert "Verdict: parity: max gap 0.38 points <= 1" in text
+        assert f"| {name} | " in report_text
+    assert "| macro avg | " in report_text
+    assert "| 3 | 0.2000 | 90.00% | 0.2333 | 89.00% | 13.0 | 4,154 |" in report_text
 
 
-def test_report_links_figures_beside_it(written: ReportFiles) -> None:
-    text = written.report_md.read_text()
+def test_report_and_comparison_table_carry_the_same_speed(
+    report_text: str, inputs: ReportInputs, dense_row: ComparisonRow
+) -> None:
+    table = reporting.comparison_table([inputs.as_comparison_row("CNN (torch)"), dense_row])
+    assert table.loc[0, "seconds_per_epoch"] == inputs.history.seconds_per_epoch == 13.0
+    assert table.loc[0, "images_per_second"] == inputs.history.images_per_second
+    assert "| seconds per epoch (median) | 13.0 |" in report_text
+    assert "| images per second (median) | 4,154 |" in report_text
+    assert "| CNN (torch) | 91.23% | 421,642 | 13.0 | 4,154 |" in report_text
+
+
+def test_report_links_figures_beside_it(written: ReportFiles, report_text: str) -> None:
     for path in written.figures.paths():
-        assert f"]({path.name})" in text
+        assert f"]({path.name})" in report_text
         assert path.parent == written.report_md.parent
 
 
-def test_report_states_the_cnn_gain_over_dense(written: ReportFiles) -> None:
+def test_report_states_the_cnn_gain_over_dense(report_text: str) -> None:
     assert (
         "The CNN reaches 91.23% against 88.43% for the dense network: +2.80 points, "
-        "with 421,642 parameters against 101,770." in written.report_md.read_text()
+        "with 421,642 parameters against 101,770." in report_text
     )
 
 
-def test_report_without_optional_parts(history: TrainHistory, y_true: np.ndarray) -> None:
+def _render(history: TrainHistory, y_true: np.ndarray, **links: str | None) -> str:
     inputs = ReportInputs(
         backend="keras",
         model_config=ModelConfig.preset("dense"),
         train_config=TrainConfig(),
         history=history,
         test=Evaluation(loss=0.33, accuracy=0.8843),
+        **links,
     )
-    text = reports.render_report_markdown(inputs, reports.classification_tables(y_true, y_true, CLASSES))
+    return reporting.render_report_markdown(inputs, reporting.classification_tables(y_true, y_true, CLASSES))
+
+
+HINT = "run `cnn-train up` and open http://127.0.0.1:5000"
+
+
+@pytest.mark.parametrize(
+    ("links", "present", "absent"),
+    [
+        pytest.param(
+            {"mlflow_run_url": MLFLOW_URL, "mlflow_open_hint": HINT},
+            [f"[MLflow run]({MLFLOW_URL})"],
+            [HINT, "Prefect flow run"],
+            id="mlflow-link-wins-over-hint",
+        ),
+        pytest.param(
+            {"mlflow_open_hint": HINT, "prefect_flow_run_url": PREFECT_URL},
+            [f"[Prefect flow run]({PREFECT_URL})", f"MLflow run: {HINT}"],
+            ["[MLflow run]"],
+            id="no-mlflow-server-prints-the-hint",
+        ),
+        pytest.param({}, [], ["MLflow run", "Prefect flow run"], id="neither"),
+    ],
+)
+def test_report_links_work_or_are_absent(
+    history: TrainHistory, y_true: np.ndarray, links: dict, present: list[str], absent: list[str]
+) -> None:
+    text = _render(history, y_true, **links)
+    for snippet in present:
+        assert snippet in text
+    for snippet in [*absent, "None/", "sqlite:", "](None"]:
+        assert snippet not in text
+
+
+@pytest.mark.parametrize(
+    ("field", "url"),
+    [
+        pytest.param("mlflow_run_url", "sqlite:///home/me/mlflow.db (experiment 1, run abc)", id="mlflow-sqlite"),
+        pytest.param("prefect_flow_run_url", "None/flow-runs/flow-run/f00", id="prefect-without-ui-url"),
+    ],
+)
+def test_report_refuses_links_a_browser_cannot_open(history: TrainHistory, field: str, url: str) -> None:
+    with pytest.raises(ValueError, match=f"{field} must be an http\\(s\\) URL .* pass None when there is no web UI"):
+        ReportInputs(
+            backend="torch",
+            model_config=ModelConfig(),
+            train_config=TrainConfig(),
+            history=history,
+            test=Evaluation(loss=0.3, accuracy=0.9),
+            **{field: url},
+        )
+
+
+def test_report_without_optional_parts(history: TrainHistory, y_true: np.ndarray) -> None:
+    text = _render(history, y_true)
     assert text.startswith("# Fashion-MNIST dense network, keras backend")
     assert "| trainable parameters | 101,770 |" in text
-    assert "CNN reaches" not in text and "Verdict" not in text
-    assert "MLflow run" not in text and "![" not in text
+    assert "CNN reaches" not in text and "![" not in text
 
 
 def test_dense_baseline_only_for_a_cnn(history: TrainHistory) -> None:
-    with pytest.raises(ValueError, match="this run's architecture is 'dense'"):
+    with pytest.raises(ValueError, match="this run's architecture is 'dense'; leave dense_baseline unset"):
         ReportInputs(
             backend="torch",
             model_config=ModelConfig.preset("dense"),
@@ -397,25 +562,65 @@ def test_dense_baseline_only_for_a_cnn(history: TrainHistory) -> None:
         )
 
 
-def test_comparison_report_side_by_side(tmp_path):
-    rng = np.random.default_rng(0)
-    confusions = {name: rng.integers(0, 50, size=(10, 10)) for name in ("keras", "torch")}
-    rows = [
-        reports.ComparisonRow("keras", 0.912, 421_642, 22.0, 2900.0),
-        reports.ComparisonRow("torch", 0.918, 421_642, 16.0, 3900.0),
-    ]
-    files = reports.write_comparison_report(rows, confusions, tmp_path, title="keras against torch")
+# --------------------------------------------------------------------------- comparison report
+
+
+@pytest.fixture(scope="module")
+def backend_rows() -> list[ComparisonRow]:
+    return [ComparisonRow("keras", 0.912, 421_642, 22.0, 2900.0), ComparisonRow("torch", 0.918, 421_642, 16.0, 3900.0)]
+
+
+@pytest.fixture(scope="module")
+def summaries(y_true: np.ndarray, probabilities: np.ndarray) -> dict[str, reporting.ClassificationSummary]:
+    predicted = probabilities.argmax(1)
+    return {
+        "keras": reporting.classification_tables(y_true, predicted, CLASSES),
+        "torch": reporting.classification_tables(y_true, y_true, CLASSES),
+    }
+
+
+def test_comparison_report_side_by_side(backend_rows, summaries, tmp_path: Path) -> None:
+    files = reporting.write_comparison_report(
+        backend_rows, summaries, tmp_path, title="keras against torch", links={"MLflow parent run": MLFLOW_URL}
+    )
     text = files.report_md.read_text()
-    assert "| keras |" in text.replace("  ", " ") or "keras" in text
-    assert "parity: max gap 0.60 points <= 1" in text
+    assert f"[MLflow parent run]({MLFLOW_URL})" in text
+    assert "| keras | 91.20% | 421,642 | 22.0 | 2,900 |" in text
+    assert "**Verdict**: parity: max gap 0.60 points <= 1" in text
     assert [p.name for p in files.confusion_matrices] == ["confusion_matrix_keras.png", "confusion_matrix_torch.png"]
-    assert all(p.stat().st_size > 10_000 for p in files.confusion_matrices)
+    for path in files.confusion_matrices:
+        assert_real_png(path)
     assert len(files.table_csv.read_text().splitlines()) == 3
 
 
-def test_relink_figures_rewrites_only_figure_links():
+def test_comparison_report_without_a_web_ui_prints_the_hint(backend_rows, summaries, tmp_path: Path) -> None:
+    files = reporting.write_comparison_report(
+        backend_rows, summaries, tmp_path, title="t", links={"MLflow parent run": None}, open_hint=HINT
+    )
+    text = files.report_md.read_text()
+    assert HINT in text and "MLflow parent run" not in text and "None" not in text
+
+
+@pytest.mark.parametrize(
+    ("links", "summary_names", "message"),
+    [
+        pytest.param(
+            {"MLflow parent run": "sqlite:///mlflow.db"}, ("keras", "torch"),
+            "the MLflow parent run link must be an http\\(s\\) URL", id="sqlite-link",
+        ),
+        pytest.param({}, ("keras",), r"no classification summary for \['torch'\]", id="missing-summary"),
+    ],
+)
+def test_comparison_report_refuses(backend_rows, summaries, tmp_path, links, summary_names, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        reporting.write_comparison_report(
+            backend_rows, {name: summaries[name] for name in summary_names}, tmp_path, title="t", links=links
+        )
+
+
+def test_relink_figures_rewrites_only_figure_links() -> None:
     markdown = "![Curves](learning_curves.png)\n[MLflow run](http://x/#/runs/1)\n![CM](confusion_matrix.png)\n"
-    out = reports.relink_figures(markdown, lambda name: f"http://mlflow/get-artifact?path=report/{name}")
+    out = reporting.relink_figures(markdown, lambda name: f"http://mlflow/get-artifact?path=report/{name}")
     assert "![Curves](http://mlflow/get-artifact?path=report/learning_curves.png)" in out
     assert "![CM](http://mlflow/get-artifact?path=report/confusion_matrix.png)" in out
     assert "[MLflow run](http://x/#/runs/1)" in out
