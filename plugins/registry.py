@@ -1,17 +1,20 @@
 """Find backends by name through the ``cnn_train.backends`` entry-point group.
 
-Listing reads package metadata only, so it imports neither torch nor keras; a backend's module
-is imported the first time it is loaded. The project's own backends are found exactly like a
-third party's: through their distribution's entry points.
+Like pluggy and fsspec, the registry keeps what it loaded: the entry points are read once per
+process, and each backend class is imported and checked against the contract once, on first use.
+Listing reads package metadata only, so it imports neither torch nor keras. The project's own
+backends are found exactly like a third party's: through their distribution's entry points.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import inspect
 import warnings
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib.metadata import EntryPoint, entry_points
+from types import MappingProxyType
 
 from cnn_train.plugins.contract import CONTRACT_METHODS, Backend
 
@@ -43,88 +46,102 @@ class BackendInfo:
     """One registered backend, as package metadata describes it (nothing imported)."""
 
     name: str
-    target: str
     distribution: str
     version: str
+    #: The entry point's ``module:attribute``.
+    target: str
 
 
-def _distribution(entry: EntryPoint) -> tuple[str, str]:
+@dataclass(frozen=True)
+class _Registration:
+    info: BackendInfo
+    entry: importlib.metadata.EntryPoint
+
+
+def _info(entry: importlib.metadata.EntryPoint) -> BackendInfo:
     dist = entry.dist
     if dist is None:
-        return "unknown", "unknown"
-    return dist.metadata["Name"] or "unknown", dist.version or "unknown"
+        return BackendInfo(entry.name, "unknown", "unknown", entry.value)
+    return BackendInfo(entry.name, dist.metadata["Name"] or "unknown", dist.version or "unknown", entry.value)
 
 
-def _entries() -> Iterable[EntryPoint]:
-    return entry_points(group=GROUP)
-
-
-def discover() -> dict[str, list[BackendInfo]]:
+@functools.cache
+def _registrations() -> Mapping[str, tuple[_Registration, ...]]:
     """Every registered name with the distributions registering it (one each, unless they conflict)."""
-    found: dict[str, list[BackendInfo]] = {}
-    for entry in _entries():
-        dist_name, version = _distribution(entry)
-        info = BackendInfo(entry.name, entry.value, dist_name, version)
+    found: dict[str, list[_Registration]] = {}
+    for entry in importlib.metadata.entry_points(group=GROUP):
+        registration = _Registration(_info(entry), entry)
+        seen = found.setdefault(entry.name, [])
         # The same distribution can be visible twice (e.g. an editable install and a build dir).
-        if info not in found.setdefault(entry.name, []):
-            found[entry.name].append(info)
-    return dict(sorted(found.items()))
+        if all(known.info != registration.info for known in seen):
+            seen.append(registration)
+    return MappingProxyType({name: tuple(found[name]) for name in sorted(found)})
 
 
-def available_backends() -> list[str]:
-    """Sorted names of the installed backends."""
-    return list(discover())
+_loaded: dict[str, type[Backend]] = {}
 
 
-def backend_info(name: str) -> BackendInfo:
-    """Metadata of backend ``name``; raises when it is unknown or registered twice."""
-    registered = discover()
+def refresh() -> None:
+    """Forget the entry points read and the classes loaded, so the next call reads package metadata again."""
+    _registrations.cache_clear()
+    _loaded.clear()
+
+
+def installed_backends() -> list[BackendInfo]:
+    """Every registered backend, sorted by name, from package metadata only: no backend is imported."""
+    return [registration.info for registrations in _registrations().values() for registration in registrations]
+
+
+def _registration(name: str) -> _Registration:
+    registered = _registrations()
     if name not in registered:
         installed = ", ".join(registered) or "none (is cnn-train installed?)"
         raise UnknownBackendError(
             f"unknown backend {name!r}; installed backends: {installed}. "
             f"Backends register under the entry-point group {GROUP!r}."
         )
-    infos = registered[name]
-    if len({(i.distribution, i.target) for i in infos}) > 1:
-        owners = " and ".join(f"{i.distribution} {i.version} ({i.target})" for i in infos)
-        raise BackendConflictError(
-            f"backend name {name!r} is registered by both {owners}; uninstall one of them"
-        )
-    return infos[0]
+    candidates = registered[name]
+    if len({(c.info.distribution, c.info.target) for c in candidates}) > 1:
+        owners = " and ".join(f"{c.info.distribution} {c.info.version} ({c.info.target})" for c in candidates)
+        raise BackendConflictError(f"backend name {name!r} is registered by both {owners}; uninstall one of them")
+    return candidates[0]
 
 
-def _entry_for(info: BackendInfo) -> EntryPoint:
-    for entry in _entries():
-        if entry.name == info.name and entry.value == info.target:
-            return entry
-    raise UnknownBackendError(f"backend {info.name!r} disappeared while loading")  # pragma: no cover
+def backend_info(name: str) -> BackendInfo:
+    """Metadata of backend ``name``; raises when it is unknown or registered twice."""
+    return _registration(name).info
 
 
-def load_backend_class(name: str) -> type[Backend]:
-    """Import backend ``name`` and check it against the contract before anyone uses it."""
-    info = backend_info(name)
+def _import_target(registration: _Registration) -> object:
+    info = registration.info
     try:
-        loaded = _entry_for(info).load()
+        return registration.entry.load()
     except ModuleNotFoundError as error:
         missing = error.name or str(error)
         own_module = info.target.partition(":")[0]
         if own_module == missing or own_module.startswith(missing + "."):
             raise BackendError(
-                f"backend {name!r} (from {info.distribution} {info.version}) points at {info.target}, "
+                f"backend {info.name!r} (from {info.distribution} {info.version}) points at {info.target}, "
                 f"but module {missing!r} does not exist; reinstall {info.distribution} or fix its entry point"
             ) from error
         raise BackendDependencyError(
-            f"backend {name!r} (from {info.distribution} {info.version}) needs the package "
+            f"backend {info.name!r} (from {info.distribution} {info.version}) needs the package "
             f"{missing!r}, which is not installed: pip install {missing.split('.')[0]}"
         ) from error
     except Exception as error:
         raise BackendError(
-            f"backend {name!r} (from {info.distribution} {info.version}, {info.target}) "
+            f"backend {info.name!r} (from {info.distribution} {info.version}, {info.target}) "
             f"failed to import: {type(error).__name__}: {error}"
         ) from error
-    validate_backend_class(loaded, name=name)
-    return loaded
+
+
+def load_backend_class(name: str) -> type[Backend]:
+    """The class registered as ``name``, imported and checked against the contract the first time it is asked for."""
+    if name not in _loaded:
+        loaded = _import_target(_registration(name))
+        validate_backend_class(loaded, name=name)
+        _loaded[name] = loaded  # type: ignore[assignment]  # validated just above
+    return _loaded[name]
 
 
 def load_backend(name: str) -> Backend:
@@ -139,9 +156,52 @@ def load_backend(name: str) -> Backend:
         ) from error
 
 
-def _required_parameters(method_name: str) -> list[inspect.Parameter]:
-    params = list(inspect.signature(getattr(Backend, method_name)).parameters.values())
-    return params[1:]  # drop self
+def _attribute_problems(cls: type) -> list[str]:
+    problems = []
+    flavor = getattr(cls, "mlflow_flavor", None)
+    if not isinstance(flavor, str) or not flavor:
+        problems.append("class attribute 'mlflow_flavor' must name an MLflow flavor module, e.g. 'pytorch'")
+    architectures = getattr(cls, "architectures", None)
+    if not isinstance(architectures, tuple) or not architectures or not all(isinstance(a, str) for a in architectures):
+        problems.append(
+            "class attribute 'architectures' must be a non-empty tuple of architecture names, e.g. ('cnn', 'dense')"
+        )
+    return problems
+
+
+def _signature_problems(method_name: str, actual: Mapping[str, inspect.Parameter]) -> list[str]:
+    """What keeps ``actual`` parameters from accepting every call the contract's method allows."""
+    wanted = list(inspect.signature(getattr(Backend, method_name)).parameters.values())[1:]  # drop self
+    accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in actual.values())
+    problems = []
+    for parameter in wanted:
+        got = actual.get(parameter.name)
+        if got is None:
+            if not (accepts_kwargs and parameter.kind is parameter.KEYWORD_ONLY):
+                problems.append(f"{method_name}(): missing parameter {parameter.name!r}")
+        elif parameter.kind is parameter.KEYWORD_ONLY and got.kind not in (got.KEYWORD_ONLY, got.POSITIONAL_OR_KEYWORD):
+            problems.append(f"{method_name}(): parameter {parameter.name!r} must accept a keyword")
+    wanted_names = {p.name for p in wanted} | {"self"}
+    for extra in actual.values():
+        required = extra.default is inspect.Parameter.empty and extra.kind not in (extra.VAR_POSITIONAL, extra.VAR_KEYWORD)
+        if extra.name not in wanted_names and required:
+            problems.append(f"{method_name}(): extra parameter {extra.name!r} needs a default")
+    return problems
+
+
+def _method_problems(cls: type) -> list[str]:
+    problems = []
+    for method_name in CONTRACT_METHODS:
+        method = getattr(cls, method_name, None)
+        if method is None or not callable(method):
+            problems.append(f"method {method_name}() is missing")
+            continue
+        try:
+            actual = inspect.signature(method).parameters
+        except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
+            continue
+        problems.extend(_signature_problems(method_name, actual))
+    return problems
 
 
 def validate_backend_class(cls: object, *, name: str = "?") -> None:
@@ -154,46 +214,17 @@ def validate_backend_class(cls: object, *, name: str = "?") -> None:
             f"backend {name!r} must be a class implementing cnn_train.plugins.contract.Backend, "
             f"got {type(cls).__name__}"
         )
-    problems: list[str] = []
-    flavor = getattr(cls, "mlflow_flavor", None)
-    if not isinstance(flavor, str) or not flavor:
-        problems.append("class attribute 'mlflow_flavor' must name an MLflow flavor module, e.g. 'pytorch'")
-    architectures = getattr(cls, "architectures", None)
-    if not isinstance(architectures, tuple) or not architectures or not all(isinstance(a, str) for a in architectures):
-        problems.append("class attribute 'architectures' must be a non-empty tuple of architecture names, e.g. ('cnn', 'dense')")
-    for method_name in CONTRACT_METHODS:
-        method = getattr(cls, method_name, None)
-        if method is None or not callable(method):
-            problems.append(f"method {method_name}() is missing")
-            continue
-        try:
-            actual = inspect.signature(method).parameters
-        except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
-            continue
-        accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in actual.values())
-        for wanted in _required_parameters(method_name):
-            if wanted.name in actual:
-                got = actual[wanted.name]
-                if wanted.kind is wanted.KEYWORD_ONLY and got.kind not in (got.KEYWORD_ONLY, got.POSITIONAL_OR_KEYWORD):
-                    problems.append(f"{method_name}(): parameter {wanted.name!r} must accept a keyword")
-            elif not (accepts_kwargs and wanted.kind is wanted.KEYWORD_ONLY):
-                problems.append(f"{method_name}(): missing parameter {wanted.name!r}")
-        wanted_names = {p.name for p in _required_parameters(method_name)}
-        for extra in actual.values():
-            if extra.name in wanted_names or extra.name == "self":
-                continue
-            if extra.default is inspect.Parameter.empty and extra.kind not in (extra.VAR_POSITIONAL, extra.VAR_KEYWORD):
-                problems.append(f"{method_name}(): extra parameter {extra.name!r} needs a default")
+    problems = _attribute_problems(cls) + _method_problems(cls)
     if problems:
         raise BackendContractError(
-            f"backend {name!r} ({getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', '?')}) "
+            f"backend {name!r} ({cls.__module__}.{cls.__qualname__}) "
             "does not satisfy the Backend contract: " + "; ".join(problems)
         )
 
 
 @dataclass(frozen=True)
 class BackendStatus:
-    """A backend as ``cnn-train backends`` shows it: metadata plus whether it loads."""
+    """A backend as ``cnn-train backends --check`` shows it: metadata plus whether it loads."""
 
     info: BackendInfo
     loads: bool
@@ -203,12 +234,12 @@ class BackendStatus:
 def backend_statuses() -> list[BackendStatus]:
     """Every registered backend, loaded one by one; a broken one warns and the others stay usable."""
     statuses = []
-    for name, infos in discover().items():
+    for name, registrations in _registrations().items():
         try:
             load_backend_class(name)
         except BackendError as error:
             warnings.warn(f"cnn-train: {error}", RuntimeWarning, stacklevel=2)
-            statuses.append(BackendStatus(infos[0], False, str(error)))
+            statuses.append(BackendStatus(registrations[0].info, False, str(error)))
         else:
-            statuses.append(BackendStatus(infos[0], True))
+            statuses.append(BackendStatus(registrations[0].info, True))
     return statuses

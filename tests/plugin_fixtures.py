@@ -1,12 +1,53 @@
-"""Backends that obey or break the contract, for registry and conformance tests."""
+"""Backends that obey or break the contract, and in-memory distributions registering them, for
+registry and conformance tests."""
 
 from __future__ import annotations
 
-from cnn_train.plugins.contract import Backend
+import importlib.metadata
+from collections.abc import Mapping
+from pathlib import PurePath
+from typing import TYPE_CHECKING
+
+from cnn_train.plugins import registry
+from cnn_train.plugins.contract import LoggableModel
+
+if TYPE_CHECKING:  # flow subprocesses import this module through entry points; they need no pytest
+    import pytest
+
+
+class FakeDistribution(importlib.metadata.Distribution):
+    """An installed distribution that exists only in memory: its metadata and its backend entry points."""
+
+    def __init__(self, name: str, backends: Mapping[str, str], *, version: str = "1.0") -> None:
+        entry_points = "".join(f"{backend} = {target}\n" for backend, target in backends.items())
+        self._files = {
+            "METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+            "entry_points.txt": f"[{registry.GROUP}]\n{entry_points}",
+        }
+
+    def read_text(self, filename: str) -> str | None:
+        return self._files.get(filename)
+
+    def locate_file(self, path: str | PurePath) -> PurePath:
+        raise FileNotFoundError(f"{path}: an in-memory distribution has no files")
+
+
+def only_distributions(monkeypatch: pytest.MonkeyPatch, *distributions: FakeDistribution) -> list[dict[str, str]]:
+    """Make ``distributions`` the only installed ones, as pluggy's tests do; returns each entry-point read's query."""
+    reads: list[dict[str, str]] = []
+
+    def entry_points(**query: str) -> importlib.metadata.EntryPoints:
+        reads.append(query)
+        found = importlib.metadata.EntryPoints(entry for dist in distributions for entry in dist.entry_points)
+        return found.select(**query)
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    registry.refresh()
+    return reads
 
 
 class GoodBackend:
-    """Satisfies the contract's shape (it is never trained)."""
+    """Satisfies the contract's shape and does nothing."""
 
     mlflow_flavor = "fake"
     architectures = ("dense",)
@@ -49,11 +90,29 @@ class RaisesInConstructor(GoodBackend):
         raise ConnectionError("cannot reach the licence server")
 
 
+class LogsARun(GoodBackend):
+    """Keeps the contract's shape, but records its training in MLflow itself."""
+
+    def train(self, data, config, *, on_epoch=None, initial_epoch=0):
+        import mlflow
+
+        with mlflow.start_run():
+            mlflow.log_metric("loss", 1.0)
+
+    def loggable_model(self):
+        return LoggableModel(self.mlflow_flavor, None)
+
+
+class LeavesARunActive(LogsARun):
+    """Starts an MLflow run while training and never ends it."""
+
+    def train(self, data, config, *, on_epoch=None, initial_epoch=0):
+        import mlflow
+
+        mlflow.start_run()
+
+
 NOT_A_CLASS = object()
-
-assert isinstance(GoodBackend(), Backend)
-
-
 
 
 def _torch_backend():

@@ -1,5 +1,6 @@
-"""The conformance kit: the project's own backends pass it, broken ones fail with named checks,
-and a real out-of-tree plugin package is discovered and passes it too."""
+"""The conformance kit: the project's own backends pass it, broken ones fail the named check once,
+checks that do not apply are skipped with the reason, and a real out-of-tree plugin package is
+discovered and passes it too."""
 
 from __future__ import annotations
 
@@ -8,18 +9,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 
 from cnn_train.backends.torch_backend import TorchBackend
-from cnn_train.plugins import conformance, registry
+from cnn_train.plugins import registry
 from cnn_train.plugins.config import ModelConfig, TrainConfig
+from cnn_train.plugins.conformance import (
+    CHECK_NAMES,
+    CHECKS,
+    CheckResult,
+    CheckStatus,
+    parametrize_with_checks,
+    run_checks,
+)
 from cnn_train.plugins.contract import PLAIN_TRAINING, BackendInputError, TrainData
-from cnn_train.plugins.conformance import CHECK_NAMES, parametrize_with_checks, run_checks
-from tests.plugin_fixtures import GoodBackend
+from tests.plugin_fixtures import FakeDistribution, GoodBackend, LeavesARunActive, LogsARun, MissingTrain, only_distributions
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_PLUGIN = ROOT / "plugins" / "examples" / "sklearn_mlp"
+#: Checks that need a convolution, which the dense-only example plugin does not build.
+CONVOLUTION_CHECKS = ("custom_config_parameter_count", "feature_maps", "first_conv_kernels")
+GATES = ("entry_point_load", "contract_members")
 
 
 @parametrize_with_checks("torch")
@@ -32,25 +44,140 @@ def test_keras_backend_conforms(check):
     check()
 
 
+@pytest.fixture
+def installed(monkeypatch):
+    """Make the distributions a test lists the only installed ones; the registry forgets them afterwards."""
+    yield lambda *distributions: only_distributions(monkeypatch, *distributions)
+    registry.refresh()
+
+
+def _params(mark: pytest.MarkDecorator) -> dict[str, object]:
+    """The bound checks of a parametrize_with_checks mark, by test id."""
+    return {param.id: param.values[0] for param in mark.args[1]}
+
+
 def test_check_ids_are_check_names():
-    mark = parametrize_with_checks("torch")
-    ids = [param.id for param in mark.args[1]]
-    assert ids == list(CHECK_NAMES)
+    assert list(_params(parametrize_with_checks("torch"))) == list(CHECK_NAMES)
 
 
 def test_unknown_expected_failure_is_refused():
-    with pytest.raises(ValueError, match="unknown check.*'no_such_check'.*available: contract_members"):
+    with pytest.raises(ValueError, match=r"unknown check\(s\) \['no_such_check'\]; available: entry_point_load, contract_members"):
         parametrize_with_checks("torch", expected_failures={"no_such_check": "why"})
 
 
-def test_shape_only_backend_fails_named_checks():
-    results = {r.name: r for r in run_checks(GoodBackend)}
-    assert results["contract_members"].passed
-    assert not results["entry_point_load"].passed
-    assert "not registered under the entry-point group" in results["entry_point_load"].reason
-    assert not results["smoke_train"].passed
-    assert not results["parameter_counts"].passed
-    assert "has 0 parameters, expected 101,770" in results["parameter_counts"].reason
+def test_run_checks_rejects_unknown_check_name():
+    with pytest.raises(ValueError, match=r"unknown check\(s\) \['bogus'\]; available: "):
+        run_checks("torch", only=("bogus",))
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=CHECK_NAMES)
+def test_each_check_comes_after_what_it_requires(check):
+    earlier = CHECK_NAMES[: CHECK_NAMES.index(check.name)]
+    assert set(check.requires) <= set(earlier)
+    for required in check.requires:
+        transitive = next(c for c in CHECKS if c.name == required).requires
+        assert set(transitive) <= set(check.requires), f"{check.name} must also require {transitive}"
+
+
+@pytest.fixture(scope="module")
+def shape_only_results() -> dict[str, CheckResult]:
+    """The kit against a class that keeps the contract's shape but does nothing (cheap: nothing trains)."""
+    return {result.name: result for result in run_checks(GoodBackend)}
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "reason"),
+    [
+        pytest.param("entry_point_load", CheckStatus.SKIPPED, "is checked as a class and is not registered", id="entry_point_load"),
+        pytest.param("contract_members", CheckStatus.PASSED, "", id="contract_members"),
+        pytest.param("parameter_counts", CheckStatus.FAILED, "architecture 'dense' has 0 parameters, expected 101,770", id="parameter_counts"),
+        pytest.param("custom_config_parameter_count", CheckStatus.SKIPPED, "does not build the 'cnn' architecture", id="custom_config_parameter_count"),
+        pytest.param("feature_maps", CheckStatus.SKIPPED, "builds only dense, which has no convolution layers", id="feature_maps"),
+        pytest.param("first_conv_kernels", CheckStatus.SKIPPED, "builds only dense, which has no convolution layers", id="first_conv_kernels"),
+        pytest.param("smoke_train", CheckStatus.FAILED, "on_epoch saw epochs [], expected [1]", id="smoke_train"),
+        pytest.param("uses_given_device", CheckStatus.FAILED, "build(device='cuda:99') ran anyway", id="uses_given_device"),
+    ],
+)
+def test_shape_only_backend(shape_only_results, name, status, reason):
+    result = shape_only_results[name]
+    assert result.status is status
+    assert reason in result.reason
+    assert result.passed is (status is CheckStatus.PASSED)
+
+
+@pytest.mark.parametrize("by", ["name", "class"])
+def test_missing_method_fails_one_check_and_the_rest_are_not_run(installed, by):
+    installed(FakeDistribution("bad-plugin", {"bad": "tests.plugin_fixtures:MissingTrain"}))
+    results = {result.name: result for result in run_checks("bad" if by == "name" else MissingTrain)}
+    assert results["contract_members"].failed
+    assert "method train() is missing" in results["contract_members"].reason
+    assert results["entry_point_load"].passed
+    not_run = {name: result.reason for name, result in results.items() if name not in GATES}
+    assert not_run == dict.fromkeys(CHECK_NAMES[len(GATES):], "contract_members failed")
+    assert all(results[name].skipped for name in not_run)
+
+
+def test_backend_that_does_not_load_fails_one_check(installed):
+    installed(FakeDistribution("jax-plugin", {"needs-jax": "tests.plugin_fixtures_needs_jax:Backend"}))
+    [load, *rest] = run_checks("needs-jax")
+    assert load.failed and "pip install jax_not_installed_here" in load.reason
+    assert {(result.status, result.reason) for result in rest} == {(CheckStatus.SKIPPED, "entry_point_load failed")}
+
+
+def test_only_runs_what_the_named_checks_require_without_reporting_it():
+    assert run_checks(MissingTrain, only=["smoke_train"]) == [
+        CheckResult("smoke_train", CheckStatus.SKIPPED, "contract_members failed")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("backend", "check", "reason"),
+    [
+        pytest.param(MissingTrain, "smoke_train", "contract_members failed", id="requirement-failed"),
+        pytest.param(GoodBackend, "feature_maps", "which has no convolution layers", id="not-applicable"),
+    ],
+)
+def test_pytest_skips_with_the_reason(backend, check, reason):
+    bound = _params(parametrize_with_checks(backend))[check]
+    with pytest.raises(pytest.skip.Exception, match=reason):
+        bound()
+
+
+@pytest.mark.parametrize("backend", [LogsARun, LeavesARunActive], ids=["logs-a-run", "leaves-a-run-active"])
+def test_logging_to_mlflow_fails_the_kit_and_leaves_mlflow_as_it_was(backend):
+    uri_before, env_before = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    [result] = run_checks(backend, only=["does_not_log_to_mlflow"])
+    assert result.failed
+    assert result.reason.startswith("the backend wrote to MLflow itself (run ")
+    assert (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == (uri_before, env_before)
+    assert mlflow.active_run() is None
+
+
+class _IgnoresTrainingOptions(TorchBackend):
+    """Trains every config the lesson's plain way: the kit must catch options silently dropped."""
+
+    def train(self, data, config, **kwargs):
+        plain = {name: getattr(TrainConfig(), name) for name in PLAIN_TRAINING}
+        return super().train(data, config.model_copy(update=plain), **kwargs)
+
+
+def test_silently_ignored_training_options_fail_the_kit():
+    [result] = run_checks(_IgnoresTrainingOptions, only=["training_options"])
+    assert result.failed
+    assert "lr_schedule='onecycle' trained exactly as the lesson's plain training does" in result.reason
+
+
+def test_refusing_training_options_says_which_and_what_is_allowed():
+    backend = registry.load_backend("keras")
+    backend.build(ModelConfig(), device="cpu", seed=0)
+    x = np.zeros((4, 28, 28, 1), dtype=np.float32)
+    y = np.arange(4, dtype=np.int64)
+    with pytest.raises(BackendInputError, match=r"the keras backend trains only as the lesson does \(lr_schedule="
+                       r"'constant', augment=False, label_smoothing=0.0, precision='float32'\); got precision='bfloat16'"):
+        backend.train(TrainData(x, y, x, y), TrainConfig(epochs=1, precision="bfloat16"))
+
+
+# --- the example plugin, really installed, and the `cnn-train check-backend` command --------------
 
 
 @pytest.fixture(scope="module")
@@ -74,20 +201,23 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     return subprocess.run([str(cli), *args], capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_example_plugin_is_discovered(installed_example_plugin):
-    result = _cli("backends", env=_with_plugin(installed_example_plugin))
+def test_example_plugin_is_discovered_and_loads(installed_example_plugin):
+    result = _cli("backends", "--check", env=_with_plugin(installed_example_plugin))
     assert result.returncode == 0, result.stderr
-    line = next(l for l in result.stdout.splitlines() if l.startswith("sklearn-mlp"))
-    assert "cnn-train-sklearn-mlp 0.1.0" in line and "loads" in line
+    line = next(line for line in result.stdout.splitlines() if line.startswith("sklearn-mlp"))
+    assert "cnn-train-sklearn-mlp 0.1.0" in line and line.endswith("loads")
 
 
 def test_example_plugin_passes_the_kit_from_its_own_test_file(installed_example_plugin):
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE_PLUGIN / "tests")],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(EXAMPLE_PLUGIN / "tests")],
         capture_output=True, text=True, env=_with_plugin(installed_example_plugin), cwd=EXAMPLE_PLUGIN, timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"{len(CHECK_NAMES)} passed" in result.stdout
+    skipped = len(CONVOLUTION_CHECKS)
+    assert f"{len(CHECK_NAMES) - skipped} passed, {skipped} skipped" in result.stdout
+    assert "sklearn-mlp does not build the 'cnn' architecture" in result.stdout
+    assert "sklearn-mlp builds only dense, which has no convolution layers" in result.stdout
 
 
 @pytest.mark.parametrize("name", ["keras", "torch"])
@@ -97,50 +227,22 @@ def test_check_backend_command_passes(name):
     assert f"{len(CHECK_NAMES)} passed, 0 failed" in result.stdout
 
 
-def test_check_backend_command_names_failing_checks(tmp_path):
+def test_check_backend_command_names_failing_and_skipped_checks(tmp_path):
     # A real distribution whose backend keeps the contract's shape but does nothing right.
     dist_info = tmp_path / "broken_backend-0.1.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-backend\nVersion: 0.1\n")
-    (dist_info / "entry_points.txt").write_text("[cnn_train.backends]\nbroken = tests.plugin_fixtures:GoodBackend\n")
+    (dist_info / "entry_points.txt").write_text(f"[{registry.GROUP}]\nbroken = tests.plugin_fixtures:GoodBackend\n")
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     result = _cli("check-backend", "broken", env=env)
     assert result.returncode == 1
     failed = {line.split(":")[0].removeprefix("FAIL ") for line in result.stdout.splitlines() if line.startswith("FAIL")}
     assert {"parameter_counts", "smoke_train", "save_load_round_trip"} <= failed
     assert "PASS contract_members" in result.stdout
+    assert "SKIP feature_maps: broken builds only dense, which has no convolution layers" in result.stdout
 
 
 def test_check_backend_unknown_name():
     result = _cli("check-backend", "nope")
     assert result.returncode == 2
     assert "unknown backend 'nope'; installed backends:" in result.stderr
-
-
-def test_run_checks_rejects_unknown_check_name():
-    with pytest.raises(ValueError, match="unknown check"):
-        conformance.run_checks("torch", only=("bogus",))
-
-
-class _IgnoresTrainingOptions(TorchBackend):
-    """Trains every config the lesson's plain way: the kit must catch options silently dropped."""
-
-    def train(self, data, config, **kwargs):
-        plain = {name: getattr(TrainConfig(), name) for name in PLAIN_TRAINING}
-        return super().train(data, config.model_copy(update=plain), **kwargs)
-
-
-def test_silently_ignored_training_options_fail_the_kit():
-    [result] = run_checks(_IgnoresTrainingOptions, only=["training_options"])
-    assert not result.passed
-    assert "lr_schedule='onecycle' trained exactly as the lesson's plain training does" in result.reason
-
-
-def test_refusing_training_options_says_which_and_what_is_allowed():
-    backend = registry.load_backend_class("keras")()
-    backend.build(ModelConfig(), device="cpu", seed=0)
-    x = np.zeros((4, 28, 28, 1), dtype=np.float32)
-    y = np.arange(4, dtype=np.int64)
-    with pytest.raises(BackendInputError, match=r"the keras backend trains only as the lesson does \(lr_schedule="
-                       r"'constant', augment=False, label_smoothing=0.0, precision='float32'\); got precision='bfloat16'"):
-        backend.train(TrainData(x, y, x, y), TrainConfig(epochs=1, precision="bfloat16"))

@@ -1,51 +1,55 @@
-"""Discovery through entry points: laziness, actionable errors, contract enforcement."""
+"""Discovery through entry points: listing from metadata alone, loading once, actionable errors,
+contract enforcement, and the ``cnn-train backends`` command."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 import textwrap
-from importlib.metadata import EntryPoint
+from pathlib import Path
 
 import pytest
 
 from cnn_train.plugins import registry
-from cnn_train.plugins.contract import CONTRACT_METHODS
+from cnn_train.plugins.contract import CONTRACT_METHODS, Backend
+from tests.plugin_fixtures import FakeDistribution, only_distributions
 
-
-class _Dist:
-    """Just enough of importlib.metadata.Distribution for registry's needs."""
-
-    def __init__(self, name: str, version: str = "1.0") -> None:
-        self.metadata = {"Name": name}
-        self.version = version
-
-
-def _entry(name: str, target: str, dist: str) -> EntryPoint:
-    entry = EntryPoint(name=name, value=target, group=registry.GROUP)
-    return entry._for(_Dist(dist))  # the same call importlib.metadata uses to attach a distribution
-
-
-@pytest.fixture
-def fake_entries(monkeypatch):
-    """Replace the installed entry points with the ones a test lists."""
-
-    def install(*entries: EntryPoint) -> None:
-        monkeypatch.setattr(registry, "_entries", lambda: list(entries))
-
-    return install
-
-
+ROOT = Path(__file__).resolve().parents[1]
+BUILTINS = {
+    "keras": "cnn_train.backends.keras_backend:KerasBackend",
+    "torch": "cnn_train.backends.torch_backend:TorchBackend",
+}
 GOOD = "tests.plugin_fixtures:GoodBackend"
 
 
-def test_installed_distribution_registers_builtins():
-    names = registry.available_backends()
-    assert {"keras", "torch"} <= set(names)
-    info = registry.backend_info("torch")
-    assert info.distribution == "cnn-train"
-    assert info.target == "cnn_train.backends.torch_backend:TorchBackend"
+@pytest.fixture
+def installed(monkeypatch):
+    """Make the distributions a test lists the only installed ones; the registry forgets them afterwards."""
+    yield lambda *distributions: only_distributions(monkeypatch, *distributions)
+    registry.refresh()
+
+
+def _plugin(name: str, target: str) -> FakeDistribution:
+    return FakeDistribution(f"{name}-plugin", {name: target})
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_builtins_are_listed_from_their_distribution(name):
+    info = {info.name: info for info in registry.installed_backends()}[name]
+    assert info == registry.BackendInfo(name, "cnn-train", importlib.metadata.version("cnn-train"), BUILTINS[name])
+
+
+def test_listing_imports_nothing_even_for_broken_plugins(installed):
+    installed(
+        _plugin("needs-jax", "tests.plugin_fixtures_needs_jax:Backend"),
+        _plugin("ghost", "tests.no_such_module:Backend"),
+    )
+    assert [info.name for info in registry.installed_backends()] == ["ghost", "needs-jax"]
+    assert registry.backend_info("ghost").distribution == "ghost-plugin"
+    assert "tests.plugin_fixtures_needs_jax" not in sys.modules
 
 
 def test_listing_imports_no_framework():
@@ -53,78 +57,112 @@ def test_listing_imports_no_framework():
         """
         import json, sys
         from cnn_train.plugins import registry
-        names = registry.available_backends()
+        names = [info.name for info in registry.installed_backends()]
         print(json.dumps({"names": names, "loaded": [m for m in ("torch", "keras") if m in sys.modules]}))
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     result = json.loads(out)
-    assert {"keras", "torch"} <= set(result["names"])
+    assert set(BUILTINS) <= set(result["names"])
     assert result["loaded"] == []
 
 
-def test_cli_backends_imports_no_framework():
-    code = (
-        "import sys; from typer.testing import CliRunner; from cnn_train.flows.cli import app; "
-        "from cnn_train.plugins import registry; registry.backend_statuses = lambda: []; "
-        "CliRunner().invoke(app, ['backends']); print(sorted(m for m in ('torch','keras') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+def test_entry_points_are_read_once_and_each_class_loaded_once(installed, monkeypatch):
+    reads = installed(_plugin("good", GOOD), _plugin("other", "tests.plugin_fixtures:Other"))
+    loads: list[str] = []
+    load = importlib.metadata.EntryPoint.load
+
+    def counted_load(entry):
+        loads.append(entry.name)
+        return load(entry)
+
+    monkeypatch.setattr(importlib.metadata.EntryPoint, "load", counted_load)
+    first = registry.load_backend_class("good")
+    registry.installed_backends()
+    registry.backend_info("other")
+    registry.load_backend("good")
+    assert registry.load_backend_class("good") is first
+    assert [status.loads for status in registry.backend_statuses()] == [True, True]
+    assert (reads, loads) == ([{"group": registry.GROUP}], ["good", "other"])
+    registry.refresh()
+    registry.load_backend_class("good")
+    assert (len(reads), loads) == (2, ["good", "other", "good"])
 
 
 def test_unknown_backend_lists_installed_ones():
     with pytest.raises(registry.UnknownBackendError) as caught:
         registry.load_backend("tensorflow")
     message = str(caught.value)
-    assert "unknown backend 'tensorflow'" in message
-    assert "installed backends: " in message
-    assert "keras" in message and "torch" in message
+    assert message.startswith("unknown backend 'tensorflow'; installed backends: ")
+    assert all(name in message for name in BUILTINS)
 
 
-def test_unknown_backend_with_nothing_installed(fake_entries):
-    fake_entries()
+def test_unknown_backend_with_nothing_installed(installed):
+    installed()
     with pytest.raises(registry.UnknownBackendError, match="installed backends: none"):
         registry.backend_info("torch")
 
 
-def test_missing_dependency_says_what_to_install(fake_entries):
-    fake_entries(_entry("needs-jax", "tests.plugin_fixtures_needs_jax:Backend", "jax-plugin"))
-    with pytest.raises(registry.BackendDependencyError) as caught:
-        registry.load_backend("needs-jax")
-    message = str(caught.value)
-    assert "needs the package 'jax_not_installed_here'" in message
-    assert "pip install jax_not_installed_here" in message
+@pytest.mark.parametrize(
+    ("target", "error", "expected"),
+    [
+        pytest.param(
+            "tests.plugin_fixtures_needs_jax:Backend",
+            registry.BackendDependencyError,
+            "needs the package 'jax_not_installed_here', which is not installed: pip install jax_not_installed_here",
+            id="missing-dependency",
+        ),
+        pytest.param(
+            "tests.no_such_module:Backend",
+            registry.BackendError,
+            "points at tests.no_such_module:Backend, but module 'tests.no_such_module' does not exist",
+            id="missing-plugin-module",
+        ),
+        pytest.param(
+            "tests.plugin_fixtures:RaisesOnImport",
+            registry.BackendError,
+            "failed to import: RuntimeError: plugin is broken at import time",
+            id="raises-on-import",
+        ),
+        pytest.param(
+            "tests.plugin_fixtures:RaisesInConstructor",
+            registry.BackendError,
+            "raised while being constructed (ConnectionError: cannot reach the licence server)",
+            id="raises-in-constructor",
+        ),
+    ],
+)
+def test_load_failures_say_what_to_do(installed, target, error, expected):
+    installed(_plugin("bad", target))
+    with pytest.raises(error) as caught:
+        registry.load_backend("bad")
+    assert str(caught.value).startswith("backend 'bad' ")
+    assert expected in str(caught.value)
 
 
-def test_missing_module_of_the_plugin_itself(fake_entries):
-    fake_entries(_entry("ghost", "tests.no_such_module:Backend", "ghost-plugin"))
-    with pytest.raises(registry.BackendError, match="module 'tests.no_such_module' does not exist"):
-        registry.load_backend("ghost")
-
-
-def test_broken_plugin_warns_and_others_stay_usable(fake_entries):
-    fake_entries(
-        _entry("good", GOOD, "good-plugin"),
-        _entry("broken", "tests.plugin_fixtures:RaisesOnImport", "broken-plugin"),
-    )
+def test_broken_plugin_warns_and_others_stay_usable(installed):
+    installed(_plugin("good", GOOD), _plugin("broken", "tests.plugin_fixtures:RaisesOnImport"))
     with pytest.warns(RuntimeWarning, match="backend 'broken'"):
-        statuses = {s.info.name: s for s in registry.backend_statuses()}
-    assert statuses["good"].loads
+        statuses = {status.info.name: status for status in registry.backend_statuses()}
+    assert statuses["good"] == registry.BackendStatus(registry.backend_info("good"), True)
     assert not statuses["broken"].loads
     assert "failed to import" in statuses["broken"].problem
     assert registry.load_backend("good").mlflow_flavor == "fake"
 
 
-def test_two_distributions_registering_one_name(fake_entries):
-    fake_entries(_entry("cnn", GOOD, "first-dist"), _entry("cnn", "tests.plugin_fixtures:Other", "second-dist"))
+def test_two_distributions_registering_one_name(installed):
+    installed(
+        FakeDistribution("first-dist", {"cnn": GOOD}),
+        FakeDistribution("second-dist", {"cnn": "tests.plugin_fixtures:Other"}),
+    )
     with pytest.raises(registry.BackendConflictError) as caught:
         registry.load_backend("cnn")
-    assert "first-dist" in str(caught.value) and "second-dist" in str(caught.value)
+    assert "registered by both first-dist 1.0 (tests.plugin_fixtures:GoodBackend) and second-dist 1.0" in str(caught.value)
 
 
-def test_same_distribution_seen_twice_is_not_a_conflict(fake_entries):
-    fake_entries(_entry("good", GOOD, "good-plugin"), _entry("good", GOOD, "good-plugin"))
+def test_same_distribution_seen_twice_is_not_a_conflict(installed):
+    installed(_plugin("good", GOOD), _plugin("good", GOOD))
+    assert [info.name for info in registry.installed_backends()] == ["good"]
     assert registry.load_backend_class("good").__name__ == "GoodBackend"
 
 
@@ -138,22 +176,50 @@ def test_same_distribution_seen_twice_is_not_a_conflict(fake_entries):
         pytest.param("tests.plugin_fixtures:NOT_A_CLASS", "must be a class", id="not-a-class"),
     ],
 )
-def test_contract_breakers_are_refused_when_loaded(fake_entries, target, expected):
-    fake_entries(_entry("bad", target, "bad-plugin"))
+def test_contract_breakers_are_refused_when_loaded(installed, target, expected):
+    installed(_plugin("bad", target))
     with pytest.raises(registry.BackendContractError) as caught:
         registry.load_backend_class("bad")
     assert expected in str(caught.value)
     assert "'bad'" in str(caught.value)
 
 
-def test_constructor_that_raises_is_reported(fake_entries):
-    fake_entries(_entry("boom", "tests.plugin_fixtures:RaisesInConstructor", "boom-plugin"))
-    with pytest.raises(registry.BackendError, match="raised while being constructed .*licence server"):
-        registry.load_backend("boom")
-
-
 def test_contract_lists_every_protocol_method():
-    from cnn_train.plugins.contract import Backend
-
     declared = {name for name in vars(Backend) if not name.startswith("_") and callable(vars(Backend)[name])}
     assert declared == set(CONTRACT_METHODS)
+
+
+# --- the `cnn-train backends` command -------------------------------------------------------------
+
+
+def test_backends_command_lists_without_importing_a_framework():
+    code = textwrap.dedent(
+        """
+        import json, sys
+        from cnn_train.flows.cli import app
+        app(["backends"], standalone_mode=False)
+        print(json.dumps({framework: framework in sys.modules for framework in ("torch", "keras")}))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    *listing, imported = result.stdout.splitlines()
+    assert json.loads(imported) == {"torch": False, "keras": False}
+    for name, target in BUILTINS.items():
+        assert any(line.split()[0] == name and target in line for line in listing), result.stdout
+
+
+def test_backends_check_command_reports_whether_each_loads(tmp_path):
+    # A real distribution on the path whose backend fails to import: shown BROKEN, the others still load.
+    dist_info = tmp_path / "broken_plugin-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text(f"[{registry.GROUP}]\nbroken = tests.plugin_fixtures:RaisesOnImport\n")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    cli = Path(sys.executable).with_name("cnn-train")
+    result = subprocess.run([str(cli), "backends", "--check"], capture_output=True, text=True, env=env, timeout=600)
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
+    for name in BUILTINS:
+        assert lines[name].endswith("loads"), result.stdout
+    assert "broken-plugin 0.1" in lines["broken"]
+    assert "BROKEN: backend 'broken'" in lines["broken"] and "failed to import" in lines["broken"]
