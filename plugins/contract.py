@@ -65,12 +65,30 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class LoggableModel:
-    """What the tracking module needs to log a model in its framework's native MLflow flavor.
+    """A trained model and how MLflow should save it; the tracking code logs it, the backend never does.
 
-    ``flavor`` names an MLflow module (``"pytorch"``, ``"keras"``, ``"sklearn"``...): the tracking
-    module calls ``mlflow.<flavor>.log_model(model, ...)``. ``model`` must map a float32 batch
-    ``(n, height, width, channels)`` to class probabilities ``(n, num_classes)`` when served
-    through ``mlflow.pyfunc``.
+    The tracking code logs it into the run with ``mlflow.models.Model.log`` (the call behind every
+    ``mlflow.<flavor>.log_model``, and the one that takes a run id): ``flavor=mlflow.<flavor>``, the
+    model as below, ``pip_requirements`` (inferred by MLflow, slowly, when empty), a float32 tensor
+    signature ``(-1, height, width, channels)`` in and ``(-1, num_classes)`` out, the flow's input
+    example (two validation images) unless ``accepts_input_example`` is False, and ``**extra``.
+
+    Two routes:
+
+    - **An MLflow flavor** (``"pytorch"``, ``"keras"``, ``"sklearn"``...): ``flavor`` names the
+      ``mlflow.<flavor>`` module and ``model`` is passed as its model argument (the first parameter
+      of ``mlflow.<flavor>.save_model``: ``pytorch_model``, ``model``, ``sk_model``...).
+    - **Any other framework**: ``flavor="pyfunc"`` and ``model`` an ``mlflow.pyfunc.PythonModel``
+      instance, passed as ``python_model``; ``artifacts`` maps names to local files it needs (weights,
+      vocabularies), which MLflow copies into the model and hands back to ``load_context`` as
+      ``context.artifacts[name]``. MLflow pickles the instance by reference to its class, so that class
+      must be importable where the model is loaded: ship its module with
+      ``extra={"code_paths": [path]}`` or install it there, and keep it free of cnn_train imports.
+
+    A ``flavor`` with no ``mlflow.<flavor>`` model module, a pyfunc ``model`` that is not a
+    ``PythonModel``, or ``artifacts`` with a flavor other than pyfunc is refused before anything is
+    logged, with a message naming the problem and these routes. Either way, the model loaded with ``mlflow.pyfunc.load_model`` must map a float32
+    batch ``(n, height, width, channels)`` to class probabilities ``(n, num_classes)``.
     """
 
     flavor: str
@@ -79,8 +97,11 @@ class LoggableModel:
     #: Whether the flavor can log an input example (mlflow.keras cannot: MLflow issue #16183).
     #: PyTorch's default ``pt2`` format needs one to trace the graph.
     accepts_input_example: bool = True
-    #: Further keyword arguments for ``mlflow.<flavor>.log_model``.
+    #: Further keyword arguments for ``Model.log``, which hands the ones it does not take itself to
+    #: the flavor's ``save_model``: e.g. sklearn's ``pyfunc_predict_fn`` and ``skops_trusted_types``.
     extra: dict[str, Any] = field(default_factory=dict)
+    #: ``flavor="pyfunc"`` only: files the PythonModel needs, by name (``{"weights": "/path/w.npz"}``).
+    artifacts: dict[str, str] = field(default_factory=dict)
 
 
 EpochCallback = Callable[[EpochMetrics], None]

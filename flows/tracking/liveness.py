@@ -1,0 +1,102 @@
+"""Runs that outlive their process: the heartbeat that shows a run is alive, the reaper that ends
+abandoned ones, and the link from a Prefect flow run to its MLflow runs."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from mlflow.entities import RunStatus
+
+from cnn_train.flows.tracking.uri import client
+
+# Tag linking an MLflow run to the Prefect flow run that produced it.
+FLOW_RUN_TAG = "prefect.flow_run_id"
+HEARTBEAT_TAG = "cnn_train.heartbeat"
+REAPED_TAG = "cnn_train.reaped"
+HEARTBEAT_SECONDS = float(os.environ.get("CNN_TRAIN_HEARTBEAT_SECONDS", "20"))
+#: A RUNNING run whose last heartbeat is older than this was abandoned (its process was killed).
+STALE_AFTER_SECONDS = 6 * HEARTBEAT_SECONDS
+
+_log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def heartbeat(uri: str, run_id: str, interval: float | None = None) -> Iterator[None]:
+    """Stamp the run every ``interval`` seconds while the block runs, so a run whose process was
+    SIGKILLed (and so could not mark itself) is recognisable as stale and can be reaped."""
+    stop = threading.Event()
+    mlflow_client = client(uri)
+    period = HEARTBEAT_SECONDS if interval is None else interval
+
+    def beat() -> None:
+        while True:
+            try:
+                mlflow_client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+            except Exception:  # noqa: BLE001 - a missed beat must not break training
+                _log.debug("heartbeat for run %s failed", run_id, exc_info=True)
+            if stop.wait(period):
+                return
+
+    thread = threading.Thread(target=beat, name=f"mlflow-heartbeat-{run_id[:8]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def find_runs_for_flow_run(flow_run_id: str, *, uri: str | None = None) -> list[Any]:
+    """MLflow runs tagged with the Prefect flow run id, across experiments."""
+    mlflow_client = client(uri)
+    experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
+    if not experiments:
+        return []
+    return mlflow_client.search_runs(experiments, filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'")
+
+
+def mark_unfinished(run_id: str, status: str, *, uri: str | None = None) -> bool:
+    """Mark a run FAILED or KILLED unless it already ended; returns whether it changed."""
+    mlflow_client = client(uri)
+    run = mlflow_client.get_run(run_id)
+    if RunStatus.is_terminated(RunStatus.from_string(run.info.status)):
+        return False
+    mlflow_client.set_terminated(run_id, status=status)
+    return True
+
+
+def stale_runs(*, uri: str | None = None, stale_after: float = STALE_AFTER_SECONDS) -> list[Any]:
+    """RUNNING runs written by cnn-train whose heartbeat stopped more than ``stale_after`` seconds ago."""
+    mlflow_client = client(uri)
+    experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
+    if not experiments:
+        return []
+    now = time.time()
+    running = mlflow_client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    return [
+        run
+        for run in running
+        if HEARTBEAT_TAG in run.data.tags and now - float(run.data.tags[HEARTBEAT_TAG]) > stale_after
+    ]
+
+
+def reap_stale_runs(*, uri: str | None = None, stale_after: float = STALE_AFTER_SECONDS) -> list[str]:
+    """Mark abandoned RUNNING runs FAILED, saying why in a tag; returns their ids."""
+    reaped = []
+    mlflow_client = client(uri)
+    for run in stale_runs(uri=uri, stale_after=stale_after):
+        silent = time.time() - float(run.data.tags[HEARTBEAT_TAG])
+        mlflow_client.set_tag(
+            run.info.run_id,
+            REAPED_TAG,
+            f"no heartbeat for {silent:.0f} s (its process died without ending the run); marked FAILED",
+        )
+        mlflow_client.set_terminated(run.info.run_id, status="FAILED")
+        reaped.append(run.info.run_id)
+    return reaped

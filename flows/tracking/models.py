@@ -1,0 +1,170 @@
+"""Logging a backend's model into a run, and the model registry.
+
+Models go in through ``mlflow.models.Model.log``, the public call every ``mlflow.<flavor>.log_model``
+makes: unlike some of those (pyfunc's, keras's) it takes the run to log into by id (``run_id=``), so
+no fluent run is started in the thread, nor ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import os
+import threading
+from collections.abc import Iterator
+from types import ModuleType
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from cnn_train.flows.tracking.uri import client
+from cnn_train.plugins.contract import LoggableModel
+
+#: The flavor for frameworks MLflow has no flavor module for: ``model`` is an ``mlflow.pyfunc.PythonModel``.
+PYFUNC = "pyfunc"
+
+# PyTorch's exporter (MLflow's default pt2 format) keeps its tracing mode in process-global state,
+# and Model.log and the registry read the process-wide tracking URI: two threads logging or
+# registering models at once (sweep trials) would break each other.
+_PROCESS_STATE_LOCK = threading.Lock()
+
+
+class UnloggableModelError(ValueError):
+    """A LoggableModel that the tracking code cannot log (unknown flavor, wrong model type...)."""
+
+
+def log_model(
+    uri: str,
+    experiment_id: str,
+    run_id: str,
+    loggable: LoggableModel,
+    *,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    input_example: np.ndarray | None = None,
+    name: str = "model",
+) -> str:
+    """Log ``loggable`` into run ``run_id`` with a float32 tensor signature, ``(-1, *input_shape)`` in
+    and ``(-1, num_classes)`` out; returns its ``models:/<model id>`` URI.
+
+    A native flavor's model goes in as that flavor's model argument, a pyfunc's as ``python_model``
+    with its ``artifacts``; see :class:`~cnn_train.plugins.contract.LoggableModel`.
+    """
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    flavor, model_arguments = _flavor_and_model(loggable)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
+    )
+    with _PROCESS_STATE_LOCK, _process_tracking_uri(uri):
+        # Without a model id, Model.log files the model under the thread's active experiment (often
+        # the default one), where `runs:/<run id>/model` cannot find it; create it in the run's.
+        logged = MlflowClient(tracking_uri=uri).create_logged_model(
+            experiment_id, name=name, source_run_id=run_id, tags={"flavor": loggable.flavor}
+        )
+        info = Model.log(
+            artifact_path=None,
+            name=name,
+            model_id=logged.model_id,
+            flavor=flavor,
+            run_id=run_id,
+            signature=signature,
+            pip_requirements=list(loggable.pip_requirements) or None,
+            input_example=input_example if loggable.accepts_input_example else None,
+            **model_arguments,
+            **loggable.extra,
+        )
+    return info.model_uri
+
+
+def check_loggable(loggable: LoggableModel) -> None:
+    """Refuse, with what to do instead, a LoggableModel that :func:`log_model` cannot log."""
+    _flavor_and_model(loggable)
+
+
+def _flavor_and_model(loggable: LoggableModel) -> tuple[ModuleType, dict[str, object]]:
+    """The flavor module and the keyword arguments that hand it the model."""
+    if loggable.flavor == PYFUNC:
+        import mlflow.pyfunc
+
+        if not isinstance(loggable.model, mlflow.pyfunc.PythonModel):
+            raise UnloggableModelError(
+                f"flavor 'pyfunc' needs model to be an mlflow.pyfunc.PythonModel instance, "
+                f"got {type(loggable.model).__module__}.{type(loggable.model).__qualname__}"
+            )
+        return mlflow.pyfunc, {"python_model": loggable.model, "artifacts": dict(loggable.artifacts) or None}
+    flavor = _native_flavor(loggable.flavor)
+    if loggable.artifacts:
+        raise UnloggableModelError(
+            f"artifacts are for flavor 'pyfunc' only; flavor {loggable.flavor!r} saves its model itself "
+            f"(got artifacts {sorted(loggable.artifacts)})"
+        )
+    # Each flavor names its model argument differently (pytorch_model, model, sk_model...).
+    model_argument = next(iter(inspect.signature(flavor.save_model).parameters))
+    return flavor, {model_argument: loggable.model}
+
+
+def _native_flavor(name: str) -> ModuleType:
+    routes = (
+        "LoggableModel.flavor must name an MLflow flavor module (e.g. 'pytorch', 'keras', 'sklearn'), "
+        "or be 'pyfunc' with model an mlflow.pyfunc.PythonModel instance, plus artifacts (files it "
+        "needs) and pip_requirements, for a framework MLflow has no flavor for"
+    )
+    if not name.isidentifier() or importlib.util.find_spec(f"mlflow.{name}") is None:
+        raise UnloggableModelError(f"unknown MLflow flavor {name!r}: {routes}")
+    try:
+        flavor = importlib.import_module(f"mlflow.{name}")
+    except ImportError as error:
+        raise UnloggableModelError(f"MLflow flavor {name!r} cannot be imported ({error}); install what it names") from error
+    if not callable(getattr(flavor, "save_model", None)):
+        raise UnloggableModelError(f"mlflow.{name} is not a model flavor (it has no save_model): {routes}")
+    return flavor
+
+
+@contextlib.contextmanager
+def _process_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at ``uri`` for a block (Model.log reads only that),
+    then leave it exactly as it was.
+
+    Usually nothing has pinned it and it follows MLFLOW_TRACKING_URI, so only the variable is set and
+    put back. If something pinned it with ``mlflow.set_tracking_uri`` (which outranks the variable),
+    it is re-pinned to ``uri`` and then back to its old value.
+    """
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    pinned_before = None
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        if mlflow.get_tracking_uri() != uri:
+            pinned_before = mlflow.get_tracking_uri()
+            mlflow.set_tracking_uri(uri)
+        yield
+    finally:
+        if pinned_before is not None:
+            mlflow.set_tracking_uri(pinned_before)
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
+
+
+def register_model(name: str, model_uri: str, *, run_id: str, description: str, uri: str | None = None) -> int:
+    """A new version of registered model ``name`` from a logged model; returns the version number."""
+    mlflow_client = client(uri)
+    try:
+        mlflow_client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    # A SQLite registry looks a models:/ source up through the process-wide tracking URI.
+    with _PROCESS_STATE_LOCK, _process_tracking_uri(mlflow_client.tracking_uri):
+        version = mlflow_client.create_model_version(
+            name, source=model_uri, run_id=run_id, description=description, model_id=model_id
+        )
+    return int(version.version)

@@ -1,0 +1,246 @@
+"""Experiments and runs: create them, and log params, metrics, tags, datasets and artifacts by run id.
+
+Prefect runs tasks in threads and MLflow's fluent API keeps the active run in thread-local
+state, so everything here goes through ``MlflowClient`` with explicit run ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.data.http_dataset_source import HTTPDatasetSource
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag, SourceType
+from mlflow.exceptions import MlflowException
+
+from cnn_train.flows.settings import default_artifact_root
+from cnn_train.flows.tracking import liveness, models
+from cnn_train.flows.tracking.uri import check_reachable, run_url, tracking_uri
+from cnn_train.plugins.contract import EpochMetrics, LoggableModel
+
+# No public API or constant for the experiment kind: only the MLflow UI reads this tag (test_tracking guards it).
+#: Without it the MLflow UI opens a new experiment in its GenAI view.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+#: What the UI shows as a run's source when the caller does not name one.
+DEFAULT_SOURCE_NAME = "cnn-train"
+_MAX_PARAM_LENGTH = 6000
+
+
+def ensure_experiment(mlflow_client: MlflowClient, name: str) -> str:
+    """The experiment's id, creating it with a pinned artifact location for local stores; either way
+    it opens in the MLflow UI's model-training view."""
+    existing = mlflow_client.get_experiment_by_name(name)
+    if existing is not None:
+        _mark_model_training(mlflow_client, existing)
+        return existing.experiment_id
+    location = None
+    parsed = urlparse(mlflow_client.tracking_uri)
+    # Artifacts go in a folder beside the SQLite file, whether the store is reached directly or
+    # through the project's own server: otherwise they land relative to whoever created the
+    # experiment, or behind an mlflow-artifacts: URI that a direct SQLite client cannot resolve.
+    if parsed.scheme == "sqlite":
+        location = (Path(parsed.path.removeprefix("/")).resolve().parent / "mlartifacts" / name).as_uri()
+    elif parsed.hostname in ("127.0.0.1", "localhost"):
+        location = (default_artifact_root() / name).as_uri()
+    try:
+        return mlflow_client.create_experiment(
+            name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+        )
+    except MlflowException:
+        # Another run created it between our lookup and create.
+        found = mlflow_client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        _mark_model_training(mlflow_client, found)
+        return found.experiment_id
+
+
+def _mark_model_training(mlflow_client: MlflowClient, experiment: Any) -> None:
+    """Give an experiment that has no kind yet the model-training one; a kind someone chose stays."""
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+
+
+def source_tags(source_name: str = DEFAULT_SOURCE_NAME) -> dict[str, str]:
+    """The source and user tags MLflow's fluent API would set, which ``MlflowClient.create_run`` leaves out."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name, e.g. a container user without a passwd entry
+        user = "unknown"
+    return {
+        "mlflow.source.name": source_name,
+        "mlflow.source.type": SourceType.to_string(SourceType.LOCAL),
+        "mlflow.user": user,
+    }
+
+
+def _stringify(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
+    return text[:_MAX_PARAM_LENGTH]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class RunTracker:
+    """One MLflow run, addressed by id so it can be used from any thread or process."""
+
+    uri: str
+    run_id: str
+    experiment_id: str
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.uri)
+
+    @classmethod
+    def start(
+        cls,
+        experiment: str,
+        *,
+        run_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        parent_run_id: str | None = None,
+        uri: str | None = None,
+        source_name: str = DEFAULT_SOURCE_NAME,
+    ) -> RunTracker:
+        """A new RUNNING run in ``experiment`` (created if needed), tagged with its source and user."""
+        uri = uri or tracking_uri()
+        check_reachable(uri)
+        mlflow_client = MlflowClient(tracking_uri=uri)
+        experiment_id = ensure_experiment(mlflow_client, experiment)
+        all_tags = {**source_tags(source_name), **{k: v for k, v in (tags or {}).items() if v is not None}}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        return cls(uri, run.info.run_id, experiment_id)
+
+    @property
+    def url(self) -> str | None:
+        """The run's page in the MLflow UI; None when the store is not behind an MLflow server
+        (then :func:`~cnn_train.flows.tracking.open_hint` says how to browse it)."""
+        return run_url(self.uri, self.experiment_id, self.run_id)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        items = [Param(key, _stringify(value)) for key, value in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set tags; a None value means there is nothing to say, so that tag is left out."""
+        items = [RunTag(k, _stringify(v)) for k, v in tags.items() if v is not None]
+        if items:
+            self.client.log_batch(self.run_id, tags=items)
+
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int = 0) -> None:
+        timestamp = _now_ms()
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in metrics.items()]
+        )
+
+    def log_epoch(self, metrics: EpochMetrics, *, prefix: str = "") -> None:
+        """One epoch's metrics at step = epoch, the moment the epoch ends."""
+        values = {
+            "loss": metrics.loss,
+            "accuracy": metrics.accuracy,
+            "val_loss": metrics.val_loss,
+            "val_accuracy": metrics.val_accuracy,
+            "epoch_seconds": metrics.seconds,
+            "images_per_second": metrics.images_per_second,
+        }
+        self.log_metrics({prefix + k: v for k, v in values.items()}, step=metrics.epoch)
+
+    def logged_steps(self, key: str) -> list[int]:
+        return sorted(m.step for m in self.client.get_metric_history(self.run_id, key))
+
+    def log_dataset(
+        self,
+        features: np.ndarray,
+        targets: np.ndarray,
+        *,
+        name: str,
+        source: str,
+        digest: str,
+        context: str,
+    ) -> None:
+        """Record a dataset with its digest and source (a URL or a local folder) through MLflow's dataset API."""
+        dataset = mlflow.data.from_numpy(
+            features, targets=targets, source=_dataset_source(source), name=name, digest=digest
+        )
+        config = dataset.to_dict()
+        entity = Dataset(
+            name=config["name"],
+            digest=config["digest"],
+            source_type=config["source_type"],
+            source=config["source"],
+            schema=config.get("schema"),
+            profile=config.get("profile"),
+        )
+        entry = DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])
+        self.client.log_inputs(self.run_id, datasets=[entry])
+
+    def log_model(
+        self,
+        loggable: LoggableModel,
+        *,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        input_example: np.ndarray | None = None,
+        name: str = "model",
+    ) -> str:
+        """Log the model into this run (see :func:`cnn_train.flows.tracking.models.log_model`); returns its model URI."""
+        return models.log_model(
+            self.uri,
+            self.experiment_id,
+            self.run_id,
+            loggable,
+            input_shape=input_shape,
+            num_classes=num_classes,
+            input_example=input_example,
+            name=name,
+        )
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run as FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(self.run_id, status=status)
+
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
+    @contextlib.contextmanager
+    def heartbeat(self, interval: float | None = None) -> Iterator[None]:
+        """Stamp the run while the block runs (see :func:`cnn_train.flows.tracking.liveness.heartbeat`)."""
+        with liveness.heartbeat(self.uri, self.run_id, interval):
+            yield
+
+
+def _dataset_source(source: str) -> Any:
+    """The one DatasetSource that ``source`` means.
+
+    Given a bare string, MLflow asks every registered source type whether it can read it, and a local
+    path matches two (the ``""`` and ``file`` schemes both register a LocalArtifactDatasetSource),
+    which warns on every run; naming the type removes the guess.
+    """
+    if urlparse(source).scheme in ("http", "https"):
+        return HTTPDatasetSource(source)
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    return LocalArtifactDatasetSource(source)

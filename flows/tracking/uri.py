@@ -1,0 +1,130 @@
+"""Where the tracking store is, whether it answers, and how a person can browse a run in it."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import quote, urlparse
+
+from mlflow import MlflowClient
+
+from cnn_train.flows import services
+from cnn_train.flows.settings import default_tracking_uri
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The tracking store cannot be reached; raised before any training starts."""
+
+
+class RunAddress(Protocol):
+    """Where a run is: its store, experiment and id (a :class:`~cnn_train.flows.tracking.RunTracker` is one)."""
+
+    @property
+    def uri(self) -> str: ...
+
+    @property
+    def experiment_id(self) -> str: ...
+
+    @property
+    def run_id(self) -> str: ...
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else the project's MLflow server when ``cnn-train up`` runs it,
+    else the project's ``mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or services.project_mlflow_server() or default_tracking_uri()
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
+    """Fail fast, with what to do about it, when an HTTP tracking server does not answer."""
+    if not _is_server(uri):
+        return
+    health = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout) as response:  # noqa: S310 - user-configured URI
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as error:
+        problem = str(getattr(error, "reason", error))
+    raise TrackingUnavailableError(
+        f"MLflow tracking server {uri} is not reachable ({problem}); start it with `cnn-train up`, "
+        "or unset MLFLOW_TRACKING_URI to log to the project's mlflow.db"
+    )
+
+
+def ui_base_url(uri: str) -> str | None:
+    """The web UI serving ``uri``, when it is a server; None for a store read directly (SQLite, files)."""
+    return uri.rstrip("/") if _is_server(uri) else None
+
+
+def artifact_url(uri: str, run_id: str, path: str) -> str | None:
+    """A browser URL serving one artifact of a run, when the store is an MLflow server."""
+    base = ui_base_url(uri)
+    if base is None:
+        return None
+    return f"{base}/get-artifact?path={quote(path)}&run_uuid={run_id}"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI, when the store is an MLflow server; None otherwise."""
+    base = ui_base_url(uri)
+    return None if base is None else _run_page(base, experiment_id, run_id)
+
+
+def open_hint(run: RunAddress) -> str:
+    """The exact way to see ``run`` in a browser: ``open <its URL>`` when an MLflow server holds it,
+    ``cnn-train up, then open <URL>`` for the project's own store, else the lean ``mlflow server``
+    command for its store, then the URL."""
+    if url := run_url(run.uri, run.experiment_id, run.run_id):
+        return f"open {url}"
+    page = _run_page(services.mlflow_url(), run.experiment_id, run.run_id)
+    store = _absolute_store(run.uri)
+    if store == _absolute_store(default_tracking_uri()):
+        return f"cnn-train up, then open {page}"
+    command = [
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        shlex.quote(_without_password(store)),
+    ]
+    if store.startswith("sqlite:"):
+        # Where ensure_experiment pins a SQLite store's artifacts, so runs logged later land there too.
+        artifacts = Path(urlparse(store).path.removeprefix("/")).parent / "mlartifacts"
+        command += ["--artifacts-destination", shlex.quote(str(artifacts))]
+    command += ["--host", services.HOST, "--port", str(services.mlflow_port()), "--workers", "1"]
+    return f"{' '.join(command)}, then open {page}"
+
+
+def _is_server(uri: str) -> bool:
+    return urlparse(uri).scheme in ("http", "https")
+
+
+def _run_page(base: str, experiment_id: str, run_id: str) -> str:
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def _absolute_store(uri: str) -> str:
+    """A SQLite URI with an absolute path (``sqlite:////abs/x.db``), so it means the same from any directory."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite" or not parsed.path.removeprefix("/"):
+        return uri
+    return f"sqlite:///{Path(parsed.path.removeprefix('/')).resolve()}"
+
+
+def _without_password(uri: str) -> str:
+    """A database URI fit to print: its password masked."""
+    parsed = urlparse(uri)
+    if not parsed.password:
+        return uri
+    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)).geturl()

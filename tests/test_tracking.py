@@ -1,0 +1,381 @@
+"""The tracking package against a real SQLite store: models of any framework log into a run and load
+without cnn_train, links are real or absent, dataset logging is quiet, and runs carry what the
+MLflow UI needs."""
+
+from __future__ import annotations
+
+import getpass
+import importlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from cnn_train.flows import tracking
+from cnn_train.flows.settings import default_tracking_uri
+from cnn_train.flows.tracking import RunTracker
+from cnn_train.plugins.contract import LoggableModel
+
+INPUT_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+IMAGES = np.random.default_rng(0).uniform(size=(5, *INPUT_SHAPE)).astype(np.float32)
+
+# A framework MLflow has no flavor for: a softmax regression in NumPy, its weights in an artifact.
+# It lives in a file of its own so the logged model can ship it (code_paths) and load anywhere.
+SOFTMAX_MODULE = '''
+import numpy as np
+import mlflow.pyfunc
+
+
+class SoftmaxRegression(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        weights = np.load(context.artifacts["weights"])
+        self.w, self.b = weights["w"], weights["b"]
+
+    def predict(self, context, model_input, params=None):
+        x = np.asarray(model_input, dtype=np.float32).reshape(len(model_input), -1)
+        logits = x @ self.w + self.b
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return exp / exp.sum(axis=1, keepdims=True)
+'''
+
+
+@dataclass(frozen=True)
+class Address:
+    uri: str
+    experiment_id: str = "7"
+    run_id: str = "abc123"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def tracker(store: str) -> RunTracker:
+    return RunTracker.start("tracking", uri=store, run_name="test")
+
+
+@pytest.fixture(scope="module")
+def softmax(tmp_path_factory: pytest.TempPathFactory) -> LoggableModel:
+    folder = tmp_path_factory.mktemp("softmax")
+    module = folder / "tiny_softmax_model.py"
+    module.write_text(SOFTMAX_MODULE)
+    rng = np.random.default_rng(1)
+    weights = folder / "weights.npz"
+    np.savez(weights, w=rng.normal(size=(int(np.prod(INPUT_SHAPE)), NUM_CLASSES)).astype(np.float32),
+             b=np.zeros(NUM_CLASSES, dtype=np.float32))
+    sys.path.insert(0, str(folder))
+    try:
+        model_class = importlib.import_module("tiny_softmax_model").SoftmaxRegression
+    finally:
+        sys.path.remove(str(folder))
+    return LoggableModel(
+        flavor="pyfunc",
+        model=model_class(),
+        artifacts={"weights": str(weights)},
+        pip_requirements=(f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"),
+        extra={"code_paths": [str(module)]},
+    )
+
+
+def _softmax_of(loggable: LoggableModel, images: np.ndarray) -> np.ndarray:
+    weights = np.load(loggable.artifacts["weights"])
+    logits = images.reshape(len(images), -1) @ weights["w"] + weights["b"]
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _log(tracker: RunTracker, loggable: LoggableModel) -> str:
+    return tracker.log_model(loggable, input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES, input_example=IMAGES[:2])
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+def test_pyfunc_model_logs_into_the_run_and_loads_without_cnn_train(tracker, softmax, store, tmp_path):
+    model_uri = _log(tracker, softmax)
+    run = tracker.client.get_run(tracker.run_id)
+    assert run.info.status == "RUNNING"  # logging a model did not end the run
+    assert model_uri == f"models:/{run.outputs.model_outputs[0].model_id}"
+    script = textwrap.dedent(
+        """
+        import json, sys
+        import numpy as np
+        import mlflow.pyfunc
+
+        model = mlflow.pyfunc.load_model(sys.argv[1])
+        images = np.random.default_rng(0).uniform(size=(5, 28, 28, 1)).astype(np.float32)
+        proba = np.asarray(model.predict(images))
+        leaked = sorted(name for name in sys.modules if name.split(".")[0] == "cnn_train")
+        print(json.dumps({"proba": proba.tolist(), "leaked": leaked}))
+        """
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    for uri in (model_uri, f"runs:/{tracker.run_id}/model"):
+        done = subprocess.run([sys.executable, "-c", script, uri], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["leaked"] == []
+        proba = np.array(result["proba"])
+        assert proba.shape == (5, NUM_CLASSES)
+        np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(proba, _softmax_of(softmax, IMAGES), atol=1e-5)
+
+
+def test_sklearn_pipeline_logs_with_its_trusted_types(tracker, monkeypatch):
+    """What the sklearn example returns: skops (MLflow's safe default) with a short, explicit list of
+    the types its pipeline needs, and predict_proba served through pyfunc."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    rng = np.random.default_rng(2)
+    x, y = rng.uniform(size=(40, *INPUT_SHAPE)).astype(np.float32), np.arange(40) % NUM_CLASSES
+    pipeline = make_pipeline(
+        FunctionTransformer(np.reshape, kw_args={"shape": (-1, int(np.prod(INPUT_SHAPE)))}),
+        MLPClassifier(hidden_layer_sizes=(8,), max_iter=3, random_state=0),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        pipeline.fit(x, y)
+    loggable = LoggableModel(
+        flavor="sklearn",
+        model=pipeline,
+        pip_requirements=("scikit-learn", "numpy"),
+        extra={
+            "pyfunc_predict_fn": "predict_proba",
+            "skops_trusted_types": ["numpy.reshape", "sklearn.neural_network._stochastic_optimizers.AdamOptimizer"],
+        },
+    )
+    model_uri = _log(tracker, loggable)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.uri)
+    proba = np.asarray(mlflow.pyfunc.load_model(model_uri).predict(IMAGES))
+    np.testing.assert_allclose(proba, pipeline.predict_proba(IMAGES), atol=1e-6)
+
+
+def test_model_logging_leaves_the_process_tracking_uri_as_it_was(tracker, softmax, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/mlflow.db")
+    _log(tracker, softmax)
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////elsewhere/mlflow.db"
+    assert mlflow.get_tracking_uri() == "sqlite:////elsewhere/mlflow.db"  # still follows the variable
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////moved/mlflow.db")
+    assert mlflow.get_tracking_uri() == "sqlite:////moved/mlflow.db"
+
+
+def test_a_pinned_process_tracking_uri_is_pinned_back():
+    """In a child process, since a pinned URI (mlflow.set_tracking_uri) would outlive the test."""
+    script = textwrap.dedent(
+        """
+        import os
+        import mlflow
+        from cnn_train.flows.tracking.models import _process_tracking_uri
+
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        with _process_tracking_uri("sqlite:////store/a.db"):
+            assert mlflow.get_tracking_uri() == "sqlite:////store/a.db"
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+        mlflow.set_tracking_uri("sqlite:////pinned/b.db")
+        with _process_tracking_uri("sqlite:////store/a.db"):
+            assert mlflow.get_tracking_uri() == "sqlite:////store/a.db"
+        assert mlflow.get_tracking_uri() == "sqlite:////pinned/b.db"
+        assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////pinned/b.db"
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("loggable", "message"),
+    [
+        pytest.param(
+            LoggableModel(flavor="jax", model=object()),
+            r"unknown MLflow flavor 'jax': LoggableModel.flavor must name an MLflow flavor module "
+            r"\(e.g. 'pytorch', 'keras', 'sklearn'\), or be 'pyfunc' with model an mlflow.pyfunc.PythonModel "
+            r"instance, plus artifacts \(files it needs\) and pip_requirements, for a framework MLflow has no flavor for",
+            id="unknown-flavor",
+        ),
+        pytest.param(
+            LoggableModel(flavor="tracking", model=object()),
+            r"mlflow.tracking is not a model flavor \(it has no save_model\): LoggableModel.flavor must name",
+            id="not-a-flavor",
+        ),
+        pytest.param(
+            LoggableModel(flavor="pyfunc", model=object()),
+            r"flavor 'pyfunc' needs model to be an mlflow.pyfunc.PythonModel instance, got builtins.object",
+            id="pyfunc-without-python-model",
+        ),
+        pytest.param(
+            LoggableModel(flavor="sklearn", model=object(), artifacts={"weights": "/tmp/w.npz"}),
+            r"artifacts are for flavor 'pyfunc' only; flavor 'sklearn' saves its model itself \(got artifacts \['weights'\]\)",
+            id="artifacts-with-a-native-flavor",
+        ),
+    ],
+)
+def test_unloggable_models_are_refused_before_anything_is_logged(tracker, loggable, message):
+    with pytest.raises(tracking.UnloggableModelError, match=message):
+        _log(tracker, loggable)
+    assert tracker.client.search_logged_models(experiment_ids=[tracker.experiment_id],
+                                               filter_string=f"source_run_id = '{tracker.run_id}'") == []
+
+
+def test_registering_a_logged_model_adds_versions_in_its_own_store(tracker, softmax, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where MLflow's default store would appear if anything fell back to it
+    model_uri = _log(tracker, softmax)
+    register = {"run_id": tracker.run_id, "description": "test", "uri": tracker.uri}
+    assert tracking.register_model("softmax", model_uri, **register) == 1
+    assert tracking.register_model("softmax", model_uri, **register) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- datasets, tags, the MLflow UI ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "source_type"),
+    [("/usr/share/datasets/fashion-mnist", "local"), ("https://example.org/fashion-mnist/", "http")],
+    ids=["local-folder", "url"],
+)
+def test_logging_a_dataset_is_quiet_and_records_its_source(tracker, source, source_type):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # An experiment keeps one dataset per name and digest: a digest per case.
+        tracker.log_dataset(IMAGES, np.arange(5), name="fashion-mnist-train", source=source, digest=source_type,
+                            context="train")
+    assert [str(w.message) for w in caught] == []
+    (logged,) = tracker.client.get_run(tracker.run_id).inputs.dataset_inputs
+    assert (logged.dataset.name, logged.dataset.digest, logged.dataset.source_type) == ("fashion-mnist-train", source_type, source_type)
+    assert source in logged.dataset.source
+    assert {t.key: t.value for t in logged.tags} == {"mlflow.data.context": "train"}
+
+
+def test_runs_carry_source_and_user_and_open_in_the_model_training_view(store):
+    run = RunTracker.start("ui-fit", uri=store, tags={"prefect.deployment": None, "team": "vision"})
+    client = run.client
+    tags = client.get_run(run.run_id).data.tags
+    assert {k: tags[k] for k in ("mlflow.source.name", "mlflow.source.type", "mlflow.user", "team")} == {
+        "mlflow.source.name": "cnn-train",
+        "mlflow.source.type": "LOCAL",
+        "mlflow.user": getpass.getuser(),
+        "team": "vision",
+    }
+    assert "prefect.deployment" not in tags
+    assert client.get_experiment(run.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_existing_experiments_get_a_kind_only_when_they_have_none(store):
+    client = tracking.client(store)
+    bare = client.create_experiment("made-elsewhere")
+    chosen = client.create_experiment("genai-on-purpose", tags={"mlflow.experimentKind": "genai_development"})
+    assert tracking.ensure_experiment(client, "made-elsewhere") == bare
+    assert tracking.ensure_experiment(client, "genai-on-purpose") == chosen
+    assert client.get_experiment(bare).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_the_installed_mlflow_ui_still_reads_the_experiment_kind():
+    bundle = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    ui = "".join(path.read_text(errors="replace") for path in bundle.glob("main.*.js"))
+    if not ui:
+        pytest.skip("this MLflow install has no UI bundle")
+    assert f'"{tracking.EXPERIMENT_KIND_TAG}"' in ui
+    assert f'"{tracking.MODEL_TRAINING_KIND}"' in ui
+
+
+def test_a_none_tag_is_left_out(tracker):
+    tracker.set_tags({"cnn_train.registered_model": None, "cnn_train.best_run_id": "r1"})
+    tags = tracker.client.get_run(tracker.run_id).data.tags
+    assert "cnn_train.registered_model" not in tags
+    assert tags["cnn_train.best_run_id"] == "r1"
+
+
+# --- links ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def default_port(monkeypatch):
+    monkeypatch.delenv("CNN_TRAIN_MLFLOW_PORT", raising=False)
+
+
+def test_a_store_without_a_server_has_no_url_but_a_command(tracker, default_port):
+    assert tracker.url is None
+    folder = tracker.uri.removeprefix("sqlite:///").removesuffix("/mlflow.db")
+    assert tracking.open_hint(tracker) == (
+        f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --backend-store-uri {tracker.uri} "
+        f"--artifacts-destination {folder}/mlartifacts --host 127.0.0.1 --port 5000 --workers 1, "
+        f"then open http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
+    )
+
+
+def test_a_relative_sqlite_store_is_named_by_its_absolute_path(tmp_path, monkeypatch, default_port):
+    monkeypatch.chdir(tmp_path)
+    hint = tracking.open_hint(Address("sqlite:///runs/mlflow.db"))
+    assert f"--backend-store-uri sqlite:///{tmp_path}/runs/mlflow.db " in hint
+    assert f"--artifacts-destination {tmp_path}/runs/mlartifacts " in hint
+
+
+def test_the_project_store_is_browsed_with_cnn_train_up(default_port):
+    assert tracking.open_hint(Address(default_tracking_uri())) == (
+        "cnn-train up, then open http://127.0.0.1:5000/#/experiments/7/runs/abc123"
+    )
+
+
+def test_a_server_store_links_to_the_run():
+    run = Address("http://127.0.0.1:5123")
+    assert tracking.run_url(run.uri, run.experiment_id, run.run_id) == "http://127.0.0.1:5123/#/experiments/7/runs/abc123"
+    assert tracking.open_hint(run) == "open http://127.0.0.1:5123/#/experiments/7/runs/abc123"
+    assert tracking.artifact_url(run.uri, "abc123", "report/a b.png") == (
+        "http://127.0.0.1:5123/get-artifact?path=report/a%20b.png&run_uuid=abc123"
+    )
+
+
+def test_a_database_password_is_not_printed():
+    hint = tracking.open_hint(Address("postgresql://ml:s3cret@db.internal/mlflow"))
+    assert "--backend-store-uri 'postgresql://ml:***@db.internal/mlflow' " in hint
+    assert "s3cret" not in hint
+
+
+def test_an_unreachable_server_says_what_to_do():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again when the block ends: nothing listens there
+    with pytest.raises(tracking.TrackingUnavailableError, match=rf"MLflow tracking server http://127.0.0.1:{port} "
+                       r"is not reachable \(.*\); start it with `cnn-train up`, or unset MLFLOW_TRACKING_URI"):
+        tracking.check_reachable(f"http://127.0.0.1:{port}", timeout=2)
+
+
+# --- liveness ------------------------------------------------------------------------------------
+
+
+def test_heartbeat_then_reaping_and_marking(store):
+    alive, abandoned, ended = (RunTracker.start("liveness", uri=store, tags={tracking.FLOW_RUN_TAG: "flow-1"}) for _ in range(3))
+    with alive.heartbeat(interval=60):
+        pass
+    assert abs(float(alive.client.get_run(alive.run_id).data.tags[tracking.HEARTBEAT_TAG]) - time.time()) < 60
+    abandoned.set_tags({tracking.HEARTBEAT_TAG: f"{time.time() - 3600:.0f}"})
+    ended.finish("FINISHED")
+    assert tracking.reap_stale_runs(uri=store, stale_after=600) == [abandoned.run_id]
+    assert abandoned.status() == "FAILED"
+    assert "no heartbeat for 36" in abandoned.client.get_run(abandoned.run_id).data.tags[tracking.REAPED_TAG]
+    assert {r.info.run_id for r in tracking.find_runs_for_flow_run("flow-1", uri=store)} == {
+        alive.run_id, abandoned.run_id, ended.run_id}
+    assert tracking.mark_unfinished(ended.run_id, "KILLED", uri=store) is False
+    assert tracking.mark_unfinished(alive.run_id, "KILLED", uri=store) is True
+    assert alive.status() == "KILLED"
+
