@@ -35,6 +35,7 @@ from typing import Literal
 
 from filelock import FileLock, Timeout
 
+from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.settings import state_dir
 
 __all__ = [
@@ -77,7 +78,7 @@ _MIB = 1024 * 1024
 Logger = logging.Logger | logging.LoggerAdapter
 
 
-class PlacementError(ValueError):
+class PlacementError(ExpectedFailure, ValueError):
     """A device request that is invalid or cannot be met; the message says why and what to do."""
 
 

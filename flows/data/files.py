@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.plugins.config import FASHION_MNIST_CLASSES
 
 IMAGE_SIDE = 28
@@ -21,7 +22,7 @@ LABELS_MAGIC = 2049
 NUM_CLASSES = len(FASHION_MNIST_CLASSES)
 
 
-class DatasetError(Exception):
+class DatasetError(ExpectedFailure):
     """The dataset cannot be found or read; the message names the file, the problem and the fix."""
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from cnn_train.flows.data.files import FILE_NAMES, NUM_CLASSES, TEST_IMAGES, TRAIN_IMAGES
 from cnn_train.flows.data.idx import RawData
+from cnn_train.flows.errors import ExpectedFailure
 
 #: Smallest ``sample_limit``: two images per class, so both splits can hold every class.
 MIN_SAMPLE_LIMIT = 20
@@ -19,7 +20,7 @@ MIN_SAMPLE_LIMIT = 20
 SPLIT_VERSION = 1
 
 
-class SplitError(ValueError):
+class SplitError(ExpectedFailure, ValueError):
     """The split arguments cannot give a usable split; the message names the cause and what is allowed."""
 
 

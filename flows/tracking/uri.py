@@ -14,10 +14,11 @@ from urllib.parse import quote, urlparse
 from mlflow import MlflowClient
 
 from cnn_train.flows import services
+from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.settings import default_tracking_uri
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(ExpectedFailure, RuntimeError):
     """The tracking store cannot be reached; raised before any training starts."""
 
 

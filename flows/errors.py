@@ -1,0 +1,45 @@
+"""Failures a user can fix (bad input, a bad dataset, an unreachable server, a missing GPU), told in
+one line with no traceback; everything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+#: Set (to anything but "" or "0") by ``cnn-train --debug``: expected failures keep their tracebacks too.
+DEBUG_ENV = "CNN_TRAIN_DEBUG"
+
+# Where Prefect's engine reports a failed flow or task run, with the exception attached.
+_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+class ExpectedFailure(Exception):
+    """A failure the user can fix; its message is one line saying what was wrong and what to do."""
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+class _HideExpectedTracebacks(logging.Filter):
+    """Keep a log record's message but drop its traceback when the exception is an ExpectedFailure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ExpectedFailure) and not debugging():
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_FILTER = _HideExpectedTracebacks()
+
+
+def hide_expected_tracebacks() -> None:
+    """Make Prefect log an expected failure of a flow or task run as its one line (console and UI alike).
+
+    Logger filters survive Prefect re-running its logging setup (dictConfig adds filters, never clears them).
+    """
+    for name in _RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
