@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cnn_train.flows.data import PreparedData, prepare_data
+from cnn_train.flows.params import LESSON_TRAINING, add_arguments
 
 LEARNING_RATE = 1e-3
 BATCH_SIZE = 32
@@ -118,12 +119,7 @@ TRAINERS = {"torch": train_torch, "keras": train_keras}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("framework", choices=sorted(TRAINERS))
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--validation-fraction", type=float, default=0.1)
-    parser.add_argument("--sample-limit", type=int, default=None)
-    parser.add_argument("--test-limit", type=int, default=None)
-    parser.add_argument("--data-dir", default=None)
+    add_arguments(parser, ("epochs", "seed", "validation_fraction", "sample_limit", "test_limit", "data_dir"))
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
     args = parser.parse_args()
 
@@ -135,7 +131,8 @@ def main() -> None:
         sample_limit=args.sample_limit,
         test_limit=args.test_limit,
     )
-    result = TRAINERS[args.framework](data, epochs=args.epochs, seed=args.seed)
+    epochs = args.epochs or LESSON_TRAINING["epochs"]
+    result = TRAINERS[args.framework](data, epochs=epochs, seed=args.seed)
     run_wall = time.perf_counter() - started
     args.out.write_text(json.dumps(asdict(result) | {"run_wall_seconds": run_wall}))
 

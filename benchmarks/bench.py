@@ -35,6 +35,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from cnn_train.flows.params import add_arguments
+
 import flops
 from cnn_train.plugins.config import IMPROVED_ARCHITECTURE, IMPROVED_TRAINING, ModelConfig
 from probes import TRIGGER_SAMPLE_LIMIT, TRIGGER_TEST_LIMIT
@@ -692,11 +694,9 @@ def raw_numbers(settings: Settings, m: Measurements) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10, help="epochs for every variant (default 10)")
-    parser.add_argument("--sample-limit", type=int, default=None, help="training + validation images (default all 60,000)")
-    parser.add_argument("--test-limit", type=int, default=None, help="test images (default all 10,000)")
+    add_arguments(parser, ("sample_limit", "test_limit", "data_dir"))
     parser.add_argument("--repeats", type=int, default=3, help="repeats of data prep and of each trigger (default 3)")
     parser.add_argument("--skip-servers", action="store_true", help="do not start the stack; no trigger timing")
-    parser.add_argument("--data-dir", default=None, help="folder with the four Fashion-MNIST .gz files")
     parser.add_argument("--peak-size", type=int, default=4096, help="side of the matmul that measures the peak")
     parser.add_argument(
         "--recipe-epochs", type=int, default=IMPROVED_TRAINING["epochs"],

@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 
 from cnn_train.flows.data import prepare_data
+from cnn_train.flows.params import DEFAULT_SPLIT
 
 
 def timed_prepare(data_dir: Path | None, cache_dir: Path) -> float:
     start = time.perf_counter()
-    prepare_data(data_dir, cache_dir=cache_dir, allow_download=False)
+    prepare_data(data_dir, cache_dir=cache_dir, allow_download=False, **DEFAULT_SPLIT)
     return time.perf_counter() - start
 
 
@@ -43,7 +44,7 @@ def main() -> None:
             shutil.rmtree(cache_dir)
             cold.append(timed_prepare(args.data_dir, cache_dir))
         cached = [timed_prepare(args.data_dir, cache_dir) for _ in range(args.repeats)]
-        summary = prepare_data(args.data_dir, cache_dir=cache_dir, allow_download=False)
+        summary = prepare_data(args.data_dir, cache_dir=cache_dir, allow_download=False, **DEFAULT_SPLIT)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
 

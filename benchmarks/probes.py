@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cnn_train.flows.data import prepare_data
+from cnn_train.flows.params import add_arguments
 
 TRIGGER_SAMPLE_LIMIT = 2000
 TRIGGER_TEST_LIMIT = 500
@@ -198,14 +199,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("probe", choices=sorted(PROBES))
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
-    parser.add_argument("--backend", default="torch")
-    parser.add_argument("--architecture", default="cnn")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--validation-fraction", type=float, default=0.1)
-    parser.add_argument("--sample-limit", type=int, default=None)
-    parser.add_argument("--test-limit", type=int, default=None)
-    parser.add_argument("--data-dir", default=None)
+    add_arguments(
+        parser,
+        ("backend", "architecture", "epochs", "seed", "validation_fraction", "sample_limit", "test_limit", "data_dir"),
+    )
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--mlflow-url", default=None)
     return parser

@@ -9,28 +9,31 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, runtime
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from cnn_train.flows import reports
+from cnn_train.flows import reporting, tracking
 from cnn_train.flows.data import PreparedData
-from cnn_train.flows.params import ParameterError, RunParameters, validate_parameters
-from cnn_train.flows.placement import check_satisfiable
-from cnn_train.flows.tracking import RunTracker
-from cnn_train.flows.train_flow import (
-    ChildRun,
-    ended,
-    flow_run_tags,
-    prep_task,
-    recorded_flow,
-    train_child_run,
+from cnn_train.flows.params import (
+    COMPARE_EXCLUDES,
+    CompareOptions,
+    ParameterError,
+    RunParameters,
+    split_values,
+    takes_parameters,
+    validate_parameters,
 )
+from cnn_train.flows.runs import ended, fails_in_one_line, prefect_flow_run_url, recorded_flow, start_flow_run
+from cnn_train.flows.tasks import ChildRun, child_run, prep_task
+from cnn_train.flows.tracking import RunTracker
 
 
-def validate_backends(backends: list[str], values: dict[str, Any]) -> list[RunParameters]:
-    if len(backends) < 2 or len(set(backends)) != len(backends):
-        raise ParameterError(f"backends: give at least two different backend names, got {backends}")
-    return [validate_parameters(**values, backend=name) for name in backends]
+def validate_compare(values: dict[str, Any]) -> tuple[list[RunParameters], CompareOptions]:
+    """Each backend's run parameters and the comparison's options, or one ParameterError."""
+    run_values, options = split_values(values, CompareOptions)
+    if len(set(options.backends)) != len(options.backends):
+        raise ParameterError(f"backends: give at least two different backend names, got {options.backends}")
+    return [validate_parameters(**run_values, backend=name) for name in options.backends], options
 
 
 @flow(
@@ -38,55 +41,25 @@ def validate_backends(backends: list[str], values: dict[str, Any]) -> list[RunPa
     description="Train one config on several backends with the same seed and split, and compare them.",
     **recorded_flow(),
 )
-def cnn_train_compare(
-    backends: list[str] = ["keras", "torch"],  # noqa: B006 - Prefect needs a literal default for the form
-    architecture: str = "cnn",
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    learning_rate: float | None = None,
-    seed: int = 42,
-    validation_fraction: float = 0.1,
-    sample_limit: int | None = None,
-    test_limit: int | None = None,
-    experiment: str = "cnn-train",
-    data_dir: str | None = None,
-    train_device: str = "gpu-preferred",
-    evaluate_device: str = "gpu-preferred",
-    tolerance_points: float = 1.0,
-) -> dict[str, Any]:
-    """Each backend trains and evaluates the same config on the same split; the report compares them.
-
-    Args:
-        epochs: Passes over the training set; empty for the architecture's default (10, or the
-            recipe's 7 for cnn-improved).
-        batch_size: Images per optimizer step; empty for the architecture's default (32, or 128).
-        learning_rate: Adam learning rate (the peak of cnn-improved's one-cycle schedule); empty for
-            the architecture's default (0.001, or 0.003).
-    """
-    values = {k: v for k, v in locals().items() if k not in ("backends", "tolerance_points")}
-    per_backend = validate_backends(list(backends), values)
-    check_satisfiable(per_backend[0].device_requests())
-    logger = get_run_logger()
-    parent = RunTracker.start(
-        per_backend[0].experiment,
-        run_name="compare-" + "-".join(backends),
-        tags=flow_run_tags() | {"cnn_train.role": "compare"},
-    )
-    logger.info("MLflow parent run %s: %s", parent.run_id, parent.url)
+@fails_in_one_line
+@takes_parameters(CompareOptions, RunParameters, exclude=COMPARE_EXCLUDES)
+def cnn_train_compare(**values: Any) -> dict[str, Any]:
+    """Each backend trains and evaluates the same config on the same split; the report compares them."""
+    per_backend, options = validate_compare(values)
+    first = per_backend[0]
+    parent = start_flow_run(first.experiment, run_name="compare-" + "-".join(options.backends), role="compare")
     with ended(parent):
-        parent.log_params(values | {"backends": ",".join(backends), "tolerance_points": tolerance_points})
-        data = prep_task(per_backend[0], parent)
+        parent.log_params(first.model_dump(exclude=set(COMPARE_EXCLUDES)) | options.model_dump())
+        data = prep_task(first, parent)
         children = {
-            params.backend: train_child_run(
+            params.backend: child_run(
                 params, data, parent, run_name=f"{params.backend}-{params.architecture}", role="compare-backend"
             )
             for params in per_backend
         }
-        result = _report(
-            parent, data, children, title=f"{architecture} on " + " against ".join(backends),
-            tolerance_points=tolerance_points,
-        )
-    logger.info(result["verdict"])
+        title = f"{first.architecture} on " + " against ".join(options.backends)
+        result = _report(parent, data, children, title=title, tolerance_points=options.tolerance_points)
+    get_run_logger().info(result["verdict"])
     return result
 
 
@@ -95,34 +68,32 @@ def _report(
 ) -> dict[str, Any]:
     """The side-by-side table, confusion matrices and verdict, to MLflow and to Prefect."""
     rows = [child.row(name) for name, child in children.items()]
-    confusions = {
-        name: reports.classification_tables(
+    summaries = {
+        name: reporting.classification_tables(
             data.y_test, child.evaluated.probabilities.argmax(axis=1), data.class_names
-        ).confusion
+        )
         for name, child in children.items()
     }
-    links = {"MLflow parent run": parent.url}
-    if runtime.flow_run.ui_url:
-        links["Prefect flow run"] = runtime.flow_run.ui_url
-    out_dir = Path(tempfile.mkdtemp(prefix="cnn-train-compare-"))
-    files = reports.write_comparison_report(
-        rows, confusions, out_dir, title=title, class_names=data.class_names, tolerance_points=tolerance_points,
-        links=links,
-    )
-    parent.log_artifacts(out_dir, "compare")
+    links = {"MLflow parent run": parent.url, "Prefect flow run": prefect_flow_run_url()}
+    with tempfile.TemporaryDirectory(prefix="cnn-train-compare-") as out:
+        files = reporting.write_comparison_report(
+            rows, summaries, Path(out), title=title, tolerance_points=tolerance_points,
+            links=links, open_hint=tracking.open_hint(parent),
+        )
+        parent.log_artifacts(Path(out), "compare")
+        markdown = files.report_md.read_text(encoding="utf-8")
     accuracies = {row.name: row.test_accuracy for row in rows}
     parent.log_metrics(
         {f"{name}.test_accuracy": value for name, value in accuracies.items()}
-        | {"accuracy_gap_points": reports.accuracy_gap_points(accuracies)}
+        | {"accuracy_gap_points": reporting.accuracy_gap_points(accuracies)}
     )
-    markdown = files.report_md.read_text(encoding="utf-8")
     create_markdown_artifact(markdown, key="cnn-train-compare")
-    table = reports.comparison_table(rows)
-    create_table_artifact(table.round(4).to_dict(orient="records"), key="backend-comparison")
+    table = reporting.comparison_table(rows)
+    create_table_artifact(reporting.table_records(table), key="backend-comparison")
     return {
         "mlflow_run_id": parent.run_id,
-        "mlflow_run_url": parent.url,
+        "mlflow_run_url": parent.url or tracking.open_hint(parent),
         "table": table.to_dict(orient="records"),
-        "verdict": reports.parity_verdict(accuracies, tolerance_points),
+        "verdict": reporting.parity_verdict(accuracies, tolerance_points),
         "report": markdown,
     }

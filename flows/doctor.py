@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnn_train.flows import services, tracking
-from cnn_train.flows.data import DatasetError, locate_fashion_mnist
+from cnn_train.flows.data import DatasetError, locate_fashion_mnist, verify_dataset
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,34 @@ def check_tracking(uri: str) -> Finding:
 
 
 def check_dataset(data_dir: Path | None = None) -> Finding:
+    """The dataset checked as a run would read it: files present, gzip intact, IDX headers, counts, checksums."""
     try:
         folder = locate_fashion_mnist(data_dir, allow_download=False)
     except DatasetError as error:
         return Finding("dataset", False, str(error))
-    return Finding("dataset", True, f"Fashion-MNIST in {folder}")
+    problems = verify_dataset(folder)
+    if problems:
+        return Finding("dataset", False, "; ".join(problems))
+    return Finding("dataset", True, f"Fashion-MNIST in {folder} (verified)")
+
+
+def check_spools(*, fix: bool) -> Finding:
+    """Tracking records kept on this machine while MLflow was away: reported, and delivered with ``fix``."""
+    waiting = tracking.waiting_spools()
+    if not waiting:
+        return Finding("tracking spool", True, "no records waiting for MLflow")
+    if fix:
+        left = [(spool, delivery) for spool, delivery in tracking.sync_spools() if delivery.remaining]
+        if not left:
+            return Finding("tracking spool", True, f"delivered the waiting records of {len(waiting)} run(s)")
+        waiting = [spool for spool, _ in left]
+    runs = ", ".join(f"{spool.run_id} ({spool.count()} record(s))" for spool in waiting)
+    return Finding(
+        "tracking spool",
+        False,
+        f"records waiting for MLflow: {runs}",
+        "run `cnn-train doctor --fix` or `cnn-train sync` once MLflow answers",
+    )
 
 
 def check_stale_runs(uri: str, *, fix: bool, stale_after: float = tracking.STALE_AFTER_SECONDS) -> Finding:
@@ -100,6 +123,8 @@ def diagnose(*, api_url: str | None, tracking_uri: str, data_dir: Path | None = 
         check_tracking(tracking_uri),
         check_dataset(data_dir),
     ]
+    # Waiting records go before the reaper: a run whose end is among them is not abandoned.
+    findings.append(check_spools(fix=fix))
     if findings[2].ok:
         findings.append(check_stale_runs(tracking_uri, fix=fix))
     return findings

@@ -1,28 +1,73 @@
-"""The flow's parameters as one validated object, checked before anything is recorded or trained."""
+"""The one declaration of every run parameter: its name, type, default, allowed values and description.
+
+The flows' signatures (and so their Prefect forms), the CLI's options, validation, the parameters
+logged to MLflow, the benchmarks' options and the README's parameter table are all derived from the
+models below. Fields the run shares with the backend's :class:`TrainConfig`/:class:`ModelConfig`
+take their declaration from there.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+import re
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, WrapValidator, model_validator
+from pydantic.fields import FieldInfo
 
 from cnn_train.flows import placement
+from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.plugins import registry
 from cnn_train.plugins.config import (
-    ARCHITECTURES,
+    IMPROVED_ARCHITECTURE,
+    Architecture,
     ModelConfig,
     TrainConfig,
     format_validation_error,
     recipe_training_defaults,
 )
 
-#: Images in Fashion-MNIST's training file; the sample limit cannot exceed it.
+#: Images in Fashion-MNIST's files; the limits cannot exceed them.
 TRAIN_IMAGES = 60_000
 TEST_IMAGES = 10_000
 
-#: Training values a run may leave to its architecture (None in the flows' and the CLI's signatures).
+#: Training values a run may leave empty: they then take the architecture's own (the lesson's or the recipe's).
 TRAINING_VALUES = ("epochs", "batch_size", "learning_rate")
 LESSON_TRAINING: dict[str, Any] = {name: TrainConfig.model_fields[name].default for name in TRAINING_VALUES}
+
+# A device request is a policy, or one card by index. The policies are a closed list (a dropdown in
+# the Prefect form); an explicit card stays possible from the CLI and `-p train_device=cuda:1`.
+DevicePolicy = Literal["cpu", "gpu-preferred", "gpu-required"]
+ExplicitDevice = Annotated[str, StringConstraints(pattern=r"^cuda:\d+$")]
+# Titles name the two branches in the Prefect form's type switch ("str | str" otherwise).
+_FORM_DEVICE = Annotated[DevicePolicy, Field(title="policy")] | Annotated[ExplicitDevice, Field(title="one card (cuda:N)")]
+
+
+def _one_device_message(value: Any, handler: Any) -> str:
+    # The placement module's one line ("expected 'cpu', ... or 'cuda:N'") instead of an error per union member.
+    try:
+        return str(placement.parse_request(value))
+    except placement.PlacementError as error:
+        raise ValueError(str(error)) from None
+
+
+DeviceRequest = Annotated[_FORM_DEVICE, WrapValidator(_one_device_message)]
+
+
+def _registered_name(value: str) -> str:
+    # MLflow refuses '/' and ':'; '@' and spaces would break the models:/NAME@ALIAS URIs users type.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+        raise ValueError("a registered model name takes letters, digits, '.', '_' and '-', starting with a letter or digit")
+    return value
+
+
+RegisteredName = Annotated[str, AfterValidator(_registered_name)]
+
+
+class ParameterError(ExpectedFailure, ValueError):
+    """Run parameters that cannot run; the message lists each bad field and what is allowed."""
 
 
 def training_defaults(architecture: str) -> dict[str, Any]:
@@ -31,89 +76,96 @@ def training_defaults(architecture: str) -> dict[str, Any]:
     return {name: recipe.get(name, LESSON_TRAINING[name]) for name in TRAINING_VALUES}
 
 
-class ParameterError(ValueError):
-    """Flow parameters that cannot run; the message lists each bad field and what is allowed."""
+def _left_to_architecture(name: str) -> Any:
+    """TrainConfig's declaration of ``name``, empty by default: the architecture then decides."""
+    declared = TrainConfig.model_fields[name]
+    recipe = training_defaults(IMPROVED_ARCHITECTURE)[name]
+    return FieldInfo.merge_field_infos(
+        declared,
+        default=None,
+        description=f"{declared.description} Empty: the architecture's own ({declared.default:g}; "
+        f"{recipe:g} for {IMPROVED_ARCHITECTURE}).",
+    )
+
+
+def _device(task: str, what: str) -> Any:
+    return Field(
+        default=placement.DEFAULT_REQUESTS[task],
+        description=f"Device for {what}: cpu, gpu-preferred (CPU fallback), gpu-required, or cuda:N for one card.",
+    )
+
+
+# Every pydantic model class has ABCMeta's `register`; the `register` field hides it on instances only,
+# where nothing calls it, so pydantic's warning about the shadowing says nothing a user can act on.
+warnings.filterwarnings("ignore", message='Field name "register" in "RunParameters" shadows', category=UserWarning)
 
 
 class RunParameters(BaseModel):
-    """Everything one ``cnn-train`` flow run needs to know."""
+    """Everything one ``cnn-train`` run needs to know; validated once, before anything is recorded."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    backend: str = Field(default="torch", description="Installed backend name (see `cnn-train backends`).")
-    architecture: str = Field(
-        default="cnn", description="'cnn' (the lesson's model), 'dense' or 'cnn-improved' (the improved recipe)."
+    backend: str = Field(default="torch", min_length=1, description="Installed backend (see `cnn-train backends`).")
+    architecture: Architecture = ModelConfig.model_fields["architecture"]
+    epochs: int | None = _left_to_architecture("epochs")
+    batch_size: int | None = _left_to_architecture("batch_size")
+    learning_rate: float | None = _left_to_architecture("learning_rate")
+    seed: int = TrainConfig.model_fields["seed"]
+    validation_fraction: float = Field(
+        default=0.1, gt=0, lt=1, description="Share of the training images held out for validation (stratified)."
     )
-    # None (or left out) means the architecture's own value: the lesson's 10 / 32 / 1e-3, or the recipe's.
-    epochs: int = Field(default=LESSON_TRAINING["epochs"], ge=1, description="Passes over the training set.")
-    batch_size: int = Field(default=LESSON_TRAINING["batch_size"], ge=1, description="Images per optimizer step.")
-    learning_rate: float = Field(
-        default=LESSON_TRAINING["learning_rate"], gt=0, allow_inf_nan=False, description="Adam learning rate."
-    )
-    seed: int = Field(default=42, ge=0, description="Seed for weights, shuffling and the split.")
-    validation_fraction: float = Field(default=0.1, gt=0, lt=1, description="Share of training images held out.")
     sample_limit: int | None = Field(
-        default=None, ge=20, le=TRAIN_IMAGES, description="Use only this many training images (quick runs)."
+        default=None, ge=20, le=TRAIN_IMAGES, description="Train on this many images only (stratified); empty: all."
     )
     test_limit: int | None = Field(
-        default=None, ge=10, le=TEST_IMAGES, description="Evaluate on this many test images (quick runs)."
+        default=None, ge=10, le=TEST_IMAGES, description="Evaluate on this many test images only; empty: all."
     )
-    experiment: str = Field(default="cnn-train", min_length=1, description="MLflow experiment name.")
-    data_dir: str | None = Field(default=None, description="Folder with the four Fashion-MNIST .gz files.")
-    compare_dense: bool = Field(default=False, description="Also train the dense network and compare.")
-    prep_device: str = Field(default=placement.DEFAULT_REQUESTS["prep"], description="Device request for data prep.")
-    train_device: str = Field(default=placement.DEFAULT_REQUESTS["train"], description="Device request for training.")
-    evaluate_device: str = Field(
-        default=placement.DEFAULT_REQUESTS["evaluate"], description="Device request for evaluation."
+    experiment: str = Field(default="cnn-train", min_length=1, description="MLflow experiment.")
+    data_dir: str | None = Field(
+        default=None, description="Folder with the four Fashion-MNIST .gz files; empty: searched for."
     )
-    report_device: str = Field(default=placement.DEFAULT_REQUESTS["report"], description="Device request for the report.")
+    compare_dense: bool = Field(
+        default=False, description="Also train the previous lesson's dense network on the same split, and compare."
+    )
+    register: RegisteredName | None = Field(
+        default=None,
+        description="Register the model under this name (champion/challenger aliases); letters, digits, '.', '_', '-'.",
+    )
+    prep_device: DeviceRequest = _device("prep", "data prep")
+    train_device: DeviceRequest = _device("train", "training")
+    evaluate_device: DeviceRequest = _device("evaluate", "evaluation")
+    report_device: DeviceRequest = _device("report", "the report")
 
     @model_validator(mode="before")
     @classmethod
     def _architecture_defaults(cls, values: Any) -> Any:
-        # Flows and the CLI pass None for a training value the user did not choose; it becomes the
-        # architecture's default here, before validation, so the run is checked and logged as it trains.
+        # A training value left empty becomes the architecture's before validation, so the run is
+        # checked and logged as it trains.
         if not isinstance(values, dict):
             return values
-        defaults = training_defaults(values.get("architecture", "cnn"))
+        defaults = training_defaults(values.get("architecture") or "cnn")
         return values | {name: defaults[name] for name in TRAINING_VALUES if values.get(name) is None}
 
-    @field_validator("epochs", "batch_size", "seed", "sample_limit", "test_limit", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _whole_numbers(cls, value: Any) -> Any:
-        # pydantic would accept 2.0 as 2 and "3" as 3; an epoch count of 2.5 is a mistake worth naming.
-        if isinstance(value, bool) or (value is not None and not isinstance(value, int)):
-            raise ValueError("must be a whole number")
-        return value
-
-    @field_validator("architecture")
-    @classmethod
-    def _known_architecture(cls, value: str) -> str:
-        if value not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {value!r}; allowed: {', '.join(ARCHITECTURES)}")
-        return value
-
-    @field_validator("prep_device", "train_device", "evaluate_device", "report_device")
-    @classmethod
-    def _valid_device(cls, value: str) -> str:
-        placement.parse_request(value)
-        return value
+    def _whole_numbers(cls, values: Any) -> Any:
+        # pydantic would take 2.0 as 2 and "3" as 3; an epoch count of 2.5 is a mistake worth naming.
+        for name in ("epochs", "batch_size", "seed", "sample_limit", "test_limit"):
+            value = values.get(name) if isinstance(values, dict) else None
+            if isinstance(value, bool) or (value is not None and not isinstance(value, int)):
+                raise ValueError(f"{name}: must be a whole number (got {value!r})")
+        return values
 
     def model(self) -> ModelConfig:
         return ModelConfig.preset(self.architecture)
 
     def training(self) -> TrainConfig:
-        """The run's training; an architecture with a recipe also gets the recipe's schedule and augmentation."""
-        chosen = {"epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.learning_rate}
-        return TrainConfig(**recipe_training_defaults(self.architecture) | chosen | {"seed": self.seed})
+        """The run's training; an architecture with a recipe also gets the recipe's schedule and options."""
+        chosen = {name: getattr(self, name) for name in (*TRAINING_VALUES, "seed")}
+        return TrainConfig(**recipe_training_defaults(self.architecture) | chosen)
 
     def device_requests(self) -> dict[str, str]:
-        return {
-            "prep": self.prep_device,
-            "train": self.train_device,
-            "evaluate": self.evaluate_device,
-            "report": self.report_device,
-        }
+        return {task: getattr(self, f"{task}_device") for task in placement.TASKS}
 
     def expected_train_images(self) -> int:
         """Images the training split will hold, so batch size can be checked before loading data."""
@@ -122,12 +174,17 @@ class RunParameters(BaseModel):
         return split_sizes(self.sample_limit or TRAIN_IMAGES, self.validation_fraction)[0]
 
 
+#: The split a run uses unless told otherwise, for code that prepares data outside a run (tests, benchmarks).
+DEFAULT_SPLIT: dict[str, Any] = {name: RunParameters.model_fields[name].default for name in ("validation_fraction", "seed")}
+
+
 def validate_parameters(**values: Any) -> RunParameters:
-    """Build RunParameters and check what needs the registry: every problem becomes one ParameterError."""
+    """RunParameters, checked against the installed backends, the split and the devices: every
+    problem becomes one ParameterError naming the field and what is allowed."""
     try:
         params = RunParameters(**values)
     except ValidationError as error:
-        raise ParameterError("invalid flow parameters:\n" + format_validation_error(error)) from None
+        raise ParameterError("invalid run parameters: " + format_validation_error(error)) from None
     try:
         backend_class = registry.load_backend_class(params.backend)
     except registry.BackendError as error:
@@ -137,9 +194,234 @@ def validate_parameters(**values: Any) -> RunParameters:
             f"architecture: backend {params.backend!r} cannot build {params.architecture!r}; "
             f"it supports: {', '.join(backend_class.architectures)}"
         )
+    _check_split(params)
+    _check_data_dir(params)
     if params.batch_size > params.expected_train_images():
         raise ParameterError(
             f"batch_size: {params.batch_size} is larger than the training set "
             f"({params.expected_train_images()} images); use at most that many"
         )
+    try:
+        placement.check_satisfiable(params.device_requests())
+    except placement.PlacementError as error:
+        raise ParameterError(str(error)) from None
     return params
+
+
+def _check_data_dir(params: RunParameters) -> None:
+    """A folder the user named (``data_dir`` or the environment) exists and holds the four files, so
+    a wrong path fails before any MLflow run is created; the files' content is checked as they are read."""
+    from cnn_train.flows.data import DatasetError, locate_fashion_mnist
+    from cnn_train.flows.data.locate import explicit_dir
+
+    if (named := explicit_dir(params.data_dir)) is None:
+        return
+    folder, named_by = named
+    if not folder.is_dir():
+        raise ParameterError(
+            f"{named_by}: {folder} does not exist; name the folder holding the four Fashion-MNIST .gz files, "
+            "or leave it empty to search the usual places"
+        )
+    try:
+        locate_fashion_mnist(folder, allow_download=False)
+    except DatasetError as error:
+        raise ParameterError(str(error)) from None
+
+
+def _check_split(params: RunParameters) -> None:
+    from cnn_train.flows.data import SplitError, check_split
+
+    try:
+        check_split(
+            validation_fraction=params.validation_fraction,
+            sample_limit=params.sample_limit,
+            test_limit=params.test_limit,
+            seed=params.seed,
+        )
+    except SplitError as error:
+        raise ParameterError(str(error)) from None
+
+
+# --- other flows' own options, each declared once --------------------------------------------------
+
+
+class CompareOptions(BaseModel):
+    """What the compare flow adds to a run's parameters."""
+
+    backends: list[str] = Field(
+        default=["keras", "torch"], min_length=2, description="Backends to compare (at least two different names)."
+    )
+    tolerance_points: float = Field(
+        default=1.0, ge=0, description="Largest test-accuracy gap, in points, still called parity."
+    )
+
+
+class SweepOptions(BaseModel):
+    """What the sweep flow adds to a run's parameters."""
+
+    grid: dict[str, list[Any]] = Field(
+        default={"learning_rate": [1e-3, 3e-4], "architecture": ["cnn", "dense"]},
+        description="Values to try per field, e.g. {\"learning_rate\": [0.001, 0.0003]}; every combination is a trial.",
+    )
+    max_concurrent: int = Field(default=2, ge=1, description="Trials running at once.")
+    register_best: RegisteredName | None = Field(
+        default=None,
+        description="Register the best trial's model under this name (champion/challenger aliases, as `register`).",
+    )
+
+
+class TuneOptions(BaseModel):
+    """What the tune flow adds to a run's parameters: an Optuna study over some of them."""
+
+    space: dict[str, Any] = Field(
+        default={"learning_rate": "log:1e-4:1e-2", "batch_size": "32,64,128"},
+        description="Field -> range or choices: log:LOW:HIGH, int:LOW:HIGH, float:LOW:HIGH or A,B,C "
+        "(CLI: --space FIELD=SPEC, repeatable).",
+    )
+    trials: int = Field(
+        default=16, ge=1,
+        description="Trials the study holds when done (complete, pruned or failed); a rerun runs only the missing ones.",
+    )
+    max_concurrent: int = Field(default=2, ge=1, description="Trials running at once.")
+    timeout: float | None = Field(
+        default=None, gt=0, description="Seconds after which no new trial starts (running ones finish); empty: no limit."
+    )
+    sampler: Literal["tpe", "random", "grid"] = Field(
+        default="tpe", description="Optuna sampler: tpe (learns where to look), random, or grid (choices only)."
+    )
+    pruner: Literal["median", "successive-halving", "hyperband", "none"] = Field(
+        default="median", description="Optuna pruner stopping hopeless trials after an epoch; none trains every trial to the end."
+    )
+    startup_trials: int = Field(
+        default=4, ge=0,
+        description="Trials sampled at random and never pruned before the sampler and median pruner learn from them.",
+    )
+    objective: Literal["val_accuracy", "best_val_accuracy"] = Field(
+        default="val_accuracy", description="What the study maximises: the last epoch's validation accuracy, or the best epoch's."
+    )
+    study_name: str | None = Field(
+        default=None, min_length=1,
+        description="Optuna study to create or continue; empty: named after the space and fixed run values.",
+    )
+    storage: str | None = Field(
+        default=None, min_length=1,
+        description="Optuna RDB storage URL (e.g. postgresql://... shared by machines); empty: SQLite in the state dir.",
+    )
+    register_best: str | None = Field(
+        default=None, description="Register the best trial's model in the MLflow registry under this name."
+    )
+
+
+#: Run parameters a flow does not take: the compare flow varies the backend; only `cnn-train` runs the
+#: dense comparison and registers its model under `register` (sweep and tune have `register_best`); data prep and the report run once per flow on the CPU in compare, sweep and tune.
+COMPARE_EXCLUDES = ("backend", "compare_dense", "register")
+SWEEP_EXCLUDES = ("compare_dense", "evaluate_device", "report_device", "register")
+TUNE_EXCLUDES = SWEEP_EXCLUDES
+
+class PredictOptions(BaseModel):
+    """The batch-prediction flow's parameters."""
+
+    model: str | None = Field(
+        default=None,
+        description="runs:/<run id>/model, models:/NAME/VERSION, models:/NAME@ALIAS or a logged model id m-...; "
+        "empty: the cnn-train experiment's best registered champion, else its latest finished run.",
+    )
+    images: str = Field(min_length=1, description="Folder of image files (PNG, JPEG, ...) to classify, searched recursively.")
+
+
+Options = TypeVar("Options", bound=BaseModel)
+
+
+def declared_fields(
+    models: Iterable[type[BaseModel]], exclude: Iterable[str] = ()
+) -> dict[str, tuple[Any, FieldInfo]]:
+    """Name -> (annotation, declaration) of the models' fields, in order, less ``exclude``."""
+    excluded = set(exclude)
+    fields: dict[str, tuple[Any, FieldInfo]] = {}
+    for model in models:
+        hints = _resolved_annotations(model)
+        for name, info in model.model_fields.items():
+            if name not in excluded:
+                fields[name] = (hints[name], info)
+    return fields
+
+
+def _resolved_annotations(model: type[BaseModel]) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(model, include_extras=True)
+
+
+def takes_parameters(
+    *models: type[BaseModel], exclude: Iterable[str] = ()
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a ``def flow(**values)`` the models' fields as its signature, so Prefect builds the form
+    (types, dropdowns for closed choices, defaults, descriptions) from the one declaration."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        parameters = [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=Field(default=info.default, description=info.description),
+                annotation=annotation,
+            )
+            for name, (annotation, info) in declared_fields(models, exclude).items()
+        ]
+        fn.__signature__ = inspect.Signature(parameters, return_annotation=dict[str, Any])  # type: ignore[attr-defined]
+        return fn
+
+    return decorate
+
+
+def split_values(values: Mapping[str, Any], options: type[Options]) -> tuple[dict[str, Any], Options]:
+    """A flow's flat values as run values and its own validated options."""
+    own = {name: values[name] for name in options.model_fields if name in values}
+    try:
+        parsed = options(**own)
+    except ValidationError as error:
+        raise ParameterError("invalid parameters: " + format_validation_error(error)) from None
+    return {name: value for name, value in values.items() if name not in own}, parsed
+
+
+def add_arguments(parser: Any, names: Iterable[str]) -> None:
+    """argparse options (``--sample-limit`` ...) for the named run parameters, for scripts and benchmarks."""
+    hints = _resolved_annotations(RunParameters)
+    for name in names:
+        info = RunParameters.model_fields[name]
+        scalar = next((t for t in (bool, int, float) if t in (hints[name], *get_args(hints[name]))), str)
+        flag = "--" + name.replace("_", "-")
+        if scalar is bool:
+            parser.add_argument(flag, action="store_true", help=info.description)
+        else:
+            parser.add_argument(flag, type=scalar, default=info.default, help=info.description)
+
+
+def _choices(annotation: Any) -> list[Any]:
+    """The values of every Literal inside ``annotation`` (through Annotated and unions)."""
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    return [choice for arg in get_args(annotation) for choice in _choices(arg)]
+
+
+def _allowed(annotation: Any, info: FieldInfo) -> str:
+    """What a field accepts, read from its type and constraints."""
+    choices = _choices(annotation)
+    words = [" / ".join(f"`{choice}`" for choice in choices)] if choices else []
+    if "cuda" in (info.description or ""):
+        words.append("`cuda:N`")
+    bounds = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >="}
+    for item in info.metadata:
+        for attribute, symbol in bounds.items():
+            if (value := getattr(item, attribute, None)) is not None:
+                words.append(f"{symbol} {value:,}" if isinstance(value, int) else f"{symbol} {value}")
+    return ", ".join(words) or "any"
+
+
+def parameter_table() -> str:
+    """The README's parameter table, rendered from the declaration (a test keeps the README in step)."""
+    lines = ["| parameter | default | allowed | meaning |", "|---|---|---|---|"]
+    for name, (annotation, info) in declared_fields([RunParameters]).items():
+        default = "empty" if info.default is None else f"`{str(info.default).lower() if isinstance(info.default, bool) else info.default}`"
+        lines.append(f"| `{name}` | {default} | {_allowed(annotation, info)} | {info.description} |")
+    return "\n".join(lines)

@@ -16,32 +16,31 @@ import numpy as np
 
 from cnn_train.flows.data import PreparedData, prepare_data
 from cnn_train.flows.params import TRAINING_VALUES, RunParameters
-from cnn_train.flows.reports import classification_tables
+from cnn_train.flows.reporting import classification_tables
+from cnn_train.flows.settings import state_dir
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.plugins import registry
-from cnn_train.plugins.contract import EpochMetrics, Evaluation, TrainData, TrainHistory
+from cnn_train.plugins.contract import EpochMetrics, Evaluation, TrainHistory
 
 _PROGRESS_FILE = "progress.json"
 
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    """A finished training: where its checkpoint is and what each epoch measured."""
+    """A finished training: where its checkpoint is and what each epoch measured.
+
+    ``stopped_at_epoch`` is k when ``on_epoch`` asked to stop after epoch k < epochs (a pruned trial);
+    such a training logs no model, so ``model_uri`` is None.
+    """
 
     architecture: str
+    device: str
     checkpoint: Path
     history: TrainHistory
     parameters: int
-    model_uri: str
+    model_uri: str | None
     resumed_from_epoch: int
-
-    @property
-    def seconds_per_epoch(self) -> float:
-        return float(np.median([e.seconds for e in self.history.epochs]))
-
-    @property
-    def images_per_second(self) -> float:
-        return float(np.median([e.images_per_second for e in self.history.epochs]))
+    stopped_at_epoch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +51,16 @@ class EvalOutcome:
     probabilities: np.ndarray
     feature_maps: dict[str, np.ndarray]
     kernels: np.ndarray | None
+
+
+def checkpoint_dir(run_id: str) -> Path:
+    """Where a run's training saves its epochs, so a retry resumes instead of starting over."""
+    return state_dir() / "checkpoints" / run_id
+
+
+def discard_checkpoint(run_id: str) -> None:
+    """Drop a finished run's checkpoint: its model is in MLflow, nothing will resume it."""
+    shutil.rmtree(checkpoint_dir(run_id), ignore_errors=True)
 
 
 def prepare(params: RunParameters) -> PreparedData:
@@ -71,8 +80,13 @@ def _package_version(name: str) -> str:
         return "not installed"
 
 
+#: Packages every run records the version of, whatever its backend.
+_PLATFORM_PACKAGES = ("cnn-train", "mlflow", "prefect", "numpy")
+
+
 def run_description(params: RunParameters) -> dict[str, str]:
-    """Backend provenance and library versions, logged as params so runs can be compared on them."""
+    """Backend provenance, and the versions of the platform's packages and of every package the
+    backend's distribution depends on (its framework), logged as params so runs can be compared on them."""
     info = registry.backend_info(params.backend)
     described = {
         "backend.distribution": info.distribution,
@@ -80,7 +94,7 @@ def run_description(params: RunParameters) -> dict[str, str]:
         "backend.entry_point": info.target,
         "python": platform.python_version(),
     }
-    for package in ("cnn-train", "torch", "keras", "mlflow", "prefect", "scikit-learn", "numpy"):
+    for package in dict.fromkeys((*_PLATFORM_PACKAGES, *info.requires)):
         described[f"version.{package}"] = _package_version(package)
     return described
 
@@ -128,60 +142,70 @@ def train(
     tracker: RunTracker,
     *,
     device: str,
-    checkpoint: Path,
-    metric_prefix: str = "",
-    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    on_epoch: Callable[[EpochMetrics], bool | None] | None = None,
 ) -> TrainOutcome:
-    """Train (resuming from ``checkpoint`` when an earlier attempt saved epochs), log every epoch as
-    it ends, then log the finished model. Only a completed training is logged as the model."""
+    """Train (resuming from the run's checkpoint when an earlier attempt saved epochs), log every epoch
+    as it ends, then log the finished model. Only a completed training is logged as the model.
+
+    ``on_epoch`` may return True to stop after that epoch (the backend contract's stop request): the
+    training then ends there, with ``stopped_at_epoch`` set and no model logged."""
     model_config = params.model()
+    checkpoint = checkpoint_dir(tracker.run_id)
     backend = registry.load_backend(params.backend)
     done = _read_progress(checkpoint)
     if done:
         backend.load(checkpoint / "weights", model_config, device=device)
         # An attempt can die between saving an epoch and logging it; log what MLflow lacks.
-        logged = set(tracker.logged_steps(metric_prefix + "val_accuracy"))
+        logged = set(tracker.logged_steps("val_accuracy"))
         for metrics in done:
             if metrics.epoch not in logged:
-                tracker.log_epoch(metrics, prefix=metric_prefix)
+                tracker.log_epoch(metrics)
     else:
         shutil.rmtree(checkpoint, ignore_errors=True)
         checkpoint.mkdir(parents=True)
         backend.build(model_config, device=device, seed=params.seed)
 
     epochs = list(done)
+    stop_asked: list[int] = []
 
-    def finished_epoch(metrics: EpochMetrics) -> None:
+    def finished_epoch(metrics: EpochMetrics) -> bool:
         # Checkpoint first: a retry then resumes after this epoch and re-logs it if needed.
         backend.save(checkpoint / "weights")
         epochs.append(metrics)
         _write_progress(checkpoint, epochs)
-        tracker.log_epoch(metrics, prefix=metric_prefix)
-        if on_epoch is not None:
-            on_epoch(metrics)
+        tracker.log_epoch(metrics)
+        stop = bool(on_epoch is not None and on_epoch(metrics))
+        if stop and not stop_asked:
+            stop_asked.append(metrics.epoch)
+        return stop
 
-    train_data = TrainData(data.x_train, data.y_train, data.x_val, data.y_val)
-    backend.train(train_data, params.training(), on_epoch=finished_epoch, initial_epoch=len(done))
-    if [m.epoch for m in epochs] != list(range(1, params.epochs + 1)):
+    backend.train(data.train_data(), params.training(), on_epoch=finished_epoch, initial_epoch=len(done))
+    last = stop_asked[0] if stop_asked else params.epochs
+    if [m.epoch for m in epochs] != list(range(1, last + 1)):
+        why = f"on_epoch asked it to stop after epoch {last}, " if stop_asked else ""
         raise BackendOutputError(
             f"backend {params.backend!r} reported epochs {[m.epoch for m in epochs]} through on_epoch, "
-            f"expected 1..{params.epochs}; the model is not logged"
+            f"{why}expected 1..{last}; the model is not logged"
         )
-    model_uri = tracker.log_model(
+    stopped_at = last if last < params.epochs else None
+    # A training stopped on request (a pruned trial) is not a model anyone will use: log none.
+    model_uri = None if stopped_at is not None else tracker.log_model(
         backend.loggable_model(),
         input_shape=model_config.input_shape,
         num_classes=model_config.num_classes,
         # Two images: a batch of one would let PyTorch's exporter fix the batch size at 1.
         input_example=data.x_val[:2],
-        name="model" if not metric_prefix else metric_prefix.rstrip("._") + "_model",
+        name="model",
     )
     return TrainOutcome(
         architecture=model_config.architecture,
+        device=device,
         checkpoint=checkpoint,
         history=TrainHistory(tuple(epochs)),
         parameters=backend.parameter_count(),
         model_uri=model_uri,
         resumed_from_epoch=len(done),
+        stopped_at_epoch=stopped_at,
     )
 
 

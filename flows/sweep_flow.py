@@ -2,14 +2,16 @@
 per trial under a parent run that ranks them, optionally on Ray.
 
 Trials run on the flow's task runner: threads locally, or Ray through prefect-ray's
-``RayTaskRunner``, where each trial asks Ray for the GPU its device request implies and, inside
-the Ray task, uses the GPU Ray assigned instead of leasing one itself.
+``RayTaskRunner`` (:mod:`cnn_train.flows.ray_cluster`), where each trial asks Ray for the GPU its
+device request implies and, inside the Ray task, uses the GPU Ray assigned instead of leasing one
+itself. A retried trial, by Prefect or after its Ray worker died, reopens its child run and resumes.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import itertools
+import json
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,18 +22,33 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import wait
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture, as_completed
 
-from cnn_train.flows import reports, steps, tracking
+from cnn_train.flows import reporting, steps, tracking
 from cnn_train.flows.data import PreparedData
-from cnn_train.flows.params import ParameterError, RunParameters, validate_parameters
-from cnn_train.flows.placement import check_satisfiable, place_task, ray_resources
-from cnn_train.flows.settings import state_dir
+from cnn_train.flows.params import (
+    SWEEP_EXCLUDES,
+    ParameterError,
+    RunParameters,
+    SweepOptions,
+    split_values,
+    takes_parameters,
+    validate_parameters,
+)
+from cnn_train.flows.placement import place_task
+from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, node_tags, worker_died
+from cnn_train.flows.ray_cluster import ray_task_runner  # noqa: F401 - the commands take this flow's runner from here
+from cnn_train.flows.registering import register_task
+from cnn_train.flows.runs import ended, fails_in_one_line, flow_run_tags, recorded_flow, start_flow_run
+from cnn_train.flows.tasks import ChildRun, child_run, prep_task
 from cnn_train.flows.tracking import RunTracker
-from cnn_train.flows.train_flow import ended, flow_run_tags, prep_task, recorded_flow
 
 #: Fields a grid may vary. Data-shaping fields are fixed per sweep, since data prep runs once.
 SWEEPABLE = ("backend", "architecture", "epochs", "batch_size", "learning_rate", "seed")
+
+#: Times a trial is submitted when its Ray worker dies under it; each attempt resumes the last one's epochs.
+TRIAL_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,19 @@ class TrialResult:
     seconds_per_epoch: float
     model_uri: str
     device: str
+
+    @classmethod
+    def of(cls, values: dict[str, Any], child: ChildRun) -> TrialResult:
+        evaluation = child.evaluated.evaluation
+        return cls(
+            run_id=child.run_id,
+            values=values,
+            test_accuracy=evaluation.accuracy,
+            test_loss=evaluation.loss,
+            seconds_per_epoch=child.trained.history.seconds_per_epoch,
+            model_uri=child.trained.model_uri,
+            device=child.trained.device,
+        )
 
 
 def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -61,18 +91,46 @@ def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
-def trial_parameters(base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]]) -> list[RunParameters]:
-    """Validated parameters for every trial; any invalid combination fails the sweep before it starts."""
+def validate_sweep(values: Mapping[str, Any]) -> tuple[list[tuple[dict[str, Any], RunParameters]], SweepOptions]:
+    """Every trial's varied values and validated parameters; any invalid combination fails the sweep
+    before it starts."""
+    base, options = split_values(values, SweepOptions)
     trials = []
-    for combo in expand_grid(grid):
+    for combo in expand_grid(options.grid):
         try:
-            trials.append(validate_parameters(**(dict(base) | combo)))
+            trials.append((combo, validate_parameters(**(base | combo))))
         except ParameterError as error:
             raise ParameterError(f"trial {combo}: {error}") from None
-    return trials
+    return trials, options
 
 
-@task(name="trial", cache_policy=NO_CACHE, persist_result=False)
+def _trial_work(scheduler_assigned: bool) -> Any:
+    """A trial's training and evaluation as plain steps inside its one task, on its placed device."""
+
+    def work(params: RunParameters, data: PreparedData, child: RunTracker, label: str) -> tuple[Any, Any]:
+        logger = get_run_logger()
+        if scheduler_assigned:
+            child.set_tags(node_tags())
+        with place_task("train", params.train_device, logger=logger, assigned_by_scheduler=scheduler_assigned) as placement:
+            child.set_tags(placement.as_tags())
+            trained = steps.train(params, data, child, device=placement.device)
+            evaluated = steps.evaluate(params, trained, data, device=placement.device)
+        if trained.resumed_from_epoch:
+            logger.warning("resumed after epoch %d of an earlier attempt", trained.resumed_from_epoch)
+            child.set_tags({"cnn_train.resumed_from_epoch": trained.resumed_from_epoch})
+        child.log_metrics(steps.test_metrics(evaluated, data), step=params.epochs)
+        return trained, evaluated
+
+    return work
+
+
+def trial_key(values: Mapping[str, Any]) -> str:
+    """The same digest for the same varied values: how a retried trial finds its child run again."""
+    return hashlib.sha256(json.dumps(dict(values), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# A retry reopens the trial's child run (found by its key) and resumes from its checkpoint.
+@task(name="trial", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE, persist_result=False)
 def trial_task(
     params: RunParameters,
     values: dict[str, Any],
@@ -82,81 +140,71 @@ def trial_task(
     scheduler_assigned: bool,
 ) -> TrialResult:
     """Train and evaluate one configuration in its own child run of the sweep."""
-    logger = get_run_logger()
-    child = RunTracker.start(
-        params.experiment,
-        run_name="trial-" + "-".join(f"{k}={v}" for k, v in values.items()),
-        tags=flow_tags | {"cnn_train.role": "sweep-trial"},
-        parent_run_id=parent.run_id,
-        uri=parent.uri,
+    name = "trial-" + "-".join(f"{k}={v}" for k, v in values.items())
+    child = child_run(
+        params,
+        data,
+        parent,
+        run_name=name,
+        role="sweep-trial",
+        work=_trial_work(scheduler_assigned),
+        tags=flow_tags,
+        key=trial_key(values),
     )
-    with ended(child):
-        steps.log_run_params(child, params)
-        steps.log_datasets(child, data)
-        with place_task("train", params.train_device, logger=logger, assigned_by_scheduler=scheduler_assigned) as placement:
-            child.set_tags(placement.as_tags())
-            trained = steps.train(
-                params, data, child, device=placement.device,
-                checkpoint=state_dir() / "checkpoints" / child.run_id,
-            )
-            evaluated = steps.evaluate(params, trained, data, device=placement.device)
-        child.log_metrics(steps.test_metrics(evaluated, data), step=params.epochs)
-    logger.info("trial %s: test accuracy %.4f", values, evaluated.evaluation.accuracy)
-    return TrialResult(
-        run_id=child.run_id,
-        values=values,
-        test_accuracy=evaluated.evaluation.accuracy,
-        test_loss=evaluated.evaluation.loss,
-        seconds_per_epoch=trained.seconds_per_epoch,
-        model_uri=trained.model_uri,
-        device=placement.device,
-    )
+    get_run_logger().info("trial %s: test accuracy %.4f", values, child.evaluated.evaluation.accuracy)
+    return TrialResult.of(values, child)
 
 
-def ranking_table(results: Sequence[TrialResult], metric: str = "test_accuracy") -> pd.DataFrame:
+def ranking_table(results: Sequence[TrialResult]) -> pd.DataFrame:
     """Trials best first, with their varied values, metrics and run ids."""
     frame = pd.DataFrame(
         [
-            {**result.values, "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
-             "seconds_per_epoch": result.seconds_per_epoch, "device": result.device, "run_id": result.run_id}
+            {
+                **result.values,
+                "test_accuracy": result.test_accuracy,
+                "test_loss": result.test_loss,
+                "seconds_per_epoch": result.seconds_per_epoch,
+                "device": result.device,
+                "run_id": result.run_id,
+            }
             for result in results
         ]
     )
-    frame = frame.sort_values(metric, ascending=False, kind="stable").reset_index(drop=True)
+    frame = frame.sort_values("test_accuracy", ascending=False, kind="stable").reset_index(drop=True)
     frame.insert(0, "rank", range(1, len(frame) + 1))
     return frame
 
 
-def _ray_cluster_gpus() -> float | None:
-    """GPUs Ray reports for the cluster, when this flow runs on Ray."""
-    try:
-        import ray
-    except ImportError:
-        return None
-    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else None
-
-
-def _ray_request(device_request: str) -> contextlib.AbstractContextManager[Any]:
-    """The trial's GPU need as Ray resource options on the task submitted inside this block."""
-    from prefect_ray.context import remote_options
-
-    return remote_options(**ray_resources(device_request, cluster_gpus=_ray_cluster_gpus()))
-
-
-def _submit_trials(
-    trials: list[RunParameters], combos: list[dict[str, Any]], data: PreparedData, parent: RunTracker,
-    *, max_concurrent: int, on_ray: bool,
+def _run_trials(
+    trials: list[tuple[dict[str, Any], RunParameters]], data: PreparedData, parent: RunTracker, *, max_concurrent: int
 ) -> list[TrialResult]:
-    """Submit trials, at most ``max_concurrent`` in flight, each with its Ray resource request."""
-    flow_tags = flow_run_tags()
+    """Keep ``max_concurrent`` trials in flight on the flow's task runner: a new one starts as soon as
+    any finishes, not when the slowest of a batch does. A trial whose Ray worker died is submitted
+    again (Ray's own retries are off, so it never runs twice at once) and resumes its child run."""
+    on_ray, flow_tags = _on_ray(), flow_run_tags()
+    pending = [(values, params, 1) for values, params in trials]
+    in_flight: list[tuple[PrefectFuture[TrialResult], tuple[dict[str, Any], RunParameters, int]]] = []
     results: list[TrialResult] = []
-    for start in range(0, len(trials), max_concurrent):
-        futures = []
-        for params, values in zip(trials[start : start + max_concurrent], combos[start : start + max_concurrent], strict=True):
-            with _ray_request(params.train_device) if on_ray else contextlib.nullcontext():
-                futures.append(trial_task.submit(params, values, data, parent, flow_tags, on_ray))
-        wait(futures)
-        results += [future.result() for future in futures]
+    while pending or in_flight:
+        while pending and len(in_flight) < max_concurrent:
+            values, params, attempt = trial = pending.pop(0)
+            with _ray_request(params.train_device, on_ray):
+                in_flight.append((trial_task.submit(params, values, data, parent, flow_tags, on_ray), trial))
+        finished = next(as_completed([future for future, _ in in_flight]))
+        values, params, attempt = next(trial for future, trial in in_flight if future is finished)
+        in_flight = [entry for entry in in_flight if entry[0] is not finished]
+        try:
+            results.append(finished.result())
+        except Exception as error:
+            if not (on_ray and worker_died(error)) or attempt >= TRIAL_ATTEMPTS:
+                raise
+            message = (
+                f"the Ray worker running trial {values} died ({type(error).__name__}); "
+                f"attempt {attempt + 1} of {TRIAL_ATTEMPTS} resumes it"
+            )
+            get_run_logger().warning(message)
+            mark_crashed(finished.task_run_id, message)
+            pending.insert(0, (values, params, attempt + 1))
     return results
 
 
@@ -165,118 +213,70 @@ def _submit_trials(
     description="A grid of cnn-train configurations sharing one data prep, ranked in a parent MLflow run.",
     **recorded_flow(),
 )
-def cnn_train_sweep(
-    grid: dict[str, list[Any]] = {"learning_rate": [1e-3, 3e-4], "architecture": ["cnn", "dense"]},  # noqa: B006
-    backend: str = "torch",
-    architecture: str = "cnn",
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    learning_rate: float | None = None,
-    seed: int = 42,
-    validation_fraction: float = 0.1,
-    sample_limit: int | None = None,
-    test_limit: int | None = None,
-    experiment: str = "cnn-train",
-    data_dir: str | None = None,
-    train_device: str = "gpu-preferred",
-    max_concurrent: int = 2,
-    register_best: str | None = None,
-) -> dict[str, Any]:
-    """Run every grid combination as a trial; rank them; optionally register the best model.
-
-    Args:
-        epochs: Passes over the training set; empty for the architecture's default (10, or the
-            recipe's 7 for cnn-improved).
-        batch_size: Images per optimizer step; empty for the architecture's default (32, or 128).
-        learning_rate: Adam learning rate (the peak of cnn-improved's one-cycle schedule); empty for
-            the architecture's default (0.001, or 0.003).
-    """
-    base = {k: v for k, v in locals().items() if k not in ("grid", "max_concurrent", "register_best")}
-    if max_concurrent < 1:
-        raise ParameterError(f"max_concurrent: must be at least 1, got {max_concurrent}")
-    trials = trial_parameters(base, grid)
-    combos = expand_grid(grid)
-    check_satisfiable({"train": train_device})
-    logger = get_run_logger()
-    from prefect.context import FlowRunContext
-
-    runner = FlowRunContext.get().task_runner
-    on_ray = type(runner).__name__ == "RayTaskRunner"
-    parent = RunTracker.start(experiment, run_name=f"sweep-{len(trials)}-trials", tags=flow_run_tags() | {"cnn_train.role": "sweep"})
-    logger.info("MLflow sweep run %s: %s (%d trials, %s)", parent.run_id, parent.url, len(trials), type(runner).__name__)
+@fails_in_one_line
+@takes_parameters(SweepOptions, RunParameters, exclude=SWEEP_EXCLUDES)
+def cnn_train_sweep(**values: Any) -> dict[str, Any]:
+    """Run every grid combination as a trial; rank them; optionally register the best model."""
+    trials, options = validate_sweep(values)
+    first = trials[0][1]
+    parent = start_flow_run(first.experiment, run_name=f"sweep-{len(trials)}-trials", role="sweep")
+    runner = type(FlowRunContext.get().task_runner).__name__
     with ended(parent):
-        parent.log_params(base | {"grid": grid, "trials": len(trials), "task_runner": type(runner).__name__})
-        data = prep_task(trials[0], parent)
-        results = _submit_trials(trials, combos, data, parent, max_concurrent=max_concurrent, on_ray=on_ray)
-        summary = _rank_and_record(parent, results, register_best)
+        parent.log_params(
+            {k: v for k, v in values.items() if k != "grid"}
+            | {"grid": options.grid, "trials": len(trials), "task_runner": runner}
+        )
+        data = prep_task(first, parent)
+        results = _run_trials(trials, data, parent, max_concurrent=options.max_concurrent)
+        summary = _rank_and_record(parent, results)
+        if options.register_best:
+            summary |= _register_best(options.register_best, summary["best_run_id"], results, trials, data, parent)
     return summary
 
 
-def _rank_and_record(parent: RunTracker, results: list[TrialResult], register_best: str | None) -> dict[str, Any]:
+def _rank_and_record(parent: RunTracker, results: list[TrialResult]) -> dict[str, Any]:
     ranking = ranking_table(results)
     best = next(r for r in results if r.run_id == ranking.loc[0, "run_id"])
-    out_dir = Path(tempfile.mkdtemp(prefix="cnn-train-sweep-"))
-    ranking.to_csv(out_dir / "ranking.csv", index=False)
-    markdown = f"# Sweep ranking\n\n{reports.markdown_table(ranking)}\n\nBest trial: `{best.run_id}` {best.values}, test accuracy {reports.format_percent(best.test_accuracy)}.\n"
-    (out_dir / "ranking.md").write_text(markdown, encoding="utf-8")
-    parent.log_artifacts(out_dir, "sweep")
+    markdown = (
+        f"# Sweep ranking\n\n{reporting.markdown_table(ranking)}\n\nBest trial: `{best.run_id}` {best.values}, "
+        f"test accuracy {reporting.format_percent(best.test_accuracy)}.\n"
+    )
+    with tempfile.TemporaryDirectory(prefix="cnn-train-sweep-") as out:
+        ranking.to_csv(Path(out) / "ranking.csv", index=False)
+        (Path(out) / "ranking.md").write_text(markdown, encoding="utf-8")
+        parent.log_artifacts(Path(out), "sweep")
     parent.log_metrics({"best_test_accuracy": best.test_accuracy})
     parent.set_tags({"cnn_train.best_run_id": best.run_id})
-    create_table_artifact(ranking.round(4).to_dict(orient="records"), key="sweep-ranking")
+    create_table_artifact(reporting.table_records(ranking), key="sweep-ranking")
     create_markdown_artifact(markdown, key="sweep-best")
     summary: dict[str, Any] = {
         "mlflow_run_id": parent.run_id,
-        "mlflow_run_url": parent.url,
+        "mlflow_run_url": parent.url or tracking.open_hint(parent),
         "best_run_id": best.run_id,
         "best_test_accuracy": best.test_accuracy,
         "ranking": ranking.to_dict(orient="records"),
     }
-    if register_best:
-        version = tracking.register_model(
-            register_best, best.model_uri, run_id=best.run_id, uri=parent.uri,
-            description=f"Best of sweep {parent.run_id}: test_accuracy={best.test_accuracy:.4f} with {best.values}",
-        )
-        parent.set_tags({"cnn_train.registered_model": f"{register_best}/{version}"})
-        summary["registered_version"] = version
     return summary
 
 
-#: Environment that trials on Ray need from the driver: where to report and where to keep state.
-_FORWARDED_ENV = (
-    "PREFECT_API_URL",
-    "MLFLOW_TRACKING_URI",
-    "CNN_TRAIN_ROOT",
-    "CNN_TRAIN_STATE_DIR",
-    "DO_NOT_TRACK",
-    "MLFLOW_DISABLE_TELEMETRY",
-    "PREFECT_SERVER_ANALYTICS_ENABLED",
-)
-
-
-def ray_task_runner(address: str | None = None, *, init_kwargs: Mapping[str, Any] | None = None) -> Any:
-    """prefect-ray's runner: a new local Ray, or the cluster at ``address``.
-
-    Trials pick their device inside Ray (``assigned_by_scheduler``), so Ray's GPU assignment, not a
-    local lease, decides which card a trial gets. The driver's Prefect API URL is forwarded so task
-    runs on Ray workers report to the same server as the flow run.
-    """
-    import os
-
-    from prefect.settings import get_current_settings
-
-    try:
-        from prefect_ray import RayTaskRunner
-    except ImportError as error:
-        raise ParameterError(
-            f"task runner 'ray' needs prefect-ray and ray ({error}); install them with: pip install 'cnn-train[ray]'"
-        ) from None
-
-    env = {name: os.environ[name] for name in _FORWARDED_ENV if os.environ.get(name)}
-    if api_url := get_current_settings().api.url:
-        env["PREFECT_API_URL"] = api_url
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}}
-    if not address:
-        # No dashboard (its extra dependencies are not installed) and a modest object store: the
-        # arrays of one prepared dataset are what trials share.
-        kwargs |= {"include_dashboard": False, "object_store_memory": 1_000_000_000}
-    return RayTaskRunner(address=address, init_kwargs=kwargs | dict(init_kwargs or {}))
+def _register_best(
+    name: str,
+    best_run_id: str,
+    results: list[TrialResult],
+    trials: list[tuple[dict[str, Any], RunParameters]],
+    data: PreparedData,
+    parent: RunTracker,
+) -> dict[str, Any]:
+    """The best trial's model as a new version of ``name``, champion or challenger by the registry's rule."""
+    best = next(r for r in results if r.run_id == best_run_id)
+    registration = register_task(
+        name,
+        params=next(params for values, params in trials if values == best.values),
+        data=data,
+        model_uri=best.model_uri,
+        run=RunTracker(parent.uri, best.run_id, parent.experiment_id),
+        test_accuracy=best.test_accuracy,
+        description=f"Best of sweep {parent.run_id}: test_accuracy={best.test_accuracy:.4f} with {best.values}",
+        record_on=parent,
+    )
+    return {"registered_version": registration.version, "registration": registration.line()}

@@ -115,12 +115,12 @@ def real_fashion_mnist_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _no_dataset_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any attempt to download Fashion-MNIST fails the test loudly instead of using the network."""
-    from cnn_train.flows import data
+    from cnn_train.flows.data import locate
 
     def refuse(url: str, timeout: float) -> bytes:
         raise AssertionError(f"a test tried to download {url}; tests must not use the network")
 
-    monkeypatch.setattr(data, "_fetch", refuse)
+    monkeypatch.setattr(locate, "_fetch", refuse)
 
 
 # --- orchestration fixtures ----------------------------------------------------------------------

@@ -88,6 +88,7 @@ def test_targets_compare_the_right_numbers(bench: ModuleType) -> None:
     assert len(markdown.splitlines()) == 2 + len(ROWS)
 
 
+@pytest.mark.slow
 def test_benchmark_runs_every_variant_at_tiny_size(tmp_path: Path, real_fashion_mnist_dir: Path) -> None:
     out = tmp_path / "bench.json"
     command = [

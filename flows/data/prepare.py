@@ -74,8 +74,8 @@ def _import_in_background(module: str) -> threading.Thread:
 def prepare_data(
     data_dir: Path | str | None = None,
     *,
-    validation_fraction: float = 0.1,
-    seed: int = 42,
+    validation_fraction: float,
+    seed: int,
     sample_limit: int | None = None,
     test_limit: int | None = None,
     cache_dir: Path | str | None = None,
@@ -84,6 +84,8 @@ def prepare_data(
     search_paths: Sequence[Path | str] | None = None,
 ) -> PreparedData:
     """Fashion-MNIST split into train, validation and test, from the cache when it can be.
+
+    The split's values have no defaults here: a run's come from its declared parameters (flows/params.py).
 
     ``sample_limit`` caps the training + validation images drawn from the 60,000 training images and
     ``test_limit`` the test images (both stratified and seeded); the test set is whole by default.

@@ -1,0 +1,112 @@
+"""The typer application every command registers on, and the helpers commands share."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import types
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn, Optional, Union, get_args, get_origin
+
+import typer
+from pydantic import BaseModel
+
+from cnn_train.flows.errors import DEBUG_ENV, ExpectedFailure, debugging
+
+
+class _OneLineFailures(typer.Typer):
+    """The application: an expected failure from any command is its one line on stderr and exit code 1;
+    a bug keeps its traceback."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except ExpectedFailure as error:
+            if debugging():
+                raise
+            print(f"cnn-train: {error}", file=sys.stderr)
+            sys.exit(1)
+
+
+app = _OneLineFailures(
+    name="cnn-train",
+    help="Train, evaluate and report the Fashion-MNIST CNN with pluggable backends, Prefect and MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _before_every_command(
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show the libraries' own logs and warnings.")] = False,
+) -> None:
+    """Prefect's files under the project's state directory, and the libraries' known noise silenced,
+    before any command imports Prefect or MLflow."""
+    from cnn_train.flows.quiet import quiet_libraries
+    from cnn_train.flows.settings import keep_prefect_state_in_project
+
+    keep_prefect_state_in_project()
+    quiet_libraries(verbose=verbose)
+
+
+#: CLI spellings that differ from the flow parameter: one `--backend` per compared backend.
+_OPTION_NAMES = {"backends": "--backend"}
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for expected failures too.")] = False,
+) -> None:
+    # Logs and progress go to stdout, so stderr carries only what went wrong (one line per failure).
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_STREAM", "ext://sys.stdout")
+    # MLflow's own handler writes to stderr; without it, its warnings reach Prefect's console handler.
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One line on stderr saying what was wrong and what to do, and a non-zero exit."""
+    typer.echo(f"cnn-train: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _cli_type(annotation: Any) -> Any:
+    """The declared type as typer takes it: a device request (a policy or cuda:N) is free text, a grid
+    is repeated ``FIELD=V1,V2`` strings, a value that may be empty stays Optional."""
+    if get_origin(annotation) is Annotated:
+        return _cli_type(get_args(annotation)[0])
+    args = [arg for arg in get_args(annotation) if arg is not type(None)]
+    if get_origin(annotation) in (Union, types.UnionType):
+        inner = _cli_type(args[0]) if len(args) == 1 else str
+        return Optional[inner] if type(None) in get_args(annotation) else inner  # noqa: UP045 - typer needs it
+    if get_origin(annotation) is dict:
+        return list[str]
+    return annotation
+
+
+def cli_options(
+    *models: type[BaseModel], exclude: tuple[str, ...] = ()
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a ``def command(**values)`` the models' fields as typer options (help: each description)."""
+    from cnn_train.flows.params import declared_fields
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        parameters = []
+        for name, (annotation, info) in declared_fields(models, exclude).items():
+            names = (_OPTION_NAMES[name],) if name in _OPTION_NAMES else ()
+            option = typer.Option(*names, help=info.description)
+            parameters.append(
+                inspect.Parameter(
+                    name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=info.default,
+                    annotation=Annotated[_cli_type(annotation), option],
+                )
+            )
+        fn.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        return fn
+
+    return decorate

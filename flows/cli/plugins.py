@@ -1,0 +1,54 @@
+"""``cnn-train backends`` and ``check-backend``: what is installed, and whether it keeps the contract."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from typing import Annotated, Optional
+
+import typer
+
+from cnn_train.flows.cli.app import app, fail
+
+
+@app.command()
+def backends(
+    check: Annotated[bool, typer.Option("--check", help="Also load each backend and say whether it loads.")] = False,
+) -> None:
+    """List installed backends from package metadata (no framework is imported); --check loads each."""
+    from cnn_train.plugins import registry
+
+    if check:
+        with warnings.catch_warnings():
+            # Each broken plugin is shown on its own line below; the library's warning would repeat it.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            statuses = registry.backend_statuses()
+        rows = [(s.info, "loads" if s.loads else f"BROKEN: {s.problem}") for s in statuses]
+    else:
+        rows = [(info, "") for info in registry.installed_backends()]
+    if not rows:
+        fail(f"no backends installed (entry-point group {registry.GROUP!r}); reinstall cnn-train")
+    width = max(len(info.name) for info, _ in rows)
+    for info, state in rows:
+        typer.echo(f"{info.name:<{width}}  {info.distribution} {info.version}  {info.target}  {state}".rstrip())
+
+
+@app.command("check-backend")
+def check_backend(
+    name: Annotated[str, typer.Argument(help="Registered backend name, e.g. torch.")],
+    only: Annotated[Optional[list[str]], typer.Option("--check", help="Run only this check (repeatable).")] = None,  # noqa: UP045
+) -> None:
+    """Run the conformance kit against a backend: exit 0 when no check fails."""
+    from cnn_train.plugins import conformance, registry
+
+    try:
+        registry.backend_info(name)
+        results = conformance.run_checks(name, only=tuple(only) if only else None)
+    except (registry.BackendError, ValueError) as error:
+        fail(str(error))
+    for result in results:
+        typer.echo(result.line())
+    counts = Counter(result.status for result in results)
+    typer.echo(", ".join(f"{counts[status]} {status}" for status in ("passed", "failed", "skipped")))
+    if counts["failed"]:
+        raise typer.Exit(1)

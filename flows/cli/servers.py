@@ -1,0 +1,59 @@
+"""``cnn-train up``, ``down`` and ``doctor``: the local servers and their health (``status`` is in state.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from cnn_train.flows.cli.app import app
+from cnn_train.flows.params import RunParameters
+
+
+@app.command()
+def up(
+    watch_timeout: Annotated[int, typer.Option(help="Seconds to wait for the flow run.")] = 7200,
+    trigger: Annotated[bool, typer.Option(help="Trigger cnn-train/default once the servers are up.")] = True,
+) -> None:
+    """Start the Prefect server, the MLflow server and the deployment's serve process (each only if
+    not running), then run cnn-train/default and wait for it."""
+    from cnn_train.flows import launcher
+
+    code = launcher.up(trigger=trigger, watch_timeout=watch_timeout, echo=typer.echo)
+    raise typer.Exit(code)
+
+
+@app.command()
+def down() -> None:
+    """Stop the serve process, the MLflow server and the Prefect server started by `cnn-train up`."""
+    from cnn_train.flows import launcher, services
+
+    for service in reversed(services.SERVICES):
+        stopped = service.stop()
+        typer.echo(f"{service.name}: {'stopped' if stopped else 'not running'}")
+    launcher.forget_server_in_prefect_cli(typer.echo)
+
+
+@app.command()
+def doctor(
+    fix: Annotated[bool, typer.Option(help="Mark abandoned RUNNING MLflow runs FAILED.")] = False,
+    data_dir: Annotated[Optional[str], typer.Option(help=RunParameters.model_fields["data_dir"].description)] = None,  # noqa: UP045
+) -> None:
+    """Check the Prefect server, the deployment's serve process, MLflow, the dataset and stale runs."""
+    from pathlib import Path
+
+    from prefect.settings import get_current_settings
+
+    from cnn_train.flows import doctor as checks
+    from cnn_train.flows import tracking
+
+    findings = checks.diagnose(
+        api_url=get_current_settings().api.url,
+        tracking_uri=tracking.tracking_uri(),
+        data_dir=Path(data_dir) if data_dir else None,
+        fix=fix,
+    )
+    for finding in findings:
+        typer.echo(finding.line())
+    if not all(finding.ok for finding in findings):
+        raise typer.Exit(1)

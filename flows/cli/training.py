@@ -1,0 +1,170 @@
+"""``cnn-train run``, ``compare`` and ``sweep``: the flows called in this process, their options
+derived from the one declaration of run parameters."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any, Literal, Optional
+
+import typer
+from pydantic import BaseModel, Field
+
+from cnn_train.flows.cli.app import app, cli_options, fail
+from cnn_train.flows.params import COMPARE_EXCLUDES, SWEEP_EXCLUDES, CompareOptions, RunParameters, SweepOptions
+
+
+class RunnerOptions(BaseModel):
+    """Where the sweep's trials run (command line only: a deployment runs on its own task runner)."""
+
+    task_runner: Literal["local", "ray"] = Field(default="local", description="'local' (threads) or 'ray'.")
+    ray_address: Optional[str] = Field(  # noqa: UP045 - typer reads it
+        default=None,
+        description="An existing Ray cluster (HOST:PORT, auto or ray://HOST:PORT); default: start a local Ray.",
+    )
+
+
+class TrialResourceOptions(BaseModel):
+    """What every sweep trial asks a Ray cluster for besides its GPU (command line only)."""
+
+    ray_resource: Optional[list[str]] = Field(  # noqa: UP045 - typer reads it
+        default=None,
+        description="A Ray custom resource each trial needs, NAME=AMOUNT (repeatable), e.g. a100=1: trials run "
+        "only on nodes started with `ray start --resources '{\"a100\": 1}'`.",
+    )
+
+
+def _validated(check: Callable[[dict[str, Any]], Any], values: dict[str, Any]) -> Any:
+    """The flow's own validation, run here first so a bad value is one line before any server starts."""
+    from cnn_train.flows.params import ParameterError
+
+    try:
+        return check(values)
+    except ParameterError as error:
+        fail(str(error))
+
+
+def _run_flow(flow_fn: Any, values: dict[str, Any]) -> dict[str, Any]:
+    state = flow_fn(**values, return_state=True)
+    if not state.is_completed():
+        # An expected failure's state message is already its one line (see runs.fails_in_one_line).
+        fail(state.message or f"flow run ended {state.name}", 1)
+    result = state.result()
+    _say_what_waits()
+    return result
+
+
+def _say_what_waits() -> None:
+    """One line on stderr per run whose records wait on this machine because MLflow did not answer."""
+    from cnn_train.flows import tracking
+
+    for spool in tracking.waiting_spools():
+        typer.echo(
+            f"cnn-train: MLflow did not answer: {spool.count()} record(s) of run {spool.run_id} (its final status "
+            f"among them) wait in {spool.folder}; run `cnn-train sync` once it answers",
+            err=True,
+        )
+
+
+def require_reachable_servers() -> None:
+    """A configured but dead Prefect API or MLflow server would fail the run late; say so at once."""
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.settings import get_current_settings
+
+    from cnn_train.flows import tracking
+    from cnn_train.flows.services import http_ok
+
+    try:
+        tracking.check_reachable(tracking.tracking_uri())
+    except tracking.TrackingUnavailableError as error:
+        fail(str(error))
+    api_url = get_current_settings().api.url
+    if api_url and not http_ok(f"{api_url.rstrip('/')}/health", timeout=3.0):
+        fail(
+            f"the Prefect API at {api_url} does not answer; start it with `cnn-train up --no-trigger`, "
+            "or `prefect config unset PREFECT_API_URL` to run on a temporary server"
+        )
+
+
+@app.command()
+@cli_options(RunParameters)
+def run(**values: Any) -> None:
+    """Run the cnn-train flow directly in this process (no servers needed)."""
+    from cnn_train.flows.params import validate_parameters
+
+    _validated(lambda v: validate_parameters(**v), values)
+    require_reachable_servers()
+    from cnn_train.flows.train_flow import cnn_train
+
+    result = _run_flow(cnn_train, values)
+    typer.echo(f"MLflow run: {result['mlflow_run_url']}")
+    typer.echo(f"test accuracy: {result['test_accuracy']:.4f}")
+    if result.get("dense_test_accuracy") is not None:
+        typer.echo(f"dense network test accuracy: {result['dense_test_accuracy']:.4f}")
+    if result.get("registration"):
+        typer.echo(result["registration"])
+
+
+@app.command()
+@cli_options(CompareOptions, RunParameters, exclude=COMPARE_EXCLUDES)
+def compare(**values: Any) -> None:
+    """Train one config on several backends (same seed and split) and print them side by side."""
+    from cnn_train.flows.compare_flow import cnn_train_compare, validate_compare
+
+    _validated(validate_compare, values)
+    require_reachable_servers()
+    result = _run_flow(cnn_train_compare, values)
+    typer.echo(result["report"])
+    typer.echo(f"MLflow parent run: {result['mlflow_run_url']}")
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """``["learning_rate=0.001,0.0003", "architecture=cnn,dense"]`` as a grid; values parse as JSON
+    when they can (numbers), else stay strings."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            fail(f"--grid takes FIELD=VALUE,VALUE...; got {item!r}")
+        parsed = []
+        for value in values.split(","):
+            try:
+                parsed.append(json.loads(value))
+            except ValueError:
+                parsed.append(value)
+        grid[key.strip()] = parsed
+    return grid
+
+
+@app.command()
+@cli_options(SweepOptions, RunParameters, RunnerOptions, TrialResourceOptions, exclude=SWEEP_EXCLUDES)
+def sweep(**values: Any) -> None:
+    """Run a grid of configurations (data prepared once), ranked in a parent MLflow run."""
+    runner = RunnerOptions(task_runner=values.pop("task_runner"), ray_address=values.pop("ray_address"))
+    ray_resource = values.pop("ray_resource")
+    if (runner.ray_address or ray_resource) and runner.task_runner != "ray":
+        fail("--ray-address and --ray-resource need --task-runner ray")
+    if isinstance(values["grid"], list):
+        values["grid"] = parse_grid(values["grid"])
+    from cnn_train.flows.sweep_flow import cnn_train_sweep, validate_sweep
+
+    _validated(validate_sweep, values)
+    require_reachable_servers()
+    flow_fn = cnn_train_sweep
+    if runner.task_runner == "ray":
+        from cnn_train.flows.ray_cluster import parse_resources, ray_task_runner
+
+        task_runner = ray_task_runner(runner.ray_address, trial_resources=parse_resources(ray_resource))
+        flow_fn = cnn_train_sweep.with_options(task_runner=task_runner)
+    result = _run_flow(flow_fn, values)
+    import pandas as pd
+
+    from cnn_train.flows import reporting
+
+    typer.echo(reporting.markdown_table(pd.DataFrame(result["ranking"])))
+    typer.echo(f"best trial: {result['best_run_id']} test accuracy {result['best_test_accuracy']:.2%}")
+    typer.echo(f"MLflow sweep run: {result['mlflow_run_url']}")
+    if "registration" in result:
+        typer.echo(result["registration"])

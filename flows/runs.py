@@ -1,0 +1,124 @@
+"""What every cnn-train flow does around its MLflow runs: tag them with the Prefect flow run, reap
+abandoned ones at start, and end each one FINISHED, KILLED or FAILED, never left RUNNING."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prefect import get_run_logger, runtime
+from prefect.exceptions import MissingContextError, TerminationSignal
+from prefect.states import Failed
+
+from cnn_train.flows import steps, tracking
+from cnn_train.flows.errors import ExpectedFailure, debugging, hide_expected_tracebacks
+from cnn_train.flows.tracking import RunTracker
+
+
+def flow_run_tags() -> dict[str, str]:
+    """The Prefect flow run an MLflow run belongs to; a link only where a Prefect UI exists."""
+    tags = {
+        tracking.FLOW_RUN_TAG: str(runtime.flow_run.id or ""),
+        "prefect.flow_run_name": str(runtime.flow_run.name or ""),
+        "prefect.deployment": str(runtime.deployment.name or ""),
+        "prefect.flow_run_url": prefect_flow_run_url() or "",
+    }
+    return {key: value for key, value in tags.items() if value}
+
+
+def prefect_flow_run_url() -> str | None:
+    """The flow run's page in the Prefect UI, or None on a temporary server (no UI to link to)."""
+    url = runtime.flow_run.ui_url
+    return url if url and url.startswith("http") else None
+
+
+def start_flow_run(experiment: str, *, run_name: str, role: str | None = None) -> RunTracker:
+    """The flow's top-level MLflow run, after checking the store answers and reaping abandoned runs."""
+    logger = get_run_logger()
+    tracking.check_reachable(tracking.tracking_uri())
+    # Records an earlier run left on this machine while the server was away go first: their run's
+    # end is among them, so it is not mistaken for abandoned below.
+    for waiting, delivery in tracking.sync_spools():
+        logger.info("delivered %d waiting record(s) of MLflow run %s", delivery.delivered, waiting.run_id)
+    for run_id in tracking.reap_stale_runs():
+        logger.warning("marked abandoned MLflow run %s FAILED (its heartbeat had stopped)", run_id)
+    tags = flow_run_tags() | ({"cnn_train.role": role} if role else {})
+    tracker = RunTracker.start(experiment, run_name=run_name, tags=tags)
+    logger.info("MLflow run %s: %s", tracker.run_id, tracker.url or tracking.open_hint(tracker))
+    return tracker
+
+
+def _status_for(error: BaseException) -> str:
+    """KILLED for interruptions and cancellations, FAILED for everything else."""
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, TerminationSignal)) else "FAILED"
+
+
+@contextlib.contextmanager
+def ended(tracker: RunTracker) -> Iterator[None]:
+    """Heartbeat the MLflow run while the block runs, then end it FINISHED (and drop its checkpoint),
+    or KILLED when interrupted (Ctrl-C, SIGTERM, a cancellation), or FAILED: never left RUNNING.
+    When the tracking server is away at the end, the run's records and its end wait in its spool,
+    said in one warning line; `cnn-train sync` delivers them."""
+    try:
+        with tracker.heartbeat():
+            yield
+    except BaseException as error:
+        # A failed or killed run keeps its checkpoint: a retry resumes from it (`cnn-train gc` prunes).
+        _warn_if_waiting(tracker, tracker.finish(_status_for(error)))
+        raise
+    _warn_if_waiting(tracker, tracker.finish("FINISHED"))
+    steps.discard_checkpoint(tracker.run_id)
+
+
+def _warn_if_waiting(tracker: RunTracker, waiting: int) -> None:
+    if waiting:
+        try:
+            logger: Any = get_run_logger()
+        except MissingContextError:  # a trial outside any Prefect run
+            logger = logging.getLogger(__name__)
+        logger.warning(tracker.waiting_message())
+
+
+def _mark_runs_hook(status: str) -> Any:
+    """A Prefect state hook marking this flow run's MLflow runs, for when the flow body could not."""
+
+    def hook(flow_obj: Any, flow_run: Any, state: Any) -> None:
+        for run in tracking.find_runs_for_flow_run(str(flow_run.id)):
+            tracking.mark_unfinished(run.info.run_id, status)
+
+    return hook
+
+
+def fails_in_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A flow body whose expected failures (bad input or dataset, unreachable server, missing GPU) end
+    the flow run Failed with that one line as its state message, logged without a traceback; other
+    errors (bugs) propagate with theirs. Goes between ``@flow`` and ``@takes_parameters``."""
+
+    @functools.wraps(fn)
+    def body(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ExpectedFailure as error:
+            if debugging():
+                raise
+            get_run_logger().error(str(error))
+            return Failed(message=str(error))
+
+    return body
+
+
+def recorded_flow() -> dict[str, Any]:
+    """Options every cnn-train flow shares: its MLflow runs end KILLED or FAILED with the flow run, even
+    when the flow body never reaches its own cleanup; results stay in memory (MLflow holds what lasts);
+    parameters are validated by the flow itself, once, with messages naming the field.
+    Fresh hook lists per flow, since Prefect appends to them in place."""
+    hide_expected_tracebacks()
+    return {
+        "on_cancellation": [_mark_runs_hook("KILLED")],
+        "on_crashed": [_mark_runs_hook("FAILED")],
+        "persist_result": False,
+        "validate_parameters": False,
+    }

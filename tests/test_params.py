@@ -1,0 +1,153 @@
+"""The one declaration of run parameters, and everything derived from it: Prefect forms, CLI options,
+validation messages, benchmark options and the README's table."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cnn_train.flows.cli import app
+from cnn_train.flows.compare_flow import cnn_train_compare
+from cnn_train.flows.params import (
+    COMPARE_EXCLUDES,
+    SWEEP_EXCLUDES,
+    CompareOptions,
+    ParameterError,
+    RunParameters,
+    SweepOptions,
+    add_arguments,
+    declared_fields,
+    parameter_table,
+    validate_parameters,
+)
+from cnn_train.flows.sweep_flow import cnn_train_sweep
+from cnn_train.flows.train_flow import cnn_train
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+FLOWS = {
+    "cnn-train": (cnn_train, [RunParameters], ()),
+    "compare": (cnn_train_compare, [CompareOptions, RunParameters], COMPARE_EXCLUDES),
+    "sweep": (cnn_train_sweep, [SweepOptions, RunParameters], SWEEP_EXCLUDES),
+}
+DEVICE_FIELDS = ("prep_device", "train_device", "evaluate_device", "report_device")
+
+
+@pytest.mark.parametrize("name", FLOWS)
+def test_flow_form_is_the_declaration(name):
+    flow_obj, models, exclude = FLOWS[name]
+    properties = flow_obj.parameters.model_dump()["properties"]
+    declared = declared_fields(models, exclude)
+    assert list(properties) == list(declared)
+    for field, (_, info) in declared.items():
+        assert properties[field]["description"] == info.description, field
+        assert properties[field].get("default") == info.default, field
+
+
+@pytest.mark.parametrize("name", FLOWS)
+def test_closed_choices_are_dropdowns_in_every_form(name):
+    properties = FLOWS[name][0].parameters.model_dump()["properties"]
+    assert properties["architecture"]["enum"] == ["cnn", "dense", "cnn-improved"]
+    for field in (f for f in DEVICE_FIELDS if f in properties):
+        choices = [option for option in properties[field]["anyOf"] if "enum" in option]
+        assert choices == [{"enum": ["cpu", "gpu-preferred", "gpu-required"], "type": "string"}], field
+
+
+@pytest.mark.parametrize(
+    "command, models, exclude",
+    [
+        pytest.param("run", [RunParameters], (), id="run"),
+        pytest.param("compare", [CompareOptions, RunParameters], COMPARE_EXCLUDES, id="compare"),
+        pytest.param("sweep", [SweepOptions, RunParameters], SWEEP_EXCLUDES, id="sweep"),
+    ],
+)
+def test_cli_options_are_the_declaration(command, models, exclude):
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "250", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    help_text = " ".join(result.output.split())
+    for field in declared_fields(models, exclude):
+        flag = "--backend" if field == "backends" else "--" + field.replace("_", "-")
+        assert flag in help_text, field
+
+
+def test_readme_parameter_table_is_rendered_from_the_declaration():
+    text = README.read_text(encoding="utf-8")
+    rendered = re.search(r"<!-- parameters:[^\n]*-->\n(.*?)\n<!-- /parameters -->", text, re.S)
+    assert rendered, "README lost its parameter-table markers"
+    assert rendered.group(1) == parameter_table()
+
+
+def test_benchmark_options_take_the_declared_defaults():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, ("validation_fraction", "sample_limit", "seed", "compare_dense"))
+    args = parser.parse_args([])
+    assert (args.validation_fraction, args.sample_limit, args.seed, args.compare_dense) == (0.1, None, 42, False)
+    assert parser.parse_args(["--sample-limit", "300"]).sample_limit == 300
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        pytest.param({"architecture": "resnet"}, r"architecture: .*'cnn', 'dense' or 'cnn-improved'", id="architecture"),
+        pytest.param({"epochs": 2.5}, r"epochs: must be a whole number \(got 2.5\)", id="fractional-epochs"),
+        pytest.param({"epochs": 0}, r"epochs: .*greater than or equal to 1", id="zero-epochs"),
+        pytest.param({"train_device": "tpu"}, r"train_device: .*cuda:", id="device"),
+        pytest.param({"backend": "nope"}, r"backend: .*nope.*installed", id="unknown-backend"),
+        pytest.param(
+            {"validation_fraction": 0.999, "sample_limit": 200},
+            r"validation_fraction=0.999 leaves too few training images.*use validation_fraction between",
+            id="validation-fraction-names-the-real-cause",
+        ),
+        pytest.param(
+            {"batch_size": 500, "sample_limit": 200}, r"batch_size: 500 is larger than the training set", id="batch"
+        ),
+    ],
+)
+def test_bad_values_are_one_line_naming_the_field(values, expected):
+    with pytest.raises(ParameterError) as error:
+        validate_parameters(**values)
+    message = str(error.value)
+    assert "\n" not in message
+    assert re.search(expected, message), message
+
+
+@pytest.mark.parametrize(
+    "architecture, expected",
+    [
+        pytest.param("cnn", (10, 32, 1e-3), id="lesson"),
+        pytest.param("cnn-improved", (7, 128, 3e-3), id="recipe"),
+    ],
+)
+def test_empty_training_values_take_the_architectures_own(architecture, expected):
+    params = validate_parameters(architecture=architecture)
+    assert (params.epochs, params.batch_size, params.learning_rate) == expected
+    assert validate_parameters(architecture=architecture, epochs=3).epochs == 3
+
+
+#: Run parameters whose names mean the same anywhere in the code (``seed`` or ``batch_size`` of a
+#: backend's own evaluate() are other things).
+_RUN_ONLY = ("backend", "architecture", "validation_fraction", "experiment", "compare_dense", *DEVICE_FIELDS)
+
+
+def test_no_function_repeats_a_run_parameters_default():
+    sources = Path(__file__).resolve().parents[1]
+    repeated = []
+    for folder in ("flows", "plugins", "backends"):
+        for path in (sources / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    arguments = [*node.args.args, *node.args.kwonlyargs]
+                    defaults = [*node.args.defaults, *node.args.kw_defaults]
+                    named = dict(zip([a.arg for a in arguments][::-1], defaults[::-1], strict=False))
+                    repeated += [
+                        f"{path.relative_to(sources)}:{node.lineno} {node.name}({name}=...)"
+                        for name, default in named.items()
+                        if name in _RUN_ONLY and default is not None
+                        and not (isinstance(default, ast.Constant) and default.value is None)
+                    ]
+    assert repeated == []
