@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnn_train.flows import services, tracking
+from cnn_train.flows import crashes, services, tracking
 from cnn_train.flows.data import DatasetError, locate_fashion_mnist, verify_dataset
 
 
@@ -49,7 +49,18 @@ def check_deployment(api_url: str | None, name: str = services.DEPLOYMENT) -> Fi
             deployment = client.read_deployment_by_name(name)
         except ObjectNotFound:
             return Finding("deployment", False, f"{name} is not deployed", "run `cnn-train up`")
+    if deployment.work_pool_name:
+        return _check_pool(name, deployment.work_pool_name, api_url)
     status = getattr(deployment.status, "value", deployment.status)
+    # Prefect notices a dead serve process only after ~60 s without polls; its pid says so at once.
+    pid_file = services.serve_process.pid_file
+    if pid_file.exists() and services.serve_process.pid() is None:
+        return Finding(
+            "deployment",
+            False,
+            f"the serve process of {name} (pid {pid_file.read_text().strip()}) is gone (Prefect still says {status})",
+            "run `cnn-train up` to start it again",
+        )
     if status == "READY":
         return Finding("deployment", True, f"{name} is served (status READY)")
     return Finding(
@@ -58,6 +69,41 @@ def check_deployment(api_url: str | None, name: str = services.DEPLOYMENT) -> Fi
         f"{name} exists but nothing serves it (status {status}); triggered runs would wait in Scheduled",
         "run `cnn-train up` to start the serve process",
     )
+
+
+def _check_pool(name: str, pool: str, api_url: str) -> Finding:
+    """Worker mode (`cnn-train up --worker`): the deployment is on a work pool, and some worker, on this
+    machine or another, polls it."""
+    from cnn_train.flows import worker
+
+    online = worker.online_workers(pool, api_url)
+    if online:
+        return Finding("deployment", True, f"{name} runs on work pool {pool!r} ({len(online)} worker(s) online: {', '.join(online)})")
+    return Finding(
+        "deployment",
+        False,
+        f"{name} is on work pool {pool!r} but no worker polls it; triggered runs would wait in Scheduled",
+        f"run `cnn-train up --worker`, or `prefect worker start --pool {pool}` on a machine with cnn-train",
+    )
+
+
+def check_flow_runs(api_url: str | None, tracking_uri: str, *, fix: bool) -> Finding:
+    """Prefect flow runs still Running though their process died: reported, and set Crashed (their MLflow
+    runs FAILED) with ``fix``."""
+    if not api_url or not services.http_ok(f"{api_url.rstrip('/')}/health"):
+        return Finding("flow runs", False, "cannot look for orphaned flow runs without a Prefect server", "run `cnn-train up`")
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        orphans = crashes.orphaned_flow_runs(tracking_uri=tracking_uri)
+        if not orphans:
+            return Finding("flow runs", True, "no Running flow run without a process")
+        listed = "; ".join(f"{o.name} ({o.flow_run_id}): {o.reason}" for o in orphans)
+        if fix:
+            for orphan in orphans:
+                crashes.crash(orphan, tracking_uri=tracking_uri)
+            return Finding("flow runs", True, f"marked {len(orphans)} orphaned flow run(s) Crashed, their MLflow runs FAILED: {listed}")
+    return Finding("flow runs", False, f"{len(orphans)} flow run(s) Running without a process: {listed}", "run `cnn-train doctor --fix`")
 
 
 def check_tracking(uri: str) -> Finding:
@@ -123,8 +169,10 @@ def diagnose(*, api_url: str | None, tracking_uri: str, data_dir: Path | None = 
         check_tracking(tracking_uri),
         check_dataset(data_dir),
     ]
-    # Waiting records go before the reaper: a run whose end is among them is not abandoned.
+    # Waiting records go before the reapers: a run whose end is among them is not abandoned.
     findings.append(check_spools(fix=fix))
+    if findings[0].ok:
+        findings.append(check_flow_runs(api_url, tracking_uri, fix=fix))
     if findings[2].ok:
         findings.append(check_stale_runs(tracking_uri, fix=fix))
     return findings

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cnn_train.flows import services
+from cnn_train.flows import flow_runs, services
 
 Echo = Callable[[str], None]
 
@@ -47,17 +47,52 @@ def forget_server_in_prefect_cli(echo: Echo) -> None:
         echo("prefect profile: PREFECT_API_URL unset (flows called directly use a temporary server again)")
 
 
-def up(*, trigger: bool, watch_timeout: float, echo: Echo) -> int:
-    """Start what is not running, then (optionally) run the deployment; returns an exit code."""
+def up(*, trigger: bool, watch_timeout: float, echo: Echo, worker: bool = False) -> int:
+    """Start what is not running, then (optionally) run the deployment; returns an exit code.
+
+    The deployments run either served by this machine's serve process, or (``worker``) from a work
+    pool through this machine's worker; starting one mode stops the other, since the last one to
+    register the deployments owns them."""
     _start(services.prefect_server, echo, timeout=120)
     _start(services.mlflow_server, echo, timeout=120)
     point_prefect_cli_at_server(echo)
-    _start(services.serve_process, echo, timeout=120)
+    clean_up_after_crashes(echo)
+    if worker:
+        _start_worker(echo)
+    else:
+        if services.worker_process.stop():
+            echo(f"{services.worker_process.name}: stopped (the serve process takes over the deployments)")
+        _start(services.serve_process, echo, timeout=120)
     echo(f"Prefect UI: {services.prefect_ui_url()}")
     echo(f"MLflow UI:  {services.mlflow_url()}")
     if not trigger:
         return 0
     return trigger_and_watch(watch_timeout=watch_timeout, echo=echo)
+
+
+def _start_worker(echo: Echo) -> None:
+    """The work pool, the deployments on it and this machine's worker, unless the worker already polls."""
+    if services.serve_process.stop():
+        echo(f"{services.serve_process.name}: stopped (the work pool takes over the deployments)")
+    if not services.worker_process.ready():
+        from cnn_train.flows import worker
+
+        worker.deploy(os.environ | services.quiet_environment(), echo)
+    _start(services.worker_process, echo, timeout=120)
+
+
+def clean_up_after_crashes(echo: Echo) -> None:
+    """Let the Prefect server crash flow runs whose heartbeat stops, and crash those whose process already
+    died (a killed serve process, a lost machine) with their MLflow runs, before serving again."""
+    os.environ.update(services.quiet_environment())
+    from cnn_train.flows import crashes, tracking
+
+    if crashes.ensure_zombie_automation():
+        echo(f"prefect automation: {crashes.AUTOMATION_NAME!r} (after {crashes.ZOMBIE_AFTER_SECONDS} s without a heartbeat)")
+    for spool, delivery in tracking.sync_spools():
+        echo(f"delivered {delivery.delivered} waiting tracking record(s) of MLflow run {spool.run_id}")
+    for orphan in crashes.crash_orphans(tracking_uri=services.mlflow_url()):
+        echo(f"flow run {orphan.name} marked Crashed, its MLflow runs FAILED: {orphan.reason}")
 
 
 def trigger_and_watch(*, watch_timeout: float, echo: Echo, parameters: dict | None = None) -> int:
@@ -92,6 +127,9 @@ def trigger_and_watch(*, watch_timeout: float, echo: Echo, parameters: dict | No
             time.sleep(3)
     run = _main_run(str(flow_run.id), mlflow_uri)
     echo(f"flow run state: {state.name}")
+    if flow_runs.is_failure(state):
+        for line in flow_runs.failure_reason(str(flow_run.id)):
+            echo(line)
     if run is None:
         echo("no MLflow run was recorded for this flow run")
         return 1

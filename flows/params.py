@@ -313,10 +313,12 @@ class TuneOptions(BaseModel):
 
 
 #: Run parameters a flow does not take: the compare flow varies the backend; only `cnn-train` runs the
-#: dense comparison and registers its model under `register` (sweep and tune have `register_best`); data prep and the report run once per flow on the CPU in compare, sweep and tune.
+#: dense comparison and registers its model under `register` (sweep and tune have `register_best`);
+#: data prep and the report run once per flow on the CPU in compare, sweep and tune.
 COMPARE_EXCLUDES = ("backend", "compare_dense", "register")
 SWEEP_EXCLUDES = ("compare_dense", "evaluate_device", "report_device", "register")
 TUNE_EXCLUDES = SWEEP_EXCLUDES
+
 
 class PredictOptions(BaseModel):
     """The batch-prediction flow's parameters."""

@@ -13,7 +13,7 @@ from prefect import get_run_logger, runtime
 from prefect.exceptions import MissingContextError, TerminationSignal
 from prefect.states import Failed
 
-from cnn_train.flows import steps, tracking
+from cnn_train.flows import crashes, steps, tracking
 from cnn_train.flows.errors import ExpectedFailure, debugging, hide_expected_tracebacks
 from cnn_train.flows.tracking import RunTracker
 
@@ -43,6 +43,9 @@ def start_flow_run(experiment: str, *, run_name: str, role: str | None = None) -
     # end is among them, so it is not mistaken for abandoned below.
     for waiting, delivery in tracking.sync_spools():
         logger.info("delivered %d waiting record(s) of MLflow run %s", delivery.delivered, waiting.run_id)
+    # Flow runs whose process died go first: the stale MLflow heartbeat is one of the ways to tell.
+    for orphan in crashes.crash_orphans():
+        logger.warning("marked flow run %s Crashed and its MLflow runs FAILED: %s", orphan.name, orphan.reason)
     for run_id in tracking.reap_stale_runs():
         logger.warning("marked abandoned MLflow run %s FAILED (its heartbeat had stopped)", run_id)
     tags = flow_run_tags() | ({"cnn_train.role": role} if role else {})

@@ -19,6 +19,33 @@ from pathlib import Path
 from cnn_train.flows.settings import default_artifact_root, project_root, state_dir
 
 HOST = "127.0.0.1"
+#: The address the servers listen on (`cnn-train up --host`); clients here always use HOST.
+BIND_HOST_ENV = "CNN_TRAIN_BIND_HOST"
+
+
+def bind_host() -> str:
+    return os.environ.get(BIND_HOST_ENV) or HOST
+
+
+def _credentials():  # noqa: ANN202 - auth.Credentials | None
+    from cnn_train.flows import auth
+
+    return auth.load_credentials()
+
+
+def client_credentials() -> dict[str, str]:
+    """The servers' credentials for every client cnn-train starts (none when none are configured)."""
+    credentials = _credentials()
+    return credentials.client_environment() if credentials else {}
+
+
+def _server_credentials() -> dict[str, str]:
+    credentials = _credentials()
+    return credentials.server_environment() if credentials else {}
+
+
+def _mlflow_auth_app() -> list[str]:
+    return ["--app-name", "basic-auth"] if _credentials() else []
 DEPLOYMENT = "cnn-train/default"
 
 
@@ -51,12 +78,15 @@ def quiet_environment() -> dict[str, str]:
         "PREFECT_HOME": str(state_dir() / "prefect"),
         "PREFECT_API_URL": prefect_api_url(),
         "CNN_TRAIN_ROOT": str(project_root()),
-    }
+    } | client_credentials()
 
 
 def http_ok(url: str, *, timeout: float = 2.0) -> bool:
+    request = urllib.request.Request(url)
+    if credentials := _credentials():
+        request.add_header("Authorization", credentials.basic_header())
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - loopback only
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False
@@ -156,6 +186,21 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
+def _ui_api_url() -> str:
+    """Where the Prefect UI's browser finds the API: this machine's name when others may browse it."""
+    if bind_host() == HOST:
+        return prefect_api_url()
+    import socket
+
+    return f"http://{socket.getfqdn()}:{prefect_port()}/api"
+
+
+def _heartbeat_environment() -> dict[str, str]:
+    from cnn_train.flows.crashes import heartbeat_environment
+
+    return heartbeat_environment()
+
+
 def _deployment_served() -> bool:
     return serve_process.pid() is not None and deployment_exists()
 
@@ -166,9 +211,9 @@ def deployment_exists() -> bool:
 
 prefect_server = Service(
     name="prefect-server",
-    command=lambda: [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port())],
+    command=lambda: [_bin("prefect"), "server", "start", "--host", bind_host(), "--port", str(prefect_port())],
     ready=lambda: http_ok(f"{prefect_api_url()}/health"),
-    extra_env=lambda: {"PREFECT_UI_API_URL": prefect_api_url()},
+    extra_env=lambda: {"PREFECT_UI_API_URL": _ui_api_url()} | _server_credentials(),
 )
 
 mlflow_server = Service(
@@ -181,15 +226,17 @@ mlflow_server = Service(
         "--artifacts-destination",
         str(default_artifact_root()),
         "--host",
-        HOST,
+        bind_host(),
         "--port",
         str(mlflow_port()),
         "--workers",
         "1",
+        # Host-header and CORS checks keep MLflow's defaults (localhost and private addresses).
+        *_mlflow_auth_app(),
     ],
     ready=lambda: http_ok(f"{mlflow_url()}/health"),
     # The default server spawns ~15 processes and 3 GB on 2 cores; these keep it near 0.5 GB.
-    extra_env=lambda: {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    extra_env=lambda: {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | _server_credentials(),
 )
 
 serve_process = Service(
@@ -200,10 +247,40 @@ serve_process = Service(
         "MLFLOW_TRACKING_URI": mlflow_url(),
         # Pick up triggered runs within 2 s instead of the default 10 s poll.
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        **_heartbeat_environment(),
     },
 )
 
-SERVICES = (prefect_server, mlflow_server, serve_process)
+
+
+def _worker_command() -> list[str]:
+    from cnn_train.flows import worker
+
+    return worker.worker_command(worker.concurrency_limit())
+
+
+def _worker_polling() -> bool:
+    from cnn_train.flows import worker
+
+    return worker_process.pid() is not None and worker.worker_name() in worker.online_workers(
+        worker.pool_name(), prefect_api_url()
+    )
+
+
+# `cnn-train up --worker`: this machine's worker on the work pool, instead of the serve process.
+worker_process = Service(
+    name="worker",
+    command=_worker_command,
+    ready=_worker_polling,
+    extra_env=lambda: {
+        "MLFLOW_TRACKING_URI": mlflow_url(),
+        # Pick up triggered runs within 2 s instead of the default 10 s poll.
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        **_heartbeat_environment(),
+    },
+)
+
+SERVICES = (prefect_server, mlflow_server, serve_process, worker_process)
 
 
 def project_mlflow_server() -> str | None:

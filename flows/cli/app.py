@@ -41,30 +41,39 @@ app = _OneLineFailures(
 @app.callback()
 def _before_every_command(
     verbose: Annotated[bool, typer.Option("--verbose", help="Show the libraries' own logs and warnings.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for expected failures too.")] = False,
 ) -> None:
     """Prefect's files under the project's state directory, and the libraries' known noise silenced,
-    before any command imports Prefect or MLflow."""
+    before any command imports Prefect or MLflow; stderr kept for failures; the servers' credentials."""
     from cnn_train.flows.quiet import quiet_libraries
-    from cnn_train.flows.settings import keep_prefect_state_in_project
+    from cnn_train.flows.settings import keep_library_state_in_project
 
-    keep_prefect_state_in_project()
+    keep_library_state_in_project()
     quiet_libraries(verbose=verbose)
+    _one_line_errors(debug=debug)
+    _present_credentials()
 
 
 #: CLI spellings that differ from the flow parameter: one `--backend` per compared backend.
 _OPTION_NAMES = {"backends": "--backend"}
 
 
-@app.callback()
-def _global_options(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for expected failures too.")] = False,
-) -> None:
-    # Logs and progress go to stdout, so stderr carries only what went wrong (one line per failure).
+def _one_line_errors(*, debug: bool) -> None:
+    """Logs and progress on stdout, so stderr carries only what went wrong: one line per expected failure."""
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_STREAM", "ext://sys.stdout")
     # MLflow's own handler writes to stderr; without it, its warnings reach Prefect's console handler.
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     if debug:
         os.environ[DEBUG_ENV] = "1"
+
+
+def _present_credentials() -> None:
+    from cnn_train.flows import auth
+
+    # Servers shared with credentials: this process's own Prefect and MLflow clients present them too.
+    if credentials := auth.load_credentials():
+        for name, value in credentials.client_environment().items():
+            os.environ.setdefault(name, value)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -14,18 +14,36 @@ from cnn_train.flows.params import RunParameters
 def up(
     watch_timeout: Annotated[int, typer.Option(help="Seconds to wait for the flow run.")] = 7200,
     trigger: Annotated[bool, typer.Option(help="Trigger cnn-train/default once the servers are up.")] = True,
+    host: Annotated[
+        str,
+        typer.Option(help="Address the servers listen on; anything but 127.0.0.1 requires credentials (see README)."),
+    ] = "127.0.0.1",
+    worker: Annotated[
+        bool,
+        typer.Option(
+            "--worker",
+            help="Run the deployments from the work pool through this machine's Prefect worker (one flow run "
+            "per GPU at most) instead of the serve process.",
+        ),
+    ] = False,
 ) -> None:
-    """Start the Prefect server, the MLflow server and the deployment's serve process (each only if
-    not running), then run cnn-train/default and wait for it."""
-    from cnn_train.flows import launcher
+    """Start the Prefect server, the MLflow server and the deployment's serve process, or with --worker
+    the work pool and this machine's worker (each only if not running), then run cnn-train/default and
+    wait for it."""
+    import os
 
-    code = launcher.up(trigger=trigger, watch_timeout=watch_timeout, echo=typer.echo)
+    from cnn_train.flows import auth, launcher, services
+
+    auth.require_for_host(host)
+    os.environ[services.BIND_HOST_ENV] = host
+
+    code = launcher.up(trigger=trigger, watch_timeout=watch_timeout, echo=typer.echo, worker=worker)
     raise typer.Exit(code)
 
 
 @app.command()
 def down() -> None:
-    """Stop the serve process, the MLflow server and the Prefect server started by `cnn-train up`."""
+    """Stop the worker or serve process, the MLflow server and the Prefect server started by `cnn-train up`."""
     from cnn_train.flows import launcher, services
 
     for service in reversed(services.SERVICES):
@@ -39,7 +57,8 @@ def doctor(
     fix: Annotated[bool, typer.Option(help="Mark abandoned RUNNING MLflow runs FAILED.")] = False,
     data_dir: Annotated[Optional[str], typer.Option(help=RunParameters.model_fields["data_dir"].description)] = None,  # noqa: UP045
 ) -> None:
-    """Check the Prefect server, the deployment's serve process, MLflow, the dataset and stale runs."""
+    """Check the Prefect server, what runs the deployment (the serve process or a work pool's workers),
+    MLflow, the dataset and stale runs."""
     from pathlib import Path
 
     from prefect.settings import get_current_settings

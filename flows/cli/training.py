@@ -59,7 +59,7 @@ def _say_what_waits() -> None:
     """One line on stderr per run whose records wait on this machine because MLflow did not answer."""
     from cnn_train.flows import tracking
 
-    for spool in tracking.waiting_spools():
+    for spool in (spool for spool in tracking.waiting_spools() if spool.holds_end()):
         typer.echo(
             f"cnn-train: MLflow did not answer: {spool.count()} record(s) of run {spool.run_id} (its final status "
             f"among them) wait in {spool.folder}; run `cnn-train sync` once it answers",

@@ -13,7 +13,9 @@ from typing import Any
 
 from mlflow.entities import RunStatus
 
-from cnn_train.flows.tracking.uri import client
+from cnn_train.flows.tracking.spool import has_waiting_records
+from cnn_train.flows.tracking.system_metrics import SystemMetrics
+from cnn_train.flows.tracking.uri import TrackingUnavailableError, check_reachable, client
 
 # Tag linking an MLflow run to the Prefect flow run that produced it.
 FLOW_RUN_TAG = "prefect.flow_run_id"
@@ -29,17 +31,27 @@ _log = logging.getLogger(__name__)
 @contextlib.contextmanager
 def heartbeat(uri: str, run_id: str, interval: float | None = None) -> Iterator[None]:
     """Stamp the run every ``interval`` seconds while the block runs, so a run whose process was
-    SIGKILLed (and so could not mark itself) is recognisable as stale and can be reaped."""
+    SIGKILLed (and so could not mark itself) is recognisable as stale and can be reaped; and record
+    the machine's system metrics meanwhile, resumed when the server answers again after an outage."""
     stop = threading.Event()
     mlflow_client = client(uri)
     period = HEARTBEAT_SECONDS if interval is None else interval
+    system = SystemMetrics(uri, run_id)
+    system.start()
 
     def beat() -> None:
+        missed = False
         while True:
             try:
+                # A quick probe first: MLflow's client would retry a dead server for minutes.
+                check_reachable(uri, timeout=2.0)
                 mlflow_client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
-            except Exception:  # noqa: BLE001 - a missed beat must not break training
+                if missed:
+                    system.resume()
+                missed = False
+            except Exception:  # noqa: BLE001 - a missed beat (the server away) must not break training
                 _log.debug("heartbeat for run %s failed", run_id, exc_info=True)
+                missed = True
             if stop.wait(period):
                 return
 
@@ -50,6 +62,7 @@ def heartbeat(uri: str, run_id: str, interval: float | None = None) -> Iterator[
     finally:
         stop.set()
         thread.join(timeout=5)
+        system.stop()
 
 
 def find_runs_for_flow_run(flow_run_id: str, *, uri: str | None = None) -> list[Any]:
@@ -72,7 +85,8 @@ def mark_unfinished(run_id: str, status: str, *, uri: str | None = None) -> bool
 
 
 def stale_runs(*, uri: str | None = None, stale_after: float = STALE_AFTER_SECONDS) -> list[Any]:
-    """RUNNING runs written by cnn-train whose heartbeat stopped more than ``stale_after`` seconds ago."""
+    """RUNNING runs written by cnn-train whose heartbeat stopped more than ``stale_after`` seconds ago,
+    except runs whose records wait in a spool on this machine (their end is among them: `cnn-train sync`)."""
     mlflow_client = client(uri)
     experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
     if not experiments:
@@ -82,7 +96,9 @@ def stale_runs(*, uri: str | None = None, stale_after: float = STALE_AFTER_SECON
     return [
         run
         for run in running
-        if HEARTBEAT_TAG in run.data.tags and now - float(run.data.tags[HEARTBEAT_TAG]) > stale_after
+        if HEARTBEAT_TAG in run.data.tags
+        and now - float(run.data.tags[HEARTBEAT_TAG]) > stale_after
+        and not has_waiting_records(run.info.run_id)
     ]
 
 

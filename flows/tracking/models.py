@@ -13,8 +13,10 @@ import importlib.util
 import inspect
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
@@ -24,8 +26,14 @@ from mlflow.exceptions import MlflowException
 from cnn_train.flows.tracking.uri import client
 from cnn_train.plugins.contract import LoggableModel
 
+if TYPE_CHECKING:
+    from mlflow.models import ModelSignature
+    from mlflow.pyfunc import PyFuncModel
+
 #: The flavor for frameworks MLflow has no flavor module for: ``model`` is an ``mlflow.pyfunc.PythonModel``.
 PYFUNC = "pyfunc"
+#: The name of a logged model's output in its signature.
+OUTPUT_NAME = "probabilities"
 
 # PyTorch's exporter (MLflow's default pt2 format) keeps its tracing mode in process-global state,
 # and Model.log and the registry read the process-wide tracking URI: two threads logging or
@@ -54,14 +62,10 @@ def log_model(
     A native flavor's model goes in as that flavor's model argument, a pyfunc's as ``python_model``
     with its ``artifacts``; see :class:`~cnn_train.plugins.contract.LoggableModel`.
     """
-    from mlflow.models import Model, ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.models import Model
 
     flavor, model_arguments = _flavor_and_model(loggable)
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
-    )
+    signature = model_signature(input_shape, num_classes)
     with _PROCESS_STATE_LOCK, _process_tracking_uri(uri):
         # Without a model id, Model.log files the model under the thread's active experiment (often
         # the default one), where `runs:/<run id>/model` cannot find it; create it in the run's.
@@ -81,6 +85,59 @@ def log_model(
             **loggable.extra,
         )
     return info.model_uri
+
+
+def save_model(
+    path: Path,
+    loggable: LoggableModel,
+    *,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    input_example: np.ndarray | None = None,
+) -> None:
+    """Save ``loggable`` as :func:`log_model` would log it, into a local folder (the spool keeps it
+    while the tracking server is away, then uploads it as a logged model)."""
+    flavor, model_arguments = _flavor_and_model(loggable)
+    with _PROCESS_STATE_LOCK:
+        flavor.save_model(
+            path=str(path),
+            signature=model_signature(input_shape, num_classes),
+            pip_requirements=list(loggable.pip_requirements) or None,
+            input_example=input_example if loggable.accepts_input_example else None,
+            **model_arguments,
+            **loggable.extra,
+        )
+
+
+def model_signature(input_shape: tuple[int, ...], num_classes: int) -> ModelSignature:
+    """Float32 images ``(-1, *input_shape)`` in, ``probabilities`` ``(-1, num_classes)`` out.
+
+    The input stays unnamed: with a named input MLflow hands the flavor a dict, which the pytorch
+    flavor refuses ("does not support List or Dict input types"), so no pytorch model could predict.
+    The input example (logged beside it) shows callers the shape: ``{"inputs": [...]}``.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes), name=OUTPUT_NAME)]),
+    )
+
+
+def load_pyfunc(model_uri: str, uri: str) -> PyFuncModel:
+    """``mlflow.pyfunc.load_model`` with ``runs:/`` and ``models:/`` URIs resolved in store ``uri``."""
+    import mlflow.pyfunc
+
+    with _PROCESS_STATE_LOCK, _process_tracking_uri(uri):
+        return mlflow.pyfunc.load_model(model_uri)
+
+
+def link_model_input(uri: str, run_id: str, model_id: str) -> None:
+    """Record logged model ``model_id`` as an input of run ``run_id`` (the MLflow UI links the two)."""
+    from mlflow.entities import LoggedModelInput
+
+    MlflowClient(tracking_uri=uri).log_inputs(run_id, models=[LoggedModelInput(model_id)])
 
 
 def check_loggable(loggable: LoggableModel) -> None:
@@ -153,8 +210,16 @@ def _process_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
-def register_model(name: str, model_uri: str, *, run_id: str, description: str, uri: str | None = None) -> int:
-    """A new version of registered model ``name`` from a logged model; returns the version number."""
+def register_model(
+    name: str,
+    model_uri: str,
+    *,
+    run_id: str,
+    description: str,
+    uri: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> int:
+    """A new version of registered model ``name`` from a logged model, with ``tags``; returns the version number."""
     mlflow_client = client(uri)
     try:
         mlflow_client.create_registered_model(name)
@@ -165,6 +230,6 @@ def register_model(name: str, model_uri: str, *, run_id: str, description: str, 
     # A SQLite registry looks a models:/ source up through the process-wide tracking URI.
     with _PROCESS_STATE_LOCK, _process_tracking_uri(mlflow_client.tracking_uri):
         version = mlflow_client.create_model_version(
-            name, source=model_uri, run_id=run_id, description=description, model_id=model_id
+            name, source=model_uri, run_id=run_id, description=description, model_id=model_id, tags=dict(tags or {})
         )
     return int(version.version)

@@ -1,13 +1,18 @@
 """Experiments and runs: create them, and log params, metrics, tags, datasets and artifacts by run id.
 
 Prefect runs tasks in threads and MLflow's fluent API keeps the active run in thread-local
-state, so everything here goes through ``MlflowClient`` with explicit run ids.
+state, so everything here goes through ``MlflowClient`` with explicit run ids. What a run logs goes
+through its spool (:mod:`.spool`): appended on disk at once, delivered by a courier thread, so the
+training loop never waits on the tracking server, and an outage of any length loses nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import getpass
+import logging
+import os
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -19,12 +24,12 @@ import mlflow
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.data.http_dataset_source import HTTPDatasetSource
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag, SourceType
+from mlflow.entities import SourceType
 from mlflow.exceptions import MlflowException
 
 from cnn_train.flows.settings import default_artifact_root
-from cnn_train.flows.tracking import liveness, models
-from cnn_train.flows.tracking.uri import check_reachable, run_url, tracking_uri
+from cnn_train.flows.tracking import liveness, models, spool
+from cnn_train.flows.tracking.uri import TrackingUnavailableError, check_reachable, run_url, tracking_uri
 from cnn_train.plugins.contract import EpochMetrics, LoggableModel
 
 # No public API or constant for the experiment kind: only the MLflow UI reads this tag (test_tracking guards it).
@@ -33,7 +38,15 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 #: What the UI shows as a run's source when the caller does not name one.
 DEFAULT_SOURCE_NAME = "cnn-train"
+#: Tag a retried child run is found by (see :meth:`RunTracker.reopen_or_start`).
+RUN_KEY_TAG = "cnn_train.run_key"
 _MAX_PARAM_LENGTH = 6000
+#: How long a run's end waits for its spool to reach MLflow before leaving the rest for `cnn-train sync`.
+FLUSH_SECONDS = float(os.environ.get("CNN_TRAIN_SPOOL_FLUSH_SECONDS", "15"))
+#: How long a read through the tracker waits for the tracker's own writes to land first.
+_READ_FLUSH_SECONDS = 5.0
+
+_log = logging.getLogger(__name__)
 
 
 def ensure_experiment(mlflow_client: MlflowClient, name: str) -> str:
@@ -103,7 +116,23 @@ class RunTracker:
 
     @property
     def client(self) -> MlflowClient:
+        """A client for reading the run; what this tracker logged is delivered first (briefly waited for),
+        so reads see it."""
+        self.flush(_READ_FLUSH_SECONDS)
         return MlflowClient(tracking_uri=self.uri)
+
+    @property
+    def courier(self) -> spool.Courier:
+        return spool.courier_for(self.uri, self.run_id)
+
+    def _spool(self, kind: str, payload: dict[str, Any], *, files: Path | None = None) -> None:
+        self.courier.spool.append(kind, payload, files=files)
+        self.courier.nudge()
+
+    def flush(self, timeout: float = FLUSH_SECONDS) -> int:
+        """Wait up to ``timeout`` seconds for everything logged so far to reach MLflow; returns the
+        number of records still waiting on disk."""
+        return self.courier.flush(timeout)
 
     @classmethod
     def start(
@@ -127,6 +156,39 @@ class RunTracker:
         run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         return cls(uri, run.info.run_id, experiment_id)
 
+    @classmethod
+    def reopen_or_start(
+        cls,
+        experiment: str,
+        *,
+        key: str,
+        parent_run_id: str,
+        run_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        uri: str | None = None,
+    ) -> RunTracker:
+        """The child run of ``parent_run_id`` tagged with ``key`` (letters and digits), RUNNING again, or
+        a new one carrying ``key``: a retried training finds its run, and so its checkpoint, instead of
+        starting a second run."""
+        uri = uri or tracking_uri()
+        check_reachable(uri)
+        mlflow_client = MlflowClient(tracking_uri=uri)
+        experiment_id = ensure_experiment(mlflow_client, experiment)
+        found = mlflow_client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{RUN_KEY_TAG}` = '{key}'",
+            max_results=1,
+        )
+        if not found:
+            tags = {**(tags or {}), RUN_KEY_TAG: key}
+            return cls.start(experiment, run_name=run_name, tags=tags, parent_run_id=parent_run_id, uri=uri)
+        tracker = cls(uri, found[0].info.run_id, experiment_id)
+        tracker.flush()  # an earlier attempt's end, if still on its way, lands before the run reopens
+        if liveness.REAPED_TAG in found[0].data.tags:
+            mlflow_client.delete_tag(tracker.run_id, liveness.REAPED_TAG)
+        mlflow_client.update_run(tracker.run_id, status="RUNNING")
+        return tracker
+
     @property
     def url(self) -> str | None:
         """The run's page in the MLflow UI; None when the store is not behind an MLflow server
@@ -134,21 +196,22 @@ class RunTracker:
         return run_url(self.uri, self.experiment_id, self.run_id)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        items = [Param(key, _stringify(value)) for key, value in params.items()]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
+        items = [[key, _stringify(value)] for key, value in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self._spool("batch", {"params": items[start : start + 100]})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set tags; a None value means there is nothing to say, so that tag is left out."""
-        items = [RunTag(k, _stringify(v)) for k, v in tags.items() if v is not None]
-        if items:
-            self.client.log_batch(self.run_id, tags=items)
+        items = [[k, _stringify(v)] for k, v in tags.items() if v is not None]
+        for start in range(0, len(items), 100):
+            self._spool("batch", {"tags": items[start : start + 100]})
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int = 0) -> None:
+        # The timestamp is fixed here, so a record delivered twice is one metric in MLflow.
         timestamp = _now_ms()
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in metrics.items()]
-        )
+        items = [[k, float(v), timestamp, step] for k, v in metrics.items()]
+        for start in range(0, len(items), 1000):
+            self._spool("batch", {"metrics": items[start : start + 1000]})
 
     def log_epoch(self, metrics: EpochMetrics, *, prefix: str = "") -> None:
         """One epoch's metrics at step = epoch, the moment the epoch ends."""
@@ -163,7 +226,14 @@ class RunTracker:
         self.log_metrics({prefix + k: v for k, v in values.items()}, step=metrics.epoch)
 
     def logged_steps(self, key: str) -> list[int]:
-        return sorted(m.step for m in self.client.get_metric_history(self.run_id, key))
+        """Steps of ``key`` this run has logged: spooled here (delivered or not), and any MLflow holds."""
+        steps = self.courier.spool.metric_steps(key)
+        try:
+            check_reachable(self.uri, timeout=2.0)
+            steps |= {m.step for m in MlflowClient(tracking_uri=self.uri).get_metric_history(self.run_id, key)}
+        except (TrackingUnavailableError, MlflowException):
+            pass  # what was spooled is still known; MLflow gets it later
+        return sorted(steps)
 
     def log_dataset(
         self,
@@ -180,16 +250,8 @@ class RunTracker:
             features, targets=targets, source=_dataset_source(source), name=name, digest=digest
         )
         config = dataset.to_dict()
-        entity = Dataset(
-            name=config["name"],
-            digest=config["digest"],
-            source_type=config["source_type"],
-            source=config["source"],
-            schema=config.get("schema"),
-            profile=config.get("profile"),
-        )
-        entry = DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])
-        self.client.log_inputs(self.run_id, datasets=[entry])
+        entity = {key: config.get(key) for key in ("name", "digest", "source_type", "source", "schema", "profile")}
+        self._spool("dataset", {"dataset": entity, "context": context})
 
     def log_model(
         self,
@@ -199,8 +261,22 @@ class RunTracker:
         num_classes: int,
         input_example: np.ndarray | None = None,
         name: str = "model",
-    ) -> str:
-        """Log the model into this run (see :func:`cnn_train.flows.tracking.models.log_model`); returns its model URI."""
+    ) -> str | None:
+        """Log the model into this run (see :func:`cnn_train.flows.tracking.models.log_model`); returns its
+        model URI. While the server does not answer, the model is saved into the spool and logged when it
+        is back; then there is no URI yet and this returns None."""
+        try:
+            check_reachable(self.uri, timeout=2.0)
+        except TrackingUnavailableError as error:
+            _log.warning("%s; the model is kept in the spool of run %s and logged when it answers", error, self.run_id)
+            with tempfile.TemporaryDirectory(prefix="cnn-train-model-") as folder:
+                saved = Path(folder) / name
+                models.save_model(
+                    saved, loggable, input_shape=input_shape, num_classes=num_classes, input_example=input_example
+                )
+                payload = {"experiment_id": self.experiment_id, "name": name, "tags": {"flavor": loggable.flavor}}
+                self._spool("model", payload, files=saved)
+            return None
         return models.log_model(
             self.uri,
             self.experiment_id,
@@ -213,14 +289,30 @@ class RunTracker:
         )
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        """Log one file; it is copied into the spool at once, so the caller may delete it."""
+        self._spool("artifacts", {"artifact_path": artifact_path}, files=path)
 
     def log_artifacts(self, directory: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+        """Log a folder's files; they are copied into the spool at once, so the caller may delete them."""
+        self._spool("artifacts", {"artifact_path": artifact_path}, files=directory)
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """End the run as FINISHED, FAILED or KILLED."""
-        self.client.set_terminated(self.run_id, status=status)
+    def finish(self, status: str = "FINISHED", *, flush_timeout: float = FLUSH_SECONDS) -> int:
+        """End the run as FINISHED, FAILED or KILLED, after everything it logged; returns the number of
+        records still waiting on disk when the server did not answer within ``flush_timeout``
+        (:func:`waiting_message` says what to do; `cnn-train sync` delivers them and this status)."""
+        self._spool("end", {"status": status, "end_time": _now_ms()})
+        left = self.flush(flush_timeout)
+        if left == 0:
+            self.courier.spool.discard_if_empty()
+        return left
+
+    def waiting_message(self) -> str:
+        """One line: what is kept, where, and how it reaches MLflow."""
+        return (
+            f"MLflow at {self.uri} did not answer: {self.courier.spool.count()} tracking record(s) of run "
+            f"{self.run_id} are kept in {self.courier.spool.folder}; run `cnn-train sync` once it answers "
+            "to deliver them and the run's final status"
+        )
 
     def status(self) -> str:
         return self.client.get_run(self.run_id).info.status

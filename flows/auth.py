@@ -1,0 +1,125 @@
+"""Credentials for servers shared with a team: one user name and password for both servers, from
+the environment or from a file only its owner can read.
+
+- MLflow runs its basic-auth app (``mlflow server --app-name basic-auth``); the credentials are its
+  admin user's, and clients send them as ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``.
+- Prefect's server checks ``PREFECT_SERVER_API_AUTH_STRING`` (``user:password``); clients send
+  ``PREFECT_API_AUTH_STRING``.
+
+By default both servers listen on 127.0.0.1 only and need none of this; ``cnn-train up --host
+0.0.0.0`` refuses to start without it.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnn_train.flows.errors import ExpectedFailure
+from cnn_train.flows.settings import state_dir
+
+USERNAME_ENV = "CNN_TRAIN_AUTH_USERNAME"
+PASSWORD_ENV = "CNN_TRAIN_AUTH_PASSWORD"
+FILE_ENV = "CNN_TRAIN_AUTH_FILE"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class AuthError(ExpectedFailure):
+    """Credentials missing, malformed, or in a file others can read."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str = ""
+
+    def __repr__(self) -> str:  # never print the password
+        return f"Credentials(username={self.username!r}, password='***')"
+
+    def basic_header(self) -> str:
+        return "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+
+    def client_environment(self) -> dict[str, str]:
+        """What every client cnn-train starts needs to reach both servers."""
+        return {
+            "MLFLOW_TRACKING_USERNAME": self.username,
+            "MLFLOW_TRACKING_PASSWORD": self.password,
+            "PREFECT_API_AUTH_STRING": f"{self.username}:{self.password}",
+        }
+
+    def server_environment(self) -> dict[str, str]:
+        """What the servers need to demand them."""
+        return {
+            "MLFLOW_AUTH_ADMIN_USERNAME": self.username,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": self.password,
+            "MLFLOW_AUTH_CONFIG_PATH": str(mlflow_auth_config()),
+            "PREFECT_SERVER_API_AUTH_STRING": f"{self.username}:{self.password}",
+        }
+
+
+def default_file() -> Path:
+    return state_dir() / "auth"
+
+
+def credentials_file() -> Path:
+    return Path(os.environ.get(FILE_ENV) or default_file()).expanduser()
+
+
+def load_credentials() -> Credentials | None:
+    """The configured credentials: the environment first, then the file; None when neither has any."""
+    username, password = os.environ.get(USERNAME_ENV), os.environ.get(PASSWORD_ENV)
+    if username or password:
+        if not (username and password):
+            raise AuthError(f"set both {USERNAME_ENV} and {PASSWORD_ENV}, or neither")
+        return _checked(Credentials(username, password))
+    path = credentials_file()
+    if not path.is_file():
+        return None
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise AuthError(f"{path} is readable by others (mode {mode:04o}); run `chmod 600 {path}`")
+    values = dict(
+        line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.lstrip().startswith("#")
+    )
+    username, password = values.get("username", "").strip(), values.get("password", "").strip()
+    if not (username and password):
+        raise AuthError(f"{path} must hold two lines, username=NAME and password=SECRET")
+    return _checked(Credentials(username, password))
+
+
+def _checked(credentials: Credentials) -> Credentials:
+    # Prefect splits its auth string at the first colon.
+    if ":" in credentials.username:
+        raise AuthError("the user name may not contain ':'")
+    if len(credentials.password) < 12:
+        raise AuthError("the password must have at least 12 characters")
+    return credentials
+
+
+def require_for_host(host: str) -> Credentials | None:
+    """Credentials when ``host`` is reachable from other machines (refused without them); None on loopback."""
+    credentials = load_credentials()
+    if host in LOOPBACK:
+        return credentials
+    if credentials is None:
+        raise AuthError(
+            f"--host {host} would let other machines reach both servers, so authentication is required: "
+            f"set {USERNAME_ENV} and {PASSWORD_ENV}, or write username=... and password=... to "
+            f"{credentials_file()} (chmod 600)"
+        )
+    return credentials
+
+
+def mlflow_auth_config() -> Path:
+    """The basic-auth app's config, with its user database under the state dir (MLflow's default is relative)."""
+    path = state_dir() / "mlflow-auth.ini"
+    path.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{state_dir() / 'mlflow-auth.db'}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    return path

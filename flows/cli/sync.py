@@ -1,0 +1,27 @@
+"""``cnn-train sync``: deliver tracking records that waited on this machine while MLflow was away."""
+
+from __future__ import annotations
+
+import typer
+
+from cnn_train.flows.cli.app import app
+
+
+@app.command()
+def sync() -> None:
+    """Deliver the runs' records (metrics, artifacts, models, final status) kept while MLflow did not answer."""
+    from cnn_train.flows import tracking
+
+    results = tracking.sync_spools()
+    if not results:
+        typer.echo("nothing waiting: every run's records are in MLflow")
+        return
+    for spool, delivery in results:
+        typer.echo(
+            f"run {spool.run_id}: delivered {delivery.delivered} record(s)"
+            + (f", {delivery.refused} refused by MLflow (see the log)" if delivery.refused else "")
+            + (f", {delivery.remaining} still waiting in {spool.folder}" if delivery.remaining else "")
+        )
+    if any(delivery.remaining for _, delivery in results):
+        typer.echo("cnn-train: MLflow did not take every record; run `cnn-train sync` again once it answers", err=True)
+        raise typer.Exit(1)

@@ -1,0 +1,166 @@
+"""Flow runs whose process died without reporting (SIGKILL, an OOM kill, a lost machine): never left Running.
+
+Two ways, both measured on Prefect 3.9 (README, "When things go wrong"):
+
+- Prefect's own: every flow-run process sends a heartbeat event every ``HEARTBEAT_SECONDS``
+  (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``), and ``cnn-train up`` creates the "detect zombie flows"
+  automation of Prefect's docs: a Running flow run with no heartbeat for ``ZOMBIE_AFTER_SECONDS``
+  is set Crashed by the Prefect server itself, with nothing of cnn-train running.
+- cnn-train's: a flow run is orphaned when the process serving it is gone, or its MLflow heartbeat
+  stopped; ``cnn-train doctor`` reports it at once, and ``doctor --fix``, ``cnn-train up`` and
+  every flow's start set it Crashed and its MLflow runs FAILED.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from cnn_train.flows import services, tracking
+
+#: Seconds between a flow run's heartbeats (Prefect's minimum is 30; its default 180).
+HEARTBEAT_SECONDS = int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30"))
+#: A Running flow run silent this long is set Crashed by the automation (three missed beats).
+ZOMBIE_AFTER_SECONDS = 3 * HEARTBEAT_SECONDS
+AUTOMATION_NAME = "cnn-train: crash flow runs whose heartbeat stopped"
+CRASH_MESSAGE = "its process died without reporting (no heartbeat)"
+
+
+def heartbeat_environment() -> dict[str, str]:
+    """What a process running flow runs needs for Prefect to hear it is alive."""
+    return {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)}
+
+
+def ensure_zombie_automation(*, within_seconds: float = ZOMBIE_AFTER_SECONDS) -> bool:
+    """Create the automation unless it exists (Prefect docs, "Detect zombie flows"); returns whether it was created."""
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    try:
+        Automation.read(name=AUTOMATION_NAME)
+        return False
+    except ValueError:
+        pass
+    Automation(
+        name=AUTOMATION_NAME,
+        description="A Running flow run whose process stopped sending heartbeats is marked Crashed.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=within_seconds),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=f"Marked Crashed by cnn-train: {CRASH_MESSAGE}")],
+    ).create()
+    return True
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A Running flow run nothing is running any more, and how that is known."""
+
+    flow_run_id: str
+    name: str
+    reason: str
+
+
+def orphaned_flow_runs(*, tracking_uri: str | None = None) -> list[Orphan]:
+    """Running flow runs whose process is gone: the serve process that ran them died, their
+    process on this machine is gone, or their MLflow heartbeat stopped."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    running = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])))
+    with get_client(sync_client=True) as client:
+        flow_runs = client.read_flow_runs(flow_run_filter=running, limit=200)
+    serve_alive = services.serve_process.pid() is not None
+    stale = {run.data.tags.get(tracking.FLOW_RUN_TAG) for run in _stale_mlflow_runs(tracking_uri)}
+    running_here = flow_runs_with_a_process()
+    orphans = []
+    for flow_run in flow_runs:
+        reason = _why_orphaned(flow_run, serve_alive=serve_alive, stale_flow_runs=stale, running_here=running_here)
+        if reason:
+            orphans.append(Orphan(str(flow_run.id), flow_run.name, reason))
+    return orphans
+
+
+def flow_runs_with_a_process() -> set[str]:
+    """Ids of the flow runs some process on this machine is running (Prefect's runner gives each
+    flow-run process ``PREFECT__FLOW_RUN_ID``)."""
+    import psutil
+
+    ids = set()
+    for process in psutil.process_iter():
+        try:
+            if flow_run_id := process.environ().get("PREFECT__FLOW_RUN_ID"):
+                ids.add(flow_run_id)
+        except (psutil.Error, OSError):
+            continue  # gone meanwhile, or another user's
+    return ids
+
+
+def _why_orphaned(
+    flow_run: Any, *, serve_alive: bool, stale_flow_runs: set[str | None], running_here: set[str]
+) -> str | None:
+    served_here = flow_run.deployment_id is not None and services.serve_process.pid_file.exists()
+    if served_here and not serve_alive and str(flow_run.id) not in running_here:
+        return "the serve process that ran it is gone, and no process here runs it"
+    if str(flow_run.id) in stale_flow_runs:
+        return "its MLflow heartbeat stopped"
+    host, _, pid = (flow_run.infrastructure_pid or "").rpartition(":")
+    if pid.isdigit() and host == socket.gethostname() and not _alive(int(pid)):
+        return f"its process {pid} is gone"
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale_mlflow_runs(uri: str | None) -> list[Any]:
+    try:
+        return tracking.stale_runs(uri=uri)
+    except Exception:  # noqa: BLE001 - an unreachable store is doctor's mlflow finding, not this one's
+        return []
+
+
+def crash(orphan: Orphan, *, tracking_uri: str | None = None) -> None:
+    """Set the flow run Crashed (saying why) and its unfinished MLflow runs FAILED."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(orphan.flow_run_id, Crashed(message=f"Marked Crashed by cnn-train: {orphan.reason}"), force=True)
+    for run in tracking.find_runs_for_flow_run(orphan.flow_run_id, uri=tracking_uri):
+        if tracking.mark_unfinished(run.info.run_id, "FAILED", uri=tracking_uri):
+            tracking.client(tracking_uri).set_tag(run.info.run_id, tracking.REAPED_TAG, f"flow run {orphan.reason}")
+
+
+def crash_orphans(*, tracking_uri: str | None = None) -> list[Orphan]:
+    """Crash every orphaned flow run; returns them."""
+    orphans = orphaned_flow_runs(tracking_uri=tracking_uri)
+    for orphan in orphans:
+        crash(orphan, tracking_uri=tracking_uri)
+    return orphans

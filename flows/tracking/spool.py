@@ -1,0 +1,299 @@
+"""A run's tracking records, kept on local disk until MLflow has them.
+
+Training never waits on the tracking server: params, tags, metrics, datasets, artifacts, spooled
+models and the run's end are appended to a per-run SQLite file under ``<state>/spool/`` (a few ms),
+and a courier thread delivers them in order. While the server does not answer they stay on disk,
+for any length of outage; once it answers they go out oldest first. A record is removed only after
+MLflow accepted it, and delivering one again is harmless (MLflow drops a metric with the same key,
+step, timestamp and value; params, tags, artifacts and the end status are overwritten with the same
+values), so each lands exactly once even if a process dies between the two. Records left when a run
+ends are delivered by ``cnn-train sync`` (or ``cnn-train doctor --fix``), in any later process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+from mlflow import MlflowClient
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, LoggedModelStatus, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from cnn_train.flows.settings import state_dir
+from cnn_train.flows.tracking.uri import TrackingUnavailableError, check_reachable
+
+_log = logging.getLogger(__name__)
+
+#: Longest pause between delivery attempts while the server does not answer.
+MAX_BACKOFF_SECONDS = 10.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, payload TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS metric_steps (key TEXT NOT NULL, step INTEGER NOT NULL, PRIMARY KEY (key, step));
+"""
+
+
+def spool_root() -> Path:
+    return state_dir() / "spool"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What one delivery pass did: records delivered, records still waiting, records MLflow refused."""
+
+    delivered: int
+    remaining: int
+    refused: int = 0
+
+
+class Spool:
+    """The undelivered tracking records of one MLflow run, oldest first."""
+
+    def __init__(self, run_id: str, *, uri: str | None = None, root: Path | None = None) -> None:
+        self.run_id = run_id
+        self.folder = (root or spool_root()) / run_id
+        self._uri = uri
+        if uri is not None or self.path.exists():
+            self._create()
+
+    def _create(self) -> None:
+        """The folder and its tables (again, when a delivered spool was removed and the run logs more)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(self.path, timeout=30)
+        try:
+            connection.executescript(_SCHEMA)  # commits on its own
+        finally:
+            connection.close()
+        if self._uri is not None:
+            with self._db() as db:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('uri', ?)", (self._uri,))
+
+    @property
+    def path(self) -> Path:
+        return self.folder / "records.sqlite"
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        # One short-lived connection per operation: used from the training thread, the courier and
+        # other processes alike; SQLite serialises the writers.
+        connection = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            yield connection
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        finally:
+            connection.close()
+
+    @property
+    def uri(self) -> str:
+        with self._db() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'uri'").fetchone() or (self._uri,)
+        if row[0] is None:
+            raise ValueError(f"spool {self.folder} does not say which tracking store it belongs to")
+        return row[0]
+
+    def append(self, kind: str, payload: dict[str, Any], *, files: Path | None = None) -> int:
+        """Keep one record (and a copy of ``files``, a file or a folder, for artifacts); returns its sequence number."""
+        if not self.path.exists():
+            self._create()
+        with self._db() as db:
+            seq = db.execute("INSERT INTO records (kind, payload) VALUES (?, ?)", (kind, json.dumps(payload))).lastrowid
+            for key, _, _, step in payload.get("metrics", ()):
+                db.execute("INSERT OR IGNORE INTO metric_steps VALUES (?, ?)", (key, step))
+            if files is not None:
+                # Copied inside the transaction: a record is never visible without its files.
+                target = self.folder / "files" / str(seq)
+                if files.is_dir():
+                    shutil.copytree(files, target)
+                else:
+                    target.mkdir(parents=True)
+                    shutil.copy2(files, target / files.name)
+        return int(seq)
+
+    def pending(self) -> list[tuple[int, str, dict[str, Any]]]:
+        if not self.path.exists():
+            return []
+        with self._db() as db:
+            rows = db.execute("SELECT seq, kind, payload FROM records ORDER BY seq").fetchall()
+        return [(seq, kind, json.loads(payload)) for seq, kind, payload in rows]
+
+    def count(self) -> int:
+        if not self.path.exists():
+            return 0
+        with self._db() as db:
+            return int(db.execute("SELECT COUNT(*) FROM records").fetchone()[0])
+
+    def holds_end(self) -> bool:
+        """Whether the run's end waits here too (its process is done with it; only delivery is left)."""
+        if not self.path.exists():
+            return False
+        with self._db() as db:
+            return db.execute("SELECT 1 FROM records WHERE kind = 'end' LIMIT 1").fetchone() is not None
+
+    def metric_steps(self, key: str) -> set[int]:
+        """Steps of ``key`` spooled for this run and not yet cleared, delivered or not."""
+        if not self.path.exists():
+            return set()
+        with self._db() as db:
+            return {step for (step,) in db.execute("SELECT step FROM metric_steps WHERE key = ?", (key,))}
+
+    def _done(self, seq: int) -> None:
+        with self._db() as db:
+            db.execute("DELETE FROM records WHERE seq = ?", (seq,))
+        shutil.rmtree(self.folder / "files" / str(seq), ignore_errors=True)
+
+    def deliver(self) -> Delivery:
+        """Send what is waiting, oldest first, stopping at the first record the server cannot take now.
+
+        Only one process delivers a spool at a time; another finding it busy delivers nothing.
+        """
+        if not self.path.exists():
+            return Delivery(0, 0)
+        lock = FileLock(str(self.folder / "deliver.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return Delivery(0, self.count())
+        try:
+            uri = self.uri
+            check_reachable(uri, timeout=2.0)
+            mlflow_client = MlflowClient(tracking_uri=uri)
+            delivered = refused = 0
+            for seq, kind, payload in self.pending():
+                try:
+                    _send(mlflow_client, self.run_id, kind, payload, self.folder / "files" / str(seq))
+                except MlflowException as error:
+                    if not 400 <= error.get_http_status_code() < 500:
+                        raise
+                    # Refused for good (e.g. a param logged again with another value): waiting will not help.
+                    _log.warning("MLflow refused a %s record of run %s: %s", kind, self.run_id, error)
+                    refused += 1
+                self._done(seq)
+                delivered += 1
+            return Delivery(delivered, self.count(), refused)
+        except (TrackingUnavailableError, MlflowException, OSError) as error:
+            _log.debug("spool of run %s not delivered yet: %s", self.run_id, error)
+            return Delivery(0, self.count())
+        finally:
+            lock.release()
+
+    def discard_if_empty(self) -> None:
+        if self.count() == 0:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _send(mlflow_client: MlflowClient, run_id: str, kind: str, payload: dict[str, Any], files: Path) -> None:
+    if kind == "batch":
+        mlflow_client.log_batch(
+            run_id,
+            metrics=[Metric(key, value, timestamp, step) for key, value, timestamp, step in payload.get("metrics", ())],
+            params=[Param(key, value) for key, value in payload.get("params", ())],
+            tags=[RunTag(key, value) for key, value in payload.get("tags", ())],
+        )
+    elif kind == "dataset":
+        dataset = Dataset(**payload["dataset"])
+        entry = DatasetInput(dataset, tags=[InputTag("mlflow.data.context", payload["context"])])
+        mlflow_client.log_inputs(run_id, datasets=[entry])
+    elif kind == "artifacts":
+        mlflow_client.log_artifacts(run_id, str(files), payload.get("artifact_path"))
+    elif kind == "model":
+        logged = mlflow_client.create_logged_model(
+            payload["experiment_id"], name=payload["name"], source_run_id=run_id, tags=payload.get("tags")
+        )
+        mlflow_client.log_model_artifacts(logged.model_id, str(files))
+        mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        mlflow_client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=payload.get("step", 0))])
+    elif kind == "end":
+        mlflow_client.set_terminated(run_id, status=payload["status"], end_time=payload["end_time"])
+    else:
+        raise ValueError(f"unknown spool record kind {kind!r}")
+
+
+class Courier:
+    """A daemon thread delivering one spool while its run goes on; training only appends."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"mlflow-spool-{spool.run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def nudge(self) -> None:
+        self._idle.clear()
+        self._wake.set()
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while True:
+            self._wake.wait(timeout=backoff)
+            self._wake.clear()
+            if not self.spool.path.exists():  # delivered and removed by `cnn-train sync`, or deleted
+                self._idle.set()
+                continue
+            result = self.spool.deliver()
+            if result.remaining == 0:
+                self._idle.set()
+                backoff = 0.5
+            else:
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+    def flush(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for everything appended so far to be delivered; returns what is left."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.nudge()
+            if self._idle.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic()))) and self.spool.count() == 0:
+                return 0
+        return self.spool.count()
+
+
+_COURIERS: dict[str, Courier] = {}
+_COURIERS_LOCK = threading.Lock()
+
+
+def courier_for(uri: str, run_id: str) -> Courier:
+    """This process's courier for a run (started on first use; a Ray worker gets its own)."""
+    with _COURIERS_LOCK:
+        courier = _COURIERS.get(run_id)
+        if courier is None or not courier.spool.path.exists():
+            courier = _COURIERS[run_id] = Courier(Spool(run_id, uri=uri))
+        return courier
+
+
+def waiting_spools(root: Path | None = None) -> list[Spool]:
+    """Spools on this machine still holding records (runs whose tracking server was away when they ended)."""
+    folder = root or spool_root()
+    if not folder.is_dir():
+        return []
+    spools = [Spool(path.parent.name, root=folder) for path in sorted(folder.glob("*/records.sqlite"))]
+    return [spool for spool in spools if spool.count()]
+
+
+def has_waiting_records(run_id: str, root: Path | None = None) -> bool:
+    """Whether this machine holds undelivered records of ``run_id`` (then it must not be reaped as abandoned)."""
+    path = (root or spool_root()) / run_id / "records.sqlite"
+    return path.is_file() and Spool(run_id, root=root).count() > 0
+
+
+def sync(root: Path | None = None) -> list[tuple[Spool, Delivery]]:
+    """Deliver every waiting spool on this machine; emptied spools are removed."""
+    results = []
+    for spool in waiting_spools(root):
+        results.append((spool, spool.deliver()))
+        spool.discard_if_empty()
+    return results
