@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from packaging.requirements import InvalidRequirement, Requirement
+
 from cnn_train.plugins.contract import CONTRACT_METHODS, Backend
 
 GROUP = "cnn_train.backends"
@@ -50,6 +52,8 @@ class BackendInfo:
     version: str
     #: The entry point's ``module:attribute``.
     target: str
+    #: Distributions the backend's distribution always depends on (its ``Requires-Dist`` outside extras).
+    requires: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,21 @@ def _info(entry: importlib.metadata.EntryPoint) -> BackendInfo:
     dist = entry.dist
     if dist is None:
         return BackendInfo(entry.name, "unknown", "unknown", entry.value)
-    return BackendInfo(entry.name, dist.metadata["Name"] or "unknown", dist.version or "unknown", entry.value)
+    name = dist.metadata["Name"] or "unknown"
+    return BackendInfo(entry.name, name, dist.version or "unknown", entry.value, _dependencies(dist))
+
+
+def _dependencies(dist: importlib.metadata.Distribution) -> tuple[str, ...]:
+    """Names of the distributions ``dist`` requires whatever extras are chosen, in declared order."""
+    names: list[str] = []
+    for line in dist.requires or ():
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:  # a malformed line in someone's metadata must not break listing
+            continue
+        if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+            names.append(requirement.name)
+    return tuple(dict.fromkeys(names))
 
 
 @functools.cache
@@ -160,7 +178,9 @@ def _attribute_problems(cls: type) -> list[str]:
     problems = []
     flavor = getattr(cls, "mlflow_flavor", None)
     if not isinstance(flavor, str) or not flavor:
-        problems.append("class attribute 'mlflow_flavor' must name an MLflow flavor module, e.g. 'pytorch'")
+        problems.append(
+            "class attribute 'mlflow_flavor' must name an MLflow flavor module, e.g. 'pytorch', or be 'pyfunc'"
+        )
     architectures = getattr(cls, "architectures", None)
     if not isinstance(architectures, tuple) or not architectures or not all(isinstance(a, str) for a in architectures):
         problems.append(

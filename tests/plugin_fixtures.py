@@ -16,12 +16,16 @@ if TYPE_CHECKING:  # flow subprocesses import this module through entry points; 
 
 
 class FakeDistribution(importlib.metadata.Distribution):
-    """An installed distribution that exists only in memory: its metadata and its backend entry points."""
+    """An installed distribution that exists only in memory: its metadata (with the requirements it
+    declares) and its backend entry points."""
 
-    def __init__(self, name: str, backends: Mapping[str, str], *, version: str = "1.0") -> None:
+    def __init__(
+        self, name: str, backends: Mapping[str, str], *, version: str = "1.0", requires: tuple[str, ...] = ()
+    ) -> None:
         entry_points = "".join(f"{backend} = {target}\n" for backend, target in backends.items())
+        requirements = "".join(f"Requires-Dist: {requirement}\n" for requirement in requires)
         self._files = {
-            "METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+            "METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n{requirements}",
             "entry_points.txt": f"[{registry.GROUP}]\n{entry_points}",
         }
 
@@ -131,6 +135,19 @@ def make_wrong_shape_backend():
     return WrongShapeBackend
 
 
+def make_channels_first_maps_backend():
+    """The torch backend handing out feature maps channels first, (n, channels, height, width)."""
+    import numpy as np
+
+    base = _torch_backend()
+
+    class ChannelsFirstMapsBackend(base):
+        def feature_maps(self, x, layers):
+            return {name: np.moveaxis(maps, -1, 1) for name, maps in super().feature_maps(x, layers).items()}
+
+    return ChannelsFirstMapsBackend
+
+
 def make_flaky_backend():
     """The torch backend, failing once right after epoch 1 ends (a transient fault), remembered in
     the file named by $FLAKY_MARKER so that the retry succeeds."""
@@ -162,4 +179,6 @@ def __getattr__(name: str):
         return make_wrong_shape_backend()
     if name == "FlakyBackend":
         return make_flaky_backend()
+    if name == "ChannelsFirstMapsBackend":
+        return make_channels_first_maps_backend()
     raise AttributeError(name)

@@ -39,7 +39,18 @@ def _plugin(name: str, target: str) -> FakeDistribution:
 @pytest.mark.parametrize("name", sorted(BUILTINS))
 def test_builtins_are_listed_from_their_distribution(name):
     info = {info.name: info for info in registry.installed_backends()}[name]
-    assert info == registry.BackendInfo(name, "cnn-train", importlib.metadata.version("cnn-train"), BUILTINS[name])
+    assert (info.name, info.distribution, info.version, info.target) == (
+        name, "cnn-train", importlib.metadata.version("cnn-train"), BUILTINS[name]
+    )
+    assert {"torch", "keras", "mlflow"} <= set(info.requires)
+
+
+def test_a_backend_declares_its_framework_through_its_requirements(installed):
+    installed(FakeDistribution("jax-plugin", {"flax": GOOD}, requires=(
+        "cnn-train", "jax[cpu]>=0.4", "flax; python_version >= '3.9'", "pytest; extra == 'test'",
+        "jax>=0.4", "not a requirement !!",
+    )))
+    assert registry.backend_info("flax").requires == ("cnn-train", "jax", "flax")
 
 
 def test_listing_imports_nothing_even_for_broken_plugins(installed):
