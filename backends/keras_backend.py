@@ -207,7 +207,8 @@ class DirectSequential(keras.Sequential):
 
 
 class EpochReporter(keras.callbacks.Callback):
-    """Turns each finished ``fit`` epoch into :class:`EpochMetrics` and hands it on at once."""
+    """Turns each finished ``fit`` epoch into :class:`EpochMetrics` and hands it on at once; stops ``fit``
+    when the callback asks to."""
 
     def __init__(self, *, seed: int, train_images: int, on_epoch: EpochCallback | None) -> None:
         super().__init__()
@@ -243,8 +244,8 @@ class EpochReporter(keras.callbacks.Callback):
             images_per_second=self._train_images / (self._train_seconds or seconds),
         )
         self.epochs.append(metrics)
-        if self._on_epoch is not None:
-            self._on_epoch(metrics)
+        if self._on_epoch is not None and self._on_epoch(metrics):
+            self.model.stop_training = True  # Keras's own way to end fit after this epoch
 
 
 def build_model(config: ModelConfig) -> DirectSequential:

@@ -215,8 +215,8 @@ class TorchBackend:
                 images_per_second=count / train_seconds,
             )
             epochs.append(metrics)
-            if on_epoch is not None:
-                on_epoch(metrics)
+            if on_epoch is not None and on_epoch(metrics):
+                break  # asked to stop after this epoch
         return TrainHistory(epochs=tuple(epochs))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> Evaluation:

@@ -78,17 +78,24 @@ class LoggableModel:
     - **An MLflow flavor** (``"pytorch"``, ``"keras"``, ``"sklearn"``...): ``flavor`` names the
       ``mlflow.<flavor>`` module and ``model`` is passed as its model argument (the first parameter
       of ``mlflow.<flavor>.save_model``: ``pytorch_model``, ``model``, ``sk_model``...).
-    - **Any other framework**: ``flavor="pyfunc"`` and ``model`` an ``mlflow.pyfunc.PythonModel``
-      instance, passed as ``python_model``; ``artifacts`` maps names to local files it needs (weights,
-      vocabularies), which MLflow copies into the model and hands back to ``load_context`` as
-      ``context.artifacts[name]``. MLflow pickles the instance by reference to its class, so that class
-      must be importable where the model is loaded: ship its module with
-      ``extra={"code_paths": [path]}`` or install it there, and keep it free of cnn_train imports.
+    - **Any other framework** (JAX, Flax, NumPy, your own): ``flavor="pyfunc"`` and ``model`` an
+      ``mlflow.pyfunc.PythonModel`` instance, passed as ``python_model``. Its
+      ``predict(context, model_input: np.ndarray, params=None)`` gets the float32 batch as a NumPy
+      array (MLflow reads that type hint: no schema is inferred from it, the signature above applies)
+      and returns the probabilities. ``artifacts`` maps names to local files it needs (weights,
+      vocabularies), which must exist when the flow logs the model; MLflow copies them into the model
+      and hands them to ``load_context`` as ``context.artifacts[name]``. MLflow pickles the instance
+      with cloudpickle, by reference to its class, so the class's module must import where the model
+      is loaded: ship its package with ``extra={"code_paths": [package_dir]}`` (MLflow copies it into
+      the model and puts it on ``sys.path`` when loading), keeping that package's ``__init__`` and
+      the model's module free of cnn_train imports, or install the package there.
 
     A ``flavor`` with no ``mlflow.<flavor>`` model module, a pyfunc ``model`` that is not a
     ``PythonModel``, or ``artifacts`` with a flavor other than pyfunc is refused before anything is
-    logged, with a message naming the problem and these routes. Either way, the model loaded with ``mlflow.pyfunc.load_model`` must map a float32
-    batch ``(n, height, width, channels)`` to class probabilities ``(n, num_classes)``.
+    logged, with a message naming the problem and these routes. Either way, the model loaded with
+    ``mlflow.pyfunc.load_model`` must map a float32 batch ``(n, height, width, channels)`` to class
+    probabilities ``(n, num_classes)``, the ones ``predict_proba`` gives: the kit's ``model_logging``
+    check logs it through the tracking code and compares.
     """
 
     flavor: str
@@ -104,7 +111,9 @@ class LoggableModel:
     artifacts: dict[str, str] = field(default_factory=dict)
 
 
-EpochCallback = Callable[[EpochMetrics], None]
+#: Called as each epoch ends. A truthy return asks the backend to stop after this epoch (a pruned
+#: trial, say); ``None`` or ``False`` lets it go on.
+EpochCallback = Callable[[EpochMetrics], bool | None]
 
 
 @dataclass(frozen=True)
@@ -129,7 +138,8 @@ class Backend(Protocol):
     ``feature_maps``, ``first_conv_kernels``, ``save``, ``loggable_model``.
     """
 
-    #: Name of the MLflow flavor module used to log models of this backend.
+    #: The ``flavor`` of this backend's :class:`LoggableModel`: an MLflow flavor module's name, or
+    #: ``"pyfunc"`` for a framework MLflow has no flavor for.
     mlflow_flavor: ClassVar[str]
     #: Architectures (``ModelConfig.architecture`` values) this backend can build.
     architectures: ClassVar[tuple[str, ...]]
@@ -153,7 +163,12 @@ class Backend(Protocol):
         on_epoch: EpochCallback | None = None,
         initial_epoch: int = 0,
     ) -> TrainHistory:
-        """Train for epochs ``initial_epoch + 1 .. config.epochs``, calling ``on_epoch`` as each one ends."""
+        """Train for epochs ``initial_epoch + 1 .. config.epochs``, calling ``on_epoch`` as each one ends.
+
+        When ``on_epoch`` returns something truthy for epoch k, the backend finishes that epoch and
+        returns, training no epoch after k: the history then ends at k. ``initial_epoch`` is the last
+        epoch an earlier ``train`` completed before ``save``; after ``load``, training resumes exactly
+        where it stopped (same shuffles, optimizer state restored)."""
         ...
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> Evaluation:

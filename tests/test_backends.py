@@ -225,6 +225,18 @@ def test_on_epoch_is_called_as_each_epoch_ends(name: str, data: TrainData) -> No
     assert not np.array_equal(kernels_seen[0], kernels_seen[1]), "epoch 1 was reported only after epoch 2 ran"
 
 
+@pytest.mark.parametrize("answers", [(False, True), (None, 1)], ids=["bool", "truthy"])
+def test_training_stops_after_the_epoch_whose_callback_asks(name: str, data: TrainData, answers: tuple) -> None:
+    seen: list[int] = []
+
+    def on_epoch(metrics: EpochMetrics) -> object:
+        seen.append(metrics.epoch)
+        return answers[metrics.epoch - 1]
+
+    history = built(name).train(data, TRAIN.model_copy(update={"epochs": 4}), on_epoch=on_epoch)
+    assert seen == [m.epoch for m in history.epochs] == [1, 2]
+
+
 def test_training_learns_the_stripes(trained, data: TrainData) -> None:
     backend, seen, _ = trained
     assert seen[1].loss < seen[0].loss

@@ -32,6 +32,8 @@ from cnn_train.plugins.contract import (
 )
 
 _MODEL_FILE = "pipeline.joblib"
+#: The pipeline's types skops does not trust by default: the Flatten step's function and Adam's state.
+SKOPS_TRUSTED_TYPES = ("numpy.reshape", "sklearn.neural_network._stochastic_optimizers.AdamOptimizer")
 
 
 class SklearnMLPBackend:
@@ -116,8 +118,8 @@ class SklearnMLPBackend:
                 images_per_second=len(flat) / train_seconds,
             )
             history.append(metrics)
-            if on_epoch is not None:
-                on_epoch(metrics)
+            if on_epoch is not None and on_epoch(metrics):
+                break  # the flow asked to stop after this epoch
         return TrainHistory(tuple(history))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> Evaluation:
@@ -157,6 +159,11 @@ class SklearnMLPBackend:
             flavor=self.mlflow_flavor,
             model=pipeline,
             pip_requirements=(f"scikit-learn=={sklearn.__version__}", f"numpy=={np.__version__}"),
-            # pyfunc should serve probabilities, not class labels.
-            extra={"pyfunc_predict_fn": "predict_proba"},
+            extra={
+                # pyfunc should serve probabilities, not class labels.
+                "pyfunc_predict_fn": "predict_proba",
+                # MLflow saves scikit-learn models with skops, which loads only the types it is told
+                # to trust: exactly the two this pipeline holds beyond scikit-learn's own estimators.
+                "skops_trusted_types": list(SKOPS_TRUSTED_TYPES),
+            },
         )
