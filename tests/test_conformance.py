@@ -30,7 +30,7 @@ from tests.plugin_fixtures import FakeDistribution, GoodBackend, LeavesARunActiv
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_PLUGIN = ROOT / "plugins" / "examples" / "sklearn_mlp"
 #: Checks that need a convolution, which the dense-only example plugin does not build.
-CONVOLUTION_CHECKS = ("custom_config_parameter_count", "feature_maps", "first_conv_kernels")
+CONVOLUTION_CHECKS = ("custom_config_parameter_count", "feature_maps_shapes", "first_conv_kernels_shape")
 GATES = ("entry_point_load", "contract_members")
 
 
@@ -92,8 +92,8 @@ def shape_only_results() -> dict[str, CheckResult]:
         pytest.param("contract_members", CheckStatus.PASSED, "", id="contract_members"),
         pytest.param("parameter_counts", CheckStatus.FAILED, "architecture 'dense' has 0 parameters, expected 101,770", id="parameter_counts"),
         pytest.param("custom_config_parameter_count", CheckStatus.SKIPPED, "does not build the 'cnn' architecture", id="custom_config_parameter_count"),
-        pytest.param("feature_maps", CheckStatus.SKIPPED, "builds only dense, which has no convolution layers", id="feature_maps"),
-        pytest.param("first_conv_kernels", CheckStatus.SKIPPED, "builds only dense, which has no convolution layers", id="first_conv_kernels"),
+        pytest.param("feature_maps_shapes", CheckStatus.SKIPPED, "builds only dense, which has no convolution layers", id="feature_maps_shapes"),
+        pytest.param("first_conv_kernels_shape", CheckStatus.SKIPPED, "builds only dense, which has no convolution layers", id="first_conv_kernels_shape"),
         pytest.param("smoke_train", CheckStatus.FAILED, "on_epoch saw epochs [], expected [1]", id="smoke_train"),
         pytest.param("uses_given_device", CheckStatus.FAILED, "build(device='cuda:99') ran anyway", id="uses_given_device"),
     ],
@@ -134,7 +134,7 @@ def test_only_runs_what_the_named_checks_require_without_reporting_it():
     ("backend", "check", "reason"),
     [
         pytest.param(MissingTrain, "smoke_train", "contract_members failed", id="requirement-failed"),
-        pytest.param(GoodBackend, "feature_maps", "which has no convolution layers", id="not-applicable"),
+        pytest.param(GoodBackend, "feature_maps_shapes", "which has no convolution layers", id="not-applicable"),
     ],
 )
 def test_pytest_skips_with_the_reason(backend, check, reason):
@@ -201,6 +201,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     return subprocess.run([str(cli), *args], capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow  # pip-installs the plugin
 def test_example_plugin_is_discovered_and_loads(installed_example_plugin):
     result = _cli("backends", "--check", env=_with_plugin(installed_example_plugin))
     assert result.returncode == 0, result.stderr
@@ -208,6 +209,7 @@ def test_example_plugin_is_discovered_and_loads(installed_example_plugin):
     assert "cnn-train-sklearn-mlp 0.1.0" in line and line.endswith("loads")
 
 
+@pytest.mark.slow  # pip-installs the plugin
 def test_example_plugin_passes_the_kit_from_its_own_test_file(installed_example_plugin):
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(EXAMPLE_PLUGIN / "tests")],
@@ -227,6 +229,24 @@ def test_check_backend_command_passes(name):
     assert f"{len(CHECK_NAMES)} passed, 0 failed" in result.stdout
 
 
+@pytest.mark.slow  # pip-installs the plugin
+def test_check_backend_command_passes_for_the_example_plugin(installed_example_plugin):
+    result = _cli("check-backend", "sklearn-mlp", env=_with_plugin(installed_example_plugin))
+    assert result.returncode == 0, result.stdout + result.stderr
+    skipped = len(CONVOLUTION_CHECKS)
+    assert f"{len(CHECK_NAMES) - skipped} passed, 0 failed, {skipped} skipped" in result.stdout
+    assert "PASS model_logging" in result.stdout and "PASS resume" in result.stdout
+
+
+def test_numpy_pyfunc_plugin_passes_the_kit_by_name(installed):
+    import tests.plugin_fixtures_numpy  # noqa: F401  (imports the plugin from its source folder)
+
+    installed(FakeDistribution("cnn-train-numpy-mlp", {"numpy-mlp": "cnn_train_numpy_mlp.backend:NumpyMLPBackend"}))
+    results = {result.name: result for result in run_checks("numpy-mlp")}
+    assert [name for name, result in results.items() if not result.passed] == list(CONVOLUTION_CHECKS)
+    assert all(results[name].skipped for name in CONVOLUTION_CHECKS)
+
+
 def test_check_backend_command_names_failing_and_skipped_checks(tmp_path):
     # A real distribution whose backend keeps the contract's shape but does nothing right.
     dist_info = tmp_path / "broken_backend-0.1.dist-info"
@@ -239,7 +259,7 @@ def test_check_backend_command_names_failing_and_skipped_checks(tmp_path):
     failed = {line.split(":")[0].removeprefix("FAIL ") for line in result.stdout.splitlines() if line.startswith("FAIL")}
     assert {"parameter_counts", "smoke_train", "save_load_round_trip"} <= failed
     assert "PASS contract_members" in result.stdout
-    assert "SKIP feature_maps: broken builds only dense, which has no convolution layers" in result.stdout
+    assert "SKIP feature_maps_shapes: broken builds only dense, which has no convolution layers" in result.stdout
 
 
 def test_check_backend_unknown_name():

@@ -85,24 +85,27 @@ def check_custom_config_parameter_count(subject: Subject) -> None:
     assert got == want, f"custom config has {got:,} parameters, expected {want:,}"
 
 
-def check_feature_maps(subject: Subject) -> None:
-    """Feature maps of every conv and pool layer have the config's (height, width, channels), channels last."""
-    config = subject.convolution_config()
-    shapes = dict(config.feature_map_shapes())
-    maps = subject.built(config).feature_maps(images(3)[0], list(shapes))
-    assert set(maps) == set(shapes), f"feature_maps returned layers {sorted(maps)}, expected {sorted(shapes)}"
-    for name, shape in shapes.items():
-        got = tuple(np.shape(maps[name]))
-        assert got == (3, *shape), f"feature map {name!r} has shape {got}, expected {(3, *shape)}"
+def check_feature_maps_shapes(subject: Subject) -> None:
+    """For each reference config with convolutions, every conv and pool layer's feature maps have the
+    config's (height, width, channels), channels last."""
+    for config in subject.convolution_configs():
+        shapes = dict(config.feature_map_shapes())
+        maps = subject.built(config).feature_maps(images(3)[0], list(shapes))
+        where = f"architecture {config.architecture!r}"
+        assert set(maps) == set(shapes), f"{where}: feature_maps returned layers {sorted(maps)}, expected {sorted(shapes)}"
+        for name, shape in shapes.items():
+            got = tuple(np.shape(maps[name]))
+            assert got == (3, *shape), f"{where}: feature map {name!r} has shape {got}, expected {(3, *shape)}"
 
 
-def check_first_conv_kernels(subject: Subject) -> None:
-    """The first convolution's weights come as (kernel_h, kernel_w, in_channels, filters)."""
-    config = subject.convolution_config()
-    first = config.conv_layers[0]
-    want = (first.kernel_size, first.kernel_size, config.input_shape[2], first.filters)
-    got = tuple(np.shape(subject.built(config).first_conv_kernels()))
-    assert got == want, f"first_conv_kernels() has shape {got}, expected {want}"
+def check_first_conv_kernels_shape(subject: Subject) -> None:
+    """For each reference config with convolutions, the first convolution's weights come as
+    (kernel_h, kernel_w, in_channels, filters)."""
+    for config in subject.convolution_configs():
+        first = config.conv_layers[0]
+        want = (first.kernel_size, first.kernel_size, config.input_shape[2], first.filters)
+        got = tuple(np.shape(subject.built(config).first_conv_kernels()))
+        assert got == want, f"architecture {config.architecture!r}: first_conv_kernels() has shape {got}, expected {want}"
 
 
 def check_smoke_train(subject: Subject) -> None:

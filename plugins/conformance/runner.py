@@ -10,7 +10,7 @@ import enum
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
-from cnn_train.plugins.conformance import checks, isolation
+from cnn_train.plugins.conformance import checks, devices, isolation, lifecycle, model_logging
 from cnn_train.plugins.conformance.subject import BackendRef, NotApplicable, Subject
 
 CheckFunction = Callable[[Subject], None]
@@ -41,19 +41,22 @@ CHECKS: tuple[Check, ...] = (
         for function in (
             checks.check_parameter_counts,
             checks.check_custom_config_parameter_count,
-            checks.check_feature_maps,
-            checks.check_first_conv_kernels,
+            checks.check_feature_maps_shapes,
+            checks.check_first_conv_kernels_shape,
             checks.check_smoke_train,
+            lifecycle.check_stops_when_asked,
             checks.check_evaluate,
             checks.check_predict_proba,
             checks.check_save_load_round_trip,
+            lifecycle.check_resume,
             checks.check_cpu_determinism,
             checks.check_training_options,
             checks.check_rejects_wrong_image_shape,
             checks.check_rejects_empty_data,
             checks.check_rejects_labels_out_of_range,
-            isolation.check_uses_given_device,
+            devices.check_uses_given_device,
             isolation.check_does_not_log_to_mlflow,
+            model_logging.check_model_logging,
         )
     ),
 )

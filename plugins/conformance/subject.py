@@ -50,16 +50,16 @@ class Subject:
         architectures = self.cls.architectures
         return ModelConfig.preset("cnn" if "cnn" in architectures else architectures[0])
 
-    def convolution_config(self) -> ModelConfig:
-        """The first config with convolution layers this backend builds; NotApplicable when it builds none."""
+    def convolution_configs(self) -> list[ModelConfig]:
+        """The reference configs (architecture presets) with convolution layers that this backend builds;
+        NotApplicable when it builds none."""
         architectures = self.cls.architectures
-        for architecture in sorted(architectures, key=lambda a: a != "cnn"):
-            config = ModelConfig.preset(architecture)
-            if config.conv_layers:
-                return config
-        raise NotApplicable(
-            f"{self.label} builds only {', '.join(architectures)}, which has no convolution layers"
-        )
+        configs = [ModelConfig.preset(a) for a in architectures if ModelConfig.preset(a).conv_layers]
+        if not configs:
+            raise NotApplicable(
+                f"{self.label} builds only {', '.join(architectures)}, which has no convolution layers"
+            )
+        return configs
 
     def built(self, config: ModelConfig | None = None, *, seed: int = 7) -> Backend:
         backend = self.new()

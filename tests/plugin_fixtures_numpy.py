@@ -1,0 +1,107 @@
+"""The NumPy test plugin (tests/pyfunc_plugin, a framework MLflow has no flavor for) importable in-process,
+and deliberately broken variants of it, each breaking one promise the conformance kit checks.
+
+NumPy trains the dense network in milliseconds, so the whole kit runs against each variant cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+#: The plugin's source folder.
+PLUGIN_SOURCE = Path(__file__).resolve().parent / "pyfunc_plugin"
+
+
+def _import_plugin_package() -> None:
+    """Import the plugin's package from its source folder as an installed plugin's would import, without
+    putting the folder on sys.path: the egg-info a pip build leaves there would make importlib.metadata
+    see the plugin as installed, and the registry list it, in every later test."""
+    if "cnn_train_numpy_mlp" in sys.modules:
+        return
+    package = PLUGIN_SOURCE / "cnn_train_numpy_mlp"
+    spec = importlib.util.spec_from_file_location(
+        "cnn_train_numpy_mlp", package / "__init__.py", submodule_search_locations=[str(package)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+_import_plugin_package()
+
+from cnn_train_numpy_mlp.backend import NumpyMLPBackend  # noqa: E402  (needs the package imported above)
+
+from cnn_train.plugins.contract import LoggableModel  # noqa: E402
+
+
+class UnknownFlavor(NumpyMLPBackend):
+    """Names an MLflow flavor that does not exist."""
+
+    mlflow_flavor = "no_such_flavor"
+
+    def loggable_model(self) -> LoggableModel:
+        return dataclasses.replace(super().loggable_model(), flavor=self.mlflow_flavor)
+
+
+class NoRealResume(NumpyMLPBackend):
+    """Ignores ``initial_epoch`` and reloads only the weights, so a retried training starts over."""
+
+    def train(self, data, config, *, on_epoch=None, initial_epoch=0):
+        return super().train(data, config, on_epoch=on_epoch)
+
+    def load(self, path, config, *, device):
+        super().load(path, config, device=device)
+        self._moments = {name: moment * 0 for name, moment in self._moments.items()}
+        self._step = 0
+
+
+class ForgetsOptimizerState(NumpyMLPBackend):
+    """Resumes from the right epoch, but with a fresh optimizer: the losses drift from an unbroken run."""
+
+    def load(self, path, config, *, device):
+        super().load(path, config, device=device)
+        self._moments = {name: moment * 0 for name, moment in self._moments.items()}
+        self._step = 0
+
+
+class IgnoresStopRequest(NumpyMLPBackend):
+    """Trains every epoch whatever ``on_epoch`` answers."""
+
+    def train(self, data, config, *, on_epoch=None, initial_epoch=0):
+        def keep_going(metrics):
+            if on_epoch is not None:
+                on_epoch(metrics)
+
+        return super().train(data, config, on_epoch=keep_going, initial_epoch=initial_epoch)
+
+
+class ReadsVisibleDevices(NumpyMLPBackend):
+    """Decides for itself whether a GPU is there, from the environment."""
+
+    def build(self, config, *, device, seed):
+        self.gpu_visible = bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+        super().build(config, device=device, seed=seed)
+
+
+class RunsNvidiaSmi(NumpyMLPBackend):
+    """Asks the driver's tool which GPUs there are."""
+
+    def build(self, config, *, device, seed):
+        try:
+            subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, check=False)
+        except OSError:
+            pass  # no such tool here: it looked all the same
+        super().build(config, device=device, seed=seed)
+
+
+class AcceptsAnyDevice(NumpyMLPBackend):
+    """Quietly trains on the CPU whatever device it is given."""
+
+    def build(self, config, *, device, seed):
+        super().build(config, device="cpu", seed=seed)
