@@ -1,0 +1,86 @@
+"""``cnn-train predict`` (classify image files) and ``cnn-train models`` (the model registry)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cnn_train.flows.cli.app import app, fail
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, ...) and folders of them.")],
+    model: Annotated[
+        Optional[str],  # noqa: UP045 - typer reads it
+        typer.Option(
+            help="runs:/<run id>/model, models:/<name>/<version>, models:/<name>@<alias> or a logged model id m-...; "
+            "default: the cnn-train experiment's best registered champion, else its latest finished run."
+        ),
+    ] = None,
+    top_k: Annotated[int, typer.Option(min=1, max=10, help="Classes shown per image, likeliest first.")] = 3,
+    output: Annotated[
+        Optional[Path], typer.Option(help="Write one row per image with all ten probabilities to this CSV file.")  # noqa: UP045
+    ] = None,
+    show_inputs: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Write the 28x28 images the model actually saw to this folder (PNG)."),
+    ] = None,
+) -> None:
+    """Classify image files: any size, colour or grayscale, brought to 28x28 the way Fashion-MNIST was made."""
+    from cnn_train.flows import predict as prediction
+    from cnn_train.flows import tracking
+
+    collected = prediction.collect_images(paths)
+    for missing in collected.missing:
+        typer.echo(f"cnn-train: {missing}: no such file or folder", err=True)
+    if collected.skipped:
+        names = ", ".join(str(path) for path in collected.skipped[:5]) + (" ..." if len(collected.skipped) > 5 else "")
+        typer.echo(f"skipped {len(collected.skipped)} files without an image ending: {names}", err=True)
+    if not collected.files:
+        fail(f"no image files among {', '.join(map(str, paths))}; give PNG or JPEG files, or folders holding them")
+    try:
+        tracking.check_reachable(tracking.tracking_uri())
+    except tracking.TrackingUnavailableError as error:
+        fail(str(error))
+    # A model that is missing or does not take 28x28x1 images is an expected failure: one line, exit 1.
+    choice = prediction.choose_model(model)
+    loaded = prediction.load_model(choice)
+    typer.echo(f"model: {choice.described}")
+    predictions = prediction.classify(loaded, collected.files)
+    ranked = prediction.top_k(predictions.probabilities(), top_k)
+    for image, classes in zip(predictions.table["image"], ranked, strict=True):
+        typer.echo(prediction.top_k_line(image, classes))
+    for failure in predictions.failures:
+        typer.echo(f"cnn-train: {failure.message}", err=True)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        predictions.table.to_csv(output, index=False)
+        typer.echo(f"predictions: {output}")
+    if show_inputs is not None:
+        names = prediction.input_file_names(predictions.inputs)
+        prediction.write_model_inputs(predictions.inputs, show_inputs, names)
+        typer.echo(f"the model's 28x28 inputs: {show_inputs}")
+    failed = len(predictions.failures) + len(collected.missing)
+    if failed:
+        typer.echo(f"{len(predictions.table)} images classified, {failed} failed", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def models() -> None:
+    """List registered models: versions, aliases (champion, challenger), test accuracy, backend."""
+    from cnn_train.flows import reporting, tracking
+
+    uri = tracking.tracking_uri()
+    try:
+        tracking.check_reachable(uri)
+        versions = tracking.registered_versions(uri)
+    except tracking.TrackingUnavailableError as error:
+        fail(str(error))
+    if versions.empty:
+        typer.echo(f"no registered models in {uri}; register one with `cnn-train run --register NAME`")
+        return
+    typer.echo(reporting.markdown_table(versions))

@@ -1,0 +1,141 @@
+"""Image files as the model's input: any size, colour or grayscale, dark or light background, brought
+to a 28x28 picture the way Fashion-MNIST's were made.
+
+Zalando made Fashion-MNIST from product photos by trimming the edges close to the background colour,
+resizing the longest edge to 28 pixels, centring the result on a 28x28 canvas, negating the
+intensities and converting to 8-bit grayscale: a light garment on black, its brightest pixel at or
+near 255 (every test image's maximum is 254 or 255). :func:`to_model_input` does the same steps to
+any picture, deciding from its border whether the background is light (then it negates it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cnn_train.flows.errors import ExpectedFailure
+
+SIDE = 28
+#: Pixels closer than this share of the full range to the background count as background when
+#: trimming (Fashion-MNIST's own rule: within 5% of the maximum intensity). It also absorbs JPEG noise.
+TRIM_SHARE = 0.05
+#: A border brighter than the middle of the range is a light background, which Fashion-MNIST's is not.
+LIGHT_BACKGROUND = 127.5
+
+
+class ImageReadError(ExpectedFailure, ValueError):
+    """A file that is not a readable image; the message names the file and why."""
+
+
+@dataclass(frozen=True, eq=False)
+class ModelInput:
+    """One image file and the 28x28 picture the model gets from it, float32 ``(28, 28, 1)`` in [0, 1]."""
+
+    path: Path
+    pixels: np.ndarray
+    inverted: bool
+
+
+@dataclass(frozen=True)
+class Collected:
+    """Image files found under the given paths, and what was passed over or is missing."""
+
+    files: tuple[Path, ...]
+    skipped: tuple[Path, ...]
+    missing: tuple[Path, ...]
+
+
+def image_suffixes() -> frozenset[str]:
+    """File name endings Pillow can open (``.png``, ``.jpg``, ``.jpeg``, ``.webp``...)."""
+    return frozenset(suffix.lower() for suffix in Image.registered_extensions())
+
+
+def collect_images(paths: Iterable[Path | str]) -> Collected:
+    """Files given by name are taken whatever their ending (a bad one is then reported by name); a
+    folder contributes its image files, searched recursively and sorted, passing over other files."""
+    suffixes = image_suffixes()
+    files: list[Path] = []
+    skipped: list[Path] = []
+    missing: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            for found in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+                (files if found.suffix.lower() in suffixes else skipped).append(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            missing.append(path)
+    return Collected(tuple(files), tuple(skipped), tuple(missing))
+
+
+def read_grayscale(path: Path) -> np.ndarray:
+    """The file's pixels as float ``(h, w)`` in [0, 255]; transparency is laid over white, so a
+    cut-out garment counts as on a light background."""
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageReadError(f"{path}: not a readable image ({_reason(error)})") from None
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    return np.asarray(image.convert("L"), dtype=np.float64)
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, UnidentifiedImageError):
+        return f"Pillow cannot identify it; readable formats include {', '.join(sorted(_common_formats()))}"
+    return str(error) or type(error).__name__
+
+
+def _common_formats() -> set[str]:
+    return {"PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"} & set(Image.registered_extensions().values())
+
+
+def to_model_input(gray: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A grayscale picture as Fashion-MNIST would have it, and whether it was negated.
+
+    Negate when the border is light; stretch so the background is 0 and the brightest pixel 255;
+    trim the background around the garment; fit the rest into 28x28 keeping its aspect ratio,
+    centred on black.
+    """
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    inverted = bool(np.median(border) > LIGHT_BACKGROUND)
+    if inverted:
+        gray, border = 255.0 - gray, 255.0 - border
+    background = float(np.median(border))
+    span = max(float(gray.max()) - background, 1.0)
+    stretched = np.clip((gray - background) / span, 0.0, 1.0)
+    rows, columns = np.nonzero(stretched > TRIM_SHARE)
+    if rows.size == 0:
+        return np.zeros((SIDE, SIDE, 1), dtype=np.float32), inverted
+    garment = stretched[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1]
+    fitted = ImageOps.contain(Image.fromarray(np.round(garment * 255).astype(np.uint8)), (SIDE, SIDE), Image.Resampling.LANCZOS)
+    canvas = Image.new("L", (SIDE, SIDE), 0)
+    canvas.paste(fitted, ((SIDE - fitted.width) // 2, (SIDE - fitted.height) // 2))
+    pixels = np.asarray(canvas, dtype=np.float32) / 255.0
+    # Resampling softens the brightest pixels; Fashion-MNIST's reach the top of the range.
+    pixels /= max(float(pixels.max()), 1e-6)
+    return pixels[..., np.newaxis], inverted
+
+
+def load_model_input(path: Path) -> ModelInput:
+    """Read ``path`` and bring it to the model's input; :class:`ImageReadError` when it is no image."""
+    pixels, inverted = to_model_input(read_grayscale(path))
+    return ModelInput(path, pixels, inverted)
+
+
+def write_model_inputs(inputs: Sequence[ModelInput], folder: Path, names: Sequence[str]) -> list[Path]:
+    """The 28x28 pictures the model saw, as PNG files named ``names`` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for item, name in zip(inputs, names, strict=True):
+        target = folder / name
+        Image.fromarray(np.round(item.pixels[..., 0] * 255).astype(np.uint8)).save(target)
+        written.append(target)
+    return written

@@ -1,0 +1,60 @@
+"""Registering a flow's trained model: the facts its version carries, the champion/challenger
+decision, and where that decision is recorded (the run's tags, the flow's log)."""
+
+from __future__ import annotations
+
+import hashlib
+
+from prefect import get_run_logger, runtime, task
+
+from cnn_train.flows import tracking
+from cnn_train.flows.data import PreparedData
+from cnn_train.flows.params import RunParameters
+from cnn_train.flows.runs import prefect_flow_run_url
+from cnn_train.flows.tasks import IN_MEMORY
+from cnn_train.flows.tracking import Registration, RunTracker, VersionFacts
+
+
+def test_set_digest(data: PreparedData) -> str:
+    """What identifies the test set a model was scored on: its images and labels, whatever the
+    training split was (two runs with different sample limits share a test set and compare)."""
+    digest = hashlib.sha256()
+    digest.update(data.x_test.tobytes())
+    digest.update(data.y_test.tobytes())
+    return digest.hexdigest()[:16]
+
+
+@task(name="register", **IN_MEMORY)
+def register_task(
+    name: str,
+    *,
+    params: RunParameters,
+    data: PreparedData,
+    model_uri: str,
+    run: RunTracker,
+    test_accuracy: float,
+    description: str,
+    record_on: RunTracker | None = None,
+) -> Registration:
+    """Register ``model_uri`` (trained in ``run``) as a new version of ``name``; champion only if it
+    beats the champion on the same test set. The decision goes in the log and on ``record_on``
+    (default: ``run``) as tags."""
+    facts = VersionFacts(
+        test_accuracy=test_accuracy,
+        backend=params.backend,
+        architecture=params.architecture,
+        dataset_digest=data.digest,
+        test_set_digest=test_set_digest(data),
+        mlflow_run_id=run.run_id,
+        mlflow_run_url=run.url,
+        prefect_flow_run_id=str(runtime.flow_run.id or "") or None,
+        prefect_flow_run_url=prefect_flow_run_url(),
+    )
+    registration = tracking.register_version(name, model_uri, facts=facts, description=description, uri=run.uri)
+    (record_on or run).set_tags({
+        "cnn_train.registered_model": f"{name}/{registration.version}",
+        "cnn_train.registered_alias": registration.alias,
+        "cnn_train.registered_reason": registration.reason,
+    })
+    get_run_logger().info(registration.line())
+    return registration

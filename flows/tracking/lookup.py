@@ -1,0 +1,191 @@
+"""Finding a model to predict with: one named by an MLflow URI, or the experiment's best registered
+champion, or its latest finished training run's model; and, when a name matches nothing, what exists.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+
+from cnn_train.flows.errors import ExpectedFailure
+from cnn_train.flows.tracking.registry import ACCURACY_TAG, CHAMPION, version_by_alias
+from cnn_train.flows.tracking.uri import client
+
+#: Tags that mark a run other than a plain training run (compare or sweep parents, dense baselines,
+#: trials) or a run inside another.
+_NOT_A_DEFAULT_RUN = ("cnn_train.role", "mlflow.parentRunId")
+_RECENT_RUNS = 5
+_MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
+class ModelNotFoundError(ExpectedFailure, LookupError):
+    """No model answers to the name given (or none exists to default to); the message lists what exists."""
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model to load, and how it was chosen, in words for the person who asked."""
+
+    model_uri: str
+    described: str
+    run_id: str | None = None
+    registered: str | None = None
+
+    def tags(self) -> dict[str, str]:
+        """How a run that used this model records it."""
+        values = {
+            "cnn_train.model_uri": self.model_uri,
+            "cnn_train.model_choice": self.described,
+            "cnn_train.model_run_id": self.run_id,
+            "cnn_train.registered_model": self.registered,
+        }
+        return {key: value for key, value in values.items() if value}
+
+
+def as_model_uri(spec: str) -> str:
+    """A logged model id (``m-...``) as its ``models:/`` URI; anything else as given."""
+    return f"models:/{spec}" if re.fullmatch(r"m-[0-9a-f]+", spec) else spec
+
+
+def locate(spec: str, *, uri: str | None = None, experiment: str = "cnn-train") -> ModelChoice:
+    """The model ``spec`` names (``runs:/<id>/<path>``, ``models:/<name>/<version>``,
+    ``models:/<name>@<alias>``, ``models:/<model id>`` or ``m-...``), checked to exist in store ``uri``;
+    an alias is resolved to the version it names now. Other URIs (local folders...) are passed
+    through for MLflow to load."""
+    mlflow_client = client(uri)
+    model_uri = as_model_uri(spec)
+    try:
+        found = _find(mlflow_client, model_uri)
+    except MlflowException as error:
+        if error.error_code not in _MISSING:
+            raise
+        found = f"no model at {model_uri}"
+    if isinstance(found, str):
+        raise ModelNotFoundError(f"{found}; {what_exists(mlflow_client, experiment)}")
+    return found
+
+
+def _find(mlflow_client: MlflowClient, model_uri: str) -> ModelChoice | str:
+    """What ``model_uri`` names in the store, or why it names nothing."""
+    as_given = f"{model_uri} (as given)"
+    if match := re.fullmatch(r"runs:/([^/]+)/(.+)", model_uri):
+        return ModelChoice(model_uri, as_given, run_id=mlflow_client.get_run(match.group(1)).info.run_id)
+    if match := re.fullmatch(r"models:/(m-[0-9a-f]+)", model_uri):
+        return ModelChoice(model_uri, as_given, run_id=mlflow_client.get_logged_model(match.group(1)).source_run_id)
+    if match := re.fullmatch(r"models:/([^/@]+)@(.+)", model_uri):
+        version = version_by_alias(mlflow_client, *match.groups())
+        if version is None:
+            return f"no model version answers to {model_uri}"
+    elif match := re.fullmatch(r"models:/([^/@]+)/(\d+)", model_uri):
+        version = mlflow_client.get_model_version(*match.groups())
+    elif model_uri.startswith(("runs:", "models:")):
+        return (
+            f"{model_uri} is not a model URI cnn-train understands: use runs:/<run id>/model, "
+            "models:/<name>/<version>, models:/<name>@<alias> or a logged model id m-..."
+        )
+    else:
+        return ModelChoice(model_uri, as_given)
+    return ModelChoice(
+        model_uri, f"{model_uri} (version {version.version}, as given)", run_id=version.run_id,
+        registered=f"{version.name}/{version.version}",
+    )
+
+
+def default_model(*, uri: str | None = None, experiment: str = "cnn-train") -> ModelChoice:
+    """The experiment's registered ``champion`` with the best test accuracy when there is one, else
+    its latest finished training run's model."""
+    mlflow_client = client(uri)
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ModelNotFoundError(
+            f"no experiment {experiment!r} in {mlflow_client.tracking_uri}, so no model to default to; "
+            "train one with `cnn-train run --register NAME`, or pass --model"
+        )
+    champion = _best_champion(mlflow_client, found.experiment_id)
+    if champion is not None:
+        return champion
+    run = _latest_training_run(mlflow_client, found.experiment_id)
+    if run is None:
+        raise ModelNotFoundError(
+            f"experiment {experiment!r} has no registered champion and no finished training run with a model; "
+            "train one with `cnn-train run`, or pass --model"
+        )
+    return ModelChoice(
+        _run_model_uri(mlflow_client, run),
+        f"the latest finished run of experiment {experiment!r} ({run.info.run_name}, {_accuracy(run)}), "
+        "since no registered model of it holds the alias champion",
+        run_id=run.info.run_id,
+    )
+
+
+def _accuracy(run: Run) -> str:
+    value = run.data.metrics.get("test_accuracy")
+    return "test accuracy n/a" if value is None else f"test accuracy {value * 100:.2f}%"
+
+
+def _best_champion(mlflow_client: MlflowClient, experiment_id: str) -> ModelChoice | None:
+    """The champion with the best test accuracy among registered models trained in the experiment."""
+    best: tuple[float, ModelChoice] | None = None
+    for registered in mlflow_client.search_registered_models():
+        version = registered.aliases.get(CHAMPION) and version_by_alias(mlflow_client, registered.name, CHAMPION)
+        if not version or not version.run_id or not _in_experiment(mlflow_client, version.run_id, experiment_id):
+            continue
+        accuracy = float(version.tags.get(ACCURACY_TAG, "nan"))
+        choice = ModelChoice(
+            f"models:/{registered.name}@{CHAMPION}",
+            f"models:/{registered.name}@{CHAMPION} (version {version.version}, test accuracy "
+            f"{accuracy * 100:.2f}%), the best registered champion of the experiment",
+            run_id=version.run_id,
+            registered=f"{registered.name}/{version.version}",
+        )
+        if best is None or accuracy > best[0]:
+            best = (accuracy, choice)
+    return best[1] if best else None
+
+
+def _in_experiment(mlflow_client: MlflowClient, run_id: str, experiment_id: str) -> bool:
+    try:
+        return mlflow_client.get_run(run_id).info.experiment_id == experiment_id
+    except MlflowException:
+        return False  # the run was deleted; its registered version has no experiment to belong to
+
+
+def _finished_training_runs(mlflow_client: MlflowClient, experiment_id: str, limit: int) -> list[Run]:
+    runs = mlflow_client.search_runs(
+        [experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=200
+    )
+    plain = [run for run in runs if not any(tag in run.data.tags for tag in _NOT_A_DEFAULT_RUN)]
+    return [run for run in plain if run.outputs and run.outputs.model_outputs][:limit]
+
+
+def _latest_training_run(mlflow_client: MlflowClient, experiment_id: str) -> Run | None:
+    runs = _finished_training_runs(mlflow_client, experiment_id, 1)
+    return runs[0] if runs else None
+
+
+def _run_model_uri(mlflow_client: MlflowClient, run: Run) -> str:
+    """``models:/<id>`` of the run's logged model named ``model`` (its only one, for a training run)."""
+    ids = [output.model_id for output in run.outputs.model_outputs]
+    for model_id in ids:
+        if mlflow_client.get_logged_model(model_id).name == "model":
+            return f"models:/{model_id}"
+    return f"models:/{ids[0]}"
+
+
+def what_exists(mlflow_client: MlflowClient, experiment: str) -> str:
+    """One line: the registered models with their aliases, and the experiment's recent training runs."""
+    registered = [
+        f"{model.name} ({', '.join(f'@{alias}=v{version}' for alias, version in sorted(model.aliases.items())) or 'no aliases'})"
+        for model in mlflow_client.search_registered_models(order_by=["name ASC"])
+    ]
+    found = mlflow_client.get_experiment_by_name(experiment)
+    runs = _finished_training_runs(mlflow_client, found.experiment_id, _RECENT_RUNS) if found else []
+    recent = [f"runs:/{run.info.run_id}/model ({run.info.run_name}, {_accuracy(run)})" for run in runs]
+    return (
+        f"registered models: {'; '.join(registered) or 'none'}; "
+        f"recent finished runs of {experiment!r}: {'; '.join(recent) or 'none'}"
+    )

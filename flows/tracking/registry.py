@@ -1,0 +1,155 @@
+"""The model registry with aliases: a registered version carries what it was trained and tested on,
+and the alias ``champion`` stays on the version with the best test accuracy on one test set.
+
+A new version becomes ``champion`` only when its test accuracy beats the current champion's on the
+same test set (the same test-set digest); otherwise it becomes ``challenger``, and the
+:class:`Registration` says why. Accuracies on different test sets are not comparable, so a champion
+tested elsewhere stays until someone moves the alias by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from cnn_train.flows.tracking import models
+from cnn_train.flows.tracking.uri import client
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+#: Version tags the alias decision reads.
+ACCURACY_TAG = "test_accuracy"
+TEST_SET_TAG = "test_set_digest"
+
+
+@dataclass(frozen=True)
+class VersionFacts:
+    """What a registered version was trained and tested on, and where its runs are; kept as version tags."""
+
+    test_accuracy: float
+    backend: str
+    architecture: str
+    dataset_digest: str
+    test_set_digest: str
+    mlflow_run_id: str
+    mlflow_run_url: str | None = None
+    prefect_flow_run_id: str | None = None
+    prefect_flow_run_url: str | None = None
+
+    def tags(self) -> dict[str, str]:
+        values = {
+            ACCURACY_TAG: repr(float(self.test_accuracy)),
+            "backend": self.backend,
+            "architecture": self.architecture,
+            "dataset_digest": self.dataset_digest,
+            TEST_SET_TAG: self.test_set_digest,
+            "mlflow_run_id": self.mlflow_run_id,
+            "mlflow_run_url": self.mlflow_run_url,
+            "prefect_flow_run_id": self.prefect_flow_run_id,
+            "prefect_flow_run_url": self.prefect_flow_run_url,
+        }
+        return {key: value for key, value in values.items() if value}
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A new version of ``name``, the alias it got, and why."""
+
+    name: str
+    version: int
+    alias: str
+    reason: str
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.name}@{self.alias}"
+
+    def line(self) -> str:
+        """``registered fashion-cnn version 3 as champion: its test accuracy ... beats ...``."""
+        return f"registered {self.name} version {self.version} as {self.alias}: {self.reason}"
+
+
+def _percent(value: float) -> str:
+    return f"{value * 100:.2f}%"
+
+
+def decide_alias(facts: VersionFacts, champion: ModelVersion | None) -> tuple[str, str]:
+    """``champion`` or ``challenger`` for a new version with ``facts``, against the current champion, and why."""
+    if champion is None:
+        return CHAMPION, "there was no champion yet"
+    held = f"champion version {champion.version}"
+    stays = f"; {held} stays champion"
+    their_test_set = champion.tags.get(TEST_SET_TAG)
+    their_accuracy = champion.tags.get(ACCURACY_TAG)
+    if their_test_set is None or their_accuracy is None:
+        return CHALLENGER, (
+            f"{held} has no {TEST_SET_TAG}/{ACCURACY_TAG} tags (registered without them), so the two cannot be "
+            f"compared{stays}; move the alias by hand with MlflowClient.set_registered_model_alias if this one is better"
+        )
+    if their_test_set != facts.test_set_digest:
+        return CHALLENGER, (
+            f"{held} was tested on another test set (digest {their_test_set}, this one {facts.test_set_digest}), "
+            f"so the accuracies are not comparable{stays}"
+        )
+    mine, theirs = _percent(facts.test_accuracy), _percent(float(their_accuracy))
+    if facts.test_accuracy > float(their_accuracy):
+        return CHAMPION, f"its test accuracy {mine} beats {held}'s {theirs} on the same test set"
+    return CHALLENGER, f"its test accuracy {mine} does not beat {held}'s {theirs} on the same test set{stays}"
+
+
+def version_by_alias(mlflow_client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version of ``name`` holding ``alias``, or None when no version does (or no such model)."""
+    try:
+        return mlflow_client.get_model_version_by_alias(name, alias)
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def register_version(
+    name: str, model_uri: str, *, facts: VersionFacts, description: str, uri: str | None = None
+) -> Registration:
+    """Register ``model_uri`` as a new version of ``name`` with ``facts`` as tags, and give it
+    ``champion`` when it beats the current champion on the same test set, else ``challenger``."""
+    mlflow_client = client(uri)
+    version = models.register_model(
+        name, model_uri, run_id=facts.mlflow_run_id, description=description, uri=mlflow_client.tracking_uri,
+        tags=facts.tags(),
+    )
+    alias, reason = decide_alias(facts, version_by_alias(mlflow_client, name, CHAMPION))
+    mlflow_client.set_registered_model_alias(name, alias, str(version))
+    return Registration(name, version, alias, reason)
+
+
+#: Columns of :func:`registered_versions`, in order.
+VERSION_COLUMNS = ("model", "version", "aliases", "test_accuracy", "backend", "architecture", "run_id", "created")
+
+
+def registered_versions(uri: str | None = None) -> pd.DataFrame:
+    """Every version of every registered model, newest first per model, with aliases and accuracy."""
+    mlflow_client = client(uri)
+    rows = []
+    for registered in mlflow_client.search_registered_models(order_by=["name ASC"]):
+        # The registered model knows its aliases; versions from a search come without them (SQLite store).
+        aliases: dict[int, list[str]] = {}
+        for alias, number in sorted(registered.aliases.items()):
+            aliases.setdefault(int(number), []).append(alias)
+        versions = mlflow_client.search_model_versions(f"name = '{registered.name}'")
+        for version in sorted(versions, key=lambda v: int(v.version), reverse=True):
+            accuracy = version.tags.get(ACCURACY_TAG)
+            rows.append({
+                "model": registered.name,
+                "version": int(version.version),
+                "aliases": ", ".join(aliases.get(int(version.version), [])),
+                "test_accuracy": float(accuracy) if accuracy is not None else None,
+                "backend": version.tags.get("backend", ""),
+                "architecture": version.tags.get("architecture", ""),
+                "run_id": version.run_id or "",
+                "created": pd.Timestamp(version.creation_timestamp, unit="ms").strftime("%Y-%m-%d %H:%M"),
+            })
+    return pd.DataFrame(rows, columns=list(VERSION_COLUMNS))

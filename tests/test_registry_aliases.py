@@ -1,0 +1,223 @@
+"""The model registry's aliases and the default model, against a real SQLite store: a version becomes
+champion only by beating the champion on the same test set; `cnn-train models` lists them; a
+prediction defaults to the best champion, else the latest finished training run; a name that matches
+nothing lists what exists."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import mlflow.pyfunc
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cnn_train.flows import tracking
+from cnn_train.flows.tracking import CHALLENGER, CHAMPION, RunTracker, VersionFacts
+from cnn_train.flows.tracking.registry import decide_alias
+from cnn_train.plugins.contract import LoggableModel
+
+
+class Uniform(mlflow.pyfunc.PythonModel):
+    """A model with no opinion: 10% for each class. Importable from this module, so it loads here."""
+
+    def predict(self, context, model_input, params=None):
+        return np.full((len(model_input), 10), 0.1, dtype=np.float32)
+
+
+def _facts(accuracy: float, test_set: str = "testset-a", run_id: str = "r") -> VersionFacts:
+    return VersionFacts(
+        test_accuracy=accuracy, backend="torch", architecture="cnn", dataset_digest="split-1",
+        test_set_digest=test_set, mlflow_run_id=run_id,
+    )
+
+
+def _champion(accuracy: str | None, test_set: str | None, version: str = "4") -> SimpleNamespace:
+    tags = {key: value for key, value in {"test_accuracy": accuracy, "test_set_digest": test_set}.items() if value}
+    return SimpleNamespace(version=version, tags=tags)
+
+
+@pytest.mark.parametrize(
+    ("champion", "facts", "alias", "reason"),
+    [
+        pytest.param(None, _facts(0.5), CHAMPION, "there was no champion yet", id="first-version"),
+        pytest.param(
+            _champion("0.9", "testset-a"), _facts(0.91), CHAMPION,
+            "its test accuracy 91.00% beats champion version 4's 90.00% on the same test set", id="better",
+        ),
+        pytest.param(
+            _champion("0.9", "testset-a"), _facts(0.89), CHALLENGER,
+            "its test accuracy 89.00% does not beat champion version 4's 90.00% on the same test set; "
+            "champion version 4 stays champion", id="worse",
+        ),
+        pytest.param(
+            _champion("0.9", "testset-a"), _facts(0.9), CHALLENGER,
+            "its test accuracy 90.00% does not beat champion version 4's 90.00% on the same test set; "
+            "champion version 4 stays champion", id="equal",
+        ),
+        pytest.param(
+            _champion("0.7", "testset-b"), _facts(0.99), CHALLENGER,
+            "champion version 4 was tested on another test set (digest testset-b, this one testset-a), so the "
+            "accuracies are not comparable; champion version 4 stays champion", id="other-test-set",
+        ),
+        pytest.param(
+            _champion(None, None), _facts(0.99), CHALLENGER,
+            "champion version 4 has no test_set_digest/test_accuracy tags (registered without them), so the two "
+            "cannot be compared; champion version 4 stays champion; move the alias by hand with "
+            "MlflowClient.set_registered_model_alias if this one is better", id="untagged-champion",
+        ),
+    ],
+)
+def test_the_alias_and_why(champion, facts, alias, reason):
+    assert decide_alias(facts, champion) == (alias, reason)
+
+
+# --- against a store ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
+
+
+def _trained_run(store: str, experiment: str, *, accuracy: float, tags: dict[str, str] | None = None) -> tuple[RunTracker, str]:
+    """A finished run in ``experiment`` with a logged model and a test accuracy, as a training run leaves it."""
+    tracker = RunTracker.start(experiment, uri=store, run_name=f"run-{accuracy}", tags=tags)
+    model_uri = tracker.log_model(
+        LoggableModel(flavor="pyfunc", model=Uniform(), pip_requirements=("mlflow",)),
+        input_shape=(28, 28, 1), num_classes=10, input_example=np.zeros((2, 28, 28, 1), dtype=np.float32),
+    )
+    tracker.log_metrics({"test_accuracy": accuracy})
+    tracker.finish()
+    return tracker, model_uri
+
+
+@pytest.fixture(scope="module")
+def two_runs(store) -> list[tuple[RunTracker, str]]:
+    """A better (0.88) and a worse (0.84) training run of experiment `ranked`."""
+    return [_trained_run(store, "ranked", accuracy=accuracy) for accuracy in (0.88, 0.84)]
+
+
+def _register(store: str, name: str, run: tuple[RunTracker, str], accuracy: float, test_set: str = "testset-a"):
+    tracker, model_uri = run
+    facts = _facts(accuracy, test_set, tracker.run_id)
+    return tracking.register_version(name, model_uri, facts=facts, description="test", uri=store)
+
+
+@pytest.fixture(scope="module")
+def better_then_worse(store, two_runs) -> list[tracking.Registration]:
+    """The better run's model registered as `better-then-worse`, then the worse one's."""
+    return [_register(store, "better-then-worse", run, accuracy) for run, accuracy in zip(two_runs, (0.88, 0.84))]
+
+
+def _aliases(store: str, name: str) -> dict[str, str]:
+    # The SQLite store gives versions as numbers here, a server as strings.
+    return {alias: str(version) for alias, version in tracking.client(store).get_registered_model(name).aliases.items()}
+
+
+def test_a_better_then_a_worse_model_leaves_champion_on_the_better(store, two_runs, better_then_worse):
+    better, worse = better_then_worse
+    assert (better.alias, worse.alias) == (CHAMPION, CHALLENGER)
+    assert worse.line() == (
+        "registered better-then-worse version 2 as challenger: its test accuracy 84.00% does not beat champion "
+        "version 1's 88.00% on the same test set; champion version 1 stays champion"
+    )
+    client = tracking.client(store)
+    assert _aliases(store, "better-then-worse") == {CHAMPION: "1", CHALLENGER: "2"}
+    assert client.get_model_version_by_alias("better-then-worse", CHAMPION).run_id == two_runs[0][0].run_id
+
+
+def test_a_worse_then_a_better_model_moves_champion_to_the_better(store, two_runs):
+    worse = _register(store, "worse-then-better", two_runs[1], 0.84)
+    better = _register(store, "worse-then-better", two_runs[0], 0.88)
+    assert (worse.alias, better.alias) == (CHAMPION, CHAMPION)
+    assert better.reason == "its test accuracy 88.00% beats champion version 1's 84.00% on the same test set"
+    assert _aliases(store, "worse-then-better") == {CHAMPION: "2"}
+
+
+def test_cnn_train_models_lists_versions_aliases_and_accuracies(store, better_then_worse):
+    from cnn_train.flows.cli import app
+
+    result = CliRunner().invoke(app, ["models"], env={"MLFLOW_TRACKING_URI": store})
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| better-then-worse |")]
+    assert [row.split(" | ")[1:4] for row in rows] == [["2", "challenger", "84.00%"], ["1", "champion", "88.00%"]]
+    assert all("| torch | cnn |" in row for row in rows)
+
+
+# --- the model a prediction uses ----------------------------------------------------------------------
+
+
+def test_without_a_champion_the_default_is_the_latest_finished_training_run(store):
+    _trained_run(store, "runs-only", accuracy=0.80)
+    latest, model_uri = _trained_run(store, "runs-only", accuracy=0.70)
+    _trained_run(store, "runs-only", accuracy=0.99, tags={"cnn_train.role": "sweep-trial"})
+    choice = tracking.default_model(uri=store, experiment="runs-only")
+    assert choice.model_uri == model_uri and choice.run_id == latest.run_id
+    assert choice.described == (
+        "the latest finished run of experiment 'runs-only' (run-0.7, test accuracy 70.00%), "
+        "since no registered model of it holds the alias champion"
+    )
+
+
+def test_the_default_is_the_best_champion_of_the_experiment(store):
+    weak = _trained_run(store, "champions", accuracy=0.6)
+    strong = _trained_run(store, "champions", accuracy=0.9)
+    elsewhere = _trained_run(store, "other-experiment", accuracy=0.99)
+    _register(store, "weak-line", weak, 0.6)
+    _register(store, "strong-line", strong, 0.9)
+    _register(store, "elsewhere-line", elsewhere, 0.99)
+    choice = tracking.default_model(uri=store, experiment="champions")
+    assert (choice.model_uri, choice.registered, choice.run_id) == (
+        "models:/strong-line@champion", "strong-line/1", strong[0].run_id
+    )
+    assert choice.described == (
+        "models:/strong-line@champion (version 1, test accuracy 90.00%), the best registered champion of the experiment"
+    )
+
+
+def test_an_experiment_with_nothing_to_predict_with_says_what_to_do(store):
+    with pytest.raises(tracking.ModelNotFoundError, match=r"^no experiment 'never-made' in sqlite:///.*mlflow.db, so no model"):
+        tracking.default_model(uri=store, experiment="never-made")
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        pytest.param("runs:/0123456789abcdef0123456789abcdef/model", "no model at runs:/0123456789abcdef0123456789abcdef/model", id="unknown-run"),
+        pytest.param("models:/better-then-worse/99", "no model at models:/better-then-worse/99", id="unknown-version"),
+        pytest.param("models:/better-then-worse@production", "no model version answers to models:/better-then-worse@production", id="unknown-alias"),
+        pytest.param("m-0123456789abcdef0123456789abcdef", "no model at models:/m-0123456789abcdef0123456789abcdef", id="unknown-model-id"),
+        pytest.param("models:/", "models:/ is not a model URI cnn-train understands: use runs:/<run id>/model", id="malformed"),
+    ],
+)
+def test_a_model_that_does_not_exist_lists_what_does(store, two_runs, better_then_worse, spec, problem):
+    with pytest.raises(tracking.ModelNotFoundError) as caught:
+        tracking.locate(spec, uri=store, experiment="ranked")
+    message = str(caught.value)
+    assert message.startswith(problem) and "\n" not in message
+    assert "better-then-worse (@challenger=v2, @champion=v1)" in message
+    assert f"recent finished runs of 'ranked': runs:/{two_runs[1][0].run_id}/model (run-0.84, test accuracy 84.00%)" in message
+
+
+@pytest.mark.parametrize(
+    ("spec", "version"),
+    [
+        pytest.param("models:/better-then-worse@challenger", "2", id="alias"),
+        pytest.param("models:/better-then-worse/1", "1", id="version"),
+    ],
+)
+def test_a_registered_model_is_located_by_alias_or_version(store, two_runs, better_then_worse, spec, version):
+    choice = tracking.locate(spec, uri=store)
+    assert (choice.model_uri, choice.registered, choice.described) == (
+        spec, f"better-then-worse/{version}", f"{spec} (version {version}, as given)"
+    )
+    assert choice.run_id == two_runs[int(version) - 1][0].run_id
+
+
+@pytest.mark.parametrize("form", ["m-id", "models-uri", "run-uri"])
+def test_a_logged_model_is_located_by_its_id_or_its_run(store, two_runs, form):
+    tracker, model_uri = two_runs[0]
+    spec = {"m-id": model_uri.removeprefix("models:/"), "models-uri": model_uri, "run-uri": f"runs:/{tracker.run_id}/model"}[form]
+    choice = tracking.locate(spec, uri=store)
+    assert (choice.model_uri, choice.run_id) == (spec if form == "run-uri" else model_uri, tracker.run_id)
