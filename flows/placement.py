@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from filelock import FileLock, Timeout
 
@@ -132,17 +132,24 @@ def resolve_requests(overrides: Mapping[str, str | DeviceRequest | None] | None 
     return requests
 
 
-def ray_resources(request: str | DeviceRequest, *, cluster_gpus: float | None = None) -> dict[str, int]:
+def ray_resources(
+    request: str | DeviceRequest, *, cluster_gpus: float | None = None, custom: Mapping[str, float] | None = None
+) -> dict[str, Any]:
     """Ray task options for ``request``: one GPU for a GPU request, none for ``cpu``.
 
     With ``cluster_gpus`` known, ``gpu-preferred`` asks for no GPU on a cluster that has none, so
     CPU-only clusters run it instead of queueing it forever; strict requests still ask for one and
-    wait for Ray to find it, as they would locally.
+    wait for Ray to find it, as they would locally. ``custom`` resources (what a node advertises with
+    ``ray start --resources``, e.g. a machine type) are asked for as they are, so the task runs only
+    on nodes that have them.
     """
     parsed = parse_request(request)
+    options: dict[str, Any] = {"num_gpus": 1 if parsed.wants_gpu else 0}
     if parsed.policy == "gpu-preferred" and cluster_gpus is not None and cluster_gpus < 1:
-        return {"num_gpus": 0}
-    return {"num_gpus": 1 if parsed.wants_gpu else 0}
+        options["num_gpus"] = 0
+    if custom:
+        options["resources"] = dict(custom)
+    return options
 
 
 @dataclass(frozen=True)

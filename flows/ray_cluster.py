@@ -1,0 +1,296 @@
+"""Trials on Ray: prefect-ray's task runner on a new local Ray or an existing cluster, what a trial asks
+Ray for, and what the driver hands to the workers.
+
+Joining a cluster follows Ray's own rules, with three differences that make failures say why:
+- ``HOST:PORT`` and ``ray://HOST:PORT`` are checked to answer before Ray tries (Ray itself waits
+  minutes on an address where nothing listens).
+- Ray 2.60 clusters use token authentication by default, and Ray sends a token to an explicit address
+  only with ``RAY_AUTH_MODE=token``; when a token is provided the way Ray documents it
+  (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) and ``RAY_AUTH_MODE`` is
+  unset, the driver turns token mode on. A cluster without authentication still accepts such a driver.
+- A refused or missing token, an ``auto`` that finds no cluster, and a Ray Client that does not
+  answer each become one line saying what to do (:class:`RayClusterError`).
+
+Ray's own task retries are off for trials (``max_retries=0``): a trial whose worker died is submitted
+again by the flow (:func:`worker_died`), and resumes from its MLflow child run's checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import socket
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from prefect.context import FlowRunContext
+
+from cnn_train.flows.errors import ExpectedFailure
+from cnn_train.flows.placement import ray_resources
+
+__all__ = [
+    "RayClusterError",
+    "node_tags",
+    "parse_resources",
+    "ray_task_runner",
+    "token_source",
+    "worker_died",
+]
+
+#: Environment that trials on Ray need from the driver: where to report, with which credentials, and
+#: where to keep state. Credentials travel in the job's runtime environment, which anyone who may
+#: run code on the cluster can read: the cluster's token is what guards them.
+_FORWARDED_ENV = (
+    "PREFECT_API_URL",
+    "PREFECT_API_AUTH_STRING",
+    "PREFECT_API_KEY",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "CNN_TRAIN_ROOT",
+    "CNN_TRAIN_STATE_DIR",
+    "DO_NOT_TRACK",
+    "MLFLOW_DISABLE_TELEMETRY",
+    "PREFECT_SERVER_ANALYTICS_ENABLED",
+)
+
+# Ray's documented token settings (https://docs.ray.io/en/latest/ray-security/token-auth.html).
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+TOKEN_ENV = "RAY_AUTH_TOKEN"
+TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+
+_ADDRESS_FORMS = "HOST:PORT (the head's port, from a node of the cluster), ray://HOST:PORT (Ray Client, from anywhere) or auto"
+_HOST_PORT = re.compile(r"(?P<host>\[[0-9a-fA-F:]+\]|[^:/\s]+):(?P<port>\d{1,5})")
+_REACH_TIMEOUT = 5.0
+_HOW_TO_GIVE_A_TOKEN = (
+    f"run `ray get-auth-token` on the cluster's head node and give its output to this machine as {TOKEN_ENV} "
+    "(or save it as ~/.ray/auth_token)"
+)
+
+
+class RayClusterError(ExpectedFailure, ValueError):
+    """A Ray address that cannot be joined; the message says why and what to do."""
+
+
+def token_source() -> str | None:
+    """Where Ray would read this driver's token from, in Ray's order, or None without one."""
+    if os.environ.get(TOKEN_ENV):
+        return TOKEN_ENV
+    if path := os.environ.get(TOKEN_PATH_ENV):
+        return path if Path(path).is_file() else None
+    default = Path.home() / ".ray" / "auth_token"
+    return str(default) if default.is_file() else None
+
+
+def parse_resources(items: list[str] | None) -> dict[str, float]:
+    """``["a100=1", "fast_disk=0.5"]`` as Ray custom resources every trial asks for."""
+    resources: dict[str, float] = {}
+    for item in items or []:
+        name, sep, amount = item.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name) or value <= 0:
+            raise RayClusterError(
+                f"--ray-resource takes NAME=AMOUNT with a positive amount (a resource a node advertises with "
+                f"`ray start --resources`, e.g. a100=1); got {item!r}"
+            )
+        resources[name] = value
+    return resources
+
+
+def _endpoint(address: str) -> tuple[str, int]:
+    """Host and port of ``HOST:PORT`` or ``ray://HOST:PORT``; anything else is refused in one line."""
+    match = _HOST_PORT.fullmatch(address.removeprefix("ray://"))
+    if match is None or not 0 < int(match["port"]) < 65536:
+        raise RayClusterError(f"--ray-address takes {_ADDRESS_FORMS}; got {address!r}")
+    return match["host"].strip("[]"), int(match["port"])
+
+
+def _check_answers(address: str) -> None:
+    """Refuse at once an address where nothing listens (Ray would retry for minutes)."""
+    host, port = _endpoint(address)
+    try:
+        with socket.create_connection((host, port), timeout=_REACH_TIMEOUT):
+            return
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+    if address.startswith("ray://"):
+        what = "the Ray Client server (`ray start --head` opens it on port 10001)"
+    else:
+        what = "a Ray head (`ray start --head --port PORT`)"
+    raise RayClusterError(
+        f"nothing answers at {host}:{port} ({reason}): check the address and that {what} runs there "
+        "and can be reached from this machine"
+    )
+
+
+def _send_token_when_provided() -> None:
+    """Turn on Ray's token mode when a token is provided and the mode is not chosen (Ray sends no
+    token to an explicit address otherwise). An explicit ``RAY_AUTH_MODE`` is left alone."""
+    if not os.environ.get(AUTH_MODE_ENV) and token_source() is not None:
+        os.environ[AUTH_MODE_ENV] = "token"
+
+
+def _join_failure(address: str, error: BaseException) -> RayClusterError:
+    """One line for why joining ``address`` failed, from Ray's exception and its cause."""
+    text = f"{error} {error.__cause__ or ''}"
+    where = "the Ray cluster found by auto" if address == "auto" else f"the Ray cluster at {address}"
+    source = token_source() if os.environ.get(AUTH_MODE_ENV, "").lower() == "token" else None
+    if "InvalidAuthToken" in text or "Unauthenticated" in text or "no authentication token was found" in text:
+        if source is None:
+            return RayClusterError(f"{where} requires an authentication token and none was given: {_HOW_TO_GIVE_A_TOKEN}")
+        return RayClusterError(f"{where} refused the token from {source}: give this cluster's token; {_HOW_TO_GIVE_A_TOKEN}")
+    if "Could not find any running Ray instance" in text:
+        return RayClusterError(
+            "--ray-address auto found no Ray cluster on this machine (none started with `ray start --head` "
+            "here, and no RAY_ADDRESS): start one, or give HOST:PORT or ray://HOST:PORT"
+        )
+    if "ray client connection timeout" in text:
+        hint = "its token is refused" if source else f"it requires a token, none was given: {_HOW_TO_GIVE_A_TOKEN}"
+        return RayClusterError(
+            f"{where} did not let this Ray Client in within 30 s; if the cluster uses token authentication "
+            f"(Ray's default), {hint}"
+        )
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    hint = ""
+    if address != "auto" and not address.startswith("ray://"):
+        hint = "; HOST:PORT joins from a node of the cluster, from elsewhere use ray://HOST:10001"
+    return RayClusterError(f"could not join {where}: {first_line}{hint}")
+
+
+@functools.cache
+def _runner_class() -> type:
+    """prefect-ray's runner, translating a failed join into :class:`RayClusterError` (defined on first
+    use: prefect-ray is an optional extra)."""
+    from prefect_ray import RayTaskRunner
+
+    class RayClusterTaskRunner(RayTaskRunner):
+        """prefect-ray's ``RayTaskRunner`` that also carries the custom resources every trial asks for."""
+
+        def __init__(
+            self,
+            address: str | None = None,
+            init_kwargs: dict[str, Any] | None = None,
+            trial_resources: Mapping[str, float] | None = None,
+        ) -> None:
+            super().__init__(address=address, init_kwargs=init_kwargs)
+            self.trial_resources = dict(trial_resources or {})
+
+        def duplicate(self) -> RayClusterTaskRunner:
+            return type(self)(address=self.address, init_kwargs=self.init_kwargs, trial_resources=self.trial_resources)
+
+        def __eq__(self, other: object) -> bool:
+            return super().__eq__(other) and self.trial_resources == getattr(other, "trial_resources", None)
+
+        def __enter__(self) -> RayClusterTaskRunner:
+            import ray.exceptions
+
+            if not self.address:  # a new local Ray: a failure to start it is not the user's to fix
+                return super().__enter__()
+            try:
+                return super().__enter__()
+            except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as error:
+                raise _join_failure(self.address, error) from None
+
+    return RayClusterTaskRunner
+
+
+def ray_task_runner(
+    address: str | None = None,
+    *,
+    init_kwargs: Mapping[str, Any] | None = None,
+    trial_resources: Mapping[str, float] | None = None,
+) -> Any:
+    """prefect-ray's runner: a new local Ray, or the cluster at ``address`` (``HOST:PORT``, ``auto`` or
+    ``ray://HOST:PORT``). ``trial_resources`` are Ray custom resources every trial asks for.
+
+    Trials pick their device inside Ray (``assigned_by_scheduler``), so Ray's GPU assignment, not a
+    local lease, decides which card a trial gets. The driver's Prefect and MLflow locations and
+    credentials are forwarded so trials on Ray workers report where the flow run does.
+    """
+    from prefect.settings import get_current_settings
+
+    try:
+        runner_class = _runner_class()
+    except ImportError as error:
+        raise RayClusterError(
+            f"task runner 'ray' needs prefect-ray and ray ({error}); install them with: pip install 'cnn-train[ray]'"
+        ) from None
+    if address and address != "auto":
+        _check_answers(address)
+        _send_token_when_provided()
+
+    env = {name: os.environ[name] for name in _FORWARDED_ENV if os.environ.get(name)}
+    if api_url := get_current_settings().api.url:
+        env["PREFECT_API_URL"] = api_url
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}}
+    if not address:
+        # "local" so that a cluster named by RAY_ADDRESS or a `ray start` on this machine is not joined
+        # by surprise; no dashboard (its extra dependencies are not installed) and a modest object
+        # store: the arrays of one prepared dataset are what trials share.
+        kwargs |= {"address": "local", "include_dashboard": False, "object_store_memory": 1_000_000_000}
+    elif address == "auto":
+        # prefect-ray turns "auto" into a bare ray.init(), which starts a new local Ray when it finds
+        # none; Ray's own "auto" fails instead, and finds the cluster the same way otherwise.
+        kwargs["address"] = "auto"
+    return runner_class(address=address, init_kwargs=kwargs | dict(init_kwargs or {}), trial_resources=trial_resources)
+
+
+def _on_ray() -> bool:
+    """Whether this flow run's tasks go to Ray."""
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError:
+        return False
+    return isinstance(FlowRunContext.get().task_runner, RayTaskRunner)
+
+
+def _ray_cluster_gpus() -> float | None:
+    """GPUs Ray reports for the cluster, when this flow runs on Ray."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else None
+
+
+@contextlib.contextmanager
+def _ray_request(device_request: str, on_ray: bool) -> Iterator[None]:
+    """The trial's needs as Ray options on the task submitted inside this block: its GPU, the runner's
+    custom resources, and no Ray retries (the flow resubmits a trial whose worker died)."""
+    if not on_ray:
+        yield
+        return
+    from prefect_ray.context import remote_options
+
+    custom = getattr(FlowRunContext.get().task_runner, "trial_resources", None)
+    with remote_options(**ray_resources(device_request, cluster_gpus=_ray_cluster_gpus(), custom=custom), max_retries=0):
+        yield
+
+
+def worker_died(error: BaseException) -> bool:
+    """Whether ``error`` says the Ray worker or node running a task died (not that the task failed)."""
+    import ray.exceptions
+
+    return isinstance(error, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError))
+
+
+def mark_crashed(task_run_id: Any, message: str) -> None:
+    """Record a task run whose Ray worker died as Crashed; its engine died with the worker and left it Running."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        client.set_task_run_state(task_run_id, Crashed(message=message), force=True)
+
+
+def node_tags() -> dict[str, str]:
+    """The Ray node this code runs on, as MLflow run tags."""
+    import ray
+    import ray.util
+
+    return {"ray.node_id": ray.get_runtime_context().get_node_id(), "ray.node_ip": ray.util.get_node_ip_address()}

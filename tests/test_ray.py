@@ -1,0 +1,317 @@
+"""Sweeps on a Ray cluster started the standard way (`ray start`, token authentication on): joining it
+by HOST:PORT and auto, the one-line errors, trials placed by a node's custom resource, and a trial
+whose Ray worker is killed finishing once, resumed, in one MLflow child run.
+
+The cluster is two `ray start` nodes on loopback, with their own temporary directory and home (so
+`auto` and the token file find only this cluster) and their own process groups, which the module
+stops by those group ids: `ray stop` would stop every Ray on the machine."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from cnn_train.flows.ray_cluster import RayClusterError, parse_resources, ray_task_runner
+from cnn_train.flows.sweep_flow import trial_key
+
+BIN = Path(sys.executable).parent
+SMALL = ["--epochs", "1", "--sample-limit", "400", "--test-limit", "200", "--architecture", "dense"]
+#: The custom resource only the second node advertises.
+BOX = "cnn_gpu_box"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- fast: what is refused before Ray is asked -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        pytest.param("headnode", "--ray-address takes HOST:PORT", id="no-port"),
+        pytest.param("ray://headnode", "--ray-address takes HOST:PORT", id="ray-client-no-port"),
+        pytest.param("http://headnode:8265", "--ray-address takes HOST:PORT", id="dashboard-url"),
+        pytest.param("127.0.0.1:{port}", "nothing answers at 127.0.0.1:{port} (Connection refused)", id="unreachable"),
+        pytest.param("ray://127.0.0.1:{port}", "nothing answers at 127.0.0.1:{port} (Connection refused)", id="unreachable-client"),
+    ],
+)
+def test_addresses_refused_in_one_line(address: str, message: str) -> None:
+    port = _free_port()  # nothing listens on it
+    with pytest.raises(RayClusterError, match=re.escape(message.format(port=port))) as caught:
+        ray_task_runner(address.format(port=port))
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("items", "expected"),
+    [
+        pytest.param(["a100=1"], {"a100": 1.0}, id="one"),
+        pytest.param(["a100=1", "fast_disk=0.5"], {"a100": 1.0, "fast_disk": 0.5}, id="two"),
+        pytest.param(None, {}, id="none"),
+    ],
+)
+def test_trial_resources_parse(items, expected) -> None:
+    assert parse_resources(items) == expected
+
+
+@pytest.mark.parametrize("item", ["a100", "a100=0", "a100=x", "=1"])
+def test_bad_trial_resources_are_refused(item: str) -> None:
+    with pytest.raises(RayClusterError, match=re.escape(f"--ray-resource takes NAME=AMOUNT with a positive amount (a resource a node advertises with `ray start --resources`, e.g. a100=1); got {item!r}")):
+        parse_resources([item])
+
+
+def test_trial_key_depends_on_the_values_only() -> None:
+    assert trial_key({"learning_rate": 0.001, "seed": 1}) == trial_key({"seed": 1, "learning_rate": 0.001})
+    assert trial_key({"learning_rate": 0.001}) != trial_key({"learning_rate": 0.0003})
+
+
+# --- slow: a real two-node cluster -----------------------------------------------------------------
+
+
+@dataclass
+class RayCluster:
+    """Two `ray start` nodes on this machine; ``box_node`` is the one advertising :data:`BOX`."""
+
+    root: Path
+    token: str
+    port: int
+    groups: list[int] = field(default_factory=list)
+    box_node: str = ""
+
+    @property
+    def home(self) -> Path:
+        return self.root / "home"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def ray_env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        return env | {"HOME": str(self.home), "RAY_TMPDIR": str(self.root), "RAY_USAGE_STATS_ENABLED": "0"} | extra
+
+    def start(self, *args: str, **env: str) -> None:
+        """`ray start ARGS` in a process group of its own; Ray's daemons stay in it after `ray start` returns.
+        Ray gives a new node a fixed 30 s to register, which a saturated machine can miss: a second try."""
+        for attempt in (1, 2):
+            log = self.root / f"ray-start-{len(self.groups)}.log"
+            with log.open("w") as out:
+                process = subprocess.Popen(  # noqa: S603 - our own command
+                    [str(BIN / "ray"), "start", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0",
+                     "--dashboard-agent-listen-port", str(_free_port()), "--disable-usage-stats", *args],
+                    env=self.ray_env(**env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                )
+                self.groups.append(process.pid)
+                if process.wait(timeout=180) == 0:
+                    return
+            _stop_groups([self.groups.pop()])
+            assert attempt == 1 and "timed out during startup" in log.read_text(), log.read_text()[-3000:]
+
+    def stop(self) -> None:
+        _stop_groups(list(reversed(self.groups)))
+
+    def nodes(self) -> dict[str, dict[str, float]]:
+        """Each alive node's id and resources, as a driver with the token sees them."""
+        script = (
+            "import json, ray; ray.init(address=%r, logging_level='ERROR'); "
+            "print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))" % self.address
+        )
+        done = subprocess.run(  # noqa: S603 - our own command
+            [sys.executable, "-c", script], env=self.ray_env(RAY_AUTH_MODE="token"),
+            capture_output=True, text=True, timeout=120, check=True,
+        )
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _stop_groups(groups: list[int]) -> None:
+    """SIGTERM to each process group, then SIGKILL to what is left of them."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, sig)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_group_alive(g) for g in groups):
+            time.sleep(0.3)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RayCluster]:
+    """A head (token auth on, as `ray start --head` turns it on when ~/.ray/auth_token exists) and a
+    second node advertising one BOX; Ray's socket paths must stay short, hence a /tmp directory."""
+    root = Path(tempfile.mkdtemp(prefix="cnnray-", dir="/tmp"))
+    token = uuid.uuid4().hex
+    (root / "home" / ".ray").mkdir(parents=True)
+    (root / "home" / ".ray" / "auth_token").write_text(token)
+    ray_cluster = RayCluster(root, token, _free_port())
+    try:
+        ray_cluster.start(
+            "--head", "--port", str(ray_cluster.port), "--ray-client-server-port", str(_free_port()),
+            "--dashboard-port", str(_free_port()), "--include-dashboard", "false",
+        )
+        # A node that is not the head joins only with token mode on, as Ray documents.
+        ray_cluster.start("--address", ray_cluster.address, "--resources", json.dumps({BOX: 1}), RAY_AUTH_MODE="token")
+        nodes = ray_cluster.nodes()
+        assert len(nodes) == 2, nodes
+        ray_cluster.box_node = next(node for node, resources in nodes.items() if BOX in resources)
+        yield ray_cluster
+    finally:
+        ray_cluster.stop()
+
+
+@pytest.fixture
+def sweep_env(mlflow_store: str, prefect_api_url: str, tmp_path: Path, cluster: RayCluster) -> dict[str, str]:
+    """The environment of a user's shell on this machine: the module's stores, a home without any Ray token."""
+    (tmp_path / "home").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    return env | {"PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_store, "HOME": str(tmp_path / "home")}
+
+
+def _sweep(env: dict[str, str], *args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603 - our own command
+        [str(BIN / "cnn-train"), "sweep", "--task-runner", "ray", *args],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def _sweep_children(mlflow_store: str, output: str) -> tuple[str, list]:
+    """The sweep's parent run id and its child runs, from the command's `best trial: RUN_ID` line."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_store)
+    best = client.get_run(re.search(r"best trial: ([0-9a-f]{32})", output).group(1))
+    parent_id = best.data.tags["mlflow.parentRunId"]
+    children = client.search_runs([best.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    return parent_id, children
+
+
+def _trial_task_runs(flow_run_id: str, prefect_api_url: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_api_url}), get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return [run for run in runs if run.name.startswith("trial")]
+
+
+@pytest.mark.slow
+def test_explicit_address_with_the_token_places_trials_on_the_node_with_the_resource(
+    cluster, sweep_env, mlflow_store, prefect_api_url
+):
+    done = _sweep(
+        sweep_env | {"RAY_AUTH_TOKEN": cluster.token},  # the token as Ray documents it, no RAY_AUTH_MODE
+        "--ray-address", cluster.address, "--ray-resource", f"{BOX}=1", "--grid", "learning_rate=0.001,0.0003", *SMALL,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _, children = _sweep_children(mlflow_store, done.stdout)
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    # Both nodes have a free CPU; only the node with the resource may run a trial that needs it.
+    assert [c.data.tags["ray.node_id"] for c in children] == [cluster.box_node] * 2
+    # The driver's Prefect API reached the workers: their task runs are on the same server.
+    flow_run_id = children[0].data.tags["prefect.flow_run_id"]
+    assert sorted(r.state.name for r in _trial_task_runs(flow_run_id, prefect_api_url)) == ["Completed", "Completed"]
+
+
+@pytest.mark.slow
+def test_auto_joins_the_cluster_started_on_this_machine(cluster, sweep_env, mlflow_store):
+    # auto reads the address `ray start` left in Ray's temporary directory and the token in ~/.ray.
+    env = sweep_env | {"HOME": str(cluster.home), "RAY_TMPDIR": str(cluster.root)}
+    done = _sweep(env, "--ray-address", "auto", "--grid", "learning_rate=0.001", *SMALL)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _, children = _sweep_children(mlflow_store, done.stdout)
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    assert children[0].data.tags["ray.node_id"] in cluster.nodes()
+
+
+@pytest.mark.slow
+def test_a_missing_token_is_one_line_saying_how_to_give_it(cluster, sweep_env):
+    # Ray retries its first call to the cluster for 20 s by default; the test does not need to wait that long.
+    env = sweep_env | {"RAY_gcs_server_port_wait_time_s": "2"}
+    done = _sweep(env, "--ray-address", cluster.address, "--grid", "learning_rate=0.001", *SMALL)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"cnn-train: the Ray cluster at {cluster.address} requires an authentication token and none was given: "
+        "run `ray get-auth-token` on the cluster's head node and give its output to this machine as RAY_AUTH_TOKEN "
+        "(or save it as ~/.ray/auth_token)"
+    )
+
+
+def _trial_worker(groups: list[int]) -> int | None:
+    """The pid of the Ray worker process running a trial in this cluster's process groups."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = process.info["cmdline"] or []
+            if cmdline and cmdline[0].startswith("ray::trial") and os.getpgid(process.pid) in groups:
+                return process.pid
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_a_trial_whose_worker_is_killed_finishes_once_resumed(cluster, sweep_env, mlflow_store, prefect_api_url):
+    from mlflow import MlflowClient
+
+    checkpoints = Path(os.environ["CNN_TRAIN_STATE_DIR"]) / "checkpoints"
+    before = set(checkpoints.glob("*")) if checkpoints.exists() else set()
+    env = sweep_env | {"RAY_AUTH_TOKEN": cluster.token}
+    args = ["--ray-address", cluster.address, "--grid", "learning_rate=0.001", "--epochs", "3",
+            "--sample-limit", "2000", "--test-limit", "200", "--architecture", "cnn"]
+    sweep = subprocess.Popen(  # noqa: S603 - our own command
+        [str(BIN / "cnn-train"), "sweep", "--task-runner", "ray", *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        # Kill the trial's worker once it has checkpointed its first epoch.
+        deadline = time.monotonic() + 300
+        killed = None
+        while killed is None and time.monotonic() < deadline and sweep.poll() is None:
+            started = [p for p in checkpoints.glob("*/progress.json") if p.parent not in before] if checkpoints.exists() else []
+            if started and json.loads(started[0].read_text()) and (pid := _trial_worker(cluster.groups)):
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+            time.sleep(0.2)
+        stdout, stderr = sweep.communicate(timeout=400)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert killed is not None, "the trial finished before its worker could be killed"
+    assert sweep.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    _, children = _sweep_children(mlflow_store, stdout)
+    assert len(children) == 1, [c.info.run_id for c in children]
+    child = children[0]
+    assert child.info.status == "FINISHED"
+    assert int(child.data.tags["cnn_train.resumed_from_epoch"]) >= 1
+    history = MlflowClient(mlflow_store).get_metric_history(child.info.run_id, "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    # Prefect shows the attempt that died Crashed, and the one that resumed Completed.
+    states = sorted(r.state.name for r in _trial_task_runs(child.data.tags["prefect.flow_run_id"], prefect_api_url))
+    assert states == ["Completed", "Crashed"]
