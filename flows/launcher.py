@@ -13,6 +13,9 @@ from cnn_train.flows import flow_runs, services
 
 Echo = Callable[[str], None]
 
+#: Seconds a server may take to answer (a fresh Prefect database on a busy 2-core machine took 90 s).
+START_TIMEOUT = float(os.environ.get("CNN_TRAIN_START_TIMEOUT", "300"))
+
 _FINAL_EPOCH_METRIC = "val_accuracy"
 
 
@@ -53,8 +56,8 @@ def up(*, trigger: bool, watch_timeout: float, echo: Echo, worker: bool = False)
     The deployments run either served by this machine's serve process, or (``worker``) from a work
     pool through this machine's worker; starting one mode stops the other, since the last one to
     register the deployments owns them."""
-    _start(services.prefect_server, echo, timeout=120)
-    _start(services.mlflow_server, echo, timeout=120)
+    _start(services.prefect_server, echo, timeout=START_TIMEOUT)
+    _start(services.mlflow_server, echo, timeout=START_TIMEOUT)
     point_prefect_cli_at_server(echo)
     clean_up_after_crashes(echo)
     if worker:
@@ -62,7 +65,7 @@ def up(*, trigger: bool, watch_timeout: float, echo: Echo, worker: bool = False)
     else:
         if services.worker_process.stop():
             echo(f"{services.worker_process.name}: stopped (the serve process takes over the deployments)")
-        _start(services.serve_process, echo, timeout=120)
+        _start(services.serve_process, echo, timeout=START_TIMEOUT)
     echo(f"Prefect UI: {services.prefect_ui_url()}")
     echo(f"MLflow UI:  {services.mlflow_url()}")
     if not trigger:
@@ -78,7 +81,7 @@ def _start_worker(echo: Echo) -> None:
         from cnn_train.flows import worker
 
         worker.deploy(os.environ | services.quiet_environment(), echo)
-    _start(services.worker_process, echo, timeout=120)
+    _start(services.worker_process, echo, timeout=START_TIMEOUT)
 
 
 def clean_up_after_crashes(echo: Echo) -> None:
@@ -93,6 +96,8 @@ def clean_up_after_crashes(echo: Echo) -> None:
         echo(f"delivered {delivery.delivered} waiting tracking record(s) of MLflow run {spool.run_id}")
     for orphan in crashes.crash_orphans(tracking_uri=services.mlflow_url()):
         echo(f"flow run {orphan.name} marked Crashed, its MLflow runs FAILED: {orphan.reason}")
+    for run_id in tracking.reap_stale_runs(uri=services.mlflow_url()):
+        echo(f"MLflow run {run_id} marked FAILED: its heartbeat had stopped")
 
 
 def trigger_and_watch(*, watch_timeout: float, echo: Echo, parameters: dict | None = None) -> int:

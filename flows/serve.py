@@ -1,39 +1,72 @@
-"""Serve ``cnn-train/default``, ``cnn-train-compare/default`` and ``cnn-train-sweep/default`` until interrupted.
+"""The deployments cnn-train offers, declared once, and serving them until interrupted.
 
-Started in the background by ``cnn-train up``; flow runs execute in subprocesses that inherit this
-process's environment (MLflow tracking URI, Prefect API URL).
+:data:`DEPLOYMENTS` is the one list: ``cnn-train up`` serves it from this process (flow runs execute
+in subprocesses that inherit its environment: MLflow tracking URI, Prefect API URL), and
+``prefect.yaml``, which ``cnn-train up --worker`` deploys to a work pool, is generated from it
+(:mod:`cnn_train.flows.worker`). Add a deployment here, then regenerate ``prefect.yaml``:
+``python -m cnn_train.flows.worker prefect-yaml``.
 """
 
 from __future__ import annotations
 
-from prefect import serve
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
 
-from cnn_train.flows.compare_flow import cnn_train_compare
-from cnn_train.flows.sweep_flow import cnn_train_sweep
-from cnn_train.flows.train_flow import cnn_train
+#: Tags every cnn-train deployment carries.
+TAGS = ("cnn-train",)
 
-#: What `prefect deployment run cnn-train/default` trains unless told otherwise.
-DEFAULT_DEPLOYMENT_PARAMETERS = {"compare_dense": True}
+
+@dataclass(frozen=True)
+class Deployment:
+    """One deployment: its flow by module path (``package.module.flow_object``, which Prefect workers
+    import as is), what its form says, and the parameters it runs with unless told otherwise."""
+
+    flow_path: str
+    description: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    name: str = "default"
+
+    def flow(self) -> Any:
+        module, _, name = self.flow_path.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+
+DEPLOYMENTS: tuple[Deployment, ...] = (
+    Deployment(
+        "cnn_train.flows.train_flow.cnn_train",
+        "The lesson's Fashion-MNIST CNN, trained, evaluated and reported, with the dense network beside it.",
+        # What `prefect deployment run cnn-train/default` trains unless told otherwise.
+        parameters={"compare_dense": True},
+    ),
+    Deployment(
+        "cnn_train.flows.compare_flow.cnn_train_compare",
+        "The same config on the keras and torch backends, side by side with a parity verdict.",
+    ),
+    Deployment(
+        "cnn_train.flows.sweep_flow.cnn_train_sweep",
+        "A grid of configurations sharing one data prep, ranked in a parent MLflow run (local threads).",
+    ),
+    Deployment(
+        "cnn_train.flows.predict_flow.cnn_train_predict",
+        "Classify a folder of images (-p images=/path) with the champion model, or -p model=...",
+    ),
+)
 
 
 def main() -> None:
+    from prefect import serve
+
     serve(
-        cnn_train.to_deployment(
-            name="default",
-            parameters=DEFAULT_DEPLOYMENT_PARAMETERS,
-            description="The lesson's Fashion-MNIST CNN, trained, evaluated and reported, with the dense network beside it.",
-            tags=["cnn-train"],
-        ),
-        cnn_train_compare.to_deployment(
-            name="default",
-            description="The same config on the keras and torch backends, side by side with a parity verdict.",
-            tags=["cnn-train"],
-        ),
-        cnn_train_sweep.to_deployment(
-            name="default",
-            description="A grid of configurations sharing one data prep, ranked in a parent MLflow run (local threads).",
-            tags=["cnn-train"],
-        ),
+        *(
+            deployment.flow().to_deployment(
+                name=deployment.name,
+                parameters=deployment.parameters,
+                description=deployment.description,
+                tags=list(TAGS),
+            )
+            for deployment in DEPLOYMENTS
+        )
     )
 
 

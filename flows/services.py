@@ -116,7 +116,8 @@ class Service:
             os.kill(pid, 0)
         except (OSError, ValueError):
             return None
-        return pid
+        # Killed but not yet reaped by the process that started it: gone all the same.
+        return None if _is_zombie(pid) else pid
 
     def start(self, *, timeout: float = 90.0) -> bool:
         """Start unless already ready; returns whether it had to start. Waits until ready."""

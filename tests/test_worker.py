@@ -1,0 +1,134 @@
+"""Worker mode: prefect.yaml declares what serve.py serves, on a process work pool; `cnn-train up --worker`
+creates the pool and starts a worker through which `prefect deployment run cnn-train/default` completes."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cnn_train.flows import worker
+from cnn_train.flows.params import RunParameters
+from cnn_train.flows.placement import GpuInfo
+from cnn_train.flows.serve import DEPLOYMENTS
+
+BIN = Path(sys.executable).parent
+
+
+def test_prefect_yaml_declares_every_served_deployment() -> None:
+    assert worker.CHECKOUT_PREFECT_YAML.read_text() == worker.prefect_yaml(), (
+        "prefect.yaml differs from flows/serve.py's DEPLOYMENTS; regenerate it: "
+        ".venv/bin/python -m cnn_train.flows.worker prefect-yaml"
+    )
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d.flow_path.rpartition(".")[2])
+def test_each_deployment_names_an_importable_flow(deployment) -> None:
+    from prefect import Flow
+
+    # A module path without ':' is what a worker imports without any pull step.
+    assert ":" not in deployment.flow_path
+    assert isinstance(deployment.flow(), Flow)
+
+
+def _gpus(count: int) -> list[GpuInfo]:
+    return [GpuInfo(index, "Test GPU", 16_000, 16_000) for index in range(count)]
+
+
+@pytest.mark.parametrize(("gpus", "limit"), [(0, None), (1, 1), (4, 4)], ids=["cpu-only", "one-gpu", "four-gpus"])
+def test_a_worker_takes_one_flow_run_per_gpu(gpus: int, limit: int | None) -> None:
+    assert worker.concurrency_limit(lambda: _gpus(gpus)) == limit
+    command = worker.worker_command(limit)
+    # A background worker ignores SIGTERM unless INT has its default action back (PLATFORM-NOTES).
+    assert command[:2] == ["env", "--default-signal=INT"]
+    assert command[command.index("--pool") + 1] == worker.pool_name()
+    assert (command[command.index("--limit") + 1] if "--limit" in command else None) == (str(limit) if limit else None)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def worker_stack(tmp_path_factory, real_fashion_mnist_dir):
+    """`cnn-train up --no-trigger --worker` in a private project root, home and pair of ports; `down` after."""
+    root = tmp_path_factory.mktemp("worker-project")
+    env = os.environ | {
+        "CNN_TRAIN_ROOT": str(root),
+        "HOME": str(root / "home"),  # the Prefect profile `up` writes stays in here
+        "CNN_TRAIN_PREFECT_PORT": str(_free_port()),
+        "CNN_TRAIN_MLFLOW_PORT": str(_free_port()),
+        "CNN_TRAIN_DATA_DIR": str(real_fashion_mnist_dir),
+    }
+    for key in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI", "CNN_TRAIN_STATE_DIR"):
+        env.pop(key, None)
+    up = subprocess.run(
+        [BIN / "cnn-train", "up", "--no-trigger", "--worker"], env=env, capture_output=True, text=True, timeout=600
+    )
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield env, up.stdout
+    finally:
+        down = subprocess.run([BIN / "cnn-train", "down"], env=env, capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert "worker: stopped" in down.stdout
+
+
+def _prefect_api(env: dict[str, str]) -> str:
+    return f"http://127.0.0.1:{env['CNN_TRAIN_PREFECT_PORT']}/api"
+
+
+@pytest.mark.slow
+def test_up_worker_creates_the_pool_and_deploys_every_field(worker_stack):
+    env, output = worker_stack
+    assert "worker: starting" in output and "deployment-server" not in output
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: _prefect_api(env)}), get_client(sync_client=True) as client:
+        assert client.read_work_pool(worker.WORK_POOL).type == "process"
+        for deployment in DEPLOYMENTS:
+            deployed = client.read_deployment_by_name(f"{deployment.flow().name}/{deployment.name}")
+            assert deployed.work_pool_name == worker.WORK_POOL
+            # `prefect deploy` imported the flow, so the generated signature is in the form.
+            assert set(deployed.parameter_openapi_schema["properties"]) == set(deployment.flow().parameters.properties)
+        default = client.read_deployment_by_name("cnn-train/default")
+    assert set(RunParameters.model_fields) <= set(default.parameter_openapi_schema["properties"])
+    doctor = subprocess.run([BIN / "cnn-train", "doctor"], env=env, capture_output=True, text=True, timeout=180)
+    line = next(line for line in doctor.stdout.splitlines() if "deployment:" in line)
+    assert line.startswith(f"ok   deployment: cnn-train/default runs on work pool 'cnn-train' (1 worker(s) online: {worker.worker_name()})")
+
+
+@pytest.mark.slow
+def test_prefect_deployment_run_completes_through_the_worker(worker_stack):
+    env, _ = worker_stack
+    run = subprocess.run(
+        [BIN / "prefect", "deployment", "run", "cnn-train/default", "-p", "epochs=1", "-p", "sample_limit=2000",
+         "--watch", "--watch-timeout", "500"],
+        env={k: v for k, v in env.items() if k != "PREFECT_API_URL"}, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Completed" in run.stdout
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: _prefect_api(env)}), get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
+    assert flow_run.work_pool_name == worker.WORK_POOL
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"http://127.0.0.1:{env['CNN_TRAIN_MLFLOW_PORT']}")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("cnn-train").experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
+    )
+    main = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(main) == 1 and main[0].info.status == "FINISHED"
+    assert main[0].data.params["sample_limit"] == "2000"
