@@ -7,7 +7,19 @@ Everything lives under the project root by default so a checkout is self-contain
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
 from pathlib import Path
+
+#: Prefect's own default home; its profiles file is where the user's Prefect settings live.
+_USER_PREFECT_PROFILES = Path("~/.prefect/profiles.toml")
+
+#: A temporary Prefect server migrates a fresh database first: on a busy 2-core machine that took
+#: longer than Prefect's 20 s default, failing the run before it began.
+_TEMPORARY_SERVER_STARTUP_SECONDS = "120"
+
+#: Telemetry off: nothing cnn-train starts reaches for the internet. MLflow wants "true", not "1";
+#: a temporary Prefect server's telemetry also raced its own fresh database ("database is locked").
+_OFFLINE = {"DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
 def project_root() -> Path:
@@ -34,3 +46,39 @@ def default_tracking_uri() -> str:
 
 def default_artifact_root() -> Path:
     return project_root() / "mlartifacts"
+
+
+def servers_prefect_home() -> Path:
+    """``PREFECT_HOME`` of the servers ``cnn-train up`` starts: the Prefect server's database."""
+    return state_dir() / "prefect"
+
+
+def temporary_prefect_home() -> Path:
+    """``PREFECT_HOME`` of commands run without servers: the temporary server's database and results.
+    Apart from :func:`servers_prefect_home` so the two servers never share one SQLite file."""
+    path = state_dir() / "prefect-temporary"
+    path.mkdir(exist_ok=True)  # Prefect creates its home without parents, and only warns when it cannot
+    return path
+
+
+def keep_library_state_in_project(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Make the libraries keep what they write under the state directory instead of the home
+    directory, for this process and the ones it starts; must run before they are imported.
+
+    Prefect (a temporary server's database, memo and results) goes to :func:`temporary_prefect_home`
+    unless the user set ``PREFECT_HOME``; its database, result storage and profiles settings are left
+    alone, so explicit values of those win too (Prefect derives them from ``PREFECT_HOME`` only when
+    unset), and the user's profile is still read from its usual place. Matplotlib's font cache goes
+    to ``matplotlib/`` unless ``MPLCONFIGDIR`` is set."""
+    environ.setdefault("MPLCONFIGDIR", str(state_dir() / "matplotlib"))
+    if environ.get("PREFECT_HOME"):
+        return
+    environ.setdefault("PREFECT_PROFILES_PATH", str(_USER_PREFECT_PROFILES.expanduser()))
+    environ["PREFECT_HOME"] = str(temporary_prefect_home())
+    environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", _TEMPORARY_SERVER_STARTUP_SECONDS)
+
+
+def keep_libraries_offline(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Switch Prefect's and MLflow's telemetry off for this process and the ones it starts (unless set)."""
+    for name, value in _OFFLINE.items():
+        environ.setdefault(name, value)

@@ -46,9 +46,10 @@ def _before_every_command(
     """Prefect's files under the project's state directory, and the libraries' known noise silenced,
     before any command imports Prefect or MLflow; stderr kept for failures; the servers' credentials."""
     from cnn_train.flows.quiet import quiet_libraries
-    from cnn_train.flows.settings import keep_library_state_in_project
+    from cnn_train.flows.settings import keep_libraries_offline, keep_library_state_in_project
 
     keep_library_state_in_project()
+    keep_libraries_offline()
     quiet_libraries(verbose=verbose)
     _one_line_errors(debug=debug)
     _present_credentials()

@@ -1,0 +1,166 @@
+"""``cnn-train status``, ``gc``, ``runs`` and ``trigger``: what runs and what it leaves behind, the
+recent flow runs, and triggering a deployment with the reason shown when its run fails."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Optional
+
+import typer
+
+from cnn_train.flows.cli.app import app, fail
+
+_SERVER_STATES = {(True, True): "ready", (True, False): "started, not answering", (False, True): "answering (not started here)"}
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print servers and disk use as JSON.")] = False,
+) -> None:
+    """Show the servers started by `cnn-train up` and how much disk the project's state uses."""
+    from cnn_train.flows import housekeeping, services
+
+    servers = services.status()
+    usage = housekeeping.disk_usage()
+    if as_json:
+        typer.echo(json.dumps({"servers": servers, "disk_bytes": {place.label: place.size for place in usage}}, indent=2))
+        return
+    for name, server in servers.items():
+        state = _SERVER_STATES.get((server["pid"] is not None, bool(server["ready"])), "not running")
+        pid = f", pid {server['pid']}" if server["pid"] else ""
+        typer.echo(f"{name}: {state}{pid} (log: {server['log']})")
+    typer.echo("disk:")
+    for place in usage:
+        typer.echo(f"  {place.label:<28} {housekeeping.human_size(place.size):>10}")
+    typer.echo(f"  {'total':<28} {housekeeping.human_size(sum(place.size for place in usage)):>10}")
+    typer.echo("(`cnn-train gc --dry-run` lists what can be pruned)")
+
+
+@app.command()
+def gc(
+    older_than: Annotated[str, typer.Option(help="Prune what was untouched this long: 7d, 12h, 1d12h, 30m.")] = "7d",
+    dry_run: Annotated[bool, typer.Option(help="List what would go; remove nothing.")] = False,
+) -> None:
+    """Prune what accumulates: checkpoints of FAILED or KILLED runs, the temporary Prefect server's
+    results and database, logs of stopped servers (FINISHED runs' checkpoints go at once)."""
+    from cnn_train.flows import housekeeping, services, tracking
+
+    try:
+        age = housekeeping.parse_duration(older_than)
+    except housekeeping.DurationError as error:
+        fail(f"--older-than: {error}")
+    uri = tracking.tracking_uri()
+    try:
+        tracking.check_reachable(uri)
+        statuses = housekeeping.run_statuses(housekeeping.checkpointed_runs(), uri)
+    except tracking.TrackingUnavailableError as error:
+        typer.echo(f"note: {error}; checkpoints are pruned by age only", err=True)
+        statuses = {}
+    running = [service.name for service in services.SERVICES if service.pid() is not None]
+    removals = housekeeping.plan_gc(age, run_status=statuses.get, running_services=running)
+    if not dry_run:
+        housekeeping.remove(removals)
+    verb = "would remove" if dry_run else "removed"
+    for removal in removals:
+        typer.echo(f"{verb} {removal.path} ({housekeeping.human_size(removal.size)}): {removal.reason}")
+    freed = housekeeping.human_size(sum(removal.size for removal in removals))
+    typer.echo(f"{'would free' if dry_run else 'freed'} {freed}" if removals else "nothing to prune")
+
+
+def _prefect_api(*, required: bool) -> str | None:
+    """The configured Prefect API URL (checked to answer), or None for a temporary server."""
+    from prefect.settings import get_current_settings
+
+    from cnn_train.flows.services import http_ok
+
+    api_url = get_current_settings().api.url
+    if api_url is None:
+        if required:
+            fail("no Prefect server is configured (PREFECT_API_URL); start one with `cnn-train up --no-trigger`")
+        return None
+    if not http_ok(f"{api_url.rstrip('/')}/health", timeout=3.0):
+        fail(f"the Prefect API at {api_url} does not answer; start it with `cnn-train up --no-trigger`")
+    return api_url
+
+
+@app.command()
+def runs(limit: Annotated[int, typer.Option(min=1, help="How many flow runs, newest first.")] = 10) -> None:
+    """List recent Prefect flow runs with their state and its message."""
+    import pandas as pd
+
+    from cnn_train.flows import flow_runs
+
+    api_url = _prefect_api(required=False)
+    where = api_url or "the temporary server's database (runs made without servers)"
+    summaries = flow_runs.recent_flow_runs(limit)
+    if not summaries:
+        typer.echo(f"no flow runs on {where}")
+        return
+    typer.echo(f"flow runs on {where}, newest first:")
+    table = pd.DataFrame(
+        {
+            "started": [s.started.astimezone().strftime("%Y-%m-%d %H:%M") if s.started else "" for s in summaries],
+            "flow": [s.flow for s in summaries],
+            "name": [s.name for s in summaries],
+            "state": [s.state for s in summaries],
+            "message": [_one_line(s.message) for s in summaries],
+        }
+    )
+    typer.echo(table.to_string(index=False, justify="left"))
+
+
+def _one_line(message: str, width: int = 90) -> str:
+    line = " ".join(message.split())
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def parse_parameters(items: list[str]) -> dict[str, Any]:
+    """``["epochs=1", "backend=keras"]`` as flow parameters; a value is JSON when it parses, else text."""
+    parameters: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"--param takes NAME=VALUE; got {item!r}")
+        try:
+            parameters[key.strip()] = json.loads(value)
+        except ValueError:
+            parameters[key.strip()] = value
+    return parameters
+
+
+@app.command()
+def trigger(
+    deployment: Annotated[str, typer.Argument(help="FLOW/DEPLOYMENT to run.")] = "cnn-train/default",
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="NAME=VALUE, repeated.")] = None,  # noqa: UP045
+    watch: Annotated[bool, typer.Option(help="Follow the flow run to its end; on failure, show why.")] = False,
+    watch_timeout: Annotated[int, typer.Option(min=1, help="Seconds to follow it.")] = 7200,
+) -> None:
+    """Run a deployment on the Prefect server; with --watch, wait for the end and, when the flow run
+    fails, print its state message and last error log lines."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import get_current_settings
+
+    from cnn_train.flows import flow_runs
+
+    api_url = _prefect_api(required=True)
+    parameters = parse_parameters(param or [])
+    try:
+        flow_run = run_deployment(deployment, parameters=parameters, timeout=0)
+    except ObjectNotFound:
+        fail(f"no deployment {deployment} on {api_url}; `cnn-train up --no-trigger` serves cnn-train/default")
+    ui_url = get_current_settings().ui_url
+    link = f": {ui_url}/runs/flow-run/{flow_run.id}" if ui_url else f" ({flow_run.id})"
+    typer.echo(f"flow run {flow_run.name}{link}")
+    if not watch:
+        return
+    final = flow_runs.wait_for_end(
+        str(flow_run.id), timeout=watch_timeout, on_state=lambda name: typer.echo(f"flow run {flow_run.name}: {name}")
+    )
+    if final is None:
+        fail(f"gave up after {watch_timeout} s; a run left Scheduled means nothing serves {deployment} (`cnn-train status`)", 1)
+    if flow_runs.is_failure(final):
+        for line in flow_runs.failure_reason(str(flow_run.id)):
+            typer.echo(line, err=True)
+    if not final.is_completed():
+        raise typer.Exit(1)

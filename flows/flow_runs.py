@@ -1,0 +1,100 @@
+"""Prefect flow runs read back through the API: the recent ones with their state, following one to
+its end, and why one failed (its state message and the last lines of its error logs), so a failure
+shows in the terminal that triggered it instead of only in a server log or the UI."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+#: States whose reason is worth showing: the run did not do what was asked.
+_FAILED_STATES = frozenset({"FAILED", "CRASHED"})
+
+
+@dataclass(frozen=True)
+class FlowRunSummary:
+    """One flow run as a line of `cnn-train runs`."""
+
+    id: str
+    flow: str
+    name: str
+    state: str
+    message: str
+    started: datetime | None
+
+
+def recent_flow_runs(limit: int = 10) -> list[FlowRunSummary]:
+    """The newest ``limit`` flow runs (by start, not yet started ones first), with their flow's name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit)
+        flow_ids = list({run.flow_id for run in runs})
+        flows = client.read_flows(flow_filter=FlowFilter(id=FlowFilterId(any_=flow_ids))) if flow_ids else []
+    names = {flow.id: flow.name for flow in flows}
+    return [
+        FlowRunSummary(
+            id=str(run.id),
+            flow=names.get(run.flow_id, "?"),
+            name=run.name,
+            state=run.state.name if run.state else "unknown",
+            message=(run.state.message or "") if run.state else "",
+            started=run.start_time or run.expected_start_time,
+        )
+        for run in runs
+    ]
+
+
+def wait_for_end(
+    flow_run_id: str, *, timeout: float, on_state: Callable[[str], None], poll_seconds: float = 2.0
+) -> Any:
+    """Poll the flow run until its state is final, telling ``on_state`` each new state's name; returns
+    the final state, or None when ``timeout`` seconds passed first."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout
+    seen = None
+    with get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(flow_run_id).state
+            if state is not None and state.name != seen:
+                seen = state.name
+                on_state(state.name)
+            if state is not None and state.is_final():
+                return state
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(poll_seconds)
+
+
+def is_failure(state: Any) -> bool:
+    """Failed or Crashed: the flow run broke (a cancellation or a completion has no reason to show)."""
+    return state is not None and state.type.value in _FAILED_STATES
+
+
+def failure_reason(flow_run_id: str, *, lines: int = 12) -> list[str]:
+    """Why the flow run failed: its state message, then the last ``lines`` lines of its (and its task
+    runs') error logs, oldest first, which end with the exception that stopped it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterLevel
+    from prefect.client.schemas.sorting import LogSort
+
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(flow_run_id).state
+        logs = client.read_logs(
+            log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]), level=LogFilterLevel(ge_=logging.ERROR)
+            ),
+            sort=LogSort.TIMESTAMP_ASC,
+        )
+    reason = [f"state message: {state.message}"] if state is not None and state.message else []
+    error_lines = [line for log in logs for line in log.message.splitlines() if line.strip()]
+    if error_lines:
+        reason += ["last error log lines:", *(f"  {line}" for line in error_lines[-lines:])]
+    return reason

@@ -1,0 +1,43 @@
+"""Quiet by default: what the libraries print that a cnn-train user cannot act on is silenced where it
+is emitted (one logger, one warning), so the terminal shows the run's own progress and problems.
+``cnn-train --verbose`` leaves the libraries' logs and warnings as they come.
+
+Call :func:`quiet_libraries` before Prefect and MLflow are imported: the settings it sets are read
+then, and by the processes this one starts (a temporary Prefect server, served flow runs)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import MutableMapping
+
+#: Prefect's logger for its temporary server announces every start and stop with a pointer to its
+#: docs ("See https://www.prefect.io/docs/..."): `cnn-train run` without servers is the intended use.
+_PREFECT_LOGGER = "prefect"
+_TEMPORARY_SERVER_LINES = ("Starting temporary server", "Stopping temporary server")
+
+#: MLflow logs schema creation and migrations of a new store at INFO; its warnings stay.
+_MLFLOW_LEVEL = "WARNING"
+
+#: Python warnings known to be harmless here: (message regex, category, module regex).
+_HARMLESS_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = ()
+
+
+class _DropTemporaryServerLines(logging.Filter):
+    """Drops Prefect's temporary-server announcements; every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_TEMPORARY_SERVER_LINES)
+
+
+def quiet_libraries(*, verbose: bool = False, environ: MutableMapping[str, str] = os.environ) -> None:
+    """Silence the known noise (nothing when ``verbose``). A level the user set (``MLFLOW_LOGGING_LEVEL``) wins."""
+    if verbose:
+        return
+    environ.setdefault("MLFLOW_LOGGING_LEVEL", _MLFLOW_LEVEL)
+    prefect_logger = logging.getLogger(_PREFECT_LOGGER)
+    if not any(isinstance(f, _DropTemporaryServerLines) for f in prefect_logger.filters):
+        prefect_logger.addFilter(_DropTemporaryServerLines())
+    for message, category, module in _HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)

@@ -1,0 +1,358 @@
+"""A newcomer's first hour (issue 19): state that does not pile up, links that open or are absent,
+quiet output, a failure's reason shown where the run was triggered, and the commands that show and
+prune the project's state."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cnn_train.flows import housekeeping, quiet
+from cnn_train.flows.cli import app
+from cnn_train.flows.settings import keep_library_state_in_project
+
+BIN = Path(sys.executable).parent
+TINY = {"epochs": 1, "sample_limit": 200, "test_limit": 100}
+#: The acceptance command of the issue, word for word.
+CLI_RUN = ["run", "--epochs", "1", "--sample-limit", "2000", "--test-limit", "1000"]
+DAY = 24 * 3600
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- fast: durations, the gc plan, Prefect's home, the quiet filter ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("7d", timedelta(days=7), id="days"),
+        pytest.param("12h", timedelta(hours=12), id="hours"),
+        pytest.param("1d12h", timedelta(days=1, hours=12), id="pieces-add-up"),
+        pytest.param("2W", timedelta(weeks=2), id="upper-case"),
+        pytest.param("90s", timedelta(seconds=90), id="seconds"),
+    ],
+)
+def test_durations(text, expected):
+    assert housekeeping.parse_duration(text) == expected
+
+
+@pytest.mark.parametrize("text", ["7", "d", "7x", "7d junk", "", "-1d"], ids=["no-unit", "no-number", "unknown-unit", "trailing", "empty", "negative"])
+def test_bad_durations_say_what_is_allowed(text):
+    with pytest.raises(housekeeping.DurationError, match=r"units w, d, h, m, s \(7d, 12h, 1d12h\); got"):
+        housekeeping.parse_duration(text)
+
+
+def test_bad_duration_is_one_line_from_the_command():
+    result = CliRunner().invoke(app, ["gc", "--older-than", "a week"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "cnn-train: --older-than: a duration is NUMBER+UNIT pieces with units w, d, h, m, s (7d, 12h, 1d12h); got 'a week'"
+    ]
+
+
+def _aged(path: Path, days: float, *, size: int = 10, folder: bool = False) -> Path:
+    """A file, or a folder holding one, last written ``days`` ago."""
+    file = path / "weights" if folder else path
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_bytes(b"x" * size)
+    when = time.time() - days * DAY
+    for item in {file, path}:
+        os.utime(item, (when, when))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _undo_quiet_libraries(monkeypatch):
+    """Commands invoked here run the CLI's quieting: keep it from outliving the test."""
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
+    logger = logging.getLogger("prefect")
+    filters = list(logger.filters)
+    yield
+    logger.filters[:] = filters
+
+
+@pytest.fixture
+def state(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / ".state"))
+    return tmp_path / ".state"
+
+
+RUN = {name: f"{index:032x}" for index, name in enumerate(["finished", "failed-old", "failed-young", "killed-old", "running-young", "unknown-old"])}
+
+
+@pytest.mark.parametrize(
+    ("run", "status", "days", "pruned"),
+    [
+        pytest.param("finished", "FINISHED", 0, True, id="finished-goes-at-once"),
+        pytest.param("failed-old", "FAILED", 9, True, id="failed-older-than-the-age"),
+        pytest.param("failed-young", "FAILED", 2, False, id="failed-young-kept-for-a-retry"),
+        pytest.param("killed-old", "KILLED", 9, True, id="killed-older-than-the-age"),
+        pytest.param("running-young", "RUNNING", 0, False, id="running-kept"),
+        pytest.param("unknown-old", None, 9, True, id="unknown-to-the-store-by-age"),
+    ],
+)
+def test_gc_prunes_checkpoints_by_status_and_age(state, run, status, days, pruned):
+    checkpoint = _aged(state / "checkpoints" / RUN[run], days, folder=True)
+    plan = housekeeping.plan_gc(timedelta(days=7), run_status={RUN[run]: status}.get, running_services=[])
+    assert [removal.path for removal in plan] == ([checkpoint] if pruned else [])
+
+
+def test_gc_prunes_the_temporary_server_and_stopped_servers_files(state):
+    home = state / "prefect-temporary"
+    old_result = _aged(home / "storage" / "old-result", 9)
+    _aged(home / "storage" / "new-result", 1)
+    old_database = [_aged(home / name, 9) for name in ("prefect.db", "prefect.db-wal")]
+    stopped_log = _aged(state / "logs" / "mlflow-server.log", 9)
+    _aged(state / "logs" / "prefect-server.log", 9)  # its server runs: kept
+    stale_pid = _aged(state / "run" / "mlflow-server.pid", 0)
+    plan = housekeeping.plan_gc(timedelta(days=7), run_status=lambda run_id: None, running_services=["prefect-server"])
+    assert [removal.path for removal in plan] == [old_result, *old_database, stopped_log, stale_pid]
+    housekeeping.remove(plan)
+    assert sorted(path.name for path in (home / "storage").iterdir()) == ["new-result"]
+    assert not any(path.exists() for path in old_database)
+
+
+def test_a_database_written_within_the_age_stays(state):
+    home = state / "prefect-temporary"
+    _aged(home / "prefect.db", 9)
+    _aged(home / "prefect.db-wal", 0)  # a run wrote to it today
+    assert housekeeping.plan_gc(timedelta(days=7), run_status=lambda run_id: None, running_services=[]) == []
+
+
+def test_status_shows_disk_use_per_folder(state, monkeypatch, tmp_path):
+    monkeypatch.setenv("CNN_TRAIN_ROOT", str(tmp_path))
+    for port in ("CNN_TRAIN_PREFECT_PORT", "CNN_TRAIN_MLFLOW_PORT"):
+        monkeypatch.setenv(port, str(_free_port()))
+    _aged(state / "checkpoints" / RUN["failed-old"], 9, size=3 * 1024 * 1024, folder=True)
+    _aged(state / "cache" / "split.npz", 0, size=2048)
+    (tmp_path / "mlflow.db").write_bytes(b"x" * 100)
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 0, result.output
+    lines = [" ".join(line.split()) for line in result.output.splitlines()]
+    for expected in ("mlflow.db 100 B", "mlartifacts/ 0 B", ".state/cache/ 2.0 KB", ".state/checkpoints/ 3.0 MB", "total 3.0 MB"):
+        assert expected in lines
+    assert any(line.startswith("prefect-server: not running") for line in lines)
+
+
+def test_libraries_keep_their_files_under_the_state_dir(state, tmp_path):
+    environ = {"HOME": str(tmp_path / "home")}
+    keep_library_state_in_project(environ)
+    assert environ["PREFECT_HOME"] == str(state / "prefect-temporary")
+    assert Path(environ["PREFECT_HOME"]).is_dir()  # Prefect creates it without parents, and only warns
+    # The user's profile (where `cnn-train up` sets PREFECT_API_URL) is still the one read.
+    assert environ["PREFECT_PROFILES_PATH"] == str(Path("~/.prefect/profiles.toml").expanduser())
+    assert environ["MPLCONFIGDIR"] == str(state / "matplotlib")
+
+
+def test_what_the_user_set_wins(state):
+    mine = {"PREFECT_HOME": "/mine", "PREFECT_PROFILES_PATH": "/mine/profiles.toml", "MPLCONFIGDIR": "/mine/mpl"}
+    environ = dict(mine)
+    keep_library_state_in_project(environ)
+    assert environ == mine
+
+
+@pytest.fixture
+def prefect_logger_records():
+    """Records that reach a handler on Prefect's logger (the one announcing temporary servers)."""
+    logger = logging.getLogger("prefect")
+    logger.filters.clear()
+    level = logger.level
+    logger.setLevel(logging.INFO)  # as in a `cnn-train` process (the test session logs less)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    yield logger, records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+@pytest.mark.parametrize(("verbose", "shown"), [pytest.param(False, 1, id="quiet"), pytest.param(True, 2, id="verbose")])
+def test_the_temporary_server_line_is_dropped_unless_verbose(prefect_logger_records, verbose, shown):
+    logger, records = prefect_logger_records
+    environ: dict[str, str] = {}
+    quiet.quiet_libraries(verbose=verbose, environ=environ)
+    logger.info("Starting temporary server on http://127.0.0.1:8000\nSee https://www.prefect.io/docs/v3/concepts/server")
+    logger.info("something else")
+    assert len(records) == shown
+    assert environ == ({} if verbose else {"MLFLOW_LOGGING_LEVEL": "WARNING"})
+
+
+# --- slow: five runs and a sweep, as a newcomer makes them ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def first_hour(mlflow_store, tmp_path_factory):
+    """Four runs and a sweep in this process, and the issue's `cnn-train run` through the command line
+    with a HOME of its own and no Prefect server; one store and state dir, a private temp dir."""
+    from cnn_train.flows.sweep_flow import cnn_train_sweep
+    from cnn_train.flows.train_flow import cnn_train
+
+    system_tmp = tmp_path_factory.mktemp("system-tmp")
+    home = tmp_path_factory.mktemp("home")
+    patcher = pytest.MonkeyPatch()
+    patcher.setattr(tempfile, "tempdir", str(system_tmp))
+    try:
+        for seed in range(4):
+            state = cnn_train(**TINY, seed=seed, compare_dense=False, return_state=True)
+            assert state.is_completed(), state.message
+        sweep = cnn_train_sweep(grid={"learning_rate": [1e-3]}, **TINY, seed=4, return_state=True)
+        assert sweep.is_completed(), sweep.message
+    finally:
+        patcher.undo()
+    env = {key: value for key, value in os.environ.items() if key not in ("PREFECT_HOME", "PREFECT_API_URL")}
+    env |= {"HOME": str(home), "TMPDIR": str(system_tmp)}
+    cli = subprocess.run([BIN / "cnn-train", *CLI_RUN], env=env, capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-3000:]
+    return {"store": mlflow_store, "tmp": system_tmp, "home": home, "cli": cli, "state": Path(os.environ["CNN_TRAIN_STATE_DIR"])}
+
+
+@pytest.mark.slow
+def test_no_report_folders_remain_in_the_temp_dir(first_hour):
+    assert [path.name for path in first_hour["tmp"].iterdir() if path.name.startswith("cnn-train")] == []
+
+
+@pytest.mark.slow
+def test_nothing_was_written_to_the_home_dir(first_hour):
+    assert [path.name for path in first_hour["home"].iterdir()] == []  # no .prefect, no matplotlib cache
+    assert (first_hour["state"] / "prefect-temporary" / "prefect.db").is_file()
+
+
+@pytest.mark.slow
+def test_finished_runs_leave_no_checkpoints(first_hour):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(first_hour["store"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 5 + 1 + 1 and {run.info.status for run in runs} == {"FINISHED"}
+    assert list((first_hour["state"] / "checkpoints").iterdir()) == []
+
+
+def _cli_run_id(first_hour) -> str:
+    return re.search(r"/runs/([0-9a-f]{32})", first_hour["cli"].stdout).group(1)
+
+
+@pytest.mark.slow
+def test_a_run_without_servers_links_nothing_broken(first_hour, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(first_hour["store"])
+    run_id = _cli_run_id(first_hour)
+    report = Path(client.download_artifacts(run_id, "report/report.md", str(tmp_path))).read_text()
+    links = re.findall(r"\]\(([^)]*)\)", report)
+    assert not [link for link in links if link.startswith(("sqlite:", "None"))]
+    assert "None/" not in report
+    assert "mlflow server --backend-store-uri sqlite:///" in report  # how to open it instead
+    tags = client.get_run(run_id).data.tags
+    assert not {key: value for key, value in tags.items() if value.startswith("None")}
+    assert "prefect.flow_run_url" not in tags  # a temporary server has no UI to link to
+
+
+@pytest.mark.slow
+def test_the_command_prints_no_warning_and_no_prefect_docs_line(first_hour):
+    stderr = first_hour["cli"].stderr
+    assert not re.search(r"\w*Warning: ", stderr), stderr
+    assert "prefect.io/docs" not in stderr and "temporary server" not in stderr
+    assert "Creating initial MLflow database tables" not in stderr  # MLflow's INFO lines
+    cli = first_hour["cli"]
+    assert "Finished in state Completed" in cli.stdout + cli.stderr  # the run's own progress still shows
+
+
+@pytest.mark.slow
+def test_gc_prunes_a_failed_runs_old_checkpoint_and_keeps_a_young_one(first_hour):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(first_hour["store"])
+    experiment = client.get_experiment_by_name("cnn-train").experiment_id
+    old, young = (client.create_run(experiment).info.run_id for _ in range(2))
+    for run_id in (old, young):
+        client.set_terminated(run_id, "FAILED")
+    checkpoints = first_hour["state"] / "checkpoints"
+    _aged(checkpoints / old, 9, folder=True)
+    _aged(checkpoints / young, 1, folder=True)
+    result = CliRunner().invoke(app, ["gc", "--older-than", "7d"])
+    assert result.exit_code == 0, result.output
+    assert f"removed {checkpoints / old} (10 B): checkpoint of a FAILED run, untouched for 9 d 0 h" in result.output
+    assert sorted(path.name for path in checkpoints.iterdir()) == [young]
+
+
+@pytest.mark.slow
+def test_runs_lists_the_recent_flow_runs(first_hour, prefect_api_url):
+    result = CliRunner().invoke(app, ["runs", "--limit", "3"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"flow runs on {prefect_api_url}, newest first:"
+    assert len(lines) == 2 + 3 and all(" Completed " in line for line in lines[2:])
+    assert " cnn-train-sweep " in lines[2]  # the newest: the sweep came after the four runs
+
+
+# --- slow: a failing trigger through a served deployment ---------------------------------------------
+
+
+@pytest.fixture
+def truncated_data_dir(real_fashion_mnist_dir, tmp_path) -> Path:
+    """The real files, with the test labels cut in half."""
+    folder = tmp_path / "truncated"
+    folder.mkdir()
+    for source in real_fashion_mnist_dir.iterdir():
+        (folder / source.name).symlink_to(source)
+    broken = folder / "t10k-labels-idx1-ubyte.gz"
+    data = broken.read_bytes()
+    broken.unlink()
+    broken.write_bytes(data[: len(data) // 2])
+    return folder
+
+
+@pytest.fixture
+def served(mlflow_store, prefect_api_url):
+    """`python -m cnn_train.flows.serve` against the session's Prefect server, until the deployment is READY."""
+    from cnn_train.flows import doctor
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cnn_train.flows.serve"],
+        env=os.environ | {"PREFECT_API_URL": prefect_api_url, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not doctor.check_deployment(prefect_api_url).ok:
+            assert process.poll() is None and time.monotonic() < deadline, "the serve process did not serve cnn-train/default"
+            time.sleep(1)
+        yield prefect_api_url
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_a_failing_trigger_says_why_in_its_terminal(served, truncated_data_dir):
+    trigger = subprocess.run(
+        [BIN / "cnn-train", "trigger", "cnn-train/default", "-p", f"data_dir={truncated_data_dir}",
+         *(arg for key, value in TINY.items() for arg in ("-p", f"{key}={value}")), "-p", "compare_dense=false",
+         "--watch", "--watch-timeout", "300"],
+        env=os.environ | {"PREFECT_API_URL": served}, capture_output=True, text=True, timeout=400,
+    )
+    assert trigger.returncode == 1, trigger.stdout + trigger.stderr
+    assert re.search(r"flow run \S+: Failed", trigger.stdout), trigger.stdout
+    reason = trigger.stderr
+    assert reason.startswith("state message: "), reason
+    assert "t10k-labels-idx1-ubyte.gz" in reason.splitlines()[0]  # the file, named in the state message
+    assert "last error log lines:" in reason
