@@ -80,13 +80,13 @@ class Usage:
     size: int
 
 
-def _folder_label(path: Path) -> str:
-    """``.state/cache/`` for a folder in the project, the absolute path for one elsewhere."""
+def _label(path: Path) -> str:
+    """``.state/cache/`` for a folder in the project (a file has no slash), the absolute path elsewhere."""
     try:
         shown = path.relative_to(project_root())
     except ValueError:
         shown = path
-    return f"{shown}/"
+    return f"{shown}/" if path.is_dir() else str(shown)
 
 
 def _sqlite_files(database: Path) -> list[Path]:
@@ -95,10 +95,11 @@ def _sqlite_files(database: Path) -> list[Path]:
 
 
 def disk_usage() -> list[Usage]:
-    """The MLflow store, its artifacts, and each folder under the state directory."""
+    """The MLflow store, its artifacts, and everything directly under the state directory."""
     store = sum(size_of(path) for path in _sqlite_files(project_root() / "mlflow.db"))
-    places = [Usage("mlflow.db", store), Usage(_folder_label(default_artifact_root()), size_of(default_artifact_root()))]
-    places += [Usage(_folder_label(folder), size_of(folder)) for folder in sorted(state_dir().iterdir()) if folder.is_dir()]
+    artifacts = default_artifact_root()
+    places = [Usage("mlflow.db", store), Usage(f"{_label(artifacts).rstrip('/')}/", size_of(artifacts))]
+    places += [Usage(_label(path), size_of(path)) for path in sorted(state_dir().iterdir())]
     return places
 
 

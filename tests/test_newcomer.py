@@ -143,11 +143,13 @@ def test_status_shows_disk_use_per_folder(state, monkeypatch, tmp_path):
         monkeypatch.setenv(port, str(_free_port()))
     _aged(state / "checkpoints" / RUN["failed-old"], 9, size=3 * 1024 * 1024, folder=True)
     _aged(state / "cache" / "split.npz", 0, size=2048)
+    _aged(state / "optuna.db", 0, size=50)
     (tmp_path / "mlflow.db").write_bytes(b"x" * 100)
     result = CliRunner().invoke(app, ["status"])
     assert result.exit_code == 0, result.output
     lines = [" ".join(line.split()) for line in result.output.splitlines()]
-    for expected in ("mlflow.db 100 B", "mlartifacts/ 0 B", ".state/cache/ 2.0 KB", ".state/checkpoints/ 3.0 MB", "total 3.0 MB"):
+    places = ("mlflow.db 100 B", "mlartifacts/ 0 B", ".state/cache/ 2.0 KB", ".state/checkpoints/ 3.0 MB", ".state/optuna.db 50 B")
+    for expected in (*places, "total 3.0 MB"):
         assert expected in lines
     assert any(line.startswith("prefect-server: not running") for line in lines)
 
