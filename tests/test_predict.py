@@ -1,0 +1,397 @@
+"""From a trained model to predictions: image files brought to Fashion-MNIST's form, `cnn-train predict`,
+the `cnn-train-predict` flow, and the champion served over REST by `mlflow models serve`.
+
+The images are real Fashion-MNIST test images written out as PNG and JPEG at other sizes, in colour,
+inverted (light background), on a wide canvas and cut out on transparency; the model is a small real
+one trained through the `cnn-train` flow and registered (so it is the champion) in a private store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cnn_train.flows import predict, tracking
+from cnn_train.flows.data import TEST_IMAGES, TEST_LABELS
+from cnn_train.flows.data.idx import read_idx
+from cnn_train.plugins.config import FASHION_MNIST_CLASSES
+
+BIN = Path(sys.executable).parent
+MODEL_NAME = "fashion-predict-test"
+#: Two test images of each class: the exported set the acceptance test classifies.
+PER_CLASS = 2
+
+
+def _test_set(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    images = read_idx(folder / TEST_IMAGES.name, TEST_IMAGES, verify_checksum=False).array
+    labels = read_idx(folder / TEST_LABELS.name, TEST_LABELS, verify_checksum=False).array
+    return images, labels
+
+
+# --- ways a person's picture differs from Fashion-MNIST's ------------------------------------------
+
+
+def _same_png(a: np.ndarray, path: Path) -> Path:
+    Image.fromarray(a).save(path := path.with_suffix(".png"))
+    return path
+
+
+def _large_png(a: np.ndarray, path: Path) -> Path:
+    Image.fromarray(a).resize((84, 84), Image.Resampling.BICUBIC).save(path := path.with_suffix(".png"))
+    return path
+
+
+def _large_jpeg(a: np.ndarray, path: Path) -> Path:
+    Image.fromarray(a).resize((100, 100), Image.Resampling.BILINEAR).save(path := path.with_suffix(".jpg"), quality=90)
+    return path
+
+
+def _colour_png(a: np.ndarray, path: Path) -> Path:
+    tinted = (a[..., np.newaxis] * np.array([1.0, 0.55, 0.25])).astype(np.uint8)  # an orange garment
+    Image.fromarray(tinted).resize((56, 56), Image.Resampling.BICUBIC).save(path := path.with_suffix(".png"))
+    return path
+
+
+def _inverted_png(a: np.ndarray, path: Path) -> Path:
+    Image.fromarray(255 - a).resize((64, 64), Image.Resampling.BICUBIC).save(path := path.with_suffix(".png"))
+    return path
+
+
+def _inverted_jpeg_on_wide_canvas(a: np.ndarray, path: Path) -> Path:
+    canvas = Image.new("RGB", (150, 90), (255, 255, 255))
+    canvas.paste(Image.fromarray(255 - a).resize((70, 70), Image.Resampling.BICUBIC).convert("RGB"), (40, 10))
+    canvas.save(path := path.with_suffix(".jpg"), quality=85)
+    return path
+
+
+def _cut_out_png(a: np.ndarray, path: Path) -> Path:
+    """A dark-brown garment on a transparent background, as product photos are cut out."""
+    rgba = np.zeros((28, 28, 4), dtype=np.uint8)
+    rgba[..., :3] = (60, 40, 20)
+    rgba[..., 3] = a
+    Image.fromarray(rgba).resize((70, 70), Image.Resampling.BICUBIC).save(path := path.with_suffix(".png"))
+    return path
+
+
+VARIANTS: dict[str, Callable[[np.ndarray, Path], Path]] = {
+    "same-png": _same_png,
+    "large-png": _large_png,
+    "large-jpeg": _large_jpeg,
+    "colour-png": _colour_png,
+    "inverted-png": _inverted_png,
+    "inverted-jpeg-wide": _inverted_jpeg_on_wide_canvas,
+    "cut-out-png": _cut_out_png,
+}
+
+
+def _shift_tolerant_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """The best correlation of ``a`` with ``b`` moved by at most one pixel either way: centring a
+    garment on 28x28 may land it a pixel off, as Fashion-MNIST's own centring did."""
+    best = -1.0
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            moved = np.roll(np.roll(b, dy, axis=0), dx, axis=1)
+            best = max(best, float(np.corrcoef(a.ravel(), moved.ravel())[0, 1]))
+    return best
+
+
+@pytest.fixture(scope="module")
+def test_set(real_fashion_mnist_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    return _test_set(real_fashion_mnist_dir)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS), ids=list(VARIANTS))
+def test_an_exported_image_comes_back_as_fashion_mnist_made_it(variant, test_set, tmp_path):
+    images, _ = test_set
+    original = images[0]  # an ankle boot
+    path = VARIANTS[variant](original, tmp_path / "boot")
+    item = predict.load_model_input(path)
+    assert item.pixels.shape == (28, 28, 1) and item.pixels.dtype == np.float32
+    assert item.pixels.min() == 0.0 and item.pixels.max() == 1.0
+    assert item.inverted == variant.startswith(("inverted", "cut-out"))
+    assert _shift_tolerant_correlation(item.pixels[..., 0], original / 255.0) > 0.9
+
+
+def test_a_blank_picture_is_an_empty_input():
+    pixels, inverted = predict.to_model_input(np.full((40, 60), 255.0))
+    assert inverted and not pixels.any()
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        pytest.param(b"not an image at all\n", "Pillow cannot identify it; readable formats include", id="text"),
+        pytest.param(None, "image file is truncated", id="truncated-png"),
+    ],
+)
+def test_an_unreadable_file_is_named_with_the_reason(content, reason, tmp_path):
+    path = tmp_path / "broken.png"
+    if content is None:
+        Image.new("L", (50, 50), 128).save(path)
+        content = path.read_bytes()[:60]
+    path.write_bytes(content)
+    with pytest.raises(predict.ImageReadError) as caught:
+        predict.load_model_input(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: not a readable image (") and reason in message
+    assert "\n" not in message
+
+
+def test_folders_give_their_images_and_pass_over_other_files(tmp_path):
+    (tmp_path / "shoes" / "more").mkdir(parents=True)
+    for name in ("shoes/b.png", "shoes/more/a.JPG", "shoes/notes.txt", "shoes/.hidden.png", "single.webp"):
+        (tmp_path / name).write_bytes(b"")
+    collected = predict.collect_images([tmp_path / "shoes", tmp_path / "single.webp", tmp_path / "nowhere"])
+    assert collected.files == (tmp_path / "shoes/b.png", tmp_path / "shoes/more/a.JPG", tmp_path / "single.webp")
+    assert collected.skipped == (tmp_path / "shoes/notes.txt",)
+    assert collected.missing == (tmp_path / "nowhere",)
+
+
+# --- the table, top-k and the summary ------------------------------------------------------------
+
+
+def test_top_k_names_the_likeliest_classes_first():
+    probabilities = np.array([[0.05, 0.0, 0.0, 0.0, 0.0, 0.1, 0.0, 0.8, 0.0, 0.05]])
+    (ranked,) = predict.top_k(probabilities, 3)
+    assert [name for name, _ in ranked] == ["Sneaker", "Sandal", "T-shirt/top"]
+    assert predict.top_k_line("shoe.jpg", ranked) == "shoe.jpg: Sneaker 80.0% | Sandal 10.0% | T-shirt/top 5.0%"
+
+
+def test_the_summary_counts_classes_and_flags_low_confidence():
+    probabilities = np.eye(10)[[7, 7, 9]] * 0.9 + 0.01
+    probabilities[2] = np.full(10, 0.1)  # no opinion: predicted T-shirt/top at 10%
+    table = predict.predictions_table(["a.png", "b.png", "c.png"], probabilities)
+    assert list(table.columns) == ["image", "predicted", "probability", *FASHION_MNIST_CLASSES]
+    summary = predict.summarize(predict.Predictions((), table, (predict.Failure(Path("d.png"), "d.png: broken"),)))
+    counts = summary.as_dict()["class_counts"]
+    assert (counts["Sneaker"], counts["T-shirt/top"], counts["Ankle boot"], sum(counts.values())) == (2, 1, 0, 3)
+    assert list(summary.low_confidence["image"]) == ["c.png"]
+    assert "- d.png: broken" in summary.markdown("some model")
+
+
+# --- what a model must take ------------------------------------------------------------------------
+
+
+def _tensor_schema(*shape: int, dtype: str = "float32"):
+    from mlflow.types import Schema, TensorSpec
+
+    return Schema([TensorSpec(np.dtype(dtype), shape)])
+
+
+@pytest.mark.parametrize(
+    ("inputs", "outputs", "message"),
+    [
+        pytest.param(None, None, "m has no input signature; cnn-train predicts with models that take float images (-1, 28, 28, 1)", id="no-signature"),
+        pytest.param(_tensor_schema(-1, 784), None, "m takes float32 (-1, 784); cnn-train predicts", id="flat-vectors"),
+        pytest.param(_tensor_schema(-1, 28, 28, 3), None, "m takes float32 (-1, 28, 28, 3); cnn-train", id="colour-images"),
+        pytest.param(_tensor_schema(-1, 28, 28, 1, dtype="uint8"), None, "m takes uint8 (-1, 28, 28, 1)", id="integer-pixels"),
+        pytest.param(_tensor_schema(-1, 28, 28, 1), _tensor_schema(-1, 5), "m gives (-1, 5) per batch, not one probability for each of the 10", id="five-outputs"),
+    ],
+)
+def test_a_model_that_does_not_take_28x28x1_images_is_refused_in_one_line(inputs, outputs, message):
+    with pytest.raises(predict.UnusableModelError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        predict.check_signature("m", inputs, outputs)
+
+
+def test_the_logged_signature_takes_images_and_names_its_output():
+    signature = tracking.models.model_signature((28, 28, 1), 10)
+    predict.check_signature("m", signature.inputs, signature.outputs)
+    assert signature.outputs.input_names() == ["probabilities"]
+
+
+# --- with a trained model ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def champion(mlflow_store: str) -> dict:
+    """A small real CNN trained through the flow and registered: the store's only champion."""
+    from cnn_train.flows.train_flow import cnn_train
+
+    state = cnn_train(
+        epochs=2, sample_limit=3000, test_limit=500, batch_size=32, seed=0, register=MODEL_NAME, return_state=True
+    )
+    assert state.is_completed(), state.message
+    return state.result()
+
+
+@pytest.fixture(scope="module")
+def exported(champion, test_set, mlflow_store, tmp_path_factory) -> dict:
+    """Two test images per class written out in the variants, beside a file that is no image, and the
+    model's own top-1 on the original 28x28 arrays."""
+    images, labels = test_set
+    indices = [int(i) for c in range(10) for i in np.flatnonzero(labels == c)[:PER_CLASS]]
+    folder = tmp_path_factory.mktemp("photos")
+    names = list(VARIANTS)
+    files = [VARIANTS[names[n % len(names)]](images[i], folder / f"{n:02d}-{names[n % len(names)]}") for n, i in enumerate(indices)]
+    (folder / "zz-broken.jpg").write_bytes(b"\xff\xd8 this was never a photo")
+    model = tracking.load_pyfunc(f"models:/{MODEL_NAME}@champion", mlflow_store)
+    originals = np.asarray(model.predict((images[indices] / 255.0).astype(np.float32)[..., np.newaxis])).argmax(axis=1)
+    return {"folder": folder, "files": files, "indices": indices, "originals": originals}
+
+
+@pytest.fixture(scope="module")
+def predicted(exported, tmp_path_factory) -> dict:
+    """`cnn-train predict FOLDER --output --show-inputs` with the default model, once for the tests below."""
+    from typer.testing import CliRunner
+
+    from cnn_train.flows.cli import app
+
+    out = tmp_path_factory.mktemp("out")
+    result = CliRunner().invoke(
+        app, ["predict", str(exported["folder"]), "--output", str(out / "p.csv"), "--show-inputs", str(out / "seen")],
+    )
+    return {"result": result, "csv": out / "p.csv", "seen": out / "seen"}
+
+
+@pytest.mark.slow
+def test_predict_agrees_with_the_model_on_the_original_arrays(exported, predicted):
+    table = pd.read_csv(predicted["csv"])
+    assert list(table["image"]) == [str(path) for path in exported["files"]]
+    expected = [FASHION_MNIST_CLASSES[i] for i in exported["originals"]]
+    agree = int((table["predicted"] == expected).sum())
+    print(f"same top-1 class as on the original arrays: {agree} of {len(table)}")
+    assert len(table) == 20 and agree >= 18
+    np.testing.assert_allclose(table[list(FASHION_MNIST_CLASSES)].sum(axis=1), 1.0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_predict_names_the_bad_file_and_still_classifies_the_others(exported, predicted):
+    result = predicted["result"]
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        f"cnn-train: {exported['folder'] / 'zz-broken.jpg'}: not a readable image "
+        "(Pillow cannot identify it; readable formats include BMP, GIF, JPEG, PNG, TIFF, WEBP)",
+        "20 images classified, 1 failed",
+    ]
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"model: models:/{MODEL_NAME}@champion (version 1, test accuracy " + lines[0].split("accuracy ")[1]
+    assert "the best registered champion of the experiment" in lines[0]
+    ranked = [line for line in lines if line.startswith(str(exported["folder"]))]
+    assert len(ranked) == 20 and all(line.count("%") == 3 for line in ranked)
+
+
+@pytest.mark.slow
+def test_show_inputs_writes_what_the_model_saw(predicted):
+    seen = sorted(predicted["seen"].glob("*.png"))
+    assert len(seen) == 20
+    with Image.open(seen[0]) as first:
+        assert first.size == (28, 28) and first.mode == "L"
+
+
+@pytest.mark.slow
+def test_a_model_that_does_not_exist_lists_what_does(champion, tmp_path):
+    image = tmp_path / "x.png"
+    Image.new("L", (28, 28)).save(image)
+    run = subprocess.run(
+        [BIN / "cnn-train", "predict", str(image), "--model", "models:/no-such-model@champion"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == [
+        f"cnn-train: no model version answers to models:/no-such-model@champion; registered models: "
+        f"{MODEL_NAME} (@champion=v1); recent finished runs of 'cnn-train': "
+        f"runs:/{champion['mlflow_run_id']}/model (torch-cnn, test accuracy {champion['test_accuracy'] * 100:.2f}%)"
+    ]
+
+
+@pytest.mark.slow
+def test_the_registered_version_carries_its_facts_and_the_run_says_why(champion, mlflow_store):
+    client = tracking.client(mlflow_store)
+    version = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    tags = version.tags
+    assert float(tags["test_accuracy"]) == pytest.approx(champion["test_accuracy"])
+    assert (tags["backend"], tags["architecture"], tags["mlflow_run_id"]) == ("torch", "cnn", champion["mlflow_run_id"])
+    assert len(tags["dataset_digest"]) == 16 and len(tags["test_set_digest"]) == 16
+    assert tags["prefect_flow_run_id"]
+    run_tags = client.get_run(champion["mlflow_run_id"]).data.tags
+    assert run_tags["cnn_train.registered_model"] == f"{MODEL_NAME}/1"
+    assert run_tags["cnn_train.registered_reason"] == "there was no champion yet"
+    assert champion["registration"] == f"registered {MODEL_NAME} version 1 as champion: there was no champion yet"
+
+
+@pytest.mark.slow
+def test_the_predict_flow_leaves_the_csv_and_summary_in_mlflow(champion, exported, mlflow_store):
+    from cnn_train.flows.predict_flow import cnn_train_predict
+
+    result = cnn_train_predict(images=str(exported["folder"]))
+    client = tracking.client(mlflow_store)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["cnn_train.model_uri"] == f"models:/{MODEL_NAME}@champion"
+    assert run.data.metrics["images_classified"] == 20 and run.data.metrics["images_failed"] == 1
+    trained_model = client.get_run(champion["mlflow_run_id"]).outputs.model_outputs[0].model_id
+    assert [m.model_id for m in run.inputs.model_inputs] == [trained_model]
+    local = Path(client.download_artifacts(run.info.run_id, "predictions"))
+    assert len(pd.read_csv(local / "predictions.csv")) == 20
+    summary = json.loads((local / "summary.json").read_text())
+    assert sum(summary["class_counts"].values()) == 20 and len(summary["failed"]) == 1
+    assert (local / "examples.png").is_file() and len(list((local / "inputs").glob("*.png"))) == 20
+
+
+# --- REST serving --------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until_ready(url: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"mlflow models serve exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"mlflow models serve did not answer {url} within {timeout:.0f} s")
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_with_ten_probabilities_per_image(champion, test_set, mlflow_store, tmp_path):
+    images, labels = test_set
+    model = tracking.load_pyfunc(f"models:/{MODEL_NAME}@champion", mlflow_store)
+    scaled = (images[:100] / 255.0).astype(np.float32)[..., np.newaxis]
+    right = np.flatnonzero(np.asarray(model.predict(scaled)).argmax(axis=1) == labels[:100])[:2]
+    port = _free_port()
+    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": mlflow_store}
+    log = (tmp_path / "serve.log").open("w")
+    # Exactly the README's command; its own process group, so stopping it stops uvicorn's workers too.
+    server = subprocess.Popen(
+        [BIN / "mlflow", "models", "serve", "-m", f"models:/{MODEL_NAME}@champion", "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        _wait_until_ready(f"http://127.0.0.1:{port}/ping", server, timeout=180)
+        body = json.dumps({"inputs": scaled[right].tolist()}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+    probabilities = np.asarray(answer["predictions"])
+    assert probabilities.shape == (2, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert list(probabilities.argmax(axis=1)) == list(labels[right])
