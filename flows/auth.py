@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import os
+import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,8 @@ class Credentials:
             "MLFLOW_AUTH_ADMIN_USERNAME": self.username,
             "MLFLOW_AUTH_ADMIN_PASSWORD": self.password,
             "MLFLOW_AUTH_CONFIG_PATH": str(mlflow_auth_config()),
+            # The auth app's CSRF protection signs with it; kept so a restart keeps sessions valid.
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": _flask_secret_key(),
             "PREFECT_SERVER_API_AUTH_STRING": f"{self.username}:{self.password}",
         }
 
@@ -111,6 +114,14 @@ def require_for_host(host: str) -> Credentials | None:
             f"{credentials_file()} (chmod 600)"
         )
     return credentials
+
+
+def _flask_secret_key() -> str:
+    path = state_dir() / "mlflow-secret-key"
+    if not path.is_file():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    return path.read_text().strip()
 
 
 def mlflow_auth_config() -> Path:

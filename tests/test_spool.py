@@ -150,7 +150,7 @@ class Output:
         for line in process.stdout:
             self.lines.append(line)
 
-    def wait_for(self, pattern: str, timeout: float = 300) -> None:
+    def wait_for(self, pattern: str, timeout: float = 900) -> None:
         deadline = time.monotonic() + timeout
         while not any(re.search(pattern, line) for line in self.lines):
             assert time.monotonic() < deadline, f"{pattern!r} never appeared:\n{''.join(self.lines)[-3000:]}"
@@ -176,7 +176,7 @@ def test_an_outage_mid_training_loses_nothing_and_does_not_slow_the_epochs(
     prefect_api_url, server, tmp_path, real_fashion_mnist_dir
 ):
     process = subprocess.Popen(
-        [CLI, "run", "--epochs", "4", "--sample-limit", "3000", "--test-limit", "200"],
+        [CLI, "run", "--epochs", "4", "--sample-limit", "1000", "--test-limit", "100"],
         env=_env(prefect_api_url, server, tmp_path, real_fashion_mnist_dir),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -188,7 +188,7 @@ def test_an_outage_mid_training_loses_nothing_and_does_not_slow_the_epochs(
     time.sleep(2)
     server.start()
     outage = time.monotonic() - outage_started
-    _, stderr = process.communicate(timeout=600)
+    _, stderr = process.communicate(timeout=1200)
     text = output.text()
     assert process.returncode == 0, text[-3000:] + stderr
     assert "Traceback" not in stderr
@@ -211,13 +211,13 @@ def test_a_server_that_never_returns_leaves_a_spool_that_doctor_fix_delivers(
 ):
     env = _env(prefect_api_url, server, tmp_path, real_fashion_mnist_dir)
     process = subprocess.Popen(
-        [CLI, "run", "--epochs", "2", "--sample-limit", "2000", "--test-limit", "200"],
+        [CLI, "run", "--epochs", "2", "--sample-limit", "600", "--test-limit", "100"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     output = Output(process)
     output.wait_for(r"epoch 1/2")
     server.kill()
-    _, stderr = process.communicate(timeout=600)
+    _, stderr = process.communicate(timeout=1200)
     assert process.returncode == 0, output.text()[-3000:] + stderr
     (line,) = stderr.splitlines()
     assert "MLflow did not answer" in line and "run `cnn-train sync`" in line

@@ -86,8 +86,9 @@ class Spool:
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
         # One short-lived connection per operation: used from the training thread, the courier and
-        # other processes alike; SQLite serialises the writers.
-        connection = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        # other processes alike; SQLite serialises the writers. mode=rw: a removed spool is never
+        # brought back empty by a late reader.
+        connection = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=30, isolation_level=None)
         try:
             connection.execute("BEGIN IMMEDIATE")
             yield connection
@@ -192,8 +193,19 @@ class Spool:
             lock.release()
 
     def discard_if_empty(self) -> None:
-        if self.count() == 0:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        """Remove the spool once nothing waits in it (not while a courier is delivering it)."""
+        if not self.path.exists():
+            return
+        lock = FileLock(str(self.folder / "deliver.lock"))
+        try:
+            lock.acquire(timeout=5)
+        except Timeout:
+            return
+        try:
+            if self.count() == 0:
+                shutil.rmtree(self.folder, ignore_errors=True)
+        finally:
+            lock.release()
 
 
 def _send(mlflow_client: MlflowClient, run_id: str, kind: str, payload: dict[str, Any], files: Path) -> None:
@@ -245,7 +257,11 @@ class Courier:
             if not self.spool.path.exists():  # delivered and removed by `cnn-train sync`, or deleted
                 self._idle.set()
                 continue
-            result = self.spool.deliver()
+            try:
+                result = self.spool.deliver()
+            except Exception:  # noqa: BLE001 - e.g. the spool removed under it; the next pass looks again
+                _log.debug("spool of run %s: delivery pass failed", self.spool.run_id, exc_info=True)
+                continue
             if result.remaining == 0:
                 self._idle.set()
                 backoff = 0.5

@@ -1,0 +1,227 @@
+"""Servers shared with a team (`cnn-train up --host 0.0.0.0`): refused without credentials; with them,
+requests without credentials get 401 and cnn-train's own clients work. Then the worst fault for such
+servers: the serve process and its flow-run process SIGKILLed together."""
+
+from __future__ import annotations
+
+import base64
+import re
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cnn_train.flows import auth
+
+CLI = Path(sys.executable).with_name("cnn-train")
+USER, PASSWORD = "team", "correct-horse-battery"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _bare_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "CNN_TRAIN_"))}
+    return env | {
+        "HOME": str(tmp_path),  # `up` points the user's Prefect profile at its server: keep it in the test's home
+        "CNN_TRAIN_ROOT": str(tmp_path),
+        "CNN_TRAIN_STATE_DIR": str(tmp_path / "state"),
+    }
+
+
+def test_host_beyond_loopback_is_refused_without_credentials(tmp_path):
+    result = subprocess.run([CLI, "up", "--host", "0.0.0.0", "--no-trigger"], env=_bare_env(tmp_path),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("cnn-train: --host 0.0.0.0 would let other machines reach both servers")
+    assert auth.USERNAME_ENV in line and "Traceback" not in result.stderr
+    assert not (tmp_path / "state" / "run").exists(), "nothing may start"
+
+
+@pytest.mark.parametrize(
+    ("mode", "content", "problem"),
+    [
+        (0o644, "username=team\npassword=correct-horse-battery\n", "is readable by others (mode 0644)"),
+        (0o600, "username=team\n", "must hold two lines"),
+        (0o600, "username=team\npassword=short\n", "at least 12 characters"),
+    ],
+    ids=["world-readable", "no-password", "short-password"],
+)
+def test_a_credentials_file_is_refused_with_the_reason(tmp_path, monkeypatch, mode, content, problem):
+    path = tmp_path / "auth"
+    path.write_text(content)
+    path.chmod(mode)
+    monkeypatch.setenv(auth.FILE_ENV, str(path))
+    with pytest.raises(auth.AuthError, match=re.escape(problem)):
+        auth.require_for_host("0.0.0.0")
+
+
+def test_credentials_from_a_private_file_reach_every_client(tmp_path, monkeypatch):
+    path = tmp_path / "auth"
+    path.write_text(f"# for the team\nusername={USER}\npassword={PASSWORD}\n")
+    path.chmod(0o600)
+    monkeypatch.setenv(auth.FILE_ENV, str(path))
+    credentials = auth.require_for_host("0.0.0.0")
+    assert credentials.client_environment() == {
+        "MLFLOW_TRACKING_USERNAME": USER,
+        "MLFLOW_TRACKING_PASSWORD": PASSWORD,
+        "PREFECT_API_AUTH_STRING": f"{USER}:{PASSWORD}",
+    }
+    assert PASSWORD not in repr(credentials)
+
+
+# --- real servers ----------------------------------------------------------------------------------
+
+
+class Team:
+    def __init__(self, tmp_path: Path, real_data: Path) -> None:
+        self.prefect_port, self.mlflow_port = _free_port(), _free_port()
+        self.env = _bare_env(tmp_path) | {
+            "CNN_TRAIN_PREFECT_PORT": str(self.prefect_port),
+            "CNN_TRAIN_MLFLOW_PORT": str(self.mlflow_port),
+            "CNN_TRAIN_DATA_DIR": str(real_data),
+            auth.USERNAME_ENV: USER,
+            auth.PASSWORD_ENV: PASSWORD,
+            # MLflow heartbeat every 2 s: a killed run is stale after 12 s.
+            "CNN_TRAIN_HEARTBEAT_SECONDS": "2",
+        }
+        self.state = tmp_path / "state"
+
+    @property
+    def prefect_api(self) -> str:
+        return f"http://127.0.0.1:{self.prefect_port}/api"
+
+    @property
+    def mlflow(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([CLI, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def python(self, code: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def client_env(self) -> dict[str, str]:
+        return auth.Credentials(USER, PASSWORD).client_environment() | {"PREFECT_API_URL": self.prefect_api}
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory, real_fashion_mnist_dir) -> Iterator[Team]:
+    team = Team(tmp_path_factory.mktemp("team"), real_fashion_mnist_dir)
+    started = team.cli("up", "--host", "0.0.0.0", "--no-trigger", timeout=900)
+    try:
+        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+        yield team
+    finally:
+        team.cli("down", timeout=180)
+
+
+def _status(url: str, *, method: str = "GET", authorized: bool = False) -> int:
+    request = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None,
+                                     headers={"Content-Type": "application/json"})
+    if authorized:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def _trigger(team: Team, parameters: dict) -> subprocess.CompletedProcess[str]:
+    return team.python(
+        "from cnn_train.flows import launcher\n"
+        f"raise SystemExit(launcher.trigger_and_watch(watch_timeout=1200, echo=print, parameters={parameters!r}))"
+    )
+
+
+@pytest.mark.slow
+def test_shared_servers_demand_credentials_and_a_run_completes(team):
+    prefect_flows, mlflow_search = f"{team.prefect_api}/flows/filter", f"{team.mlflow}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert (_status(prefect_flows, method="POST"), _status(mlflow_search)) == (401, 401)
+    assert (_status(prefect_flows, method="POST", authorized=True), _status(mlflow_search, authorized=True)) == (200, 200)
+    result = _trigger(team, {"epochs": 1, "sample_limit": 2000, "test_limit": 500, "compare_dense": False})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "flow run state: Completed" in result.stdout and "test accuracy:" in result.stdout
+
+
+def _flow_run_process(flow_run_id: str) -> int | None:
+    import psutil
+
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("PREFECT__FLOW_RUN_ID") == flow_run_id:
+                return process.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_sigkill_of_serve_and_flow_run_process_ends_both_runs(team, monkeypatch):
+    from mlflow import MlflowClient
+
+    from cnn_train.flows import crashes
+
+    for name, value in team.client_env().items():
+        monkeypatch.setenv(name, value)
+    started = team.python(
+        "from prefect.deployments import run_deployment\n"
+        "print(run_deployment('cnn-train/default', timeout=0, parameters="
+        "{'epochs': 30, 'sample_limit': 600, 'test_limit': 100, 'compare_dense': False}).id)"
+    )
+    assert started.returncode == 0, started.stderr[-3000:]
+    flow_run_id = started.stdout.strip().splitlines()[-1]
+    client = MlflowClient(team.mlflow)
+    deadline = time.monotonic() + 600
+    run = None
+    while run is None or not client.get_metric_history(run.info.run_id, "val_accuracy"):
+        assert time.monotonic() < deadline, "the run never logged an epoch"
+        runs = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()], f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
+        )
+        run = runs[0] if runs else None
+        time.sleep(1)
+    time.sleep(crashes.HEARTBEAT_SECONDS + 5)  # a Prefect heartbeat has been sent
+    serve_pid = int((team.state / "run" / "deployment-server.pid").read_text())
+    flow_pid = _flow_run_process(flow_run_id)
+    assert flow_pid is not None
+    os.kill(serve_pid, signal.SIGKILL)
+    os.kill(flow_pid, signal.SIGKILL)
+    killed = time.monotonic()
+
+    report = team.cli("doctor", timeout=300)
+    reported_after = time.monotonic() - killed
+    assert "FAIL deployment: the serve process of cnn-train/default" in report.stdout, report.stdout
+    assert f"FAIL flow runs: 1 flow run(s) Running without a process: " in report.stdout, report.stdout
+    assert flow_run_id in report.stdout
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: team.prefect_api}), get_client(sync_client=True) as prefect:
+        while (state := prefect.read_flow_run(flow_run_id).state).type.value == "RUNNING":
+            assert time.monotonic() - killed < crashes.ZOMBIE_AFTER_SECONDS + 120, "Prefect never crashed the flow run"
+            time.sleep(2)
+    crashed_after = time.monotonic() - killed
+    assert state.type.value == "CRASHED" and crashes.CRASH_MESSAGE in state.message
+
+    recovered = team.cli("up", "--no-trigger", timeout=600)  # what a user does next: serve again
+    assert recovered.returncode == 0, recovered.stdout[-3000:] + recovered.stderr[-3000:]
+    run = client.get_run(run.info.run_id)
+    failed_after = time.monotonic() - killed
+    assert run.info.status == "FAILED", recovered.stdout
+    print(f"doctor reported both {reported_after:.0f} s after the kill; Prefect Crashed after {crashed_after:.0f} s "
+          f"(automation, no cnn-train process running); MLflow FAILED after {failed_after:.0f} s (by `cnn-train up`)")
