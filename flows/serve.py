@@ -48,6 +48,10 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
         "A grid of configurations sharing one data prep, ranked in a parent MLflow run (local threads).",
     ),
     Deployment(
+        "cnn_train.flows.tune_flow.cnn_train_tune",
+        "An Optuna study (TPE, median pruning) over run fields, resumable by study name (local threads).",
+    ),
+    Deployment(
         "cnn_train.flows.predict_flow.cnn_train_predict",
         "Classify a folder of images (-p images=/path) with the champion model, or -p model=...",
     ),

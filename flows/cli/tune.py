@@ -1,0 +1,90 @@
+"""``cnn-train tune``: an Optuna study over run fields, pruning hopeless trials, resumable, locally or on Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from pydantic import BaseModel, Field
+
+from cnn_train.flows.cli.app import app, cli_options, fail
+from cnn_train.flows.cli.training import (
+    RunnerOptions,
+    TrialResourceOptions,
+    _run_flow,
+    _validated,
+    require_reachable_servers,
+)
+from cnn_train.flows.params import TUNE_EXCLUDES, RunParameters, TuneOptions
+
+
+class TuneCommandOptions(BaseModel):
+    """What only the command line adds: a space from a file, and the short way to turn pruning off."""
+
+    space_file: Optional[Path] = Field(  # noqa: UP045 - typer reads it
+        default=None, description="YAML or JSON file mapping FIELD to SPEC; --space items override its fields."
+    )
+    no_prune: bool = Field(default=False, description="Train every trial to the end (same as --pruner none).")
+
+
+def _space(values: dict[str, Any], space_file: Path | None) -> dict[str, Any]:
+    """The space from the file (if any) and the ``--space FIELD=SPEC`` items, or the declared default."""
+    from cnn_train.flows.tuning import load_space_file, parse_assignments
+
+    given = values["space"]
+    items = parse_assignments(given) if isinstance(given, list) else None
+    if space_file is None:
+        return items if items is not None else given
+    return load_space_file(space_file) | (items or {})
+
+
+@app.command()
+@cli_options(TuneOptions, RunParameters, RunnerOptions, TrialResourceOptions, TuneCommandOptions, exclude=TUNE_EXCLUDES)
+def tune(**values: Any) -> None:
+    """Search hyperparameters with Optuna (TPE, pruning hopeless trials after an epoch); running the same
+    command again continues the study."""
+    from cnn_train.flows.params import ParameterError
+
+    runner = RunnerOptions(task_runner=values.pop("task_runner"), ray_address=values.pop("ray_address"))
+    ray_resource = values.pop("ray_resource")
+    if (runner.ray_address or ray_resource) and runner.task_runner != "ray":
+        fail("--ray-address and --ray-resource need --task-runner ray")
+    space_file, no_prune = values.pop("space_file"), values.pop("no_prune")
+    if no_prune:
+        if values["pruner"] not in ("median", "none"):
+            fail(f"--no-prune and --pruner {values['pruner']} contradict each other; give one")
+        values["pruner"] = "none"
+    try:
+        values["space"] = _space(values, space_file)
+    except ParameterError as error:
+        fail(str(error))
+    from cnn_train.flows.tune_flow import cnn_train_tune, validate_tune
+
+    plan = _validated(validate_tune, values)
+    require_reachable_servers()
+    flow_fn = cnn_train_tune
+    if runner.task_runner == "ray":
+        from cnn_train.flows.ray_cluster import parse_resources, ray_task_runner
+
+        task_runner = ray_task_runner(runner.ray_address, trial_resources=parse_resources(ray_resource))
+        flow_fn = cnn_train_tune.with_options(task_runner=task_runner)
+    result = _run_flow(flow_fn, values)
+    _print_result(result, plan.study_name)
+
+
+def _print_result(result: dict[str, Any], study_name: str) -> None:
+    import pandas as pd
+
+    from cnn_train.flows import reporting
+
+    counts = result["counts"]
+    typer.echo(reporting.markdown_table(pd.DataFrame(result["ranking"])))
+    typer.echo(
+        f"study {study_name}: {counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} failed "
+        f"(this run: trials {', '.join(map(str, result['trials_run'])) or 'none'}); storage {result['storage']}"
+    )
+    typer.echo(f"best trial: {result['best_trial']} value {result['best_value']:.4f} {result['best_params']}")
+    typer.echo(f"MLflow study run: {result['mlflow_run_url']}")
+    if "registration" in result:
+        typer.echo(result["registration"])

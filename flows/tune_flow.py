@@ -1,0 +1,300 @@
+"""The ``cnn-train-tune`` flow: an Optuna study over some run fields, its trials run as Prefect tasks
+(threads, or Ray like the sweep's), hopeless ones pruned after an epoch, all recorded in MLflow.
+
+Optuna decides (ask: which values next; tell: how a trial ended; its pruner: stop now?), Prefect
+runs: data prep once, then up to ``max_concurrent`` trial tasks in flight. Each trial reports every
+epoch's validation accuracy to its Optuna trial as the epoch ends and asks the backend to stop when
+the pruner says so. The study lives in an RDB storage, so running the same command again continues it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import PrefectFuture, as_completed
+
+from cnn_train.flows import steps, tracking
+from cnn_train.flows.data import PreparedData
+from cnn_train.flows.params import TUNE_EXCLUDES, RunParameters, TuneOptions, takes_parameters
+from cnn_train.flows.placement import place_task
+from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, node_tags, worker_died
+from cnn_train.flows.runs import ended, fails_in_one_line, flow_run_tags, recorded_flow, start_flow_run
+from cnn_train.flows.tasks import IN_MEMORY, prep_task, progress_line
+from cnn_train.flows.tracking import RunTracker
+from cnn_train.flows.tuning import (
+    EXPERIMENT_ATTR,
+    MODEL_URI_ATTR,
+    OWNER_ATTR,
+    PARENT_ATTR,
+    RUN_ATTR,
+    STATE_TAG,
+    TEST_ACCURACY_ATTR,
+    TrialHeartbeat,
+    TunePlan,
+    ask,
+    counted_trials,
+    ended_trials,
+    open_study,
+    owner,
+    pruned_label,
+    recover_abandoned,
+    redacted_url,
+    tell,
+    validate_tune,
+    waiting_trials,
+)
+from cnn_train.flows.tuning.record import record_study
+from cnn_train.plugins.contract import EpochMetrics, TrainHistory
+
+#: MLflow tags linking a trial's run to its study.
+STUDY_TAG = "cnn_train.study"
+TRIAL_TAG = "cnn_train.trial_number"
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """How one trial's training ended, as Optuna and the ranking need it."""
+
+    state: Literal["complete", "pruned"]
+    value: float | None
+    epochs: int
+    test_accuracy: float | None
+    model_uri: str | None
+
+
+def objective_value(history: TrainHistory, objective: str) -> float:
+    """The number the study maximises: the last epoch's validation accuracy, or the best epoch's."""
+    if objective == "best_val_accuracy":
+        return max(epoch.val_accuracy for epoch in history.epochs)
+    return history.final.val_accuracy
+
+
+def run_trial(
+    trial: optuna.Trial,
+    params: RunParameters,
+    data: PreparedData,
+    child: RunTracker,
+    *,
+    objective: str,
+    scheduler_assigned: bool,
+) -> TrialOutcome:
+    """Train one trial in its MLflow run, reporting each epoch to Optuna and stopping when it prunes;
+    evaluate it on the test set when it trained to the end."""
+    logger = get_run_logger()
+    label = f"trial {trial.number}"
+    pruned_at: list[int] = []
+
+    def finished_epoch(metrics: EpochMetrics) -> bool:
+        logger.info(progress_line(metrics, params.epochs, label))
+        if pruned_at:
+            return True
+        trial.report(metrics.val_accuracy, metrics.epoch)
+        # Pruning after the last epoch would save nothing: such a trial completes.
+        if metrics.epoch < params.epochs and trial.should_prune():
+            pruned_at.append(metrics.epoch)
+            logger.info("%s pruned after epoch %d (val_accuracy %.4f)", label, metrics.epoch, metrics.val_accuracy)
+        return bool(pruned_at)
+
+    with ended(child):
+        try:
+            steps.log_run_params(child, params)
+            steps.log_datasets(child, data)
+            if scheduler_assigned:
+                child.set_tags(node_tags())
+            with place_task(
+                "train", params.train_device, logger=logger, assigned_by_scheduler=scheduler_assigned
+            ) as placement:
+                child.set_tags(placement.as_tags())
+                trained = steps.train(params, data, child, device=placement.device, on_epoch=finished_epoch)
+                evaluated = None if pruned_at else steps.evaluate(params, trained, data, device=placement.device)
+        except BaseException:
+            child.set_tags({STATE_TAG: "failed"})
+            raise
+        if evaluated is None:
+            child.set_tags({STATE_TAG: pruned_label(pruned_at[0])})
+            return TrialOutcome("pruned", None, pruned_at[0], None, None)
+        epochs = len(trained.history.epochs)
+        value = objective_value(trained.history, objective)
+        child.log_metrics(steps.test_metrics(evaluated, data) | {"objective": value}, step=epochs)
+        child.set_tags({STATE_TAG: "complete"})
+        return TrialOutcome("complete", value, epochs, evaluated.evaluation.accuracy, trained.model_uri)
+
+
+@task(name="tune-trial", task_run_name="trial-{number}", **IN_MEMORY)
+def tune_trial_task(
+    number: int,
+    trial: optuna.Trial,
+    params: RunParameters,
+    data: PreparedData,
+    child: RunTracker,
+    objective: str,
+    scheduler_assigned: bool,
+) -> TrialOutcome:
+    """One Optuna trial, trained (and pruned or evaluated) in its own child run of the study's run."""
+    return run_trial(trial, params, data, child, objective=objective, scheduler_assigned=scheduler_assigned)
+
+
+def _end_abandoned_runs(uri: str) -> Any:
+    """What to do when a trial is found abandoned: end its MLflow runs FAILED, saying why."""
+    logger = get_run_logger()
+
+    def end(trial: FrozenTrial) -> None:
+        logger.warning("trial %d was left running by a process that died: marked failed and queued again once", trial.number)
+        run_id, experiment_id = trial.user_attrs.get(RUN_ATTR), str(trial.user_attrs.get(EXPERIMENT_ATTR, ""))
+        if run_id:
+            RunTracker(uri, run_id, experiment_id).set_tags(
+                {STATE_TAG: "failed", "cnn_train.trial_note": "its process died while it trained; the trial was queued again"}
+            )
+            tracking.mark_unfinished(run_id, "FAILED", uri=uri)
+        if parent_id := trial.user_attrs.get(PARENT_ATTR):
+            tracking.mark_unfinished(parent_id, "FAILED", uri=uri)
+
+    return end
+
+
+@dataclass
+class _Running:
+    """A trial in flight: its Optuna trial and its Prefect future."""
+
+    trial: optuna.Trial
+    future: PrefectFuture[TrialOutcome]
+
+
+def _start_trial(
+    study: optuna.Study, heartbeat: TrialHeartbeat, plan: TunePlan, data: PreparedData, parent: RunTracker, on_ray: bool
+) -> _Running:
+    """Ask Optuna for the next trial, claim it, open its child run, and submit it to the task runner."""
+    trial = ask(study)
+    # Claimed at once: a trial this process dies holding is then recognisably abandoned.
+    trial.set_user_attr(OWNER_ATTR, owner())
+    heartbeat.add(trial.number)
+    try:
+        values = plan.space.suggest(trial)
+        params = plan.params_for(values)
+        child = RunTracker.start(
+            params.experiment,
+            run_name=f"trial-{trial.number}",
+            tags=flow_run_tags() | {"cnn_train.role": "tune-trial", STUDY_TAG: plan.study_name, TRIAL_TAG: str(trial.number)},
+            parent_run_id=parent.run_id,
+            uri=parent.uri,
+        )
+        for key, value in {RUN_ATTR: child.run_id, PARENT_ATTR: parent.run_id, EXPERIMENT_ATTR: child.experiment_id}.items():
+            trial.set_user_attr(key, value)
+        get_run_logger().info("trial %d: %s", trial.number, values)
+        with _ray_request(params.train_device, on_ray):
+            future = tune_trial_task.submit(trial.number, trial, params, data, child, plan.options.objective, on_ray)
+    except BaseException:
+        heartbeat.remove(trial.number)
+        tell(study, trial, state=TrialState.FAIL)
+        raise
+    return _Running(trial, future)
+
+
+def _finish_trial(study: optuna.Study, storage: RDBStorage, running: _Running, on_ray: bool) -> str:
+    """Tell Optuna how the trial ended (a trial that raised is FAIL); returns how, in words. A trial
+    whose Ray worker died is handled like one whose process died: failed, and queued again once."""
+    trial = running.trial
+    try:
+        outcome = running.future.result()
+    except Exception as error:  # noqa: BLE001 - one failed trial does not end the study
+        get_run_logger().warning("trial %d failed: %s", trial.number, error)
+        trial.set_user_attr("cnn_train.error", str(error)[:500])
+        tell(study, trial, state=TrialState.FAIL)
+        if on_ray and worker_died(error):
+            mark_crashed(running.future.task_run_id, f"the Ray worker running trial {trial.number} died")
+            requeue = storage.get_heartbeat_stale_trial_callback()
+            if requeue is not None:
+                requeue(study, study.get_trials(deepcopy=False)[trial.number])
+        return "failed"
+    trial.set_user_attr(TEST_ACCURACY_ATTR, outcome.test_accuracy)
+    trial.set_user_attr(MODEL_URI_ATTR, outcome.model_uri)
+    if outcome.state == "pruned":
+        tell(study, trial, state=TrialState.PRUNED)
+        return pruned_label(outcome.epochs)
+    tell(study, trial, state=TrialState.COMPLETE, value=outcome.value)
+    return "complete"
+
+
+def _wants_more(study: optuna.Study, plan: TunePlan, deadline: float | None) -> bool:
+    if deadline is not None and time.monotonic() >= deadline:
+        return False
+    return waiting_trials(study) > 0 or counted_trials(study) < plan.target_trials
+
+
+def run_study(study: optuna.Study, heartbeat: TrialHeartbeat, plan: TunePlan, data: PreparedData, parent: RunTracker) -> list[int]:
+    """Keep ``max_concurrent`` trials in flight until the study holds its trials (or time is up);
+    returns the numbers of the trials this invocation ran."""
+    logger = get_run_logger()
+    on_ray = _on_ray()
+    deadline = time.monotonic() + plan.options.timeout if plan.options.timeout else None
+    target = plan.target_trials
+    done = min(ended_trials(study), target)
+    progress = create_progress_artifact(
+        100.0 * done / target, key="tune-progress", description=f"{plan.study_name}: {done} of {target} trials done"
+    )
+    in_flight: list[_Running] = []
+    ran: list[int] = []
+    while True:
+        while len(in_flight) < plan.options.max_concurrent and _wants_more(study, plan, deadline):
+            running = _start_trial(study, heartbeat, plan, data, parent, on_ray)
+            in_flight.append(running)
+            ran.append(running.trial.number)
+        if not in_flight:
+            break
+        first = next(as_completed([r.future for r in in_flight]))
+        finished = next(r for r in in_flight if r.future is first)
+        in_flight.remove(finished)
+        how = _finish_trial(study, heartbeat.storage, finished, on_ray)
+        heartbeat.remove(finished.trial.number)
+        done = min(ended_trials(study), target)
+        update_progress_artifact(progress, 100.0 * done / target, description=f"{plan.study_name}: {done} of {target} trials done")
+        logger.info("trial %d %s (%d of %d trials done)", finished.trial.number, how, done, target)
+        recover_abandoned(study, heartbeat.storage)
+    return ran
+
+
+@flow(
+    name="cnn-train-tune",
+    description="An Optuna study over cnn-train run fields: trials as tasks, hopeless ones pruned, resumable.",
+    **recorded_flow(),
+)
+@fails_in_one_line
+@takes_parameters(TuneOptions, RunParameters, exclude=TUNE_EXCLUDES)
+def cnn_train_tune(**values: Any) -> dict[str, Any]:
+    """Create or continue the study, run its missing trials on shared data, rank and record them."""
+    plan = validate_tune(values)
+    study, storage = open_study(plan, on_abandoned=_end_abandoned_runs(tracking.tracking_uri()))
+    parent = start_flow_run(plan.base.experiment, run_name=plan.study_name, role="tune")
+    with ended(parent):
+        parent.set_tags({STUDY_TAG: plan.study_name, "cnn_train.study_storage": redacted_url(plan.storage_url)})
+        parent.log_params(
+            {k: v for k, v in values.items() if k not in ("space", "storage")}
+            | {
+                "space": json.dumps(plan.space.specs()),
+                "storage": redacted_url(plan.storage_url),
+                "study_name": plan.study_name,
+                "trials_before": counted_trials(study),
+                "task_runner": type(_task_runner()).__name__,
+            }
+        )
+        recover_abandoned(study, storage)
+        data = prep_task(plan.base, parent)
+        with TrialHeartbeat(study, storage).running() as heartbeat:
+            ran = run_study(study, heartbeat, plan, data, parent)
+        summary = record_study(parent, study, plan, ran, data)
+    return summary
+
+
+def _task_runner() -> Any:
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return context.task_runner if context else None

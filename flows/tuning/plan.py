@@ -1,0 +1,99 @@
+"""A tuning run's plan, checked before anything is recorded: the fixed run values, the space (every
+corner of it a valid run), the options, and which study in which storage it continues."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cnn_train.flows.params import ParameterError, RunParameters, TuneOptions, split_values, validate_parameters
+from cnn_train.flows.settings import state_dir
+from cnn_train.flows.tuning.space import SearchSpace, SpaceError, parse_space
+
+#: Run values that do not change what a trial measures, so a study may continue with other ones.
+_NOT_DEFINING = ("experiment", "data_dir", "prep_device", "train_device", "evaluate_device", "report_device")
+#: Combinations of the space's corners checked before the study starts (every one below this).
+_MAX_CORNERS = 4096
+
+
+@dataclass(frozen=True)
+class TunePlan:
+    """Everything a tune flow run needs, validated."""
+
+    options: TuneOptions
+    run_values: dict[str, Any]
+    base: RunParameters
+    space: SearchSpace
+    study_name: str
+    storage_url: str
+
+    def params_for(self, values: Mapping[str, Any]) -> RunParameters:
+        """One trial's run parameters: the fixed values with the trial's sampled ones."""
+        return validate_parameters(**(self.run_values | dict(values)))
+
+    def definition(self) -> dict[str, Any]:
+        return study_definition(self.base, self.space, self.options.objective)
+
+    @property
+    def target_trials(self) -> int:
+        """Trials the study should hold; a grid holds at most one trial per grid point."""
+        grid = self.space.grid()
+        points = len(list(itertools.product(*grid.values()))) if grid else None
+        return min(self.options.trials, points) if points else self.options.trials
+
+    @property
+    def max_epochs(self) -> int:
+        """The most epochs any trial can train (the pruners' budget)."""
+        epochs = next((d for d in self.space.dimensions if d.name == "epochs"), None)
+        return int(max(epochs.corners())) if epochs else self.base.epochs
+
+
+def study_definition(base: RunParameters, space: SearchSpace, objective: str) -> dict[str, Any]:
+    """What makes two invocations the same study: the space, the objective and the fixed run values."""
+    fixed = {
+        name: value for name, value in base.model_dump().items() if name not in _NOT_DEFINING and name not in space.names
+    }
+    return {"space": space.specs(), "objective": objective, "fixed": fixed}
+
+
+def default_storage_url() -> str:
+    """Optuna's SQLite file beside the project's other state, as an absolute URL."""
+    return f"sqlite:///{state_dir() / 'optuna.db'}"
+
+
+def default_study_name(definition: Mapping[str, Any], options: TuneOptions) -> str:
+    """``tune-<fields>-<digest>``: the same command continues the same study, a different one starts anew."""
+    keyed = dict(definition) | {"sampler": options.sampler, "pruner": options.pruner, "startup": options.startup_trials}
+    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return "tune-" + "-".join(sorted(definition["space"])) + f"-{digest}"
+
+
+def _check_corners(run_values: dict[str, Any], space: SearchSpace) -> None:
+    """Every combination of the space's bounds is a valid run, so no trial fails on a bad value."""
+    combos = itertools.islice(itertools.product(*(d.corners() for d in space.dimensions)), _MAX_CORNERS)
+    for combo in combos:
+        values = dict(zip(space.names, combo, strict=True))
+        try:
+            validate_parameters(**(run_values | values))
+        except ParameterError as error:
+            shown = ", ".join(f"{k}={v}" for k, v in values.items())
+            raise SpaceError(f"space: {shown} is not a valid run: {error}") from None
+
+
+def validate_tune(values: Mapping[str, Any]) -> TunePlan:
+    """The plan for ``values`` (a flow's flat parameters); any problem is one ParameterError."""
+    run_values, options = split_values(values, TuneOptions)
+    base = validate_parameters(**run_values)
+    space = parse_space(options.space)
+    if options.sampler == "grid" and space.grid() is None:
+        raise SpaceError(
+            f"space: sampler grid needs choices (A,B,C) for every field; {', '.join(space.ranges())} "
+            "is a range: list values, or use sampler tpe or random"
+        )
+    _check_corners(run_values, space)
+    name = options.study_name or default_study_name(study_definition(base, space, options.objective), options)
+    return TunePlan(options, dict(run_values), base, space, name, options.storage or default_storage_url())

@@ -1,0 +1,186 @@
+"""A tuning search space: which run fields vary and over what, read from ``FIELD=SPEC`` strings or a
+YAML/JSON file, and handed to Optuna's ``suggest_*`` calls.
+
+A SPEC is one of ``log:LOW:HIGH`` (a float drawn on a log scale), ``int:LOW:HIGH`` (a whole
+number), ``float:LOW:HIGH`` (a float) or ``A,B,C`` (one of the listed values; numbers stay numbers).
+Anything else is refused with one line naming the field and these forms.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from cnn_train.flows.params import ParameterError
+
+#: Fields a study may vary: the ones a sweep may vary (data prep runs once for all trials).
+TUNABLE = ("backend", "architecture", "epochs", "batch_size", "learning_rate", "seed")
+FORMS = "log:LOW:HIGH, int:LOW:HIGH, float:LOW:HIGH or A,B,C"
+
+Kind = Literal["log", "int", "float", "choice"]
+
+
+class SpaceError(ParameterError):
+    """A search space that cannot be searched; the message names the field and the accepted forms."""
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One field of the space: a range (``log``, ``int``, ``float``) or a list of choices."""
+
+    name: str
+    kind: Kind
+    low: float = 0.0
+    high: float = 0.0
+    choices: tuple[Any, ...] = ()
+
+    def suggest(self, trial: Any) -> Any:
+        """This field's value for an Optuna trial (a re-queued trial gets its earlier value back)."""
+        if self.kind == "choice":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high))
+        return trial.suggest_float(self.name, self.low, self.high, log=self.kind == "log")
+
+    def corners(self) -> tuple[Any, ...]:
+        """The values that bound this field: each choice, or a range's two ends."""
+        if self.kind == "choice":
+            return self.choices
+        if self.kind == "int":
+            return int(self.low), int(self.high)
+        return self.low, self.high
+
+    def spec(self) -> str:
+        """The canonical ``SPEC`` text, as a person would type it."""
+        if self.kind == "choice":
+            return ",".join(str(choice) for choice in self.choices)
+        if self.kind == "int":
+            return f"int:{int(self.low)}:{int(self.high)}"
+        return f"{self.kind}:{self.low:g}:{self.high:g}"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The fields a study varies, in a stable (alphabetical) order."""
+
+    dimensions: tuple[Dimension, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.dimensions)
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        return {d.name: d.suggest(trial) for d in self.dimensions}
+
+    def specs(self) -> dict[str, str]:
+        return {d.name: d.spec() for d in self.dimensions}
+
+    def grid(self) -> dict[str, list[Any]] | None:
+        """Every field's choices for Optuna's GridSampler, or None when some field is a range."""
+        if any(d.kind != "choice" for d in self.dimensions):
+            return None
+        return {d.name: list(d.choices) for d in self.dimensions}
+
+    def ranges(self) -> list[str]:
+        return [d.name for d in self.dimensions if d.kind != "choice"]
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.specs(), sort_keys=True).encode()).hexdigest()
+
+
+def _bad(field: str, text: object, reason: str) -> SpaceError:
+    return SpaceError(f"space: {field}={text!r} {reason}; use {FORMS}")
+
+
+def _choice_value(text: str) -> Any:
+    """``"64"`` -> 64, ``"1e-3"`` -> 0.001, ``"cnn"`` -> "cnn" (JSON when it parses, else text)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, (int, float, str)) and not isinstance(value, bool) else text
+
+
+def _range(field: str, text: str) -> Dimension:
+    kind, *bounds = text.split(":")
+    if len(bounds) != 2 or not all(b.strip() for b in bounds):
+        raise _bad(field, text, f"is not a range ({kind}: needs exactly LOW:HIGH)")
+    low = _bound(field, text, bounds[0], "LOW")
+    high = _bound(field, text, bounds[1], "HIGH")
+    if kind == "int" and not (low.is_integer() and high.is_integer()):
+        raise _bad(field, text, "needs whole numbers for int:LOW:HIGH")
+    if not low < high:
+        raise _bad(field, text, f"needs LOW < HIGH (got {low:g} and {high:g})")
+    if kind == "log" and low <= 0:
+        raise _bad(field, text, "needs LOW > 0 for a log scale")
+    return Dimension(field, kind, low=low, high=high)  # type: ignore[arg-type]
+
+
+def _bound(field: str, text: str, bound: str, word: str) -> float:
+    try:
+        return float(bound)
+    except ValueError:
+        raise _bad(field, text, f"has {word} {bound!r}, not a number") from None
+
+
+def _choices(field: str, original: object, values: Sequence[Any]) -> Dimension:
+    if len(values) < 2:
+        raise _bad(field, original, "lists fewer than two values (a fixed value is a plain option, not a search)")
+    if len(set(map(repr, values))) != len(values):
+        raise _bad(field, original, "lists a value twice")
+    return Dimension(field, "choice", choices=tuple(values))
+
+
+def parse_dimension(field: str, spec: object) -> Dimension:
+    """One field's SPEC (text, or a list of values from a YAML/JSON file) as a Dimension."""
+    if field not in TUNABLE:
+        raise SpaceError(f"space: cannot vary {field!r}; tunable fields: {', '.join(TUNABLE)}")
+    if isinstance(spec, (list, tuple)):
+        if any(isinstance(v, (dict, list, tuple, bool)) or v is None for v in spec):
+            raise _bad(field, spec, "lists something other than numbers and words")
+        return _choices(field, spec, list(spec))
+    if not isinstance(spec, str) or not spec.strip():
+        raise _bad(field, spec, "is not a search range")
+    text = spec.strip()
+    if text.split(":")[0] in ("log", "int", "float"):
+        return _range(field, text)
+    if ":" in text.split(",")[0] and "," not in text:
+        raise _bad(field, text, f"has an unknown range kind {text.split(':')[0]!r}")
+    return _choices(field, text, [_choice_value(part.strip()) for part in text.split(",") if part.strip()])
+
+
+def parse_space(space: Mapping[str, object]) -> SearchSpace:
+    """Every field's SPEC as a SearchSpace; an empty space or a bad SPEC is one SpaceError."""
+    if not space:
+        raise SpaceError(f"space: give at least one field to vary (FIELD={FORMS}); tunable fields: {', '.join(TUNABLE)}")
+    return SearchSpace(tuple(parse_dimension(str(field), spec) for field, spec in sorted(space.items())))
+
+
+def parse_assignments(items: Iterable[str]) -> dict[str, str]:
+    """Command-line ``FIELD=SPEC`` items as a mapping (later items win)."""
+    parsed: dict[str, str] = {}
+    for item in items:
+        field, sep, spec = item.partition("=")
+        if not sep or not field.strip() or not spec.strip():
+            raise SpaceError(f"--space takes FIELD=SPEC with SPEC one of {FORMS}; got {item!r}")
+        parsed[field.strip()] = spec.strip()
+    return parsed
+
+
+def load_space_file(path: Path) -> dict[str, object]:
+    """A YAML or JSON file holding a mapping of FIELD to SPEC (text, or a list of values)."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+    except OSError as error:
+        raise SpaceError(f"space file {path}: cannot read it ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise SpaceError(f"space file {path}: not YAML or JSON ({str(error).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise SpaceError(f"space file {path}: needs a mapping of FIELD to SPEC ({FORMS}), got {type(loaded).__name__}")
+    return {str(field): spec for field, spec in loaded.items()}

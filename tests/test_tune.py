@@ -1,0 +1,339 @@
+"""Tuning: the search space and its one-line errors, the study's plan, Optuna's figures, a study that
+prunes a hopeless trial, and a study killed mid-way that continues where it stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from cnn_train.flows.cli import app
+from cnn_train.flows.params import TUNE_EXCLUDES, RunParameters, TuneOptions, declared_fields
+from cnn_train.flows.tuning import (
+    FORMS,
+    RUN_ATTR,
+    STATE_TAG,
+    Dimension,
+    SpaceError,
+    load_space_file,
+    open_study,
+    parse_assignments,
+    parse_space,
+    validate_tune,
+)
+from cnn_train.flows.tuning.figures import inked_share, write_study_figures
+
+SMALL = {"epochs": 2, "sample_limit": 400, "test_limit": 200, "seed": 4}
+
+
+# --- the space ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "spec", "expected"),
+    [
+        pytest.param("learning_rate", "log:1e-4:1e-2", Dimension("learning_rate", "log", 1e-4, 1e-2), id="log"),
+        pytest.param("batch_size", "int:32:256", Dimension("batch_size", "int", 32, 256), id="int"),
+        pytest.param("learning_rate", "float:0.001:0.01", Dimension("learning_rate", "float", 0.001, 0.01), id="float"),
+        pytest.param("architecture", "cnn,dense", Dimension("architecture", "choice", choices=("cnn", "dense")), id="words"),
+        pytest.param("batch_size", "32, 64,128", Dimension("batch_size", "choice", choices=(32, 64, 128)), id="numbers"),
+        pytest.param("epochs", [2, 4], Dimension("epochs", "choice", choices=(2, 4)), id="yaml-list"),
+    ],
+)
+def test_specs_parse(field, spec, expected):
+    assert parse_space({field: spec}).dimensions == (expected,)
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        pytest.param({"learning_rate": "log:1e-2"}, "learning_rate='log:1e-2' is not a range", id="one-bound"),
+        pytest.param({"learning_rate": "log:0:1"}, "learning_rate='log:0:1' needs LOW > 0", id="log-of-zero"),
+        pytest.param({"learning_rate": "float:a:1"}, "learning_rate='float:a:1' has LOW 'a', not a number", id="not-a-number"),
+        pytest.param({"batch_size": "int:64:32"}, "batch_size='int:64:32' needs LOW < HIGH", id="reversed"),
+        pytest.param({"batch_size": "int:32:64.5"}, "batch_size='int:32:64.5' needs whole numbers", id="int-fraction"),
+        pytest.param({"learning_rate": "exp:1:2"}, "learning_rate='exp:1:2' has an unknown range kind 'exp'", id="unknown-kind"),
+        pytest.param({"architecture": "cnn"}, "architecture='cnn' lists fewer than two values", id="one-choice"),
+        pytest.param({"architecture": "cnn,cnn"}, "architecture='cnn,cnn' lists a value twice", id="twice"),
+        pytest.param({"epochs": 3}, "epochs=3 is not a search range", id="bare-number"),
+    ],
+)
+def test_a_malformed_spec_names_the_field_and_the_forms(space, message):
+    with pytest.raises(SpaceError) as raised:
+        parse_space(space)
+    assert message in str(raised.value)
+    assert str(raised.value).endswith(f"use {FORMS}")
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        pytest.param({"space": {"dense_units": "int:64:256"}}, "cannot vary 'dense_units'; tunable fields: backend", id="not-tunable"),
+        pytest.param({"space": {}}, "give at least one field to vary", id="empty"),
+        pytest.param(
+            {"space": {"learning_rate": "log:1e-4:1e-2"}, "sampler": "grid"},
+            "sampler grid needs choices (A,B,C) for every field; learning_rate is a range", id="grid-of-a-range",
+        ),
+        pytest.param(
+            {"space": {"batch_size": "32,100000"}},
+            "batch_size=100000 is not a valid run: batch_size: 100000 is larger than the training set", id="corner",
+        ),
+    ],
+)
+def test_a_space_that_cannot_run_is_refused_before_the_study(values, message):
+    with pytest.raises(SpaceError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate_tune(SMALL | values)
+
+
+def test_command_line_items_and_files_give_the_same_space(tmp_path):
+    yaml_file, json_file = tmp_path / "space.yaml", tmp_path / "space.json"
+    yaml_file.write_text("learning_rate: log:1e-4:1e-2\narchitecture: [cnn, dense]\n")
+    json_file.write_text('{"learning_rate": "log:1e-4:1e-2", "architecture": "cnn,dense"}')
+    from_items = parse_space(parse_assignments(["learning_rate=log:1e-4:1e-2", "architecture=cnn,dense"]))
+    assert parse_space(load_space_file(yaml_file)) == from_items == parse_space(load_space_file(json_file))
+    (tmp_path / "list.yaml").write_text("- learning_rate\n")
+    with pytest.raises(SpaceError, match="needs a mapping of FIELD to SPEC"):
+        load_space_file(tmp_path / "list.yaml")
+
+
+def test_optuna_suggests_within_the_space():
+    space = parse_space({"learning_rate": "log:1e-4:1e-2", "batch_size": "int:32:64", "architecture": "cnn,dense"})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        values = space.suggest(study.ask())
+        assert 1e-4 <= values["learning_rate"] <= 1e-2
+        assert isinstance(values["batch_size"], int) and 32 <= values["batch_size"] <= 64
+        assert values["architecture"] in ("cnn", "dense")
+
+
+# --- the plan and the study -----------------------------------------------------------------------
+
+
+def test_the_same_command_names_the_same_study_and_another_space_another(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path))
+    first = validate_tune(SMALL | {"space": {"learning_rate": "log:1e-4:1e-2"}})
+    assert validate_tune(SMALL | {"space": {"learning_rate": "log:1e-4:1e-2"}, "trials": 3}).study_name == first.study_name
+    assert validate_tune(SMALL | {"space": {"learning_rate": "log:1e-5:1e-2"}}).study_name != first.study_name
+    assert first.storage_url == f"sqlite:///{tmp_path / 'optuna.db'}"
+
+
+def test_continuing_a_study_with_another_space_is_refused(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    named = SMALL | {"study_name": "s", "storage": storage}
+    open_study(validate_tune(named | {"space": {"learning_rate": "log:1e-4:1e-2"}}), on_abandoned=print)
+    with pytest.raises(SpaceError, match=r"study 's' searches a different space \(learning_rate: 'log:0.0001:0.01' there, 'log:1e-05:0.01' here\)"):
+        open_study(validate_tune(named | {"space": {"learning_rate": "log:1e-5:1e-2"}}), on_abandoned=print)
+
+
+def test_a_continued_study_does_not_replay_its_first_values(tmp_path):
+    values = SMALL | {"space": {"learning_rate": "log:1e-4:1e-2"}, "sampler": "random", "storage": f"sqlite:///{tmp_path / 'o.db'}"}
+    plan = validate_tune(values)
+    first, _ = open_study(plan, on_abandoned=print)
+    trial = first.ask()
+    first.tell(trial, plan.space.suggest(trial)["learning_rate"])
+    continued, _ = open_study(plan, on_abandoned=print)
+    assert plan.space.suggest(continued.ask()) != first.trials[0].params
+
+
+def test_the_flow_form_and_the_command_are_the_declaration():
+    from cnn_train.flows.tune_flow import cnn_train_tune
+
+    declared = declared_fields([TuneOptions, RunParameters], TUNE_EXCLUDES)
+    assert list(cnn_train_tune.parameters.model_dump()["properties"]) == list(declared)
+    result = CliRunner().invoke(app, ["tune", "--help"], env={"COLUMNS": "250", "NO_COLOR": "1"})
+    help_text = " ".join(result.output.split())
+    assert all("--" + name.replace("_", "-") in help_text for name in declared)
+    assert "--space-file" in help_text and "--no-prune" in help_text and "--task-runner" in help_text
+
+
+def test_a_malformed_space_fails_before_any_run_exists(tmp_path):
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CNN_TRAIN_STATE_DIR": str(tmp_path / "state")}
+    result = CliRunner().invoke(app, ["tune", "--space", "learning_rate=log:1e-2", "--sample-limit", "400"], env=env)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"cnn-train: space: learning_rate='log:1e-2' is not a range (log: needs exactly LOW:HIGH); use {FORMS}"
+    ]
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "state" / "optuna.db").exists()
+
+
+# --- Optuna's figures -----------------------------------------------------------------------------
+
+
+def _synthetic_study(complete: int) -> optuna.Study:
+    """A study whose trials report three epochs each; the last ones are pruned after one epoch."""
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=1))
+    for number in range(complete + 2):
+        trial = study.ask()
+        rate = trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True)
+        batch = trial.suggest_categorical("batch_size", [32, 64])
+        score = 0.9 - abs(rate - 3e-3) * 10 - batch / 1e4
+        for epoch in (1, 2, 3):
+            trial.report(score * epoch / 3, epoch)
+            if number >= complete and epoch == 1:
+                break
+        study.tell(trial, state=TrialState.PRUNED) if number >= complete else study.tell(trial, score)
+    return study
+
+
+def test_optuna_figures_are_drawn_and_not_blank(tmp_path):
+    figures = write_study_figures(_synthetic_study(complete=4), tmp_path)
+    assert [path.name for path in figures.files] == [
+        "optimization_history.png", "intermediate_values.png", "param_importances.png"
+    ]
+    assert all(inked_share(path) > 0.02 for path in figures.files)
+    assert figures.skipped == {}
+
+
+def test_a_figure_the_study_cannot_have_yet_is_skipped_with_the_reason(tmp_path):
+    figures = write_study_figures(_synthetic_study(complete=1), tmp_path)
+    assert figures.skipped == {
+        "param_importances.png": "parameter importance needs at least 2 completed trials (1 so far)"
+    }
+
+
+def test_a_blank_picture_counts_as_blank(tmp_path):
+    from matplotlib.figure import Figure
+
+    blank = Figure(figsize=(2, 2))
+    blank.savefig(tmp_path / "blank.png", facecolor="white")
+    assert inked_share(tmp_path / "blank.png") == 0.0
+
+
+# --- real studies (tiny real data, torch backend) ----------------------------------------------
+
+
+def _child_runs(client, study_name):
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, f"tags.`cnn_train.study` = '{study_name}' and tags.`cnn_train.role` = 'tune-trial'")
+
+
+def _artifact_names(client, run_id, path):
+    return {Path(a.path).name for a in client.list_artifacts(run_id, path)}
+
+
+@pytest.mark.slow
+def test_a_hopeless_trial_is_pruned_and_its_run_says_so(mlflow_store, tmp_path):
+    from mlflow import MlflowClient
+
+    from cnn_train.flows.tune_flow import cnn_train_tune
+
+    values = SMALL | {
+        "space": {"learning_rate": "0.003,1e-7"}, "trials": 2, "max_concurrent": 1, "startup_trials": 1,
+        "sampler": "random", "study_name": "prune-hopeless",
+    }
+    # Queue the two trials in this order, so the hopeless one runs second and meets a finished trial.
+    study, _ = open_study(validate_tune(values), on_abandoned=print)
+    study.enqueue_trial({"learning_rate": 0.003})
+    study.enqueue_trial({"learning_rate": 1e-7})
+
+    result = cnn_train_tune(**values)
+
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert trials[1].last_step == 1
+    client = MlflowClient(mlflow_store)
+    runs = {int(r.data.tags["cnn_train.trial_number"]): r for r in _child_runs(client, "prune-hopeless")}
+    pruned, complete = runs[1], runs[0]
+    assert pruned.info.status == "FINISHED"
+    assert pruned.data.tags[STATE_TAG] == "pruned at epoch 1"
+    assert [m.step for m in client.get_metric_history(pruned.info.run_id, "val_accuracy")] == [1]
+    assert "test_accuracy" not in pruned.data.metrics
+    assert complete.info.status == "FINISHED" and complete.data.tags[STATE_TAG] == "complete"
+    assert [m.step for m in client.get_metric_history(complete.info.run_id, "val_accuracy")] == [1, 2]
+    assert complete.data.metrics["objective"] == pytest.approx(trials[0].value)
+    assert {pruned.data.tags["mlflow.parentRunId"], complete.data.tags["mlflow.parentRunId"]} == {result["mlflow_run_id"]}
+
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["cnn_train.best_trial"] == "0"
+    assert parent.data.params["best.learning_rate"] == "0.003"
+    assert {"ranking.csv", "ranking.md"} <= _artifact_names(client, parent.info.run_id, "tune")
+    assert _artifact_names(client, parent.info.run_id, "tune/figures") == {"optimization_history.png", "intermediate_values.png"}
+    for name in ("optimization_history.png", "intermediate_values.png"):
+        assert inked_share(Path(client.download_artifacts(parent.info.run_id, f"tune/figures/{name}", str(tmp_path)))) > 0.02
+    ranking_md = Path(client.download_artifacts(parent.info.run_id, "tune/ranking.md", str(tmp_path))).read_text()
+    assert "param_importances.png` not drawn: parameter importance needs at least 2 completed trials (1 so far)" in ranking_md
+    assert [row["state"] for row in result["ranking"]] == ["complete", "pruned at epoch 1"]
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_a_killed_study_continues_its_numbering_without_duplicate_runs(mlflow_store, prefect_api_url, tmp_path):
+    from mlflow import MlflowClient
+
+    from cnn_train.flows.tuning import default_storage_url
+
+    args = [
+        "tune", "--space", "learning_rate=log:1e-4:1e-2", "--trials", "2", "--max-concurrent", "1",
+        "--pruner", "none", "--sampler", "random", "--study-name", "killed", "--epochs", "2",
+        "--sample-limit", "400", "--test-limit", "200", "--seed", "4",
+    ]
+    cli = Path(sys.executable).with_name("cnn-train")
+    with (tmp_path / "first.log").open("w") as log:
+        process = subprocess.Popen(
+            [str(cli), *args], env=os.environ | {"PREFECT_API_URL": prefect_api_url},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def trials() -> list[optuna.trial.FrozenTrial]:
+        try:
+            return optuna.load_study(study_name="killed", storage=default_storage_url()).get_trials()
+        except KeyError:  # the study does not exist yet
+            return []
+
+    def states() -> list[TrialState]:
+        return [t.state for t in trials()]
+
+    def one_done_one_training() -> bool:
+        now = trials()
+        return any(t.state == TrialState.COMPLETE for t in now) and any(
+            t.state == TrialState.RUNNING and RUN_ATTR in t.user_attrs for t in now
+        )
+
+    try:
+        _wait_for(lambda: one_done_one_training() or process.poll() is not None, timeout=300, what="a finished trial and a training one")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    before = states()
+    assert before == [TrialState.COMPLETE, TrialState.RUNNING], (tmp_path / "first.log").read_text()[-3000:]
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+    after = trials()
+    # Trial 0 is not run again; trial 1 died with the process, and trial 2 is trial 1 queued again.
+    assert [t.number for t in after] == [0, 1, 2]
+    assert [t.state for t in after] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert after[2].system_attrs["failed_trial"] == 1 and after[2].params == after[1].params
+    assert "this run: trials 2)" in result.output
+
+    client = MlflowClient(mlflow_store)
+    runs = _child_runs(client, "killed")
+    assert Counter(int(r.data.tags["cnn_train.trial_number"]) for r in runs) == Counter([0, 1, 2])
+    by_number = {int(r.data.tags["cnn_train.trial_number"]): r for r in runs}
+    assert by_number[1].info.status == "FAILED" and by_number[1].data.tags[STATE_TAG] == "failed"
+    assert all(by_number[n].info.status == "FINISHED" and by_number[n].data.tags[STATE_TAG] == "complete" for n in (0, 2))
+    first_parent, second_parent = (by_number[n].data.tags["mlflow.parentRunId"] for n in (0, 2))
+    assert first_parent != second_parent
+    assert client.get_run(first_parent).info.status == "FAILED"  # its process was killed
+    # Two completed trials with different learning rates: now the parameter importance can be drawn.
+    assert "param_importances.png" in _artifact_names(client, second_parent, "tune/figures")
