@@ -12,8 +12,8 @@ test function in your own test file::
 Test ids are the check names, so ``pytest -k save_load_round_trip`` runs one check. A check that
 does not apply to the backend (feature maps of a network without convolutions, say) is skipped with
 the reason, and so is every check after a failed one it needs (a backend that lacks a contract
-member fails ``contract_members`` once). Checks use small synthetic data and one epoch, so the whole
-kit takes seconds on a CPU.
+member fails ``contract_members`` once). Checks use small synthetic data and one to three epochs on
+the CPU; the model logging check goes through MLflow into a throwaway store.
 """
 
 from cnn_train.plugins.conformance.runner import CHECK_NAMES, CHECKS, Check, CheckResult, CheckStatus, run_checks
