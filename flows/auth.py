@@ -132,5 +132,8 @@ def mlflow_auth_config() -> Path:
         "default_permission = READ\n"
         f"database_uri = sqlite:///{state_dir() / 'mlflow-auth.db'}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # Checking a password costs a deliberately slow hash on every request; without this cache a
+        # busy 2-core machine fell minutes behind (one worker, so no stale entries across workers).
+        "auth_cache_ttl_seconds = 300\n"
     )
     return path

@@ -82,3 +82,66 @@ def test_doctor_command_exit_code_and_lines(tmp_path):
     assert any(line.startswith("FAIL deployment:") for line in lines)
     assert any(line.startswith("FAIL dataset:") for line in lines)
     assert any(line.startswith("ok   mlflow:") for line in lines)
+
+
+def test_records_waiting_in_a_spool_are_reported_then_delivered_with_fix(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from cnn_train.flows import tracking
+
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = MlflowClient(store).create_run(MlflowClient(store).create_experiment("spooled")).info.run_id
+    # What a run leaves when MLflow did not answer at its end: an epoch and the run's end.
+    spool = tracking.Spool(run_id, uri=store)
+    spool.append("batch", {"metrics": [["val_accuracy", 0.8, 1_700_000_000_000, 1]]})
+    spool.append("end", {"status": "FINISHED", "end_time": 1_700_000_001_000})
+    waiting = doctor.check_spools(fix=False)
+    assert not waiting.ok and f"{run_id} (2 record(s))" in waiting.detail and "cnn-train sync" in waiting.fix
+    assert doctor.check_spools(fix=True).line() == "ok   tracking spool: delivered the waiting records of 1 run(s)"
+    run = MlflowClient(store).get_run(run_id)
+    assert (run.info.status, run.data.metrics["val_accuracy"]) == ("FINISHED", 0.8)
+    assert doctor.check_spools(fix=False).ok
+
+
+def _exited_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.parametrize(
+    ("serve_pid", "running_here", "reason"),
+    [
+        ("dead", set(), "the serve process that ran it is gone, and no process here runs it"),
+        ("dead", {"flow-1"}, None),  # its flow-run process outlived the serve process: still running
+        ("alive", set(), None),
+    ],
+    ids=["serve-gone", "serve-gone-flow-run-alive", "serve-alive"],
+)
+def test_a_served_flow_run_is_orphaned_only_when_no_process_runs_it(tmp_path, monkeypatch, serve_pid, running_here, reason):
+    import os
+    from types import SimpleNamespace
+
+    from cnn_train.flows import crashes, services
+
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
+    services.serve_process.pid_file.parent.mkdir(parents=True)
+    services.serve_process.pid_file.write_text(str(_exited_pid() if serve_pid == "dead" else os.getpid()))
+    flow_run = SimpleNamespace(id="flow-1", deployment_id="deployment-1", infrastructure_pid=None)
+    alive = services.serve_process.pid() is not None
+    assert crashes._why_orphaned(flow_run, serve_alive=alive, stale_flow_runs=set(), running_here=running_here) == reason
+
+
+@pytest.mark.slow
+def test_a_dead_serve_process_is_reported_before_prefect_notices(prefect_api_url, tmp_path, monkeypatch):
+    from cnn_train.flows import services
+    from cnn_train.flows.train_flow import cnn_train
+
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
+    cnn_train.to_deployment(name="doctor-dead-serve").apply()
+    services.serve_process.pid_file.parent.mkdir(parents=True)
+    services.serve_process.pid_file.write_text(str(_exited_pid()))
+    finding = doctor.check_deployment(prefect_api_url, name="cnn-train/doctor-dead-serve")
+    assert not finding.ok
+    assert "the serve process of cnn-train/doctor-dead-serve" in finding.detail and "is gone" in finding.detail

@@ -162,7 +162,7 @@ class Spool:
 
         Only one process delivers a spool at a time; another finding it busy delivers nothing.
         """
-        if not self.path.exists():
+        if not self.path.exists() or self.count() == 0:  # nothing to send: no need to ask the server
             return Delivery(0, 0)
         lock = FileLock(str(self.folder / "deliver.lock"))
         try:
