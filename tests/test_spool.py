@@ -233,3 +233,16 @@ def test_a_server_that_never_returns_leaves_a_spool_that_doctor_fix_delivers(
     assert client.search_logged_models(experiment_ids=[run.info.experiment_id]), "the spooled model was not logged"
     assert client.list_artifacts(run.info.run_id, "report")
     assert any(key.startswith("system/cpu_utilization_percentage") for key in run.data.metrics)
+
+
+def test_a_run_records_system_metrics_over_time(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    tracker = tracking.RunTracker.start("system", uri=store)
+    with tracker.heartbeat(interval=60):
+        time.sleep(4)
+    tracker.finish("FINISHED")
+    client = MlflowClient(store)
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        history = client.get_metric_history(tracker.run_id, key)
+        assert len(history) >= 2, key  # over time, not one sample
+        assert [m.step for m in history] == list(range(len(history)))

@@ -205,7 +205,7 @@ def test_sigkill_of_serve_and_flow_run_process_ends_both_runs(team, monkeypatch)
     report = team.cli("doctor", timeout=300)
     reported_after = time.monotonic() - killed
     assert "FAIL deployment: the serve process of cnn-train/default" in report.stdout, report.stdout
-    assert f"FAIL flow runs: 1 flow run(s) Running without a process: " in report.stdout, report.stdout
+    assert "FAIL flow runs: 1 flow run(s) Running without a process: " in report.stdout, report.stdout
     assert flow_run_id in report.stdout
 
     from prefect.client.orchestration import get_client

@@ -15,7 +15,7 @@ from mlflow.entities import RunStatus
 
 from cnn_train.flows.tracking.spool import has_waiting_records
 from cnn_train.flows.tracking.system_metrics import SystemMetrics
-from cnn_train.flows.tracking.uri import TrackingUnavailableError, check_reachable, client
+from cnn_train.flows.tracking.uri import check_reachable, client
 
 # Tag linking an MLflow run to the Prefect flow run that produced it.
 FLOW_RUN_TAG = "prefect.flow_run_id"
