@@ -29,6 +29,11 @@ AUTOMATION_NAME = "cnn-train: crash flow runs whose heartbeat stopped"
 CRASH_MESSAGE = "its process died without reporting (no heartbeat)"
 
 
+def runners() -> tuple[services.Service, ...]:
+    """What `cnn-train up` may have started to run flow runs: the serve process, or a worker."""
+    return (services.serve_process, services.worker_process)
+
+
 def heartbeat_environment() -> dict[str, str]:
     """What a process running flow runs needs for Prefect to hear it is alive."""
     return {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)}
@@ -89,7 +94,7 @@ def orphaned_flow_runs(*, tracking_uri: str | None = None) -> list[Orphan]:
     running = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])))
     with get_client(sync_client=True) as client:
         flow_runs = client.read_flow_runs(flow_run_filter=running, limit=200)
-    serve_alive = services.serve_process.pid() is not None
+    serve_alive = any(runner.pid() is not None for runner in runners())
     stale = {run.data.tags.get(tracking.FLOW_RUN_TAG) for run in _stale_mlflow_runs(tracking_uri)}
     running_here = flow_runs_with_a_process()
     orphans = []
@@ -118,9 +123,9 @@ def flow_runs_with_a_process() -> set[str]:
 def _why_orphaned(
     flow_run: Any, *, serve_alive: bool, stale_flow_runs: set[str | None], running_here: set[str]
 ) -> str | None:
-    served_here = flow_run.deployment_id is not None and services.serve_process.pid_file.exists()
+    served_here = flow_run.deployment_id is not None and any(runner.pid_file.exists() for runner in runners())
     if served_here and not serve_alive and str(flow_run.id) not in running_here:
-        return "the serve process that ran it is gone, and no process here runs it"
+        return "the serve process (or worker) that ran it is gone, and no process here runs it"
     if str(flow_run.id) in stale_flow_runs:
         return "its MLflow heartbeat stopped"
     host, _, pid = (flow_run.infrastructure_pid or "").rpartition(":")

@@ -52,15 +52,16 @@ def check_deployment(api_url: str | None, name: str = services.DEPLOYMENT) -> Fi
     if deployment.work_pool_name:
         return _check_pool(name, deployment.work_pool_name, api_url)
     status = getattr(deployment.status, "value", deployment.status)
-    # Prefect notices a dead serve process only after ~60 s without polls; its pid says so at once.
-    pid_file = services.serve_process.pid_file
-    if pid_file.exists() and services.serve_process.pid() is None:
-        return Finding(
-            "deployment",
-            False,
-            f"the serve process of {name} (pid {pid_file.read_text().strip()}) is gone (Prefect still says {status})",
-            "run `cnn-train up` to start it again",
-        )
+    # Prefect notices a dead serve process (or worker) only after ~60 s without polls; its pid says so at once.
+    for runner in crashes.runners():
+        if runner.pid_file.exists() and runner.pid() is None:
+            label = "serve process" if runner is services.serve_process else runner.name
+            return Finding(
+                "deployment",
+                False,
+                f"the {label} of {name} (pid {runner.pid_file.read_text().strip()}) is gone (Prefect still says {status})",
+                "run `cnn-train up` to start it again",
+            )
     if status == "READY":
         return Finding("deployment", True, f"{name} is served (status READY)")
     return Finding(

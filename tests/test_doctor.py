@@ -113,7 +113,7 @@ def _exited_pid() -> int:
 @pytest.mark.parametrize(
     ("serve_pid", "running_here", "reason"),
     [
-        ("dead", set(), "the serve process that ran it is gone, and no process here runs it"),
+        ("dead", set(), "the serve process (or worker) that ran it is gone, and no process here runs it"),
         ("dead", {"flow-1"}, None),  # its flow-run process outlived the serve process: still running
         ("alive", set(), None),
     ],
