@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -39,25 +40,24 @@ def parse_duration(text: str) -> timedelta:
     return sum((timedelta(**{_UNITS[unit]: int(number)}) for number, unit in pieces), timedelta())
 
 
+def _files_under(path: Path) -> Iterator[os.stat_result]:
+    """The stat of ``path`` and of every file and folder under it, links not followed; what vanishes
+    meanwhile (a spool record delivered, a cache entry replaced) is left out."""
+    for entry in (path, *(Path(folder, name) for folder, dirs, files in os.walk(path) for name in (*dirs, *files))):
+        try:
+            yield entry.lstat()
+        except FileNotFoundError:
+            continue
+
+
 def size_of(path: Path) -> int:
     """Bytes in a file, or in every file under a folder (links not followed); 0 when missing."""
-    if path.is_file():
-        return path.stat().st_size
-    total = 0
-    for folder, _, files in os.walk(path):
-        for name in files:
-            file = Path(folder, name)
-            if not file.is_symlink():
-                total += file.stat().st_size
-    return total
+    return sum(info.st_size for info in _files_under(path) if stat.S_ISREG(info.st_mode))
 
 
 def last_written(path: Path) -> float:
-    """The newest modification time of a file, or of a folder and anything under it."""
-    times = [path.stat().st_mtime]
-    for folder, dirs, files in os.walk(path):
-        times += [Path(folder, name).stat().st_mtime for name in (*dirs, *files)]
-    return max(times)
+    """The newest modification time of a file, or of a folder and anything under it (0 when missing)."""
+    return max((info.st_mtime for info in _files_under(path)), default=0.0)
 
 
 def human_size(size: int) -> str:
@@ -137,7 +137,7 @@ def _temporary_prefect(older_than: timedelta, now: float) -> Iterator[Removal]:
         if now - last_written(result) > older_than.total_seconds():
             yield Removal(result, size_of(result), "a temporary flow run's stored result")
     database = [path for path in _sqlite_files(home / "prefect.db") if path.exists()]
-    if database and now - max(path.stat().st_mtime for path in database) > older_than.total_seconds():
+    if database and now - max(last_written(path) for path in database) > older_than.total_seconds():
         for path in database:
             yield Removal(path, size_of(path), "the temporary Prefect server's database, unused (recreated when needed)")
 
@@ -147,7 +147,7 @@ def _server_files(older_than: timedelta, running: Iterable[str], now: float) -> 
     running = set(running)
     logs = state_dir() / "logs"
     for log in sorted(logs.glob("*.log")) if logs.is_dir() else ():
-        if log.stem not in running and now - log.stat().st_mtime > older_than.total_seconds():
+        if log.stem not in running and now - last_written(log) > older_than.total_seconds():
             yield Removal(log, size_of(log), "log of a server that is not running")
     pids = state_dir() / "run"
     for pid_file in sorted(pids.glob("*.pid")) if pids.is_dir() else ():

@@ -18,6 +18,7 @@ _PREFECT_LOGGER = "prefect"
 _TEMPORARY_SERVER_LINES = ("Starting temporary server", "Stopping temporary server")
 
 #: MLflow logs schema creation and migrations of a new store at INFO; its warnings stay.
+_MLFLOW_LOGGER = "mlflow"
 _MLFLOW_LEVEL = "WARNING"
 
 #: Python warnings known to be harmless here: (message regex, category, module regex).
@@ -32,8 +33,10 @@ class _DropTemporaryServerLines(logging.Filter):
 
 
 def quiet_libraries(*, verbose: bool = False, environ: MutableMapping[str, str] = os.environ) -> None:
-    """Silence the known noise (nothing when ``verbose``). A level the user set (``MLFLOW_LOGGING_LEVEL``) wins."""
+    """Silence the known noise; with ``verbose``, let MLflow's INFO lines through instead (the root
+    logger Prefect configures passes only warnings). A level the user set (``MLFLOW_LOGGING_LEVEL``) wins."""
     if verbose:
+        logging.getLogger(_MLFLOW_LOGGER).setLevel(environ.get("MLFLOW_LOGGING_LEVEL", "INFO").upper())
         return
     environ.setdefault("MLFLOW_LOGGING_LEVEL", _MLFLOW_LEVEL)
     prefect_logger = logging.getLogger(_PREFECT_LOGGER)

@@ -79,14 +79,28 @@ def _aged(path: Path, days: float, *, size: int = 10, folder: bool = False) -> P
     return path
 
 
+#: What a `cnn-train` command sets in its environment before it runs (and the test session must not keep).
+_CLI_ENVIRONMENT = (
+    "MPLCONFIGDIR", "PREFECT_PROFILES_PATH", "MLFLOW_LOGGING_LEVEL", "DO_NOT_TRACK", "PREFECT_SERVER_ANALYTICS_ENABLED",
+    "MLFLOW_DISABLE_TELEMETRY", "PREFECT_LOGGING_HANDLERS_CONSOLE_STREAM", "MLFLOW_CONFIGURE_LOGGING",
+)
+
+
 @pytest.fixture(autouse=True)
-def _undo_quiet_libraries(monkeypatch):
-    """Commands invoked here run the CLI's quieting: keep it from outliving the test."""
+def _undo_the_commands_settings(monkeypatch):
+    """Commands invoked here in-process run the CLI's settings and quieting: keep them from outliving the test."""
+    for name in _CLI_ENVIRONMENT:
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
     logger = logging.getLogger("prefect")
     filters = list(logger.filters)
+    mlflow_level = logging.getLogger("mlflow").level
     yield
     logger.filters[:] = filters
+    logging.getLogger("mlflow").setLevel(mlflow_level)
 
 
 @pytest.fixture
@@ -196,6 +210,8 @@ def test_the_temporary_server_line_is_dropped_unless_verbose(prefect_logger_reco
     logger.info("something else")
     assert len(records) == shown
     assert environ == ({} if verbose else {"MLFLOW_LOGGING_LEVEL": "WARNING"})
+    if verbose:  # MLflow's INFO lines get through whichever handler prints them
+        assert logging.getLogger("mlflow").getEffectiveLevel() == logging.INFO
 
 
 # --- slow: five runs and a sweep, as a newcomer makes them ------------------------------------------

@@ -43,12 +43,14 @@ def gc(
 ) -> None:
     """Prune what accumulates: checkpoints of FAILED or KILLED runs, the temporary Prefect server's
     results and database, logs of stopped servers (FINISHED runs' checkpoints go at once)."""
-    from cnn_train.flows import housekeeping, services, tracking
+    from cnn_train.flows import housekeeping
 
     try:
         age = housekeeping.parse_duration(older_than)
     except housekeeping.DurationError as error:
         fail(f"--older-than: {error}")
+    from cnn_train.flows import services, tracking  # MLflow: only once the age is known to be good
+
     uri = tracking.tracking_uri()
     try:
         tracking.check_reachable(uri)
