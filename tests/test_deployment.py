@@ -1,5 +1,6 @@
 """The product as users meet it: real local Prefect and MLflow servers, the serve process, and
-`prefect deployment run cnn-train/default` triggering a flow run that lands in MLflow."""
+`prefect deployment run cnn-train/default` triggering a flow run that lands in MLflow; then
+`cnn-train-predict/default` classifying a folder of images with the model it trained."""
 
 from __future__ import annotations
 
@@ -54,18 +55,31 @@ def test_up_is_idempotent(stack):
         assert f"{service}: already running" in again.stdout
 
 
-def test_prefect_deployment_run_lands_in_mlflow(stack):
-    env, _ = stack
-    # Exactly what a user types, through the Prefect profile that `up` configured.
+def _run_deployment(env: dict[str, str], name: str, *parameters: str) -> str:
+    """``prefect deployment run NAME -p ... --watch`` exactly as a user types it, through the Prefect
+    profile that `up` configured; the flow run's id once it completed."""
     run = subprocess.run(
-        [BIN / "prefect", "deployment", "run", "cnn-train/default",
-         "-p", "epochs=1", "-p", "sample_limit=400", "-p", "test_limit=200", "-p", "compare_dense=false",
+        [BIN / "prefect", "deployment", "run", name, *(arg for p in parameters for arg in ("-p", p)),
          "--watch", "--watch-timeout", "400"],
         env={k: v for k, v in env.items() if k != "PREFECT_API_URL"}, capture_output=True, text=True, timeout=500,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Completed" in run.stdout
-    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+    return re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+
+
+@pytest.fixture(scope="module")
+def trained(stack) -> str:
+    """One small `cnn-train/default` flow run through the served deployment; its flow run id."""
+    env, _ = stack
+    return _run_deployment(
+        env, "cnn-train/default", "epochs=1", "sample_limit=400", "test_limit=200", "compare_dense=false"
+    )
+
+
+def test_prefect_deployment_run_lands_in_mlflow(stack, trained):
+    env, _ = stack
+    flow_run_id = trained
 
     from mlflow import MlflowClient
 
@@ -95,3 +109,44 @@ def test_prefect_deployment_run_lands_in_mlflow(stack):
     assert image.data.startswith(f"http://127.0.0.1:{env['CNN_TRAIN_MLFLOW_PORT']}/get-artifact?path=report/")
     # The project's store is the SQLite file at the (temporary) project root.
     assert (Path(env["CNN_TRAIN_ROOT"]) / "mlflow.db").is_file()
+
+
+def test_the_predict_deployment_leaves_predictions_and_a_summary_in_mlflow(stack, trained, real_fashion_mnist_dir, tmp_path):
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from cnn_train.flows.data import TEST_IMAGES
+    from cnn_train.flows.data.idx import read_idx
+
+    env, _ = stack
+    images = read_idx(real_fashion_mnist_dir / TEST_IMAGES.name, TEST_IMAGES, verify_checksum=False).array
+    for index in range(3):
+        Image.fromarray(images[index]).resize((56, 56)).save(tmp_path / f"item-{index}.png")
+    # No model given: the flow takes the latest finished cnn-train run's (nothing is registered here).
+    flow_run_id = _run_deployment(env, "cnn-train-predict/default", f"images={tmp_path}")
+
+    client = MlflowClient(f"http://127.0.0.1:{env['CNN_TRAIN_MLFLOW_PORT']}")
+    trained_run = client.search_runs(
+        [client.get_experiment_by_name("cnn-train").experiment_id], f"tags.`prefect.flow_run_id` = '{trained}'"
+    )[0]
+    experiment = client.get_experiment_by_name("cnn-train-predict")
+    (run,) = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["cnn_train.model_run_id"] == trained_run.info.run_id
+    assert run.data.metrics["images_classified"] == 3
+    local = Path(client.download_artifacts(run.info.run_id, "predictions"))
+    assert {"predictions.csv", "summary.json", "summary.md", "examples.png"} <= {path.name for path in local.iterdir()}
+    assert len((local / "predictions.csv").read_text().splitlines()) == 4
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api = f"http://127.0.0.1:{env['CNN_TRAIN_PREFECT_PORT']}/api"
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    assert {(a.key, a.type) for a in artifacts} >= {
+        ("predictions", "table"), ("prediction-summary", "markdown"), ("predicted-examples", "image")
+    }

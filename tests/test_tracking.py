@@ -294,6 +294,9 @@ def test_the_installed_mlflow_ui_still_reads_the_experiment_kind():
         pytest.skip("this MLflow install has no UI bundle")
     assert f'"{tracking.EXPERIMENT_KIND_TAG}"' in ui
     assert f'"{tracking.MODEL_TRAINING_KIND}"' in ui
+    # The view a link opens in: the URL parameter the UI reads before the browser's last choice.
+    name, value = tracking.uri.MODEL_TRAINING_VIEW.split("=")
+    assert f'get("{name}")' in ui and f'="{value}"' in ui
 
 
 def test_a_none_tag_is_left_out(tracker):
@@ -318,6 +321,7 @@ def test_a_store_without_a_server_has_no_url_but_a_command(tracker, default_port
         f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --backend-store-uri {tracker.uri} "
         f"--artifacts-destination {folder}/mlartifacts --host 127.0.0.1 --port 5000 --workers 1, "
         f"then open http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
+        "?workflowType=machine_learning"
     )
 
 
@@ -330,14 +334,15 @@ def test_a_relative_sqlite_store_is_named_by_its_absolute_path(tmp_path, monkeyp
 
 def test_the_project_store_is_browsed_with_cnn_train_up(default_port):
     assert tracking.open_hint(Address(default_tracking_uri())) == (
-        "cnn-train up, then open http://127.0.0.1:5000/#/experiments/7/runs/abc123"
+        "cnn-train up, then open http://127.0.0.1:5000/#/experiments/7/runs/abc123?workflowType=machine_learning"
     )
 
 
 def test_a_server_store_links_to_the_run():
     run = Address("http://127.0.0.1:5123")
-    assert tracking.run_url(run.uri, run.experiment_id, run.run_id) == "http://127.0.0.1:5123/#/experiments/7/runs/abc123"
-    assert tracking.open_hint(run) == "open http://127.0.0.1:5123/#/experiments/7/runs/abc123"
+    page = "http://127.0.0.1:5123/#/experiments/7/runs/abc123?workflowType=machine_learning"
+    assert tracking.run_url(run.uri, run.experiment_id, run.run_id) == page
+    assert tracking.open_hint(run) == f"open {page}"
     assert tracking.artifact_url(run.uri, "abc123", "report/a b.png") == (
         "http://127.0.0.1:5123/get-artifact?path=report/a%20b.png&run_uuid=abc123"
     )

@@ -38,7 +38,8 @@ def predict(
         typer.echo(f"cnn-train: {missing}: no such file or folder", err=True)
     if collected.skipped:
         names = ", ".join(str(path) for path in collected.skipped[:5]) + (" ..." if len(collected.skipped) > 5 else "")
-        typer.echo(f"skipped {len(collected.skipped)} files without an image ending: {names}", err=True)
+        count = len(collected.skipped)
+        typer.echo(f"skipped {count} file{'s' if count != 1 else ''} without an image ending: {names}", err=True)
     if not collected.files:
         fail(f"no image files among {', '.join(map(str, paths))}; give PNG or JPEG files, or folders holding them")
     try:

@@ -111,8 +111,14 @@ def _is_server(uri: str) -> bool:
     return urlparse(uri).scheme in ("http", "https")
 
 
+#: MLflow 3.17's UI picks its view (GenAI or model training) from this URL parameter, else from the
+#: browser's last choice (GenAI at first); with its workflow switcher on, it ignores the experiment's
+#: kind tag for that. Links carry it so a run opens where a trained model belongs.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def _run_page(base: str, experiment_id: str, run_id: str) -> str:
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
 
 
 def _absolute_store(uri: str) -> str:
