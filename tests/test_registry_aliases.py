@@ -5,6 +5,7 @@ nothing lists what exists."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import mlflow.pyfunc
@@ -125,6 +126,9 @@ def test_a_better_then_a_worse_model_leaves_champion_on_the_better(store, two_ru
     client = tracking.client(store)
     assert _aliases(store, "better-then-worse") == {CHAMPION: "1", CHALLENGER: "2"}
     assert client.get_model_version_by_alias("better-then-worse", CHAMPION).run_id == two_runs[0][0].run_id
+    # The logged model lists its versions, so its page in the MLflow UI links to the registry.
+    better_model = client.get_logged_model(two_runs[0][1].removeprefix("models:/"))
+    assert {"name": "better-then-worse", "version": "1"} in json.loads(better_model.tags["mlflow.modelVersions"])
 
 
 def test_a_worse_then_a_better_model_moves_champion_to_the_better(store, two_runs):

@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
+import json
 import os
 import threading
 from collections.abc import Iterator, Mapping
@@ -232,4 +233,17 @@ def register_model(
         version = mlflow_client.create_model_version(
             name, source=model_uri, run_id=run_id, description=description, model_id=model_id, tags=dict(tags or {})
         )
+    if model_id:
+        _link_version_to_logged_model(mlflow_client, model_id, name, version.version)
     return int(version.version)
+
+
+#: The logged model's tag listing its registered versions; the MLflow UI's model page reads it
+#: ("Model versions"). ``mlflow.register_model`` sets it, ``MlflowClient.create_model_version`` does not.
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"
+
+
+def _link_version_to_logged_model(mlflow_client: MlflowClient, model_id: str, name: str, version: str) -> None:
+    listed = json.loads(mlflow_client.get_logged_model(model_id).tags.get(MODEL_VERSIONS_TAG, "[]"))
+    listed.append({"name": name, "version": str(version)})
+    mlflow_client.set_logged_model_tags(model_id, {MODEL_VERSIONS_TAG: json.dumps(listed)})
