@@ -111,7 +111,8 @@ class Team:
         return subprocess.run([CLI, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def python(self, code: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=timeout)
+        env = self.env | self.client_env()
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
 
     def client_env(self) -> dict[str, str]:
         return auth.Credentials(USER, PASSWORD).client_environment() | {"PREFECT_API_URL": self.prefect_api}
