@@ -212,7 +212,7 @@ def test_a_model_that_does_not_exist_lists_what_does(store, two_runs, better_the
     ],
 )
 def test_a_registered_model_is_located_by_alias_or_version(store, two_runs, better_then_worse, spec, version):
-    choice = tracking.locate(spec, uri=store)
+    choice = tracking.locate(spec, uri=store, experiment="ranked")
     assert (choice.model_uri, choice.registered, choice.described) == (
         spec, f"better-then-worse/{version}", f"{spec} (version {version}, as given)"
     )
@@ -223,5 +223,5 @@ def test_a_registered_model_is_located_by_alias_or_version(store, two_runs, bett
 def test_a_logged_model_is_located_by_its_id_or_its_run(store, two_runs, form):
     tracker, model_uri = two_runs[0]
     spec = {"m-id": model_uri.removeprefix("models:/"), "models-uri": model_uri, "run-uri": f"runs:/{tracker.run_id}/model"}[form]
-    choice = tracking.locate(spec, uri=store)
+    choice = tracking.locate(spec, uri=store, experiment="ranked")
     assert (choice.model_uri, choice.run_id) == (spec if form == "run-uri" else model_uri, tracker.run_id)

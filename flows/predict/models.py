@@ -10,13 +10,14 @@ import numpy as np
 
 from cnn_train.flows import tracking
 from cnn_train.flows.errors import ExpectedFailure
+from cnn_train.flows.params import RunParameters
 from cnn_train.flows.predict.images import SIDE
 from cnn_train.flows.tracking import ModelChoice
 from cnn_train.plugins.config import FASHION_MNIST_CLASSES
 
 INPUT_SHAPE = (SIDE, SIDE, 1)
-#: The experiment whose models are the default.
-TRAINING_EXPERIMENT = "cnn-train"
+#: The experiment whose models are the default: where `cnn-train run` trains unless told otherwise.
+TRAINING_EXPERIMENT: str = RunParameters.model_fields["experiment"].default
 
 
 class UnusableModelError(ExpectedFailure, ValueError):

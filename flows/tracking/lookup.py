@@ -51,11 +51,11 @@ def as_model_uri(spec: str) -> str:
     return f"models:/{spec}" if re.fullmatch(r"m-[0-9a-f]+", spec) else spec
 
 
-def locate(spec: str, *, uri: str | None = None, experiment: str = "cnn-train") -> ModelChoice:
+def locate(spec: str, *, experiment: str, uri: str | None = None) -> ModelChoice:
     """The model ``spec`` names (``runs:/<id>/<path>``, ``models:/<name>/<version>``,
     ``models:/<name>@<alias>``, ``models:/<model id>`` or ``m-...``), checked to exist in store ``uri``;
     an alias is resolved to the version it names now. Other URIs (local folders...) are passed
-    through for MLflow to load."""
+    through for MLflow to load. A miss lists the registered models and ``experiment``'s recent runs."""
     mlflow_client = client(uri)
     model_uri = as_model_uri(spec)
     try:
@@ -95,7 +95,7 @@ def _find(mlflow_client: MlflowClient, model_uri: str) -> ModelChoice | str:
     )
 
 
-def default_model(*, uri: str | None = None, experiment: str = "cnn-train") -> ModelChoice:
+def default_model(*, experiment: str, uri: str | None = None) -> ModelChoice:
     """The experiment's registered ``champion`` with the best test accuracy when there is one, else
     its latest finished training run's model."""
     mlflow_client = client(uri)
