@@ -160,6 +160,24 @@ def test_folders_give_their_images_and_pass_over_other_files(tmp_path):
     assert collected.missing == (tmp_path / "nowhere",)
 
 
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        pytest.param(lambda root: root / "nowhere", "images: '{folder}' is not a folder; give a folder of PNG or JPEG files", id="missing"),
+        pytest.param(lambda root: root, "images: no image files (PNG, JPEG, ...) in '{folder}'", id="no-images"),
+    ],
+)
+def test_the_predict_flow_refuses_a_folder_without_images_before_any_run(make, message, tmp_path):
+    from cnn_train.flows.params import ParameterError
+    from cnn_train.flows.predict_flow import image_files
+
+    (tmp_path / "notes.txt").write_text("no pictures here")
+    folder = make(tmp_path)
+    with pytest.raises(ParameterError) as caught:
+        image_files(str(folder))
+    assert str(caught.value) == message.format(folder=folder)
+
+
 # --- the table, top-k and the summary ------------------------------------------------------------
 
 
