@@ -281,7 +281,7 @@ def cnn_train_tune(**values: Any) -> dict[str, Any]:
                 "space": json.dumps(plan.space.specs()),
                 "storage": redacted_url(plan.storage_url),
                 "study_name": plan.study_name,
-                "trials_before": counted_trials(study),
+                "trials_before": ended_trials(study),
                 "task_runner": type(_task_runner()).__name__,
             }
         )

@@ -135,6 +135,21 @@ def test_continuing_a_study_with_another_space_is_refused(tmp_path):
         open_study(validate_tune(named | {"space": {"learning_rate": "log:1e-5:1e-2"}}), on_abandoned=print)
 
 
+@pytest.mark.parametrize(
+    ("storage", "message"),
+    [
+        pytest.param("nonsense", "storage: 'nonsense' is not a database URL; use e.g. sqlite:", id="not-a-url"),
+        pytest.param("sqlite:////nonexistent/dir/optuna.db", "storage sqlite:////nonexistent/dir/optuna.db: cannot open it", id="no-folder"),
+    ],
+)
+def test_a_storage_that_cannot_hold_the_study_is_one_line(storage, message):
+    from cnn_train.flows.errors import ExpectedFailure
+
+    with pytest.raises(ExpectedFailure) as raised:
+        open_study(validate_tune(SMALL | {"storage": storage}), on_abandoned=print)
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
 def test_a_continued_study_does_not_replay_its_first_values(tmp_path):
     values = SMALL | {"space": {"learning_rate": "log:1e-4:1e-2"}, "sampler": "random", "storage": f"sqlite:///{tmp_path / 'o.db'}"}
     plan = validate_tune(values)

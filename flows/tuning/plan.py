@@ -95,5 +95,20 @@ def validate_tune(values: Mapping[str, Any]) -> TunePlan:
             "is a range: list values, or use sampler tpe or random"
         )
     _check_corners(run_values, space)
+    if options.storage:
+        _check_storage_url(options.storage)
     name = options.study_name or default_study_name(study_definition(base, space, options.objective), options)
     return TunePlan(options, dict(run_values), base, space, name, options.storage or default_storage_url())
+
+
+def _check_storage_url(url: str) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except ArgumentError:
+        raise ParameterError(
+            f"storage: {url!r} is not a database URL; use e.g. sqlite:////abs/path/optuna.db or "
+            "postgresql://user@host/db"
+        ) from None

@@ -23,7 +23,9 @@ import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
+from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.tracking import HEARTBEAT_SECONDS
 from cnn_train.flows.tuning.plan import TunePlan
 from cnn_train.flows.tuning.space import SpaceError
@@ -94,13 +96,21 @@ def _storage(url: str, on_abandoned: Callable[[optuna.Study, FrozenTrial], None]
         engine = {"connect_args": {"timeout": 60}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats are Optuna's documented recovery
-        return RDBStorage(
-            url,
-            engine_kwargs=engine,
-            heartbeat_interval=HEARTBEAT_INTERVAL,
-            grace_period=GRACE_PERIOD,
-            heartbeat_stale_trial_callback=on_abandoned,
-        )
+        try:
+            return RDBStorage(
+                url,
+                engine_kwargs=engine,
+                heartbeat_interval=HEARTBEAT_INTERVAL,
+                grace_period=GRACE_PERIOD,
+                heartbeat_stale_trial_callback=on_abandoned,
+            )
+        except (ImportError, SQLAlchemyError) as error:  # a missing driver, a database that does not answer
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise StorageError(f"storage {redacted_url(url)}: cannot open it ({first_line})") from None
+
+
+class StorageError(ExpectedFailure, RuntimeError):
+    """The Optuna storage cannot be opened; the message says which and why."""
 
 
 def open_study(plan: TunePlan, on_abandoned: AbandonedHandler) -> tuple[optuna.Study, RDBStorage]:
