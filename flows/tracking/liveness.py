@@ -13,7 +13,7 @@ from typing import Any
 
 from mlflow.entities import RunStatus
 
-from cnn_train.flows.tracking.spool import has_waiting_records
+from cnn_train.flows.tracking.spool import flush_this_process, has_waiting_records
 from cnn_train.flows.tracking.system_metrics import SystemMetrics
 from cnn_train.flows.tracking.uri import check_reachable, client
 
@@ -67,6 +67,7 @@ def heartbeat(uri: str, run_id: str, interval: float | None = None) -> Iterator[
 
 def find_runs_for_flow_run(flow_run_id: str, *, uri: str | None = None) -> list[Any]:
     """MLflow runs tagged with the Prefect flow run id, across experiments."""
+    flush_this_process()
     mlflow_client = client(uri)
     experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
     if not experiments:
@@ -87,6 +88,7 @@ def mark_unfinished(run_id: str, status: str, *, uri: str | None = None) -> bool
 def stale_runs(*, uri: str | None = None, stale_after: float = STALE_AFTER_SECONDS) -> list[Any]:
     """RUNNING runs written by cnn-train whose heartbeat stopped more than ``stale_after`` seconds ago,
     except runs whose records wait in a spool on this machine (their end is among them: `cnn-train sync`)."""
+    flush_this_process()
     mlflow_client = client(uri)
     experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
     if not experiments:

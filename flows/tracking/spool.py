@@ -291,6 +291,15 @@ def courier_for(uri: str, run_id: str) -> Courier:
         return courier
 
 
+def flush_this_process(timeout: float = 5.0) -> None:
+    """Deliver what this process logged (waiting briefly), so a reader here sees its own writes."""
+    with _COURIERS_LOCK:
+        couriers = list(_COURIERS.values())
+    for courier in couriers:
+        if courier.spool.count():
+            courier.flush(timeout)
+
+
 def waiting_spools(root: Path | None = None) -> list[Spool]:
     """Spools on this machine still holding records (runs whose tracking server was away when they ended)."""
     folder = root or spool_root()
