@@ -189,13 +189,13 @@ def _runner_class() -> type:
             return super().__eq__(other) and self.trial_resources == getattr(other, "trial_resources", None)
 
         def __enter__(self) -> RayClusterTaskRunner:
-            import ray.exceptions
-
             if not self.address:  # a new local Ray: a failure to start it is not the user's to fix
                 return super().__enter__()
             try:
                 return super().__enter__()
-            except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as error:
+            except Exception as error:
+                if not _refused_join(error):
+                    raise
                 raise _join_failure(self.address, error) from None
 
     return RayClusterTaskRunner
@@ -272,11 +272,25 @@ def _ray_request(device_request: str, on_ray: bool) -> Iterator[None]:
         yield
 
 
+#: Ray's errors for a task whose worker process or node died under it (not a task that failed).
+_WORKER_DEATHS = frozenset({"WorkerCrashedError", "NodeDiedError", "OutOfMemoryError"})
+
+
+def _is_ray_error(error: BaseException, names: frozenset[str]) -> bool:
+    """Whether ``error`` is one of ``ray.exceptions``' ``names``. By name: inside a flow run
+    ``ray.exceptions`` can be executed twice (prefect-ray imports Ray lazily), so the class Ray raises
+    need not be the one ``import ray.exceptions`` gives here."""
+    return any(cls.__module__ == "ray.exceptions" and cls.__name__ in names for cls in type(error).__mro__)
+
+
+def _refused_join(error: BaseException) -> bool:
+    """Whether ``error`` is how ``ray.init`` says it could not join a cluster."""
+    return isinstance(error, (ConnectionError, RuntimeError)) or _is_ray_error(error, frozenset({"AuthenticationError"}))
+
+
 def worker_died(error: BaseException) -> bool:
     """Whether ``error`` says the Ray worker or node running a task died (not that the task failed)."""
-    import ray.exceptions
-
-    return isinstance(error, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError))
+    return _is_ray_error(error, _WORKER_DEATHS)
 
 
 def mark_crashed(task_run_id: Any, message: str) -> None:

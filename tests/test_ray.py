@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from cnn_train.flows.ray_cluster import RayClusterError, parse_resources, ray_task_runner
+from cnn_train.flows.ray_cluster import RayClusterError, parse_resources, ray_task_runner, worker_died
 from cnn_train.flows.sweep_flow import trial_key
 
 BIN = Path(sys.executable).parent
@@ -76,6 +77,27 @@ def test_trial_resources_parse(items, expected) -> None:
 def test_bad_trial_resources_are_refused(item: str) -> None:
     with pytest.raises(RayClusterError, match=re.escape(f"--ray-resource takes NAME=AMOUNT with a positive amount (a resource a node advertises with `ray start --resources`, e.g. a100=1); got {item!r}")):
         parse_resources([item])
+
+
+def _ray_error(name: str, *args: str) -> BaseException:
+    import ray.exceptions
+
+    return getattr(ray.exceptions, name)(*args)
+
+
+@pytest.mark.parametrize(
+    ("make_error", "died"),
+    [
+        pytest.param(lambda: _ray_error("WorkerCrashedError"), True, id="worker-crashed"),
+        pytest.param(lambda: _ray_error("NodeDiedError", "node gone"), True, id="node-died"),
+        # Inside a flow run ray.exceptions may have been executed twice: a class of the same name counts.
+        pytest.param(lambda: type("WorkerCrashedError", (Exception,), {"__module__": "ray.exceptions"})(), True, id="second-copy"),
+        pytest.param(lambda: ValueError("the trial's own bug"), False, id="task-failure"),
+        pytest.param(lambda: _ray_error("TaskCancelledError"), False, id="cancelled"),
+    ],
+)
+def test_a_dead_worker_is_told_from_a_failed_trial(make_error, died: bool) -> None:
+    assert worker_died(make_error()) is died
 
 
 def test_trial_key_depends_on_the_values_only() -> None:
@@ -182,6 +204,7 @@ def cluster() -> Iterator[RayCluster]:
         yield ray_cluster
     finally:
         ray_cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -263,14 +286,17 @@ def test_a_missing_token_is_one_line_saying_how_to_give_it(cluster, sweep_env):
 
 
 def _trial_worker(groups: list[int]) -> int | None:
-    """The pid of the Ray worker process running a trial in this cluster's process groups."""
+    """The pid of the Ray worker process running a trial, among the children of this cluster's raylets
+    (a Ray worker leads a process group of its own)."""
     import psutil
 
-    for process in psutil.process_iter(["cmdline"]):
+    for process in psutil.process_iter(["name"]):
         try:
-            cmdline = process.info["cmdline"] or []
-            if cmdline and cmdline[0].startswith("ray::trial") and os.getpgid(process.pid) in groups:
-                return process.pid
+            if process.info["name"] != "raylet" or os.getpgid(process.pid) not in groups:
+                continue
+            for child in process.children(recursive=True):
+                if child.cmdline()[:1] == ["ray::trial"]:
+                    return child.pid
         except (psutil.Error, ProcessLookupError):
             continue
     return None
