@@ -315,8 +315,18 @@ def has_waiting_records(run_id: str, root: Path | None = None) -> bool:
     return path.is_file() and Spool(run_id, root=root).count() > 0
 
 
+#: An empty spool untouched this long belongs to a run that ended or was abandoned: removed by :func:`sync`.
+EMPTY_SPOOL_SECONDS = 3600.0
+
+
 def sync(root: Path | None = None) -> list[tuple[Spool, Delivery]]:
-    """Deliver every waiting spool on this machine; emptied spools are removed."""
+    """Deliver every waiting spool on this machine; emptied spools, and empty ones left by runs long
+    gone, are removed."""
+    folder = root or spool_root()
+    for path in folder.glob("*/records.sqlite") if folder.is_dir() else ():
+        with contextlib.suppress(OSError):
+            if time.time() - path.stat().st_mtime > EMPTY_SPOOL_SECONDS:
+                Spool(path.parent.name, root=folder).discard_if_empty()
     results = []
     for spool in waiting_spools(root):
         results.append((spool, spool.deliver()))
