@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from cnn_train.flows import predict, tracking
 from cnn_train.flows.data import TEST_IMAGES, TEST_LABELS
 from cnn_train.flows.data.idx import read_idx
 from cnn_train.plugins.config import FASHION_MNIST_CLASSES
+from tests.fashion_photos import VARIANTS
 
 BIN = Path(sys.executable).parent
 MODEL_NAME = "fashion-predict-test"
@@ -39,62 +39,6 @@ def _test_set(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     images = read_idx(folder / TEST_IMAGES.name, TEST_IMAGES, verify_checksum=False).array
     labels = read_idx(folder / TEST_LABELS.name, TEST_LABELS, verify_checksum=False).array
     return images, labels
-
-
-# --- ways a person's picture differs from Fashion-MNIST's ------------------------------------------
-
-
-def _same_png(a: np.ndarray, path: Path) -> Path:
-    Image.fromarray(a).save(path := path.with_suffix(".png"))
-    return path
-
-
-def _large_png(a: np.ndarray, path: Path) -> Path:
-    Image.fromarray(a).resize((84, 84), Image.Resampling.BICUBIC).save(path := path.with_suffix(".png"))
-    return path
-
-
-def _large_jpeg(a: np.ndarray, path: Path) -> Path:
-    Image.fromarray(a).resize((100, 100), Image.Resampling.BILINEAR).save(path := path.with_suffix(".jpg"), quality=90)
-    return path
-
-
-def _colour_png(a: np.ndarray, path: Path) -> Path:
-    tinted = (a[..., np.newaxis] * np.array([1.0, 0.55, 0.25])).astype(np.uint8)  # an orange garment
-    Image.fromarray(tinted).resize((56, 56), Image.Resampling.BICUBIC).save(path := path.with_suffix(".png"))
-    return path
-
-
-def _inverted_png(a: np.ndarray, path: Path) -> Path:
-    Image.fromarray(255 - a).resize((64, 64), Image.Resampling.BICUBIC).save(path := path.with_suffix(".png"))
-    return path
-
-
-def _inverted_jpeg_on_wide_canvas(a: np.ndarray, path: Path) -> Path:
-    canvas = Image.new("RGB", (150, 90), (255, 255, 255))
-    canvas.paste(Image.fromarray(255 - a).resize((70, 70), Image.Resampling.BICUBIC).convert("RGB"), (40, 10))
-    canvas.save(path := path.with_suffix(".jpg"), quality=85)
-    return path
-
-
-def _cut_out_png(a: np.ndarray, path: Path) -> Path:
-    """A dark-brown garment on a transparent background, as product photos are cut out."""
-    rgba = np.zeros((28, 28, 4), dtype=np.uint8)
-    rgba[..., :3] = (60, 40, 20)
-    rgba[..., 3] = a
-    Image.fromarray(rgba).resize((70, 70), Image.Resampling.BICUBIC).save(path := path.with_suffix(".png"))
-    return path
-
-
-VARIANTS: dict[str, Callable[[np.ndarray, Path], Path]] = {
-    "same-png": _same_png,
-    "large-png": _large_png,
-    "large-jpeg": _large_jpeg,
-    "colour-png": _colour_png,
-    "inverted-png": _inverted_png,
-    "inverted-jpeg-wide": _inverted_jpeg_on_wide_canvas,
-    "cut-out-png": _cut_out_png,
-}
 
 
 def _shift_tolerant_correlation(a: np.ndarray, b: np.ndarray) -> float:
