@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cnn_train.flows.data import PreparedData, prepare_data
-from cnn_train.flows.params import LESSON_TRAINING, add_arguments
+from cnn_train.flows.params import LESSON_TRAINING
+from cnn_train.flows.signatures import add_arguments
 
 LEARNING_RATE = 1e-3
 BATCH_SIZE = 32

@@ -35,7 +35,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from cnn_train.flows.params import add_arguments
+from cnn_train.flows.signatures import add_arguments
 
 import flops
 from cnn_train.plugins.config import IMPROVED_ARCHITECTURE, IMPROVED_TRAINING, ModelConfig

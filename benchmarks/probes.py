@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cnn_train.flows.data import prepare_data
-from cnn_train.flows.params import add_arguments
+from cnn_train.flows.signatures import add_arguments
 
 TRIGGER_SAMPLE_LIMIT = 2000
 TRIGGER_TEST_LIMIT = 500

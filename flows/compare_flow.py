@@ -20,9 +20,9 @@ from cnn_train.flows.params import (
     ParameterError,
     RunParameters,
     split_values,
-    takes_parameters,
     validate_parameters,
 )
+from cnn_train.flows.signatures import takes_parameters
 from cnn_train.flows.runs import ended, fails_in_one_line, prefect_flow_run_url, recorded_flow, start_flow_run
 from cnn_train.flows.tasks import ChildRun, child_run, prep_task
 from cnn_train.flows.tracking import RunTracker

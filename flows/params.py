@@ -8,11 +8,10 @@ take their declaration from there.
 
 from __future__ import annotations
 
-import inspect
 import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, WrapValidator, model_validator
 from pydantic.fields import FieldInfo
@@ -334,48 +333,6 @@ class PredictOptions(BaseModel):
 Options = TypeVar("Options", bound=BaseModel)
 
 
-def declared_fields(
-    models: Iterable[type[BaseModel]], exclude: Iterable[str] = ()
-) -> dict[str, tuple[Any, FieldInfo]]:
-    """Name -> (annotation, declaration) of the models' fields, in order, less ``exclude``."""
-    excluded = set(exclude)
-    fields: dict[str, tuple[Any, FieldInfo]] = {}
-    for model in models:
-        hints = _resolved_annotations(model)
-        for name, info in model.model_fields.items():
-            if name not in excluded:
-                fields[name] = (hints[name], info)
-    return fields
-
-
-def _resolved_annotations(model: type[BaseModel]) -> dict[str, Any]:
-    import typing
-
-    return typing.get_type_hints(model, include_extras=True)
-
-
-def takes_parameters(
-    *models: type[BaseModel], exclude: Iterable[str] = ()
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Give a ``def flow(**values)`` the models' fields as its signature, so Prefect builds the form
-    (types, dropdowns for closed choices, defaults, descriptions) from the one declaration."""
-
-    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        parameters = [
-            inspect.Parameter(
-                name,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=Field(default=info.default, description=info.description),
-                annotation=annotation,
-            )
-            for name, (annotation, info) in declared_fields(models, exclude).items()
-        ]
-        fn.__signature__ = inspect.Signature(parameters, return_annotation=dict[str, Any])  # type: ignore[attr-defined]
-        return fn
-
-    return decorate
-
-
 def split_values(values: Mapping[str, Any], options: type[Options]) -> tuple[dict[str, Any], Options]:
     """A flow's flat values as run values and its own validated options."""
     own = {name: values[name] for name in options.model_fields if name in values}
@@ -384,46 +341,3 @@ def split_values(values: Mapping[str, Any], options: type[Options]) -> tuple[dic
     except ValidationError as error:
         raise ParameterError("invalid parameters: " + format_validation_error(error)) from None
     return {name: value for name, value in values.items() if name not in own}, parsed
-
-
-def add_arguments(parser: Any, names: Iterable[str]) -> None:
-    """argparse options (``--sample-limit`` ...) for the named run parameters, for scripts and benchmarks."""
-    hints = _resolved_annotations(RunParameters)
-    for name in names:
-        info = RunParameters.model_fields[name]
-        scalar = next((t for t in (bool, int, float) if t in (hints[name], *get_args(hints[name]))), str)
-        flag = "--" + name.replace("_", "-")
-        if scalar is bool:
-            parser.add_argument(flag, action="store_true", help=info.description)
-        else:
-            parser.add_argument(flag, type=scalar, default=info.default, help=info.description)
-
-
-def _choices(annotation: Any) -> list[Any]:
-    """The values of every Literal inside ``annotation`` (through Annotated and unions)."""
-    if get_origin(annotation) is Literal:
-        return list(get_args(annotation))
-    return [choice for arg in get_args(annotation) for choice in _choices(arg)]
-
-
-def _allowed(annotation: Any, info: FieldInfo) -> str:
-    """What a field accepts, read from its type and constraints."""
-    choices = _choices(annotation)
-    words = [" / ".join(f"`{choice}`" for choice in choices)] if choices else []
-    if "cuda" in (info.description or ""):
-        words.append("`cuda:N`")
-    bounds = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >="}
-    for item in info.metadata:
-        for attribute, symbol in bounds.items():
-            if (value := getattr(item, attribute, None)) is not None:
-                words.append(f"{symbol} {value:,}" if isinstance(value, int) else f"{symbol} {value}")
-    return ", ".join(words) or "any"
-
-
-def parameter_table() -> str:
-    """The README's parameter table, rendered from the declaration (a test keeps the README in step)."""
-    lines = ["| parameter | default | allowed | meaning |", "|---|---|---|---|"]
-    for name, (annotation, info) in declared_fields([RunParameters]).items():
-        default = "empty" if info.default is None else f"`{str(info.default).lower() if isinstance(info.default, bool) else info.default}`"
-        lines.append(f"| `{name}` | {default} | {_allowed(annotation, info)} | {info.description} |")
-    return "\n".join(lines)

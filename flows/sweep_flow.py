@@ -33,9 +33,9 @@ from cnn_train.flows.params import (
     RunParameters,
     SweepOptions,
     split_values,
-    takes_parameters,
     validate_parameters,
 )
+from cnn_train.flows.signatures import takes_parameters
 from cnn_train.flows.placement import place_task
 from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, node_tags, worker_died
 from cnn_train.flows.ray_cluster import ray_task_runner  # noqa: F401 - the commands take this flow's runner from here

@@ -16,7 +16,8 @@ from prefect.artifacts import (
 
 from cnn_train.flows import reporting, steps, tracking
 from cnn_train.flows.data import PreparedData
-from cnn_train.flows.params import RunParameters, takes_parameters, validate_parameters
+from cnn_train.flows.params import RunParameters, validate_parameters
+from cnn_train.flows.signatures import takes_parameters
 from cnn_train.flows.placement import place_task
 from cnn_train.flows.registering import register_task
 from cnn_train.flows.runs import ended, fails_in_one_line, prefect_flow_run_url, recorded_flow, start_flow_run

@@ -23,7 +23,8 @@ from prefect.futures import PrefectFuture, as_completed
 
 from cnn_train.flows import steps, tracking
 from cnn_train.flows.data import PreparedData
-from cnn_train.flows.params import TUNE_EXCLUDES, RunParameters, TuneOptions, takes_parameters
+from cnn_train.flows.params import TUNE_EXCLUDES, RunParameters, TuneOptions
+from cnn_train.flows.signatures import takes_parameters
 from cnn_train.flows.placement import place_task
 from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, node_tags, worker_died
 from cnn_train.flows.runs import ended, fails_in_one_line, flow_run_tags, recorded_flow, start_flow_run

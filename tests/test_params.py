@@ -20,11 +20,9 @@ from cnn_train.flows.params import (
     ParameterError,
     RunParameters,
     SweepOptions,
-    add_arguments,
-    declared_fields,
-    parameter_table,
     validate_parameters,
 )
+from cnn_train.flows.signatures import add_arguments, declared_fields, parameter_table
 from cnn_train.flows.sweep_flow import cnn_train_sweep
 from cnn_train.flows.train_flow import cnn_train
 

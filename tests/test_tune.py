@@ -17,7 +17,8 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from cnn_train.flows.cli import app
-from cnn_train.flows.params import TUNE_EXCLUDES, RunParameters, TuneOptions, declared_fields
+from cnn_train.flows.params import TUNE_EXCLUDES, RunParameters, TuneOptions
+from cnn_train.flows.signatures import declared_fields
 from cnn_train.flows.tuning import (
     FORMS,
     RUN_ATTR,

@@ -101,7 +101,7 @@ def cli_options(
     *models: type[BaseModel], exclude: tuple[str, ...] = ()
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a ``def command(**values)`` the models' fields as typer options (help: each description)."""
-    from cnn_train.flows.params import declared_fields
+    from cnn_train.flows.signatures import declared_fields
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         parameters = []

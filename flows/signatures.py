@@ -1,0 +1,97 @@
+"""What is derived from the one declaration of run parameters (flows/params.py): a flow's signature
+(and so its Prefect form), argparse options for scripts and benchmarks, and the README's table."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, Field
+from pydantic.fields import FieldInfo
+
+from cnn_train.flows.params import RunParameters
+
+
+def declared_fields(
+    models: Iterable[type[BaseModel]], exclude: Iterable[str] = ()
+) -> dict[str, tuple[Any, FieldInfo]]:
+    """Name -> (annotation, declaration) of the models' fields, in order, less ``exclude``."""
+    excluded = set(exclude)
+    fields: dict[str, tuple[Any, FieldInfo]] = {}
+    for model in models:
+        hints = _resolved_annotations(model)
+        for name, info in model.model_fields.items():
+            if name not in excluded:
+                fields[name] = (hints[name], info)
+    return fields
+
+
+def _resolved_annotations(model: type[BaseModel]) -> dict[str, Any]:
+    return typing.get_type_hints(model, include_extras=True)
+
+
+def takes_parameters(
+    *models: type[BaseModel], exclude: Iterable[str] = ()
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a ``def flow(**values)`` the models' fields as its signature, so Prefect builds the form
+    (types, dropdowns for closed choices, defaults, descriptions) from the one declaration."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        parameters = [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=Field(default=info.default, description=info.description),
+                annotation=annotation,
+            )
+            for name, (annotation, info) in declared_fields(models, exclude).items()
+        ]
+        fn.__signature__ = inspect.Signature(parameters, return_annotation=dict[str, Any])  # type: ignore[attr-defined]
+        return fn
+
+    return decorate
+
+
+def add_arguments(parser: Any, names: Iterable[str]) -> None:
+    """argparse options (``--sample-limit`` ...) for the named run parameters, for scripts and benchmarks."""
+    hints = _resolved_annotations(RunParameters)
+    for name in names:
+        info = RunParameters.model_fields[name]
+        scalar = next((t for t in (bool, int, float) if t in (hints[name], *get_args(hints[name]))), str)
+        flag = "--" + name.replace("_", "-")
+        if scalar is bool:
+            parser.add_argument(flag, action="store_true", help=info.description)
+        else:
+            parser.add_argument(flag, type=scalar, default=info.default, help=info.description)
+
+
+def _choices(annotation: Any) -> list[Any]:
+    """The values of every Literal inside ``annotation`` (through Annotated and unions)."""
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    return [choice for arg in get_args(annotation) for choice in _choices(arg)]
+
+
+def _allowed(annotation: Any, info: FieldInfo) -> str:
+    """What a field accepts, read from its type and constraints."""
+    choices = _choices(annotation)
+    words = [" / ".join(f"`{choice}`" for choice in choices)] if choices else []
+    if "cuda" in (info.description or ""):
+        words.append("`cuda:N`")
+    bounds = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >="}
+    for item in info.metadata:
+        for attribute, symbol in bounds.items():
+            if (value := getattr(item, attribute, None)) is not None:
+                words.append(f"{symbol} {value:,}" if isinstance(value, int) else f"{symbol} {value}")
+    return ", ".join(words) or "any"
+
+
+def parameter_table() -> str:
+    """The README's parameter table, rendered from the declaration (a test keeps the README in step)."""
+    lines = ["| parameter | default | allowed | meaning |", "|---|---|---|---|"]
+    for name, (annotation, info) in declared_fields([RunParameters]).items():
+        default = "empty" if info.default is None else f"`{str(info.default).lower() if isinstance(info.default, bool) else info.default}`"
+        lines.append(f"| `{name}` | {default} | {_allowed(annotation, info)} | {info.description} |")
+    return "\n".join(lines)
