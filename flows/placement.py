@@ -23,19 +23,18 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from filelock import FileLock, Timeout
 
 from cnn_train.flows.errors import ExpectedFailure
+from cnn_train.flows import leases
+from cnn_train.flows.leases import Lease, try_lease
 from cnn_train.flows.settings import state_dir
 
 __all__ = [
@@ -239,7 +238,7 @@ def place_task(
     """
     log = logger or _log
     request = parse_request(request)
-    lease: _Lease | None = None
+    lease: Lease | None = None
     if not request.wants_gpu:
         placement = Placement(task, "cpu", None, "cpu requested")
     elif _scheduler_assigned(assigned_by_scheduler):
@@ -265,7 +264,7 @@ def _leased_placement(
     wait_timeout: float,
     poll_interval: float,
     log: Logger,
-) -> tuple[Placement, _Lease | None]:
+) -> tuple[Placement, Lease | None]:
     if not gpus:
         return _without_gpu(task, request, log), None
     if request.policy == "explicit":
@@ -281,20 +280,20 @@ def _leased_placement(
         lease_dir = state_dir() / "gpu-leases"
     lease_dir.mkdir(parents=True, exist_ok=True)
 
-    if (lease := _try_lease(candidates, lease_dir, task)) is None:
+    if (lease := try_lease([gpu.index for gpu in candidates], lease_dir, task)) is None:
         wanted = str(request) if request.policy == "explicit" else f"any of {len(candidates)} GPUs"
-        holders = _holders(candidates, lease_dir)
+        holders = leases.holders([gpu.index for gpu in candidates], lease_dir)
         if request.policy == "gpu-preferred":
             log.warning("all %d GPUs are leased (%s); %s runs on CPU", len(candidates), holders, task)
             return Placement(task, "cpu", None, f"gpu-preferred, all GPUs leased ({holders})"), None
         log.info("%s waits up to %g s for %s, leased by %s", task, wait_timeout, wanted, holders)
         started = time.monotonic()
         deadline = started + wait_timeout
-        while (lease := _try_lease(candidates, lease_dir, task)) is None:
+        while (lease := try_lease([gpu.index for gpu in candidates], lease_dir, task)) is None:
             if (remaining := deadline - time.monotonic()) <= 0:
                 raise PlacementError(
                     f"{task} requires {wanted} ({request}), but none became free within {wait_timeout:g} s; "
-                    f"leased by {_holders(candidates, lease_dir)}. Wait longer (wait timeout), free a GPU, "
+                    f"leased by {leases.holders([gpu.index for gpu in candidates], lease_dir)}. Wait longer (wait timeout), free a GPU, "
                     f"or request 'gpu-preferred' to fall back to CPU"
                 )
             time.sleep(min(poll_interval, remaining))
@@ -303,7 +302,8 @@ def _leased_placement(
         reason = f"{request}, leased"
     else:
         reason = f"{request}, leased the free GPU with the most free memory"
-    return Placement(task, f"cuda:{lease.gpu.index}", lease.gpu, reason), lease
+    gpu = next(gpu for gpu in candidates if gpu.index == lease.index)
+    return Placement(task, f"cuda:{gpu.index}", gpu, reason), lease
 
 
 def _without_gpu(task: str, request: DeviceRequest, log: Logger) -> Placement:
@@ -345,48 +345,6 @@ def _ray_gpu_ids() -> list[int | str] | None:
         return list(ray.get_gpu_ids())
     except Exception:  # Ray raises outside a worker; then it assigned nothing we must respect
         return None
-
-
-@dataclass
-class _Lease:
-    gpu: GpuInfo
-    lock: FileLock
-    holder_file: Path
-
-    def release(self) -> None:
-        # Remove the sidecar while still holding the lock, so it can never delete the next holder's.
-        self.holder_file.unlink(missing_ok=True)
-        self.lock.release()
-
-
-def _try_lease(candidates: Sequence[GpuInfo], lease_dir: Path, task: str) -> _Lease | None:
-    """Lease the first candidate nobody holds, or return ``None``; never waits."""
-    for gpu in candidates:
-        lock = FileLock(lease_dir / f"cuda-{gpu.index}.lock")
-        try:
-            lock.acquire(blocking=False)
-        except Timeout:
-            continue
-        holder_file = lease_dir / f"cuda-{gpu.index}.holder"
-        since = datetime.now(UTC).isoformat(timespec="seconds")
-        try:
-            holder_file.write_text(f"pid={os.getpid()} host={socket.gethostname()} task={task} since={since}\n")
-        except BaseException:
-            lock.release()
-            raise
-        return _Lease(gpu, lock, holder_file)
-    return None
-
-
-def _holders(gpus: Sequence[GpuInfo], lease_dir: Path) -> str:
-    def holder(gpu: GpuInfo) -> str:
-        try:
-            text = (lease_dir / f"cuda-{gpu.index}.holder").read_text().strip()
-        except FileNotFoundError:
-            text = ""
-        return f"cuda:{gpu.index} by {text or 'an unknown holder'}"
-
-    return "; ".join(holder(gpu) for gpu in gpus)
 
 
 def _describe(gpus: Sequence[GpuInfo]) -> str:
