@@ -246,3 +246,27 @@ def test_a_run_records_system_metrics_over_time(store, monkeypatch):
         history = client.get_metric_history(tracker.run_id, key)
         assert len(history) >= 2, key  # over time, not one sample
         assert [m.step for m in history] == list(range(len(history)))
+
+
+@pytest.mark.parametrize(
+    ("owner", "ended", "protected"),
+    [("this process", False, True), ("a dead process", False, False), ("a dead process", True, True)],
+    ids=["writer-alive", "writer-killed", "end-waiting"],
+)
+def test_only_a_killed_writer_without_a_waiting_end_leaves_its_run_to_the_reaper(tmp_path, monkeypatch, owner, ended,
+                                                                                   protected):
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
+    spool = Spool("0123456789abcdef", uri=f"http://127.0.0.1:{_free_port()}")
+    spool.append("batch", {"metrics": [["loss", 1.0, 1, 1]]})
+    if ended:
+        spool.append("end", {"status": "FINISHED", "end_time": 2})
+    if owner == "a dead process":
+        exited = subprocess.Popen(["true"])
+        exited.wait()
+        import sqlite3
+
+        with sqlite3.connect(spool.path) as db:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'owner'", (f"{exited.pid}:0.000",))
+    from cnn_train.flows.tracking.spool import not_abandoned
+
+    assert not_abandoned(spool.run_id) is protected

@@ -13,7 +13,7 @@ from typing import Any
 
 from mlflow.entities import RunStatus
 
-from cnn_train.flows.tracking.spool import flush_this_process, has_waiting_records
+from cnn_train.flows.tracking.spool import flush_this_process, not_abandoned
 from cnn_train.flows.tracking.system_metrics import SystemMetrics
 from cnn_train.flows.tracking.uri import check_reachable, client
 
@@ -87,7 +87,8 @@ def mark_unfinished(run_id: str, status: str, *, uri: str | None = None) -> bool
 
 def stale_runs(*, uri: str | None = None, stale_after: float = STALE_AFTER_SECONDS) -> list[Any]:
     """RUNNING runs written by cnn-train whose heartbeat stopped more than ``stale_after`` seconds ago,
-    except runs whose records wait in a spool on this machine (their end is among them: `cnn-train sync`)."""
+    except runs whose end waits in a spool on this machine (`cnn-train sync` delivers it) and runs whose
+    process here still writes them (the server was away, so no heartbeat got through)."""
     flush_this_process()
     mlflow_client = client(uri)
     experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
@@ -100,7 +101,7 @@ def stale_runs(*, uri: str | None = None, stale_after: float = STALE_AFTER_SECON
         for run in running
         if HEARTBEAT_TAG in run.data.tags
         and now - float(run.data.tags[HEARTBEAT_TAG]) > stale_after
-        and not has_waiting_records(run.info.run_id)
+        and not not_abandoned(run.info.run_id)
     ]
 
 

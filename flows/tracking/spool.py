@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import sqlite3
 import threading
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from filelock import FileLock, Timeout
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, LoggedModelStatus, Metric, Param, RunTag
@@ -75,9 +77,10 @@ class Spool:
             connection.executescript(_SCHEMA)  # commits on its own
         finally:
             connection.close()
-        if self._uri is not None:
+        if self._uri is not None:  # the writer: it says where the records go and who writes them
             with self._db() as db:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('uri', ?)", (self._uri,))
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('owner', ?)", (_this_process(),))
 
     @property
     def path(self) -> Path:
@@ -137,6 +140,20 @@ class Spool:
             return 0
         with self._db() as db:
             return int(db.execute("SELECT COUNT(*) FROM records").fetchone()[0])
+
+    def owner_alive(self) -> bool:
+        """Whether the process that writes this spool still runs (it may be riding out an outage)."""
+        if not self.path.exists():
+            return False
+        with self._db() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'owner'").fetchone()
+        if row is None:
+            return False
+        pid, _, started = row[0].partition(":")
+        try:
+            return f"{psutil.Process(int(pid)).create_time():.3f}" == started
+        except (psutil.Error, ValueError):
+            return False
 
     def holds_end(self) -> bool:
         """Whether the run's end waits here too (its process is done with it; only delivery is left)."""
@@ -310,9 +327,22 @@ def waiting_spools(root: Path | None = None) -> list[Spool]:
 
 
 def has_waiting_records(run_id: str, root: Path | None = None) -> bool:
-    """Whether this machine holds undelivered records of ``run_id`` (then it must not be reaped as abandoned)."""
+    """Whether this machine holds undelivered records of ``run_id``."""
     path = (root or spool_root()) / run_id / "records.sqlite"
     return path.is_file() and Spool(run_id, root=root).count() > 0
+
+
+def not_abandoned(run_id: str, root: Path | None = None) -> bool:
+    """Whether a run whose heartbeat stopped is nonetheless not abandoned: its end waits in a spool
+    here, or the process writing it still runs (through an outage). A SIGKILLed run is neither."""
+    if not has_waiting_records(run_id, root):
+        return False
+    spool = Spool(run_id, root=root)
+    return spool.holds_end() or spool.owner_alive()
+
+
+def _this_process() -> str:
+    return f"{os.getpid()}:{psutil.Process().create_time():.3f}"
 
 
 #: An empty spool untouched this long belongs to a run that ended or was abandoned: removed by :func:`sync`.
