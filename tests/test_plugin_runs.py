@@ -16,8 +16,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import pytest
 
-from cnn_train.plugins import registry
-from tests.plugin_fixtures import FakeDistribution, only_distributions
+from tests.plugin_fixtures import install_without_pip
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_PLUGIN = ROOT / "plugins" / "examples" / "sklearn_mlp"
@@ -46,37 +45,25 @@ def _local_path(uri: str) -> Path:
     return Path(unquote(parsed.path))
 
 
-@pytest.fixture
-def project(tmp_path, monkeypatch, real_fashion_mnist_dir) -> Path:
-    """A project root (CNN_TRAIN_ROOT) and an unrelated, empty working directory to start commands from."""
-    root, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
-    root.mkdir()
+def test_example_plugin_readme_step_4_from_another_directory(tmp_path, prefect_api_url, real_fashion_mnist_dir):
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
     elsewhere.mkdir()
-    monkeypatch.setenv("CNN_TRAIN_ROOT", str(root))
-    monkeypatch.setenv("CNN_TRAIN_DATA_DIR", str(real_fashion_mnist_dir))
-    for variable in ("MLFLOW_TRACKING_URI", "CNN_TRAIN_STATE_DIR"):
-        monkeypatch.delenv(variable, raising=False)
-    monkeypatch.chdir(elsewhere)
-    return root
+    site = install_without_pip(EXAMPLE_PLUGIN, tmp_path / "site")
+    env = {key: value for key, value in os.environ.items() if key not in ("MLFLOW_TRACKING_URI", "CNN_TRAIN_STATE_DIR")}
+    env |= {
+        "PYTHONPATH": str(site),
+        "CNN_TRAIN_ROOT": str(project),  # the project's default store, artifacts and state live here
+        "CNN_TRAIN_DATA_DIR": str(real_fashion_mnist_dir),
+        "PREFECT_API_URL": prefect_api_url,
+    }
+    result = subprocess.run(
+        [BIN / "cnn-train", *README_STEP_4, *SMALL_TEST_SET], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "test accuracy:" in result.stdout
 
-
-def test_example_plugin_readme_step_4_from_another_directory(project, monkeypatch, prefect_api_url):
-    from typer.testing import CliRunner
-
-    from cnn_train.flows.cli import app
-
-    monkeypatch.syspath_prepend(str(EXAMPLE_PLUGIN))
-    only_distributions(monkeypatch, FakeDistribution(
-        "cnn-train-sklearn-mlp", {"sklearn-mlp": "cnn_train_sklearn_mlp:SklearnMLPBackend"},
-        version="0.1.0", requires=("cnn-train", "scikit-learn>=1.5", "joblib"),
-    ))
-    try:
-        result = CliRunner().invoke(app, [*README_STEP_4, *SMALL_TEST_SET])
-    finally:
-        registry.refresh()
-    assert result.exit_code == 0, result.output
-
-    assert os.listdir(".") == [], "the run wrote into the directory it was started from"
+    assert os.listdir(elsewhere) == [], "the run wrote into the directory it was started from"
     run, model = _finished_run(project / "mlflow.db")
     assert run.info.status == "FINISHED"
     assert _local_path(run.info.artifact_uri).is_relative_to(project / "mlartifacts")
@@ -176,13 +163,7 @@ def test_pyfunc_plugin_run_and_its_model_loads_without_cnn_train(installed_pyfun
 
 @pytest.fixture(scope="module")
 def installed_example_plugin(tmp_path_factory) -> Path:
-    target = tmp_path_factory.mktemp("example-site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--target", str(target), str(EXAMPLE_PLUGIN)],
-        check=True,
-    )
-    return target
+    return install_without_pip(EXAMPLE_PLUGIN, tmp_path_factory.mktemp("example-site"))
 
 
 def _serving(process: subprocess.Popen[str], *, timeout: float) -> None:
@@ -202,7 +183,7 @@ def _serving(process: subprocess.Popen[str], *, timeout: float) -> None:
     raise AssertionError("the serve process did not start serving:\n" + "".join(seen))
 
 
-@pytest.mark.slow  # pip-installs the plugin, serves the deployments and triggers one
+@pytest.mark.slow  # serves the deployments and triggers one
 def test_example_plugin_deployment_trigger(installed_example_plugin, tmp_path, prefect_api_url, real_fashion_mnist_dir):
     elsewhere, store = tmp_path / "elsewhere", tmp_path / "store"
     elsewhere.mkdir()
