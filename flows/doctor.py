@@ -79,7 +79,8 @@ def _check_pool(name: str, pool: str, api_url: str) -> Finding:
 
     online = worker.online_workers(pool, api_url)
     if online:
-        return Finding("deployment", True, f"{name} runs on work pool {pool!r} ({len(online)} worker(s) online: {', '.join(online)})")
+        workers = f"{len(online)} worker(s) online: {', '.join(online)}"
+        return Finding("deployment", True, f"{name} runs on work pool {pool!r} ({workers})")
     return Finding(
         "deployment",
         False,

@@ -63,7 +63,9 @@ AUTH_MODE_ENV = "RAY_AUTH_MODE"
 TOKEN_ENV = "RAY_AUTH_TOKEN"
 TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 
-_ADDRESS_FORMS = "HOST:PORT (the head's port, from a node of the cluster), ray://HOST:PORT (Ray Client, from anywhere) or auto"
+_ADDRESS_FORMS = (
+    "HOST:PORT (the head's port, from a node of the cluster), ray://HOST:PORT (Ray Client, from anywhere) or auto"
+)
 _HOST_PORT = re.compile(r"(?P<host>\[[0-9a-fA-F:]+\]|[^:/\s]+):(?P<port>\d{1,5})")
 _REACH_TIMEOUT = 5.0
 _HOW_TO_GIVE_A_TOKEN = (

@@ -75,7 +75,11 @@ def test_trial_resources_parse(items, expected) -> None:
 
 @pytest.mark.parametrize("item", ["a100", "a100=0", "a100=x", "=1"])
 def test_bad_trial_resources_are_refused(item: str) -> None:
-    with pytest.raises(RayClusterError, match=re.escape(f"--ray-resource takes NAME=AMOUNT with a positive amount (a resource a node advertises with `ray start --resources`, e.g. a100=1); got {item!r}")):
+    expected = (
+        "--ray-resource takes NAME=AMOUNT with a positive amount (a resource a node advertises with "
+        f"`ray start --resources`, e.g. a100=1); got {item!r}"
+    )
+    with pytest.raises(RayClusterError, match=re.escape(expected)):
         parse_resources([item])
 
 

@@ -103,7 +103,9 @@ def test_up_worker_creates_the_pool_and_deploys_every_field(worker_stack):
     assert set(RunParameters.model_fields) <= set(default.parameter_openapi_schema["properties"])
     doctor = subprocess.run([BIN / "cnn-train", "doctor"], env=env, capture_output=True, text=True, timeout=180)
     line = next(line for line in doctor.stdout.splitlines() if "deployment:" in line)
-    assert line.startswith(f"ok   deployment: cnn-train/default runs on work pool 'cnn-train' (1 worker(s) online: {worker.worker_name()})")
+    assert line.startswith(
+        f"ok   deployment: cnn-train/default runs on work pool 'cnn-train' (1 worker(s) online: {worker.worker_name()})"
+    )
 
 
 @pytest.mark.slow
