@@ -210,15 +210,16 @@ def test_example_plugin_is_discovered_and_loads(installed_example_plugin):
 
 
 @pytest.mark.slow  # pip-installs the plugin
-def test_example_plugin_passes_the_kit_from_its_own_test_file(installed_example_plugin):
+def test_example_plugin_runs_the_kit_from_its_own_test_file(installed_example_plugin):
+    # The whole kit runs in test_check_backend_command_passes_for_the_example_plugin; here, the plugin
+    # author's one test function: check names as ids, a skip with its reason, the MLflow round trip.
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(EXAMPLE_PLUGIN / "tests")],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(EXAMPLE_PLUGIN / "tests"),
+         "-k", "entry_point_load or feature_maps_shapes or model_logging"],
         capture_output=True, text=True, env=_with_plugin(installed_example_plugin), cwd=EXAMPLE_PLUGIN, timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    skipped = len(CONVOLUTION_CHECKS)
-    assert f"{len(CHECK_NAMES) - skipped} passed, {skipped} skipped" in result.stdout
-    assert "sklearn-mlp does not build the 'cnn' architecture" in result.stdout
+    assert f"2 passed, 1 skipped, {len(CHECK_NAMES) - 3} deselected" in result.stdout
     assert "sklearn-mlp builds only dense, which has no convolution layers" in result.stdout
 
 
