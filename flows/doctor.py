@@ -78,6 +78,9 @@ def _check_pool(name: str, pool: str, api_url: str) -> Finding:
     from cnn_train.flows import worker
 
     online = worker.online_workers(pool, api_url)
+    if services.worker_process.pid_file.exists() and services.worker_process.pid() is None:
+        # Prefect still lists a killed worker online until its heartbeats are missed; its pid says so at once.
+        online = [name for name in online if name != worker.worker_name()]
     if online:
         workers = f"{len(online)} worker(s) online: {', '.join(online)}"
         return Finding("deployment", True, f"{name} runs on work pool {pool!r} ({workers})")

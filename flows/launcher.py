@@ -54,8 +54,8 @@ def up(*, trigger: bool, watch_timeout: float, echo: Echo, worker: bool = False)
     """Start what is not running, then (optionally) run the deployment; returns an exit code.
 
     The deployments run either served by this machine's serve process, or (``worker``) from a work
-    pool through this machine's worker; starting one mode stops the other, since the last one to
-    register the deployments owns them."""
+    pool through this machine's worker; starting one mode stops the other and takes the deployments
+    over (the serve process clears their pool, `--worker` deploys them to it)."""
     _start(services.prefect_server, echo, timeout=START_TIMEOUT)
     _start(services.mlflow_server, echo, timeout=START_TIMEOUT)
     point_prefect_cli_at_server(echo)

@@ -58,9 +58,32 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
 )
 
 
+def take_back_from_work_pools() -> list[str]:
+    """Clear the work pool of every deployment that `cnn-train up --worker` put on one; returns their
+    names. Registering a served deployment keeps a pool it already has, and then the pool's workers
+    would take its runs too."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    taken = []
+    with get_client(sync_client=True) as client:
+        for deployment in DEPLOYMENTS:
+            name = f"{deployment.flow().name}/{deployment.name}"
+            try:
+                existing = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                client.update_deployment(existing.id, DeploymentUpdate(work_pool_name=None))
+                taken.append(name)
+    return taken
+
+
 def main() -> None:
     from prefect import serve
 
+    take_back_from_work_pools()
     serve(
         *(
             deployment.flow().to_deployment(

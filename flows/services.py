@@ -82,14 +82,26 @@ def quiet_environment() -> dict[str, str]:
 
 
 def http_ok(url: str, *, timeout: float = 2.0) -> bool:
+    return http_json(url, timeout=timeout) is not None
+
+
+def http_json(url: str, *, timeout: float = 2.0) -> object | None:
+    """The JSON a GET of ``url`` answers (``{}`` for a body that is not JSON), or None when it does not
+    answer with a success."""
     request = urllib.request.Request(url)
     if credentials := _credentials():
         request.add_header("Authorization", credentials.basic_header())
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - loopback only
-            return 200 <= response.status < 300
+            if not 200 <= response.status < 300:
+                return None
+            body = response.read()
     except (urllib.error.URLError, OSError, ValueError):
-        return False
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return {}
 
 
 @dataclass(frozen=True)
@@ -203,7 +215,12 @@ def _heartbeat_environment() -> dict[str, str]:
 
 
 def _deployment_served() -> bool:
-    return serve_process.pid() is not None and deployment_exists()
+    """The serve process runs and the deployment is its own: registered, and on no work pool (after
+    `cnn-train up --worker` the serve process first takes it back from the pool)."""
+    if serve_process.pid() is None:
+        return False
+    deployment = http_json(f"{prefect_api_url()}/deployments/name/{DEPLOYMENT}")
+    return isinstance(deployment, dict) and not deployment.get("work_pool_name")
 
 
 def deployment_exists() -> bool:

@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,6 @@ def worker_stack(tmp_path_factory, real_fashion_mnist_dir):
     finally:
         down = subprocess.run([BIN / "cnn-train", "down"], env=env, capture_output=True, text=True, timeout=120)
         assert down.returncode == 0, down.stdout + down.stderr
-        assert "worker: stopped" in down.stdout
 
 
 def _prefect_api(env: dict[str, str]) -> str:
@@ -134,3 +134,22 @@ def test_prefect_deployment_run_completes_through_the_worker(worker_stack):
     main = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(main) == 1 and main[0].info.status == "FINISHED"
     assert main[0].data.params["sample_limit"] == "2000"
+
+
+@pytest.mark.slow
+def test_serving_again_takes_the_deployments_back_from_the_pool(worker_stack):
+    env, _ = worker_stack
+    up = subprocess.run([BIN / "cnn-train", "up", "--no-trigger"], env=env, capture_output=True, text=True, timeout=600)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "worker: stopped (the serve process takes over the deployments)" in up.stdout
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: _prefect_api(env)}), get_client(sync_client=True) as client:
+        assert client.read_deployment_by_name("cnn-train/default").work_pool_name is None
+        deadline = time.monotonic() + 120  # READY once the serve process has polled
+        while client.read_deployment_by_name("cnn-train/default").status.value != "READY":
+            assert time.monotonic() < deadline, "the serve process never polled for cnn-train/default"
+            time.sleep(1)
+    doctor = subprocess.run([BIN / "cnn-train", "doctor"], env=env, capture_output=True, text=True, timeout=180)
+    assert "ok   deployment: cnn-train/default is served (status READY)" in doctor.stdout
