@@ -1,0 +1,69 @@
+"""The Keras backend's lean training step stays a Keras training: the same weights and metrics as Keras's
+own ``train_step``, Keras's step for anything it does not cover, and callbacks called as Keras calls them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cnn_train.backends import keras_backend
+from cnn_train.backends.keras_backend import EpochCallbacks, KerasBackend
+from cnn_train.plugins.config import ModelConfig, TrainConfig
+from tests.test_backends import measured, synthetic_data
+
+keras = keras_backend.keras
+
+
+def trained(*, keras_own_step: bool, epochs: int = 2) -> tuple[list[np.ndarray], list[dict[str, float]]]:
+    backend = KerasBackend()
+    backend.build(ModelConfig(), device="cpu", seed=3)
+    if keras_own_step:
+        # Another loss object than compile_plain's: the model then takes Keras's own step.
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        backend._model.compile(optimizer=backend._model.optimizer, loss=loss, metrics=["accuracy"])
+    history = backend.train(synthetic_data(), TrainConfig(epochs=epochs, seed=3))
+    return [np.array(w) for w in backend._model.get_weights()], [measured(m) for m in history.epochs]
+
+
+def test_the_lean_step_trains_exactly_as_keras_own() -> None:
+    lean_weights, lean_metrics = trained(keras_own_step=False)
+    own_weights, own_metrics = trained(keras_own_step=True)
+    for lean, own in zip(lean_weights, own_weights, strict=True):
+        np.testing.assert_array_equal(lean, own)
+    for lean, own in zip(lean_metrics, own_metrics, strict=True):
+        assert lean == pytest.approx(own, rel=1e-5)
+
+
+def test_other_metrics_and_sample_weights_take_keras_own_step() -> None:
+    backend = KerasBackend()
+    backend.build(ModelConfig(architecture="dense"), device="cpu", seed=0)
+    model = backend._model
+    model.compile(
+        optimizer=model.optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="top2")],
+    )
+    data = synthetic_data(64)
+    history = model.fit(data.x_train, data.y_train, sample_weight=np.ones(len(data.y_train)), epochs=1, verbose=0)
+    assert set(history.history) == {"loss", "accuracy", "top2"}
+
+
+class BatchCounter(keras.callbacks.Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.logs: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, float] | None = None) -> None:
+        self.logs.append(dict(logs or {}))
+
+
+def test_a_batch_callback_still_sees_every_batch_with_keras_logs() -> None:
+    backend = KerasBackend()
+    backend.build(ModelConfig(architecture="dense"), device="cpu", seed=0)
+    model, data, counter = backend._model, synthetic_data(96), BatchCounter()
+    callbacks = EpochCallbacks([counter], add_history=True, model=model, epochs=1)
+    model.fit(data.x_train, data.y_train, batch_size=16, epochs=1, verbose=0, callbacks=callbacks)
+    assert len(counter.logs) == -(-len(data.y_train) // 16)
+    assert all(set(logs) == {"loss", "accuracy"} for logs in counter.logs)
+    last = counter.logs[-1]
+    assert last["loss"] == pytest.approx(model.history.history["loss"][-1], rel=1e-5)
