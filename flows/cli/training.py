@@ -3,10 +3,8 @@ derived from the one declaration of run parameters."""
 
 from __future__ import annotations
 
-import gc
 import json
 import os
-import threading
 from collections.abc import Callable
 from typing import Any, Literal, Optional
 
@@ -54,9 +52,6 @@ def _run_flow(flow_fn: Any, values: dict[str, Any]) -> dict[str, Any]:
         fail(state.message or f"flow run ended {state.name}", 1)
     result = state.result()
     _say_what_waits()
-    # The command ends with this flow; leave the millions of objects Prefect, MLflow and the frameworks
-    # created out of the interpreter's last collections: exiting then took ~0.3 s instead of ~2 s.
-    gc.freeze()
     return result
 
 
@@ -70,32 +65,6 @@ def _say_what_waits() -> None:
             f"among them) wait in {spool.folder}; run `cnn-train sync` once it answers",
             err=True,
         )
-
-
-def boot_temporary_server() -> threading.Thread:
-    """Start Prefect's temporary server now, on a thread, when no Prefect API is configured; join it before the flow.
-
-    Why: a flow called with no API starts a temporary server at its first API call and waits for it (several
-    seconds, spent in a subprocess). Started here, it boots on the other core while this process imports
-    the flow, about as long; the flow's first call then finds it running (Prefect keeps one per process).
-    A server that fails to start here is left to the flow's own attempt, which reports why.
-    """
-
-    def boot() -> None:
-        from prefect.client.orchestration import get_client
-        from prefect.settings import get_current_settings
-
-        if get_current_settings().api.url:
-            return
-        try:
-            with get_client(sync_client=True):
-                pass
-        except Exception:  # noqa: BLE001 - the flow starts it again and says what went wrong
-            return
-
-    thread = threading.Thread(target=boot, name="prefect-temporary-server")
-    thread.start()
-    return thread
 
 
 def require_reachable_servers() -> None:
@@ -126,11 +95,9 @@ def run(**values: Any) -> None:
     from cnn_train.flows.params import validate_parameters
 
     _validated(lambda v: validate_parameters(**v), values)
-    server = boot_temporary_server()
     require_reachable_servers()
     from cnn_train.flows.train_flow import cnn_train
 
-    server.join()
     result = _run_flow(cnn_train, values)
     typer.echo(f"MLflow run: {result['mlflow_run_url']}")
     typer.echo(f"test accuracy: {result['test_accuracy']:.4f}")
@@ -147,9 +114,7 @@ def compare(**values: Any) -> None:
     from cnn_train.flows.compare_flow import cnn_train_compare, validate_compare
 
     _validated(validate_compare, values)
-    server = boot_temporary_server()
     require_reachable_servers()
-    server.join()
     result = _run_flow(cnn_train_compare, values)
     typer.echo(result["report"])
     typer.echo(f"MLflow parent run: {result['mlflow_run_url']}")
