@@ -339,7 +339,8 @@ def _scheduler_placement(task: str, request: DeviceRequest, gpus: list[GpuInfo],
 def _ray_gpu_ids() -> list[int | str] | None:
     """Ray's GPU ids for this task when this process runs Ray, else ``None``."""
     ray = sys.modules.get("ray")  # only a process that already imported Ray can be inside a Ray task
-    if ray is None:
+    # Not connected means not inside a Ray task; asking anyway would start a local Ray instance.
+    if ray is None or not ray.is_initialized():
         return None
     try:
         return list(ray.get_gpu_ids())

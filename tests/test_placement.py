@@ -459,6 +459,7 @@ def test_scheduler_assigned_respects_ray_gpu_ids(
     place, monkeypatch, ray_gpu_ids: list[int], request_text: str, expected: str | PlacementError
 ) -> None:
     fake_ray = type(sys)("ray")
+    fake_ray.is_initialized = lambda: True  # inside a Ray task
     fake_ray.get_gpu_ids = lambda: ray_gpu_ids
     monkeypatch.setitem(sys.modules, "ray", fake_ray)
     placing = place("train", request_text, inventory=gpus(1), assigned_by_scheduler=True)
@@ -470,6 +471,17 @@ def test_scheduler_assigned_respects_ray_gpu_ids(
         assert placement.device == expected
         if ray_gpu_ids:
             assert f"Ray GPU ids {ray_gpu_ids}" in placement.reason
+
+
+def test_scheduler_assigned_outside_ray_does_not_start_ray(place, monkeypatch) -> None:
+    # Ray imported but not connected: this process is no Ray task, and asking Ray for its GPU ids
+    # would start a local Ray instance (then report none, hiding the process's own GPUs).
+    fake_ray = type(sys)("ray")
+    fake_ray.is_initialized = lambda: False
+    fake_ray.get_gpu_ids = lambda: []  # what the local instance it would start reports on a CPU node
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    with place("train", "gpu-required", inventory=gpus(2), assigned_by_scheduler=True) as placement:
+        assert placement.device == "cuda:0"
 
 
 # --- the real CPU path ----------------------------------------------------------------------------
