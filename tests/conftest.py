@@ -113,6 +113,26 @@ def real_fashion_mnist_dir() -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _environment_restored() -> Iterator[None]:
+    """Each test leaves os.environ as it found it. The CLI's in-process callbacks set variables for the
+    process they expect to end with the command; in this long-lived one they would reach every later
+    subprocess (a later `cnn-train run` then printed more than its one line of error)."""
+    before = dict(os.environ)
+    yield
+    changed = sorted(k for k in {*before, *os.environ} if before.get(k) != os.environ.get(k) and k != "PYTEST_CURRENT_TEST")
+    if not changed:
+        return
+    if leaks := os.environ.get("CNN_TRAIN_TEST_ENV_LEAKS"):  # a developer's aid: which test leaked what
+        with open(leaks, "a") as out:
+            out.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?')}: {changed}\n")
+    for name in changed:
+        if name in before:
+            os.environ[name] = before[name]
+        else:
+            del os.environ[name]
+
+
+@pytest.fixture(autouse=True)
 def _no_dataset_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any attempt to download Fashion-MNIST fails the test loudly instead of using the network."""
     from cnn_train.flows.data import locate

@@ -236,7 +236,9 @@ def test_an_expected_failure_is_one_line_on_stderr(prefect_api_url, store, tmp_p
     result = subprocess.run([CLI, "run", *QUICK, *arguments(tmp_path)], env=_env(prefect_api_url, store, tmp_path) | env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
-    (line,) = result.stderr.splitlines() or [""]
+    lines = result.stderr.splitlines() or [""]
+    assert len(lines) == 1, result.stderr[-3000:]
+    (line,) = lines
     assert line.startswith(line_start.format(tmp=tmp_path)), result.stderr[-3000:]
     assert "Traceback" not in result.stdout + result.stderr
     runs = _runs(store)

@@ -181,7 +181,8 @@ def test_sigkill_of_serve_and_flow_run_process_ends_both_runs(team, monkeypatch)
     started = team.python(
         "from prefect.deployments import run_deployment\n"
         "print(run_deployment('cnn-train/default', timeout=0, parameters="
-        "{'epochs': 30, 'sample_limit': 600, 'test_limit': 100, 'compare_dense': False}).id)"
+        # Enough epochs to outlast the wait below on any CPU (30 finished before it on an idle one).
+        "{'epochs': 1000, 'sample_limit': 600, 'test_limit': 100, 'compare_dense': False}).id)"
     )
     assert started.returncode == 0, started.stderr[-3000:]
     flow_run_id = started.stdout.strip().splitlines()[-1]
@@ -198,7 +199,7 @@ def test_sigkill_of_serve_and_flow_run_process_ends_both_runs(team, monkeypatch)
     time.sleep(crashes.HEARTBEAT_SECONDS + 5)  # a Prefect heartbeat has been sent
     serve_pid = int((team.state / "run" / "deployment-server.pid").read_text())
     flow_pid = _flow_run_process(flow_run_id)
-    assert flow_pid is not None
+    assert flow_pid is not None, f"no process runs flow run {flow_run_id} any more"
     os.kill(serve_pid, signal.SIGKILL)
     os.kill(flow_pid, signal.SIGKILL)
     killed = time.monotonic()
