@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.stores import new_store
+
 # Tests never see the developer's Prefect profile (`cnn-train up` points it at a local server that
 # may be down) nor a PREFECT_API_URL from the shell: each session gets a Prefect home of its own.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cnn-train-tests-prefect-")
@@ -161,7 +163,7 @@ def prefect_api_url() -> Iterator[str]:
 def mlflow_store(tmp_path_factory: pytest.TempPathFactory, prefect_api_url: str, real_fashion_mnist_dir: Path) -> Iterator[str]:
     """A private SQLite MLflow store and state dir for one test module, with the real data."""
     root = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_store(root / "mlflow.db")
     patcher = pytest.MonkeyPatch()
     patcher.setenv("MLFLOW_TRACKING_URI", uri)
     patcher.setenv("CNN_TRAIN_STATE_DIR", str(root / "state"))

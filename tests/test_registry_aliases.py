@@ -17,6 +17,7 @@ from cnn_train.flows import tracking
 from cnn_train.flows.tracking import CHALLENGER, CHAMPION, RunTracker, VersionFacts
 from cnn_train.flows.tracking.registry import decide_alias
 from cnn_train.plugins.contract import LoggableModel
+from tests.stores import new_store
 
 
 class Uniform(mlflow.pyfunc.PythonModel):
@@ -78,7 +79,7 @@ def test_the_alias_and_why(champion, facts, alias, reason):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
+    return new_store(tmp_path_factory.mktemp("registry") / "mlflow.db")
 
 
 def _trained_run(store: str, experiment: str, *, accuracy: float, tags: dict[str, str] | None = None) -> tuple[RunTracker, str]:

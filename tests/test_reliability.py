@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.stores import new_store
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,10 +69,8 @@ def _register(tmp_path: Path, name: str, target: str) -> str:
 @pytest.fixture
 def store(tmp_path, real_fashion_mnist_dir, monkeypatch) -> str:
     monkeypatch.setenv("CNN_TRAIN_DATA_DIR", str(real_fashion_mnist_dir))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # Create the schema once before several processes touch it (concurrent creation races).
-    subprocess.run([Path(sys.executable).with_name("mlflow"), "db", "upgrade", uri], check=True, capture_output=True)
-    return uri
+    # The schema exists before several processes touch it (concurrent creation races).
+    return new_store(tmp_path / "mlflow.db")
 
 
 def _flow_run_state(prefect_api_url: str, flow_run_id: str) -> str:

@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 
 from cnn_train.flows import tracking
 from cnn_train.flows.tracking.spool import Spool
+from tests.stores import new_store
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("cnn-train")
@@ -28,7 +29,7 @@ EPOCH_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds", "
 @pytest.fixture
 def store(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return new_store(tmp_path / "mlflow.db")
 
 
 def test_a_record_delivered_twice_lands_once_and_the_end_comes_last(store):
@@ -92,6 +93,8 @@ class MlflowServer:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
+        if not (self.folder / "mlflow.db").exists():
+            new_store(self.folder / "mlflow.db")
         self.process = subprocess.Popen(
             [Path(sys.executable).with_name("mlflow"), "server", "--backend-store-uri",
              f"sqlite:///{self.folder / 'mlflow.db'}", "--artifacts-destination", str(self.folder / "mlartifacts"),

@@ -11,6 +11,7 @@ import pytest
 from cnn_train.flows import steps
 from cnn_train.flows.params import validate_parameters
 from cnn_train.flows.tracking import RunTracker
+from tests.stores import new_store
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,7 @@ def small_data(real_fashion_mnist_dir, tmp_path_factory):
 @pytest.fixture
 def tracker(tmp_path, monkeypatch):
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
-    return RunTracker.start("steps", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return RunTracker.start("steps", uri=new_store(tmp_path / "mlflow.db"))
 
 
 def test_each_epoch_is_in_mlflow_when_it_ends(small_data, tracker, tmp_path):

@@ -18,6 +18,7 @@ from cnn_train.plugins import registry
 from cnn_train.plugins.conformance.data import images
 from tests.plugin_fixtures import FakeDistribution, only_distributions
 from tests.plugin_fixtures_numpy import PLUGIN_SOURCE  # noqa: F401  (imports the plugin from its source folder)
+from tests.stores import new_store
 
 PLUGIN_REQUIRES = ("cnn-train", "numpy>=1.26", "mlflow>=3.1")
 
@@ -42,7 +43,7 @@ def data() -> PreparedData:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     """One store for the module: creating a SQLite store costs seconds (MLflow's schema migrations)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    return new_store(tmp_path_factory.mktemp("store") / "mlflow.db")
 
 
 @pytest.fixture

@@ -9,12 +9,13 @@ from cnn_train.flows.params import validate_parameters
 from cnn_train.flows.tasks import prep_task, progress_line
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.plugins.contract import EpochMetrics
+from tests.stores import new_store
 
 
 @pytest.fixture
 def tracker(tmp_path, monkeypatch):
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
-    return RunTracker.start("tasks", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return RunTracker.start("tasks", uri=new_store(tmp_path / "mlflow.db"))
 
 
 def test_prep_task_places_itself_prepares_and_records_the_datasets(tracker, real_fashion_mnist_dir):

@@ -24,6 +24,7 @@ from cnn_train.flows import tracking
 from cnn_train.flows.settings import default_tracking_uri
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.plugins.contract import LoggableModel
+from tests.stores import new_store
 
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
@@ -58,7 +59,7 @@ class Address:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    return new_store(tmp_path_factory.mktemp("store") / "mlflow.db")
 
 
 @pytest.fixture
