@@ -71,11 +71,12 @@ def keep_library_state_in_project(environ: MutableMapping[str, str] = os.environ
     unset), and the user's profile is still read from its usual place. Matplotlib's font cache goes
     to ``matplotlib/`` unless ``MPLCONFIGDIR`` is set."""
     environ.setdefault("MPLCONFIGDIR", str(state_dir() / "matplotlib"))
+    # Whatever PREFECT_HOME is: a temporary server's first migrations outlast Prefect's 20 s on a busy box.
+    environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", _TEMPORARY_SERVER_STARTUP_SECONDS)
     if environ.get("PREFECT_HOME"):
         return
     environ.setdefault("PREFECT_PROFILES_PATH", str(_USER_PREFECT_PROFILES.expanduser()))
     environ["PREFECT_HOME"] = str(temporary_prefect_home())
-    environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", _TEMPORARY_SERVER_STARTUP_SECONDS)
 
 
 def keep_libraries_offline(environ: MutableMapping[str, str] = os.environ) -> None:

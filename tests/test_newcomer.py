@@ -178,10 +178,18 @@ def test_libraries_keep_their_files_under_the_state_dir(state, tmp_path):
 
 
 def test_what_the_user_set_wins(state):
-    mine = {"PREFECT_HOME": "/mine", "PREFECT_PROFILES_PATH": "/mine/profiles.toml", "MPLCONFIGDIR": "/mine/mpl"}
+    mine = {"PREFECT_HOME": "/mine", "PREFECT_PROFILES_PATH": "/mine/profiles.toml", "MPLCONFIGDIR": "/mine/mpl",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "30"}
     environ = dict(mine)
     keep_library_state_in_project(environ)
     assert environ == mine
+
+
+def test_a_temporary_server_gets_time_to_start_whoever_chose_its_home(state):
+    # Prefect's 20 s default failed runs on a busy 2-core box while the server migrated its database.
+    environ = {"PREFECT_HOME": "/mine"}
+    keep_library_state_in_project(environ)
+    assert environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "120"
 
 
 @pytest.fixture
