@@ -78,23 +78,38 @@ def is_failure(state: Any) -> bool:
     return state is not None and state.type.value in _FAILED_STATES
 
 
-def failure_reason(flow_run_id: str, *, lines: int = 12) -> list[str]:
+def failure_reason(flow_run_id: str, *, lines: int = 12, settle_seconds: float = 20.0, poll_seconds: float = 1.0) -> list[str]:
     """Why the flow run failed: its state message, then the last ``lines`` lines of its (and its task
-    runs') error logs, oldest first, which end with the exception that stopped it."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterLevel
-    from prefect.client.schemas.sorting import LogSort
+    runs') error logs, oldest first, which end with the exception that stopped it.
 
+    The process that ran the flow ships its logs in batches (every couple of seconds) and may do so
+    after the server already shows the final state, so the error logs are read until two reads agree
+    and hold something, or ``settle_seconds`` pass (a run whose logs never reach the API has none)."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + settle_seconds
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(flow_run_id).state
-        logs = client.read_logs(
-            log_filter=LogFilter(
-                flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]), level=LogFilterLevel(ge_=logging.ERROR)
-            ),
-            sort=LogSort.TIMESTAMP_ASC,
-        )
+        logs = _error_logs(client, flow_run_id)
+        while time.monotonic() < deadline:
+            time.sleep(poll_seconds)
+            again = _error_logs(client, flow_run_id)
+            if again and len(again) == len(logs):
+                break
+            logs = again
     reason = [f"state message: {state.message}"] if state is not None and state.message else []
     error_lines = [line for log in logs for line in log.message.splitlines() if line.strip()]
     if error_lines:
         reason += ["last error log lines:", *(f"  {line}" for line in error_lines[-lines:])]
     return reason
+
+
+def _error_logs(client: Any, flow_run_id: str) -> list[Any]:
+    """The flow run's ERROR-and-above log records so far, oldest first."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterLevel
+    from prefect.client.schemas.sorting import LogSort
+
+    return client.read_logs(
+        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]), level=LogFilterLevel(ge_=logging.ERROR)),
+        sort=LogSort.TIMESTAMP_ASC,
+    )

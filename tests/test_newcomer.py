@@ -367,6 +367,50 @@ def served(mlflow_store, prefect_api_url):
         process.wait(timeout=60)
 
 
+class _LateLogs:
+    """A Prefect client whose server shows the Failed state before the runner's last log batch lands:
+    each read of the logs returns the next of ``batches``, then the last one for good."""
+
+    def __init__(self, batches: list[list[str]]) -> None:
+        self.batches = batches
+        self.reads = 0
+
+    def __enter__(self) -> _LateLogs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def read_flow_run(self, flow_run_id: str) -> object:
+        state = type("State", (), {"message": "Flow run encountered an exception: boom"})()
+        return type("FlowRun", (), {"state": state})()
+
+    def read_logs(self, **_: object) -> list[object]:
+        batch = self.batches[min(self.reads, len(self.batches) - 1)]
+        self.reads += 1
+        return [type("Log", (), {"message": message})() for message in batch]
+
+
+@pytest.mark.parametrize(
+    "batches, shown",
+    [
+        pytest.param([["boom"]], ["boom"], id="logs-already-there"),
+        pytest.param([[], [], ["Task failed"], ["Task failed", "boom"]], ["Task failed", "boom"], id="logs-land-late"),
+        pytest.param([[]], [], id="logs-never-reach-the-api"),
+    ],
+)
+def test_a_failures_reason_waits_for_the_runners_last_log_batch(monkeypatch, batches, shown):
+    import prefect.client.orchestration
+
+    from cnn_train.flows import flow_runs
+
+    client = _LateLogs(batches)
+    monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda **_: client)
+    reason = flow_runs.failure_reason("6f1c1f7e-3c1a-4c55-9a39-2d0f4f0a9c11", settle_seconds=2.0, poll_seconds=0.01)
+    assert reason[0] == "state message: Flow run encountered an exception: boom"
+    assert reason[1:] == (["last error log lines:", *(f"  {line}" for line in shown)] if shown else [])
+
+
 @pytest.mark.slow
 def test_a_failing_trigger_says_why_in_its_terminal(served, truncated_data_dir):
     trigger = subprocess.run(
