@@ -365,8 +365,10 @@ def test_keras_runs_on_the_torch_backend() -> None:
 def test_keras_imported_with_another_backend_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     other_keras = types.SimpleNamespace(backend=types.SimpleNamespace(backend=lambda: "jax"))
     monkeypatch.setitem(sys.modules, "keras", other_keras)
-    source = Path(sys.modules[load_backend_class("keras").__module__].__file__)
-    spec = importlib.util.spec_from_file_location("fresh_keras_backend", source)
+    load_backend_class("keras")
+    # The module that imports Keras first is the one that picks (and checks) its backend.
+    source = Path(sys.modules["cnn_train.backends.keras_direct"].__file__)
+    spec = importlib.util.spec_from_file_location("fresh_keras_direct", source)
     with pytest.raises(RuntimeError, match="already imported with the 'jax' backend.*set KERAS_BACKEND=torch"):
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
