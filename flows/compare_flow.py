@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from cnn_train.flows import reporting, tracking
@@ -22,8 +22,7 @@ from cnn_train.flows.params import (
     split_values,
     validate_parameters,
 )
-from cnn_train.flows.signatures import takes_parameters
-from cnn_train.flows.runs import ended, fails_in_one_line, prefect_flow_run_url, recorded_flow, start_flow_run
+from cnn_train.flows.runs import cnn_train_flow, ended, prefect_flow_run_url, start_flow_run
 from cnn_train.flows.tasks import ChildRun, child_run, prep_task
 from cnn_train.flows.tracking import RunTracker
 
@@ -36,13 +35,11 @@ def validate_compare(values: dict[str, Any]) -> tuple[list[RunParameters], Compa
     return [validate_parameters(**run_values, backend=name) for name in options.backends], options
 
 
-@flow(
-    name="cnn-train-compare",
-    description="Train one config on several backends with the same seed and split, and compare them.",
-    **recorded_flow(),
+@cnn_train_flow(
+    "cnn-train-compare",
+    "Train one config on several backends with the same seed and split, and compare them.",
+    CompareOptions, RunParameters, exclude=COMPARE_EXCLUDES,
 )
-@fails_in_one_line
-@takes_parameters(CompareOptions, RunParameters, exclude=COMPARE_EXCLUDES)
 def cnn_train_compare(**values: Any) -> dict[str, Any]:
     """Each backend trains and evaluates the same config on the same split; the report compares them."""
     per_backend, options = validate_compare(values)

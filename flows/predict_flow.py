@@ -7,14 +7,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
 from cnn_train.flows import predict, tracking
 from cnn_train.flows.params import ParameterError, PredictOptions, split_values
-from cnn_train.flows.signatures import takes_parameters
 from cnn_train.flows.predict.figure import plot_examples
-from cnn_train.flows.runs import ended, fails_in_one_line, recorded_flow, start_flow_run
+from cnn_train.flows.runs import cnn_train_flow, ended, start_flow_run
 from cnn_train.flows.tasks import IN_MEMORY
 from cnn_train.flows.tracking import RunTracker
 
@@ -99,13 +98,11 @@ def _publish_to_prefect(
     create_markdown_artifact(markdown, key="prediction-summary", description="Class counts and low-confidence images")
 
 
-@flow(
-    name="cnn-train-predict",
-    description="Classify a folder of images with a registered or logged model; predictions and a summary in MLflow.",
-    **recorded_flow(),
+@cnn_train_flow(
+    "cnn-train-predict",
+    "Classify a folder of images with a registered or logged model; predictions and a summary in MLflow.",
+    PredictOptions,
 )
-@fails_in_one_line
-@takes_parameters(PredictOptions)
 def cnn_train_predict(**values: Any) -> dict[str, Any]:
     """Load the model, classify every image in the folder, record the predictions and their summary."""
     _, options = split_values(values, PredictOptions)

@@ -6,15 +6,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prefect import get_run_logger, runtime
+from prefect import Flow, flow, get_run_logger, runtime
 from prefect.exceptions import MissingContextError, TerminationSignal
 from prefect.states import Failed
+from pydantic import BaseModel
 
 from cnn_train.flows import crashes, steps, tracking
 from cnn_train.flows.errors import ExpectedFailure, debugging, hide_expected_tracebacks
+from cnn_train.flows.signatures import takes_parameters
 from cnn_train.flows.tracking import RunTracker
 
 
@@ -125,3 +127,17 @@ def recorded_flow() -> dict[str, Any]:
         "persist_result": False,
         "validate_parameters": False,
     }
+
+
+def cnn_train_flow(
+    name: str, description: str, *parameters: type[BaseModel], exclude: Iterable[str] = ()
+) -> Callable[[Callable[..., Any]], Flow[..., Any]]:
+    """How every cnn-train flow is declared: a ``def body(**values)`` whose parameters are the fields of
+    ``parameters`` (each declared once, in ``params.py``), recorded as :func:`recorded_flow` says, and
+    failing in one line as :func:`fails_in_one_line` says."""
+
+    def decorate(fn: Callable[..., Any]) -> Flow[..., Any]:
+        body = fails_in_one_line(takes_parameters(*parameters, exclude=exclude)(fn))
+        return flow(name=name, description=description, **recorded_flow())(body)
+
+    return decorate

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
@@ -35,12 +35,11 @@ from cnn_train.flows.params import (
     split_values,
     validate_parameters,
 )
-from cnn_train.flows.signatures import takes_parameters
 from cnn_train.flows.placement import place_task
 from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, node_tags, worker_died
 from cnn_train.flows.ray_cluster import ray_task_runner  # noqa: F401 - the commands take this flow's runner from here
 from cnn_train.flows.registering import register_task
-from cnn_train.flows.runs import ended, fails_in_one_line, flow_run_tags, recorded_flow, start_flow_run
+from cnn_train.flows.runs import cnn_train_flow, ended, flow_run_tags, start_flow_run
 from cnn_train.flows.tasks import ChildRun, child_run, prep_task
 from cnn_train.flows.tracking import RunTracker
 
@@ -208,13 +207,11 @@ def _run_trials(
     return results
 
 
-@flow(
-    name="cnn-train-sweep",
-    description="A grid of cnn-train configurations sharing one data prep, ranked in a parent MLflow run.",
-    **recorded_flow(),
+@cnn_train_flow(
+    "cnn-train-sweep",
+    "A grid of cnn-train configurations sharing one data prep, ranked in a parent MLflow run.",
+    SweepOptions, RunParameters, exclude=SWEEP_EXCLUDES,
 )
-@fails_in_one_line
-@takes_parameters(SweepOptions, RunParameters, exclude=SWEEP_EXCLUDES)
 def cnn_train_sweep(**values: Any) -> dict[str, Any]:
     """Run every grid combination as a trial; rank them; optionally register the best model."""
     trials, options = validate_sweep(values)

@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import (
     create_image_artifact,
     create_link_artifact,
@@ -17,10 +17,9 @@ from prefect.artifacts import (
 from cnn_train.flows import reporting, steps, tracking
 from cnn_train.flows.data import PreparedData
 from cnn_train.flows.params import RunParameters, validate_parameters
-from cnn_train.flows.signatures import takes_parameters
 from cnn_train.flows.placement import place_task
 from cnn_train.flows.registering import register_task
-from cnn_train.flows.runs import ended, fails_in_one_line, prefect_flow_run_url, recorded_flow, start_flow_run
+from cnn_train.flows.runs import cnn_train_flow, ended, prefect_flow_run_url, start_flow_run
 from cnn_train.flows.tasks import IN_MEMORY, child_run, evaluate_task, prep_task, train_task
 from cnn_train.flows.tracking import RunTracker
 
@@ -104,13 +103,11 @@ def _publish_to_prefect(
         create_table_artifact(reporting.table_records(table), key="cnn-against-dense")
 
 
-@flow(
-    name="cnn-train",
-    description="Train, evaluate and report the Fashion-MNIST CNN; every run is logged to MLflow.",
-    **recorded_flow(),
+@cnn_train_flow(
+    "cnn-train",
+    "Train, evaluate and report the Fashion-MNIST CNN; every run is logged to MLflow.",
+    RunParameters,
 )
-@fails_in_one_line
-@takes_parameters(RunParameters)
 def cnn_train(**values: Any) -> dict[str, Any]:
     """Prepare Fashion-MNIST, train the chosen backend, evaluate on the test set, report."""
     params = validate_parameters(**values)

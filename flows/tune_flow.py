@@ -17,17 +17,16 @@ from typing import Any, Literal
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
 
 from cnn_train.flows import steps, tracking
 from cnn_train.flows.data import PreparedData
 from cnn_train.flows.params import TUNE_EXCLUDES, RunParameters, TuneOptions
-from cnn_train.flows.signatures import takes_parameters
 from cnn_train.flows.placement import place_task
 from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, node_tags, worker_died
-from cnn_train.flows.runs import ended, fails_in_one_line, flow_run_tags, recorded_flow, start_flow_run
+from cnn_train.flows.runs import cnn_train_flow, ended, flow_run_tags, start_flow_run
 from cnn_train.flows.tasks import IN_MEMORY, prep_task, progress_line
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.flows.tuning import (
@@ -262,13 +261,11 @@ def run_study(study: optuna.Study, heartbeat: TrialHeartbeat, plan: TunePlan, da
     return ran
 
 
-@flow(
-    name="cnn-train-tune",
-    description="An Optuna study over cnn-train run fields: trials as tasks, hopeless ones pruned, resumable.",
-    **recorded_flow(),
+@cnn_train_flow(
+    "cnn-train-tune",
+    "An Optuna study over cnn-train run fields: trials as tasks, hopeless ones pruned, resumable.",
+    TuneOptions, RunParameters, exclude=TUNE_EXCLUDES,
 )
-@fails_in_one_line
-@takes_parameters(TuneOptions, RunParameters, exclude=TUNE_EXCLUDES)
 def cnn_train_tune(**values: Any) -> dict[str, Any]:
     """Create or continue the study, run its missing trials on shared data, rank and record them."""
     plan = validate_tune(values)
