@@ -35,6 +35,25 @@ class TrialResourceOptions(BaseModel):
     )
 
 
+def _trial_runner(values: dict[str, Any]) -> tuple[RunnerOptions, list[str] | None]:
+    """Take the command-line-only runner options out of ``values`` (the flow does not know them)."""
+    runner = RunnerOptions(task_runner=values.pop("task_runner"), ray_address=values.pop("ray_address"))
+    ray_resource = values.pop("ray_resource")
+    if (runner.ray_address or ray_resource) and runner.task_runner != "ray":
+        fail("--ray-address and --ray-resource need --task-runner ray")
+    return runner, ray_resource
+
+
+def _on_runner(flow_fn: Any, runner: RunnerOptions, ray_resource: list[str] | None) -> Any:
+    """The flow as it runs its trials: in threads (its own task runner), or on Ray."""
+    if runner.task_runner != "ray":
+        return flow_fn
+    from cnn_train.flows.ray_cluster import parse_resources, ray_task_runner
+
+    task_runner = ray_task_runner(runner.ray_address, trial_resources=parse_resources(ray_resource))
+    return flow_fn.with_options(task_runner=task_runner)
+
+
 def _validated(check: Callable[[dict[str, Any]], Any], values: dict[str, Any]) -> Any:
     """The flow's own validation, run here first so a bad value is one line before any server starts."""
     from cnn_train.flows.params import ParameterError
@@ -142,23 +161,14 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
 @cli_options(SweepOptions, RunParameters, RunnerOptions, TrialResourceOptions, exclude=SWEEP_EXCLUDES)
 def sweep(**values: Any) -> None:
     """Run a grid of configurations (data prepared once), ranked in a parent MLflow run."""
-    runner = RunnerOptions(task_runner=values.pop("task_runner"), ray_address=values.pop("ray_address"))
-    ray_resource = values.pop("ray_resource")
-    if (runner.ray_address or ray_resource) and runner.task_runner != "ray":
-        fail("--ray-address and --ray-resource need --task-runner ray")
+    runner, ray_resource = _trial_runner(values)
     if isinstance(values["grid"], list):
         values["grid"] = parse_grid(values["grid"])
     from cnn_train.flows.sweep_flow import cnn_train_sweep, validate_sweep
 
     _validated(validate_sweep, values)
     require_reachable_servers()
-    flow_fn = cnn_train_sweep
-    if runner.task_runner == "ray":
-        from cnn_train.flows.ray_cluster import parse_resources, ray_task_runner
-
-        task_runner = ray_task_runner(runner.ray_address, trial_resources=parse_resources(ray_resource))
-        flow_fn = cnn_train_sweep.with_options(task_runner=task_runner)
-    result = _run_flow(flow_fn, values)
+    result = _run_flow(_on_runner(cnn_train_sweep, runner, ray_resource), values)
     import pandas as pd
 
     from cnn_train.flows import reporting

@@ -12,7 +12,9 @@ from cnn_train.flows.cli.app import app, cli_options, fail
 from cnn_train.flows.cli.training import (
     RunnerOptions,
     TrialResourceOptions,
+    _on_runner,
     _run_flow,
+    _trial_runner,
     _validated,
     require_reachable_servers,
 )
@@ -46,10 +48,7 @@ def tune(**values: Any) -> None:
     command again continues the study."""
     from cnn_train.flows.params import ParameterError
 
-    runner = RunnerOptions(task_runner=values.pop("task_runner"), ray_address=values.pop("ray_address"))
-    ray_resource = values.pop("ray_resource")
-    if (runner.ray_address or ray_resource) and runner.task_runner != "ray":
-        fail("--ray-address and --ray-resource need --task-runner ray")
+    runner, ray_resource = _trial_runner(values)
     space_file, no_prune = values.pop("space_file"), values.pop("no_prune")
     if no_prune:
         if values["pruner"] not in ("median", "none"):
@@ -63,13 +62,7 @@ def tune(**values: Any) -> None:
 
     plan = _validated(validate_tune, values)
     require_reachable_servers()
-    flow_fn = cnn_train_tune
-    if runner.task_runner == "ray":
-        from cnn_train.flows.ray_cluster import parse_resources, ray_task_runner
-
-        task_runner = ray_task_runner(runner.ray_address, trial_resources=parse_resources(ray_resource))
-        flow_fn = cnn_train_tune.with_options(task_runner=task_runner)
-    result = _run_flow(flow_fn, values)
+    result = _run_flow(_on_runner(cnn_train_tune, runner, ray_resource), values)
     _print_result(result, plan.study_name)
 
 
