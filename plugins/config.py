@@ -146,7 +146,7 @@ class ModelConfig(BaseModel):
         Names are ``conv1``, ``pool1``, ``conv2``, ... and are the layer names backends use for
         feature maps. Raises ValueError naming the layer when a map would shrink to nothing.
         """
-        height, width, channels = self.input_shape
+        height, width, _ = self.input_shape
         shapes: list[tuple[str, tuple[int, int, int]]] = []
         for index, block in enumerate(self.conv_layers, start=1):
             conv_h, pool_h = conv_output_side(height, block)
@@ -165,7 +165,7 @@ class ModelConfig(BaseModel):
                         f"{pool_h}x{pool_w}; use fewer pooling blocks or pool_size=0 on some of them"
                     )
                 shapes.append((f"pool{index}", (pool_h, pool_w, block.filters)))
-            height, width, channels = pool_h, pool_w, block.filters
+            height, width = pool_h, pool_w
         return shapes
 
     def flat_features(self) -> int:

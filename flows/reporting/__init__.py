@@ -79,6 +79,7 @@ __all__ = [
     "history_frame",
     "markdown_table",
     "number_format",
+    "parity_verdict",
     "percent_format",
     "plot_confident_mistakes",
     "plot_confusion_matrix",
