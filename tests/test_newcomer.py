@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from typer.testing import CliRunner
 from cnn_train.flows import housekeeping, quiet
 from cnn_train.flows.cli import app
 from cnn_train.flows.settings import keep_library_state_in_project
+from tests.processes import stop_group
 
 BIN = Path(sys.executable).parent
 TINY = {"epochs": 1, "sample_limit": 200, "test_limit": 100}
@@ -347,15 +347,17 @@ def truncated_data_dir(real_fashion_mnist_dir, tmp_path) -> Path:
 
 
 @pytest.fixture
-def served(mlflow_store, prefect_api_url):
+def served(mlflow_store, prefect_api_url, tmp_path):
     """`python -m cnn_train.flows.serve` against the session's Prefect server, until the deployment is READY."""
     from cnn_train.flows import doctor
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cnn_train.flows.serve"],
-        env=os.environ | {"PREFECT_API_URL": prefect_api_url, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    log = tmp_path / "serve.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cnn_train.flows.serve"],
+            env=os.environ | {"PREFECT_API_URL": prefect_api_url, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
+            stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 180
         while not doctor.check_deployment(prefect_api_url).ok:
@@ -363,8 +365,7 @@ def served(mlflow_store, prefect_api_url):
             time.sleep(1)
         yield prefect_api_url
     finally:
-        os.killpg(process.pid, signal.SIGINT)
-        process.wait(timeout=60)
+        stop_group(process, log=log)
 
 
 class _LateLogs:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from tests.plugin_fixtures import install_without_pip
+from tests.processes import stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_PLUGIN = ROOT / "plugins" / "examples" / "sklearn_mlp"
@@ -197,7 +199,7 @@ def test_example_plugin_deployment_trigger(installed_example_plugin, tmp_path, p
     }
     serve = subprocess.Popen(
         [sys.executable, "-m", "cnn_train.flows.serve"], cwd=elsewhere, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
         _serving(serve, timeout=180)
@@ -208,9 +210,8 @@ def test_example_plugin_deployment_trigger(installed_example_plugin, tmp_path, p
             cwd=elsewhere, env=env, capture_output=True, text=True, timeout=500,
         )
     finally:
-        serve.terminate()
-        serve.wait(timeout=60)
-    assert trigger.returncode == 0, trigger.stdout + trigger.stderr
+        stop_group(serve, sig=signal.SIGTERM)
+    assert trigger.returncode == 0, trigger.stdout + trigger.stderr + "\nserve printed:\n" + serve.stdout.read()[-3000:]
     assert os.listdir(elsewhere) == []
     run, model = _finished_run(store / "mlflow.db")
     assert run.info.status == "FINISHED" and run.data.params["backend"] == "sklearn-mlp"
