@@ -6,6 +6,8 @@ import re
 from collections.abc import Sequence
 from importlib.metadata import version
 
+import numpy as np
+
 from cnn_train.plugins.config import ModelConfig
 from cnn_train.plugins.contract import TrainData, check_images, check_labels
 
@@ -47,6 +49,24 @@ def check_initial_epoch(initial_epoch: int) -> None:
     """Epochs count from 1, so training resumes after epoch 0 or later."""
     if initial_epoch < 0:
         raise ValueError(f"initial_epoch must be >= 0, got {initial_epoch}")
+
+
+def check_training(data: TrainData, config: ModelConfig, initial_epoch: int) -> None:
+    """What ``train`` refuses before any work starts: data that does not fit, or a negative resume point."""
+    check_train_data(data, config)
+    check_initial_epoch(initial_epoch)
+
+
+def check_evaluation(x: np.ndarray, y: np.ndarray, config: ModelConfig) -> None:
+    """What ``evaluate`` refuses: images that do not fit ``config`` or labels that do not fit them."""
+    check_images(x, config)
+    check_labels(y, x.shape[0], config.num_classes)
+
+
+def check_feature_request(config: ModelConfig, x: np.ndarray, layers: Sequence[str]) -> None:
+    """What ``feature_maps`` refuses: a layer the model lacks (listing those it has), or unfit images."""
+    check_layer_names(config, layers)
+    check_images(x, config)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

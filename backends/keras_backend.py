@@ -21,19 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from cnn_train.backends._common import (
-    ARCHITECTURES,
-    INFERENCE_BATCH,
-    NOT_BUILT,
-    check_buildable,
-    check_has_convolution,
-    check_initial_epoch,
-    check_layer_names,
-    check_train_data,
-    epoch_seed,
-    pinned,
-    unusable_device,
-)
+from cnn_train.backends import _common as common
 from cnn_train.backends.keras_direct import DirectSequential, EpochCallbacks, keras
 from cnn_train.plugins.config import ModelConfig, TrainConfig
 from cnn_train.plugins.contract import (
@@ -44,7 +32,6 @@ from cnn_train.plugins.contract import (
     TrainData,
     TrainHistory,
     check_images,
-    check_labels,
     check_plain_training,
 )
 
@@ -69,7 +56,7 @@ class EpochReporter(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         # fit shuffles arrays with torch's global generator as the epoch's first batch is drawn,
         # just after this hook: seeding it per epoch makes a resumed run shuffle like an unbroken one.
-        torch.manual_seed(epoch_seed(self._seed, epoch + 1))
+        torch.manual_seed(common.epoch_seed(self._seed, epoch + 1))
         self._train_seconds = None
         self._started = time.perf_counter()
 
@@ -135,7 +122,7 @@ class KerasBackend:
     """Trains the ModelConfig network with Keras 3 (torch backend) on the device it is given."""
 
     mlflow_flavor: ClassVar[str] = "keras"
-    architectures: ClassVar[tuple[str, ...]] = ARCHITECTURES
+    architectures: ClassVar[tuple[str, ...]] = common.ARCHITECTURES
 
     def __init__(self) -> None:
         self._config: ModelConfig | None = None
@@ -144,13 +131,13 @@ class KerasBackend:
         self._probabilities: keras.Sequential | None = None
 
     def build(self, config: ModelConfig, *, device: str, seed: int) -> None:
-        check_buildable(config, device, self.architectures)
+        common.check_buildable(config, device, self.architectures)
         keras.utils.set_random_seed(seed)
         try:
             with keras.device(device):
                 model = build_model(config)
         except (RuntimeError, AssertionError) as error:  # a CPU-only torch cannot place weights on CUDA
-            raise unusable_device(device, error) from error
+            raise common.unusable_device(device, error) from error
         with keras.device(device):
             model.compile_plain(keras.optimizers.Adam())
             # Shares the layers (and so the weights) of the trained model; it is what gets logged.
@@ -174,8 +161,7 @@ class KerasBackend:
         initial_epoch: int = 0,
     ) -> TrainHistory:
         model = self._built()
-        check_train_data(data, self._config)
-        check_initial_epoch(initial_epoch)
+        common.check_training(data, self._config, initial_epoch)
         check_plain_training(config, "keras")
         model.optimizer.learning_rate.assign(config.learning_rate)
         reporter = EpochReporter(seed=config.seed, train_images=data.x_train.shape[0], on_epoch=on_epoch)
@@ -187,7 +173,7 @@ class KerasBackend:
                 epochs=config.epochs,
                 initial_epoch=initial_epoch,
                 validation_data=(np.asarray(data.x_val, dtype=np.float32), np.asarray(data.y_val, dtype=np.int64)),
-                validation_batch_size=INFERENCE_BATCH,
+                validation_batch_size=common.INFERENCE_BATCH,
                 shuffle=True,
                 callbacks=EpochCallbacks([reporter], add_history=True, model=model, epochs=config.epochs),
                 verbose=0,
@@ -196,8 +182,7 @@ class KerasBackend:
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> Evaluation:
         model = self._built()
-        check_images(x, self._config)
-        check_labels(y, x.shape[0], self._config.num_classes)
+        common.check_evaluation(x, y, self._config)
         with keras.device(self._device):
             result = model.evaluate(
                 np.asarray(x, dtype=np.float32),
@@ -217,14 +202,13 @@ class KerasBackend:
 
     def feature_maps(self, x: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
         model = self._built()
-        check_layer_names(self._config, layers)
-        check_images(x, self._config)
+        common.check_feature_request(self._config, x, layers)
         wanted = set(layers)
         deepest = max(index for index, layer in enumerate(model.layers) if layer.name in wanted)
         maps: dict[str, list[np.ndarray]] = {name: [] for name in layers}
         with keras.device(self._device), torch.no_grad():
-            for start in range(0, x.shape[0], INFERENCE_BATCH):
-                activations = keras.ops.convert_to_tensor(np.asarray(x[start : start + INFERENCE_BATCH], dtype=np.float32))
+            for start in range(0, x.shape[0], common.INFERENCE_BATCH):
+                activations = keras.ops.convert_to_tensor(np.asarray(x[start : start + common.INFERENCE_BATCH], dtype=np.float32))
                 for layer in model.layers[: deepest + 1]:
                     activations = layer(activations)
                     if layer.name in wanted:
@@ -234,7 +218,7 @@ class KerasBackend:
 
     def first_conv_kernels(self) -> np.ndarray:
         model = self._built()
-        check_has_convolution(self._config)
+        common.check_has_convolution(self._config)
         return np.array(keras.ops.convert_to_numpy(model.get_layer("conv1").kernel))
 
     def save(self, path: Path) -> None:
@@ -259,13 +243,13 @@ class KerasBackend:
         return LoggableModel(
             flavor=self.mlflow_flavor,
             model=self._probabilities,
-            pip_requirements=pinned("keras", "torch"),
+            pip_requirements=common.pinned("keras", "torch"),
             accepts_input_example=False,
         )
 
     def _built(self) -> DirectSequential:
         if self._model is None:
-            raise RuntimeError(NOT_BUILT)
+            raise RuntimeError(common.NOT_BUILT)
         return self._model
 
     def _built_optimizer(self) -> keras.optimizers.Optimizer:

@@ -27,19 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnn_train.backends._common import (
-    ARCHITECTURES,
-    INFERENCE_BATCH,
-    NOT_BUILT,
-    check_buildable,
-    check_has_convolution,
-    check_initial_epoch,
-    check_layer_names,
-    check_train_data,
-    epoch_seed,
-    pinned,
-    unusable_device,
-)
+from cnn_train.backends import _common as common
 from cnn_train.plugins.config import AUGMENT_MAX_SHIFT, IMPROVED_ARCHITECTURE, ModelConfig, TrainConfig
 from cnn_train.plugins.contract import (
     EpochCallback,
@@ -49,7 +37,6 @@ from cnn_train.plugins.contract import (
     TrainData,
     TrainHistory,
     check_images,
-    check_labels,
 )
 
 logger = logging.getLogger(__name__)
@@ -122,7 +109,7 @@ class TorchBackend:
     """Trains the ModelConfig network with PyTorch on the device it is given."""
 
     mlflow_flavor: ClassVar[str] = "pytorch"
-    architectures: ClassVar[tuple[str, ...]] = (*ARCHITECTURES, IMPROVED_ARCHITECTURE)
+    architectures: ClassVar[tuple[str, ...]] = (*common.ARCHITECTURES, IMPROVED_ARCHITECTURE)
 
     def __init__(self) -> None:
         self._config: ModelConfig | None = None
@@ -131,7 +118,7 @@ class TorchBackend:
         self._optimizer: torch.optim.Adam | None = None
 
     def build(self, config: ModelConfig, *, device: str, seed: int) -> None:
-        check_buildable(config, device, self.architectures)
+        common.check_buildable(config, device, self.architectures)
         # Seed only the initialisation, leaving the caller's global generator as it was.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -139,7 +126,7 @@ class TorchBackend:
         try:
             network = network.to(device, memory_format=torch.channels_last)
         except (RuntimeError, AssertionError) as error:  # a CPU-only torch asserts on CUDA
-            raise unusable_device(device, error) from error
+            raise common.unusable_device(device, error) from error
         self._device = torch.device(device)
         self._network = network
         self._optimizer = torch.optim.Adam(network.parameters())
@@ -159,8 +146,7 @@ class TorchBackend:
         initial_epoch: int = 0,
     ) -> TrainHistory:
         network, optimizer = self._built()
-        check_train_data(data, self._config)
-        check_initial_epoch(initial_epoch)
+        common.check_training(data, self._config, initial_epoch)
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate
 
@@ -174,13 +160,13 @@ class TorchBackend:
         for epoch in range(initial_epoch + 1, config.epochs + 1):
             started = time.perf_counter()
             network.train()
-            shuffle = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+            shuffle = torch.Generator().manual_seed(common.epoch_seed(config.seed, epoch))
             order = torch.randperm(count, generator=shuffle).to(self._device)
             shifts, flips = _augmentation_draws(count, shuffle, self._device) if config.augment else (None, None)
             step = (epoch - 1) * steps_per_epoch
             loss_sum = torch.zeros((), device=self._device)
             correct = torch.zeros((), dtype=torch.int64, device=self._device)
-            with self._seeded_dropout(epoch_seed(config.seed, epoch)):
+            with self._seeded_dropout(common.epoch_seed(config.seed, epoch)):
                 for start in range(0, count, config.batch_size):
                     batch = order[start : start + config.batch_size]
                     labels = y_train[batch]
@@ -204,7 +190,7 @@ class TorchBackend:
             loss_mean, accuracy = loss_sum.item() / count, correct.item() / count
             train_seconds = time.perf_counter() - started
 
-            validation = self._evaluate(x_val, y_val, INFERENCE_BATCH)
+            validation = self._evaluate(x_val, y_val, common.INFERENCE_BATCH)
             metrics = EpochMetrics(
                 epoch=epoch,
                 loss=loss_mean,
@@ -221,8 +207,7 @@ class TorchBackend:
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> Evaluation:
         self._built()
-        check_images(x, self._config)
-        check_labels(y, x.shape[0], self._config.num_classes)
+        common.check_evaluation(x, y, self._config)
         return self._evaluate(*self._tensors(x, y), batch_size)
 
     def predict_proba(self, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
@@ -239,15 +224,14 @@ class TorchBackend:
 
     def feature_maps(self, x: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:
         network, _ = self._built()
-        check_layer_names(self._config, layers)
-        check_images(x, self._config)
+        common.check_feature_request(self._config, x, layers)
         wanted = set(layers)
         maps: dict[str, list[np.ndarray]] = {name: [] for name in layers}
         images = self._images(x)
         network.eval()
         with torch.inference_mode():
-            for start in range(0, images.shape[0], INFERENCE_BATCH):
-                activations = images[start : start + INFERENCE_BATCH].permute(0, 3, 1, 2)
+            for start in range(0, images.shape[0], common.INFERENCE_BATCH):
+                activations = images[start : start + common.INFERENCE_BATCH].permute(0, 3, 1, 2)
                 for name, stage in network.features.named_children():
                     activations = stage(activations)
                     if name in wanted:
@@ -256,7 +240,7 @@ class TorchBackend:
 
     def first_conv_kernels(self) -> np.ndarray:
         network, _ = self._built()
-        check_has_convolution(self._config)
+        common.check_has_convolution(self._config)
         conv = network.features.conv1.conv
         # PyTorch stores (filters, in, kh, kw); the contract speaks Keras' (kh, kw, in, filters).
         return np.ascontiguousarray(conv.weight.detach().permute(2, 3, 1, 0).cpu().numpy())
@@ -280,7 +264,7 @@ class TorchBackend:
         network, _ = self._built()
         # A copy, so logging neither moves the live model off its device nor out of training mode.
         logged = ProbabilityModel(copy.deepcopy(network).to("cpu", memory_format=torch.contiguous_format))
-        return LoggableModel(flavor=self.mlflow_flavor, model=logged.eval(), pip_requirements=pinned("torch"))
+        return LoggableModel(flavor=self.mlflow_flavor, model=logged.eval(), pip_requirements=common.pinned("torch"))
 
     @contextlib.contextmanager
     def _seeded_dropout(self, seed: int) -> Iterator[None]:
@@ -292,7 +276,7 @@ class TorchBackend:
 
     def _built(self) -> tuple[Network, torch.optim.Adam]:
         if self._network is None or self._optimizer is None:
-            raise RuntimeError(NOT_BUILT)
+            raise RuntimeError(common.NOT_BUILT)
         return self._network, self._optimizer
 
     def _images(self, x: np.ndarray) -> torch.Tensor:

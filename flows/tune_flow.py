@@ -77,17 +77,18 @@ def objective_value(history: TrainHistory, objective: str) -> float:
     return history.final.val_accuracy
 
 
-def run_trial(
+@task(name="tune-trial", task_run_name="trial-{number}", **IN_MEMORY)
+def tune_trial_task(
+    number: int,
     trial: optuna.Trial,
     params: RunParameters,
     data: PreparedData,
     child: RunTracker,
-    *,
     objective: str,
     scheduler_assigned: bool,
 ) -> TrialOutcome:
-    """Train one trial in its MLflow run, reporting each epoch to Optuna and stopping when it prunes;
-    evaluate it on the test set when it trained to the end."""
+    """Train trial ``number`` in its own child run of the study's run, reporting each epoch to Optuna
+    and stopping when it prunes; evaluate it on the test set when it trained to the end."""
     logger = get_run_logger()
     label = f"trial {trial.number}"
     pruned_at: list[int] = []
@@ -126,20 +127,6 @@ def run_trial(
         child.log_metrics(steps.test_metrics(evaluated, data) | {"objective": value}, step=epochs)
         child.set_tags({STATE_TAG: "complete"})
         return TrialOutcome("complete", value, epochs, evaluated.evaluation.accuracy, trained.model_uri)
-
-
-@task(name="tune-trial", task_run_name="trial-{number}", **IN_MEMORY)
-def tune_trial_task(
-    number: int,
-    trial: optuna.Trial,
-    params: RunParameters,
-    data: PreparedData,
-    child: RunTracker,
-    objective: str,
-    scheduler_assigned: bool,
-) -> TrialOutcome:
-    """One Optuna trial, trained (and pruned or evaluated) in its own child run of the study's run."""
-    return run_trial(trial, params, data, child, objective=objective, scheduler_assigned=scheduler_assigned)
 
 
 def _end_abandoned_runs(uri: str) -> Any:

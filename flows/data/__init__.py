@@ -9,19 +9,8 @@ run reads it, for ``cnn-train doctor``.
 """
 
 from cnn_train.flows.data.cache import CACHED_SPLITS_ENV, MAX_CACHED_SPLITS, default_cache_dir
-from cnn_train.flows.data.files import (
-    FILE_NAMES,
-    FILES,
-    IMAGE_SIDE,
-    IMAGES_MAGIC,
-    LABELS_MAGIC,
-    TEST_IMAGES,
-    TEST_LABELS,
-    TRAIN_IMAGES,
-    TRAIN_LABELS,
-    DatasetError,
-    IdxFile,
-)
+# The file table's details (magic numbers, IdxFile) stay in files.py: only idx.py reads them.
+from cnn_train.flows.data.files import FILE_NAMES, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, DatasetError
 from cnn_train.flows.data.locate import (
     DATA_DIR_ENV,
     DEBIAN_DIR,
@@ -44,12 +33,8 @@ __all__ = [
     "DEBIAN_DIR",
     "DOWNLOAD_TIMEOUT_SECONDS",
     "DOWNLOAD_URLS",
-    "FILES",
     "FILE_NAMES",
     "HOW_TO_GET",
-    "IMAGES_MAGIC",
-    "IMAGE_SIDE",
-    "LABELS_MAGIC",
     "MAX_CACHED_SPLITS",
     "MIN_SAMPLE_LIMIT",
     "TEST_IMAGES",
@@ -57,7 +42,6 @@ __all__ = [
     "TRAIN_IMAGES",
     "TRAIN_LABELS",
     "DatasetError",
-    "IdxFile",
     "PreparedData",
     "SplitError",
     "SplitPlan",

@@ -28,10 +28,12 @@ def _with_white_gaps(name: str) -> Colormap:
     return colormaps[name].with_extremes(bad="white")
 
 
-def check_predictions(
+def checked_predictions(
     images: np.ndarray, y_true: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]
-) -> None:
-    """Refuse images, labels and probabilities that do not line up with each other and the classes."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three as arrays; refuses images, labels and probabilities that do not line up with each
+    other and the classes."""
+    images, y_true, probabilities = np.asarray(images), np.asarray(y_true), np.asarray(probabilities)
     if images.ndim not in (3, 4):
         raise ValueError(f"images must be (n, height, width[, channels]), got shape {images.shape}")
     if not len(images) == len(y_true) == len(probabilities):
@@ -44,6 +46,7 @@ def check_predictions(
             f"probabilities must be (n, {len(class_names)}) to match the class names, "
             f"got shape {probabilities.shape}"
         )
+    return images, y_true, probabilities
 
 
 def prediction_title(predicted: str, confidence: float, true: str, true_probability: float | None = None) -> str:
@@ -108,8 +111,7 @@ def plot_predictions_grid(
     n: int = 25,
 ) -> Path:
     """The first ``n`` images titled with prediction, confidence and truth; mistakes framed in red."""
-    images, y_true, probabilities = np.asarray(images), np.asarray(y_true), np.asarray(probabilities)
-    check_predictions(images, y_true, probabilities, class_names)
+    images, y_true, probabilities = checked_predictions(images, y_true, probabilities, class_names)
     indices = np.arange(min(n, len(images)))
     if indices.size == 0:
         raise ValueError("no images to plot: pass at least one image and n >= 1")
@@ -139,8 +141,7 @@ def plot_confident_mistakes(
     n: int = 16,
 ) -> Path:
     """The ``n`` mistakes the model was surest of, or a figure saying there were none."""
-    images, y_true, probabilities = np.asarray(images), np.asarray(y_true), np.asarray(probabilities)
-    check_predictions(images, y_true, probabilities, class_names)
+    images, y_true, probabilities = checked_predictions(images, y_true, probabilities, class_names)
     indices = confident_mistakes(y_true, probabilities, n)
     if indices.size == 0:
         figure = new_figure(6, 3.5)

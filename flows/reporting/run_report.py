@@ -11,7 +11,7 @@ import numpy as np
 from cnn_train.flows.reporting.comparison import ComparisonRow, cnn_against_dense_sentence, comparison_table
 from cnn_train.flows.reporting.figures import plot_confusion_matrix, plot_learning_curves
 from cnn_train.flows.reporting.grids import (
-    check_predictions,
+    checked_predictions,
     plot_confident_mistakes,
     plot_feature_maps,
     plot_kernels,
@@ -215,9 +215,8 @@ def write_report(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images, y_true, probabilities = np.asarray(images), np.asarray(y_true), np.asarray(probabilities)
     names = inputs.class_names
-    check_predictions(images, y_true, probabilities, names)
+    images, y_true, probabilities = checked_predictions(images, y_true, probabilities, names)
     summary = classification_tables(y_true, probabilities.argmax(axis=1), names)
 
     figures = FigureFiles(
