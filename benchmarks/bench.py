@@ -164,22 +164,29 @@ def median(values: Sequence[float]) -> float | None:
 # --- running measured processes ------------------------------------------------------------------
 
 
-def base_environment(work: Path, settings: Settings) -> dict[str, str]:
-    """A private MLflow store, state folder and Prefect home; no Prefect server configured, so the
-    flow starts a temporary one as ``cnn-train run`` does; telemetry off."""
+def private_environment(work: Path, data_dir: str | None, *, startup_timeout: int) -> dict[str, str]:
+    """A private MLflow store, state folder and Prefect home under ``work``; no Prefect server
+    configured, so the flow starts a temporary one (given ``startup_timeout`` seconds) as ``cnn-train
+    run`` does; telemetry off. Shared by the benchmarks so each measures in the same isolation."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     env |= {
         "CNN_TRAIN_STATE_DIR": str(work / "state"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
         "PREFECT_HOME": str(work / "prefect"),
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(startup_timeout),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "true",
         "MLFLOW_DISABLE_TELEMETRY": "true",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
     }
-    if settings.data_dir is not None:
-        env["CNN_TRAIN_DATA_DIR"] = settings.data_dir
+    if data_dir is not None:
+        env["CNN_TRAIN_DATA_DIR"] = data_dir
+    return env
+
+
+def base_environment(work: Path, settings: Settings) -> dict[str, str]:
+    """The private environment, with this folder on PYTHONPATH for the probe scripts."""
+    env = private_environment(work, settings.data_dir, startup_timeout=120)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
     return env
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from bench import OtherWork, _cpu_model, render_markdown, render_text
+from bench import OtherWork, _cpu_model, private_environment, render_markdown, render_text
 
 BIN = Path(sys.executable).parent
 #: A space with hopeless corners (Adam at 0.1 diverges, 1e-5 barely moves in 8 epochs), as real searches have.
@@ -59,21 +59,7 @@ class Arm:
 
 def _environment(work: Path, data_dir: str | None) -> dict[str, str]:
     """A private MLflow store and state folder (the Optuna storage lives there); a temporary Prefect server."""
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
-    env |= {
-        "CNN_TRAIN_STATE_DIR": str(work / "state"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-        "PREFECT_HOME": str(work / "prefect"),
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "true",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
-    if data_dir:
-        env["CNN_TRAIN_DATA_DIR"] = data_dir
-    return env
+    return private_environment(work, data_dir or None, startup_timeout=180)
 
 
 def run_arm(name: str, args: argparse.Namespace, work: Path) -> Arm:

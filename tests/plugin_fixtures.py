@@ -4,7 +4,7 @@ registry and conformance tests."""
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
@@ -15,6 +15,33 @@ if TYPE_CHECKING:  # flow subprocesses import this module through entry points; 
     import pytest
 
 
+def _metadata(name: str, version: str, requires: Iterable[str] = ()) -> str:
+    """A distribution's METADATA file: its name, version and requirements (all the registry reads)."""
+    requirements = "".join(f"Requires-Dist: {requirement}\n" for requirement in requires)
+    return f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n{requirements}"
+
+
+def _entry_points(groups: Mapping[str, Mapping[str, str]]) -> str:
+    """A distribution's entry_points.txt: for each group, ``name = module:attribute`` lines."""
+    return "".join(
+        f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in entries.items())
+        for group, entries in groups.items()
+    )
+
+
+def write_dist_info(
+    site: Path, name: str, version: str, entry_points: Mapping[str, Mapping[str, str]], requires: Iterable[str] = ()
+) -> Path:
+    """A real ``NAME-VERSION.dist-info`` folder in ``site``, as pip writes it: with ``site`` on
+    PYTHONPATH, a subprocess finds the distribution and its entry points. Its files are the ones a
+    FakeDistribution holds in memory, so both kinds look alike to the registry."""
+    dist_info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text(_metadata(name, version, requires))
+    (dist_info / "entry_points.txt").write_text(_entry_points(entry_points))
+    return dist_info
+
+
 class FakeDistribution(importlib.metadata.Distribution):
     """An installed distribution that exists only in memory: its metadata (with the requirements it
     declares) and its backend entry points."""
@@ -22,11 +49,9 @@ class FakeDistribution(importlib.metadata.Distribution):
     def __init__(
         self, name: str, backends: Mapping[str, str], *, version: str = "1.0", requires: tuple[str, ...] = ()
     ) -> None:
-        entry_points = "".join(f"{backend} = {target}\n" for backend, target in backends.items())
-        requirements = "".join(f"Requires-Dist: {requirement}\n" for requirement in requires)
         self._files = {
-            "METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n{requirements}",
-            "entry_points.txt": f"[{registry.GROUP}]\n{entry_points}",
+            "METADATA": _metadata(name, version, requires),
+            "entry_points.txt": _entry_points({registry.GROUP: backends}),
         }
 
     def read_text(self, filename: str) -> str | None:
@@ -48,16 +73,21 @@ def install_without_pip(project: Path, site: Path) -> Path:
     for package in pyproject["tool"]["setuptools"]["packages"]:
         folder = package.replace(".", "/")
         shutil.copytree(project / folder, site / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    dist_info = site / f"{meta['name'].replace('-', '_')}-{meta['version']}.dist-info"
-    dist_info.mkdir(parents=True)
-    requires = "".join(f"Requires-Dist: {requirement}\n" for requirement in meta.get("dependencies", ()))
-    (dist_info / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: {meta['name']}\nVersion: {meta['version']}\n{requires}"
+    write_dist_info(site, meta["name"], meta["version"], meta.get("entry-points", {}), meta.get("dependencies", ()))
+    return site
+
+
+def pip_install(project: Path, site: Path) -> Path:
+    """``pip install`` the plugin project into the private folder ``site`` (to put on PYTHONPATH), with
+    no dependencies and no build isolation: the real installation, for the tests that need pip's."""
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--disable-pip-version-check", "--target", str(site), str(project)],
+        check=True,
     )
-    (dist_info / "entry_points.txt").write_text("".join(
-        f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in entries.items())
-        for group, entries in meta.get("entry-points", {}).items()
-    ))
     return site
 
 

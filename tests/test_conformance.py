@@ -25,7 +25,16 @@ from cnn_train.plugins.conformance import (
     run_checks,
 )
 from cnn_train.plugins.contract import PLAIN_TRAINING, BackendInputError, TrainData
-from tests.plugin_fixtures import FakeDistribution, GoodBackend, LeavesARunActive, LogsARun, MissingTrain, only_distributions
+from tests.plugin_fixtures import (
+    FakeDistribution,
+    GoodBackend,
+    LeavesARunActive,
+    LogsARun,
+    MissingTrain,
+    only_distributions,
+    pip_install,
+    write_dist_info,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_PLUGIN = ROOT / "plugins" / "examples" / "sklearn_mlp"
@@ -183,13 +192,7 @@ def test_refusing_training_options_says_which_and_what_is_allowed():
 @pytest.fixture(scope="module")
 def installed_example_plugin(tmp_path_factory) -> Path:
     """The example plugin really installed (into a private folder), not patched in."""
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--target", str(target), str(EXAMPLE_PLUGIN)],
-        check=True,
-    )
-    return target
+    return pip_install(EXAMPLE_PLUGIN, tmp_path_factory.mktemp("site"))
 
 
 def _with_plugin(site: Path) -> dict[str, str]:
@@ -250,10 +253,7 @@ def test_numpy_pyfunc_plugin_passes_the_kit_by_name(installed):
 
 def test_check_backend_command_names_failing_and_skipped_checks(tmp_path):
     # A real distribution whose backend keeps the contract's shape but does nothing right.
-    dist_info = tmp_path / "broken_backend-0.1.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-backend\nVersion: 0.1\n")
-    (dist_info / "entry_points.txt").write_text(f"[{registry.GROUP}]\nbroken = tests.plugin_fixtures:GoodBackend\n")
+    write_dist_info(tmp_path, "broken-backend", "0.1", {registry.GROUP: {"broken": "tests.plugin_fixtures:GoodBackend"}})
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     result = _cli("check-backend", "broken", env=env)
     assert result.returncode == 1

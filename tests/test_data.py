@@ -26,6 +26,7 @@ from cnn_train.flows.data.idx import read_folder
 from cnn_train.flows.params import DEFAULT_SPLIT
 from cnn_train.plugins.config import FASHION_MNIST_CLASSES
 from cnn_train.plugins.contract import TrainData
+from tests.cases import Cases
 
 SPLITS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 TRAIN_IMAGES_FILE = "train-images-idx3-ubyte.gz"
@@ -534,40 +535,39 @@ def _cache_file(cache_dir: Path) -> Path:
     return path
 
 
+DAMAGES = Cases()
+
+
+@DAMAGES("truncated")
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+@DAMAGES("garbage")
 def _overwrite_with_garbage(path: Path) -> None:
     path.write_bytes(b"\x00garbage" * 100)
 
 
+@DAMAGES("flipped-byte")
 def _flip_a_byte(path: Path) -> None:
     blob = bytearray(path.read_bytes())
     blob[len(blob) // 3] ^= 0xFF
     path.write_bytes(bytes(blob))
 
 
+@DAMAGES("wrong-shapes")
 def _store_other_shapes(path: Path) -> None:
     three_of_each = {name: np.zeros((3, 28, 28) if name[0] == "x" else 3, np.uint8) for name in SPLITS}
     with path.open("wb") as file:
         np.savez(file, **three_of_each)
 
 
+@DAMAGES("empty")
 def _empty(path: Path) -> None:
     path.write_bytes(b"")
 
 
-@pytest.mark.parametrize(
-    "damage",
-    [
-        pytest.param(_truncate, id="truncated"),
-        pytest.param(_overwrite_with_garbage, id="garbage"),
-        pytest.param(_flip_a_byte, id="flipped-byte"),
-        pytest.param(_store_other_shapes, id="wrong-shapes"),
-        pytest.param(_empty, id="empty"),
-    ],
-)
+@pytest.mark.parametrize("damage", DAMAGES.params)
 def test_a_damaged_cache_is_rebuilt(fake_fashion_mnist, tmp_path, monkeypatch, damage, caplog):
     cache_dir = tmp_path / "cache"
     first = prepare(fake_fashion_mnist.folder, cache_dir)

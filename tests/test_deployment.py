@@ -4,46 +4,21 @@
 
 from __future__ import annotations
 
-import os
-import re
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.local_stack import BIN, cnn_train_up, prefect_api, run_deployment
+
 pytestmark = pytest.mark.slow
-
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, real_fashion_mnist_dir):
     """`cnn-train up --no-trigger` in a private project root, home and pair of ports; `down` after."""
-    root = tmp_path_factory.mktemp("project")
-    env = os.environ | {
-        "CNN_TRAIN_ROOT": str(root),
-        "HOME": str(root / "home"),  # the Prefect profile `up` writes stays in here
-        "CNN_TRAIN_PREFECT_PORT": str(_free_port()),
-        "CNN_TRAIN_MLFLOW_PORT": str(_free_port()),
-        "CNN_TRAIN_DATA_DIR": str(real_fashion_mnist_dir),
-    }
-    for key in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI", "CNN_TRAIN_STATE_DIR"):
-        env.pop(key, None)
-    up = subprocess.run([BIN / "cnn-train", "up", "--no-trigger"], env=env, capture_output=True, text=True, timeout=400)
-    try:
-        assert up.returncode == 0, up.stdout + up.stderr
-        yield env, up.stdout
-    finally:
-        down = subprocess.run([BIN / "cnn-train", "down"], env=env, capture_output=True, text=True, timeout=120)
-        assert down.returncode == 0, down.stdout + down.stderr
+    with cnn_train_up(tmp_path_factory.mktemp("project"), real_fashion_mnist_dir, timeout=400) as started:
+        yield started
 
 
 def test_up_is_idempotent(stack):
@@ -55,24 +30,11 @@ def test_up_is_idempotent(stack):
         assert f"{service}: already running" in again.stdout
 
 
-def _run_deployment(env: dict[str, str], name: str, *parameters: str) -> str:
-    """``prefect deployment run NAME -p ... --watch`` exactly as a user types it, through the Prefect
-    profile that `up` configured; the flow run's id once it completed."""
-    run = subprocess.run(
-        [BIN / "prefect", "deployment", "run", name, *(arg for p in parameters for arg in ("-p", p)),
-         "--watch", "--watch-timeout", "400"],
-        env={k: v for k, v in env.items() if k != "PREFECT_API_URL"}, capture_output=True, text=True, timeout=500,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "Completed" in run.stdout
-    return re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
-
-
 @pytest.fixture(scope="module")
 def trained(stack) -> str:
     """One small `cnn-train/default` flow run through the served deployment; its flow run id."""
     env, _ = stack
-    return _run_deployment(
+    return run_deployment(
         env, "cnn-train/default", "epochs=1", "sample_limit=400", "test_limit=200", "compare_dense=false"
     )
 
@@ -98,8 +60,7 @@ def test_prefect_deployment_run_lands_in_mlflow(stack, trained):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    api = f"http://127.0.0.1:{env['CNN_TRAIN_PREFECT_PORT']}/api"
-    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as prefect:
+    with temporary_settings({PREFECT_API_URL: prefect_api(env)}), get_client(sync_client=True) as prefect:
         artifacts = prefect.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
@@ -123,7 +84,7 @@ def test_the_predict_deployment_leaves_predictions_and_a_summary_in_mlflow(stack
     for index in range(3):
         Image.fromarray(images[index]).resize((56, 56)).save(tmp_path / f"item-{index}.png")
     # No model given: the flow takes the latest finished cnn-train run's (nothing is registered here).
-    flow_run_id = _run_deployment(env, "cnn-train-predict/default", f"images={tmp_path}")
+    flow_run_id = run_deployment(env, "cnn-train-predict/default", f"images={tmp_path}")
 
     client = MlflowClient(f"http://127.0.0.1:{env['CNN_TRAIN_MLFLOW_PORT']}")
     trained_run = client.search_runs(
@@ -142,8 +103,7 @@ def test_the_predict_deployment_leaves_predictions_and_a_summary_in_mlflow(stack
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    api = f"http://127.0.0.1:{env['CNN_TRAIN_PREFECT_PORT']}/api"
-    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as prefect:
+    with temporary_settings({PREFECT_API_URL: prefect_api(env)}), get_client(sync_client=True) as prefect:
         artifacts = prefect.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )

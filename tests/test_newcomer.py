@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from typer.testing import CliRunner
 from cnn_train.flows import housekeeping, quiet
 from cnn_train.flows.cli import app
 from cnn_train.flows.settings import keep_library_state_in_project
+from tests.local_stack import free_port
 from tests.processes import stop_group
 
 BIN = Path(sys.executable).parent
@@ -28,12 +28,6 @@ TINY = {"epochs": 1, "sample_limit": 200, "test_limit": 100}
 #: The acceptance command of the issue, word for word.
 CLI_RUN = ["run", "--epochs", "1", "--sample-limit", "2000", "--test-limit", "1000"]
 DAY = 24 * 3600
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- fast: durations, the gc plan, Prefect's home, the quiet filter ---------------------------------
@@ -153,7 +147,7 @@ def test_a_database_written_within_the_age_stays(state):
 def test_status_shows_disk_use_per_folder(state, monkeypatch, tmp_path):
     monkeypatch.setenv("CNN_TRAIN_ROOT", str(tmp_path))
     for port in ("CNN_TRAIN_PREFECT_PORT", "CNN_TRAIN_MLFLOW_PORT"):
-        monkeypatch.setenv(port, str(_free_port()))
+        monkeypatch.setenv(port, str(free_port()))
     _aged(state / "checkpoints" / RUN["failed-old"], 9, size=3 * 1024 * 1024, folder=True)
     _aged(state / "cache" / "split.npz", 0, size=2048)
     _aged(state / "optuna.db", 0, size=50)

@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import pytest
 
-from tests.plugin_fixtures import install_without_pip
+from tests.plugin_fixtures import install_without_pip, pip_install
 from tests.processes import stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +45,18 @@ def _local_path(uri: str) -> Path:
     parsed = urlparse(uri)
     assert parsed.scheme == "file", f"artifacts are not in a local folder: {uri}"
     return Path(unquote(parsed.path))
+
+
+def _plugin_env(site: Path, store: Path, state: Path, prefect_api_url: str, data_dir: Path) -> dict[str, str]:
+    """The environment of a run with the plugin installed in ``site`` (on PYTHONPATH): the session's
+    Prefect server, and the test's own SQLite store (``store/mlflow.db``) and state folder."""
+    return os.environ | {
+        "PYTHONPATH": str(site),
+        "PREFECT_API_URL": prefect_api_url,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
+        "CNN_TRAIN_STATE_DIR": str(state),
+        "CNN_TRAIN_DATA_DIR": str(data_dir),
+    }
 
 
 def test_example_plugin_readme_step_4_from_another_directory(tmp_path, prefect_api_url, real_fashion_mnist_dir):
@@ -95,13 +107,7 @@ def test_example_plugin_readme_step_4_from_another_directory(tmp_path, prefect_a
 @pytest.fixture(scope="module")
 def installed_pyfunc_plugin(tmp_path_factory) -> Path:
     """The NumPy plugin pip-installed into a private folder (put on PYTHONPATH), found through its entry point."""
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--target", str(target), str(PYFUNC_PLUGIN)],
-        check=True,
-    )
-    return target
+    return pip_install(PYFUNC_PLUGIN, tmp_path_factory.mktemp("site"))
 
 
 #: Loads the model and predicts, in a process that must not import cnn-train or find the plugin installed.
@@ -125,13 +131,7 @@ _LOAD_AND_PREDICT = textwrap.dedent("""
 def test_pyfunc_plugin_run_and_its_model_loads_without_cnn_train(installed_pyfunc_plugin, tmp_path, prefect_api_url, real_fashion_mnist_dir):
     elsewhere, store = tmp_path / "elsewhere", tmp_path / "store"
     elsewhere.mkdir()
-    env = os.environ | {
-        "PYTHONPATH": str(installed_pyfunc_plugin),
-        "PREFECT_API_URL": prefect_api_url,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
-        "CNN_TRAIN_STATE_DIR": str(tmp_path / "state"),
-        "CNN_TRAIN_DATA_DIR": str(real_fashion_mnist_dir),
-    }
+    env = _plugin_env(installed_pyfunc_plugin, store, tmp_path / "state", prefect_api_url, real_fashion_mnist_dir)
     run = subprocess.run(
         [BIN / "cnn-train", "run", "--backend", "numpy-mlp", "--architecture", "dense", "--epochs", "2",
          "--sample-limit", "600", *SMALL_TEST_SET],
@@ -189,14 +189,8 @@ def _serving(process: subprocess.Popen[str], *, timeout: float) -> None:
 def test_example_plugin_deployment_trigger(installed_example_plugin, tmp_path, prefect_api_url, real_fashion_mnist_dir):
     elsewhere, store = tmp_path / "elsewhere", tmp_path / "store"
     elsewhere.mkdir()
-    env = os.environ | {
-        "PYTHONPATH": str(installed_example_plugin),
-        "PREFECT_API_URL": prefect_api_url,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
-        "CNN_TRAIN_STATE_DIR": str(tmp_path / "state"),
-        "CNN_TRAIN_DATA_DIR": str(real_fashion_mnist_dir),
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = _plugin_env(installed_example_plugin, store, tmp_path / "state", prefect_api_url, real_fashion_mnist_dir)
+    env["PYTHONUNBUFFERED"] = "1"
     serve = subprocess.Popen(
         [sys.executable, "-m", "cnn_train.flows.serve"], cwd=elsewhere, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,

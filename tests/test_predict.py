@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from cnn_train.flows.data import TEST_IMAGES, TEST_LABELS
 from cnn_train.flows.data.idx import read_idx
 from cnn_train.plugins.config import FASHION_MNIST_CLASSES
 from tests.fashion_photos import VARIANTS
+from tests.local_stack import free_port
 
 BIN = Path(sys.executable).parent
 MODEL_NAME = "fashion-predict-test"
@@ -306,12 +306,6 @@ def test_the_predict_flow_leaves_the_csv_and_summary_in_mlflow(champion, exporte
 # --- REST serving --------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_until_ready(url: str, process: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -332,7 +326,7 @@ def test_mlflow_models_serve_answers_with_ten_probabilities_per_image(champion, 
     model = tracking.load_pyfunc(f"models:/{MODEL_NAME}@champion", mlflow_store)
     scaled = (images[:100] / 255.0).astype(np.float32)[..., np.newaxis]
     right = np.flatnonzero(np.asarray(model.predict(scaled)).argmax(axis=1) == labels[:100])[:2]
-    port = _free_port()
+    port = free_port()
     env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": mlflow_store}
     log = (tmp_path / "serve.log").open("w")
     # Exactly the README's command; its own process group, so stopping it stops uvicorn's workers too.

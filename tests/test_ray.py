@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,17 +27,12 @@ import pytest
 
 from cnn_train.flows.ray_cluster import RayClusterError, parse_resources, ray_task_runner, worker_died
 from cnn_train.flows.sweep_flow import trial_key
+from tests.local_stack import free_port
 
 BIN = Path(sys.executable).parent
 SMALL = ["--epochs", "1", "--sample-limit", "400", "--test-limit", "200", "--architecture", "dense"]
 #: The custom resource only the second node advertises.
 BOX = "cnn_gpu_box"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- fast: what is refused before Ray is asked -----------------------------------------------------
@@ -55,7 +49,7 @@ def _free_port() -> int:
     ],
 )
 def test_addresses_refused_in_one_line(address: str, message: str) -> None:
-    port = _free_port()  # nothing listens on it
+    port = free_port()  # nothing listens on it
     with pytest.raises(RayClusterError, match=re.escape(message.format(port=port))) as caught:
         ray_task_runner(address.format(port=port))
     assert "\n" not in str(caught.value)
@@ -142,7 +136,7 @@ class RayCluster:
             with log.open("w") as out:
                 process = subprocess.Popen(  # noqa: S603 - our own command
                     [str(BIN / "ray"), "start", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0",
-                     "--dashboard-agent-listen-port", str(_free_port()), "--disable-usage-stats", *args],
+                     "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats", *args],
                     env=self.ray_env(**env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 )
                 self.groups.append(process.pid)
@@ -194,11 +188,11 @@ def cluster() -> Iterator[RayCluster]:
     token = uuid.uuid4().hex
     (root / "home" / ".ray").mkdir(parents=True)
     (root / "home" / ".ray" / "auth_token").write_text(token)
-    ray_cluster = RayCluster(root, token, _free_port())
+    ray_cluster = RayCluster(root, token, free_port())
     try:
         ray_cluster.start(
-            "--head", "--port", str(ray_cluster.port), "--ray-client-server-port", str(_free_port()),
-            "--dashboard-port", str(_free_port()), "--include-dashboard", "false",
+            "--head", "--port", str(ray_cluster.port), "--ray-client-server-port", str(free_port()),
+            "--dashboard-port", str(free_port()), "--include-dashboard", "false",
         )
         # A node that is not the head joins only with token mode on, as Ray documents.
         ray_cluster.start("--address", ray_cluster.address, "--resources", json.dumps({BOX: 1}), RAY_AUTH_MODE="token")

@@ -15,7 +15,7 @@ import pytest
 
 from cnn_train.plugins import registry
 from cnn_train.plugins.contract import CONTRACT_METHODS, Backend
-from tests.plugin_fixtures import FakeDistribution, only_distributions
+from tests.plugin_fixtures import FakeDistribution, only_distributions, write_dist_info
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILTINS = {
@@ -222,10 +222,7 @@ def test_backends_command_lists_without_importing_a_framework():
 
 def test_backends_check_command_reports_whether_each_loads(tmp_path):
     # A real distribution on the path whose backend fails to import: shown BROKEN, the others still load.
-    dist_info = tmp_path / "broken_plugin-0.1.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
-    (dist_info / "entry_points.txt").write_text(f"[{registry.GROUP}]\nbroken = tests.plugin_fixtures:RaisesOnImport\n")
+    write_dist_info(tmp_path, "broken-plugin", "0.1", {registry.GROUP: {"broken": "tests.plugin_fixtures:RaisesOnImport"}})
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     cli = Path(sys.executable).with_name("cnn-train")
     result = subprocess.run([str(cli), "backends", "--check"], capture_output=True, text=True, env=env, timeout=600)

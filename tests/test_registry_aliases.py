@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import mlflow.pyfunc
 import numpy as np
@@ -18,6 +19,9 @@ from cnn_train.flows.tracking import CHALLENGER, CHAMPION, RunTracker, VersionFa
 from cnn_train.flows.tracking.registry import decide_alias
 from cnn_train.plugins.contract import LoggableModel
 from tests.stores import new_store
+
+if TYPE_CHECKING:  # what pytest.param returns; pytest does not export its class
+    from _pytest.mark import ParameterSet
 
 
 class Uniform(mlflow.pyfunc.PythonModel):
@@ -39,6 +43,16 @@ def _champion(accuracy: str | None, test_set: str | None, version: str = "4") ->
     return SimpleNamespace(version=version, tags=tags)
 
 
+def _does_not_beat(accuracy: float, shown: str, *, case_id: str) -> ParameterSet:
+    """The case of a version whose ``accuracy`` (``shown`` as the reason prints it) does not beat
+    champion version 4's 90% on the same test set: it becomes challenger, the champion stays."""
+    return pytest.param(
+        _champion("0.9", "testset-a"), _facts(accuracy), CHALLENGER,
+        f"its test accuracy {shown} does not beat champion version 4's 90.00% on the same test set; "
+        "champion version 4 stays champion", id=case_id,
+    )
+
+
 @pytest.mark.parametrize(
     ("champion", "facts", "alias", "reason"),
     [
@@ -47,16 +61,8 @@ def _champion(accuracy: str | None, test_set: str | None, version: str = "4") ->
             _champion("0.9", "testset-a"), _facts(0.91), CHAMPION,
             "its test accuracy 91.00% beats champion version 4's 90.00% on the same test set", id="better",
         ),
-        pytest.param(
-            _champion("0.9", "testset-a"), _facts(0.89), CHALLENGER,
-            "its test accuracy 89.00% does not beat champion version 4's 90.00% on the same test set; "
-            "champion version 4 stays champion", id="worse",
-        ),
-        pytest.param(
-            _champion("0.9", "testset-a"), _facts(0.9), CHALLENGER,
-            "its test accuracy 90.00% does not beat champion version 4's 90.00% on the same test set; "
-            "champion version 4 stays champion", id="equal",
-        ),
+        _does_not_beat(0.89, "89.00%", case_id="worse"),
+        _does_not_beat(0.9, "90.00%", case_id="equal"),
         pytest.param(
             _champion("0.7", "testset-b"), _facts(0.99), CHALLENGER,
             "champion version 4 was tested on another test set (digest testset-b, this one testset-a), so the "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.local_stack import free_port
 from tests.stores import new_store
 
 pytestmark = pytest.mark.slow
@@ -156,15 +156,9 @@ def test_transient_failure_is_retried_and_resumes_from_the_last_epoch(prefect_ap
     assert _client(store).search_logged_models(experiment_ids=[run.info.experiment_id])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_four_concurrent_runs_all_land(prefect_api_url, store, tmp_path):
     """Four flow runs at once through the MLflow server, as the deployment logs: all complete."""
-    port = _free_port()
+    port = free_port()
     db = store.removeprefix("sqlite:///")
     server = subprocess.Popen(
         [Path(sys.executable).with_name("mlflow"), "server", "--backend-store-uri", store,

@@ -15,6 +15,7 @@ from cnn_train.flows.reporting import ComparisonRow, ReportFiles, ReportInputs
 from cnn_train.flows.reporting.canvas import mosaic
 from cnn_train.plugins.config import FASHION_MNIST_CLASSES, ModelConfig, TrainConfig
 from cnn_train.plugins.contract import EpochMetrics, Evaluation, TrainHistory
+from tests.cases import Cases
 
 N_IMAGES = 40
 CLASSES = FASHION_MNIST_CLASSES
@@ -140,72 +141,69 @@ def assert_real_png(path: Path) -> None:
 # --------------------------------------------------------------------------- figures
 
 FigureCase = Callable[..., Path]
+FIGURES = Cases()
 
 
+@FIGURES("learning-curves")
 def _learning_curves(path: Path, **data) -> Path:
     return reporting.plot_learning_curves(data["history"], path)
 
 
+@FIGURES("learning-curves-from-epoch-list")
 def _learning_curves_from_list(path: Path, **data) -> Path:
     return reporting.plot_learning_curves(list(data["history"].epochs), path)
 
 
+@FIGURES("confusion-matrix")
 def _confusion(path: Path, **data) -> Path:
     summary = reporting.classification_tables(data["y_true"], data["probabilities"].argmax(1), CLASSES)
     return reporting.plot_confusion_matrix(summary, path)
 
 
+@FIGURES("predictions-grid")
 def _grid(path: Path, **data) -> Path:
     return reporting.plot_predictions_grid(data["images"], data["y_true"], data["probabilities"], CLASSES, path)
 
 
+@FIGURES("predictions-grid-rgb-partial-row")
 def _grid_rgb(path: Path, **data) -> Path:
     rgb = np.repeat(data["images"], 3, axis=-1)
     return reporting.plot_predictions_grid(rgb, data["y_true"], data["probabilities"], CLASSES, path, n=7)
 
 
+@FIGURES("confident-mistakes")
 def _mistakes(path: Path, **data) -> Path:
     return reporting.plot_confident_mistakes(data["images"], data["y_true"], data["probabilities"], CLASSES, path)
 
 
+@FIGURES("confident-mistakes-when-none")
 def _no_mistakes(path: Path, **data) -> Path:
     perfect = np.eye(len(CLASSES))[data["y_true"]]
     return reporting.plot_confident_mistakes(data["images"], data["y_true"], perfect, CLASSES, path)
 
 
+@FIGURES("kernels")
 def _kernels(path: Path, **data) -> Path:
     return reporting.plot_kernels(data["rng"].normal(size=(3, 3, 1, 32)), path)
 
 
+@FIGURES("kernels-rgb-input")
 def _kernels_rgb(path: Path, **data) -> Path:
     return reporting.plot_kernels(data["rng"].normal(size=(5, 5, 3, 6)), path)
 
 
+@FIGURES("feature-maps")
 def _feature_maps(path: Path, **data) -> Path:
     return reporting.plot_feature_maps(data["images"][0], data["feature_maps"], path)
 
 
+@FIGURES("feature-maps-few-channels-unbatched")
 def _feature_maps_unbatched(path: Path, **data) -> Path:
     maps = {name: values[0, :, :, :4] for name, values in data["feature_maps"].items()}
     return reporting.plot_feature_maps(data["images"][0], maps, path, max_channels=16)
 
 
-@pytest.mark.parametrize(
-    "draw",
-    [
-        pytest.param(_learning_curves, id="learning-curves"),
-        pytest.param(_learning_curves_from_list, id="learning-curves-from-epoch-list"),
-        pytest.param(_confusion, id="confusion-matrix"),
-        pytest.param(_grid, id="predictions-grid"),
-        pytest.param(_grid_rgb, id="predictions-grid-rgb-partial-row"),
-        pytest.param(_mistakes, id="confident-mistakes"),
-        pytest.param(_no_mistakes, id="confident-mistakes-when-none"),
-        pytest.param(_kernels, id="kernels"),
-        pytest.param(_kernels_rgb, id="kernels-rgb-input"),
-        pytest.param(_feature_maps, id="feature-maps"),
-        pytest.param(_feature_maps_unbatched, id="feature-maps-few-channels-unbatched"),
-    ],
-)
+@pytest.mark.parametrize("draw", FIGURES.params)
 def test_figure_is_a_real_picture(
     draw: FigureCase, tmp_path: Path, images, y_true, probabilities, history, feature_maps, rng
 ) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from mlflow import MlflowClient
 
 from cnn_train.flows import tracking
 from cnn_train.flows.tracking.spool import Spool
+from tests.local_stack import free_port
 from tests.stores import new_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def test_a_record_mlflow_refuses_is_dropped_and_the_rest_go_on(store, caplog):
 
 def test_logged_steps_include_what_still_waits(tmp_path, monkeypatch):
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     tracker = tracking.RunTracker(dead, "0123456789abcdef", "1")
     started = time.monotonic()
     tracker.log_metrics({"val_accuracy": 0.5}, step=1)
@@ -79,18 +79,12 @@ def test_logged_steps_include_what_still_waits(tmp_path, monkeypatch):
 # --- against a real MLflow server killed mid-run -------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class MlflowServer:
     """A lean MLflow server on a fixed port that a test can kill and start again."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.port = _free_port()
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
@@ -268,7 +262,7 @@ def test_a_run_records_system_metrics_over_time(store, monkeypatch):
 def test_only_a_killed_writer_without_a_waiting_end_leaves_its_run_to_the_reaper(tmp_path, monkeypatch, owner, ended,
                                                                                    protected):
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
-    spool = Spool("0123456789abcdef", uri=f"http://127.0.0.1:{_free_port()}")
+    spool = Spool("0123456789abcdef", uri=f"http://127.0.0.1:{free_port()}")
     spool.append("batch", {"metrics": [["loss", 1.0, 1, 1]]})
     if ended:
         spool.append("end", {"status": "FINISHED", "end_time": 2})

@@ -8,7 +8,6 @@ import base64
 import re
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,10 @@ from pathlib import Path
 import pytest
 
 from cnn_train.flows import auth
+from tests.local_stack import free_port
 
 CLI = Path(sys.executable).with_name("cnn-train")
 USER, PASSWORD = "team", "correct-horse-battery"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _bare_env(tmp_path: Path) -> dict[str, str]:
@@ -87,7 +81,7 @@ def test_credentials_from_a_private_file_reach_every_client(tmp_path, monkeypatc
 
 class Team:
     def __init__(self, tmp_path: Path, real_data: Path) -> None:
-        self.prefect_port, self.mlflow_port = _free_port(), _free_port()
+        self.prefect_port, self.mlflow_port = free_port(), free_port()
         self.env = _bare_env(tmp_path) | {
             "CNN_TRAIN_PREFECT_PORT": str(self.prefect_port),
             "CNN_TRAIN_MLFLOW_PORT": str(self.mlflow_port),

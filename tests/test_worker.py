@@ -3,13 +3,8 @@ creates the pool and starts a worker through which `prefect deployment run cnn-t
 
 from __future__ import annotations
 
-import os
-import re
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,8 +12,7 @@ from cnn_train.flows import worker
 from cnn_train.flows.params import RunParameters
 from cnn_train.flows.placement import GpuInfo
 from cnn_train.flows.serve import DEPLOYMENTS
-
-BIN = Path(sys.executable).parent
+from tests.local_stack import BIN, cnn_train_up, prefect_api, run_deployment
 
 
 def test_prefect_yaml_declares_every_served_deployment() -> None:
@@ -51,38 +45,11 @@ def test_a_worker_takes_one_flow_run_per_gpu(gpus: int, limit: int | None) -> No
     assert (command[command.index("--limit") + 1] if "--limit" in command else None) == (str(limit) if limit else None)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def worker_stack(tmp_path_factory, real_fashion_mnist_dir):
     """`cnn-train up --no-trigger --worker` in a private project root, home and pair of ports; `down` after."""
-    root = tmp_path_factory.mktemp("worker-project")
-    env = os.environ | {
-        "CNN_TRAIN_ROOT": str(root),
-        "HOME": str(root / "home"),  # the Prefect profile `up` writes stays in here
-        "CNN_TRAIN_PREFECT_PORT": str(_free_port()),
-        "CNN_TRAIN_MLFLOW_PORT": str(_free_port()),
-        "CNN_TRAIN_DATA_DIR": str(real_fashion_mnist_dir),
-    }
-    for key in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI", "CNN_TRAIN_STATE_DIR"):
-        env.pop(key, None)
-    up = subprocess.run(
-        [BIN / "cnn-train", "up", "--no-trigger", "--worker"], env=env, capture_output=True, text=True, timeout=600
-    )
-    try:
-        assert up.returncode == 0, up.stdout + up.stderr
-        yield env, up.stdout
-    finally:
-        down = subprocess.run([BIN / "cnn-train", "down"], env=env, capture_output=True, text=True, timeout=120)
-        assert down.returncode == 0, down.stdout + down.stderr
-
-
-def _prefect_api(env: dict[str, str]) -> str:
-    return f"http://127.0.0.1:{env['CNN_TRAIN_PREFECT_PORT']}/api"
+    with cnn_train_up(tmp_path_factory.mktemp("worker-project"), real_fashion_mnist_dir, "--worker", timeout=600) as started:
+        yield started
 
 
 @pytest.mark.slow
@@ -92,7 +59,7 @@ def test_up_worker_creates_the_pool_and_deploys_every_field(worker_stack):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: _prefect_api(env)}), get_client(sync_client=True) as client:
+    with temporary_settings({PREFECT_API_URL: prefect_api(env)}), get_client(sync_client=True) as client:
         assert client.read_work_pool(worker.WORK_POOL).type == "process"
         for deployment in DEPLOYMENTS:
             deployed = client.read_deployment_by_name(f"{deployment.flow().name}/{deployment.name}")
@@ -111,18 +78,11 @@ def test_up_worker_creates_the_pool_and_deploys_every_field(worker_stack):
 @pytest.mark.slow
 def test_prefect_deployment_run_completes_through_the_worker(worker_stack):
     env, _ = worker_stack
-    run = subprocess.run(
-        [BIN / "prefect", "deployment", "run", "cnn-train/default", "-p", "epochs=1", "-p", "sample_limit=2000",
-         "--watch", "--watch-timeout", "500"],
-        env={k: v for k, v in env.items() if k != "PREFECT_API_URL"}, capture_output=True, text=True, timeout=600,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "Completed" in run.stdout
-    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+    flow_run_id = run_deployment(env, "cnn-train/default", "epochs=1", "sample_limit=2000", watch_timeout=500)
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: _prefect_api(env)}), get_client(sync_client=True) as client:
+    with temporary_settings({PREFECT_API_URL: prefect_api(env)}), get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run_id)
     assert flow_run.work_pool_name == worker.WORK_POOL
     from mlflow import MlflowClient
@@ -145,7 +105,7 @@ def test_serving_again_takes_the_deployments_back_from_the_pool(worker_stack):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: _prefect_api(env)}), get_client(sync_client=True) as client:
+    with temporary_settings({PREFECT_API_URL: prefect_api(env)}), get_client(sync_client=True) as client:
         assert client.read_deployment_by_name("cnn-train/default").work_pool_name is None
         deadline = time.monotonic() + 120  # READY once the serve process has polled
         while client.read_deployment_by_name("cnn-train/default").status.value != "READY":
