@@ -147,6 +147,8 @@ class TorchBackend:
     ) -> TrainHistory:
         network, optimizer = self._built()
         common.check_training(data, self._config, initial_epoch)
+        if config.precision == "auto":
+            raise ValueError("precision 'auto' is resolved by the flow before training; pass 'float32' or 'bfloat16'")
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate
 

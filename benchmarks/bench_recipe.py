@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cnn_train.flows.data import prepare_data
+from cnn_train.flows.placement import training_precision
 from cnn_train.plugins.config import (
     IMPROVED_ARCHITECTURE,
     ConvBlock,
@@ -37,7 +38,8 @@ from cnn_train.plugins.contract import EpochMetrics
 def _recipe() -> tuple[ModelConfig, TrainConfig]:
     """The cnn-improved preset with its training defaults, as the flow runs it."""
     training = TrainConfig(**recipe_training_defaults(IMPROVED_ARCHITECTURE))
-    return ModelConfig.preset(IMPROVED_ARCHITECTURE), training
+    precision, _ = training_precision(training.precision, "cpu")
+    return ModelConfig.preset(IMPROVED_ARCHITECTURE), training.model_copy(update={"precision": precision})
 
 
 def _improved(*filters: int, pools: tuple[int, ...] | None = None) -> ModelConfig:

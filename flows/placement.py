@@ -174,6 +174,37 @@ def cuda_inventory() -> list[GpuInfo]:
     return gpus
 
 
+#: CPU flags (Linux /proc/cpuinfo) of instructions that compute bfloat16 natively.
+_NATIVE_BFLOAT16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux lists them; empty elsewhere (then no native bfloat16 is assumed)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def training_precision(requested: str, device: str, *, flags: frozenset[str] | None = None) -> tuple[str, str]:
+    """The precision to train in on ``device`` and why: ``auto`` is bfloat16 only where the device
+    computes it natively (emulated bfloat16 is many times slower than float32); any other value stays."""
+    if requested != "auto":
+        return requested, "asked for"
+    if device.startswith("cuda"):
+        import torch  # lazily, as in cuda_inventory
+
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", f"{device} computes bfloat16 natively"
+        return "float32", f"{device} has no native bfloat16"
+    native = sorted((cpu_flags() if flags is None else flags).intersection(_NATIVE_BFLOAT16_FLAGS))
+    if native:
+        return "bfloat16", f"this CPU computes bfloat16 natively ({', '.join(native)})"
+    return "float32", "this CPU has neither AMX nor AVX-512 BF16, so bfloat16 would be emulated and slower"
+
+
 def check_satisfiable(
     requests: Mapping[str, str | DeviceRequest],
     *,

@@ -16,10 +16,12 @@ import numpy as np
 
 from cnn_train.flows.data import PreparedData, prepare_data
 from cnn_train.flows.params import TRAINING_VALUES, RunParameters
+from cnn_train.flows.placement import training_precision
 from cnn_train.flows.reporting import classification_tables
 from cnn_train.flows.settings import state_dir
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.plugins import registry
+from cnn_train.plugins.config import TrainConfig
 from cnn_train.plugins.contract import EpochMetrics, Evaluation, TrainHistory
 
 _PROGRESS_FILE = "progress.json"
@@ -35,6 +37,8 @@ class TrainOutcome:
 
     architecture: str
     device: str
+    #: What the backend trained with: the run's TrainConfig with an "auto" precision resolved for ``device``.
+    training: TrainConfig
     checkpoint: Path
     history: TrainHistory
     parameters: int
@@ -110,7 +114,8 @@ def log_run_params(tracker: RunTracker, params: RunParameters) -> None:
 def training_extras(params: RunParameters) -> dict[str, object]:
     """What the run trains with beyond its flow parameters: the lesson's plain values, or the recipe's."""
     model, training = params.model(), params.training()
-    extras = training.model_dump(exclude={*TRAINING_VALUES, "seed"})
+    # The precision is recorded once the training device is known (see train).
+    extras = training.model_dump(exclude={*TRAINING_VALUES, "seed", "precision"})
     layers = {"conv_filters": ",".join(str(block.filters) for block in model.conv_layers)}
     layers |= {"batch_norm": model.batch_norm, "dropout": model.dropout}
     return {f"train.{key}": value for key, value in extras.items()} | {f"model.{k}": v for k, v in layers.items()}
@@ -150,6 +155,10 @@ def train(
     ``on_epoch`` may return True to stop after that epoch (the backend contract's stop request): the
     training then ends there, with ``stopped_at_epoch`` set and no model logged."""
     model_config = params.model()
+    training = params.training()
+    precision, why = training_precision(training.precision, device)
+    training = training.model_copy(update={"precision": precision})
+    tracker.log_params({"train.precision": precision, "train.precision_reason": why})
     checkpoint = checkpoint_dir(tracker.run_id)
     backend = registry.load_backend(params.backend)
     done = _read_progress(checkpoint)
@@ -179,7 +188,7 @@ def train(
             stop_asked.append(metrics.epoch)
         return stop
 
-    backend.train(data.train_data(), params.training(), on_epoch=finished_epoch, initial_epoch=len(done))
+    backend.train(data.train_data(), training, on_epoch=finished_epoch, initial_epoch=len(done))
     last = stop_asked[0] if stop_asked else params.epochs
     if [m.epoch for m in epochs] != list(range(1, last + 1)):
         why = f"on_epoch asked it to stop after epoch {last}, " if stop_asked else ""
@@ -200,6 +209,7 @@ def train(
     return TrainOutcome(
         architecture=model_config.architecture,
         device=device,
+        training=training,
         checkpoint=checkpoint,
         history=TrainHistory(tuple(epochs)),
         parameters=backend.parameter_count(),

@@ -43,7 +43,7 @@ def report_task(
         inputs = reporting.ReportInputs(
             backend=params.backend,
             model_config=params.model(),
-            train_config=params.training(),
+            train_config=trained.training,
             history=trained.history,
             test=evaluated.evaluation,
             run_name=tracker.run_id,

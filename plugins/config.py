@@ -196,7 +196,7 @@ class ModelConfig(BaseModel):
 
 
 LearningRateSchedule = Literal["constant", "onecycle"]
-Precision = Literal["float32", "bfloat16"]
+Precision = Literal["float32", "bfloat16", "auto"]
 
 #: One-cycle shape (PyTorch's ``OneCycleLR`` defaults): warm up from ``peak / 25`` over the first 30% of the
 #: steps, then anneal to ``peak / 25 / 1e4``, both along a cosine.
@@ -235,7 +235,8 @@ class TrainConfig(BaseModel):
     precision: Precision = Field(
         default="float32",
         description="'bfloat16' runs training's convolutions and matrix products in bfloat16 (weights, optimizer "
-        "state and evaluation stay float32): about twice as fast on CPUs with AMX or AVX-512 BF16, slower on others.",
+        "state and evaluation stay float32): about twice as fast on CPUs with AMX or AVX-512 BF16, far slower on "
+        "others; 'auto' lets the flow pick bfloat16 only where the training device computes it natively.",
     )
 
     @field_validator("learning_rate")
@@ -283,7 +284,9 @@ IMPROVED_MODEL: dict[str, Any] = {
 
 #: The improved recipe's training, used where a run leaves the lesson's training defaults. bfloat16 and
 #: batch 128 make an epoch of the recipe's network cost about 1.4 of the lesson's (batch 32, float32) on
-#: this project's 2-core AMX CPU, so 7 epochs fit in the default run's 10. Light augmentation did not pay
+#: this project's 2-core AMX CPU, so 7 epochs fit in the default run's 10. On a CPU without AMX or
+#: AVX-512 BF16, bfloat16 is emulated: one epoch took 944 s instead of about 35 on an AVX2 EPYC, so
+#: the precision is "auto" (see flows/placement.training_precision). Light augmentation did not pay
 #: over so few epochs (91.94% against 92.82% without), so it stays off.
 IMPROVED_TRAINING: dict[str, Any] = {
     "epochs": 7,
@@ -291,7 +294,7 @@ IMPROVED_TRAINING: dict[str, Any] = {
     "learning_rate": 3e-3,
     "lr_schedule": "onecycle",
     "label_smoothing": 0.1,
-    "precision": "bfloat16",
+    "precision": "auto",
 }
 
 

@@ -30,6 +30,7 @@ from cnn_train.flows.placement import (
     place_task,
     ray_resources,
     resolve_requests,
+    training_precision,
 )
 
 # cuda:1 has more free memory, so "the free GPU with the most free memory" is distinguishable from "the first one".
@@ -569,3 +570,33 @@ def test_check_satisfiable_never_reads_inventory_for_cpu_only():
 )
 def test_ray_resources_know_the_cluster(request_text, cluster_gpus, resources):
     assert ray_resources(request_text, cluster_gpus=cluster_gpus) == resources
+
+
+AMX = frozenset({"avx2", "avx512f", "amx_tile", "amx_bf16", "avx512_bf16"})
+AVX512_BF16 = frozenset({"avx2", "avx512f", "avx512_bf16"})
+AVX2_ONLY = frozenset({"avx", "avx2", "fma"})
+
+
+@pytest.mark.parametrize(
+    ("requested", "flags", "expected", "reason"),
+    [
+        pytest.param("auto", AMX, "bfloat16", "natively (amx_bf16, avx512_bf16)", id="auto-amx"),
+        pytest.param("auto", AVX512_BF16, "bfloat16", "natively (avx512_bf16)", id="auto-avx512-bf16"),
+        pytest.param("auto", AVX2_ONLY, "float32", "neither AMX nor AVX-512 BF16", id="auto-avx2"),
+        pytest.param("auto", frozenset(), "float32", "neither AMX nor AVX-512 BF16", id="auto-no-cpuinfo"),
+        pytest.param("bfloat16", AVX2_ONLY, "bfloat16", "asked for", id="bfloat16-is-kept"),
+        pytest.param("float32", AMX, "float32", "asked for", id="float32-is-kept"),
+    ],
+)
+def test_training_precision_on_the_cpu(requested: str, flags: frozenset[str], expected: str, reason: str) -> None:
+    precision, why = training_precision(requested, "cpu", flags=flags)
+    assert precision == expected
+    assert reason in why
+
+
+def test_this_machines_cpu_flags_decide_auto() -> None:
+    """The rule reads the real /proc/cpuinfo: its answer follows the flags this CPU lists."""
+    from cnn_train.flows.placement import cpu_flags
+
+    native = bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    assert training_precision("auto", "cpu")[0] == ("bfloat16" if native else "float32")

@@ -65,6 +65,11 @@ def data() -> TrainData:
     return synthetic_data()
 
 
+def test_the_torch_backend_refuses_an_unresolved_auto_precision(data: TrainData) -> None:
+    with pytest.raises(ValueError, match="precision 'auto' is resolved by the flow before training"):
+        built().train(data, TrainConfig(epochs=1, precision="auto"))
+
+
 @pytest.fixture(scope="module")
 def trained(data: TrainData) -> tuple[TorchBackend, list[EpochMetrics]]:
     backend = built(seed=1)
@@ -95,7 +100,7 @@ def test_the_recipe_preset() -> None:
         "learning_rate": 3e-3,
         "lr_schedule": "onecycle",
         "label_smoothing": 0.1,
-        "precision": "bfloat16",
+        "precision": "auto",
     }
 
 
@@ -145,7 +150,7 @@ def test_model_config_refuses_with_a_clear_message(values: dict[str, object], me
             id="smoothing",
         ),
         pytest.param({"augment": "sometimes"}, "augment: Input should be a valid boolean", id="augment"),
-        pytest.param({"precision": "float16"}, "precision: Input should be 'float32' or 'bfloat16'", id="precision"),
+        pytest.param({"precision": "float16"}, "precision: Input should be 'float32', 'bfloat16' or 'auto'", id="precision"),
     ],
 )
 def test_train_config_refuses_with_a_clear_message(values: dict[str, object], message: str) -> None:
@@ -189,7 +194,7 @@ def test_the_lessons_values_can_be_asked_of_the_recipe() -> None:
     params = validate_parameters(architecture=IMPROVED_ARCHITECTURE, epochs=10, batch_size=32, learning_rate=1e-3)
     training = params.training()
     assert (training.epochs, training.batch_size, training.learning_rate) == (10, 32, 1e-3)
-    assert (training.lr_schedule, training.precision) == ("onecycle", "bfloat16")
+    assert (training.lr_schedule, training.precision) == ("onecycle", "auto")
 
 
 @pytest.mark.parametrize("architecture", ["cnn", "dense"])
@@ -208,7 +213,7 @@ def test_chosen_training_values_win_over_the_recipe() -> None:
     params = validate_parameters(architecture=IMPROVED_ARCHITECTURE, batch_size=48, learning_rate=5e-4, epochs=3)
     training = params.training()
     assert (training.batch_size, training.learning_rate, training.epochs) == (48, 5e-4, 3)
-    assert (training.lr_schedule, training.precision) == ("onecycle", "bfloat16")
+    assert (training.lr_schedule, training.precision) == ("onecycle", "auto")
     with pytest.raises(ParameterError, match="batch_size: must be a whole number"):
         validate_parameters(architecture=IMPROVED_ARCHITECTURE, batch_size=32.0)
 
