@@ -327,9 +327,11 @@ def run_flow(
             "mlflow_run_wall_seconds": (result["mlflow_end"] or result["flow_end"]) - result["mlflow_start"],
             "flow_run_id": result["flow_run_id"],
             "mlflow_run_id": result["mlflow_run_id"],
+            "precision": result["precision"],
+            "precision_reason": result["precision_reason"],
         },
         backend=backend,
-        fp32_reference=not recipe,
+        fp32_reference=not recipe and result["precision"] == "float32",
     )
 
 
@@ -458,7 +460,7 @@ LEGEND = (
     "prep: prepare_data in a fresh process, cache emptied (cold) and filled (cached); median of the repeats",
     "trigger→1st step: run_deployment(cnn-train/default) to the first epoch's start, servers up; median",
     "fp32 peak: train img/s x training FLOPs per image / the best fp32 matmul rate measured in this run "
-    "(none for the recipe, whose convolutions and matrix products run in bfloat16)",
+    "(none for the recipe, whose network differs from the lesson's)",
 )
 
 
@@ -510,7 +512,8 @@ def breakdown_lines(m: Measurements) -> list[str]:
             f" + report {tasks.get('report', 0.0):.1f} + the rest {other:.1f} (flow start, parameter checks that"
             f" import the backend, MLflow run start, task scheduling); the process also spent {details['launch_to_flow_start_seconds']:.1f} s before the flow"
             f" run started (imports {details['imports_seconds']:.1f} s, temporary Prefect server) and"
-            f" {details['after_flow_end_seconds']:.1f} s after it ended"
+            f" {details['after_flow_end_seconds']:.1f} s after it ended; it trained in {details['precision']}"
+            f" ({details['precision_reason']})"
         )
     return lines
 

@@ -97,6 +97,8 @@ def _epoch_history(mlflow_uri: str, run_id: str) -> dict[str, Any]:
         "epoch_logged_at": [m.timestamp / 1000 for m in history("epoch_seconds")],
         "images_per_second": [m.value for m in history("images_per_second")],
         "test_accuracy": run.data.metrics.get("test_accuracy"),
+        "precision": run.data.params.get("train.precision"),
+        "precision_reason": run.data.params.get("train.precision_reason"),
     }
 
 

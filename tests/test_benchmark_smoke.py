@@ -80,7 +80,7 @@ def test_targets_compare_the_right_numbers(bench: ModuleType) -> None:
     # 980 img/s x 25.4 MFLOP = 24.9 GFLOP/s of a 200 GFLOP/s peak.
     assert rows["cnn-train torch"][-1] == "12.5%"
     assert rows["bare PyTorch loop"][6] == "—"
-    # The recipe trains in bfloat16 and is triggered by nobody: no fp32 share, no trigger time.
+    # The recipe is not the lesson's network and is triggered by nobody: no fp32 share, no trigger time.
     assert rows["cnn-train torch, cnn-improved"][-1] == rows["cnn-train torch, cnn-improved"][8] == "—"
     assert rows["cnn-train torch"][8] == "8.0"
     markdown = bench.render_markdown(bench.COLUMNS, bench.table_rows(measurements))
