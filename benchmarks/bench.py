@@ -331,7 +331,7 @@ def run_flow(
             "precision_reason": result["precision_reason"],
         },
         backend=backend,
-        fp32_reference=not recipe and result["precision"] == "float32",
+        fp32_reference=not recipe,
     )
 
 

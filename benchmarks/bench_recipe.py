@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cnn_train.flows.data import prepare_data
-from cnn_train.flows.placement import training_precision
+from cnn_train.flows.placement import resolve_precision
 from cnn_train.plugins.config import (
     IMPROVED_ARCHITECTURE,
     ConvBlock,
@@ -37,9 +37,8 @@ from cnn_train.plugins.contract import EpochMetrics
 
 def _recipe() -> tuple[ModelConfig, TrainConfig]:
     """The cnn-improved preset with its training defaults, as the flow runs it."""
-    training = TrainConfig(**recipe_training_defaults(IMPROVED_ARCHITECTURE))
-    precision, _ = training_precision(training.precision, "cpu")
-    return ModelConfig.preset(IMPROVED_ARCHITECTURE), training.model_copy(update={"precision": precision})
+    training, _ = resolve_precision(TrainConfig(**recipe_training_defaults(IMPROVED_ARCHITECTURE)), "cpu")
+    return ModelConfig.preset(IMPROVED_ARCHITECTURE), training
 
 
 def _improved(*filters: int, pools: tuple[int, ...] | None = None) -> ModelConfig:

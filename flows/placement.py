@@ -29,13 +29,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
+from typing import TYPE_CHECKING, Any, Literal
 
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows import leases
 from cnn_train.flows.leases import Lease, try_lease
 from cnn_train.flows.settings import state_dir
+
+if TYPE_CHECKING:
+    from cnn_train.plugins.config import TrainConfig
 
 __all__ = [
     "DEFAULT_REQUESTS",
@@ -174,28 +176,21 @@ def cuda_inventory() -> list[GpuInfo]:
     return gpus
 
 
-#: CPU flags (Linux /proc/cpuinfo) of instructions that compute bfloat16 natively.
-_NATIVE_BFLOAT16_FLAGS = ("amx_bf16", "avx512_bf16")
+_NATIVE_BFLOAT16_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU flags of instructions computing bfloat16
 
 
 def cpu_flags() -> frozenset[str]:
     """This CPU's feature flags as Linux lists them; empty elsewhere (then no native bfloat16 is assumed)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return frozenset(line.partition(":")[2].split())
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    return frozenset(next((line for line in lines if line.startswith("flags")), "").partition(":")[2].split())
 
 
 def training_precision(requested: str, device: str, *, flags: frozenset[str] | None = None) -> tuple[str, str]:
-    """The precision to train in on ``device`` and why: ``auto`` is bfloat16 only where the device
-    computes it natively (emulated bfloat16 is many times slower than float32); any other value stays."""
+    """The precision to train in on ``device``, and why: ``auto`` is bfloat16 only where it is native (emulated, it is slower)."""
     if requested != "auto":
         return requested, "asked for"
     if device.startswith("cuda"):
         import torch  # lazily, as in cuda_inventory
-
         if torch.cuda.is_bf16_supported():
             return "bfloat16", f"{device} computes bfloat16 natively"
         return "float32", f"{device} has no native bfloat16"
@@ -203,6 +198,12 @@ def training_precision(requested: str, device: str, *, flags: frozenset[str] | N
     if native:
         return "bfloat16", f"this CPU computes bfloat16 natively ({', '.join(native)})"
     return "float32", "this CPU has neither AMX nor AVX-512 BF16, so bfloat16 would be emulated and slower"
+
+
+def resolve_precision(training: TrainConfig, device: str) -> tuple[TrainConfig, str]:
+    """``training`` with its precision resolved for ``device`` (see training_precision), and why."""
+    precision, why = training_precision(training.precision, device)
+    return training.model_copy(update={"precision": precision}), why
 
 
 def check_satisfiable(

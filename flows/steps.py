@@ -16,7 +16,7 @@ import numpy as np
 
 from cnn_train.flows.data import PreparedData, prepare_data
 from cnn_train.flows.params import TRAINING_VALUES, RunParameters
-from cnn_train.flows.placement import training_precision
+from cnn_train.flows.placement import resolve_precision
 from cnn_train.flows.reporting import classification_tables
 from cnn_train.flows.settings import state_dir
 from cnn_train.flows.tracking import RunTracker
@@ -155,10 +155,8 @@ def train(
     ``on_epoch`` may return True to stop after that epoch (the backend contract's stop request): the
     training then ends there, with ``stopped_at_epoch`` set and no model logged."""
     model_config = params.model()
-    training = params.training()
-    precision, why = training_precision(training.precision, device)
-    training = training.model_copy(update={"precision": precision})
-    tracker.log_params({"train.precision": precision, "train.precision_reason": why})
+    training, why = resolve_precision(params.training(), device)
+    tracker.log_params({"train.precision": training.precision, "train.precision_reason": why})
     checkpoint = checkpoint_dir(tracker.run_id)
     backend = registry.load_backend(params.backend)
     done = _read_progress(checkpoint)
