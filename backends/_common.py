@@ -9,7 +9,7 @@ from importlib.metadata import version
 import numpy as np
 
 from cnn_train.plugins.config import ModelConfig
-from cnn_train.plugins.contract import TrainData, check_images, check_labels
+from cnn_train.plugins.contract import check_images, check_labels
 
 #: Images per forward pass when nothing is trained (validation, evaluation, prediction).
 INFERENCE_BATCH = 256
@@ -35,26 +35,6 @@ def check_buildable(config: ModelConfig, device: str, architectures: Sequence[st
 def unusable_device(device: str, error: Exception) -> ValueError:
     """The error to raise when the framework cannot place the model on ``device``."""
     return ValueError(f"cannot use device {device!r}: {type(error).__name__}: {error}")
-
-
-def check_train_data(data: TrainData, config: ModelConfig) -> None:
-    """Refuse training or validation arrays that do not fit ``config`` before any work starts."""
-    check_images(data.x_train, config, what="training images")
-    check_labels(data.y_train, data.x_train.shape[0], config.num_classes, what="training labels")
-    check_images(data.x_val, config, what="validation images")
-    check_labels(data.y_val, data.x_val.shape[0], config.num_classes, what="validation labels")
-
-
-def check_initial_epoch(initial_epoch: int) -> None:
-    """Epochs count from 1, so training resumes after epoch 0 or later."""
-    if initial_epoch < 0:
-        raise ValueError(f"initial_epoch must be >= 0, got {initial_epoch}")
-
-
-def check_training(data: TrainData, config: ModelConfig, initial_epoch: int) -> None:
-    """What ``train`` refuses before any work starts: data that does not fit, or a negative resume point."""
-    check_train_data(data, config)
-    check_initial_epoch(initial_epoch)
 
 
 def check_evaluation(x: np.ndarray, y: np.ndarray, config: ModelConfig) -> None:

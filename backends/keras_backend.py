@@ -23,16 +23,16 @@ import torch
 
 from cnn_train.backends import _common as common
 from cnn_train.backends.keras_direct import DirectSequential, EpochCallbacks, keras
-from cnn_train.plugins.config import ModelConfig, TrainConfig
+from cnn_train.plugins.config import ModelConfig
 from cnn_train.plugins.contract import (
+    BackendBase,
     EpochCallback,
     EpochMetrics,
     Evaluation,
     LoggableModel,
-    TrainData,
     TrainHistory,
+    Training,
     check_images,
-    check_plain_training,
 )
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def build_model(config: ModelConfig) -> DirectSequential:
     return DirectSequential(stack, name=f"fashion_{config.architecture}")
 
 
-class KerasBackend:
+class KerasBackend(BackendBase):
     """Trains the ModelConfig network with Keras 3 (torch backend) on the device it is given."""
 
     mlflow_flavor: ClassVar[str] = "keras"
@@ -152,26 +152,22 @@ class KerasBackend:
         model = self._built()
         return sum(int(np.prod(weight.shape)) for weight in model.trainable_weights)
 
-    def train(
-        self,
-        data: TrainData,
-        config: TrainConfig,
-        *,
-        on_epoch: EpochCallback | None = None,
-        initial_epoch: int = 0,
-    ) -> TrainHistory:
-        model = self._built()
-        common.check_training(data, self._config, initial_epoch)
-        check_plain_training(config, "keras")
+    def built_config(self) -> ModelConfig:
+        if self._config is None:
+            raise RuntimeError(common.NOT_BUILT)
+        return self._config
+
+    def fit(self, training: Training) -> TrainHistory:
+        model, data, config = self._built(), training.data, training.config
         model.optimizer.learning_rate.assign(config.learning_rate)
-        reporter = EpochReporter(seed=config.seed, train_images=data.x_train.shape[0], on_epoch=on_epoch)
+        reporter = EpochReporter(seed=config.seed, train_images=data.x_train.shape[0], on_epoch=training.on_epoch)
         with keras.device(self._device):
             model.fit(
                 np.asarray(data.x_train, dtype=np.float32),
                 np.asarray(data.y_train, dtype=np.int64),
                 batch_size=config.batch_size,
                 epochs=config.epochs,
-                initial_epoch=initial_epoch,
+                initial_epoch=training.initial_epoch,
                 validation_data=(np.asarray(data.x_val, dtype=np.float32), np.asarray(data.y_val, dtype=np.int64)),
                 validation_batch_size=common.INFERENCE_BATCH,
                 shuffle=True,

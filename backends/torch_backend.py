@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,14 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnn_train.backends import _common as common
-from cnn_train.plugins.config import AUGMENT_MAX_SHIFT, IMPROVED_ARCHITECTURE, ModelConfig, TrainConfig
+from cnn_train.plugins.config import AUGMENT_MAX_SHIFT, IMPROVED_ARCHITECTURE, ModelConfig
 from cnn_train.plugins.contract import (
-    EpochCallback,
-    EpochMetrics,
+    PLAIN_TRAINING,
+    BackendBase,
     Evaluation,
     LoggableModel,
-    TrainData,
     TrainHistory,
+    Training,
     check_images,
 )
 
@@ -105,11 +104,13 @@ class ProbabilityModel(nn.Module):
         return F.softmax(self.network(images.permute(0, 3, 1, 2)), dim=1)
 
 
-class TorchBackend:
+class TorchBackend(BackendBase):
     """Trains the ModelConfig network with PyTorch on the device it is given."""
 
     mlflow_flavor: ClassVar[str] = "pytorch"
     architectures: ClassVar[tuple[str, ...]] = (*common.ARCHITECTURES, IMPROVED_ARCHITECTURE)
+    #: Every recipe option: schedule, augmentation, label smoothing and bfloat16 autocast.
+    training_options: ClassVar[tuple[str, ...]] = PLAIN_TRAINING
 
     def __init__(self) -> None:
         self._config: ModelConfig | None = None
@@ -137,18 +138,13 @@ class TorchBackend:
         network, _ = self._built()
         return sum(p.numel() for p in network.parameters() if p.requires_grad)
 
-    def train(
-        self,
-        data: TrainData,
-        config: TrainConfig,
-        *,
-        on_epoch: EpochCallback | None = None,
-        initial_epoch: int = 0,
-    ) -> TrainHistory:
-        network, optimizer = self._built()
-        common.check_training(data, self._config, initial_epoch)
-        if config.precision == "auto":
-            raise ValueError("precision 'auto' is resolved by the flow before training; pass 'float32' or 'bfloat16'")
+    def built_config(self) -> ModelConfig:
+        if self._config is None:
+            raise RuntimeError(common.NOT_BUILT)
+        return self._config
+
+    def fit(self, training: Training) -> TrainHistory:
+        (network, optimizer), data, config = self._built(), training.data, training.config
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate
 
@@ -158,9 +154,8 @@ class TorchBackend:
         steps_per_epoch = -(-count // config.batch_size)
         total_steps = config.epochs * steps_per_epoch
         bfloat16 = config.precision == "bfloat16"
-        epochs = []
-        for epoch in range(initial_epoch + 1, config.epochs + 1):
-            started = time.perf_counter()
+
+        def train_epoch(epoch: int) -> tuple[float, float]:
             network.train()
             shuffle = torch.Generator().manual_seed(common.epoch_seed(config.seed, epoch))
             order = torch.randperm(count, generator=shuffle).to(self._device)
@@ -189,23 +184,9 @@ class TorchBackend:
                     with torch.no_grad():
                         loss_sum += loss * labels.shape[0]
                         correct += (logits.argmax(dim=1) == labels).sum()
-            loss_mean, accuracy = loss_sum.item() / count, correct.item() / count
-            train_seconds = time.perf_counter() - started
+            return loss_sum.item() / count, correct.item() / count
 
-            validation = self._evaluate(x_val, y_val, common.INFERENCE_BATCH)
-            metrics = EpochMetrics(
-                epoch=epoch,
-                loss=loss_mean,
-                accuracy=accuracy,
-                val_loss=validation.loss,
-                val_accuracy=validation.accuracy,
-                seconds=time.perf_counter() - started,
-                images_per_second=count / train_seconds,
-            )
-            epochs.append(metrics)
-            if on_epoch is not None and on_epoch(metrics):
-                break  # asked to stop after this epoch
-        return TrainHistory(epochs=tuple(epochs))
+        return training.run_epochs(train_epoch, lambda: self._evaluate(x_val, y_val, common.INFERENCE_BATCH))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> Evaluation:
         self._built()

@@ -9,6 +9,8 @@ Backends never talk to MLflow: they hand the flow a :class:`LoggableModel` inste
 
 from __future__ import annotations
 
+import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,7 +202,7 @@ class Backend(Protocol):
         ...
 
 
-#: Members that every backend must provide, with the parameters each must accept.
+#: Methods every backend must provide; the registry checks each one's parameters against the protocol's.
 CONTRACT_METHODS: tuple[str, ...] = (
     "build",
     "parameter_count",
@@ -213,7 +215,6 @@ CONTRACT_METHODS: tuple[str, ...] = (
     "load",
     "loggable_model",
 )
-CONTRACT_ATTRIBUTES: tuple[str, ...] = ("mlflow_flavor", "architectures")
 
 
 def check_images(x: np.ndarray, config: ModelConfig, *, what: str = "images") -> None:
@@ -244,11 +245,110 @@ def check_labels(y: np.ndarray, n: int, num_classes: int, *, what: str = "labels
 PLAIN_TRAINING: tuple[str, ...] = ("lr_schedule", "augment", "label_smoothing", "precision")
 
 
-def check_plain_training(config: TrainConfig, backend: str) -> None:
-    """Refuse training options ``backend`` does not implement, rather than train otherwise than the run records."""
+def check_plain_training(config: TrainConfig, backend: str, *, implemented: Sequence[str] = ()) -> None:
+    """Refuse training options ``backend`` does not implement, rather than train otherwise than the run records.
+
+    ``implemented`` names the options of :data:`PLAIN_TRAINING` the backend does implement; those may take
+    any value but ``precision="auto"``, which the flow resolves for the training device first."""
+    if config.precision == "auto":
+        raise BackendInputError(
+            f"{backend} got precision='auto', which the flow resolves for the training device "
+            "before training; pass 'float32' or 'bfloat16'"
+        )
     plain = TrainConfig()
-    asked = {name: value for name in PLAIN_TRAINING if (value := getattr(config, name)) != getattr(plain, name)}
+    asked = {
+        name: value
+        for name in PLAIN_TRAINING
+        if name not in implemented and (value := getattr(config, name)) != getattr(plain, name)
+    }
     if asked:
         wanted = ", ".join(f"{name}={value!r}" for name, value in asked.items())
         allowed = ", ".join(f"{name}={getattr(plain, name)!r}" for name in PLAIN_TRAINING)
-        raise BackendInputError(f"the {backend} backend trains only as the lesson does ({allowed}); got {wanted}")
+        raise BackendInputError(f"{backend} trains only as the lesson does ({allowed}); got {wanted}")
+
+
+def check_train_data(data: TrainData, config: ModelConfig) -> None:
+    """Refuse training or validation arrays that do not fit ``config`` before any work starts."""
+    check_images(data.x_train, config, what="training images")
+    check_labels(data.y_train, data.x_train.shape[0], config.num_classes, what="training labels")
+    check_images(data.x_val, config, what="validation images")
+    check_labels(data.y_val, data.x_val.shape[0], config.num_classes, what="validation labels")
+
+
+@dataclass(frozen=True)
+class Training:
+    """One ``train`` call that :class:`BackendBase` has checked: what its ``fit`` trains."""
+
+    data: TrainData
+    config: TrainConfig
+    on_epoch: EpochCallback | None = None
+    #: The last epoch an earlier ``train`` completed; this call trains ``initial_epoch + 1 .. config.epochs``.
+    initial_epoch: int = 0
+
+    def stop_after(self, metrics: EpochMetrics) -> bool:
+        """Hand a finished epoch to ``on_epoch``; True when the caller asks to stop after it."""
+        return self.on_epoch is not None and bool(self.on_epoch(metrics))
+
+    def run_epochs(
+        self, train_epoch: Callable[[int], tuple[float, float]], validate: Callable[[], Evaluation]
+    ) -> TrainHistory:
+        """The epoch loop most backends write: ``train_epoch(epoch)`` trains one epoch and returns its mean
+        loss and accuracy, ``validate()`` scores the validation set; each epoch is timed (images per second
+        over training alone, seconds including validation), handed to ``on_epoch``, and the loop stops
+        after any epoch the caller asks it to."""
+        images = len(self.data.x_train)
+        epochs = []
+        for epoch in range(self.initial_epoch + 1, self.config.epochs + 1):
+            started = time.perf_counter()
+            loss, accuracy = train_epoch(epoch)
+            train_seconds = time.perf_counter() - started
+            validation = validate()
+            metrics = EpochMetrics(
+                epoch=epoch,
+                loss=float(loss),
+                accuracy=float(accuracy),
+                val_loss=validation.loss,
+                val_accuracy=validation.accuracy,
+                seconds=time.perf_counter() - started,
+                images_per_second=images / train_seconds,
+            )
+            epochs.append(metrics)
+            if self.stop_after(metrics):
+                break
+        return TrainHistory(epochs=tuple(epochs))
+
+
+class BackendBase(ABC):
+    """An optional base class for a :class:`Backend`: ``train`` with its checks written once.
+
+    A subclass implements ``fit`` and ``built_config`` instead of ``train``, and the protocol's other
+    methods as usual. ``train`` refuses, before any work starts: data that does not fit the built model
+    (:func:`check_train_data`), a negative ``initial_epoch``, and any option of :data:`PLAIN_TRAINING`
+    outside ``training_options`` set otherwise than the lesson does (:func:`check_plain_training`).
+    """
+
+    #: The options of :data:`PLAIN_TRAINING` this backend implements; the others must keep the lesson's values.
+    training_options: ClassVar[tuple[str, ...]] = ()
+
+    @abstractmethod
+    def built_config(self) -> ModelConfig:
+        """The config of the built (or loaded) model; RuntimeError when there is none yet."""
+
+    @abstractmethod
+    def fit(self, training: Training) -> TrainHistory:
+        """Train as :meth:`Backend.train` describes, on inputs ``train`` has checked."""
+
+    def train(
+        self,
+        data: TrainData,
+        config: TrainConfig,
+        *,
+        on_epoch: EpochCallback | None = None,
+        initial_epoch: int = 0,
+    ) -> TrainHistory:
+        """:meth:`Backend.train`: check the call, then ``fit``."""
+        check_train_data(data, self.built_config())
+        if initial_epoch < 0:
+            raise ValueError(f"initial_epoch must be >= 0, got {initial_epoch}")
+        check_plain_training(config, type(self).__name__, implemented=self.training_options)
+        return self.fit(Training(data, config, on_epoch, initial_epoch))

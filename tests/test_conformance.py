@@ -181,7 +181,7 @@ def test_refusing_training_options_says_which_and_what_is_allowed():
     backend.build(ModelConfig(), device="cpu", seed=0)
     x = np.zeros((4, 28, 28, 1), dtype=np.float32)
     y = np.arange(4, dtype=np.int64)
-    with pytest.raises(BackendInputError, match=r"the keras backend trains only as the lesson does \(lr_schedule="
+    with pytest.raises(BackendInputError, match=r"KerasBackend trains only as the lesson does \(lr_schedule="
                        r"'constant', augment=False, label_smoothing=0.0, precision='float32'\); got precision='bfloat16'"):
         backend.train(TrainData(x, y, x, y), TrainConfig(epochs=1, precision="bfloat16"))
 

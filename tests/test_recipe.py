@@ -66,7 +66,7 @@ def data() -> TrainData:
 
 
 def test_the_torch_backend_refuses_an_unresolved_auto_precision(data: TrainData) -> None:
-    with pytest.raises(ValueError, match="precision 'auto' is resolved by the flow before training"):
+    with pytest.raises(ValueError, match="TorchBackend got precision='auto', which the flow resolves for the training device"):
         built().train(data, TrainConfig(epochs=1, precision="auto"))
 
 

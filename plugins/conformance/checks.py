@@ -177,7 +177,7 @@ def check_training_options(subject: Subject) -> None:
             continue
         assert seen and seen[0].loss != plain[0].loss, (
             f"{name}={value!r} trained exactly as the lesson's plain training does: the option was ignored; "
-            "implement it or refuse it (cnn_train.plugins.contract.check_plain_training)"
+            "implement it or refuse it (contract.BackendBase.training_options, or check_plain_training)"
         )
 
 

@@ -5,7 +5,6 @@ the flow as an ``mlflow.pyfunc.PythonModel`` plus its weights file."""
 from __future__ import annotations
 
 import tempfile
-import time
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -13,17 +12,15 @@ from typing import ClassVar
 
 import numpy as np
 
-from cnn_train.plugins.config import ModelConfig, TrainConfig
+from cnn_train.plugins.config import ModelConfig
 from cnn_train.plugins.contract import (
-    EpochCallback,
-    EpochMetrics,
+    BackendBase,
     Evaluation,
     LoggableModel,
-    TrainData,
+    Training,
     TrainHistory,
     check_images,
     check_labels,
-    check_plain_training,
 )
 from cnn_train_numpy_mlp.network import hidden_and_logits, probabilities, softmax
 from cnn_train_numpy_mlp.pyfunc_model import NumpyMLPModel
@@ -34,7 +31,7 @@ _LAYERS = ("hidden", "logits")
 _BETA1, _BETA2, _EPSILON = 0.9, 0.999, 1e-7
 
 
-class NumpyMLPBackend:
+class NumpyMLPBackend(BackendBase):
     """The dense architecture on the CPU, in NumPy."""
 
     mlflow_flavor: ClassVar[str] = "pyfunc"
@@ -74,23 +71,13 @@ class NumpyMLPBackend:
         self._require()
         return sum(w.size for w in self._weights.values())
 
-    def train(
-        self,
-        data: TrainData,
-        config: TrainConfig,
-        *,
-        on_epoch: EpochCallback | None = None,
-        initial_epoch: int = 0,
-    ) -> TrainHistory:
-        model_config = self._require()
-        check_images(data.x_train, model_config, what="training images")
-        check_labels(data.y_train, len(data.x_train), model_config.num_classes, what="training labels")
-        check_images(data.x_val, model_config, what="validation images")
-        check_labels(data.y_val, len(data.x_val), model_config.num_classes, what="validation labels")
-        check_plain_training(config, "numpy-mlp")
-        history = []
-        for epoch in range(initial_epoch + 1, config.epochs + 1):
-            started = time.perf_counter()
+    def built_config(self) -> ModelConfig:
+        return self._require()
+
+    def fit(self, training: Training) -> TrainHistory:
+        data, config = training.data, training.config
+
+        def train_epoch(epoch: int) -> tuple[float, float]:
             # Seeded by the run seed and the epoch alone, so a resumed run shuffles like an unbroken one.
             order = np.random.default_rng([config.seed, epoch]).permutation(len(data.x_train))
             loss_sum, correct = 0.0, 0
@@ -98,21 +85,9 @@ class NumpyMLPBackend:
                 batch = order[start : start + config.batch_size]
                 loss, hits = self._step_on(data.x_train[batch], data.y_train[batch], config.learning_rate)
                 loss_sum, correct = loss_sum + loss * len(batch), correct + hits
-            train_seconds = time.perf_counter() - started
-            val = self.evaluate(data.x_val, data.y_val)
-            metrics = EpochMetrics(
-                epoch=epoch,
-                loss=loss_sum / len(order),
-                accuracy=correct / len(order),
-                val_loss=val.loss,
-                val_accuracy=val.accuracy,
-                seconds=time.perf_counter() - started,
-                images_per_second=len(order) / train_seconds,
-            )
-            history.append(metrics)
-            if on_epoch is not None and on_epoch(metrics):
-                break  # the flow asked to stop after this epoch
-        return TrainHistory(tuple(history))
+            return loss_sum / len(order), correct / len(order)
+
+        return training.run_epochs(train_epoch, lambda: self.evaluate(data.x_val, data.y_val))
 
     def _step_on(self, x: np.ndarray, y: np.ndarray, learning_rate: float) -> tuple[float, int]:
         """One Adam step on a batch of softmax cross-entropy; returns the batch's mean loss and correct count."""

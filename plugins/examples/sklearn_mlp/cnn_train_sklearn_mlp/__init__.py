@@ -5,7 +5,6 @@ Adam one epoch per ``partial_fit`` call, so the flow sees every epoch as it ends
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -18,17 +17,15 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
-from cnn_train.plugins.config import ModelConfig, TrainConfig
+from cnn_train.plugins.config import ModelConfig
 from cnn_train.plugins.contract import (
-    EpochCallback,
-    EpochMetrics,
+    BackendBase,
     Evaluation,
     LoggableModel,
-    TrainData,
+    Training,
     TrainHistory,
     check_images,
     check_labels,
-    check_plain_training,
 )
 
 _MODEL_FILE = "pipeline.joblib"
@@ -36,7 +33,7 @@ _MODEL_FILE = "pipeline.joblib"
 SKOPS_TRUSTED_TYPES = ("numpy.reshape", "sklearn.neural_network._stochastic_optimizers.AdamOptimizer")
 
 
-class SklearnMLPBackend:
+class SklearnMLPBackend(BackendBase):
     """The dense architecture on the CPU with scikit-learn."""
 
     mlflow_flavor: ClassVar[str] = "sklearn"
@@ -84,43 +81,22 @@ class SklearnMLPBackend:
         units = [self._flat(), config.dense_units, config.num_classes]
         return sum(a * b + b for a, b in zip(units, units[1:]))
 
-    def train(
-        self,
-        data: TrainData,
-        config: TrainConfig,
-        *,
-        on_epoch: EpochCallback | None = None,
-        initial_epoch: int = 0,
-    ) -> TrainHistory:
+    def built_config(self) -> ModelConfig:
+        return self._require()[0]
+
+    def fit(self, training: Training) -> TrainHistory:
         model_config, pipeline = self._require()
-        check_images(data.x_train, model_config, what="training images")
-        check_labels(data.y_train, len(data.x_train), model_config.num_classes, what="training labels")
-        check_images(data.x_val, model_config, what="validation images")
-        check_labels(data.y_val, len(data.x_val), model_config.num_classes, what="validation labels")
-        check_plain_training(config, "sklearn-mlp")
+        data, config = training.data, training.config
         mlp = self._mlp
         mlp.set_params(batch_size=config.batch_size, learning_rate_init=config.learning_rate)
         flat = data.x_train.reshape(len(data.x_train), -1)
         classes = np.arange(model_config.num_classes)
-        history = []
-        for epoch in range(initial_epoch + 1, config.epochs + 1):
-            start = time.perf_counter()
+
+        def train_epoch(epoch: int) -> tuple[float, float]:
             mlp.partial_fit(flat, data.y_train, classes=classes)
-            train_seconds = time.perf_counter() - start
-            val = self.evaluate(data.x_val, data.y_val)
-            metrics = EpochMetrics(
-                epoch=epoch,
-                loss=float(mlp.loss_),
-                accuracy=float(accuracy_score(data.y_train, pipeline.predict(data.x_train))),
-                val_loss=val.loss,
-                val_accuracy=val.accuracy,
-                seconds=time.perf_counter() - start,
-                images_per_second=len(flat) / train_seconds,
-            )
-            history.append(metrics)
-            if on_epoch is not None and on_epoch(metrics):
-                break  # the flow asked to stop after this epoch
-        return TrainHistory(tuple(history))
+            return mlp.loss_, accuracy_score(data.y_train, pipeline.predict(data.x_train))
+
+        return training.run_epochs(train_epoch, lambda: self.evaluate(data.x_val, data.y_val))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> Evaluation:
         config, _ = self._require()
