@@ -44,23 +44,17 @@ class IdxFile:
         return "images" if self.is_images else "labels"
 
 
-TRAIN_IMAGES = IdxFile(
-    "train-images-idx3-ubyte.gz", IMAGES_MAGIC, 60_000,
-    "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+#: The files in the order a run reads them: name, magic number, item count, SHA-256 of the content.
+FILES: tuple[IdxFile, ...] = tuple(
+    IdxFile(*row)
+    for row in (
+        ("train-images-idx3-ubyte.gz", IMAGES_MAGIC, 60_000, "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+        ("train-labels-idx1-ubyte.gz", LABELS_MAGIC, 60_000, "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+        ("t10k-images-idx3-ubyte.gz", IMAGES_MAGIC, 10_000, "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+        ("t10k-labels-idx1-ubyte.gz", LABELS_MAGIC, 10_000, "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+    )
 )
-TRAIN_LABELS = IdxFile(
-    "train-labels-idx1-ubyte.gz", LABELS_MAGIC, 60_000,
-    "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-)
-TEST_IMAGES = IdxFile(
-    "t10k-images-idx3-ubyte.gz", IMAGES_MAGIC, 10_000,
-    "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-)
-TEST_LABELS = IdxFile(
-    "t10k-labels-idx1-ubyte.gz", LABELS_MAGIC, 10_000,
-    "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-)
-FILES: tuple[IdxFile, ...] = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS = FILES
 FILE_NAMES: tuple[str, ...] = tuple(f.name for f in FILES)
 #: Each images file with the labels file that must hold one label per image.
 PAIRS: tuple[tuple[IdxFile, IdxFile], ...] = ((TRAIN_IMAGES, TRAIN_LABELS), (TEST_IMAGES, TEST_LABELS))
