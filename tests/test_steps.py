@@ -72,3 +72,20 @@ def test_wrong_epoch_reports_are_refused(small_data, tracker, tmp_path, monkeypa
     monkeypatch.setattr(TorchBackend, "train", skip_callbacks)
     with pytest.raises(steps.BackendOutputError, match=r"reported epochs \[\] through on_epoch, expected 1..3; the model is not logged"):
         steps.train(params, data, tracker, device="cpu")
+
+
+@pytest.mark.parametrize("backend", ["torch", "keras"])
+def test_the_evaluate_step_scores_as_the_backend_does(small_data, tracker, backend):
+    """One pass over the test set: loss and accuracy from the report's probabilities are the backend's own."""
+    from cnn_train.plugins import registry
+
+    params, data = small_data
+    params = params.model_copy(update={"backend": backend, "epochs": 1})
+    trained = steps.train(params, data, tracker, device="cpu")
+    evaluated = steps.evaluate(params, trained, data, device="cpu")
+    own = registry.load_backend(backend)
+    own.load(trained.checkpoint / "weights", params.model(), device="cpu")
+    expected = own.evaluate(data.x_test, data.y_test)
+    # The same images right (Keras's own metric is a float32 fraction).
+    assert evaluated.evaluation.accuracy == pytest.approx(expected.accuracy, abs=0.5 / len(data.y_test))
+    assert evaluated.evaluation.loss == pytest.approx(expected.loss, rel=1e-4)
