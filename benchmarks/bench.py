@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,11 @@ HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 BACKENDS = ("torch", "keras")
 RECIPE_KEY = "cnn-train-torch-recipe"
+
+
+def recipe_key(seed: int) -> str:
+    """The variant key of the recipe's run with ``seed``."""
+    return f"{RECIPE_KEY}-seed{seed}"
 SUBPROCESS_TIMEOUT = 1800.0
 EPOCH_TIMEOUT = 300.0
 #: More CPU than this taken by other processes makes the timings unrepresentative.
@@ -80,9 +85,12 @@ class Settings:
     peak_size: int = 4096
     #: Epochs of the opt-in improved recipe's run (its own default); 0 leaves the recipe out.
     recipe_epochs: int = IMPROVED_TRAINING["epochs"]
+    #: The recipe runs once per seed: its accuracy target is a mean over seeds, not one draw.
+    recipe_seeds: tuple[int, ...] = (0, 1, 2)
 
-    def split_args(self) -> list[str]:
-        args = ["--seed", str(self.seed), "--validation-fraction", str(self.validation_fraction)]
+    def split_args(self, seed: int | None = None) -> list[str]:
+        """The data and seed options every variant shares; ``seed`` replaces the benchmark's own."""
+        args = ["--seed", str(self.seed if seed is None else seed), "--validation-fraction", str(self.validation_fraction)]
         if self.sample_limit is not None:
             args += ["--sample-limit", str(self.sample_limit)]
         if self.test_limit is not None:
@@ -102,7 +110,12 @@ class Settings:
         return (
             f"{self.epochs} epoch(s), batch 32, Adam 1e-3, seed {self.seed}, {images} "
             f"({self.validation_fraction:.0%} held out for validation), {test}, CPU"
-            + (f"; the improved recipe: {self.recipe_epochs} epoch(s) of its own training" if self.recipe_epochs else "")
+            + (
+                f"; the improved recipe: {self.recipe_epochs} epoch(s) of its own training, seeds "
+                + ", ".join(map(str, self.recipe_seeds))
+                if self.recipe_epochs
+                else ""
+            )
         )
 
 
@@ -295,22 +308,24 @@ def run_bare(framework: str, settings: Settings, env: dict[str, str], work: Path
 
 
 def run_flow(
-    backend: str, settings: Settings, env: dict[str, str], work: Path, *, architecture: str = "cnn"
+    backend: str, settings: Settings, env: dict[str, str], work: Path, *, architecture: str = "cnn",
+    seed: int | None = None,
 ) -> Variant:
     recipe = architecture == IMPROVED_ARCHITECTURE
     epochs = settings.recipe_epochs if recipe else settings.epochs
     run = run_script(
         "probes.py",
-        ["flow", "--backend", backend, "--architecture", architecture, "--epochs", str(epochs), *settings.split_args()],
+        ["flow", "--backend", backend, "--architecture", architecture, "--epochs", str(epochs), *settings.split_args(seed)],
         env=env,
-        out=work / f"flow-{backend}-{architecture}.json",
+        out=work / f"flow-{backend}-{architecture}{'' if seed is None else f'-seed{seed}'}.json",
         timeout=_training_timeout(settings),
     )
     result = run.result
     images = result["train_images"]
     train_only = sum(images / rate for rate in result["images_per_second"])
     return Variant(
-        name=f"cnn-train {backend}, {architecture}" if recipe else f"cnn-train {backend}",
+        name=f"cnn-train {backend}, {architecture}" + ("" if seed is None else f", seed {seed}") if recipe
+        else f"cnn-train {backend}",
         process_wall=run.process_wall,
         run_wall=result["flow_end"] - result["flow_start"],
         train_seconds=sum(result["epoch_seconds"]),
@@ -415,9 +430,9 @@ def measure(settings: Settings, work: Path) -> Measurements:
     for backend in BACKENDS:
         log(f"cnn-train flow, backend {backend}")
         variants[f"cnn-train-{backend}"] = run_flow(backend, settings, env, work)
-    if settings.recipe_epochs:
-        log(f"cnn-train flow, backend torch, the improved recipe ({settings.recipe_epochs} epochs)")
-        variants[RECIPE_KEY] = run_flow("torch", settings, env, work, architecture=IMPROVED_ARCHITECTURE)
+    for seed in settings.recipe_seeds if settings.recipe_epochs else ():
+        log(f"cnn-train flow, backend torch, the improved recipe ({settings.recipe_epochs} epochs, seed {seed})")
+        variants[recipe_key(seed)] = run_flow("torch", settings, env, work, architecture=IMPROVED_ARCHITECTURE, seed=seed)
 
     foreign_cpu_share = others.share()
 
@@ -549,8 +564,8 @@ def targets(m: Measurements) -> list[Target]:
             0.97, at_most=False, pattern=".3f",
         ),
         _ratio_target(
-            "keras backend img/s / torch backend", ">= 0.8x", v["cnn-train-keras"].images_per_second / torch_rate,
-            0.8, at_most=False, pattern=".3f",
+            "keras backend img/s / torch backend", ">= 0.9x", v["cnn-train-keras"].images_per_second / torch_rate,
+            0.9, at_most=False, pattern=".3f",
         ),
         _ratio_target("data prep, cold", "<= 2 s", median(m.prep_cold), 2.0, at_most=True, pattern=".2f"),
         _ratio_target("data prep, cached", "<= 0.3 s", median(m.prep_cached), 0.3, at_most=True, pattern=".2f"),
@@ -569,13 +584,21 @@ def targets(m: Measurements) -> list[Target]:
         )
         for backend in BACKENDS
     ]
-    if RECIPE_KEY in v:
-        recipe = v[RECIPE_KEY]
+    recipes = [variant for key, variant in v.items() if key.startswith(RECIPE_KEY)]
+    if recipes:
+        accuracies = [recipe.test_accuracy for recipe in recipes]
+        seeds = ", ".join(key.removeprefix(f"{RECIPE_KEY}-seed") for key in v if key.startswith(RECIPE_KEY))
+        mean_accuracy = statistics.mean(accuracies)
         found += [
-            _ratio_target("improved recipe, test accuracy", ">= 93.5%", recipe.test_accuracy, 0.935, at_most=False,
-                          pattern=".2%"),
-            _ratio_target("improved recipe, flow run wall / default torch run's", "<= 1.0x",
-                          recipe.run_wall / v["cnn-train-torch"].run_wall, 1.0, at_most=True, pattern=".3f"),
+            Target(
+                f"improved recipe, mean test accuracy over seeds {seeds}", ">= 94.0%",
+                f"{mean_accuracy:.2%} ({min(accuracies):.2%} to {max(accuracies):.2%})", mean_accuracy >= 0.94,
+            ),
+            _ratio_target(
+                "improved recipe, mean flow run wall / default torch run's", "<= 1.0x",
+                statistics.mean(recipe.run_wall for recipe in recipes) / v["cnn-train-torch"].run_wall, 1.0,
+                at_most=True, pattern=".3f",
+            ),
         ]
     return found
 
@@ -701,16 +724,33 @@ def raw_numbers(settings: Settings, m: Measurements) -> dict[str, Any]:
     }
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give whole numbers separated by commas, e.g. 0,1,2; got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"give each seed once, got {text!r}")
+    return seeds
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=10, help="epochs for every variant (default 10)")
+    parser.add_argument("--epochs", type=int, default=Settings.epochs, help=f"epochs for every variant (default {Settings.epochs})")
     add_arguments(parser, ("sample_limit", "test_limit", "data_dir"))
-    parser.add_argument("--repeats", type=int, default=3, help="repeats of data prep and of each trigger (default 3)")
-    parser.add_argument("--skip-servers", action="store_true", help="do not start the stack; no trigger timing")
-    parser.add_argument("--peak-size", type=int, default=4096, help="side of the matmul that measures the peak")
     parser.add_argument(
-        "--recipe-epochs", type=int, default=IMPROVED_TRAINING["epochs"],
+        "--repeats", type=int, default=Settings.repeats,
+        help=f"repeats of data prep and of each trigger (default {Settings.repeats})",
+    )
+    parser.add_argument("--skip-servers", action="store_true", help="do not start the stack; no trigger timing")
+    parser.add_argument("--peak-size", type=int, default=Settings.peak_size, help="side of the matmul that measures the peak")
+    parser.add_argument(
+        "--recipe-epochs", type=int, default=Settings.recipe_epochs,
         help=f"epochs of the improved recipe's run (default its own {IMPROVED_TRAINING['epochs']}; 0 leaves it out)",
+    )
+    parser.add_argument(
+        "--recipe-seeds", type=_seeds, default=Settings.recipe_seeds,
+        help="comma-separated seeds of the improved recipe's runs (default 0,1,2); its accuracy target is their mean",
     )
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
@@ -719,16 +759,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         parser.error("--epochs and --repeats must be at least 1")
     if args.recipe_epochs < 0:
         parser.error("--recipe-epochs must be 0 (leave the recipe out) or more")
-    settings = Settings(
-        epochs=args.epochs,
-        sample_limit=args.sample_limit,
-        test_limit=args.test_limit,
-        repeats=args.repeats,
-        skip_servers=args.skip_servers,
-        data_dir=args.data_dir,
-        peak_size=args.peak_size,
-        recipe_epochs=args.recipe_epochs,
-    )
+    # Every setting the command line names, under the same name; the rest keep their defaults.
+    settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)})
     return settings, args
 
 

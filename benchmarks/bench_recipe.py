@@ -1,10 +1,10 @@
 """Measure the improved recipe against the lesson's CNN: seconds per epoch and test accuracy.
 
     .venv/bin/python benchmarks/bench_recipe.py [VARIANT ...] [--epochs N] [--sample-limit N]
-        [--test-limit N] [--threads N] [--json out.json]
+        [--test-limit N] [--threads N] [--seeds 0,1,2] [--json out.json]
 
 Each variant trains with the torch backend on the flow's split (``prepare_data``: full data,
-validation share 0.1, seed 42 unless told otherwise) and is then evaluated on the test set. Prints
+validation share 0.1, seed 42 unless ``--seeds`` names others, each then its own split, weights and shuffles) and is then evaluated on the test set. Prints
 every epoch's time and validation accuracy, then one line per variant: training seconds (what the
 flow's training step spends, validation included), test accuracy and the time as a share of the
 lesson's ``lesson`` run when it ran in the same call. With no VARIANT, runs ``lesson`` and
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +42,16 @@ def _recipe() -> tuple[ModelConfig, TrainConfig]:
     return ModelConfig.preset(IMPROVED_ARCHITECTURE), training
 
 
+def _recipe_with(**changes: Any) -> Callable[[], tuple[ModelConfig, TrainConfig]]:
+    """The recipe with some of its training values changed."""
+
+    def variant() -> tuple[ModelConfig, TrainConfig]:
+        model, training = _recipe()
+        return model, training.model_copy(update=changes)
+
+    return variant
+
+
 def _improved(*filters: int, pools: tuple[int, ...] | None = None) -> ModelConfig:
     """A cnn-improved network with batch norm and dropout 0.3 on the given 3x3 convolutions."""
     pools = pools or (2,) * len(filters)
@@ -55,6 +66,8 @@ _ONECYCLE_B128: dict[str, Any] = {"epochs": 10, "batch_size": 128, "learning_rat
 VARIANTS: dict[str, Callable[[], tuple[ModelConfig, TrainConfig]]] = {
     "lesson": lambda: (ModelConfig(), TrainConfig()),
     "recipe": _recipe,
+    "recipe-b256": _recipe_with(batch_size=256, learning_rate=4e-3),
+    "recipe-b512": _recipe_with(batch_size=512, learning_rate=6e-3),
     "bn-dropout-onecycle-b128": lambda: (_improved(32, 64), TrainConfig(**_ONECYCLE_B128)),
     "bn-dropout-onecycle-aug-b128": lambda: (_improved(32, 64), TrainConfig(**_ONECYCLE_B128, augment=True)),
     "conv3-bf16-smooth-b128": lambda: (
@@ -67,6 +80,7 @@ VARIANTS: dict[str, Callable[[], tuple[ModelConfig, TrainConfig]]] = {
 @dataclass(frozen=True)
 class VariantResult:
     name: str
+    seed: int
     parameters: int
     epochs: tuple[EpochMetrics, ...]
     test_accuracy: float
@@ -76,7 +90,7 @@ class VariantResult:
         return sum(epoch.seconds for epoch in self.epochs)
 
 
-def run_variant(name: str, data: Any, *, epochs: int | None, threads: int | None) -> VariantResult:
+def run_variant(name: str, data: Any, *, epochs: int | None, threads: int | None, seed: int) -> VariantResult:
     import torch
 
     from cnn_train.backends.torch_backend import TorchBackend
@@ -84,8 +98,7 @@ def run_variant(name: str, data: Any, *, epochs: int | None, threads: int | None
     if threads is not None:
         torch.set_num_threads(threads)
     model, train = VARIANTS[name]()
-    if epochs is not None:
-        train = TrainConfig(**{**train.model_dump(), "epochs": epochs})
+    train = train.model_copy(update={"seed": seed} | ({} if epochs is None else {"epochs": epochs}))
     print(f"== {name}: {model.model_dump(exclude_defaults=True)} {train.model_dump(exclude_defaults=True)}", flush=True)
     backend = TorchBackend()
     backend.build(model, device="cpu", seed=train.seed)
@@ -99,7 +112,7 @@ def run_variant(name: str, data: Any, *, epochs: int | None, threads: int | None
 
     history = backend.train(data.train_data(), train, on_epoch=report)
     test = backend.evaluate(data.x_test, data.y_test)
-    return VariantResult(name, backend.parameter_count(), history.epochs, test.accuracy)
+    return VariantResult(name, seed, backend.parameter_count(), history.epochs, test.accuracy)
 
 
 def main() -> None:
@@ -109,6 +122,9 @@ def main() -> None:
     parser.add_argument("--sample-limit", type=int, help="Train + validation images (default: all 60,000).")
     parser.add_argument("--test-limit", type=int, help="Test images (default: all 10,000).")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before training.")
+    parser.add_argument(
+        "--seeds", default="42", help="Comma-separated seeds, each its own split, initial weights and shuffles (default 42)."
+    )
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
     unknown = sorted(set(args.variants) - set(VARIANTS))
@@ -116,18 +132,29 @@ def main() -> None:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     args.variants = args.variants or ["lesson", "recipe"]
 
-    data = prepare_data(validation_fraction=0.1, seed=42, sample_limit=args.sample_limit, test_limit=args.test_limit)
-    print(f"data: {data.summary()}", flush=True)
-    results = [run_variant(name, data, epochs=args.epochs, threads=args.threads) for name in args.variants]
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds takes whole numbers separated by commas, e.g. 0,1,2; got {args.seeds!r}")
+    results = []
+    for seed in seeds:
+        data = prepare_data(
+            validation_fraction=0.1, seed=seed, sample_limit=args.sample_limit, test_limit=args.test_limit
+        )
+        print(f"data (seed {seed}): {data.summary()}", flush=True)
+        results += [run_variant(name, data, epochs=args.epochs, threads=args.threads, seed=seed) for name in args.variants]
 
-    budget = next((r.train_seconds for r in results if r.name == "lesson"), None)
-    print(f"\n{'variant':40s} {'params':>8s} {'s/epoch':>8s} {'train s':>8s} {'test acc':>9s} {'time/lesson':>12s}")
+    budget = statistics.mean([r.train_seconds for r in results if r.name == "lesson"] or [0.0]) or None
+    print(f"\n{'variant':40s} {'seed':>5s} {'params':>8s} {'s/epoch':>8s} {'train s':>8s} {'test acc':>9s} {'time/lesson':>12s}")
     for result in results:
         share = f"{result.train_seconds / budget:12.2f}" if budget else f"{'-':>12s}"
         print(
-            f"{result.name:40s} {result.parameters:8,d} {result.train_seconds / len(result.epochs):8.1f} "
+            f"{result.name:40s} {result.seed:5d} {result.parameters:8,d} {result.train_seconds / len(result.epochs):8.1f} "
             f"{result.train_seconds:8.1f} {result.test_accuracy:9.4f} {share}"
         )
+    for name in args.variants if len(seeds) > 1 else ():
+        accuracies = [r.test_accuracy for r in results if r.name == name]
+        print(f"{name:40s} mean test accuracy {statistics.mean(accuracies):.4f} ± {statistics.stdev(accuracies):.4f} over seeds {args.seeds}")
     if args.json:
         args.json.write_text(json.dumps([{**asdict(r), "train_seconds": r.train_seconds} for r in results], indent=1))
 
