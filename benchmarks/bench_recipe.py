@@ -68,6 +68,7 @@ VARIANTS: dict[str, Callable[[], tuple[ModelConfig, TrainConfig]]] = {
     "recipe": _recipe,
     "recipe-b256": _recipe_with(batch_size=256, learning_rate=4e-3),
     "recipe-b512": _recipe_with(batch_size=512, learning_rate=6e-3),
+    "recipe-b256-e8": _recipe_with(batch_size=256, learning_rate=4e-3, epochs=8),
     "bn-dropout-onecycle-b128": lambda: (_improved(32, 64), TrainConfig(**_ONECYCLE_B128)),
     "bn-dropout-onecycle-aug-b128": lambda: (_improved(32, 64), TrainConfig(**_ONECYCLE_B128, augment=True)),
     "conv3-bf16-smooth-b128": lambda: (
