@@ -160,26 +160,30 @@ def _confusion(path: Path, **data) -> Path:
     return reporting.plot_confusion_matrix(summary, path)
 
 
+def _predictions(data: dict) -> reporting.Predictions:
+    return reporting.Predictions(data["images"], data["y_true"], data["probabilities"], CLASSES)
+
+
 @FIGURES("predictions-grid")
 def _grid(path: Path, **data) -> Path:
-    return reporting.plot_predictions_grid(data["images"], data["y_true"], data["probabilities"], CLASSES, path)
+    return reporting.plot_predictions_grid(_predictions(data), path)
 
 
 @FIGURES("predictions-grid-rgb-partial-row")
 def _grid_rgb(path: Path, **data) -> Path:
     rgb = np.repeat(data["images"], 3, axis=-1)
-    return reporting.plot_predictions_grid(rgb, data["y_true"], data["probabilities"], CLASSES, path, n=7)
+    return reporting.plot_predictions_grid(reporting.Predictions(rgb, data["y_true"], data["probabilities"], CLASSES), path, n=7)
 
 
 @FIGURES("confident-mistakes")
 def _mistakes(path: Path, **data) -> Path:
-    return reporting.plot_confident_mistakes(data["images"], data["y_true"], data["probabilities"], CLASSES, path)
+    return reporting.plot_confident_mistakes(_predictions(data), path)
 
 
 @FIGURES("confident-mistakes-when-none")
 def _no_mistakes(path: Path, **data) -> Path:
     perfect = np.eye(len(CLASSES))[data["y_true"]]
-    return reporting.plot_confident_mistakes(data["images"], data["y_true"], perfect, CLASSES, path)
+    return reporting.plot_confident_mistakes(reporting.Predictions(data["images"], data["y_true"], perfect, CLASSES), path)
 
 
 @FIGURES("kernels")
@@ -270,9 +274,25 @@ def test_confident_mistakes_are_ordered_by_confidence() -> None:
     assert reporting.confident_mistakes(y_true, probabilities, n=1).tolist() == [2]
 
 
-def test_predictions_refuse_mismatched_probabilities(images: np.ndarray, y_true: np.ndarray, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"probabilities must be \(n, 10\)"):
-        reporting.plot_predictions_grid(images, y_true, np.full((N_IMAGES, 3), 1 / 3), CLASSES, tmp_path / "g.png")
+@pytest.mark.parametrize(
+    ("shrink", "message"),
+    [
+        pytest.param("images", r"images must be \(n, height, width\[, channels\]\), got shape \(\d+, \d+\)", id="flat-images"),
+        pytest.param("y_true", r"must have the same length, got \d+, \d+ and \d+", id="short-labels"),
+        pytest.param("probabilities", r"probabilities must be \(n, 10\) to match the class names, got shape \(\d+, 3\)", id="three-classes"),
+    ],
+)
+def test_predictions_refuse_arrays_that_do_not_line_up(
+    images: np.ndarray, y_true: np.ndarray, probabilities: np.ndarray, shrink: str, message: str
+) -> None:
+    arrays = {"images": images, "y_true": y_true, "probabilities": probabilities}
+    arrays[shrink] = {
+        "images": images.reshape(len(images), -1),
+        "y_true": y_true[:-1],
+        "probabilities": np.full((len(images), 3), 1 / 3),
+    }[shrink]
+    with pytest.raises(ValueError, match=message):
+        reporting.Predictions(**arrays, class_names=CLASSES)
 
 
 # --------------------------------------------------------------------------- tables

@@ -24,6 +24,7 @@ from cnn_train.flows.reporting.comparison import (
 from cnn_train.flows.reporting.comparison_report import ComparisonFiles, write_comparison_report
 from cnn_train.flows.reporting.figures import plot_confusion_matrix, plot_learning_curves
 from cnn_train.flows.reporting.grids import (
+    Predictions,
     confident_mistakes,
     feature_map_title,
     plot_confident_mistakes,
@@ -81,6 +82,7 @@ __all__ = [
     "number_format",
     "parity_verdict",
     "percent_format",
+    "Predictions",
     "plot_confident_mistakes",
     "plot_confusion_matrix",
     "plot_feature_maps",

@@ -8,6 +8,7 @@ are text placed above their tiles, and frames are rectangles around them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -28,25 +29,38 @@ def _with_white_gaps(name: str) -> Colormap:
     return colormaps[name].with_extremes(bad="white")
 
 
-def checked_predictions(
-    images: np.ndarray, y_true: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The three as arrays; refuses images, labels and probabilities that do not line up with each
-    other and the classes."""
-    images, y_true, probabilities = np.asarray(images), np.asarray(y_true), np.asarray(probabilities)
-    if images.ndim not in (3, 4):
-        raise ValueError(f"images must be (n, height, width[, channels]), got shape {images.shape}")
-    if not len(images) == len(y_true) == len(probabilities):
-        raise ValueError(
-            "images, y_true and probabilities must have the same length, "
-            f"got {len(images)}, {len(y_true)} and {len(probabilities)}"
-        )
-    if probabilities.ndim != 2 or probabilities.shape[1] != len(class_names):
-        raise ValueError(
-            f"probabilities must be (n, {len(class_names)}) to match the class names, "
-            f"got shape {probabilities.shape}"
-        )
-    return images, y_true, probabilities
+@dataclass(frozen=True)
+class Predictions:
+    """Test images with their true labels and predicted class probabilities, checked to line up with
+    each other and the class names; what the prediction grids draw."""
+
+    images: np.ndarray
+    y_true: np.ndarray
+    probabilities: np.ndarray
+    class_names: Sequence[str]
+
+    def __post_init__(self) -> None:
+        images, y_true, probabilities = np.asarray(self.images), np.asarray(self.y_true), np.asarray(self.probabilities)
+        if images.ndim not in (3, 4):
+            raise ValueError(f"images must be (n, height, width[, channels]), got shape {images.shape}")
+        if not len(images) == len(y_true) == len(probabilities):
+            raise ValueError(
+                "images, y_true and probabilities must have the same length, "
+                f"got {len(images)}, {len(y_true)} and {len(probabilities)}"
+            )
+        if probabilities.ndim != 2 or probabilities.shape[1] != len(self.class_names):
+            raise ValueError(
+                f"probabilities must be (n, {len(self.class_names)}) to match the class names, "
+                f"got shape {probabilities.shape}"
+            )
+        object.__setattr__(self, "images", images)
+        object.__setattr__(self, "y_true", y_true)
+        object.__setattr__(self, "probabilities", probabilities)
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """The most probable class of each image."""
+        return self.probabilities.argmax(axis=1)
 
 
 def prediction_title(predicted: str, confidence: float, true: str, true_probability: float | None = None) -> str:
@@ -56,18 +70,10 @@ def prediction_title(predicted: str, confidence: float, true: str, true_probabil
 
 
 def _prediction_figure(
-    indices: np.ndarray,
-    images: np.ndarray,
-    y_true: np.ndarray,
-    probabilities: np.ndarray,
-    class_names: Sequence[str],
-    *,
-    columns: int,
-    tile_inches: float,
-    show_true_probability: bool,
+    indices: np.ndarray, predictions: Predictions, *, columns: int, tile_inches: float, show_true_probability: bool
 ) -> Figure:
     """The pictures at ``indices``, each captioned with prediction and truth, mistakes framed in red."""
-    pictures = np.stack([as_picture(images[index]) for index in indices])
+    pictures = np.stack([as_picture(predictions.images[index]) for index in indices])
     inches_per_pixel = tile_inches / pictures.shape[1]
     tiles = mosaic(
         pictures,
@@ -79,9 +85,9 @@ def _prediction_figure(
     figure = new_figure(max(width * inches_per_pixel + 0.3, 6), height * inches_per_pixel + 0.7)
     ax = figure.add_subplot()
     show_mosaic(ax, tiles, cmap=_with_white_gaps("binary"), vmin=0, vmax=1)
-    predicted = probabilities.argmax(axis=1)
+    predicted, probabilities, class_names = predictions.predicted, predictions.probabilities, predictions.class_names
     for tile, index in enumerate(indices):
-        pred, true = int(predicted[index]), int(y_true[index])
+        pred, true = int(predicted[index]), int(predictions.y_true[index])
         wrong = pred != true
         caption = prediction_title(
             class_names[pred],
@@ -101,24 +107,13 @@ def _prediction_figure(
     return figure
 
 
-def plot_predictions_grid(
-    images: np.ndarray,
-    y_true: np.ndarray,
-    probabilities: np.ndarray,
-    class_names: Sequence[str],
-    path: Path | str,
-    *,
-    n: int = 25,
-) -> Path:
+def plot_predictions_grid(predictions: Predictions, path: Path | str, *, n: int = 25) -> Path:
     """The first ``n`` images titled with prediction, confidence and truth; mistakes framed in red."""
-    images, y_true, probabilities = checked_predictions(images, y_true, probabilities, class_names)
-    indices = np.arange(min(n, len(images)))
+    indices = np.arange(min(n, len(predictions.images)))
     if indices.size == 0:
         raise ValueError("no images to plot: pass at least one image and n >= 1")
-    figure = _prediction_figure(
-        indices, images, y_true, probabilities, class_names, columns=5, tile_inches=1.7, show_true_probability=False
-    )
-    correct = int((probabilities[indices].argmax(axis=1) == y_true[indices]).sum())
+    figure = _prediction_figure(indices, predictions, columns=5, tile_inches=1.7, show_true_probability=False)
+    correct = int((predictions.predicted[indices] == predictions.y_true[indices]).sum())
     figure.suptitle(f"Predictions: {correct} of {len(indices)} right (mistakes in red)")
     return save(figure, path)
 
@@ -131,29 +126,18 @@ def confident_mistakes(y_true: np.ndarray, probabilities: np.ndarray, n: int) ->
     return wrong[np.argsort(-confidence, kind="stable")][:n]
 
 
-def plot_confident_mistakes(
-    images: np.ndarray,
-    y_true: np.ndarray,
-    probabilities: np.ndarray,
-    class_names: Sequence[str],
-    path: Path | str,
-    *,
-    n: int = 16,
-) -> Path:
+def plot_confident_mistakes(predictions: Predictions, path: Path | str, *, n: int = 16) -> Path:
     """The ``n`` mistakes the model was surest of, or a figure saying there were none."""
-    images, y_true, probabilities = checked_predictions(images, y_true, probabilities, class_names)
-    indices = confident_mistakes(y_true, probabilities, n)
+    indices = confident_mistakes(predictions.y_true, predictions.probabilities, n)
     if indices.size == 0:
         figure = new_figure(6, 3.5)
         ax = figure.add_subplot()
-        ax.text(0.5, 0.5, f"No mistakes among {len(images):,} images", ha="center", va="center", fontsize=16)
+        ax.text(0.5, 0.5, f"No mistakes among {len(predictions.images):,} images", ha="center", va="center", fontsize=16)
         ax.set_axis_off()
         figure.suptitle("Most confident mistakes")
         return save(figure, path)
-    figure = _prediction_figure(
-        indices, images, y_true, probabilities, class_names, columns=4, tile_inches=1.9, show_true_probability=True
-    )
-    total = int((probabilities.argmax(axis=1) != y_true).sum())
+    figure = _prediction_figure(indices, predictions, columns=4, tile_inches=1.9, show_true_probability=True)
+    total = int((predictions.predicted != predictions.y_true).sum())
     figure.suptitle(f"Most confident mistakes ({len(indices)} of {total:,})")
     return save(figure, path)
 

@@ -11,7 +11,7 @@ import numpy as np
 from cnn_train.flows.reporting.comparison import ComparisonRow, cnn_against_dense_sentence, comparison_table
 from cnn_train.flows.reporting.figures import plot_confusion_matrix, plot_learning_curves
 from cnn_train.flows.reporting.grids import (
-    checked_predictions,
+    Predictions,
     plot_confident_mistakes,
     plot_feature_maps,
     plot_kernels,
@@ -216,21 +216,17 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = inputs.class_names
-    images, y_true, probabilities = checked_predictions(images, y_true, probabilities, names)
-    summary = classification_tables(y_true, probabilities.argmax(axis=1), names)
+    predictions = Predictions(images, y_true, probabilities, names)
+    summary = classification_tables(predictions.y_true, predictions.predicted, names)
 
     figures = FigureFiles(
         learning_curves=plot_learning_curves(inputs.history, out_dir / "learning_curves.png"),
         confusion_matrix=plot_confusion_matrix(summary, out_dir / "confusion_matrix.png"),
-        predictions=plot_predictions_grid(
-            images, y_true, probabilities, names, out_dir / "predictions.png", n=grid_size
-        ),
-        confident_mistakes=plot_confident_mistakes(
-            images, y_true, probabilities, names, out_dir / "confident_mistakes.png", n=mistakes
-        ),
+        predictions=plot_predictions_grid(predictions, out_dir / "predictions.png", n=grid_size),
+        confident_mistakes=plot_confident_mistakes(predictions, out_dir / "confident_mistakes.png", n=mistakes),
         kernels=plot_kernels(kernels, out_dir / "kernels.png") if kernels is not None else None,
         feature_maps=(
-            plot_feature_maps(images[feature_map_image_index], feature_maps, out_dir / "feature_maps.png")
+            plot_feature_maps(predictions.images[feature_map_image_index], feature_maps, out_dir / "feature_maps.png")
             if feature_maps
             else None
         ),
