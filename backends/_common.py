@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from importlib.metadata import version
 
@@ -18,19 +17,6 @@ NOT_BUILT = "no model yet: call build() (or load()) first"
 
 #: The lessons' two networks; both built-in backends build them (torch also builds the recipe's).
 ARCHITECTURES: tuple[str, ...] = ("cnn", "dense")
-
-_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
-
-
-def check_buildable(config: ModelConfig, device: str, architectures: Sequence[str]) -> None:
-    """Refuse an architecture the backend lacks or a device string that is not ``cpu`` or ``cuda:N``."""
-    if config.architecture not in architectures:
-        raise ValueError(
-            f"architecture {config.architecture!r} is not supported here; supported: {', '.join(architectures)}"
-        )
-    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
-        raise ValueError(f"device must be 'cpu' or 'cuda:N' (e.g. 'cuda:0'), got {device!r}")
-
 
 def unusable_device(device: str, error: Exception) -> ValueError:
     """The error to raise when the framework cannot place the model on ``device``."""

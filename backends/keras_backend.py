@@ -25,14 +25,8 @@ from cnn_train.backends import _common as common
 from cnn_train.backends.keras_direct import DirectSequential, EpochCallbacks, keras
 from cnn_train.plugins.config import ModelConfig
 from cnn_train.plugins.contract import (
-    BackendBase,
-    EpochCallback,
-    EpochMetrics,
-    Evaluation,
-    LoggableModel,
-    TrainHistory,
-    Training,
-    check_images,
+    BackendBase, EpochCallback, EpochMetrics, Evaluation, LoggableModel, TrainHistory, Training,
+    check_buildable, check_images,
 )
 
 logger = logging.getLogger(__name__)
@@ -131,7 +125,7 @@ class KerasBackend(BackendBase):
         self._probabilities: keras.Sequential | None = None
 
     def build(self, config: ModelConfig, *, device: str, seed: int) -> None:
-        common.check_buildable(config, device, self.architectures)
+        check_buildable(config, device, self.architectures)
         keras.utils.set_random_seed(seed)
         try:
             with keras.device(device):

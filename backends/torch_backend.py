@@ -29,12 +29,7 @@ from torch import nn
 from cnn_train.backends import _common as common
 from cnn_train.plugins.config import AUGMENT_MAX_SHIFT, IMPROVED_ARCHITECTURE, ModelConfig
 from cnn_train.plugins.contract import (
-    PLAIN_TRAINING,
-    BackendBase,
-    Evaluation,
-    LoggableModel,
-    TrainHistory,
-    Training,
+    PLAIN_TRAINING, BackendBase, Evaluation, LoggableModel, TrainHistory, Training, check_buildable,
     check_images,
 )
 
@@ -119,7 +114,7 @@ class TorchBackend(BackendBase):
         self._optimizer: torch.optim.Adam | None = None
 
     def build(self, config: ModelConfig, *, device: str, seed: int) -> None:
-        common.check_buildable(config, device, self.architectures)
+        check_buildable(config, device, self.architectures)
         # Seed only the initialisation, leaving the caller's global generator as it was.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -9,6 +9,7 @@ Backends never talk to MLflow: they hand the flow a :class:`LoggableModel` inste
 
 from __future__ import annotations
 
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -215,6 +216,25 @@ CONTRACT_METHODS: tuple[str, ...] = (
     "load",
     "loggable_model",
 )
+
+
+#: Device strings a backend may be asked to build on: the CPU, or a CUDA device.
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def check_buildable(
+    config: ModelConfig, device: str, architectures: Sequence[str], *, devices: Sequence[str] | None = None
+) -> None:
+    """What ``build`` refuses: an architecture not in ``architectures``, or a device outside ``devices``
+    (by default any ``cpu`` or ``cuda:N``)."""
+    if config.architecture not in architectures:
+        raise ValueError(
+            f"architecture {config.architecture!r} is not supported here; supported: {', '.join(architectures)}"
+        )
+    if devices is not None and device not in devices:
+        raise ValueError(f"device must be {' or '.join(map(repr, devices))} for this backend, got {device!r}")
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise ValueError(f"device must be 'cpu' or 'cuda:N' (e.g. 'cuda:0'), got {device!r}")
 
 
 def check_images(x: np.ndarray, config: ModelConfig, *, what: str = "images") -> None:

@@ -14,12 +14,7 @@ import numpy as np
 
 from cnn_train.plugins.config import ModelConfig
 from cnn_train.plugins.contract import (
-    BackendBase,
-    Evaluation,
-    LoggableModel,
-    Training,
-    TrainHistory,
-    check_images,
+    BackendBase, Evaluation, LoggableModel, TrainHistory, Training, check_buildable, check_images,
     check_labels,
 )
 from cnn_train_numpy_mlp.network import hidden_and_logits, probabilities, softmax
@@ -45,12 +40,7 @@ class NumpyMLPBackend(BackendBase):
         self._exports: tempfile.TemporaryDirectory[str] | None = None
 
     def build(self, config: ModelConfig, *, device: str, seed: int) -> None:
-        if config.architecture not in self.architectures:
-            raise ValueError(
-                f"numpy-mlp cannot build architecture {config.architecture!r}; it supports: {', '.join(self.architectures)}"
-            )
-        if device != "cpu":
-            raise ValueError(f"numpy-mlp runs only on device 'cpu', got {device!r}")
+        check_buildable(config, device, self.architectures, devices=("cpu",))
         rng = np.random.default_rng(seed)
         units = [int(np.prod(config.input_shape)), config.dense_units, config.num_classes]
         self._weights = {}

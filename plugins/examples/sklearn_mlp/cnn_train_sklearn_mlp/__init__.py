@@ -19,12 +19,7 @@ from sklearn.preprocessing import FunctionTransformer
 
 from cnn_train.plugins.config import ModelConfig
 from cnn_train.plugins.contract import (
-    BackendBase,
-    Evaluation,
-    LoggableModel,
-    Training,
-    TrainHistory,
-    check_images,
+    BackendBase, Evaluation, LoggableModel, TrainHistory, Training, check_buildable, check_images,
     check_labels,
 )
 
@@ -44,12 +39,7 @@ class SklearnMLPBackend(BackendBase):
         self._pipeline: Pipeline | None = None
 
     def build(self, config: ModelConfig, *, device: str, seed: int) -> None:
-        if config.architecture not in self.architectures:
-            raise ValueError(
-                f"sklearn-mlp cannot build architecture {config.architecture!r}; it supports: {', '.join(self.architectures)}"
-            )
-        if device != "cpu":
-            raise ValueError(f"sklearn-mlp runs only on device 'cpu', got {device!r}")
+        check_buildable(config, device, self.architectures, devices=("cpu",))
         self._config = config
         mlp = MLPClassifier(
             hidden_layer_sizes=(config.dense_units,),
