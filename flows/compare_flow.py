@@ -22,7 +22,7 @@ from cnn_train.flows.params import (
     split_values,
     validate_parameters,
 )
-from cnn_train.flows.runs import cnn_train_flow, ended, prefect_flow_run_url, start_flow_run
+from cnn_train.flows.runs import cnn_train_flow, flow_run_tracker, prefect_flow_run_url
 from cnn_train.flows.tasks import ChildRun, child_run, prep_task
 from cnn_train.flows.tracking import RunTracker
 
@@ -35,17 +35,13 @@ def validate_compare(values: dict[str, Any]) -> tuple[list[RunParameters], Compa
     return [validate_parameters(**run_values, backend=name) for name in options.backends], options
 
 
-@cnn_train_flow(
-    "cnn-train-compare",
-    "Train one config on several backends with the same seed and split, and compare them.",
-    CompareOptions, RunParameters, exclude=COMPARE_EXCLUDES,
-)
+@cnn_train_flow("cnn-train-compare", CompareOptions, RunParameters, exclude=COMPARE_EXCLUDES)
 def cnn_train_compare(**values: Any) -> dict[str, Any]:
-    """Each backend trains and evaluates the same config on the same split; the report compares them."""
+    """Train one config on several backends with the same seed and split, and compare them: each
+    backend trains and evaluates on the same split, and the report sets them side by side."""
     per_backend, options = validate_compare(values)
     first = per_backend[0]
-    parent = start_flow_run(first.experiment, run_name="compare-" + "-".join(options.backends), role="compare")
-    with ended(parent):
+    with flow_run_tracker(first.experiment, run_name="compare-" + "-".join(options.backends), role="compare") as parent:
         parent.log_params(first.model_dump(exclude=set(COMPARE_EXCLUDES)) | options.model_dump())
         data = prep_task(first, parent)
         children = {

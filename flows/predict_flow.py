@@ -13,7 +13,7 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from cnn_train.flows import predict, tracking
 from cnn_train.flows.params import ParameterError, PredictOptions, split_values
 from cnn_train.flows.predict.figure import plot_examples
-from cnn_train.flows.runs import cnn_train_flow, ended, start_flow_run
+from cnn_train.flows.runs import cnn_train_flow, flow_run_tracker
 from cnn_train.flows.tasks import IN_MEMORY
 from cnn_train.flows.tracking import RunTracker
 
@@ -98,18 +98,14 @@ def _publish_to_prefect(
     create_markdown_artifact(markdown, key="prediction-summary", description="Class counts and low-confidence images")
 
 
-@cnn_train_flow(
-    "cnn-train-predict",
-    "Classify a folder of images with a registered or logged model; predictions and a summary in MLflow.",
-    PredictOptions,
-)
+@cnn_train_flow("cnn-train-predict", PredictOptions)
 def cnn_train_predict(**values: Any) -> dict[str, Any]:
-    """Load the model, classify every image in the folder, record the predictions and their summary."""
+    """Classify a folder of images with a registered or logged model; the predictions and their
+    summary go to MLflow."""
     _, options = split_values(values, PredictOptions)
     files = image_files(options.images)
     model = load_model_task(options.model)
-    tracker = start_flow_run(PREDICT_EXPERIMENT, run_name=f"predict-{Path(options.images).name}", role="predict")
-    with ended(tracker):
+    with flow_run_tracker(PREDICT_EXPERIMENT, run_name=f"predict-{Path(options.images).name}", role="predict") as tracker:
         tracker.set_tags(model.choice.tags())
         tracker.log_params({"model": options.model or "", "images": options.images, "image_files": len(files)})
         if model_id := getattr(model.pyfunc.metadata, "model_id", None):

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prefect import Flow, flow, get_run_logger, runtime
+from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError, TerminationSignal
 from prefect.states import Failed
 from pydantic import BaseModel
@@ -54,6 +55,20 @@ def start_flow_run(experiment: str, *, run_name: str, role: str | None = None) -
     tracker = RunTracker.start(experiment, run_name=run_name, tags=tags)
     logger.info("MLflow run %s: %s", tracker.run_id, tracker.url or tracking.open_hint(tracker))
     return tracker
+
+
+@contextlib.contextmanager
+def flow_run_tracker(experiment: str, *, run_name: str, role: str | None = None) -> Iterator[RunTracker]:
+    """The flow's top-level MLflow run (:func:`start_flow_run`), :func:`ended` as the block ends."""
+    tracker = start_flow_run(experiment, run_name=run_name, role=role)
+    with ended(tracker):
+        yield tracker
+
+
+def task_runner_name() -> str:
+    """The class name of the running flow's task runner, as recorded with a search's parameters."""
+    context = FlowRunContext.get()
+    return type(context.task_runner).__name__ if context else "none"
 
 
 def _status_for(error: BaseException) -> str:
@@ -130,14 +145,17 @@ def recorded_flow() -> dict[str, Any]:
 
 
 def cnn_train_flow(
-    name: str, description: str, *parameters: type[BaseModel], exclude: Iterable[str] = ()
+    name: str, *parameters: type[BaseModel], exclude: Iterable[str] = ()
 ) -> Callable[[Callable[..., Any]], Flow[..., Any]]:
     """How every cnn-train flow is declared: a ``def body(**values)`` whose parameters are the fields of
     ``parameters`` (each declared once, in ``params.py``), recorded as :func:`recorded_flow` says, and
-    failing in one line as :func:`fails_in_one_line` says."""
+    failing in one line as :func:`fails_in_one_line` says. Its docstring is the flow's description in
+    the Prefect UI."""
 
     def decorate(fn: Callable[..., Any]) -> Flow[..., Any]:
+        if not (fn.__doc__ or "").strip():
+            raise TypeError(f"flow {name!r} needs a docstring: it is the flow's description in the Prefect UI")
         body = fails_in_one_line(takes_parameters(*parameters, exclude=exclude)(fn))
-        return flow(name=name, description=description, **recorded_flow())(body)
+        return flow(name=name, **recorded_flow())(body)
 
     return decorate

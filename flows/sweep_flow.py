@@ -22,7 +22,6 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 
 from cnn_train.flows import reporting, steps, tracking
@@ -39,7 +38,7 @@ from cnn_train.flows.placement import place_task
 from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, node_tags, worker_died
 from cnn_train.flows.ray_cluster import ray_task_runner  # noqa: F401 - the commands take this flow's runner from here
 from cnn_train.flows.registering import register_task
-from cnn_train.flows.runs import cnn_train_flow, ended, flow_run_tags, start_flow_run
+from cnn_train.flows.runs import cnn_train_flow, flow_run_tags, flow_run_tracker, task_runner_name
 from cnn_train.flows.tasks import ChildRun, child_run, prep_task
 from cnn_train.flows.tracking import RunTracker
 
@@ -207,21 +206,16 @@ def _run_trials(
     return results
 
 
-@cnn_train_flow(
-    "cnn-train-sweep",
-    "A grid of cnn-train configurations sharing one data prep, ranked in a parent MLflow run.",
-    SweepOptions, RunParameters, exclude=SWEEP_EXCLUDES,
-)
+@cnn_train_flow("cnn-train-sweep", SweepOptions, RunParameters, exclude=SWEEP_EXCLUDES)
 def cnn_train_sweep(**values: Any) -> dict[str, Any]:
-    """Run every grid combination as a trial; rank them; optionally register the best model."""
+    """A grid of cnn-train configurations sharing one data prep, each a trial, ranked in a parent
+    MLflow run; optionally the best model is registered."""
     trials, options = validate_sweep(values)
     first = trials[0][1]
-    parent = start_flow_run(first.experiment, run_name=f"sweep-{len(trials)}-trials", role="sweep")
-    runner = type(FlowRunContext.get().task_runner).__name__
-    with ended(parent):
+    with flow_run_tracker(first.experiment, run_name=f"sweep-{len(trials)}-trials", role="sweep") as parent:
         parent.log_params(
             {k: v for k, v in values.items() if k != "grid"}
-            | {"grid": options.grid, "trials": len(trials), "task_runner": runner}
+            | {"grid": options.grid, "trials": len(trials), "task_runner": task_runner_name()}
         )
         data = prep_task(first, parent)
         results = _run_trials(trials, data, parent, max_concurrent=options.max_concurrent)

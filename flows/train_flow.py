@@ -19,7 +19,7 @@ from cnn_train.flows.data import PreparedData
 from cnn_train.flows.params import RunParameters, validate_parameters
 from cnn_train.flows.placement import place_task
 from cnn_train.flows.registering import register_task
-from cnn_train.flows.runs import cnn_train_flow, ended, prefect_flow_run_url, start_flow_run
+from cnn_train.flows.runs import cnn_train_flow, flow_run_tracker, prefect_flow_run_url
 from cnn_train.flows.tasks import IN_MEMORY, child_run, evaluate_task, prep_task, train_task
 from cnn_train.flows.tracking import RunTracker
 
@@ -103,16 +103,12 @@ def _publish_to_prefect(
         create_table_artifact(reporting.table_records(table), key="cnn-against-dense")
 
 
-@cnn_train_flow(
-    "cnn-train",
-    "Train, evaluate and report the Fashion-MNIST CNN; every run is logged to MLflow.",
-    RunParameters,
-)
+@cnn_train_flow("cnn-train", RunParameters)
 def cnn_train(**values: Any) -> dict[str, Any]:
-    """Prepare Fashion-MNIST, train the chosen backend, evaluate on the test set, report."""
+    """Train, evaluate and report the Fashion-MNIST CNN: prepare the data, train the chosen backend,
+    evaluate on the test set, report; every run is logged to MLflow."""
     params = validate_parameters(**values)
-    tracker = start_flow_run(params.experiment, run_name=f"{params.backend}-{params.architecture}")
-    with ended(tracker):
+    with flow_run_tracker(params.experiment, run_name=f"{params.backend}-{params.architecture}") as tracker:
         steps.log_run_params(tracker, params)
         data = prep_task(params, tracker)
         trained = train_task(params, data, tracker, label=params.architecture)

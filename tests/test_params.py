@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import re
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from cnn_train.flows.params import (
     SweepOptions,
     validate_parameters,
 )
+from cnn_train.flows.runs import cnn_train_flow
 from cnn_train.flows.signatures import add_arguments, declared_fields, parameter_table
 from cnn_train.flows.sweep_flow import cnn_train_sweep
 from cnn_train.flows.train_flow import cnn_train
@@ -45,6 +47,20 @@ def test_flow_form_is_the_declaration(name):
     for field, (_, info) in declared.items():
         assert properties[field]["description"] == info.description, field
         assert properties[field].get("default") == info.default, field
+
+
+@pytest.mark.parametrize("name", FLOWS)
+def test_the_flow_docstring_is_its_description_in_the_prefect_ui(name):
+    flow_obj = FLOWS[name][0]
+    assert flow_obj.description == inspect.getdoc(flow_obj.fn) and len(flow_obj.description) > 40
+
+
+def test_a_flow_without_a_docstring_is_refused_where_it_is_declared():
+    def undocumented(**values):
+        return values
+
+    with pytest.raises(TypeError, match=r"^flow 'nameless' needs a docstring: it is the flow's description in the Prefect UI$"):
+        cnn_train_flow("nameless", RunParameters)(undocumented)
 
 
 @pytest.mark.parametrize("name", FLOWS)
