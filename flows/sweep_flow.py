@@ -41,6 +41,7 @@ from cnn_train.flows.registering import register_task
 from cnn_train.flows.runs import cnn_train_flow, flow_run_tags, flow_run_tracker, task_runner_name
 from cnn_train.flows.tasks import ChildRun, child_run, prep_task
 from cnn_train.flows.tracking import RunTracker
+from cnn_train.plugins.contract import Evaluation
 
 #: Fields a grid may vary. Data-shaping fields are fixed per sweep, since data prep runs once.
 SWEEPABLE = ("backend", "architecture", "epochs", "batch_size", "learning_rate", "seed")
@@ -51,28 +52,16 @@ TRIAL_ATTEMPTS = 3
 
 @dataclass(frozen=True)
 class TrialResult:
-    """One trial's outcome, as the ranking needs it."""
+    """One trial's outcome, as the ranking needs it; its test probabilities stay in its MLflow run."""
 
-    run_id: str
     values: dict[str, Any]
-    test_accuracy: float
-    test_loss: float
-    seconds_per_epoch: float
-    model_uri: str
-    device: str
+    run_id: str
+    trained: steps.TrainOutcome
+    test: Evaluation
 
     @classmethod
     def of(cls, values: dict[str, Any], child: ChildRun) -> TrialResult:
-        evaluation = child.evaluated.evaluation
-        return cls(
-            run_id=child.run_id,
-            values=values,
-            test_accuracy=evaluation.accuracy,
-            test_loss=evaluation.loss,
-            seconds_per_epoch=child.trained.history.seconds_per_epoch,
-            model_uri=child.trained.model_uri,
-            device=child.trained.device,
-        )
+        return cls(values, child.run_id, child.trained, child.evaluated.evaluation)
 
 
 def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -159,10 +148,10 @@ def ranking_table(results: Sequence[TrialResult]) -> pd.DataFrame:
         [
             {
                 **result.values,
-                "test_accuracy": result.test_accuracy,
-                "test_loss": result.test_loss,
-                "seconds_per_epoch": result.seconds_per_epoch,
-                "device": result.device,
+                "test_accuracy": result.test.accuracy,
+                "test_loss": result.test.loss,
+                "seconds_per_epoch": result.trained.history.seconds_per_epoch,
+                "device": result.trained.device,
                 "run_id": result.run_id,
             }
             for result in results
@@ -230,13 +219,13 @@ def _rank_and_record(parent: RunTracker, results: list[TrialResult]) -> dict[str
     best = next(r for r in results if r.run_id == ranking.loc[0, "run_id"])
     markdown = (
         f"# Sweep ranking\n\n{reporting.markdown_table(ranking)}\n\nBest trial: `{best.run_id}` {best.values}, "
-        f"test accuracy {reporting.format_percent(best.test_accuracy)}.\n"
+        f"test accuracy {reporting.format_percent(best.test.accuracy)}.\n"
     )
     with tempfile.TemporaryDirectory(prefix="cnn-train-sweep-") as out:
         ranking.to_csv(Path(out) / "ranking.csv", index=False)
         (Path(out) / "ranking.md").write_text(markdown, encoding="utf-8")
         parent.log_artifacts(Path(out), "sweep")
-    parent.log_metrics({"best_test_accuracy": best.test_accuracy})
+    parent.log_metrics({"best_test_accuracy": best.test.accuracy})
     parent.set_tags({"cnn_train.best_run_id": best.run_id})
     create_table_artifact(reporting.table_records(ranking), key="sweep-ranking")
     create_markdown_artifact(markdown, key="sweep-best")
@@ -244,7 +233,7 @@ def _rank_and_record(parent: RunTracker, results: list[TrialResult]) -> dict[str
         "mlflow_run_id": parent.run_id,
         "mlflow_run_url": parent.url or tracking.open_hint(parent),
         "best_run_id": best.run_id,
-        "best_test_accuracy": best.test_accuracy,
+        "best_test_accuracy": best.test.accuracy,
         "ranking": ranking.to_dict(orient="records"),
     }
     return summary
@@ -264,10 +253,10 @@ def _register_best(
         name,
         params=next(params for values, params in trials if values == best.values),
         data=data,
-        model_uri=best.model_uri,
+        model_uri=best.trained.model_uri,
         run=RunTracker(parent.uri, best.run_id, parent.experiment_id),
-        test_accuracy=best.test_accuracy,
-        description=f"Best of sweep {parent.run_id}: test_accuracy={best.test_accuracy:.4f} with {best.values}",
+        test_accuracy=best.test.accuracy,
+        description=f"Best of sweep {parent.run_id}: test_accuracy={best.test.accuracy:.4f} with {best.values}",
         record_on=parent,
     )
     return {"registered_version": registration.version, "registration": registration.line()}

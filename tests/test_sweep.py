@@ -3,10 +3,15 @@ and device requests turned into Ray resource requests."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cnn_train.flows.params import ParameterError
+from cnn_train.flows.steps import TrainOutcome
 from cnn_train.flows.sweep_flow import TrialResult, expand_grid, ranking_table, validate_sweep
+from cnn_train.plugins.config import TrainConfig
+from cnn_train.plugins.contract import EpochMetrics, Evaluation, TrainHistory
 
 GRID = {"learning_rate": [1e-3, 3e-4], "architecture": ["cnn", "dense"]}
 SMALL = {"epochs": 1, "sample_limit": 400, "test_limit": 200, "seed": 4}
@@ -40,15 +45,24 @@ def test_an_invalid_combination_fails_the_sweep_before_it_starts():
         validate_sweep({"backend": "torch", "grid": {"learning_rate": [1e-3, -1]}})
 
 
-def test_ranking_is_best_first():
+def _trial(run_id: str, learning_rate: float, accuracy: float, loss: float, epoch_seconds: tuple[float, ...]) -> TrialResult:
+    history = TrainHistory(tuple(EpochMetrics(k, 0.5, 0.8, 0.5, 0.8, t, 60_000 / t) for k, t in enumerate(epoch_seconds, 1)))
+    trained = TrainOutcome("cnn", "cpu", TrainConfig(), Path("unused"), history, 421_642, f"models:/m-{run_id}", 0)
+    return TrialResult({"learning_rate": learning_rate}, run_id, trained, Evaluation(loss=loss, accuracy=accuracy))
+
+
+def test_ranking_is_best_first_with_each_trial_s_median_epoch():
     results = [
-        TrialResult("a", {"learning_rate": 0.1}, 0.7, 0.9, 1.0, "models:/m-a", "cpu"),
-        TrialResult("b", {"learning_rate": 0.01}, 0.9, 0.3, 1.0, "models:/m-b", "cpu"),
-        TrialResult("c", {"learning_rate": 0.001}, 0.8, 0.5, 1.0, "models:/m-c", "cpu"),
+        _trial("a", 0.1, accuracy=0.7, loss=0.9, epoch_seconds=(9.0, 2.0, 3.0)),
+        _trial("b", 0.01, accuracy=0.9, loss=0.3, epoch_seconds=(4.0,)),
+        _trial("c", 0.001, accuracy=0.8, loss=0.5, epoch_seconds=(5.0, 1.0)),
     ]
     ranking = ranking_table(results)
     assert list(ranking["run_id"]) == ["b", "c", "a"]
     assert list(ranking["rank"]) == [1, 2, 3]
+    assert list(ranking["learning_rate"]) == [0.01, 0.001, 0.1]
+    assert list(ranking["test_loss"]) == [0.3, 0.5, 0.9]
+    assert list(ranking["seconds_per_epoch"]) == [4.0, 3.0, 3.0]
 
 
 def _children(client, parent_id):
