@@ -241,6 +241,10 @@ class _PlainMetrics:
         }
 
 
+def _skip_batch(batch: int, logs: dict[str, Any] | None = None) -> None:
+    """A batch hook no callback implements."""
+
+
 class EpochCallbacks(keras.callbacks.CallbackList):
     """Keras's callback list, minus batch hooks that no callback in it implements.
 
@@ -255,25 +259,6 @@ class EpochCallbacks(keras.callbacks.CallbackList):
 
     def __init__(self, callbacks: list[keras.callbacks.Callback], **kwargs: Any) -> None:
         super().__init__(callbacks, **kwargs)
-        self._used_hooks = {
-            hook
-            for hook in self._BATCH_HOOKS
-            for callback in self.callbacks
-            if getattr(type(callback), hook) is not getattr(keras.callbacks.Callback, hook)
-        }
-
-    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        if "on_train_batch_begin" in self._used_hooks:
-            super().on_train_batch_begin(batch, logs)
-
-    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        if "on_train_batch_end" in self._used_hooks:
-            super().on_train_batch_end(batch, logs)
-
-    def on_test_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        if "on_test_batch_begin" in self._used_hooks:
-            super().on_test_batch_begin(batch, logs)
-
-    def on_test_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        if "on_test_batch_end" in self._used_hooks:
-            super().on_test_batch_end(batch, logs)
+        for hook in self._BATCH_HOOKS:
+            if all(getattr(type(callback), hook) is getattr(keras.callbacks.Callback, hook) for callback in self.callbacks):
+                setattr(self, hook, _skip_batch)
