@@ -38,21 +38,28 @@ BOX = "cnn_gpu_box"
 # --- fast: what is refused before Ray is asked -----------------------------------------------------
 
 
+def _refused_in_one_line(address: str, message: str) -> None:
+    with pytest.raises(RayClusterError, match=re.escape(message)) as caught:
+        ray_task_runner(address)
+    assert "\n" not in str(caught.value)
+
+
 @pytest.mark.parametrize(
-    ("address", "message"),
+    "address",
     [
-        pytest.param("headnode", "--ray-address takes HOST:PORT", id="no-port"),
-        pytest.param("ray://headnode", "--ray-address takes HOST:PORT", id="ray-client-no-port"),
-        pytest.param("http://headnode:8265", "--ray-address takes HOST:PORT", id="dashboard-url"),
-        pytest.param("127.0.0.1:{port}", "nothing answers at 127.0.0.1:{port} (Connection refused)", id="unreachable"),
-        pytest.param("ray://127.0.0.1:{port}", "nothing answers at 127.0.0.1:{port} (Connection refused)", id="unreachable-client"),
+        pytest.param("headnode", id="no-port"),
+        pytest.param("ray://headnode", id="ray-client-no-port"),
+        pytest.param("http://headnode:8265", id="dashboard-url"),
     ],
 )
-def test_addresses_refused_in_one_line(address: str, message: str) -> None:
+def test_an_address_that_is_not_host_port_is_refused(address: str) -> None:
+    _refused_in_one_line(address, "--ray-address takes HOST:PORT")
+
+
+@pytest.mark.parametrize("scheme", [pytest.param("", id="unreachable"), pytest.param("ray://", id="unreachable-client")])
+def test_an_address_nothing_answers_at_is_refused(scheme: str) -> None:
     port = free_port()  # nothing listens on it
-    with pytest.raises(RayClusterError, match=re.escape(message.format(port=port))) as caught:
-        ray_task_runner(address.format(port=port))
-    assert "\n" not in str(caught.value)
+    _refused_in_one_line(f"{scheme}127.0.0.1:{port}", f"nothing answers at 127.0.0.1:{port} (Connection refused)")
 
 
 @pytest.mark.parametrize(
