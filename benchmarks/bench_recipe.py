@@ -33,7 +33,7 @@ from cnn_train.plugins.config import (
     TrainConfig,
     recipe_training_defaults,
 )
-from cnn_train.plugins.contract import EpochMetrics
+from cnn_train.plugins.contract import EpochMetrics, Evaluation, TrainHistory
 
 
 def _recipe() -> tuple[ModelConfig, TrainConfig]:
@@ -83,12 +83,12 @@ class VariantResult:
     name: str
     seed: int
     parameters: int
-    epochs: tuple[EpochMetrics, ...]
-    test_accuracy: float
+    history: TrainHistory
+    test: Evaluation
 
     @property
     def train_seconds(self) -> float:
-        return sum(epoch.seconds for epoch in self.epochs)
+        return sum(epoch.seconds for epoch in self.history.epochs)
 
 
 def run_variant(name: str, data: Any, *, epochs: int | None, threads: int | None, seed: int) -> VariantResult:
@@ -113,7 +113,7 @@ def run_variant(name: str, data: Any, *, epochs: int | None, threads: int | None
 
     history = backend.train(data.train_data(), train, on_epoch=report)
     test = backend.evaluate(data.x_test, data.y_test)
-    return VariantResult(name, seed, backend.parameter_count(), history.epochs, test.accuracy)
+    return VariantResult(name, seed, backend.parameter_count(), history, test)
 
 
 def main() -> None:
@@ -150,11 +150,11 @@ def main() -> None:
     for result in results:
         share = f"{result.train_seconds / budget:12.2f}" if budget else f"{'-':>12s}"
         print(
-            f"{result.name:40s} {result.seed:5d} {result.parameters:8,d} {result.train_seconds / len(result.epochs):8.1f} "
-            f"{result.train_seconds:8.1f} {result.test_accuracy:9.4f} {share}"
+            f"{result.name:40s} {result.seed:5d} {result.parameters:8,d} {result.history.seconds_per_epoch:8.1f} "
+            f"{result.train_seconds:8.1f} {result.test.accuracy:9.4f} {share}"
         )
     for name in args.variants if len(seeds) > 1 else ():
-        accuracies = [r.test_accuracy for r in results if r.name == name]
+        accuracies = [r.test.accuracy for r in results if r.name == name]
         print(f"{name:40s} mean test accuracy {statistics.mean(accuracies):.4f} ± {statistics.stdev(accuracies):.4f} over seeds {args.seeds}")
     if args.json:
         args.json.write_text(json.dumps([{**asdict(r), "train_seconds": r.train_seconds} for r in results], indent=1))
