@@ -358,14 +358,8 @@ class BackendBase(ABC):
     def fit(self, training: Training) -> TrainHistory:
         """Train as :meth:`Backend.train` describes, on inputs ``train`` has checked."""
 
-    def train(
-        self,
-        data: TrainData,
-        config: TrainConfig,
-        *,
-        on_epoch: EpochCallback | None = None,
-        initial_epoch: int = 0,
-    ) -> TrainHistory:
+    # Backend.train (declared above), implemented for every subclass.
+    def train(self, data: TrainData, config: TrainConfig, *, on_epoch: EpochCallback | None = None, initial_epoch: int = 0) -> TrainHistory:  # noqa: E501
         """:meth:`Backend.train`: check the call, then ``fit``."""
         check_train_data(data, self.built_config())
         if initial_epoch < 0:

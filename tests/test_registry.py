@@ -177,21 +177,22 @@ def test_same_distribution_seen_twice_is_not_a_conflict(installed):
     assert registry.load_backend_class("good").__name__ == "GoodBackend"
 
 
-@pytest.mark.parametrize(
-    ("target", "expected"),
-    [
-        pytest.param("tests.plugin_fixtures:MissingTrain", "method train() is missing", id="missing-method"),
-        pytest.param("tests.plugin_fixtures:WrongBuildSignature", "build(): missing parameter 'device'", id="missing-parameter"),
-        pytest.param("tests.plugin_fixtures:NoFlavor", "'mlflow_flavor'", id="missing-flavor"),
-        pytest.param("tests.plugin_fixtures:ExtraRequired", "evaluate(): extra parameter 'scale' needs a default", id="extra-required-parameter"),
-        pytest.param("tests.plugin_fixtures:NOT_A_CLASS", "must be a class", id="not-a-class"),
-    ],
-)
-def test_contract_breakers_are_refused_when_loaded(installed, target, expected):
-    installed(_plugin("bad", target))
+#: Each contract breaker in tests/plugin_fixtures.py, and what refusing it says.
+CONTRACT_BREAKERS = {
+    "MissingTrain": "method train() is missing",
+    "WrongBuildSignature": "build(): missing parameter 'device'",
+    "NoFlavor": "'mlflow_flavor'",
+    "ExtraRequired": "evaluate(): extra parameter 'scale' needs a default",
+    "NOT_A_CLASS": "must be a class",
+}
+
+
+@pytest.mark.parametrize("breaker", CONTRACT_BREAKERS)
+def test_contract_breakers_are_refused_when_loaded(installed, breaker):
+    installed(_plugin("bad", f"tests.plugin_fixtures:{breaker}"))
     with pytest.raises(registry.BackendContractError) as caught:
         registry.load_backend_class("bad")
-    assert expected in str(caught.value)
+    assert CONTRACT_BREAKERS[breaker] in str(caught.value)
     assert "'bad'" in str(caught.value)
 
 
