@@ -38,7 +38,7 @@ def prefect_flow_run_url() -> str | None:
     return url if url and url.startswith("http") else None
 
 
-def start_flow_run(experiment: str, *, run_name: str, role: str | None = None) -> RunTracker:
+def _start_flow_run(experiment: str, *, run_name: str, role: str | None = None) -> RunTracker:
     """The flow's top-level MLflow run, after checking the store answers and reaping abandoned runs."""
     logger = get_run_logger()
     tracking.check_reachable(tracking.tracking_uri())
@@ -59,8 +59,8 @@ def start_flow_run(experiment: str, *, run_name: str, role: str | None = None) -
 
 @contextlib.contextmanager
 def flow_run_tracker(experiment: str, *, run_name: str, role: str | None = None) -> Iterator[RunTracker]:
-    """The flow's top-level MLflow run (:func:`start_flow_run`), :func:`ended` as the block ends."""
-    tracker = start_flow_run(experiment, run_name=run_name, role=role)
+    """The flow's top-level MLflow run (:func:`_start_flow_run`), :func:`ended` as the block ends."""
+    tracker = _start_flow_run(experiment, run_name=run_name, role=role)
     with ended(tracker):
         yield tracker
 

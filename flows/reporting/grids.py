@@ -8,8 +8,9 @@ are text placed above their tiles, and frames are rectangles around them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,7 @@ class Predictions:
         object.__setattr__(self, "y_true", y_true)
         object.__setattr__(self, "probabilities", probabilities)
 
-    @property
+    @cached_property
     def predicted(self) -> np.ndarray:
         """The most probable class of each image."""
         return self.probabilities.argmax(axis=1)
