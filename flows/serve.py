@@ -10,6 +10,7 @@ in subprocesses that inherit its environment: MLflow tracking URI, Prefect API U
 from __future__ import annotations
 
 import importlib
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,9 +81,17 @@ def take_back_from_work_pools() -> list[str]:
     return taken
 
 
+def interruptible() -> None:
+    """Make SIGINT stop this process even when it was started with SIGINT ignored, as a shell starts
+    a command it runs in the background (``&``, nohup, a CI step); Python then leaves it ignored and
+    Ctrl-C, ``kill -INT`` and ``cnn-train down``'s first signal would do nothing."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main() -> None:
     from prefect import serve
 
+    interruptible()
     take_back_from_work_pools()
     serve(
         *(

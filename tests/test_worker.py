@@ -3,7 +3,9 @@ creates the pool and starts a worker through which `prefect deployment run cnn-t
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -29,6 +31,28 @@ def test_each_deployment_names_an_importable_flow(deployment) -> None:
     # A module path without ':' is what a worker imports without any pull step.
     assert ":" not in deployment.flow_path
     assert isinstance(deployment.flow(), Flow)
+
+
+@pytest.mark.parametrize("fixed", [True, False], ids=["interruptible", "as-the-shell-left-it"])
+def test_serve_stops_on_sigint_even_when_started_with_it_ignored(fixed: bool) -> None:
+    # What a shell does to a command it runs in the background: SIGINT ignored from the start.
+    code = ("import time; from cnn_train.flows import serve; " + ("serve.interruptible(); " if fixed else "")
+            + "print('ready', flush=True); time.sleep(30)")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert process.stdout.readline() == "ready\n"
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        stopped = process.poll() is not None
+    finally:
+        process.kill()
+        _, stderr = process.communicate()
+    assert stopped == fixed
+    assert ("KeyboardInterrupt" in stderr) == fixed
 
 
 def _gpus(count: int) -> list[GpuInfo]:
