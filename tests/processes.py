@@ -22,10 +22,26 @@ def stop_group(process: subprocess.Popen, *, sig: int = signal.SIGINT, grace: fl
         return
     except subprocess.TimeoutExpired:
         pass
+    alive = _group_members(process.pid)
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     process.wait(timeout=30)
     tail = log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else "(no log)"
-    warnings.warn(f"{process.args!r} did not stop within {grace:.0f} s of {signal.Signals(sig).name}; killed. Its log ends:\n{tail}", stacklevel=2)
+    warnings.warn(f"{process.args!r} did not stop within {grace:.0f} s of {signal.Signals(sig).name}; killed. "
+                  f"Still running in its group then: {alive}. Its log ends:\n{tail}", stacklevel=2)
+
+
+def _group_members(pgid: int) -> list[str]:
+    """``pid status: command line`` of each process in group ``pgid``: what held the group up."""
+    import psutil
+
+    members = []
+    for member in psutil.process_iter(["pid", "status", "cmdline"]):
+        try:
+            if os.getpgid(member.pid) == pgid:
+                members.append(f"{member.pid} {member.info['status']}: {' '.join(member.info['cmdline'] or [])[:200]}")
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
