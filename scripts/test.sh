@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/bootstrap.sh
 export DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false
-exec .venv/bin/python -m pytest "$@"
+# Three workers on two cores: most of the slow tests wait (servers, outages, heartbeats), and each
+# module runs whole on one worker (tests/conftest.py). `-n 0` after these runs it in one process.
+exec .venv/bin/python -m pytest -n "${CNN_TRAIN_TEST_WORKERS:-3}" --dist loadfile --no-loadscope-reorder "$@"

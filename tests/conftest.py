@@ -24,6 +24,23 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cnn-train-tests-prefect-")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
+# --- running on several workers (scripts/test.sh: pytest-xdist, --dist loadfile) -----------------
+
+#: Modules that mostly wait (a 3-minute tracking outage, Prefect's zombie detection, servers coming
+#: up): handed out first so the waits overlap the rest of the suite instead of ending it.
+WAITING_MODULES = ("test_spool", "test_team_servers", "test_ray", "test_reliability", "test_worker",
+                   "test_deployment", "test_newcomer", "test_plugin_runs", "test_benchmark_smoke")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The waiting modules first; xdist hands out whole modules in this order (--no-loadscope-reorder)."""
+    def rank(item: pytest.Item) -> int:
+        name = item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        return WAITING_MODULES.index(name) if name in WAITING_MODULES else len(WAITING_MODULES)
+
+    items.sort(key=rank)  # stable: within a module, and among the rest, collection order holds
+
+
 # --- data fixtures -------------------------------------------------------------------------------
 
 REAL_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
