@@ -35,7 +35,7 @@ WAITING_MODULES = ("test_spool", "test_team_servers", "test_ray", "test_reliabil
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The waiting modules first; xdist hands out whole modules in this order (--no-loadscope-reorder)."""
     def rank(item: pytest.Item) -> int:
-        name = item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        name = item.path.stem
         return WAITING_MODULES.index(name) if name in WAITING_MODULES else len(WAITING_MODULES)
 
     items.sort(key=rank)  # stable: within a module, and among the rest, collection order holds
