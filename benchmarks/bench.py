@@ -87,6 +87,8 @@ class Settings:
     recipe_epochs: int = IMPROVED_TRAINING["epochs"]
     #: The recipe runs once per seed: its accuracy target is a mean over seeds, not one draw.
     recipe_seeds: tuple[int, ...] = (0, 1, 2)
+    #: A running Prefect server the flows record on; None: a temporary one per run, as `cnn-train run` starts.
+    prefect_api_url: str | None = None
 
     def split_args(self, seed: int | None = None) -> list[str]:
         """The data and seed options every variant shares; ``seed`` replaces the benchmark's own."""
@@ -116,6 +118,7 @@ class Settings:
                 if self.recipe_epochs
                 else ""
             )
+            + (f"; flows recorded on the running Prefect server {self.prefect_api_url}" if self.prefect_api_url else "")
         )
 
 
@@ -199,6 +202,8 @@ def private_environment(work: Path, data_dir: str | None, *, startup_timeout: in
 def base_environment(work: Path, settings: Settings) -> dict[str, str]:
     """The private environment, with this folder on PYTHONPATH for the probe scripts."""
     env = private_environment(work, settings.data_dir, startup_timeout=120)
+    if settings.prefect_api_url:
+        env["PREFECT_API_URL"] = settings.prefect_api_url
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
     return env
 
@@ -341,6 +346,7 @@ def run_flow(
             "after_flow_end_seconds": run.launched_at + run.process_wall - result["flow_end"],
             "mlflow_run_wall_seconds": (result["mlflow_end"] or result["flow_end"]) - result["mlflow_start"],
             "flow_run_id": result["flow_run_id"],
+            "prefect_api_url": env.get("PREFECT_API_URL"),
             "mlflow_run_id": result["mlflow_run_id"],
             "precision": result["precision"],
             "precision_reason": result["precision_reason"],
@@ -526,7 +532,8 @@ def breakdown_lines(m: Measurements) -> list[str]:
             f" + prep {tasks.get('prep', 0.0):.1f} + evaluate {tasks.get('evaluate', 0.0):.1f}"
             f" + report {tasks.get('report', 0.0):.1f} + the rest {other:.1f} (flow start, parameter checks that"
             f" import the backend, MLflow run start, task scheduling); the process also spent {details['launch_to_flow_start_seconds']:.1f} s before the flow"
-            f" run started (imports {details['imports_seconds']:.1f} s, temporary Prefect server) and"
+            f" run started (imports {details['imports_seconds']:.1f} s, "
+            f"{'the running Prefect server' if details.get('prefect_api_url') else 'temporary Prefect server'}) and"
             f" {details['after_flow_end_seconds']:.1f} s after it ended; it trained in {details['precision']}"
             f" ({details['precision_reason']})"
         )
@@ -751,6 +758,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     parser.add_argument(
         "--recipe-seeds", type=_seeds, default=Settings.recipe_seeds,
         help="comma-separated seeds of the improved recipe's runs (default 0,1,2); its accuracy target is their mean",
+    )
+    parser.add_argument(
+        "--prefect-api-url", default=None, metavar="URL",
+        help="record the flows on this running Prefect server instead of a temporary server per run "
+        "(process wall then leaves out the server's start)",
     )
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")

@@ -48,17 +48,21 @@ def prep(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def init(args: argparse.Namespace) -> dict[str, Any]:
-    """Create the MLflow store and the Prefect database up front, so no measured run pays for it."""
-    prefect = str(Path(sys.executable).with_name("prefect"))
-    upgrade = subprocess.Popen(  # noqa: S603 - Prefect's own CLI; runs while MLflow creates its schema
-        [prefect, "server", "database", "upgrade", "-y"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    """Create the MLflow store and the Prefect database up front, so no measured run pays for it
+    (no database when the flows record on a running server: PREFECT_API_URL)."""
+    upgrade = None
+    if not os.environ.get("PREFECT_API_URL"):
+        prefect = str(Path(sys.executable).with_name("prefect"))
+        upgrade = subprocess.Popen(  # noqa: S603 - Prefect's own CLI; runs while MLflow creates its schema
+            [prefect, "server", "database", "upgrade", "-y"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
     from cnn_train.flows import tracking
 
     tracking.ensure_experiment(tracking.client(), EXPERIMENT)
-    output, _ = upgrade.communicate()
-    if upgrade.returncode != 0:
-        raise RuntimeError(f"prefect server database upgrade failed:\n{output.decode(errors='replace')[-2000:]}")
+    if upgrade is not None:
+        output, _ = upgrade.communicate()
+        if upgrade.returncode != 0:
+            raise RuntimeError(f"prefect server database upgrade failed:\n{output.decode(errors='replace')[-2000:]}")
     return {"mlflow": tracking.tracking_uri(), "prefect_home": os.environ.get("PREFECT_HOME")}
 
 
@@ -104,7 +108,7 @@ def _epoch_history(mlflow_uri: str, run_id: str) -> dict[str, Any]:
 
 def flow(args: argparse.Namespace) -> dict[str, Any]:
     """The cnn-train flow called as ``cnn-train run`` calls it: in this process, on a temporary
-    Prefect server. Afterwards the flow run's and task runs' times are read back from that server."""
+    Prefect server (or the one PREFECT_API_URL names). Afterwards the flow run's and task runs' times are read back from that server."""
     from prefect.client.orchestration import get_client
 
     from cnn_train.flows import tracking

@@ -97,12 +97,14 @@ def test_targets_compare_the_right_numbers(bench: ModuleType) -> None:
 
 
 @pytest.mark.slow
-def test_benchmark_runs_every_variant_at_tiny_size(tmp_path: Path, real_fashion_mnist_dir: Path) -> None:
+def test_benchmark_runs_every_variant_at_tiny_size(tmp_path: Path, real_fashion_mnist_dir: Path, prefect_api_url: str) -> None:
     out = tmp_path / "bench.json"
+    # The flows record on the session's Prefect server: three temporary servers less to start on CI's two cores.
     command = [
         sys.executable, str(BENCHMARKS / "bench.py"),
         "--epochs", "1", "--sample-limit", "400", "--test-limit", "200", "--repeats", "1",
         "--skip-servers", "--peak-size", "1024", "--recipe-epochs", "1", "--recipe-seeds", "0", "--data-dir", str(real_fashion_mnist_dir), "--json", str(out),
+        "--prefect-api-url", prefect_api_url,
     ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -126,3 +128,9 @@ def test_benchmark_runs_every_variant_at_tiny_size(tmp_path: Path, real_fashion_
     assert set(raw["variants"]["cnn-train-torch"]["details"]["task_seconds"]) == {"prep", "train", "evaluate", "report"}
     assert len(raw["prep_cold_seconds"]) == len(raw["prep_cached_seconds"]) == 1
     assert raw["trigger_to_first_step_seconds"] == {"torch": [], "keras": []}
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # the flow runs are on the server the benchmark was given
+        for key in VARIANT_KEYS[2:]:
+            flow_run = client.read_flow_run(raw["variants"][key]["details"]["flow_run_id"])
+            assert flow_run.state.is_completed(), (key, flow_run.state)
