@@ -7,6 +7,7 @@ per test session and each store starts as a copy of it; MLflow opens a copy as i
 
 from __future__ import annotations
 
+import atexit
 import functools
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ def _template() -> Path:
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     folder = Path(tempfile.mkdtemp(prefix="cnn-train-tests-mlflow-schema-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", str(folder / "mlartifacts"))
     return folder / "mlflow.db"
 
