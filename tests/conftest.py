@@ -6,8 +6,10 @@ when Debian's package is installed, and a guard that keeps every test off the ne
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,8 +23,13 @@ from tests.stores import new_store
 # Tests never see the developer's Prefect profile (`cnn-train up` points it at a local server that
 # may be down) nor a PREFECT_API_URL from the shell: each session gets a Prefect home of its own.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cnn-train-tests-prefect-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)  # one per worker: none piles up in /tmp
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# One OpenMP thread per process (this one and every process a test starts), unless the developer set it:
+# scripts/test.sh runs several workers on few cores, and torch's second thread spins waiting for a core
+# another process holds. Measured on 2 cores, 3 workers: 2 min 10 s less CPU, the suite 9m42s -> 8m35s.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # --- running on several workers (scripts/test.sh: pytest-xdist, --dist loadfile) -----------------
 
