@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cnn_train.backends import _common as common
-from cnn_train.backends.keras_direct import DirectSequential, EpochCallbacks, keras
+from cnn_train.backends.keras_direct import DirectSequential, EpochCallbacks, FusedAdam, keras
 from cnn_train.plugins.config import ModelConfig
 from cnn_train.plugins.contract import (
     BackendBase, EpochCallback, EpochMetrics, Evaluation, LoggableModel, TrainHistory, Training,
@@ -133,7 +133,7 @@ class KerasBackend(BackendBase):
         except (RuntimeError, AssertionError) as error:  # a CPU-only torch cannot place weights on CUDA
             raise common.unusable_device(device, error) from error
         with keras.device(device):
-            model.compile_plain(keras.optimizers.Adam())
+            model.compile_plain(FusedAdam())
             # Shares the layers (and so the weights) of the trained model; it is what gets logged.
             probabilities = keras.Sequential(
                 [keras.Input(shape=config.input_shape, name="images"), *model.layers, keras.layers.Softmax()],

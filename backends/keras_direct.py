@@ -27,6 +27,7 @@ if "keras" not in sys.modules:
 import keras  # noqa: E402  (the backend must be chosen first)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.optim import adam as torch_adam  # noqa: E402  (the module: torch.optim does not expose it as an attribute)
 
 if keras.backend.backend() != KERAS_BACKEND:
     raise RuntimeError(
@@ -262,3 +263,55 @@ class EpochCallbacks(keras.callbacks.CallbackList):
         for hook in self._BATCH_HOOKS:
             if all(getattr(type(callback), hook) is getattr(keras.callbacks.Callback, hook) for callback in self.callbacks):
                 setattr(self, hook, _skip_batch)
+
+
+@keras.saving.register_keras_serializable(package="cnn_train")
+class FusedAdam(keras.optimizers.Adam):
+    """Keras's Adam (its variables, settings and update), computed by torch's fused Adam kernel.
+
+    Why: Keras's torch Adam chains seven ``_foreach`` ops with a temporary list each, about 1.9 ms a
+    step for this network against 0.3 ms fused: a sixth of a batch-32 training step here. The update is
+    Keras's formula: ``m / (sqrt(v) + epsilon)`` scaled by ``lr * sqrt(1 - beta_2^t) / (1 - beta_1^t)``
+    equals torch's Adam with its epsilon divided by ``sqrt(1 - beta_2^t)``. AMSGrad, or tensors the
+    fused kernel does not take (see :func:`_fusable`), take Keras's own update.
+    """
+
+    @torch.no_grad()
+    def _backend_update_step(self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any) -> None:
+        # Keras's torch optimizers update every variable in this one private hook; Keras has no public
+        # hook for all variables at once (tests/test_keras_step.py guards that it is still called).
+        params = [variable.value for variable in trainable_variables]
+        if self.amsgrad or not _fusable(params, grads):
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        index = self._get_variable_index
+        step = float(self.iterations.value) + 1.0  # Keras counts t from 1, as its own update does
+        steps = [torch.full((), step - 1.0) for _ in params]  # the kernel adds 1 before using them
+        torch_adam.adam(
+            params,
+            list(grads),
+            [self._momentums[index(variable)].value for variable in trainable_variables],
+            [self._velocities[index(variable)].value for variable in trainable_variables],
+            [],
+            steps,
+            fused=True,
+            amsgrad=False,
+            beta1=float(self.beta_1),
+            beta2=float(self.beta_2),
+            lr=float(learning_rate),
+            weight_decay=0.0,  # Keras applies its weight decay apart, before this hook
+            eps=float(self.epsilon) / (1.0 - float(self.beta_2) ** step) ** 0.5,
+            maximize=False,
+        )
+
+
+def _fusable(params: list[torch.Tensor], grads: list[Any]) -> bool:
+    """True when torch's fused Adam takes these tensors: floating point, each gradient of its variable's
+    dtype, all on one device."""
+    if not params or len(grads) != len(params):
+        return False
+    device = params[0].device
+    return all(
+        isinstance(grad, torch.Tensor) and grad.dtype == param.dtype and grad.device == param.device == device
+        and param.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        for param, grad in zip(params, grads)
+    )

@@ -67,3 +67,47 @@ def test_a_batch_callback_still_sees_every_batch_with_keras_logs() -> None:
     assert all(set(logs) == {"loss", "accuracy"} for logs in counter.logs)
     last = counter.logs[-1]
     assert last["loss"] == pytest.approx(model.history.history["loss"][-1], rel=1e-5)
+
+
+def _updated_by(optimizer: keras.optimizers.Optimizer, steps: int = 5) -> list[np.ndarray]:
+    """Variables shaped like the lesson's first convolution and hidden layer after ``steps`` updates with
+    the same gradients each time (different per element, some near zero), from the same start."""
+    rng = np.random.default_rng(0)
+    shapes = [(3, 3, 1, 32), (32,), (3136, 128)]
+    variables = [keras.Variable(rng.normal(size=shape).astype("float32")) for shape in shapes]
+    grads = [keras.ops.convert_to_tensor((rng.normal(size=shape) * 10.0 ** rng.integers(-6, 1, shape)).astype("float32"))
+             for shape in shapes]
+    for _ in range(steps):
+        optimizer.apply(grads, variables)
+    return [np.array(variable) for variable in variables]
+
+
+@pytest.mark.parametrize(
+    ("options", "fused"),
+    [
+        pytest.param({}, True, id="default"),
+        pytest.param({"learning_rate": 3e-3, "beta_1": 0.8, "beta_2": 0.99, "epsilon": 1e-4}, True, id="other-settings"),
+        pytest.param({"amsgrad": True}, False, id="amsgrad-keras-own-update"),
+    ],
+)
+def test_fused_adam_updates_as_keras_adam(monkeypatch: pytest.MonkeyPatch, options: dict, fused: bool) -> None:
+    from torch.optim import adam as torch_adam
+
+    calls = []
+    real = torch_adam.adam
+    # A spy: counts the calls and runs the real kernel, so the fused path is the one that updated.
+    monkeypatch.setattr(torch_adam, "adam", lambda *a, **k: calls.append(k["fused"]) or real(*a, **k))
+    ours = _updated_by(keras_backend.FusedAdam(**options))
+    theirs = _updated_by(keras.optimizers.Adam(**options))
+    assert calls == [True] * 5 if fused else calls == []
+    for mine, keras_own in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(mine, keras_own, rtol=1e-6, atol=1e-7)
+
+
+def test_the_keras_backend_trains_with_fused_adam_a_keras_optimizer() -> None:
+    backend = KerasBackend()
+    backend.build(ModelConfig(architecture="dense"), device="cpu", seed=0)
+    optimizer = backend._model.optimizer
+    assert isinstance(optimizer, keras.optimizers.Adam) and type(optimizer) is keras_backend.FusedAdam
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    assert type(restored) is keras_backend.FusedAdam and restored.get_config() == optimizer.get_config()
