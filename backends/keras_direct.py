@@ -285,7 +285,8 @@ class FusedAdam(keras.optimizers.Adam):
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
         index = self._get_variable_index
         step = float(self.iterations.value) + 1.0  # Keras counts t from 1, as its own update does
-        steps = [torch.full((), step - 1.0) for _ in params]  # the kernel adds 1 before using them
+        # One count per variable, on its device as the kernel wants it; the kernel adds 1 before using them.
+        steps = [torch.full((), step - 1.0, device=param.device) for param in params]
         torch_adam.adam(
             params,
             list(grads),
