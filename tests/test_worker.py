@@ -3,10 +3,12 @@ creates the pool and starts a worker through which `prefect deployment run cnn-t
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +55,31 @@ def test_serve_stops_on_sigint_even_when_started_with_it_ignored(fixed: bool) ->
         _, stderr = process.communicate()
     assert stopped == fixed
     assert ("KeyboardInterrupt" in stderr) == fixed
+
+
+def _sigint_ignored(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGINT (bit 2 of SigIgn in /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return bool(mask & (1 << (signal.SIGINT - 1)))
+
+
+@pytest.mark.parametrize("through_cli", [True, False], ids=["after-a-cnn-train-command", "as-the-shell-left-it"])
+def test_a_command_started_with_sigint_ignored_takes_it_back(through_cli: bool, tmp_path: Path) -> None:
+    # A cnn-train command a shell ran in the background, and a program it starts that sets no handler.
+    command = "from cnn_train.flows.cli import app; app(['backends'], standalone_mode=False); " if through_cli else ""
+    code = ("import subprocess, sys; " + command
+            + "child = subprocess.Popen(['sleep', '30']); print('child', child.pid, flush=True); child.wait()")
+    env = os.environ | {"CNN_TRAIN_STATE_DIR": str(tmp_path / "state")}
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        child = int(next(line for line in process.stdout if line.startswith("child ")).split()[1])
+        ignored = _sigint_ignored(child)
+        os.kill(child, signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert ignored != through_cli
 
 
 def _gpus(count: int) -> list[GpuInfo]:
