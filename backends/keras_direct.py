@@ -278,8 +278,9 @@ class FusedAdam(keras.optimizers.Adam):
 
     @torch.no_grad()
     def _backend_update_step(self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any) -> None:
-        # Keras's torch optimizers update every variable in this one private hook; Keras has no public
-        # hook for all variables at once (tests/test_keras_step.py guards that it is still called).
+        # Keras's torch optimizers update every variable in this one private hook, reading the private
+        # slot lists as Keras's own torch Adam does; Keras has no public hook for all variables at once
+        # (tests/test_keras_step.py guards that it is still called and still matches Keras's Adam).
         params = [variable.value for variable in trainable_variables]
         if self.amsgrad or not _fusable(params, grads):
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
