@@ -131,6 +131,6 @@ def test_benchmark_runs_every_variant_at_tiny_size(tmp_path: Path, real_fashion_
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:  # the flow runs are on the server the benchmark was given
-        for key in VARIANT_KEYS[2:]:
+        for key in (key for key in VARIANT_KEYS if key.startswith("cnn-train")):
             flow_run = client.read_flow_run(raw["variants"][key]["details"]["flow_run_id"])
             assert flow_run.state.is_completed(), (key, flow_run.state)

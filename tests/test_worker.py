@@ -35,13 +35,17 @@ def test_each_deployment_names_an_importable_flow(deployment) -> None:
     assert isinstance(deployment.flow(), Flow)
 
 
+def _as_a_background_job(code: str, **options: object) -> subprocess.Popen:
+    """``python -c code`` started as a shell starts a command it runs in the background: SIGINT ignored."""
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN), **options)
+
+
 @pytest.mark.parametrize("fixed", [True, False], ids=["interruptible", "as-the-shell-left-it"])
 def test_serve_stops_on_sigint_even_when_started_with_it_ignored(fixed: bool) -> None:
-    # What a shell does to a command it runs in the background: SIGINT ignored from the start.
     code = ("import time; from cnn_train.flows import serve; " + ("serve.interruptible(); " if fixed else "")
             + "print('ready', flush=True); time.sleep(30)")
-    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    process = _as_a_background_job(code, stderr=subprocess.PIPE)
     try:
         assert process.stdout.readline() == "ready\n"
         process.send_signal(signal.SIGINT)
@@ -58,7 +62,7 @@ def test_serve_stops_on_sigint_even_when_started_with_it_ignored(fixed: bool) ->
 
 
 def _sigint_ignored(pid: int) -> bool:
-    """Whether process ``pid`` ignores SIGINT (bit 2 of SigIgn in /proc/PID/status)."""
+    """Whether process ``pid`` ignores SIGINT (signal 2's bit in SigIgn of /proc/PID/status)."""
     status = Path(f"/proc/{pid}/status").read_text()
     mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
     return bool(mask & (1 << (signal.SIGINT - 1)))
@@ -71,8 +75,7 @@ def test_a_command_started_with_sigint_ignored_takes_it_back(through_cli: bool, 
     code = ("import subprocess, sys; " + command
             + "child = subprocess.Popen(['sleep', '30']); print('child', child.pid, flush=True); child.wait()")
     env = os.environ | {"CNN_TRAIN_STATE_DIR": str(tmp_path / "state")}
-    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    process = _as_a_background_job(code, env=env)
     try:
         child = int(next(line for line in process.stdout if line.startswith("child ")).split()[1])
         ignored = _sigint_ignored(child)
