@@ -3,9 +3,11 @@ derived from the one declaration of run parameters."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Literal, Optional
 
 import typer
@@ -13,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from cnn_train.flows.cli.app import app, cli_options, fail
 from cnn_train.flows.params import COMPARE_EXCLUDES, SWEEP_EXCLUDES, CompareOptions, RunParameters, SweepOptions
+from cnn_train.flows.temporary_server import prefect_api
 
 
 class RunnerOptions(BaseModel):
@@ -64,8 +67,12 @@ def _validated(check: Callable[[dict[str, Any]], Any], values: dict[str, Any]) -
         fail(str(error))
 
 
-def _run_flow(flow_fn: Any, values: dict[str, Any]) -> dict[str, Any]:
-    state = flow_fn(**values, return_state=True)
+def _run_flow(
+    flow_fn: Any, values: dict[str, Any], api: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
+) -> dict[str, Any]:
+    """The flow's result, called on the Prefect API ``api`` gives (temporary_server.prefect_api)."""
+    with api():
+        state = flow_fn(**values, return_state=True)
     if not state.is_completed():
         # An expected failure's state message is already its one line (see runs.fails_in_one_line).
         fail(state.message or f"flow run ended {state.name}", 1)
@@ -114,10 +121,11 @@ def run(**values: Any) -> None:
     from cnn_train.flows.params import validate_parameters
 
     _validated(lambda v: validate_parameters(**v), values)
+    api = prefect_api()  # a temporary server, if one is needed, boots while the flow's libraries import
     require_reachable_servers()
     from cnn_train.flows.train_flow import cnn_train
 
-    result = _run_flow(cnn_train, values)
+    result = _run_flow(cnn_train, values, api)
     typer.echo(f"MLflow run: {result['mlflow_run_url']}")
     typer.echo(f"test accuracy: {result['test_accuracy']:.4f}")
     if result.get("dense_test_accuracy") is not None:
@@ -133,8 +141,9 @@ def compare(**values: Any) -> None:
     from cnn_train.flows.compare_flow import cnn_train_compare, validate_compare
 
     _validated(validate_compare, values)
+    api = prefect_api()
     require_reachable_servers()
-    result = _run_flow(cnn_train_compare, values)
+    result = _run_flow(cnn_train_compare, values, api)
     typer.echo(result["report"])
     typer.echo(f"MLflow parent run: {result['mlflow_run_url']}")
 
@@ -167,8 +176,9 @@ def sweep(**values: Any) -> None:
     from cnn_train.flows.sweep_flow import cnn_train_sweep, validate_sweep
 
     _validated(validate_sweep, values)
+    api = prefect_api(temporary=runner.task_runner == "local")
     require_reachable_servers()
-    result = _run_flow(_on_runner(cnn_train_sweep, runner, ray_resource), values)
+    result = _run_flow(_on_runner(cnn_train_sweep, runner, ray_resource), values, api)
     import pandas as pd
 
     from cnn_train.flows import reporting

@@ -19,6 +19,7 @@ from cnn_train.flows.cli.training import (
     require_reachable_servers,
 )
 from cnn_train.flows.params import TUNE_EXCLUDES, RunParameters, TuneOptions
+from cnn_train.flows.temporary_server import prefect_api
 
 
 class TuneCommandOptions(BaseModel):
@@ -61,8 +62,9 @@ def tune(**values: Any) -> None:
     from cnn_train.flows.tune_flow import cnn_train_tune, validate_tune
 
     plan = _validated(validate_tune, values)
+    api = prefect_api(temporary=runner.task_runner == "local")
     require_reachable_servers()
-    result = _run_flow(_on_runner(cnn_train_tune, runner, ray_resource), values)
+    result = _run_flow(_on_runner(cnn_train_tune, runner, ray_resource), values, api)
     _print_result(result, plan.study_name)
 
 

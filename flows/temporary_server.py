@@ -1,0 +1,128 @@
+"""The temporary Prefect server of a command run without one (no `cnn-train up`, no PREFECT_API_URL).
+
+Prefect starts such a server itself, but only once the flow is called: it first imports its whole
+server package into the calling process (2.7 s of CPU on this project's 2-core machine) and then
+waits about 4 s for the server to answer, all after the command has imported the flow. Started here
+as the command starts, the same server (Prefect's own command line, database and settings) boots on
+another core while the command imports the flow and its libraries.
+
+As Prefect's, the server is this process's alone: its database is under ``PREFECT_HOME``, it has no UI
+(so no run links to a page that will be gone), and it stops as the process exits, also when the
+process is killed (Linux: the parent-death signal).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+
+#: uvicorn's exit status when its port was taken between our choosing it and its binding.
+_PORT_TAKEN = 3
+#: Linux prctl option: the signal a process gets when the one that started it exits.
+_PR_SET_PDEATHSIG = 1
+
+
+class TemporaryServer:
+    """A Prefect API server process on a free 127.0.0.1 port, started at once, waited for on :meth:`ready`."""
+
+    def __init__(self) -> None:
+        self.process = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        import prefect  # the package's folder only: Prefect imports little on this line
+
+        # What prefect.server.api.server.SubprocessASGIServer runs, with its environment.
+        command = [
+            sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+            "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+            "--log-level", "error", "--lifespan", "on",
+        ]
+        server_env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        return subprocess.Popen(  # noqa: S603 - Prefect's own server
+            command, env=os.environ | server_env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def ready(self, timeout: float) -> str:
+        """Wait until the server answers; its API URL. Raises RuntimeError when it exits or times out."""
+        from cnn_train.flows.services import http_ok
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() == _PORT_TAKEN:
+                self.process = self._spawn()
+            elif self.process.poll() is not None:
+                raise RuntimeError(f"the temporary Prefect server exited with status {self.process.returncode}")
+            elif http_ok(f"{self.api_url}/health", timeout=1.0):
+                return self.api_url
+            time.sleep(0.05)
+        raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when this command exits, however it exits (Linux only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def configured_api_url() -> str | None:
+    """The Prefect API this process is configured to use (environment, profile, prefect.toml), if any."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url
+
+
+#: This process's temporary server: one per process, as Prefect's own, stopped as the process exits.
+_server: TemporaryServer | None = None
+
+
+def prefect_api(*, temporary: bool = True) -> Callable[[], AbstractContextManager[None]]:
+    """What to enter around this command's flow call so that Prefect records it: nothing when an API is
+    configured, else the context of a temporary server started now (entering it waits until it answers;
+    enter it after the imports its start-up overlaps).
+
+    ``temporary=False`` leaves a missing API to Prefect: trials on Ray, whose workers on other machines
+    could not reach a server on this machine's loopback, each start their own as Prefect does."""
+    global _server
+    if not temporary or configured_api_url():
+        return contextlib.nullcontext
+    if _server is None or _server.process.poll() is not None:
+        _server = TemporaryServer()
+        # Stopped after Prefect's log and event workers have drained (they drain at thread shutdown,
+        # before any atexit handler runs), so no record of the run is sent to a server that is gone.
+        atexit.register(_server.stop)
+    return functools.partial(_using, _server)
+
+
+@contextlib.contextmanager
+def _using(server: TemporaryServer) -> Iterator[None]:
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
+    # An empty UI URL: Prefect prints no "View at" link, and runs.prefect_flow_run_url records none.
+    with temporary_settings({PREFECT_API_URL: server.ready(timeout), PREFECT_UI_URL: ""}):
+        yield

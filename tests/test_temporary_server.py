@@ -1,0 +1,74 @@
+"""The temporary Prefect server a command starts when no Prefect API is configured: it records the
+flow run, and it never outlives the command, however the command ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cnn_train.flows import temporary_server
+
+# A command's first lines: the server starts, the command waits for it, says where it is, then blocks.
+_COMMAND = textwrap.dedent("""
+    import sys, time
+    from cnn_train.flows import temporary_server
+    use = temporary_server.prefect_api()
+    with use():
+        from prefect.settings import get_current_settings
+        print(temporary_server._server.process.pid, get_current_settings().api.url, flush=True)
+        if sys.argv[1] == "flow":
+            from prefect import flow
+            flow(name="on-the-temporary-server")(lambda: 42)()
+            print("flow done", flush=True)
+        else:
+            time.sleep(600)
+""")
+
+
+def _without_prefect_api(home: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    return env | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}
+
+
+def test_a_configured_api_starts_no_server(monkeypatch):
+    monkeypatch.setattr(temporary_server, "configured_api_url", lambda: "http://127.0.0.1:4200/api")
+    monkeypatch.setattr(temporary_server, "TemporaryServer", lambda: pytest.fail("a server was started"))
+    with temporary_server.prefect_api()():
+        pass
+
+
+def test_the_flow_run_is_recorded_on_it_and_it_stops_with_the_command(tmp_path):
+    done = subprocess.run([sys.executable, "-c", _COMMAND, "flow"], env=_without_prefect_api(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    pid, api_url = done.stdout.split()[:2]
+    assert api_url.startswith("http://127.0.0.1:") and "flow done" in done.stdout
+    assert "View at" not in done.stdout + done.stderr  # no UI: no link to a page that would be gone
+    assert not psutil.pid_exists(int(pid)) or psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
+    with sqlite3.connect(tmp_path / "prefect.db") as db:
+        rows = db.execute("SELECT flow_run.state_type FROM flow_run JOIN flow ON flow.id = flow_run.flow_id "
+                          "WHERE flow.name = 'on-the-temporary-server'").fetchall()
+    assert rows == [("COMPLETED",)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_a_killed_command_takes_its_server_with_it(tmp_path, sig):
+    command = subprocess.Popen([sys.executable, "-c", _COMMAND, "wait"], env=_without_prefect_api(tmp_path),
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        server = psutil.Process(int(command.stdout.readline().split()[0]))
+        command.send_signal(sig)
+        command.wait(timeout=30)
+        gone, alive = psutil.wait_procs([server], timeout=30)
+        assert not alive, f"the temporary server {server.pid} outlived its command"
+    finally:
+        command.kill()
+        command.wait()
