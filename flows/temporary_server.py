@@ -84,7 +84,8 @@ class TemporaryServer:
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when this command exits, however it exits (Linux only)."""
+    """In the child, before exec: get SIGTERM when this command exits, however it exits (Linux only).
+    Linux sends it when the *thread* that started the child ends: commands start it on their main thread."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 

@@ -128,6 +128,10 @@ def test_benchmark_runs_every_variant_at_tiny_size(tmp_path: Path, real_fashion_
     assert set(raw["variants"]["cnn-train-torch"]["details"]["task_seconds"]) == {"prep", "train", "evaluate", "report"}
     assert len(raw["prep_cold_seconds"]) == len(raw["prep_cached_seconds"]) == 1
     assert raw["trigger_to_first_step_seconds"] == {"torch": [], "keras": []}
+    (command_run,) = raw["command"]  # the small `cnn-train run`, once per repeat
+    assert set(command_run) == {"before_flow_seconds", "flow_seconds", "after_flow_seconds"}
+    assert all(seconds > 0 for seconds in command_run.values())
+    assert "`cnn-train run --epochs 1 --sample-limit 2000` outside its flow run, median" in run.stdout
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:  # the flow runs are on the server the benchmark was given

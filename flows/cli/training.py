@@ -58,7 +58,8 @@ def _on_runner(flow_fn: Any, runner: RunnerOptions, ray_resource: list[str] | No
 
 
 def _validated(check: Callable[[dict[str, Any]], Any], values: dict[str, Any]) -> Any:
-    """The flow's own validation, run here first so a bad value is one line before any server starts."""
+    """The flow's own validation, run here first so a bad value is one line before any flow run or MLflow
+    run exists (a temporary server already booting for the flow is stopped unused as the command exits)."""
     from cnn_train.flows.params import ParameterError
 
     try:
@@ -120,8 +121,8 @@ def run(**values: Any) -> None:
     """Run the cnn-train flow directly in this process (no servers needed)."""
     from cnn_train.flows.params import validate_parameters
 
+    api = prefect_api()  # a temporary server, if one is needed, boots while the checks and imports run
     _validated(lambda v: validate_parameters(**v), values)
-    api = prefect_api()  # a temporary server, if one is needed, boots while the flow's libraries import
     require_reachable_servers()
     from cnn_train.flows.train_flow import cnn_train
 
@@ -138,10 +139,10 @@ def run(**values: Any) -> None:
 @cli_options(CompareOptions, RunParameters, exclude=COMPARE_EXCLUDES)
 def compare(**values: Any) -> None:
     """Train one config on several backends (same seed and split) and print them side by side."""
+    api = prefect_api()
     from cnn_train.flows.compare_flow import cnn_train_compare, validate_compare
 
     _validated(validate_compare, values)
-    api = prefect_api()
     require_reachable_servers()
     result = _run_flow(cnn_train_compare, values, api)
     typer.echo(result["report"])
@@ -173,10 +174,10 @@ def sweep(**values: Any) -> None:
     runner, ray_resource = _trial_runner(values)
     if isinstance(values["grid"], list):
         values["grid"] = parse_grid(values["grid"])
+    api = prefect_api(temporary=runner.task_runner == "local")
     from cnn_train.flows.sweep_flow import cnn_train_sweep, validate_sweep
 
     _validated(validate_sweep, values)
-    api = prefect_api(temporary=runner.task_runner == "local")
     require_reachable_servers()
     result = _run_flow(_on_runner(cnn_train_sweep, runner, ray_resource), values, api)
     import pandas as pd

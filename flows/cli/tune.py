@@ -59,10 +59,10 @@ def tune(**values: Any) -> None:
         values["space"] = _space(values, space_file)
     except ParameterError as error:
         fail(str(error))
+    api = prefect_api(temporary=runner.task_runner == "local")
     from cnn_train.flows.tune_flow import cnn_train_tune, validate_tune
 
     plan = _validated(validate_tune, values)
-    api = prefect_api(temporary=runner.task_runner == "local")
     require_reachable_servers()
     result = _run_flow(_on_runner(cnn_train_tune, runner, ray_resource), values, api)
     _print_result(result, plan.study_name)
