@@ -26,10 +26,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
+from cnn_train.flows.errors import ExpectedFailure
+
 #: uvicorn's exit status when its port was taken between our choosing it and its binding.
 _PORT_TAKEN = 3
 #: Linux prctl option: the signal a process gets when the one that started it exits.
 _PR_SET_PDEATHSIG = 1
+
+
+class TemporaryServerError(ExpectedFailure, RuntimeError):
+    """The temporary Prefect server exited or did not answer in time."""
 
 
 class TemporaryServer:
@@ -60,7 +66,7 @@ class TemporaryServer:
         return f"http://127.0.0.1:{self.port}/api"
 
     def ready(self, timeout: float) -> str:
-        """Wait until the server answers; its API URL. Raises RuntimeError when it exits or times out."""
+        """Wait until the server answers; its API URL. Raises TemporaryServerError when it exits or times out."""
         from cnn_train.flows.services import http_ok
 
         deadline = time.monotonic() + timeout
@@ -68,11 +74,17 @@ class TemporaryServer:
             if self.process.poll() == _PORT_TAKEN:
                 self.process = self._spawn()
             elif self.process.poll() is not None:
-                raise RuntimeError(f"the temporary Prefect server exited with status {self.process.returncode}")
+                raise TemporaryServerError(
+                    f"the temporary Prefect server exited with status {self.process.returncode} before it answered "
+                    "(its own lines, if any, are above); `cnn-train up` starts a lasting server instead"
+                )
             elif http_ok(f"{self.api_url}/health", timeout=1.0):
                 return self.api_url
             time.sleep(0.05)
-        raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f} s")
+        raise TemporaryServerError(
+            f"the temporary Prefect server did not answer within {timeout:.0f} s; raise "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a busy machine, or `cnn-train up` a lasting server"
+        )
 
     def stop(self) -> None:
         self.process.terminate()
@@ -121,9 +133,11 @@ def prefect_api(*, temporary: bool = True) -> Callable[[], AbstractContextManage
 
 @contextlib.contextmanager
 def _using(server: TemporaryServer) -> Iterator[None]:
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, PREFECT_UI_URL, temporary_settings,
+    )
 
-    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
+    timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
     # An empty UI URL: Prefect prints no "View at" link, and runs.prefect_flow_run_url records none.
     with temporary_settings({PREFECT_API_URL: server.ready(timeout), PREFECT_UI_URL: ""}):
         yield

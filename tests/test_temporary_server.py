@@ -45,6 +45,21 @@ def test_a_configured_api_starts_no_server(monkeypatch):
         pass
 
 
+@pytest.mark.parametrize(("child", "timeout", "says"), [
+    ("import sys; sys.exit(1)", 30.0, "exited with status 1 before it answered"),
+    ("import time; time.sleep(30)", 1.0, "did not answer within 1 s; raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"),
+], ids=["exits", "never-answers"])
+def test_a_server_that_does_not_come_up_is_one_line(monkeypatch, child, timeout, says):
+    monkeypatch.setattr(temporary_server.TemporaryServer, "_spawn",
+                        lambda self: setattr(self, "port", 9) or subprocess.Popen([sys.executable, "-c", child]))
+    server = temporary_server.TemporaryServer()
+    try:
+        with pytest.raises(temporary_server.TemporaryServerError, match=says):
+            server.ready(timeout)
+    finally:
+        server.stop()
+
+
 def test_the_flow_run_is_recorded_on_it_and_it_stops_with_the_command(tmp_path):
     done = subprocess.run([sys.executable, "-c", _COMMAND, "flow"], env=_without_prefect_api(tmp_path),
                           capture_output=True, text=True, timeout=300)
@@ -59,13 +74,13 @@ def test_the_flow_run_is_recorded_on_it_and_it_stops_with_the_command(tmp_path):
     assert rows == [("COMPLETED",)]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
-def test_a_killed_command_takes_its_server_with_it(tmp_path, sig):
+def test_a_killed_command_takes_its_server_with_it(tmp_path):
+    """SIGKILL: no exit handler runs. (SIGTERM, unhandled, ends a Python process the same way.)"""
     command = subprocess.Popen([sys.executable, "-c", _COMMAND, "wait"], env=_without_prefect_api(tmp_path),
                                stdout=subprocess.PIPE, text=True)
     try:
         server = psutil.Process(int(command.stdout.readline().split()[0]))
-        command.send_signal(sig)
+        command.send_signal(signal.SIGKILL)
         command.wait(timeout=30)
         gone, alive = psutil.wait_procs([server], timeout=30)
         assert not alive, f"the temporary server {server.pid} outlived its command"
