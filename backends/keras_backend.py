@@ -126,6 +126,7 @@ class KerasBackend(BackendBase):
 
     def build(self, config: ModelConfig, *, device: str, seed: int) -> None:
         check_buildable(config, device, self.architectures)
+        common.keep_freed_memory()
         keras.utils.set_random_seed(seed)
         try:
             with keras.device(device):

@@ -115,6 +115,7 @@ class TorchBackend(BackendBase):
 
     def build(self, config: ModelConfig, *, device: str, seed: int) -> None:
         check_buildable(config, device, self.architectures)
+        common.keep_freed_memory()
         # Seed only the initialisation, leaving the caller's global generator as it was.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

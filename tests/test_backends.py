@@ -412,3 +412,35 @@ def test_keras_fit_still_drives_user_callbacks_and_compiled_metrics(data: TrainD
     assert len(batches) == math.ceil(len(data.x_train) / 32)
     assert set(batches[-1]) >= {"loss", "accuracy"}
     assert history.history["accuracy"][0] == pytest.approx(batches[-1]["accuracy"])
+
+
+# Freed memory stays in the process once a backend is built: a 20 MB buffer, freed, is still in malloc's
+# free lists (glibc's mallinfo2), instead of going back to the OS as glibc's adaptive defaults do.
+_FREED_MEMORY = """
+import ctypes, sys
+import numpy as np
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] != "defaults":
+    from cnn_train.backends.torch_backend import TorchBackend
+    from cnn_train.plugins.config import ModelConfig
+    TorchBackend().build(ModelConfig(), device="cpu", seed=0)
+buffer = np.ones(20 * 2**20, dtype=np.uint8)
+del buffer
+print(libc.mallinfo2().fordblks)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize(("setting", "kept"), [("defaults", False), ("built", True)])
+def test_a_built_backend_keeps_freed_memory_in_the_process(setting: str, kept: bool) -> None:
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", _FREED_MEMORY, setting], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (int(result.stdout.split()[-1]) >= 20 * 2**20) == kept
