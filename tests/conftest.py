@@ -37,19 +37,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 #: up): handed out first so the waits overlap the rest of the suite instead of ending it.
 WAITING_MODULES = ("test_spool", "test_team_servers", "test_ray", "test_reliability", "test_worker",
                    "test_deployment", "test_newcomer", "test_plugin_runs", "test_benchmark_smoke")
-#: Then the modules that keep a core busy longest (10-40 CPU-seconds each on 2 cores), so that the quick
-#: ones fill the end: last, one of these ran alone for 20 s while the other workers had finished.
-BUSY_MODULES = ("test_conformance", "test_flow", "test_tune", "test_sweep", "test_predict", "test_tracking",
-                "test_reports", "test_temporary_server")
-ORDER = WAITING_MODULES + BUSY_MODULES
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The waiting modules first, then the busy ones; xdist hands out whole modules in this order
-    (--no-loadscope-reorder)."""
+    """The waiting modules first; xdist hands out whole modules in this order (--no-loadscope-reorder)."""
     def rank(item: pytest.Item) -> int:
         name = item.path.stem
-        return ORDER.index(name) if name in ORDER else len(ORDER)
+        return WAITING_MODULES.index(name) if name in WAITING_MODULES else len(WAITING_MODULES)
 
     items.sort(key=rank)  # stable: within a module, and among the rest, collection order holds
 
