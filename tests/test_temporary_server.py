@@ -39,10 +39,11 @@ def _without_prefect_api(home: Path) -> dict[str, str]:
 
 
 def test_a_configured_api_starts_no_server(monkeypatch):
-    monkeypatch.setattr(temporary_server, "configured_api_url", lambda: "http://127.0.0.1:4200/api")
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
     monkeypatch.setattr(temporary_server, "TemporaryServer", lambda: pytest.fail("a server was started"))
-    with temporary_server.prefect_api()():
-        pass
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}), temporary_server.prefect_api()():
+        assert get_current_settings().api.url == "http://127.0.0.1:4200/api"
 
 
 @pytest.mark.parametrize(("child", "timeout", "says"), [
