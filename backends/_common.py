@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Sequence
 from importlib.metadata import version
 
@@ -25,6 +26,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD, TRIM_THRESHOLD = 32 * 2**20, 2**30
 
 
+@functools.cache  # a process-wide setting: once per process, however many models are built
 def keep_freed_memory() -> None:
     """Keep the memory of freed tensors in the process (glibc's malloc; elsewhere a no-op).
 
