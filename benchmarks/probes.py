@@ -2,7 +2,7 @@
 
     probes.py prep    --out F [split options] [--cache-dir D]   time one prepare_data call
     probes.py init    --out F                                   create the MLflow store and the Prefect database
-    probes.py flow    --out F --backend B [--architecture A] [split options]
+    probes.py flow    --out F --backend B [--architecture A] [--compare-dense] [split options]
                                                               run the cnn-train flow, read back its timings
     probes.py trigger --out F --backend B --mlflow-url U        trigger cnn-train/default on a running stack
 
@@ -71,15 +71,30 @@ def _timestamp(value: datetime | None) -> float | None:
 
 
 def _task_seconds(client: Any, flow_run_id: Any) -> dict[str, float]:
-    """Wall seconds of each task run of the flow run, by task name."""
+    """Wall seconds of the flow run's task runs, summed by task name (with the dense comparison, the
+    flow runs ``train`` and ``evaluate`` twice)."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {
-        run.name.rsplit("-", 1)[0]: (run.end_time - run.start_time).total_seconds()
-        for run in task_runs
-        if run.start_time and run.end_time
-    }
+    seconds: dict[str, float] = {}
+    for run in task_runs:
+        if run.start_time and run.end_time:
+            name = run.name.rsplit("-", 1)[0]
+            seconds[name] = seconds.get(name, 0.0) + (run.end_time - run.start_time).total_seconds()
+    return seconds
+
+
+def _dense_history(mlflow_uri: str, parent_run_id: str) -> dict[str, Any] | None:
+    """The epoch history of the dense comparison's child run under ``parent_run_id``, if it has one."""
+    from cnn_train.flows import tracking
+
+    client = tracking.client(mlflow_uri)
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`cnn_train.role` = 'dense-baseline'",
+    )
+    return _epoch_history(mlflow_uri, children[0].info.run_id) if children else None
 
 
 def _epoch_history(mlflow_uri: str, run_id: str) -> dict[str, Any]:
@@ -128,6 +143,7 @@ def flow(args: argparse.Namespace) -> dict[str, Any]:
             data_dir=args.data_dir,
             train_device="cpu",
             evaluate_device="cpu",
+            compare_dense=args.compare_dense,
             return_state=True,
             **_split_options(args),
         )
@@ -138,8 +154,10 @@ def flow(args: argparse.Namespace) -> dict[str, Any]:
         with get_client(sync_client=True) as client:
             flow_run = client.read_flow_run(flow_run_id)
             tasks = _task_seconds(client, flow_run_id)
-    history = _epoch_history(tracking.tracking_uri(), state.result()["mlflow_run_id"])
+    run_id = state.result()["mlflow_run_id"]
+    history = _epoch_history(tracking.tracking_uri(), run_id)
     return {
+        "dense": _dense_history(tracking.tracking_uri(), run_id) if args.compare_dense else None,
         "imported_at": imported_at,
         "returned_at": returned_at,
         "measured_at": time.time(),
@@ -215,7 +233,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
     add_arguments(
         parser,
-        ("backend", "architecture", "epochs", "seed", "validation_fraction", "sample_limit", "test_limit", "data_dir"),
+        (
+            "backend", "architecture", "epochs", "compare_dense", "seed", "validation_fraction", "sample_limit",
+            "test_limit", "data_dir",
+        ),
     )
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--mlflow-url", default=None)

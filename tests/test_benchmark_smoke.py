@@ -16,9 +16,13 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 ROWS = (
-    "bare PyTorch loop", "bare Keras fit", "cnn-train torch", "cnn-train keras", "cnn-train torch, cnn-improved, seed 0",
+    "bare PyTorch loop", "bare Keras fit", "cnn-train torch", "cnn-train keras",
+    "cnn-train torch, deployment defaults (dense compared)", "cnn-train torch, cnn-improved, seed 0",
 )
-VARIANT_KEYS = ("bare-torch", "bare-keras", "cnn-train-torch", "cnn-train-keras", "cnn-train-torch-recipe-seed0")
+VARIANT_KEYS = (
+    "bare-torch", "bare-keras", "cnn-train-torch", "cnn-train-keras", "cnn-train-torch-deployment",
+    "cnn-train-torch-recipe-seed0",
+)
 
 
 @pytest.fixture
@@ -58,6 +62,10 @@ def test_targets_compare_the_right_numbers(bench: ModuleType) -> None:
             "bare-keras": _variant(bench, "bare Keras fit", run_wall=110, train=100, rate=500),
             "cnn-train-torch": _variant(bench, "cnn-train torch", run_wall=102, train=100, rate=980, backend="torch"),
             "cnn-train-keras": _variant(bench, "cnn-train keras", run_wall=105, train=100, rate=700, backend="keras"),
+            "cnn-train-torch-deployment": _variant(
+                bench, "cnn-train torch, deployment defaults (dense compared)", run_wall=118, train=114, rate=980,
+                backend="torch",
+            ),
             "cnn-train-torch-recipe-seed0": _variant(
                 bench, "cnn-train torch, cnn-improved, seed 0", run_wall=99, train=90, rate=2000, backend="torch",
                 accuracy=0.9375, fp32=False,
@@ -75,6 +83,9 @@ def test_targets_compare_the_right_numbers(bench: ModuleType) -> None:
     verdicts = {t.what: (t.measured, t.met) for t in bench.targets(measurements)}
     assert verdicts["orchestration overhead, torch"] == ("2.0%", True)
     assert verdicts["orchestration overhead, keras"] == ("5.0%", False)
+    assert verdicts["orchestration overhead, torch, deployment defaults (dense epochs counted as training)"] == (
+        "3.5%", False
+    )
     assert verdicts["torch backend img/s / bare PyTorch loop"] == ("0.980", True)
     assert verdicts["keras backend img/s / torch backend"] == ("0.714", False)
     assert verdicts["data prep, cold"] == ("1.90", True)
@@ -126,6 +137,11 @@ def test_benchmark_runs_every_variant_at_tiny_size(tmp_path: Path, real_fashion_
         assert variant["images_trained"] == 360  # 400 images, 10% held out, one epoch
         assert 0.0 <= variant["test_accuracy"] <= 1.0
     assert set(raw["variants"]["cnn-train-torch"]["details"]["task_seconds"]) == {"prep", "train", "evaluate", "report"}
+    # The deployment's defaults add the dense network's run: its epoch counts as training time too.
+    deployment = raw["variants"]["cnn-train-torch-deployment"]
+    (dense_epoch,) = deployment["details"]["dense_epoch_seconds"]
+    assert deployment["train_seconds"] == pytest.approx(sum(deployment["details"]["epoch_seconds"]) + dense_epoch)
+    assert "orchestration overhead, torch, deployment defaults (dense epochs counted as training)" in run.stdout
     assert len(raw["prep_cold_seconds"]) == len(raw["prep_cached_seconds"]) == 1
     assert raw["trigger_to_first_step_seconds"] == {"torch": [], "keras": []}
     (command_run,) = raw["command"]  # the small `cnn-train run`, once per repeat
