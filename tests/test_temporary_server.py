@@ -16,6 +16,7 @@ import pytest
 
 from cnn_train.flows import temporary_server
 from cnn_train.flows.services import http_ok
+from cnn_train.flows.settings import keep_library_state_in_project
 
 # A command's first lines: the server starts, the command waits for it, says where it is, then runs a
 # flow or blocks.
@@ -36,8 +37,13 @@ _COMMAND = textwrap.dedent("""
 
 
 def _without_prefect_api(home: Path) -> dict[str, str]:
+    """A command's environment: no Prefect API, a Prefect home of its own, and the settings every
+    `cnn-train` command gives itself first thing (among them the temporary server's start-up timeout,
+    which a fresh database's migrations can outlast at Prefect's 20 s on a loaded CI box)."""
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    return env | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}
+    env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}
+    keep_library_state_in_project(env)
+    return env
 
 
 def test_a_configured_api_starts_no_server(monkeypatch):
