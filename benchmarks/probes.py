@@ -155,9 +155,10 @@ def flow(args: argparse.Namespace) -> dict[str, Any]:
             flow_run = client.read_flow_run(flow_run_id)
             tasks = _task_seconds(client, flow_run_id)
     run_id = state.result()["mlflow_run_id"]
-    history = _epoch_history(tracking.tracking_uri(), run_id)
+    uri = tracking.tracking_uri()
+    history = _epoch_history(uri, run_id)
     return {
-        "dense": _dense_history(tracking.tracking_uri(), run_id) if args.compare_dense else None,
+        "dense": _dense_history(uri, run_id) if args.compare_dense else None,
         "imported_at": imported_at,
         "returned_at": returned_at,
         "measured_at": time.time(),

@@ -11,6 +11,7 @@ import importlib.util
 import inspect
 import math
 import pickle
+import subprocess
 import sys
 import types
 from dataclasses import asdict
@@ -439,8 +440,6 @@ print(libc.mallinfo2().fordblks)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 @pytest.mark.parametrize(("setting", "kept"), [("defaults", False), ("built", True)])
 def test_a_built_backend_keeps_freed_memory_in_the_process(setting: str, kept: bool) -> None:
-    import subprocess
-
     result = subprocess.run([sys.executable, "-c", _FREED_MEMORY, setting], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (int(result.stdout.split()[-1]) >= 20 * 2**20) == kept
