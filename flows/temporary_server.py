@@ -8,7 +8,7 @@ another core while the command imports the flow and its libraries.
 
 As Prefect's, the server is this process's alone: its database is under ``PREFECT_HOME``, it has no UI
 (so no run links to a page that will be gone), and it stops as the process exits, also when the
-process is killed (Linux: the parent-death signal).
+process is killed (Linux: the parent-death signal). A Ctrl-C in the command's terminal does not reach it.
 """
 
 from __future__ import annotations
@@ -57,8 +57,12 @@ class TemporaryServer:
             "--log-level", "error", "--lifespan", "on",
         ]
         server_env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        # A process group of its own: a terminal's Ctrl-C goes to the whole foreground group, and the
+        # server must outlast it while the command tells it the flow run crashed (Prefect retries a gone
+        # server for minutes). It still stops with the command: atexit, or the parent-death signal.
         return subprocess.Popen(  # noqa: S603 - Prefect's own server
-            command, env=os.environ | server_env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            command, env=os.environ | server_env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            process_group=0,
         )
 
     @property

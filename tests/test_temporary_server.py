@@ -31,6 +31,9 @@ _COMMAND = textwrap.dedent("""
             from prefect import flow
             flow(name="on-the-temporary-server")(lambda: 42)()
             print("flow done", flush=True)
+        elif sys.argv[1] == "long-flow":
+            from prefect import flow
+            flow(name="interrupted")(lambda: print("in the flow", flush=True) or time.sleep(600))()
         else:
             time.sleep(600)
 """)
@@ -97,3 +100,24 @@ def test_a_killed_command_takes_its_server_with_it(tmp_path):
     finally:
         command.kill()
         command.wait()
+
+
+def test_ctrl_c_in_the_terminal_leaves_the_server_up_to_record_the_crash(tmp_path):
+    """A terminal's Ctrl-C signals its whole foreground process group. Had the server got it too, the
+    command would retry the gone server for over a minute and leave the flow run Running."""
+    command = subprocess.Popen([sys.executable, "-c", _COMMAND, "long-flow"], env=_without_prefect_api(tmp_path),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0)
+    try:
+        command.stdout.readline()  # the server answers
+        assert command.stdout.readline().strip() == "in the flow"
+        os.killpg(command.pid, signal.SIGINT)
+        _, stderr = command.communicate(timeout=45)
+    finally:
+        command.kill()
+        command.wait()
+    assert command.returncode != 0
+    assert "Error logging to API" not in stderr and "Connection refused" not in stderr, stderr[-2000:]
+    with sqlite3.connect(tmp_path / "prefect.db") as db:
+        rows = db.execute("SELECT flow_run.state_type FROM flow_run JOIN flow ON flow.id = flow_run.flow_id "
+                          "WHERE flow.name = 'interrupted'").fetchall()
+    assert rows == [("CRASHED",)]
