@@ -89,6 +89,29 @@ def test_cli_options_are_the_declaration(command, models, exclude):
         assert flag in help_text, field
 
 
+@pytest.mark.parametrize(
+    ("command", "option", "items"),
+    [
+        pytest.param("sweep", "--grid", "learning_rate=0.001,0.0003 architecture=cnn,dense", id="sweep-grid"),
+        pytest.param("tune", "--space", "learning_rate=log:1e-4:1e-2 batch_size=32,64,128", id="tune-space"),
+    ],
+)
+def test_a_mapping_left_out_takes_its_declared_default(command, option, items):
+    """Not given, --grid and --space are the declaration's default (typer alone passed str(dict) as one
+    item, which the command refused); --help shows it as the items one would type."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # A configured API (never reached): no temporary server starts; the checks end the command first.
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        result = CliRunner().invoke(app, [command, "--max-concurrent", "0"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "cnn-train: invalid parameters: max_concurrent: Input should be greater than or equal to 1 (got 0)"
+    ]
+    help_text = " ".join(CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "250", "NO_COLOR": "1"}).output.split())
+    assert f"[default: ({items})]" in help_text, option
+
+
 def test_readme_parameter_table_is_rendered_from_the_declaration():
     text = README.read_text(encoding="utf-8")
     rendered = re.search(r"<!-- parameters:[^\n]*-->\n(.*?)\n<!-- /parameters -->", text, re.S)

@@ -109,6 +109,13 @@ def _cli_type(annotation: Any) -> Any:
     return annotation
 
 
+def _as_items(mapping: dict[str, Any]) -> str:
+    """A mapping as the repeated ``FIELD=VALUE[,VALUE...]`` items its option takes, for --help."""
+    return " ".join(
+        f"{field}={','.join(map(str, value)) if isinstance(value, list) else value}" for field, value in mapping.items()
+    )
+
+
 def cli_options(
     *models: type[BaseModel], exclude: tuple[str, ...] = ()
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -119,12 +126,17 @@ def cli_options(
         parameters = []
         for name, (annotation, info) in declared_fields(models, exclude).items():
             names = (_OPTION_NAMES[name],) if name in _OPTION_NAMES else ()
-            option = typer.Option(*names, help=info.description)
+            default, shown = info.default, True
+            if isinstance(default, dict):
+                # typer would hand the command str(default) as one item; None stands for the declaration's
+                # default, which the command takes from the declaration (declared_default).
+                default, shown = None, _as_items(info.default)
+            option = typer.Option(*names, help=info.description, show_default=shown)
             parameters.append(
                 inspect.Parameter(
                     name,
                     inspect.Parameter.KEYWORD_ONLY,
-                    default=info.default,
+                    default=default,
                     annotation=Annotated[_cli_type(annotation), option],
                 )
             )
@@ -132,3 +144,9 @@ def cli_options(
         return fn
 
     return decorate
+
+
+def declared_default(model: type[BaseModel], name: str) -> Any:
+    """A field's declared default, a fresh copy (a mapping's CLI option is None when not given)."""
+    return model.model_fields[name].get_default(call_default_factory=True, validated_data={})
+

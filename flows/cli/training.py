@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 import typer
 from pydantic import BaseModel, Field
 
-from cnn_train.flows.cli.app import app, cli_options, fail
+from cnn_train.flows.cli.app import app, cli_options, declared_default, fail
 from cnn_train.flows.params import COMPARE_EXCLUDES, SWEEP_EXCLUDES, CompareOptions, RunParameters, SweepOptions
 from cnn_train.flows.temporary_server import prefect_api
 
@@ -172,8 +172,8 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
 def sweep(**values: Any) -> None:
     """Run a grid of configurations (data prepared once), ranked in a parent MLflow run."""
     runner, ray_resource = _trial_runner(values)
-    if isinstance(values["grid"], list):
-        values["grid"] = parse_grid(values["grid"])
+    grid = values["grid"]
+    values["grid"] = parse_grid(grid) if grid is not None else declared_default(SweepOptions, "grid")
     api = prefect_api(temporary=runner.task_runner == "local")
     from cnn_train.flows.sweep_flow import cnn_train_sweep, validate_sweep
 

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 from pydantic import BaseModel, Field
 
-from cnn_train.flows.cli.app import app, cli_options, fail
+from cnn_train.flows.cli.app import app, cli_options, declared_default, fail
 from cnn_train.flows.cli.training import (
     RunnerOptions,
     TrialResourceOptions,
@@ -36,9 +36,9 @@ def _space(values: dict[str, Any], space_file: Path | None) -> dict[str, Any]:
     from cnn_train.flows.tuning import load_space_file, parse_assignments
 
     given = values["space"]
-    items = parse_assignments(given) if isinstance(given, list) else None
+    items = parse_assignments(given) if given is not None else None
     if space_file is None:
-        return items if items is not None else given
+        return items if items is not None else declared_default(TuneOptions, "space")
     return load_space_file(space_file) | (items or {})
 
 
