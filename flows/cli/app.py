@@ -68,7 +68,7 @@ def _before_every_command(
 
 
 #: CLI spellings that differ from the flow parameter: one `--backend` per compared backend.
-_OPTION_NAMES = {"backends": "--backend"}
+_OPTION_NAMES = {"backends": "--backend", "no_prune": "--no-prune"}  # one flag, not --no-prune/--no-no-prune
 
 
 def _one_line_errors(*, debug: bool) -> None:
