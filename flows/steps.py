@@ -201,8 +201,9 @@ def train(
         backend.loggable_model(),
         input_shape=model_config.input_shape,
         num_classes=model_config.num_classes,
-        # Two images: a batch of one would let PyTorch's exporter fix the batch size at 1.
-        input_example=data.x_val[:2],
+        # Two images: a batch of one would let PyTorch's exporter fix the batch size at 1. A copy: on Ray
+        # the arrays are read-only views of the object store, which torch.from_numpy warns about.
+        input_example=data.x_val[:2].copy(),
         name="model",
     )
     return TrainOutcome(

@@ -59,7 +59,7 @@ def tune(**values: Any) -> None:
         values["space"] = _space(values, space_file)
     except ParameterError as error:
         fail(str(error))
-    api = prefect_api(temporary=runner.task_runner == "local")
+    api = prefect_api(temporary=runner.on_this_machine)
     from cnn_train.flows.tune_flow import cnn_train_tune, validate_tune
 
     plan = _validated(validate_tune, values)
