@@ -39,6 +39,8 @@ def quiet_libraries(*, verbose: bool = False, environ: MutableMapping[str, str] 
         logging.getLogger(_MLFLOW_LOGGER).setLevel(environ.get("MLFLOW_LOGGING_LEVEL", "INFO").upper())
         return
     environ.setdefault("MLFLOW_LOGGING_LEVEL", _MLFLOW_LEVEL)
+    # MLflow's tqdm bars for model downloads (a few MB here) land on stderr, which carries only failures.
+    environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     prefect_logger = logging.getLogger(_PREFECT_LOGGER)
     if not any(isinstance(f, _DropTemporaryServerLines) for f in prefect_logger.filters):
         prefect_logger.addFilter(_DropTemporaryServerLines())

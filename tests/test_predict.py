@@ -270,6 +270,31 @@ def test_a_model_that_does_not_exist_lists_what_does(champion, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [
+        pytest.param("runs:/{run_id}/no-such-path", "(Failed to download artifacts from path 'no-such-path'", id="run-artifact"),
+        pytest.param("{folder}", '(Could not find an "MLmodel" configuration file at', id="folder-without-mlmodel"),
+    ],
+)
+def test_a_model_uri_with_nothing_loadable_is_one_line(champion, tmp_path, where, says):
+    from typer.testing import CliRunner
+
+    from cnn_train.flows.cli import app
+
+    image = tmp_path / "x.png"
+    Image.new("L", (28, 28)).save(image)
+    model = where.format(run_id=champion["mlflow_run_id"], folder=tmp_path)
+    result = CliRunner().invoke(app, ["predict", str(image), "--model", model])
+    # In-process the failure stays an exception; the installed command prints it as its one line.
+    assert isinstance(result.exception, tracking.ModelNotFoundError), result.output
+    line = str(result.exception)
+    assert "\n" not in line and line.startswith(f"no model MLflow can load at {model} {says}"), line
+    assert line.endswith(f"recent finished runs of 'cnn-train': runs:/{champion['mlflow_run_id']}/model "
+                         f"(torch-cnn, test accuracy {champion['test_accuracy'] * 100:.2f}%)"), line
+
+
+@pytest.mark.slow
 def test_the_registered_version_carries_its_facts_and_the_run_says_why(champion, mlflow_store):
     client = tracking.client(mlflow_store)
     version = client.get_model_version_by_alias(MODEL_NAME, "champion")

@@ -52,7 +52,7 @@ def choose_model(spec: str | None, *, uri: str | None = None) -> ModelChoice:
 
 def load_model(choice: ModelChoice, *, uri: str | None = None) -> LoadedModel:
     """Load with ``mlflow.pyfunc.load_model`` and check the signature before any image is classified."""
-    pyfunc = tracking.load_pyfunc(choice.model_uri, uri or tracking.tracking_uri())
+    pyfunc = tracking.load_pyfunc(choice.model_uri, uri or tracking.tracking_uri(), experiment=TRAINING_EXPERIMENT)
     check_signature(choice.model_uri, pyfunc.metadata.get_input_schema(), pyfunc.metadata.get_output_schema())
     return LoadedModel(choice, pyfunc)
 

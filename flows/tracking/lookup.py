@@ -19,7 +19,8 @@ from cnn_train.flows.tracking.uri import client
 #: trials) or a run inside another.
 _NOT_A_DEFAULT_RUN = ("cnn_train.role", "mlflow.parentRunId")
 _RECENT_RUNS = 5
-_MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+#: MLflow error codes that mean "nothing by that name" (a store or server that fails otherwise still raises).
+MISSING_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
 
 class ModelNotFoundError(ExpectedFailure, LookupError):
@@ -61,7 +62,7 @@ def locate(spec: str, *, experiment: str, uri: str | None = None) -> ModelChoice
     try:
         found = _find(mlflow_client, model_uri)
     except MlflowException as error:
-        if error.error_code not in _MISSING:
+        if error.error_code not in MISSING_CODES:
             raise
         found = f"no model at {model_uri}"
     if isinstance(found, str):

@@ -126,12 +126,22 @@ def model_signature(input_shape: tuple[int, ...], num_classes: int) -> ModelSign
     )
 
 
-def load_pyfunc(model_uri: str, uri: str) -> PyFuncModel:
-    """``mlflow.pyfunc.load_model`` with ``runs:/`` and ``models:/`` URIs resolved in store ``uri``."""
+def load_pyfunc(model_uri: str, uri: str, *, experiment: str | None = None) -> PyFuncModel:
+    """``mlflow.pyfunc.load_model`` with ``runs:/`` and ``models:/`` URIs resolved in store ``uri``. Nothing
+    loadable there (a wrong artifact path, a folder without an MLmodel file) is a ModelNotFoundError, whose
+    line lists what ``experiment`` has when it is given."""
     import mlflow.pyfunc
 
-    with _PROCESS_STATE_LOCK, _process_tracking_uri(uri):
-        return mlflow.pyfunc.load_model(model_uri)
+    try:
+        with _PROCESS_STATE_LOCK, _process_tracking_uri(uri):
+            return mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as error:
+        from cnn_train.flows.tracking.lookup import MISSING_CODES, ModelNotFoundError, what_exists  # lookup imports this module
+
+        if error.error_code not in MISSING_CODES:
+            raise
+        found = f"no model MLflow can load at {model_uri} ({str(error).splitlines()[0]})"
+        raise ModelNotFoundError(f"{found}; {what_exists(client(uri), experiment)}" if experiment else found) from None
 
 
 def link_model_input(uri: str, run_id: str, model_id: str) -> None:
