@@ -128,8 +128,8 @@ def cli_options(
             names = (_OPTION_NAMES[name],) if name in _OPTION_NAMES else ()
             default, shown = info.default, True
             if isinstance(default, dict):
-                # typer would hand the command str(default) as one item; None stands for the declaration's
-                # default, which the command takes from the declaration (declared_default).
+                # typer would hand a dict default to the command as one str(dict) item: None stands in for
+                # it, and the command takes the declared default (declared_default).
                 default, shown = None, _as_items(info.default)
             option = typer.Option(*names, help=info.description, show_default=shown)
             parameters.append(
@@ -149,4 +149,3 @@ def cli_options(
 def declared_default(model: type[BaseModel], name: str) -> Any:
     """A field's declared default, a fresh copy (a mapping's CLI option is None when not given)."""
     return model.model_fields[name].get_default(call_default_factory=True, validated_data={})
-
