@@ -11,8 +11,36 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from cnn_train.flows.errors import ExpectedFailure
+
 #: States whose reason is worth showing: the run did not do what was asked.
 _FAILED_STATES = frozenset({"FAILED", "CRASHED"})
+
+
+class RunRefusedError(ExpectedFailure, ValueError):
+    """The Prefect server would not create the flow run: a parameter breaks the deployment's schema."""
+
+
+def start_deployment_run(deployment: str, parameters: dict[str, Any]) -> Any:
+    """A new flow run of ``deployment``, not waited for. The server checks the parameters against the
+    deployment's schema (the declared bounds, choices and types) first; a refusal is one line."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    # The server takes names the flow does not have, and the flow-run process then crashes without a word.
+    with get_client(sync_client=True) as client:
+        schema = client.read_deployment_by_name(deployment).parameter_openapi_schema or {}
+    known = list(schema.get("properties", {}))
+    if known and (unknown := sorted(set(parameters) - set(known))):
+        raise RunRefusedError(f"{deployment} has no parameter {', '.join(unknown)}; its parameters: {', '.join(known)}")
+    try:
+        return run_deployment(deployment, parameters=parameters, timeout=0)
+    except PrefectHTTPStatusError as error:
+        if error.response.status_code != 409:  # Prefect's answer to parameters its schema refuses
+            raise
+        detail = str(error.response.json().get("detail", error)).removeprefix("Error creating flow run: ")
+        raise RunRefusedError(f"{deployment} refused the parameters {parameters}: {detail}") from None
 
 
 @dataclass(frozen=True)

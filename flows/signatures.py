@@ -6,8 +6,9 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Callable, Iterable
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
+import annotated_types
 from pydantic import BaseModel, Field
 from pydantic.fields import FieldInfo
 
@@ -44,7 +45,7 @@ def takes_parameters(
                 name,
                 inspect.Parameter.KEYWORD_ONLY,
                 default=Field(default=info.default, description=info.description),
-                annotation=annotation,
+                annotation=_with_bounds(annotation, info),
             )
             for name, (annotation, info) in declared_fields(models, exclude).items()
         ]
@@ -52,6 +53,18 @@ def takes_parameters(
         return fn
 
     return decorate
+
+
+#: Constraints JSON Schema can state (minimum, exclusiveMaximum, minLength...): in the form, the UI and
+#: the Prefect server check them, so a deployment run with a value out of bounds is refused before it exists.
+_SCHEMA_BOUNDS = (annotated_types.Ge, annotated_types.Gt, annotated_types.Le, annotated_types.Lt,
+                  annotated_types.MinLen, annotated_types.MaxLen)
+
+
+def _with_bounds(annotation: Any, info: FieldInfo) -> Any:
+    """``annotation`` with the declaration's bounds on it (``ge=1`` ...), for the flow's parameter schema."""
+    bounds = [constraint for constraint in info.metadata if isinstance(constraint, _SCHEMA_BOUNDS)]
+    return Annotated[(annotation, *bounds)] if bounds else annotation
 
 
 def add_arguments(parser: Any, names: Iterable[str]) -> None:

@@ -49,6 +49,43 @@ def test_flow_form_is_the_declaration(name):
         assert properties[field].get("default") == info.default, field
 
 
+@pytest.mark.parametrize(
+    ("field", "bad", "refusal", "good"),
+    [
+        pytest.param("epochs", 0, "0 is less than the minimum of 1", 1, id="epochs"),
+        pytest.param("learning_rate", 0, "0 is less than or equal to the minimum of 0", 1e-4, id="learning-rate"),
+        pytest.param("validation_fraction", 1, "1 is greater than or equal to the maximum of 1", 0.5, id="validation-fraction"),
+        pytest.param("sample_limit", 70_000, "70000 is greater than the maximum of 60000", 60_000, id="sample-limit"),
+        pytest.param("experiment", "", "'' should be non-empty", "x", id="experiment"),
+    ],
+)
+@pytest.mark.parametrize("name", FLOWS)
+def test_every_form_carries_the_declared_bounds(name, field, bad, refusal, good):
+    """The check the Prefect server (and the UI's form) makes on a deployment run's parameters."""
+    from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+    schema = FLOWS[name][0].parameters.model_dump()
+    with pytest.raises(ValidationError, match=re.escape(refusal)):
+        validate({field: bad}, schema, raise_on_error=True)
+    validate({field: good}, schema, raise_on_error=True)
+
+
+def test_a_deployment_run_out_of_bounds_or_with_an_unknown_name_is_refused_before_it_exists(prefect_api_url):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    from cnn_train.flows.flow_runs import RunRefusedError, start_deployment_run
+
+    deployment_id = cnn_train.to_deployment(name="refusals").apply()
+    with pytest.raises(RunRefusedError, match=r"^cnn-train/refusals refused the parameters \{'epochs': 0\}: "
+                       r"Validation failed for field 'epochs'. Failure reason: 0 is less than the minimum of 1$"):
+        start_deployment_run("cnn-train/refusals", {"epochs": 0})
+    with pytest.raises(RunRefusedError, match=r"^cnn-train/refusals has no parameter epoch; its parameters: backend, "):
+        start_deployment_run("cnn-train/refusals", {"epoch": 3})
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))) == []
+
+
 @pytest.mark.parametrize("name", FLOWS)
 def test_the_flow_docstring_is_its_description_in_the_prefect_ui(name):
     flow_obj = FLOWS[name][0]

@@ -139,7 +139,6 @@ def trigger(
 ) -> None:
     """Run a deployment on the Prefect server; with --watch, wait for the end and, when the flow run
     fails, print its state message and last error log lines."""
-    from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import get_current_settings
 
@@ -148,7 +147,7 @@ def trigger(
     api_url = _prefect_api(required=True)
     parameters = parse_parameters(param or [])
     try:
-        flow_run = run_deployment(deployment, parameters=parameters, timeout=0)
+        flow_run = flow_runs.start_deployment_run(deployment, parameters)
     except ObjectNotFound:
         fail(f"no deployment {deployment} on {api_url}; `cnn-train up --no-trigger` serves cnn-train/default")
     ui_url = get_current_settings().ui_url
