@@ -30,12 +30,12 @@ def start_deployment_run(deployment: str, parameters: dict[str, Any]) -> Any:
 
     # The server takes names the flow does not have, and the flow-run process then crashes without a word.
     with get_client(sync_client=True) as client:
-        schema = client.read_deployment_by_name(deployment).parameter_openapi_schema or {}
-    known = list(schema.get("properties", {}))
+        found = client.read_deployment_by_name(deployment)
+    known = list((found.parameter_openapi_schema or {}).get("properties", {}))
     if known and (unknown := sorted(set(parameters) - set(known))):
         raise RunRefusedError(f"{deployment} has no parameter {', '.join(unknown)}; its parameters: {', '.join(known)}")
     try:
-        return run_deployment(deployment, parameters=parameters, timeout=0)
+        return run_deployment(found.id, parameters=parameters, timeout=0)  # by id: no second lookup by name
     except PrefectHTTPStatusError as error:
         if error.response.status_code != 409:  # Prefect's answer to parameters its schema refuses
             raise
