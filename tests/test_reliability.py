@@ -218,6 +218,8 @@ EXPECTED_FAILURES = [
      "cnn-train: data_dir: {tmp}/nope does not exist", False),
     ("unreachable-mlflow", lambda tmp: [], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"},
      "cnn-train: MLflow tracking server http://127.0.0.1:9 is not reachable", False),
+    ("unknown-tracking-scheme", lambda tmp: [], {"MLFLOW_TRACKING_URI": "htp://127.0.0.1:5000"},
+     "cnn-train: MLFLOW_TRACKING_URI htp://127.0.0.1:5000 has a scheme MLflow has no tracking store for", False),
     ("absent-gpu", lambda tmp: ["--train-device", "gpu-required"], {},
      "cnn-train: train requires a GPU (gpu-required), but no GPU is visible", False),
 ]

@@ -8,6 +8,7 @@ import getpass
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -364,6 +365,21 @@ def test_an_unreachable_server_says_what_to_do():
     with pytest.raises(tracking.TrackingUnavailableError, match=rf"MLflow tracking server http://127.0.0.1:{port} "
                        r"is not reachable \(.*\); start it with `cnn-train up`, or unset MLFLOW_TRACKING_URI"):
         tracking.check_reachable(f"http://127.0.0.1:{port}", timeout=2)
+
+
+@pytest.mark.parametrize("uri", ["htp://127.0.0.1:5000", "mlflow.db://x"], ids=["typo-in-http", "path-as-scheme"])
+def test_a_scheme_mlflow_has_no_store_for_says_which_it_has(uri):
+    with pytest.raises(tracking.TrackingUnavailableError, match=rf"^MLFLOW_TRACKING_URI {re.escape(uri)} has a scheme "
+                       r"MLflow has no tracking store for; .*\(file, .*sqlite.*\), or unset it"):
+        tracking.check_reachable(uri)
+
+
+@pytest.mark.parametrize("uri", ["sqlite:////nonexistent/dir/mlflow.db", "/nonexistent/mlruns", "file:///nonexistent/mlruns",
+                                 "postgresql+psycopg2://user@127.0.0.1:9/db"],
+                         ids=["sqlite", "path", "file", "postgresql-with-driver"])
+def test_a_local_or_database_store_is_not_opened_to_check_it(uri):
+    tracking.check_reachable(uri)  # nothing is created or connected to: the flow opens the store when it runs
+    assert not Path("/nonexistent").exists()
 
 
 # --- liveness ------------------------------------------------------------------------------------

@@ -46,8 +46,10 @@ def client(uri: str | None = None) -> MlflowClient:
 
 
 def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
-    """Fail fast, with what to do about it, when an HTTP tracking server does not answer."""
+    """Fail fast, with what to do about it, when an HTTP tracking server does not answer or MLflow has
+    no store for the URI's scheme (a typo such as ``htp://``); a local store is not opened here."""
     if not _is_server(uri):
+        _check_scheme(uri)
         return
     health = uri.rstrip("/") + "/health"
     try:
@@ -61,6 +63,26 @@ def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
         f"MLflow tracking server {uri} is not reachable ({problem}); start it with `cnn-train up`, "
         "or unset MLFLOW_TRACKING_URI to log to the project's mlflow.db"
     )
+
+
+def _check_scheme(uri: str) -> None:
+    """MLflow builds a client's store at once and refuses a scheme it has none for; the schemes of its
+    file and database stores are known without opening one (SQLAlchemy's import costs a second)."""
+    from mlflow.store.db.db_types import DATABASE_ENGINES
+    from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+    from mlflow.utils.uri import get_uri_scheme
+
+    if get_uri_scheme(uri) in {"", "file", *DATABASE_ENGINES}:
+        return
+    try:
+        MlflowClient(tracking_uri=uri)
+    except UnsupportedModelRegistryStoreURIException as error:
+        schemes = ", ".join(scheme for scheme in error.supported_uri_schemes if scheme)
+        raise TrackingUnavailableError(
+            f"MLFLOW_TRACKING_URI {uri} has a scheme MLflow has no tracking store for; use a path, "
+            f"sqlite:///FILE, http://HOST:PORT or another of its schemes ({schemes}), "
+            "or unset it to log to the project's mlflow.db"
+        ) from None
 
 
 def ui_base_url(uri: str) -> str | None:
