@@ -285,7 +285,7 @@ IMPROVED_MODEL: dict[str, Any] = {
 #: The improved recipe's training, used where a run leaves the lesson's training defaults. bfloat16 and
 #: batch 128 make an epoch of the recipe's network cost about 1.4 of the lesson's (batch 32, float32) on
 #: this project's 2-core AMX CPU, so 7 epochs fit in the default run's 10. On a CPU without AMX or
-#: AVX-512 BF16, bfloat16 is emulated: one epoch took 944 s instead of about 35 on an AVX2 EPYC, so
+#: AVX-512 BF16, bfloat16 is emulated: one epoch took 944 s instead of about 75 on an AVX2 EPYC, so
 #: the precision is "auto" (see flows/placement.training_precision). Light augmentation did not pay
 #: over so few epochs (91.94% against 92.82% without), so it stays off.
 IMPROVED_TRAINING: dict[str, Any] = {
