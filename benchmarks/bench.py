@@ -9,7 +9,8 @@ store) and reports; the same flow with the opt-in improved recipe (``architectur
 its own epochs) against the default run's wall time; ``prepare_data`` with its cache emptied and then filled; and, unless
 ``--skip-servers``, ``cnn-train up`` in a temporary root, with ``cnn-train/default`` triggered to
 time trigger -> first training step; a small ``cnn-train run`` (COMMAND), timed before and after its
-flow run. An fp32 matmul measures the machine's peak in the same run.
+flow run. An fp32 matmul measures the machine's peak in the same run, and a bf16 one where the CPU
+computes bfloat16 natively (where the recipe's ``auto`` precision picks it).
 Prints one table and whether each target is met. Defaults (10 epochs, all 70,000 images) take
 about 30 minutes on 2 cores. Nothing touches the project's own MLflow store, cache or servers.
 """
@@ -37,6 +38,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from cnn_train.flows.placement import cpu_flags, training_precision
 from cnn_train.flows.signatures import add_arguments
 
 import flops
@@ -177,6 +179,10 @@ class Measurements:
     foreign_cpu_share: float = 0.0
     #: Each small `cnn-train run` (COMMAND): seconds before its flow run began and after it ended.
     command: list[dict[str, float]] = field(default_factory=list)
+    #: What the recipe's precision "auto" picks on this CPU, and why.
+    precision: tuple[str, str] = ("float32", "")
+    #: The best bfloat16 matmul rate; None where bfloat16 would be emulated (minutes per matmul, not measured).
+    bf16_peak: flops.Peak | None = None
 
 
 def median(values: Sequence[float]) -> float | None:
@@ -487,8 +493,11 @@ def measure(settings: Settings, work: Path) -> Measurements:
 
     log("creating the temporary MLflow store and Prefect database")
     run_script("probes.py", ["init"], env=env, out=work / "init.json")
-    log(f"fp32 peak: {settings.peak_size}x{settings.peak_size} matmul")
+    precision = training_precision("auto", "cpu")
+    native_bf16 = precision[0] == "bfloat16"
+    log(f"fp32{' and bf16' if native_bf16 else ''} peak: {settings.peak_size}x{settings.peak_size} matmul")
     peak_before = flops.matmul_peak(settings.peak_size)
+    bf16_peaks = [flops.matmul_peak(settings.peak_size, dtype="bfloat16")] if native_bf16 else []
     log("data prep, cold and cached")
     prep_cold, prep_cached = measure_prep(settings, env, work)
     run_script("probes.py", ["prep", *settings.split_args()], env=env, out=work / "warm.json")
@@ -516,11 +525,15 @@ def measure(settings: Settings, work: Path) -> Measurements:
         log("cnn-train up, then trigger -> first training step")
         triggers, stack = measure_trigger(settings, env, work)
 
-    log("fp32 peak again")
+    log(f"fp32{' and bf16' if native_bf16 else ''} peak again")
     peak_after = flops.matmul_peak(settings.peak_size)
     peak = max(peak_before, peak_after, key=lambda p: p.gflops)
+    if bf16_peaks:
+        bf16_peaks.append(flops.matmul_peak(settings.peak_size, dtype="bfloat16"))
+    bf16_peak = max(bf16_peaks, key=lambda p: p.gflops, default=None)
     return Measurements(
-        peak, train_flops, variants, prep_cold, prep_cached, triggers, stack, foreign_cpu_share, command
+        peak, train_flops, variants, prep_cold, prep_cached, triggers, stack, foreign_cpu_share, command,
+        precision, bf16_peak,
     )
 
 
@@ -747,9 +760,24 @@ def _package_version(name: str) -> str:
         return "not installed"
 
 
+#: The CPU flags that decide matmul speed in each precision (lscpu's spelling).
+MATMUL_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"})
+
+
+def _precision_line(m: Measurements) -> str:
+    """The bf16 peak beside the fp32 one, and the precision the recipe picks here and why."""
+    precision, why = m.precision
+    if m.bf16_peak is None:
+        measured = "not measured (not native here)"
+    else:
+        measured = f"{m.bf16_peak.gflops:.0f} GFLOP/s, {m.bf16_peak.gflops / m.peak.gflops:.1f}x fp32"
+    return f"bf16 peak: {measured}; the recipe's precision 'auto' trains in {precision} here: {why}"
+
+
 def machine() -> dict[str, Any]:
     return {
         "cpu": _cpu_model(),
+        "cpu_flags": sorted(cpu_flags().intersection(MATMUL_FLAGS)),
         "cpus": os.cpu_count(),
         "ram_gib": _ram_gib(),
         "python": platform.python_version(),
@@ -765,13 +793,15 @@ def report(settings: Settings, m: Measurements, command: str, *, markdown: bool)
     info = machine()
     ram = f"{info['ram_gib']:.0f} GiB RAM" if info["ram_gib"] else "RAM unknown"
     lines = [
-        f"machine: {info['cpu']}, {info['cpus']} CPUs, {ram}; Python {info['python']}, torch {info['torch']}, "
+        f"machine: {info['cpu']} (flags {' '.join(info['cpu_flags']) or 'none of ' + ' '.join(sorted(MATMUL_FLAGS))}), "
+        f"{info['cpus']} CPUs, {ram}; Python {info['python']}, torch {info['torch']}, "
         f"keras {info['keras']}, prefect {info['prefect']}, mlflow {info['mlflow']}",
         f"command: {command}",
         f"configuration: {settings.describe()}",
         f"fp32 peak: {m.peak.gflops:.0f} GFLOP/s ({m.peak.size}x{m.peak.size} matmul, {m.peak.threads} threads); "
         f"training cost: {m.train_flops_per_image / 1e6:.2f} MFLOP per image "
         f"({flops.forward_flops(ModelConfig()) / 1e6:.2f} forward x {flops.TRAINING_STEP_FACTOR})",
+        _precision_line(m),
         f"other work on this machine while the variants trained: {m.foreign_cpu_share:.0%} of its CPU time",
         "",
         render(COLUMNS, table_rows(m)),
@@ -797,7 +827,7 @@ def report(settings: Settings, m: Measurements, command: str, *, markdown: bool)
     lines.append(render(("target", "goal", "measured", "verdict"), target_rows(targets(m))))
     if markdown:
         # Line breaks inside a paragraph collapse in markdown; keep the header lines apart.
-        lines[:5] = [f"{line}  " for line in lines[:5]]
+        lines[:6] = [f"{line}  " for line in lines[:6]]
     return "\n".join(lines)
 
 
@@ -806,6 +836,8 @@ def raw_numbers(settings: Settings, m: Measurements) -> dict[str, Any]:
         "settings": asdict(settings),
         "machine": machine(),
         "peak": asdict(m.peak),
+        "bf16_peak": None if m.bf16_peak is None else asdict(m.bf16_peak),
+        "recipe_precision": {"precision": m.precision[0], "reason": m.precision[1]},
         "train_flops_per_image": m.train_flops_per_image,
         "variants": {
             key: asdict(v) | {"images_per_second": v.images_per_second, "overhead": v.overhead}

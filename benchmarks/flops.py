@@ -1,4 +1,4 @@
-"""What the model costs in floating-point operations, and what this machine can do: the fp32 peak.
+"""What the model costs in floating-point operations, and what this machine can do: the fp32 and bf16 peaks.
 
 FLOPs count multiply-adds as two operations and only the convolutions and dense layers (biases,
 ReLUs and pooling are a fraction of a percent). A training step costs about three forward passes:
@@ -47,25 +47,26 @@ def check_reference_model() -> None:
 
 @dataclass(frozen=True)
 class Peak:
-    """The best fp32 matmul rate measured, and how."""
+    """The best matmul rate measured in one precision, and how."""
 
     gflops: float
     size: int
     threads: int
     seconds: tuple[float, ...]
+    dtype: str = "float32"
 
 
-def matmul_peak(size: int = 4096, repeats: int = 3) -> Peak:
-    """GFLOP/s of the fastest of ``repeats`` float32 ``size`` x ``size`` matmuls, after one warm-up,
-    on as many threads as torch uses for training."""
+def matmul_peak(size: int = 4096, repeats: int = 3, dtype: str = "float32") -> Peak:
+    """GFLOP/s of the fastest of ``repeats`` ``dtype`` (``float32`` or ``bfloat16``) ``size`` x ``size``
+    matmuls, after one warm-up, on as many threads as torch uses for training."""
     import torch
 
-    a = torch.randn(size, size, dtype=torch.float32)
-    b = torch.randn(size, size, dtype=torch.float32)
+    a = torch.randn(size, size).to(getattr(torch, dtype))
+    b = torch.randn(size, size).to(getattr(torch, dtype))
     torch.mm(a, b)
     seconds = []
     for _ in range(repeats):
         started = time.perf_counter()
         torch.mm(a, b)
         seconds.append(time.perf_counter() - started)
-    return Peak(2 * size**3 / min(seconds) / 1e9, size, torch.get_num_threads(), tuple(seconds))
+    return Peak(2 * size**3 / min(seconds) / 1e9, size, torch.get_num_threads(), tuple(seconds), dtype)

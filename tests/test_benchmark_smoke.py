@@ -107,6 +107,35 @@ def test_targets_compare_the_right_numbers(bench: ModuleType) -> None:
     assert len(markdown.splitlines()) == 2 + len(measurements.variants)
 
 
+@pytest.mark.parametrize(
+    ("precision", "bf16_gflops", "expected"),
+    [
+        pytest.param(
+            ("bfloat16", "this CPU computes bfloat16 natively (avx512_bf16)"), 400.0,
+            "bf16 peak: 400 GFLOP/s, 2.0x fp32; the recipe's precision 'auto' trains in bfloat16 here: "
+            "this CPU computes bfloat16 natively (avx512_bf16)",
+            id="native",
+        ),
+        pytest.param(
+            ("float32", "this CPU has neither AMX nor AVX-512 BF16"), None,
+            "bf16 peak: not measured (not native here); the recipe's precision 'auto' trains in float32 here: "
+            "this CPU has neither AMX nor AVX-512 BF16",
+            id="emulated",
+        ),
+    ],
+)
+def test_the_header_names_the_bf16_peak_and_the_recipes_precision(
+    bench: ModuleType, precision: tuple[str, str], bf16_gflops: float | None, expected: str
+) -> None:
+    peak = bench.flops.Peak(gflops=200.0, size=4096, threads=2, seconds=(0.7,))
+    bf16_peak = None if bf16_gflops is None else bench.flops.Peak(bf16_gflops, 4096, 2, (0.35,), "bfloat16")
+    measurements = bench.Measurements(
+        peak=peak, train_flops_per_image=REFERENCE_TRAINING_FLOPS, variants={}, prep_cold=[], prep_cached=[],
+        trigger_to_first_step={}, stack={}, precision=precision, bf16_peak=bf16_peak,
+    )
+    assert bench._precision_line(measurements) == expected
+
+
 @pytest.mark.slow
 def test_benchmark_runs_every_variant_at_tiny_size(tmp_path: Path, real_fashion_mnist_dir: Path, prefect_api_url: str) -> None:
     out = tmp_path / "bench.json"
@@ -128,9 +157,13 @@ def test_benchmark_runs_every_variant_at_tiny_size(tmp_path: Path, real_fashion_
     for row in ROWS:
         assert any(line.startswith(row) for line in lines), f"no row {row!r} in:\n{run.stdout}"
     assert "configuration: 1 epoch(s)" in run.stdout
+    assert "bf16 peak: " in run.stdout and "the recipe's precision 'auto' trains in " in run.stdout
     assert "trigger to first training step, torch" in run.stdout
 
     raw = json.loads(out.read_text())
+    native = raw["recipe_precision"]["precision"] == "bfloat16"
+    assert (raw["bf16_peak"] is not None) == native, raw["recipe_precision"]
+    assert native == any(flag in raw["machine"]["cpu_flags"] for flag in ("avx512_bf16", "amx_bf16"))
     assert set(raw["variants"]) == set(VARIANT_KEYS)
     for key in VARIANT_KEYS:
         variant = raw["variants"][key]
