@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional
 import typer
 from pydantic import BaseModel, Field
 
+from cnn_train.flows import collector
 from cnn_train.flows.cli.app import app, cli_options, declared_default, fail
 from cnn_train.flows.params import COMPARE_EXCLUDES, SWEEP_EXCLUDES, CompareOptions, RunParameters, SweepOptions
 from cnn_train.flows.temporary_server import prefect_api
@@ -128,10 +129,11 @@ def run(**values: Any) -> None:
     """Run the cnn-train flow directly in this process (no servers needed)."""
     from cnn_train.flows.params import validate_parameters
 
-    api = prefect_api()  # a temporary server, if one is needed, boots while the checks and imports run
-    _validated(lambda v: validate_parameters(**v), values)
-    require_reachable_servers()
-    from cnn_train.flows.train_flow import cnn_train
+    with collector.paused():
+        api = prefect_api()  # a temporary server, if one is needed, boots while the checks and imports run
+        _validated(lambda v: validate_parameters(**v), values)
+        require_reachable_servers()
+        from cnn_train.flows.train_flow import cnn_train
 
     result = _run_flow(cnn_train, values, api)
     typer.echo(f"MLflow run: {result['mlflow_run_url']}")
@@ -146,11 +148,12 @@ def run(**values: Any) -> None:
 @cli_options(CompareOptions, RunParameters, exclude=COMPARE_EXCLUDES)
 def compare(**values: Any) -> None:
     """Train one config on several backends (same seed and split) and print them side by side."""
-    api = prefect_api()
-    from cnn_train.flows.compare_flow import cnn_train_compare, validate_compare
+    with collector.paused():
+        api = prefect_api()
+        from cnn_train.flows.compare_flow import cnn_train_compare, validate_compare
 
-    _validated(validate_compare, values)
-    require_reachable_servers()
+        _validated(validate_compare, values)
+        require_reachable_servers()
     result = _run_flow(cnn_train_compare, values, api)
     typer.echo(result["report"])
     typer.echo(f"MLflow parent run: {result['mlflow_run_url']}")
@@ -181,11 +184,12 @@ def sweep(**values: Any) -> None:
     runner, ray_resource = _trial_runner(values)
     grid = values["grid"]
     values["grid"] = parse_grid(grid) if grid is not None else declared_default(SweepOptions, "grid")
-    api = prefect_api(temporary=runner.on_this_machine)
-    from cnn_train.flows.sweep_flow import cnn_train_sweep, validate_sweep
+    with collector.paused():
+        api = prefect_api(temporary=runner.on_this_machine)
+        from cnn_train.flows.sweep_flow import cnn_train_sweep, validate_sweep
 
-    _validated(validate_sweep, values)
-    require_reachable_servers()
+        _validated(validate_sweep, values)
+        require_reachable_servers()
     result = _run_flow(_on_runner(cnn_train_sweep, runner, ray_resource), values, api)
     import pandas as pd
 

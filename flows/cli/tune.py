@@ -8,6 +8,7 @@ from typing import Any, Optional
 import typer
 from pydantic import BaseModel, Field
 
+from cnn_train.flows import collector
 from cnn_train.flows.cli.app import app, cli_options, declared_default, fail
 from cnn_train.flows.cli.training import (
     RunnerOptions,
@@ -59,11 +60,12 @@ def tune(**values: Any) -> None:
         values["space"] = _space(values, space_file)
     except ParameterError as error:
         fail(str(error))
-    api = prefect_api(temporary=runner.on_this_machine)
-    from cnn_train.flows.tune_flow import cnn_train_tune, validate_tune
+    with collector.paused():
+        api = prefect_api(temporary=runner.on_this_machine)
+        from cnn_train.flows.tune_flow import cnn_train_tune, validate_tune
 
-    plan = _validated(validate_tune, values)
-    require_reachable_servers()
+        plan = _validated(validate_tune, values)
+        require_reachable_servers()
     result = _run_flow(_on_runner(cnn_train_tune, runner, ray_resource), values, api)
     _print_result(result, plan.study_name)
 
