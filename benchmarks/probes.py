@@ -126,13 +126,15 @@ def flow(args: argparse.Namespace) -> dict[str, Any]:
     Prefect server started first thing (or the one PREFECT_API_URL names). Afterwards the flow run's
     and task runs' times are read back from that server; ``returned_at`` and ``measured_at`` bound
     that read-back, which is the benchmark's own work, not the command's."""
+    from cnn_train.flows import collector
     from cnn_train.flows.temporary_server import prefect_api
 
-    api = prefect_api()
-    from prefect.client.orchestration import get_client
+    with collector.paused():  # as the command imports
+        api = prefect_api()
+        from prefect.client.orchestration import get_client
 
-    from cnn_train.flows import tracking
-    from cnn_train.flows.train_flow import cnn_train
+        from cnn_train.flows import tracking
+        from cnn_train.flows.train_flow import cnn_train
 
     imported_at = time.time()
     with api():
