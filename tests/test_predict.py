@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -212,9 +213,12 @@ def predicted(exported, tmp_path_factory) -> dict:
     from cnn_train.flows.cli import app
 
     out = tmp_path_factory.mktemp("out")
-    result = CliRunner().invoke(
-        app, ["predict", str(exported["folder"]), "--output", str(out / "p.csv"), "--show-inputs", str(out / "seen")],
-    )
+    # The command sets its settings in os.environ (its logs to stdout, among them); set up before any test,
+    # they would outlive the module on this worker and reach later tests' subprocesses.
+    with mock.patch.dict(os.environ):
+        result = CliRunner().invoke(
+            app, ["predict", str(exported["folder"]), "--output", str(out / "p.csv"), "--show-inputs", str(out / "seen")],
+        )
     return {"result": result, "csv": out / "p.csv", "seen": out / "seen"}
 
 
