@@ -28,13 +28,18 @@ from contextlib import AbstractContextManager
 
 from cnn_train.flows.errors import ExpectedFailure
 
-#: uvicorn's own command line, run after importing Prefect's server app with Python's cyclic collector
-#: paused and then frozen (see cnn_train.flows.collector): the server answers about 1 s sooner (3.0 s
-#: against 4.0 s, median of four each, on a 2-vCPU EPYC), and it is the last thing a command waits for.
-_SERVE = (
-    "import gc, sys; gc.disable(); import prefect.server.api.server; gc.freeze(); gc.enable(); "
-    "sys.argv[0] = 'uvicorn'; from uvicorn.main import main; main()"
-)
+#: uvicorn's own command line, run after importing Prefect's server app as commands import
+#: (cnn_train.flows.collector): the server answers about 1 s sooner (3.0 s against 4.0 s, median of
+#: four each, on a 2-vCPU EPYC), and it is the last thing a command waits for.
+_SERVE = """
+import sys
+from cnn_train.flows import collector
+with collector.paused():
+    import prefect.server.api.server
+sys.argv[0] = "uvicorn"
+from uvicorn.main import main
+main()
+"""
 #: uvicorn's exit status when its port was taken between our choosing it and its binding.
 _PORT_TAKEN = 3
 #: Linux prctl option: the signal a process gets when the one that started it exits.

@@ -75,7 +75,7 @@ def _check_scheme(uri: str) -> None:
     if get_uri_scheme(uri) in {"", "file", *DATABASE_ENGINES}:
         return
     try:
-        MlflowClient(tracking_uri=uri)
+        client(uri)
     except UnsupportedModelRegistryStoreURIException as error:
         schemes = ", ".join(scheme for scheme in error.supported_uri_schemes if scheme)
         raise TrackingUnavailableError(
