@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -216,6 +217,21 @@ def test_a_figure_the_study_cannot_have_yet_is_skipped_with_the_reason(tmp_path)
     assert figures.skipped == {
         "param_importances.png": "parameter importance needs at least 2 completed trials (1 so far)"
     }
+
+
+def test_importance_is_skipped_when_every_trial_scored_the_same(tmp_path):
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(3):  # a tiny sweep on tiny data: every trial reaches the same accuracy
+        trial = study.ask()
+        trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True)
+        study.tell(trial, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna's "Parameter importances will be equal" would fail here
+        figures = write_study_figures(study, tmp_path)
+    assert figures.skipped["param_importances.png"] == (
+        "all 3 completed trials scored the same, so no field explains the objective"
+    )
+    assert [path.name for path in figures.files] == ["optimization_history.png"]
 
 
 def test_a_blank_picture_counts_as_blank(tmp_path):

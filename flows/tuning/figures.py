@@ -53,6 +53,10 @@ def _why_not(study: optuna.Study, name: str) -> str | None:
             return f"parameter importance needs at least 2 completed trials ({len(complete)} so far)"
         if not any(len({repr(t.params.get(p)) for t in complete}) > 1 for p in complete[0].params):
             return "no searched field took different values in the completed trials"
+        # Optuna's default evaluator (PED-ANOVA) compares the best trials with all of them: when every
+        # trial scored the same, the two sets are one, and it would draw equal bars with a warning.
+        if len({t.value for t in complete}) == 1:
+            return f"all {len(complete)} completed trials scored the same, so no field explains the objective"
     return None
 
 
