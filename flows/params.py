@@ -341,3 +341,30 @@ def split_values(values: Mapping[str, Any], options: type[Options]) -> tuple[dic
     except ValidationError as error:
         raise ParameterError("invalid parameters: " + format_validation_error(error)) from None
     return {name: value for name, value in values.items() if name not in own}, parsed
+
+
+def without_fixed_fields(
+    run_values: Mapping[str, Any], varied: dict[str, Any], options: type[BaseModel], option: str
+) -> dict[str, Any]:
+    """``varied`` (a sweep's grid, a study's space: ``options``' field ``option``) without the fields the
+    run sets to a value of its own. The default ``option`` gives way to such a field; one the user gave
+    that varies it too is refused, since one of the two would be silently ignored."""
+    fixed = {
+        name: run_values[name] for name in varied
+        if name in RunParameters.model_fields and name in run_values
+        and run_values[name] != RunParameters.model_fields[name].default
+    }
+    if not fixed:
+        return varied
+    if varied == options.model_fields[option].default:
+        if left := {name: values for name, values in varied.items() if name not in fixed}:
+            return left
+        raise ParameterError(
+            f"{option}: the run sets every field the default {option} varies ({', '.join(sorted(fixed))}); "
+            f"give a {option} of fields to vary"
+        )
+    name, value = next(iter(fixed.items()))
+    raise ParameterError(
+        f"{option}: {name} is set to {value!r} and also varied by the {option} ({varied[name]!r}); "
+        f"give it in one place: leave {name} unset or take it out of the {option}"
+    )

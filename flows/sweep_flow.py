@@ -33,6 +33,7 @@ from cnn_train.flows.params import (
     SweepOptions,
     split_values,
     validate_parameters,
+    without_fixed_fields,
 )
 from cnn_train.flows.placement import place_task
 from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, node_tags, worker_died
@@ -82,6 +83,7 @@ def validate_sweep(values: Mapping[str, Any]) -> tuple[list[tuple[dict[str, Any]
     """Every trial's varied values and validated parameters; any invalid combination fails the sweep
     before it starts."""
     base, options = split_values(values, SweepOptions)
+    options = options.model_copy(update={"grid": without_fixed_fields(base, options.grid, SweepOptions, "grid")})
     trials = []
     for combo in expand_grid(options.grid):
         try:

@@ -45,6 +45,53 @@ def test_an_invalid_combination_fails_the_sweep_before_it_starts():
         validate_sweep({"backend": "torch", "grid": {"learning_rate": [1e-3, -1]}})
 
 
+def test_a_field_set_on_its_own_is_every_trials_value_and_the_default_grid_gives_way():
+    trials, options = validate_sweep({"learning_rate": 2e-3})
+    assert [combo for combo, _ in trials] == [{"architecture": "cnn"}, {"architecture": "dense"}]
+    assert {params.learning_rate for _, params in trials} == {2e-3}
+    assert options.grid == {"architecture": ["cnn", "dense"]}  # what the parent run logs as its grid
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        pytest.param(
+            {"learning_rate": 2e-3, "grid": {"learning_rate": [1e-3, 3e-4]}},
+            "grid: learning_rate is set to 0.002 and also varied by the grid ([0.001, 0.0003]); give it in one "
+            "place: leave learning_rate unset or take it out of the grid",
+            id="set-and-in-the-given-grid",
+        ),
+        pytest.param(
+            {"learning_rate": 2e-3, "architecture": "dense"},
+            "grid: the run sets every field the default grid varies (architecture, learning_rate); give a grid "
+            "of fields to vary",
+            id="default-grid-left-empty",
+        ),
+    ],
+)
+def test_a_field_set_and_varied_is_refused_rather_than_ignored(values, message):
+    with pytest.raises(ParameterError) as raised:
+        validate_sweep(values)
+    assert str(raised.value) == message
+
+
+def test_the_command_refuses_a_set_and_varied_field_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from cnn_train.flows.cli import app
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CNN_TRAIN_STATE_DIR": str(tmp_path / "state")}
+    result = CliRunner().invoke(
+        app, ["sweep", "--learning-rate", "0.002", "--grid", "learning_rate=0.001,0.0003", "--sample-limit", "400"], env=env
+    )
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "cnn-train: grid: learning_rate is set to 0.002 and also varied by the grid ([0.001, 0.0003]); give it in "
+        "one place: leave learning_rate unset or take it out of the grid"
+    ]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def _trial(run_id: str, learning_rate: float, accuracy: float, loss: float, epoch_seconds: tuple[float, ...]) -> TrialResult:
     history = TrainHistory(tuple(EpochMetrics(k, 0.5, 0.8, 0.5, 0.8, t, 60_000 / t) for k, t in enumerate(epoch_seconds, 1)))
     trained = TrainOutcome("cnn", "cpu", TrainConfig(), Path("unused"), history, 421_642, f"models:/m-{run_id}", 0)

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from cnn_train.flows.cli import app
-from cnn_train.flows.params import TUNE_EXCLUDES, RunParameters, TuneOptions
+from cnn_train.flows.params import TUNE_EXCLUDES, ParameterError, RunParameters, TuneOptions
 from cnn_train.flows.signatures import declared_fields
 from cnn_train.flows.tuning import (
     FORMS,
@@ -95,6 +95,20 @@ def test_a_malformed_spec_names_the_field_and_the_forms(space, message):
 def test_a_space_that_cannot_run_is_refused_before_the_study(values, message):
     with pytest.raises(SpaceError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate_tune(SMALL | values)
+
+
+def test_a_field_set_on_its_own_leaves_the_default_space():
+    plan = validate_tune(SMALL | {"learning_rate": 2e-3})
+    assert plan.space.names == ("batch_size",) and plan.base.learning_rate == 2e-3
+
+
+def test_a_field_set_and_in_the_given_space_is_refused_rather_than_ignored():
+    with pytest.raises(ParameterError) as raised:
+        validate_tune(SMALL | {"batch_size": 64, "space": {"batch_size": "32,64"}})
+    assert str(raised.value) == (
+        "space: batch_size is set to 64 and also varied by the space ('32,64'); give it in one place: "
+        "leave batch_size unset or take it out of the space"
+    )
 
 
 def test_command_line_items_and_files_give_the_same_space(tmp_path):

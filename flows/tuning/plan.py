@@ -10,7 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cnn_train.flows.params import ParameterError, RunParameters, TuneOptions, split_values, validate_parameters
+from cnn_train.flows.params import (
+    ParameterError, RunParameters, TuneOptions, split_values, validate_parameters, without_fixed_fields,
+)
 from cnn_train.flows.settings import state_dir
 from cnn_train.flows.tuning.space import SearchSpace, SpaceError, parse_space
 
@@ -88,7 +90,7 @@ def validate_tune(values: Mapping[str, Any]) -> TunePlan:
     """The plan for ``values`` (a flow's flat parameters); any problem is one ParameterError."""
     run_values, options = split_values(values, TuneOptions)
     base = validate_parameters(**run_values)
-    space = parse_space(options.space)
+    space = parse_space(without_fixed_fields(run_values, options.space, TuneOptions, "space"))
     if options.sampler == "grid" and space.grid() is None:
         raise SpaceError(
             f"space: sampler grid needs choices (A,B,C) for every field; {', '.join(space.ranges())} "
