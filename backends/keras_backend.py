@@ -13,6 +13,7 @@ every op on the torch backend, measured about 5x slower per training step here).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,9 @@ from cnn_train.plugins.contract import (
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.weights.h5"
+#: keras.utils.set_random_seed seeds process-wide state (Python's, NumPy's, torch's and Keras's own
+#: generators): two builds in threads at once (a sweep's trials) would draw each other's weights.
+_SEEDED_BUILD = threading.Lock()
 
 
 class EpochReporter(keras.callbacks.Callback):
@@ -127,9 +131,9 @@ class KerasBackend(BackendBase):
     def build(self, config: ModelConfig, *, device: str, seed: int) -> None:
         check_buildable(config, device, self.architectures)
         common.keep_freed_memory()
-        keras.utils.set_random_seed(seed)
         try:
-            with keras.device(device):
+            with _SEEDED_BUILD, keras.device(device):
+                keras.utils.set_random_seed(seed)
                 model = build_model(config)
         except (RuntimeError, AssertionError) as error:  # a CPU-only torch cannot place weights on CUDA
             raise common.unusable_device(device, error) from error

@@ -8,7 +8,9 @@ a free ``permute`` view rather than a copy per batch.
 Besides the lessons' networks it builds the opt-in ``cnn-improved`` recipe (batch norm, dropout) and
 trains with a one-cycle learning rate, light augmentation, label smoothing and bfloat16 autocast
 when the TrainConfig asks. Everything random in an epoch (shuffle, augmentation, dropout) is seeded by the run seed and
-the epoch alone, so resuming after epoch k replays epoch k + 1 exactly.
+the epoch alone, so resuming after epoch k replays epoch k + 1 exactly. Nothing draws from torch's
+process-wide generator: the initial weights and every epoch come from generators of the run's own,
+so trials training in threads at once (a sweep) get the weights and masks a run of theirs alone gets.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -79,13 +82,49 @@ class Network(nn.Module):
             channels = block.filters
         self.features = nn.Sequential(stages)
         self.hidden = nn.Linear(config.flat_features(), config.dense_units)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.dropout = EpochDropout(config.dropout) if config.dropout else nn.Identity()
         self.logits = nn.Linear(config.dense_units, config.num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         maps = self.features(images)
         flat = maps.permute(0, 2, 3, 1).flatten(1)
         return self.logits(self.dropout(F.relu(self.hidden(flat))))
+
+
+class EpochDropout(nn.Module):
+    """Dropout that draws its masks from the generator the training loop gives it for the epoch, rather
+    than from torch's process-wide one, which another trial's thread may be drawing from."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.generator: torch.Generator | None = None
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return inputs
+        keep = torch.empty_like(inputs).bernoulli_(1 - self.p, generator=self.generator)
+        return inputs * keep / (1 - self.p)
+
+
+def initialised(config: ModelConfig, seed: int) -> Network:
+    """The network with PyTorch's default initialisation drawn from a generator of ``seed`` alone: the
+    weights ``torch.manual_seed(seed)`` then ``Network(config)`` give, without touching (or racing
+    another thread for) the process-wide generator."""
+    with torch.device("meta"):  # shapes only: no draws
+        network = Network(config)
+    network = network.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    for module in network.modules():  # construction order, as the layers drew on construction
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            # nn.Conv2d's and nn.Linear's reset_parameters(), with the generator.
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.weight[0].numel())  # 1 / sqrt(fan_in)
+                nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+        elif isinstance(module, nn.BatchNorm2d):
+            module.reset_parameters()
+    return network
 
 
 class ProbabilityModel(nn.Module):
@@ -116,10 +155,7 @@ class TorchBackend(BackendBase):
     def build(self, config: ModelConfig, *, device: str, seed: int) -> None:
         check_buildable(config, device, self.architectures)
         common.keep_freed_memory()
-        # Seed only the initialisation, leaving the caller's global generator as it was.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            network = Network(config)
+        network = initialised(config, seed)
         try:
             network = network.to(device, memory_format=torch.channels_last)
         except (RuntimeError, AssertionError) as error:  # a CPU-only torch asserts on CUDA
@@ -159,7 +195,7 @@ class TorchBackend(BackendBase):
             step = (epoch - 1) * steps_per_epoch
             loss_sum = torch.zeros((), device=self._device)
             correct = torch.zeros((), dtype=torch.int64, device=self._device)
-            with self._seeded_dropout(common.epoch_seed(config.seed, epoch)):
+            with _dropout_masks(network, common.epoch_seed(config.seed, epoch), self._device):
                 for start in range(0, count, config.batch_size):
                     batch = order[start : start + config.batch_size]
                     labels = y_train[batch]
@@ -245,14 +281,6 @@ class TorchBackend(BackendBase):
         logged = ProbabilityModel(copy.deepcopy(network).to("cpu", memory_format=torch.contiguous_format))
         return LoggableModel(flavor=self.mlflow_flavor, model=logged.eval(), pip_requirements=common.pinned("torch"))
 
-    @contextlib.contextmanager
-    def _seeded_dropout(self, seed: int) -> Iterator[None]:
-        """Draw this epoch's dropout masks from ``seed``, leaving the caller's global generator as it was."""
-        devices = [self._device] if self._device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            yield
-
     def _built(self) -> tuple[Network, torch.optim.Adam]:
         if self._network is None or self._optimizer is None:
             raise RuntimeError(common.NOT_BUILT)
@@ -277,6 +305,21 @@ class TorchBackend(BackendBase):
                 correct += (logits.argmax(dim=1) == batch_labels).sum()
         count = images.shape[0]
         return Evaluation(loss=loss_sum.item() / count, accuracy=correct.item() / count)
+
+
+@contextlib.contextmanager
+def _dropout_masks(network: nn.Module, seed: int, device: torch.device) -> Iterator[None]:
+    """The epoch's dropout masks drawn from ``seed``; no generator stays on the network after it (one
+    would follow the network into the copy that gets logged)."""
+    layers = [module for module in network.modules() if isinstance(module, EpochDropout)]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for layer in layers:
+        layer.generator = generator
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.generator = None
 
 
 def _augmentation_draws(

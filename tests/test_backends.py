@@ -179,6 +179,43 @@ def test_same_seed_same_initial_weights(name: str) -> None:
     assert not np.array_equal(built(name, seed=3).first_conv_kernels(), built(name, seed=4).first_conv_kernels())
 
 
+def test_builds_in_threads_at_once_get_the_weights_of_their_seed(name: str, data: TrainData) -> None:
+    """A sweep's trials build in threads: neither another build nor a thread drawing from torch's and
+    NumPy's process-wide generators may change what a seed gives (it did: fork_rng, set_random_seed)."""
+    import threading
+
+    import torch
+
+    expected = built(name, seed=3).predict_proba(data.x_val)  # a function of every weight
+    stop = threading.Event()
+
+    def draw() -> None:
+        while not stop.is_set():
+            torch.manual_seed(0)
+            torch.rand(256)
+            np.random.seed(0)
+            np.random.rand(256)
+
+    drawer = threading.Thread(target=draw)
+    drawer.start()
+    try:
+        for _ in range(3):
+            backends = [load_backend_class(name)() for _ in range(4)]
+            builds = [
+                threading.Thread(target=b.build, args=(ModelConfig(),), kwargs={"device": "cpu", "seed": 3})
+                for b in backends
+            ]
+            for thread in builds:
+                thread.start()
+            for thread in builds:
+                thread.join()
+            for backend in backends:
+                np.testing.assert_array_equal(backend.predict_proba(data.x_val), expected)
+    finally:
+        stop.set()
+        drawer.join()
+
+
 def test_both_backends_compute_the_same_function(data: TrainData) -> None:
     """Keras weights copied into the torch network give the same probabilities: padding, pooling,
     strides and flatten order agree, not just the parameter counts."""
