@@ -75,6 +75,9 @@ def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     for key, values in grid.items():
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
             raise ParameterError(f"grid: {key} needs a non-empty list of values, got {values!r}")
+        if repeated := sorted({repr(v) for v in values if values.count(v) > 1}):
+            # Two trials of the same values would train the same model twice and rank it twice.
+            raise ParameterError(f"grid: {key} lists {', '.join(repeated)} more than once; give each value once")
     keys = sorted(grid)
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
 

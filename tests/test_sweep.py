@@ -33,6 +33,7 @@ def test_grid_expands_to_every_combination():
         pytest.param({"sample_limit": [100, 200]}, "cannot vary ['sample_limit']; sweepable fields: backend", id="data-field"),
         pytest.param({"learning_rate": []}, "learning_rate needs a non-empty list", id="no-values"),
         pytest.param({"architecture": "cnn"}, "architecture needs a non-empty list", id="string-not-list"),
+        pytest.param({"seed": [1, 2, 1]}, "seed lists 1 more than once; give each value once", id="repeated-value"),
     ],
 )
 def test_bad_grids_are_refused(grid, message):
