@@ -273,6 +273,37 @@ def test_a_model_that_does_not_exist_lists_what_does(champion, tmp_path):
     ]
 
 
+@pytest.mark.parametrize(
+    ("given", "lines"),
+    [
+        pytest.param(
+            ["nowhere"],
+            ["cnn-train: {tmp}/nowhere: no such file or folder; give PNG or JPEG files, or folders holding them"],
+            id="only-a-missing-path",
+        ),
+        pytest.param(
+            ["nowhere", "docs"],
+            ["cnn-train: {tmp}/nowhere: no such file or folder",
+             "skipped 1 file without an image ending: {tmp}/docs/notes.txt",
+             "cnn-train: no image files among {tmp}/nowhere, {tmp}/docs; give PNG or JPEG files, or folders holding them"],
+            id="a-missing-path-among-others",
+        ),
+    ],
+)
+def test_paths_without_images_say_so_before_any_model_is_looked_up(tmp_path, given, lines):
+    from typer.testing import CliRunner
+
+    from cnn_train.flows.cli import app
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("not an image")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    result = CliRunner().invoke(app, ["predict", *(str(tmp_path / name) for name in given)], env=env)
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [line.format(tmp=tmp_path) for line in lines]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("where", "says"),

@@ -34,6 +34,8 @@ def predict(
     from cnn_train.flows import tracking
 
     collected = prediction.collect_images(paths)
+    if not collected.files and len(collected.missing) == len(paths):  # nothing to warn about besides: one line
+        fail(f"{', '.join(map(str, collected.missing))}: no such file or folder; give PNG or JPEG files, or folders holding them")
     for missing in collected.missing:
         typer.echo(f"cnn-train: {missing}: no such file or folder", err=True)
     if collected.skipped:
