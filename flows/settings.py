@@ -10,6 +10,8 @@ import os
 from collections.abc import MutableMapping
 from pathlib import Path
 
+from cnn_train.flows.errors import ExpectedFailure
+
 #: Prefect's own default home; its profiles file is where the user's Prefect settings live.
 _USER_PREFECT_PROFILES = Path("~/.prefect/profiles.toml")
 
@@ -32,10 +34,26 @@ def project_root() -> Path:
     return Path.cwd().resolve()
 
 
+class StateDirError(ExpectedFailure):
+    """The state folder cannot be created."""
+
+
 def state_dir() -> Path:
     """Runtime state (caches, leases, pid files, Prefect home): ``CNN_TRAIN_STATE_DIR`` or ``<root>/.state``."""
-    path = Path(os.environ.get("CNN_TRAIN_STATE_DIR") or project_root() / ".state")
-    path.mkdir(parents=True, exist_ok=True)
+    given = os.environ.get("CNN_TRAIN_STATE_DIR")
+    path = Path(given or project_root() / ".state")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        if given:
+            raise StateDirError(
+                f"CNN_TRAIN_STATE_DIR={given} cannot be created ({error.strerror}); point it at a folder you "
+                f"can write, or unset it to keep the state in {project_root() / '.state'}"
+            ) from None
+        raise StateDirError(
+            f"the state folder {path} cannot be created ({error.strerror}); set CNN_TRAIN_STATE_DIR to a folder "
+            "you can write"
+        ) from None
     return path
 
 

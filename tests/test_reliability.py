@@ -222,6 +222,8 @@ EXPECTED_FAILURES = [
      "cnn-train: MLFLOW_TRACKING_URI htp://127.0.0.1:5000 has a scheme MLflow has no tracking store for", False),
     ("absent-gpu", lambda tmp: ["--train-device", "gpu-required"], {},
      "cnn-train: train requires a GPU (gpu-required), but no GPU is visible", False),
+    ("state-dir-not-a-folder", lambda tmp: [], {"CNN_TRAIN_STATE_DIR": "/dev/null/state"},
+     "cnn-train: CNN_TRAIN_STATE_DIR=/dev/null/state cannot be created (Not a directory); point it at a folder", False),
 ]
 
 
