@@ -238,13 +238,22 @@ def test_explicit_folder_lacking_files_names_them(fake_fashion_mnist):
         locate_fashion_mnist(fake_fashion_mnist.folder, search_paths=[])
 
 
+def test_an_explicit_folder_with_none_of_the_files_names_them_once(tmp_path):
+    with pytest.raises(DatasetError) as raised:
+        locate_fashion_mnist(tmp_path, search_paths=[])
+    assert str(raised.value).startswith(
+        f"data_dir {tmp_path} holds none of the four Fashion-MNIST files (train-images-idx3-ubyte.gz, "
+        "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz). Point it at a folder"
+    )
+
+
 def test_environment_folder_lacking_files_is_an_error_not_a_fall_through(
     make_fashion_mnist, tmp_path, monkeypatch
 ):
     complete = make_fashion_mnist(tmp_path / "complete").folder
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "empty"))
 
-    with pytest.raises(DatasetError, match=r"\$CNN_TRAIN_DATA_DIR .*empty does not hold train-images"):
+    with pytest.raises(DatasetError, match=r"\$CNN_TRAIN_DATA_DIR .*empty holds none of the four Fashion-MNIST files \(train-images"):
         locate_fashion_mnist(search_paths=[complete])
 
 

@@ -76,10 +76,14 @@ def locate_fashion_mnist(
     if explicit := explicit_dir(data_dir):
         folder, named_by = explicit
         if missing := _missing_files(folder):
+            lacks = (
+                f"holds none of the four Fashion-MNIST files ({', '.join(FILE_NAMES)})"
+                if len(missing) == len(FILE_NAMES)
+                else f"does not hold {', '.join(missing)}; it must contain all four Fashion-MNIST files"
+            )
             raise DatasetError(
-                f"{named_by} {folder} does not hold {', '.join(missing)}; it must contain all four "
-                f"Fashion-MNIST files ({', '.join(FILE_NAMES)}). Point it at a folder that does, or "
-                f"unset it to search the usual places ({DEBIAN_DIR}, the Keras cache, a download)"
+                f"{named_by} {folder} {lacks}. Point it at a folder that does, or unset it to search the "
+                f"usual places ({DEBIAN_DIR}, the Keras cache, a download)"
             )
         return folder
 
