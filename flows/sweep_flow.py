@@ -96,6 +96,14 @@ def validate_sweep(values: Mapping[str, Any]) -> tuple[list[tuple[dict[str, Any]
     return trials, options
 
 
+def data_parameters(first: RunParameters, values: Mapping[str, Any]) -> RunParameters:
+    """What the sweep's one data prep runs with: the trials' shared data fields and the sweep's own seed,
+    the one its parent run logs. A grid over seed varies each trial's weights and shuffles, not the
+    split, as in a study (``cnn-train tune``); the first trial's seed would make the split depend on the
+    order of the grid's values."""
+    return first.model_copy(update={"seed": values.get("seed", RunParameters.model_fields["seed"].default)})
+
+
 def _trial_work(scheduler_assigned: bool) -> Any:
     """A trial's training and evaluation as plain steps inside its one task, on its placed device."""
 
@@ -211,7 +219,7 @@ def cnn_train_sweep(**values: Any) -> dict[str, Any]:
             {k: v for k, v in values.items() if k != "grid"}
             | {"grid": options.grid, "trials": len(trials), "task_runner": task_runner_name()}
         )
-        data = prep_task(first, parent)
+        data = prep_task(data_parameters(first, values), parent)
         results = _run_trials(trials, data, parent, max_concurrent=options.max_concurrent)
         summary = _rank_and_record(parent, results)
         if options.register_best:

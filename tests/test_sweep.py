@@ -9,7 +9,7 @@ import pytest
 
 from cnn_train.flows.params import ParameterError
 from cnn_train.flows.steps import TrainOutcome
-from cnn_train.flows.sweep_flow import TrialResult, expand_grid, ranking_table, validate_sweep
+from cnn_train.flows.sweep_flow import TrialResult, data_parameters, expand_grid, ranking_table, validate_sweep
 from cnn_train.plugins.config import TrainConfig
 from cnn_train.plugins.contract import EpochMetrics, Evaluation, TrainHistory
 
@@ -91,6 +91,20 @@ def test_the_command_refuses_a_set_and_varied_field_in_one_line(tmp_path):
         "one place: leave learning_rate unset or take it out of the grid"
     ]
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("values", "split_seed"),
+    [
+        pytest.param({"grid": {"seed": [1, 2]}}, 42, id="grid-over-seed-keeps-the-sweeps-split"),
+        pytest.param({"seed": 7, "grid": {"learning_rate": [1e-3, 3e-4]}}, 7, id="the-sweeps-seed"),
+    ],
+)
+def test_the_one_data_prep_splits_with_the_sweeps_own_seed(values, split_seed):
+    trials, _ = validate_sweep(values)
+    shared = data_parameters(trials[0][1], values)  # the flow's values; an unset seed is the declared 42
+    assert shared.seed == split_seed
+    assert shared.model_dump(exclude={"seed"}) == trials[0][1].model_dump(exclude={"seed"})
 
 
 def _trial(run_id: str, learning_rate: float, accuracy: float, loss: float, epoch_seconds: tuple[float, ...]) -> TrialResult:
