@@ -22,13 +22,22 @@ def debugging() -> bool:
 
 
 class _HideExpectedTracebacks(logging.Filter):
-    """Keep a log record's message but drop its traceback when the exception is an ExpectedFailure."""
+    """Keep a log record's message but drop its traceback when the exception is an ExpectedFailure, or
+    Prefect's FailedRun: the engine of a served or worker flow run raises the failed state again as one
+    ("Engine execution exited with unexpected exception"), a traceback of Prefect's own frames only,
+    after the failure itself was logged (with its traceback when it is a bug)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], ExpectedFailure) and not debugging():
+        if record.exc_info and _hidden(record.exc_info[1]) and not debugging():
             record.exc_info = None
             record.exc_text = None
         return True
+
+
+def _hidden(error: BaseException | None) -> bool:
+    from prefect.exceptions import FailedRun  # imported already: the records come from Prefect's loggers
+
+    return isinstance(error, (ExpectedFailure, FailedRun))
 
 
 _FILTER = _HideExpectedTracebacks()

@@ -421,3 +421,5 @@ def test_a_failing_trigger_says_why_in_its_terminal(served, truncated_data_dir):
     assert reason.startswith("state message: "), reason
     assert "t10k-labels-idx1-ubyte.gz" in reason.splitlines()[0]  # the file, named in the state message
     assert "last error log lines:" in reason
+    # Prefect's engine restating the failed state ("Engine execution exited ...") keeps only its line.
+    assert not re.search(r'^\s*File "|^\S+Error:|FailedRun', reason, re.MULTILINE), reason

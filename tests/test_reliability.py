@@ -246,6 +246,36 @@ def test_an_expected_failure_is_one_line_on_stderr(prefect_api_url, store, tmp_p
         assert f"cnn-train: {state}" == line
 
 
+@pytest.mark.parametrize(
+    ("error", "debug", "traceback_kept"),
+    [
+        pytest.param("expected", False, False, id="expected-failure"),
+        pytest.param("failed-run", False, False, id="prefects-failed-run-restating-the-state"),
+        pytest.param("bug", False, True, id="a-bug"),
+        pytest.param("expected", True, True, id="expected-failure-with-debug"),
+    ],
+)
+def test_run_loggers_keep_tracebacks_for_bugs_only(monkeypatch, error, debug, traceback_kept):
+    import logging
+
+    from prefect.exceptions import FailedRun
+
+    from cnn_train.flows.errors import DEBUG_ENV, ExpectedFailure, hide_expected_tracebacks
+
+    monkeypatch.setenv(DEBUG_ENV, "1" if debug else "0")
+    hide_expected_tracebacks()
+    raised = {"expected": ExpectedFailure("bad input"), "failed-run": FailedRun("bad input"), "bug": KeyError("x")}[error]
+    try:
+        raise raised
+    except Exception:
+        record = logging.getLogger("prefect.flow_runs").makeRecord(
+            "prefect.flow_runs", logging.ERROR, __file__, 1, "Engine execution exited with unexpected exception",
+            (), sys.exc_info(),
+        )
+    assert logging.getLogger("prefect.flow_runs").filter(record)
+    assert (record.exc_info is not None) == traceback_kept
+
+
 def _flow_run_state_message(prefect_api_url: str, flow_run_id: str) -> str:
     from prefect.client.orchestration import get_client
 
