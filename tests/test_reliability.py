@@ -27,6 +27,9 @@ def _env(prefect_api_url: str, tracking_uri: str, tmp_path: Path, **extra: str) 
         "PREFECT_API_URL": prefect_api_url,
         "MLFLOW_TRACKING_URI": tracking_uri,
         "CNN_TRAIN_STATE_DIR": str(tmp_path / "state"),
+        # A run through a server on this machine files its artifacts under the project root (where
+        # `cnn-train up`'s server keeps them): here, not in the checkout.
+        "CNN_TRAIN_ROOT": str(tmp_path),
         "PYTHONPATH": os.pathsep.join(filter(None, [extra.pop("PLUGIN_PATH", ""), str(ROOT)])),
     }
     return env | extra

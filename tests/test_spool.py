@@ -126,6 +126,9 @@ def _env(prefect_api_url: str, server: MlflowServer, tmp_path: Path, real_data: 
         "PREFECT_API_URL": prefect_api_url,
         "MLFLOW_TRACKING_URI": server.uri,
         "CNN_TRAIN_STATE_DIR": str(tmp_path / "state"),
+        # A run through a server on this machine files its artifacts under the project root (where
+        # `cnn-train up`'s server keeps them): here, not in the checkout.
+        "CNN_TRAIN_ROOT": str(tmp_path),
         "CNN_TRAIN_DATA_DIR": str(real_data),
         "CNN_TRAIN_HEARTBEAT_SECONDS": "2",
         "CNN_TRAIN_SPOOL_FLUSH_SECONDS": "3",
