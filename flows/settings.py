@@ -46,14 +46,11 @@ def state_dir() -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         if given:
-            raise StateDirError(
-                f"CNN_TRAIN_STATE_DIR={given} cannot be created ({error.strerror}); point it at a folder you "
-                f"can write, or unset it to keep the state in {project_root() / '.state'}"
-            ) from None
-        raise StateDirError(
-            f"the state folder {path} cannot be created ({error.strerror}); set CNN_TRAIN_STATE_DIR to a folder "
-            "you can write"
-        ) from None
+            named = f"CNN_TRAIN_STATE_DIR={given}"
+            fix = f"point it at a folder you can write, or unset it to keep the state in {project_root() / '.state'}"
+        else:
+            named, fix = f"the state folder {path}", "set CNN_TRAIN_STATE_DIR to a folder you can write"
+        raise StateDirError(f"{named} cannot be created ({error.strerror}); {fix}") from None
     return path
 
 

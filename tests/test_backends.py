@@ -29,6 +29,7 @@ from cnn_train.plugins.contract import (
     EpochMetrics,
     TrainData,
 )
+from tests.generators import another_thread_drawing
 
 BACKENDS = ("keras", "torch")
 TRAIN = TrainConfig(epochs=2, batch_size=32, learning_rate=1e-3, seed=7)
@@ -184,21 +185,8 @@ def test_builds_in_threads_at_once_get_the_weights_of_their_seed(name: str, data
     NumPy's process-wide generators may change what a seed gives (it did: fork_rng, set_random_seed)."""
     import threading
 
-    import torch
-
     expected = built(name, seed=3).predict_proba(data.x_val)  # a function of every weight
-    stop = threading.Event()
-
-    def draw() -> None:
-        while not stop.is_set():
-            torch.manual_seed(0)
-            torch.rand(256)
-            np.random.seed(0)
-            np.random.rand(256)
-
-    drawer = threading.Thread(target=draw)
-    drawer.start()
-    try:
+    with another_thread_drawing():
         for _ in range(3):
             backends = [load_backend_class(name)() for _ in range(4)]
             builds = [
@@ -211,9 +199,6 @@ def test_builds_in_threads_at_once_get_the_weights_of_their_seed(name: str, data
                 thread.join()
             for backend in backends:
                 np.testing.assert_array_equal(backend.predict_proba(data.x_val), expected)
-    finally:
-        stop.set()
-        drawer.join()
 
 
 def test_both_backends_compute_the_same_function(data: TrainData) -> None:

@@ -27,6 +27,7 @@ from cnn_train.plugins.config import (
     recipe_training_defaults,
 )
 from cnn_train.plugins.contract import EpochMetrics, TrainData
+from tests.generators import another_thread_drawing
 from tests.test_backends import measured, synthetic_data
 
 RECIPE = ModelConfig.preset(IMPROVED_ARCHITECTURE)
@@ -298,27 +299,11 @@ def test_same_seed_same_metrics_and_predictions(trained, data: TrainData) -> Non
     np.testing.assert_array_equal(again.predict_proba(data.x_val), backend.predict_proba(data.x_val))
 
 
-def test_dropout_masks_do_not_come_from_the_process_wide_generator(trained, data: TrainData) -> None:
+def test_dropout_masks_do_not_come_from_the_process_wide_generator(data: TrainData) -> None:
     """Another trial's thread reseeding and drawing from torch's global generator while this one trains
     changes none of its dropout masks (they came from it, reseeded per epoch, before)."""
-    import threading
-
-    backend, seen = trained
-    stop = threading.Event()
-
-    def draw() -> None:
-        while not stop.is_set():
-            torch.manual_seed(0)
-            torch.rand(256)
-
-    drawer = threading.Thread(target=draw)
-    drawer.start()
-    try:
-        again = built(seed=1)
-        history = again.train(data, TRAIN.model_copy(update={"augment": False}))
-    finally:
-        stop.set()
-        drawer.join()
+    with another_thread_drawing():
+        history = built(seed=1).train(data, TRAIN.model_copy(update={"augment": False}))
     quiet = built(seed=1).train(data, TRAIN.model_copy(update={"augment": False}))
     assert [measured(m) for m in history.epochs] == [measured(m) for m in quiet.epochs]
 
