@@ -12,9 +12,23 @@ from collections.abc import Callable
 from typing import Annotated, Any, NoReturn, Optional, Union, get_args, get_origin
 
 import typer
+from typer import _click as click
+from typer.core import TyperGroup
 from pydantic import BaseModel
 
 from cnn_train.flows.errors import DEBUG_ENV, ExpectedFailure, debugging
+
+
+class _WholeSummaries(TyperGroup):
+    """Click's plain help, listing each command with its whole first sentence, wrapped to the terminal
+    (Click cuts it at the width left beside the names: "List installed backends from package metadata (no...")."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        commands = [(name, self.get_command(ctx, name)) for name in self.list_commands(ctx)]
+        rows = [(name, command.get_short_help_str(limit=10_000)) for name, command in commands if command and not command.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 class _OneLineFailures(typer.Typer):
@@ -43,6 +57,10 @@ app = _OneLineFailures(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help: rich's boxed table cut option names short in an 80-column terminal
+    # ("--validation-fra…") and wraps each description into a narrow column.
+    rich_markup_mode=None,
+    cls=_WholeSummaries,
 )
 
 
