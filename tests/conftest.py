@@ -31,6 +31,12 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 # another process holds. Measured on 2 cores, 3 workers: 2 min 10 s less CPU, the suite 9m42s -> 8m35s.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# Prefect sets up logging on its first import, closing every handler made before; absl's (Keras brings it)
+# then closes its stream unless that is the current sys.stderr. Imported first inside a test (CliRunner's
+# stderr) after a Keras test, it closed that earlier test's pytest capture ("lost sys.stderr"). Importing
+# it here, as collecting the whole suite does, keeps a run of a few modules in any order the same.
+import prefect.main  # noqa: E402,F401
+
 # --- running on several workers (scripts/test.sh: pytest-xdist, --dist loadfile) -----------------
 
 #: Modules that mostly wait (a 3-minute tracking outage, Prefect's zombie detection, servers coming
