@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Annotated, Any, NoReturn, Optional, Union, get_args, get_origin
 
 import typer
-from typer import _click as click
 from typer.core import TyperGroup
 from pydantic import BaseModel
 
@@ -23,7 +22,7 @@ class _WholeSummaries(TyperGroup):
     """Click's plain help, listing each command with its whole first sentence, wrapped to the terminal
     (Click cuts it at the width left beside the names: "List installed backends from package metadata (no...")."""
 
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_commands(self, ctx: typer.Context, formatter: Any) -> None:  # Click's HelpFormatter, as typer vendors it
         commands = [(name, self.get_command(ctx, name)) for name in self.list_commands(ctx)]
         rows = [(name, command.get_short_help_str(limit=10_000)) for name, command in commands if command and not command.hidden]
         if rows:
