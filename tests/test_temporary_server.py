@@ -107,18 +107,31 @@ def test_a_killed_command_takes_its_server_with_it(tmp_path):
         command.wait()
 
 
+def _signal_state(pid: int) -> str:
+    """The process's blocked, ignored and caught signal masks, as /proc shows them."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return ", ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 def test_ctrl_c_in_the_terminal_leaves_the_server_up_to_record_the_crash(tmp_path):
     """A terminal's Ctrl-C signals its whole foreground process group. Had the server got it too, the
     command would retry the gone server for over a minute and leave the flow run Running."""
+    # A terminal's foreground job takes SIGINT at its default; a test worker started in the background
+    # (CI's shell, nohup ... &) ignores it, and a child would inherit that and sleep through the signal.
     command = subprocess.Popen([sys.executable, "-c", _COMMAND, "long-flow"], env=_without_prefect_api(tmp_path),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         command.stdout.readline()  # the server answers
         # Prefect's own "Beginning flow run" line may come first (on stdout when a stream setting says so).
         lines = (line.strip() for line in command.stdout)
         assert "in the flow" in lines, "the command ended before its flow began"
+        signals = _signal_state(command.pid)
         os.killpg(command.pid, signal.SIGINT)
-        _, stderr = command.communicate(timeout=45)
+        try:
+            _, stderr = command.communicate(timeout=45)
+        except subprocess.TimeoutExpired as error:
+            pytest.fail(f"the command outlived its SIGINT by 45 s; its signals then: {signals}; stderr: {error.stderr!r}")
     finally:
         command.kill()
         command.wait()
