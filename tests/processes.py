@@ -45,3 +45,9 @@ def _group_members(pgid: int) -> list[str]:
         except (ProcessLookupError, psutil.Error):
             continue
     return members
+
+
+def signal_masks(pid: int) -> dict[str, int]:
+    """Process ``pid``'s blocked, ignored and caught signals (SigBlk, SigIgn, SigCgt of /proc/PID/status)."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {line.split(":")[0]: int(line.split()[1], 16) for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt"))}

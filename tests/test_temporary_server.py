@@ -17,6 +17,7 @@ import pytest
 from cnn_train.flows import temporary_server
 from cnn_train.flows.services import http_ok
 from cnn_train.flows.settings import keep_library_state_in_project
+from tests.processes import signal_masks
 
 # A command's first lines: the server starts, the command waits for it, says where it is, then runs a
 # flow or blocks.
@@ -107,12 +108,6 @@ def test_a_killed_command_takes_its_server_with_it(tmp_path):
         command.wait()
 
 
-def _signal_state(pid: int) -> str:
-    """The process's blocked, ignored and caught signal masks, as /proc shows them."""
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return ", ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
-
-
 def test_ctrl_c_in_the_terminal_leaves_the_server_up_to_record_the_crash(tmp_path):
     """A terminal's Ctrl-C signals its whole foreground process group. Had the server got it too, the
     command would retry the gone server for over a minute and leave the flow run Running."""
@@ -126,7 +121,7 @@ def test_ctrl_c_in_the_terminal_leaves_the_server_up_to_record_the_crash(tmp_pat
         # Prefect's own "Beginning flow run" line may come first (on stdout when a stream setting says so).
         lines = (line.strip() for line in command.stdout)
         assert "in the flow" in lines, "the command ended before its flow began"
-        signals = _signal_state(command.pid)
+        signals = {name: f"{mask:#x}" for name, mask in signal_masks(command.pid).items()}
         os.killpg(command.pid, signal.SIGINT)
         try:
             _, stderr = command.communicate(timeout=45)

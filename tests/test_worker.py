@@ -17,6 +17,7 @@ from cnn_train.flows.params import RunParameters
 from cnn_train.flows.placement import GpuInfo
 from cnn_train.flows.serve import DEPLOYMENTS
 from tests.local_stack import BIN, cnn_train_up, prefect_api, run_deployment
+from tests.processes import signal_masks
 
 
 def test_prefect_yaml_declares_every_served_deployment() -> None:
@@ -62,10 +63,8 @@ def test_serve_stops_on_sigint_even_when_started_with_it_ignored(fixed: bool) ->
 
 
 def _sigint_ignored(pid: int) -> bool:
-    """Whether process ``pid`` ignores SIGINT (signal 2's bit in SigIgn of /proc/PID/status)."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
-    return bool(mask & (1 << (signal.SIGINT - 1)))
+    """Whether process ``pid`` ignores SIGINT (signal 2's bit in its SigIgn mask)."""
+    return bool(signal_masks(pid)["SigIgn"] & (1 << (signal.SIGINT - 1)))
 
 
 @pytest.mark.parametrize("through_cli", [True, False], ids=["after-a-cnn-train-command", "as-the-shell-left-it"])
