@@ -3,7 +3,7 @@
 Prefect starts such a server itself, but only once the flow is called: it first imports its whole
 server package into the calling process (2.7 s of CPU on this project's 2-core machine) and then
 waits about 4 s for the server to answer, all after the command has imported the flow. Started here
-as the command starts, the same server (Prefect's own command line, database and settings) boots on
+as the command starts, the same server (Prefect's own app, database and settings) boots on
 another core while the command imports the flow and its libraries.
 
 As Prefect's, the server is this process's alone: its database is under ``PREFECT_HOME``, it has no UI
@@ -28,20 +28,20 @@ from contextlib import AbstractContextManager
 
 from cnn_train.flows.errors import ExpectedFailure
 
-#: uvicorn's own command line, run after importing Prefect's server app as commands import
-#: (cnn_train.flows.collector): the server answers about 1 s sooner (3.0 s against 4.0 s, median of
-#: four each, on a 2-vCPU EPYC), and it is the last thing a command waits for.
+#: uvicorn serving Prefect's server app (what prefect.server.api.server.SubprocessASGIServer runs) on
+#: the listening socket this process hands it as file descriptor argv[1]. The app is imported first,
+#: the collector paused, as commands import (cnn_train.flows.collector): the server answers about 1 s
+#: sooner (3.0 s against 4.0 s, median of four each, on a 2-vCPU EPYC), and it is the last thing a
+#: command waits for.
 _SERVE = """
-import sys
+import socket, sys
 from cnn_train.flows import collector
 with collector.paused():
     import prefect.server.api.server
-sys.argv[0] = "uvicorn"
-from uvicorn.main import main
-main()
+import uvicorn
+config = uvicorn.Config("prefect.server.api.server:create_app", factory=True, log_level="error", lifespan="on")
+uvicorn.Server(config).run(sockets=[socket.socket(fileno=int(sys.argv[1]))])
 """
-#: uvicorn's exit status when its port was taken between our choosing it and its binding.
-_PORT_TAKEN = 3
 #: Linux prctl option: the signal a process gets when the one that started it exits.
 _PR_SET_PDEATHSIG = 1
 
@@ -57,26 +57,20 @@ class TemporaryServer:
         self.process = self._spawn()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
+        # The port is bound here and stays bound: choosing a free port and letting the server bind it
+        # later left a window in which another process could take it and answer our health checks.
+        # No SO_REUSEADDR, so no other socket can bind it either; uvicorn listens once the app is up.
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
-        import prefect  # the package's folder only: Prefect imports little on this line
-
-        # What prefect.server.api.server.SubprocessASGIServer runs (uvicorn's command line), with its
-        # environment; the app is imported first, the collector paused (see _SERVE).
-        command = [
-            sys.executable, "-c", _SERVE, "--app-dir", str(prefect.__module_path__.parent),
-            "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-            "--log-level", "error", "--lifespan", "on",
-        ]
-        server_env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-        # A process group of its own: a terminal's Ctrl-C goes to the whole foreground group, and the
-        # server must outlast it while the command tells it the flow run crashed (Prefect retries a gone
-        # server for minutes). It still stops with the command: atexit, or the parent-death signal.
-        return subprocess.Popen(  # noqa: S603 - Prefect's own server
-            command, env=os.environ | server_env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
-            process_group=0,
-        )
+            server_env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+            # A process group of its own: a terminal's Ctrl-C goes to the whole foreground group, and the
+            # server must outlast it while the command tells it the flow run crashed (Prefect retries a
+            # gone server for minutes). It still stops with the command: atexit, or the parent-death signal.
+            return subprocess.Popen(  # noqa: S603 - Prefect's own server
+                [sys.executable, "-c", _SERVE, str(sock.fileno())], env=os.environ | server_env,
+                stdin=subprocess.DEVNULL, pass_fds=(sock.fileno(),), preexec_fn=_die_with_parent, process_group=0,
+            )
 
     @property
     def api_url(self) -> str:
@@ -88,9 +82,7 @@ class TemporaryServer:
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() == _PORT_TAKEN:
-                self.process = self._spawn()
-            elif self.process.poll() is not None:
+            if self.process.poll() is not None:
                 raise TemporaryServerError(
                     f"the temporary Prefect server exited with status {self.process.returncode} before it answered "
                     "(its own lines, if any, are above); `cnn-train up` starts a lasting server instead"

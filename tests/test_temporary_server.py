@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -77,6 +78,23 @@ def test_a_server_that_does_not_come_up_is_one_line(monkeypatch, child, timeout,
     try:
         with pytest.raises(temporary_server.TemporaryServerError, match=says):
             server.ready(timeout)
+    finally:
+        server.stop()
+
+
+def test_its_port_is_its_own_from_the_start(monkeypatch, tmp_path):
+    """Many servers start at once on a busy machine: one starting while ours boots must not be able to
+    take our port and answer our health checks for it (seen once in a CI run, before the port was held)."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    server = temporary_server.TemporaryServer()
+    try:
+        with socket.socket() as other:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            with pytest.raises(OSError, match="Address already in use"):
+                other.bind(("127.0.0.1", server.port))
+        assert server.ready(timeout=120) == f"http://127.0.0.1:{server.port}/api"
+        listening = [c for c in psutil.Process(server.process.pid).net_connections("tcp") if c.status == "LISTEN"]
+        assert [c.laddr for c in listening] == [("127.0.0.1", server.port)]
     finally:
         server.stop()
 
