@@ -28,6 +28,7 @@ from typing import Any
 
 from prefect.context import FlowRunContext
 
+from cnn_train.flows import temporary_server
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.placement import ray_resources
 
@@ -190,6 +191,10 @@ def _runner_class() -> type:
         def __eq__(self, other: object) -> bool:
             return super().__eq__(other) and self.trial_resources == getattr(other, "trial_resources", None)
 
+        def submit(self, task: Any, parameters: dict[str, Any], wait_for: Any = None, dependencies: Any = None) -> Any:
+            with _api_for_trials(self.address):
+                return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+
         def __enter__(self) -> RayClusterTaskRunner:
             if not self.address:  # a new local Ray: a failure to start it is not the user's to fix
                 return super().__enter__()
@@ -201,6 +206,21 @@ def _runner_class() -> type:
                 raise _join_failure(self.address, error) from None
 
     return RayClusterTaskRunner
+
+
+@contextlib.contextmanager
+def _api_for_trials(address: str | None) -> Iterator[None]:
+    """The Prefect settings a trial is submitted under (prefect-ray sends them along with it). On an
+    existing cluster a trial may run on another machine, which cannot reach the command's temporary
+    server on this machine's loopback: it gets no API, and starts a server of its own as Prefect does.
+    (The flow run itself stays on the temporary server, which outlasts a terminal's Ctrl-C to record it.)"""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if address and temporary_server.serves(get_current_settings().api.url):
+        with temporary_settings(restore_defaults={PREFECT_API_URL}):
+            yield
+    else:
+        yield
 
 
 def ray_task_runner(

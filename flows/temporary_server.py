@@ -122,15 +122,12 @@ def configured_api_url() -> str | None:
 _server: TemporaryServer | None = None
 
 
-def prefect_api(*, temporary: bool = True) -> Callable[[], AbstractContextManager[None]]:
+def prefect_api() -> Callable[[], AbstractContextManager[None]]:
     """What to enter around this command's flow call so that Prefect records it: nothing when an API is
     configured, else the context of a temporary server started now (entering it waits until it answers;
-    enter it after the imports its start-up overlaps).
-
-    ``temporary=False`` leaves a missing API to Prefect: trials on Ray, whose workers on other machines
-    could not reach a server on this machine's loopback, each start their own as Prefect does."""
+    enter it after the imports its start-up overlaps)."""
     global _server
-    if not temporary or configured_api_url():
+    if configured_api_url():
         return contextlib.nullcontext
     if _server is None or _server.process.poll() is not None:
         _server = TemporaryServer()
@@ -138,6 +135,11 @@ def prefect_api(*, temporary: bool = True) -> Callable[[], AbstractContextManage
         # before any atexit handler runs), so no record of the run is sent to a server that is gone.
         atexit.register(_server.stop)
     return functools.partial(_using, _server)
+
+
+def serves(api_url: str | None) -> bool:
+    """Whether ``api_url`` is this process's temporary server, which only this machine can reach."""
+    return _server is not None and api_url == _server.api_url
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ import pytest
 from cnn_train.flows.ray_cluster import RayClusterError, parse_resources, ray_task_runner, worker_died
 from cnn_train.flows.sweep_flow import trial_key
 from tests.local_stack import free_port
+from tests.test_temporary_server import _flow_run_states
 
 BIN = Path(sys.executable).parent
 SMALL = ["--epochs", "1", "--sample-limit", "400", "--test-limit", "200", "--architecture", "dense"]
@@ -288,6 +289,42 @@ def test_a_missing_token_is_one_line_saying_how_to_give_it(cluster, sweep_env):
         "run `ray get-auth-token` on the cluster's head node and give its output to this machine as RAY_AUTH_TOKEN "
         "(or save it as ~/.ray/auth_token)"
     )
+
+
+@pytest.mark.slow
+def test_without_servers_ctrl_c_records_the_crash_and_trials_get_no_loopback_api(cluster, sweep_env, tmp_path):
+    """No Prefect API configured: the driver's flow run is on the command's temporary server, which
+    outlasts a terminal's Ctrl-C to record the crash (the server Prefect starts itself stopped with it, and
+    the command retried it for minutes). A trial on an existing cluster may run on another machine, which
+    cannot reach that server's loopback address: it is not given it, and records on a server of its own."""
+    home = tmp_path / "prefect"
+    env = {k: v for k, v in sweep_env.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(home), "RAY_AUTH_TOKEN": cluster.token}
+    args = ["--ray-address", cluster.address, "--grid", "learning_rate=0.001", "--epochs", "50",
+            "--sample-limit", "2000", "--test-limit", "200", "--architecture", "cnn"]
+    # A terminal's foreground job: a process group of its own, SIGINT at its default.
+    sweep = subprocess.Popen(  # noqa: S603 - our own command
+        [str(BIN / "cnn-train"), "sweep", "--task-runner", "ray", *args], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, process_group=0,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        lines = []
+        for line in sweep.stdout:  # the trial trains on a Ray worker
+            lines.append(line)
+            if "train runs on" in line:
+                break
+        assert sweep.poll() is None, "".join(lines)[-3000:]
+        os.killpg(sweep.pid, signal.SIGINT)
+        output, _ = sweep.communicate(timeout=60)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    assert sweep.returncode == 130, "".join(lines)[-2000:] + output[-3000:]
+    assert _flow_run_states(home, "cnn-train-sweep") == ["CRASHED"]
+    # The trial's worker started a server of its own (Ray shows its lines as "(trial pid=N) ...").
+    assert any("(trial pid=" in line and "Starting temporary server" in line for line in lines), "".join(lines)[-3000:]
 
 
 def _trial_worker(groups: list[int]) -> int | None:

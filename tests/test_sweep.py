@@ -170,20 +170,6 @@ def recorded_ray_options(monkeypatch):
     return recorded
 
 
-@pytest.mark.parametrize(
-    ("task_runner", "ray_address", "on_this_machine"),
-    [("local", None, True), ("ray", None, True), ("ray", "auto", False), ("ray", "ray://head:10001", False)],
-    ids=["threads", "local-ray", "ray-auto", "ray-client"],
-)
-def test_trials_share_the_commands_temporary_server_only_on_this_machine(task_runner, ray_address, on_this_machine):
-    """A Ray started by the command runs every trial here, where the command's temporary server (its own
-    process group: a Ctrl-C leaves it up to record the crash) is reachable; a cluster's workers elsewhere
-    could not reach this machine's loopback, so each trial starts its own, as Prefect does."""
-    from cnn_train.flows.cli.training import RunnerOptions
-
-    assert RunnerOptions(task_runner=task_runner, ray_address=ray_address).on_this_machine is on_this_machine
-
-
 @pytest.mark.slow
 def test_ray_sweep_on_cpu(mlflow_store, recorded_ray_options):
     from mlflow import MlflowClient

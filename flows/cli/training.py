@@ -28,13 +28,6 @@ class RunnerOptions(BaseModel):
         description="An existing Ray cluster (HOST:PORT, auto or ray://HOST:PORT); default: start a local Ray.",
     )
 
-    @property
-    def on_this_machine(self) -> bool:
-        """Whether every trial runs on this machine (threads, or a Ray started here), so that trials can
-        reach a temporary Prefect server on its loopback. On an existing cluster, Prefect's own way stays:
-        each trial on a Ray worker starts a server of its own."""
-        return self.task_runner == "local" or self.ray_address is None
-
 
 class TrialResourceOptions(BaseModel):
     """What every sweep trial asks a Ray cluster for besides its GPU (command line only)."""
@@ -185,7 +178,7 @@ def sweep(**values: Any) -> None:
     grid = values["grid"]
     values["grid"] = parse_grid(grid) if grid is not None else declared_default(SweepOptions, "grid")
     with collector.paused():
-        api = prefect_api(temporary=runner.on_this_machine)
+        api = prefect_api()
         from cnn_train.flows.sweep_flow import cnn_train_sweep, validate_sweep
 
         _validated(validate_sweep, values)

@@ -61,7 +61,7 @@ def tune(**values: Any) -> None:
     except ParameterError as error:
         fail(str(error))
     with collector.paused():
-        api = prefect_api(temporary=runner.on_this_machine)
+        api = prefect_api()
         from cnn_train.flows.tune_flow import cnn_train_tune, validate_tune
 
         plan = _validated(validate_tune, values)
