@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +22,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def flow_run_states(home: Path, flow_name: str) -> list[str]:
+    """The state of each run of ``flow_name`` in the database of the temporary Prefect server under ``home``."""
+    with sqlite3.connect(home / "prefect.db") as db:
+        rows = db.execute("SELECT flow_run.state_type FROM flow_run JOIN flow ON flow.id = flow_run.flow_id "
+                          "WHERE flow.name = ?", (flow_name,)).fetchall()
+    return [state for (state,) in rows]
 
 
 def prefect_api(env: dict[str, str]) -> str:

@@ -27,8 +27,7 @@ import pytest
 
 from cnn_train.flows.ray_cluster import RayClusterError, parse_resources, ray_task_runner, worker_died
 from cnn_train.flows.sweep_flow import trial_key
-from tests.local_stack import free_port
-from tests.test_temporary_server import _flow_run_states
+from tests.local_stack import flow_run_states, free_port
 
 BIN = Path(sys.executable).parent
 SMALL = ["--epochs", "1", "--sample-limit", "400", "--test-limit", "200", "--architecture", "dense"]
@@ -322,7 +321,7 @@ def test_without_servers_ctrl_c_records_the_crash_and_trials_get_no_loopback_api
             sweep.kill()
             sweep.wait()
     assert sweep.returncode == 130, "".join(lines)[-2000:] + output[-3000:]
-    assert _flow_run_states(home, "cnn-train-sweep") == ["CRASHED"]
+    assert flow_run_states(home, "cnn-train-sweep") == ["CRASHED"]
     # The trial's worker started a server of its own (Ray shows its lines as "(trial pid=N) ...").
     assert any("(trial pid=" in line and "Starting temporary server" in line for line in lines), "".join(lines)[-3000:]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ import pytest
 from cnn_train.flows import temporary_server
 from cnn_train.flows.services import http_ok
 from cnn_train.flows.settings import keep_library_state_in_project
+from tests.local_stack import flow_run_states
 from tests.processes import signal_masks
 
 # A command's first lines: the server starts, the command waits for it, says where it is, then runs a
@@ -49,14 +49,6 @@ def _without_prefect_api(home: Path) -> dict[str, str]:
     env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}
     keep_library_state_in_project(env)
     return env
-
-
-def _flow_run_states(home: Path, flow_name: str) -> list[str]:
-    """The state of each run of ``flow_name`` in the temporary server's database under ``home``."""
-    with sqlite3.connect(home / "prefect.db") as db:
-        rows = db.execute("SELECT flow_run.state_type FROM flow_run JOIN flow ON flow.id = flow_run.flow_id "
-                          "WHERE flow.name = ?", (flow_name,)).fetchall()
-    return [state for (state,) in rows]
 
 
 def test_a_configured_api_starts_no_server(monkeypatch):
@@ -105,7 +97,7 @@ def test_the_flow_run_is_recorded_on_it_and_it_stops_with_the_command(tmp_path):
     assert api_url.startswith("http://127.0.0.1:") and "flow done" in done.stdout
     assert "View at" not in done.stdout + done.stderr  # no UI: no link to a page that would be gone
     assert not http_ok(f"{api_url}/health", timeout=1.0)  # stopped with the command
-    assert _flow_run_states(tmp_path, "on-the-temporary-server") == ["COMPLETED"]
+    assert flow_run_states(tmp_path, "on-the-temporary-server") == ["COMPLETED"]
 
 
 def test_a_killed_command_takes_its_server_with_it(tmp_path):
@@ -148,4 +140,4 @@ def test_ctrl_c_in_the_terminal_leaves_the_server_up_to_record_the_crash(tmp_pat
         command.wait()
     assert command.returncode != 0
     assert "Error logging to API" not in stderr and "Connection refused" not in stderr, stderr[-2000:]
-    assert _flow_run_states(tmp_path, "interrupted") == ["CRASHED"]
+    assert flow_run_states(tmp_path, "interrupted") == ["CRASHED"]
