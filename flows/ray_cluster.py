@@ -208,15 +208,21 @@ def _runner_class() -> type:
     return RayClusterTaskRunner
 
 
+def _trials_may_use(api_url: str | None, address: str | None) -> bool:
+    """Whether trials on the Ray at ``address`` may be handed ``api_url``. On an existing cluster a trial
+    may run on another machine, which cannot reach the command's temporary server on this machine's
+    loopback: it gets no API, and starts a server of its own as Prefect does. (The flow run itself stays
+    on the temporary server, which outlasts a terminal's Ctrl-C to record it.)"""
+    return bool(api_url) and not (address and temporary_server.serves(api_url))
+
+
 @contextlib.contextmanager
 def _api_for_trials(address: str | None) -> Iterator[None]:
-    """The Prefect settings a trial is submitted under (prefect-ray sends them along with it). On an
-    existing cluster a trial may run on another machine, which cannot reach the command's temporary
-    server on this machine's loopback: it gets no API, and starts a server of its own as Prefect does.
-    (The flow run itself stays on the temporary server, which outlasts a terminal's Ctrl-C to record it.)"""
+    """The Prefect settings a trial is submitted under (prefect-ray sends them along with it)."""
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
-    if address and temporary_server.serves(get_current_settings().api.url):
+    api_url = get_current_settings().api.url
+    if api_url and not _trials_may_use(api_url, address):
         with temporary_settings(restore_defaults={PREFECT_API_URL}):
             yield
     else:
@@ -249,7 +255,7 @@ def ray_task_runner(
         _send_token_when_provided()
 
     env = {name: os.environ[name] for name in _FORWARDED_ENV if os.environ.get(name)}
-    if api_url := get_current_settings().api.url:
+    if _trials_may_use(api_url := get_current_settings().api.url, address):
         env["PREFECT_API_URL"] = api_url
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}}
     if not address:
