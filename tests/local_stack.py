@@ -4,7 +4,9 @@ as a user types it. Shared so that the deployment and worker tests drive the sta
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import re
 import socket
 import sqlite3
@@ -17,11 +19,37 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
+#: Ports the tests give servers: below Linux's ephemeral range (32768-60999 by default), where the OS
+#: picks the local port of every outgoing connection and of bind(0), and above Ray's worker ports
+#: (10002-19999). A port the OS had picked could be taken by some connection between the choice and
+#: the server's bind, or while a test keeps its server down through an outage; these are never
+#: picked by the OS. Each xdist worker draws from a block of its own.
+TEST_PORTS = range(20000, 32768)
+_BLOCKS = 16
+_next_ports: Iterator[int] | None = None
+
+
+def _worker_ports() -> Iterator[int]:
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    size = len(TEST_PORTS) // _BLOCKS
+    block = TEST_PORTS[worker % _BLOCKS * size:][:size]
+    start = random.randrange(size)  # two sessions at once rarely start on the same port
+    return itertools.cycle([*block[start:], *block[:start]])
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing is bound to now and that the OS never hands out (TEST_PORTS)."""
+    global _next_ports
+    _next_ports = _next_ports or _worker_ports()
+    for _ in range(len(TEST_PORTS) // _BLOCKS):
+        port = next(_next_ports)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"every test port of this worker's block of {TEST_PORTS} is in use")
 
 
 def flow_run_states(home: Path, flow_name: str) -> list[str]:
