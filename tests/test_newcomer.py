@@ -61,6 +61,26 @@ def test_bad_duration_is_one_line_from_the_command():
     ]
 
 
+@pytest.mark.parametrize(
+    ("arguments", "line"),
+    [
+        pytest.param(["run", "--epoch", "3"], "cnn-train: No such option: --epoch (Possible options: --epochs); "
+                     "see `cnn-train run --help`", id="misspelt-option"),
+        pytest.param(["run", "--epochs", "three"], "cnn-train: Invalid value for '--epochs': Input should be a valid "
+                     "integer, unable to parse string as an integer; see `cnn-train run --help`", id="not-a-number"),
+        pytest.param(["sweep", "--architecture", "resnet"], "cnn-train: Invalid value for '--architecture': 'resnet' "
+                     "is not one of 'cnn', 'dense', 'cnn-improved'; see `cnn-train sweep --help`", id="closed-choice"),
+        pytest.param(["predict"], "cnn-train: Missing argument 'PATH'; see `cnn-train predict --help`", id="missing-argument"),
+        pytest.param(["run", "--epochs"], "cnn-train: Option '--epochs' requires an argument", id="option-without-value"),
+        pytest.param(["trian"], "cnn-train: No such command 'trian'; see `cnn-train --help`", id="unknown-command"),
+    ],
+)
+def test_a_command_line_mistake_is_one_line(arguments, line):
+    """As typed in a terminal (the installed command, not CliRunner): Click alone prints four lines."""
+    result = subprocess.run([BIN / "cnn-train", *arguments], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout, result.stderr.splitlines()) == (2, "", [line])
+
+
 def _aged(path: Path, days: float, *, size: int = 10, folder: bool = False) -> Path:
     """A file, or a folder holding one, last written ``days`` ago."""
     file = path / "weights" if folder else path

@@ -13,6 +13,7 @@ from typing import Annotated, Any, NoReturn, Optional, Union, get_args, get_orig
 
 import typer
 from typer.core import TyperGroup
+from typer.exceptions import TyperException
 from pydantic import BaseModel
 
 from cnn_train.flows.errors import DEBUG_ENV, ExpectedFailure, debugging
@@ -35,6 +36,28 @@ class _OneLineFailures(typer.Typer):
     a bug keeps its traceback."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs or not sys.argv[1:]:  # arguments from Python, or no arguments: the help
+            return self._run(*args, **kwargs)
+        # Click itself prints a usage error (unknown option, bad value, missing argument) as four lines:
+        # usage, a hint, a blank line, the error. Not standalone, it raises it, and it is one line here.
+        try:
+            result = self._run(standalone_mode=False)
+        except TyperException as error:
+            if error.exit_code != 2 or debugging():  # not a usage error
+                error.show()
+                sys.exit(error.exit_code)
+            # The typed values' checks speak pydantic ("Value error, 'foo' is not one of ...").
+            message = error.format_message().rstrip(".").replace("Value error, ", "")
+            where = getattr(error, "ctx", None)
+            hint = f"; see `{where.command_path} --help`" if where is not None else ""
+            print(f"cnn-train: {message}{hint}", file=sys.stderr)
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            print("Aborted!", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(result if type(result) is int else 0)  # an int is typer.Exit's code, as standalone Click exits
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().__call__(*args, **kwargs)
         except ExpectedFailure as error:

@@ -35,7 +35,7 @@ def backends(
 
 @app.command("check-backend")
 def check_backend(
-    name: Annotated[str, typer.Argument(help="Registered backend name, e.g. torch.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Registered backend name, e.g. torch.")],
     only: Annotated[Optional[list[str]], typer.Option("--check", help="Run only this check (repeatable).")] = None,  # noqa: UP045
 ) -> None:
     """Run the conformance kit against a backend: exit 0 when no check fails."""

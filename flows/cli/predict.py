@@ -12,7 +12,7 @@ from cnn_train.flows.cli.app import app, fail
 
 @app.command()
 def predict(
-    paths: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, ...) and folders of them.")],
+    paths: Annotated[list[Path], typer.Argument(metavar="PATH", help="Image files (PNG, JPEG, ...) and folders of them.")],
     model: Annotated[
         Optional[str],  # noqa: UP045 - typer reads it
         typer.Option(
