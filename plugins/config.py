@@ -311,7 +311,9 @@ def format_validation_error(error: Exception) -> str:
         return str(error)
     lines = []
     for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or error.title
         message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{where}: {message} (got {item.get('input')!r})")
+        if item["loc"]:
+            lines.append(f"{'.'.join(map(str, item['loc']))}: {message} (got {item.get('input')!r})")
+        else:  # a check of the whole model: its message names the fields; its input is every value
+            lines.append(message)
     return "; ".join(lines)
