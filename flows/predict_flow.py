@@ -49,7 +49,7 @@ def classify_task(model: predict.LoadedModel, files: list[Path]) -> predict.Pred
     logger = get_run_logger()
     for failure in predictions.failures:
         logger.warning(failure.message)
-    logger.info("%d images classified, %d failed", len(predictions.table), len(predictions.failures))
+    logger.info(predict.counted(len(predictions.table), len(predictions.failures)))
     return predictions
 
 

@@ -70,6 +70,18 @@ def test_an_exported_image_comes_back_as_fashion_mnist_made_it(variant, test_set
     assert _shift_tolerant_correlation(item.pixels[..., 0], original / 255.0) > 0.9
 
 
+@pytest.mark.parametrize(
+    ("classified", "failed", "line"),
+    [
+        pytest.param(1, 1, "1 image classified, 1 failed", id="one"),
+        pytest.param(0, 2, "0 images classified, 2 failed", id="none"),
+        pytest.param(20, 0, "20 images classified, 0 failed", id="many"),
+    ],
+)
+def test_the_summary_counts_in_english(classified, failed, line):
+    assert predict.counted(classified, failed) == line
+
+
 def test_a_blank_picture_is_an_empty_input():
     pixels, inverted = predict.to_model_input(np.full((40, 60), 255.0))
     assert inverted and not pixels.any()

@@ -68,7 +68,7 @@ def predict(
         typer.echo(f"the model's 28x28 inputs: {show_inputs}")
     failed = len(predictions.failures) + len(collected.missing)
     if failed:
-        typer.echo(f"{len(predictions.table)} images classified, {failed} failed", err=True)
+        typer.echo(prediction.counted(len(predictions.table), failed), err=True)
         raise typer.Exit(1)
 
 

@@ -106,7 +106,7 @@ class Summary:
 
         lines = [
             "# Predictions", "", f"Model: {model}", "",
-            f"{self.classified} images classified, {len(self.failures)} failed.", "", "## Predicted classes", "",
+            f"{counted(self.classified, len(self.failures))}.", "", "## Predicted classes", "",
             markdown_table(self.class_counts), "",
             f"## Low confidence (top probability under {LOW_CONFIDENCE:.0%})", "",
             markdown_table(self.low_confidence, {"probability": _percent}) if len(self.low_confidence) else "None.",
@@ -114,6 +114,11 @@ class Summary:
         if self.failures:
             lines += ["", "## Failed", ""] + [f"- {failure.message}" for failure in self.failures]
         return "\n".join(lines) + "\n"
+
+
+def counted(classified: int, failed: int) -> str:
+    """``'1 image classified, 2 failed'``: the one summary line of a prediction."""
+    return f"{classified} image{'s' if classified != 1 else ''} classified, {failed} failed"
 
 
 def _percent(value: object) -> str:
