@@ -22,7 +22,7 @@ from cnn_train.flows.params import (
     split_values,
     validate_parameters,
 )
-from cnn_train.flows.runs import cnn_train_flow, flow_run_tracker, prefect_flow_run_url
+from cnn_train.flows.runs import cnn_train_flow, figures_from_mlflow, flow_run_tracker, prefect_flow_run_url
 from cnn_train.flows.tasks import ChildRun, child_run, prep_task
 from cnn_train.flows.tracking import RunTracker
 
@@ -71,7 +71,7 @@ def _report(
     with tempfile.TemporaryDirectory(prefix="cnn-train-compare-") as out:
         files = reporting.write_comparison_report(
             rows, summaries, Path(out), title=title, tolerance_points=tolerance_points,
-            links=links, open_hint=tracking.open_hint(parent),
+            links=links, open_hint=None if parent.url else tracking.open_hint(parent),
         )
         parent.log_artifacts(Path(out), "compare")
         markdown = files.report_md.read_text(encoding="utf-8")
@@ -80,7 +80,7 @@ def _report(
         {f"{name}.test_accuracy": value for name, value in accuracies.items()}
         | {"accuracy_gap_points": reporting.accuracy_gap_points(accuracies)}
     )
-    create_markdown_artifact(markdown, key="cnn-train-compare")
+    create_markdown_artifact(figures_from_mlflow(markdown, parent.uri, parent.run_id, "compare"), key="cnn-train-compare")
     table = reporting.comparison_table(rows)
     create_table_artifact(reporting.table_records(table), key="backend-comparison")
     return {

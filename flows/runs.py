@@ -38,6 +38,14 @@ def prefect_flow_run_url() -> str | None:
     return url if url and url.startswith("http") else None
 
 
+def figures_from_mlflow(markdown: str, uri: str, run_id: str, folder: str) -> str:
+    """A report logged under ``folder`` of run ``run_id``, its figures linked to the MLflow server's copies:
+    the Prefect UI shows it with no files beside it. Unchanged where MLflow is no server (nothing to link to)."""
+    from cnn_train.flows.reporting import relink_figures
+
+    return relink_figures(markdown, lambda name: tracking.artifact_url(uri, run_id, f"{folder}/{name}") or name)
+
+
 def _start_flow_run(experiment: str, *, run_name: str, role: str | None = None) -> RunTracker:
     """The flow's top-level MLflow run, after checking the store answers and reaping abandoned runs."""
     logger = get_run_logger()

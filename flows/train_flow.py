@@ -19,7 +19,7 @@ from cnn_train.flows.data import PreparedData
 from cnn_train.flows.params import RunParameters, validate_parameters
 from cnn_train.flows.placement import place_task
 from cnn_train.flows.registering import register_task
-from cnn_train.flows.runs import cnn_train_flow, flow_run_tracker, prefect_flow_run_url
+from cnn_train.flows.runs import cnn_train_flow, figures_from_mlflow, flow_run_tracker, prefect_flow_run_url
 from cnn_train.flows.tasks import IN_MEMORY, child_run, evaluate_task, prep_task, train_task
 from cnn_train.flows.tracking import RunTracker
 
@@ -84,14 +84,11 @@ def _publish_to_prefect(
     dense: reporting.ComparisonRow | None,
 ) -> None:
     """The report, its figures (where an MLflow server serves them) and its tables as Prefect artifacts."""
-    if tracker.url:
-        # The Prefect UI has no files beside the report: point its figures at the MLflow server.
-        def figure_url(name: str) -> str:
-            return tracking.artifact_url(tracker.uri, tracker.run_id, f"report/{name}") or name
-
-        markdown = reporting.relink_figures(markdown, figure_url)
+    markdown = figures_from_mlflow(markdown, tracker.uri, tracker.run_id, "report")
+    if tracker.url:  # an MLflow server, which serves the figures
         for figure in (name for name in _PREFECT_FIGURES if name in drawn):
-            create_image_artifact(figure_url(figure), key=figure.removesuffix(".png").replace("_", "-"))
+            url = tracking.artifact_url(tracker.uri, tracker.run_id, f"report/{figure}") or figure
+            create_image_artifact(url, key=figure.removesuffix(".png").replace("_", "-"))
         create_link_artifact(tracker.url, link_text="MLflow run", key="mlflow-run")
     create_markdown_artifact(markdown, key="cnn-train-report", description="cnn-train run report")
     per_class = reporting.classification_tables(

@@ -227,7 +227,8 @@ def test_compare_command_side_by_side(store, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("|")]
     assert any("keras" in line for line in table) and any("torch" in line for line in table)
-    assert "parity" in result.stdout
+    assert "verdict: " in result.stdout and "parity" in result.stdout
+    assert "![" not in result.stdout  # a terminal shows no pictures: they are in MLflow
     from mlflow import MlflowClient
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])

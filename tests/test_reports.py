@@ -636,6 +636,21 @@ def test_comparison_report_refuses(backend_rows, summaries, tmp_path, links, sum
         )
 
 
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        pytest.param("http://127.0.0.1:5123", "![CM](http://127.0.0.1:5123/get-artifact?path=compare/confusion_matrix_torch.png&run_uuid=r1)",
+                     id="server-serves-them"),
+        pytest.param("sqlite:///mlflow.db", "![CM](confusion_matrix_torch.png)", id="no-server-left-as-is"),
+    ],
+)
+def test_a_reports_figures_in_the_prefect_ui_come_from_the_mlflow_server(uri, expected) -> None:
+    from cnn_train.flows.runs import figures_from_mlflow
+
+    out = figures_from_mlflow("# Title\n\n![CM](confusion_matrix_torch.png)\n[MLflow run](http://x/#/runs/1)\n", uri, "r1", "compare")
+    assert expected in out and "[MLflow run](http://x/#/runs/1)" in out
+
+
 def test_relink_figures_rewrites_only_figure_links() -> None:
     markdown = "![Curves](learning_curves.png)\n[MLflow run](http://x/#/runs/1)\n![CM](confusion_matrix.png)\n"
     out = reporting.relink_figures(markdown, lambda name: f"http://mlflow/get-artifact?path=report/{name}")

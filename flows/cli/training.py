@@ -148,8 +148,14 @@ def compare(**values: Any) -> None:
         _validated(validate_compare, values)
         require_reachable_servers()
     result = _run_flow(cnn_train_compare, values, api)
-    typer.echo(result["report"])
-    typer.echo(f"MLflow parent run: {result['mlflow_run_url']}")
+    import pandas as pd
+
+    from cnn_train.flows import reporting
+
+    # The table and the verdict; compare.md's confusion matrices are pictures, in MLflow and the Prefect UI.
+    typer.echo(reporting.markdown_table(pd.DataFrame(result["table"])))
+    typer.echo(f"verdict: {result['verdict']}")
+    typer.echo(f"MLflow parent run (compare.md, a confusion matrix per backend): {result['mlflow_run_url']}")
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
