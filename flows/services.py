@@ -50,11 +50,24 @@ DEPLOYMENT = "cnn-train/default"
 
 
 def prefect_port() -> int:
-    return int(os.environ.get("CNN_TRAIN_PREFECT_PORT", "4200"))
+    return _port("CNN_TRAIN_PREFECT_PORT", "prefect-server", 4200)
 
 
 def mlflow_port() -> int:
-    return int(os.environ.get("CNN_TRAIN_MLFLOW_PORT", "5000"))
+    return _port("CNN_TRAIN_MLFLOW_PORT", "mlflow-server", 5000)
+
+
+def _port(variable: str, service: str, default: int) -> int:
+    """The port ``variable`` gives; else the one ``cnn-train up`` started ``service`` on, while it runs (a
+    shell without the variable would otherwise miss the server, and record runs in ``mlflow.db``); else ``default``."""
+    if value := os.environ.get(variable):
+        return int(value)
+    (running,) = (s for s in SERVICES if s.name == service)
+    try:
+        recorded = int(running.port_file.read_text())
+    except (OSError, ValueError):
+        return default
+    return recorded if running.pid() is not None else default
 
 
 def prefect_api_url() -> str:
@@ -112,10 +125,16 @@ class Service:
     command: Callable[[], list[str]]
     ready: Callable[[], bool]
     extra_env: Callable[[], dict[str, str]] = dict
+    #: The port a server listens on, recorded beside its pid while it runs.
+    port: Callable[[], int] | None = None
 
     @property
     def pid_file(self) -> Path:
         return state_dir() / "run" / f"{self.name}.pid"
+
+    @property
+    def port_file(self) -> Path:
+        return state_dir() / "run" / f"{self.name}.port"
 
     @property
     def log_file(self) -> Path:
@@ -150,6 +169,8 @@ class Service:
                     start_new_session=True,  # survives this command; stopped by `cnn-train down`
                 )
             self.pid_file.write_text(str(process.pid))
+            if self.port is not None:
+                self.port_file.write_text(str(self.port()))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.ready():
@@ -164,6 +185,7 @@ class Service:
         pid = self.pid()
         if pid is None:
             self.pid_file.unlink(missing_ok=True)
+            self.port_file.unlink(missing_ok=True)
             return False
         # INT first: a Prefect worker started in the background from a non-interactive shell ignores TERM
         # (Prefect maps TERM to INT, which such a shell set to ignore), measured with Prefect 3.9.
@@ -178,6 +200,7 @@ class Service:
             if self.pid() is None or _is_zombie(pid):
                 break
         self.pid_file.unlink(missing_ok=True)
+        self.port_file.unlink(missing_ok=True)
         return True
 
 
@@ -232,6 +255,7 @@ prefect_server = Service(
     command=lambda: [_bin("prefect"), "server", "start", "--host", bind_host(), "--port", str(prefect_port())],
     ready=lambda: http_ok(f"{prefect_api_url()}/health"),
     extra_env=lambda: {"PREFECT_UI_API_URL": _ui_api_url()} | _server_credentials(),
+    port=prefect_port,
 )
 
 mlflow_server = Service(
@@ -255,6 +279,7 @@ mlflow_server = Service(
     ready=lambda: http_ok(f"{mlflow_url()}/health"),
     # The default server spawns ~15 processes and 3 GB on 2 cores; these keep it near 0.5 GB.
     extra_env=lambda: {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | _server_credentials(),
+    port=mlflow_port,
 )
 
 serve_process = Service(

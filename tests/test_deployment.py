@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,18 @@ def test_up_is_idempotent(stack):
     assert again.returncode == 0, again.stderr
     for service in ("prefect-server", "mlflow-server", "deployment-server"):
         assert f"{service}: already running" in again.stdout
+
+
+def test_a_shell_without_the_port_variables_finds_the_servers_up_started(stack):
+    """`CNN_TRAIN_MLFLOW_PORT=... cnn-train up`, then commands in another shell: they record to that
+    server, not silently to mlflow.db."""
+    env, _ = stack
+    shell = {k: v for k, v in env.items() if k not in ("CNN_TRAIN_PREFECT_PORT", "CNN_TRAIN_MLFLOW_PORT")}
+    found = subprocess.run(
+        [sys.executable, "-c", "from cnn_train.flows import services, tracking; print(tracking.tracking_uri(), services.prefect_api_url())"],
+        env=shell, capture_output=True, text=True, timeout=120,
+    )
+    assert found.stdout.split() == [f"http://127.0.0.1:{env['CNN_TRAIN_MLFLOW_PORT']}", prefect_api(env)], found.stderr
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ the MLflow server, the dataset."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -131,6 +132,43 @@ def test_a_served_flow_run_is_orphaned_only_when_no_process_runs_it(tmp_path, mo
     flow_run = SimpleNamespace(id="flow-1", deployment_id="deployment-1", infrastructure_pid=None)
     alive = services.serve_process.pid() is not None
     assert crashes._why_orphaned(flow_run, serve_alive=alive, stale_flow_runs=set(), running_here=running_here) == reason
+
+
+@pytest.mark.parametrize(
+    ("variable", "server", "port"),
+    [
+        pytest.param(None, "alive", 24555, id="recorded-while-it-runs"),
+        pytest.param("5050", "alive", 5050, id="the-variable-wins"),
+        pytest.param(None, "dead", 5000, id="a-stopped-servers-record-is-ignored"),
+        pytest.param(None, None, 5000, id="nothing-recorded"),
+    ],
+)
+def test_the_mlflow_port_is_the_one_up_started_the_server_on(tmp_path, monkeypatch, variable, server, port):
+    from cnn_train.flows import services
+
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("CNN_TRAIN_MLFLOW_PORT", raising=False)
+    if variable:
+        monkeypatch.setenv("CNN_TRAIN_MLFLOW_PORT", variable)
+    if server:
+        services.mlflow_server.pid_file.parent.mkdir(parents=True)
+        services.mlflow_server.pid_file.write_text(str(os.getpid() if server == "alive" else _exited_pid()))
+        services.mlflow_server.port_file.write_text("24555")
+    assert services.mlflow_port() == port
+
+
+def test_a_started_server_records_its_port_and_stopping_it_removes_it(tmp_path, monkeypatch):
+    from cnn_train.flows import services
+
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
+    server = services.Service(name="sleeper", command=lambda: ["sleep", "60"], ready=lambda: server.pid() is not None,
+                              port=lambda: 24556)
+    server.start(timeout=30)
+    try:
+        assert server.port_file.read_text() == "24556"
+    finally:
+        server.stop()
+    assert not server.port_file.exists() and not server.pid_file.exists()
 
 
 @pytest.mark.slow
