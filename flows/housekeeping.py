@@ -3,7 +3,7 @@
 Bounded elsewhere: report files live in a temporary folder until MLflow holds them; a FINISHED run's
 checkpoint is dropped when it ends; the data cache keeps a few splits. What is left to prune by age:
 checkpoints of FAILED or KILLED runs (kept so a retry can resume), the temporary Prefect server's
-results and database (runs without servers), logs of servers that are not running, stale pid files.
+results and database (runs without servers), logs of servers that are not running, stale pid and port files.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def _temporary_prefect(older_than: timedelta, now: float) -> Iterator[Removal]:
 
 
 def _server_files(older_than: timedelta, running: Iterable[str], now: float) -> Iterator[Removal]:
-    """Logs of servers that are not running and were not written for the whole age; pid files of dead processes."""
+    """Logs of servers that are not running and were not written for the whole age; pid and port files of dead processes."""
     running = set(running)
     logs = state_dir() / "logs"
     for log in sorted(logs.glob("*.log")) if logs.is_dir() else ():
@@ -153,6 +153,9 @@ def _server_files(older_than: timedelta, running: Iterable[str], now: float) -> 
     for pid_file in sorted(pids.glob("*.pid")) if pids.is_dir() else ():
         if pid_file.stem not in running:
             yield Removal(pid_file, size_of(pid_file), "pid file of a process that is gone")
+    for port_file in sorted(pids.glob("*.port")) if pids.is_dir() else ():
+        if port_file.stem not in running:
+            yield Removal(port_file, size_of(port_file), "port of a server that is gone")
 
 
 def run_statuses(run_ids: Iterable[str], uri: str) -> dict[str, str]:

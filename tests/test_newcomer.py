@@ -151,8 +151,10 @@ def test_gc_prunes_the_temporary_server_and_stopped_servers_files(state):
     stopped_log = _aged(state / "logs" / "mlflow-server.log", 9)
     _aged(state / "logs" / "prefect-server.log", 9)  # its server runs: kept
     stale_pid = _aged(state / "run" / "mlflow-server.pid", 0)
+    stale_port = _aged(state / "run" / "mlflow-server.port", 0)
+    _aged(state / "run" / "prefect-server.port", 0)  # its server runs: kept
     plan = housekeeping.plan_gc(timedelta(days=7), run_status=lambda run_id: None, running_services=["prefect-server"])
-    assert [removal.path for removal in plan] == [old_result, *old_database, stopped_log, stale_pid]
+    assert [removal.path for removal in plan] == [old_result, *old_database, stopped_log, stale_pid, stale_port]
     housekeeping.remove(plan)
     assert sorted(path.name for path in (home / "storage").iterdir()) == ["new-result"]
     assert not any(path.exists() for path in old_database)
