@@ -4,6 +4,7 @@ prunes a hopeless trial, and a study killed mid-way that continues where it stop
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -371,6 +372,8 @@ def test_a_killed_study_continues_its_numbering_without_duplicate_runs(mlflow_st
     assert [t.state for t in after] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert after[2].system_attrs["failed_trial"] == 1 and after[2].params == after[1].params
     assert "this run: trials 2)" in result.output
+    # The objective by name and as the ranking shows it (a percentage), not "value 0.6400".
+    assert re.search(r"^best trial: [02], val_accuracy \d+\.\d\d%, parameters \{'learning_rate': ", result.output, re.M), result.output
 
     client = MlflowClient(mlflow_store)
     runs = _child_runs(client, "killed")

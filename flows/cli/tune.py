@@ -67,10 +67,10 @@ def tune(**values: Any) -> None:
         plan = _validated(validate_tune, values)
         require_reachable_servers()
     result = _run_flow(_on_runner(cnn_train_tune, runner, ray_resource), values, api)
-    _print_result(result, plan.study_name)
+    _print_result(result, plan.study_name, plan.options.objective)
 
 
-def _print_result(result: dict[str, Any], study_name: str) -> None:
+def _print_result(result: dict[str, Any], study_name: str, objective: str) -> None:
     import pandas as pd
 
     from cnn_train.flows import reporting
@@ -81,7 +81,8 @@ def _print_result(result: dict[str, Any], study_name: str) -> None:
         f"study {study_name}: {counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} failed "
         f"(this run: trials {', '.join(map(str, result['trials_run'])) or 'none'}); storage {result['storage']}"
     )
-    typer.echo(f"best trial: {result['best_trial']} value {result['best_value']:.4f} {result['best_params']}")
+    value = reporting.format_percent(result["best_value"])  # as the ranking shows it
+    typer.echo(f"best trial: {result['best_trial']}, {objective} {value}, parameters {result['best_params']}")
     typer.echo(f"MLflow study run: {result['mlflow_run_url']}")
     if "registration" in result:
         typer.echo(result["registration"])
