@@ -94,6 +94,27 @@ def test_the_command_refuses_a_set_and_varied_field_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("items", "line"),
+    [
+        pytest.param(["learning_rate=0.001", "learning_rate=0.002"],
+                     "cnn-train: --grid gives learning_rate twice; list its values in one item: learning_rate=A,B,...",
+                     id="a-field-twice"),
+        pytest.param(["learning_rate"], "cnn-train: --grid takes FIELD=VALUE,VALUE...; got 'learning_rate'", id="no-values"),
+    ],
+)
+def test_a_grid_the_command_cannot_take_is_one_line(tmp_path, items, line):
+    from typer.testing import CliRunner
+
+    from cnn_train.flows.cli import app
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CNN_TRAIN_STATE_DIR": str(tmp_path / "state")}
+    arguments = [part for item in items for part in ("--grid", item)]
+    result = CliRunner().invoke(app, ["sweep", *arguments, "--sample-limit", "400"], env=env)
+    assert (result.exit_code, result.output.strip().splitlines()) == (2, [line])
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
     ("values", "split_seed"),
     [
         pytest.param({"grid": {"seed": [1, 2]}}, 42, id="grid-over-seed-keeps-the-sweeps-split"),

@@ -188,13 +188,22 @@ def test_the_flow_form_and_the_command_are_the_declaration():
     assert "--space-file" in help_text and "--no-prune" in help_text and "--task-runner" in help_text
 
 
-def test_a_malformed_space_fails_before_any_run_exists(tmp_path):
+@pytest.mark.parametrize(
+    ("items", "line"),
+    [
+        pytest.param(["learning_rate=log:1e-2"],
+                     f"cnn-train: space: learning_rate='log:1e-2' is not a range (log: needs exactly LOW:HIGH); use {FORMS}",
+                     id="malformed-spec"),
+        pytest.param(["batch_size=16,32", "batch_size=64"], f"cnn-train: --space gives batch_size twice; give it one SPEC ({FORMS})",
+                     id="a-field-twice"),
+    ],
+)
+def test_a_malformed_space_fails_before_any_run_exists(tmp_path, items, line):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CNN_TRAIN_STATE_DIR": str(tmp_path / "state")}
-    result = CliRunner().invoke(app, ["tune", "--space", "learning_rate=log:1e-2", "--sample-limit", "400"], env=env)
+    arguments = [part for item in items for part in ("--space", item)]
+    result = CliRunner().invoke(app, ["tune", *arguments, "--sample-limit", "400"], env=env)
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == [
-        f"cnn-train: space: learning_rate='log:1e-2' is not a range (log: needs exactly LOW:HIGH); use {FORMS}"
-    ]
+    assert result.output.strip().splitlines() == [line]
     assert not (tmp_path / "mlflow.db").exists()
     assert not (tmp_path / "state" / "optuna.db").exists()
 

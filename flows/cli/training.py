@@ -172,6 +172,8 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
                 parsed.append(json.loads(value))
             except ValueError:
                 parsed.append(value)
+        if key.strip() in grid:  # the first would be dropped without a word
+            fail(f"--grid gives {key.strip()} twice; list its values in one item: {key.strip()}=A,B,...")
         grid[key.strip()] = parsed
     return grid
 

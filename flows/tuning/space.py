@@ -161,12 +161,15 @@ def parse_space(space: Mapping[str, object]) -> SearchSpace:
 
 
 def parse_assignments(items: Iterable[str]) -> dict[str, str]:
-    """Command-line ``FIELD=SPEC`` items as a mapping (later items win)."""
+    """Command-line ``FIELD=SPEC`` items as a mapping; a field given twice is refused (the first would
+    be dropped without a word)."""
     parsed: dict[str, str] = {}
     for item in items:
         field, sep, spec = item.partition("=")
         if not sep or not field.strip() or not spec.strip():
             raise SpaceError(f"--space takes FIELD=SPEC with SPEC one of {FORMS}; got {item!r}")
+        if field.strip() in parsed:
+            raise SpaceError(f"--space gives {field.strip()} twice; give it one SPEC ({FORMS})")
         parsed[field.strip()] = spec.strip()
     return parsed
 
