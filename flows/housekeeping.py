@@ -149,13 +149,11 @@ def _server_files(older_than: timedelta, running: Iterable[str], now: float) -> 
     for log in sorted(logs.glob("*.log")) if logs.is_dir() else ():
         if log.stem not in running and now - last_written(log) > older_than.total_seconds():
             yield Removal(log, size_of(log), "log of a server that is not running")
-    pids = state_dir() / "run"
-    for pid_file in sorted(pids.glob("*.pid")) if pids.is_dir() else ():
-        if pid_file.stem not in running:
-            yield Removal(pid_file, size_of(pid_file), "pid file of a process that is gone")
-    for port_file in sorted(pids.glob("*.port")) if pids.is_dir() else ():
-        if port_file.stem not in running:
-            yield Removal(port_file, size_of(port_file), "port of a server that is gone")
+    records = state_dir() / "run"
+    for pattern, what in (("*.pid", "pid file of a process that is gone"), ("*.port", "port of a server that is gone")):
+        for record in sorted(records.glob(pattern)) if records.is_dir() else ():
+            if record.stem not in running:
+                yield Removal(record, size_of(record), what)
 
 
 def run_statuses(run_ids: Iterable[str], uri: str) -> dict[str, str]:

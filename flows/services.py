@@ -50,24 +50,23 @@ DEPLOYMENT = "cnn-train/default"
 
 
 def prefect_port() -> int:
-    return _port("CNN_TRAIN_PREFECT_PORT", "prefect-server", 4200)
+    return _port("CNN_TRAIN_PREFECT_PORT", prefect_server, 4200)
 
 
 def mlflow_port() -> int:
-    return _port("CNN_TRAIN_MLFLOW_PORT", "mlflow-server", 5000)
+    return _port("CNN_TRAIN_MLFLOW_PORT", mlflow_server, 5000)
 
 
-def _port(variable: str, service: str, default: int) -> int:
+def _port(variable: str, service: Service, default: int) -> int:
     """The port ``variable`` gives; else the one ``cnn-train up`` started ``service`` on, while it runs (a
     shell without the variable would otherwise miss the server, and record runs in ``mlflow.db``); else ``default``."""
     if value := os.environ.get(variable):
         return int(value)
-    (running,) = (s for s in SERVICES if s.name == service)
     try:
-        recorded = int(running.port_file.read_text())
+        recorded = int(service.port_file.read_text())
     except (OSError, ValueError):
         return default
-    return recorded if running.pid() is not None else default
+    return recorded if service.pid() is not None else default
 
 
 def prefect_api_url() -> str:

@@ -172,9 +172,10 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
                 parsed.append(json.loads(value))
             except ValueError:
                 parsed.append(value)
-        if key.strip() in grid:  # the first would be dropped without a word
-            fail(f"--grid gives {key.strip()} twice; list its values in one item: {key.strip()}=A,B,...")
-        grid[key.strip()] = parsed
+        field = key.strip()
+        if field in grid:  # the first would be dropped without a word
+            fail(f"--grid gives {field} twice; list its values in one item: {field}=A,B,...")
+        grid[field] = parsed
     return grid
 
 
