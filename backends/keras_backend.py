@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,23 +38,73 @@ WEIGHTS_FILE = "model.weights.h5"
 _SEEDED_BUILD = threading.Lock()
 
 
+class EpochShuffle(torch.utils.data.Sampler[int]):
+    """The order of an epoch's training images, from the run's seed and the epoch alone.
+
+    It is the order Keras's own array input gave when torch's global generator was seeded per epoch
+    (each epoch's ``DataLoader`` iterator drew its base seed from it, then its ``RandomSampler`` the
+    seed of a generator of its own), so runs keep their numerics; but another trial's thread reseeding
+    or drawing from the global generator cannot change it, and fit no longer moves that generator."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 1
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        epoch = torch.Generator().manual_seed(common.epoch_seed(self.seed, self.epoch))
+
+        def draw() -> int:
+            return int(torch.empty((), dtype=torch.int64).random_(generator=epoch).item())
+
+        draw()  # the DataLoader iterator's base seed
+        sampler_seed = draw()
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(sampler_seed)).tolist())
+
+
+class Arrays(torch.utils.data.Dataset):
+    """Images and labels served a batch at a time, as Keras's array input serves them: one fancy index
+    into each array, converted on the Keras device."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images = np.asarray(images, dtype=np.float32)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, indices: list[int]) -> tuple[Any, Any]:
+        convert = keras.ops.convert_to_tensor
+        return convert(self.images[indices]), convert(self.labels[indices])
+
+
+def batches(arrays: Arrays, *, batch_size: int, shuffle: EpochShuffle | None = None) -> torch.utils.data.DataLoader:
+    """``fit``'s input: ``arrays`` in batches, in ``shuffle``'s order or as they are."""
+    return torch.utils.data.DataLoader(
+        arrays,
+        batch_size=batch_size,
+        sampler=shuffle,
+        collate_fn=lambda batch: batch,  # __getitems__ returns whole batches
+        generator=torch.Generator(),  # the base seed each iterator draws, not from torch's global generator
+    )
+
+
 class EpochReporter(keras.callbacks.Callback):
     """Turns each finished ``fit`` epoch into :class:`EpochMetrics` and hands it on at once; stops ``fit``
     when the callback asks to."""
 
-    def __init__(self, *, seed: int, train_images: int, on_epoch: EpochCallback | None) -> None:
+    def __init__(self, *, shuffle: EpochShuffle, on_epoch: EpochCallback | None) -> None:
         super().__init__()
         self.epochs: list[EpochMetrics] = []
-        self._seed = seed
-        self._train_images = train_images
+        self._shuffle = shuffle
+        self._train_images = len(shuffle)
         self._on_epoch = on_epoch
         self._started = 0.0
         self._train_seconds: float | None = None
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        # fit shuffles arrays with torch's global generator as the epoch's first batch is drawn,
-        # just after this hook: seeding it per epoch makes a resumed run shuffle like an unbroken one.
-        torch.manual_seed(common.epoch_seed(self._seed, epoch + 1))
+        self._shuffle.epoch = epoch + 1  # fit draws the epoch's first batch just after this hook
         self._train_seconds = None
         self._started = time.perf_counter()
 
@@ -159,17 +209,15 @@ class KerasBackend(BackendBase):
     def fit(self, training: Training) -> TrainHistory:
         model, data, config = self._built(), training.data, training.config
         model.optimizer.learning_rate.assign(config.learning_rate)
-        reporter = EpochReporter(seed=config.seed, train_images=data.x_train.shape[0], on_epoch=training.on_epoch)
+        shuffle = EpochShuffle(len(data.y_train), config.seed)
+        reporter = EpochReporter(shuffle=shuffle, on_epoch=training.on_epoch)
         with keras.device(self._device):
             model.fit(
-                np.asarray(data.x_train, dtype=np.float32),
-                np.asarray(data.y_train, dtype=np.int64),
-                batch_size=config.batch_size,
+                batches(Arrays(data.x_train, data.y_train), batch_size=config.batch_size, shuffle=shuffle),
                 epochs=config.epochs,
                 initial_epoch=training.initial_epoch,
-                validation_data=(np.asarray(data.x_val, dtype=np.float32), np.asarray(data.y_val, dtype=np.int64)),
-                validation_batch_size=common.INFERENCE_BATCH,
-                shuffle=True,
+                validation_data=batches(Arrays(data.x_val, data.y_val), batch_size=common.INFERENCE_BATCH),
+                shuffle=False,  # the batches come shuffled
                 callbacks=EpochCallbacks([reporter], add_history=True, model=model, epochs=config.epochs),
                 verbose=0,
             )

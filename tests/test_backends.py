@@ -272,6 +272,23 @@ def test_same_seed_same_metrics(name: str, trained, data: TrainData) -> None:
     assert [measured(m) for m in again.epochs] == [measured(m) for m in seen]
 
 
+def test_training_beside_another_thread_drawing_is_unchanged(name: str, trained, data: TrainData) -> None:
+    """A sweep's trials train in threads: one that reseeds and draws from torch's and NumPy's
+    process-wide generators changes none of this run's shuffles, and training moves neither."""
+    import torch
+
+    _, seen, _ = trained
+    backend = built(name, seed=1)
+    with another_thread_drawing():
+        beside = backend.train(data, TRAIN)
+    assert [measured(m) for m in beside.epochs] == [measured(m) for m in seen]
+    backend = built(name, seed=1)
+    torch_state, numpy_state = torch.random.get_rng_state(), np.random.get_state()[1].copy()
+    backend.train(data, TRAIN)
+    assert torch.equal(torch.random.get_rng_state(), torch_state), "training moved torch's global generator"
+    np.testing.assert_array_equal(np.random.get_state()[1], numpy_state, "training moved NumPy's global generator")
+
+
 def test_resume_continues_exactly_where_it_stopped(name: str, trained, data: TrainData, tmp_path: Path) -> None:
     _, uninterrupted, _ = trained
     first = built(name, seed=1)
