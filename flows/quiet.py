@@ -41,6 +41,9 @@ def quiet_libraries(*, verbose: bool = False, environ: MutableMapping[str, str] 
     environ.setdefault("MLFLOW_LOGGING_LEVEL", _MLFLOW_LEVEL)
     # MLflow's tqdm bars for model downloads (a few MB here) land on stderr, which carries only failures.
     environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow prints "View run ... at: URL" and "View experiment at: URL" to stdout as each run on a server
+    # ends (a compare's every backend, a sweep's every trial); the commands print the links that matter.
+    environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     prefect_logger = logging.getLogger(_PREFECT_LOGGER)
     if not any(isinstance(f, _DropTemporaryServerLines) for f in prefect_logger.filters):
         prefect_logger.addFilter(_DropTemporaryServerLines())

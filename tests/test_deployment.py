@@ -33,14 +33,24 @@ def test_up_is_idempotent(stack):
 
 def test_a_shell_without_the_port_variables_finds_the_servers_up_started(stack):
     """`CNN_TRAIN_MLFLOW_PORT=... cnn-train up`, then commands in another shell: they record to that
-    server, not silently to mlflow.db."""
+    server, not silently to mlflow.db; and the terminal shows the command's own link to the run, not
+    MLflow's "View run ... at:" and "View experiment at:" lines as each run on the server ends."""
     env, _ = stack
     shell = {k: v for k, v in env.items() if k not in ("CNN_TRAIN_PREFECT_PORT", "CNN_TRAIN_MLFLOW_PORT")}
     found = subprocess.run(
         [sys.executable, "-c", "from cnn_train.flows import services, tracking; print(tracking.tracking_uri(), services.prefect_api_url())"],
         env=shell, capture_output=True, text=True, timeout=120,
     )
-    assert found.stdout.split() == [f"http://127.0.0.1:{env['CNN_TRAIN_MLFLOW_PORT']}", prefect_api(env)], found.stderr
+    mlflow = f"http://127.0.0.1:{env['CNN_TRAIN_MLFLOW_PORT']}"
+    assert found.stdout.split() == [mlflow, prefect_api(env)], found.stderr
+    ran = subprocess.run(
+        [BIN / "cnn-train", "run", "--epochs", "1", "--sample-limit", "400", "--test-limit", "200", "--compare-dense"],
+        env=shell, capture_output=True, text=True, timeout=600,
+    )
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    assert f"MLflow run: {mlflow}/#/experiments/" in ran.stdout
+    assert "dense network test accuracy: " in ran.stdout  # a second MLflow run ended on the server
+    assert "View run" not in ran.stdout and "View experiment" not in ran.stdout, ran.stdout
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,7 @@ def _aged(path: Path, days: float, *, size: int = 10, folder: bool = False) -> P
 _CLI_ENVIRONMENT = (
     "MPLCONFIGDIR", "PREFECT_PROFILES_PATH", "MLFLOW_LOGGING_LEVEL", "DO_NOT_TRACK", "PREFECT_SERVER_ANALYTICS_ENABLED",
     "MLFLOW_DISABLE_TELEMETRY", "PREFECT_LOGGING_HANDLERS_CONSOLE_STREAM", "MLFLOW_CONFIGURE_LOGGING",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
 )
 
 
@@ -233,7 +233,11 @@ def test_the_temporary_server_line_is_dropped_unless_verbose(prefect_logger_reco
     logger.info("Starting temporary server on http://127.0.0.1:8000\nSee https://www.prefect.io/docs/v3/concepts/server")
     logger.info("something else")
     assert len(records) == shown
-    assert environ == ({} if verbose else {"MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
+    assert environ == ({} if verbose else {
+        "MLFLOW_LOGGING_LEVEL": "WARNING",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    })
     if verbose:  # MLflow's INFO lines get through whichever handler prints them
         assert logging.getLogger("mlflow").getEffectiveLevel() == logging.INFO
 
