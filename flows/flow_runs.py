@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from cnn_train.flows.errors import ExpectedFailure
+from cnn_train.flows.errors import ExpectedFailure, debugging
 
 #: States whose reason is worth showing: the run did not do what was asked.
 _FAILED_STATES = frozenset({"FAILED", "CRASHED"})
+#: How the engine of a served or worker flow run restates a failure already logged above it.
+_ENGINE_RESTATEMENT = "Engine execution exited with unexpected exception"
 
 
 class RunRefusedError(ExpectedFailure, ValueError):
@@ -125,11 +127,25 @@ def failure_reason(flow_run_id: str, *, lines: int = 12, settle_seconds: float =
             if again and len(again) == len(logs):
                 break
             logs = again
-    reason = [f"state message: {state.message}"] if state is not None and state.message else []
-    error_lines = [line for log in logs for line in log.message.splitlines() if line.strip()]
+    message = state.message if state is not None and state.message else ""
+    reason = [f"state message: {message}"] if message else []
+    error_lines = [
+        line
+        for log in logs
+        if debugging() or not _restates(log.message, message)
+        for line in log.message.splitlines()
+        if line.strip()
+    ]
     if error_lines:
         reason += ["last error log lines:", *(f"  {line}" for line in error_lines[-lines:])]
     return reason
+
+
+def _restates(log_message: str, state_message: str) -> bool:
+    """Whether an error log only says again what the state message says: Prefect logs an expected
+    failure's message as the task's exception, as its Failed state, then as itself, and the engine of a
+    served flow run ends with its restatement. A bug's traceback lines do not contain the message."""
+    return log_message.startswith(_ENGINE_RESTATEMENT) or bool(state_message) and state_message in log_message
 
 
 def _error_logs(client: Any, flow_run_id: str) -> list[Any]:
