@@ -53,6 +53,7 @@ class EpochShuffle(torch.utils.data.Sampler[int]):
         return self.size
 
     def __iter__(self) -> Iterator[int]:
+        # A generator: the epoch is read when the first batch is drawn, after fit's on_epoch_begin.
         epoch = torch.Generator().manual_seed(common.epoch_seed(self.seed, self.epoch))
 
         def draw() -> int:
@@ -60,7 +61,7 @@ class EpochShuffle(torch.utils.data.Sampler[int]):
 
         draw()  # the DataLoader iterator's base seed
         sampler_seed = draw()
-        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(sampler_seed)).tolist())
+        yield from torch.randperm(self.size, generator=torch.Generator().manual_seed(sampler_seed)).tolist()
 
 
 class Arrays(torch.utils.data.Dataset):
