@@ -12,10 +12,19 @@ import os
 import warnings
 from collections.abc import MutableMapping
 
-#: Prefect's logger for its temporary server announces every start and stop with a pointer to its
-#: docs ("See https://www.prefect.io/docs/..."): `cnn-train run` without servers is the intended use.
-_PREFECT_LOGGER = "prefect"
-_TEMPORARY_SERVER_LINES = ("Starting temporary server", "Stopping temporary server")
+#: Announcements of what a command starts and stops for itself, by logger: Prefect's temporary server
+#: (every start and stop, with a pointer to its docs; `cnn-train run` without servers is the intended
+#: use), and the local Ray instance a `--task-runner ray` sweep starts: Ray's notice that token
+#: authentication is on (its default, kept: the instance listens beyond loopback), how to opt out, and
+#: where it saved the token (~/.ray/auth_token).
+_ANNOUNCEMENTS: dict[str, tuple[str, ...]] = {
+    "prefect": ("Starting temporary server", "Stopping temporary server"),
+    "ray._private.worker": ("Started a local Ray instance",),
+    "ray._private.authentication.authentication_token_setup": (
+        "Token authentication is enabled for this Ray cluster",
+        "Generated new authentication token",
+    ),
+}
 
 #: MLflow logs schema creation and migrations of a new store at INFO; its warnings stay.
 _MLFLOW_LOGGER = "mlflow"
@@ -25,11 +34,15 @@ _MLFLOW_LEVEL = "WARNING"
 _HARMLESS_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = ()
 
 
-class _DropTemporaryServerLines(logging.Filter):
-    """Drops Prefect's temporary-server announcements; every other record passes."""
+class _DropAnnouncements(logging.Filter):
+    """Drops records whose message starts with one of ``prefixes``; every other record passes."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_TEMPORARY_SERVER_LINES)
+        return not str(record.msg).startswith(self.prefixes)
 
 
 def quiet_libraries(*, verbose: bool = False, environ: MutableMapping[str, str] = os.environ) -> None:
@@ -44,8 +57,9 @@ def quiet_libraries(*, verbose: bool = False, environ: MutableMapping[str, str] 
     # MLflow prints "View run ... at: URL" and "View experiment at: URL" to stdout as each run on a server
     # ends (a compare's every backend, a sweep's every trial); the commands print the links that matter.
     environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    prefect_logger = logging.getLogger(_PREFECT_LOGGER)
-    if not any(isinstance(f, _DropTemporaryServerLines) for f in prefect_logger.filters):
-        prefect_logger.addFilter(_DropTemporaryServerLines())
+    for name, prefixes in _ANNOUNCEMENTS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropAnnouncements) for f in logger.filters):
+            logger.addFilter(_DropAnnouncements(prefixes))
     for message, category, module in _HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)

@@ -109,11 +109,12 @@ def _undo_the_commands_settings(monkeypatch):
         else:
             monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
-    logger = logging.getLogger("prefect")
-    filters = list(logger.filters)
+    loggers = [logging.getLogger(name) for name in quiet._ANNOUNCEMENTS]
+    filters = [list(logger.filters) for logger in loggers]
     mlflow_level = logging.getLogger("mlflow").level
     yield
-    logger.filters[:] = filters
+    for logger, kept in zip(loggers, filters):
+        logger.filters[:] = kept
     logging.getLogger("mlflow").setLevel(mlflow_level)
 
 
@@ -209,28 +210,38 @@ def test_a_temporary_server_gets_time_to_start_whoever_chose_its_home(state):
     assert environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "120"
 
 
-@pytest.fixture
-def prefect_logger_records():
-    """Records that reach a handler on Prefect's logger (the one announcing temporary servers)."""
-    logger = logging.getLogger("prefect")
-    logger.filters.clear()
+@pytest.fixture(params=[
+    pytest.param(("prefect", "Starting temporary server on http://127.0.0.1:8000\nSee https://www.prefect.io/docs/v3/concepts/server"), id="prefect-temporary-server"),
+    pytest.param(("ray._private.worker", "Started a local Ray instance."), id="ray-local-instance"),
+    pytest.param(
+        ("ray._private.authentication.authentication_token_setup",
+         "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."),
+        id="ray-token-notice",
+    ),
+])
+def announcing_logger(request):
+    """A logger that announces what a command starts for itself, its announcement, and the records
+    that reach a handler on it."""
+    name, announcement = request.param
+    logger = logging.getLogger(name)
     level = logger.level
+    logger.filters.clear()  # the autouse fixture above puts them back
     logger.setLevel(logging.INFO)  # as in a `cnn-train` process (the test session logs less)
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
     logger.addHandler(handler)
-    yield logger, records
+    yield logger, announcement, records
     logger.removeHandler(handler)
     logger.setLevel(level)
 
 
 @pytest.mark.parametrize(("verbose", "shown"), [pytest.param(False, 1, id="quiet"), pytest.param(True, 2, id="verbose")])
-def test_the_temporary_server_line_is_dropped_unless_verbose(prefect_logger_records, verbose, shown):
-    logger, records = prefect_logger_records
+def test_announcements_are_dropped_unless_verbose(announcing_logger, verbose, shown):
+    logger, announcement, records = announcing_logger
     environ: dict[str, str] = {}
     quiet.quiet_libraries(verbose=verbose, environ=environ)
-    logger.info("Starting temporary server on http://127.0.0.1:8000\nSee https://www.prefect.io/docs/v3/concepts/server")
+    logger.warning(announcement)
     logger.info("something else")
     assert len(records) == shown
     assert environ == ({} if verbose else {
