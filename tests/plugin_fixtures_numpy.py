@@ -105,3 +105,15 @@ class AcceptsAnyDevice(NumpyMLPBackend):
 
     def build(self, config, *, device, seed):
         super().build(config, device="cpu", seed=seed)
+
+
+class ShufflesWithTheGlobalGenerator(NumpyMLPBackend):
+    """Seeds NumPy's process-wide generator with the run's seed and shuffles with it: deterministic alone,
+    but a trial in another thread reseeding it changes this one's shuffles."""
+
+    def fit(self, training):
+        import numpy as np
+
+        np.random.seed(training.config.seed)
+        np.random.permutation(len(training.data.x_train))
+        return super().fit(training)

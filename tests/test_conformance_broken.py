@@ -14,6 +14,7 @@ from tests.plugin_fixtures_numpy import (
     NoRealResume,
     ReadsVisibleDevices,
     RunsNvidiaSmi,
+    ShufflesWithTheGlobalGenerator,
     UnknownFlavor,
 )
 
@@ -38,6 +39,10 @@ def _failures(backend: type, *, skip: tuple[str, ...] = ()) -> dict[str, str]:
         pytest.param(ReadsVisibleDevices, "uses_given_device", "looked for devices itself (read $CUDA_VISIBLE_DEVICES)", id="reads-visible-devices"),
         pytest.param(RunsNvidiaSmi, "uses_given_device", "looked for devices itself (ran nvidia-smi)", id="runs-nvidia-smi"),
         pytest.param(AcceptsAnyDevice, "uses_given_device", "build(device='cuda:99') ran anyway", id="accepts-any-device"),
+        pytest.param(
+            ShufflesWithTheGlobalGenerator, "leaves_process_wide_generators_alone",
+            "training seeded or drew from NumPy's np.random generator", id="shuffles-with-the-global-generator",
+        ),
     ],
 )
 def test_the_kit_names_the_broken_promise(backend, check, reason):

@@ -1,4 +1,6 @@
-"""What a backend must leave alone: it never talks to MLflow (the flow logs what the backend returns)."""
+"""What a backend must leave alone: it never talks to MLflow (the flow logs what the backend returns), and
+it trains without seeding or drawing from the process-wide random generators (a sweep trains trials in
+threads of one process)."""
 
 from __future__ import annotations
 
@@ -6,13 +8,16 @@ import atexit
 import contextlib
 import functools
 import os
+import pickle
+import random
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
-from cnn_train.plugins.conformance.data import images
+from cnn_train.plugins.conformance.data import SMOKE, images, train_data
 from cnn_train.plugins.conformance.subject import Subject
 
 
@@ -88,4 +93,35 @@ def check_does_not_log_to_mlflow(subject: Subject) -> None:
     assert left_active is active_before, "the backend left an MLflow run active"
     assert loggable.flavor == subject.cls.mlflow_flavor, (
         f"loggable_model().flavor is {loggable.flavor!r} but mlflow_flavor is {subject.cls.mlflow_flavor!r}"
+    )
+
+
+def _generator_states(*, advance: bool = False) -> dict[str, bytes]:
+    """The state of each process-wide random generator loaded: Python's, NumPy's, and torch's CPU one;
+    with ``advance``, each draws once first, so that a backend reseeding them to the state an earlier
+    training left is seen too."""
+    import numpy as np
+
+    torch = sys.modules.get("torch")  # never imported here for a backend that does not use torch
+    if advance:
+        random.random()
+        np.random.random()
+        if torch is not None:
+            torch.rand(1)
+    states = {"Python's random": pickle.dumps(random.getstate()), "NumPy's np.random": pickle.dumps(np.random.get_state())}
+    if torch is not None:
+        states["torch's default"] = bytes(torch.random.get_rng_state().numpy())
+    return states
+
+
+def check_leaves_process_wide_generators_alone(subject: Subject) -> None:
+    """Training neither seeds nor draws from the process-wide random generators (Python's, NumPy's, torch's):
+    a sweep trains trials in threads of one process, where one trial reseeding them changes another's draws."""
+    backend = subject.built(seed=7)
+    before = _generator_states(advance=True)
+    backend.train(train_data(), SMOKE)
+    moved = [name for name, state in _generator_states().items() if name in before and before[name] != state]
+    assert not moved, (
+        f"training seeded or drew from {' and '.join(moved)} generator; draw from generators of the run's seed "
+        "(np.random.default_rng(seed), torch.Generator().manual_seed(seed)), since a sweep trains trials in threads"
     )

@@ -55,6 +55,7 @@ CHECKS: tuple[Check, ...] = (
             checks.check_rejects_empty_data,
             checks.check_rejects_labels_out_of_range,
             devices.check_uses_given_device,
+            isolation.check_leaves_process_wide_generators_alone,
             isolation.check_does_not_log_to_mlflow,
             model_logging.check_model_logging,
         )
