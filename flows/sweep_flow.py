@@ -246,6 +246,7 @@ def _rank_and_record(parent: RunTracker, results: list[TrialResult]) -> dict[str
         "mlflow_run_id": parent.run_id,
         "mlflow_run_url": parent.url or tracking.open_hint(parent),
         "best_run_id": best.run_id,
+        "best_values": best.values,
         "best_test_accuracy": best.test.accuracy,
         "ranking": ranking.to_dict(orient="records"),
     }

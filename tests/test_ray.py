@@ -228,11 +228,14 @@ def _sweep(env: dict[str, str], *args: str, timeout: float = 400) -> subprocess.
 
 
 def _sweep_children(mlflow_store: str, output: str) -> tuple[str, list]:
-    """The sweep's parent run id and its child runs, from the command's `best trial: RUN_ID` line."""
+    """The sweep's parent run id and its child runs, from the command's `best trial: VALUES, test
+    accuracy A%, run RUN_ID` line."""
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_store)
-    best = client.get_run(re.search(r"best trial: ([0-9a-f]{32})", output).group(1))
+    line = re.search(r"^best trial: \{'\w+': .*\}, test accuracy \d+\.\d\d%, run ([0-9a-f]{32})$", output, re.M)
+    assert line is not None, output
+    best = client.get_run(line.group(1))
     parent_id = best.data.tags["mlflow.parentRunId"]
     children = client.search_runs([best.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
     return parent_id, children

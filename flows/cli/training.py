@@ -198,7 +198,8 @@ def sweep(**values: Any) -> None:
     from cnn_train.flows import reporting
 
     typer.echo(reporting.markdown_table(pd.DataFrame(result["ranking"])))
-    typer.echo(f"best trial: {result['best_run_id']} test accuracy {result['best_test_accuracy']:.2%}")
+    best = result["best_values"]
+    typer.echo(f"best trial: {best}, test accuracy {result['best_test_accuracy']:.2%}, run {result['best_run_id']}")
     typer.echo(f"MLflow sweep run: {result['mlflow_run_url']}")
     if "registration" in result:
         typer.echo(result["registration"])
