@@ -145,7 +145,7 @@ def _restates(log_message: str, state_message: str) -> bool:
     """Whether an error log only says again what the state message says: Prefect logs an expected
     failure's message as the task's exception, as its Failed state, then as itself, and the engine of a
     served flow run ends with its restatement. A bug's traceback lines do not contain the message."""
-    return log_message.startswith(_ENGINE_RESTATEMENT) or bool(state_message) and state_message in log_message
+    return log_message.startswith(_ENGINE_RESTATEMENT) or (bool(state_message) and state_message in log_message)
 
 
 def _error_logs(client: Any, flow_run_id: str) -> list[Any]:

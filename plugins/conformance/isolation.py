@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
+
 from cnn_train.plugins.conformance.data import SMOKE, images, train_data
 from cnn_train.plugins.conformance.subject import Subject
 
@@ -96,20 +98,19 @@ def check_does_not_log_to_mlflow(subject: Subject) -> None:
     )
 
 
-def _generator_states(*, advance: bool = False) -> dict[str, bytes]:
-    """The state of each process-wide random generator loaded: Python's, NumPy's, and torch's CPU one;
-    with ``advance``, each draws once first, so that a backend reseeding them to the state an earlier
-    training left is seen too."""
-    import numpy as np
+def _advance_generators() -> None:
+    """One draw from each process-wide generator, so that a backend reseeding them to the state an
+    earlier training left is seen to have moved them."""
+    random.random()
+    np.random.random()
+    if (torch := sys.modules.get("torch")) is not None:
+        torch.rand(1)
 
-    torch = sys.modules.get("torch")  # never imported here for a backend that does not use torch
-    if advance:
-        random.random()
-        np.random.random()
-        if torch is not None:
-            torch.rand(1)
+
+def _generator_states() -> dict[str, bytes]:
+    """The state of each process-wide random generator loaded: Python's, NumPy's, and torch's CPU one."""
     states = {"Python's random": pickle.dumps(random.getstate()), "NumPy's np.random": pickle.dumps(np.random.get_state())}
-    if torch is not None:
+    if (torch := sys.modules.get("torch")) is not None:  # never imported here for a backend without torch
         states["torch's default"] = bytes(torch.random.get_rng_state().numpy())
     return states
 
@@ -118,7 +119,8 @@ def check_leaves_process_wide_generators_alone(subject: Subject) -> None:
     """Training neither seeds nor draws from the process-wide random generators (Python's, NumPy's, torch's):
     a sweep trains trials in threads of one process, where one trial reseeding them changes another's draws."""
     backend = subject.built(seed=7)
-    before = _generator_states(advance=True)
+    _advance_generators()
+    before = _generator_states()
     backend.train(train_data(), SMOKE)
     moved = [name for name, state in _generator_states().items() if name in before and before[name] != state]
     assert not moved, (
