@@ -65,23 +65,26 @@ class EpochShuffle(torch.utils.data.Sampler[int]):
 
 
 class Arrays(torch.utils.data.Dataset):
-    """Images and labels served a batch at a time, as Keras's array input serves them: one fancy index
-    into each array, converted on the Keras device."""
+    """Images (and labels, when there are any) served a batch at a time, as Keras's array input serves
+    them: one fancy index into each array, converted on the Keras device."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None) -> None:
         self.images = np.asarray(images, dtype=np.float32)
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.images)
 
-    def __getitems__(self, indices: list[int]) -> tuple[Any, Any]:
+    def __getitems__(self, indices: list[int]) -> tuple[Any, ...]:
         convert = keras.ops.convert_to_tensor
+        if self.labels is None:
+            return (convert(self.images[indices]),)
         return convert(self.images[indices]), convert(self.labels[indices])
 
 
 def batches(arrays: Arrays, *, batch_size: int, shuffle: EpochShuffle | None = None) -> torch.utils.data.DataLoader:
-    """``fit``'s input: ``arrays`` in batches, in ``shuffle``'s order or as they are."""
+    """Input for ``fit``, ``evaluate`` and ``predict``: ``arrays`` in batches, in ``shuffle``'s order or as
+    they are. Keras's own array input would draw each pass's DataLoader seed from torch's global generator."""
     return torch.utils.data.DataLoader(
         arrays,
         batch_size=batch_size,
@@ -228,20 +231,14 @@ class KerasBackend(BackendBase):
         model = self._built()
         common.check_evaluation(x, y, self._config)
         with keras.device(self._device):
-            result = model.evaluate(
-                np.asarray(x, dtype=np.float32),
-                np.asarray(y, dtype=np.int64),
-                batch_size=batch_size,
-                verbose=0,
-                return_dict=True,
-            )
+            result = model.evaluate(batches(Arrays(x, y), batch_size=batch_size), verbose=0, return_dict=True)
         return Evaluation(loss=float(result["loss"]), accuracy=float(result["accuracy"]))
 
     def predict_proba(self, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
         self._built()
         check_images(x, self._config)
         with keras.device(self._device):
-            probabilities = self._probabilities.predict(np.asarray(x, dtype=np.float32), batch_size=batch_size, verbose=0)
+            probabilities = self._probabilities.predict(batches(Arrays(x), batch_size=batch_size), verbose=0)
         return np.asarray(probabilities, dtype=np.float32)
 
     def feature_maps(self, x: np.ndarray, layers: Sequence[str]) -> dict[str, np.ndarray]:

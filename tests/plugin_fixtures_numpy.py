@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 #: The plugin's source folder.
 PLUGIN_SOURCE = Path(__file__).resolve().parent / "pyfunc_plugin"
@@ -117,3 +118,20 @@ class ShufflesWithTheGlobalGenerator(NumpyMLPBackend):
         np.random.seed(training.config.seed)
         np.random.permutation(len(training.data.x_train))
         return super().fit(training)
+
+
+class PredictsWithTheGlobalGenerator(NumpyMLPBackend):
+    """Trains and evaluates cleanly, and predicts the right rows, but predicts them in an order drawn from
+    NumPy's process-wide generator: a user's own draws after a prediction are no longer the ones they seeded."""
+
+    def evaluate(self, x, y, *, batch_size=256):
+        with mock.patch.object(self, "predict_proba", super().predict_proba):  # validation stays clean
+            return super().evaluate(x, y, batch_size=batch_size)
+
+    def predict_proba(self, x, *, batch_size=256):
+        import numpy as np
+
+        order = np.random.permutation(len(x))
+        probabilities = np.empty((len(x), self.built_config().num_classes), dtype=np.float32)
+        probabilities[order] = super().predict_proba(x[order], batch_size=batch_size)
+        return probabilities

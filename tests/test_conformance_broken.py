@@ -12,6 +12,7 @@ from tests.plugin_fixtures_numpy import (
     ForgetsOptimizerState,
     IgnoresStopRequest,
     NoRealResume,
+    PredictsWithTheGlobalGenerator,
     ReadsVisibleDevices,
     RunsNvidiaSmi,
     ShufflesWithTheGlobalGenerator,
@@ -42,6 +43,10 @@ def _failures(backend: type, *, skip: tuple[str, ...] = ()) -> dict[str, str]:
         pytest.param(
             ShufflesWithTheGlobalGenerator, "leaves_process_wide_generators_alone",
             "training seeded or drew from NumPy's np.random generator", id="shuffles-with-the-global-generator",
+        ),
+        pytest.param(
+            PredictsWithTheGlobalGenerator, "leaves_process_wide_generators_alone",
+            "predicting seeded or drew from NumPy's np.random generator", id="predicts-with-the-global-generator",
         ),
     ],
 )

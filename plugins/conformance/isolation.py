@@ -116,14 +116,22 @@ def _generator_states() -> dict[str, bytes]:
 
 
 def check_leaves_process_wide_generators_alone(subject: Subject) -> None:
-    """Training neither seeds nor draws from the process-wide random generators (Python's, NumPy's, torch's):
-    a sweep trains trials in threads of one process, where one trial reseeding them changes another's draws."""
+    """Training, evaluating and predicting neither seed nor draw from the process-wide random generators
+    (Python's, NumPy's, torch's): a sweep trains trials in threads of one process, where one trial
+    reseeding them changes another's draws, and a user's own draws should not depend on a prediction."""
     backend = subject.built(seed=7)
-    _advance_generators()
-    before = _generator_states()
-    backend.train(train_data(), SMOKE)
-    moved = [name for name, state in _generator_states().items() if name in before and before[name] != state]
-    assert not moved, (
-        f"training seeded or drew from {' and '.join(moved)} generator; draw from generators of the run's seed "
-        "(np.random.default_rng(seed), torch.Generator().manual_seed(seed)), since a sweep trains trials in threads"
+    x, y = images(40, seed=3)
+    steps = (
+        ("training", lambda: backend.train(train_data(), SMOKE)),
+        ("evaluating", lambda: backend.evaluate(x, y)),
+        ("predicting", lambda: backend.predict_proba(x)),
     )
+    for step, call in steps:
+        _advance_generators()
+        before = _generator_states()
+        call()
+        moved = [name for name, state in _generator_states().items() if name in before and before[name] != state]
+        assert not moved, (
+            f"{step} seeded or drew from {' and '.join(moved)} generator; draw from generators of the run's seed "
+            "(np.random.default_rng(seed), torch.Generator().manual_seed(seed)), since a sweep trains trials in threads"
+        )
