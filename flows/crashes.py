@@ -2,10 +2,11 @@
 
 Two ways, both measured on Prefect 3.9 (README, "When things go wrong"):
 
-- Prefect's own: every flow-run process sends a heartbeat event every ``HEARTBEAT_SECONDS``
+- Prefect's own: every process running cnn-train flows (the serve process, a worker's flow-run
+  processes, every cnn-train command) sends a heartbeat event every ``HEARTBEAT_SECONDS``
   (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``), and ``cnn-train up`` creates the "detect zombie flows"
-  automation of Prefect's docs: a Running flow run with no heartbeat for ``ZOMBIE_AFTER_SECONDS``
-  is set Crashed by the Prefect server itself, with nothing of cnn-train running.
+  automation of Prefect's docs for cnn-train's flows: a Running flow run with no heartbeat for
+  ``ZOMBIE_AFTER_SECONDS`` is set Crashed by the Prefect server itself, with nothing of cnn-train running.
 - cnn-train's: a flow run is orphaned when the process serving it is gone, or its MLflow heartbeat
   stopped; ``cnn-train doctor`` reports it at once, and ``doctor --fix``, ``cnn-train up`` and
   every flow's start set it Crashed and its MLflow runs FAILED.
@@ -20,13 +21,16 @@ from datetime import timedelta
 from typing import Any
 
 from cnn_train.flows import services, tracking
+from cnn_train.flows.settings import FLOW_HEARTBEAT_SECONDS as HEARTBEAT_SECONDS
 
-#: Seconds between a flow run's heartbeats (Prefect's minimum is 30; its default 180).
-HEARTBEAT_SECONDS = int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30"))
 #: A Running flow run silent this long is set Crashed by the automation (three missed beats).
 ZOMBIE_AFTER_SECONDS = 3 * HEARTBEAT_SECONDS
 AUTOMATION_NAME = "cnn-train: crash flow runs whose heartbeat stopped"
 CRASH_MESSAGE = "its process died without reporting (no heartbeat)"
+#: The flows the automation watches: cnn-train's own (``cnn-train``, ``cnn-train-sweep``...), whose
+#: processes beat every HEARTBEAT_SECONDS. Other flows on a shared server beat at whatever their
+#: processes were given (Prefect's default is 180 s) and are left alone.
+WATCHED_FLOWS = ("cnn-train", "cnn-train-*")
 
 
 def runners() -> tuple[services.Service, ...]:
@@ -39,37 +43,54 @@ def heartbeat_environment() -> dict[str, str]:
     return {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)}
 
 
-def ensure_zombie_automation(*, within_seconds: float = ZOMBIE_AFTER_SECONDS) -> bool:
-    """Create the automation unless it exists (Prefect docs, "Detect zombie flows"); returns whether it was created."""
-    from prefect.automations import Automation
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
+def zombie_trigger(within_seconds: float = ZOMBIE_AFTER_SECONDS) -> Any:
+    """Prefect docs' "Detect zombie flows" trigger, for the runs of :data:`WATCHED_FLOWS`: after a
+    heartbeat, another one or a final state is expected within ``within_seconds``."""
     from prefect.events.schemas.automations import EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
 
+    return EventTrigger(
+        after={"prefect.flow-run.heartbeat"},
+        expect={
+            "prefect.flow-run.heartbeat",
+            "prefect.flow-run.Completed",
+            "prefect.flow-run.Failed",
+            "prefect.flow-run.Cancelled",
+            "prefect.flow-run.Crashed",
+        },
+        match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+        match_related=ResourceSpecification(
+            {"prefect.resource.role": "flow", "prefect.resource.name": list(WATCHED_FLOWS)}
+        ),
+        for_each={"prefect.resource.id"},
+        posture=Posture.Proactive,
+        threshold=1,
+        within=timedelta(seconds=within_seconds),
+    )
+
+
+def ensure_zombie_automation(*, within_seconds: float = ZOMBIE_AFTER_SECONDS) -> bool:
+    """Create the automation, or bring one an earlier version created up to date (it watched every
+    flow on the server); returns whether it was created or changed."""
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+
+    trigger = zombie_trigger(within_seconds)
     try:
-        Automation.read(name=AUTOMATION_NAME)
-        return False
+        existing = Automation.read(name=AUTOMATION_NAME)
     except ValueError:
-        pass
+        existing = None
+    if existing is not None:
+        if existing.trigger == trigger:
+            return False
+        existing.trigger = trigger
+        existing.update()
+        return True
     Automation(
         name=AUTOMATION_NAME,
-        description="A Running flow run whose process stopped sending heartbeats is marked Crashed.",
-        trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"},
-            expect={
-                "prefect.flow-run.heartbeat",
-                "prefect.flow-run.Completed",
-                "prefect.flow-run.Failed",
-                "prefect.flow-run.Cancelled",
-                "prefect.flow-run.Crashed",
-            },
-            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-            for_each={"prefect.resource.id"},
-            posture=Posture.Proactive,
-            threshold=1,
-            within=timedelta(seconds=within_seconds),
-        ),
+        description="A Running cnn-train flow run whose process stopped sending heartbeats is marked Crashed.",
+        trigger=trigger,
         actions=[ChangeFlowRunState(state=StateType.CRASHED, message=f"Marked Crashed by cnn-train: {CRASH_MESSAGE}")],
     ).create()
     return True

@@ -19,6 +19,11 @@ _USER_PREFECT_PROFILES = Path("~/.prefect/profiles.toml")
 #: longer than Prefect's 20 s default, failing the run before it began.
 _TEMPORARY_SERVER_STARTUP_SECONDS = "120"
 
+#: Seconds between a flow run's Prefect heartbeats. Prefect's default, 180, is longer than the 90 s of
+#: silence after which the automation `cnn-train up` creates crashes a flow run (cnn_train.flows.crashes);
+#: 30 is Prefect's minimum.
+FLOW_HEARTBEAT_SECONDS = int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30"))
+
 #: Telemetry off: nothing cnn-train starts reaches for the internet. MLflow wants "true", not "1";
 #: a temporary Prefect server's telemetry also raced its own fresh database ("database is locked").
 _OFFLINE = {"DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -92,6 +97,13 @@ def keep_library_state_in_project(environ: MutableMapping[str, str] = os.environ
         return
     environ.setdefault("PREFECT_PROFILES_PATH", str(_USER_PREFECT_PROFILES.expanduser()))
     environ["PREFECT_HOME"] = str(temporary_prefect_home())
+
+
+def heartbeat_often_enough(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Flow runs of this process (and the ones it starts) send Prefect heartbeats every
+    :data:`FLOW_HEARTBEAT_SECONDS` (unless set): on the servers `cnn-train up` started, a run beating at
+    Prefect's default would be marked Crashed while it still runs. Must run before Prefect is imported."""
+    environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(FLOW_HEARTBEAT_SECONDS))
 
 
 def keep_libraries_offline(environ: MutableMapping[str, str] = os.environ) -> None:

@@ -145,10 +145,20 @@ def serves(api_url: str | None) -> bool:
 @contextlib.contextmanager
 def _using(server: TemporaryServer) -> Iterator[None]:
     from prefect.settings import (
-        PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, PREFECT_UI_URL, temporary_settings,
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        PREFECT_UI_URL,
+        temporary_settings,
     )
 
     timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
-    # An empty UI URL: Prefect prints no "View at" link, and runs.prefect_flow_run_url records none.
-    with temporary_settings({PREFECT_API_URL: server.ready(timeout), PREFECT_UI_URL: ""}):
+    settings = {
+        PREFECT_API_URL: server.ready(timeout),
+        # An empty UI URL: Prefect prints no "View at" link, and runs.prefect_flow_run_url records none.
+        PREFECT_UI_URL: "",
+        # No heartbeats: no automation watches a server that stops with the command.
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+    }
+    with temporary_settings(settings):
         yield

@@ -16,7 +16,7 @@ import pytest
 
 from cnn_train.flows import temporary_server
 from cnn_train.flows.services import http_ok
-from cnn_train.flows.settings import keep_library_state_in_project
+from cnn_train.flows.settings import heartbeat_often_enough, keep_library_state_in_project
 from tests.local_stack import flow_run_states
 from tests.processes import signal_masks
 
@@ -32,7 +32,7 @@ _COMMAND = textwrap.dedent("""
         if sys.argv[1] == "flow":
             from prefect import flow
             flow(name="on-the-temporary-server")(lambda: 42)()
-            print("flow done", flush=True)
+            print("flow done; heartbeats every", get_current_settings().flows.heartbeat_frequency, flush=True)
         elif sys.argv[1] == "long-flow":
             from prefect import flow
             flow(name="interrupted")(lambda: print("in the flow", flush=True) or time.sleep(600))()
@@ -44,10 +44,12 @@ _COMMAND = textwrap.dedent("""
 def _without_prefect_api(home: Path) -> dict[str, str]:
     """A command's environment: no Prefect API, a Prefect home of its own, and the settings every
     `cnn-train` command gives itself first thing (among them the temporary server's start-up timeout,
-    which a fresh database's migrations can outlast at Prefect's 20 s on a loaded CI box)."""
+    which a fresh database's migrations can outlast at Prefect's 20 s on a loaded CI box, and the
+    heartbeat frequency the servers' zombie automation expects)."""
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}
     keep_library_state_in_project(env)
+    heartbeat_often_enough(env)
     return env
 
 
@@ -95,6 +97,8 @@ def test_the_flow_run_is_recorded_on_it_and_it_stops_with_the_command(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     api_url = done.stdout.split()[0]
     assert api_url.startswith("http://127.0.0.1:") and "flow done" in done.stdout
+    # Nothing watches heartbeats on a server that stops with the command.
+    assert "heartbeats every None" in done.stdout
     assert "View at" not in done.stdout + done.stderr  # no UI: no link to a page that would be gone
     assert not http_ok(f"{api_url}/health", timeout=1.0)  # stopped with the command
     assert flow_run_states(tmp_path, "on-the-temporary-server") == ["COMPLETED"]

@@ -91,17 +91,19 @@ def _before_every_command(
     verbose: Annotated[bool, typer.Option("--verbose", help="Show the libraries' own logs and warnings.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for expected failures too.")] = False,
 ) -> None:
-    """Ctrl-C works; Prefect's files under the project's state directory, and the libraries' known noise
-    silenced, before any command imports Prefect or MLflow; stderr kept for failures; the servers' credentials."""
+    """Ctrl-C works; Prefect's files under the project's state directory, flow runs' heartbeats as often as
+    the servers' zombie automation expects, and the libraries' known noise silenced, before any command
+    imports Prefect or MLflow; stderr kept for failures; the servers' credentials."""
     from cnn_train.flows.quiet import quiet_libraries
     from cnn_train.flows.serve import interruptible
-    from cnn_train.flows.settings import keep_libraries_offline, keep_library_state_in_project
+    from cnn_train.flows.settings import heartbeat_often_enough, keep_libraries_offline, keep_library_state_in_project
 
     # Run in the background by a shell, this process starts with SIGINT ignored: `kill -INT` would do
     # nothing, and whatever it starts without a handler of its own would inherit that (exec resets a handler).
     interruptible()
     keep_library_state_in_project()
     keep_libraries_offline()
+    heartbeat_often_enough()
     quiet_libraries(verbose=verbose)
     _one_line_errors(debug=debug)
     _present_credentials()
