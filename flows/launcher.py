@@ -37,8 +37,10 @@ def point_prefect_cli_at_server(echo: Echo) -> None:
 
 
 def _user_prefect(*args: str) -> subprocess.CompletedProcess[str]:
-    """The prefect CLI as the user's shell runs it: their profile, not this project's PREFECT_HOME."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    """The prefect CLI reading and writing the profiles file the user's shell reads: the one under a
+    PREFECT_HOME they set, else ~/.prefect's (settings.keep_library_state_in_project points
+    PREFECT_PROFILES_PATH there when it gives commands a PREFECT_HOME of the project's)."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     prefect = str(Path(sys.executable).with_name("prefect"))
     return subprocess.run([prefect, *args], env=env, capture_output=True, text=True, check=False)
 

@@ -203,6 +203,32 @@ def test_what_the_user_set_wins(state):
     assert environ == mine
 
 
+@pytest.mark.parametrize("users_home", [False, True], ids=["prefect-home-of-the-project", "prefect-home-of-the-users"])
+def test_up_points_the_profile_the_users_shell_reads_at_its_server(state, tmp_path, monkeypatch, users_home):
+    """With a PREFECT_HOME of their own, the user's `prefect deployment run` reads the profiles file
+    under it: `cnn-train up` set PREFECT_API_URL in ~/.prefect's instead, so the deployment was not found."""
+    from cnn_train.flows import launcher, services
+
+    shell = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH", "PREFECT_HOME")}
+    shell["HOME"] = str(tmp_path / "home")
+    (tmp_path / "home").mkdir()
+    if users_home:
+        shell["PREFECT_HOME"] = str(tmp_path / "mine")
+    command = shell | {"CNN_TRAIN_PREFECT_PORT": str(free_port())}
+    monkeypatch.setattr(os, "environ", command)  # first: ~ is expanded from it, never the real home
+    keep_library_state_in_project(command)  # as every command starts
+
+    said: list[str] = []
+    launcher.point_prefect_cli_at_server(said.append)
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    view = subprocess.run([prefect, "config", "view", "--hide-defaults"], env=shell, capture_output=True, text=True)
+    assert f"PREFECT_API_URL='{services.prefect_api_url()}'" in view.stdout, view.stdout + view.stderr
+    launcher.forget_server_in_prefect_cli(said.append)
+    view = subprocess.run([prefect, "config", "view", "--hide-defaults"], env=shell, capture_output=True, text=True)
+    assert "PREFECT_API_URL" not in view.stdout, view.stdout
+    assert len(said) == 2, said
+
+
 def test_a_temporary_server_gets_time_to_start_whoever_chose_its_home(state):
     # Prefect's 20 s default failed runs on a busy 2-core box while the server migrated its database.
     environ = {"PREFECT_HOME": "/mine"}
