@@ -69,9 +69,9 @@ def zombie_trigger(within_seconds: float = ZOMBIE_AFTER_SECONDS) -> Any:
     )
 
 
-def ensure_zombie_automation(*, within_seconds: float = ZOMBIE_AFTER_SECONDS) -> bool:
+def ensure_zombie_automation(*, within_seconds: float = ZOMBIE_AFTER_SECONDS) -> str | None:
     """Create the automation, or bring one an earlier version created up to date (it watched every
-    flow on the server); returns whether it was created or changed."""
+    flow on the server); returns "created", "updated", or None when it was already as it should be."""
     from prefect.automations import Automation
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
@@ -83,17 +83,17 @@ def ensure_zombie_automation(*, within_seconds: float = ZOMBIE_AFTER_SECONDS) ->
         existing = None
     if existing is not None:
         if existing.trigger == trigger:
-            return False
+            return None
         existing.trigger = trigger
         existing.update()
-        return True
+        return "updated"
     Automation(
         name=AUTOMATION_NAME,
         description="A Running cnn-train flow run whose process stopped sending heartbeats is marked Crashed.",
         trigger=trigger,
         actions=[ChangeFlowRunState(state=StateType.CRASHED, message=f"Marked Crashed by cnn-train: {CRASH_MESSAGE}")],
     ).create()
-    return True
+    return "created"
 
 
 @dataclass(frozen=True)

@@ -92,8 +92,11 @@ def clean_up_after_crashes(echo: Echo) -> None:
     os.environ.update(services.quiet_environment())
     from cnn_train.flows import crashes, tracking
 
-    if crashes.ensure_zombie_automation():
-        echo(f"prefect automation: {crashes.AUTOMATION_NAME!r} (after {crashes.ZOMBIE_AFTER_SECONDS} s without a heartbeat)")
+    if change := crashes.ensure_zombie_automation():
+        echo(
+            f"prefect automation: {crashes.AUTOMATION_NAME!r} {change} "
+            f"(cnn-train's flow runs, after {crashes.ZOMBIE_AFTER_SECONDS} s without a heartbeat)"
+        )
     for spool, delivery in tracking.sync_spools():
         echo(f"delivered {delivery.delivered} waiting tracking record(s) of MLflow run {spool.run_id}")
     for orphan in crashes.crash_orphans(tracking_uri=services.mlflow_url()):

@@ -70,7 +70,7 @@ def test_the_automation_crashes_silent_cnn_train_runs_and_leaves_other_flows_alo
     from prefect.states import Completed
 
     silence = 10.0
-    assert crashes.ensure_zombie_automation(within_seconds=silence)
+    assert crashes.ensure_zombie_automation(within_seconds=silence) == "created"
     flows = {"cnn-train": "CRASHED", "cnn-train-sweep": "CRASHED", "someone-elses-flow": "RUNNING",
              "cnn-train-completed": "COMPLETED"}
     with get_client(sync_client=True) as client:
@@ -114,10 +114,10 @@ def test_an_automation_an_earlier_version_created_now_watches_cnn_train_flows_on
     )
     Automation(name=crashes.AUTOMATION_NAME, trigger=every_flow,
                actions=[ChangeFlowRunState(state=StateType.CRASHED)]).create()
-    assert crashes.ensure_zombie_automation()
+    assert crashes.ensure_zombie_automation() == "updated"
     automation = Automation.read(name=crashes.AUTOMATION_NAME)
     assert automation.trigger == crashes.zombie_trigger()
-    assert not crashes.ensure_zombie_automation()  # up to date: left as it is
+    assert crashes.ensure_zombie_automation() is None  # up to date: left as it is
 
 
 def test_every_command_beats_as_often_as_the_automation_expects(monkeypatch):
