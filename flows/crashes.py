@@ -18,10 +18,13 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cnn_train.flows import services, tracking
 from cnn_train.flows.settings import FLOW_HEARTBEAT_SECONDS as HEARTBEAT_SECONDS
+
+if TYPE_CHECKING:
+    from prefect.events.schemas.automations import EventTrigger
 
 #: A Running flow run silent this long is set Crashed by the automation (three missed beats).
 ZOMBIE_AFTER_SECONDS = 3 * HEARTBEAT_SECONDS
@@ -38,12 +41,7 @@ def runners() -> tuple[services.Service, ...]:
     return (services.serve_process, services.worker_process)
 
 
-def heartbeat_environment() -> dict[str, str]:
-    """What a process running flow runs needs for Prefect to hear it is alive."""
-    return {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)}
-
-
-def zombie_trigger(within_seconds: float = ZOMBIE_AFTER_SECONDS) -> Any:
+def zombie_trigger(within_seconds: float = ZOMBIE_AFTER_SECONDS) -> EventTrigger:
     """Prefect docs' "Detect zombie flows" trigger, for the runs of :data:`WATCHED_FLOWS`: after a
     heartbeat, another one or a final state is expected within ``within_seconds``."""
     from prefect.events.schemas.automations import EventTrigger, Posture

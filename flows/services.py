@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnn_train.flows.settings import default_artifact_root, project_root, state_dir
+from cnn_train.flows.settings import default_artifact_root, heartbeat_environment, project_root, state_dir
 
 HOST = "127.0.0.1"
 #: The address the servers listen on (`cnn-train up --host`); clients here always use HOST.
@@ -230,12 +230,6 @@ def _ui_api_url() -> str:
     return f"http://{socket.getfqdn()}:{prefect_port()}/api"
 
 
-def _heartbeat_environment() -> dict[str, str]:
-    from cnn_train.flows.crashes import heartbeat_environment
-
-    return heartbeat_environment()
-
-
 def _deployment_served() -> bool:
     """The serve process runs and the deployment is its own: registered, and on no work pool (after
     `cnn-train up --worker` the serve process first takes it back from the pool)."""
@@ -289,7 +283,7 @@ serve_process = Service(
         "MLFLOW_TRACKING_URI": mlflow_url(),
         # Pick up triggered runs within 2 s instead of the default 10 s poll.
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
-        **_heartbeat_environment(),
+        **heartbeat_environment(),
     },
 )
 
@@ -318,7 +312,7 @@ worker_process = Service(
         "MLFLOW_TRACKING_URI": mlflow_url(),
         # Pick up triggered runs within 2 s instead of the default 10 s poll.
         "PREFECT_WORKER_QUERY_SECONDS": "2",
-        **_heartbeat_environment(),
+        **heartbeat_environment(),
     },
 )
 

@@ -99,11 +99,18 @@ def keep_library_state_in_project(environ: MutableMapping[str, str] = os.environ
     environ["PREFECT_HOME"] = str(temporary_prefect_home())
 
 
+def heartbeat_environment() -> dict[str, str]:
+    """What a process running flow runs needs for Prefect to hear it is alive as often as the servers'
+    zombie automation expects."""
+    return {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(FLOW_HEARTBEAT_SECONDS)}
+
+
 def heartbeat_often_enough(environ: MutableMapping[str, str] = os.environ) -> None:
     """Flow runs of this process (and the ones it starts) send Prefect heartbeats every
     :data:`FLOW_HEARTBEAT_SECONDS` (unless set): on the servers `cnn-train up` started, a run beating at
     Prefect's default would be marked Crashed while it still runs. Must run before Prefect is imported."""
-    environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(FLOW_HEARTBEAT_SECONDS))
+    for name, value in heartbeat_environment().items():
+        environ.setdefault(name, value)
 
 
 def keep_libraries_offline(environ: MutableMapping[str, str] = os.environ) -> None:

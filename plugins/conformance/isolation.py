@@ -1,6 +1,6 @@
 """What a backend must leave alone: it never talks to MLflow (the flow logs what the backend returns), and
-it trains without seeding or drawing from the process-wide random generators (a sweep trains trials in
-threads of one process)."""
+it trains, evaluates and predicts without seeding or drawing from the process-wide random generators (a
+sweep trains trials in threads of one process)."""
 
 from __future__ import annotations
 
