@@ -127,6 +127,26 @@ def test_cli_options_are_the_declaration(command, models, exclude):
         assert flag in help_text, field
 
 
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        pytest.param("compare", "--backend NAME", id="compare-backend"),
+        pytest.param("sweep", "--grid FIELD=V1,V2", id="sweep-grid"),
+        pytest.param("sweep", "--ray-resource NAME=AMOUNT", id="sweep-ray-resource"),
+        pytest.param("tune", "--space FIELD=SPEC", id="tune-space"),
+        pytest.param("trigger", "--param NAME=VALUE", id="trigger-param"),
+        pytest.param("check-backend", "--check CHECK", id="check-backend-check"),
+    ],
+)
+def test_a_repeatable_option_shows_what_one_item_looks_like(command, shown):
+    """Not typer's "<list[str]>": the item a user types, once per repetition."""
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "120", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    options = result.output.split("Options:")[1]
+    assert shown in " ".join(options.split())
+    assert "list[" not in options
+
+
 def test_the_command_list_gives_each_summary_whole_in_80_columns():
     result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output

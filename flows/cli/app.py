@@ -111,6 +111,8 @@ def _before_every_command(
 
 #: CLI spellings that differ from the flow parameter: one `--backend` per compared backend.
 _OPTION_NAMES = {"backends": "--backend", "no_prune": "--no-prune"}  # one flag, not --no-prune/--no-no-prune
+#: What one item of a repeatable option looks like, shown by --help where typer would print "<list[str]>".
+_METAVARS = {"backends": "NAME", "grid": "FIELD=V1,V2", "space": "FIELD=SPEC", "ray_resource": "NAME=AMOUNT"}
 
 
 def _one_line_errors(*, debug: bool) -> None:
@@ -173,7 +175,7 @@ def cli_options(
                 # typer would hand a dict default to the command as one str(dict) item: None stands in for
                 # it, and the command takes the declared default (declared_default).
                 default, shown = None, _as_items(info.default)
-            option = typer.Option(*names, help=info.description, show_default=shown)
+            option = typer.Option(*names, help=info.description, show_default=shown, metavar=_METAVARS.get(name))
             parameters.append(
                 inspect.Parameter(
                     name,

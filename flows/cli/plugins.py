@@ -36,7 +36,7 @@ def backends(
 @app.command("check-backend")
 def check_backend(
     name: Annotated[str, typer.Argument(metavar="NAME", help="Registered backend name, e.g. torch.")],
-    only: Annotated[Optional[list[str]], typer.Option("--check", help="Run only this check (repeatable).")] = None,  # noqa: UP045
+    only: Annotated[Optional[list[str]], typer.Option("--check", metavar="CHECK", help="Run only this check (repeatable).")] = None,  # noqa: UP045
 ) -> None:
     """Run the conformance kit against a backend: exit 0 when no check fails."""
     from cnn_train.plugins import conformance, registry

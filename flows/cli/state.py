@@ -133,7 +133,7 @@ def parse_parameters(items: list[str]) -> dict[str, Any]:
 @app.command()
 def trigger(
     deployment: Annotated[str, typer.Argument(metavar="DEPLOYMENT", help="FLOW/DEPLOYMENT to run.")] = "cnn-train/default",
-    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="NAME=VALUE, repeated.")] = None,  # noqa: UP045
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", metavar="NAME=VALUE", help="A flow parameter, repeatable.")] = None,  # noqa: UP045
     watch: Annotated[bool, typer.Option(help="Follow the flow run to its end; on failure, show why.")] = False,
     watch_timeout: Annotated[int, typer.Option(min=1, help="Seconds to follow it.")] = 7200,
 ) -> None:
