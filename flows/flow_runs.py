@@ -7,8 +7,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from cnn_train.flows.errors import ExpectedFailure, debugging
@@ -17,6 +18,21 @@ from cnn_train.flows.errors import ExpectedFailure, debugging
 _FAILED_STATES = frozenset({"FAILED", "CRASHED"})
 #: How the engine of a served or worker flow run restates a failure already logged above it.
 _ENGINE_RESTATEMENT = "Engine execution exited with unexpected exception"
+
+
+#: What a flow run's main MLflow run ends with, as a watching terminal shows it, in this order. A compare
+#: run's ``<backend>.test_accuracy`` metrics are shown too, after ``test_accuracy``.
+_HEADLINE_METRICS = {
+    "test_accuracy": "test accuracy: {:.4f}",
+    "dense.test_accuracy": "dense network test accuracy: {:.4f}",
+    "best_test_accuracy": "best trial's test accuracy: {:.4f}",
+    "best_value": "best trial's objective: {:.4f}",
+    "accuracy_gap_points": "accuracy gap: {:.2f} points",
+    "images_classified": "images classified: {:.0f}",
+    "images_failed": "images that could not be read: {:.0f}",
+}
+#: Headline metrics worth a line only when they are not zero.
+_SHOWN_WHEN_NOT_ZERO = frozenset({"images_failed"})
 
 
 class RunRefusedError(ExpectedFailure, ValueError):
@@ -157,3 +173,41 @@ def _error_logs(client: Any, flow_run_id: str) -> list[Any]:
         log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]), level=LogFilterLevel(ge_=logging.ERROR)),
         sort=LogSort.TIMESTAMP_ASC,
     )
+
+
+def main_mlflow_run(flow_run_id: str, uri: str) -> Any:
+    """The MLflow run a flow run recorded itself in (not a sweep's or a study's trial runs), or None. A
+    SQLite store that does not exist holds none, and is not created by looking."""
+    from cnn_train.flows import tracking
+
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    runs = tracking.find_runs_for_flow_run(flow_run_id, uri=uri)
+    return next((run for run in runs if "mlflow.parentRunId" not in run.data.tags), None)
+
+
+def outcome_lines(run: Any | None, uri: str) -> list[str]:
+    """Where a flow run's results are and what they came to, from its main MLflow ``run`` in ``uri``: the
+    run's link (or how to open it) and its headline metrics (a training run's test accuracy, a sweep's
+    best trial, a prediction's counts...), for the terminal that watched the flow run end."""
+    from cnn_train.flows import tracking
+
+    if run is None:
+        return ["no MLflow run was recorded for this flow run"]
+    found = _RunAddress(uri, run.info.experiment_id, run.info.run_id)
+    lines = [f"MLflow run: {tracking.run_url(*astuple(found)) or tracking.open_hint(found)}"]
+    metrics = run.data.metrics
+    for name, line in _HEADLINE_METRICS.items():
+        if name in metrics and (metrics[name] or name not in _SHOWN_WHEN_NOT_ZERO):
+            lines.append(line.format(metrics[name]))
+        if name == "test_accuracy":
+            per_backend = sorted(k for k in metrics if k.endswith(".test_accuracy") and k not in _HEADLINE_METRICS)
+            lines += [f"{k.removesuffix('.test_accuracy')} test accuracy: {metrics[k]:.4f}" for k in per_backend]
+    return lines
+
+
+@dataclass(frozen=True)
+class _RunAddress:
+    uri: str
+    experiment_id: str
+    run_id: str

@@ -123,7 +123,7 @@ def trigger_and_watch(*, watch_timeout: float, echo: Echo, parameters: dict | No
     with get_client(sync_client=True) as client:
         while True:
             state = client.read_flow_run(flow_run.id).state
-            run = _main_run(str(flow_run.id), mlflow_uri) or run
+            run = flow_runs.main_mlflow_run(str(flow_run.id), mlflow_uri) or run
             if run is not None:
                 for metric in tracking.client(mlflow_uri).get_metric_history(run.info.run_id, _FINAL_EPOCH_METRIC):
                     if metric.step not in shown:
@@ -135,25 +135,11 @@ def trigger_and_watch(*, watch_timeout: float, echo: Echo, parameters: dict | No
                 echo(f"gave up waiting after {watch_timeout:.0f} s; the flow run is still {state.name if state else 'unknown'}")
                 return 1
             time.sleep(3)
-    run = _main_run(str(flow_run.id), mlflow_uri)
     echo(f"flow run state: {state.name}")
     if flow_runs.is_failure(state):
         for line in flow_runs.failure_reason(str(flow_run.id)):
             echo(line)
-    if run is None:
-        echo("no MLflow run was recorded for this flow run")
-        return 1
-    echo(f"MLflow run: {tracking.run_url(mlflow_uri, run.info.experiment_id, run.info.run_id)}")
-    metrics = run.data.metrics
-    if "test_accuracy" in metrics:
-        echo(f"test accuracy: {metrics['test_accuracy']:.4f}")
-    if "dense.test_accuracy" in metrics:
-        echo(f"dense network test accuracy: {metrics['dense.test_accuracy']:.4f}")
-    return 0 if state.is_completed() else 1
-
-
-def _main_run(flow_run_id: str, uri: str):  # noqa: ANN202 - an MLflow Run
-    from cnn_train.flows import tracking
-
-    runs = [r for r in tracking.find_runs_for_flow_run(flow_run_id, uri=uri) if "mlflow.parentRunId" not in r.data.tags]
-    return runs[0] if runs else None
+    run = flow_runs.main_mlflow_run(str(flow_run.id), mlflow_uri)
+    for line in flow_runs.outcome_lines(run, mlflow_uri):
+        echo(line)
+    return 0 if state.is_completed() and run is not None else 1

@@ -479,6 +479,71 @@ def test_a_failures_reason_waits_for_the_runners_last_log_batch(monkeypatch, bat
     assert reason[1:] == (["last error log lines:", *(f"  {line}" for line in shown)] if shown else [])
 
 
+FLOW_RUN = "0b5d7c1e-6a3f-4d59-9e0a-1c2d3e4f5a6b"
+
+
+def _recorded(store: str, experiment: str, metrics: dict[str, float], **tags: str) -> str:
+    """A finished MLflow run of flow run FLOW_RUN in ``experiment``, with ``metrics``; its id."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, tags={"prefect.flow_run_id": FLOW_RUN, **tags})
+    for key, value in metrics.items():
+        client.log_metric(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+@pytest.mark.parametrize(
+    ("experiment", "metrics", "shown"),
+    [
+        pytest.param("cnn-train", {"test_accuracy": 0.9167, "dense.test_accuracy": 0.8749, "test_loss": 0.25},
+                     ["test accuracy: 0.9167", "dense network test accuracy: 0.8749"], id="training"),
+        pytest.param("cnn-train", {"keras.test_accuracy": 0.9185, "torch.test_accuracy": 0.9167, "accuracy_gap_points": 0.18},
+                     ["keras test accuracy: 0.9185", "torch test accuracy: 0.9167", "accuracy gap: 0.18 points"], id="compare"),
+        pytest.param("cnn-train", {"best_test_accuracy": 0.9012}, ["best trial's test accuracy: 0.9012"], id="sweep"),
+        pytest.param("cnn-train", {"best_value": 0.88, "trials_complete": 3}, ["best trial's objective: 0.8800"], id="study"),
+        pytest.param("cnn-train-predict", {"images_classified": 3, "images_failed": 0},
+                     ["images classified: 3"], id="prediction"),
+        pytest.param("cnn-train-predict", {"images_classified": 2, "images_failed": 1},
+                     ["images classified: 2", "images that could not be read: 1"], id="prediction-with-failures"),
+    ],
+)
+def test_a_watched_flow_runs_end_shows_its_mlflow_run_and_headline_metrics(tmp_path, experiment, metrics, shown):
+    from tests.stores import new_store
+
+    from cnn_train.flows import flow_runs
+
+    store = new_store(tmp_path / "mlflow.db")
+    run_id = _recorded(store, experiment, metrics)
+    # A sweep's or a study's trials carry the flow run's tag too, and better figures: not its main run.
+    _recorded(store, experiment, {"test_accuracy": 0.99}, **{"mlflow.parentRunId": run_id})
+    run = flow_runs.main_mlflow_run(FLOW_RUN, store)
+    assert run.info.run_id == run_id
+    lines = flow_runs.outcome_lines(run, store)
+    assert lines[0].startswith("MLflow run: ") and run_id in lines[0]
+    assert lines[1:] == shown
+
+
+def test_a_flow_run_that_recorded_nothing_says_so_and_creates_no_store(tmp_path):
+    from cnn_train.flows import flow_runs
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = flow_runs.main_mlflow_run(FLOW_RUN, store)
+    assert flow_runs.outcome_lines(run, store) == ["no MLflow run was recorded for this flow run"]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_trigger_says_in_one_line_that_mlflow_did_not_answer(monkeypatch):
+    from cnn_train.flows.cli.state import _mlflow_outcome
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    (line,) = _mlflow_outcome(FLOW_RUN)
+    assert line.startswith("MLflow run: not looked up (MLflow tracking server http://127.0.0.1:") and "not reachable" in line
+
+
 @pytest.mark.slow
 def test_a_failing_trigger_says_why_in_its_terminal(served, truncated_data_dir):
     trigger = subprocess.run(
@@ -489,6 +554,8 @@ def test_a_failing_trigger_says_why_in_its_terminal(served, truncated_data_dir):
     )
     assert trigger.returncode == 1, trigger.stdout + trigger.stderr
     assert re.search(r"flow run \S+: Failed", trigger.stdout), trigger.stdout
+    last = trigger.stdout.splitlines()[-1]
+    assert last.startswith("MLflow run: ") and "/runs/" in last, trigger.stdout  # the failed run, to look at
     reason = trigger.stderr
     assert reason.startswith("state message: "), reason
     # One line: the state message names the file; the error logs that say it again (the task's exception,

@@ -137,8 +137,8 @@ def trigger(
     watch: Annotated[bool, typer.Option(help="Follow the flow run to its end; on failure, show why.")] = False,
     watch_timeout: Annotated[int, typer.Option(min=1, help="Seconds to follow it.")] = 7200,
 ) -> None:
-    """Run a deployment on the Prefect server; with --watch, wait for the end and, when the flow run
-    fails, print its state message and last error log lines."""
+    """Run a deployment on the Prefect server; with --watch, wait for the end, then print the flow run's
+    MLflow run and headline metrics, and when it failed, its state message and last error log lines."""
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import get_current_settings
 
@@ -163,5 +163,22 @@ def trigger(
     if flow_runs.is_failure(final):
         for line in flow_runs.failure_reason(str(flow_run.id)):
             typer.echo(line, err=True)
+    for line in _mlflow_outcome(str(flow_run.id)):
+        typer.echo(line)
     if not final.is_completed():
         raise typer.Exit(1)
+
+
+def _mlflow_outcome(flow_run_id: str) -> list[str]:
+    """The ended flow run's MLflow run and headline metrics; a tracking store this shell cannot read
+    costs one line, not the exit code the flow run's own end decides."""
+    from mlflow.exceptions import MlflowException
+
+    from cnn_train.flows import flow_runs, tracking
+
+    uri = tracking.tracking_uri()
+    try:
+        tracking.check_reachable(uri)
+        return flow_runs.outcome_lines(flow_runs.main_mlflow_run(flow_run_id, uri), uri)
+    except (tracking.TrackingUnavailableError, MlflowException, OSError) as error:
+        return [f"MLflow run: not looked up ({error})"]
