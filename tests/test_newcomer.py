@@ -383,8 +383,25 @@ def test_runs_lists_the_recent_flow_runs(first_hour, prefect_api_url):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == f"flow runs on {prefect_api_url}, newest first:"
-    assert len(lines) == 2 + 3 and all(" Completed " in line for line in lines[2:])
-    assert " cnn-train-sweep " in lines[2]  # the newest: the sweep came after the four runs
+    assert len(lines) == 2 + 3 and all("Completed" in line.split() for line in lines[2:])
+    assert "cnn-train-sweep" in lines[2].split()  # the newest: the sweep came after the four runs
+
+
+def test_runs_lines_up_each_column_under_its_header():
+    import pandas as pd
+
+    from cnn_train.flows.cli.state import left_aligned
+
+    table = pd.DataFrame({
+        "flow": ["cnn-train-predict", "cnn-train"],
+        "state": ["Crashed", "Completed"],
+        "message": ["Execution was aborted by an interrupt signal.", ""],
+    })
+    lines = left_aligned(table).splitlines()
+    for column in table.columns:  # each value starts where its header does
+        start = lines[0].index(column)
+        assert all(line[start:].startswith(value) for line, value in zip(lines[1:], table[column]) if value)
+    assert all(line == line.rstrip() for line in lines)
 
 
 # --- slow: a failing trigger through a served deployment ---------------------------------------------

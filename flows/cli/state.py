@@ -108,7 +108,15 @@ def runs(limit: Annotated[int, typer.Option(min=1, help="How many flow runs, new
             "message": [_one_line(s.message) for s in summaries],
         }
     )
-    typer.echo(table.to_string(index=False, justify="left"))
+    typer.echo(left_aligned(table))
+
+
+def left_aligned(table: Any) -> str:
+    """A table of strings as text, each column left-aligned under its header (pandas right-aligns text
+    cells, so a short flow name or an empty message stood apart from the rest), no trailing blanks."""
+    widths = {column: max(len(column), *map(len, table[column])) for column in table.columns}
+    text = table.to_string(index=False, justify="left", formatters={c: f"{{:<{w}}}".format for c, w in widths.items()})
+    return "\n".join(line.rstrip() for line in text.splitlines())
 
 
 def _one_line(message: str, width: int = 90) -> str:
