@@ -269,6 +269,45 @@ class SweepOptions(BaseModel):
     )
 
 
+#: A Ray custom resource's name, as `ray start --resources` takes it.
+RAY_RESOURCE_NAME = r"[A-Za-z_][A-Za-z0-9_.-]*"
+
+
+def _ray_resources(value: dict[str, float]) -> dict[str, float]:
+    for name, amount in value.items():
+        if not re.fullmatch(RAY_RESOURCE_NAME, name) or not amount > 0:
+            raise ValueError(
+                "each resource is a name a node advertises with `ray start --resources` and a positive amount, "
+                f'e.g. {{"a100": 1}}, not {name!r}: {amount:g}'
+            )
+    return value
+
+
+class RunnerOptions(BaseModel):
+    """Where a sweep's or a study's trials run: threads in the flow run's process, or Ray."""
+
+    task_runner: Literal["local", "ray"] = Field(
+        default="local", description="'local' (threads in the flow run's process) or 'ray'."
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="An existing Ray cluster (HOST:PORT, auto or ray://HOST:PORT); empty: start a local Ray.",
+    )
+    ray_resources: Annotated[dict[str, float], AfterValidator(_ray_resources)] = Field(
+        default={},
+        description='Ray custom resources each trial needs, e.g. {"a100": 1} (CLI: --ray-resource NAME=AMOUNT, '
+        "repeatable): trials run only on nodes started with `ray start --resources '{\"a100\": 1}'`.",
+    )
+
+    @model_validator(mode="after")
+    def _ray_options_need_ray(self) -> RunnerOptions:
+        if given := [name for name in ("ray_address", "ray_resources") if getattr(self, name)]:
+            if self.task_runner != "ray":
+                verb = "needs" if len(given) == 1 else "need"
+                raise ValueError(f"{' and '.join(given)} {verb} task_runner 'ray' (got {self.task_runner!r})")
+        return self
+
+
 class TuneOptions(BaseModel):
     """What the tune flow adds to a run's parameters: an Optuna study over some of them."""
 

@@ -30,6 +30,7 @@ from prefect.context import FlowRunContext
 
 from cnn_train.flows import temporary_server
 from cnn_train.flows.errors import ExpectedFailure
+from cnn_train.flows.params import RAY_RESOURCE_NAME, RunnerOptions
 from cnn_train.flows.placement import ray_resources
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "parse_resources",
     "ray_task_runner",
     "token_source",
+    "trials_on",
     "worker_died",
 ]
 
@@ -98,7 +100,7 @@ def parse_resources(items: list[str] | None) -> dict[str, float]:
             value = float(amount)
         except ValueError:
             value = -1.0
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name) or value <= 0:
+        if not sep or not re.fullmatch(RAY_RESOURCE_NAME, name) or value <= 0:
             raise RayClusterError(
                 f"--ray-resource takes NAME=AMOUNT with a positive amount (a resource a node advertises with "
                 f"`ray start --resources`, e.g. a100=1); got {item!r}"
@@ -268,6 +270,24 @@ def ray_task_runner(
         # none; Ray's own "auto" fails instead, and finds the cluster the same way otherwise.
         kwargs["address"] = "auto"
     return runner_class(address=address, init_kwargs=kwargs | dict(init_kwargs or {}), trial_resources=trial_resources)
+
+
+@contextlib.contextmanager
+def trials_on(runner: RunnerOptions) -> Iterator[None]:
+    """Tasks this flow run submits inside the block run where ``runner`` says. For ``task_runner='ray'``
+    a Ray runner (a new local Ray, or the cluster at ``ray_address``) is entered here and takes this
+    flow run's submissions until the block ends, so a deployment's parameters, not only a command's
+    options, put trials on Ray; a flow already on a Ray runner (``flow.with_options(task_runner=...)``)
+    keeps it."""
+    if runner.task_runner != "ray" or _on_ray():
+        yield
+        return
+    context = FlowRunContext.get()
+    with ray_task_runner(runner.ray_address, trial_resources=runner.ray_resources) as ray:
+        # A copy of the flow run's context with the Ray runner (model_copy clears the copy's token so it
+        # can be entered); leaving it restores the original, as nesting any Prefect context does.
+        with context.model_copy(update={"task_runner": ray}):
+            yield
 
 
 def _on_ray() -> bool:

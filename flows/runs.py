@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from cnn_train.flows import crashes, steps, tracking
 from cnn_train.flows.errors import ExpectedFailure, debugging, hide_expected_tracebacks
+from cnn_train.flows.params import RunnerOptions
 from cnn_train.flows.signatures import takes_parameters
 from cnn_train.flows.tracking import RunTracker
 
@@ -73,10 +74,14 @@ def flow_run_tracker(experiment: str, *, run_name: str, role: str | None = None)
         yield tracker
 
 
-def task_runner_name() -> str:
-    """The class name of the running flow's task runner, as recorded with a search's parameters."""
+def trial_runner_params(runner: RunnerOptions) -> dict[str, Any]:
+    """Where a search's trials run, as its parent MLflow run records it (inside ``ray_cluster.trials_on``):
+    the class of the task runner that takes them and, on Ray, the cluster and each trial's resources."""
     context = FlowRunContext.get()
-    return type(context.task_runner).__name__ if context else "none"
+    params: dict[str, Any] = {"task_runner": type(context.task_runner).__name__ if context else "none"}
+    if runner.task_runner == "ray":
+        params |= {"ray_address": runner.ray_address or "local", "ray_resources": runner.ray_resources}
+    return params
 
 
 def _status_for(error: BaseException) -> str:

@@ -46,11 +46,13 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
     ),
     Deployment(
         "cnn_train.flows.sweep_flow.cnn_train_sweep",
-        "A grid of configurations sharing one data prep, ranked in a parent MLflow run (local threads).",
+        "A grid of configurations sharing one data prep, ranked in a parent MLflow run "
+        "(trials in threads, or on Ray with task_runner ray).",
     ),
     Deployment(
         "cnn_train.flows.tune_flow.cnn_train_tune",
-        "An Optuna study (TPE, median pruning) over run fields, resumable by study name (local threads).",
+        "An Optuna study (TPE, median pruning) over run fields, resumable by study name "
+        "(trials in threads, or on Ray with task_runner ray).",
     ),
     Deployment(
         "cnn_train.flows.predict_flow.cnn_train_predict",
@@ -88,22 +90,31 @@ def interruptible() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def served_deployments() -> list[Any]:
+    """Prefect's RunnerDeployments for :data:`DEPLOYMENTS`, as ``serve`` registers them."""
+    from prefect.types.entrypoint import EntrypointType
+
+    return [
+        deployment.flow().to_deployment(
+            name=deployment.name,
+            parameters=deployment.parameters,
+            description=deployment.description,
+            tags=list(TAGS),
+            # The flow-run process imports cnn_train.flows.<module>, as prefect.yaml's workers do. Loaded from
+            # its file instead, the module is named "sweep_flow", and Ray workers, which unpickle a trial's
+            # task by its module's name, cannot import that.
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
+        for deployment in DEPLOYMENTS
+    ]
+
+
 def main() -> None:
     from prefect import serve
 
     interruptible()
     take_back_from_work_pools()
-    serve(
-        *(
-            deployment.flow().to_deployment(
-                name=deployment.name,
-                parameters=deployment.parameters,
-                description=deployment.description,
-                tags=list(TAGS),
-            )
-            for deployment in DEPLOYMENTS
-        )
-    )
+    serve(*served_deployments())
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from cnn_train.flows.data import PreparedData
 from cnn_train.flows.params import (
     SWEEP_EXCLUDES,
     ParameterError,
+    RunnerOptions,
     RunParameters,
     SweepOptions,
     split_values,
@@ -36,10 +37,10 @@ from cnn_train.flows.params import (
     without_fixed_fields,
 )
 from cnn_train.flows.placement import place_task
-from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, node_tags, worker_died
-from cnn_train.flows.ray_cluster import ray_task_runner  # noqa: F401 - the commands take this flow's runner from here
+from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, node_tags, trials_on, worker_died
+from cnn_train.flows.ray_cluster import ray_task_runner  # noqa: F401 - Python callers take this flow's runner from here
 from cnn_train.flows.registering import register_task
-from cnn_train.flows.runs import cnn_train_flow, flow_run_tags, flow_run_tracker, task_runner_name
+from cnn_train.flows.runs import cnn_train_flow, flow_run_tags, flow_run_tracker, trial_runner_params
 from cnn_train.flows.tasks import ChildRun, child_run, prep_task
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.plugins.contract import Evaluation
@@ -82,9 +83,12 @@ def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
-def validate_sweep(values: Mapping[str, Any]) -> tuple[list[tuple[dict[str, Any], RunParameters]], SweepOptions]:
-    """Every trial's varied values and validated parameters; any invalid combination fails the sweep
-    before it starts."""
+def validate_sweep(
+    values: Mapping[str, Any],
+) -> tuple[list[tuple[dict[str, Any], RunParameters]], SweepOptions, RunnerOptions]:
+    """Every trial's varied values and validated parameters, the sweep's options and where its trials
+    run; any invalid combination fails the sweep before it starts."""
+    values, runner = split_values(values, RunnerOptions)
     base, options = split_values(values, SweepOptions)
     options = options.model_copy(update={"grid": without_fixed_fields(base, options.grid, SweepOptions, "grid")})
     trials = []
@@ -93,7 +97,7 @@ def validate_sweep(values: Mapping[str, Any]) -> tuple[list[tuple[dict[str, Any]
             trials.append((combo, validate_parameters(**(base | combo))))
         except ParameterError as error:
             raise ParameterError(f"trial {combo}: {error}") from None
-    return trials, options
+    return trials, options, runner
 
 
 def data_parameters(first: RunParameters, values: Mapping[str, Any]) -> RunParameters:
@@ -208,19 +212,21 @@ def _run_trials(
     return results
 
 
-@cnn_train_flow("cnn-train-sweep", SweepOptions, RunParameters, exclude=SWEEP_EXCLUDES)
+@cnn_train_flow("cnn-train-sweep", SweepOptions, RunParameters, RunnerOptions, exclude=SWEEP_EXCLUDES)
 def cnn_train_sweep(**values: Any) -> dict[str, Any]:
-    """A grid of cnn-train configurations sharing one data prep, each a trial, ranked in a parent
-    MLflow run; optionally the best model is registered."""
-    trials, options = validate_sweep(values)
+    """A grid of cnn-train configurations sharing one data prep, each a trial (in threads or on Ray),
+    ranked in a parent MLflow run; optionally the best model is registered."""
+    trials, options, runner = validate_sweep(values)
     first = trials[0][1]
     with flow_run_tracker(first.experiment, run_name=f"sweep-{len(trials)}-trials", role="sweep") as parent:
         parent.log_params(
-            {k: v for k, v in values.items() if k != "grid"}
-            | {"grid": options.grid, "trials": len(trials), "task_runner": task_runner_name()}
+            {k: v for k, v in values.items() if k != "grid" and k not in RunnerOptions.model_fields}
+            | {"grid": options.grid, "trials": len(trials)}
         )
         data = prep_task(data_parameters(first, values), parent)
-        results = _run_trials(trials, data, parent, max_concurrent=options.max_concurrent)
+        with trials_on(runner):
+            parent.log_params(trial_runner_params(runner))
+            results = _run_trials(trials, data, parent, max_concurrent=options.max_concurrent)
         summary = _rank_and_record(parent, results)
         if options.register_best:
             summary |= _register_best(options.register_best, summary["best_run_id"], results, trials, data, parent)

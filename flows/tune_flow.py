@@ -23,10 +23,10 @@ from prefect.futures import PrefectFuture, as_completed
 
 from cnn_train.flows import steps, tracking
 from cnn_train.flows.data import PreparedData
-from cnn_train.flows.params import TUNE_EXCLUDES, RunParameters, TuneOptions
+from cnn_train.flows.params import TUNE_EXCLUDES, RunnerOptions, RunParameters, TuneOptions
 from cnn_train.flows.placement import place_task
-from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, node_tags, worker_died
-from cnn_train.flows.runs import cnn_train_flow, ended, flow_run_tags, flow_run_tracker, task_runner_name
+from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, node_tags, trials_on, worker_died
+from cnn_train.flows.runs import cnn_train_flow, ended, flow_run_tags, flow_run_tracker, trial_runner_params
 from cnn_train.flows.tasks import IN_MEMORY, prep_task, progress_line
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.flows.tuning import (
@@ -248,27 +248,27 @@ def run_study(study: optuna.Study, heartbeat: TrialHeartbeat, plan: TunePlan, da
     return ran
 
 
-@cnn_train_flow("cnn-train-tune", TuneOptions, RunParameters, exclude=TUNE_EXCLUDES)
+@cnn_train_flow("cnn-train-tune", TuneOptions, RunParameters, RunnerOptions, exclude=TUNE_EXCLUDES)
 def cnn_train_tune(**values: Any) -> dict[str, Any]:
     """An Optuna study over cnn-train run fields, created or continued: its missing trials run as
-    tasks on shared data, hopeless ones are pruned, and all are ranked and recorded."""
+    tasks on shared data (in threads or on Ray), hopeless ones are pruned, and all are ranked and recorded."""
     plan = validate_tune(values)
     study, storage = open_study(plan, on_abandoned=_end_abandoned_runs(tracking.tracking_uri()))
     with flow_run_tracker(plan.base.experiment, run_name=plan.study_name, role="tune") as parent:
         parent.set_tags({STUDY_TAG: plan.study_name, "cnn_train.study_storage": redacted_url(plan.storage_url)})
         parent.log_params(
-            {k: v for k, v in values.items() if k not in ("space", "storage")}
+            {k: v for k, v in values.items() if k not in ("space", "storage", *RunnerOptions.model_fields)}
             | {
                 "space": json.dumps(plan.space.specs()),
                 "storage": redacted_url(plan.storage_url),
                 "study_name": plan.study_name,
                 "trials_before": ended_trials(study),
-                "task_runner": task_runner_name(),
             }
         )
         recover_abandoned(study, storage)
         data = prep_task(plan.base, parent)
-        with TrialHeartbeat(study, storage).running() as heartbeat:
+        with trials_on(plan.runner), TrialHeartbeat(study, storage).running() as heartbeat:
+            parent.log_params(trial_runner_params(plan.runner))
             ran = run_study(study, heartbeat, plan, data, parent)
         summary = record_study(parent, study, plan, ran, data)
     return summary

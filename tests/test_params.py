@@ -17,24 +17,31 @@ from cnn_train.flows.compare_flow import cnn_train_compare
 from cnn_train.flows.params import (
     COMPARE_EXCLUDES,
     SWEEP_EXCLUDES,
+    TUNE_EXCLUDES,
     CompareOptions,
     ParameterError,
+    RunnerOptions,
     RunParameters,
     SweepOptions,
+    TuneOptions,
     validate_parameters,
 )
 from cnn_train.flows.runs import cnn_train_flow
 from cnn_train.flows.signatures import add_arguments, declared_fields, parameter_table
 from cnn_train.flows.sweep_flow import cnn_train_sweep
 from cnn_train.flows.train_flow import cnn_train
+from cnn_train.flows.tune_flow import cnn_train_tune
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 FLOWS = {
     "cnn-train": (cnn_train, [RunParameters], ()),
     "compare": (cnn_train_compare, [CompareOptions, RunParameters], COMPARE_EXCLUDES),
-    "sweep": (cnn_train_sweep, [SweepOptions, RunParameters], SWEEP_EXCLUDES),
+    "sweep": (cnn_train_sweep, [SweepOptions, RunParameters, RunnerOptions], SWEEP_EXCLUDES),
+    "tune": (cnn_train_tune, [TuneOptions, RunParameters, RunnerOptions], TUNE_EXCLUDES),
 }
+#: CLI flags that are not the field's name with dashes.
+FLAGS = {"backends": "--backend", "ray_resources": "--ray-resource"}
 DEVICE_FIELDS = ("prep_device", "train_device", "evaluate_device", "report_device")
 
 
@@ -107,6 +114,8 @@ def test_closed_choices_are_dropdowns_in_every_form(name):
     for field in (f for f in DEVICE_FIELDS if f in properties):
         choices = [option["enum"] for option in properties[field]["anyOf"] if "enum" in option]
         assert choices == [["cpu", "gpu-preferred", "gpu-required"]], field
+    if "task_runner" in properties:  # a search's trials: in threads or on Ray, from the form too
+        assert properties["task_runner"]["enum"] == ["local", "ray"]
 
 
 @pytest.mark.parametrize(
@@ -114,7 +123,8 @@ def test_closed_choices_are_dropdowns_in_every_form(name):
     [
         pytest.param("run", [RunParameters], (), id="run"),
         pytest.param("compare", [CompareOptions, RunParameters], COMPARE_EXCLUDES, id="compare"),
-        pytest.param("sweep", [SweepOptions, RunParameters], SWEEP_EXCLUDES, id="sweep"),
+        pytest.param("sweep", [SweepOptions, RunParameters, RunnerOptions], SWEEP_EXCLUDES, id="sweep"),
+        pytest.param("tune", [TuneOptions, RunParameters, RunnerOptions], TUNE_EXCLUDES, id="tune"),
     ],
 )
 def test_cli_options_are_the_declaration(command, models, exclude):
@@ -123,7 +133,7 @@ def test_cli_options_are_the_declaration(command, models, exclude):
     assert result.exit_code == 0, result.output
     help_text = " ".join(result.output.split())
     for field in declared_fields(models, exclude):
-        flag = "--backend" if field == "backends" else "--" + field.replace("_", "-")
+        flag = FLAGS.get(field, "--" + field.replace("_", "-"))
         assert flag in help_text, field
 
 

@@ -46,8 +46,29 @@ def test_an_invalid_combination_fails_the_sweep_before_it_starts():
         validate_sweep({"backend": "torch", "grid": {"learning_rate": [1e-3, -1]}})
 
 
+@pytest.mark.parametrize(
+    ("runner", "problem"),
+    [
+        pytest.param({"ray_address": "auto"}, "ray_address needs task_runner 'ray' (got 'local')", id="address-in-threads"),
+        pytest.param({"ray_address": "auto", "ray_resources": {"a100": 1}},
+                     "ray_address and ray_resources need task_runner 'ray' (got 'local')", id="both-in-threads"),
+        pytest.param({"task_runner": "ray", "ray_resources": {"a100": 0}},
+                     "ray_resources: each resource is a name a node advertises with `ray start --resources` and a "
+                     "positive amount, e.g. {\"a100\": 1}, not 'a100': 0 (got {'a100': 0})", id="a-resource-of-nothing"),
+        pytest.param({"task_runner": "dask"}, "task_runner: Input should be 'local' or 'ray' (got 'dask')", id="unknown-runner"),
+    ],
+)
+def test_where_a_search_runs_its_trials_is_checked_before_it_starts(runner, problem):
+    from cnn_train.flows.tuning import validate_tune
+
+    for validate in (validate_sweep, validate_tune):
+        with pytest.raises(ParameterError) as raised:
+            validate({"epochs": 1} | runner)
+        assert str(raised.value) == f"invalid parameters: {problem}", validate.__name__
+
+
 def test_a_field_set_on_its_own_is_every_trials_value_and_the_default_grid_gives_way():
-    trials, options = validate_sweep({"learning_rate": 2e-3})
+    trials, options, _ = validate_sweep({"learning_rate": 2e-3})
     assert [combo for combo, _ in trials] == [{"architecture": "cnn"}, {"architecture": "dense"}]
     assert {params.learning_rate for _, params in trials} == {2e-3}
     assert options.grid == {"architecture": ["cnn", "dense"]}  # what the parent run logs as its grid
@@ -122,7 +143,7 @@ def test_a_grid_the_command_cannot_take_is_one_line(tmp_path, items, line):
     ],
 )
 def test_the_one_data_prep_splits_with_the_sweeps_own_seed(values, split_seed):
-    trials, _ = validate_sweep(values)
+    trials, _, _ = validate_sweep(values)
     shared = data_parameters(trials[0][1], values)  # the flow's values; an unset seed is the declared 42
     assert shared.seed == split_seed
     assert shared.model_dump(exclude={"seed"}) == trials[0][1].model_dump(exclude={"seed"})
@@ -193,16 +214,17 @@ def recorded_ray_options(monkeypatch):
 
 @pytest.mark.slow
 def test_ray_sweep_on_cpu(mlflow_store, recorded_ray_options):
+    """Trials on a local Ray from the flow's own parameter, as a deployment run (or the command) gives it."""
     from mlflow import MlflowClient
 
-    from cnn_train.flows.sweep_flow import cnn_train_sweep, ray_task_runner
+    from cnn_train.flows.sweep_flow import cnn_train_sweep
 
-    runner = ray_task_runner(init_kwargs={"num_cpus": 2, "num_gpus": 0})
-    result = cnn_train_sweep.with_options(task_runner=runner)(grid=GRID, **SMALL)
+    result = cnn_train_sweep(grid=GRID, task_runner="ray", **SMALL)
     client = MlflowClient(mlflow_store)
     children = _children(client, result["mlflow_run_id"])
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
-    assert client.get_run(result["mlflow_run_id"]).data.params["task_runner"] == "RayClusterTaskRunner"
+    params = client.get_run(result["mlflow_run_id"]).data.params
+    assert (params["task_runner"], params["ray_address"], params["ray_resources"]) == ("RayClusterTaskRunner", "local", "{}")
     assert [r["rank"] for r in result["ranking"]] == [1, 2, 3, 4]
     # gpu-preferred on a cluster without GPUs asks Ray for none, so the trials can run at all; Ray never
     # retries a trial itself (the flow resubmits it, resuming its child run).

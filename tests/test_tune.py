@@ -19,8 +19,7 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from cnn_train.flows.cli import app
-from cnn_train.flows.params import TUNE_EXCLUDES, ParameterError, RunParameters, TuneOptions
-from cnn_train.flows.signatures import declared_fields
+from cnn_train.flows.params import ParameterError
 from cnn_train.flows.tuning import (
     FORMS,
     RUN_ATTR,
@@ -177,15 +176,11 @@ def test_a_continued_study_does_not_replay_its_first_values(tmp_path):
     assert plan.space.suggest(continued.ask()) != first.trials[0].params
 
 
-def test_the_flow_form_and_the_command_are_the_declaration():
-    from cnn_train.flows.tune_flow import cnn_train_tune
-
-    declared = declared_fields([TuneOptions, RunParameters], TUNE_EXCLUDES)
-    assert list(cnn_train_tune.parameters.model_dump()["properties"]) == list(declared)
+def test_the_command_adds_its_own_options_to_the_declaration():
+    """The form and the options from the declaration: test_params (its "tune" cases); these only the command has."""
     result = CliRunner().invoke(app, ["tune", "--help"], env={"COLUMNS": "250", "NO_COLOR": "1"})
     help_text = " ".join(result.output.split())
-    assert all("--" + name.replace("_", "-") in help_text for name in declared)
-    assert "--space-file" in help_text and "--no-prune" in help_text and "--task-runner" in help_text
+    assert "--space-file" in help_text and "--no-prune" in help_text
 
 
 @pytest.mark.parametrize(
@@ -279,14 +274,20 @@ def _artifact_names(client, run_id, path):
 
 
 @pytest.mark.slow
-def test_a_hopeless_trial_is_pruned_and_its_run_says_so(mlflow_store, tmp_path):
+@pytest.mark.parametrize(
+    ("task_runner", "runner_class"),
+    [pytest.param("local", "ThreadPoolTaskRunner", id="in-threads"), pytest.param("ray", "RayClusterTaskRunner", id="on-ray")],
+)
+def test_a_hopeless_trial_is_pruned_and_its_run_says_so(mlflow_store, tmp_path, task_runner, runner_class):
+    """On Ray too, from the flow's own parameter (as a deployment run gives it): trials on Ray workers
+    report their epochs to the study, which prunes them there."""
     from mlflow import MlflowClient
 
     from cnn_train.flows.tune_flow import cnn_train_tune
 
     values = SMALL | {
         "space": {"learning_rate": "0.003,1e-7"}, "trials": 2, "max_concurrent": 1, "startup_trials": 1,
-        "sampler": "random", "study_name": "prune-hopeless",
+        "sampler": "random", "study_name": f"prune-hopeless-{task_runner}", "task_runner": task_runner,
     }
     # Queue the two trials in this order, so the hopeless one runs second and meets a finished trial.
     study, _ = open_study(validate_tune(values), on_abandoned=print)
@@ -299,7 +300,8 @@ def test_a_hopeless_trial_is_pruned_and_its_run_says_so(mlflow_store, tmp_path):
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]
     assert trials[1].last_step == 1
     client = MlflowClient(mlflow_store)
-    runs = {int(r.data.tags["cnn_train.trial_number"]): r for r in _child_runs(client, "prune-hopeless")}
+    runs = {int(r.data.tags["cnn_train.trial_number"]): r for r in _child_runs(client, values["study_name"])}
+    assert all(("ray.node_id" in r.data.tags) == (task_runner == "ray") for r in runs.values())
     pruned, complete = runs[1], runs[0]
     assert pruned.info.status == "FINISHED"
     assert pruned.data.tags[STATE_TAG] == "pruned at epoch 1"
@@ -312,6 +314,7 @@ def test_a_hopeless_trial_is_pruned_and_its_run_says_so(mlflow_store, tmp_path):
 
     parent = client.get_run(result["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
+    assert parent.data.params["task_runner"] == runner_class
     assert parent.data.tags["cnn_train.best_trial"] == "0"
     assert parent.data.params["best.learning_rate"] == "0.003"
     assert {"ranking.csv", "ranking.md"} <= _artifact_names(client, parent.info.run_id, "tune")

@@ -36,6 +36,14 @@ def test_each_deployment_names_an_importable_flow(deployment) -> None:
     assert isinstance(deployment.flow(), Flow)
 
 
+def test_served_deployments_import_their_flow_by_module_path_as_workers_do() -> None:
+    """Loaded from its file, a flow's module is named "sweep_flow", which a Ray worker cannot import to
+    unpickle a trial's task: a served sweep on Ray failed with "No module named 'sweep_flow'"."""
+    from cnn_train.flows.serve import served_deployments
+
+    assert [d.entrypoint for d in served_deployments()] == [d.flow_path for d in DEPLOYMENTS]
+
+
 def _as_a_background_job(code: str, **options: object) -> subprocess.Popen:
     """``python -c code`` started as a shell starts a command it runs in the background: SIGINT ignored."""
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,

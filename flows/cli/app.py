@@ -109,10 +109,11 @@ def _before_every_command(
     _present_credentials()
 
 
-#: CLI spellings that differ from the flow parameter: one `--backend` per compared backend.
-_OPTION_NAMES = {"backends": "--backend", "no_prune": "--no-prune"}  # one flag, not --no-prune/--no-no-prune
+#: CLI spellings that differ from the flow parameter: one `--backend` per compared backend, one
+#: `--ray-resource` per resource, and one `--no-prune` flag (not --no-prune/--no-no-prune).
+_OPTION_NAMES = {"backends": "--backend", "no_prune": "--no-prune", "ray_resources": "--ray-resource"}
 #: What one item of a repeatable option looks like, shown by --help where typer would print "<list[str]>".
-_METAVARS = {"backends": "NAME", "grid": "FIELD=V1,V2", "space": "FIELD=SPEC", "ray_resource": "NAME=AMOUNT"}
+_METAVARS = {"backends": "NAME", "grid": "FIELD=V1,V2", "space": "FIELD=SPEC", "ray_resources": "NAME=AMOUNT"}
 
 
 def _one_line_errors(*, debug: bool) -> None:
@@ -174,7 +175,7 @@ def cli_options(
             if isinstance(default, dict):
                 # typer would hand a dict default to the command as one str(dict) item: None stands in for
                 # it, and the command takes the declared default (declared_default).
-                default, shown = None, _as_items(info.default)
+                default, shown = None, _as_items(info.default) or False
             option = typer.Option(*names, help=info.description, show_default=shown, metavar=_METAVARS.get(name))
             parameters.append(
                 inspect.Parameter(

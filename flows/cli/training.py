@@ -8,54 +8,24 @@ import json
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, Literal, Optional
+from typing import Any
 
 import typer
-from pydantic import BaseModel, Field
 
 from cnn_train.flows import collector
 from cnn_train.flows.cli.app import app, cli_options, declared_default, fail
-from cnn_train.flows.params import COMPARE_EXCLUDES, SWEEP_EXCLUDES, CompareOptions, RunParameters, SweepOptions
+from cnn_train.flows.params import COMPARE_EXCLUDES, SWEEP_EXCLUDES, CompareOptions, RunnerOptions, RunParameters, SweepOptions
 from cnn_train.flows.temporary_server import prefect_api
 
 
-class RunnerOptions(BaseModel):
-    """Where the sweep's trials run (command line only: a deployment runs on its own task runner)."""
+def take_ray_resources(values: dict[str, Any]) -> None:
+    """The repeated ``--ray-resource NAME=AMOUNT`` items as the mapping the flows take."""
+    from cnn_train.flows.ray_cluster import RayClusterError, parse_resources
 
-    task_runner: Literal["local", "ray"] = Field(default="local", description="'local' (threads) or 'ray'.")
-    ray_address: Optional[str] = Field(  # noqa: UP045 - typer reads it
-        default=None,
-        description="An existing Ray cluster (HOST:PORT, auto or ray://HOST:PORT); default: start a local Ray.",
-    )
-
-
-class TrialResourceOptions(BaseModel):
-    """What every sweep trial asks a Ray cluster for besides its GPU (command line only)."""
-
-    ray_resource: Optional[list[str]] = Field(  # noqa: UP045 - typer reads it
-        default=None,
-        description="A Ray custom resource each trial needs, NAME=AMOUNT (repeatable), e.g. a100=1: trials run "
-        "only on nodes started with `ray start --resources '{\"a100\": 1}'`.",
-    )
-
-
-def _trial_runner(values: dict[str, Any]) -> tuple[RunnerOptions, list[str] | None]:
-    """Take the command-line-only runner options out of ``values`` (the flow does not know them)."""
-    runner = RunnerOptions(task_runner=values.pop("task_runner"), ray_address=values.pop("ray_address"))
-    ray_resource = values.pop("ray_resource")
-    if (runner.ray_address or ray_resource) and runner.task_runner != "ray":
-        fail("--ray-address and --ray-resource need --task-runner ray")
-    return runner, ray_resource
-
-
-def _on_runner(flow_fn: Any, runner: RunnerOptions, ray_resource: list[str] | None) -> Any:
-    """The flow as it runs its trials: in threads (its own task runner), or on Ray."""
-    if runner.task_runner != "ray":
-        return flow_fn
-    from cnn_train.flows.ray_cluster import parse_resources, ray_task_runner
-
-    task_runner = ray_task_runner(runner.ray_address, trial_resources=parse_resources(ray_resource))
-    return flow_fn.with_options(task_runner=task_runner)
+    try:
+        values["ray_resources"] = parse_resources(values["ray_resources"])
+    except RayClusterError as error:
+        fail(str(error))
 
 
 def _validated(check: Callable[[dict[str, Any]], Any], values: dict[str, Any]) -> Any:
@@ -180,10 +150,10 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
 
 
 @app.command()
-@cli_options(SweepOptions, RunParameters, RunnerOptions, TrialResourceOptions, exclude=SWEEP_EXCLUDES)
+@cli_options(SweepOptions, RunParameters, RunnerOptions, exclude=SWEEP_EXCLUDES)
 def sweep(**values: Any) -> None:
     """Run a grid of configurations (data prepared once), ranked in a parent MLflow run."""
-    runner, ray_resource = _trial_runner(values)
+    take_ray_resources(values)
     grid = values["grid"]
     values["grid"] = parse_grid(grid) if grid is not None else declared_default(SweepOptions, "grid")
     with collector.paused():
@@ -192,7 +162,7 @@ def sweep(**values: Any) -> None:
 
         _validated(validate_sweep, values)
         require_reachable_servers()
-    result = _run_flow(_on_runner(cnn_train_sweep, runner, ray_resource), values, api)
+    result = _run_flow(cnn_train_sweep, values, api)
     import pandas as pd
 
     from cnn_train.flows import reporting

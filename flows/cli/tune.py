@@ -10,16 +10,8 @@ from pydantic import BaseModel, Field
 
 from cnn_train.flows import collector
 from cnn_train.flows.cli.app import app, cli_options, declared_default, fail
-from cnn_train.flows.cli.training import (
-    RunnerOptions,
-    TrialResourceOptions,
-    _on_runner,
-    _run_flow,
-    _trial_runner,
-    _validated,
-    require_reachable_servers,
-)
-from cnn_train.flows.params import TUNE_EXCLUDES, RunParameters, TuneOptions
+from cnn_train.flows.cli.training import _run_flow, _validated, require_reachable_servers, take_ray_resources
+from cnn_train.flows.params import TUNE_EXCLUDES, RunnerOptions, RunParameters, TuneOptions
 from cnn_train.flows.temporary_server import prefect_api
 
 
@@ -44,13 +36,13 @@ def _space(values: dict[str, Any], space_file: Path | None) -> dict[str, Any]:
 
 
 @app.command()
-@cli_options(TuneOptions, RunParameters, RunnerOptions, TrialResourceOptions, TuneCommandOptions, exclude=TUNE_EXCLUDES)
+@cli_options(TuneOptions, RunParameters, RunnerOptions, TuneCommandOptions, exclude=TUNE_EXCLUDES)
 def tune(**values: Any) -> None:
     """Search hyperparameters with Optuna (TPE, pruning hopeless trials after an epoch); running the same
     command again continues the study."""
     from cnn_train.flows.params import ParameterError
 
-    runner, ray_resource = _trial_runner(values)
+    take_ray_resources(values)
     space_file, no_prune = values.pop("space_file"), values.pop("no_prune")
     if no_prune:
         if values["pruner"] not in ("median", "none"):
@@ -66,7 +58,7 @@ def tune(**values: Any) -> None:
 
         plan = _validated(validate_tune, values)
         require_reachable_servers()
-    result = _run_flow(_on_runner(cnn_train_tune, runner, ray_resource), values, api)
+    result = _run_flow(cnn_train_tune, values, api)
     _print_result(result, plan.study_name, plan.options.objective)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cnn_train.flows.params import (
-    ParameterError, RunParameters, TuneOptions, split_values, validate_parameters, without_fixed_fields,
+    ParameterError, RunnerOptions, RunParameters, TuneOptions, split_values, validate_parameters, without_fixed_fields,
 )
 from cnn_train.flows.settings import state_dir
 from cnn_train.flows.tuning.space import SearchSpace, SpaceError, parse_space
@@ -27,6 +27,7 @@ class TunePlan:
     """Everything a tune flow run needs, validated."""
 
     options: TuneOptions
+    runner: RunnerOptions
     run_values: dict[str, Any]
     base: RunParameters
     space: SearchSpace
@@ -88,6 +89,7 @@ def _check_corners(run_values: dict[str, Any], space: SearchSpace) -> None:
 
 def validate_tune(values: Mapping[str, Any]) -> TunePlan:
     """The plan for ``values`` (a flow's flat parameters); any problem is one ParameterError."""
+    values, runner = split_values(values, RunnerOptions)
     run_values, options = split_values(values, TuneOptions)
     base = validate_parameters(**run_values)
     space = parse_space(without_fixed_fields(run_values, options.space, TuneOptions, "space"))
@@ -100,7 +102,7 @@ def validate_tune(values: Mapping[str, Any]) -> TunePlan:
     if options.storage:
         _check_storage_url(options.storage)
     name = options.study_name or default_study_name(study_definition(base, space, options.objective), options)
-    return TunePlan(options, dict(run_values), base, space, name, options.storage or default_storage_url())
+    return TunePlan(options, runner, dict(run_values), base, space, name, options.storage or default_storage_url())
 
 
 def _check_storage_url(url: str) -> None:
