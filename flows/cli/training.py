@@ -4,6 +4,7 @@ derived from the one declaration of run parameters."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 from collections.abc import Callable
@@ -37,6 +38,19 @@ def _validated(check: Callable[[dict[str, Any]], Any], values: dict[str, Any]) -
         return check(values)
     except ParameterError as error:
         fail(str(error))
+
+
+def checked_run(flow_path: str, check: str, values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """What ``check`` (a function of the flow's module) made of ``values``, and what the flow at
+    ``flow_path`` (``cnn_train.flows.<module>.<flow>``) returned for them. The module is imported and
+    the values checked while a temporary server, if one is needed, boots."""
+    with collector.paused():
+        api = prefect_api()
+        module_name, _, flow_name = flow_path.rpartition(".")
+        module = importlib.import_module(module_name)
+        checked = _validated(getattr(module, check), values)
+        require_reachable_servers()
+    return checked, _run_flow(getattr(module, flow_name), values, api)
 
 
 def _run_flow(
@@ -111,13 +125,7 @@ def run(**values: Any) -> None:
 @cli_options(CompareOptions, RunParameters, exclude=COMPARE_EXCLUDES)
 def compare(**values: Any) -> None:
     """Train one config on several backends (same seed and split) and print them side by side."""
-    with collector.paused():
-        api = prefect_api()
-        from cnn_train.flows.compare_flow import cnn_train_compare, validate_compare
-
-        _validated(validate_compare, values)
-        require_reachable_servers()
-    result = _run_flow(cnn_train_compare, values, api)
+    _, result = checked_run("cnn_train.flows.compare_flow.cnn_train_compare", "validate_compare", values)
     import pandas as pd
 
     from cnn_train.flows import reporting
@@ -156,13 +164,7 @@ def sweep(**values: Any) -> None:
     take_ray_resources(values)
     grid = values["grid"]
     values["grid"] = parse_grid(grid) if grid is not None else declared_default(SweepOptions, "grid")
-    with collector.paused():
-        api = prefect_api()
-        from cnn_train.flows.sweep_flow import cnn_train_sweep, validate_sweep
-
-        _validated(validate_sweep, values)
-        require_reachable_servers()
-    result = _run_flow(cnn_train_sweep, values, api)
+    _, result = checked_run("cnn_train.flows.sweep_flow.cnn_train_sweep", "validate_sweep", values)
     import pandas as pd
 
     from cnn_train.flows import reporting

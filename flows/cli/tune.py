@@ -8,11 +8,9 @@ from typing import Any, Optional
 import typer
 from pydantic import BaseModel, Field
 
-from cnn_train.flows import collector
 from cnn_train.flows.cli.app import app, cli_options, declared_default, fail
-from cnn_train.flows.cli.training import _run_flow, _validated, require_reachable_servers, take_ray_resources
+from cnn_train.flows.cli.training import checked_run, take_ray_resources
 from cnn_train.flows.params import TUNE_EXCLUDES, RunnerOptions, RunParameters, TuneOptions
-from cnn_train.flows.temporary_server import prefect_api
 
 
 class TuneCommandOptions(BaseModel):
@@ -52,13 +50,7 @@ def tune(**values: Any) -> None:
         values["space"] = _space(values, space_file)
     except ParameterError as error:
         fail(str(error))
-    with collector.paused():
-        api = prefect_api()
-        from cnn_train.flows.tune_flow import cnn_train_tune, validate_tune
-
-        plan = _validated(validate_tune, values)
-        require_reachable_servers()
-    result = _run_flow(cnn_train_tune, values, api)
+    plan, result = checked_run("cnn_train.flows.tune_flow.cnn_train_tune", "validate_tune", values)
     _print_result(result, plan.study_name, plan.options.objective)
 
 
