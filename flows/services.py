@@ -14,11 +14,16 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from cnn_train.flows.settings import default_artifact_root, heartbeat_environment, project_root, state_dir
 
 HOST = "127.0.0.1"
+#: The serve process's pid file is written just after it starts; the Prefect server (on this machine)
+#: stamps the registration later. The slack covers the two clocks' granularity.
+_CLOCK_SLACK_SECONDS = 1.0
 #: The address the servers listen on (`cnn-train up --host`); clients here always use HOST.
 BIND_HOST_ENV = "CNN_TRAIN_BIND_HOST"
 
@@ -231,12 +236,25 @@ def _ui_api_url() -> str:
 
 
 def _deployment_served() -> bool:
-    """The serve process runs and the deployment is its own: registered, and on no work pool (after
+    """The serve process runs and the deployment is its own: registered by it, and on no work pool (after
     `cnn-train up --worker` the serve process first takes it back from the pool)."""
     if serve_process.pid() is None:
         return False
     deployment = http_json(f"{prefect_api_url()}/deployments/name/{DEPLOYMENT}")
-    return isinstance(deployment, dict) and not deployment.get("work_pool_name")
+    return (
+        isinstance(deployment, dict)
+        and not deployment.get("work_pool_name")
+        and registered_since(deployment, serve_process.pid_file.stat().st_mtime)
+    )
+
+
+def registered_since(deployment: dict[str, Any], started: float) -> bool:
+    """Whether the deployment was registered (created or updated) after ``started`` (seconds since the
+    epoch). An earlier serve process's registration may carry other parameters, after an upgrade: the
+    server checks a run's parameters against it, so it refused a new one until the new process had
+    registered, some seconds after `up` had said the deployment was served."""
+    updated = datetime.fromisoformat(deployment.get("updated") or deployment["created"])
+    return updated.timestamp() >= started - _CLOCK_SLACK_SECONDS
 
 
 def deployment_exists() -> bool:

@@ -44,6 +44,25 @@ def test_served_deployments_import_their_flow_by_module_path_as_workers_do() -> 
     assert [d.entrypoint for d in served_deployments()] == [d.flow_path for d in DEPLOYMENTS]
 
 
+@pytest.mark.parametrize(
+    ("deployment", "served"),
+    [
+        pytest.param({"created": "2026-12-05T11:39:54Z", "updated": "2026-12-05T12:06:02Z"}, False, id="an-earlier-serves"),
+        pytest.param({"created": "2026-12-05T11:39:54Z", "updated": "2026-12-05T12:32:14Z"}, True, id="registered-since"),
+        pytest.param({"created": "2026-12-05T12:32:14Z", "updated": None}, True, id="created-since"),
+    ],
+)
+def test_up_waits_for_the_new_serve_process_to_register_the_deployment(deployment, served) -> None:
+    """Seen by hand: `up` said served while the deployment still had the previous serve's parameters,
+    so a trigger with a new parameter was refused for a few seconds."""
+    from datetime import datetime
+
+    from cnn_train.flows.services import registered_since
+
+    serve_started = datetime.fromisoformat("2026-12-05T12:32:10Z").timestamp()
+    assert registered_since(deployment, serve_started) is served
+
+
 def _as_a_background_job(code: str, **options: object) -> subprocess.Popen:
     """``python -c code`` started as a shell starts a command it runs in the background: SIGINT ignored."""
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
