@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -195,7 +195,7 @@ def outcome_lines(run: Any | None, uri: str) -> list[str]:
     if run is None:
         return ["no MLflow run was recorded for this flow run"]
     found = _RunAddress(uri, run.info.experiment_id, run.info.run_id)
-    lines = [f"MLflow run: {tracking.run_url(*astuple(found)) or tracking.open_hint(found)}"]
+    lines = [f"MLflow run: {tracking.run_url(uri, found.experiment_id, found.run_id) or tracking.open_hint(found)}"]
     metrics = run.data.metrics
     for name, line in _HEADLINE_METRICS.items():
         if name in metrics and (metrics[name] or name not in _SHOWN_WHEN_NOT_ZERO):

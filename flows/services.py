@@ -21,9 +21,6 @@ from typing import Any
 from cnn_train.flows.settings import default_artifact_root, heartbeat_environment, project_root, state_dir
 
 HOST = "127.0.0.1"
-#: The serve process's pid file is written just after it starts; the Prefect server (on this machine)
-#: stamps the registration later. The slack covers the two clocks' granularity.
-_CLOCK_SLACK_SECONDS = 1.0
 #: The address the servers listen on (`cnn-train up --host`); clients here always use HOST.
 BIND_HOST_ENV = "CNN_TRAIN_BIND_HOST"
 
@@ -246,6 +243,11 @@ def _deployment_served() -> bool:
         and not deployment.get("work_pool_name")
         and registered_since(deployment, serve_process.pid_file.stat().st_mtime)
     )
+
+
+#: The serve process's pid file is written just after it starts; the Prefect server (on this machine)
+#: stamps the registration later. The slack covers the two clocks' granularity.
+_CLOCK_SLACK_SECONDS = 1.0
 
 
 def registered_since(deployment: dict[str, Any], started: float) -> bool:
