@@ -18,7 +18,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cnn_train.flows.settings import default_artifact_root, heartbeat_environment, project_root, state_dir
+from cnn_train.flows.settings import (
+    default_artifact_root,
+    heartbeat_environment,
+    project_root,
+    servers_prefect_home,
+    state_dir,
+)
 
 HOST = "127.0.0.1"
 #: The address the servers listen on (`cnn-train up --host`); clients here always use HOST.
@@ -89,7 +95,7 @@ def quiet_environment() -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "true",
         "MLFLOW_DISABLE_TELEMETRY": "true",
-        "PREFECT_HOME": str(state_dir() / "prefect"),
+        "PREFECT_HOME": str(servers_prefect_home()),
         "PREFECT_API_URL": prefect_api_url(),
         "CNN_TRAIN_ROOT": str(project_root()),
     } | client_credentials()
@@ -128,6 +134,8 @@ class Service:
     extra_env: Callable[[], dict[str, str]] = dict
     #: The port a server listens on, recorded beside its pid while it runs.
     port: Callable[[], int] | None = None
+    #: What to do just before the process starts (not when it already runs).
+    before_start: Callable[[], object] = lambda: None
 
     @property
     def pid_file(self) -> Path:
@@ -159,6 +167,7 @@ class Service:
             self.pid_file.parent.mkdir(parents=True, exist_ok=True)
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             env = os.environ | quiet_environment() | self.extra_env()
+            self.before_start()
             with self.log_file.open("ab") as log:
                 process = subprocess.Popen(  # noqa: S603 - our own commands
                     self.command(),
@@ -263,12 +272,26 @@ def deployment_exists() -> bool:
     return http_ok(f"{prefect_api_url()}/deployments/name/{DEPLOYMENT}")
 
 
+def _seed_prefect_database() -> None:
+    """A new database of the servers' Prefect home starts as a copy of the migrated template, when there is
+    one (cnn_train.flows.prefect_database); a database URL of the user's is left to Prefect."""
+    from cnn_train.flows import prefect_database
+
+    if not any(os.environ.get(name) for name in _DATABASE_URL_VARIABLES):
+        prefect_database.seed(servers_prefect_home() / "prefect.db")
+
+
+#: Where a user points Prefect at a database of their own (the second is the older name).
+_DATABASE_URL_VARIABLES = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
+
+
 prefect_server = Service(
     name="prefect-server",
     command=lambda: [_bin("prefect"), "server", "start", "--host", bind_host(), "--port", str(prefect_port())],
     ready=lambda: http_ok(f"{prefect_api_url()}/health"),
     extra_env=lambda: {"PREFECT_UI_API_URL": _ui_api_url()} | _server_credentials(),
     port=prefect_port,
+    before_start=_seed_prefect_database,
 )
 
 mlflow_server = Service(

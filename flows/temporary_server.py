@@ -32,12 +32,13 @@ from cnn_train.flows.errors import ExpectedFailure
 #: the listening socket this process hands it as file descriptor argv[1]. The app is imported first,
 #: the collector paused, as commands import (cnn_train.flows.collector): the server answers about 1 s
 #: sooner (3.0 s against 4.0 s, median of four each, on a 2-vCPU EPYC), and it is the last thing a
-#: command waits for.
+#: command waits for. A new database starts as a copy of a migrated one (cnn_train.flows.prefect_database).
 _SERVE = """
 import socket, sys
-from cnn_train.flows import collector
+from cnn_train.flows import collector, prefect_database
 with collector.paused():
     import prefect.server.api.server
+    prefect_database.prepare_server_database()
 import uvicorn
 config = uvicorn.Config("prefect.server.api.server:create_app", factory=True, log_level="error", lifespan="on")
 uvicorn.Server(config).run(sockets=[socket.socket(fileno=int(sys.argv[1]))])

@@ -10,6 +10,8 @@ import atexit
 import gzip
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +45,24 @@ import prefect.main  # noqa: E402,F401
 #: up): handed out first so the waits overlap the rest of the suite instead of ending it.
 WAITING_MODULES = ("test_spool", "test_team_servers", "test_ray", "test_reliability", "test_worker",
                    "test_deployment", "test_newcomer", "test_plugin_runs", "test_benchmark_smoke")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In the main process, before any worker starts: one Prefect schema for the session. Every Prefect
+    server a test starts (temporary ones, `cnn-train up`'s, the session's) begins with a copy of it
+    instead of migrating a new database: 4.5 s of CPU each (cnn_train.flows.prefect_database). Migrated
+    in the background; a server that starts meanwhile waits for it."""
+    from cnn_train.flows.prefect_database import SCHEMA_DIR_VARIABLE
+
+    if hasattr(config, "workerinput") or os.environ.get(SCHEMA_DIR_VARIABLE):
+        return  # a worker (it inherits the main process's folder), or the developer's own folder
+    os.environ[SCHEMA_DIR_VARIABLE] = folder = tempfile.mkdtemp(prefix="cnn-train-tests-prefect-schema-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    migration = subprocess.Popen(  # noqa: S603 - this project's own module
+        [sys.executable, "-c", "from cnn_train.flows import prefect_database; prefect_database.migrated_template()"],
+        stdin=subprocess.DEVNULL,
+    )
+    atexit.register(migration.wait)  # before the folder goes (atexit runs last-registered first)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -180,13 +200,19 @@ def _no_dataset_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def prefect_api_url() -> Iterator[str]:
-    """One temporary Prefect server (Prefect's test harness) for the whole session; its API URL is
+    """One temporary Prefect server for this worker's session, the one a command without servers starts
+    (its database under this session's PREFECT_HOME, begun from the session's schema); its API URL is
     also what subprocesses get as PREFECT_API_URL so their flow runs are recorded there."""
-    from prefect.settings import get_current_settings
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield get_current_settings().api.url
+    from cnn_train.flows.temporary_server import TemporaryServer
+
+    server = TemporaryServer()
+    try:
+        with temporary_settings({PREFECT_API_URL: server.ready(timeout=120)}) as settings:
+            yield settings.api.url
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
