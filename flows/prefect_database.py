@@ -43,7 +43,8 @@ def sqlite_file(connection_url: str) -> Path | None:
 
 def seed(database: Path) -> bool:
     """Make ``database`` a copy of the template when it does not exist yet and a template does; whether it did.
-    Never overwrites: a database another process created meanwhile is kept."""
+    Never overwrites: a database another process created meanwhile is kept. A template that cannot be
+    read or copied leaves ``database`` to Prefect, as if there were none."""
     template = template_path()
     if database.exists():
         return False
@@ -55,7 +56,7 @@ def seed(database: Path) -> bool:
     try:
         _copy(template, partial)
         os.link(partial, database)  # fails if the file appeared meanwhile: a rename would overwrite it
-    except FileExistsError:
+    except (OSError, sqlite3.Error):  # FileExistsError among them: another process made it first
         return False
     finally:
         partial.unlink(missing_ok=True)
@@ -104,7 +105,7 @@ def prepare_server_database() -> None:
         return
     with contextlib.suppress(OSError, sqlite3.Error):
         migrated_template()
-        seed(database)
+    seed(database)
 
 
 def _migrate(path: Path) -> None:

@@ -52,7 +52,7 @@ def test_only_a_sqlite_file_is_seeded(url: str, expected: Path | None) -> None:
     assert prefect_database.sqlite_file(url) == expected
 
 
-@pytest.mark.parametrize("case", ["new-database", "database-exists", "no-template"])
+@pytest.mark.parametrize("case", ["new-database", "database-exists", "no-template", "template-not-a-database"])
 def test_a_new_database_becomes_a_copy_and_nothing_else_is_touched(case: str, tmp_path: Path, marked_template: Path) -> None:
     database = tmp_path / "home" / "prefect.db"
     if case == "database-exists":
@@ -61,6 +61,8 @@ def test_a_new_database_becomes_a_copy_and_nothing_else_is_touched(case: str, tm
             db.execute("CREATE TABLE mine (x)")
     if case == "no-template":
         marked_template.unlink()
+    if case == "template-not-a-database":
+        marked_template.write_text("half a file")
 
     seeded = prefect_database.seed(database)
 
