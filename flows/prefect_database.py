@@ -103,9 +103,11 @@ def prepare_server_database() -> None:
     database = sqlite_file(url.get_secret_value() if url is not None else "")
     if database is None or database.exists():
         return
-    with contextlib.suppress(OSError, sqlite3.Error):
+    try:
         migrated_template()
-    seed(database)
+        seed(database)
+    except Exception:  # noqa: BLE001 - only a shortcut: Prefect then migrates the new database, as without one
+        return
 
 
 def _migrate(path: Path) -> None:

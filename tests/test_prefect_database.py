@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sqlite3
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -99,18 +101,25 @@ def test_the_template_is_prefects_schema_at_its_newest_revision() -> None:
     assert sorted(path.name for path in template.parent.iterdir()) == [template.name, f"{template.name}.lock"]
 
 
-def test_a_temporary_server_in_a_new_home_starts_from_the_template(tmp_path: Path, marked_template: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("templates", ["usable", "folder-is-a-file"])
+def test_a_temporary_server_in_a_new_home_starts_from_the_template(templates, tmp_path: Path, marked_template: Path,
+                                                                    monkeypatch) -> None:
+    """From the template when there is one; when none can be made, from Prefect's own migration as before."""
     from cnn_train.flows.temporary_server import TemporaryServer
-    from cnn_train.flows.services import http_json
 
+    if templates == "folder-is-a-file":
+        (tmp_path / "not-a-folder").write_text("")
+        monkeypatch.setenv(SCHEMA_DIR_VARIABLE, str(tmp_path / "not-a-folder"))
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
     server = TemporaryServer()
     try:
         url = server.ready(timeout=120)
-        assert http_json(f"{url}/admin/version") is not None  # it serves from the copy
+        request = urllib.request.Request(f"{url}/flows/filter", data=b"{}", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - the test's own server
+            assert json.load(response) == []  # it reads its database
     finally:
         server.stop()
-    assert user_version(tmp_path / "home" / "prefect.db") == MARK
+    assert user_version(tmp_path / "home" / "prefect.db") == (MARK if templates == "usable" else 0)
 
 
 @pytest.mark.parametrize("own_database", [None, "PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL"],
