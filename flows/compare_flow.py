@@ -19,9 +19,9 @@ from cnn_train.flows.params import (
     CompareOptions,
     ParameterError,
     RunParameters,
-    split_values,
     validate_parameters,
 )
+from cnn_train.flows.signatures import split_values
 from cnn_train.flows.runs import cnn_train_flow, figures_from_mlflow, flow_run_tracker, prefect_flow_run_url
 from cnn_train.flows.tasks import ChildRun, child_run, prep_task
 from cnn_train.flows.tracking import RunTracker

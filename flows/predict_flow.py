@@ -11,7 +11,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
 from cnn_train.flows import predict, tracking
-from cnn_train.flows.params import ParameterError, PredictOptions, split_values
+from cnn_train.flows.params import ParameterError, PredictOptions
+from cnn_train.flows.signatures import split_values
 from cnn_train.flows.predict.figure import plot_examples
 from cnn_train.flows.runs import cnn_train_flow, flow_run_tracker
 from cnn_train.flows.tasks import IN_MEMORY

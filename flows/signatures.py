@@ -1,18 +1,20 @@
 """What is derived from the one declaration of run parameters (flows/params.py): a flow's signature
-(and so its Prefect form), argparse options for scripts and benchmarks, and the README's table."""
+(and so its Prefect form), argparse options for scripts and benchmarks, and the README's table; and,
+the other way, a flow's flat values split back into the declaration's models."""
 
 from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable, Iterable
-from typing import Annotated, Any, Literal, get_args, get_origin
+from collections.abc import Callable, Iterable, Mapping
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import annotated_types
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from pydantic.fields import FieldInfo
 
-from cnn_train.flows.params import RunParameters
+from cnn_train.flows.params import ParameterError, RunParameters
+from cnn_train.plugins.config import format_validation_error
 
 
 def declared_fields(
@@ -108,3 +110,43 @@ def parameter_table() -> str:
         default = "empty" if info.default is None else f"`{str(info.default).lower() if isinstance(info.default, bool) else info.default}`"
         lines.append(f"| `{name}` | {default} | {_allowed(annotation, info)} | {info.description} |")
     return "\n".join(lines)
+
+
+Options = TypeVar("Options", bound=BaseModel)
+
+
+def split_values(values: Mapping[str, Any], options: type[Options]) -> tuple[dict[str, Any], Options]:
+    """A flow's flat values as run values and its own validated options."""
+    own = {name: values[name] for name in options.model_fields if name in values}
+    try:
+        parsed = options(**own)
+    except ValidationError as error:
+        raise ParameterError("invalid parameters: " + format_validation_error(error)) from None
+    return {name: value for name, value in values.items() if name not in own}, parsed
+
+
+def without_fixed_fields(
+    run_values: Mapping[str, Any], varied: dict[str, Any], options: type[BaseModel], option: str
+) -> dict[str, Any]:
+    """``varied`` (a sweep's grid, a study's space: ``options``' field ``option``) without the fields the
+    run sets to a value of its own. The default ``option`` gives way to such a field; one the user gave
+    that varies it too is refused, since one of the two would be silently ignored."""
+    fixed = {
+        name: run_values[name] for name in varied
+        if name in RunParameters.model_fields and name in run_values
+        and run_values[name] != RunParameters.model_fields[name].default
+    }
+    if not fixed:
+        return varied
+    if varied == options.model_fields[option].default:
+        if left := {name: values for name, values in varied.items() if name not in fixed}:
+            return left
+        raise ParameterError(
+            f"{option}: the run sets every field the default {option} varies ({', '.join(sorted(fixed))}); "
+            f"give a {option} of fields to vary"
+        )
+    name, value = next(iter(fixed.items()))
+    raise ParameterError(
+        f"{option}: {name} is set to {value!r} and also varied by the {option} ({varied[name]!r}); "
+        f"give it in one place: leave {name} unset or take it out of the {option}"
+    )

@@ -32,10 +32,9 @@ from cnn_train.flows.params import (
     RunnerOptions,
     RunParameters,
     SweepOptions,
-    split_values,
     validate_parameters,
-    without_fixed_fields,
 )
+from cnn_train.flows.signatures import split_values, without_fixed_fields
 from cnn_train.flows.placement import place_task
 from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, node_tags, trials_on, worker_died
 from cnn_train.flows.ray_cluster import ray_task_runner  # noqa: F401 - Python callers take this flow's runner from here

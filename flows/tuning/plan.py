@@ -10,9 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cnn_train.flows.params import (
-    ParameterError, RunnerOptions, RunParameters, TuneOptions, split_values, validate_parameters, without_fixed_fields,
-)
+from cnn_train.flows.params import ParameterError, RunnerOptions, RunParameters, TuneOptions, validate_parameters
+from cnn_train.flows.signatures import split_values, without_fixed_fields
 from cnn_train.flows.settings import state_dir
 from cnn_train.flows.tuning.space import SearchSpace, SpaceError, parse_space
 

@@ -1,0 +1,20 @@
+"""The repository keeps the shape README "Layout" describes: modules split along their seams."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Longest a source module may grow before it is split (a newcomer reads one concern per file).
+MAX_MODULE_LINES = 400
+
+
+@pytest.mark.parametrize("package", ["flows", "plugins", "backends"])
+def test_no_source_module_is_longer_than_the_limit(package: str) -> None:
+    lengths = {path.relative_to(ROOT).as_posix(): len(path.read_text().splitlines()) for path in (ROOT / package).rglob("*.py")}
+    assert lengths, f"no modules under {package}/"
+    too_long = {path: lines for path, lines in lengths.items() if lines > MAX_MODULE_LINES}
+    assert not too_long, f"longer than {MAX_MODULE_LINES} lines, split along a seam: {too_long}"
