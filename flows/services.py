@@ -274,7 +274,8 @@ def deployment_exists() -> bool:
 
 def _seed_prefect_database() -> None:
     """A new database of the servers' Prefect home starts as a copy of the migrated template, when there is
-    one (cnn_train.flows.prefect_database); a database URL of the user's is left to Prefect."""
+    one (cnn_train.flows.prefect_database). With a database URL of the user's in the environment nothing is
+    copied; one set only in a Prefect profile leaves an unused copy in the home, which Prefect never opens."""
     from cnn_train.flows import prefect_database
 
     if not any(os.environ.get(name) for name in _DATABASE_URL_VARIABLES):
