@@ -1,4 +1,4 @@
-"""The cnn-train flow end to end on a small real subset, under Prefect's test harness, with a
+"""The cnn-train flow end to end on a small real subset, on the session's temporary Prefect server, with a
 temporary MLflow store: what lands in MLflow and in Prefect is asserted, not eyeballed."""
 
 from __future__ import annotations
