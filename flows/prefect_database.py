@@ -111,17 +111,25 @@ def prepare_server_database() -> None:
 
 
 def _migrate(path: Path) -> None:
-    """Prefect's own migrations, run on the SQLite file ``path``; the process's database settings are left as they were."""
+    """Prefect's own migrations, then its registration of block types, run on the SQLite file ``path`` as
+    a server's first start runs them; the process's database settings are left as they were. With the
+    block types in the template, servers starting at once on one new database (concurrent commands in a
+    new checkout) find them there instead of inserting the same rows together (UNIQUE constraint failed)."""
     import asyncio
 
+    import prefect.plugins
     from prefect.server.database import provide_database_interface
     from prefect.server.database.dependencies import temporary_database_interface
+    from prefect.server.models.block_registration import run_block_auto_registration
     from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
 
     async def create() -> None:
         database = provide_database_interface()
         try:
             await database.create_db()
+            prefect.plugins.load_prefect_collections()  # as the server does first: collections' blocks too
+            async with await database.session() as session:
+                await run_block_auto_registration(session=session)
         finally:
             await (await database.engine()).dispose()  # closes the file before it is copied
 

@@ -139,3 +139,25 @@ def test_up_seeds_its_servers_database_unless_the_user_chose_one(own_database, t
         assert user_version(database) == MARK
     assert not (tmp_path / "theirs.db").exists()
     assert os.environ.get(SCHEMA_DIR_VARIABLE) == str(tmp_path / "schema")
+
+
+def test_servers_starting_together_on_one_new_home_all_answer_and_log_no_error(tmp_path: Path, monkeypatch, capfd) -> None:
+    """Concurrent commands in a new checkout: one server makes the template while the others wait, then
+    none of them races the others to insert Prefect's block types (before: two of three servers exited
+    while migrating the same new file; with a template of the schema alone, UNIQUE constraint errors)."""
+    from cnn_train.flows.temporary_server import TemporaryServer
+
+    from cnn_train.flows.settings import keep_libraries_offline
+
+    monkeypatch.setenv(SCHEMA_DIR_VARIABLE, str(tmp_path / "schema"))  # no template yet
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    keep_libraries_offline()  # as every command does (telemetry that cannot leave this machine logs errors)
+    servers = [TemporaryServer() for _ in range(3)]
+    try:
+        for server in servers:
+            server.ready(timeout=180)
+    finally:
+        for server in servers:
+            server.stop()
+    out, err = capfd.readouterr()
+    assert "ERROR" not in out + err and "Traceback" not in out + err, (out + err)[-3000:]
