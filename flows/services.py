@@ -272,6 +272,10 @@ def deployment_exists() -> bool:
     return http_ok(f"{prefect_api_url()}/deployments/name/{DEPLOYMENT}")
 
 
+#: Where a user points Prefect at a database of their own (the second is the older name).
+_DATABASE_URL_VARIABLES = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
+
+
 def _seed_prefect_database() -> None:
     """A new database of the servers' Prefect home starts as a copy of the migrated template, when there is
     one (cnn_train.flows.prefect_database). With a database URL of the user's in the environment nothing is
@@ -280,10 +284,6 @@ def _seed_prefect_database() -> None:
 
     if not any(os.environ.get(name) for name in _DATABASE_URL_VARIABLES):
         prefect_database.seed(servers_prefect_home() / "prefect.db")
-
-
-#: Where a user points Prefect at a database of their own (the second is the older name).
-_DATABASE_URL_VARIABLES = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
 
 
 prefect_server = Service(
