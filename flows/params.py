@@ -259,7 +259,8 @@ class SweepOptions(BaseModel):
 
     grid: dict[str, list[Any]] = Field(
         default={"learning_rate": [1e-3, 3e-4], "architecture": ["cnn", "dense"]},
-        description="Values to try per field, e.g. {\"learning_rate\": [0.001, 0.0003]}; every combination is a trial.",
+        description='Values to try per field, e.g. {"learning_rate": [0.001, 0.0003]} (CLI: --grid FIELD=V1,V2, '
+        "repeatable); every combination is a trial.",
     )
     max_concurrent: int = Field(default=2, ge=1, description="Trials running at once.")
     register_best: RegisteredName | None = Field(
