@@ -36,6 +36,14 @@ def test_each_deployment_names_an_importable_flow(deployment) -> None:
     assert isinstance(deployment.flow(), Flow)
 
 
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d.flow_path.rpartition(".")[2])
+def test_the_readme_names_every_served_deployment(deployment) -> None:
+    """README's "The two commands" lists what `cnn-train up` serves (it once left out cnn-train-tune)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    serve_item = readme[readme.index("3. a serve process for the deployments") :].split("\n\n", 1)[0]
+    assert f"`{deployment.flow().name}/{deployment.name}`" in " ".join(serve_item.split())
+
+
 def test_served_deployments_import_their_flow_by_module_path_as_workers_do() -> None:
     """Loaded from its file, a flow's module is named "sweep_flow", which a Ray worker cannot import to
     unpickle a trial's task: a served sweep on Ray failed with "No module named 'sweep_flow'"."""
