@@ -314,6 +314,30 @@ def test_augmentation_and_dropout_change_training(trained, data: TrainData) -> N
     assert measured(plain.epochs[0]) != measured(seen[0])
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_validation_runs_in_the_trainings_precision_and_the_test_pass_in_float32(
+    data: TrainData, precision: str
+) -> None:
+    backend = built(seed=1)
+    seen: dict[str, set[torch.dtype]] = {"validation": set(), "test": set()}
+    phase = "validation"
+
+    def record(module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        # Training steps run in train mode, the passes over held-out images in eval mode.
+        if isinstance(module, torch.nn.Linear) and not module.training:
+            seen[phase].add(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)  # torch's public hook on every module
+    try:
+        backend.train(data, TRAIN.model_copy(update={"epochs": 1, "precision": precision}))
+        phase = "test"
+        backend.predict_proba(data.x_val[:8])
+        backend.evaluate(data.x_val[:8], data.y_val[:8])
+    finally:
+        hook.remove()
+    assert seen == {"validation": {getattr(torch, precision)}, "test": {torch.float32}}
+
+
 def test_save_and_load_round_trip(trained, data: TrainData, tmp_path: Path) -> None:
     backend, _ = trained
     backend.save(tmp_path / "saved")
