@@ -61,6 +61,47 @@ def test_a_record_mlflow_refuses_is_dropped_and_the_rest_go_on(store, caplog):
     assert "MLflow refused a batch record" in caplog.text
 
 
+def _couriers_of(run_id: str, deadline: float = 10.0) -> list[str]:
+    """Names of this process's live courier threads for ``run_id`` once none is left, or after ``deadline`` s."""
+    end = time.monotonic() + deadline
+    while True:
+        names = [thread.name for thread in threading.enumerate() if thread.name == f"mlflow-spool-{run_id[:8]}"]
+        if not names or time.monotonic() > end:
+            return names
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("runs", [1, 3], ids=["one-run", "three-runs-in-one-process"])
+def test_a_finished_runs_courier_ends_and_reading_it_makes_no_spool_again(store, runs):
+    trackers = []
+    for index in range(runs):  # as a sweep's trials or a study's do, one after another in one process
+        tracker = tracking.RunTracker.start("spool", uri=store)
+        tracker.log_metrics({"val_accuracy": 0.5 + index / 10}, step=1)
+        assert tracker.finish("FINISHED") == 0
+        trackers.append(tracker)
+    for tracker in trackers:
+        assert _couriers_of(tracker.run_id) == [], "a finished run's courier thread is still running"
+        # Reading the finished run (its status, its steps, a client) neither re-creates its spool nor
+        # starts another courier.
+        assert tracker.status() == "FINISHED"
+        assert tracker.logged_steps("val_accuracy") == [1]
+        assert tracker.flush(1) == 0
+        assert not Spool(tracker.run_id).folder.exists(), "reading a finished run made its spool again"
+        assert _couriers_of(tracker.run_id, deadline=0) == []
+
+
+def test_a_run_logging_again_after_its_spool_was_removed_gets_a_courier_that_delivers(store):
+    tracker = tracking.RunTracker.start("spool", uri=store)
+    tracker.log_metrics({"val_accuracy": 0.5}, step=1)
+    assert tracker.flush(10) == 0
+    Spool(tracker.run_id).discard_if_empty()  # as `cnn-train sync` from another process may do mid-run
+    assert _couriers_of(tracker.run_id) == []
+    tracker.log_metrics({"val_accuracy": 0.6}, step=2)
+    assert tracker.finish("FINISHED", flush_timeout=10) == 0
+    history = MlflowClient(store).get_metric_history(tracker.run_id, "val_accuracy")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.6)]
+
+
 def test_logged_steps_include_what_still_waits(tmp_path, monkeypatch):
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
     dead = f"http://127.0.0.1:{free_port()}"

@@ -132,6 +132,8 @@ class RunTracker:
     def flush(self, timeout: float = FLUSH_SECONDS) -> int:
         """Wait up to ``timeout`` seconds for everything logged so far to reach MLflow; returns the
         number of records still waiting on disk."""
+        if not spool.Spool(self.run_id).path.exists():
+            return 0  # nothing waits (a read of a finished run): no spool is made again, nor a courier started
         return self.courier.flush(timeout)
 
     @classmethod
@@ -227,7 +229,7 @@ class RunTracker:
 
     def logged_steps(self, key: str) -> list[int]:
         """Steps of ``key`` this run has logged: spooled here (delivered or not), and any MLflow holds."""
-        steps = self.courier.spool.metric_steps(key)
+        steps = spool.Spool(self.run_id).metric_steps(key)
         try:
             check_reachable(self.uri, timeout=2.0)
             steps |= {m.step for m in MlflowClient(tracking_uri=self.uri).get_metric_history(self.run_id, key)}
@@ -303,14 +305,15 @@ class RunTracker:
         self._spool("end", {"status": status, "end_time": _now_ms()})
         left = self.flush(flush_timeout)
         if left == 0:
-            self.courier.spool.discard_if_empty()
+            spool.Spool(self.run_id).discard_if_empty()
         return left
 
     def waiting_message(self) -> str:
         """One line: what is kept, where, and how it reaches MLflow."""
+        waiting = spool.Spool(self.run_id)
         return (
-            f"MLflow at {self.uri} did not answer: {self.courier.spool.count()} tracking record(s) of run "
-            f"{self.run_id} are kept in {self.courier.spool.folder}; run `cnn-train sync` once it answers "
+            f"MLflow at {self.uri} did not answer: {waiting.count()} tracking record(s) of run "
+            f"{self.run_id} are kept in {waiting.folder}; run `cnn-train sync` once it answers "
             "to deliver them and the run's final status"
         )
 

@@ -253,7 +253,11 @@ def _send(mlflow_client: MlflowClient, run_id: str, kind: str, payload: dict[str
 
 
 class Courier:
-    """A daemon thread delivering one spool while its run goes on; training only appends."""
+    """A daemon thread delivering one spool while its run goes on; training only appends.
+
+    It ends once its spool is gone (delivered and removed at the run's end, or by `cnn-train sync`), so a
+    process that runs many runs (a sweep's trials, a study, a Ray worker) keeps no thread per finished run.
+    """
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
@@ -261,6 +265,10 @@ class Courier:
         self._idle = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"mlflow-spool-{spool.run_id[:8]}", daemon=True)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def nudge(self) -> None:
         self._idle.clear()
@@ -271,8 +279,9 @@ class Courier:
         while True:
             self._wake.wait(timeout=backoff)
             self._wake.clear()
-            if not self.spool.path.exists():  # delivered and removed by `cnn-train sync`, or deleted
-                self._idle.set()
+            if not self.spool.path.exists():  # delivered and removed (the run's end, `cnn-train sync`), or deleted
+                if self._retire():
+                    return
                 continue
             try:
                 result = self.spool.deliver()
@@ -285,10 +294,23 @@ class Courier:
             else:
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
+    def _retire(self) -> bool:
+        """Leave this process's couriers, unless an append brought the spool back meanwhile (checked under
+        the lock :func:`courier_for` takes, so the next append there gets a courier that runs)."""
+        with _COURIERS_LOCK:
+            if self.spool.path.exists():
+                return False
+            if _COURIERS.get(self.spool.run_id) is self:
+                del _COURIERS[self.spool.run_id]
+            self._idle.set()
+            return True
+
     def flush(self, timeout: float) -> int:
         """Wait up to ``timeout`` seconds for everything appended so far to be delivered; returns what is left."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if not self.alive:  # retired: its spool was gone; nothing here delivers any more
+                return self.spool.count()
             self.nudge()
             if self._idle.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic()))) and self.spool.count() == 0:
                 return 0
@@ -303,7 +325,7 @@ def courier_for(uri: str, run_id: str) -> Courier:
     """This process's courier for a run (started on first use; a Ray worker gets its own)."""
     with _COURIERS_LOCK:
         courier = _COURIERS.get(run_id)
-        if courier is None or not courier.spool.path.exists():
+        if courier is None or not courier.alive or not courier.spool.path.exists():
             courier = _COURIERS[run_id] = Courier(Spool(run_id, uri=uri))
         return courier
 
