@@ -22,10 +22,25 @@ import pytest
 
 from tests.stores import new_store
 
+# What the suite makes in the temp folder outside pytest's tmp_path (each process's Prefect home, store
+# templates, the temporary files of the code under test) goes in one folder that the main process
+# removes as it exits. Workers must not be trusted to clean up: xdist kills a worker that takes more
+# than 10 s to exit (Prefect drains its event and log workers then), and a killed worker runs no atexit
+# handler; each session left 3 to 11 folders in /tmp that way.
+SUITE_TMP_VARIABLE = "CNN_TRAIN_TESTS_TMP"
+if SUITE_TMP_VARIABLE not in os.environ:  # the main process; workers and the processes tests start inherit it
+    os.environ[SUITE_TMP_VARIABLE] = tempfile.mkdtemp(prefix="cnn-train-tests-")
+    atexit.register(shutil.rmtree, os.environ[SUITE_TMP_VARIABLE], ignore_errors=True)
+    # Nor does the suite write the project's own .state (the developer's spools, caches, leases): one state
+    # folder for the session, shared by the workers as the project's is. Tests about the project's state
+    # give a project root of their own (CNN_TRAIN_ROOT) and drop this variable.
+    os.environ["CNN_TRAIN_STATE_DIR"] = os.path.join(os.environ[SUITE_TMP_VARIABLE], "state")
+else:  # a worker: its temporary files go in the suite's folder too (pytest's tmp_path is set apart by xdist)
+    tempfile.tempdir = tempfile.mkdtemp(prefix="worker-", dir=os.environ[SUITE_TMP_VARIABLE])
+
 # Tests never see the developer's Prefect profile (`cnn-train up` points it at a local server that
-# may be down) nor a PREFECT_API_URL from the shell: each session gets a Prefect home of its own.
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cnn-train-tests-prefect-")
-atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)  # one per worker: none piles up in /tmp
+# may be down) nor a PREFECT_API_URL from the shell: each process gets a Prefect home of its own.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-", dir=os.environ[SUITE_TMP_VARIABLE])
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 # One OpenMP thread per process (this one and every process a test starts), unless the developer set it:
@@ -56,8 +71,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
     if hasattr(config, "workerinput") or os.environ.get(SCHEMA_DIR_VARIABLE):
         return  # a worker (it inherits the main process's folder), or the developer's own folder
-    os.environ[SCHEMA_DIR_VARIABLE] = folder = tempfile.mkdtemp(prefix="cnn-train-tests-prefect-schema-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ[SCHEMA_DIR_VARIABLE] = tempfile.mkdtemp(prefix="prefect-schema-", dir=os.environ[SUITE_TMP_VARIABLE])
     migration = subprocess.Popen(  # noqa: S603 - this project's own module
         [sys.executable, "-c", "from cnn_train.flows import prefect_database; prefect_database.migrated_template()"],
         stdin=subprocess.DEVNULL,
