@@ -26,7 +26,7 @@ from tests.stores import new_store
 # templates, the temporary files of the code under test) goes in one folder that the main process
 # removes as it exits. Workers must not be trusted to clean up: xdist kills a worker that takes more
 # than 10 s to exit (Prefect drains its event and log workers then), and a killed worker runs no atexit
-# handler; each session left 3 to 11 folders in /tmp that way.
+# handler; each session left 3 to 5 folders in /tmp that way (1-9 MB each).
 SUITE_TMP_VARIABLE = "CNN_TRAIN_TESTS_TMP"
 if SUITE_TMP_VARIABLE not in os.environ:  # the main process; workers and the processes tests start inherit it
     os.environ[SUITE_TMP_VARIABLE] = tempfile.mkdtemp(prefix="cnn-train-tests-")
@@ -222,11 +222,12 @@ def prefect_api_url() -> Iterator[str]:
     from cnn_train.flows.temporary_server import TemporaryServer
 
     server = TemporaryServer()
-    try:
-        with temporary_settings({PREFECT_API_URL: server.ready(timeout=120)}) as settings:
-            yield settings.api.url
-    finally:
-        server.stop()
+    # Stopped as the process exits, after Prefect's event and log workers have drained (they drain at
+    # thread shutdown, before atexit), as a command's temporary server is. Stopped at session teardown, it
+    # left them sending to a server that was gone: the worker hung at exit until xdist killed it 10 s later.
+    atexit.register(server.stop)
+    with temporary_settings({PREFECT_API_URL: server.ready(timeout=120)}) as settings:
+        yield settings.api.url
 
 
 @pytest.fixture(scope="module")
