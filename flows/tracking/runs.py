@@ -132,7 +132,7 @@ class RunTracker:
     def flush(self, timeout: float = FLUSH_SECONDS) -> int:
         """Wait up to ``timeout`` seconds for everything logged so far to reach MLflow; returns the
         number of records still waiting on disk."""
-        if not spool.Spool(self.run_id).path.exists():
+        if not spool.has_waiting_records(self.run_id):
             return 0  # nothing waits (a read of a finished run): no spool is made again, nor a courier started
         return self.courier.flush(timeout)
 
