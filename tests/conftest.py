@@ -35,8 +35,14 @@ if SUITE_TMP_VARIABLE not in os.environ:  # the main process; workers and the pr
     # folder for the session, shared by the workers as the project's is. Tests about the project's state
     # give a project root of their own (CNN_TRAIN_ROOT) and drop this variable.
     os.environ["CNN_TRAIN_STATE_DIR"] = os.path.join(os.environ[SUITE_TMP_VARIABLE], "state")
+    # Local Ray clusters (`ray.init()` in a worker, a sweep's own) keep their sessions in <this>/ray, not in
+    # /tmp/ray, where three were left per session. Short on purpose: Ray's socket paths stay under 107 bytes.
+    os.environ.setdefault("RAY_TMPDIR", os.environ[SUITE_TMP_VARIABLE])
 else:  # a worker: its temporary files go in the suite's folder too (pytest's tmp_path is set apart by xdist)
     tempfile.tempdir = tempfile.mkdtemp(prefix="worker-", dir=os.environ[SUITE_TMP_VARIABLE])
+    # And those of the processes its tests start: a serve process killed by a test left Prefect's
+    # runner_storage folder, a model loaded by plain MLflow its download, in /tmp.
+    os.environ["TMPDIR"] = tempfile.tempdir
 
 # Tests never see the developer's Prefect profile (`cnn-train up` points it at a local server that
 # may be down) nor a PREFECT_API_URL from the shell: each process gets a Prefect home of its own.
