@@ -227,6 +227,28 @@ def make_flaky_backend():
     return FlakyBackend
 
 
+def make_paced_backend():
+    """The torch backend resting $PACED_SECONDS (default 1) after each epoch: a run that stays in flight
+    while a test waits for it, using a small share of a core, where many short epochs kept one busy."""
+    import os
+    import time
+
+    base = _torch_backend()
+
+    class PacedBackend(base):
+        def train(self, data, config, *, on_epoch=None, initial_epoch=0):
+            pause = float(os.environ.get("PACED_SECONDS", "1"))
+
+            def rest_after(metrics):
+                if on_epoch is not None:
+                    on_epoch(metrics)
+                time.sleep(pause)
+
+            return super().train(data, config, on_epoch=rest_after, initial_epoch=initial_epoch)
+
+    return PacedBackend
+
+
 def __getattr__(name: str):
     if name == "RaisesOnImport":
         raise RuntimeError("plugin is broken at import time")
@@ -236,4 +258,6 @@ def __getattr__(name: str):
         return make_flaky_backend()
     if name == "ChannelsFirstMapsBackend":
         return make_channels_first_maps_backend()
+    if name == "PacedBackend":
+        return make_paced_backend()
     raise AttributeError(name)

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from cnn_train.plugins import registry
 from tests.local_stack import free_port
+from tests.plugin_fixtures import write_dist_info
 from tests.stores import new_store
 
 pytestmark = pytest.mark.slow
@@ -62,10 +64,7 @@ def _wait_for_epoch(uri: str, process: subprocess.Popen, timeout: float = 900) -
 def _register(tmp_path: Path, name: str, target: str) -> str:
     """A real distribution (dist-info on the path) registering ``target`` under ``name``."""
     site = tmp_path / "site"
-    dist_info = site / f"{name.replace('-', '_')}-0.1.dist-info"
-    dist_info.mkdir(parents=True)
-    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
-    (dist_info / "entry_points.txt").write_text(f"[cnn_train.backends]\n{name} = {target}\n")
+    write_dist_info(site, name, "0.1", {registry.GROUP: {name: target}})
     return str(site)
 
 

@@ -19,9 +19,12 @@ from pathlib import Path
 import pytest
 
 from cnn_train.flows import auth
+from cnn_train.plugins import registry
 from tests.local_stack import free_port
+from tests.plugin_fixtures import write_dist_info
 
 CLI = Path(sys.executable).with_name("cnn-train")
+ROOT = Path(__file__).resolve().parents[1]
 USER, PASSWORD = "team", "correct-horse-battery"
 
 
@@ -90,8 +93,15 @@ class Team:
             auth.PASSWORD_ENV: PASSWORD,
             # MLflow heartbeat every 2 s: a killed run is stale after 12 s.
             "CNN_TRAIN_HEARTBEAT_SECONDS": "2",
+            # The served flow runs may train with the paced torch backend, registered as any plugin is.
+            "PYTHONPATH": os.pathsep.join([str(self._paced_plugin(tmp_path / "site")), str(ROOT)]),
         }
         self.state = tmp_path / "state"
+
+    @staticmethod
+    def _paced_plugin(site: Path) -> Path:
+        write_dist_info(site, "paced-torch", "0.1", {registry.GROUP: {"paced-torch": "tests.plugin_fixtures:PacedBackend"}})
+        return site
 
     @property
     def prefect_api(self) -> str:
@@ -175,8 +185,9 @@ def test_sigkill_of_serve_and_flow_run_process_ends_both_runs(team, monkeypatch)
     started = team.python(
         "from prefect.deployments import run_deployment\n"
         "print(run_deployment('cnn-train/default', timeout=0, parameters="
-        # Enough epochs to outlast the wait below on any CPU (30 finished before it on an idle one).
-        "{'epochs': 1000, 'sample_limit': 600, 'test_limit': 100, 'compare_dense': False}).id)"
+        # Epochs that rest a second each (tests.plugin_fixtures.PacedBackend): the run outlasts the wait
+        # below on any CPU without keeping a core busy through it (the torch backend's 30 epochs did).
+        "{'backend': 'paced-torch', 'epochs': 1000, 'sample_limit': 600, 'test_limit': 100, 'compare_dense': False}).id)"
     )
     assert started.returncode == 0, started.stderr[-3000:]
     flow_run_id = started.stdout.strip().splitlines()[-1]
