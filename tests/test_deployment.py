@@ -31,6 +31,20 @@ def test_up_is_idempotent(stack):
         assert f"{service}: already running" in again.stdout
 
 
+def test_up_leaves_the_zombie_automation_on_its_own_server(stack):
+    """On the server `up` started, not on a temporary one: `up` talks to Prefect only once its process
+    points at that server, and a Prefect import before then would freeze settings without it (as one did)."""
+    from prefect.automations import Automation
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from cnn_train.flows import crashes
+
+    env, _ = stack
+    with temporary_settings({PREFECT_API_URL: prefect_api(env)}):
+        automation = Automation.read(name=crashes.AUTOMATION_NAME)
+    assert automation.enabled and automation.trigger == crashes.zombie_trigger()
+
+
 def test_a_shell_without_the_port_variables_finds_the_servers_up_started(stack):
     """`CNN_TRAIN_MLFLOW_PORT=... cnn-train up`, then commands in another shell: they record to that
     server, not silently to mlflow.db; and the terminal shows the command's own link to the run, not
