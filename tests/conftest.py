@@ -38,11 +38,14 @@ if SUITE_TMP_VARIABLE not in os.environ:  # the main process; workers and the pr
     # Local Ray clusters (`ray.init()` in a worker, a sweep's own) keep their sessions in <this>/ray, not in
     # /tmp/ray, where three were left per session. Short on purpose: Ray's socket paths stay under 107 bytes.
     os.environ.setdefault("RAY_TMPDIR", os.environ[SUITE_TMP_VARIABLE])
+    # The processes tests start (here with -n 0) too: a serve process killed by a test left Prefect's
+    # runner_storage folder in /tmp, a model loaded by plain MLflow its download. This process's own
+    # temporary folder stays the system's, where pytest keeps the last runs' tmp_path folders.
+    tempfile.tempdir = tempfile.gettempdir()
+    os.environ["TMPDIR"] = os.environ[SUITE_TMP_VARIABLE]
 else:  # a worker: its temporary files go in the suite's folder too (pytest's tmp_path is set apart by xdist)
     tempfile.tempdir = tempfile.mkdtemp(prefix="worker-", dir=os.environ[SUITE_TMP_VARIABLE])
-    # And those of the processes its tests start: a serve process killed by a test left Prefect's
-    # runner_storage folder, a model loaded by plain MLflow its download, in /tmp.
-    os.environ["TMPDIR"] = tempfile.tempdir
+    os.environ["TMPDIR"] = tempfile.tempdir  # and those of the processes its tests start
 
 # Tests never see the developer's Prefect profile (`cnn-train up` points it at a local server that
 # may be down) nor a PREFECT_API_URL from the shell: each process gets a Prefect home of its own.
