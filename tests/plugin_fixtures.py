@@ -228,21 +228,18 @@ def make_flaky_backend():
 
 
 def make_paced_backend():
-    """The torch backend resting $PACED_SECONDS (default 1) after each epoch: a run that stays in flight
-    while a test waits for it, using a small share of a core, where many short epochs kept one busy."""
-    import os
+    """The torch backend resting a second after each epoch: a run that stays in flight while a test
+    waits for it, using a small share of a core, where many short epochs kept one busy."""
     import time
 
     base = _torch_backend()
 
     class PacedBackend(base):
         def train(self, data, config, *, on_epoch=None, initial_epoch=0):
-            pause = float(os.environ.get("PACED_SECONDS", "1"))
-
             def rest_after(metrics):
                 if on_epoch is not None:
                     on_epoch(metrics)
-                time.sleep(pause)
+                time.sleep(1.0)
 
             return super().train(data, config, on_epoch=rest_after, initial_epoch=initial_epoch)
 
