@@ -185,6 +185,32 @@ def test_status_shows_disk_use_per_folder(state, monkeypatch, tmp_path):
     assert any(line.startswith("prefect-server: not running") for line in lines)
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        pytest.param("MLFLOW_TRACKING_URI", "http://10.0.0.5:5000", "its runs go to http://10.0.0.5:5000, not to this project's mlflow-server or mlflow.db", id="another-mlflow-server"),
+        pytest.param("PREFECT_API_URL", "http://10.0.0.5:4200/api/", "its flow runs go to http://10.0.0.5:4200/api, not to this project's prefect-server", id="another-prefect-server"),
+        pytest.param("MLFLOW_TRACKING_URI", "{project_db}", None, id="the-projects-own-mlflow-db"),
+        pytest.param("PREFECT_API_URL", "{project_prefect}", None, id="the-projects-own-prefect-server"),
+    ],
+)
+def test_status_says_when_this_shell_sends_runs_elsewhere(state, monkeypatch, tmp_path, variable, value, said):
+    """`cnn-train status` shows the project's servers; a shell whose MLFLOW_TRACKING_URI or PREFECT_API_URL
+    points elsewhere records its runs there, which the server lines alone hid."""
+    from cnn_train.flows import services
+
+    monkeypatch.setenv("CNN_TRAIN_ROOT", str(tmp_path))
+    for port in ("CNN_TRAIN_PREFECT_PORT", "CNN_TRAIN_MLFLOW_PORT"):
+        monkeypatch.setenv(port, str(free_port()))
+    for name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, value.format(project_db=f"sqlite:///{tmp_path / 'mlflow.db'}", project_prefect=services.prefect_api_url()))
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 0, result.output
+    elsewhere = [line for line in result.output.splitlines() if " is set in this shell: " in line]
+    assert elsewhere == ([] if said is None else [f"{variable} is set in this shell: {said}"])
+
+
 def test_libraries_keep_their_files_under_the_state_dir(state, tmp_path):
     environ = {"HOME": str(tmp_path / "home")}
     keep_library_state_in_project(environ)

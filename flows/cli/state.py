@@ -4,6 +4,7 @@ recent flow runs, and triggering a deployment with the reason shown when its run
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated, Any, Optional
 
 import typer
@@ -29,11 +30,29 @@ def status(
         state = _SERVER_STATES.get((server["pid"] is not None, bool(server["ready"])), "not running")
         pid = f", pid {server['pid']}" if server["pid"] else ""
         typer.echo(f"{name}: {state}{pid} (log: {server['log']})")
+    for line in _elsewhere(services):
+        typer.echo(line)
     typer.echo("disk:")
     for place in usage:
         typer.echo(f"  {place.label:<28} {housekeeping.human_size(place.size):>10}")
     typer.echo(f"  {'total':<28} {housekeeping.human_size(sum(place.size for place in usage)):>10}")
     typer.echo("(`cnn-train gc --dry-run` lists what can be pruned)")
+
+
+def _elsewhere(services: Any) -> list[str]:
+    """A line per variable of this shell that sends its runs somewhere other than the project's servers
+    and store, whatever the lines above say about those."""
+    from cnn_train.flows.settings import default_tracking_uri
+
+    pointed = (
+        ("MLFLOW_TRACKING_URI", "runs", "mlflow-server or mlflow.db", (services.mlflow_url(), default_tracking_uri())),
+        ("PREFECT_API_URL", "flow runs", "prefect-server", (services.prefect_api_url(),)),
+    )
+    return [
+        f"{variable} is set in this shell: its {what} go to {value}, not to this project's {place}"
+        for variable, what, place, project in pointed
+        if (value := os.environ.get(variable, "").rstrip("/")) and value not in project
+    ]
 
 
 @app.command()
