@@ -18,7 +18,8 @@ _SERVER_STATES = {(True, True): "ready", (True, False): "started, not answering"
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print servers and disk use as JSON.")] = False,
 ) -> None:
-    """Show the servers started by `cnn-train up` and how much disk the project's state uses."""
+    """Show the servers started by `cnn-train up` and how much disk the project's state uses; say when this
+    shell's MLFLOW_TRACKING_URI or PREFECT_API_URL sends its runs elsewhere."""
     from cnn_train.flows import housekeeping, services
 
     servers = services.status()
