@@ -42,6 +42,13 @@ def write_dist_info(
     return dist_info
 
 
+def backend_plugin_site(site: Path, name: str, target: str) -> Path:
+    """``site`` holding one distribution that registers backend ``target`` under ``name``, as a plugin's
+    pip install would: put it on a subprocess's PYTHONPATH and the registry finds the backend."""
+    write_dist_info(site, name, "0.1", {registry.GROUP: {name: target}})
+    return site
+
+
 class FakeDistribution(importlib.metadata.Distribution):
     """An installed distribution that exists only in memory: its metadata (with the requirements it
     declares) and its backend entry points."""

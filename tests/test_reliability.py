@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cnn_train.plugins import registry
 from tests.local_stack import free_port
-from tests.plugin_fixtures import write_dist_info
+from tests.plugin_fixtures import backend_plugin_site
 from tests.stores import new_store
 
 pytestmark = pytest.mark.slow
@@ -59,13 +58,6 @@ def _wait_for_epoch(uri: str, process: subprocess.Popen, timeout: float = 900) -
                 return run.info.run_id
         time.sleep(0.5)
     raise AssertionError("no epoch was logged in time")
-
-
-def _register(tmp_path: Path, name: str, target: str) -> str:
-    """A real distribution (dist-info on the path) registering ``target`` under ``name``."""
-    site = tmp_path / "site"
-    write_dist_info(site, name, "0.1", {registry.GROUP: {name: target}})
-    return str(site)
 
 
 @pytest.fixture
@@ -139,7 +131,7 @@ def test_transient_failure_is_retried_and_resumes_from_the_last_epoch(prefect_ap
     marker = tmp_path / "failed-once"
     env = _env(
         prefect_api_url, store, tmp_path,
-        PLUGIN_PATH=_register(tmp_path, "flaky-torch", "tests.plugin_fixtures:FlakyBackend"),
+        PLUGIN_PATH=str(backend_plugin_site(tmp_path / "site", "flaky-torch", "tests.plugin_fixtures:FlakyBackend")),
         FLAKY_MARKER=str(marker),
     )
     result = subprocess.run(
@@ -286,7 +278,7 @@ def _flow_run_state_message(prefect_api_url: str, flow_run_id: str) -> str:
 
 
 def test_backend_returning_wrong_shapes_is_refused(prefect_api_url, store, tmp_path):
-    env = _env(prefect_api_url, store, tmp_path, PLUGIN_PATH=_register(tmp_path, "wrong-shape", "tests.plugin_fixtures:WrongShapeBackend"))
+    env = _env(prefect_api_url, store, tmp_path, PLUGIN_PATH=str(backend_plugin_site(tmp_path / "site", "wrong-shape", "tests.plugin_fixtures:WrongShapeBackend")))
     result = subprocess.run([CLI, "run", "--backend", "wrong-shape", *QUICK], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "backend 'wrong-shape' broke the contract: predict_proba returned shape (100, 9), expected (100, 10)" in result.stdout + result.stderr

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 
 from cnn_train.flows import auth
-from cnn_train.plugins import registry
 from tests.local_stack import free_port
-from tests.plugin_fixtures import write_dist_info
+from tests.plugin_fixtures import backend_plugin_site
 
 CLI = Path(sys.executable).with_name("cnn-train")
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,14 +93,11 @@ class Team:
             # MLflow heartbeat every 2 s: a killed run is stale after 12 s.
             "CNN_TRAIN_HEARTBEAT_SECONDS": "2",
             # The served flow runs may train with the paced torch backend, registered as any plugin is.
-            "PYTHONPATH": os.pathsep.join([str(self._paced_plugin(tmp_path / "site")), str(ROOT)]),
+            "PYTHONPATH": os.pathsep.join(
+                [str(backend_plugin_site(tmp_path / "site", "paced-torch", "tests.plugin_fixtures:PacedBackend")), str(ROOT)]
+            ),
         }
         self.state = tmp_path / "state"
-
-    @staticmethod
-    def _paced_plugin(site: Path) -> Path:
-        write_dist_info(site, "paced-torch", "0.1", {registry.GROUP: {"paced-torch": "tests.plugin_fixtures:PacedBackend"}})
-        return site
 
     @property
     def prefect_api(self) -> str:

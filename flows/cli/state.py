@@ -31,7 +31,7 @@ def status(
         state = _SERVER_STATES.get((server["pid"] is not None, bool(server["ready"])), "not running")
         pid = f", pid {server['pid']}" if server["pid"] else ""
         typer.echo(f"{name}: {state}{pid} (log: {server['log']})")
-    for line in _elsewhere(services):
+    for line in _elsewhere():
         typer.echo(line)
     typer.echo("disk:")
     for place in usage:
@@ -40,9 +40,10 @@ def status(
     typer.echo("(`cnn-train gc --dry-run` lists what can be pruned)")
 
 
-def _elsewhere(services: Any) -> list[str]:
+def _elsewhere() -> list[str]:
     """A line per variable of this shell that sends its runs somewhere other than the project's servers
     and store, whatever the lines above say about those."""
+    from cnn_train.flows import services
     from cnn_train.flows.settings import default_tracking_uri
 
     pointed = (
