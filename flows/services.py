@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cnn_train.flows.settings import (
     default_artifact_root,
@@ -27,7 +27,9 @@ from cnn_train.flows.settings import (
 )
 
 HOST = "127.0.0.1"
-#: The address the servers listen on (`cnn-train up --host`); clients here always use HOST.
+#: The addresses the servers may listen on (`cnn-train up --host`): this machine only, or every interface.
+#: Clients here always use HOST, so one other interface alone would leave them unanswered.
+BindHost = Literal["127.0.0.1", "0.0.0.0"]
 BIND_HOST_ENV = "CNN_TRAIN_BIND_HOST"
 
 

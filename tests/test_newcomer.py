@@ -70,6 +70,8 @@ def test_bad_duration_is_one_line_from_the_command():
                      "integer, unable to parse string as an integer; see `cnn-train run --help`", id="not-a-number"),
         pytest.param(["sweep", "--architecture", "resnet"], "cnn-train: Invalid value for '--architecture': 'resnet' "
                      "is not one of 'cnn', 'dense', 'cnn-improved'; see `cnn-train sweep --help`", id="closed-choice"),
+        pytest.param(["up", "--host", "192.0.2.7"], "cnn-train: Invalid value for '--host': '192.0.2.7' is not one of "
+                     "'127.0.0.1', '0.0.0.0'; see `cnn-train up --help`", id="host-the-clients-would-not-reach"),
         pytest.param(["predict"], "cnn-train: Missing argument 'PATH'; see `cnn-train predict --help`", id="missing-argument"),
         pytest.param(["run", "--epochs"], "cnn-train: Option '--epochs' requires an argument", id="option-without-value"),
         pytest.param(["trian"], "cnn-train: No such command 'trian'; see `cnn-train --help`", id="unknown-command"),

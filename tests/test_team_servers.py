@@ -1,6 +1,10 @@
 """Servers shared with a team (`cnn-train up --host 0.0.0.0`): refused without credentials; with them,
 requests without credentials get 401 and cnn-train's own clients work. Then the worst fault for such
-servers: the serve process and its flow-run process SIGKILLed together."""
+servers: the serve process and its flow-run process SIGKILLed together.
+
+The real servers here listen on 127.0.0.1 (test traffic stays on this machine): configured credentials
+are demanded on either address, and what 0.0.0.0 changes, the servers' command lines and the UI's API
+address, is checked without starting them."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import base64
 import re
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cnn_train.flows import auth
+from cnn_train.flows import auth, services
 from tests.local_stack import free_port
 from tests.plugin_fixtures import backend_plugin_site
 
@@ -78,6 +83,25 @@ def test_credentials_from_a_private_file_reach_every_client(tmp_path, monkeypatc
     assert PASSWORD not in repr(credentials)
 
 
+@pytest.mark.parametrize("bind_host", ["127.0.0.1", "0.0.0.0"])
+def test_the_host_reaches_both_servers_command_lines(monkeypatch, bind_host):
+    monkeypatch.setenv(services.BIND_HOST_ENV, bind_host)
+    for server in (services.prefect_server, services.mlflow_server):
+        command = server.command()
+        assert command[command.index("--host") + 1] == bind_host, server.name
+
+
+def test_on_every_interface_the_prefect_ui_finds_its_api_by_this_machines_name(monkeypatch):
+    monkeypatch.setenv("CNN_TRAIN_PREFECT_PORT", "4321")
+    for name in (auth.USERNAME_ENV, auth.PASSWORD_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(auth.FILE_ENV, "/nonexistent/auth")
+    monkeypatch.delenv(services.BIND_HOST_ENV, raising=False)
+    assert services.prefect_server.extra_env()["PREFECT_UI_API_URL"] == "http://127.0.0.1:4321/api"
+    monkeypatch.setenv(services.BIND_HOST_ENV, "0.0.0.0")
+    assert services.prefect_server.extra_env()["PREFECT_UI_API_URL"] == f"http://{socket.getfqdn()}:4321/api"
+
+
 # --- real servers ----------------------------------------------------------------------------------
 
 
@@ -121,7 +145,7 @@ class Team:
 @pytest.fixture(scope="module")
 def team(tmp_path_factory, real_fashion_mnist_dir) -> Iterator[Team]:
     team = Team(tmp_path_factory.mktemp("team"), real_fashion_mnist_dir)
-    started = team.cli("up", "--host", "0.0.0.0", "--no-trigger", timeout=900)
+    started = team.cli("up", "--no-trigger", timeout=900)  # on 127.0.0.1: see the module's docstring
     try:
         assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
         yield team

@@ -8,6 +8,7 @@ import typer
 
 from cnn_train.flows.cli.app import app
 from cnn_train.flows.params import RunParameters
+from cnn_train.flows.services import BindHost
 
 
 @app.command()
@@ -15,8 +16,11 @@ def up(
     watch_timeout: Annotated[int, typer.Option(help="Seconds to wait for the flow run.")] = 7200,
     trigger: Annotated[bool, typer.Option(help="Trigger cnn-train/default once the servers are up.")] = True,
     host: Annotated[
-        str,
-        typer.Option(help="Address the servers listen on; anything but 127.0.0.1 requires credentials (see README)."),
+        BindHost,
+        typer.Option(
+            help="Address the servers listen on: 127.0.0.1, this machine only; 0.0.0.0, every interface, which "
+            "requires credentials (see README)."
+        ),
     ] = "127.0.0.1",
     worker: Annotated[
         bool,
