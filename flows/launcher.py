@@ -10,11 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cnn_train.flows import flow_runs, services
+from cnn_train.flows.settings import env_number
 
 Echo = Callable[[str], None]
 
 #: Seconds a server may take to answer (a fresh Prefect database on a busy 2-core machine took 90 s).
-START_TIMEOUT = float(os.environ.get("CNN_TRAIN_START_TIMEOUT", "300"))
+START_TIMEOUT = env_number("CNN_TRAIN_START_TIMEOUT", 300.0, minimum=1)
 
 _FINAL_EPOCH_METRIC = "val_accuracy"
 

@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.settings import (
     default_artifact_root,
     heartbeat_environment,
@@ -67,10 +68,19 @@ def mlflow_port() -> int:
     return _port("CNN_TRAIN_MLFLOW_PORT", mlflow_server, 5000)
 
 
+class PortError(ExpectedFailure):
+    """A port variable that holds no port."""
+
+
 def _port(variable: str, service: Service, default: int) -> int:
     """The port ``variable`` gives; else the one ``cnn-train up`` started ``service`` on, while it runs (a
     shell without the variable would otherwise miss the server, and record runs in ``mlflow.db``); else ``default``."""
     if value := os.environ.get(variable):
+        if not (value.strip().isdigit() and 1 <= int(value) <= 65535):
+            raise PortError(
+                f"{variable}={value!r} is not a port: set a whole number from 1 to 65535, or unset it to use "
+                f"the port `cnn-train up` recorded, else {default}"
+            )
         return int(value)
     try:
         recorded = int(service.port_file.read_text())

@@ -6,6 +6,8 @@ Everything lives under the project root by default so a checkout is self-contain
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -19,10 +21,42 @@ _USER_PREFECT_PROFILES = Path("~/.prefect/profiles.toml")
 #: longer than Prefect's 20 s default, failing the run before it began.
 _TEMPORARY_SERVER_STARTUP_SECONDS = "120"
 
-#: Seconds between a flow run's Prefect heartbeats. Prefect's default, 180, is longer than the 90 s of
-#: silence after which the automation `cnn-train up` creates crashes a flow run (cnn_train.flows.crashes);
-#: 30 is Prefect's minimum.
-FLOW_HEARTBEAT_SECONDS = int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30"))
+_log = logging.getLogger(__name__)
+
+
+def env_number(name: str, default: float, *, minimum: float, whole: bool = False) -> float:
+    """``$name`` as a number of at least ``minimum`` (a whole one when ``whole``), or ``default`` when it is
+    unset. Any other value is ignored with a warning that says what is allowed: these knobs are read on
+    import, where an error would be a traceback from every command, ``--help`` included."""
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if math.isfinite(number) and number >= minimum and (number.is_integer() or not whole):
+        return int(number) if whole else number
+    kind = "a whole number" if whole else "a number"
+    _log.warning("ignoring $%s=%r: it must be %s, at least %g; using %g", name, value, kind, minimum, default)
+    return default
+
+
+_FLOW_HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+_PREFECT_MIN_HEARTBEAT_SECONDS = 30
+
+
+def _valid_flow_heartbeat(value: str) -> bool:
+    return value.strip().isdigit() and int(value) >= _PREFECT_MIN_HEARTBEAT_SECONDS
+
+
+#: Seconds between a flow run's Prefect heartbeats: the user's own setting, else 30, Prefect's minimum.
+#: Prefect's default, 180, is longer than the 90 s of silence after which the automation `cnn-train up`
+#: creates crashes a flow run (cnn_train.flows.crashes). A value Prefect refuses is reported by
+#: heartbeat_often_enough when a command starts.
+FLOW_HEARTBEAT_SECONDS = (
+    int(os.environ[_FLOW_HEARTBEAT_ENV]) if _valid_flow_heartbeat(os.environ.get(_FLOW_HEARTBEAT_ENV, "")) else 30
+)
 
 #: Telemetry off: nothing cnn-train starts reaches for the internet. MLflow wants "true", not "1";
 #: a temporary Prefect server's telemetry also raced its own fresh database ("database is locked").
@@ -37,6 +71,10 @@ def project_root() -> Path:
     if (checkout / "pyproject.toml").is_file() and (checkout / "flows").is_dir():
         return checkout
     return Path.cwd().resolve()
+
+
+class SettingError(ExpectedFailure):
+    """An environment variable holding a value the process cannot run with."""
 
 
 class StateDirError(ExpectedFailure):
@@ -102,13 +140,20 @@ def keep_library_state_in_project(environ: MutableMapping[str, str] = os.environ
 def heartbeat_environment() -> dict[str, str]:
     """What a process running flow runs needs for Prefect to hear it is alive as often as the servers'
     zombie automation expects."""
-    return {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(FLOW_HEARTBEAT_SECONDS)}
+    return {_FLOW_HEARTBEAT_ENV: str(FLOW_HEARTBEAT_SECONDS)}
 
 
 def heartbeat_often_enough(environ: MutableMapping[str, str] = os.environ) -> None:
     """Flow runs of this process (and the ones it starts) send Prefect heartbeats every
     :data:`FLOW_HEARTBEAT_SECONDS` (unless set): on the servers `cnn-train up` started, a run beating at
-    Prefect's default would be marked Crashed while it still runs. Must run before Prefect is imported."""
+    Prefect's default would be marked Crashed while it still runs. Must run before Prefect is imported, which
+    would refuse a value of the user's that is not a whole number of seconds, at least 30, with a traceback."""
+    given = environ.get(_FLOW_HEARTBEAT_ENV)
+    if given is not None and not _valid_flow_heartbeat(given):
+        raise SettingError(
+            f"{_FLOW_HEARTBEAT_ENV}={given!r} is refused by Prefect: set a whole number of seconds, at least "
+            f"{_PREFECT_MIN_HEARTBEAT_SECONDS}, or unset it for cnn-train's {FLOW_HEARTBEAT_SECONDS}"
+        )
     for name, value in heartbeat_environment().items():
         environ.setdefault(name, value)
 

@@ -83,6 +83,58 @@ def test_a_command_line_mistake_is_one_line(arguments, line):
     assert (result.returncode, result.stdout, result.stderr.splitlines()) == (2, "", [line])
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "65536", "-1", "42.5"])
+def test_a_port_variable_that_holds_no_port_is_one_line(tmp_path, value):
+    env = os.environ | {"CNN_TRAIN_STATE_DIR": str(tmp_path / "state"), "CNN_TRAIN_MLFLOW_PORT": value}
+    result = subprocess.run([BIN / "cnn-train", "status"], env=env, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr.splitlines()) == (1, [
+        f"cnn-train: CNN_TRAIN_MLFLOW_PORT={value!r} is not a port: set a whole number from 1 to 65535, or unset it "
+        "to use the port `cnn-train up` recorded, else 5000"
+    ])
+
+
+def test_a_heartbeat_prefect_would_refuse_is_one_line_and_help_still_shows(tmp_path):
+    env = os.environ | {"CNN_TRAIN_STATE_DIR": str(tmp_path / "state"), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "10"}
+    shown = subprocess.run([BIN / "cnn-train", "--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert (shown.returncode, shown.stderr) == (0, "") and "Usage: cnn-train" in shown.stdout
+    result = subprocess.run([BIN / "cnn-train", "status"], env=env, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr.splitlines()) == (1, [
+        "cnn-train: PREFECT_FLOWS_HEARTBEAT_FREQUENCY='10' is refused by Prefect: set a whole number of seconds, "
+        "at least 30, or unset it for cnn-train's 30"
+    ])
+
+
+@pytest.mark.parametrize(
+    ("value", "whole", "expected"),
+    [
+        pytest.param(None, False, 20.0, id="unset"),
+        pytest.param("", False, 20.0, id="empty"),
+        pytest.param("2.5", False, 2.5, id="a-number"),
+        pytest.param(" 45 ", True, 45, id="a-whole-number"),
+        pytest.param("45.0", True, 45, id="a-whole-number-with-a-point"),
+        pytest.param("2.5", True, 20.0, id="not-whole"),
+        pytest.param("0.01", False, 20.0, id="below-the-minimum"),
+        pytest.param("nan", False, 20.0, id="nan"),
+        pytest.param("inf", False, 20.0, id="infinite"),
+        pytest.param("soon", False, 20.0, id="not-a-number"),
+    ],
+)
+def test_env_number_takes_a_valid_value_and_ignores_any_other_saying_so(monkeypatch, caplog, value, whole, expected):
+    from cnn_train.flows.settings import env_number
+
+    if value is None:
+        monkeypatch.delenv("CNN_TRAIN_TEST_KNOB", raising=False)
+    else:
+        monkeypatch.setenv("CNN_TRAIN_TEST_KNOB", value)
+    with caplog.at_level(logging.WARNING, logger="cnn_train.flows.settings"):
+        number = env_number("CNN_TRAIN_TEST_KNOB", 20.0, minimum=0.1, whole=whole)
+    assert (number, type(number)) == (expected, type(expected))
+    ignored = expected == 20.0 and value not in (None, "")
+    assert [record.getMessage().split(":")[0] for record in caplog.records] == (
+        [f"ignoring $CNN_TRAIN_TEST_KNOB={value!r}"] if ignored else []
+    )
+
+
 def _aged(path: Path, days: float, *, size: int = 10, folder: bool = False) -> Path:
     """A file, or a folder holding one, last written ``days`` ago."""
     file = path / "weights" if folder else path

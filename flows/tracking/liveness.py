@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from typing import Any
 
 from mlflow.entities import RunStatus
 
+from cnn_train.flows.settings import env_number
 from cnn_train.flows.tracking.spool import flush_this_process, not_abandoned
 from cnn_train.flows.tracking.system_metrics import SystemMetrics
 from cnn_train.flows.tracking.uri import check_reachable, client
@@ -21,7 +21,7 @@ from cnn_train.flows.tracking.uri import check_reachable, client
 FLOW_RUN_TAG = "prefect.flow_run_id"
 HEARTBEAT_TAG = "cnn_train.heartbeat"
 REAPED_TAG = "cnn_train.reaped"
-HEARTBEAT_SECONDS = float(os.environ.get("CNN_TRAIN_HEARTBEAT_SECONDS", "20"))
+HEARTBEAT_SECONDS = env_number("CNN_TRAIN_HEARTBEAT_SECONDS", 20.0, minimum=0.1)
 #: A RUNNING run whose last heartbeat is older than this was abandoned (its process was killed).
 STALE_AFTER_SECONDS = 6 * HEARTBEAT_SECONDS
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import getpass
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -27,7 +26,7 @@ from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.entities import SourceType
 from mlflow.exceptions import MlflowException
 
-from cnn_train.flows.settings import default_artifact_root
+from cnn_train.flows.settings import default_artifact_root, env_number
 from cnn_train.flows.tracking import liveness, models, spool
 from cnn_train.flows.tracking.uri import TrackingUnavailableError, check_reachable, run_url, tracking_uri
 from cnn_train.plugins.contract import EpochMetrics, LoggableModel
@@ -42,7 +41,7 @@ DEFAULT_SOURCE_NAME = "cnn-train"
 RUN_KEY_TAG = "cnn_train.run_key"
 _MAX_PARAM_LENGTH = 6000
 #: How long a run's end waits for its spool to reach MLflow before leaving the rest for `cnn-train sync`.
-FLUSH_SECONDS = float(os.environ.get("CNN_TRAIN_SPOOL_FLUSH_SECONDS", "15"))
+FLUSH_SECONDS = env_number("CNN_TRAIN_SPOOL_FLUSH_SECONDS", 15.0, minimum=0)
 #: How long a read through the tracker waits for the tracker's own writes to land first.
 _READ_FLUSH_SECONDS = 5.0
 

@@ -9,13 +9,14 @@ the server coming back, calls :meth:`SystemMetrics.resume` to go on from the nex
 from __future__ import annotations
 
 import logging
-import os
 import threading
+
+from cnn_train.flows.settings import env_number
 
 _log = logging.getLogger(__name__)
 
 #: Seconds between samples (MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL still wins when set).
-SAMPLING_SECONDS = float(os.environ.get("CNN_TRAIN_SYSTEM_METRICS_SECONDS", "5"))
+SAMPLING_SECONDS = env_number("CNN_TRAIN_SYSTEM_METRICS_SECONDS", 5.0, minimum=0.1)
 
 
 class SystemMetrics:
