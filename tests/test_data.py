@@ -660,13 +660,13 @@ def test_the_cache_bound_defaults_to_a_few_splits(fake_fashion_mnist, tmp_path):
     assert _cached_digests(cache_dir) == set(digests[1:])
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "many", ""], ids=["zero", "negative", "word", "empty"])
+@pytest.mark.parametrize("value", ["0", "-1", "many", "2.5"], ids=["zero", "negative", "word", "fraction"])
 def test_a_bad_cache_bound_warns_and_keeps_the_default(fake_fashion_mnist, tmp_path, monkeypatch, caplog, value):
     monkeypatch.setenv(data.CACHED_SPLITS_ENV, value)
 
     prepare(fake_fashion_mnist.folder, tmp_path / "cache")
 
-    expected = f"ignoring $CNN_TRAIN_CACHED_SPLITS={value!r}: it must be a whole number of splits, at least 1"
+    expected = f"ignoring $CNN_TRAIN_CACHED_SPLITS={value!r}: it must be a whole number, at least 1; using 4"
     assert expected in caplog.text
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from cnn_train.flows.data.atomic import write_atomically
 from cnn_train.flows.data.files import FILE_NAMES, IMAGE_SIDE
 from cnn_train.flows.data.split import SplitPlan
-from cnn_train.flows.settings import state_dir
+from cnn_train.flows.settings import env_number, state_dir
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +39,7 @@ def default_cache_dir() -> Path:
 
 def cached_splits_limit() -> int:
     """How many splits the cache keeps: ``$CNN_TRAIN_CACHED_SPLITS``, else :data:`MAX_CACHED_SPLITS`."""
-    value = os.environ.get(CACHED_SPLITS_ENV)
-    if value is None:
-        return MAX_CACHED_SPLITS
-    if value.strip().isdigit() and int(value) >= 1:
-        return int(value)
-    log.warning(
-        "ignoring $%s=%r: it must be a whole number of splits, at least 1; keeping %d",
-        CACHED_SPLITS_ENV, value, MAX_CACHED_SPLITS,
-    )
-    return MAX_CACHED_SPLITS
+    return int(env_number(CACHED_SPLITS_ENV, MAX_CACHED_SPLITS, minimum=1, whole=True))
 
 
 # --- which files a folder holds ------------------------------------------------------------------
