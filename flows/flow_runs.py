@@ -5,6 +5,7 @@ shows in the terminal that triggered it instead of only in a server log or the U
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,7 +59,40 @@ def start_deployment_run(deployment: str, parameters: dict[str, Any]) -> Any:
         if error.response.status_code != 409:  # Prefect's answer to parameters its schema refuses
             raise
         detail = str(error.response.json().get("detail", error)).removeprefix("Error creating flow run: ")
+        schema = found.parameter_openapi_schema or {}
+        if (field := re.search(r"for field '([^']+)'", detail)) and (allowed := schema.get("properties", {}).get(field[1])):
+            # Prefect's reason for a choice of types is only "not valid under any of the given schemas".
+            detail = f"{detail.rstrip('.')}; {field[1]} takes {what_schema_takes(allowed, schema.get('definitions', {}))}"
         raise RunRefusedError(f"{deployment} refused the parameters {parameters}: {detail}") from None
+
+
+def what_schema_takes(schema: dict[str, Any], definitions: dict[str, Any]) -> str:
+    """A JSON schema of one parameter in words: "a whole number of at least 1, or null"."""
+    if "$ref" in schema:
+        schema = definitions.get(schema["$ref"].rsplit("/", 1)[-1], {})
+    alternatives = [what_schema_takes(choice, definitions) for choice in schema.get("anyOf", [])]
+    if alternatives:
+        return ", or ".join(alternatives)
+    if "enum" in schema:
+        return "one of " + ", ".join(repr(value) for value in schema["enum"])
+    if "pattern" in schema:
+        return schema.get("title") or f"text matching {schema['pattern']}"
+    kind = schema.get("type")
+    words = {"integer": "a whole number", "number": "a number", "string": "text", "boolean": "true or false",
+             "array": "a list", "object": "a mapping", "null": "null"}.get(kind, "a value")
+    if kind == "array" and "items" in schema:
+        at_least = f" (at least {schema['minItems']} items)" if schema.get("minItems") else ""
+        return f"a list{at_least} of {what_schema_takes(schema['items'], definitions)}"
+    if kind == "string" and schema.get("minLength") == 1:
+        return "non-empty text"
+    if "minimum" in schema and "maximum" in schema:
+        return f"{words} from {schema['minimum']} to {schema['maximum']}"
+    bounds = [f"{relation} {schema[key]}" for key, relation in _BOUNDS.items() if key in schema]
+    return f"{words} {' and '.join(bounds)}" if bounds else words
+
+
+#: JSON schema's bounds, as they read after "a number".
+_BOUNDS = {"minimum": "of at least", "exclusiveMinimum": "above", "maximum": "of at most", "exclusiveMaximum": "below"}
 
 
 @dataclass(frozen=True)

@@ -85,12 +85,47 @@ def test_a_deployment_run_out_of_bounds_or_with_an_unknown_name_is_refused_befor
 
     deployment_id = cnn_train.to_deployment(name="refusals").apply()
     with pytest.raises(RunRefusedError, match=r"^cnn-train/refusals refused the parameters \{'epochs': 0\}: "
-                       r"Validation failed for field 'epochs'. Failure reason: 0 is less than the minimum of 1$"):
+                       r"Validation failed for field 'epochs'. Failure reason: 0 is less than the minimum of 1; "
+                       r"epochs takes a whole number of at least 1, or null$"):
         start_deployment_run("cnn-train/refusals", {"epochs": 0})
+    # Prefect's own reason for a choice of types names none of them: the line says what the field takes.
+    with pytest.raises(RunRefusedError, match=r"'tpu' is not valid under any of the given schemas; train_device takes "
+                       r"one of 'cpu', 'gpu-preferred', 'gpu-required', or one card \(cuda:N\)$"):
+        start_deployment_run("cnn-train/refusals", {"train_device": "tpu"})
     with pytest.raises(RunRefusedError, match=r"^cnn-train/refusals has no parameter epoch; its parameters: backend, "):
         start_deployment_run("cnn-train/refusals", {"epoch": 3})
     with get_client(sync_client=True) as client:
         assert client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))) == []
+
+
+@pytest.mark.parametrize(
+    ("flow_name", "field", "words"),
+    [
+        pytest.param("cnn-train", "epochs", "a whole number of at least 1, or null", id="bounded-or-null"),
+        pytest.param("cnn-train", "sample_limit", "a whole number from 20 to 60000, or null", id="range"),
+        pytest.param("cnn-train", "validation_fraction", "a number above 0 and below 1", id="open-interval"),
+        pytest.param("cnn-train", "architecture", "one of 'cnn', 'dense', 'cnn-improved'", id="closed-choice"),
+        pytest.param("cnn-train", "evaluate_device", "one of 'cpu', 'gpu-preferred', 'gpu-required', or one card (cuda:N)",
+                     id="choice-or-pattern"),
+        pytest.param("cnn-train", "experiment", "non-empty text", id="non-empty"),
+        pytest.param("cnn-train", "compare_dense", "true or false", id="flag"),
+        pytest.param("compare", "backends", "a list (at least 2 items) of text", id="list"),
+    ],
+)
+def test_a_refused_parameter_is_told_what_it_takes(flow_name, field, words):
+    from cnn_train.flows.flow_runs import what_schema_takes
+
+    schema = FLOWS[flow_name][0].parameters.model_dump()
+    assert what_schema_takes(schema["properties"][field], schema.get("definitions", {})) == words
+
+
+@pytest.mark.parametrize("name", FLOWS)
+def test_every_parameter_of_every_form_can_be_told_in_words(name):
+    from cnn_train.flows.flow_runs import what_schema_takes
+
+    schema = FLOWS[name][0].parameters.model_dump()
+    told = {field: what_schema_takes(prop, schema.get("definitions", {})) for field, prop in schema["properties"].items()}
+    assert not [field for field, words in told.items() if "a value" in words], told
 
 
 @pytest.mark.parametrize("name", FLOWS)
