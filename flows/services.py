@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -61,20 +62,25 @@ DEPLOYMENT = "cnn-train/default"
 
 
 def prefect_port() -> int:
-    return _port("CNN_TRAIN_PREFECT_PORT", prefect_server, 4200)
+    return _port(prefect_server, 4200)
 
 
 def mlflow_port() -> int:
-    return _port("CNN_TRAIN_MLFLOW_PORT", mlflow_server, 5000)
+    return _port(mlflow_server, 5000)
 
 
 class PortError(ExpectedFailure):
     """A port variable that holds no port."""
 
 
-def _port(variable: str, service: Service, default: int) -> int:
-    """The port ``variable`` gives; else the one ``cnn-train up`` started ``service`` on, while it runs (a
+class PortInUseError(ExpectedFailure):
+    """A server's port is held by some other program."""
+
+
+def _port(service: Service, default: int) -> int:
+    """The port ``service.port_variable`` gives; else the one ``cnn-train up`` started ``service`` on, while it runs (a
     shell without the variable would otherwise miss the server, and record runs in ``mlflow.db``); else ``default``."""
+    variable = service.port_variable
     if value := os.environ.get(variable):
         if not (value.strip().isdigit() and 1 <= int(value) <= 65535):
             raise PortError(
@@ -144,8 +150,9 @@ class Service:
     command: Callable[[], list[str]]
     ready: Callable[[], bool]
     extra_env: Callable[[], dict[str, str]] = dict
-    #: The port a server listens on, recorded beside its pid while it runs.
+    #: The port a server listens on, recorded beside its pid while it runs, and the variable that sets it.
     port: Callable[[], int] | None = None
+    port_variable: str = ""
     #: What to do just before the process starts (not when it already runs).
     before_start: Callable[[], object] = lambda: None
 
@@ -176,6 +183,7 @@ class Service:
         if self.ready():
             return False
         if self.pid() is None:
+            self._check_port_free()
             self.pid_file.parent.mkdir(parents=True, exist_ok=True)
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             env = os.environ | quiet_environment() | self.extra_env()
@@ -198,9 +206,27 @@ class Service:
             if self.ready():
                 return True
             if self.pid() is None:
+                self.pid_file.unlink(missing_ok=True)
+                self.port_file.unlink(missing_ok=True)
                 raise RuntimeError(f"{self.name} exited during start-up; see {self.log_file}:\n{_tail(self.log_file)}")
             time.sleep(0.5)
         raise TimeoutError(f"{self.name} was not ready after {timeout:.0f} s; see {self.log_file}:\n{_tail(self.log_file)}")
+
+    def _check_port_free(self) -> None:
+        """Refuse in one line a port another program holds: the server would exit at once, saying so
+        only in its log."""
+        if self.port is None:
+            return
+        port, host = self.port(), bind_host()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no holder
+            try:
+                probe.bind((host, port))
+            except OSError as error:
+                raise PortInUseError(
+                    f"{self.name} cannot listen on {host}:{port}: {error.strerror.lower()}, by a program that does "
+                    f"not answer as {self.name}; stop it, or choose a free port with {self.port_variable}"
+                ) from None
 
     def stop(self, *, timeout: float = 20.0) -> bool:
         """Stop the process group; returns whether anything was running."""
@@ -248,8 +274,6 @@ def _ui_api_url() -> str:
     """Where the Prefect UI's browser finds the API: this machine's name when others may browse it."""
     if bind_host() == HOST:
         return prefect_api_url()
-    import socket
-
     return f"http://{socket.getfqdn()}:{prefect_port()}/api"
 
 
@@ -304,6 +328,7 @@ prefect_server = Service(
     ready=lambda: http_ok(f"{prefect_api_url()}/health"),
     extra_env=lambda: {"PREFECT_UI_API_URL": _ui_api_url()} | _server_credentials(),
     port=prefect_port,
+    port_variable="CNN_TRAIN_PREFECT_PORT",
     before_start=_seed_prefect_database,
 )
 
@@ -329,6 +354,7 @@ mlflow_server = Service(
     # The default server spawns ~15 processes and 3 GB on 2 cores; these keep it near 0.5 GB.
     extra_env=lambda: {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | _server_credentials(),
     port=mlflow_port,
+    port_variable="CNN_TRAIN_MLFLOW_PORT",
 )
 
 serve_process = Service(

@@ -7,10 +7,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -91,6 +93,40 @@ def test_a_port_variable_that_holds_no_port_is_one_line(tmp_path, value):
         f"cnn-train: CNN_TRAIN_MLFLOW_PORT={value!r} is not a port: set a whole number from 1 to 65535, or unset it "
         "to use the port `cnn-train up` recorded, else 5000"
     ])
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A port another program listens on (and never answers)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def test_up_on_a_port_another_program_holds_is_one_line_and_starts_nothing(tmp_path, held_port):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "CNN_TRAIN_"))} | {
+        "HOME": str(tmp_path), "CNN_TRAIN_ROOT": str(tmp_path), "CNN_TRAIN_STATE_DIR": str(tmp_path / "state"),
+        "CNN_TRAIN_PREFECT_PORT": str(held_port), "CNN_TRAIN_MLFLOW_PORT": str(free_port()),
+    }
+    result = subprocess.run([BIN / "cnn-train", "up", "--no-trigger"], env=env, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr.splitlines()) == (1, [
+        f"cnn-train: prefect-server cannot listen on 127.0.0.1:{held_port}: address already in use, by a program that "
+        "does not answer as prefect-server; stop it, or choose a free port with CNN_TRAIN_PREFECT_PORT"
+    ])
+    assert list((tmp_path / "state" / "run").glob("*")) == []
+    assert not (tmp_path / ".prefect" / "profiles.toml").exists(), "the user's Prefect profile is left alone"
+
+
+def test_the_mlflow_server_on_a_held_port_is_refused_before_it_starts(tmp_path, monkeypatch, held_port):
+    from cnn_train.flows import services
+
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("CNN_TRAIN_MLFLOW_PORT", str(held_port))
+    with pytest.raises(services.PortInUseError, match=f"^mlflow-server cannot listen on 127.0.0.1:{held_port}: .*"
+                       "CNN_TRAIN_MLFLOW_PORT$"):
+        services.mlflow_server.start(timeout=30)
+    assert not services.mlflow_server.pid_file.exists()
 
 
 def test_a_heartbeat_prefect_would_refuse_is_one_line_and_help_still_shows(tmp_path):
