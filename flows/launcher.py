@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cnn_train.flows import flow_runs, services
@@ -87,10 +88,29 @@ def _start_worker(echo: Echo) -> None:
     _start(services.worker_process, echo, timeout=START_TIMEOUT)
 
 
+@contextlib.contextmanager
+def _on_the_servers() -> Iterator[None]:
+    """This process's Prefect and MLflow clients on the servers `up` started. Prefect reads its settings
+    once, when first imported: set only in os.environ, the server's address would not reach a process
+    that had imported Prefect before (its automation then went to a throwaway temporary server)."""
+    os.environ.update(services.quiet_environment())
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    updates = {PREFECT_API_URL: services.prefect_api_url()}
+    if auth := services.client_credentials().get("PREFECT_API_AUTH_STRING"):
+        updates[PREFECT_API_AUTH_STRING] = auth
+    with temporary_settings(updates=updates):
+        yield
+
+
 def clean_up_after_crashes(echo: Echo) -> None:
     """Let the Prefect server crash flow runs whose heartbeat stops, and crash those whose process already
     died (a killed serve process, a lost machine) with their MLflow runs, before serving again."""
-    os.environ.update(services.quiet_environment())
+    with _on_the_servers():
+        _clean_up_after_crashes(echo)
+
+
+def _clean_up_after_crashes(echo: Echo) -> None:
     from cnn_train.flows import crashes, tracking
 
     if change := crashes.ensure_zombie_automation():
@@ -109,7 +129,11 @@ def clean_up_after_crashes(echo: Echo) -> None:
 def trigger_and_watch(*, watch_timeout: float, echo: Echo, parameters: dict | None = None) -> int:
     """What `prefect deployment run cnn-train/default --watch` does, plus the MLflow side: epochs as
     they land, then the run's URL and test accuracy."""
-    os.environ.update(services.quiet_environment())
+    with _on_the_servers():
+        return _trigger_and_watch(watch_timeout=watch_timeout, echo=echo, parameters=parameters)
+
+
+def _trigger_and_watch(*, watch_timeout: float, echo: Echo, parameters: dict | None) -> int:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 

@@ -45,6 +45,22 @@ def test_up_leaves_the_zombie_automation_on_its_own_server(stack):
     assert automation.enabled and automation.trigger == crashes.zombie_trigger()
 
 
+def test_the_clean_up_reaches_the_servers_even_after_prefect_read_other_settings(stack):
+    """A process that imported Prefect while PREFECT_API_URL pointed elsewhere (here at a closed port):
+    `up`'s clean-up still talks to the server `up` started."""
+    env, _ = stack
+    code = (
+        "from prefect.settings import get_current_settings\n"
+        "assert get_current_settings().api.url == 'http://127.0.0.1:9/api'\n"
+        "from cnn_train.flows import launcher\n"
+        "launcher.clean_up_after_crashes(print)\n"
+        "print('clean-up done')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env | {"PREFECT_API_URL": "http://127.0.0.1:9/api"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "clean-up done" in result.stdout, result.stderr[-3000:]
+
+
 def test_a_shell_without_the_port_variables_finds_the_servers_up_started(stack):
     """`CNN_TRAIN_MLFLOW_PORT=... cnn-train up`, then commands in another shell: they record to that
     server, not silently to mlflow.db; and the terminal shows the command's own link to the run, not
