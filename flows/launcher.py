@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 from cnn_train.flows import flow_runs, services
 from cnn_train.flows.settings import env_number
@@ -29,29 +26,41 @@ def _start(service: services.Service, echo: Echo, *, timeout: float) -> None:
 
 def point_prefect_cli_at_server(echo: Echo) -> None:
     """Make a plain `prefect deployment run cnn-train/default` in the user's shell reach our server,
-    as Prefect's self-hosting guide does: set PREFECT_API_URL in the active Prefect profile."""
-    if f"PREFECT_API_URL='{services.prefect_api_url()}'" in _user_prefect("config", "view", "--hide-defaults").stdout:
+    as Prefect's self-hosting guide does (`prefect config set`): set PREFECT_API_URL in the active profile."""
+    from prefect.settings import PREFECT_API_URL, update_current_profile
+
+    if _profile_api_url() == services.prefect_api_url():
         return
-    result = _user_prefect("config", "set", f"PREFECT_API_URL={services.prefect_api_url()}")
-    if result.returncode != 0:
-        raise RuntimeError(f"could not set PREFECT_API_URL in the Prefect profile: {result.stderr.strip()}")
+    try:
+        update_current_profile({PREFECT_API_URL: services.prefect_api_url()})
+    except OSError as error:
+        raise RuntimeError(f"could not set PREFECT_API_URL in the Prefect profile: {error}") from error
     echo(f"prefect profile: PREFECT_API_URL set to {services.prefect_api_url()} (`cnn-train down` unsets it)")
 
 
-def _user_prefect(*args: str) -> subprocess.CompletedProcess[str]:
-    """The prefect CLI reading and writing the profiles file the user's shell reads: the one under a
-    PREFECT_HOME they set, else ~/.prefect's (settings.keep_library_state_in_project points
-    PREFECT_PROFILES_PATH there when it gives commands a PREFECT_HOME of the project's)."""
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    prefect = str(Path(sys.executable).with_name("prefect"))
-    return subprocess.run([prefect, *args], env=env, capture_output=True, text=True, check=False)
+def _profile_api_url() -> str | None:
+    """PREFECT_API_URL as the active Prefect profile sets it (not the environment), in the profiles file the
+    user's shell reads: the one under a PREFECT_HOME they set, else ~/.prefect's (every command starts with
+    settings.keep_library_state_in_project, which points PREFECT_PROFILES_PATH there when it gives the
+    command a PREFECT_HOME of the project's). Read here, not through the prefect CLI: a second of start-up each."""
+    from prefect.context import get_settings_context
+    from prefect.settings import PREFECT_API_URL, load_profiles
+
+    profiles, name = load_profiles(), get_settings_context().profile.name
+    return profiles[name].settings.get(PREFECT_API_URL) if name in profiles.names else None
 
 
 def forget_server_in_prefect_cli(echo: Echo) -> None:
     """Undo :func:`point_prefect_cli_at_server` when the profile still points at our server."""
-    if f"PREFECT_API_URL='{services.prefect_api_url()}'" in _user_prefect("config", "view", "--hide-defaults").stdout:
-        _user_prefect("config", "unset", "PREFECT_API_URL", "-y")
-        echo("prefect profile: PREFECT_API_URL unset (flows called directly use a temporary server again)")
+    from prefect.context import get_settings_context
+    from prefect.settings import PREFECT_API_URL, load_profiles, save_profiles
+
+    if _profile_api_url() != services.prefect_api_url():
+        return
+    profiles = load_profiles()  # as `prefect config unset PREFECT_API_URL` does
+    profiles.update_profile(name=get_settings_context().profile.name, settings={PREFECT_API_URL: None})
+    save_profiles(profiles)
+    echo("prefect profile: PREFECT_API_URL unset (flows called directly use a temporary server again)")
 
 
 def up(*, trigger: bool, watch_timeout: float, echo: Echo, worker: bool = False) -> int:

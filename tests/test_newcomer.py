@@ -319,30 +319,46 @@ def test_what_the_user_set_wins(state):
     assert environ == mine
 
 
+#: What `cnn-train up` and `down` do to the user's Prefect profile, in a process of its own that starts as
+#: every command does (keep_library_state_in_project, then Prefect's first import reads the profile).
+_UP_THEN_DOWN = """
+import json, subprocess, sys
+from cnn_train.flows.settings import keep_library_state_in_project
+keep_library_state_in_project()
+from cnn_train.flows import launcher, services
+said, shell = [], json.loads(sys.argv[1])
+view = lambda: subprocess.run([sys.argv[2], "config", "view", "--hide-defaults"], env=shell, capture_output=True, text=True).stdout
+launcher.point_prefect_cli_at_server(said.append)
+launcher.point_prefect_cli_at_server(said.append)  # a second `up`: nothing to do
+after_up = view()
+launcher.forget_server_in_prefect_cli(said.append)
+print(json.dumps({"url": services.prefect_api_url(), "after_up": after_up, "after_down": view(), "said": said}))
+"""
+
+
 @pytest.mark.parametrize("users_home", [False, True], ids=["prefect-home-of-the-project", "prefect-home-of-the-users"])
-def test_up_points_the_profile_the_users_shell_reads_at_its_server(state, tmp_path, monkeypatch, users_home):
+def test_up_points_the_profile_the_users_shell_reads_at_its_server(state, tmp_path, users_home):
     """With a PREFECT_HOME of their own, the user's `prefect deployment run` reads the profiles file
     under it: `cnn-train up` set PREFECT_API_URL in ~/.prefect's instead, so the deployment was not found."""
-    from cnn_train.flows import launcher, services
+    import json
 
     shell = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH", "PREFECT_HOME")}
-    shell["HOME"] = str(tmp_path / "home")
+    shell["HOME"] = str(tmp_path / "home")  # ~ is expanded from it, never the real home
     (tmp_path / "home").mkdir()
     if users_home:
         shell["PREFECT_HOME"] = str(tmp_path / "mine")
     command = shell | {"CNN_TRAIN_PREFECT_PORT": str(free_port())}
-    monkeypatch.setattr(os, "environ", command)  # first: ~ is expanded from it, never the real home
-    keep_library_state_in_project(command)  # as every command starts
-
-    said: list[str] = []
-    launcher.point_prefect_cli_at_server(said.append)
-    prefect = str(Path(sys.executable).with_name("prefect"))
-    view = subprocess.run([prefect, "config", "view", "--hide-defaults"], env=shell, capture_output=True, text=True)
-    assert f"PREFECT_API_URL='{services.prefect_api_url()}'" in view.stdout, view.stdout + view.stderr
-    launcher.forget_server_in_prefect_cli(said.append)
-    view = subprocess.run([prefect, "config", "view", "--hide-defaults"], env=shell, capture_output=True, text=True)
-    assert "PREFECT_API_URL" not in view.stdout, view.stdout
-    assert len(said) == 2, said
+    prefect = str(BIN / "prefect")
+    done = subprocess.run([sys.executable, "-c", _UP_THEN_DOWN, json.dumps(shell), prefect], env=command,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert f"PREFECT_API_URL='{seen['url']}'" in seen["after_up"], seen["after_up"]
+    assert "PREFECT_API_URL" not in seen["after_down"], seen["after_down"]
+    set_line, unset_line = seen["said"]  # one line each; the second `up` said nothing
+    assert "PREFECT_API_URL set to" in set_line and "PREFECT_API_URL unset" in unset_line
+    profiles = (tmp_path / "mine" if users_home else tmp_path / "home" / ".prefect") / "profiles.toml"
+    assert profiles.is_file()
 
 
 def test_a_temporary_server_gets_time_to_start_whoever_chose_its_home(state):
