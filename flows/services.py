@@ -1,31 +1,28 @@
 """The local servers behind ``cnn-train up``: a Prefect server, an MLflow server, and the process
-serving the ``cnn-train/default`` deployment. Each is started once, detached, with its pid and log
-under the state directory, and found again by a health check, so ``up`` is idempotent."""
+serving the ``cnn-train/default`` deployment (or this machine's worker); their ports, addresses and
+credentials. Each is a detached process (cnn_train.flows.detached), found again by a health check,
+so ``up`` is idempotent."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from cnn_train.flows.detached import Service
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.settings import (
     default_artifact_root,
     heartbeat_environment,
     project_root,
     servers_prefect_home,
-    state_dir,
 )
 
 HOST = "127.0.0.1"
@@ -71,10 +68,6 @@ def mlflow_port() -> int:
 
 class PortError(ExpectedFailure):
     """A port variable that holds no port."""
-
-
-class PortInUseError(ExpectedFailure):
-    """A server's port is held by some other program."""
 
 
 def _port(service: Service, default: int) -> int:
@@ -142,130 +135,6 @@ def http_json(url: str, *, timeout: float = 2.0) -> object | None:
         return {}
 
 
-@dataclass(frozen=True)
-class Service:
-    """A detached process with a pid file, a log file and a readiness probe."""
-
-    name: str
-    command: Callable[[], list[str]]
-    ready: Callable[[], bool]
-    extra_env: Callable[[], dict[str, str]] = dict
-    #: The port a server listens on, recorded beside its pid while it runs, and the variable that sets it.
-    port: Callable[[], int] | None = None
-    port_variable: str = ""
-    #: What to do just before the process starts (not when it already runs).
-    before_start: Callable[[], object] = lambda: None
-
-    @property
-    def pid_file(self) -> Path:
-        return state_dir() / "run" / f"{self.name}.pid"
-
-    @property
-    def port_file(self) -> Path:
-        return state_dir() / "run" / f"{self.name}.port"
-
-    @property
-    def log_file(self) -> Path:
-        return state_dir() / "logs" / f"{self.name}.log"
-
-    def pid(self) -> int | None:
-        """The recorded pid when that process is still alive."""
-        try:
-            pid = int(self.pid_file.read_text())
-            os.kill(pid, 0)
-        except (OSError, ValueError):
-            return None
-        # Killed but not yet reaped by the process that started it: gone all the same.
-        return None if _is_zombie(pid) else pid
-
-    def start(self, *, timeout: float = 90.0) -> bool:
-        """Start unless already ready; returns whether it had to start. Waits until ready."""
-        if self.ready():
-            return False
-        if self.pid() is None:
-            self._check_port_free()
-            self.pid_file.parent.mkdir(parents=True, exist_ok=True)
-            self.log_file.parent.mkdir(parents=True, exist_ok=True)
-            env = os.environ | quiet_environment() | self.extra_env()
-            self.before_start()
-            with self.log_file.open("ab") as log:
-                process = subprocess.Popen(  # noqa: S603 - our own commands
-                    self.command(),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    env=env,
-                    cwd=project_root(),
-                    start_new_session=True,  # survives this command; stopped by `cnn-train down`
-                )
-            self.pid_file.write_text(str(process.pid))
-            if self.port is not None:
-                self.port_file.write_text(str(self.port()))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.ready():
-                return True
-            if self.pid() is None:
-                self.pid_file.unlink(missing_ok=True)
-                self.port_file.unlink(missing_ok=True)
-                raise RuntimeError(f"{self.name} exited during start-up; see {self.log_file}:\n{_tail(self.log_file)}")
-            time.sleep(0.5)
-        raise TimeoutError(f"{self.name} was not ready after {timeout:.0f} s; see {self.log_file}:\n{_tail(self.log_file)}")
-
-    def _check_port_free(self) -> None:
-        """Refuse in one line a port another program holds: the server would exit at once, saying so
-        only in its log."""
-        if self.port is None:
-            return
-        port, host = self.port(), bind_host()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no holder
-            try:
-                probe.bind((host, port))
-            except OSError as error:
-                raise PortInUseError(
-                    f"{self.name} cannot listen on {host}:{port}: {error.strerror.lower()}, by a program that does "
-                    f"not answer as {self.name}; stop it, or choose a free port with {self.port_variable}"
-                ) from None
-
-    def stop(self, *, timeout: float = 20.0) -> bool:
-        """Stop the process group; returns whether anything was running."""
-        pid = self.pid()
-        if pid is None:
-            self.pid_file.unlink(missing_ok=True)
-            self.port_file.unlink(missing_ok=True)
-            return False
-        # INT first: a Prefect worker started in the background from a non-interactive shell ignores TERM
-        # (Prefect maps TERM to INT, which such a shell set to ignore), measured with Prefect 3.9.
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + timeout / 3
-            while time.monotonic() < deadline and self.pid() is not None and not _is_zombie(pid):
-                time.sleep(0.2)
-            if self.pid() is None or _is_zombie(pid):
-                break
-        self.pid_file.unlink(missing_ok=True)
-        self.port_file.unlink(missing_ok=True)
-        return True
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
@@ -322,7 +191,10 @@ def _seed_prefect_database() -> None:
         prefect_database.seed(servers_prefect_home() / "prefect.db")
 
 
-prefect_server = Service(
+#: A service of this project's stack: its processes share the quiet environment and the bind address.
+_service = functools.partial(Service, base_env=quiet_environment, host=bind_host)
+
+prefect_server = _service(
     name="prefect-server",
     command=lambda: [_bin("prefect"), "server", "start", "--host", bind_host(), "--port", str(prefect_port())],
     ready=lambda: http_ok(f"{prefect_api_url()}/health"),
@@ -332,7 +204,7 @@ prefect_server = Service(
     before_start=_seed_prefect_database,
 )
 
-mlflow_server = Service(
+mlflow_server = _service(
     name="mlflow-server",
     command=lambda: [
         _bin("mlflow"),
@@ -357,7 +229,7 @@ mlflow_server = Service(
     port_variable="CNN_TRAIN_MLFLOW_PORT",
 )
 
-serve_process = Service(
+serve_process = _service(
     name="deployment-server",
     command=lambda: [sys.executable, "-m", "cnn_train.flows.serve"],
     ready=_deployment_served,
@@ -386,7 +258,7 @@ def _worker_polling() -> bool:
 
 
 # `cnn-train up --worker`: this machine's worker on the work pool, instead of the serve process.
-worker_process = Service(
+worker_process = _service(
     name="worker",
     command=_worker_command,
     ready=_worker_polling,

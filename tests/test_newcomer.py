@@ -120,10 +120,11 @@ def test_up_on_a_port_another_program_holds_is_one_line_and_starts_nothing(tmp_p
 
 def test_the_mlflow_server_on_a_held_port_is_refused_before_it_starts(tmp_path, monkeypatch, held_port):
     from cnn_train.flows import services
+    from cnn_train.flows.detached import PortInUseError
 
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("CNN_TRAIN_MLFLOW_PORT", str(held_port))
-    with pytest.raises(services.PortInUseError, match=f"^mlflow-server cannot listen on 127.0.0.1:{held_port}: .*"
+    with pytest.raises(PortInUseError, match=f"^mlflow-server cannot listen on 127.0.0.1:{held_port}: .*"
                        "CNN_TRAIN_MLFLOW_PORT$"):
         services.mlflow_server.start(timeout=30)
     assert not services.mlflow_server.pid_file.exists()

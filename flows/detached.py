@@ -1,0 +1,148 @@
+"""A detached process: started once with its pid and log under the state directory, found again by a
+readiness probe (so starting is idempotent), stopped by its process group. The servers of ``cnn-train
+up`` are such processes (cnn_train.flows.services)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnn_train.flows.errors import ExpectedFailure
+from cnn_train.flows.settings import project_root, state_dir
+
+
+class PortInUseError(ExpectedFailure):
+    """A server's port is held by some other program."""
+
+
+@dataclass(frozen=True)
+class Service:
+    """A detached process with a pid file, a log file and a readiness probe."""
+
+    name: str
+    command: Callable[[], list[str]]
+    ready: Callable[[], bool]
+    extra_env: Callable[[], dict[str, str]] = dict
+    #: The port a server listens on, recorded beside its pid while it runs, and the variable that sets it.
+    port: Callable[[], int] | None = None
+    port_variable: str = ""
+    #: What to do just before the process starts (not when it already runs).
+    before_start: Callable[[], object] = lambda: None
+    #: The environment every service of one stack shares, under extra_env; the address its port is on.
+    base_env: Callable[[], dict[str, str]] = dict
+    host: Callable[[], str] = lambda: "127.0.0.1"
+
+    @property
+    def pid_file(self) -> Path:
+        return state_dir() / "run" / f"{self.name}.pid"
+
+    @property
+    def port_file(self) -> Path:
+        return state_dir() / "run" / f"{self.name}.port"
+
+    @property
+    def log_file(self) -> Path:
+        return state_dir() / "logs" / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        """The recorded pid when that process is still alive."""
+        try:
+            pid = int(self.pid_file.read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        # Killed but not yet reaped by the process that started it: gone all the same.
+        return None if _is_zombie(pid) else pid
+
+    def start(self, *, timeout: float = 90.0) -> bool:
+        """Start unless already ready; returns whether it had to start. Waits until ready."""
+        if self.ready():
+            return False
+        if self.pid() is None:
+            self._check_port_free()
+            self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            env = os.environ | self.base_env() | self.extra_env()
+            self.before_start()
+            with self.log_file.open("ab") as log:
+                process = subprocess.Popen(  # noqa: S603 - our own commands
+                    self.command(),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    cwd=project_root(),
+                    start_new_session=True,  # survives this command; stopped by `cnn-train down`
+                )
+            self.pid_file.write_text(str(process.pid))
+            if self.port is not None:
+                self.port_file.write_text(str(self.port()))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready():
+                return True
+            if self.pid() is None:
+                self.pid_file.unlink(missing_ok=True)
+                self.port_file.unlink(missing_ok=True)
+                raise RuntimeError(f"{self.name} exited during start-up; see {self.log_file}:\n{_tail(self.log_file)}")
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name} was not ready after {timeout:.0f} s; see {self.log_file}:\n{_tail(self.log_file)}")
+
+    def _check_port_free(self) -> None:
+        """Refuse in one line a port another program holds: the server would exit at once, saying so
+        only in its log."""
+        if self.port is None:
+            return
+        port, host = self.port(), self.host()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no holder
+            try:
+                probe.bind((host, port))
+            except OSError as error:
+                raise PortInUseError(
+                    f"{self.name} cannot listen on {host}:{port}: {error.strerror.lower()}, by a program that does "
+                    f"not answer as {self.name}; stop it, or choose a free port with {self.port_variable}"
+                ) from None
+
+    def stop(self, *, timeout: float = 20.0) -> bool:
+        """Stop the process group; returns whether anything was running."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            self.port_file.unlink(missing_ok=True)
+            return False
+        # INT first: a Prefect worker started in the background from a non-interactive shell ignores TERM
+        # (Prefect maps TERM to INT, which such a shell set to ignore), measured with Prefect 3.9.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + timeout / 3
+            while time.monotonic() < deadline and self.pid() is not None and not _is_zombie(pid):
+                time.sleep(0.2)
+            if self.pid() is None or _is_zombie(pid):
+                break
+        self.pid_file.unlink(missing_ok=True)
+        self.port_file.unlink(missing_ok=True)
+        return True
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
