@@ -99,9 +99,10 @@ def _start_worker(echo: Echo) -> None:
 
 @contextlib.contextmanager
 def _on_the_servers() -> Iterator[None]:
-    """This process's Prefect and MLflow clients on the servers `up` started. Prefect reads its settings
-    once, when first imported: set only in os.environ, the server's address would not reach a process
-    that had imported Prefect before (its automation then went to a throwaway temporary server)."""
+    """This process's Prefect client on the server `up` started, and the servers' environment for what
+    reads it at call time. Prefect reads its settings once, when first imported: set only in os.environ,
+    the server's address would not reach a process that had imported Prefect before (its automation
+    then went to a throwaway temporary server)."""
     os.environ.update(services.quiet_environment())
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
