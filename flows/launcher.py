@@ -18,8 +18,18 @@ START_TIMEOUT = env_number("CNN_TRAIN_START_TIMEOUT", 300.0, minimum=1)
 _FINAL_EPOCH_METRIC = "val_accuracy"
 
 
-def _start(service: services.Service, echo: Echo, *, timeout: float) -> None:
-    echo(f"{service.name}: {'starting' if not service.ready() else 'already running'}")
+def start_service(service: services.Service, echo: Echo, *, timeout: float) -> None:
+    """Start ``service`` unless it answers, saying which it was."""
+    if not service.ready():
+        echo(f"{service.name}: starting")
+    elif service.pid() is None and service.port is not None:
+        # Adopted as it is (up starts what does not answer), but a server of another checkout or of the
+        # user's keeps its own store: say so, where the user would otherwise look for their runs here.
+        echo(f"{service.name}: already running on port {service.port()}, but not started from this project "
+             f"(no pid in {service.pid_file.parent}): runs are recorded where that server keeps them; stop it, or "
+             f"choose another port with {service.port_variable}, to have this project's own")
+    else:
+        echo(f"{service.name}: already running")
     if service.start(timeout=timeout):
         echo(f"{service.name}: ready (log: {service.log_file})")
 
@@ -69,8 +79,8 @@ def up(*, trigger: bool, watch_timeout: float, echo: Echo, worker: bool = False)
     The deployments run either served by this machine's serve process, or (``worker``) from a work
     pool through this machine's worker; starting one mode stops the other and takes the deployments
     over (the serve process clears their pool, `--worker` deploys them to it)."""
-    _start(services.prefect_server, echo, timeout=START_TIMEOUT)
-    _start(services.mlflow_server, echo, timeout=START_TIMEOUT)
+    start_service(services.prefect_server, echo, timeout=START_TIMEOUT)
+    start_service(services.mlflow_server, echo, timeout=START_TIMEOUT)
     point_prefect_cli_at_server(echo)
     clean_up_after_crashes(echo)
     if worker:
@@ -78,7 +88,7 @@ def up(*, trigger: bool, watch_timeout: float, echo: Echo, worker: bool = False)
     else:
         if services.worker_process.stop():
             echo(f"{services.worker_process.name}: stopped (the serve process takes over the deployments)")
-        _start(services.serve_process, echo, timeout=START_TIMEOUT)
+        start_service(services.serve_process, echo, timeout=START_TIMEOUT)
     echo(f"Prefect UI: {services.prefect_ui_url()}")
     echo(f"MLflow UI:  {services.mlflow_url()}")
     if not trigger:
@@ -94,7 +104,7 @@ def _start_worker(echo: Echo) -> None:
         from cnn_train.flows import worker
 
         worker.deploy(os.environ | services.quiet_environment(), echo)
-    _start(services.worker_process, echo, timeout=START_TIMEOUT)
+    start_service(services.worker_process, echo, timeout=START_TIMEOUT)
 
 
 @contextlib.contextmanager

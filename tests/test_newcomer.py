@@ -130,6 +130,39 @@ def test_the_mlflow_server_on_a_held_port_is_refused_before_it_starts(tmp_path, 
     assert not services.mlflow_server.pid_file.exists()
 
 
+def test_a_server_up_did_not_start_is_used_and_named_as_such(tmp_path, monkeypatch):
+    """Another checkout's MLflow server on this project's port: up uses it, and says that runs then go to its store."""
+    import http.server
+    import threading
+
+    from cnn_train.flows import launcher, services
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
+        monkeypatch.setenv("CNN_TRAIN_MLFLOW_PORT", str(port))
+        said: list[str] = []
+        launcher.start_service(services.mlflow_server, said.append, timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert said == [
+        f"mlflow-server: already running on port {port}, but not started from this project (no pid in "
+        f"{tmp_path / 'state' / 'run'}): runs are recorded where that server keeps them; stop it, or choose "
+        "another port with CNN_TRAIN_MLFLOW_PORT, to have this project's own"
+    ]
+
+
 def test_a_heartbeat_prefect_would_refuse_is_one_line_and_help_still_shows(tmp_path):
     env = os.environ | {"CNN_TRAIN_STATE_DIR": str(tmp_path / "state"), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "10"}
     shown = subprocess.run([BIN / "cnn-train", "--help"], env=env, capture_output=True, text=True, timeout=120)
