@@ -37,15 +37,18 @@ def start_service(service: services.Service, echo: Echo, *, timeout: float) -> N
 def point_prefect_cli_at_server(echo: Echo) -> None:
     """Make a plain `prefect deployment run cnn-train/default` in the user's shell reach our server,
     as Prefect's self-hosting guide does (`prefect config set`): set PREFECT_API_URL in the active profile."""
-    from prefect.settings import PREFECT_API_URL, update_current_profile
+    from prefect.settings import PREFECT_API_URL, PREFECT_PROFILES_PATH, update_current_profile
 
-    if _profile_api_url() == services.prefect_api_url():
-        return
+    url = services.prefect_api_url()
     try:
-        update_current_profile({PREFECT_API_URL: services.prefect_api_url()})
-    except OSError as error:
-        raise RuntimeError(f"could not set PREFECT_API_URL in the Prefect profile: {error}") from error
-    echo(f"prefect profile: PREFECT_API_URL set to {services.prefect_api_url()} (`cnn-train down` unsets it)")
+        if _profile_api_url() == url:
+            return
+        update_current_profile({PREFECT_API_URL: url})
+    except OSError as error:  # a convenience for the user's shell: the servers and the run go on without it
+        echo(f"prefect profile: not updated, {PREFECT_PROFILES_PATH.value()} cannot be written ({error}); "
+             f"a plain `prefect` command reaches this server with PREFECT_API_URL={url} set in its shell")
+        return
+    echo(f"prefect profile: PREFECT_API_URL set to {url} (`cnn-train down` unsets it)")
 
 
 def _profile_api_url() -> str | None:
@@ -65,7 +68,10 @@ def forget_server_in_prefect_cli(echo: Echo) -> None:
     from prefect.context import get_settings_context
     from prefect.settings import PREFECT_API_URL, load_profiles, save_profiles
 
-    if _profile_api_url() != services.prefect_api_url():
+    try:
+        if _profile_api_url() != services.prefect_api_url():
+            return
+    except OSError:  # no profile up could have written
         return
     profiles = load_profiles()  # as `prefect config unset PREFECT_API_URL` does
     profiles.update_profile(name=get_settings_context().profile.name, settings={PREFECT_API_URL: None})

@@ -370,6 +370,23 @@ print(json.dumps({"url": services.prefect_api_url(), "after_up": after_up, "afte
 """
 
 
+def test_a_profile_that_cannot_be_written_is_one_line_and_up_goes_on(tmp_path):
+    """~/.prefect is a file: setting PREFECT_API_URL there fails; up says so and how to reach the server instead."""
+    import json
+
+    (tmp_path / ".prefect").write_text("not a folder")
+    shell = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH", "PREFECT_HOME")}
+    shell |= {"HOME": str(tmp_path), "CNN_TRAIN_STATE_DIR": str(tmp_path / "state"), "CNN_TRAIN_PREFECT_PORT": "4399"}
+    done = subprocess.run([sys.executable, "-c", _UP_THEN_DOWN, json.dumps(shell), str(BIN / "prefect")], env=shell,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (first, *rest) = json.loads(done.stdout.strip().splitlines()[-1])["said"]
+    assert first.startswith(f"prefect profile: not updated, {tmp_path / '.prefect' / 'profiles.toml'} cannot be written (")
+    assert first.endswith("a plain `prefect` command reaches this server with PREFECT_API_URL=http://127.0.0.1:4399/api "
+                          "set in its shell")
+    assert rest == [first]  # the second `up` says it again; `down` has nothing to undo
+
+
 @pytest.mark.parametrize("users_home", [False, True], ids=["prefect-home-of-the-project", "prefect-home-of-the-users"])
 def test_up_points_the_profile_the_users_shell_reads_at_its_server(state, tmp_path, users_home):
     """With a PREFECT_HOME of their own, the user's `prefect deployment run` reads the profiles file
