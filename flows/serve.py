@@ -10,8 +10,11 @@ in subprocesses that inherit its environment: MLflow tracking URI, Prefect API U
 from __future__ import annotations
 
 import importlib
+import shutil
 import signal
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 #: Tags every cnn-train deployment carries.
@@ -109,12 +112,30 @@ def served_deployments() -> list[Any]:
     ]
 
 
+def scratch_dir() -> Path:
+    """This serve process's temporary folder, under the state dir."""
+    from cnn_train.flows.settings import state_dir
+
+    return state_dir() / "serve-tmp"
+
+
 def main() -> None:
     from prefect import serve
 
     interruptible()
-    take_back_from_work_pools()
-    serve(*served_deployments())
+    # Prefect's runner keeps a folder of its own under the temp dir and removes it only when its shutdown
+    # runs to the end, which a stop by signal does not: each `cnn-train down` left an empty
+    # /tmp/runner_storage/<uuid>. In this process only (flow runs and Ray keep the system temp dir) it
+    # goes under the state dir, emptied when the process starts (after a SIGKILL) and when it ends.
+    scratch = scratch_dir()
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    tempfile.tempdir = str(scratch)
+    try:
+        take_back_from_work_pools()
+        serve(*served_deployments())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

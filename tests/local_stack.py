@@ -87,6 +87,8 @@ def cnn_train_up(root: Path, data_dir: Path, *flags: str, timeout: float) -> Ite
     finally:
         down = subprocess.run([BIN / "cnn-train", "down"], env=env, capture_output=True, text=True, timeout=120)
         assert down.returncode == 0, down.stdout + down.stderr
+        left = list((root / ".state" / "serve-tmp").glob("*"))
+        assert left == [], f"the serve process left its temporary files: {left}"
 
 
 def run_deployment(env: dict[str, str], name: str, *parameters: str, watch_timeout: int = 400) -> str:

@@ -25,6 +25,8 @@ def stack(tmp_path_factory, real_fashion_mnist_dir):
 def test_up_is_idempotent(stack):
     env, first = stack
     assert "prefect-server: starting" in first
+    # The serve process's runner folder is in the project's state, not in /tmp (local_stack checks it goes).
+    assert len(list((Path(env["CNN_TRAIN_ROOT"]) / ".state" / "serve-tmp" / "runner_storage").iterdir())) == 1
     again = subprocess.run([BIN / "cnn-train", "up", "--no-trigger"], env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     for service in ("prefect-server", "mlflow-server", "deployment-server"):
