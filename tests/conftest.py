@@ -38,8 +38,8 @@ if SUITE_TMP_VARIABLE not in os.environ:  # the main process; workers and the pr
     # Local Ray clusters (`ray.init()` in a worker, a sweep's own) keep their sessions in <this>/ray, not in
     # /tmp/ray, where three were left per session. Short on purpose: Ray's socket paths stay under 107 bytes.
     os.environ.setdefault("RAY_TMPDIR", os.environ[SUITE_TMP_VARIABLE])
-    # The processes tests start (here with -n 0) too: a serve process killed by a test left Prefect's
-    # runner_storage folder in /tmp, a model loaded by plain MLflow its download. This process's own
+    # The processes tests start (here with -n 0) too: a model loaded by plain MLflow left its download in
+    # /tmp (a serve process keeps Prefect's runner folder in its state dir, cnn_train.flows.serve). This process's own
     # temporary folder stays the system's, where pytest keeps the last runs' tmp_path folders.
     tempfile.tempdir = tempfile.gettempdir()
     os.environ["TMPDIR"] = os.environ[SUITE_TMP_VARIABLE]
