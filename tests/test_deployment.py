@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,12 @@ def test_up_is_idempotent(stack):
     env, first = stack
     assert "prefect-server: starting" in first
     # The serve process's runner folder is in the project's state, not in /tmp (local_stack checks it goes).
-    assert len(list((Path(env["CNN_TRAIN_ROOT"]) / ".state" / "serve-tmp" / "runner_storage").iterdir())) == 1
+    # `up` returns once cnn-train/default is registered; the runner makes its folder after the other four.
+    runner_storage = Path(env["CNN_TRAIN_ROOT"]) / ".state" / "serve-tmp" / "runner_storage"
+    deadline = time.monotonic() + 120
+    while not runner_storage.is_dir() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(list(runner_storage.iterdir())) == 1
     again = subprocess.run([BIN / "cnn-train", "up", "--no-trigger"], env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     for service in ("prefect-server", "mlflow-server", "deployment-server"):
