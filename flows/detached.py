@@ -88,8 +88,7 @@ class Service:
             if self.ready():
                 return True
             if self.pid() is None:
-                self.pid_file.unlink(missing_ok=True)
-                self.port_file.unlink(missing_ok=True)
+                self._forget()
                 raise RuntimeError(f"{self.name} exited during start-up; see {self.log_file}:\n{_tail(self.log_file)}")
             time.sleep(0.5)
         raise TimeoutError(f"{self.name} was not ready after {timeout:.0f} s; see {self.log_file}:\n{_tail(self.log_file)}")
@@ -114,8 +113,7 @@ class Service:
         """Stop the process group; returns whether anything was running."""
         pid = self.pid()
         if pid is None:
-            self.pid_file.unlink(missing_ok=True)
-            self.port_file.unlink(missing_ok=True)
+            self._forget()
             return False
         # INT first: a Prefect worker started in the background from a non-interactive shell ignores TERM
         # (Prefect maps TERM to INT, which such a shell set to ignore), measured with Prefect 3.9.
@@ -129,9 +127,13 @@ class Service:
                 time.sleep(0.2)
             if self.pid() is None or _is_zombie(pid):
                 break
+        self._forget()
+        return True
+
+    def _forget(self) -> None:
+        """Drop the pid and port files of a process that is gone."""
         self.pid_file.unlink(missing_ok=True)
         self.port_file.unlink(missing_ok=True)
-        return True
 
 
 def _is_zombie(pid: int) -> bool:

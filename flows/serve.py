@@ -14,7 +14,6 @@ import shutil
 import signal
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 #: Tags every cnn-train deployment carries.
@@ -112,22 +111,17 @@ def served_deployments() -> list[Any]:
     ]
 
 
-def scratch_dir() -> Path:
-    """This serve process's temporary folder, under the state dir."""
-    from cnn_train.flows.settings import state_dir
-
-    return state_dir() / "serve-tmp"
-
-
 def main() -> None:
     from prefect import serve
+
+    from cnn_train.flows.settings import state_dir
 
     interruptible()
     # Prefect's runner keeps a folder of its own under the temp dir and removes it only when its shutdown
     # runs to the end, which a stop by signal does not: each `cnn-train down` left an empty
     # /tmp/runner_storage/<uuid>. In this process only (flow runs and Ray keep the system temp dir) it
     # goes under the state dir, emptied when the process starts (after a SIGKILL) and when it ends.
-    scratch = scratch_dir()
+    scratch = state_dir() / "serve-tmp"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     tempfile.tempdir = str(scratch)

@@ -37,6 +37,13 @@ def _worker_ports() -> Iterator[int]:
     return itertools.cycle([*block[start:], *block[:start]])
 
 
+def bare_env(tmp_path: Path) -> dict[str, str]:
+    """This environment without Prefect's, MLflow's and cnn-train's variables, its project, state and home in
+    ``tmp_path`` (`up` points the user's Prefect profile at its server: it stays in the test's home)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "CNN_TRAIN_"))}
+    return env | {"HOME": str(tmp_path), "CNN_TRAIN_ROOT": str(tmp_path), "CNN_TRAIN_STATE_DIR": str(tmp_path / "state")}
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing is bound to now and that the OS never hands out (TEST_PORTS)."""
     global _next_ports

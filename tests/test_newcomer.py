@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from cnn_train.flows import housekeeping, quiet
 from cnn_train.flows.cli import app
 from cnn_train.flows.settings import keep_library_state_in_project
-from tests.local_stack import free_port
+from tests.local_stack import bare_env, free_port
 from tests.processes import stop_group
 
 BIN = Path(sys.executable).parent
@@ -105,10 +105,7 @@ def held_port() -> Iterator[int]:
 
 
 def test_up_on_a_port_another_program_holds_is_one_line_and_starts_nothing(tmp_path, held_port):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "CNN_TRAIN_"))} | {
-        "HOME": str(tmp_path), "CNN_TRAIN_ROOT": str(tmp_path), "CNN_TRAIN_STATE_DIR": str(tmp_path / "state"),
-        "CNN_TRAIN_PREFECT_PORT": str(held_port), "CNN_TRAIN_MLFLOW_PORT": str(free_port()),
-    }
+    env = bare_env(tmp_path) | {"CNN_TRAIN_PREFECT_PORT": str(held_port), "CNN_TRAIN_MLFLOW_PORT": str(free_port())}
     result = subprocess.run([BIN / "cnn-train", "up", "--no-trigger"], env=env, capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stderr.splitlines()) == (1, [
         f"cnn-train: prefect-server cannot listen on 127.0.0.1:{held_port}: address already in use, by a program that "

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from cnn_train.flows import auth, services
-from tests.local_stack import free_port
+from tests.local_stack import bare_env, free_port
 from tests.plugin_fixtures import backend_plugin_site
 
 CLI = Path(sys.executable).with_name("cnn-train")
@@ -32,17 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 USER, PASSWORD = "team", "correct-horse-battery"
 
 
-def _bare_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "CNN_TRAIN_"))}
-    return env | {
-        "HOME": str(tmp_path),  # `up` points the user's Prefect profile at its server: keep it in the test's home
-        "CNN_TRAIN_ROOT": str(tmp_path),
-        "CNN_TRAIN_STATE_DIR": str(tmp_path / "state"),
-    }
-
-
 def test_host_beyond_loopback_is_refused_without_credentials(tmp_path):
-    result = subprocess.run([CLI, "up", "--host", "0.0.0.0", "--no-trigger"], env=_bare_env(tmp_path),
+    result = subprocess.run([CLI, "up", "--host", "0.0.0.0", "--no-trigger"], env=bare_env(tmp_path),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     (line,) = result.stderr.splitlines()
@@ -108,7 +99,7 @@ def test_on_every_interface_the_prefect_ui_finds_its_api_by_this_machines_name(m
 class Team:
     def __init__(self, tmp_path: Path, real_data: Path) -> None:
         self.prefect_port, self.mlflow_port = free_port(), free_port()
-        self.env = _bare_env(tmp_path) | {
+        self.env = bare_env(tmp_path) | {
             "CNN_TRAIN_PREFECT_PORT": str(self.prefect_port),
             "CNN_TRAIN_MLFLOW_PORT": str(self.mlflow_port),
             "CNN_TRAIN_DATA_DIR": str(real_data),
