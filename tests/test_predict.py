@@ -342,6 +342,29 @@ def test_a_model_uri_with_nothing_loadable_is_one_line(champion, tmp_path, where
 
 
 @pytest.mark.slow
+def test_a_loaded_models_files_go_with_the_model(champion, test_set, mlflow_store, tmp_path, monkeypatch):
+    """MLflow leaves a model it downloads in a temporary folder for good (a server's proxied artifacts: one
+    copy per `cnn-train predict`); the folder cnn-train loads into goes when the model does."""
+    import gc
+    import tempfile
+
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    model = tracking.load_pyfunc(f"models:/{MODEL_NAME}@champion", mlflow_store)
+    (download,) = system_tmp.iterdir()
+    assert download.name.startswith("cnn-train-model-") and list(download.rglob("MLmodel")), download
+    images, _ = test_set
+    assert np.asarray(model.predict((images[:4] / 255.0).astype(np.float32)[..., np.newaxis])).shape == (4, 10)
+    del model
+    gc.collect()
+    assert list(system_tmp.iterdir()) == []
+    with pytest.raises(tracking.ModelNotFoundError):
+        tracking.load_pyfunc(f"runs:/{champion['mlflow_run_id']}/no-such-path", mlflow_store)
+    assert list(system_tmp.iterdir()) == [], "a failed load leaves nothing either"
+
+
+@pytest.mark.slow
 def test_the_registered_version_carries_its_facts_and_the_run_says_why(champion, mlflow_store):
     client = tracking.client(mlflow_store)
     version = client.get_model_version_by_alias(MODEL_NAME, "champion")
@@ -357,7 +380,7 @@ def test_the_registered_version_carries_its_facts_and_the_run_says_why(champion,
 
 
 @pytest.mark.slow
-def test_the_predict_flow_leaves_the_csv_and_summary_in_mlflow(champion, exported, mlflow_store):
+def test_the_predict_flow_leaves_the_csv_and_summary_in_mlflow(champion, exported, mlflow_store, tmp_path):
     from cnn_train.flows.predict_flow import cnn_train_predict
 
     result = cnn_train_predict(images=str(exported["folder"]))
@@ -368,7 +391,7 @@ def test_the_predict_flow_leaves_the_csv_and_summary_in_mlflow(champion, exporte
     assert run.data.metrics["images_classified"] == 20 and run.data.metrics["images_failed"] == 1
     trained_model = client.get_run(champion["mlflow_run_id"]).outputs.model_outputs[0].model_id
     assert [m.model_id for m in run.inputs.model_inputs] == [trained_model]
-    local = Path(client.download_artifacts(run.info.run_id, "predictions"))
+    local = Path(client.download_artifacts(run.info.run_id, "predictions", str(tmp_path)))
     assert len(pd.read_csv(local / "predictions.csv")) == 20
     summary = json.loads((local / "summary.json").read_text())
     assert sum(summary["class_counts"].values()) == 20 and len(summary["failed"]) == 1

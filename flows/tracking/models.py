@@ -13,7 +13,10 @@ import importlib.util
 import inspect
 import json
 import os
+import shutil
+import tempfile
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -132,16 +135,26 @@ def load_pyfunc(model_uri: str, uri: str, *, experiment: str | None = None) -> P
     line lists what ``experiment`` has when it is given."""
     import mlflow.pyfunc
 
+    # A model MLflow has to download (a server's proxied artifacts) goes into a new temporary folder
+    # that MLflow never removes: each `cnn-train predict` and predict flow run left a copy of its model
+    # in /tmp. This one goes with the loaded model, or as the process exits.
+    download = tempfile.mkdtemp(prefix="cnn-train-model-")
     try:
         with _PROCESS_STATE_LOCK, _process_tracking_uri(uri):
-            return mlflow.pyfunc.load_model(model_uri)
+            model = mlflow.pyfunc.load_model(model_uri, dst_path=download)
     except MlflowException as error:
+        shutil.rmtree(download, ignore_errors=True)
         from cnn_train.flows.tracking.lookup import MISSING_CODES, ModelNotFoundError, what_exists  # lookup imports this module
 
         if error.error_code not in MISSING_CODES:
             raise
         found = f"no model MLflow can load at {model_uri} ({str(error).splitlines()[0]})"
         raise ModelNotFoundError(f"{found}; {what_exists(client(uri), experiment)}" if experiment else found) from None
+    except BaseException:
+        shutil.rmtree(download, ignore_errors=True)
+        raise
+    weakref.finalize(model, shutil.rmtree, download, ignore_errors=True)
+    return model
 
 
 def link_model_input(uri: str, run_id: str, model_id: str) -> None:
