@@ -156,7 +156,7 @@ def test_the_predict_deployment_leaves_predictions_and_a_summary_in_mlflow(stack
     assert run.info.status == "FINISHED"
     assert run.data.tags["cnn_train.model_run_id"] == trained_run.info.run_id
     assert run.data.metrics["images_classified"] == 3
-    local = Path(client.download_artifacts(run.info.run_id, "predictions"))
+    local = Path(client.download_artifacts(run.info.run_id, "predictions", str(tmp_path / "downloaded")))
     assert {"predictions.csv", "summary.json", "summary.md", "examples.png"} <= {path.name for path in local.iterdir()}
     assert len((local / "predictions.csv").read_text().splitlines()) == 4
 

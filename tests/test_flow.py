@@ -85,11 +85,11 @@ def test_datasets_are_logged_with_digest_and_source(finished):
     assert {t.key: t.value for t in train.tags}["mlflow.data.context"] == "train"
 
 
-def test_model_reloads_through_pyfunc(finished):
+def test_model_reloads_through_pyfunc(finished, tmp_path):
     import mlflow.pyfunc
 
     backend, _, _, run, _ = finished
-    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model", dst_path=str(tmp_path))
     flavors = model.metadata.flavors
     assert {"torch": "pytorch", "keras": "keras"}[backend] in flavors
     assert model.metadata.signature is not None
@@ -99,12 +99,12 @@ def test_model_reloads_through_pyfunc(finished):
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
 
 
-def test_report_artifacts_are_real_pictures(finished):
+def test_report_artifacts_are_real_pictures(finished, tmp_path):
     _, _, _, run, client = finished
     names = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     for figure in ("learning_curves", "confusion_matrix", "predictions", "confident_mistakes", "kernels", "feature_maps"):
         assert f"report/{figure}.png" in names, figure
-    local = Path(client.download_artifacts(run.info.run_id, "report"))
+    local = Path(client.download_artifacts(run.info.run_id, "report", str(tmp_path)))
     for png in local.glob("*.png"):
         with Image.open(png) as image:
             assert image.width >= 300 and image.height >= 300, png.name
@@ -117,7 +117,7 @@ def test_report_artifacts_are_real_pictures(finished):
     assert len(per_class) == 11
 
 
-def test_dense_baseline_sits_beside_the_cnn(finished):
+def test_dense_baseline_sits_beside_the_cnn(finished, tmp_path):
     backend, _, _, run, client = finished
     if backend != "torch":
         pytest.skip("the dense comparison runs with the torch backend in this module")
@@ -127,7 +127,7 @@ def test_dense_baseline_sits_beside_the_cnn(finished):
     assert child.info.status == "FINISHED"
     assert child.data.params["architecture"] == "dense"
     assert run.data.metrics["dense.parameters"] == 101_770
-    report = Path(client.download_artifacts(run.info.run_id, "report/report.md")).read_text()
+    report = Path(client.download_artifacts(run.info.run_id, "report/report.md", str(tmp_path))).read_text()
     assert "dense network" in report and f"{run.data.metrics['dense.test_accuracy'] * 100:.2f}%" in report
 
 
@@ -144,7 +144,7 @@ def _prefect_artifacts(state):
     return asyncio.run(read())
 
 
-def test_report_and_prefect_table_give_the_same_speed(finished):
+def test_report_and_prefect_table_give_the_same_speed(finished, tmp_path):
     """One statistic per figure: report.md and the Prefect cnn-against-dense table print the same
     seconds per epoch and images per second for the CNN, and they are the epochs' medians."""
     backend, state, _, run, client = finished
@@ -155,7 +155,7 @@ def test_report_and_prefect_table_give_the_same_speed(finished):
     table = next(a for a in _prefect_artifacts(state) if a.key == "cnn-against-dense")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     cnn = next(row for row in rows if row["name"] == "CNN")
-    report = Path(client.download_artifacts(run.info.run_id, "report/report.md")).read_text()
+    report = Path(client.download_artifacts(run.info.run_id, "report/report.md", str(tmp_path))).read_text()
     seconds = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")]
     assert cnn["seconds_per_epoch"] == f"{np.median(seconds):.1f}"
     for figure in ("seconds_per_epoch", "images_per_second"):
@@ -242,7 +242,7 @@ def test_compare_command_side_by_side(store, tmp_path):
     assert {"compare/compare.md", "compare/confusion_matrix_keras.png", "compare/confusion_matrix_torch.png"} <= artifacts
 
 
-def test_the_improved_recipe_runs_and_records_how_it_trained(store):
+def test_the_improved_recipe_runs_and_records_how_it_trained(store, tmp_path):
     """Left-out training values become the recipe's, and MLflow says so, down to the schedule."""
     state = _run_flow(architecture="cnn-improved", epochs=1, sample_limit=600, test_limit=300, seed=3)
     assert state.is_completed(), state.message
@@ -260,6 +260,6 @@ def test_the_improved_recipe_runs_and_records_how_it_trained(store):
     assert {k: params[k] for k in expected} == expected
     import mlflow.pyfunc
 
-    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model", dst_path=str(tmp_path))
     images = np.random.default_rng(0).uniform(size=(3, 28, 28, 1)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(model.predict(images)).sum(axis=1), 1.0, atol=1e-5)

@@ -136,7 +136,7 @@ def test_pyfunc_model_logs_into_the_run_and_loads_without_cnn_train(tracker, sof
         np.testing.assert_allclose(proba, _softmax_of(softmax, IMAGES), atol=1e-5)
 
 
-def test_sklearn_pipeline_logs_with_its_trusted_types(tracker, monkeypatch):
+def test_sklearn_pipeline_logs_with_its_trusted_types(tracker, monkeypatch, tmp_path):
     """What the sklearn example returns: skops (MLflow's safe default) with a short, explicit list of
     the types its pipeline needs, and predict_proba served through pyfunc."""
     from sklearn.exceptions import ConvergenceWarning
@@ -164,7 +164,7 @@ def test_sklearn_pipeline_logs_with_its_trusted_types(tracker, monkeypatch):
     )
     model_uri = _log(tracker, loggable)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.uri)
-    proba = np.asarray(mlflow.pyfunc.load_model(model_uri).predict(IMAGES))
+    proba = np.asarray(mlflow.pyfunc.load_model(model_uri, dst_path=str(tmp_path)).predict(IMAGES))
     np.testing.assert_allclose(proba, pipeline.predict_proba(IMAGES), atol=1e-6)
 
 
