@@ -127,8 +127,10 @@ def keep_library_state_in_project(environ: MutableMapping[str, str] = os.environ
     unless the user set ``PREFECT_HOME``; its database, result storage and profiles settings are left
     alone, so explicit values of those win too (Prefect derives them from ``PREFECT_HOME`` only when
     unset), and the user's profile is still read from its usual place. Matplotlib's font cache goes
-    to ``matplotlib/`` unless ``MPLCONFIGDIR`` is set."""
+    to ``matplotlib/``, and torch's inductor cache (made when a pt2 model is exported or loaded) to
+    ``torchinductor/``, unless ``MPLCONFIGDIR`` or ``TORCHINDUCTOR_CACHE_DIR`` is set."""
     environ.setdefault("MPLCONFIGDIR", str(state_dir() / "matplotlib"))
+    environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(state_dir() / "torchinductor"))
     # Whatever PREFECT_HOME is: a temporary server's first migrations outlast Prefect's 20 s on a busy box.
     environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", _TEMPORARY_SERVER_STARTUP_SECONDS)
     if environ.get("PREFECT_HOME"):

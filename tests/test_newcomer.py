@@ -340,10 +340,12 @@ def test_libraries_keep_their_files_under_the_state_dir(state, tmp_path):
     # The user's profile (where `cnn-train up` sets PREFECT_API_URL) is still the one read.
     assert environ["PREFECT_PROFILES_PATH"] == str(Path("~/.prefect/profiles.toml").expanduser())
     assert environ["MPLCONFIGDIR"] == str(state / "matplotlib")
+    assert environ["TORCHINDUCTOR_CACHE_DIR"] == str(state / "torchinductor")
 
 
 def test_what_the_user_set_wins(state):
     mine = {"PREFECT_HOME": "/mine", "PREFECT_PROFILES_PATH": "/mine/profiles.toml", "MPLCONFIGDIR": "/mine/mpl",
+            "TORCHINDUCTOR_CACHE_DIR": "/mine/inductor",
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "30"}
     environ = dict(mine)
     keep_library_state_in_project(environ)
