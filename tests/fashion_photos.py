@@ -1,6 +1,7 @@
 """Real Fashion-MNIST test images written out the ways a person's pictures differ from the dataset's:
 other sizes, PNG and JPEG, colour, inverted (a light background), on a wide canvas, cut out on
-transparency. Each writer takes a 28x28 uint8 image and a path without suffix, and returns the file."""
+transparency, and in the pixel formats beyond 8-bit grey and RGB that Pillow opens (16-bit, 32-bit and
+float grey, LAB, CMYK). Each writer takes a 28x28 uint8 image and a path without suffix, and returns the file."""
 
 from __future__ import annotations
 
@@ -61,4 +62,46 @@ VARIANTS: dict[str, Callable[[np.ndarray, Path], Path]] = {
     "inverted-png": _inverted_png,
     "inverted-jpeg-wide": _inverted_jpeg_on_wide_canvas,
     "cut-out-png": _cut_out_png,
+}
+
+
+def _grey_16_bit_png(a: np.ndarray, path: Path) -> Path:
+    Image.fromarray(a.astype(np.uint16) * 257).save(path := path.with_suffix(".png"))  # 255 -> 65535
+    return path
+
+
+def _inverted_grey_16_bit_tiff(a: np.ndarray, path: Path) -> Path:
+    Image.fromarray((255 - a).astype(np.uint16) * 257).resize((56, 56)).save(path := path.with_suffix(".tif"))
+    return path
+
+
+def _grey_float_tiff(a: np.ndarray, path: Path) -> Path:
+    """Floats in [0, 1], as scientific software writes them."""
+    Image.fromarray(a.astype(np.float32) / 255).save(path := path.with_suffix(".tif"))
+    return path
+
+
+def _grey_32_bit_tiff(a: np.ndarray, path: Path) -> Path:
+    Image.fromarray(a.astype(np.int32)).save(path := path.with_suffix(".tif"))
+    return path
+
+
+def _lab_tiff(a: np.ndarray, path: Path) -> Path:
+    Image.fromarray(a).convert("RGB").convert("LAB").save(path := path.with_suffix(".tif"))
+    return path
+
+
+def _cmyk_jpeg(a: np.ndarray, path: Path) -> Path:
+    Image.fromarray(a).convert("CMYK").save(path := path.with_suffix(".jpg"), quality=95)
+    return path
+
+
+#: Kept apart from VARIANTS, whose writers the 20-image acceptance test takes in turn.
+PIXEL_FORMATS: dict[str, Callable[[np.ndarray, Path], Path]] = {
+    "grey-16-bit-png": _grey_16_bit_png,
+    "inverted-grey-16-bit-tiff": _inverted_grey_16_bit_tiff,
+    "grey-float-tiff": _grey_float_tiff,
+    "grey-32-bit-tiff": _grey_32_bit_tiff,
+    "lab-tiff": _lab_tiff,
+    "cmyk-jpeg": _cmyk_jpeg,
 }

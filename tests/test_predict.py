@@ -27,7 +27,7 @@ from cnn_train.flows import predict, tracking
 from cnn_train.flows.data import TEST_IMAGES, TEST_LABELS
 from cnn_train.flows.data.idx import read_idx
 from cnn_train.plugins.config import FASHION_MNIST_CLASSES
-from tests.fashion_photos import VARIANTS
+from tests.fashion_photos import PIXEL_FORMATS, VARIANTS
 from tests.local_stack import free_port
 
 BIN = Path(sys.executable).parent
@@ -58,11 +58,11 @@ def test_set(real_fashion_mnist_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return _test_set(real_fashion_mnist_dir)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS), ids=list(VARIANTS))
+@pytest.mark.parametrize("variant", [*VARIANTS, *PIXEL_FORMATS])
 def test_an_exported_image_comes_back_as_fashion_mnist_made_it(variant, test_set, tmp_path):
     images, _ = test_set
     original = images[0]  # an ankle boot
-    path = VARIANTS[variant](original, tmp_path / "boot")
+    path = {**VARIANTS, **PIXEL_FORMATS}[variant](original, tmp_path / "boot")
     item = predict.load_model_input(path)
     assert item.pixels.shape == (28, 28, 1) and item.pixels.dtype == np.float32
     assert item.pixels.min() == 0.0 and item.pixels.max() == 1.0

@@ -74,17 +74,34 @@ def collect_images(paths: Iterable[Path | str]) -> Collected:
 
 def read_grayscale(path: Path) -> np.ndarray:
     """The file's pixels as float ``(h, w)`` in [0, 255]; transparency is laid over white, so a
-    cut-out garment counts as on a light background."""
+    cut-out garment counts as on a light background; 16-bit, 32-bit and float greys are scaled, not clipped."""
     try:
         with Image.open(path) as opened:
             opened.load()
             image = ImageOps.exif_transpose(opened)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise ImageReadError(f"{path}: not a readable image ({_reason(error)})") from None
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        # Pillow's convert("L") clips these at 255 instead of scaling them: a 16-bit PNG came out white.
+        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        return np.clip(pixels * (255.0 / _white_level(image.mode, pixels)), 0.0, 255.0)
+    if image.mode == "LAB":  # Pillow converts LAB to nothing; its L channel is the lightness
+        return np.asarray(image.getchannel("L"), dtype=np.float64)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, image.convert("RGBA"))
     return np.asarray(image.convert("L"), dtype=np.float64)
+
+
+def _white_level(mode: str, pixels: np.ndarray) -> float:
+    """The value of white in a grey image of more than 8 bits: 65535 in a 16-bit one. 32-bit integers
+    and floats state no range, so the smallest usual one that holds the brightest pixel: 1 (floats
+    only), 255 or 65535."""
+    if mode.startswith("I;16"):
+        return 65535.0
+    brightest = float(pixels.max(initial=0.0))
+    levels = (1.0, 255.0, 65535.0) if mode == "F" else (255.0, 65535.0)
+    return next((level for level in levels if brightest <= level), brightest)
 
 
 def _reason(error: BaseException) -> str:
