@@ -316,6 +316,44 @@ def test_paths_without_images_say_so_before_any_model_is_looked_up(tmp_path, giv
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize(
+    ("options", "line"),
+    [
+        pytest.param(["--output", "{tmp}/x.png/p.csv"], "cannot make the folder {tmp}/x.png: {tmp}/x.png is a file", id="output-under-a-file"),
+        pytest.param(["--show-inputs", "{tmp}/x.png/seen/28x28"], "cannot make the folder {tmp}/x.png/seen/28x28: {tmp}/x.png is a file", id="inputs-under-a-file"),
+        pytest.param(["--output", "{tmp}"], "Invalid value for '--output': file '{tmp}' is a directory", id="output-is-a-folder"),
+        pytest.param(["--show-inputs", "{tmp}/x.png"], "Invalid value for '--show-inputs': dir '{tmp}/x.png' is a file", id="inputs-is-a-file"),
+    ],
+)
+def test_a_destination_that_cannot_hold_the_results_fails_before_any_model_is_looked_up(tmp_path, options, line):
+    from typer.testing import CliRunner
+
+    from cnn_train.flows.cli import app
+
+    Image.new("L", (28, 28)).save(tmp_path / "x.png")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    given = [option.format(tmp=tmp_path) for option in options]
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "x.png"), *given], env=env)
+    assert result.exit_code == 2
+    assert line.format(tmp=tmp_path) in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_a_csv_that_cannot_be_written_is_one_line_after_the_printed_predictions(champion, tmp_path):
+    from typer.testing import CliRunner
+
+    from cnn_train.flows.cli import app
+
+    image = tmp_path / "x.png"
+    Image.new("L", (28, 28)).save(image)
+    with mock.patch.dict(os.environ):  # the command's own settings stay in this test
+        result = CliRunner().invoke(app, ["predict", str(image), "--output", "/proc/cnn-train-predictions.csv"])
+    assert result.exit_code == 1, result.output
+    assert result.stdout.splitlines()[-1].startswith(f"{image}: ")
+    assert result.stderr.splitlines() == ["cnn-train: cannot write /proc/cnn-train-predictions.csv: No such file or directory"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("where", "says"),

@@ -22,11 +22,12 @@ def predict(
     ] = None,
     top_k: Annotated[int, typer.Option(min=1, max=10, help="Classes shown per image, likeliest first.")] = 3,
     output: Annotated[
-        Optional[Path], typer.Option(help="Write one row per image with all ten probabilities to this CSV file.")  # noqa: UP045
+        Optional[Path],  # noqa: UP045
+        typer.Option(dir_okay=False, help="Write one row per image with all ten probabilities to this CSV file."),
     ] = None,
     show_inputs: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option(help="Write the 28x28 images the model actually saw to this folder (PNG)."),
+        typer.Option(file_okay=False, help="Write the 28x28 images the model actually saw to this folder (PNG)."),
     ] = None,
 ) -> None:
     """Classify image files: any size, colour or grayscale, brought to 28x28 the way Fashion-MNIST was made."""
@@ -44,6 +45,8 @@ def predict(
         typer.echo(f"skipped {count} file{'s' if count != 1 else ''} without an image ending: {names}", err=True)
     if not collected.files:
         fail(f"no image files among {', '.join(map(str, paths))}; give PNG or JPEG files, or folders holding them")
+    # Where the results go is made before the model loads, so a path that cannot hold them fails at once.
+    _make_folders(*([output.parent] if output else []), *([show_inputs] if show_inputs else []))
     try:
         tracking.check_reachable(tracking.tracking_uri())
     except tracking.TrackingUnavailableError as error:
@@ -58,18 +61,30 @@ def predict(
         typer.echo(prediction.top_k_line(image, classes))
     for failure in predictions.failures:
         typer.echo(f"cnn-train: {failure.message}", err=True)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        predictions.table.to_csv(output, index=False)
-        typer.echo(f"predictions: {output}")
-    if show_inputs is not None:
-        names = prediction.input_file_names(predictions.inputs)
-        prediction.write_model_inputs(predictions.inputs, show_inputs, names)
-        typer.echo(f"the model's 28x28 inputs: {show_inputs}")
+    try:
+        if output is not None:
+            predictions.table.to_csv(output, index=False)
+            typer.echo(f"predictions: {output}")
+        if show_inputs is not None:
+            names = prediction.input_file_names(predictions.inputs)
+            prediction.write_model_inputs(predictions.inputs, show_inputs, names)
+            typer.echo(f"the model's 28x28 inputs: {show_inputs}")
+    except OSError as error:  # the predictions above are printed; only the file is missing
+        fail(f"cannot write {error.filename or output}: {error.strerror or error}", code=1)
     failed = len(predictions.failures) + len(collected.missing)
     if failed:
         typer.echo(prediction.counted(len(predictions.table), failed), err=True)
         raise typer.Exit(1)
+
+
+def _make_folders(*folders: Path) -> None:
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a file where a folder should be, or no permission
+            in_the_way = next((path for path in (folder, *folder.parents) if path.is_file()), None)
+            reason = f"{in_the_way} is a file" if in_the_way else error.strerror or str(error)
+            fail(f"cannot make the folder {folder}: {reason}; choose another path")
 
 
 @app.command()
