@@ -120,7 +120,7 @@ class RunParameters(BaseModel):
     )
     experiment: str = Field(default="cnn-train", min_length=1, description="MLflow experiment.")
     data_dir: str | None = Field(
-        default=None, description="Folder with the four Fashion-MNIST .gz files; empty: searched for."
+        default=None, description="Folder with the four Fashion-MNIST IDX files (.gz or unpacked); empty: searched for."
     )
     compare_dense: bool = Field(
         default=False, description="Also train the previous lesson's dense network on the same split, and compare."
@@ -217,7 +217,7 @@ def _check_data_dir(params: RunParameters) -> None:
     folder, named_by = named
     if not folder.is_dir():
         raise ParameterError(
-            f"{named_by}: {folder} does not exist; name the folder holding the four Fashion-MNIST .gz files, "
+            f"{named_by}: {folder} does not exist; name the folder holding the four Fashion-MNIST files, "
             "or leave it empty to search the usual places"
         )
     try:

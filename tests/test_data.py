@@ -223,6 +223,46 @@ def test_verify_a_missing_folder_is_one_line_saying_how_to_get_the_data(tmp_path
     assert line.startswith(f"{tmp_path / 'nowhere'}: no such folder. To fix: install Debian's")
 
 
+def _unpack(folder: Path, target: Path, names) -> Path:
+    """``folder``'s files in ``target``: those in ``names`` gunzipped (as Kaggle's copy holds them), the rest as they are."""
+    target.mkdir()
+    for name in data.FILE_NAMES:
+        content = (folder / name).read_bytes()
+        if name in names:
+            (target / name.removesuffix(".gz")).write_bytes(gzip.decompress(content))
+        else:
+            (target / name).write_bytes(content)
+    return target
+
+
+@pytest.mark.parametrize("unpacked", [data.FILE_NAMES, data.FILE_NAMES[1::2]], ids=["all-unpacked", "two-unpacked"])
+def test_unpacked_files_read_as_the_gzipped_ones(fake_fashion_mnist, tmp_path, unpacked):
+    folder = _unpack(fake_fashion_mnist.folder, tmp_path / "unpacked", unpacked)
+
+    raw, official = read_folder(folder, verify_checksums=False), read_folder(fake_fashion_mnist.folder, verify_checksums=False)
+
+    assert raw.sha256 == official.sha256
+    np.testing.assert_array_equal(raw.x_train, official.x_train)
+    np.testing.assert_array_equal(raw.y_test, official.y_test)
+    assert locate_fashion_mnist(folder, search_paths=[]) == folder
+    assert prepare(folder, tmp_path / "cache").digest == prepare(fake_fashion_mnist.folder, tmp_path / "cache").digest
+
+
+def test_a_damaged_unpacked_file_is_named(fake_fashion_mnist, tmp_path):
+    folder = _unpack(fake_fashion_mnist.folder, tmp_path / "unpacked", data.FILE_NAMES)
+    damaged = folder / "t10k-labels-idx1-ubyte"
+    damaged.write_bytes(damaged.read_bytes()[:20])
+
+    assert verify_dataset(folder, verify_checksums=False) == [
+        f"{damaged}: truncated payload: the header announces 50 labels (58 bytes), the file holds 20 bytes. "
+        "Replace it with an intact copy of the official file"
+    ]
+
+
+def test_real_fashion_mnist_unpacked_is_verified_as_the_official_files(real_fashion_mnist_dir, tmp_path):
+    assert verify_dataset(_unpack(real_fashion_mnist_dir, tmp_path / "unpacked", data.FILE_NAMES)) == []
+
+
 # --- finding the files ---------------------------------------------------------------------------
 
 
@@ -243,7 +283,8 @@ def test_an_explicit_folder_with_none_of_the_files_names_them_once(tmp_path):
         locate_fashion_mnist(tmp_path, search_paths=[])
     assert str(raised.value).startswith(
         f"data_dir {tmp_path} holds none of the four Fashion-MNIST files (train-images-idx3-ubyte.gz, "
-        "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz). Point it at a folder"
+        "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz, or each without .gz). "
+        "Point it at a folder"
     )
 
 

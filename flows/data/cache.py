@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cnn_train.flows.data.atomic import write_atomically
-from cnn_train.flows.data.files import FILE_NAMES, IMAGE_SIDE
+from cnn_train.flows.data.files import FILE_NAMES, FILES, IMAGE_SIDE
 from cnn_train.flows.data.split import SplitPlan
 from cnn_train.flows.settings import env_number, state_dir
 
@@ -56,8 +56,8 @@ class FilesMemo:
 def memo_path(cache_dir: Path, folder: Path) -> Path:
     """The memo of ``folder``'s files as they are now: any change to their stat gives another path."""
     stats = []
-    for name in FILE_NAMES:
-        path = (folder / name).resolve()
+    for spec in FILES:
+        path = spec.path_in(folder).resolve()
         st = path.stat()
         stats.append([str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
     return cache_dir / f"files-{hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]}.json"

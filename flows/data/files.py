@@ -12,6 +12,7 @@ four official MD5s exactly, so the content hashes below are those of the officia
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.plugins.config import FASHION_MNIST_CLASSES
@@ -42,6 +43,16 @@ class IdxFile:
     @property
     def kind(self) -> str:
         return "images" if self.is_images else "labels"
+
+    @property
+    def unpacked_name(self) -> str:
+        """The name gunzip gives the file, as Kaggle's copy of the dataset holds it."""
+        return self.name.removesuffix(".gz")
+
+    def path_in(self, folder: Path) -> Path:
+        """The file in ``folder``: the official ``.gz``, else the unpacked file, else where the ``.gz`` would be."""
+        packed, unpacked = folder / self.name, folder / self.unpacked_name
+        return unpacked if not packed.is_file() and unpacked.is_file() else packed
 
 
 #: The files in the order a run reads them: name, magic number, item count, SHA-256 of the content.

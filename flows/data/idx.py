@@ -114,7 +114,8 @@ def check_content(
 
 
 def read_idx(path: Path, spec: IdxFile, *, verify_checksum: bool) -> IdxContent:
-    """Read, decompress, parse and (optionally) checksum one file; any problem is one DatasetError line."""
+    """Read, decompress (a ``.gz``; an unpacked file is the content), parse and (optionally) checksum one
+    file; any problem is one DatasetError line."""
     try:
         blob = path.read_bytes()
     except FileNotFoundError:
@@ -125,7 +126,8 @@ def read_idx(path: Path, spec: IdxFile, *, verify_checksum: bool) -> IdxContent:
         raise DatasetError(
             f"{path}: cannot be read ({error.strerror or error}); make it readable or {REPLACE_IT.lower()}"
         ) from None
-    return check_content(decompress(blob, path), spec, path, verify_checksum=verify_checksum)
+    content = decompress(blob, path) if path.suffix == ".gz" else blob
+    return check_content(content, spec, path, verify_checksum=verify_checksum)
 
 
 def count_mismatches(folder: Path, counts: dict[str, int]) -> list[str]:
@@ -156,7 +158,7 @@ class RawData:
 
 def read_folder(folder: Path, *, verify_checksums: bool) -> RawData:
     """All four files of ``folder``; the first problem found is raised as DatasetError."""
-    contents = {spec.name: read_idx(folder / spec.name, spec, verify_checksum=verify_checksums) for spec in FILES}
+    contents = {spec.name: read_idx(spec.path_in(folder), spec, verify_checksum=verify_checksums) for spec in FILES}
     if problems := count_mismatches(folder, {name: len(c.array) for name, c in contents.items()}):
         raise DatasetError(problems[0])
     return RawData(

@@ -50,7 +50,8 @@ def default_search_paths() -> list[Path]:
 
 
 def _missing_files(folder: Path) -> list[str]:
-    return [name for name in FILE_NAMES if not (folder / name).is_file()]
+    """The files ``folder`` holds neither as the official ``.gz`` nor unpacked."""
+    return [spec.name for spec in FILES if not spec.path_in(folder).is_file()]
 
 
 def explicit_dir(data_dir: Path | str | None) -> tuple[Path, str] | None:
@@ -77,9 +78,9 @@ def locate_fashion_mnist(
         folder, named_by = explicit
         if missing := _missing_files(folder):
             lacks = (
-                f"holds none of the four Fashion-MNIST files ({', '.join(FILE_NAMES)})"
+                f"holds none of the four Fashion-MNIST files ({', '.join(FILE_NAMES)}, or each without .gz)"
                 if len(missing) == len(FILE_NAMES)
-                else f"does not hold {', '.join(missing)}; it must contain all four Fashion-MNIST files"
+                else f"does not hold {', '.join(missing)}; it must contain all four Fashion-MNIST files, gzipped or not"
             )
             raise DatasetError(
                 f"{named_by} {folder} {lacks}. Point it at a folder that does, or unset it to search the "

@@ -24,7 +24,7 @@ def verify_dataset(folder: Path | str, *, verify_checksums: bool = True) -> list
     counts = {}
     for spec in FILES:
         try:
-            counts[spec.name] = len(read_idx(folder / spec.name, spec, verify_checksum=verify_checksums).array)
+            counts[spec.name] = len(read_idx(spec.path_in(folder), spec, verify_checksum=verify_checksums).array)
         except DatasetError as error:
             problems.append(str(error))
     return problems + count_mismatches(folder, counts)
