@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import types
 import time
 import warnings
 from dataclasses import dataclass
@@ -350,6 +351,12 @@ def test_a_server_store_links_to_the_run():
     )
 
 
+def test_a_file_store_is_served_with_the_setting_it_was_written_with(default_port):
+    assert tracking.open_hint(Address("/srv/mlruns")).startswith(
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_ALLOW_FILE_STORE=true mlflow server --backend-store-uri /srv/mlruns "
+    )
+
+
 def test_a_database_password_is_not_printed():
     hint = tracking.open_hint(Address("postgresql://ml:s3cret@db.internal/mlflow"))
     assert "--backend-store-uri 'postgresql://ml:***@db.internal/mlflow' " in hint
@@ -377,9 +384,34 @@ def test_a_scheme_mlflow_has_no_store_for_says_which_it_has(uri):
 @pytest.mark.parametrize("uri", ["sqlite:////nonexistent/dir/mlflow.db", "/nonexistent/mlruns", "file:///nonexistent/mlruns",
                                  "postgresql+psycopg2://user@127.0.0.1:9/db"],
                          ids=["sqlite", "path", "file", "postgresql-with-driver"])
-def test_a_local_or_database_store_is_not_opened_to_check_it(uri):
+def test_a_local_or_database_store_is_not_opened_to_check_it(uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    # The driver is stood in for (none is installed here): the check imports it and connects to nothing.
+    monkeypatch.setitem(sys.modules, "psycopg2", types.ModuleType("psycopg2"))
     tracking.check_reachable(uri)  # nothing is created or connected to: the flow opens the store when it runs
     assert not Path("/nonexistent").exists()
+
+
+@pytest.mark.parametrize(
+    ("uri", "says"),
+    [
+        pytest.param("./mlruns", "./mlruns names a folder of files (MLflow's file store), which MLflow 3 refuses unless "
+                     "MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///FILE.db or http://HOST:PORT, or unset it", id="folder"),
+        pytest.param("file:///srv/mlruns", "file:///srv/mlruns names a folder of files", id="file-uri"),
+        pytest.param("mlflow.db", "mlflow.db names a folder of files (MLflow's file store), which MLflow 3 refuses unless "
+                     "MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///mlflow.db or", id="database-file-without-sqlite"),
+        pytest.param("postgresql://ml:s3cret@127.0.0.1:9/db", "postgresql://ml:***@127.0.0.1:9/db needs the database "
+                     "driver 'psycopg', which is not installed here; install it", id="postgresql-without-driver"),
+        pytest.param("mysql+nosuch://ml@127.0.0.1:9/db", "mysql+nosuch://ml@127.0.0.1:9/db is no database URI SQLAlchemy "
+                     "can use (Can't load plugin: sqlalchemy.dialects:mysql.nosuch)", id="unknown-driver"),
+    ],
+)
+def test_a_store_mlflow_would_refuse_in_the_run_is_refused_before_it(uri, says, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed, wherever the suite runs
+    with pytest.raises(tracking.TrackingUnavailableError) as refused:
+        tracking.check_reachable(uri)
+    assert str(refused.value).startswith(f"MLFLOW_TRACKING_URI {says}") and "s3cret" not in str(refused.value)
 
 
 # --- liveness ------------------------------------------------------------------------------------

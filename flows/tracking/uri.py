@@ -68,20 +68,53 @@ def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
 def _check_scheme(uri: str) -> None:
     """MLflow builds a client's store at once and refuses a scheme it has none for; the schemes of its
     file and database stores are known without opening one (SQLAlchemy's import costs a second)."""
+    from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
     from mlflow.store.db.db_types import DATABASE_ENGINES
     from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
     from mlflow.utils.uri import get_uri_scheme
 
-    if get_uri_scheme(uri) in {"", "file", *DATABASE_ENGINES}:
+    scheme = get_uri_scheme(uri)
+    if scheme in ("", "file"):
+        if not MLFLOW_ALLOW_FILE_STORE.get():  # MLflow 3 refuses it when the run starts, not before
+            instead = f"sqlite:///{uri}" if scheme == "" and uri.endswith(".db") else "sqlite:///FILE.db"
+            raise TrackingUnavailableError(
+                f"MLFLOW_TRACKING_URI {uri} names a folder of files (MLflow's file store), which MLflow 3 "
+                f"refuses unless MLFLOW_ALLOW_FILE_STORE=true; use {instead} or http://HOST:PORT, "
+                "or unset it to log to the project's mlflow.db"
+            )
+        return
+    if scheme in DATABASE_ENGINES:
+        if scheme != "sqlite":
+            _check_database_driver(uri)
         return
     try:
         client(uri)
     except UnsupportedModelRegistryStoreURIException as error:
         schemes = ", ".join(scheme for scheme in error.supported_uri_schemes if scheme)
         raise TrackingUnavailableError(
-            f"MLFLOW_TRACKING_URI {uri} has a scheme MLflow has no tracking store for; use a path, "
+            f"MLFLOW_TRACKING_URI {uri} has a scheme MLflow has no tracking store for; use "
             f"sqlite:///FILE, http://HOST:PORT or another of its schemes ({schemes}), "
             "or unset it to log to the project's mlflow.db"
+        ) from None
+
+
+def _check_database_driver(uri: str) -> None:
+    """A database store's Python driver, which MLflow would first import inside the run."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    shown = _without_password(uri)
+    try:
+        make_url(uri).get_dialect().import_dbapi()
+    except ModuleNotFoundError as error:
+        raise TrackingUnavailableError(
+            f"MLFLOW_TRACKING_URI {shown} needs the database driver {error.name!r}, which is not installed "
+            "here; install it into this environment, or unset MLFLOW_TRACKING_URI to log to the project's mlflow.db"
+        ) from None
+    except (ArgumentError, NoSuchModuleError) as error:
+        raise TrackingUnavailableError(
+            f"MLFLOW_TRACKING_URI {shown} is no database URI SQLAlchemy can use ({error}); "
+            "unset it to log to the project's mlflow.db"
         ) from None
 
 
@@ -116,6 +149,7 @@ def open_hint(run: RunAddress) -> str:
         return f"cnn-train up, then open {page}"
     command = [
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false",
+        *(["MLFLOW_ALLOW_FILE_STORE=true"] if urlparse(store).scheme in ("", "file") else []),
         "mlflow",
         "server",
         "--backend-store-uri",
