@@ -31,14 +31,16 @@ def check_prefect_server(api_url: str | None) -> Finding:
             "no PREFECT_API_URL: flows run on temporary servers and deployments cannot be served",
             "run `cnn-train up` (or `cnn-train run` for a one-off run without servers)",
         )
-    if services.http_ok(f"{api_url.rstrip('/')}/health"):
+    if services.prefect_api_answers(api_url):
         return Finding("prefect server", True, f"{api_url} answers")
+    if mistake := services.prefect_api_mistake(api_url):
+        return Finding("prefect server", False, mistake)
     return Finding("prefect server", False, f"{api_url} does not answer", "run `cnn-train up`")
 
 
 def check_deployment(api_url: str | None, name: str = services.DEPLOYMENT) -> Finding:
     """The deployment exists and something polls for its runs (a serve process or worker)."""
-    if not api_url or not services.http_ok(f"{api_url.rstrip('/')}/health"):
+    if not api_url or not services.prefect_api_answers(api_url):
         return Finding("deployment", False, f"cannot look up {name} without a Prefect server", "run `cnn-train up`")
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
@@ -95,7 +97,7 @@ def _check_pool(name: str, pool: str, api_url: str) -> Finding:
 def check_flow_runs(api_url: str | None, tracking_uri: str, *, fix: bool) -> Finding:
     """Prefect flow runs still Running though their process died: reported, and set Crashed (their MLflow
     runs FAILED) with ``fix``."""
-    if not api_url or not services.http_ok(f"{api_url.rstrip('/')}/health"):
+    if not api_url or not services.prefect_api_answers(api_url):
         return Finding("flow runs", False, "cannot look for orphaned flow runs without a Prefect server", "run `cnn-train up`")
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

@@ -15,6 +15,7 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 from cnn_train.flows.detached import Service
 from cnn_train.flows.errors import ExpectedFailure
@@ -114,6 +115,21 @@ def quiet_environment() -> dict[str, str]:
 
 def http_ok(url: str, *, timeout: float = 2.0) -> bool:
     return http_json(url, timeout=timeout) is not None
+
+
+def prefect_api_answers(api_url: str, *, timeout: float = 3.0) -> bool:
+    return http_ok(f"{api_url.rstrip('/')}/health", timeout=timeout)
+
+
+def prefect_api_mistake(api_url: str, *, timeout: float = 3.0) -> str | None:
+    """For a ``PREFECT_API_URL`` that does not answer: what is wrong with the address itself (no scheme, or
+    the server's own address, the UI's, without ``/api``), or None when the fault is not in it."""
+    if urlparse(api_url).scheme not in ("http", "https"):
+        return f"PREFECT_API_URL {api_url} is no http:// or https:// address (did you mean http://{api_url}?)"
+    base = api_url.rstrip("/")
+    if not base.endswith("/api") and prefect_api_answers(f"{base}/api", timeout=timeout):
+        return f"PREFECT_API_URL {api_url} is the Prefect server's address, not its API's: set it to {base}/api"
+    return None
 
 
 def http_json(url: str, *, timeout: float = 2.0) -> object | None:

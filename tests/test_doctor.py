@@ -27,6 +27,24 @@ def test_missing_prefect_server_is_reported():
     assert "does not answer" in finding.detail and "cnn-train up" in finding.fix
 
 
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        pytest.param("{server}", "PREFECT_API_URL {server} is the Prefect server's address, not its API's: set it to {server}/api",
+                     id="server-address-without-api"),
+        pytest.param("{server}/", "PREFECT_API_URL {server}/ is the Prefect server's address, not its API's: set it to {server}/api",
+                     id="with-a-trailing-slash"),
+        pytest.param("{bare}/api", "PREFECT_API_URL {bare}/api is no http:// or https:// address (did you mean http://{bare}/api?)",
+                     id="no-scheme"),
+    ],
+)
+def test_a_prefect_api_url_that_is_the_wrong_address_says_the_right_one(prefect_api_url, given, says):
+    server = prefect_api_url.removesuffix("/api")
+    names = {"server": server, "bare": server.removeprefix("http://")}
+    finding = doctor.check_prefect_server(given.format(**names))
+    assert (finding.ok, finding.detail, finding.fix) == (False, says.format(**names), "")
+
+
 def test_no_prefect_api_configured_is_reported():
     finding = doctor.check_prefect_server(None)
     assert not finding.ok and "no PREFECT_API_URL" in finding.detail

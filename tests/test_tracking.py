@@ -402,6 +402,10 @@ def test_a_local_or_database_store_is_not_opened_to_check_it(uri, monkeypatch):
                      "MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///mlflow.db or", id="database-file-without-sqlite"),
         pytest.param("postgresql://ml:s3cret@127.0.0.1:9/db", "postgresql://ml:***@127.0.0.1:9/db needs the database "
                      "driver 'psycopg', which is not installed here; install it", id="postgresql-without-driver"),
+        pytest.param("127.0.0.1:5000", "127.0.0.1:5000 has no scheme; a server's address starts with it: http://127.0.0.1:5000",
+                     id="host-and-port"),
+        pytest.param("http://127.0.0.1:5000/#/experiments/1/runs/abc", "http://127.0.0.1:5000/#/experiments/1/runs/abc is a "
+                     "page of the MLflow UI, not the server's address; set it to http://127.0.0.1:5000", id="ui-page"),
         pytest.param("mysql+nosuch://ml@127.0.0.1:9/db", "mysql+nosuch://ml@127.0.0.1:9/db is no database URI SQLAlchemy "
                      "can use (Can't load plugin: sqlalchemy.dialects:mysql.nosuch)", id="unknown-driver"),
     ],

@@ -94,15 +94,15 @@ def _prefect_api(*, required: bool) -> str | None:
     """The configured Prefect API URL (checked to answer), or None for a temporary server."""
     from prefect.settings import get_current_settings
 
-    from cnn_train.flows.services import http_ok
+    from cnn_train.flows.services import prefect_api_answers, prefect_api_mistake
 
     api_url = get_current_settings().api.url
     if api_url is None:
         if required:
             fail("no Prefect server is configured (PREFECT_API_URL); start one with `cnn-train up --no-trigger`")
         return None
-    if not http_ok(f"{api_url.rstrip('/')}/health", timeout=3.0):
-        fail(f"the Prefect API at {api_url} does not answer; start it with `cnn-train up --no-trigger`")
+    if not prefect_api_answers(api_url):
+        fail(prefect_api_mistake(api_url) or f"the Prefect API at {api_url} does not answer; start it with `cnn-train up --no-trigger`")
     return api_url
 
 

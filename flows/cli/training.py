@@ -86,16 +86,17 @@ def require_reachable_servers() -> None:
     from prefect.settings import get_current_settings
 
     from cnn_train.flows import tracking
-    from cnn_train.flows.services import http_ok
+    from cnn_train.flows.services import prefect_api_answers, prefect_api_mistake
 
     try:
         tracking.check_reachable(tracking.tracking_uri())
     except tracking.TrackingUnavailableError as error:
         fail(str(error))
     api_url = get_current_settings().api.url
-    if api_url and not http_ok(f"{api_url.rstrip('/')}/health", timeout=3.0):
+    if api_url and not prefect_api_answers(api_url):
         fail(
-            f"the Prefect API at {api_url} does not answer; start it with `cnn-train up --no-trigger`, "
+            prefect_api_mistake(api_url)
+            or f"the Prefect API at {api_url} does not answer; start it with `cnn-train up --no-trigger`, "
             "or `prefect config unset PREFECT_API_URL` to run on a temporary server"
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import socket
 import urllib.error
@@ -51,6 +52,12 @@ def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
     if not _is_server(uri):
         _check_scheme(uri)
         return
+    parsed = urlparse(uri)
+    if parsed.fragment or parsed.query:  # /health would still answer: the fragment never reaches the server
+        address = parsed._replace(query="", fragment="").geturl().rstrip("/")
+        raise TrackingUnavailableError(
+            f"MLFLOW_TRACKING_URI {uri} is a page of the MLflow UI, not the server's address; set it to {address}"
+        )
     health = uri.rstrip("/") + "/health"
     try:
         with urllib.request.urlopen(health, timeout=timeout) as response:  # noqa: S310 - user-configured URI
@@ -73,6 +80,10 @@ def _check_scheme(uri: str) -> None:
     from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
     from mlflow.utils.uri import get_uri_scheme
 
+    if re.fullmatch(r"[\w.-]+:\d+(/.*)?", uri):  # HOST:PORT, which reads as a path or a scheme
+        raise TrackingUnavailableError(
+            f"MLFLOW_TRACKING_URI {uri} has no scheme; a server's address starts with it: http://{uri}"
+        )
     scheme = get_uri_scheme(uri)
     if scheme in ("", "file"):
         if not MLFLOW_ALLOW_FILE_STORE.get():  # MLflow 3 refuses it when the run starts, not before
