@@ -25,10 +25,12 @@ _TABLE_ROWS = 200
 
 
 def image_files(folder: str) -> list[Path]:
-    """The image files under ``folder``; a missing folder or one without images is a bad parameter."""
-    path = Path(folder)
+    """The image files under ``folder`` (``~`` is the home folder; a relative path is read from where the
+    flow runs); a missing folder or one without images is a bad parameter."""
+    path = Path(folder).expanduser()
     if not path.is_dir():
-        raise ParameterError(f"images: {folder!r} is not a folder; give a folder of PNG or JPEG files")
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()}, where this flow runs)"
+        raise ParameterError(f"images: {folder!r} is not a folder{where}; give a folder of PNG or JPEG files")
     collected = predict.collect_images([path])
     if not collected.files:
         raise ParameterError(f"images: no image files (PNG, JPEG, ...) in {folder!r}")

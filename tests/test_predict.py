@@ -135,6 +135,23 @@ def test_the_predict_flow_refuses_a_folder_without_images_before_any_run(make, m
     assert str(caught.value) == message.format(folder=folder)
 
 
+def test_the_predict_flow_reads_a_folder_under_home_and_says_where_a_relative_one_was_looked_for(tmp_path, monkeypatch):
+    from cnn_train.flows.params import ParameterError
+    from cnn_train.flows.predict_flow import image_files
+
+    (tmp_path / "photos").mkdir()
+    Image.new("L", (28, 28)).save(tmp_path / "photos" / "a.png")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "photos")
+    assert image_files("~/photos") == [tmp_path / "photos" / "a.png"]
+    with pytest.raises(ParameterError) as caught:
+        image_files("photos")
+    assert str(caught.value) == (
+        f"images: 'photos' is not a folder (relative to {tmp_path / 'photos'}, where this flow runs); "
+        "give a folder of PNG or JPEG files"
+    )
+
+
 # --- the table, top-k and the summary ------------------------------------------------------------
 
 
