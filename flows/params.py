@@ -12,7 +12,7 @@ import re
 import warnings
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, WrapValidator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, WrapValidator, model_validator
 from pydantic.fields import FieldInfo
 
 from cnn_train.flows import placement
@@ -62,6 +62,16 @@ def _registered_name(value: str) -> str:
 
 
 RegisteredName = Annotated[str, AfterValidator(_registered_name)]
+
+
+def _blank_is_none(value: Any) -> Any:
+    # A field cleared in the Prefect form, or given as '' on the command line, is a field not given.
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+#: Optional text whose description says what leaving it empty means; blank is empty.
+OptionalText = Annotated[str | None, BeforeValidator(_blank_is_none)]
+OptionalName = Annotated[RegisteredName | None, BeforeValidator(_blank_is_none)]
 
 
 class ParameterError(ExpectedFailure, ValueError):
@@ -119,13 +129,13 @@ class RunParameters(BaseModel):
         default=None, ge=10, le=TEST_IMAGES, description="Evaluate on this many test images only; empty: all."
     )
     experiment: str = Field(default="cnn-train", min_length=1, description="MLflow experiment.")
-    data_dir: str | None = Field(
+    data_dir: OptionalText = Field(
         default=None, description="Folder with the four Fashion-MNIST IDX files (.gz or unpacked); empty: searched for."
     )
     compare_dense: bool = Field(
         default=False, description="Also train the previous lesson's dense network on the same split, and compare."
     )
-    register: RegisteredName | None = Field(
+    register: OptionalName = Field(
         default=None,
         description="Register the model under this name (champion/challenger aliases); letters, digits, '.', '_', '-'.",
     )
@@ -263,7 +273,7 @@ class SweepOptions(BaseModel):
         "repeatable); every combination is a trial.",
     )
     max_concurrent: int = Field(default=2, ge=1, description="Trials running at once.")
-    register_best: RegisteredName | None = Field(
+    register_best: OptionalName = Field(
         default=None,
         description="Register the best trial's model under this name (champion/challenger aliases, as `register`).",
     )
@@ -337,15 +347,15 @@ class TuneOptions(BaseModel):
     objective: Literal["val_accuracy", "best_val_accuracy"] = Field(
         default="val_accuracy", description="What the study maximises: the last epoch's validation accuracy, or the best epoch's."
     )
-    study_name: str | None = Field(
-        default=None, min_length=1,
+    study_name: OptionalText = Field(
+        default=None,
         description="Optuna study to create or continue; empty: named after the space and fixed run values.",
     )
-    storage: str | None = Field(
-        default=None, min_length=1,
+    storage: OptionalText = Field(
+        default=None,
         description="Optuna RDB storage URL (e.g. postgresql://... shared by machines); empty: SQLite in the state dir.",
     )
-    register_best: str | None = Field(
+    register_best: OptionalName = Field(
         default=None, description="Register the best trial's model in the MLflow registry under this name."
     )
 
@@ -361,7 +371,7 @@ TUNE_EXCLUDES = SWEEP_EXCLUDES
 class PredictOptions(BaseModel):
     """The batch-prediction flow's parameters."""
 
-    model: str | None = Field(
+    model: OptionalText = Field(
         default=None,
         description="runs:/<run id>/model, models:/NAME/VERSION, models:/NAME@ALIAS or a logged model id m-...; "
         "empty: the cnn-train experiment's best registered champion, else its latest finished run.",

@@ -270,6 +270,27 @@ def test_bad_values_are_one_line_naming_the_field(values, expected):
     assert re.search(expected, message), message
 
 
+@pytest.mark.parametrize("blank", ["", "  "], ids=["empty", "spaces"])
+def test_blank_text_is_a_field_not_given(blank):
+    """What a cleared field of the Prefect form or `--data-dir ''` sends: what the description says empty means."""
+    from cnn_train.flows.params import PredictOptions
+
+    params = validate_parameters(data_dir=blank, register=blank)
+    assert (params.data_dir, params.register) == (None, None)
+    checked_by_prefect = cnn_train.validate_parameters({"data_dir": blank, "register": blank})  # a deployment run's check
+    assert (checked_by_prefect["data_dir"], checked_by_prefect["register"]) == (None, None)
+    tune = TuneOptions(study_name=blank, storage=blank, register_best=blank)
+    assert (tune.study_name, tune.storage, tune.register_best) == (None, None, None)
+    assert SweepOptions(register_best=blank).register_best is None
+    assert PredictOptions(images="photos", model=blank).model is None
+
+
+@pytest.mark.parametrize("options", [TuneOptions, SweepOptions], ids=["tune", "sweep"])
+def test_register_best_takes_what_a_registered_name_takes(options):
+    with pytest.raises(ValueError, match="a registered model name takes letters, digits"):
+        options(register_best="team/model")
+
+
 @pytest.mark.parametrize(
     "architecture, expected",
     [
