@@ -226,10 +226,10 @@ def _check_data_dir(params: RunParameters) -> None:
         return
     folder, named_by = named
     if not folder.is_dir():
-        raise ParameterError(
-            f"{named_by}: {folder} does not exist; name the folder holding the four Fashion-MNIST files, "
-            "or leave it empty to search the usual places"
+        what = f"is a file; name the folder holding it ({folder.parent})" if folder.is_file() else (
+            "does not exist; name the folder holding the four Fashion-MNIST files"
         )
+        raise ParameterError(f"{named_by}: {folder} {what}, or leave it empty to search the usual places")
     try:
         locate_fashion_mnist(folder, allow_download=False)
     except DatasetError as error:

@@ -285,6 +285,15 @@ def test_blank_text_is_a_field_not_given(blank):
     assert PredictOptions(images="photos", model=blank).model is None
 
 
+def test_a_data_dir_that_is_one_of_the_files_names_its_folder(tmp_path):
+    (file := tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    with pytest.raises(ParameterError) as refused:
+        validate_parameters(data_dir=str(file))
+    assert str(refused.value) == (
+        f"data_dir: {file} is a file; name the folder holding it ({tmp_path}), or leave it empty to search the usual places"
+    )
+
+
 @pytest.mark.parametrize("options", [TuneOptions, SweepOptions], ids=["tune", "sweep"])
 def test_register_best_takes_what_a_registered_name_takes(options):
     with pytest.raises(ValueError, match="a registered model name takes letters, digits"):
