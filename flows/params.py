@@ -157,10 +157,13 @@ class RunParameters(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _whole_numbers(cls, values: Any) -> Any:
-        # pydantic would take 2.0 as 2 and "3" as 3; an epoch count of 2.5 is a mistake worth naming.
+        # pydantic would take "3" as 3 and truncate nothing; an epoch count of 2.5 is a mistake worth naming.
+        # JSON's 2.0 is a whole number: Prefect's server accepts it as an integer (`-p epochs=2.0`).
         for name in ("epochs", "batch_size", "seed", "sample_limit", "test_limit"):
             value = values.get(name) if isinstance(values, dict) else None
-            if isinstance(value, bool) or (value is not None and not isinstance(value, int)):
+            if isinstance(value, float) and value.is_integer():
+                values = values | {name: int(value)}
+            elif isinstance(value, bool) or (value is not None and not isinstance(value, int)):
                 raise ValueError(f"{name}: must be a whole number (got {value!r})")
         return values
 

@@ -285,6 +285,16 @@ def test_blank_text_is_a_field_not_given(blank):
     assert PredictOptions(images="photos", model=blank).model is None
 
 
+def test_a_whole_number_written_as_a_float_is_that_number():
+    """`prefect deployment run cnn-train/default -p epochs=2.0`: Prefect's server takes JSON's 2.0 as an integer."""
+    params = validate_parameters(epochs=2.0, sample_limit=1e3, seed=7.0)
+    assert (params.epochs, params.sample_limit, params.seed) == (2, 1000, 7)
+    assert all(type(value) is int for value in (params.epochs, params.sample_limit, params.seed))
+    from prefect.utilities.schema_tools.validation import validate
+
+    validate({"epochs": 2.0}, cnn_train.parameters.model_dump(), raise_on_error=True)  # the server's own check
+
+
 def test_a_data_dir_that_is_one_of_the_files_names_its_folder(tmp_path):
     (file := tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"")
     with pytest.raises(ParameterError) as refused:
