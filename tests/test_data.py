@@ -254,8 +254,10 @@ def test_a_damaged_unpacked_file_is_named(fake_fashion_mnist, tmp_path):
     damaged.write_bytes(damaged.read_bytes()[:20])
 
     assert verify_dataset(folder, verify_checksums=False) == [
-        f"{damaged}: truncated payload: the header announces 50 labels (58 bytes), the file holds 20 bytes. "
-        "Replace it with an intact copy of the official file"
+        (
+            f"{damaged}: truncated payload: the header announces 50 labels (58 bytes), the file holds 20 bytes. "
+            "Replace it with an intact copy of the official file"
+        )
     ]
 
 
