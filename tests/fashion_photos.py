@@ -65,43 +65,26 @@ VARIANTS: dict[str, Callable[[np.ndarray, Path], Path]] = {
 }
 
 
-def _grey_16_bit_png(a: np.ndarray, path: Path) -> Path:
-    Image.fromarray(a.astype(np.uint16) * 257).save(path := path.with_suffix(".png"))  # 255 -> 65535
-    return path
+#: Name -> the image in that pixel format, and the file ending it is saved with.
+_PIXEL_FORMAT_IMAGES: dict[str, tuple[Callable[[np.ndarray], Image.Image], str]] = {
+    "grey-16-bit-png": (lambda a: Image.fromarray(a.astype(np.uint16) * 257), ".png"),  # 255 -> 65535
+    "inverted-grey-16-bit-tiff": (lambda a: Image.fromarray((255 - a).astype(np.uint16) * 257).resize((56, 56)), ".tif"),
+    "grey-float-tiff": (lambda a: Image.fromarray(a.astype(np.float32) / 255), ".tif"),  # [0, 1], as scientific software writes
+    "grey-32-bit-tiff": (lambda a: Image.fromarray(a.astype(np.int32)), ".tif"),
+    "lab-tiff": (lambda a: Image.fromarray(a).convert("RGB").convert("LAB"), ".tif"),
+    "cmyk-jpeg": (lambda a: Image.fromarray(a).convert("CMYK"), ".jpg"),
+}
 
 
-def _inverted_grey_16_bit_tiff(a: np.ndarray, path: Path) -> Path:
-    Image.fromarray((255 - a).astype(np.uint16) * 257).resize((56, 56)).save(path := path.with_suffix(".tif"))
-    return path
+def _saved(make: Callable[[np.ndarray], Image.Image], suffix: str) -> Callable[[np.ndarray, Path], Path]:
+    def write(a: np.ndarray, path: Path) -> Path:
+        make(a).save(path := path.with_suffix(suffix))
+        return path
 
-
-def _grey_float_tiff(a: np.ndarray, path: Path) -> Path:
-    """Floats in [0, 1], as scientific software writes them."""
-    Image.fromarray(a.astype(np.float32) / 255).save(path := path.with_suffix(".tif"))
-    return path
-
-
-def _grey_32_bit_tiff(a: np.ndarray, path: Path) -> Path:
-    Image.fromarray(a.astype(np.int32)).save(path := path.with_suffix(".tif"))
-    return path
-
-
-def _lab_tiff(a: np.ndarray, path: Path) -> Path:
-    Image.fromarray(a).convert("RGB").convert("LAB").save(path := path.with_suffix(".tif"))
-    return path
-
-
-def _cmyk_jpeg(a: np.ndarray, path: Path) -> Path:
-    Image.fromarray(a).convert("CMYK").save(path := path.with_suffix(".jpg"), quality=95)
-    return path
+    return write
 
 
 #: Kept apart from VARIANTS, whose writers the 20-image acceptance test takes in turn.
 PIXEL_FORMATS: dict[str, Callable[[np.ndarray, Path], Path]] = {
-    "grey-16-bit-png": _grey_16_bit_png,
-    "inverted-grey-16-bit-tiff": _inverted_grey_16_bit_tiff,
-    "grey-float-tiff": _grey_float_tiff,
-    "grey-32-bit-tiff": _grey_32_bit_tiff,
-    "lab-tiff": _lab_tiff,
-    "cmyk-jpeg": _cmyk_jpeg,
+    name: _saved(*spec) for name, spec in _PIXEL_FORMAT_IMAGES.items()
 }
