@@ -224,7 +224,8 @@ def test_chosen_training_values_win_over_the_recipe() -> None:
     assert (training.batch_size, training.learning_rate, training.epochs) == (48, 5e-4, 3)
     assert (training.lr_schedule, training.precision) == ("onecycle", "auto")
     with pytest.raises(ParameterError, match="batch_size: must be a whole number"):
-        validate_parameters(architecture=IMPROVED_ARCHITECTURE, batch_size=32.0)
+        validate_parameters(architecture=IMPROVED_ARCHITECTURE, batch_size=32.5)
+    assert validate_parameters(architecture=IMPROVED_ARCHITECTURE, batch_size=32.0).batch_size == 32  # JSON's 32.0
 
 
 def test_keras_refuses_the_recipe() -> None:
