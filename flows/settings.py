@@ -82,9 +82,13 @@ class StateDirError(ExpectedFailure):
 
 
 def state_dir() -> Path:
-    """Runtime state (caches, leases, pid files, Prefect home): ``CNN_TRAIN_STATE_DIR`` or ``<root>/.state``."""
+    """Runtime state (caches, leases, pid files, Prefect home): ``CNN_TRAIN_STATE_DIR`` or ``<root>/.state``.
+
+    A relative ``CNN_TRAIN_STATE_DIR`` is taken from the project root, as the default is: the servers run
+    there, and a path taken from each process's own working directory sent them somewhere else.
+    """
     given = os.environ.get("CNN_TRAIN_STATE_DIR")
-    path = Path(given or project_root() / ".state")
+    path = project_root() / Path(given).expanduser() if given else project_root() / ".state"
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -332,6 +332,22 @@ def test_status_says_when_this_shell_sends_runs_elsewhere(state, monkeypatch, tm
     assert elsewhere == ([] if said is None else [f"{variable} is set in this shell: {said}"])
 
 
+@pytest.mark.parametrize("given", ["relstate", "./relstate", "~/relstate"], ids=["relative", "dot-relative", "home"])
+def test_a_relative_state_dir_is_the_same_folder_from_any_working_directory(monkeypatch, tmp_path, given):
+    """`cnn-train up` run from a subfolder with CNN_TRAIN_STATE_DIR=relstate gave its Prefect server (which runs
+    in the project root) a database path that did not exist there: the server failed to start."""
+    from cnn_train.flows.settings import state_dir
+
+    monkeypatch.setenv("CNN_TRAIN_ROOT", str(tmp_path / "project"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", given)
+    expected = (tmp_path / "home" if given.startswith("~") else tmp_path / "project") / "relstate"
+    for working in (tmp_path, tmp_path / "project"):
+        working.mkdir(exist_ok=True)
+        monkeypatch.chdir(working)
+        assert state_dir() == expected and expected.is_dir()
+
+
 def test_libraries_keep_their_files_under_the_state_dir(state, tmp_path):
     environ = {"HOME": str(tmp_path / "home")}
     keep_library_state_in_project(environ)
