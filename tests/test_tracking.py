@@ -290,6 +290,25 @@ def test_existing_experiments_get_a_kind_only_when_they_have_none(store):
     assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
 
 
+def test_a_deleted_experiment_is_named_with_how_to_restore_it_and_gets_no_run(store):
+    """Deleted in the MLflow UI, an experiment keeps its name; MLflow then refused the run with 'The experiment
+    N must be in the active state' from inside the flow run."""
+    from mlflow.entities import ViewType
+
+    client = tracking.client(store)
+    gone = client.create_experiment("deleted-in-the-ui")
+    client.delete_experiment(gone)
+    with pytest.raises(tracking.DeletedExperimentError) as refused:
+        RunTracker.start("deleted-in-the-ui", uri=store)
+    assert str(refused.value) == (
+        f"MLflow experiment 'deleted-in-the-ui' (id {gone}) is deleted; restore it with `MLFLOW_TRACKING_URI={store} "
+        f"mlflow experiments restore --experiment-id {gone}`, or give the run another experiment name"
+    )
+    assert client.search_runs([gone], run_view_type=ViewType.ALL) == []
+    client.restore_experiment(gone)  # as the line says: then the experiment takes runs again
+    assert RunTracker.start("deleted-in-the-ui", uri=store).experiment_id == gone
+
+
 def test_the_installed_mlflow_ui_still_reads_the_experiment_kind():
     bundle = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
     ui = "".join(path.read_text(errors="replace") for path in bundle.glob("main.*.js"))

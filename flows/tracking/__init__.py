@@ -54,6 +54,7 @@ from cnn_train.flows.tracking.spool import sync as sync_spools  # noqa: E402
 from cnn_train.flows.tracking.runs import (  # noqa: E402
     EXPERIMENT_KIND_TAG,
     MODEL_TRAINING_KIND,
+    DeletedExperimentError,
     RunTracker,
     ensure_experiment,
     source_tags,
@@ -73,6 +74,7 @@ from cnn_train.flows.tracking.uri import (  # noqa: E402
 __all__ = [
     "CHALLENGER",
     "CHAMPION",
+    "DeletedExperimentError",
     "EXPERIMENT_KIND_TAG",
     "FLOW_RUN_TAG",
     "HEARTBEAT_SECONDS",

@@ -26,9 +26,10 @@ from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.entities import SourceType
 from mlflow.exceptions import MlflowException
 
+from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.settings import default_artifact_root, env_number
 from cnn_train.flows.tracking import liveness, models, spool
-from cnn_train.flows.tracking.uri import TrackingUnavailableError, check_reachable, run_url, tracking_uri
+from cnn_train.flows.tracking.uri import TrackingUnavailableError, check_reachable, run_url, tracking_uri, without_password
 from cnn_train.plugins.contract import EpochMetrics, LoggableModel
 
 # No public API or constant for the experiment kind: only the MLflow UI reads this tag (test_tracking guards it).
@@ -48,10 +49,22 @@ _READ_FLUSH_SECONDS = 5.0
 _log = logging.getLogger(__name__)
 
 
+class DeletedExperimentError(ExpectedFailure, RuntimeError):
+    """The run's experiment is in MLflow's trash: the message says how to restore it."""
+
+
 def ensure_experiment(mlflow_client: MlflowClient, name: str) -> str:
     """The experiment's id, creating it with a pinned artifact location for local stores; either way
     it opens in the MLflow UI's model-training view."""
     existing = mlflow_client.get_experiment_by_name(name)
+    if existing is not None and existing.lifecycle_stage == "deleted":
+        # Deleted in the UI, the experiment keeps its name, and MLflow refuses every run in it.
+        store = without_password(mlflow_client.tracking_uri)
+        raise DeletedExperimentError(
+            f"MLflow experiment {name!r} (id {existing.experiment_id}) is deleted; restore it with "
+            f"`MLFLOW_TRACKING_URI={store} mlflow experiments restore --experiment-id {existing.experiment_id}`, "
+            "or give the run another experiment name"
+        )
     if existing is not None:
         _mark_model_training(mlflow_client, existing)
         return existing.experiment_id

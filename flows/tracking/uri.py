@@ -114,7 +114,7 @@ def _check_database_driver(uri: str) -> None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-    shown = _without_password(uri)
+    shown = without_password(uri)
     try:
         make_url(uri).get_dialect().import_dbapi()
     except ModuleNotFoundError as error:
@@ -164,7 +164,7 @@ def open_hint(run: RunAddress) -> str:
         "mlflow",
         "server",
         "--backend-store-uri",
-        shlex.quote(_without_password(store)),
+        shlex.quote(without_password(store)),
     ]
     if store.startswith("sqlite:"):
         # Where ensure_experiment pins a SQLite store's artifacts, so runs logged later land there too.
@@ -196,7 +196,7 @@ def _absolute_store(uri: str) -> str:
     return f"sqlite:///{Path(parsed.path.removeprefix('/')).resolve()}"
 
 
-def _without_password(uri: str) -> str:
+def without_password(uri: str) -> str:
     """A database URI fit to print: its password masked."""
     parsed = urlparse(uri)
     if not parsed.password:
