@@ -102,7 +102,10 @@ def _prefect_api(*, required: bool) -> str | None:
             fail("no Prefect server is configured (PREFECT_API_URL); start one with `cnn-train up --no-trigger`")
         return None
     if not prefect_api_answers(api_url):
-        fail(prefect_api_mistake(api_url) or f"the Prefect API at {api_url} does not answer; start it with `cnn-train up --no-trigger`")
+        fail(
+            prefect_api_mistake(api_url)
+            or f"the Prefect API at {api_url} does not answer; start it with `cnn-train up --no-trigger`"
+        )
     return api_url
 
 

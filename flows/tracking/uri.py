@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -109,6 +110,7 @@ def _check_scheme(uri: str) -> None:
         ) from None
 
 
+@functools.cache  # a run's heartbeat checks its store every few seconds; a driver found stays found
 def _check_database_driver(uri: str) -> None:
     """A database store's Python driver, which MLflow would first import inside the run."""
     from sqlalchemy.engine import make_url
