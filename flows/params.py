@@ -34,6 +34,8 @@ TEST_IMAGES = 10_000
 #: Training values a run may leave empty: they then take the architecture's own (the lesson's or the recipe's).
 TRAINING_VALUES = ("epochs", "batch_size", "learning_rate")
 LESSON_TRAINING: dict[str, Any] = {name: TrainConfig.model_fields[name].default for name in TRAINING_VALUES}
+#: Run values that are counts: a float is refused unless it is a whole number (JSON's 2.0).
+WHOLE_NUMBERS = ("epochs", "batch_size", "seed", "sample_limit", "test_limit")
 
 # A device request is a policy, or one card by index. The policies are a closed list (a dropdown in
 # the Prefect form); an explicit card stays possible from the CLI and `-p train_device=cuda:1`.
@@ -159,7 +161,7 @@ class RunParameters(BaseModel):
     def _whole_numbers(cls, values: Any) -> Any:
         # pydantic would take "3" as 3 and truncate nothing; an epoch count of 2.5 is a mistake worth naming.
         # JSON's 2.0 is a whole number: Prefect's server accepts it as an integer (`-p epochs=2.0`).
-        for name in ("epochs", "batch_size", "seed", "sample_limit", "test_limit"):
+        for name in WHOLE_NUMBERS:
             value = values.get(name) if isinstance(values, dict) else None
             if isinstance(value, float) and value.is_integer():
                 values = values | {name: int(value)}

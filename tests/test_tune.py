@@ -45,6 +45,7 @@ SMALL = {"epochs": 2, "sample_limit": 400, "test_limit": 200, "seed": 4}
     [
         pytest.param("learning_rate", "log:1e-4:1e-2", Dimension("learning_rate", "log", 1e-4, 1e-2), id="log"),
         pytest.param("batch_size", "int:32:256", Dimension("batch_size", "int", 32, 256), id="int"),
+        pytest.param("batch_size", "log:16:256", Dimension("batch_size", "log", 16, 256), id="whole-numbers-on-a-log-scale"),
         pytest.param("learning_rate", "float:0.001:0.01", Dimension("learning_rate", "float", 0.001, 0.01), id="float"),
         pytest.param("architecture", "cnn,dense", Dimension("architecture", "choice", choices=("cnn", "dense")), id="words"),
         pytest.param("batch_size", "32, 64,128", Dimension("batch_size", "choice", choices=(32, 64, 128)), id="numbers"),
@@ -63,6 +64,8 @@ def test_specs_parse(field, spec, expected):
         pytest.param({"learning_rate": "float:a:1"}, "learning_rate='float:a:1' has LOW 'a', not a number", id="not-a-number"),
         pytest.param({"batch_size": "int:64:32"}, "batch_size='int:64:32' needs LOW < HIGH", id="reversed"),
         pytest.param({"batch_size": "int:32:64.5"}, "batch_size='int:32:64.5' needs whole numbers", id="int-fraction"),
+        pytest.param({"seed": "log:1:9.5"}, "seed='log:1:9.5' needs whole numbers for log:LOW:HIGH (seed is a whole number)",
+                     id="log-fraction-of-a-count"),
         pytest.param({"learning_rate": "exp:1:2"}, "learning_rate='exp:1:2' has an unknown range kind 'exp'", id="unknown-kind"),
         pytest.param({"architecture": "cnn"}, "architecture='cnn' lists fewer than two values", id="one-choice"),
         pytest.param({"architecture": "cnn,cnn"}, "architecture='cnn,cnn' lists a value twice", id="twice"),
@@ -122,13 +125,26 @@ def test_command_line_items_and_files_give_the_same_space(tmp_path):
         load_space_file(tmp_path / "list.yaml")
 
 
+def test_a_float_range_for_a_whole_number_field_is_refused():
+    # Before, every trial it drew failed once the study ran: "epochs: must be a whole number (got 2.37)".
+    with pytest.raises(SpaceError) as raised:
+        parse_space({"epochs": "float:1:10"})
+    assert str(raised.value) == (
+        "space: epochs='float:1:10' draws floats, and epochs takes whole numbers; "
+        "use int:LOW:HIGH, log:LOW:HIGH (whole numbers on a log scale) or A,B,C"
+    )
+
+
 def test_optuna_suggests_within_the_space():
-    space = parse_space({"learning_rate": "log:1e-4:1e-2", "batch_size": "int:32:64", "architecture": "cnn,dense"})
+    space = parse_space(
+        {"learning_rate": "log:1e-4:1e-2", "batch_size": "int:32:64", "seed": "log:1:1000", "architecture": "cnn,dense"}
+    )
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):
         values = space.suggest(study.ask())
         assert 1e-4 <= values["learning_rate"] <= 1e-2
         assert isinstance(values["batch_size"], int) and 32 <= values["batch_size"] <= 64
+        assert isinstance(values["seed"], int) and 1 <= values["seed"] <= 1000
         assert values["architecture"] in ("cnn", "dense")
 
 

@@ -1,9 +1,10 @@
 """A tuning search space: which run fields vary and over what, read from ``FIELD=SPEC`` strings or a
 YAML/JSON file, and handed to Optuna's ``suggest_*`` calls.
 
-A SPEC is one of ``log:LOW:HIGH`` (a float drawn on a log scale), ``int:LOW:HIGH`` (a whole
-number), ``float:LOW:HIGH`` (a float) or ``A,B,C`` (one of the listed values; numbers stay numbers).
-Anything else is refused with one line naming the field and these forms.
+A SPEC is one of ``log:LOW:HIGH`` (a float drawn on a log scale; for a whole-number field such as
+``batch_size``, a whole number on a log scale), ``int:LOW:HIGH`` (a whole number), ``float:LOW:HIGH``
+(a float) or ``A,B,C`` (one of the listed values; numbers stay numbers). Anything else, and a
+float range for a whole-number field, is refused with one line naming the field and these forms.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cnn_train.flows.params import ParameterError
+from cnn_train.flows.params import WHOLE_NUMBERS, ParameterError
 
 #: Fields a study may vary: the ones a sweep may vary (data prep runs once for all trials).
 TUNABLE = ("backend", "architecture", "epochs", "batch_size", "learning_rate", "seed")
@@ -38,19 +39,24 @@ class Dimension:
     high: float = 0.0
     choices: tuple[Any, ...] = ()
 
+    @property
+    def whole(self) -> bool:
+        """A range of whole numbers: ``int``, or ``log`` over a whole-number field (``batch_size``...)."""
+        return self.kind == "int" or (self.kind == "log" and self.name in WHOLE_NUMBERS)
+
     def suggest(self, trial: Any) -> Any:
         """This field's value for an Optuna trial (a re-queued trial gets its earlier value back)."""
         if self.kind == "choice":
             return trial.suggest_categorical(self.name, list(self.choices))
-        if self.kind == "int":
-            return trial.suggest_int(self.name, int(self.low), int(self.high))
+        if self.whole:
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.kind == "log")
         return trial.suggest_float(self.name, self.low, self.high, log=self.kind == "log")
 
     def corners(self) -> tuple[Any, ...]:
         """The values that bound this field: each choice, or a range's two ends."""
         if self.kind == "choice":
             return self.choices
-        if self.kind == "int":
+        if self.whole:
             return int(self.low), int(self.high)
         return self.low, self.high
 
@@ -58,8 +64,8 @@ class Dimension:
         """The canonical ``SPEC`` text, as a person would type it."""
         if self.kind == "choice":
             return ",".join(str(choice) for choice in self.choices)
-        if self.kind == "int":
-            return f"int:{int(self.low)}:{int(self.high)}"
+        if self.whole:
+            return f"{self.kind}:{int(self.low)}:{int(self.high)}"
         return f"{self.kind}:{self.low:g}:{self.high:g}"
 
 
@@ -111,8 +117,13 @@ def _range(field: str, text: str) -> Dimension:
         raise _bad(field, text, f"is not a range ({kind}: needs exactly LOW:HIGH)")
     low = _bound(field, text, bounds[0], "LOW")
     high = _bound(field, text, bounds[1], "HIGH")
-    if kind == "int" and not (low.is_integer() and high.is_integer()):
-        raise _bad(field, text, "needs whole numbers for int:LOW:HIGH")
+    if field in WHOLE_NUMBERS and kind == "float":
+        raise SpaceError(
+            f"space: {field}={text!r} draws floats, and {field} takes whole numbers; "
+            "use int:LOW:HIGH, log:LOW:HIGH (whole numbers on a log scale) or A,B,C"
+        )
+    if (kind == "int" or field in WHOLE_NUMBERS) and not (low.is_integer() and high.is_integer()):
+        raise _bad(field, text, f"needs whole numbers for {kind}:LOW:HIGH" + (f" ({field} is a whole number)" if kind == "log" else ""))
     if not low < high:
         raise _bad(field, text, f"needs LOW < HIGH (got {low:g} and {high:g})")
     if kind == "log" and low <= 0:
