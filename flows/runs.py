@@ -118,7 +118,8 @@ def _warn_if_waiting(tracker: RunTracker, waiting: int) -> None:
 def _mark_runs_hook(status: str) -> Any:
     """A Prefect state hook marking this flow run's MLflow runs, for when the flow body could not."""
 
-    def hook(flow_obj: Any, flow_run: Any, state: Any) -> None:
+    # Prefect's flow engine passes these positionally, its runner (a cancellation from the UI) by name.
+    def hook(flow: Any, flow_run: Any, state: Any) -> None:
         for run in tracking.find_runs_for_flow_run(str(flow_run.id)):
             tracking.mark_unfinished(run.info.run_id, status)
 

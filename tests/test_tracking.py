@@ -456,3 +456,23 @@ def test_heartbeat_then_reaping_and_marking(store):
     assert tracking.mark_unfinished(alive.run_id, "KILLED", uri=store) is True
     assert alive.status() == "KILLED"
 
+
+@pytest.mark.parametrize("by_name", [pytest.param(False, id="flow-engine"), pytest.param(True, id="runner-on-cancelling")])
+def test_a_flow_runs_end_hooks_mark_its_mlflow_runs_however_prefect_calls_them(by_name, store, monkeypatch):
+    # A served flow run cancelled from the UI: Prefect's runner calls the hooks with flow=, flow_run=, state=.
+    from types import SimpleNamespace
+
+    from cnn_train.flows.runs import recorded_flow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    hooks = recorded_flow()
+    for name, status in (("on_cancellation", "KILLED"), ("on_crashed", "FAILED")):
+        run = RunTracker.start("hooks", uri=store, tags={tracking.FLOW_RUN_TAG: f"flow-{name}"})
+        (hook,) = hooks[name]
+        flow_run = SimpleNamespace(id=f"flow-{name}")
+        if by_name:
+            hook(flow=None, flow_run=flow_run, state=None)
+        else:
+            hook(None, flow_run, None)
+        assert run.status() == status, name
+
