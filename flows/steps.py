@@ -16,6 +16,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, log_loss
 
 from cnn_train.flows.data import PreparedData, prepare_data
+from cnn_train.flows.interrupts import deferred
 from cnn_train.flows.params import TRAINING_VALUES, RunParameters
 from cnn_train.flows.placement import resolve_precision
 from cnn_train.flows.reporting import classification_tables
@@ -177,15 +178,17 @@ def train(
     stop_asked: list[int] = []
 
     def finished_epoch(metrics: EpochMetrics) -> bool:
-        # Checkpoint first: a retry then resumes after this epoch and re-logs it if needed.
-        backend.save(checkpoint / "weights")
-        epochs.append(metrics)
-        _write_progress(checkpoint, epochs)
-        tracker.log_epoch(metrics)
-        stop = bool(on_epoch is not None and on_epoch(metrics))
-        if stop and not stop_asked:
-            stop_asked.append(metrics.epoch)
-        return stop
+        # A trial's interruption waits for the epoch's records (interrupts.py).
+        with deferred():
+            # Checkpoint first: a retry then resumes after this epoch and re-logs it if needed.
+            backend.save(checkpoint / "weights")
+            epochs.append(metrics)
+            _write_progress(checkpoint, epochs)
+            tracker.log_epoch(metrics)
+            stop = bool(on_epoch is not None and on_epoch(metrics))
+            if stop and not stop_asked:
+                stop_asked.append(metrics.epoch)
+            return stop
 
     backend.train(data.train_data(), training, on_epoch=finished_epoch, initial_epoch=len(done))
     last = stop_asked[0] if stop_asked else params.epochs

@@ -50,12 +50,17 @@ def _runs(uri: str) -> list:
 
 def _wait_for_epoch(uri: str, process: subprocess.Popen, timeout: float = 900) -> str:
     """The run id once its first epoch is in MLflow (so the process is mid-training)."""
+    return _wait_for_epochs(uri, process, 1, timeout)[0]
+
+
+def _wait_for_epochs(uri: str, process: subprocess.Popen, count: int, timeout: float = 900) -> list[str]:
+    """The ids of ``count`` runs once each has its first epoch in MLflow."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read() if process.stdout else "process ended early"
-        for run in _runs(uri):
-            if _client(uri).get_metric_history(run.info.run_id, "val_accuracy"):
-                return run.info.run_id
+        training = [run.info.run_id for run in _runs(uri) if _client(uri).get_metric_history(run.info.run_id, "val_accuracy")]
+        if len(training) >= count:
+            return training
         time.sleep(0.5)
     raise AssertionError("no epoch was logged in time")
 
@@ -90,6 +95,37 @@ def test_sigterm_during_training_ends_the_run_killed(prefect_api_url, store, tmp
     assert _flow_run_state(prefect_api_url, run.data.tags["prefect.flow_run_id"]) in ("CRASHED", "CANCELLED", "FAILED")
     # Nothing already recorded is lost: the epochs before the signal are still there.
     assert [m.step for m in _client(store).get_metric_history(run_id, "val_accuracy")][:1] == [1]
+
+
+@pytest.mark.parametrize(
+    "search",
+    [
+        pytest.param(["sweep", "--grid", "learning_rate=0.001,0.002"], id="sweep"),
+        pytest.param(["tune", "--space", "learning_rate=log:1e-4:1e-2", "--trials", "2", "--no-prune"], id="tune"),
+    ],
+)
+def test_sigterm_during_a_search_ends_its_trials_in_threads_killed(search, prefect_api_url, store, tmp_path):
+    """Prefect's thread-pool runner waits for tasks already running: the trials went on to their last
+    epoch after the signal, and the command with them."""
+    epochs = 500
+    process = subprocess.Popen(
+        [CLI, *search, "--architecture", "dense", "--epochs", str(epochs), "--sample-limit", "1500", "--test-limit", "100"],
+        env=_env(prefect_api_url, store, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        trials = _wait_for_epochs(store, process, 2)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode != 0
+    client = _client(store)
+    runs = {run.info.run_id: run for run in _runs(store)}
+    assert {runs[trial].info.status for trial in trials} == {"KILLED"}, output[-3000:]
+    assert {runs[runs[trial].data.tags["mlflow.parentRunId"]].info.status for trial in trials} == {"KILLED"}
+    assert all(0 < len(client.get_metric_history(trial, "val_accuracy")) < epochs for trial in trials)
 
 
 def test_sigkill_then_reaped_by_doctor_and_by_the_next_start(prefect_api_url, store, tmp_path):

@@ -97,7 +97,9 @@ class Spool:
             yield connection
             connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            # An interruption (a Ctrl-C, a trial stopped with its flow) can land before BEGIN or after COMMIT.
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
             raise
         finally:
             connection.close()
