@@ -4,14 +4,17 @@ A Ctrl-C, a SIGTERM or a cancellation from the Prefect UI reaches a process's ma
 Prefect's thread-pool task runner then cancels the trials that have not started, and waits for the
 ones already training (``ThreadPoolTaskRunner.cancel_all`` shuts its executor down, waiting): a
 sweep's or study's trials in threads went on to their last epoch, minutes or hours, and the command
-with them. So the flow's trial loop interrupts them: each trial's training and evaluation runs inside
-:func:`interruptible`, and :func:`trials_stop_with_the_flow` raises ``KeyboardInterrupt`` in those
-threads (``PyThreadState_SetAsyncExc``, CPython's public C API for this, which Prefect itself uses
-for its timeouts in threads). The exception lands at the trial's next Python line, so within one
-training step whatever the backend, except inside a :func:`deferred` block (an epoch's records and
-checkpoint being written), where it waits for the block's end; it ends the trial's MLflow run KILLED
-as a Ctrl-C does a single run.
-Trials on Ray run in Ray's worker processes, which Ray stops with the driver.
+with them. So the flow's trial loop interrupts them (:func:`trials_stop_with_the_flow`): a trial's
+body runs inside :func:`trial`, and ``KeyboardInterrupt`` is raised in its thread
+(``PyThreadState_SetAsyncExc``, CPython's public C API for this, which Prefect itself uses for its
+timeouts in threads). It ends the trial's MLflow run KILLED, as a Ctrl-C does a single run.
+
+Such an exception lands at the thread's next Python line, whatever that line does: inside a logging
+handler or a lock it would leave the lock held. So it is raised at once only inside
+:func:`interruptible` blocks, a backend training or predicting (where a trial spends its time), and
+not inside their :func:`deferred` parts (an epoch's checkpoint and records being written), where it
+waits for the part's end; a trial asked to stop anywhere else stops as it enters its next
+interruptible block. Trials on Ray run in Ray's worker processes, which Ray stops with the driver.
 """
 
 from __future__ import annotations
@@ -31,13 +34,20 @@ WAIT_SECONDS = 30.0
 class _Trial:
     flow_run_id: str | None
     ended: threading.Event = field(default_factory=threading.Event)
-    #: Depth of :func:`deferred` blocks the thread is in; an interruption then waits for their end.
+    #: Depths of the :func:`interruptible` and :func:`deferred` blocks the thread is in.
+    interruptible: int = 0
     deferring: int = 0
+    #: Asked to stop; and whether the exception was sent to the thread.
     asked: bool = False
     sent: bool = False
 
+    def may_raise_now(self) -> bool:
+        return self.asked and not self.sent and self.interruptible > 0 and self.deferring == 0
+
 
 _trials: dict[int, _Trial] = {}
+#: Flow runs whose trials were stopped: a trial of theirs that begins late is asked to stop from the start.
+_stopped: set[str | None] = set()
 _lock = threading.Lock()
 _local = threading.local()
 
@@ -52,76 +62,109 @@ def _current_flow_run_id() -> str | None:
     return str(flow_context.flow_run.id) if flow_context is not None and flow_context.flow_run else None
 
 
-def _raise_in(ident: int | None) -> None:
-    """Raise KeyboardInterrupt in thread ``ident`` at its next Python line; None clears one not yet raised
-    in this thread."""
-    target = threading.get_ident() if ident is None else ident
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), None if ident is None else ctypes.py_object(KeyboardInterrupt))
+def _send(ident: int) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt))
+
+
+def _withdraw() -> None:
+    """Drop an exception sent to this thread and not raised yet (it is raised here instead, or not at all)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), None)
+
+
+def _this_trial() -> _Trial | None:
+    return getattr(_local, "trial", None)
 
 
 @contextlib.contextmanager
-def interruptible() -> Iterator[None]:
-    """The block (a trial's training and evaluation) ends with ``KeyboardInterrupt`` when its flow run
-    is interrupted. In the main thread it already does, and nothing is registered."""
+def trial() -> Iterator[None]:
+    """A trial's body in this thread: it stops (``KeyboardInterrupt``) when its flow run is interrupted.
+    In the main thread the interruption reaches it anyway, and nothing is registered."""
     if threading.current_thread() is threading.main_thread():
         yield
         return
-    ident, trial = threading.get_ident(), _Trial(_current_flow_run_id())
+    ident, this = threading.get_ident(), _Trial(_current_flow_run_id())
     with _lock:
-        _trials[ident] = trial
-    _local.trial = trial
+        this.asked = this.flow_run_id in _stopped
+        _trials[ident] = this
+    _local.trial = this
     try:
         yield
     finally:
         try:
             with _lock:
                 _trials.pop(ident, None)
-                if trial.sent:  # not to land after the block when it ended just as it was sent
-                    _raise_in(None)
+                if this.sent:
+                    _withdraw()
         finally:
             _local.trial = None
-            trial.ended.set()
+            this.ended.set()
 
 
 @contextlib.contextmanager
-def deferred() -> Iterator[None]:
-    """Inside :func:`interruptible`, a block an interruption does not land in (records and checkpoints
-    being written): it is raised as the block ends instead. Elsewhere, a plain block."""
-    trial: _Trial | None = getattr(_local, "trial", None)
-    if trial is None:
+def interruptible() -> Iterator[None]:
+    """Inside :func:`trial`: a block an interruption may land in at once (a backend training or predicting)."""
+    this = _this_trial()
+    if this is None:
         yield
         return
     with _lock:
-        on_its_way = trial.sent
-        trial.deferring += not on_its_way
-    if on_its_way:  # sent before this block began: take it here rather than somewhere inside
-        _raise_in(None)
+        asked = this.asked
+        if asked:
+            this.sent = True
+        else:
+            this.interruptible += 1
+    if asked:  # asked while the trial did something else: it stops here
         raise KeyboardInterrupt
     try:
         yield
     finally:
         with _lock:
-            trial.deferring -= 1
-            due = not trial.deferring and trial.asked and not trial.sent
-            trial.sent |= due
+            this.interruptible -= 1
+            if this.sent and not this.interruptible:
+                _withdraw()  # sent as the block ended: not to land outside it
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Inside :func:`interruptible`: a part an interruption does not land in (an epoch's checkpoint and
+    records being written); it is raised as the part ends instead. Elsewhere, a plain block."""
+    this = _this_trial()
+    if this is None:
+        yield
+        return
+    with _lock:
+        on_its_way = this.sent
+        this.deferring += not on_its_way
+    if on_its_way:  # sent just before this part began: raised here rather than somewhere inside
+        _withdraw()
+        raise KeyboardInterrupt
+    try:
+        yield
+    finally:
+        with _lock:
+            this.deferring -= 1
+            due = this.may_raise_now()
+            this.sent |= due
         if due:
             raise KeyboardInterrupt
 
 
 def interrupt_trials(flow_run_id: str | None, *, wait_seconds: float = WAIT_SECONDS) -> int:
-    """Raise ``KeyboardInterrupt`` in every thread of this process inside :func:`interruptible` for
-    ``flow_run_id`` (at once, or as its :func:`deferred` block ends), and wait up to ``wait_seconds`` for
-    them to leave it; returns how many there were."""
+    """Stop every trial of ``flow_run_id`` in this process's threads (``KeyboardInterrupt`` at once inside
+    an interruptible block, else where the next one begins) and wait up to ``wait_seconds`` for them to
+    end; returns how many there were."""
     with _lock:
-        targets = {ident: trial for ident, trial in _trials.items() if trial.flow_run_id == flow_run_id and not trial.asked}
-        for ident, trial in targets.items():
-            trial.asked = True
-            if not trial.deferring:
-                trial.sent = True
-                _raise_in(ident)
+        if flow_run_id is not None:  # outside a flow run there is no "late" to guard against
+            _stopped.add(flow_run_id)
+        targets = {ident: this for ident, this in _trials.items() if this.flow_run_id == flow_run_id and not this.asked}
+        for ident, this in targets.items():
+            this.asked = True
+            if this.may_raise_now():
+                this.sent = True
+                _send(ident)
     deadline = time.monotonic() + wait_seconds
-    for trial in targets.values():
-        trial.ended.wait(max(0.0, deadline - time.monotonic()))
+    for this in targets.values():
+        this.ended.wait(max(0.0, deadline - time.monotonic()))
     return len(targets)
 
 
@@ -129,7 +172,7 @@ def interrupt_trials(flow_run_id: str | None, *, wait_seconds: float = WAIT_SECO
 def trials_stop_with_the_flow() -> Iterator[None]:
     """Around a flow's trial loop: when the flow run is interrupted in it (``KeyboardInterrupt``, Prefect's
     ``TerminationSignal`` for SIGTERM and cancellations), its trials in this process's threads are
-    interrupted too, and have ended their runs, before the interruption goes on."""
+    stopped too, and have ended their runs, before the interruption goes on."""
     try:
         yield
     except BaseException as error:

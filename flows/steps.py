@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, log_loss
 
 from cnn_train.flows.data import PreparedData, prepare_data
-from cnn_train.flows.interrupts import deferred
+from cnn_train.flows.interrupts import deferred, interruptible
 from cnn_train.flows.params import TRAINING_VALUES, RunParameters
 from cnn_train.flows.placement import resolve_precision
 from cnn_train.flows.reporting import classification_tables
@@ -190,7 +190,8 @@ def train(
                 stop_asked.append(metrics.epoch)
             return stop
 
-    backend.train(data.train_data(), training, on_epoch=finished_epoch, initial_epoch=len(done))
+    with interruptible():  # a trial stopped with its flow run stops here (interrupts.py)
+        backend.train(data.train_data(), training, on_epoch=finished_epoch, initial_epoch=len(done))
     last = stop_asked[0] if stop_asked else params.epochs
     if [m.epoch for m in epochs] != list(range(1, last + 1)):
         why = f"on_epoch asked it to stop after epoch {last}, " if stop_asked else ""
@@ -234,7 +235,8 @@ def evaluate(
     backend = registry.load_backend(params.backend)
     backend.load(trained.checkpoint / "weights", model_config, device=device)
     # One pass over the test set: loss and accuracy come from the probabilities the report shows.
-    probabilities = np.asarray(backend.predict_proba(data.x_test))
+    with interruptible():
+        probabilities = np.asarray(backend.predict_proba(data.x_test))
     check_probabilities(params.backend, probabilities, len(data.x_test), model_config.num_classes)
     evaluation = evaluation_of(probabilities, data.y_test)
     layers = [name for name, _ in model_config.feature_map_shapes()]

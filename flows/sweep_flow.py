@@ -24,9 +24,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 
-from cnn_train.flows import reporting, steps, tracking
+from cnn_train.flows import interrupts, reporting, steps, tracking
 from cnn_train.flows.data import PreparedData
-from cnn_train.flows.interrupts import interruptible, trials_stop_with_the_flow
 from cnn_train.flows.params import (
     SWEEP_EXCLUDES,
     ParameterError,
@@ -115,7 +114,7 @@ def _trial_work(scheduler_assigned: bool) -> Any:
         logger = get_run_logger()
         if scheduler_assigned:
             child.set_tags(node_tags())
-        with interruptible(), place_task(
+        with interrupts.trial(), place_task(
             "train", params.train_device, logger=logger, assigned_by_scheduler=scheduler_assigned
         ) as placement:
             child.set_tags(placement.as_tags())
@@ -226,7 +225,7 @@ def cnn_train_sweep(**values: Any) -> dict[str, Any]:
             | {"grid": options.grid, "trials": len(trials)}
         )
         data = prep_task(data_parameters(first, values), parent)
-        with trials_on(runner), trials_stop_with_the_flow():
+        with trials_on(runner), interrupts.trials_stop_with_the_flow():
             parent.log_params(trial_runner_params(runner))
             results = _run_trials(trials, data, parent, max_concurrent=options.max_concurrent)
         summary = _rank_and_record(parent, results)

@@ -21,9 +21,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
 
-from cnn_train.flows import steps, tracking
+from cnn_train.flows import interrupts, steps, tracking
 from cnn_train.flows.data import PreparedData
-from cnn_train.flows.interrupts import interruptible, trials_stop_with_the_flow
 from cnn_train.flows.params import TUNE_EXCLUDES, RunnerOptions, RunParameters, TuneOptions
 from cnn_train.flows.placement import place_task
 from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, node_tags, trials_on, worker_died
@@ -111,7 +110,7 @@ def tune_trial_task(
             steps.log_datasets(child, data)
             if scheduler_assigned:
                 child.set_tags(node_tags())
-            with interruptible(), place_task(
+            with interrupts.trial(), place_task(
                 "train", params.train_device, logger=logger, assigned_by_scheduler=scheduler_assigned
             ) as placement:
                 child.set_tags(placement.as_tags())
@@ -271,7 +270,7 @@ def cnn_train_tune(**values: Any) -> dict[str, Any]:
         with (
             trials_on(plan.runner),
             TrialHeartbeat(study, storage).running() as heartbeat,
-            trials_stop_with_the_flow(),
+            interrupts.trials_stop_with_the_flow(),
         ):
             parent.log_params(trial_runner_params(plan.runner))
             ran = run_study(study, heartbeat, plan, data, parent)

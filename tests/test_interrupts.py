@@ -4,98 +4,78 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
-from cnn_train.flows.interrupts import (
-    deferred,
-    interrupt_trials,
-    interruptible,
-    trials_stop_with_the_flow,
-)
+from cnn_train.flows.interrupts import deferred, interrupt_trials, interruptible, trial, trials_stop_with_the_flow
 
 
-def _trial(seen: list[str], started: threading.Event) -> None:
-    try:
-        with interruptible():
-            started.set()
-            while True:  # a training that would go on for hours
-                time.sleep(0.01)
-    except KeyboardInterrupt:
-        seen.append("interrupted")
-
-
-def test_an_interrupted_trial_loop_interrupts_its_trials_and_waits_for_them():
+def _in_thread(body: Callable[[list[str], threading.Event], None]) -> tuple[threading.Thread, list[str], threading.Event]:
+    """``body(seen, ready)`` in a trial thread; what it saw, appended to ``seen``, "interrupted" last if it was."""
     seen: list[str] = []
-    started = [threading.Event() for _ in range(2)]
-    trials = [threading.Thread(target=_trial, args=(seen, event), daemon=True) for event in started]
-    for trial in trials:
-        trial.start()
-    assert all(event.wait(10) for event in started)
+    ready = threading.Event()
+
+    def run() -> None:
+        try:
+            with trial():
+                body(seen, ready)
+        except KeyboardInterrupt:
+            seen.append("interrupted")
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    return thread, seen, ready
+
+
+def _training(seen: list[str], ready: threading.Event) -> None:
+    with interruptible():  # a backend's training loop, for hours
+        ready.set()
+        while True:
+            time.sleep(0.01)
+
+
+def test_an_interrupted_trial_loop_stops_its_training_trials_and_waits_for_them():
+    trials = [_in_thread(_training) for _ in range(2)]
     with pytest.raises(KeyboardInterrupt), trials_stop_with_the_flow():
         raise KeyboardInterrupt  # the terminal's Ctrl-C, in the flow's main thread
-    # Both trials have left their training by the time the interruption goes on.
-    assert seen == ["interrupted", "interrupted"]
-    for trial in trials:
-        trial.join(5)
-        assert not trial.is_alive()
+    # Both have stopped by the time the interruption goes on.
+    assert [seen for _, seen, _ in trials] == [["interrupted"], ["interrupted"]]
 
 
-def test_a_trial_that_ended_is_not_interrupted_later():
-    left, done, seen = threading.Event(), threading.Event(), []
+def test_a_trial_asked_outside_its_training_stops_where_the_next_training_begins():
+    go_on = threading.Event()
 
-    def finished_trial() -> None:
+    def logging_a_model(seen: list[str], ready: threading.Event) -> None:
+        ready.set()
+        go_on.wait(10)  # not interruptible: a model being logged, a line being logged
+        seen.append("model logged")
         with interruptible():
-            pass
-        left.set()
-        try:
-            done.wait(5)  # after its training: an interruption now would land in the task's own bookkeeping
-        except KeyboardInterrupt:
-            seen.append("interrupted")
+            seen.append("evaluated")
 
-    trial = threading.Thread(target=finished_trial)
-    trial.start()
-    assert left.wait(10)
-    with pytest.raises(KeyboardInterrupt), trials_stop_with_the_flow():
-        raise KeyboardInterrupt
-    done.set()
-    trial.join(5)
-    assert not trial.is_alive() and seen == []
-
-
-def test_a_failure_is_not_an_interruption():
-    seen: list[str] = []
-    started = threading.Event()
-    trial = threading.Thread(target=_trial, args=(seen, started), daemon=True)
-    trial.start()
-    assert started.wait(10)
-    with pytest.raises(ValueError), trials_stop_with_the_flow():
-        raise ValueError("a trial failed")
+    thread, seen, _ = _in_thread(logging_a_model)
+    waiter = threading.Thread(target=interrupt_trials, args=(None,), daemon=True)
+    waiter.start()
     time.sleep(0.2)
-    assert seen == [] and trial.is_alive()
-    assert interrupt_trials(None) == 1  # what an interruption would do to it
-    trial.join(5)
-    assert seen == ["interrupted"]
+    assert seen == []
+    go_on.set()
+    waiter.join(10)
+    assert seen == ["model logged", "interrupted"]
 
 
-def test_an_interruption_waits_for_a_deferred_block_to_end():
-    seen: list[str] = []
-    inside, release = threading.Event(), threading.Event()
+def test_an_interruption_waits_for_a_deferred_part_to_end():
+    release = threading.Event()
 
-    def trial() -> None:
-        try:
-            with interruptible():
-                with deferred():  # an epoch's records being written
-                    inside.set()
-                    release.wait(10)
-                    seen.append("records written")
-                seen.append("after the records")
-        except KeyboardInterrupt:
-            seen.append("interrupted")
+    def epoch_end(seen: list[str], ready: threading.Event) -> None:
+        with interruptible():
+            with deferred():  # an epoch's checkpoint and records being written
+                ready.set()
+                release.wait(10)
+                seen.append("records written")
+            seen.append("next epoch")
 
-    thread = threading.Thread(target=trial, daemon=True)
-    thread.start()
-    assert inside.wait(10)
+    thread, seen, _ = _in_thread(epoch_end)
     waiter = threading.Thread(target=interrupt_trials, args=(None,), daemon=True)
     waiter.start()
     time.sleep(0.2)
@@ -103,3 +83,40 @@ def test_an_interruption_waits_for_a_deferred_block_to_end():
     release.set()
     waiter.join(10)
     assert seen == ["records written", "interrupted"]
+
+
+def test_a_trial_that_ended_is_not_interrupted_later():
+    done = threading.Event()
+    seen_after: list[str] = []
+
+    def finished(seen: list[str], ready: threading.Event) -> None:
+        with interruptible():
+            pass
+        ready.set()
+
+    thread, seen, _ = _in_thread(finished)
+    thread.join(5)
+
+    def after() -> None:
+        try:
+            done.wait(5)  # the task's own bookkeeping, after the trial
+        except KeyboardInterrupt:
+            seen_after.append("interrupted")
+
+    bookkeeping = threading.Thread(target=after)
+    bookkeeping.start()
+    assert interrupt_trials(None) == 0
+    done.set()
+    bookkeeping.join(5)
+    assert seen == [] and seen_after == []
+
+
+def test_a_failure_is_not_an_interruption():
+    thread, seen, _ = _in_thread(_training)
+    with pytest.raises(ValueError), trials_stop_with_the_flow():
+        raise ValueError("a trial failed")
+    time.sleep(0.2)
+    assert seen == [] and thread.is_alive()
+    assert interrupt_trials(None) == 1  # what an interruption would do to it
+    thread.join(5)
+    assert seen == ["interrupted"]

@@ -123,7 +123,8 @@ def _range(field: str, text: str) -> Dimension:
             "use int:LOW:HIGH, log:LOW:HIGH (whole numbers on a log scale) or A,B,C"
         )
     if (kind == "int" or field in WHOLE_NUMBERS) and not (low.is_integer() and high.is_integer()):
-        raise _bad(field, text, f"needs whole numbers for {kind}:LOW:HIGH" + (f" ({field} is a whole number)" if kind == "log" else ""))
+        counted = f" ({field} is a whole number)" if kind == "log" else ""
+        raise _bad(field, text, f"needs whole numbers for {kind}:LOW:HIGH{counted}")
     if not low < high:
         raise _bad(field, text, f"needs LOW < HIGH (got {low:g} and {high:g})")
     if kind == "log" and low <= 0:
