@@ -35,12 +35,11 @@ from cnn_train.flows.params import (
     validate_parameters,
 )
 from cnn_train.flows.signatures import split_values, without_fixed_fields
-from cnn_train.flows.placement import place_task
-from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, node_tags, trials_on, worker_died
+from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, trials_on, worker_died
 from cnn_train.flows.ray_cluster import ray_task_runner  # noqa: F401 - Python callers take this flow's runner from here
 from cnn_train.flows.registering import register_task
 from cnn_train.flows.runs import cnn_train_flow, flow_run_tags, flow_run_tracker, trial_runner_params
-from cnn_train.flows.tasks import ChildRun, child_run, prep_task
+from cnn_train.flows.tasks import ChildRun, child_run, placed_trial, prep_task
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.plugins.contract import Evaluation
 
@@ -112,12 +111,7 @@ def _trial_work(scheduler_assigned: bool) -> Any:
 
     def work(params: RunParameters, data: PreparedData, child: RunTracker, label: str) -> tuple[Any, Any]:
         logger = get_run_logger()
-        if scheduler_assigned:
-            child.set_tags(node_tags())
-        with interrupts.trial(), place_task(
-            "train", params.train_device, logger=logger, assigned_by_scheduler=scheduler_assigned
-        ) as placement:
-            child.set_tags(placement.as_tags())
+        with placed_trial(params, child, scheduler_assigned=scheduler_assigned, logger=logger) as placement:
             trained = steps.train(params, data, child, device=placement.device)
             evaluated = steps.evaluate(params, trained, data, device=placement.device)
         if trained.resumed_from_epoch:

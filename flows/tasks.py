@@ -6,17 +6,20 @@ Task bodies are thin: each asks the placement module for its device, calls a pla
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from cnn_train.flows import reporting, steps
+from cnn_train.flows import interrupts, reporting, steps
 from cnn_train.flows.data import PreparedData
 from cnn_train.flows.params import RunParameters
-from cnn_train.flows.placement import place_task
+from cnn_train.flows.placement import Placement, place_task
+from cnn_train.flows.ray_cluster import node_tags
 from cnn_train.flows.runs import ended, flow_run_tags
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.plugins.contract import EpochMetrics
@@ -139,3 +142,16 @@ def child_run(
         steps.log_datasets(child, data)
         trained, evaluated = work(params, data, child, run_name)
     return ChildRun(child.run_id, trained, evaluated)
+
+
+@contextlib.contextmanager
+def placed_trial(params: RunParameters, child: RunTracker, *, scheduler_assigned: bool, logger: Any) -> Iterator[Placement]:
+    """A sweep's or study's trial training and evaluating: on the device its request (or Ray) gives it,
+    said in its child run's tags, and stopped with its flow run (interrupts.py)."""
+    if scheduler_assigned:
+        child.set_tags(node_tags())
+    with interrupts.trial(), place_task(
+        "train", params.train_device, logger=logger, assigned_by_scheduler=scheduler_assigned
+    ) as placement:
+        child.set_tags(placement.as_tags())
+        yield placement

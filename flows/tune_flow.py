@@ -24,10 +24,9 @@ from prefect.futures import PrefectFuture, as_completed
 from cnn_train.flows import interrupts, steps, tracking
 from cnn_train.flows.data import PreparedData
 from cnn_train.flows.params import TUNE_EXCLUDES, RunnerOptions, RunParameters, TuneOptions
-from cnn_train.flows.placement import place_task
-from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, node_tags, trials_on, worker_died
+from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, trials_on, worker_died
 from cnn_train.flows.runs import cnn_train_flow, ended, flow_run_tags, flow_run_tracker, trial_runner_params
-from cnn_train.flows.tasks import IN_MEMORY, prep_task, progress_line
+from cnn_train.flows.tasks import IN_MEMORY, placed_trial, prep_task, progress_line
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.flows.tuning import (
     EXPERIMENT_ATTR,
@@ -108,12 +107,7 @@ def tune_trial_task(
         try:
             steps.log_run_params(child, params)
             steps.log_datasets(child, data)
-            if scheduler_assigned:
-                child.set_tags(node_tags())
-            with interrupts.trial(), place_task(
-                "train", params.train_device, logger=logger, assigned_by_scheduler=scheduler_assigned
-            ) as placement:
-                child.set_tags(placement.as_tags())
+            with placed_trial(params, child, scheduler_assigned=scheduler_assigned, logger=logger) as placement:
                 trained = steps.train(params, data, child, device=placement.device, on_epoch=finished_epoch)
                 evaluated = None if pruned_at else steps.evaluate(params, trained, data, device=placement.device)
         except BaseException:
