@@ -47,7 +47,7 @@ class _Trial:
 
 _trials: dict[int, _Trial] = {}
 #: Flow runs whose trials were stopped: a trial of theirs that begins late is asked to stop from the start.
-_stopped: set[str | None] = set()
+_stopped: set[str] = set()
 _lock = threading.Lock()
 _local = threading.local()
 

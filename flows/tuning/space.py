@@ -122,14 +122,15 @@ def _range(field: str, text: str) -> Dimension:
             f"space: {field}={text!r} draws floats, and {field} takes whole numbers; "
             "use int:LOW:HIGH, log:LOW:HIGH (whole numbers on a log scale) or A,B,C"
         )
-    if (kind == "int" or field in WHOLE_NUMBERS) and not (low.is_integer() and high.is_integer()):
+    dimension = Dimension(field, kind, low=low, high=high)  # type: ignore[arg-type]
+    if dimension.whole and not (low.is_integer() and high.is_integer()):
         counted = f" ({field} is a whole number)" if kind == "log" else ""
         raise _bad(field, text, f"needs whole numbers for {kind}:LOW:HIGH{counted}")
     if not low < high:
         raise _bad(field, text, f"needs LOW < HIGH (got {low:g} and {high:g})")
     if kind == "log" and low <= 0:
         raise _bad(field, text, "needs LOW > 0 for a log scale")
-    return Dimension(field, kind, low=low, high=high)  # type: ignore[arg-type]
+    return dimension
 
 
 def _bound(field: str, text: str, bound: str, word: str) -> float:
