@@ -17,7 +17,6 @@ from cnn_train.flows.data import PreparedData
 from cnn_train.flows.params import (
     COMPARE_EXCLUDES,
     CompareOptions,
-    ParameterError,
     RunParameters,
     validate_parameters,
 )
@@ -30,8 +29,6 @@ from cnn_train.flows.tracking import RunTracker
 def validate_compare(values: dict[str, Any]) -> tuple[list[RunParameters], CompareOptions]:
     """Each backend's run parameters and the comparison's options, or one ParameterError."""
     run_values, options = split_values(values, CompareOptions)
-    if len(set(options.backends)) != len(options.backends):
-        raise ParameterError(f"backends: give at least two different backend names, got {options.backends}")
     return [validate_parameters(**run_values, backend=name) for name in options.backends], options
 
 

@@ -258,10 +258,18 @@ def _check_split(params: RunParameters) -> None:
 # --- other flows' own options, each declared once --------------------------------------------------
 
 
+def _two_different_backends(value: Any) -> Any:
+    # Before pydantic's own min_length, whose "List should have at least 2 items" says less than this;
+    # the min_length stays for the form, where Prefect's schema check reads it.
+    if isinstance(value, (list, tuple)) and (len(value) < 2 or len({str(name) for name in value}) < len(value)):
+        raise ValueError("give at least two backend names, each once (e.g. keras and torch)")
+    return value
+
+
 class CompareOptions(BaseModel):
     """What the compare flow adds to a run's parameters."""
 
-    backends: list[str] = Field(
+    backends: Annotated[list[str], BeforeValidator(_two_different_backends)] = Field(
         default=["keras", "torch"], min_length=2, description="Backends to compare (at least two different names)."
     )
     tolerance_points: float = Field(

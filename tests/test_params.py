@@ -304,6 +304,22 @@ def test_a_data_dir_that_is_one_of_the_files_names_its_folder(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "backends",
+    [["torch"], ["torch", "torch"], ["keras", "torch", "torch"], []],
+    ids=["one", "the-same-twice", "one-repeated", "none"],
+)
+def test_a_comparison_needs_two_or_more_backends_each_once(backends):
+    from cnn_train.flows.compare_flow import validate_compare
+
+    with pytest.raises(ParameterError) as refused:
+        validate_compare({"backends": backends})
+    assert str(refused.value) == (
+        "invalid parameters: backends: give at least two backend names, each once (e.g. keras and torch) "
+        f"(got {backends!r})"
+    )
+
+
 @pytest.mark.parametrize("options", [TuneOptions, SweepOptions], ids=["tune", "sweep"])
 def test_register_best_takes_what_a_registered_name_takes(options):
     with pytest.raises(ValueError, match="a registered model name takes letters, digits"):
