@@ -123,6 +123,8 @@ def _mark_runs_hook(status: str) -> Any:
         for run in tracking.find_runs_for_flow_run(str(flow_run.id)):
             tracking.mark_unfinished(run.info.run_id, status)
 
+    # Prefect logs a hook by its name ("Running hook ... in response to entering state 'Crashed'").
+    hook.__name__ = hook.__qualname__ = f"end_unfinished_mlflow_runs_{status.lower()}"
     return hook
 
 

@@ -469,6 +469,7 @@ def test_a_flow_runs_end_hooks_mark_its_mlflow_runs_however_prefect_calls_them(b
     for name, status in (("on_cancellation", "KILLED"), ("on_crashed", "FAILED")):
         run = RunTracker.start("hooks", uri=store, tags={tracking.FLOW_RUN_TAG: f"flow-{name}"})
         (hook,) = hooks[name]
+        assert hook.__name__ == f"end_unfinished_mlflow_runs_{status.lower()}"  # what Prefect's log names
         flow_run = SimpleNamespace(id=f"flow-{name}")
         if by_name:
             hook(flow=None, flow_run=flow_run, state=None)
