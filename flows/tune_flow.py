@@ -29,6 +29,7 @@ from cnn_train.flows.runs import cnn_train_flow, ended, flow_run_tags, flow_run_
 from cnn_train.flows.tasks import IN_MEMORY, placed_trial, prep_task, progress_line
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.flows.tuning import (
+    ERROR_ATTR,
     EXPERIMENT_ATTR,
     MODEL_URI_ATTR,
     OWNER_ATTR,
@@ -46,6 +47,7 @@ from cnn_train.flows.tuning import (
     pruned_label,
     recover_abandoned,
     redacted_url,
+    requeue_interrupted,
     tell,
     validate_tune,
     waiting_trials,
@@ -187,7 +189,7 @@ def _finish_trial(study: optuna.Study, storage: RDBStorage, running: _Running, o
         outcome = running.future.result()
     except Exception as error:  # noqa: BLE001 - one failed trial does not end the study
         get_run_logger().warning("trial %d failed: %s", trial.number, error)
-        trial.set_user_attr("cnn_train.error", str(error)[:500])
+        trial.set_user_attr(ERROR_ATTR, str(error)[:500])
         tell(study, trial, state=TrialState.FAIL)
         if on_ray and worker_died(error):
             mark_crashed(running.future.task_run_id, f"the Ray worker running trial {trial.number} died")
@@ -212,7 +214,24 @@ def _wants_more(study: optuna.Study, plan: TunePlan, deadline: float | None) -> 
 
 def run_study(study: optuna.Study, heartbeat: TrialHeartbeat, plan: TunePlan, data: PreparedData, parent: RunTracker) -> list[int]:
     """Keep ``max_concurrent`` trials in flight until the study holds its trials (or time is up);
-    returns the numbers of the trials this invocation ran."""
+    returns the numbers of the trials this invocation ran. Interrupted, it stops the trials in flight
+    and hands them back to the study, failed and queued again."""
+    in_flight: list[_Running] = []
+    try:
+        with interrupts.trials_stop_with_the_flow():
+            return _keep_trials_in_flight(study, heartbeat, plan, data, parent, in_flight)
+    except BaseException as error:
+        if not isinstance(error, Exception):  # Ctrl-C, SIGTERM, a cancellation: the trials have stopped
+            for running in in_flight:
+                heartbeat.remove(running.trial.number)
+            requeue_interrupted(study, [running.trial for running in in_flight])
+        raise
+
+
+def _keep_trials_in_flight(
+    study: optuna.Study, heartbeat: TrialHeartbeat, plan: TunePlan, data: PreparedData, parent: RunTracker,
+    in_flight: list[_Running],
+) -> list[int]:
     logger = get_run_logger()
     on_ray = _on_ray()
     deadline = time.monotonic() + plan.options.timeout if plan.options.timeout else None
@@ -221,7 +240,6 @@ def run_study(study: optuna.Study, heartbeat: TrialHeartbeat, plan: TunePlan, da
     progress = create_progress_artifact(
         100.0 * done / target, key="tune-progress", description=f"{plan.study_name}: {done} of {target} trials done"
     )
-    in_flight: list[_Running] = []
     ran: list[int] = []
     while True:
         while len(in_flight) < plan.options.max_concurrent and _wants_more(study, plan, deadline):
@@ -264,7 +282,6 @@ def cnn_train_tune(**values: Any) -> dict[str, Any]:
         with (
             trials_on(plan.runner),
             TrialHeartbeat(study, storage).running() as heartbeat,
-            interrupts.trials_stop_with_the_flow(),
         ):
             parent.log_params(trial_runner_params(plan.runner))
             ran = run_study(study, heartbeat, plan, data, parent)

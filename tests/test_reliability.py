@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from optuna.trial import TrialState
 
 from tests.local_stack import free_port
 from tests.plugin_fixtures import backend_plugin_site
@@ -101,7 +102,10 @@ def test_sigterm_during_training_ends_the_run_killed(prefect_api_url, store, tmp
     "search",
     [
         pytest.param(["sweep", "--grid", "learning_rate=0.001,0.002"], id="sweep"),
-        pytest.param(["tune", "--space", "learning_rate=log:1e-4:1e-2", "--trials", "2", "--no-prune"], id="tune"),
+        pytest.param(
+            ["tune", "--study-name", "stopped", "--space", "learning_rate=log:1e-4:1e-2", "--trials", "2", "--no-prune"],
+            id="tune",
+        ),
     ],
 )
 def test_sigterm_during_a_search_ends_its_trials_in_threads_killed(search, prefect_api_url, store, tmp_path):
@@ -126,6 +130,13 @@ def test_sigterm_during_a_search_ends_its_trials_in_threads_killed(search, prefe
     assert {runs[trial].info.status for trial in trials} == {"KILLED"}, output[-3000:]
     assert {runs[runs[trial].data.tags["mlflow.parentRunId"]].info.status for trial in trials} == {"KILLED"}
     assert all(0 < len(client.get_metric_history(trial, "val_accuracy")) < epochs for trial in trials)
+    if search[0] == "tune":  # the study holds them failed and queued again, not RUNNING until its next invocation
+        import optuna
+
+        study = optuna.load_study(study_name="stopped", storage=f"sqlite:///{tmp_path / 'state' / 'optuna.db'}")
+        states = {state: sorted(t.params["learning_rate"] for t in study.trials if t.state == state) for state in TrialState}
+        assert len(states[TrialState.FAIL]) == 2 and states[TrialState.WAITING] == states[TrialState.FAIL], states
+        assert not states[TrialState.RUNNING]
 
 
 def test_sigkill_then_reaped_by_doctor_and_by_the_next_start(prefect_api_url, store, tmp_path):

@@ -28,6 +28,7 @@ from cnn_train.flows.tuning.space import (
     parse_space,
 )
 from cnn_train.flows.tuning.study import (
+    ERROR_ATTR,
     EXPERIMENT_ATTR,
     OWNER_ATTR,
     PARENT_ATTR,
@@ -40,11 +41,13 @@ from cnn_train.flows.tuning.study import (
     owner,
     recover_abandoned,
     redacted_url,
+    requeue_interrupted,
     tell,
     waiting_trials,
 )
 
 __all__ = [
+    "ERROR_ATTR",
     "EXPERIMENT_ATTR",
     "FORMS",
     "MODEL_URI_ATTR",
@@ -72,6 +75,7 @@ __all__ = [
     "ranking_table",
     "recover_abandoned",
     "redacted_url",
+    "requeue_interrupted",
     "state_label",
     "tell",
     "validate_tune",

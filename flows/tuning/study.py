@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -37,6 +37,8 @@ OWNER_ATTR = "cnn_train.owner"
 RUN_ATTR = "cnn_train.mlflow_run_id"
 PARENT_ATTR = "cnn_train.mlflow_parent_run_id"
 EXPERIMENT_ATTR = "cnn_train.mlflow_experiment_id"
+#: Why a trial failed, in a line.
+ERROR_ATTR = "cnn_train.error"
 #: Heartbeats as often as the MLflow runs' own; a trial silent for three beats was abandoned.
 HEARTBEAT_INTERVAL = max(1, round(HEARTBEAT_SECONDS))
 GRACE_PERIOD = 3 * HEARTBEAT_INTERVAL
@@ -119,14 +121,9 @@ def open_study(plan: TunePlan, on_abandoned: AbandonedHandler) -> tuple[optuna.S
 
     ``on_abandoned`` is told about each trial found abandoned (after it was marked FAIL and, unless it
     already was a retry, queued again)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
 
     def abandoned(study: optuna.Study, trial: FrozenTrial) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            retry(study, trial)
+        _queue_again_once(study, trial)
         on_abandoned(trial)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the flow logs each trial itself
@@ -162,6 +159,24 @@ def _difference(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
         elif old != new:
             parts.append(f"{key}: {old!r} there, {new!r} here")
     return "; ".join(parts)
+
+
+def _queue_again_once(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue a failed trial again with the same parameters, unless it already was a retry."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
+
+
+def requeue_interrupted(study: optuna.Study, trials: Iterable[optuna.Trial]) -> None:
+    """Trials this process stopped because its flow run was interrupted: FAIL, saying so, and queued
+    again once, as a dead process's trials are, so that continuing the study runs them again. Told at
+    once, they do not show RUNNING in the storage until the next invocation finds them."""
+    # Not an error attribute: Optuna's retry copies the failed trial's user attributes to the new one.
+    running = {trial.number for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    for trial in trials:
+        if trial.number in running:  # else another process failed it as abandoned, and queued it
+            _queue_again_once(study, study.tell(trial, state=TrialState.FAIL))
 
 
 def recover_abandoned(study: optuna.Study, storage: RDBStorage) -> None:
