@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows import leases
+from cnn_train.flows.interrupts import interruptible
 from cnn_train.flows.leases import Lease, try_lease
 from cnn_train.flows.settings import state_dir
 
@@ -328,7 +329,8 @@ def _leased_placement(
                     f"leased by {leases.holders([gpu.index for gpu in candidates], lease_dir)}. Wait longer (wait timeout), free a GPU, "
                     f"or request 'gpu-preferred' to fall back to CPU"
                 )
-            time.sleep(min(poll_interval, remaining))
+            with interruptible():  # a sweep's trial waiting here stops with its flow run (see interrupts)
+                time.sleep(min(poll_interval, remaining))
         reason = f"{request}, leased after waiting {time.monotonic() - started:.1f} s"
     elif request.policy == "explicit":
         reason = f"{request}, leased"

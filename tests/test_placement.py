@@ -314,6 +314,31 @@ def test_third_request_waits_and_gets_the_gpu_once_released(lease_dir: Path, req
     assert "leased after waiting" in placement.reason
 
 
+def test_a_trial_waiting_for_a_leased_gpu_stops_with_its_flow_run(lease_dir: Path) -> None:
+    """A sweep's trial in a thread waits for the GPU; a Ctrl-C of the flow stops the wait, not its end."""
+    from cnn_train.flows.interrupts import interrupt_trials, trial
+
+    waiting, seen = threading.Event(), []
+
+    def trial_waiting_for_gpu() -> None:
+        try:
+            with trial():
+                waiting.set()
+                with place_task("train", "gpu-required", inventory=gpus(1), lease_dir=lease_dir, wait_timeout=60, poll_interval=POLL):
+                    seen.append("placed")
+        except KeyboardInterrupt:
+            seen.append("interrupted")
+
+    with place_task("train", "gpu-required", inventory=gpus(1), lease_dir=lease_dir):
+        waiter = threading.Thread(target=trial_waiting_for_gpu)
+        waiter.start()
+        assert waiting.wait(10)
+        time.sleep(0.2)  # in its wait loop
+        assert interrupt_trials(None, wait_seconds=10) == 1
+        waiter.join(10)
+        assert seen == ["interrupted"]  # within the join, not after the 60 s wait
+
+
 def test_explicit_gpu_waits_for_its_own_card_not_another(place) -> None:
     with place("train", "cuda:1", inventory=gpus(2)):
         with pytest.raises(PlacementError, match=r"evaluate requires cuda:1 \(cuda:1\), but none became free"):
