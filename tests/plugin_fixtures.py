@@ -87,14 +87,19 @@ def install_without_pip(project: Path, site: Path) -> Path:
 def pip_install(project: Path, site: Path) -> Path:
     """``pip install`` the plugin project into the private folder ``site`` (to put on PYTHONPATH), with
     no dependencies and no build isolation: the real installation, for the tests that need pip's."""
+    import shutil
     import subprocess
     import sys
+    import tempfile
 
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--target", str(site), str(project)],
-        check=True,
-    )
+    # Built from a copy: setuptools writes build/ and *.egg-info into the folder it builds.
+    with tempfile.TemporaryDirectory(prefix="plugin-source-") as source:
+        shutil.copytree(project, source, dirs_exist_ok=True, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+             "--disable-pip-version-check", "--target", str(site), source],
+            check=True,
+        )
     return site
 
 
