@@ -180,6 +180,11 @@ class RunParameters(BaseModel):
     def device_requests(self) -> dict[str, str]:
         return {task: getattr(self, f"{task}_device") for task in placement.TASKS}
 
+    @property
+    def trains_dense_baseline(self) -> bool:
+        """``compare_dense`` asked for, and the run's own network is not the dense one already."""
+        return self.compare_dense and self.architecture != "dense"
+
     def expected_train_images(self) -> int:
         """Images the training split will hold, so batch size can be checked before loading data."""
         from cnn_train.flows.data import split_sizes
@@ -206,6 +211,12 @@ def validate_parameters(**values: Any) -> RunParameters:
         raise ParameterError(
             f"architecture: backend {params.backend!r} cannot build {params.architecture!r}; "
             f"it supports: {', '.join(backend_class.architectures)}"
+        )
+    if params.trains_dense_baseline and "dense" not in backend_class.architectures:
+        # Refused here, not after the run's own training, when the baseline's build would fail.
+        raise ParameterError(
+            f"compare_dense: backend {params.backend!r} cannot build the dense network to compare with "
+            f"(it supports: {', '.join(backend_class.architectures)}); set compare_dense to false (--no-compare-dense)"
         )
     _check_split(params)
     _check_data_dir(params)

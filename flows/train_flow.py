@@ -110,7 +110,9 @@ def cnn_train(**values: Any) -> dict[str, Any]:
         data = prep_task(params, tracker)
         trained = train_task(params, data, tracker, label=params.architecture)
         evaluated = evaluate_task(params, trained, data, tracker)
-        dense = _dense_baseline(params, data, tracker) if params.compare_dense and params.architecture == "cnn" else None
+        if params.compare_dense and not params.trains_dense_baseline:
+            get_run_logger().info("compare_dense: this run trains the dense network itself; there is no other to compare")
+        dense = _dense_baseline(params, data, tracker) if params.trains_dense_baseline else None
         report_task(params, data, trained, evaluated, tracker, dense)
         registration = (
             register_task(

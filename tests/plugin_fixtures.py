@@ -139,6 +139,12 @@ class Other(GoodBackend):
     pass
 
 
+class CnnOnly(GoodBackend):
+    """A backend that builds the lesson's CNN and not the dense network."""
+
+    architectures = ("cnn",)
+
+
 class MissingTrain(GoodBackend):
     train = None
 

@@ -305,6 +305,41 @@ def test_a_data_dir_that_is_one_of_the_files_names_its_folder(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("values", "refused"),
+    [
+        pytest.param({"compare_dense": True}, True, id="compared"),
+        pytest.param({"compare_dense": False}, False, id="not-compared"),
+    ],
+)
+def test_a_backend_without_the_dense_network_is_refused_a_comparison_before_training(values, refused, monkeypatch):
+    """Not after the run's own training, where building the baseline failed the whole run."""
+    from cnn_train.plugins import registry
+    from tests.plugin_fixtures import FakeDistribution, only_distributions
+
+    only_distributions(monkeypatch, FakeDistribution("cnn-only", {"cnn-only": "tests.plugin_fixtures:CnnOnly"}))
+    try:
+        if not refused:
+            assert validate_parameters(backend="cnn-only", **values).trains_dense_baseline is False
+            return
+        with pytest.raises(ParameterError) as error:
+            validate_parameters(backend="cnn-only", **values)
+        assert str(error.value) == (
+            "compare_dense: backend 'cnn-only' cannot build the dense network to compare with (it supports: cnn); "
+            "set compare_dense to false (--no-compare-dense)"
+        )
+    finally:
+        monkeypatch.undo()
+        registry.refresh()
+
+
+@pytest.mark.parametrize(
+    ("architecture", "baseline"), [("cnn", True), ("cnn-improved", True), ("dense", False)]
+)
+def test_every_cnn_is_compared_with_the_dense_network(architecture, baseline):
+    assert validate_parameters(architecture=architecture, compare_dense=True).trains_dense_baseline is baseline
+
+
+@pytest.mark.parametrize(
     "backends",
     [["torch"], ["torch", "torch"], ["keras", "torch", "torch"], []],
     ids=["one", "the-same-twice", "one-repeated", "none"],

@@ -568,16 +568,24 @@ def test_report_without_optional_parts(history: TrainHistory, y_true: np.ndarray
     assert "CNN reaches" not in text and "![" not in text
 
 
-def test_dense_baseline_only_for_a_cnn(history: TrainHistory) -> None:
-    with pytest.raises(ValueError, match="this run's architecture is 'dense'; leave dense_baseline unset"):
-        ReportInputs(
+@pytest.mark.parametrize("architecture", ["cnn", "cnn-improved", "dense"])
+def test_dense_baseline_only_for_a_cnn(history: TrainHistory, y_true: np.ndarray, architecture: str) -> None:
+    def inputs() -> ReportInputs:
+        return ReportInputs(
             backend="torch",
-            model_config=ModelConfig.preset("dense"),
+            model_config=ModelConfig.preset(architecture),
             train_config=TrainConfig(),
             history=history,
-            test=Evaluation(loss=0.3, accuracy=0.88),
-            dense_baseline=ComparisonRow("dense", 0.88),
+            test=Evaluation(loss=0.3, accuracy=0.93),
+            dense_baseline=ComparisonRow("dense network", 0.88, parameters=101_770),
         )
+
+    if architecture == "dense":
+        with pytest.raises(ValueError, match="this run's network is the dense one; leave dense_baseline unset"):
+            inputs()
+    else:
+        text = reporting.render_report_markdown(inputs(), reporting.classification_tables(y_true, y_true, CLASSES))
+        assert "## CNN against dense network" in text and "The CNN reaches 93.00% against 88.00%" in text
 
 
 # --------------------------------------------------------------------------- comparison report

@@ -55,11 +55,9 @@ class ReportInputs:
     def __post_init__(self) -> None:
         check_web_url("mlflow_run_url", self.mlflow_run_url)
         check_web_url("prefect_flow_run_url", self.prefect_flow_run_url)
-        if self.dense_baseline is not None and self.model_config.architecture != "cnn":
-            raise ValueError(
-                f"dense_baseline compares a CNN with the dense network, but this run's architecture is "
-                f"{self.model_config.architecture!r}; leave dense_baseline unset"
-            )
+        if self.dense_baseline is not None and self.model_config.architecture == "dense":
+            raise ValueError("dense_baseline compares a CNN with the dense network, but this run's network is the dense one; "
+                             "leave dense_baseline unset")
         if len(self.class_names) != self.model_config.num_classes:
             raise ValueError(
                 f"class_names has {len(self.class_names)} names but the model has "
