@@ -169,10 +169,10 @@ def _queue_again_once(study: optuna.Study, trial: FrozenTrial) -> None:
 
 
 def requeue_interrupted(study: optuna.Study, trials: Iterable[optuna.Trial]) -> None:
-    """Trials this process stopped because its flow run was interrupted: FAIL, saying so, and queued
-    again once, as a dead process's trials are, so that continuing the study runs them again. Told at
-    once, they do not show RUNNING in the storage until the next invocation finds them."""
-    # Not an error attribute: Optuna's retry copies the failed trial's user attributes to the new one.
+    """Trials this process stopped because its flow run was interrupted: FAIL, and queued again once,
+    as a dead process's trials are, so that continuing the study runs them again. Told at once, they
+    do not show RUNNING in the storage until the next invocation finds them."""
+    # No error attribute says why: Optuna's retry copies the failed trial's user attributes to the new one.
     running = {trial.number for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     for trial in trials:
         if trial.number in running:  # else another process failed it as abandoned, and queued it
