@@ -212,11 +212,10 @@ def validate_parameters(**values: Any) -> RunParameters:
             f"architecture: backend {params.backend!r} cannot build {params.architecture!r}; "
             f"it supports: {', '.join(backend_class.architectures)}"
         )
-    if params.trains_dense_baseline and "dense" not in backend_class.architectures:
-        # Refused here, not after the run's own training, when the baseline's build would fail.
+    if params.trains_dense_baseline and "dense" not in backend_class.architectures:  # else it fails after training
         raise ParameterError(
-            f"compare_dense: backend {params.backend!r} cannot build the dense network to compare with "
-            f"(it supports: {', '.join(backend_class.architectures)}); set compare_dense to false (--no-compare-dense)"
+            f"compare_dense: backend {params.backend!r} cannot build the dense network to compare with (it supports: "
+            f"{', '.join(backend_class.architectures)}); set compare_dense to false (--no-compare-dense)"
         )
     _check_split(params)
     _check_data_dir(params)
@@ -270,8 +269,7 @@ def _check_split(params: RunParameters) -> None:
 
 
 def _two_different_backends(value: Any) -> Any:
-    # Before pydantic's own min_length, whose "List should have at least 2 items" says less than this;
-    # the min_length stays for the form, where Prefect's schema check reads it.
+    # Before pydantic's min_length ("List should have at least 2 items"), which stays for the form's schema.
     if isinstance(value, (list, tuple)) and (len(value) < 2 or len({str(name) for name in value}) < len(value)):
         raise ValueError("give at least two backend names, each once (e.g. keras and torch)")
     return value
@@ -379,9 +377,7 @@ class TuneOptions(BaseModel):
         default=None,
         description="Optuna RDB storage URL (e.g. postgresql://... shared by machines); empty: SQLite in the state dir.",
     )
-    register_best: OptionalName = Field(
-        default=None, description="Register the best trial's model in the MLflow registry under this name."
-    )
+    register_best: OptionalName = Field(default=None, description="Register the best trial's model in the MLflow registry under this name.")
 
 
 #: Run parameters a flow does not take: the compare flow varies the backend; only `cnn-train` runs the

@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from cnn_train.flows.errors import ExpectedFailure
-from cnn_train.flows import leases
-from cnn_train.flows.interrupts import interruptible
-from cnn_train.flows.leases import Lease, try_lease
+from cnn_train.flows import interrupts, leases
+from cnn_train.flows.leases import Lease
 from cnn_train.flows.settings import state_dir
 
 if TYPE_CHECKING:
@@ -289,14 +288,8 @@ def place_task(
 
 
 def _leased_placement(
-    task: str,
-    request: DeviceRequest,
-    gpus: list[GpuInfo],
-    lease_dir: Path | None,
-    *,
-    wait_timeout: float,
-    poll_interval: float,
-    log: Logger,
+    task: str, request: DeviceRequest, gpus: list[GpuInfo], lease_dir: Path | None, *,
+    wait_timeout: float, poll_interval: float, log: Logger,
 ) -> tuple[Placement, Lease | None]:
     if not gpus:
         return _without_gpu(task, request, log), None
@@ -313,7 +306,7 @@ def _leased_placement(
         lease_dir = state_dir() / "gpu-leases"
     lease_dir.mkdir(parents=True, exist_ok=True)
 
-    if (lease := try_lease([gpu.index for gpu in candidates], lease_dir, task)) is None:
+    if (lease := leases.try_lease([gpu.index for gpu in candidates], lease_dir, task)) is None:
         wanted = str(request) if request.policy == "explicit" else f"any of {len(candidates)} GPUs"
         holders = leases.holders([gpu.index for gpu in candidates], lease_dir)
         if request.policy == "gpu-preferred":
@@ -322,14 +315,14 @@ def _leased_placement(
         log.info("%s waits up to %g s for %s, leased by %s", task, wait_timeout, wanted, holders)
         started = time.monotonic()
         deadline = started + wait_timeout
-        while (lease := try_lease([gpu.index for gpu in candidates], lease_dir, task)) is None:
+        while (lease := leases.try_lease([gpu.index for gpu in candidates], lease_dir, task)) is None:
             if (remaining := deadline - time.monotonic()) <= 0:
                 raise PlacementError(
                     f"{task} requires {wanted} ({request}), but none became free within {wait_timeout:g} s; "
                     f"leased by {leases.holders([gpu.index for gpu in candidates], lease_dir)}. Wait longer (wait timeout), free a GPU, "
                     f"or request 'gpu-preferred' to fall back to CPU"
                 )
-            with interruptible():  # a sweep's trial waiting here stops with its flow run (see interrupts)
+            with interrupts.interruptible():  # a sweep's trial waiting here stops with its flow run
                 time.sleep(min(poll_interval, remaining))
         reason = f"{request}, leased after waiting {time.monotonic() - started:.1f} s"
     elif request.policy == "explicit":
