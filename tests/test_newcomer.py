@@ -68,6 +68,10 @@ def test_bad_duration_is_one_line_from_the_command():
     [
         pytest.param(["run", "--epoch", "3"], "cnn-train: No such option: --epoch (Possible options: --epochs); "
                      "see `cnn-train run --help`", id="misspelt-option"),
+        pytest.param(["run", "--lr", "0.01"], "cnn-train: No such option: --lr (Possible options: --learning-rate); "
+                     "see `cnn-train run --help`", id="option-by-its-initials"),
+        pytest.param(["run", "--xyz", "1"], "cnn-train: No such option: --xyz; see `cnn-train run --help`",
+                     id="option-like-none"),
         pytest.param(["run", "--epochs", "three"], "cnn-train: Invalid value for '--epochs': Input should be a valid "
                      "integer, unable to parse string as an integer; see `cnn-train run --help`", id="not-a-number"),
         pytest.param(["sweep", "--architecture", "resnet"], "cnn-train: Invalid value for '--architecture': 'resnet' "

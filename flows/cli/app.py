@@ -46,9 +46,11 @@ class _OneLineFailures(typer.Typer):
             if error.exit_code != 2 or debugging():  # not a usage error
                 error.show()
                 sys.exit(error.exit_code)
+            where = getattr(error, "ctx", None)
+            if hasattr(error, "option_name") and where is not None:  # an unknown option (Click's NoSuchOption)
+                error.possibilities = option_suggestions(error.option_name, where.command)
             # The typed values' checks speak pydantic ("Value error, 'foo' is not one of ...").
             message = error.format_message().rstrip(".").replace("Value error, ", "")
-            where = getattr(error, "ctx", None)
             hint = f"; see `{where.command_path} --help`" if where is not None else ""
             print(f"cnn-train: {message}{hint}", file=sys.stderr)
             sys.exit(error.exit_code)
@@ -65,6 +67,22 @@ class _OneLineFailures(typer.Typer):
                 raise
             print(f"cnn-train: {error}", file=sys.stderr)
             sys.exit(1)
+
+
+def option_suggestions(typed: str, command: Any) -> list[str]:
+    """The options of ``command`` a mistyped ``typed`` may mean: by initials (``--lr``: ``--learning-rate``)
+    or as a beginning (``--arch``), else by spelling as Click's own suggestion; never ``--help``, which
+    Click offered for whatever resembled nothing else."""
+    import difflib
+
+    options = [
+        name for param in command.params for name in (*param.opts, *param.secondary_opts)
+        if name.startswith("--") and name != "--help"
+    ]
+    word = typed.lstrip("-").lower()
+    by_initials = [name for name in options if len(word) > 1 and "".join(part[:1] for part in name[2:].split("-")) == word]
+    by_beginning = [name for name in options if len(word) > 2 and name[2:].startswith(word)]
+    return list(dict.fromkeys(by_initials + by_beginning))[:3] or difflib.get_close_matches(typed, options, n=3)
 
 
 # Python's last garbage collection walks every object torch, Keras, MLflow and Prefect made: about 3 s
