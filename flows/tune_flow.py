@@ -174,9 +174,12 @@ def _start_trial(
         get_run_logger().info("trial %d: %s", trial.number, values)
         with _ray_request(params.train_device, on_ray):
             future = tune_trial_task.submit(trial.number, trial, params, data, child, plan.options.objective, on_ray)
-    except BaseException:
+    except BaseException as error:
         heartbeat.remove(trial.number)
-        tell(study, trial, state=TrialState.FAIL)
+        if isinstance(error, Exception):
+            tell(study, trial, state=TrialState.FAIL)
+        else:  # interrupted as it started: queued again, as the trials in flight are
+            requeue_interrupted(study, [trial])
         raise
     return _Running(trial, future)
 

@@ -30,6 +30,7 @@ from cnn_train.flows.tuning import (
     open_study,
     parse_assignments,
     parse_space,
+    requeue_interrupted,
     validate_tune,
 )
 from cnn_train.flows.tuning.figures import inked_share, write_study_figures
@@ -414,3 +415,20 @@ def test_a_killed_study_continues_its_numbering_without_duplicate_runs(mlflow_st
     assert client.get_run(first_parent).info.status == "FAILED"  # its process was killed
     # Two completed trials with different learning rates: now the parameter importance can be drawn.
     assert "param_importances.png" in _artifact_names(client, second_parent, "tune/figures")
+
+
+def test_interrupted_trials_are_failed_and_queued_again_once():
+    """What a Ctrl-C leaves in the study: the stopped trials FAIL with a WAITING copy each (the next
+    invocation runs them), a trial another process already failed is left to it, and a copy that is
+    itself stopped is not queued a third time."""
+    study = optuna.create_study(storage="sqlite:///:memory:", direction="maximize")
+    stopped, abandoned = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2)}), study.ask()
+    study.tell(abandoned, state=TrialState.FAIL)  # failed meanwhile as abandoned by another process
+    requeue_interrupted(study, [stopped, abandoned])
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING]
+    assert study.trials[2].params == stopped.params and study.trials[2].system_attrs["failed_trial"] == 0
+
+    retry = study.ask()
+    assert retry.number == 2
+    requeue_interrupted(study, [retry])
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 3
