@@ -72,6 +72,8 @@ def test_bad_duration_is_one_line_from_the_command():
                      "see `cnn-train run --help`", id="option-by-its-initials"),
         pytest.param(["run", "--xyz", "1"], "cnn-train: No such option: --xyz; see `cnn-train run --help`",
                      id="option-like-none"),
+        pytest.param(["compare", "--compare-dense"], "cnn-train: No such option: --compare-dense; "
+                     "see `cnn-train compare --help`", id="option-of-another-command"),  # not --prep-device
         pytest.param(["run", "--epochs", "three"], "cnn-train: Invalid value for '--epochs': Input should be a valid "
                      "integer, unable to parse string as an integer; see `cnn-train run --help`", id="not-a-number"),
         pytest.param(["sweep", "--architecture", "resnet"], "cnn-train: Invalid value for '--architecture': 'resnet' "
