@@ -179,7 +179,7 @@ def _start_trial(
         if isinstance(error, Exception):
             tell(study, trial, state=TrialState.FAIL)
         else:  # interrupted as it started: queued again, as the trials in flight are
-            requeue_interrupted(study, [trial])
+            _hand_back(study, [trial])
         raise
     return _Running(trial, future)
 
@@ -227,8 +227,17 @@ def run_study(study: optuna.Study, heartbeat: TrialHeartbeat, plan: TunePlan, da
         if not isinstance(error, Exception):  # Ctrl-C, SIGTERM, a cancellation: the trials have stopped
             for running in in_flight:
                 heartbeat.remove(running.trial.number)
-            requeue_interrupted(study, [running.trial for running in in_flight])
+            _hand_back(study, [running.trial for running in in_flight])
         raise
+
+
+def _hand_back(study: optuna.Study, trials: list[optuna.Trial]) -> None:
+    """Interrupted trials back to the study, failed and queued again; a storage that fails now too leaves
+    them RUNNING for the next invocation to find, and the interruption goes on."""
+    try:
+        requeue_interrupted(study, trials)
+    except Exception as error:  # noqa: BLE001 - not in place of the interruption
+        get_run_logger().warning("the stopped trials stay RUNNING in the study until its next invocation finds them: %s", error)
 
 
 def _keep_trials_in_flight(

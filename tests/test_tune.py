@@ -432,3 +432,21 @@ def test_interrupted_trials_are_failed_and_queued_again_once():
     assert retry.number == 2
     requeue_interrupted(study, [retry])
     assert [t.state for t in study.trials] == [TrialState.FAIL] * 3
+
+
+def test_a_storage_that_fails_as_trials_are_handed_back_does_not_replace_the_interruption(monkeypatch):
+    from prefect.logging import disable_run_logger
+    from sqlalchemy.exc import OperationalError
+
+    from cnn_train.flows import tune_flow
+
+    def storage_gone(study, trials):
+        raise OperationalError("UPDATE trials", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(tune_flow, "requeue_interrupted", storage_gone)
+    study = optuna.create_study(storage="sqlite:///:memory:", direction="maximize")
+    with disable_run_logger(), pytest.raises(KeyboardInterrupt):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            tune_flow._hand_back(study, [study.ask()])  # what the trial loop does on its way out
