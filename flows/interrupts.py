@@ -23,7 +23,7 @@ import contextlib
 import ctypes
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 #: How long an interrupted flow waits for its trials to end their MLflow runs before it goes on ending.
@@ -168,14 +168,21 @@ def interrupt_trials(flow_run_id: str | None, *, wait_seconds: float = WAIT_SECO
     return len(targets)
 
 
+def is_interruption(error: BaseException) -> bool:
+    """A Ctrl-C (``KeyboardInterrupt``), or Prefect's ``TerminationSignal`` for SIGTERM and cancellations:
+    not an ``Exception``, unlike a failure."""
+    return not isinstance(error, Exception)
+
+
 @contextlib.contextmanager
-def trials_stop_with_the_flow() -> Iterator[None]:
-    """Around a flow's trial loop: when the flow run is interrupted in it (``KeyboardInterrupt``, Prefect's
-    ``TerminationSignal`` for SIGTERM and cancellations), its trials in this process's threads are
-    stopped too, and have ended their runs, before the interruption goes on."""
+def trials_stop_with_the_flow(then: Callable[[], None] | None = None) -> Iterator[None]:
+    """Around a flow's trial loop: when the flow run is interrupted in it, its trials in this process's
+    threads are stopped too, and have ended their runs, before ``then`` runs and the interruption goes on."""
     try:
         yield
     except BaseException as error:
-        if not isinstance(error, Exception):
+        if is_interruption(error):
             interrupt_trials(_current_flow_run_id())
+            if then is not None:
+                then()
         raise

@@ -176,10 +176,10 @@ def _start_trial(
             future = tune_trial_task.submit(trial.number, trial, params, data, child, plan.options.objective, on_ray)
     except BaseException as error:
         heartbeat.remove(trial.number)
-        if isinstance(error, Exception):
-            tell(study, trial, state=TrialState.FAIL)
-        else:  # interrupted as it started: queued again, as the trials in flight are
+        if interrupts.is_interruption(error):  # as it started: queued again, as the trials in flight are
             _hand_back(study, [trial])
+        else:
+            tell(study, trial, state=TrialState.FAIL)
         raise
     return _Running(trial, future)
 
@@ -220,15 +220,14 @@ def run_study(study: optuna.Study, heartbeat: TrialHeartbeat, plan: TunePlan, da
     returns the numbers of the trials this invocation ran. Interrupted, it stops the trials in flight
     and hands them back to the study, failed and queued again."""
     in_flight: list[_Running] = []
-    try:
-        with interrupts.trials_stop_with_the_flow():
-            return _keep_trials_in_flight(study, heartbeat, plan, data, parent, in_flight)
-    except BaseException as error:
-        if not isinstance(error, Exception):  # Ctrl-C, SIGTERM, a cancellation: the trials have stopped
-            for running in in_flight:
-                heartbeat.remove(running.trial.number)
-            _hand_back(study, [running.trial for running in in_flight])
-        raise
+
+    def hand_back_in_flight() -> None:
+        for running in in_flight:
+            heartbeat.remove(running.trial.number)
+        _hand_back(study, [running.trial for running in in_flight])
+
+    with interrupts.trials_stop_with_the_flow(then=hand_back_in_flight):
+        return _keep_trials_in_flight(study, heartbeat, plan, data, parent, in_flight)
 
 
 def _hand_back(study: optuna.Study, trials: list[optuna.Trial]) -> None:
