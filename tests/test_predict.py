@@ -26,6 +26,7 @@ from PIL import Image
 from cnn_train.flows import predict, tracking
 from cnn_train.flows.data import TEST_IMAGES, TEST_LABELS
 from cnn_train.flows.data.idx import read_idx
+from cnn_train.flows.predict.predict import read_inputs
 from cnn_train.plugins.config import FASHION_MNIST_CLASSES
 from tests.fashion_photos import PIXEL_FORMATS, VARIANTS
 from tests.local_stack import free_port
@@ -85,6 +86,42 @@ def test_the_summary_counts_in_english(classified, failed, line):
 def test_a_blank_picture_is_an_empty_input():
     pixels, inverted = predict.to_model_input(np.full((40, 60), 255.0))
     assert inverted and not pixels.any()
+
+
+def _grey_with_noise(path: Path) -> Path:
+    noise = np.random.default_rng(0).integers(-4, 5, size=(64, 64))
+    Image.fromarray((120 + noise).astype(np.uint8)).save(path, quality=75)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "write"),
+    [
+        pytest.param("white.png", lambda p: Image.new("RGB", (1, 1), "white").save(p), id="one-white-pixel"),
+        pytest.param("black.png", lambda p: Image.new("L", (50, 50), 0).save(p), id="black"),
+        pytest.param("clear.png", lambda p: Image.new("RGBA", (30, 30), (0, 0, 0, 0)).save(p), id="transparent"),
+        pytest.param("grey.jpg", _grey_with_noise, id="grey-jpeg-noise"),
+    ],
+)
+def test_a_picture_with_nothing_but_background_is_named_not_classified(name, write, tmp_path):
+    # A model names a class for an empty input too (a sandal at 54% for one trained briefly).
+    path = tmp_path / name
+    write(path)
+    inputs, failures = read_inputs([path])
+    assert inputs == []
+    assert [f.message for f in failures] == [
+        f"{path}: nothing to classify: every pixel is within 5% of the background's shade"
+    ]
+
+
+def test_a_faint_garment_is_still_a_garment(test_set, tmp_path):
+    # 40 grey levels of contrast: dim, but well above the noise the blank rule is there for.
+    images, _ = test_set
+    faint = 100 + np.round(images[0] / 255.0 * 40)
+    Image.fromarray(faint.astype(np.uint8)).save(tmp_path / "faint.png")
+    item = predict.load_model_input(tmp_path / "faint.png")
+    assert item.pixels.max() == 1.0
+    assert _shift_tolerant_correlation(item.pixels[..., 0], images[0] / 255.0) > 0.9
 
 
 @pytest.mark.parametrize(
@@ -357,13 +394,13 @@ def test_a_destination_that_cannot_hold_the_results_fails_before_any_model_is_lo
 
 
 @pytest.mark.slow
-def test_a_csv_that_cannot_be_written_is_one_line_after_the_printed_predictions(champion, tmp_path):
+def test_a_csv_that_cannot_be_written_is_one_line_after_the_printed_predictions(champion, test_set, tmp_path):
     from typer.testing import CliRunner
 
     from cnn_train.flows.cli import app
 
     image = tmp_path / "x.png"
-    Image.new("L", (28, 28)).save(image)
+    Image.fromarray(test_set[0][0]).save(image)
     with mock.patch.dict(os.environ):  # the command's own settings stay in this test
         result = CliRunner().invoke(app, ["predict", str(image), "--output", "/proc/cnn-train-predictions.csv"])
     assert result.exit_code == 1, result.output

@@ -28,7 +28,7 @@ LIGHT_BACKGROUND = 127.5
 
 
 class ImageReadError(ExpectedFailure, ValueError):
-    """A file that is not a readable image; the message names the file and why."""
+    """A file that is not a readable image, or one with nothing to classify; the message names the file and why."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,18 +119,21 @@ def to_model_input(gray: np.ndarray) -> tuple[np.ndarray, bool]:
 
     Negate when the border is light; stretch so the background is 0 and the brightest pixel 255;
     trim the background around the garment; fit the rest into 28x28 keeping its aspect ratio,
-    centred on black.
+    centred on black. A picture where nothing stands out from the background by more than
+    ``TRIM_SHARE`` of the range comes back all black.
     """
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     inverted = bool(np.median(border) > LIGHT_BACKGROUND)
     if inverted:
         gray, border = 255.0 - gray, 255.0 - border
     background = float(np.median(border))
-    span = max(float(gray.max()) - background, 1.0)
+    span = float(gray.max()) - background
+    if span <= TRIM_SHARE * 255.0:
+        # Nothing stands out from the background; stretching would blow noise (JPEG's, a sensor's) up
+        # into a garment.
+        return np.zeros((SIDE, SIDE, 1), dtype=np.float32), inverted
     stretched = np.clip((gray - background) / span, 0.0, 1.0)
     rows, columns = np.nonzero(stretched > TRIM_SHARE)
-    if rows.size == 0:
-        return np.zeros((SIDE, SIDE, 1), dtype=np.float32), inverted
     garment = stretched[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1]
     fitted = ImageOps.contain(Image.fromarray(np.round(garment * 255).astype(np.uint8)), (SIDE, SIDE), Image.Resampling.LANCZOS)
     canvas = Image.new("L", (SIDE, SIDE), 0)
@@ -142,8 +145,13 @@ def to_model_input(gray: np.ndarray) -> tuple[np.ndarray, bool]:
 
 
 def load_model_input(path: Path) -> ModelInput:
-    """Read ``path`` and bring it to the model's input; :class:`ImageReadError` when it is no image."""
+    """Read ``path`` and bring it to the model's input; :class:`ImageReadError` when it is no image or
+    holds nothing but background (a model would still name a class for it, with no garment to go on)."""
     pixels, inverted = to_model_input(read_grayscale(path))
+    if not pixels.any():
+        raise ImageReadError(
+            f"{path}: nothing to classify: every pixel is within {TRIM_SHARE:.0%} of the background's shade"
+        )
     return ModelInput(path, pixels, inverted)
 
 
