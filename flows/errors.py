@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 #: Set (to anything but "" or "0") by ``cnn-train --debug``: expected failures keep their tracebacks too.
 DEBUG_ENV = "CNN_TRAIN_DEBUG"
@@ -52,3 +53,26 @@ def hide_expected_tracebacks() -> None:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
+
+
+def close_names(typed: str, names: Sequence[str], *, separator: str = "_") -> list[str]:
+    """The ``names`` a mistyped ``typed`` may mean, at most three: by initials (``lr``:
+    ``learning_rate``), as a beginning (``arch``) or a last part (``device``: ``prep-device`` and
+    ``train-device``), else by spelling, dashes left out. The spelling
+    cutoff is 0.7, not Click's 0.6, which offered --prep-device for --compare-dense; typos such as
+    ``epoks`` score 0.72 and more."""
+    import difflib
+
+    word = typed.lstrip("-").lower()  # an option's dashes are no part of its initials or words
+    bare = {n: n.lstrip("-") for n in names}
+    named = {b: n for n, b in bare.items()}
+    by_initials = [n for n in names if len(word) > 1 and "".join(part[:1] for part in bare[n].split(separator)) == word]
+    by_part = [n for n in names if len(word) > 2 and (bare[n].startswith(word) or bare[n].endswith(separator + word))]
+    by_spelling = difflib.get_close_matches(word, list(bare.values()), n=3, cutoff=0.7)
+    return list(dict.fromkeys(by_initials + by_part))[:3] or [named[b] for b in by_spelling]
+
+
+def did_you_mean(typed: str, names: Sequence[str]) -> str:
+    """``' (did you mean learning_rate?)'``, or nothing when no name is close."""
+    close = close_names(typed, names)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""

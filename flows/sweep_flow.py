@@ -26,6 +26,7 @@ from prefect.futures import PrefectFuture, as_completed
 
 from cnn_train.flows import interrupts, reporting, steps, tracking
 from cnn_train.flows.data import PreparedData
+from cnn_train.flows.errors import did_you_mean
 from cnn_train.flows.params import (
     SWEEP_EXCLUDES,
     ParameterError,
@@ -70,7 +71,8 @@ def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
         raise ParameterError(f"grid: give at least one field to vary; sweepable fields: {', '.join(SWEEPABLE)}")
     unknown = sorted(set(grid) - set(SWEEPABLE))
     if unknown:
-        raise ParameterError(f"grid: cannot vary {unknown}; sweepable fields: {', '.join(SWEEPABLE)}")
+        named = ", ".join(f"{name!r}{did_you_mean(name, SWEEPABLE)}" for name in unknown)
+        raise ParameterError(f"grid: cannot vary {named}; sweepable fields: {', '.join(SWEEPABLE)}")
     for key, values in grid.items():
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
             raise ParameterError(f"grid: {key} needs a non-empty list of values, got {values!r}")

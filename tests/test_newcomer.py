@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from cnn_train.flows import housekeeping, quiet
 from cnn_train.flows.cli import app
+from cnn_train.flows.errors import close_names
 from cnn_train.flows.settings import keep_library_state_in_project
 from tests.local_stack import bare_env, free_port
 from tests.processes import stop_group
@@ -64,12 +65,32 @@ def test_bad_duration_is_one_line_from_the_command():
 
 
 @pytest.mark.parametrize(
+    ("typed", "names", "meant"),
+    [
+        pytest.param("lr", ["epochs", "learning_rate"], ["learning_rate"], id="initials"),
+        pytest.param("arch", ["architecture", "batch_size"], ["architecture"], id="beginning"),
+        pytest.param("size", ["batch_size", "seed"], ["batch_size"], id="last-part"),
+        pytest.param("epoks", ["epochs", "seed"], ["epochs"], id="spelling"),
+        pytest.param("Epochs", ["epochs"], ["epochs"], id="case"),
+        pytest.param("xyz", ["epochs", "seed"], [], id="nothing-close"),
+        pytest.param("--device", ["--prep-device", "--train-device", "--seed"], ["--prep-device", "--train-device"], id="options"),
+        pytest.param("--compare-dense", ["--prep-device", "--compare"], ["--compare"], id="option-not-a-lookalike"),
+    ],
+)
+def test_a_mistyped_name_is_answered_with_the_names_it_may_mean(typed, names, meant):
+    separator = "-" if typed.startswith("--") else "_"
+    assert close_names(typed, names, separator=separator) == meant
+
+
+@pytest.mark.parametrize(
     ("arguments", "line"),
     [
         pytest.param(["run", "--epoch", "3"], "cnn-train: No such option: --epoch (Possible options: --epochs); "
                      "see `cnn-train run --help`", id="misspelt-option"),
         pytest.param(["run", "--lr", "0.01"], "cnn-train: No such option: --lr (Possible options: --learning-rate); "
                      "see `cnn-train run --help`", id="option-by-its-initials"),
+        pytest.param(["run", "--device", "cpu"], "cnn-train: No such option: --device (Possible options: --evaluate-device, "
+                     "--prep-device, --train-device); see `cnn-train run --help`", id="option-by-its-last-word"),
         pytest.param(["run", "--xyz", "1"], "cnn-train: No such option: --xyz; see `cnn-train run --help`",
                      id="option-like-none"),
         pytest.param(["compare", "--compare-dense"], "cnn-train: No such option: --compare-dense; "

@@ -16,7 +16,7 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 from pydantic import BaseModel
 
-from cnn_train.flows.errors import DEBUG_ENV, ExpectedFailure, debugging
+from cnn_train.flows.errors import DEBUG_ENV, ExpectedFailure, close_names, debugging
 
 
 class _WholeSummaries(TyperGroup):
@@ -70,20 +70,13 @@ class _OneLineFailures(typer.Typer):
 
 
 def option_suggestions(typed: str, command: Any) -> list[str]:
-    """The options of ``command`` a mistyped ``typed`` may mean: by initials (``--lr``: ``--learning-rate``)
-    or as a beginning (``--arch``), else by spelling as Click's own suggestion; never ``--help``, which
-    Click offered for whatever resembled nothing else."""
-    import difflib
-
+    """The options of ``command`` a mistyped ``typed`` may mean (:func:`errors.close_names`); never
+    ``--help``, which Click offered for whatever resembled nothing else."""
     options = [
         name for param in command.params for name in (*param.opts, *param.secondary_opts)
         if name.startswith("--") and name != "--help"
     ]
-    word = typed.lstrip("-").lower()
-    by_initials = [name for name in options if len(word) > 1 and "".join(part[:1] for part in name[2:].split("-")) == word]
-    by_beginning = [name for name in options if len(word) > 2 and name[2:].startswith(word)]
-    # Click's cutoff (0.6) offered --prep-device for --compare-dense; typos score 0.8 and more.
-    return list(dict.fromkeys(by_initials + by_beginning))[:3] or difflib.get_close_matches(typed, options, n=3, cutoff=0.75)
+    return close_names(typed, options, separator="-")
 
 
 # Python's last garbage collection walks every object torch, Keras, MLflow and Prefect made: about 3 s

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from cnn_train.flows.errors import did_you_mean
 from cnn_train.flows.params import WHOLE_NUMBERS, ParameterError
 
 #: Fields a study may vary: the ones a sweep may vary (data prep runs once for all trials).
@@ -151,7 +152,7 @@ def _choices(field: str, original: object, values: Sequence[Any]) -> Dimension:
 def parse_dimension(field: str, spec: object) -> Dimension:
     """One field's SPEC (text, or a list of values from a YAML/JSON file) as a Dimension."""
     if field not in TUNABLE:
-        raise SpaceError(f"space: cannot vary {field!r}; tunable fields: {', '.join(TUNABLE)}")
+        raise SpaceError(f"space: cannot vary {field!r}{did_you_mean(field, TUNABLE)}; tunable fields: {', '.join(TUNABLE)}")
     if isinstance(spec, (list, tuple)):
         if any(isinstance(v, (dict, list, tuple, bool)) or v is None for v in spec):
             raise _bad(field, spec, "lists something other than numbers and words")
