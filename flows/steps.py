@@ -4,6 +4,7 @@ step is testable on its own; the flow wraps them in tasks and gives them their d
 from __future__ import annotations
 
 import json
+import math
 import platform
 import re
 import shutil
@@ -11,11 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import accuracy_score, log_loss
 
 from cnn_train.flows.data import PreparedData, prepare_data
+from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.interrupts import deferred, interruptible
 from cnn_train.flows.params import TRAINING_VALUES, RunParameters
 from cnn_train.flows.placement import resolve_precision
@@ -143,6 +146,23 @@ def _write_progress(checkpoint: Path, epochs: list[EpochMetrics]) -> None:
     tmp.replace(checkpoint / _PROGRESS_FILE)
 
 
+class TrainingDiverged(ExpectedFailure, ArithmeticError):
+    """The training loss stopped being a number: the weights are lost, and no later epoch brings them
+    back. Deterministic from the same checkpoint, so the train task does not retry it. Names the run
+    and the epoch, so that a sweep can rank the trial as diverged."""
+
+    def __init__(self, message: str, run_id: str = "", epoch: int = 0) -> None:
+        super().__init__(message)
+        self.run_id, self.epoch = run_id, epoch
+
+    def __reduce__(self) -> tuple[Any, ...]:  # a trial's failure crosses processes on Ray
+        return (type(self), (str(self), self.run_id, self.epoch))
+
+
+def diverged(metrics: EpochMetrics) -> bool:
+    return not math.isfinite(metrics.loss)
+
+
 def train(
     params: RunParameters,
     data: PreparedData,
@@ -155,7 +175,9 @@ def train(
     as it ends, then log the finished model. Only a completed training is logged as the model.
 
     ``on_epoch`` may return True to stop after that epoch (the backend contract's stop request): the
-    training then ends there, with ``stopped_at_epoch`` set and no model logged."""
+    training then ends there, with ``stopped_at_epoch`` set and no model logged. An epoch whose loss is
+    not a number is logged, then stops the training (:class:`TrainingDiverged`); its weights are not
+    checkpointed, so nothing resumes from them."""
     model_config = params.model()
     training, why = resolve_precision(params.training(), device)
     tracker.log_params({"train.precision": training.precision, "train.precision_reason": why})
@@ -176,10 +198,15 @@ def train(
 
     epochs = list(done)
     stop_asked: list[int] = []
+    nan_epochs: list[EpochMetrics] = []
 
     def finished_epoch(metrics: EpochMetrics) -> bool:
         # A trial's interruption waits for the epoch's records (interrupts.py).
         with deferred():
+            if diverged(metrics):
+                tracker.log_epoch(metrics)  # the UI's loss curve shows where it went
+                nan_epochs.append(metrics)
+                return True
             # Checkpoint first: a retry then resumes after this epoch and re-logs it if needed.
             backend.save(checkpoint / "weights")
             epochs.append(metrics)
@@ -192,6 +219,14 @@ def train(
 
     with interruptible():  # a trial stopped with its flow run stops here (interrupts.py)
         backend.train(data.train_data(), training, on_epoch=finished_epoch, initial_epoch=len(done))
+    if nan_epochs:
+        raise TrainingDiverged(
+            f"training diverged: the training loss was {nan_epochs[0].loss} in epoch {nan_epochs[0].epoch} of "
+            f"{params.epochs}, so the model is not logged; lower the learning rate (learning_rate "
+            f"{training.learning_rate:g}, batch_size {training.batch_size})",
+            run_id=tracker.run_id,
+            epoch=nan_epochs[0].epoch,
+        )
     last = stop_asked[0] if stop_asked else params.epochs
     if [m.epoch for m in epochs] != list(range(1, last + 1)):
         why = f"on_epoch asked it to stop after epoch {last}, " if stop_asked else ""

@@ -40,7 +40,7 @@ from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, tri
 from cnn_train.flows.ray_cluster import ray_task_runner  # noqa: F401 - Python callers take this flow's runner from here
 from cnn_train.flows.registering import register_task
 from cnn_train.flows.runs import cnn_train_flow, flow_run_tags, flow_run_tracker, trial_runner_params
-from cnn_train.flows.tasks import ChildRun, child_run, placed_trial, prep_task
+from cnn_train.flows.tasks import ChildRun, child_run, placed_trial, prep_task, retry_unless_diverged
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.plugins.contract import Evaluation
 
@@ -63,6 +63,15 @@ class TrialResult:
     @classmethod
     def of(cls, values: dict[str, Any], child: ChildRun) -> TrialResult:
         return cls(values, child.run_id, child.trained, child.evaluated.evaluation)
+
+
+@dataclass(frozen=True)
+class DivergedTrial:
+    """A trial whose training loss stopped being a number: ranked below every finished trial."""
+
+    values: dict[str, Any]
+    run_id: str
+    epoch: int
 
 
 def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -131,7 +140,10 @@ def trial_key(values: Mapping[str, Any]) -> str:
 
 
 # A retry reopens the trial's child run (found by its key) and resumes from its checkpoint.
-@task(name="trial", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE, persist_result=False)
+@task(
+    name="trial", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_diverged,
+    cache_policy=NO_CACHE, persist_result=False,
+)
 def trial_task(
     params: RunParameters,
     values: dict[str, Any],
@@ -156,8 +168,9 @@ def trial_task(
     return TrialResult.of(values, child)
 
 
-def ranking_table(results: Sequence[TrialResult]) -> pd.DataFrame:
-    """Trials best first, with their varied values, metrics and run ids."""
+def ranking_table(results: Sequence[TrialResult], diverged: Sequence[DivergedTrial] = ()) -> pd.DataFrame:
+    """Trials best first, with their varied values, metrics and run ids; diverged trials last, unranked,
+    with a note saying so."""
     frame = pd.DataFrame(
         [
             {
@@ -172,20 +185,26 @@ def ranking_table(results: Sequence[TrialResult]) -> pd.DataFrame:
         ]
     )
     frame = frame.sort_values("test_accuracy", ascending=False, kind="stable").reset_index(drop=True)
-    frame.insert(0, "rank", range(1, len(frame) + 1))
+    frame.insert(0, "rank", pd.array(range(1, len(frame) + 1), dtype="Int64"))
+    if diverged:
+        failed = pd.DataFrame([{**trial.values, "run_id": trial.run_id} for trial in diverged])
+        frame = pd.concat([frame, failed], ignore_index=True).reindex(columns=frame.columns)
+        frame["note"] = [""] * len(results) + [f"training diverged in epoch {trial.epoch}" for trial in diverged]
     return frame
 
 
 def _run_trials(
     trials: list[tuple[dict[str, Any], RunParameters]], data: PreparedData, parent: RunTracker, *, max_concurrent: int
-) -> list[TrialResult]:
+) -> tuple[list[TrialResult], list[DivergedTrial]]:
     """Keep ``max_concurrent`` trials in flight on the flow's task runner: a new one starts as soon as
     any finishes, not when the slowest of a batch does. A trial whose Ray worker died is submitted
-    again (Ray's own retries are off, so it never runs twice at once) and resumes its child run."""
+    again (Ray's own retries are off, so it never runs twice at once) and resumes its child run. A
+    diverged trial is set apart; the sweep fails only when every trial diverged."""
     on_ray, flow_tags = _on_ray(), flow_run_tags()
     pending = [(values, params, 1) for values, params in trials]
     in_flight: list[tuple[PrefectFuture[TrialResult], tuple[dict[str, Any], RunParameters, int]]] = []
     results: list[TrialResult] = []
+    diverged: list[DivergedTrial] = []
     while pending or in_flight:
         while pending and len(in_flight) < max_concurrent:
             values, params, attempt = trial = pending.pop(0)
@@ -196,6 +215,10 @@ def _run_trials(
         in_flight = [entry for entry in in_flight if entry[0] is not finished]
         try:
             results.append(finished.result())
+        except steps.TrainingDiverged as error:
+            # One learning rate too high says something about the grid; the other trials still count.
+            get_run_logger().warning("trial %s: %s", values, error)
+            diverged.append(DivergedTrial(values, error.run_id, error.epoch))
         except Exception as error:
             if not (on_ray and worker_died(error)) or attempt >= TRIAL_ATTEMPTS:
                 raise
@@ -206,7 +229,14 @@ def _run_trials(
             get_run_logger().warning(message)
             mark_crashed(finished.task_run_id, message)
             pending.insert(0, (values, params, attempt + 1))
-    return results
+    order = [values for values, _ in trials]
+    diverged.sort(key=lambda trial: order.index(trial.values))  # the grid's order, not the finishing one
+    if not results:
+        raise steps.TrainingDiverged(
+            f"every trial's training diverged ({', '.join(str(t.values) for t in diverged)}); "
+            "lower the learning rates in the grid"
+        )
+    return results, diverged
 
 
 @cnn_train_flow("cnn-train-sweep", SweepOptions, RunParameters, RunnerOptions, exclude=SWEEP_EXCLUDES)
@@ -223,15 +253,15 @@ def cnn_train_sweep(**values: Any) -> dict[str, Any]:
         data = prep_task(data_parameters(first, values), parent)
         with trials_on(runner), interrupts.trials_stop_with_the_flow():
             parent.log_params(trial_runner_params(runner))
-            results = _run_trials(trials, data, parent, max_concurrent=options.max_concurrent)
-        summary = _rank_and_record(parent, results)
+            results, diverged = _run_trials(trials, data, parent, max_concurrent=options.max_concurrent)
+        summary = _rank_and_record(parent, results, diverged)
         if options.register_best:
             summary |= _register_best(options.register_best, summary["best_run_id"], results, trials, data, parent)
     return summary
 
 
-def _rank_and_record(parent: RunTracker, results: list[TrialResult]) -> dict[str, Any]:
-    ranking = ranking_table(results)
+def _rank_and_record(parent: RunTracker, results: list[TrialResult], diverged: list[DivergedTrial]) -> dict[str, Any]:
+    ranking = ranking_table(results, diverged)
     best = next(r for r in results if r.run_id == ranking.loc[0, "run_id"])
     markdown = (
         f"# Sweep ranking\n\n{reporting.markdown_table(ranking)}\n\nBest trial: `{best.run_id}` {best.values}, "

@@ -14,6 +14,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 
 from cnn_train.flows import interrupts, reporting, steps
 from cnn_train.flows.data import PreparedData
@@ -40,6 +41,12 @@ def progress_line(metrics: EpochMetrics, epochs: int, label: str) -> str:
     )
 
 
+def retry_unless_diverged(task: object, task_run: object, state: State[Any]) -> bool:
+    """The train and trial tasks' ``retry_condition_fn``: a retry resumes from the last checkpoint, where
+    a diverged training diverges again (Prefect passes the raised exception as the state's data)."""
+    return not isinstance(state.data, steps.TrainingDiverged)
+
+
 @task(name="prep", **IN_MEMORY)
 def prep_task(params: RunParameters, tracker: RunTracker) -> PreparedData:
     """Load Fashion-MNIST, split it, and record the datasets."""
@@ -52,7 +59,7 @@ def prep_task(params: RunParameters, tracker: RunTracker) -> PreparedData:
     return data
 
 
-@task(name="train", retries=1, retry_delay_seconds=2, **IN_MEMORY)
+@task(name="train", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_diverged, **IN_MEMORY)
 def train_task(params: RunParameters, data: PreparedData, tracker: RunTracker, *, label: str) -> steps.TrainOutcome:
     """Train on the placed device, logging each epoch as it ends; a retry resumes from the last epoch."""
     logger = get_run_logger()

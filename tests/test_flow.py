@@ -211,6 +211,24 @@ def test_bad_input_fails_before_any_mlflow_run(store, parameters, message):
     assert run_count() == before
 
 
+def test_a_diverged_training_fails_the_run_once_in_one_line(store):
+    """Not retried (a retry resumes from the last good checkpoint and diverges again), and not blamed on
+    the backend: before, the NaN weights reached the evaluate step, which said the backend broke the contract."""
+    from mlflow import MlflowClient
+
+    state = _run_flow(**(SMALL | {"learning_rate": 1e9}))
+    assert state.is_failed()
+    assert state.message == (
+        "training diverged: the training loss was nan in epoch 1 of 2, so the model is not logged; "
+        "lower the learning rate (learning_rate 1e+09, batch_size 32)"
+    )
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("cnn-train")
+    run = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"], max_results=1)[0]
+    assert run.info.status == "FAILED"
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 1  # one attempt, one epoch
+
+
 def test_compare_command_side_by_side(store, tmp_path):
     import os
     import subprocess

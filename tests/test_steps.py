@@ -89,3 +89,24 @@ def test_the_evaluate_step_scores_as_the_backend_does(small_data, tracker, backe
     # The same images right (Keras's own metric is a float32 fraction).
     assert evaluated.evaluation.accuracy == pytest.approx(expected.accuracy, abs=0.5 / len(data.y_test))
     assert evaluated.evaluation.loss == pytest.approx(expected.loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "keras"])
+def test_a_diverging_training_stops_where_its_loss_stopped_being_a_number(small_data, tracker, backend):
+    from mlflow import MlflowClient
+
+    params, data = small_data
+    params = params.model_copy(update={"backend": backend, "learning_rate": 1e9})  # 3 epochs
+    with pytest.raises(steps.TrainingDiverged) as caught:
+        steps.train(params, data, tracker, device="cpu")
+    assert str(caught.value) == (
+        "training diverged: the training loss was nan in epoch 1 of 3, so the model is not logged; "
+        "lower the learning rate (learning_rate 1e+09, batch_size 32)"
+    )
+    assert (caught.value.run_id, caught.value.epoch) == (tracker.run_id, 1)
+    # The epoch is in MLflow for the loss curve; its weights are not checkpointed for a retry to resume.
+    tracker.flush()
+    history = MlflowClient(tracker.uri).get_metric_history(tracker.run_id, "loss")
+    assert [(m.step, m.value != m.value) for m in history] == [(1, True)]
+    assert not (steps.checkpoint_dir(tracker.run_id) / "progress.json").exists()
+    assert not MlflowClient(tracker.uri).search_logged_models(experiment_ids=[tracker.experiment_id])

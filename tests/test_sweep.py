@@ -6,11 +6,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from cnn_train.flows.params import ParameterError
 from cnn_train.flows.steps import TrainOutcome
-from cnn_train.flows.sweep_flow import TrialResult, data_parameters, expand_grid, ranking_table, validate_sweep
+from cnn_train.flows.sweep_flow import DivergedTrial, TrialResult, data_parameters, expand_grid, ranking_table, validate_sweep
 from cnn_train.plugins.config import TrainConfig
 from cnn_train.plugins.contract import EpochMetrics, Evaluation, TrainHistory
 
@@ -172,6 +173,44 @@ def test_ranking_is_best_first_with_each_trial_s_median_epoch():
     assert list(ranking["learning_rate"]) == [0.01, 0.001, 0.1]
     assert list(ranking["test_loss"]) == [0.3, 0.5, 0.9]
     assert list(ranking["seconds_per_epoch"]) == [4.0, 3.0, 3.0]
+
+
+def test_a_diverged_trial_is_listed_last_unranked_with_a_note():
+    results = [_trial("a", 0.01, accuracy=0.7, loss=0.9, epoch_seconds=(3.0,)), _trial("b", 0.001, 0.9, 0.3, (4.0,))]
+    ranking = ranking_table(results, [DivergedTrial({"learning_rate": 10.0}, "c", epoch=2)])
+    assert ranking["run_id"].tolist() == ["b", "a", "c"]
+    assert ranking["rank"].tolist() == [1, 2, pd.NA]
+    assert ranking["learning_rate"].tolist() == [0.001, 0.01, 10.0]
+    assert ranking["note"].tolist() == ["", "", "training diverged in epoch 2"]
+    assert ranking.loc[2, ["test_accuracy", "test_loss", "seconds_per_epoch", "device"]].isna().all()
+    assert "note" not in ranking_table(results).columns
+
+
+@pytest.mark.slow
+def test_a_sweep_ranks_what_finished_when_a_trial_diverges(mlflow_store):
+    from mlflow import MlflowClient
+
+    from cnn_train.flows.sweep_flow import cnn_train_sweep
+
+    result = cnn_train_sweep(grid={"learning_rate": [1e9, 1e-3]}, **SMALL)
+    client = MlflowClient(mlflow_store)
+    assert client.get_run(result["mlflow_run_id"]).info.status == "FINISHED"
+    statuses = {c.data.params["learning_rate"]: c.info.status for c in _children(client, result["mlflow_run_id"])}
+    assert statuses == {"1000000000.0": "FAILED", "0.001": "FINISHED"}
+    assert result["best_values"] == {"learning_rate": 1e-3}
+    assert [(r["rank"], r["note"]) for r in result["ranking"]] == [(1, ""), (None, "training diverged in epoch 1")]
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_every_trial_diverged_fails_in_one_line(mlflow_store):
+    from cnn_train.flows.sweep_flow import cnn_train_sweep
+
+    state = cnn_train_sweep(grid={"learning_rate": [1e9, 1e8]}, **SMALL, return_state=True)
+    assert state.is_failed()
+    assert state.message == (
+        "every trial's training diverged ({'learning_rate': 1000000000.0}, {'learning_rate': 100000000.0}); "
+        "lower the learning rates in the grid"
+    )
 
 
 def _children(client, parent_id):
