@@ -200,6 +200,16 @@ def test_an_experiment_with_nothing_to_predict_with_says_what_to_do(store):
         pytest.param("models:/better-then-worse@production", "no model version answers to models:/better-then-worse@production", id="unknown-alias"),
         pytest.param("m-0123456789abcdef0123456789abcdef", "no model at models:/m-0123456789abcdef0123456789abcdef", id="unknown-model-id"),
         pytest.param("models:/", "models:/ is not a model URI cnn-train understands: use runs:/<run id>/model", id="malformed"),
+        pytest.param(
+            "better-then-worse", "better-then-worse is a registered model, not one version of it: give "
+            "models:/better-then-worse@<alias> or models:/better-then-worse/<version>", id="a-registered-name",
+        ),
+        pytest.param(
+            "models:/better-then-worse", "better-then-worse is a registered model, not one version of it", id="a-registered-name-as-uri",
+        ),
+        pytest.param(
+            "no-such-model", "no model at no-such-model: no such folder, and not a model URI (runs:/<run id>/model", id="a-word",
+        ),
     ],
 )
 def test_a_model_that_does_not_exist_lists_what_does(store, two_runs, better_then_worse, spec, problem):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -21,6 +22,7 @@ _NOT_A_DEFAULT_RUN = ("cnn_train.role", "mlflow.parentRunId")
 _RECENT_RUNS = 5
 #: MLflow error codes that mean "nothing by that name" (a store or server that fails otherwise still raises).
 MISSING_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+_URI_FORMS = "runs:/<run id>/model, models:/<name>/<version>, models:/<name>@<alias> or a logged model id m-..."
 
 
 class ModelNotFoundError(ExpectedFailure, LookupError):
@@ -83,17 +85,35 @@ def _find(mlflow_client: MlflowClient, model_uri: str) -> ModelChoice | str:
             return f"no model version answers to {model_uri}"
     elif match := re.fullmatch(r"models:/([^/@]+)/(\d+)", model_uri):
         version = mlflow_client.get_model_version(*match.groups())
+    elif (name := model_uri.removeprefix("models:/")) != model_uri and "/" not in name and _registered(mlflow_client, name):
+        return _whole_registered_model(name)
     elif model_uri.startswith(("runs:", "models:")):
-        return (
-            f"{model_uri} is not a model URI cnn-train understands: use runs:/<run id>/model, "
-            "models:/<name>/<version>, models:/<name>@<alias> or a logged model id m-..."
-        )
+        return f"{model_uri} is not a model URI cnn-train understands: use {_URI_FORMS}"
+    elif ":" not in model_uri and not Path(model_uri).exists():
+        # No scheme and no folder: most likely a registered model's name, typed as `cnn-train models` shows it.
+        if _registered(mlflow_client, model_uri):
+            return _whole_registered_model(model_uri)
+        return f"no model at {model_uri}: no such folder, and not a model URI ({_URI_FORMS})"
     else:
         return ModelChoice(model_uri, as_given)
     return ModelChoice(
         model_uri, f"{model_uri} (version {version.version}, as given)", run_id=version.run_id,
         registered=f"{version.name}/{version.version}",
     )
+
+
+def _whole_registered_model(name: str) -> str:
+    return f"{name} is a registered model, not one version of it: give models:/{name}@<alias> or models:/{name}/<version>"
+
+
+def _registered(mlflow_client: MlflowClient, name: str) -> bool:
+    try:
+        mlflow_client.get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code not in MISSING_CODES:
+            raise
+        return False
+    return True
 
 
 def default_model(*, experiment: str, uri: str | None = None) -> ModelChoice:
