@@ -142,23 +142,31 @@ def open_study(plan: TunePlan, on_abandoned: AbandonedHandler) -> tuple[optuna.S
     if stored is None:
         study.set_user_attr(DEFINITION_ATTR, wanted)
     elif stored != wanted:
-        changed = sorted(key for key in wanted if wanted[key] != stored.get(key))
         raise SpaceError(
-            f"study {plan.study_name!r} searches a different {' and '.join(changed)} "
-            f"({_difference(stored, wanted)}); give a new --study-name to start another study"
+            f"study {plan.study_name!r} was made for another search ({_difference(stored, wanted)}); "
+            "give a new --study-name to start another study"
         )
     return study, storage
 
 
+#: The parts of a study's definition, as a difference names them.
+_PARTS = {"space": "space", "objective": "objective", "fixed": "fixed"}
+
+
 def _difference(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
-    parts = []
-    for key in ("space", "objective", "fixed"):
+    """What differs, side by side: ``the study: space learning_rate=log:1e-4:1e-2; this command: space
+    learning_rate=log:1e-5:1e-2, fixed epochs=3``."""
+    sides: tuple[list[str], list[str]] = ([], [])
+    for key, label in _PARTS.items():
         old, new = stored.get(key), wanted.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            parts += [f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        elif old != new:
-            parts.append(f"{key}: {old!r} there, {new!r} here")
-    return "; ".join(parts)
+        if not (isinstance(old, dict) and isinstance(new, dict)):
+            old, new = {"": old}, {"": new}
+        for name in sorted(set(old) | set(new)):
+            if old.get(name) != new.get(name):
+                for side, values in zip(sides, (old, new), strict=True):
+                    if values.get(name) is not None:
+                        side.append(f"{label} {name}={values[name]}" if name else f"{label} {values[name]}")
+    return f"the study: {', '.join(sides[0]) or 'nothing else'}; this command: {', '.join(sides[1]) or 'nothing else'}"
 
 
 def _queue_again_once(study: optuna.Study, trial: FrozenTrial) -> None:
