@@ -88,3 +88,33 @@ def _saved(make: Callable[[np.ndarray], Image.Image], suffix: str) -> Callable[[
 PIXEL_FORMATS: dict[str, Callable[[np.ndarray, Path], Path]] = {
     name: _saved(*spec) for name, spec in _PIXEL_FORMAT_IMAGES.items()
 }
+
+
+def _phone_photo_jpeg(a: np.ndarray, path: Path) -> Path:
+    """A 6-megapixel photo: the garment dark on a light, grainy background (sensor noise of +-6 levels)."""
+    noise = np.random.default_rng(0).integers(-6, 7, size=(2000, 3000, 3))
+    canvas = np.clip(240 + noise, 0, 255).astype(np.uint8)
+    garment = np.asarray(Image.fromarray(255 - a).resize((1400, 1400), Image.Resampling.BICUBIC).convert("RGB"))
+    canvas[300:1700, 800:2200] = np.minimum(canvas[300:1700, 800:2200], garment)
+    Image.fromarray(canvas).save(path := path.with_suffix(".jpg"), quality=90)
+    return path
+
+
+def _large_16_bit_png(a: np.ndarray, path: Path) -> Path:
+    """16-bit grey, which Pillow cannot average down: read whole."""
+    Image.fromarray(a.astype(np.uint16) * 257).resize((2100, 2100)).save(path := path.with_suffix(".png"))
+    return path
+
+
+def _large_palette_png(a: np.ndarray, path: Path) -> Path:
+    """A palette image (GIF-like), whose indices must not be averaged: read whole."""
+    Image.fromarray(a).resize((2100, 2100)).convert("P").save(path := path.with_suffix(".png"))
+    return path
+
+
+#: Pictures larger than the working size, which are read at about 1024 pixels a side where they can be.
+LARGE_PHOTOS: dict[str, Callable[[np.ndarray, Path], Path]] = {
+    "inverted-phone-photo-jpeg": _phone_photo_jpeg,
+    "large-16-bit-png": _large_16_bit_png,
+    "large-palette-png": _large_palette_png,
+}

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -28,7 +29,7 @@ from cnn_train.flows.data import TEST_IMAGES, TEST_LABELS
 from cnn_train.flows.data.idx import read_idx
 from cnn_train.flows.predict.predict import read_inputs
 from cnn_train.plugins.config import FASHION_MNIST_CLASSES
-from tests.fashion_photos import PIXEL_FORMATS, VARIANTS
+from tests.fashion_photos import LARGE_PHOTOS, PIXEL_FORMATS, VARIANTS
 from tests.local_stack import free_port
 
 BIN = Path(sys.executable).parent
@@ -59,11 +60,11 @@ def test_set(real_fashion_mnist_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return _test_set(real_fashion_mnist_dir)
 
 
-@pytest.mark.parametrize("variant", [*VARIANTS, *PIXEL_FORMATS])
+@pytest.mark.parametrize("variant", [*VARIANTS, *PIXEL_FORMATS, *LARGE_PHOTOS])
 def test_an_exported_image_comes_back_as_fashion_mnist_made_it(variant, test_set, tmp_path):
     images, _ = test_set
     original = images[0]  # an ankle boot
-    path = {**VARIANTS, **PIXEL_FORMATS}[variant](original, tmp_path / "boot")
+    path = {**VARIANTS, **PIXEL_FORMATS, **LARGE_PHOTOS}[variant](original, tmp_path / "boot")
     item = predict.load_model_input(path)
     assert item.pixels.shape == (28, 28, 1) and item.pixels.dtype == np.float32
     assert item.pixels.min() == 0.0 and item.pixels.max() == 1.0
@@ -81,6 +82,15 @@ def test_an_exported_image_comes_back_as_fashion_mnist_made_it(variant, test_set
 )
 def test_the_summary_counts_in_english(classified, failed, line):
     assert predict.counted(classified, failed) == line
+
+
+def test_a_picture_over_pillows_pixel_limit_is_read_without_its_warning(test_set, tmp_path, monkeypatch):
+    # Between the limit and twice it Pillow warns (a raw line on stderr among cnn-train's) and decodes.
+    path = LARGE_PHOTOS["inverted-phone-photo-jpeg"](test_set[0][0], tmp_path / "boot")  # 6 megapixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4_000_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert predict.load_model_input(path).pixels.max() == 1.0
 
 
 def test_a_blank_picture_is_an_empty_input():
