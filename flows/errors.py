@@ -68,7 +68,9 @@ def close_names(typed: str, names: Sequence[str], *, separator: str = "_") -> li
     named = {b: n for n, b in bare.items()}
     by_initials = [n for n in names if len(word) > 1 and "".join(part[:1] for part in bare[n].split(separator)) == word]
     by_part = [n for n in names if len(word) > 2 and (bare[n].startswith(word) or bare[n].endswith(separator + word))]
-    by_spelling = difflib.get_close_matches(word, list(bare.values()), n=3, cutoff=0.7)
+    scores = sorted(((difflib.SequenceMatcher(None, word, b).ratio(), b) for b in named), reverse=True)
+    # The closest spelling, and any as close: 'defualt' means 'default', not every name sharing letters.
+    by_spelling = [b for score, b in scores[:3] if score >= max(0.7, scores[0][0] - 0.05)] if scores else []
     return list(dict.fromkeys(by_initials + by_part))[:3] or [named[b] for b in by_spelling]
 
 

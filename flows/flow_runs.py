@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cnn_train.flows.errors import ExpectedFailure, debugging
+from cnn_train.flows.errors import ExpectedFailure, debugging, did_you_mean
 
 #: States whose reason is worth showing: the run did not do what was asked.
 _FAILED_STATES = frozenset({"FAILED", "CRASHED"})
@@ -40,6 +40,15 @@ class RunRefusedError(ExpectedFailure, ValueError):
     """The Prefect server would not create the flow run: a parameter breaks the deployment's schema."""
 
 
+def deployment_names() -> list[str]:
+    """Every deployment on the Prefect server, as FLOW/DEPLOYMENT, sorted."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flows = {flow.id: flow.name for flow in client.read_flows()}
+        return sorted(f"{flows.get(d.flow_id, '?')}/{d.name}" for d in client.read_deployments())
+
+
 def start_deployment_run(deployment: str, parameters: dict[str, Any]) -> Any:
     """A new flow run of ``deployment``, not waited for. The server checks the parameters against the
     deployment's schema (the declared bounds, choices and types) first; a refusal is one line."""
@@ -52,7 +61,8 @@ def start_deployment_run(deployment: str, parameters: dict[str, Any]) -> Any:
         found = client.read_deployment_by_name(deployment)
     known = list((found.parameter_openapi_schema or {}).get("properties", {}))
     if known and (unknown := sorted(set(parameters) - set(known))):
-        raise RunRefusedError(f"{deployment} has no parameter {', '.join(unknown)}; its parameters: {', '.join(known)}")
+        named = ", ".join(f"{name}{did_you_mean(name, known)}" for name in unknown)
+        raise RunRefusedError(f"{deployment} has no parameter {named}; its parameters: {', '.join(known)}")
     try:
         return run_deployment(found.id, parameters=parameters, timeout=0)  # by id: no second lookup by name
     except PrefectHTTPStatusError as error:

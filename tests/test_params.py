@@ -92,10 +92,34 @@ def test_a_deployment_run_out_of_bounds_or_with_an_unknown_name_is_refused_befor
     with pytest.raises(RunRefusedError, match=r"'tpu' is not valid under any of the given schemas; train_device takes "
                        r"one of 'cpu', 'gpu-preferred', 'gpu-required', or one card \(cuda:N\)$"):
         start_deployment_run("cnn-train/refusals", {"train_device": "tpu"})
-    with pytest.raises(RunRefusedError, match=r"^cnn-train/refusals has no parameter epoch; its parameters: backend, "):
+    with pytest.raises(RunRefusedError, match=r"^cnn-train/refusals has no parameter epoch \(did you mean epochs\?\); "
+                       r"its parameters: backend, "):
         start_deployment_run("cnn-train/refusals", {"epoch": 3})
     with get_client(sync_client=True) as client:
         assert client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))) == []
+
+
+@pytest.mark.parametrize(
+    ("deployment", "line"),
+    [
+        pytest.param("cnn-train/refusal", "cnn-train: no deployment cnn-train/refusal on {api} (did you mean "
+                     "cnn-train/refusals?); deployments there: {served}", id="misspelt"),
+        pytest.param("default", "cnn-train: 'default' is not a deployment name; give FLOW/DEPLOYMENT, e.g. "
+                     "cnn-train/default", id="no-flow-name"),
+    ],
+)
+def test_trigger_names_the_deployments_there_are(prefect_api_url, deployment, line):
+    from typer.testing import CliRunner
+
+    from cnn_train.flows.cli import app
+    from cnn_train.flows.flow_runs import deployment_names
+
+    cnn_train.to_deployment(name="refusals").apply()
+    served = deployment_names()
+    assert "cnn-train/refusals" in served
+    result = CliRunner().invoke(app, ["trigger", deployment], env={"PREFECT_API_URL": prefect_api_url})
+    assert result.exit_code == 2
+    assert result.output.strip() == line.format(api=prefect_api_url, served=", ".join(served))
 
 
 @pytest.mark.parametrize(

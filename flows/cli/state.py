@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cnn_train.flows.cli.app import app, fail
+from cnn_train.flows.errors import did_you_mean
 
 _SERVER_STATES = {(True, True): "ready", (True, False): "started, not answering", (False, True): "answering (not started here)"}
 
@@ -176,12 +177,16 @@ def trigger(
 
     from cnn_train.flows import flow_runs
 
+    if deployment.count("/") != 1 or not all(deployment.split("/")):
+        fail(f"{deployment!r} is not a deployment name; give FLOW/DEPLOYMENT, e.g. cnn-train/default", 2)
     api_url = _prefect_api(required=True)
     parameters = parse_parameters(param or [])
     try:
         flow_run = flow_runs.start_deployment_run(deployment, parameters)
     except ObjectNotFound:
-        fail(f"no deployment {deployment} on {api_url}; `cnn-train up --no-trigger` serves cnn-train/default")
+        served = flow_runs.deployment_names()
+        there = f"; deployments there: {', '.join(served)}" if served else "; `cnn-train up --no-trigger` serves cnn-train/default"
+        fail(f"no deployment {deployment} on {api_url}{did_you_mean(deployment, served)}{there}")
     ui_url = get_current_settings().ui_url
     link = f": {ui_url}/runs/flow-run/{flow_run.id}" if ui_url else f" ({flow_run.id})"
     typer.echo(f"flow run {flow_run.name}{link}")
