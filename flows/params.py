@@ -149,8 +149,7 @@ class RunParameters(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _architecture_defaults(cls, values: Any) -> Any:
-        # A training value left empty becomes the architecture's before validation, so the run is
-        # checked and logged as it trains.
+        # An empty training value becomes the architecture's before validation: checked and logged as it trains.
         if not isinstance(values, dict):
             return values
         defaults = training_defaults(values.get("architecture") or "cnn")
@@ -269,9 +268,11 @@ def _check_split(params: RunParameters) -> None:
 
 
 def _two_different_backends(value: Any) -> Any:
-    # Before pydantic's min_length ("List should have at least 2 items"), which stays for the form's schema.
-    if isinstance(value, (list, tuple)) and (len(value) < 2 or len({str(name) for name in value}) < len(value)):
-        raise ValueError("give at least two backend names, each once (e.g. keras and torch)")
+    # Before pydantic's min_length, which stays for the form's schema; 'keras,torch' is two, as in a grid.
+    if isinstance(value, (list, tuple)):
+        value = [part.strip() for name in value for part in str(name).split(",") if part.strip()]
+        if len(value) < 2 or len(set(value)) < len(value):
+            raise ValueError("give at least two backend names, each once (e.g. keras and torch)")
     return value
 
 
@@ -279,7 +280,7 @@ class CompareOptions(BaseModel):
     """What the compare flow adds to a run's parameters."""
 
     backends: Annotated[list[str], BeforeValidator(_two_different_backends)] = Field(
-        default=["keras", "torch"], min_length=2, description="Backends to compare (at least two different names)."
+        default=["keras", "torch"], min_length=2, description="Backends to compare: at least two different names (CLI: repeat --backend, or keras,torch)."
     )
     tolerance_points: float = Field(
         default=1.0, ge=0, description="Largest test-accuracy gap, in points, still called parity."

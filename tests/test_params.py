@@ -365,8 +365,8 @@ def test_every_cnn_is_compared_with_the_dense_network(architecture, baseline):
 
 @pytest.mark.parametrize(
     "backends",
-    [["torch"], ["torch", "torch"], ["keras", "torch", "torch"], []],
-    ids=["one", "the-same-twice", "one-repeated", "none"],
+    [["torch"], ["torch", "torch"], ["keras", "torch", "torch"], [], ["torch,"], ["torch,torch"]],
+    ids=["one", "the-same-twice", "one-repeated", "none", "one-with-a-comma", "the-same-twice-in-one"],
 )
 def test_a_comparison_needs_two_or_more_backends_each_once(backends):
     from cnn_train.flows.compare_flow import validate_compare
@@ -377,6 +377,19 @@ def test_a_comparison_needs_two_or_more_backends_each_once(backends):
         "invalid parameters: backends: give at least two backend names, each once (e.g. keras and torch) "
         f"(got {backends!r})"
     )
+
+
+@pytest.mark.parametrize(
+    ("given", "backends"),
+    [
+        pytest.param(["keras,torch"], ["keras", "torch"], id="comma-separated"),
+        pytest.param(["keras, torch", "numpy"], ["keras", "torch", "numpy"], id="mixed"),
+    ],
+)
+def test_backend_names_may_be_given_comma_separated_as_a_grid_s_values(given, backends):
+    from cnn_train.flows.params import CompareOptions
+
+    assert CompareOptions(backends=given).backends == backends
 
 
 @pytest.mark.parametrize("options", [TuneOptions, SweepOptions], ids=["tune", "sweep"])
