@@ -58,9 +58,9 @@ def hide_expected_tracebacks() -> None:
 def close_names(typed: str, names: Sequence[str], *, separator: str = "_") -> list[str]:
     """The ``names`` a mistyped ``typed`` may mean, at most three: by initials (``lr``:
     ``learning_rate``), as a beginning (``arch``) or a last part (``device``: ``prep-device`` and
-    ``train-device``), else by spelling, dashes left out. The spelling
-    cutoff is 0.7, not Click's 0.6, which offered --prep-device for --compare-dense; typos such as
-    ``epoks`` score 0.72 and more."""
+    ``train-device``), else the closest by spelling, dashes left out. The spelling cutoff is 0.7,
+    not Click's 0.6, which offered --prep-device for --compare-dense; typos such as ``epoks`` score
+    0.72 and more."""
     import difflib
 
     word = typed.lstrip("-").lower()  # an option's dashes are no part of its initials or words

@@ -160,6 +160,7 @@ class TrainingDiverged(ExpectedFailure, ArithmeticError):
 
 
 def diverged(metrics: EpochMetrics) -> bool:
+    """The epoch's training loss is NaN or infinite: the weights it left are no model."""
     return not math.isfinite(metrics.loss)
 
 
