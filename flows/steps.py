@@ -177,8 +177,8 @@ def train(
 
     ``on_epoch`` may return True to stop after that epoch (the backend contract's stop request): the
     training then ends there, with ``stopped_at_epoch`` set and no model logged. An epoch whose loss is
-    not a number is logged, then stops the training (:class:`TrainingDiverged`); its weights are not
-    checkpointed, so nothing resumes from them."""
+    not a number is logged, then stops the training (:class:`TrainingDiverged`); the run's checkpoint
+    goes, so nothing resumes from it."""
     model_config = params.model()
     training, why = resolve_precision(params.training(), device)
     tracker.log_params({"train.precision": training.precision, "train.precision_reason": why})
@@ -221,6 +221,7 @@ def train(
     with interruptible():  # a trial stopped with its flow run stops here (interrupts.py)
         backend.train(data.train_data(), training, on_epoch=finished_epoch, initial_epoch=len(done))
     if nan_epochs:
+        discard_checkpoint(tracker.run_id)  # resuming from its last good epoch would diverge again
         raise TrainingDiverged(
             f"training diverged: the training loss was {nan_epochs[0].loss} in epoch {nan_epochs[0].epoch} of "
             f"{params.epochs}, so the model is not logged; lower the learning rate (learning_rate "
