@@ -30,7 +30,7 @@ _HEADLINE_METRICS = {
     "best_value": "best trial's objective: {:.4f}",
     "accuracy_gap_points": "accuracy gap: {:.2f} points",
     "images_classified": "images classified: {:.0f}",
-    "images_failed": "images that could not be read: {:.0f}",
+    "images_failed": "images not classified (unreadable, or nothing to classify): {:.0f}",
 }
 #: Headline metrics worth a line only when they are not zero.
 _SHOWN_WHEN_NOT_ZERO = frozenset({"images_failed"})

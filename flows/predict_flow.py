@@ -25,12 +25,15 @@ _TABLE_ROWS = 200
 
 
 def image_files(folder: str) -> list[Path]:
-    """The image files under ``folder`` (``~`` is the home folder; a relative path is read from where the
-    flow runs); a missing folder or one without images is a bad parameter."""
+    """The image files under ``folder``, or the one image file it names (``~`` is the home folder; a
+    relative path is read from where the flow runs); a missing path or a folder without images is a bad
+    parameter."""
     path = Path(folder).expanduser()
+    if path.is_file():
+        return [path]  # read as it is named, whatever its ending; a bad one is then named by the flow
     if not path.is_dir():
         where = "" if path.is_absolute() else f" (relative to {Path.cwd()}, where this flow runs)"
-        raise ParameterError(f"images: {folder!r} is not a folder{where}; give a folder of PNG or JPEG files")
+        raise ParameterError(f"images: no file or folder {folder!r}{where}; give a folder of PNG or JPEG files, or one of them")
     collected = predict.collect_images([path])
     if not collected.files:
         raise ParameterError(f"images: no image files (PNG, JPEG, ...) in {folder!r}")
@@ -103,7 +106,7 @@ def _publish_to_prefect(
 
 @cnn_train_flow("cnn-train-predict", PredictOptions)
 def cnn_train_predict(**values: Any) -> dict[str, Any]:
-    """Classify a folder of images with a registered or logged model; the predictions and their
+    """Classify a folder of images (or one image) with a registered or logged model; the predictions and their
     summary go to MLflow."""
     _, options = split_values(values, PredictOptions)
     files = image_files(options.images)

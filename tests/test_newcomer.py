@@ -750,7 +750,7 @@ def _recorded(store: str, experiment: str, metrics: dict[str, float], **tags: st
         pytest.param("cnn-train-predict", {"images_classified": 3, "images_failed": 0},
                      ["images classified: 3"], id="prediction"),
         pytest.param("cnn-train-predict", {"images_classified": 2, "images_failed": 1},
-                     ["images classified: 2", "images that could not be read: 1"], id="prediction-with-failures"),
+                     ["images classified: 2", "images not classified (unreadable, or nothing to classify): 1"], id="prediction-with-failures"),
     ],
 )
 def test_a_watched_flow_runs_end_shows_its_mlflow_run_and_headline_metrics(tmp_path, experiment, metrics, shown):

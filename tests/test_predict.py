@@ -167,7 +167,8 @@ def test_folders_give_their_images_and_pass_over_other_files(tmp_path):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        pytest.param(lambda root: root / "nowhere", "images: '{folder}' is not a folder; give a folder of PNG or JPEG files", id="missing"),
+        pytest.param(lambda root: root / "nowhere", "images: no file or folder '{folder}'; give a folder of PNG or JPEG "
+                     "files, or one of them", id="missing"),
         pytest.param(lambda root: root, "images: no image files (PNG, JPEG, ...) in '{folder}'", id="no-images"),
     ],
 )
@@ -191,11 +192,12 @@ def test_the_predict_flow_reads_a_folder_under_home_and_says_where_a_relative_on
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path / "photos")
     assert image_files("~/photos") == [tmp_path / "photos" / "a.png"]
+    assert image_files("~/photos/a.png") == [tmp_path / "photos" / "a.png"]  # one picture is fine too
     with pytest.raises(ParameterError) as caught:
         image_files("photos")
     assert str(caught.value) == (
-        f"images: 'photos' is not a folder (relative to {tmp_path / 'photos'}, where this flow runs); "
-        "give a folder of PNG or JPEG files"
+        f"images: no file or folder 'photos' (relative to {tmp_path / 'photos'}, where this flow runs); "
+        "give a folder of PNG or JPEG files, or one of them"
     )
 
 
