@@ -32,7 +32,6 @@ from cnn_train.flows.tuning import (
     ERROR_ATTR,
     EXPERIMENT_ATTR,
     MODEL_URI_ATTR,
-    OWNER_ATTR,
     PARENT_ATTR,
     RUN_ATTR,
     STATE_TAG,
@@ -40,10 +39,10 @@ from cnn_train.flows.tuning import (
     TrialHeartbeat,
     TunePlan,
     ask,
+    claim,
     counted_trials,
     ended_trials,
     open_study,
-    owner,
     pruned_label,
     recover_abandoned,
     redacted_url,
@@ -157,7 +156,7 @@ def _start_trial(
     """Ask Optuna for the next trial, claim it, open its child run, and submit it to the task runner."""
     trial = ask(study)
     # Claimed at once: a trial this process dies holding is then recognisably abandoned.
-    trial.set_user_attr(OWNER_ATTR, owner())
+    claim(trial)
     heartbeat.add(trial.number)
     try:
         values = plan.space.suggest(trial)

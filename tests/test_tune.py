@@ -462,6 +462,18 @@ def test_interrupted_trials_are_failed_and_queued_again_once():
     assert [t.state for t in study.trials] == [TrialState.FAIL] * 3
 
 
+def test_a_retried_trial_claimed_again_drops_the_error_of_the_attempt_it_retries():
+    from cnn_train.flows.tuning import ERROR_ATTR, OWNER_ATTR, ask, claim
+
+    study = optuna.create_study(storage="sqlite:///:memory:", direction="maximize")
+    # The WAITING copy Optuna's retry makes of a failed trial carries its user attributes.
+    study.enqueue_trial({"learning_rate": 1e-3}, user_attrs={ERROR_ATTR: "the Ray worker died", "kept": 1})
+    retry = ask(study)
+    claim(retry)
+    attrs = study.trials[retry.number].user_attrs
+    assert attrs[ERROR_ATTR] is None and attrs["kept"] == 1 and attrs[OWNER_ATTR].endswith(f":{os.getpid()}")
+
+
 def test_a_storage_that_fails_as_trials_are_handed_back_does_not_replace_the_interruption(monkeypatch):
     from prefect.logging import disable_run_logger
     from sqlalchemy.exc import OperationalError

@@ -201,6 +201,15 @@ def recover_abandoned(study: optuna.Study, storage: RDBStorage) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+def claim(trial: optuna.Trial) -> None:
+    """Mark ``trial`` as driven by this process. A retry's copy drops the error of the attempt it
+    retries (Optuna copies the failed trial's user attributes), which would otherwise stay on it even
+    once it completes."""
+    trial.set_user_attr(OWNER_ATTR, owner())
+    if trial.user_attrs.get(ERROR_ATTR) is not None:
+        trial.set_user_attr(ERROR_ATTR, None)
+
+
 def ask(study: optuna.Study) -> optuna.Trial:
     """The next trial: a queued one (a retry) first, else one the sampler draws."""
     with warnings.catch_warnings():
