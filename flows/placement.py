@@ -306,20 +306,21 @@ def _leased_placement(
         lease_dir = state_dir() / "gpu-leases"
     lease_dir.mkdir(parents=True, exist_ok=True)
 
-    if (lease := leases.try_lease([gpu.index for gpu in candidates], lease_dir, task)) is None:
+    indexes = [gpu.index for gpu in candidates]
+    if (lease := leases.try_lease(indexes, lease_dir, task)) is None:
         wanted = str(request) if request.policy == "explicit" else f"any of {len(candidates)} GPUs"
-        holders = leases.holders([gpu.index for gpu in candidates], lease_dir)
+        holders = leases.holders(indexes, lease_dir)
         if request.policy == "gpu-preferred":
             log.warning("all %d GPUs are leased (%s); %s runs on CPU", len(candidates), holders, task)
             return Placement(task, "cpu", None, f"gpu-preferred, all GPUs leased ({holders})"), None
         log.info("%s waits up to %g s for %s, leased by %s", task, wait_timeout, wanted, holders)
         started = time.monotonic()
         deadline = started + wait_timeout
-        while (lease := leases.try_lease([gpu.index for gpu in candidates], lease_dir, task)) is None:
+        while (lease := leases.try_lease(indexes, lease_dir, task)) is None:
             if (remaining := deadline - time.monotonic()) <= 0:
                 raise PlacementError(
                     f"{task} requires {wanted} ({request}), but none became free within {wait_timeout:g} s; "
-                    f"leased by {leases.holders([gpu.index for gpu in candidates], lease_dir)}. Wait longer (wait timeout), free a GPU, "
+                    f"leased by {leases.holders(indexes, lease_dir)}. Wait longer (wait timeout), free a GPU, "
                     f"or request 'gpu-preferred' to fall back to CPU"
                 )
             with interrupts.interruptible():  # a sweep's trial waiting here stops with its flow run

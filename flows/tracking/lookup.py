@@ -85,8 +85,8 @@ def _find(mlflow_client: MlflowClient, model_uri: str) -> ModelChoice | str:
             return f"no model version answers to {model_uri}"
     elif match := re.fullmatch(r"models:/([^/@]+)/(\d+)", model_uri):
         version = mlflow_client.get_model_version(*match.groups())
-    elif (name := model_uri.removeprefix("models:/")) != model_uri and "/" not in name and _registered(mlflow_client, name):
-        return _whole_registered_model(name)
+    elif (match := re.fullmatch(r"models:/([^/@]+)", model_uri)) and _registered(mlflow_client, match.group(1)):
+        return _whole_registered_model(match.group(1))
     elif model_uri.startswith(("runs:", "models:")):
         return f"{model_uri} is not a model URI cnn-train understands: use {_URI_FORMS}"
     elif ":" not in model_uri and not Path(model_uri).exists():
