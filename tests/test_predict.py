@@ -425,7 +425,6 @@ def test_a_csv_that_cannot_be_written_is_one_line_after_the_printed_predictions(
     ("where", "says"),
     [
         pytest.param("runs:/{run_id}/no-such-path", "(Failed to download artifacts from path 'no-such-path'", id="run-artifact"),
-        pytest.param("{folder}", '(Could not find an "MLmodel" configuration file at', id="folder-without-mlmodel"),
     ],
 )
 def test_a_model_uri_with_nothing_loadable_is_one_line(champion, tmp_path, where, says):

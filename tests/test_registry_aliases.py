@@ -6,8 +6,13 @@ nothing lists what exists."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 import mlflow.pyfunc
 import numpy as np
@@ -219,6 +224,54 @@ def test_a_model_that_does_not_exist_lists_what_does(store, two_runs, better_the
     assert message.startswith(problem) and "\n" not in message
     assert "better-then-worse (@challenger=v2, @champion=v1)" in message
     assert f"recent finished runs of 'ranked': runs:/{two_runs[1][0].run_id}/model (run-0.84, test accuracy 84.00%)" in message
+
+
+def _model_folder(store: str, model_uri: str) -> Path:
+    """Where a logged model's files are on this machine (the store keeps its artifacts locally)."""
+    location = tracking.client(store).get_logged_model(model_uri.removeprefix("models:/")).artifact_location
+    return Path(urlparse(location).path)
+
+
+@pytest.mark.parametrize(
+    ("given", "problem"),
+    [
+        pytest.param("{tmp}/odd", "{tmp}/odd is not a model folder: it has no MLmodel file", id="folder-without-mlmodel"),
+        pytest.param("{model}/MLmodel", "{model}/MLmodel is a model's MLmodel file: give its folder, {model}", id="the-mlmodel-file"),
+        pytest.param("{tmp}/odd/notes.txt", "{tmp}/odd/notes.txt is a file, not a model folder", id="a-file"),
+        pytest.param(
+            "{tmp}", "{tmp} is not a model folder itself (no MLmodel file); the one(s) inside: {tmp}/model", id="a-folder-of-models",
+        ),
+        pytest.param("file://{tmp}/odd", "file://{tmp}/odd is not a model folder", id="file-uri"),
+    ],
+)
+def test_a_local_path_that_is_no_model_folder_says_what_it_is(store, two_runs, tmp_path, given, problem):
+    """Said before MLflow is asked: MLflow copies a whole folder before it looks for MLmodel, and a
+    socket or pipe in it (as in /tmp) ended the copy with '[Errno 6] No such device or address'."""
+    shutil.copytree(_model_folder(store, two_runs[0][1]), tmp_path / "model")
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "notes.txt").write_text("not a model")
+    os.mkfifo(tmp_path / "odd" / "a-pipe")
+    values = {"tmp": tmp_path, "model": tmp_path / "model"}
+    with pytest.raises(tracking.ModelNotFoundError) as caught:
+        tracking.locate(given.format(**values), uri=store, experiment="ranked")
+    message = str(caught.value)
+    assert message.startswith(problem.format(**values)) and "\n" not in message, message
+    assert "recent finished runs of 'ranked'" in message
+
+
+def test_a_model_folder_on_this_machine_loads_where_it_is(store, two_runs, tmp_path, monkeypatch):
+    """No copy in a temporary folder: given a destination, MLflow copies even a local folder there first."""
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    folder = _model_folder(store, two_runs[0][1])
+    choice = tracking.locate(str(folder), uri=store, experiment="ranked")
+    model = tracking.load_pyfunc(choice.model_uri, store)
+    assert np.asarray(model.predict(np.zeros((3, 28, 28, 1), dtype=np.float32))).shape == (3, 10)
+    assert list(system_tmp.iterdir()) == []
+    from_the_store = tracking.load_pyfunc(two_runs[0][1], store)
+    assert from_the_store.metadata.model_uuid
+    assert [path.name[:16] for path in system_tmp.iterdir()] == ["cnn-train-model-"], "a store's model is still copied"
 
 
 @pytest.mark.parametrize(

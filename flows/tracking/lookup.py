@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -22,6 +23,8 @@ _NOT_A_DEFAULT_RUN = ("cnn_train.role", "mlflow.parentRunId")
 _RECENT_RUNS = 5
 #: MLflow error codes that mean "nothing by that name" (a store or server that fails otherwise still raises).
 MISSING_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+#: The file that makes a folder an MLflow model.
+MLMODEL = "MLmodel"
 _URI_FORMS = "runs:/<run id>/model, models:/<name>/<version>, models:/<name>@<alias> or a logged model id m-..."
 
 
@@ -89,17 +92,49 @@ def _find(mlflow_client: MlflowClient, model_uri: str) -> ModelChoice | str:
         return _whole_registered_model(match.group(1))
     elif model_uri.startswith(("runs:", "models:")):
         return f"{model_uri} is not a model URI cnn-train understands: use {_URI_FORMS}"
-    elif ":" not in model_uri and not Path(model_uri).exists():
+    elif ":" not in model_uri and local_folder(model_uri) is None:
         # No scheme and no folder: most likely a registered model's name, typed as `cnn-train models` shows it.
         if _registered(mlflow_client, model_uri):
             return _whole_registered_model(model_uri)
         return f"no model at {model_uri}: no such folder, and not a model URI ({_URI_FORMS})"
+    elif (folder := local_folder(model_uri)) is not None and not (folder / MLMODEL).is_file():
+        return _not_a_model_folder(model_uri, folder)
     else:
         return ModelChoice(model_uri, as_given)
     return ModelChoice(
         model_uri, f"{model_uri} (version {version.version}, as given)", run_id=version.run_id,
         registered=f"{version.name}/{version.version}",
     )
+
+
+def local_folder(model_uri: str) -> Path | None:
+    """The folder on this machine ``model_uri`` names (a path, or a ``file:`` URI), else None."""
+    if model_uri.startswith("file:"):
+        path = Path(urlparse(model_uri).path)
+    elif re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", model_uri):  # another scheme (s3:, dbfs:, mlflow-artifacts:...)
+        return None
+    else:
+        path = Path(model_uri).expanduser()
+    return path if path.exists() else None
+
+
+def _not_a_model_folder(model_uri: str, path: Path) -> str:
+    # Said before MLflow is asked: it copies the whole folder first, only then looks for MLmodel.
+    if path.name == MLMODEL:
+        return f"{model_uri} is a model's {MLMODEL} file: give its folder, {path.parent}"
+    if not path.is_dir():
+        return f"{model_uri} is a file, not a model folder (a folder with an {MLMODEL} file)"
+    inside = sorted(f"{model_uri.rstrip('/')}/{child.name}" for child in _subfolders(path) if (child / MLMODEL).is_file())
+    if inside:
+        return f"{model_uri} is not a model folder itself (no {MLMODEL} file); the one(s) inside: {', '.join(inside)}"
+    return f"{model_uri} is not a model folder: it has no {MLMODEL} file"
+
+
+def _subfolders(path: Path) -> list[Path]:
+    try:
+        return [child for child in path.iterdir() if child.is_dir()]
+    except OSError:  # unreadable: say only that it is no model
+        return []
 
 
 def _whole_registered_model(name: str) -> str:

@@ -138,23 +138,33 @@ def load_pyfunc(model_uri: str, uri: str, *, experiment: str | None = None) -> P
     # A model MLflow has to download (a server's proxied artifacts) goes into a new temporary folder
     # that MLflow never removes: each `cnn-train predict` and predict flow run left a copy of its model
     # in /tmp. This one goes with the loaded model, or as the process exits.
-    download = tempfile.mkdtemp(prefix="cnn-train-model-")
+    from cnn_train.flows.tracking.lookup import local_folder  # lookup imports this module
+
+    # A model folder on this machine loads where it is: given a destination, MLflow copies it there first.
+    folder = local_folder(model_uri)
+    download = None if folder else tempfile.mkdtemp(prefix="cnn-train-model-")
     try:
         with _PROCESS_STATE_LOCK, _process_tracking_uri(uri):
-            model = mlflow.pyfunc.load_model(model_uri, dst_path=download)
+            model = mlflow.pyfunc.load_model(str(folder) if folder else model_uri, dst_path=download)
     except MlflowException as error:
-        shutil.rmtree(download, ignore_errors=True)
-        from cnn_train.flows.tracking.lookup import MISSING_CODES, ModelNotFoundError, what_exists  # lookup imports this module
+        _remove(download)
+        from cnn_train.flows.tracking.lookup import MISSING_CODES, ModelNotFoundError, what_exists
 
         if error.error_code not in MISSING_CODES:
             raise
         found = f"no model MLflow can load at {model_uri} ({str(error).splitlines()[0]})"
         raise ModelNotFoundError(f"{found}; {what_exists(client(uri), experiment)}" if experiment else found) from None
     except BaseException:
-        shutil.rmtree(download, ignore_errors=True)
+        _remove(download)
         raise
-    weakref.finalize(model, shutil.rmtree, download, ignore_errors=True)
+    if download:
+        weakref.finalize(model, shutil.rmtree, download, ignore_errors=True)
     return model
+
+
+def _remove(folder: str | None) -> None:
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def link_model_input(uri: str, run_id: str, model_id: str) -> None:
