@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable, Iterator
 
 from cnn_train.flows import flow_runs, services
-from cnn_train.flows.settings import env_number
+from cnn_train.flows.errors import ExpectedFailure
+from cnn_train.flows.settings import default_tracking_uri, env_number
 
 Echo = Callable[[str], None]
 
@@ -18,16 +19,20 @@ START_TIMEOUT = env_number("CNN_TRAIN_START_TIMEOUT", 300.0, minimum=1)
 _FINAL_EPOCH_METRIC = "val_accuracy"
 
 
+class ForeignServerError(ExpectedFailure):
+    """A server on this project's port that this project did not start, which `up` cannot use as its own."""
+
+
 def start_service(service: services.Service, echo: Echo, *, timeout: float) -> None:
     """Start ``service`` unless it answers, saying which it was."""
     if not service.ready():
         echo(f"{service.name}: starting")
-    elif service.pid() is None and service.port is not None:
+    elif _foreign(service):
         # Adopted as it is (up starts what does not answer), but a server of another checkout or of the
         # user's keeps its own store: say so, where the user would otherwise look for their runs here.
-        echo(f"{service.name}: already running on port {service.port()}, but not started from this project "
-             f"(no pid in {service.pid_file.parent}): runs are recorded where that server keeps them; stop it, or "
-             f"choose another port with {service.port_variable}, to have this project's own")
+        echo(f"{service.name}: already running on port {service.port()}, but {_not_ours(service)}: runs are "
+             f"recorded where that server keeps them; stop it, or choose another port with "
+             f"{service.port_variable}, to have this project's own")
     else:
         echo(f"{service.name}: already running")
     if service.start(timeout=timeout):
@@ -85,6 +90,7 @@ def up(*, trigger: bool, watch_timeout: float, echo: Echo, worker: bool = False)
     The deployments run either served by this machine's serve process, or (``worker``) from a work
     pool through this machine's worker; starting one mode stops the other and takes the deployments
     over (the serve process clears their pool, `--worker` deploys them to it)."""
+    refuse_foreign_mlflow_server()
     start_service(services.prefect_server, echo, timeout=START_TIMEOUT)
     start_service(services.mlflow_server, echo, timeout=START_TIMEOUT)
     point_prefect_cli_at_server(echo)
@@ -94,12 +100,51 @@ def up(*, trigger: bool, watch_timeout: float, echo: Echo, worker: bool = False)
     else:
         if services.worker_process.stop():
             echo(f"{services.worker_process.name}: stopped (the serve process takes over the deployments)")
+        refuse_serving_beside_another_project()
         start_service(services.serve_process, echo, timeout=START_TIMEOUT)
     echo(f"Prefect UI: {services.prefect_ui_url()}")
     echo(f"MLflow UI:  {services.mlflow_url()}")
     if not trigger:
         return 0
     return trigger_and_watch(watch_timeout=watch_timeout, echo=echo)
+
+
+def _foreign(service: services.Service) -> bool:
+    return service.port is not None and service.pid() is None and service.ready()
+
+
+def _not_ours(service: services.Service) -> str:
+    return f"not started from this project (no pid in {service.pid_file.parent})"
+
+
+def refuse_foreign_mlflow_server() -> None:
+    """Refuse an MLflow server this project did not start: the serve process would log there, while
+    `cnn-train run` and every other command log to the project's own store (tracking_uri trusts only
+    the server `up` started), so one project's runs would be split between two stores."""
+    server = services.mlflow_server
+    elsewhere = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    if _foreign(server) and elsewhere.rstrip("/") != services.mlflow_url():  # unless this shell logs there too
+        raise ForeignServerError(
+            f"{server.name}: port {server.port()} answers, but {_not_ours(server)}; this project's deployment runs "
+            f"would be recorded there and its other runs in {elsewhere}: stop that server, or choose another port "
+            f"with {server.port_variable}"
+        )
+
+
+def refuse_serving_beside_another_project() -> None:
+    """Refuse to serve the deployments on a Prefect server this project did not start while another process
+    serves them there (another checkout's `cnn-train up`): the two would take turns at the runs, each with
+    its own code and store."""
+    server = services.prefect_server
+    if not _foreign(server) or services.serve_process.pid() is not None:
+        return
+    deployment = services.http_json(f"{services.prefect_api_url()}/deployments/name/{services.DEPLOYMENT}")
+    if isinstance(deployment, dict) and deployment.get("status") == "READY" and not deployment.get("work_pool_name"):
+        raise ForeignServerError(
+            f"{services.DEPLOYMENT} is already served on the Prefect server on port {server.port()}, which was "
+            f"{_not_ours(server)}; a second serve process would run some of its runs with this checkout's code: "
+            f"stop the other (`cnn-train down` in its project), or choose another port with {server.port_variable}"
+        )
 
 
 def _start_worker(echo: Echo) -> None:

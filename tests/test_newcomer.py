@@ -4,6 +4,7 @@ prune the project's state."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -154,37 +155,101 @@ def test_the_mlflow_server_on_a_held_port_is_refused_before_it_starts(tmp_path, 
     assert not services.mlflow_server.pid_file.exists()
 
 
-def test_a_server_up_did_not_start_is_used_and_named_as_such(tmp_path, monkeypatch):
-    """Another checkout's MLflow server on this project's port: up uses it, and says that runs then go to its store."""
+@pytest.fixture
+def answering_server() -> Iterator[Callable[[dict[str, object]], int]]:
+    """Start a loopback HTTP server that answers every GET, with the JSON given for a path; returns its port."""
     import http.server
     import threading
 
-    from cnn_train.flows import launcher, services
+    servers: list[http.server.ThreadingHTTPServer] = []
 
-    class Healthy(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            self.send_response(200)
-            self.end_headers()
+    def start(answers: dict[str, object]) -> int:
+        class Answering(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                body = json.dumps(answers.get(self.path, {})).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
 
-        def log_message(self, *args: object) -> None:
-            pass
+            def log_message(self, *args: object) -> None:
+                pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        port = server.server_address[1]
-        monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
-        monkeypatch.setenv("CNN_TRAIN_MLFLOW_PORT", str(port))
-        said: list[str] = []
-        launcher.start_service(services.mlflow_server, said.append, timeout=5)
-    finally:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answering)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server.server_address[1]
+
+    yield start
+    for server in servers:
         server.shutdown()
         server.server_close()
+
+
+def test_a_prefect_server_up_did_not_start_is_used_and_named_as_such(tmp_path, monkeypatch, answering_server):
+    """A Prefect server of the user's own on this project's port: up serves the deployments there, and says so."""
+    from cnn_train.flows import launcher, services
+
+    port = answering_server({})
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("CNN_TRAIN_PREFECT_PORT", str(port))
+    said: list[str] = []
+    launcher.start_service(services.prefect_server, said.append, timeout=5)
     assert said == [
-        f"mlflow-server: already running on port {port}, but not started from this project (no pid in "
+        f"prefect-server: already running on port {port}, but not started from this project (no pid in "
         f"{tmp_path / 'state' / 'run'}): runs are recorded where that server keeps them; stop it, or choose "
-        "another port with CNN_TRAIN_MLFLOW_PORT, to have this project's own"
+        "another port with CNN_TRAIN_PREFECT_PORT, to have this project's own"
     ]
+    launcher.refuse_serving_beside_another_project()  # nothing serves cnn-train/default there yet
+
+
+@pytest.mark.parametrize(
+    ("deployment", "refused"),
+    [
+        pytest.param({"status": "READY", "work_pool_name": None}, True, id="served-by-another-process"),
+        pytest.param({"status": "NOT_READY", "work_pool_name": None}, False, id="registered-but-not-served"),
+        pytest.param({"status": "READY", "work_pool_name": "cnn-train"}, False, id="on-a-work-pool"),
+    ],
+)
+def test_up_does_not_serve_beside_another_checkouts_serve_process(tmp_path, monkeypatch, answering_server, deployment, refused):
+    """Two serve processes of one deployment would take turns at its runs, each with its own checkout's code
+    (the serve process takes a pooled deployment back, as `cnn-train up` after `up --worker` does)."""
+    from cnn_train.flows import launcher
+
+    port = answering_server({"/api/deployments/name/cnn-train/default": deployment})
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("CNN_TRAIN_PREFECT_PORT", str(port))
+    if not refused:
+        launcher.refuse_serving_beside_another_project()
+        return
+    with pytest.raises(launcher.ForeignServerError) as caught:
+        launcher.refuse_serving_beside_another_project()
+    assert str(caught.value) == (
+        f"cnn-train/default is already served on the Prefect server on port {port}, which was not started from "
+        f"this project (no pid in {tmp_path / 'state' / 'run'}); a second serve process would run some of its runs "
+        "with this checkout's code: stop the other (`cnn-train down` in its project), or choose another port with "
+        "CNN_TRAIN_PREFECT_PORT"
+    )
+
+
+def test_an_mlflow_server_up_did_not_start_is_refused_unless_this_shell_logs_there(tmp_path, monkeypatch, answering_server):
+    """Its serve process would log to that server and every other command to the project's mlflow.db."""
+    from cnn_train.flows import launcher
+
+    port = answering_server({})
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("CNN_TRAIN_ROOT", str(tmp_path))
+    monkeypatch.setenv("CNN_TRAIN_MLFLOW_PORT", str(port))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(launcher.ForeignServerError) as caught:
+        launcher.refuse_foreign_mlflow_server()
+    assert str(caught.value) == (
+        f"mlflow-server: port {port} answers, but not started from this project (no pid in {tmp_path / 'state' / 'run'}); "
+        f"this project's deployment runs would be recorded there and its other runs in sqlite:///{tmp_path}/mlflow.db: "
+        "stop that server, or choose another port with CNN_TRAIN_MLFLOW_PORT"
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}/")
+    launcher.refuse_foreign_mlflow_server()
 
 
 def test_a_heartbeat_prefect_would_refuse_is_one_line_and_help_still_shows(tmp_path):
