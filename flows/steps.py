@@ -130,7 +130,17 @@ def log_datasets(tracker: RunTracker, data: PreparedData) -> None:
     """Split sizes, and the datasets through MLflow's dataset API (digest and source)."""
     tracker.log_params({f"data.{key}": value for key, value in data.summary().items()})
     for context, (x, y) in {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}.items():
-        tracker.log_dataset(x, y, name=f"fashion-mnist-{context}", source=data.source, digest=data.digest, context=context)
+        tracker.log_dataset(x, y, name=dataset_name(context), source=data.source, digest=data.digest, context=context)
+
+
+def dataset_name(context: str) -> str:
+    """The name a run's ``context`` dataset ("train", "test") is logged under."""
+    return f"fashion-mnist-{context}"
+
+
+def log_test_metrics(tracker: RunTracker, metrics: dict[str, float], *, step: int, model_uri: str | None, data: PreparedData) -> None:
+    """The test metrics, as the run's and as its logged model's scores on the test set (MLflow's model pages)."""
+    tracker.log_metrics(metrics, step=step, model_uri=model_uri, dataset=(dataset_name("test"), data.digest))
 
 
 def _read_progress(checkpoint: Path) -> list[EpochMetrics]:

@@ -128,7 +128,7 @@ def _trial_work(scheduler_assigned: bool) -> Any:
         if trained.resumed_from_epoch:
             logger.warning("resumed after epoch %d of an earlier attempt", trained.resumed_from_epoch)
             child.set_tags({"cnn_train.resumed_from_epoch": trained.resumed_from_epoch})
-        child.log_metrics(steps.test_metrics(evaluated, data), step=params.epochs)
+        steps.log_test_metrics(child, steps.test_metrics(evaluated, data), step=params.epochs, model_uri=trained.model_uri, data=data)
         return trained, evaluated
 
     return work

@@ -86,7 +86,7 @@ def evaluate_task(
     with place_task("evaluate", params.evaluate_device, logger=logger) as placement:
         tracker.set_tags(placement.as_tags())
         outcome = steps.evaluate(params, trained, data, device=placement.device)
-    tracker.log_metrics(steps.test_metrics(outcome, data), step=params.epochs)
+    steps.log_test_metrics(tracker, steps.test_metrics(outcome, data), step=params.epochs, model_uri=trained.model_uri, data=data)
     logger.info("test accuracy %.4f, test loss %.4f", outcome.evaluation.accuracy, outcome.evaluation.loss)
     return outcome
 

@@ -119,7 +119,9 @@ def tune_trial_task(
             return TrialOutcome("pruned", None, pruned_at[0], None, None)
         epochs = len(trained.history.epochs)
         value = objective_value(trained.history, objective)
-        child.log_metrics(steps.test_metrics(evaluated, data) | {"objective": value}, step=epochs)
+        steps.log_test_metrics(
+            child, steps.test_metrics(evaluated, data) | {"objective": value}, step=epochs, model_uri=trained.model_uri, data=data
+        )
         child.set_tags({STATE_TAG: "complete"})
         return TrialOutcome("complete", value, epochs, evaluated.evaluation.accuracy, trained.model_uri)
 

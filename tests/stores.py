@@ -13,6 +13,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import mlflow.pyfunc
+import numpy as np
+
+from cnn_train.plugins.contract import LoggableModel
+
 
 @functools.cache
 def _template() -> Path:
@@ -31,3 +36,14 @@ def new_store(path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(_template(), path)
     return f"sqlite:///{path}"
+
+
+def uniform_model() -> LoggableModel:
+    """A pyfunc model with no opinion, 10% for each class, to log into a store (its class is importable from
+    here, so the model loads in the tests)."""
+    return LoggableModel(flavor="pyfunc", model=Uniform(), pip_requirements=("mlflow",))
+
+
+class Uniform(mlflow.pyfunc.PythonModel):
+    def predict(self, context: object, model_input: np.ndarray, params: object = None) -> np.ndarray:
+        return np.full((len(model_input), 10), 0.1, dtype=np.float32)

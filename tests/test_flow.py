@@ -64,6 +64,18 @@ def test_a_metric_at_every_epoch_step(finished):
     assert "test_f1.ankle_boot" in run.data.metrics
 
 
+def test_the_logged_model_carries_its_test_scores_on_the_test_set(finished):
+    """MLflow 3's model page and the experiment's Models list show a logged model's own metrics."""
+    _, _, _, run, client = finished
+    (output,) = run.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    scores = {metric.key: metric for metric in model.metrics}
+    assert scores["test_accuracy"].value == run.data.metrics["test_accuracy"]
+    assert "test_f1.ankle_boot" in scores
+    (test_set,) = [entry.dataset for entry in run.inputs.dataset_inputs if entry.dataset.name == "fashion-mnist-test"]
+    assert (scores["test_accuracy"].dataset_name, scores["test_accuracy"].dataset_digest) == (test_set.name, test_set.digest)
+
+
 def test_devices_are_recorded_per_task(finished):
     _, _, _, run, _ = finished
     assert {k: run.data.tags[f"device.{k}"] for k in ("prep", "train", "evaluate", "report")} == dict.fromkeys(

@@ -14,7 +14,6 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-import mlflow.pyfunc
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -22,18 +21,10 @@ from typer.testing import CliRunner
 from cnn_train.flows import tracking
 from cnn_train.flows.tracking import CHALLENGER, CHAMPION, RunTracker, VersionFacts
 from cnn_train.flows.tracking.registry import decide_alias
-from cnn_train.plugins.contract import LoggableModel
-from tests.stores import new_store
+from tests.stores import new_store, uniform_model
 
 if TYPE_CHECKING:  # what pytest.param returns; pytest does not export its class
     from _pytest.mark import ParameterSet
-
-
-class Uniform(mlflow.pyfunc.PythonModel):
-    """A model with no opinion: 10% for each class. Importable from this module, so it loads here."""
-
-    def predict(self, context, model_input, params=None):
-        return np.full((len(model_input), 10), 0.1, dtype=np.float32)
 
 
 def _facts(accuracy: float, test_set: str = "testset-a", run_id: str = "r") -> VersionFacts:
@@ -97,7 +88,7 @@ def _trained_run(store: str, experiment: str, *, accuracy: float, tags: dict[str
     """A finished run in ``experiment`` with a logged model and a test accuracy, as a training run leaves it."""
     tracker = RunTracker.start(experiment, uri=store, run_name=f"run-{accuracy}", tags=tags)
     model_uri = tracker.log_model(
-        LoggableModel(flavor="pyfunc", model=Uniform(), pip_requirements=("mlflow",)),
+        uniform_model(),
         input_shape=(28, 28, 1), num_classes=10, input_example=np.zeros((2, 28, 28, 1), dtype=np.float32),
     )
     tracker.log_metrics({"test_accuracy": accuracy})

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from cnn_train.flows import tracking
 from cnn_train.flows.tracking.spool import Spool
 from tests.local_stack import free_port
-from tests.stores import new_store
+from tests.stores import new_store, uniform_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("cnn-train")
@@ -48,6 +48,22 @@ def test_a_record_delivered_twice_lands_once_and_the_end_comes_last(store):
     assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "val_accuracy")] == [(1, 0.5), (2, 0.6)]
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
     assert not spool.folder.exists(), "a delivered spool is removed"
+
+
+def test_metrics_linked_to_a_logged_model_land_on_it_and_an_older_record_still_delivers(store):
+    """A spool written before metrics carried a model link (four fields each) is still delivered after an upgrade."""
+    tracker = tracking.RunTracker.start("spool", uri=store)
+    model_uri = tracker.log_model(uniform_model(), input_shape=(28, 28, 1), num_classes=10)
+    tracker.log_metrics({"test_accuracy": 0.7}, step=2, model_uri=model_uri, dataset=("fashion-mnist-test", "d1"))
+    Spool(tracker.run_id).append("batch", {"metrics": [["older", 0.5, 1_700_000_000_000, 1]]})
+    assert tracker.finish("FINISHED") == 0
+    client = MlflowClient(store)
+    run = client.get_run(tracker.run_id)
+    assert (run.data.metrics["test_accuracy"], run.data.metrics["older"]) == (0.7, 0.5)
+    (linked,) = client.get_logged_model(model_uri.removeprefix("models:/")).metrics
+    assert (linked.key, linked.value, linked.step, linked.dataset_name, linked.dataset_digest) == (
+        "test_accuracy", 0.7, 2, "fashion-mnist-test", "d1"
+    )
 
 
 def test_a_record_mlflow_refuses_is_dropped_and_the_rest_go_on(store, caplog):

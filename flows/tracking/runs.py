@@ -220,10 +220,18 @@ class RunTracker:
         for start in range(0, len(items), 100):
             self._spool("batch", {"tags": items[start : start + 100]})
 
-    def log_metrics(self, metrics: Mapping[str, float], *, step: int = 0) -> None:
+    def log_metrics(
+        self, metrics: Mapping[str, float], *, step: int = 0, model_uri: str | None = None,
+        dataset: tuple[str, str] | None = None,
+    ) -> None:
+        """Metrics at ``step``; with a logged model's ``model_uri`` (``models:/m-...``) and a ``dataset`` logged
+        with the run (name, digest), they are that model's scores on that dataset: MLflow 3's model page and
+        the experiment's model list show them."""
         # The timestamp is fixed here, so a record delivered twice is one metric in MLflow.
         timestamp = _now_ms()
-        items = [[k, float(v), timestamp, step] for k, v in metrics.items()]
+        model_id = model_uri.removeprefix("models:/") if model_uri and model_uri.startswith("models:/m-") else None
+        link = [model_id, *(dataset or (None, None))] if model_id else []
+        items = [[k, float(v), timestamp, step, *link] for k, v in metrics.items()]
         for start in range(0, len(items), 1000):
             self._spool("batch", {"metrics": items[start : start + 1000]})
 

@@ -118,7 +118,7 @@ class Spool:
             self._create()
         with self._db() as db:
             seq = db.execute("INSERT INTO records (kind, payload) VALUES (?, ?)", (kind, json.dumps(payload))).lastrowid
-            for key, _, _, step in payload.get("metrics", ()):
+            for key, _, _, step, *_ in payload.get("metrics", ()):
                 db.execute("INSERT OR IGNORE INTO metric_steps VALUES (?, ?)", (key, step))
             if files is not None:
                 # Copied inside the transaction: a record is never visible without its files.
@@ -231,7 +231,8 @@ def _send(mlflow_client: MlflowClient, run_id: str, kind: str, payload: dict[str
     if kind == "batch":
         mlflow_client.log_batch(
             run_id,
-            metrics=[Metric(key, value, timestamp, step) for key, value, timestamp, step in payload.get("metrics", ())],
+            # key, value, timestamp, step, then the model id, dataset name and digest when linked (log_metrics)
+            metrics=[Metric(*metric) for metric in payload.get("metrics", ())],
             params=[Param(key, value) for key, value in payload.get("params", ())],
             tags=[RunTag(key, value) for key, value in payload.get("tags", ())],
         )
