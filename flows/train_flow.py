@@ -68,6 +68,7 @@ def report_task(
             tracker.log_artifacts(Path(out), "report")
             markdown = files.report_md.read_text(encoding="utf-8")
             drawn = {path.name for path in files.figures.paths()}
+        tracker.describe(reporting.run_description(inputs))
     _publish_to_prefect(markdown, drawn, tracker, evaluated, data, this=inputs.as_comparison_row("CNN"), dense=dense)
     logger.info("report logged to MLflow run %s under report/", tracker.run_id)
     return markdown

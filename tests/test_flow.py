@@ -76,6 +76,13 @@ def test_the_logged_model_carries_its_test_scores_on_the_test_set(finished):
     assert (scores["test_accuracy"].dataset_name, scores["test_accuracy"].dataset_digest) == (test_set.name, test_set.digest)
 
 
+def test_the_runs_description_heads_its_mlflow_page(finished):
+    backend, _, result, run, _ = finished
+    description = run.data.tags["mlflow.note.content"]
+    assert description.startswith(f"**Test accuracy {result['test_accuracy'] * 100:.2f}%**: Fashion-MNIST CNN, {backend} backend")
+    assert ("for the dense network" in description) == (backend == "torch")  # only torch's run trained it
+
+
 def test_devices_are_recorded_per_task(finished):
     _, _, _, run, _ = finished
     assert {k: run.data.tags[f"device.{k}"] for k in ("prep", "train", "evaluate", "report")} == dict.fromkeys(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -126,6 +127,29 @@ def written(
 @pytest.fixture(scope="module")
 def report_text(written: ReportFiles) -> str:
     return written.report_md.read_text()
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        pytest.param(
+            {},
+            "**Test accuracy 91.23%**: Fashion-MNIST CNN, torch backend, 3 epochs at batch 32.\n\n"
+            "The CNN reaches 91.23% against 88.43% for the dense network: +2.80 points, with 421,642 parameters "
+            "against 101,770.\n\nThe whole report, with tables and figures: `report/report.md` in Artifacts.\n\n"
+            f"[Prefect flow run]({PREFECT_URL})",
+            id="with-the-dense-network-and-prefect",
+        ),
+        pytest.param(
+            {"dense_baseline": None, "prefect_flow_run_url": None},
+            "**Test accuracy 91.23%**: Fashion-MNIST CNN, torch backend, 3 epochs at batch 32.\n\n"
+            "The whole report, with tables and figures: `report/report.md` in Artifacts.",
+            id="alone-without-a-prefect-ui",
+        ),
+    ],
+)
+def test_the_runs_mlflow_description_says_the_result_and_where_the_report_is(inputs, changes, expected):
+    assert reporting.run_description(dataclasses.replace(inputs, **changes)) == expected
 
 
 def assert_real_png(path: Path) -> None:

@@ -48,6 +48,7 @@ from cnn_train.flows.reporting.run_report import (
     ReportFiles,
     ReportInputs,
     render_report_markdown,
+    run_description,
     write_report,
 )
 from cnn_train.flows.reporting.tables import (
@@ -92,6 +93,7 @@ __all__ = [
     "prediction_title",
     "relink_figures",
     "render_report_markdown",
+    "run_description",
     "table_records",
     "write_comparison_report",
     "write_report",

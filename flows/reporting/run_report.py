@@ -194,6 +194,21 @@ def render_report_markdown(
     return "\n".join(lines).rstrip() + "\n"
 
 
+def run_description(inputs: ReportInputs) -> str:
+    """A few markdown lines for the top of the run's MLflow page (its description): the test accuracy, the
+    CNN against the dense network when it was trained, and where the whole report is."""
+    epochs = len(inputs.history.epochs)
+    lines = [
+        f"**Test accuracy {format_percent(inputs.test.accuracy)}**: Fashion-MNIST {inputs.architecture_label}, "
+        f"{inputs.backend} backend, {epochs} epoch{'s' if epochs != 1 else ''} at batch {inputs.train_config.batch_size}.",
+    ]
+    if inputs.dense_baseline is not None:
+        lines += ["", cnn_against_dense_sentence(inputs.as_comparison_row("CNN"), inputs.dense_baseline)]
+    lines += ["", "The whole report, with tables and figures: `report/report.md` in Artifacts.", ""]
+    lines += link_line({"Prefect flow run": inputs.prefect_flow_run_url})
+    return "\n".join(lines).rstrip()
+
+
 def write_report(
     inputs: ReportInputs,
     out_dir: Path | str,

@@ -220,6 +220,12 @@ class RunTracker:
         for start in range(0, len(items), 100):
             self._spool("batch", {"tags": items[start : start + 100]})
 
+    def describe(self, markdown: str) -> None:
+        """The run's description: the markdown the MLflow UI shows at the top of the run's page."""
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+        self.set_tags({MLFLOW_RUN_NOTE: markdown})
+
     def log_metrics(
         self, metrics: Mapping[str, float], *, step: int = 0, model_uri: str | None = None,
         dataset: tuple[str, str] | None = None,
