@@ -73,6 +73,8 @@ def _report(
         parent.log_artifacts(Path(out), "compare")
         markdown = files.report_md.read_text(encoding="utf-8")
     accuracies = {row.name: row.test_accuracy for row in rows}
+    verdict = reporting.parity_verdict(accuracies, tolerance_points)
+    parent.describe(f"{title}: {verdict}.\n\nThe whole comparison: `compare/{files.report_md.name}` in Artifacts.")
     parent.log_metrics(
         {f"{name}.test_accuracy": value for name, value in accuracies.items()}
         | {"accuracy_gap_points": reporting.accuracy_gap_points(accuracies)}
@@ -84,6 +86,6 @@ def _report(
         "mlflow_run_id": parent.run_id,
         "mlflow_run_url": parent.url or tracking.open_hint(parent),
         "table": table.to_dict(orient="records"),
-        "verdict": reporting.parity_verdict(accuracies, tolerance_points),
+        "verdict": verdict,
         "report": markdown,
     }

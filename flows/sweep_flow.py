@@ -263,14 +263,13 @@ def cnn_train_sweep(**values: Any) -> dict[str, Any]:
 def _rank_and_record(parent: RunTracker, results: list[TrialResult], diverged: list[DivergedTrial]) -> dict[str, Any]:
     ranking = ranking_table(results, diverged)
     best = next(r for r in results if r.run_id == ranking.loc[0, "run_id"])
-    markdown = (
-        f"# Sweep ranking\n\n{reporting.markdown_table(ranking)}\n\nBest trial: `{best.run_id}` {best.values}, "
-        f"test accuracy {reporting.format_percent(best.test.accuracy)}.\n"
-    )
+    best_line = f"Best trial: `{best.run_id}` {best.values}, test accuracy {reporting.format_percent(best.test.accuracy)}."
+    markdown = f"# Sweep ranking\n\n{reporting.markdown_table(ranking)}\n\n{best_line}\n"
     with tempfile.TemporaryDirectory(prefix="cnn-train-sweep-") as out:
         ranking.to_csv(Path(out) / "ranking.csv", index=False)
         (Path(out) / "ranking.md").write_text(markdown, encoding="utf-8")
         parent.log_artifacts(Path(out), "sweep")
+    parent.describe(f"{best_line}\n\nThe ranking: `sweep/ranking.md` in Artifacts.")
     parent.log_metrics({"best_test_accuracy": best.test.accuracy})
     parent.set_tags({"cnn_train.best_run_id": best.run_id})
     create_table_artifact(reporting.table_records(ranking), key="sweep-ranking")

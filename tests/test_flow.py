@@ -277,6 +277,10 @@ def test_compare_command_side_by_side(store, tmp_path):
     assert all(r.info.status == "FINISHED" for r in children)
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "compare")}
     assert {"compare/compare.md", "compare/confusion_matrix_keras.png", "compare/confusion_matrix_torch.png"} <= artifacts
+    verdict = next(line for line in result.stdout.splitlines() if line.startswith("verdict: ")).removeprefix("verdict: ")
+    assert parents[0].data.tags["mlflow.note.content"] == (
+        f"cnn on keras against torch: {verdict}.\n\nThe whole comparison: `compare/compare.md` in Artifacts."
+    )
 
 
 def test_the_improved_recipe_runs_and_records_how_it_trained(store, tmp_path):

@@ -361,6 +361,9 @@ def test_a_hopeless_trial_is_pruned_and_its_run_says_so(mlflow_store, tmp_path, 
     assert parent.info.status == "FINISHED"
     assert parent.data.params["task_runner"] == runner_class
     assert parent.data.tags["cnn_train.best_trial"] == "0"
+    description = parent.data.tags["mlflow.note.content"]
+    assert "2 trials ended: 1 complete, 1 pruned, 0 failed" in description and "Best trial: **0**" in description
+    assert description.endswith("The ranking and figures: `tune/ranking.md` in Artifacts.")
     assert parent.data.params["best.learning_rate"] == "0.003"
     assert {"ranking.csv", "ranking.md"} <= _artifact_names(client, parent.info.run_id, "tune")
     assert _artifact_names(client, parent.info.run_id, "tune/figures") == {"optimization_history.png", "intermediate_values.png"}

@@ -29,10 +29,10 @@ class NoCompletedTrialError(ExpectedFailure, RuntimeError):
     """The study has no trial that trained to the end, so it has no best trial."""
 
 
-def _markdown(plan: TunePlan, ranking_md: str, counts: dict[str, int], best: FrozenTrial | None, figures: StudyFigures, ran: list[int]) -> str:
+def _summary(plan: TunePlan, counts: dict[str, int], best: FrozenTrial | None, ran: list[int]) -> list[str]:
+    """The study's search, how its trials ended and its best trial: ranking.md's opening, and the parent run's
+    description."""
     lines = [
-        f"# Study `{plan.study_name}`",
-        "",
         f"Storage `{redacted_url(plan.storage_url)}`; space {', '.join(f'`{k}={v}`' for k, v in plan.space.specs().items())}; "
         f"sampler {plan.options.sampler}, pruner {plan.options.pruner}, objective {plan.options.objective} (maximised).",
         "",
@@ -46,6 +46,11 @@ def _markdown(plan: TunePlan, ranking_md: str, counts: dict[str, int], best: Fro
             f"parameters `{json.dumps(best.params)}`, MLflow run `{best.user_attrs.get(RUN_ATTR)}`.",
             "",
         ]
+    return lines
+
+
+def _markdown(plan: TunePlan, ranking_md: str, counts: dict[str, int], best: FrozenTrial | None, figures: StudyFigures, ran: list[int]) -> str:
+    lines = [f"# Study `{plan.study_name}`", "", *_summary(plan, counts, best, ran)]
     lines += [
         "## Ranking",
         "",
@@ -95,6 +100,7 @@ def record_study(parent: RunTracker, study: optuna.Study, plan: TunePlan, ran: l
         ranking.to_csv(out / "ranking.csv", index=False)
         (out / "ranking.md").write_text(markdown, encoding="utf-8")
         parent.log_artifacts(out, "tune")
+    parent.describe("\n".join([*_summary(plan, counts, best, ran), "The ranking and figures: `tune/ranking.md` in Artifacts."]))
     for name, why in figures.skipped.items():
         get_run_logger().info("figure %s not drawn: %s", name, why)
     parent.log_metrics({f"trials_{state}": count for state, count in counts.items()})
