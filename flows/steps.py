@@ -187,8 +187,9 @@ def train(
 
     ``on_epoch`` may return True to stop after that epoch (the backend contract's stop request): the
     training then ends there, with ``stopped_at_epoch`` set and no model logged. An epoch whose loss is
-    not a number is logged, then stops the training (:class:`TrainingDiverged`); the run's checkpoint
-    goes, so nothing resumes from it."""
+    not a number is logged and shown to ``on_epoch`` (its progress line), then stops the training
+    whatever ``on_epoch`` answers (:class:`TrainingDiverged`); the run's checkpoint goes, so nothing
+    resumes from it."""
     model_config = params.model()
     training, why = resolve_precision(params.training(), device)
     tracker.log_params({"train.precision": training.precision, "train.precision_reason": why})
@@ -217,6 +218,8 @@ def train(
             if diverged(metrics):
                 tracker.log_epoch(metrics)  # the UI's loss curve shows where it went
                 nan_epochs.append(metrics)
+                if on_epoch is not None:
+                    on_epoch(metrics)
                 return True
             # Checkpoint first: a retry then resumes after this epoch and re-logs it if needed.
             backend.save(checkpoint / "weights")

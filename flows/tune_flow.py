@@ -95,7 +95,7 @@ def tune_trial_task(
 
     def finished_epoch(metrics: EpochMetrics) -> bool:
         logger.info(progress_line(metrics, params.epochs, label))
-        if pruned_at:
+        if pruned_at or steps.diverged(metrics):  # a diverged epoch is no score to report: the trial fails
             return True
         trial.report(metrics.val_accuracy, metrics.epoch)
         # Pruning after the last epoch would save nothing: such a trial completes.

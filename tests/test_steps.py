@@ -11,6 +11,7 @@ import pytest
 from cnn_train.flows import steps
 from cnn_train.flows.params import validate_parameters
 from cnn_train.flows.tracking import RunTracker
+from cnn_train.plugins.contract import EpochMetrics
 from tests.stores import new_store
 
 pytestmark = pytest.mark.slow
@@ -97,8 +98,10 @@ def test_a_diverging_training_stops_where_its_loss_stopped_being_a_number(small_
 
     params, data = small_data
     params = params.model_copy(update={"backend": backend, "learning_rate": 1e9})  # 3 epochs
-    with pytest.raises(steps.TrainingDiverged) as caught:
-        steps.train(params, data, tracker, device="cpu")
+    shown: list[EpochMetrics] = []
+    with pytest.raises(steps.TrainingDiverged) as caught:  # on_epoch asks to go on: the training stops all the same
+        steps.train(params, data, tracker, device="cpu", on_epoch=lambda metrics: shown.append(metrics) or False)
+    assert [(m.epoch, m.loss != m.loss) for m in shown] == [(1, True)], "the progress line shows the diverged epoch"
     assert str(caught.value) == (
         "training diverged: the training loss was nan in epoch 1 of 3, so the model is not logged; "
         "lower the learning rate (learning_rate 1e+09, batch_size 32)"
