@@ -126,6 +126,17 @@ def training_extras(params: RunParameters) -> dict[str, object]:
     return {f"train.{key}": value for key, value in extras.items()} | {f"model.{k}": v for k, v in layers.items()}
 
 
+def model_params(params: RunParameters, training: TrainConfig) -> dict[str, object]:
+    """What made a logged model, as its own params (the experiment's Models tab compares models on them):
+    the backend, the network and how it was trained, down to the precision the training device settled."""
+    model = params.model()
+    return (
+        {"backend": params.backend, "architecture": model.architecture, "model.parameters": model.parameter_count()}
+        | training.model_dump()
+        | {"validation_fraction": params.validation_fraction, "sample_limit": params.sample_limit}
+    )
+
+
 def log_datasets(tracker: RunTracker, data: PreparedData) -> None:
     """Split sizes, and the datasets through MLflow's dataset API (digest and source)."""
     tracker.log_params({f"data.{key}": value for key, value in data.summary().items()})
@@ -259,6 +270,7 @@ def train(
         # the arrays are read-only views of the object store, which torch.from_numpy warns about.
         input_example=data.x_val[:2].copy(),
         name="model",
+        params=model_params(params, training),
     )
     return TrainOutcome(
         architecture=model_config.architecture,

@@ -64,8 +64,8 @@ def test_a_metric_at_every_epoch_step(finished):
     assert "test_f1.ankle_boot" in run.data.metrics
 
 
-def test_the_logged_model_carries_its_test_scores_on_the_test_set(finished):
-    """MLflow 3's model page and the experiment's Models list show a logged model's own metrics."""
+def test_the_logged_model_carries_its_test_scores_and_what_made_it(finished):
+    """MLflow 3's model page and the experiment's Models list show a logged model's own metrics and params."""
     _, _, _, run, client = finished
     (output,) = run.outputs.model_outputs
     model = client.get_logged_model(output.model_id)
@@ -74,6 +74,9 @@ def test_the_logged_model_carries_its_test_scores_on_the_test_set(finished):
     assert "test_f1.ankle_boot" in scores
     (test_set,) = [entry.dataset for entry in run.inputs.dataset_inputs if entry.dataset.name == "fashion-mnist-test"]
     assert (scores["test_accuracy"].dataset_name, scores["test_accuracy"].dataset_digest) == (test_set.name, test_set.digest)
+    made_of = {key: run.data.params[key] for key in ("backend", "architecture", "epochs", "batch_size", "learning_rate", "seed")}
+    assert {key: model.params[key] for key in made_of} == made_of
+    assert (model.params["precision"], model.params["model.parameters"]) == (run.data.params["train.precision"], "421642")
 
 
 def test_the_runs_description_heads_its_mlflow_page(finished):

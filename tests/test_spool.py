@@ -262,7 +262,10 @@ def test_an_outage_mid_training_loses_nothing_and_does_not_slow_the_epochs(
     client = MlflowClient(server.uri)
     for key in EPOCH_KEYS:
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3, 4], key
-    assert client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert {key: model.params[key] for key in ("backend", "epochs", "sample_limit")} == {
+        "backend": "torch", "epochs": "4", "sample_limit": "1000"
+    }, "a model delivered from the spool keeps its params"
     seconds = _epoch_seconds(text)
     before, during = seconds[0], max(seconds[1:3])
     print(f"outage {outage:.0f} s; epoch seconds {seconds}; slowest outage epoch / epoch 1 = {during / before:.2f}")

@@ -59,9 +59,11 @@ def log_model(
     num_classes: int,
     input_example: np.ndarray | None = None,
     name: str = "model",
+    params: Mapping[str, object] | None = None,
 ) -> str:
     """Log ``loggable`` into run ``run_id`` with a float32 tensor signature, ``(-1, *input_shape)`` in
-    and ``(-1, num_classes)`` out; returns its ``models:/<model id>`` URI.
+    and ``(-1, num_classes)`` out, and ``params`` as the logged model's own (the values that made it);
+    returns its ``models:/<model id>`` URI.
 
     A native flavor's model goes in as that flavor's model argument, a pyfunc's as ``python_model``
     with its ``artifacts``; see :class:`~cnn_train.plugins.contract.LoggableModel`.
@@ -74,7 +76,8 @@ def log_model(
         # Without a model id, Model.log files the model under the thread's active experiment (often
         # the default one), where `runs:/<run id>/model` cannot find it; create it in the run's.
         logged = MlflowClient(tracking_uri=uri).create_logged_model(
-            experiment_id, name=name, source_run_id=run_id, tags={"flavor": loggable.flavor}
+            experiment_id, name=name, source_run_id=run_id, tags={"flavor": loggable.flavor},
+            params=param_strings(params),
         )
         info = Model.log(
             artifact_path=None,
@@ -89,6 +92,11 @@ def log_model(
             **loggable.extra,
         )
     return info.model_uri
+
+
+def param_strings(params: Mapping[str, object] | None) -> dict[str, str] | None:
+    """A logged model's params as MLflow stores them: strings."""
+    return {key: str(value) for key, value in params.items()} if params else None
 
 
 def save_model(
@@ -252,11 +260,13 @@ def register_model(
     description: str,
     uri: str | None = None,
     tags: Mapping[str, str] | None = None,
+    model_description: str | None = None,
 ) -> int:
-    """A new version of registered model ``name`` from a logged model, with ``tags``; returns the version number."""
+    """A new version of registered model ``name`` from a logged model, with ``tags``; returns the version number.
+    A model registered for the first time gets ``model_description``."""
     mlflow_client = client(uri)
     try:
-        mlflow_client.create_registered_model(name)
+        mlflow_client.create_registered_model(name, description=model_description)
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise

@@ -289,6 +289,7 @@ class RunTracker:
         num_classes: int,
         input_example: np.ndarray | None = None,
         name: str = "model",
+        params: Mapping[str, object] | None = None,
     ) -> str | None:
         """Log the model into this run (see :func:`cnn_train.flows.tracking.models.log_model`); returns its
         model URI. While the server does not answer, the model is saved into the spool and logged when it
@@ -302,7 +303,10 @@ class RunTracker:
                 models.save_model(
                     saved, loggable, input_shape=input_shape, num_classes=num_classes, input_example=input_example
                 )
-                payload = {"experiment_id": self.experiment_id, "name": name, "tags": {"flavor": loggable.flavor}}
+                payload = {
+                    "experiment_id": self.experiment_id, "name": name, "tags": {"flavor": loggable.flavor},
+                    "params": models.param_strings(params),
+                }
                 self._spool("model", payload, files=saved)
             return None
         return models.log_model(
@@ -314,6 +318,7 @@ class RunTracker:
             num_classes=num_classes,
             input_example=input_example,
             name=name,
+            params=params,
         )
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:

@@ -244,7 +244,8 @@ def _send(mlflow_client: MlflowClient, run_id: str, kind: str, payload: dict[str
         mlflow_client.log_artifacts(run_id, str(files), payload.get("artifact_path"))
     elif kind == "model":
         logged = mlflow_client.create_logged_model(
-            payload["experiment_id"], name=payload["name"], source_run_id=run_id, tags=payload.get("tags")
+            payload["experiment_id"], name=payload["name"], source_run_id=run_id, tags=payload.get("tags"),
+            params=payload.get("params"),
         )
         mlflow_client.log_model_artifacts(logged.model_id, str(files))
         mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
