@@ -134,6 +134,18 @@ def test_a_better_then_a_worse_model_leaves_champion_on_the_better(store, two_ru
     assert {"name": "better-then-worse", "version": "1"} in json.loads(better_model.tags["mlflow.modelVersions"])
 
 
+def test_a_new_registered_model_says_how_to_load_it_and_a_users_own_description_stays(store, two_runs, better_then_worse):
+    """The registry page of a model cnn-train created tells a reader the aliases' rule and how to call a version."""
+    client = tracking.client(store)
+    description = client.get_registered_model("better-then-worse").description
+    assert description.startswith("Fashion-MNIST classifiers registered by cnn-train. `@champion` is the version")
+    assert 'mlflow.pyfunc.load_model("models:/better-then-worse@champion")' in description
+    assert "T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot" in description
+    client.create_registered_model("teams-own", description="Ours: the shop's classifier.")
+    _register(store, "teams-own", two_runs[0], 0.88)
+    assert client.get_registered_model("teams-own").description == "Ours: the shop's classifier."
+
+
 def test_a_worse_then_a_better_model_moves_champion_to_the_better(store, two_runs):
     worse = _register(store, "worse-then-better", two_runs[1], 0.84)
     better = _register(store, "worse-then-better", two_runs[0], 0.88)

@@ -17,7 +17,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from cnn_train.flows.tracking import models
+from cnn_train.flows.tracking.models import OUTPUT_NAME
 from cnn_train.flows.tracking.uri import client
+from cnn_train.plugins.config import FASHION_MNIST_CLASSES
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -111,6 +113,17 @@ def version_by_alias(mlflow_client: MlflowClient, name: str, alias: str) -> Mode
         raise
 
 
+def model_description(name: str) -> str:
+    """What a registered model's page says about it: its aliases' rule, and how to load and call a version."""
+    return (
+        f"Fashion-MNIST classifiers registered by cnn-train. `@{CHAMPION}` is the version with the best test accuracy "
+        f"on the same test set (tag `{TEST_SET_TAG}`); `@{CHALLENGER}` is the newest version that did not beat it.\n\n"
+        f"Load one with `mlflow.pyfunc.load_model(\"models:/{name}@{CHAMPION}\")`. It takes float32 images "
+        f"`(n, 28, 28, 1)` in [0, 1] (a light garment on black, as Fashion-MNIST's) and gives ten probabilities per image "
+        f"(`{OUTPUT_NAME}`), in the order {', '.join(FASHION_MNIST_CLASSES)}; `cnn-train predict` brings any picture to that input."
+    )
+
+
 def register_version(
     name: str, model_uri: str, *, facts: VersionFacts, description: str, uri: str | None = None
 ) -> Registration:
@@ -119,7 +132,7 @@ def register_version(
     mlflow_client = client(uri)
     version = models.register_model(
         name, model_uri, run_id=facts.mlflow_run_id, description=description, uri=mlflow_client.tracking_uri,
-        tags=facts.tags(),
+        tags=facts.tags(), model_description=model_description(name),
     )
     alias, reason = decide_alias(facts, version_by_alias(mlflow_client, name, CHAMPION))
     mlflow_client.set_registered_model_alias(name, alias, str(version))
