@@ -1,11 +1,12 @@
 """Registering a flow's trained model: the facts its version carries, the champion/challenger
-decision, and where that decision is recorded (the run's tags, the flow's log)."""
+decision, and where that decision is recorded (the run's tags, the flow's log, a Prefect event)."""
 
 from __future__ import annotations
 
 import hashlib
 
 from prefect import get_run_logger, runtime, task
+from prefect.events import emit_event
 
 from cnn_train.flows import tracking
 from cnn_train.flows.data import PreparedData
@@ -57,4 +58,32 @@ def register_task(
         "cnn_train.registered_reason": registration.reason,
     })
     get_run_logger().info(registration.line())
+    emit_registered(registration, facts)
     return registration
+
+
+#: The event a registration emits, ending in the alias the version got: an automation can react to a new
+#: champion (serve it, run predictions, tell the team) with ``expect: ["cnn-train.model-version.champion"]``.
+REGISTERED_EVENT = "cnn-train.model-version.{alias}"
+
+
+def emit_registered(registration: Registration, facts: VersionFacts) -> None:
+    """A Prefect event for the new version; inside a flow run Prefect relates it to the run, flow and deployment."""
+    emit_event(
+        event=REGISTERED_EVENT.format(alias=registration.alias),
+        resource={
+            "prefect.resource.id": f"mlflow.model-version.{registration.name}.{registration.version}",
+            "prefect.resource.name": f"{registration.name} version {registration.version}",
+        },
+        payload={
+            "name": registration.name,
+            "version": registration.version,
+            "model_uri": f"models:/{registration.name}/{registration.version}",
+            "alias": registration.alias,
+            "reason": registration.reason,
+            "test_accuracy": facts.test_accuracy,
+            "backend": facts.backend,
+            "architecture": facts.architecture,
+            "mlflow_run_id": facts.mlflow_run_id,
+        },
+    )

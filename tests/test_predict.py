@@ -483,6 +483,29 @@ def test_the_registered_version_carries_its_facts_and_the_run_says_why(champion,
 
 
 @pytest.mark.slow
+def test_the_registration_is_a_prefect_event_an_automation_can_react_to(champion, prefect_api_url):
+    """``cnn-train.model-version.champion``, about the new version, related to the flow run that registered it."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    wanted = EventFilter(event=EventNameFilter(name=["cnn-train.model-version.champion"]))
+    deadline = time.monotonic() + 60  # the client sends its events in the background
+    with get_client(sync_client=True) as client:
+        while not (events := client.read_events(wanted, limit=10).events) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    (event,) = events
+    assert event.resource.id == f"mlflow.model-version.{MODEL_NAME}.1"
+    assert event.payload | {"test_accuracy": None} == {
+        "name": MODEL_NAME, "version": 1, "model_uri": f"models:/{MODEL_NAME}/1", "alias": "champion",
+        "reason": "there was no champion yet", "test_accuracy": None, "backend": "torch", "architecture": "cnn",
+        "mlflow_run_id": champion["mlflow_run_id"],
+    }
+    assert event.payload["test_accuracy"] == pytest.approx(champion["test_accuracy"])
+    flow_run_id = tracking.client().get_run(champion["mlflow_run_id"]).data.tags["prefect.flow_run_id"]
+    assert f"prefect.flow-run.{flow_run_id}" in {related.id for related in event.related}
+
+
+@pytest.mark.slow
 def test_the_predict_flow_leaves_the_csv_and_summary_in_mlflow(champion, exported, mlflow_store, tmp_path):
     from cnn_train.flows.predict_flow import cnn_train_predict
 
