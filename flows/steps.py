@@ -24,7 +24,7 @@ from cnn_train.flows.params import TRAINING_VALUES, RunParameters
 from cnn_train.flows.placement import resolve_precision
 from cnn_train.flows.reporting import classification_tables
 from cnn_train.flows.settings import state_dir
-from cnn_train.flows.tracking import RunTracker
+from cnn_train.flows.tracking import ModelRecord, RunTracker
 from cnn_train.plugins import registry
 from cnn_train.plugins.config import TrainConfig
 from cnn_train.plugins.contract import EpochMetrics, Evaluation, TrainHistory
@@ -264,13 +264,14 @@ def train(
     # A training stopped on request (a pruned trial) is not a model anyone will use: log none.
     model_uri = None if stopped_at is not None else tracker.log_model(
         backend.loggable_model(),
-        input_shape=model_config.input_shape,
-        num_classes=model_config.num_classes,
-        # Two images: a batch of one would let PyTorch's exporter fix the batch size at 1. A copy: on Ray
-        # the arrays are read-only views of the object store, which torch.from_numpy warns about.
-        input_example=data.x_val[:2].copy(),
-        name="model",
-        params=model_params(params, training),
+        ModelRecord(
+            input_shape=model_config.input_shape,
+            num_classes=model_config.num_classes,
+            # Two images: a batch of one would let PyTorch's exporter fix the batch size at 1. A copy: on Ray
+            # the arrays are read-only views of the object store, which torch.from_numpy warns about.
+            input_example=data.x_val[:2].copy(),
+            params=model_params(params, training),
+        ),
     )
     return TrainOutcome(
         architecture=model_config.architecture,

@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cnn_train.flows import tracking
-from cnn_train.flows.tracking import CHALLENGER, CHAMPION, RunTracker, VersionFacts
+from cnn_train.flows.tracking import CHALLENGER, CHAMPION, ModelRecord, RunTracker, VersionFacts
 from cnn_train.flows.tracking.registry import decide_alias
 from tests.stores import new_store, uniform_model
 
@@ -88,8 +88,7 @@ def _trained_run(store: str, experiment: str, *, accuracy: float, tags: dict[str
     """A finished run in ``experiment`` with a logged model and a test accuracy, as a training run leaves it."""
     tracker = RunTracker.start(experiment, uri=store, run_name=f"run-{accuracy}", tags=tags)
     model_uri = tracker.log_model(
-        uniform_model(),
-        input_shape=(28, 28, 1), num_classes=10, input_example=np.zeros((2, 28, 28, 1), dtype=np.float32),
+        uniform_model(), ModelRecord((28, 28, 1), 10, input_example=np.zeros((2, 28, 28, 1), dtype=np.float32))
     )
     tracker.log_metrics({"test_accuracy": accuracy})
     tracker.finish()

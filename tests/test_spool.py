@@ -53,7 +53,7 @@ def test_a_record_delivered_twice_lands_once_and_the_end_comes_last(store):
 def test_metrics_linked_to_a_logged_model_land_on_it_and_an_older_record_still_delivers(store):
     """A spool written before metrics carried a model link (four fields each) is still delivered after an upgrade."""
     tracker = tracking.RunTracker.start("spool", uri=store)
-    model_uri = tracker.log_model(uniform_model(), input_shape=(28, 28, 1), num_classes=10)
+    model_uri = tracker.log_model(uniform_model(), tracking.ModelRecord((28, 28, 1), 10))
     tracker.log_metrics({"test_accuracy": 0.7}, step=2, model_uri=model_uri, dataset=("fashion-mnist-test", "d1"))
     Spool(tracker.run_id).append("batch", {"metrics": [["older", 0.5, 1_700_000_000_000, 1]]})
     assert tracker.finish("FINISHED") == 0

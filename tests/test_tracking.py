@@ -100,7 +100,7 @@ def _softmax_of(loggable: LoggableModel, images: np.ndarray) -> np.ndarray:
 
 
 def _log(tracker: RunTracker, loggable: LoggableModel) -> str:
-    return tracker.log_model(loggable, input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES, input_example=IMAGES[:2])
+    return tracker.log_model(loggable, tracking.ModelRecord(INPUT_SHAPE, NUM_CLASSES, input_example=IMAGES[:2]))
 
 
 # --- models --------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def test_unloggable_models_are_refused_before_anything_is_logged(tracker, loggab
 def test_registering_a_logged_model_adds_versions_in_its_own_store(tracker, softmax, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where MLflow's default store would appear if anything fell back to it
     model_uri = _log(tracker, softmax)
-    register = {"run_id": tracker.run_id, "description": "test", "uri": tracker.uri}
+    register = {"run_id": tracker.run_id, "description": "test", "model_description": "a test model", "uri": tracker.uri}
     assert tracking.register_model("softmax", model_uri, **register) == 1
     assert tracking.register_model("softmax", model_uri, **register) == 2
     assert list(tmp_path.iterdir()) == []

@@ -34,6 +34,7 @@ from cnn_train.flows.tracking.lookup import ModelChoice, ModelNotFoundError, def
 from cnn_train.flows.tracking.models import (  # noqa: E402
     OUTPUT_NAME,
     PYFUNC,
+    ModelRecord,
     UnloggableModelError,
     check_loggable,
     link_model_input,
@@ -82,6 +83,7 @@ __all__ = [
     "MODEL_TRAINING_KIND",
     "ModelChoice",
     "ModelNotFoundError",
+    "ModelRecord",
     "OUTPUT_NAME",
     "PYFUNC",
     "REAPED_TAG",

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -49,21 +50,31 @@ class UnloggableModelError(ValueError):
     """A LoggableModel that the tracking code cannot log (unknown flavor, wrong model type...)."""
 
 
-def log_model(
-    uri: str,
-    experiment_id: str,
-    run_id: str,
-    loggable: LoggableModel,
-    *,
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    input_example: np.ndarray | None = None,
-    name: str = "model",
-    params: Mapping[str, object] | None = None,
-) -> str:
-    """Log ``loggable`` into run ``run_id`` with a float32 tensor signature, ``(-1, *input_shape)`` in
-    and ``(-1, num_classes)`` out, and ``params`` as the logged model's own (the values that made it);
-    returns its ``models:/<model id>`` URI.
+@dataclass(frozen=True, eq=False)
+class ModelRecord:
+    """What a logged model records beside its files: its signature's shapes (float32 images
+    ``(-1, *input_shape)`` in, ``(-1, num_classes)`` probabilities out), an input example for the MLflow
+    UI and for serving, the values that made it (the logged model's own params) and its name in the run."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    input_example: np.ndarray | None = None
+    params: Mapping[str, object] | None = None
+    name: str = "model"
+
+    def signature(self) -> ModelSignature:
+        return model_signature(self.input_shape, self.num_classes)
+
+    def param_strings(self) -> dict[str, str] | None:
+        """The params as MLflow stores them: strings."""
+        return {key: str(value) for key, value in self.params.items()} if self.params else None
+
+    def example_for(self, loggable: LoggableModel) -> np.ndarray | None:
+        return self.input_example if loggable.accepts_input_example else None
+
+
+def log_model(uri: str, experiment_id: str, run_id: str, loggable: LoggableModel, record: ModelRecord) -> str:
+    """Log ``loggable`` into run ``run_id`` as ``record`` describes it; returns its ``models:/<model id>`` URI.
 
     A native flavor's model goes in as that flavor's model argument, a pyfunc's as ``python_model``
     with its ``artifacts``; see :class:`~cnn_train.plugins.contract.LoggableModel`.
@@ -71,51 +82,38 @@ def log_model(
     from mlflow.models import Model
 
     flavor, model_arguments = _flavor_and_model(loggable)
-    signature = model_signature(input_shape, num_classes)
     with _PROCESS_STATE_LOCK, _process_tracking_uri(uri):
         # Without a model id, Model.log files the model under the thread's active experiment (often
         # the default one), where `runs:/<run id>/model` cannot find it; create it in the run's.
         logged = MlflowClient(tracking_uri=uri).create_logged_model(
-            experiment_id, name=name, source_run_id=run_id, tags={"flavor": loggable.flavor},
-            params=param_strings(params),
+            experiment_id, name=record.name, source_run_id=run_id, tags={"flavor": loggable.flavor},
+            params=record.param_strings(),
         )
         info = Model.log(
             artifact_path=None,
-            name=name,
+            name=record.name,
             model_id=logged.model_id,
             flavor=flavor,
             run_id=run_id,
-            signature=signature,
+            signature=record.signature(),
             pip_requirements=list(loggable.pip_requirements) or None,
-            input_example=input_example if loggable.accepts_input_example else None,
+            input_example=record.example_for(loggable),
             **model_arguments,
             **loggable.extra,
         )
     return info.model_uri
 
 
-def param_strings(params: Mapping[str, object] | None) -> dict[str, str] | None:
-    """A logged model's params as MLflow stores them: strings."""
-    return {key: str(value) for key, value in params.items()} if params else None
-
-
-def save_model(
-    path: Path,
-    loggable: LoggableModel,
-    *,
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    input_example: np.ndarray | None = None,
-) -> None:
+def save_model(path: Path, loggable: LoggableModel, record: ModelRecord) -> None:
     """Save ``loggable`` as :func:`log_model` would log it, into a local folder (the spool keeps it
     while the tracking server is away, then uploads it as a logged model)."""
     flavor, model_arguments = _flavor_and_model(loggable)
     with _PROCESS_STATE_LOCK:
         flavor.save_model(
             path=str(path),
-            signature=model_signature(input_shape, num_classes),
+            signature=record.signature(),
             pip_requirements=list(loggable.pip_requirements) or None,
-            input_example=input_example if loggable.accepts_input_example else None,
+            input_example=record.example_for(loggable),
             **model_arguments,
             **loggable.extra,
         )
@@ -258,12 +256,12 @@ def register_model(
     *,
     run_id: str,
     description: str,
+    model_description: str,
     uri: str | None = None,
     tags: Mapping[str, str] | None = None,
-    model_description: str | None = None,
 ) -> int:
-    """A new version of registered model ``name`` from a logged model, with ``tags``; returns the version number.
-    A model registered for the first time gets ``model_description``."""
+    """A new version of registered model ``name`` from a logged model, with ``description`` and ``tags``;
+    returns the version number. A model registered for the first time gets ``model_description``."""
     mlflow_client = client(uri)
     try:
         mlflow_client.create_registered_model(name, description=model_description)

@@ -281,45 +281,24 @@ class RunTracker:
         entity = {key: config.get(key) for key in ("name", "digest", "source_type", "source", "schema", "profile")}
         self._spool("dataset", {"dataset": entity, "context": context})
 
-    def log_model(
-        self,
-        loggable: LoggableModel,
-        *,
-        input_shape: tuple[int, ...],
-        num_classes: int,
-        input_example: np.ndarray | None = None,
-        name: str = "model",
-        params: Mapping[str, object] | None = None,
-    ) -> str | None:
-        """Log the model into this run (see :func:`cnn_train.flows.tracking.models.log_model`); returns its
-        model URI. While the server does not answer, the model is saved into the spool and logged when it
-        is back; then there is no URI yet and this returns None."""
+    def log_model(self, loggable: LoggableModel, record: models.ModelRecord) -> str | None:
+        """Log the model into this run as ``record`` describes it (see :func:`cnn_train.flows.tracking.models.log_model`);
+        returns its model URI. While the server does not answer, the model is saved into the spool and
+        logged when it is back; then there is no URI yet and this returns None."""
         try:
             check_reachable(self.uri, timeout=2.0)
         except TrackingUnavailableError as error:
             _log.warning("%s; the model is kept in the spool of run %s and logged when it answers", error, self.run_id)
             with tempfile.TemporaryDirectory(prefix="cnn-train-model-") as folder:
-                saved = Path(folder) / name
-                models.save_model(
-                    saved, loggable, input_shape=input_shape, num_classes=num_classes, input_example=input_example
-                )
+                saved = Path(folder) / record.name
+                models.save_model(saved, loggable, record)
                 payload = {
-                    "experiment_id": self.experiment_id, "name": name, "tags": {"flavor": loggable.flavor},
-                    "params": models.param_strings(params),
+                    "experiment_id": self.experiment_id, "name": record.name, "tags": {"flavor": loggable.flavor},
+                    "params": record.param_strings(),
                 }
                 self._spool("model", payload, files=saved)
             return None
-        return models.log_model(
-            self.uri,
-            self.experiment_id,
-            self.run_id,
-            loggable,
-            input_shape=input_shape,
-            num_classes=num_classes,
-            input_example=input_example,
-            name=name,
-            params=params,
-        )
+        return models.log_model(self.uri, self.experiment_id, self.run_id, loggable, record)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Log one file; it is copied into the spool at once, so the caller may delete it."""

@@ -29,7 +29,7 @@ def check_model_logging(subject: Subject) -> None:
     # this check is about the flow's real tracking code, so it imports it only when it runs.
     import mlflow.pyfunc
 
-    from cnn_train.flows.tracking import RunTracker
+    from cnn_train.flows.tracking import ModelRecord, RunTracker
 
     backend, _ = subject.trained()
     config = subject.reference_config()
@@ -44,11 +44,9 @@ def check_model_logging(subject: Subject) -> None:
         # The run is never ended: the store is thrown away with it, and ending it would start the
         # tracking code's delivery machinery for nothing.
         tracker = RunTracker.start("cnn-train-conformance", uri=uri, run_name="model_logging")
+        # Two images as the example, as the flow logs them.
         model_uri = tracker.log_model(
-            backend.loggable_model(),
-            input_shape=config.input_shape,
-            num_classes=config.num_classes,
-            input_example=x[:2],  # as the flow does: two images
+            backend.loggable_model(), ModelRecord(config.input_shape, config.num_classes, input_example=x[:2])
         )
         assert model_uri is not None, "the tracking code kept the model for later instead of logging it"
         got = np.asarray(mlflow.pyfunc.load_model(model_uri).predict(x))
