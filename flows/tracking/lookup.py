@@ -92,12 +92,12 @@ def _find(mlflow_client: MlflowClient, model_uri: str) -> ModelChoice | str:
         return _whole_registered_model(match.group(1))
     elif model_uri.startswith(("runs:", "models:")):
         return f"{model_uri} is not a model URI cnn-train understands: use {_URI_FORMS}"
-    elif ":" not in model_uri and local_folder(model_uri) is None:
+    elif (folder := local_folder(model_uri)) is None and ":" not in model_uri:
         # No scheme and no folder: most likely a registered model's name, typed as `cnn-train models` shows it.
         if _registered(mlflow_client, model_uri):
             return _whole_registered_model(model_uri)
         return f"no model at {model_uri}: no such folder, and not a model URI ({_URI_FORMS})"
-    elif (folder := local_folder(model_uri)) is not None and not (folder / MLMODEL).is_file():
+    elif folder is not None and not (folder / MLMODEL).is_file():
         return _not_a_model_folder(model_uri, folder)
     else:
         return ModelChoice(model_uri, as_given)

@@ -73,6 +73,11 @@ class ModelRecord:
         return self.input_example if loggable.accepts_input_example else None
 
 
+def logged_model_id(model_uri: str | None) -> str | None:
+    """The logged model's id in a ``models:/m-...`` URI; None for other URIs (a registered version's...)."""
+    return model_uri.removeprefix("models:/") if model_uri and model_uri.startswith("models:/m-") else None
+
+
 def log_model(uri: str, experiment_id: str, run_id: str, loggable: LoggableModel, record: ModelRecord) -> str:
     """Log ``loggable`` into run ``run_id`` as ``record`` describes it; returns its ``models:/<model id>`` URI.
 
@@ -268,7 +273,7 @@ def register_model(
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    model_id = logged_model_id(model_uri)
     # A SQLite registry looks a models:/ source up through the process-wide tracking URI.
     with _PROCESS_STATE_LOCK, _process_tracking_uri(mlflow_client.tracking_uri):
         version = mlflow_client.create_model_version(

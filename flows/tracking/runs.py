@@ -235,7 +235,7 @@ class RunTracker:
         the experiment's model list show them."""
         # The timestamp is fixed here, so a record delivered twice is one metric in MLflow.
         timestamp = _now_ms()
-        model_id = model_uri.removeprefix("models:/") if model_uri and model_uri.startswith("models:/m-") else None
+        model_id = models.logged_model_id(model_uri)
         link = [model_id, *(dataset or (None, None))] if model_id else []
         items = [[k, float(v), timestamp, step, *link] for k, v in metrics.items()]
         for start in range(0, len(items), 1000):
