@@ -79,6 +79,7 @@ def record_task(tracker: RunTracker, model: predict.LoadedModel, predictions: pr
         "low_confidence_images": len(summary.low_confidence),
         "mean_top_probability": float(table["probability"].mean()) if len(table) else 0.0,
     })
+    tracker.describe(summary.headline(described))
     _publish_to_prefect(tracker, predictions, summary, described)
     return summary
 

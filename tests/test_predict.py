@@ -221,6 +221,11 @@ def test_the_summary_counts_classes_and_flags_low_confidence():
     assert (counts["Sneaker"], counts["T-shirt/top"], counts["Ankle boot"], sum(counts.values())) == (2, 1, 0, 3)
     assert list(summary.low_confidence["image"]) == ["c.png"]
     assert "- d.png: broken" in summary.markdown("some model")
+    assert summary.headline("some model") == (
+        "**3 images classified, 1 failed** with some model; 1 with a top probability under 50%.\n\n"
+        "Most predicted: Sneaker (2), T-shirt/top (1).\n\n"
+        "The predictions, their summary and the model's inputs: `predictions/` in Artifacts."
+    )
 
 
 # --- what a model must take ------------------------------------------------------------------------
@@ -515,6 +520,10 @@ def test_the_predict_flow_leaves_the_csv_and_summary_in_mlflow(champion, exporte
     assert run.info.status == "FINISHED"
     assert run.data.tags["cnn_train.model_uri"] == f"models:/{MODEL_NAME}@champion"
     assert run.data.metrics["images_classified"] == 20 and run.data.metrics["images_failed"] == 1
+    assert run.data.tags["mlflow.note.content"].startswith(
+        f"**20 images classified, 1 failed** with models:/{MODEL_NAME}@champion (version 1, test accuracy "
+    )
+    assert "\n\nMost predicted: " in run.data.tags["mlflow.note.content"]
     trained_model = client.get_run(champion["mlflow_run_id"]).outputs.model_outputs[0].model_id
     assert [m.model_id for m in run.inputs.model_inputs] == [trained_model]
     local = Path(client.download_artifacts(run.info.run_id, "predictions", str(tmp_path)))

@@ -101,6 +101,18 @@ class Summary:
             "low_confidence": self.low_confidence.to_dict(orient="records"),
         }
 
+    def headline(self, model: str) -> str:
+        """A few markdown lines for the prediction run's MLflow page: the counts, the classes most predicted."""
+        shown = self.class_counts[self.class_counts["images"] > 0]
+        most = shown.sort_values("images", ascending=False, kind="stable").head(3).to_dict(orient="records")
+        lines = [
+            f"**{counted(self.classified, len(self.failures))}** with {model}; {len(self.low_confidence)} with a top "
+            f"probability under {LOW_CONFIDENCE:.0%}.",
+        ]
+        if most:
+            lines += ["", "Most predicted: " + ", ".join(f"{row['class']} ({row['images']})" for row in most) + "."]
+        return "\n".join([*lines, "", "The predictions, their summary and the model's inputs: `predictions/` in Artifacts."])
+
     def markdown(self, model: str) -> str:
         from cnn_train.flows.reporting import markdown_table
 
