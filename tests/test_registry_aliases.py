@@ -261,6 +261,19 @@ def test_a_local_path_that_is_no_model_folder_says_what_it_is(store, two_runs, t
     assert "recent finished runs of 'ranked'" in message
 
 
+@pytest.mark.parametrize(("status", "says"), [("FAILED", "ended FAILED"), ("KILLED", "ended KILLED"), ("RUNNING", "is still running")])
+def test_a_run_that_never_logged_its_model_says_how_it_ended(store, two_runs, status, says):
+    """A training logs its model at its end; before, MLflow's 'Failed to download artifacts from path' was all a user got."""
+    tracker = RunTracker.start("ranked", uri=store, run_name=f"a-{status.lower()}-training")
+    if status != "RUNNING":
+        tracker.finish(status)
+    with pytest.raises(tracking.ModelNotFoundError) as caught:
+        tracking.locate(f"runs:/{tracker.run_id}/model", uri=store, experiment="ranked")
+    assert str(caught.value).startswith(
+        f"run {tracker.run_id} (a-{status.lower()}-training) {says} and has logged no model; registered models: "
+    )
+
+
 def test_a_model_folder_on_this_machine_loads_where_it_is(store, two_runs, tmp_path, monkeypatch):
     """No copy in a temporary folder: given a destination, MLflow copies even a local folder there first."""
     system_tmp = tmp_path / "system-tmp"

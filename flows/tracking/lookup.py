@@ -79,7 +79,12 @@ def _find(mlflow_client: MlflowClient, model_uri: str) -> ModelChoice | str:
     """What ``model_uri`` names in the store, or why it names nothing."""
     as_given = f"{model_uri} (as given)"
     if match := re.fullmatch(r"runs:/([^/]+)/(.+)", model_uri):
-        return ModelChoice(model_uri, as_given, run_id=mlflow_client.get_run(match.group(1)).info.run_id)
+        run = mlflow_client.get_run(match.group(1))
+        if run.info.status != "FINISHED" and not run.outputs.model_outputs:
+            # A training logs its model at its end: a failed, killed or running one has none to load.
+            ended = "is still running" if run.info.status == "RUNNING" else f"ended {run.info.status}"
+            return f"run {run.info.run_id} ({run.info.run_name}) {ended} and has logged no model"
+        return ModelChoice(model_uri, as_given, run_id=run.info.run_id)
     if match := re.fullmatch(r"models:/(m-[0-9a-f]+)", model_uri):
         return ModelChoice(model_uri, as_given, run_id=mlflow_client.get_logged_model(match.group(1)).source_run_id)
     if match := re.fullmatch(r"models:/([^/@]+)@(.+)", model_uri):
