@@ -194,6 +194,25 @@ def test_the_default_is_the_best_champion_of_the_experiment(store):
     )
 
 
+def test_no_default_model_names_the_latest_one_trained_in_another_experiment(tmp_path):
+    """A user who trained with --experiment, then ran predict without --model, is shown that model."""
+    elsewhere = new_store(tmp_path / "mlflow.db")
+    with pytest.raises(tracking.ModelNotFoundError) as caught:
+        tracking.default_model(uri=elsewhere, experiment="cnn-train")
+    assert str(caught.value).endswith("or pass --model"), "nothing trained anywhere: nothing more to say"
+    _trained_run(elsewhere, "mine", accuracy=0.5)
+    newer, _ = _trained_run(elsewhere, "mine", accuracy=0.6)
+    for missing in ("cnn-train", "mine-too"):  # no such experiment; then one with no model
+        if missing == "mine-too":
+            tracking.client(elsewhere).create_experiment("mine-too")
+        with pytest.raises(tracking.ModelNotFoundError) as caught:
+            tracking.default_model(uri=elsewhere, experiment=missing)
+        assert str(caught.value).endswith(
+            f"or pass --model; the latest model trained in another experiment is runs:/{newer.run_id}/model "
+            "(experiment 'mine', run-0.6, test accuracy 60.00%)"
+        )
+
+
 def test_an_experiment_with_nothing_to_predict_with_says_what_to_do(store):
     with pytest.raises(tracking.ModelNotFoundError, match=r"^no experiment 'never-made' in sqlite:///.*mlflow.db, so no model"):
         tracking.default_model(uri=store, experiment="never-made")

@@ -16,7 +16,8 @@ def predict(
     model: Annotated[
         Optional[str],  # noqa: UP045 - typer reads it
         typer.Option(
-            help="runs:/<run id>/model, models:/<name>/<version>, models:/<name>@<alias> or a logged model id m-...; "
+            help="runs:/<run id>/model, models:/<name>/<version>, models:/<name>@<alias>, a logged model id m-... "
+            "or a model's folder (holding its MLmodel file); "
             "default: the cnn-train experiment's best registered champion, else its latest finished run."
         ),
     ] = None,

@@ -164,7 +164,7 @@ def default_model(*, experiment: str, uri: str | None = None) -> ModelChoice:
     if found is None:
         raise ModelNotFoundError(
             f"no experiment {experiment!r} in {mlflow_client.tracking_uri}, so no model to default to; "
-            "train one with `cnn-train run --register NAME`, or pass --model"
+            f"train one with `cnn-train run --register NAME`, or pass --model{_trained_elsewhere(mlflow_client, experiment)}"
         )
     champion = _best_champion(mlflow_client, found.experiment_id)
     if champion is not None:
@@ -173,13 +173,27 @@ def default_model(*, experiment: str, uri: str | None = None) -> ModelChoice:
     if run is None:
         raise ModelNotFoundError(
             f"experiment {experiment!r} has no registered champion and no finished training run with a model; "
-            "train one with `cnn-train run`, or pass --model"
+            f"train one with `cnn-train run`, or pass --model{_trained_elsewhere(mlflow_client, experiment)}"
         )
     return ModelChoice(
         _run_model_uri(mlflow_client, run),
         f"the latest finished run of experiment {experiment!r} ({run.info.run_name}, {_accuracy(run)}), "
         "since no registered model of it holds the alias champion",
         run_id=run.info.run_id,
+    )
+
+
+def _trained_elsewhere(mlflow_client: MlflowClient, experiment: str) -> str:
+    """``"; the latest model trained in another experiment: runs:/..."`` when one exists (a user who trained
+    with --experiment), else nothing."""
+    others = {e.experiment_id: e.name for e in mlflow_client.search_experiments() if e.name != experiment}
+    runs = [run for experiment_id in others for run in _finished_training_runs(mlflow_client, experiment_id, 1)]
+    if not runs:
+        return ""
+    latest = max(runs, key=lambda run: run.info.start_time or 0)
+    return (
+        f"; the latest model trained in another experiment is runs:/{latest.info.run_id}/model (experiment "
+        f"{others[latest.info.experiment_id]!r}, {latest.info.run_name}, {_accuracy(latest)})"
     )
 
 
