@@ -92,6 +92,7 @@ def up(*, trigger: bool, watch_timeout: float, echo: Echo, worker: bool = False)
     over (the serve process clears their pool, `--worker` deploys them to it)."""
     refuse_foreign_mlflow_server()
     start_service(services.prefect_server, echo, timeout=START_TIMEOUT)
+    refuse_taking_the_deployments(worker=worker)  # before anything of this project's starts
     start_service(services.mlflow_server, echo, timeout=START_TIMEOUT)
     point_prefect_cli_at_server(echo)
     clean_up_after_crashes(echo)
@@ -100,7 +101,6 @@ def up(*, trigger: bool, watch_timeout: float, echo: Echo, worker: bool = False)
     else:
         if services.worker_process.stop():
             echo(f"{services.worker_process.name}: stopped (the serve process takes over the deployments)")
-        refuse_serving_beside_another_project()
         start_service(services.serve_process, echo, timeout=START_TIMEOUT)
     echo(f"Prefect UI: {services.prefect_ui_url()}")
     echo(f"MLflow UI:  {services.mlflow_url()}")
@@ -131,20 +131,30 @@ def refuse_foreign_mlflow_server() -> None:
         )
 
 
-def refuse_serving_beside_another_project() -> None:
-    """Refuse to serve the deployments on a Prefect server this project did not start while another process
-    serves them there (another checkout's `cnn-train up`): the two would take turns at the runs, each with
-    its own code and store."""
+def refuse_taking_the_deployments(*, worker: bool) -> None:
+    """Refuse to take the deployments on a Prefect server this project did not start while something else
+    runs them there: serving them beside another checkout's serve process (the two would take turns at the
+    runs, each with its own code) or taking them off a pool its workers poll, and, with ``worker``, moving
+    them from another serve process onto the pool. Joining a pool that workers already poll is allowed."""
     server = services.prefect_server
-    if not _foreign(server) or services.serve_process.pid() is not None:
+    if not _foreign(server) or services.serve_process.pid() is not None or services.worker_process.pid() is not None:
         return
     deployment = services.http_json(f"{services.prefect_api_url()}/deployments/name/{services.DEPLOYMENT}")
-    if isinstance(deployment, dict) and deployment.get("status") == "READY" and not deployment.get("work_pool_name"):
+    if not isinstance(deployment, dict) or deployment.get("status") != "READY":
+        return
+    where = f"the Prefect server on port {server.port()}, which was {_not_ours(server)}"
+    if pool := deployment.get("work_pool_name"):
+        if worker:
+            return
         raise ForeignServerError(
-            f"{services.DEPLOYMENT} is already served on the Prefect server on port {server.port()}, which was "
-            f"{_not_ours(server)}; a second serve process would run some of its runs with this checkout's code: "
-            f"stop the other (`cnn-train down` in its project), or choose another port with {server.port_variable}"
+            f"{services.DEPLOYMENT} runs from work pool {pool!r} on {where}; serving it here would take it off "
+            f"that pool: join the pool with `cnn-train up --worker`, or choose another port with {server.port_variable}"
         )
+    raise ForeignServerError(
+        f"{services.DEPLOYMENT} is already served on {where}; a second {'worker' if worker else 'serve process'} "
+        f"would run some of its runs with this checkout's code: stop the other (`cnn-train down` in its project), "
+        f"or choose another port with {server.port_variable}"
+    )
 
 
 def _start_worker(echo: Echo) -> None:

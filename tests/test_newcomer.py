@@ -200,36 +200,51 @@ def test_a_prefect_server_up_did_not_start_is_used_and_named_as_such(tmp_path, m
         f"{tmp_path / 'state' / 'run'}): runs are recorded where that server keeps them; stop it, or choose "
         "another port with CNN_TRAIN_PREFECT_PORT, to have this project's own"
     ]
-    launcher.refuse_serving_beside_another_project()  # nothing serves cnn-train/default there yet
+    for worker in (False, True):  # nothing runs cnn-train/default there yet: up may take it, either way
+        launcher.refuse_taking_the_deployments(worker=worker)
+
+
+_SERVED_ELSEWHERE = (
+    "cnn-train/default is already served on the Prefect server on port {port}, which was not started from this "
+    "project (no pid in {run}); a second {what} would run some of its runs with this checkout's code: stop the "
+    "other (`cnn-train down` in its project), or choose another port with CNN_TRAIN_PREFECT_PORT"
+)
+_ON_A_POOL = (
+    "cnn-train/default runs from work pool 'cnn-train' on the Prefect server on port {port}, which was not started "
+    "from this project (no pid in {run}); serving it here would take it off that pool: join the pool with "
+    "`cnn-train up --worker`, or choose another port with CNN_TRAIN_PREFECT_PORT"
+)
 
 
 @pytest.mark.parametrize(
-    ("deployment", "refused"),
+    ("deployment", "worker", "refused"),
     [
-        pytest.param({"status": "READY", "work_pool_name": None}, True, id="served-by-another-process"),
-        pytest.param({"status": "NOT_READY", "work_pool_name": None}, False, id="registered-but-not-served"),
-        pytest.param({"status": "READY", "work_pool_name": "cnn-train"}, False, id="on-a-work-pool"),
+        pytest.param({"status": "READY", "work_pool_name": None}, False, _SERVED_ELSEWHERE, id="serve-beside-a-serve-process"),
+        pytest.param({"status": "READY", "work_pool_name": None}, True, _SERVED_ELSEWHERE, id="worker-beside-a-serve-process"),
+        pytest.param({"status": "READY", "work_pool_name": "cnn-train"}, False, _ON_A_POOL, id="serve-off-a-polled-pool"),
+        pytest.param({"status": "READY", "work_pool_name": "cnn-train"}, True, None, id="worker-joins-a-polled-pool"),
+        pytest.param({"status": "NOT_READY", "work_pool_name": None}, False, None, id="registered-but-not-served"),
+        pytest.param({"status": "NOT_READY", "work_pool_name": "cnn-train"}, False, None, id="a-pool-nobody-polls"),
     ],
 )
-def test_up_does_not_serve_beside_another_checkouts_serve_process(tmp_path, monkeypatch, answering_server, deployment, refused):
-    """Two serve processes of one deployment would take turns at its runs, each with its own checkout's code
-    (the serve process takes a pooled deployment back, as `cnn-train up` after `up --worker` does)."""
+def test_up_does_not_take_the_deployments_from_another_checkout(
+    tmp_path, monkeypatch, answering_server, deployment, worker, refused
+):
+    """Two serve processes of one deployment would take turns at its runs, each with its own checkout's code;
+    serving a pooled deployment takes it off the pool its workers poll (as `cnn-train up` does after
+    `up --worker` on this project's own server, where it is meant)."""
     from cnn_train.flows import launcher
 
     port = answering_server({"/api/deployments/name/cnn-train/default": deployment})
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("CNN_TRAIN_PREFECT_PORT", str(port))
-    if not refused:
-        launcher.refuse_serving_beside_another_project()
+    if refused is None:
+        launcher.refuse_taking_the_deployments(worker=worker)
         return
     with pytest.raises(launcher.ForeignServerError) as caught:
-        launcher.refuse_serving_beside_another_project()
-    assert str(caught.value) == (
-        f"cnn-train/default is already served on the Prefect server on port {port}, which was not started from "
-        f"this project (no pid in {tmp_path / 'state' / 'run'}); a second serve process would run some of its runs "
-        "with this checkout's code: stop the other (`cnn-train down` in its project), or choose another port with "
-        "CNN_TRAIN_PREFECT_PORT"
-    )
+        launcher.refuse_taking_the_deployments(worker=worker)
+    what = "worker" if worker else "serve process"
+    assert str(caught.value) == refused.format(port=port, run=tmp_path / "state" / "run", what=what)
 
 
 def test_an_mlflow_server_up_did_not_start_is_refused_unless_this_shell_logs_there(tmp_path, monkeypatch, answering_server):
