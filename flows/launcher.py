@@ -27,7 +27,7 @@ def start_service(service: services.Service, echo: Echo, *, timeout: float) -> N
     """Start ``service`` unless it answers, saying which it was."""
     if not service.ready():
         echo(f"{service.name}: starting")
-    elif _foreign(service):
+    elif service.port is not None and service.pid() is None:  # answering (just probed), not started here
         # Adopted as it is (up starts what does not answer), but a server of another checkout or of the
         # user's keeps its own store: say so, where the user would otherwise look for their runs here.
         echo(f"{service.name}: already running on port {service.port()}, but {_not_ours(service)}: runs are "
@@ -139,8 +139,8 @@ def refuse_taking_the_deployments(*, worker: bool) -> None:
     server = services.prefect_server
     if not _foreign(server) or services.serve_process.pid() is not None or services.worker_process.pid() is not None:
         return
-    deployment = services.http_json(f"{services.prefect_api_url()}/deployments/name/{services.DEPLOYMENT}")
-    if not isinstance(deployment, dict) or deployment.get("status") != "READY":
+    deployment = services.deployment_record()
+    if deployment is None or deployment.get("status") != "READY":
         return
     where = f"the Prefect server on port {server.port()}, which was {_not_ours(server)}"
     if pool := deployment.get("work_pool_name"):

@@ -167,9 +167,9 @@ def _deployment_served() -> bool:
     `cnn-train up --worker` the serve process first takes it back from the pool)."""
     if serve_process.pid() is None:
         return False
-    deployment = http_json(f"{prefect_api_url()}/deployments/name/{DEPLOYMENT}")
+    deployment = deployment_record()
     return (
-        isinstance(deployment, dict)
+        deployment is not None
         and not deployment.get("work_pool_name")
         and registered_since(deployment, serve_process.pid_file.stat().st_mtime)
     )
@@ -191,6 +191,12 @@ def registered_since(deployment: dict[str, Any], started: float) -> bool:
 
 def deployment_exists() -> bool:
     return http_ok(f"{prefect_api_url()}/deployments/name/{DEPLOYMENT}")
+
+
+def deployment_record() -> dict[str, Any] | None:
+    """``cnn-train/default`` as the Prefect server holds it (status, work pool, registration times), or None."""
+    deployment = http_json(f"{prefect_api_url()}/deployments/name/{DEPLOYMENT}")
+    return deployment if isinstance(deployment, dict) else None
 
 
 #: Where a user points Prefect at a database of their own (the second is the older name).

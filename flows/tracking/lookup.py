@@ -187,10 +187,10 @@ def _trained_elsewhere(mlflow_client: MlflowClient, experiment: str) -> str:
     """``"; the latest model trained in another experiment: runs:/..."`` when one exists (a user who trained
     with --experiment), else nothing."""
     others = {e.experiment_id: e.name for e in mlflow_client.search_experiments() if e.name != experiment}
-    runs = [run for experiment_id in others for run in _finished_training_runs(mlflow_client, experiment_id, 1)]
+    runs = _finished_training_runs(mlflow_client, list(others), 1) if others else []
     if not runs:
         return ""
-    latest = max(runs, key=lambda run: run.info.start_time or 0)
+    latest = runs[0]
     return (
         f"; the latest model trained in another experiment is runs:/{latest.info.run_id}/model (experiment "
         f"{others[latest.info.experiment_id]!r}, {latest.info.run_name}, {_accuracy(latest)})"
@@ -229,16 +229,17 @@ def _in_experiment(mlflow_client: MlflowClient, run_id: str, experiment_id: str)
         return False  # the run was deleted; its registered version has no experiment to belong to
 
 
-def _finished_training_runs(mlflow_client: MlflowClient, experiment_id: str, limit: int) -> list[Run]:
+def _finished_training_runs(mlflow_client: MlflowClient, experiment_ids: list[str], limit: int) -> list[Run]:
+    """The newest finished plain training runs with a model, across ``experiment_ids`` (one search)."""
     runs = mlflow_client.search_runs(
-        [experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=200
+        experiment_ids, "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=200
     )
     plain = [run for run in runs if not any(tag in run.data.tags for tag in _NOT_A_DEFAULT_RUN)]
     return [run for run in plain if run.outputs and run.outputs.model_outputs][:limit]
 
 
 def _latest_training_run(mlflow_client: MlflowClient, experiment_id: str) -> Run | None:
-    runs = _finished_training_runs(mlflow_client, experiment_id, 1)
+    runs = _finished_training_runs(mlflow_client, [experiment_id], 1)
     return runs[0] if runs else None
 
 
@@ -258,7 +259,7 @@ def what_exists(mlflow_client: MlflowClient, experiment: str) -> str:
         for model in mlflow_client.search_registered_models(order_by=["name ASC"])
     ]
     found = mlflow_client.get_experiment_by_name(experiment)
-    runs = _finished_training_runs(mlflow_client, found.experiment_id, _RECENT_RUNS) if found else []
+    runs = _finished_training_runs(mlflow_client, [found.experiment_id], _RECENT_RUNS) if found else []
     recent = [f"runs:/{run.info.run_id}/model ({run.info.run_name}, {_accuracy(run)})" for run in runs]
     return (
         f"registered models: {'; '.join(registered) or 'none'}; "
