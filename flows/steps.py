@@ -27,7 +27,7 @@ from cnn_train.flows.settings import state_dir
 from cnn_train.flows.tracking import ModelRecord, RunTracker
 from cnn_train.plugins import registry
 from cnn_train.plugins.config import TrainConfig
-from cnn_train.plugins.contract import EpochMetrics, Evaluation, TrainHistory
+from cnn_train.plugins.contract import EpochMetrics, Evaluation, TrainHistory, probabilities_problem
 
 _PROGRESS_FILE = "progress.json"
 
@@ -261,15 +261,18 @@ def train(
             f"{why}expected 1..{last}; the model is not logged"
         )
     stopped_at = last if last < params.epochs else None
+    # Two images: a batch of one would let PyTorch's exporter fix the batch size at 1. A copy: on Ray
+    # the arrays are read-only views of the object store, which torch.from_numpy warns about.
+    example = data.x_val[:2].copy()
+    if stopped_at is None:  # a model that breaks the contract is refused before it is logged
+        check_probabilities(params.backend, np.asarray(backend.predict_proba(example)), len(example), model_config.num_classes)
     # A training stopped on request (a pruned trial) is not a model anyone will use: log none.
     model_uri = None if stopped_at is not None else tracker.log_model(
         backend.loggable_model(),
         ModelRecord(
             input_shape=model_config.input_shape,
             num_classes=model_config.num_classes,
-            # Two images: a batch of one would let PyTorch's exporter fix the batch size at 1. A copy: on Ray
-            # the arrays are read-only views of the object store, which torch.from_numpy warns about.
-            input_example=data.x_val[:2].copy(),
+            input_example=example,
             params=model_params(params, training),
         ),
     )
@@ -308,17 +311,14 @@ def evaluate(
     return EvalOutcome(evaluation, probabilities, maps, kernels)
 
 
-class BackendOutputError(RuntimeError):
-    """A backend returned results that break the contract; the message names the backend and what."""
+class BackendOutputError(ExpectedFailure, RuntimeError):
+    """A backend returned results that break the contract; the message names the backend and what, and
+    the check that tells its author more. One line: the traceback would show only this check's frames."""
 
 
 def check_probabilities(backend: str, probabilities: np.ndarray, n: int, num_classes: int) -> None:
     """Refuse probabilities of the wrong shape or range before they reach MLflow or the report."""
-    problem = None
-    if probabilities.shape != (n, num_classes):
-        problem = f"predict_proba returned shape {probabilities.shape}, expected ({n}, {num_classes})"
-    elif not np.isfinite(probabilities).all() or not np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-3):
-        problem = "predict_proba rows must be finite probabilities summing to 1"
+    problem = probabilities_problem(probabilities, n, num_classes)
     if problem:
         raise BackendOutputError(
             f"backend {backend!r} broke the contract: {problem}. Check it with `cnn-train check-backend {backend}`"

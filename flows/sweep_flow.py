@@ -40,7 +40,7 @@ from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, tri
 from cnn_train.flows.ray_cluster import ray_task_runner  # noqa: F401 - Python callers take this flow's runner from here
 from cnn_train.flows.registering import register_task
 from cnn_train.flows.runs import cnn_train_flow, flow_run_tags, flow_run_tracker, trial_runner_params
-from cnn_train.flows.tasks import ChildRun, child_run, placed_trial, prep_task, retry_unless_diverged
+from cnn_train.flows.tasks import ChildRun, child_run, placed_trial, prep_task, retry_unless_deterministic
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.plugins.contract import Evaluation
 
@@ -141,7 +141,7 @@ def trial_key(values: Mapping[str, Any]) -> str:
 
 # A retry reopens the trial's child run (found by its key) and resumes from its checkpoint.
 @task(
-    name="trial", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_diverged,
+    name="trial", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_deterministic,
     cache_policy=NO_CACHE, persist_result=False,
 )
 def trial_task(

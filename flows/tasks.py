@@ -18,6 +18,7 @@ from prefect.states import State
 
 from cnn_train.flows import interrupts, reporting, steps
 from cnn_train.flows.data import PreparedData
+from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.params import RunParameters
 from cnn_train.flows.placement import Placement, place_task
 from cnn_train.flows.ray_cluster import node_tags
@@ -41,10 +42,19 @@ def progress_line(metrics: EpochMetrics, epochs: int, label: str) -> str:
     )
 
 
-def retry_unless_diverged(task: object, task_run: object, state: State[Any]) -> bool:
-    """The train and trial tasks' ``retry_condition_fn``: a retry resumes from the last checkpoint, where
-    a diverged training diverges again (Prefect passes the raised exception as the state's data)."""
-    return not isinstance(state.data, steps.TrainingDiverged)
+#: Failures a retry would meet again: a diverged training diverges again from its last checkpoint, a
+#: user-fixable failure (a refused input, a backend breaking the contract) and a programming error in
+#: a backend are deterministic. What is left (a lost connection, a full disk, a CUDA error) is retried.
+NOT_RETRIED: tuple[type[BaseException], ...] = (
+    steps.TrainingDiverged, ExpectedFailure, ValueError, LookupError, AttributeError, NameError, TypeError,
+    ImportError, NotImplementedError, SyntaxError,
+)
+
+
+def retry_unless_deterministic(task: object, task_run: object, state: State[Any]) -> bool:
+    """The train and trial tasks' ``retry_condition_fn``: a retry resumes from the last checkpoint, which
+    pays only for a failure that may not happen again (Prefect passes the raised exception as the state's data)."""
+    return not isinstance(state.data, NOT_RETRIED)
 
 
 @task(name="prep", **IN_MEMORY)
@@ -59,7 +69,7 @@ def prep_task(params: RunParameters, tracker: RunTracker) -> PreparedData:
     return data
 
 
-@task(name="train", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_diverged, **IN_MEMORY)
+@task(name="train", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_deterministic, **IN_MEMORY)
 def train_task(params: RunParameters, data: PreparedData, tracker: RunTracker, *, label: str) -> steps.TrainOutcome:
     """Train on the placed device, logging each epoch as it ends; a retry resumes from the last epoch."""
     logger = get_run_logger()

@@ -260,6 +260,30 @@ def check_labels(y: np.ndarray, n: int, num_classes: int, *, what: str = "labels
         )
 
 
+
+#: How far a row of ``predict_proba`` may sum from 1 (float32 softmax rounding is far smaller).
+PROBABILITY_SUM_TOLERANCE = 1e-3
+
+
+def probabilities_problem(probabilities: np.ndarray, n: int, num_classes: int, *, what: str = "predict_proba") -> str | None:
+    """What makes ``probabilities`` (from ``what``) not class probabilities for ``n`` images, with the
+    figures seen, or None: shape ``(n, num_classes)``, finite, non-negative, rows summing to 1."""
+    got = np.asarray(probabilities)
+    if got.shape != (n, num_classes):
+        return f"{what} returned shape {got.shape} for {n} images, expected ({n}, {num_classes})"
+    bad = int(np.count_nonzero(~np.isfinite(got)))
+    if bad:
+        return f"{what} returned {bad} values that are NaN or infinite; expected probabilities"
+    if got.size and got.min() < 0:
+        return f"{what} returned negative values (down to {got.min():.4g}); expected probabilities"
+    sums = got.astype(np.float64).sum(axis=1)
+    if sums.size and np.abs(sums - 1.0).max() > PROBABILITY_SUM_TOLERANCE:
+        return (
+            f"the rows {what} returned sum to {sums.min():.4g}..{sums.max():.4g}, expected 1 (within "
+            f"{PROBABILITY_SUM_TOLERANCE:g}): end the network with a softmax"
+        )
+    return None
+
 #: TrainConfig options beyond the lesson's plain training (constant rate, no augmentation, no label smoothing,
 #: float32). A backend that does not implement them calls :func:`check_plain_training`.
 PLAIN_TRAINING: tuple[str, ...] = ("lr_schedule", "augment", "label_smoothing", "precision")

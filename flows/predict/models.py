@@ -14,6 +14,7 @@ from cnn_train.flows.params import RunParameters
 from cnn_train.flows.predict.images import SIDE
 from cnn_train.flows.tracking import ModelChoice
 from cnn_train.plugins.config import FASHION_MNIST_CLASSES
+from cnn_train.plugins.contract import probabilities_problem
 
 INPUT_SHAPE = (SIDE, SIDE, 1)
 #: The experiment whose models are the default: where `cnn-train run` trains unless told otherwise.
@@ -80,8 +81,6 @@ def check_signature(model_uri: str, inputs: Any, outputs: Any) -> None:
 
 
 def _check_probabilities(model_uri: str, probabilities: np.ndarray, n: int) -> None:
-    classes = len(FASHION_MNIST_CLASSES)
-    if probabilities.shape != (n, classes):
-        raise UnusableModelError(f"{model_uri} returned shape {probabilities.shape} for {n} images, expected ({n}, {classes})")
-    if not np.isfinite(probabilities).all() or not np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-3):
-        raise UnusableModelError(f"{model_uri} returned rows that are not probabilities summing to 1")
+    problem = probabilities_problem(probabilities, n, len(FASHION_MNIST_CLASSES), what="the model")
+    if problem:
+        raise UnusableModelError(f"{model_uri} is not a Fashion-MNIST classifier: {problem}")
