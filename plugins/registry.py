@@ -179,12 +179,14 @@ def _attribute_problems(cls: type) -> list[str]:
     flavor = getattr(cls, "mlflow_flavor", None)
     if not isinstance(flavor, str) or not flavor:
         problems.append(
-            "class attribute 'mlflow_flavor' must name an MLflow flavor module, e.g. 'pytorch', or be 'pyfunc'"
+            f"class attribute 'mlflow_flavor' must name an MLflow flavor module, e.g. 'pytorch', or be 'pyfunc'; got {flavor!r}"
         )
     architectures = getattr(cls, "architectures", None)
     if not isinstance(architectures, tuple) or not architectures or not all(isinstance(a, str) for a in architectures):
+        comma = " (a string: a tuple of one needs its comma, ('cnn',))" if isinstance(architectures, str) else ""
         problems.append(
-            "class attribute 'architectures' must be a non-empty tuple of architecture names, e.g. ('cnn', 'dense')"
+            "class attribute 'architectures' must be a non-empty tuple of architecture names, e.g. ('cnn', 'dense'); "
+            f"got {architectures!r}{comma}"
         )
     return problems
 

@@ -120,7 +120,7 @@ def only_distributions(monkeypatch: pytest.MonkeyPatch, *distributions: FakeDist
 class GoodBackend:
     """Satisfies the contract's shape and does nothing."""
 
-    mlflow_flavor = "fake"
+    mlflow_flavor = "pyfunc"
     architectures = ("dense",)
 
     def build(self, config, *, device, seed): ...

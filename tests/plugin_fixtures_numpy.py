@@ -135,3 +135,54 @@ class PredictsWithTheGlobalGenerator(NumpyMLPBackend):
         probabilities = np.empty((len(x), self.built_config().num_classes), dtype=np.float32)
         probabilities[order] = super().predict_proba(x[order], batch_size=batch_size)
         return probabilities
+
+
+class _BadProbabilities(NumpyMLPBackend):
+    """Trains and evaluates cleanly; only what ``predict_proba`` hands out is wrong (:meth:`_spoil`)."""
+
+    def fit(self, training):
+        with mock.patch.object(self, "predict_proba", super().predict_proba):
+            return super().fit(training)
+
+    def evaluate(self, x, y, *, batch_size=256):
+        with mock.patch.object(self, "predict_proba", super().predict_proba):
+            return super().evaluate(x, y, batch_size=batch_size)
+
+    def predict_proba(self, x, *, batch_size=256):
+        return self._spoil(super().predict_proba(x, batch_size=batch_size))
+
+    def _spoil(self, probabilities):
+        raise NotImplementedError
+
+
+class TransposedProbabilities(_BadProbabilities):
+    """Hands out its probabilities classes first, ``(10, n)``."""
+
+    def _spoil(self, probabilities):
+        return probabilities.T
+
+
+class HalvedProbabilities(_BadProbabilities):
+    """Rows summing to 0.5, as a network whose last layer is not a softmax might."""
+
+    def _spoil(self, probabilities):
+        return probabilities / 2
+
+
+class AsksJaxForDevices(NumpyMLPBackend):
+    """Builds only after asking an imported JAX for its devices, with the arguments in ``JAX_CALL``."""
+
+    JAX_CALL: tuple[tuple, dict] = ((), {})
+
+    def build(self, config, *, device, seed):
+        args, kwargs = self.JAX_CALL
+        sys.modules["jax"].devices(*args, **kwargs)
+        super().build(config, device=device, seed=seed)
+
+
+class MisspeltConfigField(NumpyMLPBackend):
+    """A plugin author's typo: ``config.lr`` for ``config.learning_rate``."""
+
+    def fit(self, training):
+        self.rate = training.config.lr
+        return super().fit(training)

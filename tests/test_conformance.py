@@ -5,6 +5,7 @@ discovered and passes it too."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,19 +124,19 @@ def test_missing_method_fails_one_check_and_the_rest_are_not_run(installed, by):
     assert results["entry_point_load"].passed
     not_run = {name: result.reason for name, result in results.items() if name not in GATES}
     assert not_run == dict.fromkeys(CHECK_NAMES[len(GATES):], "contract_members failed")
-    assert all(results[name].skipped for name in not_run)
+    assert all(results[name].not_run for name in not_run)
 
 
 def test_backend_that_does_not_load_fails_one_check(installed):
     installed(FakeDistribution("jax-plugin", {"needs-jax": "tests.plugin_fixtures_needs_jax:Backend"}))
     [load, *rest] = run_checks("needs-jax")
     assert load.failed and "pip install jax_not_installed_here" in load.reason
-    assert {(result.status, result.reason) for result in rest} == {(CheckStatus.SKIPPED, "entry_point_load failed")}
+    assert {(result.status, result.reason) for result in rest} == {(CheckStatus.NOT_RUN, "entry_point_load failed")}
 
 
 def test_only_runs_what_the_named_checks_require_without_reporting_it():
     assert run_checks(MissingTrain, only=["smoke_train"]) == [
-        CheckResult("smoke_train", CheckStatus.SKIPPED, "contract_members failed")
+        CheckResult("smoke_train", CheckStatus.NOT_RUN, "contract_members failed")
     ]
 
 
@@ -261,6 +262,23 @@ def test_check_backend_command_names_failing_and_skipped_checks(tmp_path):
     assert {"parameter_counts", "smoke_train", "save_load_round_trip"} <= failed
     assert "PASS contract_members" in result.stdout
     assert "SKIP feature_maps_shapes: broken builds only dense, which has no convolution layers" in result.stdout
+
+
+@pytest.mark.parametrize("debug", [pytest.param(False, id="one-line"), pytest.param(True, id="with-debug")])
+def test_a_plugins_bug_is_placed_in_its_own_code_and_debug_shows_the_traceback(tmp_path, debug):
+    write_dist_info(tmp_path, "typo-backend", "0.1", {registry.GROUP: {"typo": "tests.plugin_fixtures_numpy:MisspeltConfigField"}})
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    result = _cli(*(["--debug"] if debug else []), "check-backend", "typo", "--check", "smoke_train", env=env)
+    assert result.returncode == 1, result.stderr
+    (failure,) = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert re.fullmatch(
+        r"FAIL smoke_train: AttributeError: 'TrainConfig' object has no attribute 'lr' "
+        r"\(raised at tests/plugin_fixtures_numpy\.py:\d+ in fit\)",
+        failure,
+    ), failure
+    assert ("Traceback (most recent call last)" in result.stdout) == debug, result.stdout
+    if debug:
+        assert "self.rate = training.config.lr" in result.stdout  # the offending line, as Python shows it
 
 
 def test_check_backend_unknown_name():

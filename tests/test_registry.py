@@ -158,7 +158,7 @@ def test_broken_plugin_warns_and_others_stay_usable(installed):
     assert statuses["good"] == registry.BackendStatus(registry.backend_info("good"), True)
     assert not statuses["broken"].loads
     assert "failed to import" in statuses["broken"].problem
-    assert registry.load_backend("good").mlflow_flavor == "fake"
+    assert registry.load_backend("good").mlflow_flavor == "pyfunc"
 
 
 def test_two_distributions_registering_one_name(installed):
@@ -232,3 +232,5 @@ def test_backends_check_command_reports_whether_each_loads(tmp_path):
         assert lines[name].endswith("loads"), result.stdout
     assert "broken-plugin 0.1" in lines["broken"]
     assert "BROKEN: backend 'broken'" in lines["broken"] and "failed to import" in lines["broken"]
+    assert result.returncode == 1
+    assert result.stderr == "cnn-train: 1 backend(s) do not load: broken (why: above); the others are usable\n"

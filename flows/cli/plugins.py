@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from cnn_train.flows.cli.app import app, fail
+from cnn_train.flows.errors import debugging
 
 
 @app.command()
@@ -31,6 +32,9 @@ def backends(
     width = max(len(info.name) for info, _ in rows)
     for info, state in rows:
         typer.echo(f"{info.name:<{width}}  {info.distribution} {info.version}  {info.target}  {state}".rstrip())
+    broken = [info.name for info, state in rows if state.startswith("BROKEN")]
+    if broken:  # a check that found something wrong says so on stderr and in its exit code, as doctor does
+        fail(f"{len(broken)} backend(s) do not load: {', '.join(broken)} (why: above); the others are usable", code=1)
 
 
 @app.command("check-backend")
@@ -48,7 +52,10 @@ def check_backend(
         fail(str(error))
     for result in results:
         typer.echo(result.line())
+        if result.failed and debugging():
+            typer.echo(result.details.rstrip())
     counts = Counter(result.status for result in results)
-    typer.echo(", ".join(f"{counts[status]} {status}" for status in ("passed", "failed", "skipped")))
+    shown = ("passed", "failed", "skipped", *(("not run",) if counts["not run"] else ()))
+    typer.echo(", ".join(f"{counts[status]} {status}" for status in shown))
     if counts["failed"]:
         raise typer.Exit(1)

@@ -3,6 +3,7 @@ save and refuse bad input. Each check raises AssertionError saying what is wrong
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import tempfile
 from collections.abc import Callable, Mapping
@@ -13,7 +14,7 @@ import numpy as np
 
 from cnn_train.plugins import registry
 from cnn_train.plugins.config import ModelConfig
-from cnn_train.plugins.contract import EpochMetrics, TrainData
+from cnn_train.plugins.contract import EpochMetrics, TrainData, probabilities_problem
 from cnn_train.plugins.conformance.data import SMOKE, images, train_data
 from cnn_train.plugins.conformance.subject import NotApplicable, Subject
 
@@ -50,8 +51,20 @@ def check_entry_point_load(subject: Subject) -> None:
 
 
 def check_contract_members(subject: Subject) -> None:
-    """Every contract member exists with compatible parameters."""
+    """Every contract member exists with compatible parameters, and ``mlflow_flavor`` names a flavor."""
     registry.validate_backend_class(subject.cls, name=subject.label)
+    flavor = subject.cls.mlflow_flavor
+    assert flavor == "pyfunc" or _mlflow_has_module(flavor), (
+        f"mlflow_flavor {flavor!r} is no MLflow flavor (there is no mlflow.{flavor}); name one, e.g. 'pytorch', "
+        "'keras' or 'sklearn', or use 'pyfunc' for a framework MLflow has no flavor for"
+    )
+
+
+def _mlflow_has_module(name: str) -> bool:
+    """Whether ``mlflow.<name>`` exists, found on disk: importing MLflow here would cost every check a second."""
+    spec = importlib.util.find_spec("mlflow")
+    folders = [Path(folder) for folder in (spec.submodule_search_locations or [])] if spec else []
+    return name.isidentifier() and any((f / name).is_dir() or (f / f"{name}.py").is_file() for f in folders)
 
 
 def check_parameter_counts(subject: Subject) -> None:
@@ -132,10 +145,8 @@ def check_evaluate(subject: Subject) -> None:
 def check_predict_proba(subject: Subject) -> None:
     """Probabilities have shape (n, num_classes), are non-negative and each row sums to 1."""
     backend, _ = subject.trained()
-    proba = np.asarray(backend.predict_proba(images(23, seed=4)[0]))
-    assert proba.shape == (23, 10), f"predict_proba shape {proba.shape}, expected (23, 10)"
-    assert (proba >= 0).all(), "predict_proba returned negative values"
-    assert np.allclose(proba.sum(axis=1), 1.0, atol=1e-4), "predict_proba rows do not sum to 1"
+    problem = probabilities_problem(np.asarray(backend.predict_proba(images(23, seed=4)[0])), 23, 10)
+    assert problem is None, problem
 
 
 def check_save_load_round_trip(subject: Subject) -> None:

@@ -4,7 +4,8 @@ Looking for a device leaves traces that do not depend on the framework, which th
 the backend builds, trains and predicts on the CPU: reading a variable that says which accelerators
 are visible, opening a driver's device files, running a device-listing tool or loading its library
 (all seen through Python's audit hooks and ``os.environ``), and calling the device probes of a
-framework that is already imported (the kit never imports one). It also offers an impossible device,
+framework that is already imported (the kit never imports one), unless the call asks only about the
+platform of the device given (JAX's ``jax.devices("cpu")`` turns ``"cpu"`` into JAX's device). It also offers an impossible device,
 which the backend must refuse with a message naming it rather than fall back quietly.
 """
 
@@ -42,6 +43,16 @@ FRAMEWORK_PROBES: dict[str, tuple[str, ...]] = {
     "tensorflow": ("config.list_physical_devices", "config.list_logical_devices", "config.get_visible_devices"),
     "keras": ("distribution.list_devices",),
 }
+#: Probes that, called for one platform, turn the device a backend was given into the framework's own
+#: object (``jax.devices("cpu")[0]``, ``jax.devices("gpu")[N]`` for ``cuda:N``) rather than look for one:
+#: the platform argument's position (None: keyword only) and keyword. The kit trains on the CPU.
+PLATFORM_ARGUMENTS: dict[str, tuple[int | None, str]] = {
+    "jax.devices": (0, "backend"),
+    "jax.local_devices": (None, "backend"),
+    "jax.device_count": (0, "backend"),
+    "jax.local_device_count": (0, "backend"),
+}
+GIVEN_PLATFORM = "cpu"
 #: A device no machine has: a backend that honours the device it is given cannot use it.
 IMPOSSIBLE_DEVICE = "cuda:99"
 
@@ -90,9 +101,20 @@ def _install_audit_hook() -> None:
     sys.addaudithook(_audit)
 
 
-def _recorder(seen: list[str], what: str, original: Callable[..., Any]) -> Callable[..., Any]:
+def _names_the_given_platform(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call of the probe ``name`` asks only about the platform of the device the kit gave."""
+    if name not in PLATFORM_ARGUMENTS:
+        return False
+    position, keyword = PLATFORM_ARGUMENTS[name]
+    platform = kwargs.get(keyword, args[position] if position is not None and len(args) > position else None)
+    return isinstance(platform, str) and platform.lower() == GIVEN_PLATFORM
+
+
+def _recorder(seen: list[str], name: str, original: Callable[..., Any]) -> Callable[..., Any]:
     def recorded(*args: Any, **kwargs: Any) -> Any:
-        seen.append(what)
+        if not _names_the_given_platform(name, args, kwargs):
+            arguments = [*map(repr, args), *(f"{key}={value!r}" for key, value in kwargs.items())]
+            seen.append(f"called {name}({', '.join(arguments)})")
         return original(*args, **kwargs)
 
     return recorded
@@ -130,7 +152,7 @@ def watching_device_lookups() -> Iterator[list[str]]:
         # os.getenv, os.environ.get, `in` and [] all read through the mapping's __getitem__.
         stack.enter_context(mock.patch.object(environ_type, "__getitem__", reading))
         for owner, attribute, name in _framework_probes():
-            stack.enter_context(mock.patch.object(owner, attribute, _recorder(seen, f"called {name}", getattr(owner, attribute))))
+            stack.enter_context(mock.patch.object(owner, attribute, _recorder(seen, name, getattr(owner, attribute))))
         _watches.append(seen)
         stack.callback(_watches.remove, seen)
         yield seen
@@ -145,6 +167,12 @@ def check_uses_given_device(subject: Subject) -> None:
         backend.predict_proba(images(4)[0])
     assert not seen, (
         f"the backend looked for devices itself ({', '.join(dict.fromkeys(seen))}); use the device passed in"
+        + (
+            f" (a framework's device list may be read for the platform it names: {GIVEN_PLATFORM!r} here, "
+            f"e.g. jax.devices({GIVEN_PLATFORM!r})[0]; 'gpu' for cuda:N)"
+            if any(found.startswith("called ") for found in seen)
+            else ""
+        )
     )
     try:
         bogus = subject.new()

@@ -13,6 +13,7 @@ import numpy as np
 from cnn_train.plugins.conformance.data import images
 from cnn_train.plugins.conformance.isolation import fresh_tracking_store
 from cnn_train.plugins.conformance.subject import Subject
+from cnn_train.plugins.contract import probabilities_problem
 
 #: The loaded model's probabilities must match ``predict_proba``'s within this (absolute): the same
 #: float32 network, though possibly exported (PyTorch's pt2) or re-read, so only rounding may differ.
@@ -35,6 +36,9 @@ def check_model_logging(subject: Subject) -> None:
     config = subject.reference_config()
     x, _ = images(_IMAGES, seed=8)
     want = np.asarray(backend.predict_proba(x))
+    # Compared below with the loaded model's: a wrong shape here is predict_proba's fault, said as such.
+    problem = probabilities_problem(want, _IMAGES, config.num_classes)
+    assert problem is None, problem
     with (
         tempfile.TemporaryDirectory() as tmp,
         fresh_tracking_store(Path(tmp)) as uri,

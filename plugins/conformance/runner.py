@@ -7,8 +7,11 @@ loaded, or lacks a contract member, gets one failing check and the others report
 from __future__ import annotations
 
 import enum
+import sys
+import traceback
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from cnn_train.plugins.conformance import checks, devices, isolation, lifecycle, model_logging
 from cnn_train.plugins.conformance.subject import BackendRef, NotApplicable, Subject
@@ -68,16 +71,23 @@ _BY_NAME: Mapping[str, Check] = {check.name: check for check in CHECKS}
 class CheckStatus(enum.StrEnum):
     PASSED = "passed"
     FAILED = "failed"
+    #: The check does not apply to this backend (feature maps of a network without convolutions).
     SKIPPED = "skipped"
+    #: A check it requires failed, so it was not run.
+    NOT_RUN = "not run"
 
 
 @dataclass(frozen=True)
 class CheckResult:
-    """How one check went; ``reason`` says why it failed or was skipped, and is empty when it passed."""
+    """How one check went; ``reason`` says why it failed, was skipped or was not run, and is empty when it passed."""
 
     name: str
     status: CheckStatus
     reason: str = ""
+    #: Where in the backend's own code the failure was raised (``package/module.py:57 in fit``), if there.
+    where: str = ""
+    #: The failure's traceback, as ``cnn-train --debug check-backend`` prints it.
+    details: str = ""
 
     @property
     def passed(self) -> bool:
@@ -91,10 +101,18 @@ class CheckResult:
     def skipped(self) -> bool:
         return self.status is CheckStatus.SKIPPED
 
+    @property
+    def not_run(self) -> bool:
+        return self.status is CheckStatus.NOT_RUN
+
     def line(self) -> str:
-        """``PASS name``, ``FAIL name: reason`` or ``SKIP name: reason``, as ``cnn-train check-backend`` prints it."""
-        label = {CheckStatus.PASSED: "PASS", CheckStatus.FAILED: "FAIL", CheckStatus.SKIPPED: "SKIP"}[self.status]
-        return f"{label} {self.name}: {self.reason}" if self.reason else f"{label} {self.name}"
+        """``PASS name``, ``FAIL name: reason``, ``SKIP name: reason`` or ``NOT RUN name: reason``, as
+        ``cnn-train check-backend`` prints it."""
+        label = {
+            CheckStatus.PASSED: "PASS", CheckStatus.FAILED: "FAIL", CheckStatus.SKIPPED: "SKIP", CheckStatus.NOT_RUN: "NOT RUN"
+        }[self.status]
+        reason = f"{self.reason} (raised at {self.where})" if self.where else self.reason
+        return f"{label} {self.name}: {reason}" if reason else f"{label} {self.name}"
 
 
 def checks_named(names: Collection[str]) -> list[Check]:
@@ -110,13 +128,43 @@ def _describe(error: Exception) -> str:
     return reason.replace("\n", " ")
 
 
+_KIT = Path(__file__).resolve().parent
+
+
+def _backend_source(subject: Subject) -> Path | None:
+    """The backend's top-level package folder (or its module file, outside a package), if it has one."""
+    try:
+        name = subject.cls.__module__
+    except Exception:  # the class does not load: entry_point_load says so
+        return None
+    top = sys.modules.get(name.partition(".")[0])
+    if getattr(top, "__file__", None) is None:  # a namespace package: the class's own module's folder
+        file = getattr(sys.modules.get(name), "__file__", None)
+        return Path(file).resolve().parent if file else None
+    return Path(top.__file__).resolve().parent if hasattr(top, "__path__") else Path(top.__file__).resolve()
+
+
+def _where(error: BaseException, subject: Subject) -> str:
+    """The innermost frame of the backend's own code that the failure passed through, as
+    ``package/module.py:57 in fit``; empty for the kit's own verdicts and failures outside the backend."""
+    source = _backend_source(subject)
+    if source is None:
+        return ""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        file = Path(frame.filename).resolve()
+        if (file == source or file.is_relative_to(source)) and not file.is_relative_to(_KIT):
+            return f"{file.relative_to(source.parent)}:{frame.lineno} in {frame.name}"
+    return ""
+
+
 def _attempt(check: Check, subject: Subject) -> CheckResult:
     try:
         check.function(subject)
     except NotApplicable as why:
         return CheckResult(check.name, CheckStatus.SKIPPED, str(why))
     except Exception as error:  # a check's failure is data here, not a crash
-        return CheckResult(check.name, CheckStatus.FAILED, _describe(error))
+        details = "".join(traceback.format_exception(error))
+        return CheckResult(check.name, CheckStatus.FAILED, _describe(error), _where(error, subject), details)
     return CheckResult(check.name, CheckStatus.PASSED)
 
 
@@ -131,7 +179,7 @@ def _results(subject: Subject, names: Collection[str]) -> dict[str, CheckResult]
         if failed is None:
             results[check.name] = _attempt(check, subject)
         else:
-            results[check.name] = CheckResult(check.name, CheckStatus.SKIPPED, f"{failed} failed")
+            results[check.name] = CheckResult(check.name, CheckStatus.NOT_RUN, f"{failed} failed")
     return results
 
 
