@@ -12,7 +12,7 @@ import os
 import warnings
 from collections.abc import MutableMapping
 
-#: Announcements of what a command starts and stops for itself, by logger: Prefect's temporary server
+#: Announcements of what a command starts and stops for itself, and advice no user can act on, by logger: Prefect's temporary server
 #: (every start and stop, with a pointer to its docs; `cnn-train run` without servers is the intended
 #: use), and the local Ray instance a `--task-runner ray` sweep starts: Ray's notice that token
 #: authentication is on (its default, kept: the instance listens beyond loopback), how to opt out, and
@@ -24,6 +24,10 @@ _ANNOUNCEMENTS: dict[str, tuple[str, ...]] = {
         "Token authentication is enabled for this Ray cluster",
         "Generated new authentication token",
     ),
+    # MLflow's advice, at every pyfunc plugin's model, to log models from code rather than pickle the
+    # PythonModel: the contract hands the flow an instance (LoggableModel.model), which the plugin's
+    # author cannot change, and loading it runs the plugin's shipped code either way.
+    "mlflow.pyfunc": ("Passing a Python object as `python_model`",),
 }
 
 #: MLflow logs schema creation and migrations of a new store at INFO; its warnings stay.

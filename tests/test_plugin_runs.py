@@ -138,6 +138,7 @@ def test_pyfunc_plugin_run_and_its_model_loads_without_cnn_train(installed_pyfun
         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout + run.stderr
+    assert "CloudPickle" not in run.stdout + run.stderr, "MLflow's advice a plugin cannot act on was shown"
     assert os.listdir(elsewhere) == [], "the run wrote into the directory it was started from"
     finished, model = _finished_run(store / "mlflow.db")
     assert finished.info.status == "FINISHED"
