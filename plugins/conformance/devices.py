@@ -5,8 +5,9 @@ the backend builds, trains and predicts on the CPU: reading a variable that says
 are visible, opening a driver's device files, running a device-listing tool or loading its library
 (all seen through Python's audit hooks and ``os.environ``), and calling the device probes of a
 framework that is already imported (the kit never imports one), unless the call asks only about the
-platform of the device given (JAX's ``jax.devices("cpu")`` turns ``"cpu"`` into JAX's device). It also offers an impossible device,
-which the backend must refuse with a message naming it rather than fall back quietly.
+platform of the device given (JAX's ``jax.devices("cpu")`` turns ``"cpu"`` into JAX's device). It
+also offers an impossible device, which the backend must refuse with a message naming it rather than
+fall back quietly.
 """
 
 from __future__ import annotations
