@@ -101,10 +101,6 @@ class CheckResult:
     def skipped(self) -> bool:
         return self.status is CheckStatus.SKIPPED
 
-    @property
-    def not_run(self) -> bool:
-        return self.status is CheckStatus.NOT_RUN
-
     def line(self) -> str:
         """``PASS name``, ``FAIL name: reason``, ``SKIP name: reason`` or ``NOT RUN name: reason``, as
         ``cnn-train check-backend`` prints it."""
