@@ -32,16 +32,28 @@ def check_prefect_server(api_url: str | None) -> Finding:
             "run `cnn-train up` (or `cnn-train run` for a one-off run without servers)",
         )
     if services.prefect_api_answers(api_url):
+        if refusal := services.prefect_api_refusal(api_url):
+            return Finding("prefect server", False, refusal)
         return Finding("prefect server", True, f"{api_url} answers")
     if mistake := services.prefect_api_mistake(api_url):
         return Finding("prefect server", False, mistake)
     return Finding("prefect server", False, f"{api_url} does not answer", "run `cnn-train up`")
 
 
+def _usable(api_url: str | None) -> bool:
+    """A Prefect API that answers and takes this client's credentials (check_prefect_server says which not)."""
+    return bool(api_url) and services.prefect_api_answers(api_url) and services.prefect_api_refusal(api_url) is None
+
+
+def _server_hint(api_url: str | None) -> tuple[str, ...]:
+    """`cnn-train up` where nothing answers; a server that refuses this client has its fix on its own line."""
+    return ("run `cnn-train up`",) if not api_url or not services.prefect_api_answers(api_url) else ()
+
+
 def check_deployment(api_url: str | None, name: str = services.DEPLOYMENT) -> Finding:
     """The deployment exists and something polls for its runs (a serve process or worker)."""
-    if not api_url or not services.prefect_api_answers(api_url):
-        return Finding("deployment", False, f"cannot look up {name} without a Prefect server", "run `cnn-train up`")
+    if not _usable(api_url):
+        return Finding("deployment", False, f"cannot look up {name} without a Prefect server this client can use", *_server_hint(api_url))
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -97,8 +109,8 @@ def _check_pool(name: str, pool: str, api_url: str) -> Finding:
 def check_flow_runs(api_url: str | None, tracking_uri: str, *, fix: bool) -> Finding:
     """Prefect flow runs still Running though their process died: reported, and set Crashed (their MLflow
     runs FAILED) with ``fix``."""
-    if not api_url or not services.prefect_api_answers(api_url):
-        return Finding("flow runs", False, "cannot look for orphaned flow runs without a Prefect server", "run `cnn-train up`")
+    if not _usable(api_url):
+        return Finding("flow runs", False, "cannot look for orphaned flow runs without a Prefect server this client can use", *_server_hint(api_url))
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: api_url}):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+from cnn_train.flows import addresses
 from cnn_train.flows.detached import Service
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.settings import (
@@ -121,6 +122,36 @@ def prefect_api_answers(api_url: str, *, timeout: float = 3.0) -> bool:
     return http_ok(f"{api_url.rstrip('/')}/health", timeout=timeout)
 
 
+def prefect_api_refusal(api_url: str, *, timeout: float = 3.0) -> str | None:
+    """Why a Prefect API that answers refuses this client, said with the fix, or None. Its health check
+    answers anyone; an API call carries the credentials Prefect's client would (PREFECT_API_AUTH_STRING, or
+    PREFECT_API_KEY), and a refused one ended every command on Prefect's 401 traceback."""
+    import base64
+
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings().api
+    request = urllib.request.Request(f"{api_url.rstrip('/')}/admin/version")
+    if settings.auth_string:
+        secret = settings.auth_string.get_secret_value().encode()
+        request.add_header("Authorization", f"Basic {base64.b64encode(secret).decode()}")
+    elif settings.key:
+        request.add_header("Authorization", f"Bearer {settings.key.get_secret_value()}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):  # noqa: S310 - the configured API
+            return None
+    except urllib.error.HTTPError as error:
+        if error.code != 401:
+            return None  # any other answer is the server's to give again where the work meets it
+    except (urllib.error.URLError, OSError):
+        return None  # not answering is the health check's to say
+    presented = "this client's credentials" if settings.auth_string or settings.key else "this client, which presents no credentials"
+    return (
+        f"the Prefect API at {api_url} refused {presented} (401 Unauthorized); set PREFECT_API_AUTH_STRING "
+        "to the servers' user:password"
+    )
+
+
 def prefect_api_mistake(api_url: str, *, timeout: float = 3.0) -> str | None:
     """For a ``PREFECT_API_URL`` that does not answer: what is wrong with the address itself (no scheme, or
     the server's own address, the UI's, without ``/api``), or None when the fault is not in it."""
@@ -156,10 +187,25 @@ def _bin(name: str) -> str:
 
 
 def _ui_api_url() -> str:
-    """Where the Prefect UI's browser finds the API: this machine's name when others may browse it."""
+    """Where the Prefect UI's browser finds the API: this machine's best address when others may browse it
+    (``getfqdn()`` alone answered ``localhost`` on a machine without a DNS name)."""
     if bind_host() == HOST:
         return prefect_api_url()
-    return f"http://{socket.getfqdn()}:{prefect_port()}/api"
+    best = next(iter(addresses.machine_addresses()), socket.gethostname())
+    return f"http://{addresses.url_host(best)}:{prefect_port()}/api"
+
+
+def _prefect_server_env() -> dict[str, str]:
+    # A PREFECT_UI_API_URL of the user's (a name behind a proxy, say) wins over the one worked out here.
+    return {"PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL") or _ui_api_url()} | _server_credentials()
+
+
+def _mlflow_allowed_hosts() -> dict[str, str]:
+    """On every interface MLflow's server is also called by this machine's names and addresses, which its
+    guard against DNS rebinding refuses by default (403 "Invalid Host header"). A value of the user's wins."""
+    if bind_host() == HOST or os.environ.get(addresses.ALLOWED_HOSTS_ENV):
+        return {}
+    return {addresses.ALLOWED_HOSTS_ENV: ",".join(addresses.allowed_host_patterns(addresses.machine_addresses()))}
 
 
 def _deployment_served() -> bool:
@@ -220,7 +266,7 @@ prefect_server = _service(
     name="prefect-server",
     command=lambda: [_bin("prefect"), "server", "start", "--host", bind_host(), "--port", str(prefect_port())],
     ready=lambda: http_ok(f"{prefect_api_url()}/health"),
-    extra_env=lambda: {"PREFECT_UI_API_URL": _ui_api_url()} | _server_credentials(),
+    extra_env=_prefect_server_env,
     port=prefect_port,
     port_variable="CNN_TRAIN_PREFECT_PORT",
     before_start=_seed_prefect_database,
@@ -241,12 +287,12 @@ mlflow_server = _service(
         str(mlflow_port()),
         "--workers",
         "1",
-        # Host-header and CORS checks keep MLflow's defaults (localhost and private addresses).
+        # Host-header and CORS checks keep MLflow's defaults, plus this machine's names on every interface.
         *_mlflow_auth_app(),
     ],
     ready=lambda: http_ok(f"{mlflow_url()}/health"),
     # The default server spawns ~15 processes and 3 GB on 2 cores; these keep it near 0.5 GB.
-    extra_env=lambda: {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | _server_credentials(),
+    extra_env=lambda: {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | _server_credentials() | _mlflow_allowed_hosts(),
     port=mlflow_port,
     port_variable="CNN_TRAIN_MLFLOW_PORT",
 )
@@ -274,8 +320,11 @@ def _worker_command() -> list[str]:
 def _worker_polling() -> bool:
     from cnn_train.flows import worker
 
-    return worker_process.pid() is not None and worker.worker_name() in worker.online_workers(
-        worker.pool_name(), prefect_api_url()
+    # With the Prefect server down the worker may live on, polling nothing: `status` said so with a traceback.
+    return (
+        worker_process.pid() is not None
+        and prefect_api_answers(prefect_api_url(), timeout=1.0)
+        and worker.worker_name() in worker.online_workers(worker.pool_name(), prefect_api_url())
     )
 
 

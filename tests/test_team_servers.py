@@ -12,7 +12,6 @@ import base64
 import re
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from cnn_train.flows import addresses as machine
 from cnn_train.flows import auth, services
 from tests.local_stack import bare_env, free_port
 from tests.plugin_fixtures import backend_plugin_site
@@ -82,15 +82,70 @@ def test_the_host_reaches_both_servers_command_lines(monkeypatch, bind_host):
         assert command[command.index("--host") + 1] == bind_host, server.name
 
 
-def test_on_every_interface_the_prefect_ui_finds_its_api_by_this_machines_name(monkeypatch):
+@pytest.mark.parametrize(
+    ("addresses", "ui_host"),
+    [
+        pytest.param(["gpu-box.example.com", "192.0.2.2", "vm"], "gpu-box.example.com", id="a-dns-name"),
+        pytest.param(["192.0.2.2", "fd00::2", "vm"], "192.0.2.2", id="no-dns-name-an-address"),
+        pytest.param(["fd00::2"], "[fd00::2]", id="ipv6-only"),
+    ],
+)
+def test_on_every_interface_the_prefect_ui_finds_its_api_by_this_machines_address(monkeypatch, addresses, ui_host):
+    """Before, socket.getfqdn() alone: 'localhost' on a machine without a DNS name, so a teammate's browser
+    called its own machine."""
     monkeypatch.setenv("CNN_TRAIN_PREFECT_PORT", "4321")
-    for name in (auth.USERNAME_ENV, auth.PASSWORD_ENV):
+    for name in (auth.USERNAME_ENV, auth.PASSWORD_ENV, "PREFECT_UI_API_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(auth.FILE_ENV, "/nonexistent/auth")
+    monkeypatch.setattr(machine, "machine_addresses", lambda: addresses)
     monkeypatch.delenv(services.BIND_HOST_ENV, raising=False)
     assert services.prefect_server.extra_env()["PREFECT_UI_API_URL"] == "http://127.0.0.1:4321/api"
     monkeypatch.setenv(services.BIND_HOST_ENV, "0.0.0.0")
-    assert services.prefect_server.extra_env()["PREFECT_UI_API_URL"] == f"http://{socket.getfqdn()}:4321/api"
+    assert services.prefect_server.extra_env()["PREFECT_UI_API_URL"] == f"http://{ui_host}:4321/api"
+    monkeypatch.setenv("PREFECT_UI_API_URL", "https://prefect.team.example/api")  # the user's own wins
+    assert services.prefect_server.extra_env()["PREFECT_UI_API_URL"] == "https://prefect.team.example/api"
+
+
+def test_this_machines_addresses_leave_out_loopback_and_link_local():
+    addresses = machine.machine_addresses()
+    assert not {"127.0.0.1", "::1", "localhost"} & set(addresses)
+    assert not any(a.startswith("fe80") for a in addresses)
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        pytest.param("192.0.2.2:5000", True, id="a-public-interface-address"),
+        pytest.param("[fd00::2]:5000", True, id="ipv6-with-port"),
+        pytest.param("[fd00::2]", True, id="ipv6"),
+        pytest.param("vm:5000", True, id="the-host-name"),
+        pytest.param("localhost:5000", True, id="mlflows-defaults-kept"),
+        pytest.param("10.1.2.3:5000", True, id="a-private-address"),
+        pytest.param("evil.example.com:5000", False, id="another-name"),
+    ],
+)
+def test_on_every_interface_mlflow_answers_to_this_machines_names(monkeypatch, host, allowed):
+    """Through MLflow's own Host-header matcher: before, a teammate calling http://vm:5000 or the machine's
+    public address got 403 'Invalid Host header - possible DNS rebinding attack detected'."""
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    monkeypatch.setattr(machine, "machine_addresses", lambda: ["192.0.2.2", "fd00::2", "vm"])
+    monkeypatch.delenv(machine.ALLOWED_HOSTS_ENV, raising=False)
+    monkeypatch.setenv(services.BIND_HOST_ENV, "0.0.0.0")
+    patterns = services.mlflow_server.extra_env()[machine.ALLOWED_HOSTS_ENV].split(",")
+    assert is_allowed_host_header(patterns, host) is allowed
+
+
+@pytest.mark.parametrize(
+    ("bind_host", "users"), [("127.0.0.1", None), ("0.0.0.0", "mlflow.team.example")], ids=["loopback", "the-users-own"]
+)
+def test_mlflows_allowed_hosts_are_left_alone(monkeypatch, bind_host, users):
+    monkeypatch.setenv(services.BIND_HOST_ENV, bind_host)
+    if users:
+        monkeypatch.setenv(machine.ALLOWED_HOSTS_ENV, users)
+    else:
+        monkeypatch.delenv(machine.ALLOWED_HOSTS_ENV, raising=False)
+    assert machine.ALLOWED_HOSTS_ENV not in services.mlflow_server.extra_env()
 
 
 # --- real servers ----------------------------------------------------------------------------------
@@ -171,6 +226,45 @@ def test_shared_servers_demand_credentials_and_a_run_completes(team):
     result = _trigger(team, {"epochs": 1, "sample_limit": 2000, "test_limit": 500, "compare_dense": False})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "flow run state: Completed" in result.stdout and "test accuracy:" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("given", "line"),
+    [
+        pytest.param(
+            {"PREFECT_API_AUTH_STRING": f"{USER}:not-the-password"},
+            "the Prefect API at {prefect} refused this client's credentials (401 Unauthorized); "
+            "set PREFECT_API_AUTH_STRING to the servers' user:password",
+            id="prefect-wrong-password",
+        ),
+        pytest.param(
+            {"PREFECT_API_AUTH_STRING": None},
+            "the Prefect API at {prefect} refused this client, which presents no credentials (401 Unauthorized); "
+            "set PREFECT_API_AUTH_STRING to the servers' user:password",
+            id="prefect-none",
+        ),
+        pytest.param(
+            {"MLFLOW_TRACKING_PASSWORD": "not-the-password"},
+            "MLflow tracking server {mlflow} refused this client's credentials (401 Unauthorized); "
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to the servers' user and password",
+            id="mlflow-wrong-password",
+        ),
+    ],
+)
+def test_a_teammates_refused_credentials_are_one_line_before_anything_runs(team, tmp_path, given, line):
+    """A teammate's machine: no credentials file, the client variables only. Before, Prefect's 401 ended the
+    command on a traceback (its health check answers anyone), and MLflow's failed a recorded flow run."""
+    env = bare_env(tmp_path) | team.client_env() | {"MLFLOW_TRACKING_URI": team.mlflow, "CNN_TRAIN_DATA_DIR": team.env["CNN_TRAIN_DATA_DIR"]}
+    for name, value in given.items():
+        if value is None:
+            env.pop(name)
+        else:
+            env[name] = value
+    result = subprocess.run([CLI, "run", "--epochs", "1", "--sample-limit", "300"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.splitlines() == ["cnn-train: " + line.format(prefect=team.prefect_api, mlflow=team.mlflow)]
+    assert "Traceback" not in result.stdout and "epoch 1/1" not in result.stdout
 
 
 def _flow_run_process(flow_run_id: str) -> int | None:

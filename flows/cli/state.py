@@ -95,7 +95,7 @@ def _prefect_api(*, required: bool) -> str | None:
     """The configured Prefect API URL (checked to answer), or None for a temporary server."""
     from prefect.settings import get_current_settings
 
-    from cnn_train.flows.services import prefect_api_answers, prefect_api_mistake
+    from cnn_train.flows.services import prefect_api_answers, prefect_api_mistake, prefect_api_refusal
 
     api_url = get_current_settings().api.url
     if api_url is None:
@@ -107,6 +107,8 @@ def _prefect_api(*, required: bool) -> str | None:
             prefect_api_mistake(api_url)
             or f"the Prefect API at {api_url} does not answer; start it with `cnn-train up --no-trigger`"
         )
+    if refusal := prefect_api_refusal(api_url):
+        fail(refusal)
     return api_url
 
 
@@ -187,7 +189,7 @@ def trigger(
         served = flow_runs.deployment_names()
         there = f"; deployments there: {', '.join(served)}" if served else "; `cnn-train up --no-trigger` serves cnn-train/default"
         fail(f"no deployment {deployment} on {api_url}{did_you_mean(deployment, served)}{there}")
-    ui_url = get_current_settings().ui_url
+    ui_url = (get_current_settings().ui_url or "").rstrip("/")  # Prefect keeps an API URL's trailing slash
     link = f": {ui_url}/runs/flow-run/{flow_run.id}" if ui_url else f" ({flow_run.id})"
     typer.echo(f"flow run {flow_run.name}{link}")
     if not watch:

@@ -86,7 +86,7 @@ def require_reachable_servers() -> None:
     from prefect.settings import get_current_settings
 
     from cnn_train.flows import tracking
-    from cnn_train.flows.services import prefect_api_answers, prefect_api_mistake
+    from cnn_train.flows.services import prefect_api_answers, prefect_api_mistake, prefect_api_refusal
 
     try:
         tracking.check_reachable(tracking.tracking_uri())
@@ -99,6 +99,8 @@ def require_reachable_servers() -> None:
             or f"the Prefect API at {api_url} does not answer; start it with `cnn-train up --no-trigger`, "
             "or `prefect config unset PREFECT_API_URL` to run on a temporary server"
         )
+    if api_url and (refusal := prefect_api_refusal(api_url)):
+        fail(refusal)
 
 
 @app.command()

@@ -44,7 +44,7 @@ def heartbeat(uri: str, run_id: str, interval: float | None = None) -> Iterator[
         while True:
             try:
                 # A quick probe first: MLflow's client would retry a dead server for minutes.
-                check_reachable(uri, timeout=2.0)
+                check_reachable(uri, timeout=2.0, as_client=False)
                 mlflow_client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
                 if missed:
                     system.resume()

@@ -257,7 +257,7 @@ class RunTracker:
         """Steps of ``key`` this run has logged: spooled here (delivered or not), and any MLflow holds."""
         steps = spool.Spool(self.run_id).metric_steps(key)
         try:
-            check_reachable(self.uri, timeout=2.0)
+            check_reachable(self.uri, timeout=2.0, as_client=False)
             steps |= {m.step for m in MlflowClient(tracking_uri=self.uri).get_metric_history(self.run_id, key)}
         except (TrackingUnavailableError, MlflowException):
             pass  # what was spooled is still known; MLflow gets it later
@@ -286,7 +286,7 @@ class RunTracker:
         returns its model URI. While the server does not answer, the model is saved into the spool and
         logged when it is back; then there is no URI yet and this returns None."""
         try:
-            check_reachable(self.uri, timeout=2.0)
+            check_reachable(self.uri, timeout=2.0, as_client=False)
         except TrackingUnavailableError as error:
             _log.warning("%s; the model is kept in the spool of run %s and logged when it answers", error, self.run_id)
             with tempfile.TemporaryDirectory(prefix="cnn-train-model-") as folder:

@@ -190,7 +190,7 @@ class Spool:
             return Delivery(0, self.count())
         try:
             uri = self.uri
-            check_reachable(uri, timeout=2.0)
+            check_reachable(uri, timeout=2.0, as_client=False)
             mlflow_client = MlflowClient(tracking_uri=uri)
             delivered = refused = 0
             for seq, kind, payload in self.pending():

@@ -47,9 +47,11 @@ def client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=uri or tracking_uri())
 
 
-def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
-    """Fail fast, with what to do about it, when an HTTP tracking server does not answer or MLflow has
-    no store for the URI's scheme (a typo such as ``htp://``); a local store is not opened here."""
+def check_reachable(uri: str, *, timeout: float = 5.0, as_client: bool = True) -> None:
+    """Fail fast, with what to do about it, when an HTTP tracking server does not answer, or refuses this
+    client (``as_client``: one API call), or MLflow has no store for the URI's scheme (a typo such as
+    ``htp://``); a local store is not opened here. The probes during a run pass ``as_client=False``: the
+    client was checked as the run began, and they only ask whether the server is there."""
     if not _is_server(uri):
         _check_scheme(uri)
         return
@@ -63,6 +65,8 @@ def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
     try:
         with urllib.request.urlopen(health, timeout=timeout) as response:  # noqa: S310 - user-configured URI
             if response.status == 200:
+                if as_client:
+                    _check_accepted(uri)
                 return
             problem = f"HTTP {response.status}"
     except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as error:
@@ -71,6 +75,33 @@ def check_reachable(uri: str, *, timeout: float = 5.0) -> None:
         f"MLflow tracking server {uri} is not reachable ({problem}); start it with `cnn-train up`, "
         "or unset MLFLOW_TRACKING_URI to log to the project's mlflow.db"
     )
+
+
+def _check_accepted(uri: str) -> None:
+    """An MLflow server's /health answers anyone; its API may still refuse this client: its credentials
+    (the basic-auth app), or the host name it was called by (MLflow's guard against DNS rebinding lets
+    only loopback and private addresses through unless MLFLOW_SERVER_ALLOWED_HOSTS names more)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client(uri).search_experiments(max_results=1)
+    except MlflowException as error:
+        if "Invalid Host header" in str(error):
+            host = urlparse(uri).hostname
+            raise TrackingUnavailableError(
+                f"MLflow tracking server {uri} refuses to be called by the name {host!r} (its guard against DNS "
+                f"rebinding); start it with MLFLOW_SERVER_ALLOWED_HOSTS={host},{host}:* in the environment of "
+                "`cnn-train up`, or call it by its IP address"
+            ) from None
+        if error.get_http_status_code() == 401:
+            presented = os.environ.get("MLFLOW_TRACKING_USERNAME") or os.environ.get("MLFLOW_TRACKING_TOKEN")
+            raise TrackingUnavailableError(
+                f"MLflow tracking server {uri} refused "
+                + ("this client's credentials" if presented else "this client, which presents no credentials")
+                + " (401 Unauthorized); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to the servers' "
+                "user and password"
+            ) from None
+        # Any other answer is the server's to give again where the work meets it, with its own context.
 
 
 def _check_scheme(uri: str) -> None:

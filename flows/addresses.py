@@ -1,0 +1,48 @@
+"""What other machines call this one by, and the Host headers MLflow's server must then accept: for
+``cnn-train up --host 0.0.0.0``, where teammates' browsers and clients reach the servers from elsewhere."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+#: MLflow's own setting for the host names its server answers to, beyond loopback and private addresses.
+ALLOWED_HOSTS_ENV = "MLFLOW_SERVER_ALLOWED_HOSTS"
+
+
+def machine_addresses() -> list[str]:
+    """What other machines may call this one by, best first: a fully qualified name, each interface's
+    IPv4 then IPv6 address, the bare host name (which other machines resolve least often). Loopback and
+    link-local addresses are left out: they mean another machine there."""
+    import psutil
+
+    fqdn, hostname = socket.getfqdn(), socket.gethostname()
+    found = [a for addrs in psutil.net_if_addrs().values() for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)]
+    interfaces = [a.address.split("%")[0] for a in sorted(found, key=lambda a: a.family != socket.AF_INET)]
+    named = [fqdn] if "." in fqdn else []
+    return list(dict.fromkeys(value for value in [*named, *interfaces, hostname, fqdn] if _elsewhere_too(value)))
+
+
+def _elsewhere_too(value: str) -> bool:
+    """Whether ``value`` names this machine from another one too (``localhost`` and ``fe80::1`` do not)."""
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:  # a name
+        return bool(value) and value.split(".")[0] != "localhost"
+    return not (address.is_loopback or address.is_link_local)
+
+
+def url_host(address: str) -> str:
+    """``address`` as a URL's host: an IPv6 address goes in brackets."""
+    return f"[{address}]" if ":" in address else address
+
+
+def allowed_host_patterns(names: list[str]) -> list[str]:
+    """MLflow's default Host-header patterns (loopback and private addresses), then each of ``names`` as it
+    is (a value without ``*`` is compared as a string) and with any port (an fnmatch pattern, where ``[``
+    opens a character class: an IPv6 bracket is written ``[[]``)."""
+    # No public API gives MLflow's default list; this module function is what its server itself reads.
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
+    mine = [pattern for name in names for pattern in ([f"[{name}]", f"[[]{name}]:*"] if ":" in name else [name, f"{name}:*"])]
+    return list(dict.fromkeys([*get_default_allowed_hosts(), *mine]))
