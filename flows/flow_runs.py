@@ -141,18 +141,30 @@ def recent_flow_runs(limit: int = 10) -> list[FlowRunSummary]:
     ]
 
 
+class PrefectServerGone(ExpectedFailure, ConnectionError):
+    """The Prefect server stopped answering while a command waited on one of its flow runs."""
+
+
 def wait_for_end(
     flow_run_id: str, *, timeout: float, on_state: Callable[[str], None], poll_seconds: float = 2.0
 ) -> Any:
     """Poll the flow run until its state is final, telling ``on_state`` each new state's name; returns
     the final state, or None when ``timeout`` seconds passed first."""
+    import httpx
     from prefect.client.orchestration import get_client
 
     deadline = time.monotonic() + timeout
     seen = None
     with get_client(sync_client=True) as client:
         while True:
-            state = client.read_flow_run(flow_run_id).state
+            try:
+                state = client.read_flow_run(flow_run_id).state
+            except httpx.TransportError as error:  # after the client's own retries, about a minute
+                raise PrefectServerGone(
+                    f"the Prefect API at {str(client.api_url).rstrip('/')} stopped answering while this command watched flow "
+                    f"run {flow_run_id} ({error}); the run goes on where it runs: `cnn-train runs` shows how it "
+                    "ended once the server is back"
+                ) from None
             if state is not None and state.name != seen:
                 seen = state.name
                 on_state(state.name)

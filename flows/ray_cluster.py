@@ -157,10 +157,14 @@ def _join_failure(address: str, error: BaseException) -> RayClusterError:
             "here, and no RAY_ADDRESS): start one, or give HOST:PORT or ray://HOST:PORT"
         )
     if "ray client connection timeout" in text:
-        hint = "its token is refused" if source else f"it requires a token, none was given: {_HOW_TO_GIVE_A_TOKEN}"
+        hint = (
+            f"it refused the token from {source}: compare it with `ray get-auth-token` on the head node"
+            if source
+            else f"it requires a token, none was given: {_HOW_TO_GIVE_A_TOKEN}"
+        )
         return RayClusterError(
             f"{where} did not let this Ray Client in within 30 s; if the cluster uses token authentication "
-            f"(Ray's default), {hint}"
+            f"(a head started with a token, or with RAY_AUTH_MODE=token), {hint}"
         )
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     hint = ""

@@ -884,3 +884,29 @@ def test_a_failing_trigger_says_why_in_its_terminal(served, truncated_data_dir):
     # its Failed state, the message itself, the engine's "Engine execution exited ...") are left out.
     assert len(reason.splitlines()) == 1, reason
     assert "t10k-labels-idx1-ubyte.gz: not a complete gzip file" in reason
+
+
+def test_watching_a_flow_run_whose_server_goes_away_is_one_line():
+    """Before, `trigger --watch` ended on two httpx tracebacks (106 lines) once the client's retries ran out."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    from cnn_train.flows import flow_runs
+    from cnn_train.flows.errors import ExpectedFailure
+
+    gone = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
+    with temporary_settings({PREFECT_API_URL: gone, PREFECT_CLIENT_MAX_RETRIES: 0}):
+        with pytest.raises(ExpectedFailure) as caught:
+            flow_runs.wait_for_end(FLOW_RUN, timeout=30, on_state=lambda name: None)
+    assert str(caught.value).startswith(f"the Prefect API at {gone} stopped answering while this command watched flow run {FLOW_RUN} (")
+    assert str(caught.value).endswith("the run goes on where it runs: `cnn-train runs` shows how it ended once the server is back")
+
+
+def test_status_with_the_worker_alive_and_the_prefect_server_gone_says_not_ready(tmp_path, monkeypatch):
+    """Before, `cnn-train status` printed the services, then the worker's readiness probe's httpx traceback."""
+    from cnn_train.flows import services
+
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("CNN_TRAIN_PREFECT_PORT", str(free_port()))  # nothing listens there
+    services.worker_process.pid_file.parent.mkdir(parents=True)
+    services.worker_process.pid_file.write_text(str(os.getpid()))  # a live process stands in for the worker
+    assert services.status()["worker"] == {"pid": os.getpid(), "ready": False, "log": str(services.worker_process.log_file)}
