@@ -59,6 +59,11 @@ _FORWARDED_ENV = (
     "DO_NOT_TRACK",
     "MLFLOW_DISABLE_TELEMETRY",
     "PREFECT_SERVER_ANALYTICS_ENABLED",
+    # The command's quiet (cnn_train.flows.quiet): Ray prints its workers' output on the driver's terminal,
+    # where each trial's MLflow "View run ... at:" and system-metrics INFO lines appeared.
+    "MLFLOW_LOGGING_LEVEL",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
 )
 
 # Ray's documented token settings (https://docs.ray.io/en/latest/ray-security/token-auth.html).

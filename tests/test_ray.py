@@ -105,6 +105,22 @@ def test_a_dead_worker_is_told_from_a_failed_trial(make_error, died: bool) -> No
     assert worker_died(make_error()) is died
 
 
+def test_trials_get_the_commands_quiet_and_its_servers_credentials(monkeypatch) -> None:
+    """Ray prints its workers' output on the driver's terminal: without the command's quiet there, every
+    trial printed MLflow's "View run ... at:" line and its system-metrics INFO lines."""
+    from cnn_train.flows import quiet
+    from cnn_train.flows.ray_cluster import ray_task_runner
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "team-password")
+    for name in ("MLFLOW_LOGGING_LEVEL", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+        monkeypatch.delenv(name, raising=False)
+    quiet.quiet_libraries()  # what every cnn-train command does first
+    forwarded = ray_task_runner().init_kwargs["runtime_env"]["env_vars"]
+    assert forwarded["MLFLOW_TRACKING_PASSWORD"] == "team-password"
+    assert forwarded["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
+    assert forwarded["MLFLOW_LOGGING_LEVEL"] == "WARNING"
+
+
 def test_trial_key_depends_on_the_values_only() -> None:
     assert trial_key({"learning_rate": 0.001, "seed": 1}) == trial_key({"seed": 1, "learning_rate": 0.001})
     assert trial_key({"learning_rate": 0.001}) != trial_key({"learning_rate": 0.0003})
