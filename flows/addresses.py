@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from urllib.parse import urlparse
 
 #: MLflow's own setting for the host names its server answers to, beyond loopback and private addresses.
 ALLOWED_HOSTS_ENV = "MLFLOW_SERVER_ALLOWED_HOSTS"
@@ -46,3 +47,12 @@ def allowed_host_patterns(names: list[str]) -> list[str]:
 
     mine = [pattern for name in names for pattern in ([f"[{name}]", f"[[]{name}]:*"] if ":" in name else [name, f"{name}:*"])]
     return list(dict.fromkeys([*get_default_allowed_hosts(), *mine]))
+
+
+def start_hint(url: str, start: str) -> str:
+    """What to do about a server at ``url`` that does not answer: ``start`` it, when it is on this machine;
+    on another one, only the person there can (`cnn-train up` here would start a second, empty server)."""
+    host = urlparse(url).hostname or ""
+    if host in ("127.0.0.1", "localhost", "::1") or host in machine_addresses():
+        return start
+    return f"check that it runs on {host} and that this machine reaches it"

@@ -104,6 +104,9 @@ def up(*, trigger: bool, watch_timeout: float, echo: Echo, worker: bool = False)
         start_service(services.serve_process, echo, timeout=START_TIMEOUT)
     echo(f"Prefect UI: {services.prefect_ui_url()}")
     echo(f"MLflow UI:  {services.mlflow_url()}")
+    if team := services.team_host():
+        echo(f"from other machines: Prefect UI http://{team}:{services.prefect_port()}, API http://{team}:"
+             f"{services.prefect_port()}/api, MLflow http://{team}:{services.mlflow_port()} (with the credentials)")
     if not trigger:
         return 0
     return trigger_and_watch(watch_timeout=watch_timeout, echo=echo)

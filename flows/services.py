@@ -186,13 +186,18 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-def _ui_api_url() -> str:
-    """Where the Prefect UI's browser finds the API: this machine's best address when others may browse it
-    (``getfqdn()`` alone answered ``localhost`` on a machine without a DNS name)."""
+def team_host() -> str | None:
+    """The name or address teammates reach the servers by, when they listen beyond this machine: the best
+    of :func:`addresses.machine_addresses` (``getfqdn()`` alone answered ``localhost`` without a DNS name)."""
     if bind_host() == HOST:
-        return prefect_api_url()
-    best = next(iter(addresses.machine_addresses()), socket.gethostname())
-    return f"http://{addresses.url_host(best)}:{prefect_port()}/api"
+        return None
+    return addresses.url_host(next(iter(addresses.machine_addresses()), socket.gethostname()))
+
+
+def _ui_api_url() -> str:
+    """Where the Prefect UI's browser finds the API: this machine's best address when others may browse it."""
+    host = team_host()
+    return f"http://{host}:{prefect_port()}/api" if host else prefect_api_url()
 
 
 def _prefect_server_env() -> dict[str, str]:

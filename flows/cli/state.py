@@ -95,6 +95,7 @@ def _prefect_api(*, required: bool) -> str | None:
     """The configured Prefect API URL (checked to answer), or None for a temporary server."""
     from prefect.settings import get_current_settings
 
+    from cnn_train.flows.addresses import start_hint
     from cnn_train.flows.services import prefect_api_answers, prefect_api_mistake, prefect_api_refusal
 
     api_url = get_current_settings().api.url
@@ -105,7 +106,7 @@ def _prefect_api(*, required: bool) -> str | None:
     if not prefect_api_answers(api_url):
         fail(
             prefect_api_mistake(api_url)
-            or f"the Prefect API at {api_url} does not answer; start it with `cnn-train up --no-trigger`"
+            or f"the Prefect API at {api_url} does not answer; {start_hint(api_url, 'start it with `cnn-train up --no-trigger`')}"
         )
     if refusal := prefect_api_refusal(api_url):
         fail(refusal)

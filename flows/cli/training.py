@@ -86,6 +86,7 @@ def require_reachable_servers() -> None:
     from prefect.settings import get_current_settings
 
     from cnn_train.flows import tracking
+    from cnn_train.flows.addresses import start_hint
     from cnn_train.flows.services import prefect_api_answers, prefect_api_mistake, prefect_api_refusal
 
     try:
@@ -96,7 +97,7 @@ def require_reachable_servers() -> None:
     if api_url and not prefect_api_answers(api_url):
         fail(
             prefect_api_mistake(api_url)
-            or f"the Prefect API at {api_url} does not answer; start it with `cnn-train up --no-trigger`, "
+            or f"the Prefect API at {api_url} does not answer; {start_hint(api_url, 'start it with `cnn-train up --no-trigger`')}, "
             "or `prefect config unset PREFECT_API_URL` to run on a temporary server"
         )
     if api_url and (refusal := prefect_api_refusal(api_url)):

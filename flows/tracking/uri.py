@@ -16,6 +16,7 @@ from urllib.parse import quote, urlparse
 from mlflow import MlflowClient
 
 from cnn_train.flows import services
+from cnn_train.flows.addresses import start_hint
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.settings import default_tracking_uri
 
@@ -72,7 +73,7 @@ def check_reachable(uri: str, *, timeout: float = 5.0, as_client: bool = True) -
     except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as error:
         problem = str(getattr(error, "reason", error))
     raise TrackingUnavailableError(
-        f"MLflow tracking server {uri} is not reachable ({problem}); start it with `cnn-train up`, "
+        f"MLflow tracking server {uri} is not reachable ({problem}); {start_hint(uri, 'start it with `cnn-train up`')}, "
         "or unset MLFLOW_TRACKING_URI to log to the project's mlflow.db"
     )
 
