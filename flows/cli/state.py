@@ -199,7 +199,9 @@ def trigger(
         str(flow_run.id), timeout=watch_timeout, on_state=lambda name: typer.echo(f"flow run {flow_run.name}: {name}")
     )
     if final is None:
-        fail(f"gave up after {watch_timeout} s; a run left Scheduled means nothing serves {deployment} (`cnn-train status`)", 1)
+        pool = flow_run.work_pool_name
+        nobody = f"no worker polls work pool {pool!r}" if pool else f"nothing serves {deployment}"
+        fail(f"gave up after {watch_timeout} s; a run left Scheduled means {nobody} (`cnn-train doctor`)", 1)
     if flow_runs.is_failure(final):
         for line in flow_runs.failure_reason(str(flow_run.id)):
             typer.echo(line, err=True)
