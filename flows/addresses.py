@@ -9,6 +9,8 @@ from urllib.parse import urlparse
 
 #: MLflow's own setting for the host names its server answers to, beyond loopback and private addresses.
 ALLOWED_HOSTS_ENV = "MLFLOW_SERVER_ALLOWED_HOSTS"
+#: MLflow's own setting for the pages (origins) whose scripts may change things through its API, beyond localhost.
+ALLOWED_ORIGINS_ENV = "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"
 
 
 def machine_addresses() -> list[str]:
@@ -47,6 +49,12 @@ def allowed_host_patterns(names: list[str]) -> list[str]:
 
     mine = [pattern for name in names for pattern in ([f"[{name}]", f"[[]{name}]:*"] if ":" in name else [name, f"{name}:*"])]
     return list(dict.fromkeys([*get_default_allowed_hosts(), *mine]))
+
+
+def allowed_origins(names: list[str], port: int) -> list[str]:
+    """The origins of MLflow's own UI as a browser elsewhere opens it, by each of ``names``: without them,
+    MLflow's guard refuses the UI's own POSTs ("Cross-origin request blocked") and its pages stay empty."""
+    return [f"{scheme}://{url_host(name)}:{port}" for name in names for scheme in ("http", "https")]
 
 
 def start_hint(url: str, start: str) -> str:

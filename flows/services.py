@@ -205,12 +205,19 @@ def _prefect_server_env() -> dict[str, str]:
     return {"PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL") or _ui_api_url()} | _server_credentials()
 
 
-def _mlflow_allowed_hosts() -> dict[str, str]:
-    """On every interface MLflow's server is also called by this machine's names and addresses, which its
-    guard against DNS rebinding refuses by default (403 "Invalid Host header"). A value of the user's wins."""
-    if bind_host() == HOST or os.environ.get(addresses.ALLOWED_HOSTS_ENV):
+def _mlflow_beyond_loopback() -> dict[str, str]:
+    """On every interface MLflow's server is also called, and its UI opened, by this machine's names and
+    addresses, which its guards refuse by default: the Host header (403 "Invalid Host header", against DNS
+    rebinding) and the UI's own POSTs from such a page (403 "Cross-origin request blocked"). A value of
+    the user's wins."""
+    if bind_host() == HOST:
         return {}
-    return {addresses.ALLOWED_HOSTS_ENV: ",".join(addresses.allowed_host_patterns(addresses.machine_addresses()))}
+    names = addresses.machine_addresses()
+    ours = {
+        addresses.ALLOWED_HOSTS_ENV: ",".join(addresses.allowed_host_patterns(names)),
+        addresses.ALLOWED_ORIGINS_ENV: ",".join(addresses.allowed_origins(names, mlflow_port())),
+    }
+    return {name: value for name, value in ours.items() if not os.environ.get(name)}
 
 
 def _deployment_served() -> bool:
@@ -297,7 +304,7 @@ mlflow_server = _service(
     ],
     ready=lambda: http_ok(f"{mlflow_url()}/health"),
     # The default server spawns ~15 processes and 3 GB on 2 cores; these keep it near 0.5 GB.
-    extra_env=lambda: {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | _server_credentials() | _mlflow_allowed_hosts(),
+    extra_env=lambda: {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | _server_credentials() | _mlflow_beyond_loopback(),
     port=mlflow_port,
     port_variable="CNN_TRAIN_MLFLOW_PORT",
 )

@@ -136,6 +136,30 @@ def test_on_every_interface_mlflow_answers_to_this_machines_names(monkeypatch, h
     assert is_allowed_host_header(patterns, host) is allowed
 
 
+@pytest.mark.parametrize(
+    ("origin", "blocked"),
+    [
+        pytest.param("http://192.0.2.2:5678", False, id="the-ui-opened-by-address"),
+        pytest.param("http://[fd00::2]:5678", False, id="by-ipv6-address"),
+        pytest.param("https://vm:5678", False, id="by-host-name-behind-tls"),
+        pytest.param("http://localhost:5678", False, id="mlflows-defaults-kept"),
+        pytest.param("http://192.0.2.2:8080", True, id="another-port"),
+        pytest.param("http://evil.example.com", True, id="another-site"),
+    ],
+)
+def test_on_every_interface_mlflows_own_ui_may_post_from_this_machines_names(monkeypatch, origin, blocked):
+    """Through MLflow's own CORS decision: before, the MLflow UI opened at http://192.0.2.2:5000 showed
+    "We couldn't load your experiments" (its POSTs: 403 'Cross-origin request blocked')."""
+    from mlflow.server.security_utils import should_block_cors_request
+
+    monkeypatch.setattr(machine, "machine_addresses", lambda: ["192.0.2.2", "fd00::2", "vm"])
+    monkeypatch.setenv("CNN_TRAIN_MLFLOW_PORT", "5678")
+    monkeypatch.delenv(machine.ALLOWED_ORIGINS_ENV, raising=False)
+    monkeypatch.setenv(services.BIND_HOST_ENV, "0.0.0.0")
+    origins = services.mlflow_server.extra_env()[machine.ALLOWED_ORIGINS_ENV].split(",")
+    assert should_block_cors_request(origin, "POST", origins) is blocked
+
+
 def test_a_server_elsewhere_that_does_not_answer_is_not_for_up_to_start(monkeypatch):
     """A teammate was told to `cnn-train up`, which would start a second, empty server on their machine."""
     monkeypatch.setattr(machine, "machine_addresses", lambda: ["192.0.2.2", "vm"])
@@ -155,7 +179,9 @@ def test_mlflows_allowed_hosts_are_left_alone(monkeypatch, bind_host, users):
         monkeypatch.setenv(machine.ALLOWED_HOSTS_ENV, users)
     else:
         monkeypatch.delenv(machine.ALLOWED_HOSTS_ENV, raising=False)
-    assert machine.ALLOWED_HOSTS_ENV not in services.mlflow_server.extra_env()
+    env = services.mlflow_server.extra_env()
+    assert machine.ALLOWED_HOSTS_ENV not in env
+    assert (machine.ALLOWED_ORIGINS_ENV in env) is (bind_host != "127.0.0.1")  # only the user's hosts were given
 
 
 # --- real servers ----------------------------------------------------------------------------------
