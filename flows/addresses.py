@@ -7,6 +7,8 @@ import ipaddress
 import socket
 from urllib.parse import urlparse
 
+from cnn_train.flows.auth import LOOPBACK
+
 #: MLflow's own setting for the host names its server answers to, beyond loopback and private addresses.
 ALLOWED_HOSTS_ENV = "MLFLOW_SERVER_ALLOWED_HOSTS"
 #: MLflow's own setting for the pages (origins) whose scripts may change things through its API, beyond localhost.
@@ -61,6 +63,6 @@ def start_hint(url: str, start: str) -> str:
     """What to do about a server at ``url`` that does not answer: ``start`` it, when it is on this machine;
     on another one, only the person there can (`cnn-train up` here would start a second, empty server)."""
     host = urlparse(url).hostname or ""
-    if host in ("127.0.0.1", "localhost", "::1") or host in machine_addresses():
+    if host in LOOPBACK or host in machine_addresses():
         return start
     return f"check that it runs on {host} and that this machine reaches it"

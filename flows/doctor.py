@@ -40,20 +40,18 @@ def check_prefect_server(api_url: str | None) -> Finding:
     return Finding("prefect server", False, f"{api_url} does not answer", "run `cnn-train up`")
 
 
-def _usable(api_url: str | None) -> bool:
-    """A Prefect API that answers and takes this client's credentials (check_prefect_server says which not)."""
-    return bool(api_url) and services.prefect_api_answers(api_url) and services.prefect_api_refusal(api_url) is None
-
-
-def _server_hint(api_url: str | None) -> tuple[str, ...]:
-    """`cnn-train up` where nothing answers; a server that refuses this client has its fix on its own line."""
-    return ("run `cnn-train up`",) if not api_url or not services.prefect_api_answers(api_url) else ()
+def _not_usable(api_url: str | None) -> tuple[str, ...] | None:
+    """None when the Prefect API answers and takes this client's credentials; else the fix to suggest:
+    `cnn-train up` where nothing answers, none for a refusal (check_prefect_server's line gives its fix)."""
+    if not api_url or not services.prefect_api_answers(api_url):
+        return ("run `cnn-train up`",)
+    return () if services.prefect_api_refusal(api_url) else None
 
 
 def check_deployment(api_url: str | None, name: str = services.DEPLOYMENT) -> Finding:
     """The deployment exists and something polls for its runs (a serve process or worker)."""
-    if not _usable(api_url):
-        return Finding("deployment", False, f"cannot look up {name} without a Prefect server this client can use", *_server_hint(api_url))
+    if (hint := _not_usable(api_url)) is not None:
+        return Finding("deployment", False, f"cannot look up {name} without a Prefect server this client can use", *hint)
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -109,8 +107,8 @@ def _check_pool(name: str, pool: str, api_url: str) -> Finding:
 def check_flow_runs(api_url: str | None, tracking_uri: str, *, fix: bool) -> Finding:
     """Prefect flow runs still Running though their process died: reported, and set Crashed (their MLflow
     runs FAILED) with ``fix``."""
-    if not _usable(api_url):
-        return Finding("flow runs", False, "cannot look for orphaned flow runs without a Prefect server this client can use", *_server_hint(api_url))
+    if (hint := _not_usable(api_url)) is not None:
+        return Finding("flow runs", False, "cannot look for orphaned flow runs without a Prefect server this client can use", *hint)
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: api_url}):
