@@ -1,4 +1,5 @@
-"""Flow runs whose process died without reporting (SIGKILL, an OOM kill, a lost machine): never left Running.
+"""Flow runs whose process died without reporting (SIGKILL, an OOM kill, a lost machine): never left
+Running, or Pending (their runner died, or could not report, between claiming them and starting them).
 
 Two ways, both measured on Prefect 3.9 (README, "When things go wrong"):
 
@@ -7,8 +8,8 @@ Two ways, both measured on Prefect 3.9 (README, "When things go wrong"):
   (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``), and ``cnn-train up`` creates the "detect zombie flows"
   automation of Prefect's docs for cnn-train's flows: a Running flow run with no heartbeat for
   ``ZOMBIE_AFTER_SECONDS`` is set Crashed by the Prefect server itself, with nothing of cnn-train running.
-- cnn-train's: a flow run is orphaned when the process serving it is gone, or its MLflow heartbeat
-  stopped; ``cnn-train doctor`` reports it at once, and ``doctor --fix``, ``cnn-train up`` and
+- cnn-train's: a Running or Pending flow run is orphaned when the process serving it is gone, or its
+  MLflow heartbeat stopped (Prefect's automation never sees a Pending one: no heartbeat yet); ``cnn-train doctor`` reports it at once, and ``doctor --fix``, ``cnn-train up`` and
   every flow's start set it Crashed and its MLflow runs FAILED.
 """
 
@@ -96,21 +97,25 @@ def ensure_zombie_automation(*, within_seconds: float = ZOMBIE_AFTER_SECONDS) ->
 
 @dataclass(frozen=True)
 class Orphan:
-    """A Running flow run nothing is running any more, and how that is known."""
+    """A Running or Pending flow run nothing is running any more, and how that is known."""
 
     flow_run_id: str
     name: str
     reason: str
+    state: str = "Running"
 
 
 def orphaned_flow_runs(*, tracking_uri: str | None = None) -> list[Orphan]:
-    """Running flow runs whose process is gone: the serve process that ran them died, their
-    process on this machine is gone, or their MLflow heartbeat stopped."""
+    """Running or Pending flow runs whose process is gone: the serve process that ran them died, their
+    process on this machine is gone, or their MLflow heartbeat stopped. A Pending one was claimed by a
+    runner that died, or lost the server, before its process reported Running: it would wait forever."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
 
-    running = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])))
+    running = FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))
+    )
     with get_client(sync_client=True) as client:
         flow_runs = client.read_flow_runs(flow_run_filter=running, limit=200)
     serve_alive = any(runner.pid() is not None for runner in runners())
@@ -120,7 +125,7 @@ def orphaned_flow_runs(*, tracking_uri: str | None = None) -> list[Orphan]:
     for flow_run in flow_runs:
         reason = _why_orphaned(flow_run, serve_alive=serve_alive, stale_flow_runs=stale, running_here=running_here)
         if reason:
-            orphans.append(Orphan(str(flow_run.id), flow_run.name, reason))
+            orphans.append(Orphan(str(flow_run.id), flow_run.name, reason, flow_run.state_type.value.title()))
     return orphans
 
 

@@ -105,8 +105,8 @@ def _check_pool(name: str, pool: str, api_url: str) -> Finding:
 
 
 def check_flow_runs(api_url: str | None, tracking_uri: str, *, fix: bool) -> Finding:
-    """Prefect flow runs still Running though their process died: reported, and set Crashed (their MLflow
-    runs FAILED) with ``fix``."""
+    """Prefect flow runs still Running or Pending though their process died: reported, and set Crashed
+    (their MLflow runs FAILED) with ``fix``."""
     if (hint := _not_usable(api_url)) is not None:
         return Finding("flow runs", False, "cannot look for orphaned flow runs without a Prefect server this client can use", *hint)
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -114,13 +114,14 @@ def check_flow_runs(api_url: str | None, tracking_uri: str, *, fix: bool) -> Fin
     with temporary_settings({PREFECT_API_URL: api_url}):
         orphans = crashes.orphaned_flow_runs(tracking_uri=tracking_uri)
         if not orphans:
-            return Finding("flow runs", True, "no Running flow run without a process")
-        listed = "; ".join(f"{o.name} ({o.flow_run_id}): {o.reason}" for o in orphans)
+            return Finding("flow runs", True, "no Running or Pending flow run without a process")
+        listed = "; ".join(f"{o.name} ({o.flow_run_id}, {o.state}): {o.reason}" for o in orphans)
         if fix:
             for orphan in orphans:
                 crashes.crash(orphan, tracking_uri=tracking_uri)
             return Finding("flow runs", True, f"marked {len(orphans)} orphaned flow run(s) Crashed, their MLflow runs FAILED: {listed}")
-    return Finding("flow runs", False, f"{len(orphans)} flow run(s) Running without a process: {listed}", "run `cnn-train doctor --fix`")
+    states = " or ".join(sorted({o.state for o in orphans}, reverse=True))  # Running before Pending
+    return Finding("flow runs", False, f"{len(orphans)} flow run(s) {states} without a process: {listed}", "run `cnn-train doctor --fix`")
 
 
 def check_tracking(uri: str) -> Finding:

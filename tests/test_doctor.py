@@ -201,3 +201,34 @@ def test_a_dead_serve_process_is_reported_before_prefect_notices(prefect_api_url
     finding = doctor.check_deployment(prefect_api_url, name="cnn-train/doctor-dead-serve")
     assert not finding.ok
     assert "the serve process of cnn-train/doctor-dead-serve" in finding.detail and "is gone" in finding.detail
+
+
+@pytest.mark.slow
+def test_a_pending_flow_run_whose_serve_process_died_is_reported_and_crashed(prefect_api_url, tmp_path, monkeypatch):
+    """The serve process claimed the run (Pending) and died, or lost the server, before starting it:
+    Prefect's zombie automation never sees it (no heartbeat yet), and it would wait forever."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Pending
+
+    from cnn_train.flows import services
+    from cnn_train.flows.train_flow import cnn_train
+    from tests.stores import new_store
+
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
+    store = new_store(tmp_path / "mlflow.db")
+    deployment_id = cnn_train.to_deployment(name="doctor-pending").apply()
+    with get_client(sync_client=True) as client:
+        flow_run = client.create_flow_run_from_deployment(deployment_id)
+        client.set_flow_run_state(flow_run.id, Pending(), force=True)
+    services.serve_process.pid_file.parent.mkdir(parents=True)
+    services.serve_process.pid_file.write_text(str(_exited_pid()))
+
+    finding = doctor.check_flow_runs(prefect_api_url, store, fix=False)
+    assert not finding.ok
+    assert f"({flow_run.id}, Pending): the serve process (or worker) that ran it is gone" in finding.detail
+    assert " Pending without a process: " in finding.detail and finding.fix == "run `cnn-train doctor --fix`"
+
+    assert doctor.check_flow_runs(prefect_api_url, store, fix=True).ok
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(flow_run.id).state
+    assert state.type.value == "CRASHED" and "the serve process (or worker) that ran it is gone" in state.message
