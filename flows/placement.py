@@ -221,7 +221,7 @@ def check_satisfiable(
     gpus = inventory()
     for task, request in strict.items():
         if not gpus:
-            _without_gpu(task, request, _log)
+            _without_gpu(task, request)
         if request.policy == "explicit" and request.index not in {gpu.index for gpu in gpus}:
             raise PlacementError(
                 f"{task} requested {request}, but the visible GPUs are {_describe(gpus)}; "
@@ -231,12 +231,14 @@ def check_satisfiable(
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a task runs: ``device`` is ``'cpu'`` or ``'cuda:N'``; ``gpu`` describes the card, if any."""
+    """Where a task runs: ``device`` is ``'cpu'`` or ``'cuda:N'``; ``gpu`` describes the card, if any;
+    ``fallback`` is a GPU wanted and the CPU given (``gpu-preferred``), which is logged as a warning."""
 
     task: str
     device: str
     gpu: GpuInfo | None
     reason: str
+    fallback: bool = False
 
     def as_tags(self) -> dict[str, str]:
         """Run tags recording the device, e.g. ``{'device.train': 'cuda:0', 'device.train.name': ...}``."""
@@ -292,7 +294,7 @@ def _leased_placement(
     wait_timeout: float, poll_interval: float, log: Logger,
 ) -> tuple[Placement, Lease | None]:
     if not gpus:
-        return _without_gpu(task, request, log), None
+        return _without_gpu(task, request), None
     if request.policy == "explicit":
         candidates = [gpu for gpu in gpus if gpu.index == request.index]
         if not candidates:
@@ -311,8 +313,7 @@ def _leased_placement(
         wanted = str(request) if request.policy == "explicit" else f"any of {len(candidates)} GPUs"
         holders = leases.holders(indexes, lease_dir)
         if request.policy == "gpu-preferred":
-            log.warning("all %d GPUs are leased (%s); %s runs on CPU", len(candidates), holders, task)
-            return Placement(task, "cpu", None, f"gpu-preferred, all GPUs leased ({holders})"), None
+            return Placement(task, "cpu", None, f"gpu-preferred, all GPUs leased ({holders})", fallback=True), None
         log.info("%s waits up to %g s for %s, leased by %s", task, wait_timeout, wanted, holders)
         started = time.monotonic()
         deadline = started + wait_timeout
@@ -334,11 +335,10 @@ def _leased_placement(
     return Placement(task, f"cuda:{gpu.index}", gpu, reason), lease
 
 
-def _without_gpu(task: str, request: DeviceRequest, log: Logger) -> Placement:
+def _without_gpu(task: str, request: DeviceRequest) -> Placement:
     """The CPU for ``gpu-preferred``; for anything stricter, an immediate error saying how to run on CPU."""
     if request.policy == "gpu-preferred":
-        log.warning("no GPU visible; %s runs on CPU", task)
-        return Placement(task, "cpu", None, "gpu-preferred, no GPU visible")
+        return Placement(task, "cpu", None, "gpu-preferred, no GPU visible", fallback=True)
     raise PlacementError(
         f"{task} requires a GPU ({request}), but no GPU is visible to this process "
         f"(check the NVIDIA driver, a CUDA build of torch and CUDA_VISIBLE_DEVICES). "
@@ -357,7 +357,7 @@ def _scheduler_placement(task: str, request: DeviceRequest, gpus: list[GpuInfo],
     if ray_gpu_ids == []:  # Ray gave this task no GPU, whatever else the process can see
         gpus = []
     if not gpus:
-        return _without_gpu(task, request, log)
+        return _without_gpu(task, request)
     if request.policy == "explicit" and request.index != 0:
         log.info("%s asked for %s; the scheduler's assignment takes precedence", task, request)
     assigned = "assigned by the scheduler" + (f" (Ray GPU ids {ray_gpu_ids})" if ray_gpu_ids else "")
@@ -382,7 +382,9 @@ def _describe(gpus: Sequence[GpuInfo]) -> str:
 
 def _log_placement(log: Logger, placement: Placement) -> None:
     if placement.gpu is None:
-        log.info("%s runs on %s (%s)", placement.task, placement.device, placement.reason)
+        # One line either way: a fallback was a warning and then the same news again as information.
+        level = logging.WARNING if placement.fallback else logging.INFO
+        log.log(level, "%s runs on %s (%s)", placement.task, placement.device, placement.reason)
     else:
         gpu = placement.gpu
         log.info(
