@@ -34,6 +34,7 @@ from cnn_train.flows.params import RAY_RESOURCE_NAME, RunnerOptions
 from cnn_train.flows.placement import ray_resources
 
 __all__ = [
+    "check_runner",
     "RayClusterError",
     "node_tags",
     "parse_resources",
@@ -120,6 +121,13 @@ def _endpoint(address: str) -> tuple[str, int]:
     if match is None or not 0 < int(match["port"]) < 65536:
         raise RayClusterError(f"--ray-address takes {_ADDRESS_FORMS}; got {address!r}")
     return match["host"].strip("[]"), int(match["port"])
+
+
+def check_runner(runner: RunnerOptions) -> None:
+    """Refuse an explicit Ray address that is malformed or where nothing listens while the run is
+    validated, before any MLflow run or data prep (``auto`` is looked for as the trials start)."""
+    if runner.task_runner == "ray" and runner.ray_address and runner.ray_address != "auto":
+        _check_answers(runner.ray_address)
 
 
 def _check_answers(address: str) -> None:

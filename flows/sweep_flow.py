@@ -36,7 +36,7 @@ from cnn_train.flows.params import (
     validate_parameters,
 )
 from cnn_train.flows.signatures import split_values, without_fixed_fields
-from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, trials_on, worker_died
+from cnn_train.flows.ray_cluster import _on_ray, _ray_request, check_runner, mark_crashed, trials_on, worker_died
 from cnn_train.flows.ray_cluster import ray_task_runner  # noqa: F401 - Python callers take this flow's runner from here
 from cnn_train.flows.registering import register_task
 from cnn_train.flows.runs import cnn_train_flow, flow_run_tags, flow_run_tracker, trial_runner_params
@@ -98,6 +98,7 @@ def validate_sweep(
     """Every trial's varied values and validated parameters, the sweep's options and where its trials
     run; any invalid combination fails the sweep before it starts."""
     values, runner = split_values(values, RunnerOptions)
+    check_runner(runner)
     base, options = split_values(values, SweepOptions)
     options = options.model_copy(update={"grid": without_fixed_fields(base, options.grid, SweepOptions, "grid")})
     trials = []

@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 
 from cnn_train.flows.ray_cluster import RayClusterError, parse_resources, ray_task_runner, worker_died
-from cnn_train.flows.sweep_flow import trial_key
-from tests.local_stack import flow_run_states, free_port
+from cnn_train.flows.sweep_flow import trial_key, validate_sweep
+from cnn_train.flows.tuning.plan import validate_tune
+from tests.local_stack import bare_env, flow_run_states, free_port
 
 BIN = Path(sys.executable).parent
 SMALL = ["--epochs", "1", "--sample-limit", "400", "--test-limit", "200", "--architecture", "dense"]
@@ -60,6 +61,25 @@ def test_an_address_that_is_not_host_port_is_refused(address: str) -> None:
 def test_an_address_nothing_answers_at_is_refused(scheme: str) -> None:
     port = free_port()  # nothing listens on it
     _refused_in_one_line(f"{scheme}127.0.0.1:{port}", f"nothing answers at 127.0.0.1:{port} (Connection refused)")
+
+
+@pytest.mark.parametrize("validate", [pytest.param(validate_sweep, id="sweep"), pytest.param(validate_tune, id="tune")])
+@pytest.mark.parametrize("address", [pytest.param("http://127.0.0.1:8265", id="dashboard-url"), pytest.param("", id="unreachable")])
+def test_a_search_refuses_a_bad_ray_address_while_it_is_validated(validate, address: str) -> None:
+    """Before its MLflow run and data prep: a search that failed at Ray's door left a FAILED parent run."""
+    address = address or f"127.0.0.1:{free_port()}"
+    with pytest.raises(RayClusterError, match="--ray-address takes|nothing answers at"):
+        validate({"epochs": 1, "task_runner": "ray", "ray_address": address})
+
+
+def test_the_sweep_command_refuses_a_bad_ray_address_before_its_flow_run(tmp_path: Path) -> None:
+    env = bare_env(tmp_path)
+    sweep = subprocess.run(
+        [BIN / "cnn-train", "sweep", *SMALL, "--grid", "learning_rate=0.01,0.001", "--task-runner", "ray",
+         "--ray-address", "http://127.0.0.1:8265"], env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert sweep.returncode == 1 and sweep.stdout == "", sweep.stdout + sweep.stderr
+    assert sweep.stderr.startswith("cnn-train: --ray-address takes HOST:PORT") and sweep.stderr.count("\n") == 1, sweep.stderr
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cnn_train.flows.params import ParameterError, RunnerOptions, RunParameters, TuneOptions, validate_parameters
+from cnn_train.flows.ray_cluster import check_runner
 from cnn_train.flows.signatures import split_values, without_fixed_fields
 from cnn_train.flows.settings import state_dir
 from cnn_train.flows.tuning.space import SearchSpace, SpaceError, parse_space
@@ -89,6 +90,7 @@ def _check_corners(run_values: dict[str, Any], space: SearchSpace) -> None:
 def validate_tune(values: Mapping[str, Any]) -> TunePlan:
     """The plan for ``values`` (a flow's flat parameters); any problem is one ParameterError."""
     values, runner = split_values(values, RunnerOptions)
+    check_runner(runner)
     run_values, options = split_values(values, TuneOptions)
     base = validate_parameters(**run_values)
     space = parse_space(without_fixed_fields(run_values, options.space, TuneOptions, "space"))
