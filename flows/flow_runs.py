@@ -85,6 +85,8 @@ def what_schema_takes(schema: dict[str, Any], definitions: dict[str, Any]) -> st
         return ", or ".join(alternatives)
     if "enum" in schema:
         return "one of " + ", ".join(repr(value) for value in schema["enum"])
+    if schema.get("pattern") == r"\S":  # a name that must not be blank (params.py: experiment)
+        return "text with a character other than spaces"
     if "pattern" in schema:
         return schema.get("title") or f"text matching {schema['pattern']}"
     kind = schema.get("type")

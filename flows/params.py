@@ -130,7 +130,7 @@ class RunParameters(BaseModel):
     test_limit: int | None = Field(
         default=None, ge=10, le=TEST_IMAGES, description="Evaluate on this many test images only; empty: all."
     )
-    experiment: str = Field(default="cnn-train", min_length=1, description="MLflow experiment.")
+    experiment: Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"\S")] = Field(default="cnn-train", min_length=1, description="MLflow experiment.")
     data_dir: OptionalText = Field(
         default=None, description="Folder with the four Fashion-MNIST IDX files (.gz or unpacked); empty: searched for."
     )

@@ -219,7 +219,7 @@ class TrainConfig(BaseModel):
     learning_rate: float = Field(
         default=1e-3, gt=0, allow_inf_nan=False, description="Adam learning rate (the peak rate of a one-cycle schedule)."
     )
-    seed: int = Field(default=42, ge=0, description="Seed for weights, shuffling and the split.")
+    seed: int = Field(default=42, ge=0, lt=2**32, description="Seed for weights, shuffling and the split.")
     lr_schedule: LearningRateSchedule = Field(
         default="constant",
         description="'constant', or 'onecycle': warm up to learning_rate then anneal, over all the epochs.",

@@ -64,6 +64,8 @@ def test_flow_form_is_the_declaration(name):
         pytest.param("validation_fraction", 1, "1 is greater than or equal to the maximum of 1", 0.5, id="validation-fraction"),
         pytest.param("sample_limit", 70_000, "70000 is greater than the maximum of 60000", 60_000, id="sample-limit"),
         pytest.param("experiment", "", "'' should be non-empty", "x", id="experiment"),
+        pytest.param("experiment", "   ", "'   ' does not match", "my experiment", id="experiment-blank"),
+        pytest.param("seed", 2**32, "4294967296 is greater than or equal to the maximum of 4294967296", 2**32 - 1, id="seed"),
     ],
 )
 @pytest.mark.parametrize("name", FLOWS)
@@ -92,6 +94,11 @@ def test_a_deployment_run_out_of_bounds_or_with_an_unknown_name_is_refused_befor
     with pytest.raises(RunRefusedError, match=r"'tpu' is not valid under any of the given schemas; train_device takes "
                        r"one of 'cpu', 'gpu-preferred', 'gpu-required', or one card \(cuda:N\)$"):
         start_deployment_run("cnn-train/refusals", {"train_device": "tpu"})
+    # A blank experiment made an MLflow experiment named '   '; the command's own check strips and refuses it too.
+    with pytest.raises(RunRefusedError, match=r"experiment takes text with a character other than spaces$"):
+        start_deployment_run("cnn-train/refusals", {"experiment": "   "})
+    with pytest.raises(ParameterError, match=r"^invalid run parameters: experiment: String should have at least 1 character"):
+        validate_parameters(experiment="   ")
     with pytest.raises(RunRefusedError, match=r"^cnn-train/refusals has no parameter epoch \(did you mean epochs\?\); "
                        r"its parameters: backend, "):
         start_deployment_run("cnn-train/refusals", {"epoch": 3})
@@ -131,7 +138,8 @@ def test_trigger_names_the_deployments_there_are(prefect_api_url, deployment, li
         pytest.param("cnn-train", "architecture", "one of 'cnn', 'dense', 'cnn-improved'", id="closed-choice"),
         pytest.param("cnn-train", "evaluate_device", "one of 'cpu', 'gpu-preferred', 'gpu-required', or one card (cuda:N)",
                      id="choice-or-pattern"),
-        pytest.param("cnn-train", "experiment", "non-empty text", id="non-empty"),
+        pytest.param("cnn-train", "backend", "non-empty text", id="non-empty"),
+        pytest.param("cnn-train", "experiment", "text with a character other than spaces", id="not-blank"),
         pytest.param("cnn-train", "compare_dense", "true or false", id="flag"),
         pytest.param("compare", "backends", "a list (at least 2 items) of text", id="list"),
     ],
