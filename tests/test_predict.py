@@ -394,6 +394,10 @@ def test_paths_without_images_say_so_before_any_model_is_looked_up(tmp_path, giv
         pytest.param(["--show-inputs", "{tmp}/x.png/seen/28x28"], "cannot make the folder {tmp}/x.png/seen/28x28: {tmp}/x.png is a file", id="inputs-under-a-file"),
         pytest.param(["--output", "{tmp}"], "Invalid value for '--output': file '{tmp}' is a directory", id="output-is-a-folder"),
         pytest.param(["--show-inputs", "{tmp}/x.png"], "Invalid value for '--show-inputs': dir '{tmp}/x.png' is a file", id="inputs-is-a-file"),
+        # Path('') is the current folder: `predict ''` classified the whole project, `--show-inputs ''` wrote into it.
+        pytest.param([""], "Invalid value for 'PATH': an empty path; name a file or folder", id="empty-path"),
+        pytest.param(["--output", ""], "Invalid value for '--output': an empty path; name a file", id="empty-output"),
+        pytest.param(["--show-inputs", ""], "Invalid value for '--show-inputs': an empty path; name a folder", id="empty-inputs-folder"),
     ],
 )
 def test_a_destination_that_cannot_hold_the_results_fails_before_any_model_is_looked_up(tmp_path, options, line):

@@ -8,6 +8,7 @@ import inspect
 import os
 import sys
 import types
+from pathlib import Path
 from collections.abc import Callable
 from typing import Annotated, Any, NoReturn, Optional, Union, get_args, get_origin
 
@@ -144,6 +145,24 @@ def _present_credentials() -> None:
     if credentials := auth.load_credentials():
         for name, value in credentials.client_environment().items():
             os.environ.setdefault(name, value)
+
+
+def typed_path(kind: str | None = None) -> Callable[[str], Path]:
+    """A path from the command line that refuses '' (Path('') is the current folder: `predict ''` classified
+    the whole project) and, with ``kind`` 'file' or 'dir', an existing path of the other kind, in
+    click.Path's words (a parser replaces click.Path's own checks)."""
+    def parse(text: str) -> Path:
+        if not text.strip():
+            what = {"file": "a file", "dir": "a folder"}.get(kind or "", "a file or folder ('.' is the current folder)")
+            raise typer.BadParameter(f"an empty path; name {what}")
+        path = Path(text)
+        if kind == "file" and path.is_dir():
+            raise typer.BadParameter(f"file {text!r} is a directory")
+        if kind == "dir" and path.is_file():
+            raise typer.BadParameter(f"dir {text!r} is a file")
+        return path
+
+    return parse
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

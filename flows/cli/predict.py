@@ -7,12 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from cnn_train.flows.cli.app import app, fail
+from cnn_train.flows.cli.app import app, fail, typed_path
 
 
 @app.command()
 def predict(
-    paths: Annotated[list[Path], typer.Argument(metavar="PATH", help="Image files (PNG, JPEG, ...) and folders of them.")],
+    paths: Annotated[list[Path], typer.Argument(metavar="PATH", parser=typed_path(), help="Image files (PNG, JPEG, ...) and folders of them.")],
     model: Annotated[
         Optional[str],  # noqa: UP045 - typer reads it
         typer.Option(
@@ -24,11 +24,11 @@ def predict(
     top_k: Annotated[int, typer.Option(min=1, max=10, help="Classes shown per image, likeliest first.")] = 3,
     output: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option(dir_okay=False, help="Write one row per image with all ten probabilities to this CSV file."),
+        typer.Option(parser=typed_path("file"), help="Write one row per image with all ten probabilities to this CSV file."),
     ] = None,
     show_inputs: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option(file_okay=False, help="Write the 28x28 images the model actually saw to this folder (PNG)."),
+        typer.Option(parser=typed_path("dir"), help="Write the 28x28 images the model actually saw to this folder (PNG)."),
     ] = None,
 ) -> None:
     """Classify image files: any size, colour or grayscale, brought to 28x28 the way Fashion-MNIST was made."""
