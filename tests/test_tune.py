@@ -228,6 +228,14 @@ def test_the_command_adds_its_own_options_to_the_declaration():
     assert "--space-file" in help_text and "--no-prune" in help_text
 
 
+@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+def test_no_prune_beside_a_pruner_given_is_refused(pruner):
+    """--pruner median is also the default: given with --no-prune it was silently dropped."""
+    result = CliRunner().invoke(app, ["tune", "--pruner", pruner, "--no-prune", "--epochs", "1"])
+    assert result.exit_code == 2
+    assert result.output == f"cnn-train: --no-prune and --pruner {pruner} contradict each other; give one\n"
+
+
 @pytest.mark.parametrize(
     ("items", "line"),
     [

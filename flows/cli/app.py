@@ -216,7 +216,10 @@ def cli_options(
                     annotation=Annotated[_cli_type(annotation), option],
                 )
             )
-        fn.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        # A command may also take typer's context as ``ctx`` (to tell an option given from its default).
+        context = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)]
+        takes_context = "ctx" in inspect.signature(fn).parameters
+        fn.__signature__ = inspect.Signature([*context[:takes_context], *parameters])  # type: ignore[attr-defined]
         return fn
 
     return decorate

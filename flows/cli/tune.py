@@ -35,7 +35,7 @@ def _space(values: dict[str, Any], space_file: Path | None) -> dict[str, Any]:
 
 @app.command()
 @cli_options(TuneOptions, RunParameters, RunnerOptions, TuneCommandOptions, exclude=TUNE_EXCLUDES)
-def tune(**values: Any) -> None:
+def tune(ctx: typer.Context, **values: Any) -> None:
     """Search hyperparameters with Optuna (TPE, pruning hopeless trials after an epoch); running the same
     command again continues the study."""
     from cnn_train.flows.params import ParameterError
@@ -43,7 +43,7 @@ def tune(**values: Any) -> None:
     take_ray_resources(values)
     space_file, no_prune = values.pop("space_file"), values.pop("no_prune")
     if no_prune:
-        if values["pruner"] not in ("median", "none"):
+        if values["pruner"] != "none" and ctx.get_parameter_source("pruner").name != "DEFAULT":
             fail(f"--no-prune and --pruner {values['pruner']} contradict each other; give one")
         values["pruner"] = "none"
     try:
