@@ -13,7 +13,7 @@ from cnn_train.flows.services import BindHost
 
 @app.command()
 def up(
-    watch_timeout: Annotated[int, typer.Option(help="Seconds to wait for the flow run.")] = 7200,
+    watch_timeout: Annotated[int, typer.Option(min=1, help="Seconds to wait for the flow run.")] = 7200,
     trigger: Annotated[bool, typer.Option(help="Trigger cnn-train/default once the servers are up.")] = True,
     host: Annotated[
         BindHost,
