@@ -225,6 +225,7 @@ def test_an_experiment_with_nothing_to_predict_with_says_what_to_do(store):
         pytest.param("models:/better-then-worse/99", "no model at models:/better-then-worse/99", id="unknown-version"),
         pytest.param("models:/better-then-worse@production", "no model version answers to models:/better-then-worse@production", id="unknown-alias"),
         pytest.param("m-0123456789abcdef0123456789abcdef", "no model at models:/m-0123456789abcdef0123456789abcdef", id="unknown-model-id"),
+        pytest.param("m-doesnotexist", "no logged model has the id m-doesnotexist (an id is m- and 32 hex digits)", id="not-a-model-id"),
         pytest.param("models:/", "models:/ is not a model URI cnn-train understands: use runs:/<run id>/model", id="malformed"),
         pytest.param(
             "better-then-worse", "better-then-worse is a registered model, not one version of it: give "

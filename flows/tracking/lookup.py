@@ -101,6 +101,8 @@ def _find(mlflow_client: MlflowClient, model_uri: str) -> ModelChoice | str:
         # No scheme and no folder: most likely a registered model's name, typed as `cnn-train models` shows it.
         if _registered(mlflow_client, model_uri):
             return _whole_registered_model(model_uri)
+        if model_uri.startswith("m-"):
+            return f"no logged model has the id {model_uri} (an id is m- and 32 hex digits), and no such folder"
         return f"no model at {model_uri}: no such folder, and not a model URI ({_URI_FORMS})"
     elif folder is not None and not (folder / MLMODEL).is_file():
         return _not_a_model_folder(model_uri, folder)
