@@ -236,16 +236,10 @@ def _check_data_dir(params: RunParameters) -> None:
     from cnn_train.flows.data import DatasetError, locate_fashion_mnist
     from cnn_train.flows.data.locate import explicit_dir
 
-    if (named := explicit_dir(params.data_dir)) is None:
+    if explicit_dir(params.data_dir) is None:
         return
-    folder, named_by = named
-    if not folder.is_dir():
-        what = f"is a file; name the folder holding it ({folder.parent})" if folder.is_file() else (
-            "does not exist; name the folder holding the four Fashion-MNIST files"
-        )
-        raise ParameterError(f"{named_by}: {folder} {what}, or leave it empty to search the usual places")
     try:
-        locate_fashion_mnist(folder, allow_download=False)
+        locate_fashion_mnist(params.data_dir, allow_download=False)
     except DatasetError as error:
         raise ParameterError(str(error)) from None
 

@@ -294,6 +294,7 @@ def test_environment_folder_lacking_files_is_an_error_not_a_fall_through(
     make_fashion_mnist, tmp_path, monkeypatch
 ):
     complete = make_fashion_mnist(tmp_path / "complete").folder
+    (tmp_path / "empty").mkdir()  # a folder that does not exist is said as such (test_doctor)
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "empty"))
 
     with pytest.raises(DatasetError, match=r"\$CNN_TRAIN_DATA_DIR .*empty holds none of the four Fashion-MNIST files \(train-images"):

@@ -63,6 +63,19 @@ def test_missing_dataset_is_reported(tmp_path, monkeypatch):
     assert "train-images-idx3-ubyte.gz" in finding.detail
 
 
+@pytest.mark.parametrize(("name", "said"), [("missing", "does not exist; name the folder"), ("a-file", "is a file; name the folder")])
+def test_a_data_dir_that_is_no_folder_is_said_as_a_run_says_it(tmp_path, name, said):
+    from cnn_train.flows.params import ParameterError, validate_parameters
+
+    (tmp_path / "a-file").write_text("")
+    finding = doctor.check_dataset(tmp_path / name)
+    with pytest.raises(ParameterError) as refused:
+        validate_parameters(data_dir=str(tmp_path / name))
+    assert not finding.ok and finding.detail == str(refused.value) == (
+        f"data_dir: {tmp_path / name} {said}" + finding.detail.split(said, 1)[1]
+    ) and finding.detail.endswith(", or leave it empty to search the usual places")
+
+
 def test_present_dataset_is_ok(real_fashion_mnist_dir):
     finding = doctor.check_dataset(real_fashion_mnist_dir)
     assert finding.ok and str(real_fashion_mnist_dir) in finding.detail

@@ -76,6 +76,11 @@ def locate_fashion_mnist(
     """
     if explicit := explicit_dir(data_dir):
         folder, named_by = explicit
+        if not folder.is_dir():
+            what = f"is a file; name the folder holding it ({folder.parent})" if folder.is_file() else (
+                "does not exist; name the folder holding the four Fashion-MNIST files"
+            )
+            raise DatasetError(f"{named_by}: {folder} {what}, or leave it empty to search the usual places")
         if missing := _missing_files(folder):
             lacks = (
                 f"holds none of the four Fashion-MNIST files ({', '.join(FILE_NAMES)}, or each without .gz)"
