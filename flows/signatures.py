@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import annotated_types
@@ -126,14 +126,15 @@ def split_values(values: Mapping[str, Any], options: type[Options]) -> tuple[dic
 
 
 def without_fixed_fields(
-    run_values: Mapping[str, Any], varied: dict[str, Any], options: type[BaseModel], option: str
+    run_values: Mapping[str, Any], varied: dict[str, Any], options: type[BaseModel], option: str, variable: Sequence[str]
 ) -> dict[str, Any]:
     """``varied`` (a sweep's grid, a study's space: ``options``' field ``option``) without the fields the
     run sets to a value of its own. The default ``option`` gives way to such a field; one the user gave
-    that varies it too is refused, since one of the two would be silently ignored."""
+    that varies it too is refused, since one of the two would be silently ignored. A field no search may
+    vary (not in ``variable``) is left for the caller to refuse as such."""
     fixed = {
         name: run_values[name] for name in varied
-        if name in RunParameters.model_fields and name in run_values
+        if name in variable and name in run_values
         and run_values[name] != RunParameters.model_fields[name].default
     }
     if not fixed:

@@ -100,7 +100,7 @@ def validate_sweep(
     values, runner = split_values(values, RunnerOptions)
     check_runner(runner)
     base, options = split_values(values, SweepOptions)
-    options = options.model_copy(update={"grid": without_fixed_fields(base, options.grid, SweepOptions, "grid")})
+    options = options.model_copy(update={"grid": without_fixed_fields(base, options.grid, SweepOptions, "grid", SWEEPABLE)})
     trials = []
     for combo in expand_grid(options.grid):
         try:

@@ -95,6 +95,11 @@ def test_a_field_set_on_its_own_is_every_trials_value_and_the_default_grid_gives
             "of fields to vary",
             id="default-grid-left-empty",
         ),
+        pytest.param(  # not "leave sample_limit unset", after which it was refused for what it is
+            {"sample_limit": 400, "grid": {"sample_limit": [400, 500]}},
+            "grid: cannot vary 'sample_limit'; sweepable fields: backend, architecture, epochs, batch_size, learning_rate, seed",
+            id="set-and-not-sweepable",
+        ),
     ],
 )
 def test_a_field_set_and_varied_is_refused_rather_than_ignored(values, message):
