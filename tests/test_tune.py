@@ -200,15 +200,21 @@ def test_continuing_a_study_with_another_search_is_refused_saying_what_differs(t
     ("storage", "message"),
     [
         pytest.param("nonsense", "storage: 'nonsense' is not a database URL; use e.g. sqlite:", id="not-a-url"),
-        pytest.param("sqlite:////nonexistent/dir/optuna.db", "storage sqlite:////nonexistent/dir/optuna.db: cannot open it", id="no-folder"),
+        # Refused as the study is validated, before its flow run (they were SQLAlchemy's words, from a failed run).
+        pytest.param("sqlite:////nonexistent/dir/optuna.db", "storage: the folder /nonexistent/dir of /nonexistent/dir/optuna.db does not exist", id="no-folder"),
+        pytest.param("sqlite:///{tmp}", "storage: {tmp} is a folder; name the SQLite file in it", id="a-folder"),
+        pytest.param("postgres://db.example/optuna", "storage: SQLAlchemy knows no database kind 'postgres'; use postgresql://", id="postgres"),
+        pytest.param("postgresql+psycopg2://db.example/optuna", "storage: postgresql+psycopg2 needs the Python driver 'psycopg2', which is not installed: pip install psycopg2-binary", id="no-driver"),
+        pytest.param("sqlite:///{tmp}/not-a-database", "storage sqlite:///{tmp}/not-a-database: cannot open it", id="not-a-database"),
     ],
 )
-def test_a_storage_that_cannot_hold_the_study_is_one_line(storage, message):
+def test_a_storage_that_cannot_hold_the_study_is_one_line(tmp_path, storage, message):
     from cnn_train.flows.errors import ExpectedFailure
 
+    (tmp_path / "not-a-database").write_text("these are not the pages of an SQLite file " * 100)
     with pytest.raises(ExpectedFailure) as raised:
-        open_study(validate_tune(SMALL | {"storage": storage}), on_abandoned=print)
-    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+        open_study(validate_tune(SMALL | {"storage": storage.format(tmp=tmp_path)}), on_abandoned=print)
+    assert str(raised.value).startswith(message.format(tmp=tmp_path)) and "\n" not in str(raised.value)
 
 
 def test_a_continued_study_does_not_replay_its_first_values(tmp_path):

@@ -8,6 +8,7 @@ import itertools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cnn_train.flows.params import ParameterError, RunnerOptions, RunParameters, TuneOptions, validate_parameters
@@ -106,14 +107,38 @@ def validate_tune(values: Mapping[str, Any]) -> TunePlan:
     return TunePlan(options, runner, dict(run_values), base, space, name, options.storage or default_storage_url())
 
 
+#: The pip package of a database driver whose module is named otherwise (SQLAlchemy's default drivers).
+_DRIVER_PACKAGES = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "mysqldb": "mysqlclient"}
+
+
 def _check_storage_url(url: str) -> None:
+    """What can be known without connecting, refused before the study's flow run: the URL's form, its
+    database kind and driver, and for SQLite the file's folder (SQLAlchemy says 'unable to open database file')."""
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     try:
-        make_url(url)
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:  # before ArgumentError, its base
+        kind = "postgresql" if parsed.drivername.startswith("postgres") else "sqlite, postgresql or mysql"
+        raise ParameterError(f"storage: SQLAlchemy knows no database kind {parsed.drivername!r}; use {kind}://...") from None
     except ArgumentError:
         raise ParameterError(
             f"storage: {url!r} is not a database URL; use e.g. sqlite:////abs/path/optuna.db or "
             "postgresql://user@host/db"
         ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError:
+        raise ParameterError(
+            f"storage: {parsed.drivername} needs the Python driver {dialect.driver!r}, which is not installed: "
+            f"pip install {_DRIVER_PACKAGES.get(dialect.driver, dialect.driver)}, or name one you have "
+            f"({parsed.get_backend_name()}+DRIVER://...)"
+        ) from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        database = Path(parsed.database).expanduser()
+        if database.is_dir():
+            raise ParameterError(f"storage: {database} is a folder; name the SQLite file in it, e.g. {database / 'optuna.db'}")
+        if not database.parent.is_dir():
+            raise ParameterError(f"storage: the folder {database.parent} of {database} does not exist; create it first")
