@@ -314,7 +314,9 @@ def format_validation_error(error: Exception) -> str:
     for item in error.errors():
         message = item["msg"].removeprefix("Value error, ")
         if item["loc"]:
-            lines.append(f"{'.'.join(map(str, item['loc']))}: {message} (got {item.get('input')!r})")
+            got = repr(item.get("input"))  # unless the message quotes it already ("invalid device request 'tpu'")
+            shown = isinstance(item.get("input"), str) and got in message
+            lines.append(f"{'.'.join(map(str, item['loc']))}: {message}" + ("" if shown else f" (got {got})"))
         else:  # a check of the whole model: its message names the fields; its input is every value
             lines.append(message)
     return "; ".join(lines)

@@ -51,6 +51,15 @@ def test_unknown_architecture_lists_the_allowed_ones():
     assert "architecture: Input should be 'cnn', 'dense' or 'cnn-improved' (got 'resnet')" == format_validation_error(caught.value)
 
 
+def test_a_message_that_quotes_the_value_is_not_followed_by_it_again():
+    from cnn_train.flows.params import validate_parameters
+
+    with pytest.raises(Exception) as caught:
+        validate_parameters(train_device="cuda:x")
+    assert str(caught.value).endswith("train_device: invalid device request 'cuda:x'; expected 'cpu', 'gpu-preferred', "
+                                      "'gpu-required' or 'cuda:N' (N a GPU index, e.g. 'cuda:0')")
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
