@@ -168,8 +168,8 @@ def _write_progress(checkpoint: Path, epochs: list[EpochMetrics]) -> None:
 
 
 class TrainingDiverged(ExpectedFailure, ArithmeticError):
-    """The training loss stopped being a number: the weights are lost, and no later epoch brings them
-    back. Deterministic from the same checkpoint, so the train task does not retry it. Names the run
+    """The training loss stopped being a number (or blew up past :data:`DIVERGED_LOSS`): the weights are
+    lost, and no later epoch brings them back. Deterministic from the same checkpoint, so the train task does not retry it. Names the run
     and the epoch, so that a sweep can rank the trial as diverged."""
 
     def __init__(self, message: str, run_id: str = "", epoch: int = 0) -> None:
@@ -180,9 +180,14 @@ class TrainingDiverged(ExpectedFailure, ArithmeticError):
         return (type(self), (str(self), self.run_id, self.epoch))
 
 
+#: An epoch's mean cross-entropy above this is logits blown up, not learning: the right class had a
+#: probability below e**-1e6 (a learning rate of 1000 gave 2.3e17 and a model answering one class).
+DIVERGED_LOSS = 1e6
+
+
 def diverged(metrics: EpochMetrics) -> bool:
-    """The epoch's training loss is NaN or infinite: the weights it left are no model."""
-    return not math.isfinite(metrics.loss)
+    """The epoch's training loss is NaN, infinite or beyond :data:`DIVERGED_LOSS`: the weights it left are no model."""
+    return not math.isfinite(metrics.loss) or metrics.loss > DIVERGED_LOSS
 
 
 def train(
@@ -247,7 +252,7 @@ def train(
     if nan_epochs:
         discard_checkpoint(tracker.run_id)  # resuming from its last good epoch would diverge again
         raise TrainingDiverged(
-            f"training diverged: the training loss was {nan_epochs[0].loss} in epoch {nan_epochs[0].epoch} of "
+            f"training diverged: the training loss was {nan_epochs[0].loss:.3g} in epoch {nan_epochs[0].epoch} of "
             f"{params.epochs}, so the model is not logged; lower the learning rate (learning_rate "
             f"{training.learning_rate:g}, batch_size {training.batch_size})",
             run_id=tracker.run_id,

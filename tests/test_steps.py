@@ -92,6 +92,16 @@ def test_the_evaluate_step_scores_as_the_backend_does(small_data, tracker, backe
     assert evaluated.evaluation.loss == pytest.approx(expected.loss, rel=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("loss", "gone"), [(float("nan"), True), (float("inf"), True), (2.3e17, True), (2.31, False), (5e4, False)],
+    ids=["nan", "inf", "blown-up", "chance", "high-but-finite"],
+)
+def test_a_loss_past_a_million_is_a_diverged_training(loss, gone):
+    """Learning rate 1000: loss 2.3e17, a model that answers one class, registered as a challenger."""
+    metrics = EpochMetrics(epoch=1, loss=loss, accuracy=0.1, val_loss=loss, val_accuracy=0.1, seconds=1.0, images_per_second=1.0)
+    assert steps.diverged(metrics) is gone
+
+
 @pytest.mark.parametrize("backend", ["torch", "keras"])
 def test_a_diverging_training_stops_where_its_loss_stopped_being_a_number(small_data, tracker, backend):
     from mlflow import MlflowClient
