@@ -154,7 +154,7 @@ def test_sigkill_then_reaped_by_doctor_and_by_the_next_start(prefect_api_url, st
     assert f"FAIL stale runs: 1 run(s) RUNNING without a heartbeat: {run_id}" in report.stdout
     flow_run_id = _client(store).get_run(run_id).data.tags["prefect.flow_run_id"]
     assert "FAIL flow runs: 1 flow run(s) Running without a process: " in report.stdout
-    assert f"({flow_run_id}): its MLflow heartbeat stopped" in report.stdout
+    assert f"({flow_run_id}, Running): its MLflow heartbeat stopped" in report.stdout
     fixed = subprocess.run([CLI, "doctor", "--fix"], env=env, capture_output=True, text=True, timeout=120)
     assert "ok   flow runs: marked 1 orphaned flow run(s) Crashed, their MLflow runs FAILED" in fixed.stdout
     run = _client(store).get_run(run_id)
