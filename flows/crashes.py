@@ -100,9 +100,9 @@ class Orphan:
     """A Running or Pending flow run nothing is running any more, and how that is known."""
 
     flow_run_id: str
+    state: str  # Running or Pending
     name: str
     reason: str
-    state: str = "Running"
 
 
 def orphaned_flow_runs(*, tracking_uri: str | None = None) -> list[Orphan]:
@@ -125,7 +125,7 @@ def orphaned_flow_runs(*, tracking_uri: str | None = None) -> list[Orphan]:
     for flow_run in flow_runs:
         reason = _why_orphaned(flow_run, serve_alive=serve_alive, stale_flow_runs=stale, running_here=running_here)
         if reason:
-            orphans.append(Orphan(str(flow_run.id), flow_run.name, reason, flow_run.state_type.value.title()))
+            orphans.append(Orphan(str(flow_run.id), flow_run.state_type.value.title(), flow_run.name, reason))
     return orphans
 
 

@@ -102,9 +102,8 @@ def test_a_mistyped_name_is_answered_with_the_names_it_may_mean(typed, names, me
                      "is not one of 'cnn', 'dense', 'cnn-improved'; see `cnn-train sweep --help`", id="closed-choice"),
         pytest.param(["up", "--host", "192.0.2.7"], "cnn-train: Invalid value for '--host': '192.0.2.7' is not one of "
                      "'127.0.0.1', '0.0.0.0'; see `cnn-train up --help`", id="host-the-clients-would-not-reach"),
-        pytest.param(["up", "--no-trigger", "--watch-timeout", "-5"], "cnn-train: Invalid value for '--watch-timeout': Input "
-                     "should be greater than or equal to 1; see `cnn-train up --help`", id="negative-wait"),
         pytest.param(["predict"], "cnn-train: Missing argument 'PATH'; see `cnn-train predict --help`", id="missing-argument"),
+        pytest.param(["up", "--watch-timeout", "-5"], "cnn-train: Invalid value for '--watch-timeout': Input should be greater than or equal to 1; see `cnn-train up --help`", id="negative-wait"),
         pytest.param(["run", "--epochs"], "cnn-train: Option '--epochs' requires an argument", id="option-without-value"),
         pytest.param(["trian"], "cnn-train: No such command 'trian'; see `cnn-train --help`", id="unknown-command"),
     ],

@@ -196,18 +196,20 @@ def test_continuing_a_study_with_another_search_is_refused_saying_what_differs(t
     )
 
 
-@pytest.mark.parametrize(
-    ("storage", "message"),
-    [
-        pytest.param("nonsense", "storage: 'nonsense' is not a database URL; use e.g. sqlite:", id="not-a-url"),
-        # Refused as the study is validated, before its flow run (they were SQLAlchemy's words, from a failed run).
-        pytest.param("sqlite:////nonexistent/dir/optuna.db", "storage: the folder /nonexistent/dir of /nonexistent/dir/optuna.db does not exist", id="no-folder"),
-        pytest.param("sqlite:///{tmp}", "storage: {tmp} is a folder; name the SQLite file in it", id="a-folder"),
-        pytest.param("postgres://db.example/optuna", "storage: SQLAlchemy knows no database kind 'postgres'; use postgresql://", id="postgres"),
-        pytest.param("postgresql+psycopg2://db.example/optuna", "storage: postgresql+psycopg2 needs the Python driver 'psycopg2', which is not installed: pip install psycopg2-binary", id="no-driver"),
-        pytest.param("sqlite:///{tmp}/not-a-database", "storage sqlite:///{tmp}/not-a-database: cannot open it", id="not-a-database"),
-    ],
-)
+#: A storage URL and the start of its one line. All but the last are refused as the study is validated,
+#: before its flow run: they were SQLAlchemy's words ('unable to open database file'), from a failed run.
+STORAGE_REFUSALS = {
+    "not-a-url": ("nonsense", "storage: 'nonsense' is not a database URL; use e.g. sqlite:"),
+    "no-folder": ("sqlite:////nonexistent/dir/optuna.db", "storage: the folder /nonexistent/dir of /nonexistent/dir/optuna.db does not exist"),
+    "a-folder": ("sqlite:///{tmp}", "storage: {tmp} is a folder; name the SQLite file in it"),
+    "postgres": ("postgres://db.example/optuna", "storage: SQLAlchemy knows no database kind 'postgres'; use postgresql://"),
+    "no-driver": ("postgresql+psycopg2://db.example/optuna", "storage: postgresql+psycopg2 needs the Python driver 'psycopg2', "
+                  "which is not installed: pip install psycopg2-binary"),
+    "not-a-database": ("sqlite:///{tmp}/not-a-database", "storage sqlite:///{tmp}/not-a-database: cannot open it"),
+}
+
+
+@pytest.mark.parametrize(("storage", "message"), list(STORAGE_REFUSALS.values()), ids=list(STORAGE_REFUSALS))
 def test_a_storage_that_cannot_hold_the_study_is_one_line(tmp_path, storage, message):
     from cnn_train.flows.errors import ExpectedFailure
 
