@@ -9,8 +9,9 @@ Two ways, both measured on Prefect 3.9 (README, "When things go wrong"):
   automation of Prefect's docs for cnn-train's flows: a Running flow run with no heartbeat for
   ``ZOMBIE_AFTER_SECONDS`` is set Crashed by the Prefect server itself, with nothing of cnn-train running.
 - cnn-train's: a Running or Pending flow run is orphaned when the process serving it is gone, or its
-  MLflow heartbeat stopped (Prefect's automation never sees a Pending one: no heartbeat yet); ``cnn-train doctor`` reports it at once, and ``doctor --fix``, ``cnn-train up`` and
-  every flow's start set it Crashed and its MLflow runs FAILED.
+  MLflow heartbeat stopped (Prefect's automation never sees a Pending one: no heartbeat yet);
+  ``cnn-train doctor`` reports it at once, and ``doctor --fix``, ``cnn-train up`` and every flow's
+  start set it Crashed and its MLflow runs FAILED.
 """
 
 from __future__ import annotations

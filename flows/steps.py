@@ -169,8 +169,8 @@ def _write_progress(checkpoint: Path, epochs: list[EpochMetrics]) -> None:
 
 class TrainingDiverged(ExpectedFailure, ArithmeticError):
     """The training loss stopped being a number (or blew up past :data:`DIVERGED_LOSS`): the weights are
-    lost, and no later epoch brings them back. Deterministic from the same checkpoint, so the train task does not retry it. Names the run
-    and the epoch, so that a sweep can rank the trial as diverged."""
+    lost, and no later epoch brings them back. Deterministic from the same checkpoint, so the train task
+    does not retry it. Names the run and the epoch, so that a sweep can rank the trial as diverged."""
 
     def __init__(self, message: str, run_id: str = "", epoch: int = 0) -> None:
         super().__init__(message)

@@ -8,8 +8,8 @@ import inspect
 import os
 import sys
 import types
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional, Union, get_args, get_origin
 
 import typer
