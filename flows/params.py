@@ -12,7 +12,7 @@ import re
 import warnings
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, WrapValidator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, WithJsonSchema, WrapValidator, model_validator
 from pydantic.fields import FieldInfo
 
 from cnn_train.flows import placement
@@ -56,14 +56,20 @@ def _one_device_message(value: Any, handler: Any) -> str:
 DeviceRequest = Annotated[_FORM_DEVICE, WrapValidator(_one_device_message)]
 
 
+# MLflow refuses '/' and ':'; '@' and spaces would break the models:/NAME@ALIAS URIs users type.
+_REGISTERED_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+_REGISTERED_NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit"
+
+
 def _registered_name(value: str) -> str:
-    # MLflow refuses '/' and ':'; '@' and spaces would break the models:/NAME@ALIAS URIs users type.
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
-        raise ValueError("a registered model name takes letters, digits, '.', '_' and '-', starting with a letter or digit")
+    if not re.fullmatch(_REGISTERED_NAME, value):
+        raise ValueError(f"a registered model name takes {_REGISTERED_NAME_RULE}")
     return value
 
 
-RegisteredName = Annotated[str, AfterValidator(_registered_name)]
+# The schema says it too (blank is a field not given), so the Prefect server refuses a bad name before the run exists.
+_NAME_SCHEMA = {"type": "string", "pattern": rf"^\s*$|{_REGISTERED_NAME}", "title": f"a name of {_REGISTERED_NAME_RULE}"}
+RegisteredName = Annotated[str, AfterValidator(_registered_name), WithJsonSchema(_NAME_SCHEMA)]
 
 
 def _blank_is_none(value: Any) -> Any:

@@ -99,6 +99,9 @@ def test_a_deployment_run_out_of_bounds_or_with_an_unknown_name_is_refused_befor
         start_deployment_run("cnn-train/refusals", {"experiment": "   "})
     with pytest.raises(ParameterError, match=r"^invalid run parameters: experiment: String should have at least 1 character"):
         validate_parameters(experiment="   ")
+    # A name the registry cannot take failed the flow run at its end; blank stays "not given".
+    with pytest.raises(RunRefusedError, match=r"register takes a name of letters, digits, '.', '_' and '-', starting with a letter or digit, or null$"):
+        start_deployment_run("cnn-train/refusals", {"register": "bad name"})
     with pytest.raises(RunRefusedError, match=r"^cnn-train/refusals has no parameter epoch \(did you mean epochs\?\); "
                        r"its parameters: backend, "):
         start_deployment_run("cnn-train/refusals", {"epoch": 3})
