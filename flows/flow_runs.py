@@ -87,8 +87,9 @@ def what_schema_takes(schema: dict[str, Any], definitions: dict[str, Any]) -> st
         return "one of " + ", ".join(repr(value) for value in schema["enum"])
     if schema.get("pattern") == r"\S":  # a name that must not be blank (params.py: experiment)
         return "text with a character other than spaces"
-    if "pattern" in schema:
-        return schema.get("title") or f"text matching {schema['pattern']}"
+    if "pattern" in schema:  # the title is the form's name for it ("one card (cuda:N)", "name")
+        named = schema.get("title") or f"text matching {schema['pattern']}"
+        return f"a {named} of {schema['description']}" if "description" in schema else named
     kind = schema.get("type")
     words = {"integer": "a whole number", "number": "a number", "string": "text", "boolean": "true or false",
              "array": "a list", "object": "a mapping", "null": "null"}.get(kind, "a value")

@@ -68,7 +68,7 @@ def _registered_name(value: str) -> str:
 
 
 # The schema says it too (blank is a field not given), so the Prefect server refuses a bad name before the run exists.
-_NAME_SCHEMA = {"type": "string", "pattern": rf"^\s*$|{_REGISTERED_NAME}", "title": f"a name of {_REGISTERED_NAME_RULE}"}
+_NAME_SCHEMA = {"type": "string", "pattern": rf"^\s*$|{_REGISTERED_NAME}", "title": "name", "description": _REGISTERED_NAME_RULE}
 RegisteredName = Annotated[str, AfterValidator(_registered_name), WithJsonSchema(_NAME_SCHEMA)]
 
 
