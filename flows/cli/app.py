@@ -217,9 +217,9 @@ def cli_options(
                 )
             )
         # A command may also take typer's context as ``ctx`` (to tell an option given from its default).
-        context = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)]
-        takes_context = "ctx" in inspect.signature(fn).parameters
-        fn.__signature__ = inspect.Signature([*context[:takes_context], *parameters])  # type: ignore[attr-defined]
+        if "ctx" in inspect.signature(fn).parameters:
+            parameters.insert(0, inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
+        fn.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
         return fn
 
     return decorate
