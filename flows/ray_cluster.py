@@ -2,8 +2,8 @@
 Ray for, and what the driver hands to the workers.
 
 Joining a cluster follows Ray's own rules, with three differences that make failures say why:
-- ``HOST:PORT`` and ``ray://HOST:PORT`` are checked to answer before Ray tries (Ray itself waits
-  minutes on an address where nothing listens).
+- ``HOST:PORT``, ``ray://HOST:PORT`` and the cluster ``auto`` finds are checked to answer while the run
+  is validated (Ray itself waits minutes on an address where nothing listens).
 - Ray 2.60 clusters use token authentication by default, and Ray sends a token to an explicit address
   only with ``RAY_AUTH_MODE=token``; when a token is provided the way Ray documents it
   (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) and ``RAY_AUTH_MODE`` is
@@ -34,14 +34,8 @@ from cnn_train.flows.params import RAY_RESOURCE_NAME, RunnerOptions
 from cnn_train.flows.placement import ray_resources
 
 __all__ = [
-    "check_runner",
-    "RayClusterError",
-    "node_tags",
-    "parse_resources",
-    "ray_task_runner",
-    "token_source",
-    "trials_on",
-    "worker_died",
+    "check_runner", "RayClusterError", "node_tags", "parse_resources", "ray_task_runner",
+    "token_source", "trials_on", "worker_died",
 ]
 
 #: Environment that trials on Ray need from the driver: where to report, with which credentials, and
@@ -124,13 +118,40 @@ def _endpoint(address: str) -> tuple[str, int]:
 
 
 def check_runner(runner: RunnerOptions) -> None:
-    """Refuse an explicit Ray address that is malformed or where nothing listens while the run is
-    validated, before any MLflow run or data prep (``auto`` is looked for as the trials start)."""
-    if runner.task_runner == "ray" and runner.ray_address and runner.ray_address != "auto":
+    """Refuse a Ray address that is malformed, an ``auto`` that finds no cluster, or a cluster where
+    nothing listens, while the run is validated: before any MLflow run or data prep."""
+    if runner.task_runner != "ray" or not runner.ray_address:
+        return
+    if runner.ray_address != "auto":
         _check_answers(runner.ray_address)
+    elif (found := _found_by_auto()) is not None:
+        _check_answers(found, found_by_auto=True)
 
 
-def _check_answers(address: str) -> None:
+_NO_CLUSTER_FOR_AUTO = (
+    "--ray-address auto found no Ray cluster on this machine (none started with `ray start --head` "
+    "here, and no RAY_ADDRESS): start one, or give HOST:PORT or ray://HOST:PORT"
+)
+
+
+def _found_by_auto() -> str | None:
+    """The address ``ray.init(address="auto")`` would join (RAY_ADDRESS, the address the last `ray start`
+    here recorded, or a running Ray on this machine); None when Ray is not installed, which the runner
+    says as the trials start."""
+    try:
+        import ray  # noqa: F401 (the package first: its private modules lean on what its __init__ loads)
+        # Private: Ray has no public way to ask where "auto" leads without joining it.
+        from ray._private.services import get_ray_address_from_environment
+    except ImportError:
+        return None
+    try:
+        found = get_ray_address_from_environment("auto", None)
+    except ConnectionError:  # Ray's "Could not find any running Ray instance"
+        raise RayClusterError(_NO_CLUSTER_FOR_AUTO) from None
+    return None if found in (None, "auto", "local") else found
+
+
+def _check_answers(address: str, *, found_by_auto: bool = False) -> None:
     """Refuse at once an address where nothing listens (Ray would retry for minutes)."""
     host, port = _endpoint(address)
     try:
@@ -138,10 +159,13 @@ def _check_answers(address: str) -> None:
             return
     except OSError as error:
         reason = error.strerror or type(error).__name__
-    if address.startswith("ray://"):
-        what = "the Ray Client server (`ray start --head` opens it on port 10001)"
-    else:
-        what = "a Ray head (`ray start --head --port PORT`)"
+    if found_by_auto:
+        raise RayClusterError(
+            f"--ray-address auto found the Ray cluster at {address} (RAY_ADDRESS, or the last `ray start` on "
+            f"this machine), but nothing answers there ({reason}): start it again, or give HOST:PORT or ray://HOST:PORT"
+        )
+    client = address.startswith("ray://")
+    what = "the Ray Client server (`ray start --head` opens it on port 10001)" if client else "a Ray head (`ray start --head --port PORT`)"
     raise RayClusterError(
         f"nothing answers at {host}:{port} ({reason}): check the address and that {what} runs there "
         "and can be reached from this machine"
@@ -165,10 +189,7 @@ def _join_failure(address: str, error: BaseException) -> RayClusterError:
             return RayClusterError(f"{where} requires an authentication token and none was given: {_HOW_TO_GIVE_A_TOKEN}")
         return RayClusterError(f"{where} refused the token from {source}: give this cluster's token; {_HOW_TO_GIVE_A_TOKEN}")
     if "Could not find any running Ray instance" in text:
-        return RayClusterError(
-            "--ray-address auto found no Ray cluster on this machine (none started with `ray start --head` "
-            "here, and no RAY_ADDRESS): start one, or give HOST:PORT or ray://HOST:PORT"
-        )
+        return RayClusterError(_NO_CLUSTER_FOR_AUTO)
     if "ray client connection timeout" in text:
         hint = (
             f"it refused the token from {source}: compare it with `ray get-auth-token` on the head node"

@@ -82,6 +82,37 @@ def test_the_sweep_command_refuses_a_bad_ray_address_before_its_flow_run(tmp_pat
     assert sweep.stderr.startswith("cnn-train: --ray-address takes HOST:PORT") and sweep.stderr.count("\n") == 1, sweep.stderr
 
 
+def _validating_auto(validate, tmp_path: Path, monkeypatch) -> RayClusterError:
+    """``auto`` validated where Ray's temporary directory is ``tmp_path`` and Ray's scan of this machine's
+    processes finds no cluster (other test modules' Rays run beside this one)."""
+    import ray  # noqa: F401 (before its private module: importing that first leaves Ray half-initialised)
+    import ray._private.services as ray_services
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_services, "find_gcs_addresses", frozenset)
+    with pytest.raises(RayClusterError) as caught:
+        validate({"epochs": 1, "task_runner": "ray", "ray_address": "auto"})
+    assert "\n" not in str(caught.value)
+    return caught.value
+
+
+@pytest.mark.parametrize("validate", [pytest.param(validate_sweep, id="sweep"), pytest.param(validate_tune, id="tune")])
+def test_auto_that_finds_no_cluster_is_refused_while_the_search_is_validated(validate, tmp_path, monkeypatch) -> None:
+    """It was found out as the trials started, after the search's parent MLflow run and data prep."""
+    assert str(_validating_auto(validate, tmp_path, monkeypatch)).startswith("--ray-address auto found no Ray cluster")
+
+
+def test_auto_that_finds_a_stopped_cluster_names_its_address(tmp_path, monkeypatch) -> None:
+    """A head that died without `ray stop` leaves its address recorded; Ray would wait minutes on it."""
+    port = free_port()
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")  # where `ray start` records it
+    message = str(_validating_auto(validate_sweep, tmp_path, monkeypatch))
+    assert message.startswith(f"--ray-address auto found the Ray cluster at 127.0.0.1:{port}"), message
+    assert "nothing answers there (Connection refused)" in message
+
+
 @pytest.mark.parametrize(
     ("items", "expected"),
     [
