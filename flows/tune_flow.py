@@ -39,6 +39,7 @@ from cnn_train.flows.tuning import (
     TrialHeartbeat,
     TunePlan,
     ask,
+    check_continuation,
     claim,
     counted_trials,
     ended_trials,
@@ -270,6 +271,14 @@ def _keep_trials_in_flight(
         logger.info("trial %d %s (%d of %d trials done)", finished.trial.number, how, done, target)
         recover_abandoned(study, heartbeat.storage)
     return ran
+
+
+def check_tune(values: dict[str, Any]) -> TunePlan:
+    """The command's check before its flow run: the plan, and a study of its name in the storage made
+    for the same search (the flow run refuses another one too, but only once it is recorded)."""
+    plan = validate_tune(values)
+    check_continuation(plan)
+    return plan
 
 
 @cnn_train_flow("cnn-train-tune", TuneOptions, RunParameters, RunnerOptions, exclude=TUNE_EXCLUDES)

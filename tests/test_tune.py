@@ -196,6 +196,21 @@ def test_continuing_a_study_with_another_search_is_refused_saying_what_differs(t
     )
 
 
+def test_the_command_refuses_another_search_under_a_stored_name_before_its_flow_run(tmp_path):
+    """It was refused as the flow run opened the study: one line too, but after a Failed flow run."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    open_study(validate_tune(SMALL | {"study_name": "s", "storage": storage, "space": {"learning_rate": "log:1e-4:1e-2"}}), on_abandoned=print)
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CNN_TRAIN_STATE_DIR": str(tmp_path / "state")}
+    given = ["--epochs", "2", "--sample-limit", "400", "--test-limit", "200", "--seed", "4", "--study-name", "s", "--storage", storage]
+    result = CliRunner().invoke(app, ["tune", *given, "--space", "learning_rate=log:1e-5:1e-2"], env=env)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "cnn-train: study 's' was made for another search (the study: space learning_rate=log:0.0001:0.01; this command: "
+        "space learning_rate=log:1e-05:0.01); give a new --study-name to start another study"
+    ]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 #: A storage URL and the start of its one line. All but the last are refused as the study is validated,
 #: before its flow run: they were SQLAlchemy's words ('unable to open database file'), from a failed run.
 STORAGE_REFUSALS = {

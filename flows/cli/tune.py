@@ -50,7 +50,7 @@ def tune(ctx: typer.Context, **values: Any) -> None:
         values["space"] = _space(values, space_file)
     except ParameterError as error:
         fail(str(error))
-    plan, result = checked_run("cnn_train.flows.tune_flow.cnn_train_tune", "validate_tune", values)
+    plan, result = checked_run("cnn_train.flows.tune_flow.cnn_train_tune", "check_tune", values)
     _print_result(result, plan.study_name, plan.options.objective)
 
 

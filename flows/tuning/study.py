@@ -137,16 +137,38 @@ def open_study(plan: TunePlan, on_abandoned: AbandonedHandler) -> tuple[optuna.S
         sampler=make_sampler(plan, seed_offset=len(created.get_trials(deepcopy=False))),
         pruner=make_pruner(plan),
     )
-    wanted = json.loads(json.dumps(plan.definition(), default=str))
     stored = study.user_attrs.get(DEFINITION_ATTR)
     if stored is None:
-        study.set_user_attr(DEFINITION_ATTR, wanted)
-    elif stored != wanted:
+        study.set_user_attr(DEFINITION_ATTR, _wanted(plan))
+    _refuse_another_search(plan, stored)
+    return study, storage
+
+
+def check_continuation(plan: TunePlan) -> None:
+    """Refuse, before the study's flow run, a stored study of the plan's name that another search made
+    (the flow run checks again as it opens the study: a deployment's run has no step before it)."""
+    storage = _storage(plan.storage_url, lambda study, trial: None)
+    try:
+        study_id = storage.get_study_id_from_name(plan.study_name)
+        stored = storage.get_study_user_attrs(study_id).get(DEFINITION_ATTR)
+    except KeyError:  # a new study
+        return
+    finally:
+        storage.engine.dispose()
+    _refuse_another_search(plan, stored)
+
+
+def _wanted(plan: TunePlan) -> dict[str, Any]:
+    """The plan's definition as the study stores it (JSON)."""
+    return json.loads(json.dumps(plan.definition(), default=str))
+
+
+def _refuse_another_search(plan: TunePlan, stored: dict[str, Any] | None) -> None:
+    if stored is not None and stored != (wanted := _wanted(plan)):
         raise SpaceError(
             f"study {plan.study_name!r} was made for another search ({_difference(stored, wanted)}); "
             "give a new --study-name to start another study"
         )
-    return study, storage
 
 
 #: The parts of a study's definition, as a difference names them.
