@@ -22,7 +22,7 @@ import functools
 import os
 import re
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,27 +38,19 @@ __all__ = [
     "token_source", "trials_on", "worker_died",
 ]
 
-#: Environment that trials on Ray need from the driver: where to report, with which credentials, and
-#: where to keep state. Credentials travel in the job's runtime environment, which anyone who may
-#: run code on the cluster can read: the cluster's token is what guards them.
+#: Credentials trials need from the driver. They travel inside each trial's pickled entry point
+#: (:func:`_setting_credentials`), not in the job's runtime environment, which Ray writes to its nodes'
+#: logs (runtime_env_agent.log; ray_client_server.err for a Ray Client) and shows on its dashboard.
+_CREDENTIALS_ENV = (
+    "PREFECT_API_AUTH_STRING", "PREFECT_API_KEY", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+)
+#: The rest trials need from the driver, in the job's runtime environment: where to report and keep state,
+#: no telemetry, and the command's quiet (cnn_train.flows.quiet): Ray prints its workers' output on the
+#: driver's terminal, where each trial's MLflow "View run ... at:" and system-metrics INFO lines appeared.
 _FORWARDED_ENV = (
-    "PREFECT_API_URL",
-    "PREFECT_API_AUTH_STRING",
-    "PREFECT_API_KEY",
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    "CNN_TRAIN_ROOT",
-    "CNN_TRAIN_STATE_DIR",
-    "DO_NOT_TRACK",
-    "MLFLOW_DISABLE_TELEMETRY",
-    "PREFECT_SERVER_ANALYTICS_ENABLED",
-    # The command's quiet (cnn_train.flows.quiet): Ray prints its workers' output on the driver's terminal,
-    # where each trial's MLflow "View run ... at:" and system-metrics INFO lines appeared.
-    "MLFLOW_LOGGING_LEVEL",
-    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+    "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "CNN_TRAIN_ROOT", "CNN_TRAIN_STATE_DIR",
+    "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY", "PREFECT_SERVER_ANALYTICS_ENABLED",
+    "MLFLOW_LOGGING_LEVEL", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
 )
 
 # Ray's documented token settings (https://docs.ray.io/en/latest/ray-security/token-auth.html).
@@ -191,19 +183,16 @@ def _join_failure(address: str, error: BaseException) -> RayClusterError:
     if "Could not find any running Ray instance" in text:
         return RayClusterError(_NO_CLUSTER_FOR_AUTO)
     if "ray client connection timeout" in text:
-        hint = (
-            f"it refused the token from {source}: compare it with `ray get-auth-token` on the head node"
-            if source
-            else f"it requires a token, none was given: {_HOW_TO_GIVE_A_TOKEN}"
+        hint = f"it refused the token from {source}: compare it with `ray get-auth-token` on the head node" if source else (
+            f"it requires a token, none was given: {_HOW_TO_GIVE_A_TOKEN}"
         )
         return RayClusterError(
             f"{where} did not let this Ray Client in within 30 s; if the cluster uses token authentication "
             f"(a head started with a token, or with RAY_AUTH_MODE=token), {hint}"
         )
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    hint = ""
-    if address != "auto" and not address.startswith("ray://"):
-        hint = "; HOST:PORT joins from a node of the cluster, from elsewhere use ray://HOST:10001"
+    explicit = address != "auto" and not address.startswith("ray://")
+    hint = "; HOST:PORT joins from a node of the cluster, from elsewhere use ray://HOST:10001" if explicit else ""
     return RayClusterError(f"could not join {where}: {first_line}{hint}")
 
 
@@ -221,15 +210,20 @@ def _runner_class() -> type:
             address: str | None = None,
             init_kwargs: dict[str, Any] | None = None,
             trial_resources: Mapping[str, float] | None = None,
+            credentials: Mapping[str, str] | None = None,
         ) -> None:
             super().__init__(address=address, init_kwargs=init_kwargs)
             self.trial_resources = dict(trial_resources or {})
+            self.credentials = dict(credentials or {})
+            if self.credentials:  # the remote entry point submit() hands to Ray
+                self._run_prefect_task = _setting_credentials(self.credentials, RayTaskRunner._run_prefect_task)
 
         def duplicate(self) -> RayClusterTaskRunner:
-            return type(self)(address=self.address, init_kwargs=self.init_kwargs, trial_resources=self.trial_resources)
+            return type(self)(self.address, self.init_kwargs, self.trial_resources, self.credentials)
 
         def __eq__(self, other: object) -> bool:
-            return super().__eq__(other) and self.trial_resources == getattr(other, "trial_resources", None)
+            mine = (self.trial_resources, self.credentials)
+            return super().__eq__(other) and mine == (getattr(other, "trial_resources", None), getattr(other, "credentials", None))
 
         def submit(self, task: Any, parameters: dict[str, Any], wait_for: Any = None, dependencies: Any = None) -> Any:
             with _api_for_trials(self.address):
@@ -246,6 +240,17 @@ def _runner_class() -> type:
                 raise _join_failure(self.address, error) from None
 
     return RayClusterTaskRunner
+
+
+def _setting_credentials(credentials: dict[str, str], run: Callable[..., Any]) -> Callable[..., Any]:
+    """``run`` (prefect-ray's remote entry point) that first sets ``credentials`` in the Ray worker's
+    environment; Ray pickles the function with them, by value."""
+
+    def run_with_credentials(*args: Any, **kwargs: Any) -> Any:
+        os.environ.update(credentials)
+        return run(*args, **kwargs)
+
+    return run_with_credentials
 
 
 def _trials_may_use(api_url: str | None, address: str | None) -> bool:
@@ -278,10 +283,9 @@ def ray_task_runner(
     """prefect-ray's runner: a new local Ray, or the cluster at ``address`` (``HOST:PORT``, ``auto`` or
     ``ray://HOST:PORT``). ``trial_resources`` are Ray custom resources every trial asks for.
 
-    Trials pick their device inside Ray (``assigned_by_scheduler``), so Ray's GPU assignment, not a
-    local lease, decides which card a trial gets. The driver's Prefect and MLflow locations and
-    credentials are forwarded so trials on Ray workers report where the flow run does.
-    """
+    Trials pick their device inside Ray (``assigned_by_scheduler``), so Ray's GPU assignment, not a local
+    lease, decides which card a trial gets. The driver's Prefect and MLflow locations and credentials
+    (out of Ray's logs: :data:`_CREDENTIALS_ENV`) are forwarded so trials report where the flow run does."""
     from prefect.settings import get_current_settings
 
     try:
@@ -297,6 +301,7 @@ def ray_task_runner(
     env = {name: os.environ[name] for name in _FORWARDED_ENV if os.environ.get(name)}
     if _trials_may_use(api_url := get_current_settings().api.url, address):
         env["PREFECT_API_URL"] = api_url
+    credentials = {name: os.environ[name] for name in _CREDENTIALS_ENV if os.environ.get(name)}
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}}
     if not address:
         # "local" so that a cluster named by RAY_ADDRESS or a `ray start` on this machine is not joined
@@ -307,7 +312,7 @@ def ray_task_runner(
         # prefect-ray turns "auto" into a bare ray.init(), which starts a new local Ray when it finds
         # none; Ray's own "auto" fails instead, and finds the cluster the same way otherwise.
         kwargs["address"] = "auto"
-    return runner_class(address=address, init_kwargs=kwargs | dict(init_kwargs or {}), trial_resources=trial_resources)
+    return runner_class(address, kwargs | dict(init_kwargs or {}), trial_resources, credentials)
 
 
 @contextlib.contextmanager
@@ -337,13 +342,6 @@ def _on_ray() -> bool:
     return isinstance(FlowRunContext.get().task_runner, RayTaskRunner)
 
 
-def _ray_cluster_gpus() -> float | None:
-    """GPUs Ray reports for the cluster, when this flow runs on Ray."""
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else None
-
-
 @contextlib.contextmanager
 def _ray_request(device_request: str, on_ray: bool) -> Iterator[None]:
     """The trial's needs as Ray options on the task submitted inside this block: its GPU, the runner's
@@ -351,10 +349,12 @@ def _ray_request(device_request: str, on_ray: bool) -> Iterator[None]:
     if not on_ray:
         yield
         return
+    import ray
     from prefect_ray.context import remote_options
 
     custom = getattr(FlowRunContext.get().task_runner, "trial_resources", None)
-    with remote_options(**ray_resources(device_request, cluster_gpus=_ray_cluster_gpus(), custom=custom), max_retries=0):
+    gpus = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else None  # the cluster's
+    with remote_options(**ray_resources(device_request, cluster_gpus=gpus, custom=custom), max_retries=0):
         yield
 
 

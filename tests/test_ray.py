@@ -166,8 +166,10 @@ def test_trials_get_the_commands_quiet_and_its_servers_credentials(monkeypatch) 
     for name in ("MLFLOW_LOGGING_LEVEL", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
         monkeypatch.delenv(name, raising=False)
     quiet.quiet_libraries()  # what every cnn-train command does first
-    forwarded = ray_task_runner().init_kwargs["runtime_env"]["env_vars"]
-    assert forwarded["MLFLOW_TRACKING_PASSWORD"] == "team-password"
+    runner = ray_task_runner()
+    forwarded = runner.init_kwargs["runtime_env"]["env_vars"]
+    assert "MLFLOW_TRACKING_PASSWORD" not in forwarded, "Ray logs the runtime environment (see the cluster test)"
+    assert runner.credentials == {"MLFLOW_TRACKING_PASSWORD": "team-password"} == runner.duplicate().credentials
     assert forwarded["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
     assert forwarded["MLFLOW_LOGGING_LEVEL"] == "WARNING"
 
@@ -187,6 +189,7 @@ class RayCluster:
     root: Path
     token: str
     port: int
+    client_port: int
     groups: list[int] = field(default_factory=list)
     box_node: str = ""
 
@@ -262,10 +265,10 @@ def cluster() -> Iterator[RayCluster]:
     token = uuid.uuid4().hex
     (root / "home" / ".ray").mkdir(parents=True)
     (root / "home" / ".ray" / "auth_token").write_text(token)
-    ray_cluster = RayCluster(root, token, free_port())
+    ray_cluster = RayCluster(root, token, free_port(), free_port())
     try:
         ray_cluster.start(
-            "--head", "--port", str(ray_cluster.port), "--ray-client-server-port", str(free_port()),
+            "--head", "--port", str(ray_cluster.port), "--ray-client-server-port", str(ray_cluster.client_port),
             "--dashboard-port", str(free_port()), "--include-dashboard", "false",
         )
         # A node that is not the head joins only with token mode on, as Ray documents.
@@ -334,6 +337,46 @@ def test_explicit_address_with_the_token_places_trials_on_the_node_with_the_reso
     # The driver's Prefect API reached the workers: their task runs are on the same server.
     flow_run_id = children[0].data.tags["prefect.flow_run_id"]
     assert sorted(r.state.name for r in _trial_task_runs(flow_run_id, prefect_api_url)) == ["Completed", "Completed"]
+
+
+#: A driver whose one task answers what its Ray worker sees of the credentials.
+_CREDENTIALS_PROBE = """
+import os, sys
+from prefect import flow, task
+from cnn_train.flows.ray_cluster import ray_task_runner
+
+@task
+def seen():
+    return os.environ.get("MLFLOW_TRACKING_PASSWORD"), os.environ.get("PREFECT_API_AUTH_STRING")
+
+@flow(task_runner=ray_task_runner(sys.argv[1]))
+def probe():
+    return seen.submit().result()
+
+print("the trial saw", *probe())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", [pytest.param("", id="node"), pytest.param("ray://", id="ray-client")])
+def test_trials_get_the_credentials_and_no_ray_log_holds_them(cluster, prefect_api_url, tmp_path, scheme):
+    """They travelled in the job's runtime environment, which Ray's runtime-env agent (and, for a Ray Client,
+    its proxy) logs on the cluster's nodes, where anyone reading the logs found the team's passwords."""
+    password, auth = f"pw-{uuid.uuid4().hex}", f"team:{uuid.uuid4().hex}"
+    address = f"ray://127.0.0.1:{cluster.client_port}" if scheme else cluster.address
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
+        "HOME": str(tmp_path), "RAY_AUTH_TOKEN": cluster.token, "PREFECT_API_URL": prefect_api_url,
+        "MLFLOW_TRACKING_PASSWORD": password, "PREFECT_API_AUTH_STRING": auth,
+    }
+    probe = subprocess.run(  # noqa: S603 - our own script
+        [sys.executable, "-c", _CREDENTIALS_PROBE, address], env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert f"the trial saw {password} {auth}" in probe.stdout, probe.stdout[-2000:] + probe.stderr[-3000:]
+    holding = [
+        str(path) for path in cluster.root.rglob("*")
+        if path.is_file() and not path.is_socket() and password.encode() in path.read_bytes()
+    ]
+    assert holding == []
 
 
 @pytest.mark.slow
