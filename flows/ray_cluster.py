@@ -30,7 +30,7 @@ from prefect.context import FlowRunContext
 
 from cnn_train.flows import temporary_server
 from cnn_train.flows.errors import ExpectedFailure
-from cnn_train.flows.params import RAY_RESOURCE_NAME, RunnerOptions
+from cnn_train.flows.params import RAY_RESOURCE_NAME, ParameterError, RunnerOptions
 from cnn_train.flows.placement import ray_resources
 
 __all__ = [
@@ -73,6 +73,10 @@ class RayClusterError(ExpectedFailure, ValueError):
     """A Ray address that cannot be joined; the message says why and what to do."""
 
 
+class RayOptionError(RayClusterError, ParameterError):
+    """A Ray address or resource of no form Ray takes: a bad value, refused as one (the command's exit 2)."""
+
+
 def token_source() -> str | None:
     """Where Ray would read this driver's token from, in Ray's order, or None without one."""
     if os.environ.get(TOKEN_ENV):
@@ -93,7 +97,7 @@ def parse_resources(items: list[str] | None) -> dict[str, float]:
         except ValueError:
             value = -1.0
         if not sep or not re.fullmatch(RAY_RESOURCE_NAME, name) or value <= 0:
-            raise RayClusterError(
+            raise RayOptionError(
                 f"--ray-resource takes NAME=AMOUNT with a positive amount (a resource a node advertises with "
                 f"`ray start --resources`, e.g. a100=1); got {item!r}"
             )
@@ -105,7 +109,7 @@ def _endpoint(address: str) -> tuple[str, int]:
     """Host and port of ``HOST:PORT`` or ``ray://HOST:PORT``; anything else is refused in one line."""
     match = _HOST_PORT.fullmatch(address.removeprefix("ray://"))
     if match is None or not 0 < int(match["port"]) < 65536:
-        raise RayClusterError(f"--ray-address takes {_ADDRESS_FORMS}; got {address!r}")
+        raise RayOptionError(f"--ray-address takes {_ADDRESS_FORMS}; got {address!r}")
     return match["host"].strip("[]"), int(match["port"])
 
 

@@ -78,7 +78,7 @@ def test_the_sweep_command_refuses_a_bad_ray_address_before_its_flow_run(tmp_pat
         [BIN / "cnn-train", "sweep", *SMALL, "--grid", "learning_rate=0.01,0.001", "--task-runner", "ray",
          "--ray-address", "http://127.0.0.1:8265"], env=env, capture_output=True, text=True, timeout=120,
     )
-    assert sweep.returncode == 1 and sweep.stdout == "", sweep.stdout + sweep.stderr
+    assert sweep.returncode == 2 and sweep.stdout == "", sweep.stdout + sweep.stderr  # a bad value, as --epochs 0
     assert sweep.stderr.startswith("cnn-train: --ray-address takes HOST:PORT") and sweep.stderr.count("\n") == 1, sweep.stderr
 
 
