@@ -693,6 +693,38 @@ def test_runs_lists_the_recent_flow_runs(first_hour, prefect_api_url):
     assert "cnn-train-sweep" in lines[2].split()  # the newest: the sweep came after the four runs
 
 
+@pytest.mark.parametrize(
+    ("pool", "nobody"),
+    [
+        pytest.param(None, "nothing serves give-up-probe/unserved", id="served-deployment"),
+        pytest.param("nobody-polls", "no worker polls work pool 'nobody-polls'", id="pool-deployment"),
+    ],
+)
+def test_a_watch_that_gives_up_says_who_should_have_taken_the_run(prefect_api_url, pool, nobody):
+    """A run nobody takes stays Scheduled: the watch names the serve process or the pool's worker it waits for."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    name = "unserved" if pool is None else "pooled"
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("give-up-probe")
+        if pool:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
+        deployment_id = client.create_deployment(flow_id=flow_id, name=name, work_pool_name=pool)
+    try:
+        result = CliRunner().invoke(app, ["trigger", f"give-up-probe/{name}", "--watch", "--watch-timeout", "2"])
+        assert result.exit_code == 1, result.output
+        assert result.output.splitlines()[-1] == f"cnn-train: gave up after 2 s; a run left Scheduled means {nobody} (`cnn-train doctor`)"
+    finally:  # nothing left Scheduled for the session server's later tests
+        with get_client(sync_client=True) as client:
+            for run in client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))):
+                client.delete_flow_run(run.id)
+            client.delete_deployment(deployment_id)
+            if pool:
+                client.delete_work_pool(pool)
+
+
 def test_runs_lines_up_each_column_under_its_header():
     import pandas as pd
 
