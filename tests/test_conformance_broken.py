@@ -16,6 +16,7 @@ from tests.plugin_fixtures_numpy import (
     HalvedProbabilities,
     IgnoresStopRequest,
     NoRealResume,
+    NumpyMLPBackend,
     PredictsWithTheGlobalGenerator,
     ReadsVisibleDevices,
     RunsNvidiaSmi,
@@ -115,3 +116,25 @@ def test_asking_jax_for_the_given_platforms_device_is_not_looking_for_one(monkey
     else:
         assert result.failed and f"looked for devices itself ({looked})" in result.reason, result.reason
         assert "e.g. jax.devices('cpu')[0]" in result.reason
+
+
+def test_a_probe_the_backend_imported_by_name_is_watched_too(monkeypatch):
+    """``from jax import devices`` in the backend's module binds the function before the kit patches
+    ``jax.devices``: such a call escaped the watch."""
+    import types
+
+    fake_jax = types.ModuleType("jax")
+    fake_jax.devices = lambda backend=None: ["a device"]
+    monkeypatch.setitem(sys.modules, "jax", fake_jax)
+    plugin = types.ModuleType("probe_by_name_plugin")
+    plugin.devices = fake_jax.devices  # what `from jax import devices` leaves in the plugin's module
+    monkeypatch.setitem(sys.modules, plugin.__name__, plugin)
+
+    class AsksByName(NumpyMLPBackend):
+        def build(self, config, *, device, seed):
+            sys.modules["probe_by_name_plugin"].devices()
+            super().build(config, device=device, seed=seed)
+
+    AsksByName.__module__ = plugin.__name__
+    (result,) = run_checks(AsksByName, only=["uses_given_device"])
+    assert result.failed and "looked for devices itself (called jax.devices())" in result.reason, result.reason

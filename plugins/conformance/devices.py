@@ -4,7 +4,8 @@ Looking for a device leaves traces that do not depend on the framework, which th
 the backend builds, trains and predicts on the CPU: reading a variable that says which accelerators
 are visible, opening a driver's device files, running a device-listing tool or loading its library
 (all seen through Python's audit hooks and ``os.environ``), and calling the device probes of a
-framework that is already imported (the kit never imports one), unless the call asks only about the
+framework that is already imported (the kit never imports one), also under the names the backend's
+own modules bound them to (``from jax import devices``), unless the call asks only about the
 platform of the device given (JAX's ``jax.devices("cpu")`` turns ``"cpu"`` into JAX's device). It
 also offers an impossible device, which the backend must refuse with a message naming it rather than
 fall back quietly.
@@ -136,9 +137,20 @@ def _framework_probes() -> Iterator[tuple[Any, str, str]]:
                 yield owner, attribute, f"{module_name}.{probe}"
 
 
+def _imported_probes(packages: tuple[str, ...], originals: dict[int, str]) -> Iterator[tuple[Any, str, str]]:
+    """(module, name, dotted probe name) of each probe a module of ``packages`` bound under a name of its
+    own (``from jax import devices``), which patching the framework's attribute does not reach."""
+    for module_name, module in list(sys.modules.items()):
+        if module is not None and module_name.split(".")[0] in packages:
+            for attribute, value in list(vars(module).items()):
+                if id(value) in originals:
+                    yield module, attribute, originals[id(value)]
+
+
 @contextlib.contextmanager
-def watching_device_lookups() -> Iterator[list[str]]:
-    """Collect, while the block runs, every way of looking for a device seen (see the module docstring)."""
+def watching_device_lookups(packages: tuple[str, ...] = ()) -> Iterator[list[str]]:
+    """Collect, while the block runs, every way of looking for a device seen (see the module docstring),
+    including the probes the modules of ``packages`` (the backend's) imported by name."""
     _install_audit_hook()
     seen: list[str] = []
     environ_type = type(os.environ)
@@ -152,7 +164,9 @@ def watching_device_lookups() -> Iterator[list[str]]:
     with contextlib.ExitStack() as stack:
         # os.getenv, os.environ.get, `in` and [] all read through the mapping's __getitem__.
         stack.enter_context(mock.patch.object(environ_type, "__getitem__", reading))
-        for owner, attribute, name in _framework_probes():
+        probes = list(_framework_probes())
+        originals = {id(getattr(owner, attribute)): name for owner, attribute, name in probes}
+        for owner, attribute, name in [*_imported_probes(packages, originals), *probes]:
             stack.enter_context(mock.patch.object(owner, attribute, _recorder(seen, name, getattr(owner, attribute))))
         _watches.append(seen)
         stack.callback(_watches.remove, seen)
@@ -163,7 +177,7 @@ def check_uses_given_device(subject: Subject) -> None:
     """The backend never looks for devices (framework probes, device variables, driver files, device
     tools or libraries) while it builds, trains and predicts on the CPU, and refuses an impossible
     device with a message naming it."""
-    with watching_device_lookups() as seen:
+    with watching_device_lookups((subject.cls.__module__.split(".")[0],)) as seen:
         backend, _ = subject.trained()
         backend.predict_proba(images(4)[0])
     assert not seen, (
