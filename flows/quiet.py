@@ -34,8 +34,11 @@ _ANNOUNCEMENTS: dict[str, tuple[str, ...]] = {
 _MLFLOW_LOGGER = "mlflow"
 _MLFLOW_LEVEL = "WARNING"
 
-#: Python warnings known to be harmless here: (message regex, category, module regex).
-_HARMLESS_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = ()
+#: Python warnings known to be harmless here: (message regex, category, module regex). MLflow 3's SQL
+#: store sets up its tables' mappers with a loader strategy SQLAlchemy deprecates: MLflow's to change.
+HARMLESS_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    (r"The ``noload`` loader strategy is deprecated", DeprecationWarning, r"mlflow\."),
+)
 
 
 class _DropAnnouncements(logging.Filter):
@@ -65,5 +68,5 @@ def quiet_libraries(*, verbose: bool = False, environ: MutableMapping[str, str] 
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropAnnouncements) for f in logger.filters):
             logger.addFilter(_DropAnnouncements(prefixes))
-    for message, category, module in _HARMLESS_WARNINGS:
+    for message, category, module in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)

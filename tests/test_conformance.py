@@ -223,8 +223,9 @@ def test_example_plugin_runs_the_kit_from_its_own_test_file(installed_example_pl
         capture_output=True, text=True, env=_with_plugin(installed_example_plugin), cwd=EXAMPLE_PLUGIN, timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"2 passed, 1 skipped, {len(CHECK_NAMES) - 3} deselected" in result.stdout
+    assert result.stdout.splitlines()[-1].startswith(f"2 passed, 1 skipped, {len(CHECK_NAMES) - 3} deselected in ")
     assert "sklearn-mlp builds only dense, which has no convolution layers" in result.stdout
+    assert "warnings summary" not in result.stdout, "MLflow's SQLAlchemy deprecation reached the author's run"
 
 
 @pytest.mark.parametrize("name", ["keras", "torch"])
