@@ -111,9 +111,9 @@ def _device(task: str, what: str) -> Any:
     )
 
 
-# Every pydantic model class has ABCMeta's `register`; the `register` field hides it on instances only,
-# where nothing calls it, so pydantic's warning about the shadowing says nothing a user can act on.
-warnings.filterwarnings("ignore", message='Field name "register" in "RunParameters" shadows', category=UserWarning)
+# Every pydantic model class has ABCMeta's `register`; the `register` field hides it on instances only, where
+# nothing calls it: pydantic's warning (RunParameters; Prefect's model of a flow's signature) is no user's to act on.
+warnings.filterwarnings("ignore", message=r'Field name "register" in "\w+" shadows', category=UserWarning)
 
 
 class RunParameters(BaseModel):
