@@ -109,6 +109,19 @@ def test_a_deployment_run_out_of_bounds_or_with_an_unknown_name_is_refused_befor
         assert client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))) == []
 
 
+def test_trigger_refuses_a_parameter_the_deployment_refuses_as_a_bad_value(prefect_api_url):
+    """Exit 2, as the same mistake in `cnn-train run --epochs 0` (it exited 1, as a run that failed)."""
+    from typer.testing import CliRunner
+
+    from cnn_train.flows.cli import app
+
+    cnn_train.to_deployment(name="refusals").apply()
+    result = CliRunner().invoke(app, ["trigger", "cnn-train/refusals", "-p", "epochs=0"], env={"PREFECT_API_URL": prefect_api_url})
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.splitlines()
+    assert line.startswith("cnn-train: cnn-train/refusals refused the parameters {'epochs': 0}: "), line
+
+
 @pytest.mark.parametrize(
     ("deployment", "line"),
     [

@@ -52,9 +52,13 @@ def predict(
         tracking.check_reachable(tracking.tracking_uri())
     except tracking.TrackingUnavailableError as error:
         fail(str(error))
-    # A model that is missing or does not take 28x28x1 images is an expected failure: one line, exit 1.
-    choice = prediction.choose_model(model)
-    loaded = prediction.load_model(choice)
+    # A model that does not exist is a mistake on the command line (exit 2, as a missing image); one that
+    # exists but does not take 28x28x1 images, or cannot load, is an expected failure: one line, exit 1.
+    try:
+        choice = prediction.choose_model(model)
+        loaded = prediction.load_model(choice)
+    except tracking.ModelNotFoundError as error:
+        fail(str(error))
     typer.echo(f"model: {choice.described}")
     predictions = prediction.classify(loaded, collected.files)
     ranked = prediction.top_k(predictions.probabilities(), top_k)

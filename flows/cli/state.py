@@ -186,6 +186,8 @@ def trigger(
     parameters = parse_parameters(param or [])
     try:
         flow_run = flow_runs.start_deployment_run(deployment, parameters)
+    except flow_runs.RunRefusedError as error:  # a parameter the deployment does not have or take
+        fail(str(error))
     except ObjectNotFound:
         served = flow_runs.deployment_names()
         there = f"; deployments there: {', '.join(served)}" if served else "; `cnn-train up --no-trigger` serves cnn-train/default"
