@@ -584,3 +584,31 @@ def test_mlflow_models_serve_answers_with_ten_probabilities_per_image(champion, 
     assert probabilities.shape == (2, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     assert list(probabilities.argmax(axis=1)) == list(labels[right])
+
+
+@pytest.mark.slow
+def test_a_keras_model_predicts_where_keras_would_pick_tensorflow(mlflow_store, prefect_api_url, tmp_path, monkeypatch):
+    """Keras takes its backend as it is imported: KERAS_BACKEND, else ~/.keras/keras.json, which Keras itself
+    writes with TensorFlow. A keras backend's model then failed to load (`No module named 'tensorflow'`)."""
+    from cnn_train.flows.train_flow import cnn_train
+    from tests.stores import new_store
+
+    store = new_store(tmp_path / "keras.db")  # the module's store keeps its one champion and its runs
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    state = cnn_train(backend="keras", architecture="dense", epochs=1, sample_limit=400, test_limit=100, return_state=True)
+    assert state.is_completed(), state.message
+    home = tmp_path / "home"
+    (home / ".keras").mkdir(parents=True)
+    (home / ".keras" / "keras.json").write_text(json.dumps({"backend": "tensorflow", "floatx": "float32"}))
+    image = tmp_path / "x.png"
+    picture = Image.new("L", (28, 28))
+    picture.paste(220, (8, 4, 20, 24))  # a bright block: something to classify
+    picture.save(image)
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"} | {"HOME": str(home), "PREFECT_API_URL": prefect_api_url}
+    run = subprocess.run(
+        [BIN / "cnn-train", "predict", str(image), "--model", f"runs:/{state.result()['mlflow_run_id']}/model"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    model_line, image_line = run.stdout.splitlines()  # no progress bar of Keras among the predictions
+    assert model_line.startswith("model: runs:/") and image_line.startswith(f"{image}: "), run.stdout

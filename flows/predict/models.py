@@ -3,6 +3,8 @@ any backend's model works, and checked to take 28x28x1 images and give ten proba
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +36,14 @@ class LoadedModel:
 
     def probabilities(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """``(n, 10)`` class probabilities, in batches, refused when they are not probabilities."""
-        parts = [
-            np.asarray(self.pyfunc.predict(images[start : start + batch_size]), dtype=np.float64)
-            for start in range(0, len(images), batch_size)
-        ]
+        # A Keras model's predict draws a progress bar on stdout, which carries the predictions, and MLflow's
+        # wrapper passes no verbose=0 (Keras's own switch is per thread, and predict draws from another).
+        quiet = "keras" in self.pyfunc.metadata.flavors
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            parts = [
+                np.asarray(self.pyfunc.predict(images[start : start + batch_size]), dtype=np.float64)
+                for start in range(0, len(images), batch_size)
+            ]
         probabilities = np.concatenate(parts) if parts else np.empty((0, len(FASHION_MNIST_CLASSES)))
         _check_probabilities(self.choice.model_uri, probabilities, len(images))
         return probabilities

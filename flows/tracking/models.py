@@ -14,6 +14,7 @@ import inspect
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import weakref
@@ -156,6 +157,7 @@ def load_pyfunc(model_uri: str, uri: str, *, experiment: str | None = None) -> P
     download = None if folder else tempfile.mkdtemp(prefix="cnn-train-model-")
     try:
         with _PROCESS_STATE_LOCK, _process_tracking_uri(uri):
+            _keras_backend_of(str(folder) if folder else model_uri)
             model = mlflow.pyfunc.load_model(str(folder) if folder else model_uri, dst_path=download)
     except MlflowException as error:
         _remove(download)
@@ -171,6 +173,22 @@ def load_pyfunc(model_uri: str, uri: str, *, experiment: str | None = None) -> P
     if download:
         weakref.finalize(model, shutil.rmtree, download, ignore_errors=True)
     return model
+
+
+def _keras_backend_of(source: str) -> None:
+    """A Keras model loads with the backend Keras picks as it is imported: KERAS_BACKEND, else
+    ~/.keras/keras.json, which Keras writes with TensorFlow, whether installed or not. Unless the user
+    chose one, the model's own (its MLmodel's ``keras_backend``) is set first (MLflow's loader does not)."""
+    from mlflow.models import Model
+
+    if "KERAS_BACKEND" in os.environ or "keras" in sys.modules:
+        return
+    try:
+        backend = Model.load(source).flavors.get("keras", {}).get("keras_backend")
+    except (MlflowException, OSError):  # nothing loadable there: the load says so
+        return
+    if backend:
+        os.environ["KERAS_BACKEND"] = backend
 
 
 def _remove(folder: str | None) -> None:
