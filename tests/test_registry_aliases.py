@@ -194,6 +194,25 @@ def test_the_default_is_the_best_champion_of_the_experiment(store):
     )
 
 
+def test_the_default_champion_is_scored_and_on_the_most_test_images(store):
+    """A champion registered by hand without a test accuracy (NaN) was never beaten once it came first, and
+    80% on 10 test images beat 72% on all of them."""
+    from mlflow import MlflowClient
+
+    unscored, on_ten, on_all = (_trained_run(store, "ranked-champions", accuracy=a) for a in (0.5, 0.8, 0.72))
+    on_ten[0].log_params({"test_limit": 10})
+    on_all[0].log_params({"test_limit": None})
+    on_ten[0].finish(), on_all[0].finish()
+    _register(store, "a-by-hand", unscored, 0.5)  # first by name, as search_registered_models lists them
+    MlflowClient(store).delete_model_version_tag("a-by-hand", "1", "test_accuracy")  # as `mlflow.register_model` leaves it
+    _register(store, "b-on-ten", on_ten, 0.8, test_set="ten-images")
+    _register(store, "c-on-all", on_all, 0.72, test_set="all-images")
+    choice = tracking.default_model(uri=store, experiment="ranked-champions")
+    assert choice.described == (
+        "models:/c-on-all@champion (version 1, test accuracy 72.00%), the best registered champion of the experiment"
+    )
+
+
 def test_no_default_model_names_the_latest_one_trained_in_another_experiment(tmp_path):
     """A user who trained with --experiment, then ran predict without --model, is shown that model."""
     elsewhere = new_store(tmp_path / "mlflow.db")

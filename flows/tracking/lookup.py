@@ -4,6 +4,7 @@ champion, or its latest finished training run's model; and, when a name matches 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,30 +206,46 @@ def _accuracy(run: Run) -> str:
 
 
 def _best_champion(mlflow_client: MlflowClient, experiment_id: str) -> ModelChoice | None:
-    """The champion with the best test accuracy among registered models trained in the experiment."""
-    best: tuple[float, ModelChoice] | None = None
+    """The best champion among registered models trained in the experiment: one with a test accuracy
+    before one without, then the one scored on more test images (scores on test sets of different sizes
+    do not compare, and a score on all of them is the surest), then the best test accuracy."""
+    best: tuple[tuple[bool, float, float], ModelChoice] | None = None
     for registered in mlflow_client.search_registered_models():
         version = registered.aliases.get(CHAMPION) and version_by_alias(mlflow_client, registered.name, CHAMPION)
-        if not version or not version.run_id or not _in_experiment(mlflow_client, version.run_id, experiment_id):
+        run = version and version.run_id and _run_in_experiment(mlflow_client, version.run_id, experiment_id)
+        if not run:
             continue
-        accuracy = float(version.tags.get(ACCURACY_TAG, "nan"))
+        accuracy, images = float(version.tags.get(ACCURACY_TAG, "nan")), _test_images(run)
+        scored = "test accuracy n/a" if math.isnan(accuracy) else f"test accuracy {accuracy * 100:.2f}%" + (
+            "" if math.isinf(images) else f" on {images:.0f} test images"
+        )
         choice = ModelChoice(
             f"models:/{registered.name}@{CHAMPION}",
-            f"models:/{registered.name}@{CHAMPION} (version {version.version}, test accuracy "
-            f"{accuracy * 100:.2f}%), the best registered champion of the experiment",
+            f"models:/{registered.name}@{CHAMPION} (version {version.version}, {scored}), the best registered champion "
+            "of the experiment",
             run_id=version.run_id,
             registered=f"{registered.name}/{version.version}",
         )
-        if best is None or accuracy > best[0]:
-            best = (accuracy, choice)
+        rank = (not math.isnan(accuracy), images, accuracy)
+        if best is None or rank > best[0]:
+            best = (rank, choice)
     return best[1] if best else None
 
 
-def _in_experiment(mlflow_client: MlflowClient, run_id: str, experiment_id: str) -> bool:
+def _test_images(run: Run) -> float:
+    """How many test images a training run scored its model on: its ``test_limit``, else all (infinity)."""
     try:
-        return mlflow_client.get_run(run_id).info.experiment_id == experiment_id
+        return float(int(run.data.params.get("test_limit", "")))
+    except ValueError:
+        return math.inf
+
+
+def _run_in_experiment(mlflow_client: MlflowClient, run_id: str, experiment_id: str) -> Run | None:
+    try:
+        run = mlflow_client.get_run(run_id)
     except MlflowException:
-        return False  # the run was deleted; its registered version has no experiment to belong to
+        return None  # the run was deleted; its registered version has no experiment to belong to
+    return run if run.info.experiment_id == experiment_id else None
 
 
 def _finished_training_runs(mlflow_client: MlflowClient, experiment_ids: list[str], limit: int) -> list[Run]:
