@@ -11,6 +11,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
 from cnn_train.flows import predict, tracking
+from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.params import ParameterError, PredictOptions
 from cnn_train.flows.signatures import split_values
 from cnn_train.flows.predict.figure import plot_examples
@@ -105,6 +106,10 @@ def _publish_to_prefect(
     create_markdown_artifact(markdown, key="prediction-summary", description="Class counts and low-confidence images")
 
 
+class NothingClassifiedError(ExpectedFailure, ValueError):
+    """Every image of a predict run failed: the flow run fails, as `cnn-train predict` exits 1."""
+
+
 @cnn_train_flow("cnn-train-predict", PredictOptions)
 def cnn_train_predict(**values: Any) -> dict[str, Any]:
     """Classify a folder of images (or one image) with a registered or logged model; the predictions and their
@@ -119,6 +124,11 @@ def cnn_train_predict(**values: Any) -> dict[str, Any]:
             tracking.link_model_input(tracker.uri, tracker.run_id, model_id)
         predictions = classify_task(model, files)
         summary = record_task(tracker, model, predictions)
+        if summary.failures and not summary.classified:  # recorded, and a failure: nothing came of the run
+            raise NothingClassifiedError(
+                f"none of the {len(summary.failures)} image file(s) could be classified ({summary.failures[0].message}"
+                f"{'; ...' if len(summary.failures) > 1 else ''}); the list is in the MLflow run's predictions/summary.json"
+            )
     return {
         "mlflow_run_id": tracker.run_id,
         "mlflow_run_url": tracker.url or tracking.open_hint(tracker),

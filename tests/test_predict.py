@@ -536,6 +536,24 @@ def test_the_predict_flow_leaves_the_csv_and_summary_in_mlflow(champion, exporte
     assert (local / "examples.png").is_file() and len(list((local / "inputs").glob("*.png"))) == 20
 
 
+@pytest.mark.slow
+def test_a_predict_run_that_classifies_nothing_fails(champion, mlflow_store, tmp_path):
+    """It ended Completed, 'images classified: 0', where `cnn-train predict` exits 1: a script or automation
+    took a total failure for a success."""
+    from cnn_train.flows.predict_flow import cnn_train_predict
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.png").write_text("not a picture")
+    state = cnn_train_predict(images=str(tmp_path), return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith("none of the 2 image file(s) could be classified ("), state.message
+    (run,) = tracking.client(mlflow_store).search_runs(
+        [tracking.client(mlflow_store).get_experiment_by_name("cnn-train-predict").experiment_id],
+        f"tags.`prefect.flow_run_id` = '{state.state_details.flow_run_id}'",
+    )
+    assert run.info.status == "FAILED" and run.data.metrics["images_failed"] == 2, "the failures are still recorded"
+
+
 # --- REST serving --------------------------------------------------------------------------------
 
 
