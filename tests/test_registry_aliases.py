@@ -163,6 +163,19 @@ def test_cnn_train_models_lists_versions_aliases_and_accuracies(store, better_th
     assert all("| torch | cnn |" in row for row in rows)
 
 
+def test_a_version_the_server_already_listed_on_its_logged_model_is_not_listed_twice(store):
+    """An MLflow server lists a new version on its logged model itself (version as a number); the entry
+    cnn-train adds for a SQLite store made the model page show each version twice."""
+    from mlflow import MlflowClient
+
+    run = _trained_run(store, "listed", accuracy=0.7)
+    model_id = run[1].removeprefix("models:/")
+    MlflowClient(store).set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps([{"name": "listed-line", "version": 1}])})
+    _register(store, "listed-line", run, 0.7)
+    listed = json.loads(MlflowClient(store).get_logged_model(model_id).tags["mlflow.modelVersions"])
+    assert listed == [{"name": "listed-line", "version": 1}]
+
+
 # --- the model a prediction uses ----------------------------------------------------------------------
 
 

@@ -303,11 +303,14 @@ def register_model(
 
 
 #: The logged model's tag listing its registered versions; the MLflow UI's model page reads it
-#: ("Model versions"). ``mlflow.register_model`` sets it, ``MlflowClient.create_model_version`` does not.
+#: ("Model versions"). ``mlflow.register_model`` sets it; ``MlflowClient.create_model_version`` does on
+#: an MLflow server (as a number), not on a SQLite store.
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"
 
 
 def _link_version_to_logged_model(mlflow_client: MlflowClient, model_id: str, name: str, version: str) -> None:
     listed = json.loads(mlflow_client.get_logged_model(model_id).tags.get(MODEL_VERSIONS_TAG, "[]"))
+    if any(entry.get("name") == name and str(entry.get("version")) == str(version) for entry in listed):
+        return  # the server listed it: a second entry showed the version twice
     listed.append({"name": name, "version": str(version)})
     mlflow_client.set_logged_model_tags(model_id, {MODEL_VERSIONS_TAG: json.dumps(listed)})
