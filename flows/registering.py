@@ -3,8 +3,6 @@ decision, and where that decision is recorded (the run's tags, the flow's log, a
 
 from __future__ import annotations
 
-import hashlib
-
 from prefect import get_run_logger, runtime, task
 from prefect.events import emit_event
 
@@ -14,15 +12,6 @@ from cnn_train.flows.params import RunParameters
 from cnn_train.flows.runs import prefect_flow_run_url
 from cnn_train.flows.tasks import IN_MEMORY
 from cnn_train.flows.tracking import Registration, RunTracker, VersionFacts
-
-
-def test_set_digest(data: PreparedData) -> str:
-    """What identifies the test set a model was scored on: its images and labels, whatever the
-    training split was (two runs with different sample limits share a test set and compare)."""
-    digest = hashlib.sha256()
-    digest.update(data.x_test.tobytes())
-    digest.update(data.y_test.tobytes())
-    return digest.hexdigest()[:16]
 
 
 @task(name="register", **IN_MEMORY)
@@ -45,7 +34,7 @@ def register_task(
         backend=params.backend,
         architecture=params.architecture,
         dataset_digest=data.digest,
-        test_set_digest=test_set_digest(data),
+        test_set_digest=data.test_digest,
         mlflow_run_id=run.run_id,
         mlflow_run_url=run.url,
         prefect_flow_run_id=str(runtime.flow_run.id or "") or None,

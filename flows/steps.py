@@ -133,15 +133,17 @@ def model_params(params: RunParameters, training: TrainConfig) -> dict[str, obje
     return (
         {"backend": params.backend, "architecture": model.architecture, "model.parameters": model.parameter_count()}
         | training.model_dump()
-        | {"validation_fraction": params.validation_fraction, "sample_limit": params.sample_limit}
+        | {"validation_fraction": params.validation_fraction, "sample_limit": params.sample_limit, "test_limit": params.test_limit}
     )
 
 
 def log_datasets(tracker: RunTracker, data: PreparedData) -> None:
-    """Split sizes, and the datasets through MLflow's dataset API (digest and source)."""
+    """Split sizes, and the datasets through MLflow's dataset API: source, and a digest of each (the split's
+    for the training set; the test set's own, which the test metrics and the registry name too)."""
     tracker.log_params({f"data.{key}": value for key, value in data.summary().items()})
-    for context, (x, y) in {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}.items():
-        tracker.log_dataset(x, y, name=dataset_name(context), source=data.source, digest=data.digest, context=context)
+    sets = {"train": (data.x_train, data.y_train, data.digest), "test": (data.x_test, data.y_test, data.test_digest)}
+    for context, (x, y, digest) in sets.items():
+        tracker.log_dataset(x, y, name=dataset_name(context), source=data.source, digest=digest, context=context)
 
 
 def dataset_name(context: str) -> str:
@@ -151,7 +153,7 @@ def dataset_name(context: str) -> str:
 
 def log_test_metrics(tracker: RunTracker, metrics: dict[str, float], *, step: int, model_uri: str | None, data: PreparedData) -> None:
     """The test metrics, as the run's and as its logged model's scores on the test set (MLflow's model pages)."""
-    tracker.log_metrics(metrics, step=step, model_uri=model_uri, dataset=(dataset_name("test"), data.digest))
+    tracker.log_metrics(metrics, step=step, model_uri=model_uri, dataset=(dataset_name("test"), data.test_digest))
 
 
 def _read_progress(checkpoint: Path) -> list[EpochMetrics]:

@@ -77,6 +77,8 @@ def test_the_logged_model_carries_its_test_scores_and_what_made_it(finished):
     made_of = {key: run.data.params[key] for key in ("backend", "architecture", "epochs", "batch_size", "learning_rate", "seed")}
     assert {key: model.params[key] for key in made_of} == made_of
     assert (model.params["precision"], model.params["model.parameters"]) == (run.data.params["train.precision"], "421642")
+    # Scores on test sets of different sizes do not compare: the model says how many images it was scored on.
+    assert (model.params["sample_limit"], model.params["test_limit"]) == (run.data.params["sample_limit"], run.data.params["test_limit"])
 
 
 def test_the_runs_description_heads_its_mlflow_page(finished):
@@ -102,8 +104,10 @@ def test_datasets_are_logged_with_digest_and_source(finished):
     _, _, _, run, _ = finished
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert {"fashion-mnist-train", "fashion-mnist-test"} <= set(inputs)
-    train = inputs["fashion-mnist-train"]
+    train, test = inputs["fashion-mnist-train"], inputs["fashion-mnist-test"]
     assert train.dataset.digest and "fashion-mnist" in train.dataset.source
+    # The test set's own digest: the one a registered version's test_set_digest names. Both had the split's.
+    assert test.dataset.digest not in ("", train.dataset.digest)
     assert {t.key: t.value for t in train.tags}["mlflow.data.context"] == "train"
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import threading
 from collections.abc import Sequence
@@ -55,6 +57,15 @@ class PreparedData:
     def train_data(self) -> TrainData:
         """The training and validation arrays as a backend's ``train`` takes them."""
         return TrainData(self.x_train, self.y_train, self.x_val, self.y_val)
+
+    @functools.cached_property
+    def test_digest(self) -> str:
+        """What identifies the test set models are scored on: its images and labels, whatever the training
+        split (two runs with different sample limits share a test set, and their scores compare)."""
+        digest = hashlib.sha256()
+        digest.update(self.x_test.tobytes())
+        digest.update(self.y_test.tobytes())
+        return digest.hexdigest()[:16]
 
 
 def _scale(images: np.ndarray) -> np.ndarray:
