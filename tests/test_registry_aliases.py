@@ -261,7 +261,12 @@ def test_an_experiment_with_nothing_to_predict_with_says_what_to_do(store):
         pytest.param("models:/", "models:/ is not a model URI cnn-train understands: use runs:/<run id>/model", id="malformed"),
         pytest.param(
             "better-then-worse", "better-then-worse is a registered model, not one version of it: give "
-            "models:/better-then-worse@<alias> or models:/better-then-worse/<version>", id="a-registered-name",
+            "models:/better-then-worse@<alias>, models:/better-then-worse/<version> or models:/better-then-worse/latest",
+            id="a-registered-name",
+        ),
+        pytest.param(
+            "models:/never-registered/latest", "no version of a registered model 'never-registered' to be the latest",
+            id="latest-of-nothing",
         ),
         pytest.param(
             "models:/better-then-worse", "better-then-worse is a registered model, not one version of it", id="a-registered-name-as-uri",
@@ -346,6 +351,7 @@ def test_a_model_folder_on_this_machine_loads_where_it_is(store, two_runs, tmp_p
     [
         pytest.param("models:/better-then-worse@challenger", "2", id="alias"),
         pytest.param("models:/better-then-worse/1", "1", id="version"),
+        pytest.param("models:/better-then-worse/latest", "2", id="latest"),  # MLflow's form; it was refused
     ],
 )
 def test_a_registered_model_is_located_by_alias_or_version(store, two_runs, better_then_worse, spec, version):

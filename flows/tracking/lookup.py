@@ -26,7 +26,7 @@ _RECENT_RUNS = 5
 MISSING_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 #: The file that makes a folder an MLflow model.
 MLMODEL = "MLmodel"
-_URI_FORMS = "runs:/<run id>/model, models:/<name>/<version>, models:/<name>@<alias> or a logged model id m-..."
+_URI_FORMS = "runs:/<run id>/model, models:/<name>/<version>, models:/<name>/latest, models:/<name>@<alias> or a logged model id m-..."
 
 
 class ModelNotFoundError(ExpectedFailure, LookupError):
@@ -94,6 +94,11 @@ def _find(mlflow_client: MlflowClient, model_uri: str) -> ModelChoice | str:
             return f"no model version answers to {model_uri}"
     elif match := re.fullmatch(r"models:/([^/@]+)/(\d+)", model_uri):
         version = mlflow_client.get_model_version(*match.groups())
+    elif match := re.fullmatch(r"models:/([^/@]+)/latest", model_uri):  # as MLflow reads it: the newest version
+        versions = mlflow_client.search_model_versions(f"name = '{match.group(1)}'") if "'" not in match.group(1) else []
+        if not versions:
+            return f"no version of a registered model {match.group(1)!r} to be the latest"
+        version = max(versions, key=lambda v: int(v.version))
     elif (match := re.fullmatch(r"models:/([^/@]+)", model_uri)) and _registered(mlflow_client, match.group(1)):
         return _whole_registered_model(match.group(1))
     elif model_uri.startswith(("runs:", "models:")):
@@ -146,7 +151,7 @@ def _subfolders(path: Path) -> list[Path]:
 
 
 def _whole_registered_model(name: str) -> str:
-    return f"{name} is a registered model, not one version of it: give models:/{name}@<alias> or models:/{name}/<version>"
+    return f"{name} is a registered model, not one version of it: give models:/{name}@<alias>, models:/{name}/<version> or models:/{name}/latest"
 
 
 def _registered(mlflow_client: MlflowClient, name: str) -> bool:
