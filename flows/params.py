@@ -394,7 +394,7 @@ class PredictOptions(BaseModel):
 
     model: OptionalText = Field(
         default=None,
-        description="runs:/RUN_ID/model, models:/NAME/VERSION, models:/NAME@ALIAS, a logged model id m-... or a model folder; "
+        description="runs:/RUN_ID/model, models:/NAME/VERSION (or /latest), models:/NAME@ALIAS, a logged model id m-... or a model folder; "
         "empty: the cnn-train experiment's best registered champion, else its latest finished run.",
     )
     images: str = Field(min_length=1, description="Folder of image files (PNG, JPEG, ...) to classify, searched recursively, or one image file.")
