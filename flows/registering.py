@@ -3,6 +3,9 @@ decision, and where that decision is recorded (the run's tags, the flow's log, a
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from prefect import get_run_logger, runtime, task
 from prefect.events import emit_event
 
@@ -20,15 +23,16 @@ def register_task(
     *,
     params: RunParameters,
     data: PreparedData,
-    model_uri: str,
+    model_uri: str | None,
     run: RunTracker,
     test_accuracy: float,
     description: str,
     record_on: RunTracker | None = None,
-) -> Registration:
+) -> Registration | None:
     """Register ``model_uri`` (trained in ``run``) as a new version of ``name``; champion only if it
     beats the champion on the same test set. The decision goes in the log and on ``record_on``
-    (default: ``run``) as tags."""
+    (default: ``run``) as tags. While MLflow does not answer, the registration waits in ``run``'s spool
+    and is made when it is delivered (None here)."""
     facts = VersionFacts(
         test_accuracy=test_accuracy,
         backend=params.backend,
@@ -40,15 +44,33 @@ def register_task(
         prefect_flow_run_id=str(runtime.flow_run.id or "") or None,
         prefect_flow_run_url=prefect_flow_run_url(),
     )
+    if model_uri is None or not _answers(run.uri):  # the model (or the registry) waits for MLflow
+        run.register_later(name, dataclasses.asdict(facts), description, model_uri=model_uri, record_on=(record_on or run).run_id)
+        get_run_logger().warning(
+            "MLflow does not answer: run %s's model is registered as a new version of %s once MLflow has the run's "
+            "records (now, or with `cnn-train sync`), champion or challenger by the same rule", run.run_id, name,
+        )
+        return None
     registration = tracking.register_version(name, model_uri, facts=facts, description=description, uri=run.uri)
-    (record_on or run).set_tags({
-        "cnn_train.registered_model": f"{name}/{registration.version}",
-        "cnn_train.registered_alias": registration.alias,
-        "cnn_train.registered_reason": registration.reason,
-    })
+    (record_on or run).set_tags(tracking.registration_tags(registration))
     get_run_logger().info(registration.line())
     emit_registered(registration, facts)
     return registration
+
+
+def _answers(uri: str) -> bool:
+    try:
+        tracking.check_reachable(uri, timeout=2.0, as_client=False)
+    except tracking.TrackingUnavailableError:
+        return False
+    return True
+
+
+def registered_summary(name: str, registration: Registration | None) -> dict[str, Any]:
+    """A search's result entries for its registration, or for one that waits for MLflow."""
+    if registration is None:
+        return {"registered_version": None, "registration": f"the registration as {name} waits for MLflow (`cnn-train sync`)"}
+    return {"registered_version": registration.version, "registration": registration.line()}
 
 
 #: The event a registration emits, ending in the alias the version got: an automation can react to a new

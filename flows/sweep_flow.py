@@ -38,7 +38,7 @@ from cnn_train.flows.params import (
 from cnn_train.flows.signatures import split_values, without_fixed_fields
 from cnn_train.flows.ray_cluster import _on_ray, _ray_request, check_runner, mark_crashed, trials_on, worker_died
 from cnn_train.flows.ray_cluster import ray_task_runner  # noqa: F401 - Python callers take this flow's runner from here
-from cnn_train.flows.registering import register_task
+from cnn_train.flows.registering import register_task, registered_summary
 from cnn_train.flows.runs import cnn_train_flow, flow_run_tags, flow_run_tracker, trial_runner_params
 from cnn_train.flows.tasks import ChildRun, child_run, placed_trial, prep_task, retry_unless_deterministic
 from cnn_train.flows.tracking import RunTracker
@@ -306,4 +306,4 @@ def _register_best(
         description=f"Best of sweep {parent.run_id}: test_accuracy={best.test.accuracy:.4f} with {best.values}",
         record_on=parent,
     )
-    return {"registered_version": registration.version, "registration": registration.line()}
+    return registered_summary(name, registration)

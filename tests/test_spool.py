@@ -66,6 +66,26 @@ def test_metrics_linked_to_a_logged_model_land_on_it_and_an_older_record_still_d
     )
 
 
+def test_a_registration_kept_with_a_spooled_model_is_made_once_the_model_is_delivered(store, tmp_path):
+    """--register while MLflow was away retried for minutes, then failed the run: the version never existed."""
+    from dataclasses import asdict
+
+    tracker = tracking.RunTracker.start("spool", uri=store)
+    record = tracking.ModelRecord((28, 28, 1), 10)
+    tracking.models.save_model(tmp_path / "model", uniform_model(), record)  # as log_model keeps it while MLflow is away
+    Spool(tracker.run_id).append("model", {"experiment_id": tracker.experiment_id, "name": "model", "tags": {"flavor": "pyfunc"}},
+                                 files=tmp_path / "model")
+    facts = tracking.VersionFacts(test_accuracy=0.8, backend="torch", architecture="cnn", dataset_digest="split",
+                                  test_set_digest="tests", mlflow_run_id=tracker.run_id)
+    tracker.register_later("waited-line", asdict(facts), "kept while MLflow was away", model_uri=None, record_on=tracker.run_id)
+    assert tracker.finish("FINISHED") == 0
+    client = MlflowClient(store)
+    version = client.get_model_version_by_alias("waited-line", "champion")
+    (output,) = client.get_run(tracker.run_id).outputs.model_outputs
+    assert (str(version.version), version.source, version.tags["test_accuracy"]) == ("1", f"models:/{output.model_id}", "0.8")
+    assert client.get_run(tracker.run_id).data.tags["cnn_train.registered_model"] == "waited-line/1"
+
+
 def test_a_record_mlflow_refuses_is_dropped_and_the_rest_go_on(store, caplog):
     tracker = tracking.RunTracker.start("spool", uri=store)
     tracker.log_params({"seed": 1})
@@ -279,7 +299,7 @@ def test_a_server_that_never_returns_leaves_a_spool_that_doctor_fix_delivers(
 ):
     env = _env(prefect_api_url, server, tmp_path, real_fashion_mnist_dir)
     process = subprocess.Popen(
-        [CLI, "run", "--epochs", "2", "--sample-limit", "600", "--test-limit", "100"],
+        [CLI, "run", "--epochs", "2", "--sample-limit", "600", "--test-limit", "100", "--register", "spooled-line"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     output = Output(process)
@@ -302,6 +322,9 @@ def test_a_server_that_never_returns_leaves_a_spool_that_doctor_fix_delivers(
     assert client.search_logged_models(experiment_ids=[run.info.experiment_id]), "the spooled model was not logged"
     assert client.list_artifacts(run.info.run_id, "report")
     assert any(key.startswith("system/cpu_utilization_percentage") for key in run.data.metrics)
+    # --register waited with the model: it retried for minutes, then failed the run, and no version existed.
+    version = client.get_model_version_by_alias("spooled-line", "champion")
+    assert (version.run_id, run.data.tags["cnn_train.registered_model"]) == (run.info.run_id, "spooled-line/1")
 
 
 def test_a_run_records_system_metrics_over_time(store, monkeypatch):

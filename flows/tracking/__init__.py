@@ -48,6 +48,7 @@ from cnn_train.flows.tracking.registry import (  # noqa: E402
     Registration,
     VersionFacts,
     register_version,
+    registration_tags,
     registered_versions,
 )
 from cnn_train.flows.tracking.spool import Spool, has_waiting_records, waiting_spools  # noqa: E402
@@ -112,6 +113,7 @@ __all__ = [
     "reap_stale_runs",
     "register_model",
     "register_version",
+    "registration_tags",
     "registered_versions",
     "run_url",
     "source_tags",

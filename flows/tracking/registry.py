@@ -10,6 +10,7 @@ tested elsewhere stays until someone moves the alias by hand.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 from mlflow import MlflowClient
@@ -137,6 +138,25 @@ def register_version(
     alias, reason = decide_alias(facts, version_by_alias(mlflow_client, name, CHAMPION))
     mlflow_client.set_registered_model_alias(name, alias, str(version))
     return Registration(name, version, alias, reason)
+
+
+def registration_tags(registration: Registration) -> dict[str, str]:
+    """How the run a version came from (or the search that chose it) records its registration."""
+    return {
+        "cnn_train.registered_model": f"{registration.name}/{registration.version}",
+        "cnn_train.registered_alias": registration.alias,
+        "cnn_train.registered_reason": registration.reason,
+    }
+
+
+def register_delivered(request: dict[str, Any], model_uri: str, uri: str) -> Registration:
+    """A registration a run's spool kept while MLflow did not answer (:meth:`RunTracker.register_later`),
+    made as the spool delivers it, after the model: the same rule, the same tags on ``record_on``."""
+    facts = VersionFacts(**request["facts"])
+    registration = register_version(request["name"], model_uri, facts=facts, description=request["description"], uri=uri)
+    for key, value in registration_tags(registration).items():
+        client(uri).set_tag(request["record_on"], key, value)
+    return registration
 
 
 #: Columns of :func:`registered_versions`, in order.

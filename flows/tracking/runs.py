@@ -300,6 +300,12 @@ class RunTracker:
             return None
         return models.log_model(self.uri, self.experiment_id, self.run_id, loggable, record)
 
+    def register_later(self, name: str, facts: Mapping[str, Any], description: str, *, model_uri: str | None, record_on: str) -> None:
+        """Register this run's model as ``name`` once MLflow has the run's records (its spooled model first,
+        when ``model_uri`` is None); the registration's tags go on run ``record_on``."""
+        request = {"name": name, "facts": dict(facts), "description": description, "model_uri": model_uri, "record_on": record_on}
+        self._spool("register", request)
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Log one file; it is copied into the spool at once, so the caller may delete it."""
         self._spool("artifacts", {"artifact_path": artifact_path}, files=path)

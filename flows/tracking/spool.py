@@ -1,14 +1,11 @@
 """A run's tracking records, kept on local disk until MLflow has them.
 
-Training never waits on the tracking server: params, tags, metrics, datasets, artifacts, spooled
-models and the run's end are appended to a per-run SQLite file under ``<state>/spool/`` (a few ms),
-and a courier thread delivers them in order. While the server does not answer they stay on disk,
-for any length of outage; once it answers they go out oldest first. A record is removed only after
-MLflow accepted it, and delivering one again is harmless (MLflow drops a metric with the same key,
-step, timestamp and value; params, tags, artifacts and the end status are overwritten with the same
-values), so each lands exactly once even if a process dies between the two. Records left when a run
-ends are delivered by ``cnn-train sync`` (or ``cnn-train doctor --fix``), in any later process.
-"""
+Training never waits on the tracking server: params, tags, metrics, datasets, artifacts, spooled models,
+registrations and the run's end are appended to a per-run SQLite file under ``<state>/spool/`` (a few
+ms), and a courier thread delivers them in order, for any length of outage. A record is removed only
+after MLflow accepted it, and delivering one again is harmless (MLflow drops a metric with the same
+key, step, timestamp and value; params, tags, artifacts and the end status are overwritten with the
+same values). Records left when a run ends are delivered by ``cnn-train sync`` (or ``doctor --fix``)."""
 
 from __future__ import annotations
 
@@ -32,6 +29,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, 
 from mlflow.exceptions import MlflowException
 
 from cnn_train.flows.settings import state_dir
+from cnn_train.flows.tracking import registry
 from cnn_train.flows.tracking.uri import TrackingUnavailableError, check_reachable
 
 _log = logging.getLogger(__name__)
@@ -171,6 +169,14 @@ class Spool:
         with self._db() as db:
             return {step for (step,) in db.execute("SELECT step FROM metric_steps WHERE key = ?", (key,))}
 
+    def _meta(self, key: str, value: str | None = None) -> str:
+        """Set ``key`` to ``value``, or read it ('' when unset)."""
+        with self._db() as db:
+            if value is not None:
+                db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else ""
+
     def _done(self, seq: int) -> None:
         with self._db() as db:
             db.execute("DELETE FROM records WHERE seq = ?", (seq,))
@@ -195,7 +201,12 @@ class Spool:
             delivered = refused = 0
             for seq, kind, payload in self.pending():
                 try:
-                    _send(mlflow_client, self.run_id, kind, payload, self.folder / "files" / str(seq))
+                    # After the model it names (a spooled one's URI is known once delivered). The one record that
+                    # doubles if its process dies before dropping it: a second version.
+                    if kind == "register":
+                        registry.register_delivered(payload, payload.get("model_uri") or self._meta("model_uri"), uri)
+                    elif model_uri := _send(mlflow_client, self.run_id, kind, payload, self.folder / "files" / str(seq)):
+                        self._meta("model_uri", model_uri)
                 except MlflowException as error:
                     if not 400 <= error.get_http_status_code() < 500:
                         raise
@@ -227,7 +238,8 @@ class Spool:
             lock.release()
 
 
-def _send(mlflow_client: MlflowClient, run_id: str, kind: str, payload: dict[str, Any], files: Path) -> None:
+def _send(mlflow_client: MlflowClient, run_id: str, kind: str, payload: dict[str, Any], files: Path) -> str | None:
+    """Deliver one record; a spooled model's ``models:/`` URI once it is logged."""
     if kind == "batch":
         mlflow_client.log_batch(
             run_id,
@@ -243,25 +255,23 @@ def _send(mlflow_client: MlflowClient, run_id: str, kind: str, payload: dict[str
     elif kind == "artifacts":
         mlflow_client.log_artifacts(run_id, str(files), payload.get("artifact_path"))
     elif kind == "model":
-        logged = mlflow_client.create_logged_model(
-            payload["experiment_id"], name=payload["name"], source_run_id=run_id, tags=payload.get("tags"),
-            params=payload.get("params"),
-        )
+        created = {"name": payload["name"], "source_run_id": run_id, "tags": payload.get("tags"), "params": payload.get("params")}
+        logged = mlflow_client.create_logged_model(payload["experiment_id"], **created)
         mlflow_client.log_model_artifacts(logged.model_id, str(files))
         mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
         mlflow_client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=payload.get("step", 0))])
+        return f"models:/{logged.model_id}"
     elif kind == "end":
         mlflow_client.set_terminated(run_id, status=payload["status"], end_time=payload["end_time"])
     else:
         raise ValueError(f"unknown spool record kind {kind!r}")
+    return None
 
 
 class Courier:
-    """A daemon thread delivering one spool while its run goes on; training only appends.
-
-    It ends once its spool is gone (delivered and removed at the run's end, or by `cnn-train sync`), so a
-    process that runs many runs (a sweep's trials, a study, a Ray worker) keeps no thread per finished run.
-    """
+    """A daemon thread delivering one spool while its run goes on; training only appends. It ends once its
+    spool is gone (delivered and removed at the run's end, or by `cnn-train sync`), so a process that runs
+    many runs (a sweep's trials, a study, a Ray worker) keeps no thread per finished run."""
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool

@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from cnn_train.flows import reporting, tracking
 from cnn_train.flows.data import PreparedData
 from cnn_train.flows.errors import ExpectedFailure
-from cnn_train.flows.registering import register_task
+from cnn_train.flows.registering import register_task, registered_summary
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.flows.tuning.figures import FIGURES, StudyFigures, write_study_figures
 from cnn_train.flows.tuning.plan import TunePlan
@@ -83,7 +83,7 @@ def _register(parent: RunTracker, plan: TunePlan, best: FrozenTrial, name: str, 
         f"{plan.options.objective}={best.value:.4f} with {best.params}",
         record_on=parent,
     )
-    return {"registered_version": registration.version, "registration": registration.line()}
+    return registered_summary(name, registration)
 
 
 def record_study(parent: RunTracker, study: optuna.Study, plan: TunePlan, ran: list[int], data: PreparedData) -> dict[str, Any]:
