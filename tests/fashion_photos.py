@@ -70,10 +70,18 @@ _PIXEL_FORMAT_IMAGES: dict[str, tuple[Callable[[np.ndarray], Image.Image], str]]
     "grey-16-bit-png": (lambda a: Image.fromarray(a.astype(np.uint16) * 257), ".png"),  # 255 -> 65535
     "inverted-grey-16-bit-tiff": (lambda a: Image.fromarray((255 - a).astype(np.uint16) * 257).resize((56, 56)), ".tif"),
     "grey-float-tiff": (lambda a: Image.fromarray(a.astype(np.float32) / 255), ".tif"),  # [0, 1], as scientific software writes
+    # Floats state no range: centred on zero (a normalised array), or with a pixel the sensor saturated to inf.
+    "grey-float-tiff-centred": (lambda a: Image.fromarray(a.astype(np.float32) / 255 - 0.5), ".tif"),
+    "grey-float-tiff-one-inf": (lambda a: Image.fromarray(_with_inf_at_brightest(a.astype(np.float32) / 255)), ".tif"),
     "grey-32-bit-tiff": (lambda a: Image.fromarray(a.astype(np.int32)), ".tif"),
     "lab-tiff": (lambda a: Image.fromarray(a).convert("RGB").convert("LAB"), ".tif"),
     "cmyk-jpeg": (lambda a: Image.fromarray(a).convert("CMYK"), ".jpg"),
 }
+
+
+def _with_inf_at_brightest(pixels: np.ndarray) -> np.ndarray:
+    pixels.flat[int(np.argmax(pixels))] = np.inf
+    return pixels
 
 
 def _saved(make: Callable[[np.ndarray], Image.Image], suffix: str) -> Callable[[np.ndarray, Path], Path]:

@@ -93,7 +93,11 @@ def read_grayscale(path: Path) -> np.ndarray:
         raise ImageReadError(f"{path}: not a readable image ({_reason(error)})") from None
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         # Pillow's convert("L") clips these at 255 instead of scaling them: a 16-bit PNG came out white.
-        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        pixels = np.asarray(image, dtype=np.float64)
+        finite = pixels[np.isfinite(pixels)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        # One infinite pixel made every other one black; below zero, the image states its own range.
+        pixels = np.nan_to_num(pixels, nan=low, posinf=high, neginf=low) - min(low, 0.0)
         return np.clip(pixels * (255.0 / _white_level(image.mode, pixels)), 0.0, 255.0)
     if image.mode == "LAB":  # Pillow converts LAB to nothing; its L channel is the lightness
         return np.asarray(image.getchannel("L"), dtype=np.float64)
