@@ -47,8 +47,8 @@ def register_task(
     if model_uri is None or not _answers(run.uri):  # the model (or the registry) waits for MLflow
         run.register_later(name, dataclasses.asdict(facts), description, model_uri=model_uri, record_on=(record_on or run).run_id)
         get_run_logger().warning(
-            "MLflow does not answer: run %s's model is registered as a new version of %s once MLflow has the run's "
-            "records (now, or with `cnn-train sync`), champion or challenger by the same rule", run.run_id, name,
+            "run %s's model waits for MLflow: it is registered as a new version of %s once MLflow has the run's "
+            "records (as soon as it answers, or with `cnn-train sync`), champion or challenger by the same rule", run.run_id, name,
         )
         return None
     registration = tracking.register_version(name, model_uri, facts=facts, description=description, uri=run.uri)
