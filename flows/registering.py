@@ -34,10 +34,10 @@ def register_task(
     (default: ``run``) as tags. While MLflow does not answer, the registration waits in ``run``'s spool
     and is made when it is delivered (None here)."""
     facts = VersionFacts(
-        test_accuracy=test_accuracy,
         backend=params.backend,
         architecture=params.architecture,
         dataset_digest=data.digest,
+        test_accuracy=test_accuracy,
         test_set_digest=data.test_digest,
         mlflow_run_id=run.run_id,
         mlflow_run_url=run.url,

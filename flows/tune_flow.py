@@ -39,7 +39,6 @@ from cnn_train.flows.tuning import (
     TrialHeartbeat,
     TunePlan,
     ask,
-    check_continuation,
     claim,
     counted_trials,
     ended_trials,
@@ -53,6 +52,7 @@ from cnn_train.flows.tuning import (
     waiting_trials,
 )
 from cnn_train.flows.tuning.record import record_study
+from cnn_train.flows.tuning.study import check_continuation
 from cnn_train.plugins.contract import EpochMetrics, TrainHistory
 
 #: MLflow tags linking a trial's run to its study.
