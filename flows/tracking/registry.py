@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.entities import RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
@@ -154,8 +155,8 @@ def register_delivered(request: dict[str, Any], model_uri: str, uri: str) -> Reg
     made as the spool delivers it, after the model: the same rule, the same tags on ``record_on``."""
     facts = VersionFacts(**request["facts"])
     registration = register_version(request["name"], model_uri, facts=facts, description=request["description"], uri=uri)
-    for key, value in registration_tags(registration).items():
-        client(uri).set_tag(request["record_on"], key, value)
+    tags = [RunTag(key, value) for key, value in registration_tags(registration).items()]
+    client(uri).log_batch(request["record_on"], tags=tags)
     return registration
 
 
