@@ -110,7 +110,9 @@ def parse_request(value: str | DeviceRequest) -> DeviceRequest:
     """``'cpu'``, ``'gpu-preferred'``, ``'gpu-required'`` or ``'cuda:N'`` as a :class:`DeviceRequest`."""
     if isinstance(value, DeviceRequest):
         return value
-    text = value.strip().lower() if isinstance(value, str) else None
+    # Exactly as written, no case folding or trimming: the deployment's schema (the Prefect form's
+    # dropdown) takes only these spellings, and the CLI must not accept what a deployment run refuses.
+    text = value if isinstance(value, str) else None
     if text in ("cpu", "gpu-preferred", "gpu-required"):
         return DeviceRequest(text)
     if text is not None and (match := _EXPLICIT.fullmatch(text)):

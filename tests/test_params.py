@@ -79,6 +79,27 @@ def test_every_form_carries_the_declared_bounds(name, field, bad, refusal, good)
     validate({field: good}, schema, raise_on_error=True)
 
 
+@pytest.mark.parametrize("value", ["gpu-preferred", "cuda:1", "GPU-preferred", " cpu", "CUDA:0", "cuda:", "gpu"])
+def test_the_cli_takes_a_device_exactly_when_the_deployment_does(value):
+    """`cnn-train run --train-device X` and `trigger -p train_device=X` agree on every X."""
+    from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+    schema = cnn_train.parameters.model_dump()
+    try:
+        validate({"train_device": value}, schema, raise_on_error=True)
+        deployment_takes = True
+    except ValidationError:
+        deployment_takes = False
+    from pydantic import ValidationError as DeclarationRefused
+
+    try:
+        RunParameters(train_device=value)  # what the CLI's options are parsed into (the machine's GPUs aside)
+        cli_takes = True
+    except DeclarationRefused:
+        cli_takes = False
+    assert cli_takes == deployment_takes
+
+
 def test_a_deployment_run_out_of_bounds_or_with_an_unknown_name_is_refused_before_it_exists(prefect_api_url):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
