@@ -13,7 +13,8 @@ from typing import Any
 from mlflow.entities import RunStatus
 
 from cnn_train.flows.settings import env_number
-from cnn_train.flows.tracking.spool import flush_this_process, not_abandoned
+from cnn_train.flows.tracking.courier import flush_this_process
+from cnn_train.flows.tracking.spool import not_abandoned
 from cnn_train.flows.tracking.system_metrics import SystemMetrics
 from cnn_train.flows.tracking.uri import check_reachable, client
 

@@ -28,7 +28,7 @@ from mlflow.exceptions import MlflowException
 
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.settings import default_artifact_root, env_number
-from cnn_train.flows.tracking import liveness, models, spool
+from cnn_train.flows.tracking import courier, liveness, models, spool
 from cnn_train.flows.tracking.uri import TrackingUnavailableError, check_reachable, run_url, tracking_uri, without_password
 from cnn_train.plugins.contract import EpochMetrics, LoggableModel
 
@@ -134,8 +134,8 @@ class RunTracker:
         return MlflowClient(tracking_uri=self.uri)
 
     @property
-    def courier(self) -> spool.Courier:
-        return spool.courier_for(self.uri, self.run_id)
+    def courier(self) -> courier.Courier:
+        return courier.courier_for(self.uri, self.run_id)
 
     def _spool(self, kind: str, payload: dict[str, Any], *, files: Path | None = None) -> None:
         self.courier.spool.append(kind, payload, files=files)
