@@ -86,6 +86,31 @@ def test_a_registration_kept_with_a_spooled_model_is_made_once_the_model_is_deli
     assert client.get_run(tracker.run_id).data.tags["cnn_train.registered_model"] == "waited-line/1"
 
 
+@pytest.mark.parametrize("delivered_first", [False, True], ids=["model-still-waiting", "model-delivered-meanwhile"])
+def test_test_metrics_of_a_model_kept_in_the_spool_link_to_it_once_it_is_logged(store, monkeypatch, delivered_first):
+    """A model saved into the spool has no URI when its test metrics are logged; they were left unlinked."""
+    from cnn_train.flows.tracking import runs
+
+    tracker = tracking.RunTracker.start("spool", uri=store)
+
+    def away(uri, **_):
+        raise tracking.TrackingUnavailableError(f"{uri} does not answer")
+
+    with monkeypatch.context() as outage:  # only log_model sees the outage; the courier may deliver meanwhile
+        outage.setattr(runs, "check_reachable", away)
+        assert tracker.log_model(uniform_model(), tracking.ModelRecord((28, 28, 1), 10)) is None
+    if delivered_first:
+        assert tracker.flush(10) == 0
+    tracker.log_metrics({"test_accuracy": 0.7}, step=2, model_uri=None, dataset=("fashion-mnist-test", "d1"))
+    tracker.log_metrics({"unlinked": 1.0}, step=2)
+    assert tracker.finish("FINISHED") == 0
+    client = MlflowClient(store)
+    (output,) = client.get_run(tracker.run_id).outputs.model_outputs
+    (linked,) = client.get_logged_model(output.model_id).metrics
+    assert (linked.key, linked.value, linked.dataset_name, linked.dataset_digest) == ("test_accuracy", 0.7, "fashion-mnist-test", "d1")
+    assert client.get_run(tracker.run_id).data.metrics["unlinked"] == 1.0
+
+
 def test_a_record_mlflow_refuses_is_dropped_and_the_rest_go_on(store, caplog):
     tracker = tracking.RunTracker.start("spool", uri=store)
     tracker.log_params({"seed": 1})

@@ -238,8 +238,13 @@ class RunTracker:
         model_id = models.logged_model_id(model_uri)
         link = [model_id, *(dataset or (None, None))] if model_id else []
         items = [[k, float(v), timestamp, step, *link] for k, v in metrics.items()]
+        # No URI yet for a model kept in the spool while MLflow was away: the spool links them on delivery.
+        later = {"spooled_model_dataset": list(dataset)} if dataset and not model_id and self._spooled_model() else {}
         for start in range(0, len(items), 1000):
-            self._spool("batch", {"metrics": items[start : start + 1000]})
+            self._spool("batch", {"metrics": items[start : start + 1000]} | later)
+
+    def _spooled_model(self) -> bool:
+        return spool.Spool(self.run_id).holds_model()
 
     def log_epoch(self, metrics: EpochMetrics, *, prefix: str = "") -> None:
         """One epoch's metrics at step = epoch, the moment the epoch ends."""

@@ -158,6 +158,14 @@ class Spool:
         with self._db() as db:
             return db.execute("SELECT 1 FROM records WHERE kind = 'end' LIMIT 1").fetchone() is not None
 
+    def holds_model(self) -> bool:
+        """Whether this run's model was kept here while MLflow was away (waiting still, or delivered by now)."""
+        if not self.path.exists():
+            return False
+        with self._db() as db:
+            query = "SELECT 1 FROM records WHERE kind = 'model' UNION SELECT 1 FROM meta WHERE key = 'model_uri'"
+            return db.execute(query).fetchone() is not None
+
     def metric_steps(self, key: str) -> set[int]:
         """Steps of ``key`` spooled for this run and not yet cleared, delivered or not."""
         if not self.path.exists():
@@ -201,6 +209,10 @@ class Spool:
                     # doubles if its process dies before dropping it: a second version.
                     if kind == "register":
                         registry.register_delivered(payload, payload.get("model_uri") or self._meta("model_uri"), uri)
+                    elif kind == "batch" and (link := payload.pop("spooled_model_dataset", None)):
+                        model_id = self._meta("model_uri").removeprefix("models:/") or None  # None: the model was refused
+                        payload["metrics"] = [[*metric[:4], model_id, *link] for metric in payload["metrics"]]
+                        _send(mlflow_client, self.run_id, kind, payload, self.folder / "files" / str(seq))
                     elif model_uri := _send(mlflow_client, self.run_id, kind, payload, self.folder / "files" / str(seq)):
                         self._meta("model_uri", model_uri)
                 except MlflowException as error:
