@@ -365,6 +365,12 @@ def test_a_model_that_does_not_exist_lists_what_does(champion, tmp_path):
             id="only-a-missing-path",
         ),
         pytest.param(
+            ["pipe"],
+            ["cnn-train: {tmp}/pipe: not a regular file or folder (a pipe, socket or device); give PNG or JPEG files, "
+             "or folders holding them"],
+            id="a-named-pipe",
+        ),
+        pytest.param(
             ["nowhere", "docs"],
             ["cnn-train: {tmp}/nowhere: no such file or folder",
              "skipped 1 file without an image ending: {tmp}/docs/notes.txt",
@@ -380,6 +386,7 @@ def test_paths_without_images_say_so_before_any_model_is_looked_up(tmp_path, giv
 
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "notes.txt").write_text("not an image")
+    os.mkfifo(tmp_path / "pipe")  # it read as missing
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     result = CliRunner().invoke(app, ["predict", *(str(tmp_path / name) for name in given)], env=env)
     assert result.exit_code == 2
@@ -397,6 +404,9 @@ def test_paths_without_images_say_so_before_any_model_is_looked_up(tmp_path, giv
         # Path('') is the current folder: `predict ''` classified the whole project, `--show-inputs ''` wrote into it.
         pytest.param([""], "Invalid value for 'PATH': an empty path; name a file or folder", id="empty-path"),
         pytest.param(["--output", ""], "Invalid value for '--output': an empty path; name a file", id="empty-output"),
+        # Its folder exists, so it was found out only after predicting (the predictions printed, then exit 1).
+        pytest.param(["--output", "/proc/cnn-train.csv"], "cannot write /proc/cnn-train.csv: No such file or directory; "
+                     "choose another path", id="output-cannot-be-created"),
         pytest.param(["--show-inputs", ""], "Invalid value for '--show-inputs': an empty path; name a folder", id="empty-inputs-folder"),
     ],
 )
@@ -414,19 +424,21 @@ def test_a_destination_that_cannot_hold_the_results_fails_before_any_model_is_lo
     assert not (tmp_path / "mlflow.db").exists()
 
 
-@pytest.mark.slow
-def test_a_csv_that_cannot_be_written_is_one_line_after_the_printed_predictions(champion, test_set, tmp_path):
+@pytest.mark.parametrize("existing", [None, "kept,from,before\n"], ids=["new-file", "existing-file"])
+def test_trying_the_output_file_first_leaves_no_file_and_changes_none(tmp_path, existing):
+    """The early check opens --output to append; a run that then fails must not leave or alter it."""
     from typer.testing import CliRunner
 
     from cnn_train.flows.cli import app
 
-    image = tmp_path / "x.png"
-    Image.fromarray(test_set[0][0]).save(image)
-    with mock.patch.dict(os.environ):  # the command's own settings stay in this test
-        result = CliRunner().invoke(app, ["predict", str(image), "--output", "/proc/cnn-train-predictions.csv"])
-    assert result.exit_code == 1, result.output
-    assert result.stdout.splitlines()[-1].startswith(f"{image}: ")
-    assert result.stderr.splitlines() == ["cnn-train: cannot write /proc/cnn-train-predictions.csv: No such file or directory"]
+    Image.new("L", (28, 28)).save(tmp_path / "x.png")
+    output = tmp_path / "predictions.csv"
+    if existing is not None:
+        output.write_text(existing)
+    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}  # nothing answers: the command fails after the check
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "x.png"), "--output", str(output)], env=env)
+    assert result.exit_code == 2 and "127.0.0.1:9" in result.output, result.output
+    assert (output.read_text() if output.exists() else None) == existing
 
 
 @pytest.mark.slow

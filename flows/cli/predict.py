@@ -37,9 +37,10 @@ def predict(
 
     collected = prediction.collect_images(paths)
     if not collected.files and len(collected.missing) == len(paths):  # nothing to warn about besides: one line
-        fail(f"{', '.join(map(str, collected.missing))}: no such file or folder; give PNG or JPEG files, or folders holding them")
+        why = "; ".join(f"{path}: {prediction.not_taken(path)}" for path in collected.missing)
+        fail(f"{why}; give PNG or JPEG files, or folders holding them")
     for missing in collected.missing:
-        typer.echo(f"cnn-train: {missing}: no such file or folder", err=True)
+        typer.echo(f"cnn-train: {missing}: {prediction.not_taken(missing)}", err=True)
     if collected.skipped:
         names = ", ".join(str(path) for path in collected.skipped[:5]) + (" ..." if len(collected.skipped) > 5 else "")
         count = len(collected.skipped)
@@ -48,6 +49,8 @@ def predict(
         fail(f"no image files among {', '.join(map(str, paths))}; give PNG or JPEG files, or folders holding them")
     # Where the results go is made before the model loads, so a path that cannot hold them fails at once.
     _make_folders(*([output.parent] if output else []), *([show_inputs] if show_inputs else []))
+    if output is not None:
+        _check_writable(output)
     try:
         tracking.check_reachable(tracking.tracking_uri())
     except tracking.TrackingUnavailableError as error:
@@ -80,6 +83,18 @@ def predict(
     if failed:
         typer.echo(prediction.counted(len(predictions.table), failed), err=True)
         raise typer.Exit(1)
+
+
+def _check_writable(path: Path) -> None:
+    """Fail now, not after predicting, when ``path`` cannot be written (e.g. under /proc, or read-only)."""
+    existed = path.exists()
+    try:
+        with path.open("a"):
+            pass
+    except OSError as error:
+        fail(f"cannot write {path}: {error.strerror or error}; choose another path")
+    if not existed:  # made only to try; the results replace it
+        path.unlink(missing_ok=True)
 
 
 def _make_folders(*folders: Path) -> None:

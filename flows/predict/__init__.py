@@ -12,6 +12,7 @@ from cnn_train.flows.predict.images import (
     ModelInput,
     collect_images,
     load_model_input,
+    not_taken,
     to_model_input,
     write_model_inputs,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "input_file_names",
     "load_model",
     "load_model_input",
+    "not_taken",
     "predictions_table",
     "summarize",
     "to_model_input",

@@ -77,6 +77,11 @@ def collect_images(paths: Iterable[Path | str]) -> Collected:
     return Collected(tuple(files), tuple(skipped), tuple(missing))
 
 
+def not_taken(path: Path) -> str:
+    """Why :func:`collect_images` did not take a path given by name."""
+    return "not a regular file or folder (a pipe, socket or device)" if path.exists() else "no such file or folder"
+
+
 def read_grayscale(path: Path) -> np.ndarray:
     """The file's pixels as float ``(h, w)`` in [0, 255]; transparency is laid over white, so a
     cut-out garment counts as on a light background; 16-bit, 32-bit and float greys are scaled, not clipped."""
