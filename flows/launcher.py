@@ -68,13 +68,14 @@ def _profile_api_url() -> str | None:
     return profiles[name].settings.get(PREFECT_API_URL) if name in profiles.names else None
 
 
-def forget_server_in_prefect_cli(echo: Echo) -> None:
-    """Undo :func:`point_prefect_cli_at_server` when the profile still points at our server."""
+def forget_server_in_prefect_cli(echo: Echo, api_url: str) -> None:
+    """Undo :func:`point_prefect_cli_at_server` when the profile still points at our server, ``api_url``
+    (read before the server stopped: its recorded port goes with it)."""
     from prefect.context import get_settings_context
     from prefect.settings import PREFECT_API_URL, load_profiles, save_profiles
 
     try:
-        if _profile_api_url() != services.prefect_api_url():
+        if _profile_api_url() != api_url:
             return
     except OSError:  # no profile up could have written
         return

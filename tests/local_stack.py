@@ -92,8 +92,13 @@ def cnn_train_up(root: Path, data_dir: Path, *flags: str, timeout: float) -> Ite
         assert up.returncode == 0, up.stdout + up.stderr
         yield env, up.stdout
     finally:
-        down = subprocess.run([BIN / "cnn-train", "down"], env=env, capture_output=True, text=True, timeout=120)
+        # From a shell without the port variables, as the README allows: it finds the servers by their
+        # recorded ports, and must still take its server out of the Prefect profile (later runs failed).
+        shell = {k: v for k, v in env.items() if k not in ("CNN_TRAIN_PREFECT_PORT", "CNN_TRAIN_MLFLOW_PORT")}
+        down = subprocess.run([BIN / "cnn-train", "down"], env=shell, capture_output=True, text=True, timeout=120)
         assert down.returncode == 0, down.stdout + down.stderr
+        profiles = root / "home" / ".prefect" / "profiles.toml"
+        assert not profiles.is_file() or prefect_api(env) not in profiles.read_text(), down.stdout
         left = list((root / ".state" / "serve-tmp").glob("*"))
         assert left == [], f"the serve process left its temporary files: {left}"
 

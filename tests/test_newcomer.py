@@ -488,7 +488,7 @@ view = lambda: subprocess.run([sys.argv[2], "config", "view", "--hide-defaults"]
 launcher.point_prefect_cli_at_server(said.append)
 launcher.point_prefect_cli_at_server(said.append)  # a second `up`: nothing to do
 after_up = view()
-launcher.forget_server_in_prefect_cli(said.append)
+launcher.forget_server_in_prefect_cli(said.append, services.prefect_api_url())
 print(json.dumps({"url": services.prefect_api_url(), "after_up": after_up, "after_down": view(), "said": said}))
 """
 

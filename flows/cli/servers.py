@@ -50,10 +50,13 @@ def down() -> None:
     """Stop the worker or serve process, the MLflow server and the Prefect server started by `cnn-train up`."""
     from cnn_train.flows import launcher, services
 
+    # Read first: a server up started on another port (CNN_TRAIN_PREFECT_PORT) is found by its recorded
+    # port, which stopping it removes; the profile still pointing there then made every later run fail.
+    api_url = services.prefect_api_url()
     for service in reversed(services.SERVICES):
         stopped = service.stop()
         typer.echo(f"{service.name}: {'stopped' if stopped else 'not running'}")
-    launcher.forget_server_in_prefect_cli(typer.echo)
+    launcher.forget_server_in_prefect_cli(typer.echo, api_url)
 
 
 @app.command()
