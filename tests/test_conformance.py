@@ -163,6 +163,22 @@ def test_logging_to_mlflow_fails_the_kit_and_leaves_mlflow_as_it_was(backend):
     assert mlflow.active_run() is None
 
 
+@pytest.mark.parametrize("backend", [LogsARun, LeavesARunActive], ids=["logs-a-run", "leaves-a-run-active"])
+def test_no_check_lets_a_backend_that_logs_write_into_the_users_store(backend, tmp_path, monkeypatch):
+    """Every check trains; a backend logging by itself left a run in ./mlflow.db for each (and the check
+    guarding it failed on an MLflow error about a run another check had left active)."""
+    from cnn_train.plugins.conformance import CHECK_NAMES
+
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.chdir(tmp_path)  # MLflow's default store: ./mlflow.db
+    mlflow.set_tracking_uri(None)
+    results = {result.name: result for result in run_checks(backend, only=list(CHECK_NAMES))}
+    assert results["does_not_log_to_mlflow"].reason.startswith("the backend wrote to MLflow itself (run ")
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+    assert mlflow.active_run() is None
+
+
 class _IgnoresTrainingOptions(TorchBackend):
     """Trains every config the lesson's plain way: the kit must catch options silently dropped."""
 

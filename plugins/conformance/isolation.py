@@ -40,24 +40,46 @@ def _empty_store() -> Path:
 def fresh_tracking_store(directory: Path) -> Iterator[str]:
     """Point MLflow (tracking and registry, variables and process-wide setting) at a new SQLite store
     in ``directory``, then back."""
-    import mlflow
-
     shutil.copyfile(_empty_store(), directory / "mlflow.db")
     uri = f"sqlite:///{directory / 'mlflow.db'}"
+    with _tracking_at(uri):
+        yield uri
+
+
+@contextlib.contextmanager
+def throwaway_tracking() -> Iterator[None]:
+    """Whatever a check's backend sends to MLflow goes to a store of its own, removed after (made only if
+    used), and a run it leaves active is ended: a backend that logs by itself, the mistake
+    :func:`check_does_not_log_to_mlflow` names, must not leave runs in the user's store."""
+    mlflow = sys.modules.get("mlflow")
+    active_before = mlflow.active_run() if mlflow else None
+    with tempfile.TemporaryDirectory(prefix="cnn-train-kit-") as tmp, _tracking_at(f"sqlite:///{Path(tmp) / 'mlflow.db'}"):
+        try:
+            yield
+        finally:
+            if (mlflow := sys.modules.get("mlflow")) is not None:
+                while (left := mlflow.active_run()) is not None and left is not active_before:
+                    mlflow.end_run()
+
+
+@contextlib.contextmanager
+def _tracking_at(uri: str) -> Iterator[None]:
     with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}):
         # A URI set in-process outranks the variables; only then is it replaced here, and put back after.
-        pinned_tracking = mlflow.get_tracking_uri() if mlflow.get_tracking_uri() != uri else None
-        pinned_registry = mlflow.get_registry_uri() if mlflow.get_registry_uri() != uri else None
-        if pinned_tracking is not None:
+        # Not imported yet: nothing has set one (and a check that never uses MLflow does not import it).
+        mlflow = sys.modules.get("mlflow")
+        pinned_tracking = mlflow.get_tracking_uri() if mlflow and mlflow.get_tracking_uri() != uri else None
+        pinned_registry = mlflow.get_registry_uri() if mlflow and mlflow.get_registry_uri() != uri else None
+        if mlflow and pinned_tracking is not None:
             mlflow.set_tracking_uri(uri)
-        if pinned_registry is not None:
+        if mlflow and pinned_registry is not None:
             mlflow.set_registry_uri(uri)
         try:
-            yield uri
+            yield
         finally:
-            if pinned_tracking is not None:
+            if mlflow and pinned_tracking is not None:
                 mlflow.set_tracking_uri(pinned_tracking)
-            if pinned_registry is not None:
+            if mlflow and pinned_registry is not None:
                 mlflow.set_registry_uri(pinned_registry)
 
 

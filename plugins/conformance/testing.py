@@ -25,7 +25,7 @@ class BoundCheck:
         if failed is not None:
             pytest.skip(f"{failed} failed")
         try:
-            self.check.function(subject)
+            self.check.run(subject)
         except NotApplicable as why:
             pytest.skip(str(why))
 
