@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import importlib.util
 import inspect
+import traceback
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 
 from packaging.requirements import InvalidRequirement, Requirement
@@ -142,6 +145,13 @@ def _import_target(registration: _Registration) -> object:
                 f"backend {info.name!r} (from {info.distribution} {info.version}) points at {info.target}, "
                 f"but module {missing!r} does not exist; reinstall {info.distribution} or fix its entry point"
             ) from error
+        package = missing.partition(".")[0]
+        if package != missing and importlib.util.find_spec(package) is not None:  # a typo, not a missing install
+            raise BackendError(
+                f"backend {info.name!r} (from {info.distribution} {info.version}) failed to import: "
+                f"{_import_line(error)}imports module {missing!r}, which does not exist (package {package!r} "
+                "is installed but has no such module)"
+            ) from error
         raise BackendDependencyError(
             f"backend {info.name!r} (from {info.distribution} {info.version}) needs the package "
             f"{missing!r}, which is not installed: pip install {missing.split('.')[0]}"
@@ -151,6 +161,15 @@ def _import_target(registration: _Registration) -> object:
             f"backend {info.name!r} (from {info.distribution} {info.version}, {info.target}) "
             f"failed to import: {type(error).__name__}: {error}"
         ) from error
+
+
+def _import_line(error: BaseException) -> str:
+    """``package/file.py:LINE `` of the import statement that failed (the last frame outside importlib), or ''."""
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if not frame.filename.startswith("<frozen")]
+    if not frames:
+        return ""
+    file = Path(frames[-1].filename)
+    return f"{file.parent.name}/{file.name}:{frames[-1].lineno} "
 
 
 def load_backend_class(name: str) -> type[Backend]:

@@ -151,6 +151,31 @@ def test_load_failures_say_what_to_do(installed, target, error, expected):
     assert expected in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("plugin", "line", "missing", "package"),
+    [
+        pytest.param("typo_pkg", "from typo_pkg.nett import Net", "typo_pkg.nett", "typo_pkg", id="a-typo-in-the-plugins-own-package"),
+        pytest.param("other_pkg", "import mlflow.not_a_submodule", "mlflow.not_a_submodule", "mlflow", id="no-such-module-in-a-dependency"),
+    ],
+)
+def test_a_module_missing_from_an_installed_package_is_no_advice_to_install_it(
+    installed, tmp_path, monkeypatch, plugin, line, missing, package
+):
+    """It said "needs the package 'typo_pkg.nett', which is not installed: pip install typo_pkg", the plugin itself."""
+    (tmp_path / plugin).mkdir()
+    (tmp_path / plugin / "__init__.py").write_text("")
+    (tmp_path / plugin / "backend.py").write_text(f"import os\n{line}\n\nclass Backend:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    installed(_plugin("bad", f"{plugin}.backend:Backend"))
+    with pytest.raises(registry.BackendError) as caught:
+        registry.load_backend("bad")
+    assert not isinstance(caught.value, registry.BackendDependencyError)
+    assert str(caught.value) == (
+        f"backend 'bad' (from bad-plugin 1.0) failed to import: {plugin}/backend.py:2 imports module {missing!r}, "
+        f"which does not exist (package {package!r} is installed but has no such module)"
+    )
+
+
 def test_broken_plugin_warns_and_others_stay_usable(installed):
     installed(_plugin("good", GOOD), _plugin("broken", "tests.plugin_fixtures:RaisesOnImport"))
     with pytest.warns(RuntimeWarning, match="backend 'broken'"):
