@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import annotated_types
@@ -15,6 +15,9 @@ from pydantic.fields import FieldInfo
 
 from cnn_train.flows.params import ParameterError, RunParameters
 from cnn_train.plugins.config import format_validation_error
+
+#: Fields a sweep's grid or a study's space may vary. Data-shaping fields are fixed per search: data prep runs once.
+SEARCHABLE = ("backend", "architecture", "epochs", "batch_size", "learning_rate", "seed")
 
 
 def declared_fields(
@@ -126,16 +129,18 @@ def split_values(values: Mapping[str, Any], options: type[Options]) -> tuple[dic
 
 
 def without_fixed_fields(
-    run_values: Mapping[str, Any], varied: dict[str, Any], options: type[BaseModel], option: str, variable: Sequence[str]
+    run_values: Mapping[str, Any], varied: dict[str, Any], options: type[BaseModel], option: str, *,
+    given: Collection[str] = (),
 ) -> dict[str, Any]:
     """``varied`` (a sweep's grid, a study's space: ``options``' field ``option``) without the fields the
-    run sets to a value of its own. The default ``option`` gives way to such a field; one the user gave
+    run sets to a value of its own, or that are ``given`` (set explicitly, even to the default: only the
+    command line can tell). The default ``option`` gives way to such a field; one the user gave
     that varies it too is refused, since one of the two would be silently ignored. A field no search may
-    vary (not in ``variable``) is left for the caller to refuse as such."""
+    vary (not in :data:`SEARCHABLE`) is left for the caller to refuse as such."""
     fixed = {
         name: run_values[name] for name in varied
-        if name in variable and name in run_values
-        and run_values[name] != RunParameters.model_fields[name].default
+        if name in SEARCHABLE and name in run_values
+        and (name in given or run_values[name] != RunParameters.model_fields[name].default)
     }
     if not fixed:
         return varied

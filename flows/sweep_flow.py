@@ -35,7 +35,7 @@ from cnn_train.flows.params import (
     SweepOptions,
     validate_parameters,
 )
-from cnn_train.flows.signatures import split_values, without_fixed_fields
+from cnn_train.flows.signatures import SEARCHABLE, split_values, without_fixed_fields
 from cnn_train.flows.ray_cluster import _on_ray, _ray_request, check_runner, mark_crashed, trials_on, worker_died
 from cnn_train.flows.ray_cluster import ray_task_runner  # noqa: F401 - Python callers take this flow's runner from here
 from cnn_train.flows.registering import register_task, registered_summary
@@ -43,9 +43,6 @@ from cnn_train.flows.runs import cnn_train_flow, flow_run_tags, flow_run_tracker
 from cnn_train.flows.tasks import ChildRun, child_run, placed_trial, prep_task, retry_unless_deterministic
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.plugins.contract import Evaluation
-
-#: Fields a grid may vary. Data-shaping fields are fixed per sweep, since data prep runs once.
-SWEEPABLE = ("backend", "architecture", "epochs", "batch_size", "learning_rate", "seed")
 
 #: Times a trial is submitted when its Ray worker dies under it; each attempt resumes the last one's epochs.
 TRIAL_ATTEMPTS = 3
@@ -77,11 +74,11 @@ class DivergedTrial:
 def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """Every combination of the grid's values, in a stable order."""
     if not grid:
-        raise ParameterError(f"grid: give at least one field to vary; sweepable fields: {', '.join(SWEEPABLE)}")
-    unknown = sorted(set(grid) - set(SWEEPABLE))
+        raise ParameterError(f"grid: give at least one field to vary; sweepable fields: {', '.join(SEARCHABLE)}")
+    unknown = sorted(set(grid) - set(SEARCHABLE))
     if unknown:
-        named = ", ".join(f"{name!r}{did_you_mean(name, SWEEPABLE)}" for name in unknown)
-        raise ParameterError(f"grid: cannot vary {named}; sweepable fields: {', '.join(SWEEPABLE)}")
+        named = ", ".join(f"{name!r}{did_you_mean(name, SEARCHABLE)}" for name in unknown)
+        raise ParameterError(f"grid: cannot vary {named}; sweepable fields: {', '.join(SEARCHABLE)}")
     for key, values in grid.items():
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
             raise ParameterError(f"grid: {key} needs a non-empty list of values, got {values!r}")
@@ -100,7 +97,7 @@ def validate_sweep(
     values, runner = split_values(values, RunnerOptions)
     check_runner(runner)
     base, options = split_values(values, SweepOptions)
-    options = options.model_copy(update={"grid": without_fixed_fields(base, options.grid, SweepOptions, "grid", SWEEPABLE)})
+    options = options.model_copy(update={"grid": without_fixed_fields(base, options.grid, SweepOptions, "grid")})
     trials = []
     for combo in expand_grid(options.grid):
         try:

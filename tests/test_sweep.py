@@ -126,6 +126,42 @@ def test_the_command_refuses_a_set_and_varied_field_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("args", "outcome"),
+    [
+        pytest.param(["sweep", "--architecture", "cnn", "--grid", "architecture=cnn,dense"],
+                     "cnn-train: grid: architecture is set to 'cnn' and also varied by the grid (['cnn', 'dense']); give it "
+                     "in one place: leave architecture unset or take it out of the grid", id="sweep-refuses"),
+        pytest.param(["sweep", "--architecture", "cnn"], {"learning_rate": [0.001, 0.0003]}, id="sweep-default-grid-gives-way"),
+        pytest.param(["tune", "--seed", "42", "--space", "seed=1,2"],
+                     "cnn-train: space: seed is set to 42 and also varied by the space ('1,2'); give it in one place: "
+                     "leave seed unset or take it out of the space",
+                     id="tune-refuses"),
+    ],
+)
+def test_a_field_given_at_its_default_value_counts_as_given(monkeypatch, args, outcome):
+    """`--architecture cnn --grid architecture=cnn,dense` ran both architectures: the flow cannot tell
+    a default given from one left, so the command line decides."""
+    import typer
+    from typer.testing import CliRunner
+
+    from cnn_train.flows.cli import app, training, tune
+
+    reached = {}
+
+    def stop_before_the_flow(flow_path, check, values):
+        reached.update(values)
+        raise typer.Exit(0)
+
+    monkeypatch.setattr(training, "checked_run", stop_before_the_flow)
+    monkeypatch.setattr(tune, "checked_run", stop_before_the_flow)
+    result = CliRunner().invoke(app, args)
+    if isinstance(outcome, dict):
+        assert (result.exit_code, reached["grid"]) == (0, outcome), result.output
+    else:
+        assert (result.exit_code, result.output.strip().splitlines(), reached) == (2, [outcome], {})
+
+
+@pytest.mark.parametrize(
     ("items", "line"),
     [
         pytest.param(["learning_rate=0.001", "learning_rate=0.002"],

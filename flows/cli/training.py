@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import typer
+from pydantic import BaseModel
 
 from cnn_train.flows import collector
 from cnn_train.flows.cli.app import app, cli_options, declared_default, fail
@@ -36,6 +37,21 @@ def _validated(check: Callable[[dict[str, Any]], Any], values: dict[str, Any]) -
 
     try:
         return check(values)
+    except ParameterError as error:
+        fail(str(error))
+
+
+def fix_given_fields(context: typer.Context, values: dict[str, Any], option: str, options: type[BaseModel]) -> None:
+    """Take out of the grid or space (``option``) the fields given on the command line, or refuse a grid
+    or space the user gave that varies one of them. Given at its default value (``--architecture cnn``),
+    a field is invisible to the flow, which then varied it anyway."""
+    from cnn_train.flows.params import ParameterError
+    from cnn_train.flows.signatures import without_fixed_fields
+
+    sources = {name: context.get_parameter_source(name) for name in values}
+    given = {name for name, source in sources.items() if source is not None and source.name == "COMMANDLINE"}
+    try:
+        values[option] = without_fixed_fields(values, values[option], options, option, given=given)
     except ParameterError as error:
         fail(str(error))
 
@@ -163,11 +179,12 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
 
 @app.command()
 @cli_options(SweepOptions, RunParameters, RunnerOptions, exclude=SWEEP_EXCLUDES)
-def sweep(**values: Any) -> None:
+def sweep(ctx: typer.Context, **values: Any) -> None:
     """Run a grid of configurations (data prepared once), ranked in a parent MLflow run."""
     take_ray_resources(values)
     grid = values["grid"]
     values["grid"] = parse_grid(grid) if grid is not None else declared_default(SweepOptions, "grid")
+    fix_given_fields(ctx, values, "grid", SweepOptions)
     _, result = checked_run("cnn_train.flows.sweep_flow.cnn_train_sweep", "validate_sweep", values)
     import pandas as pd
 

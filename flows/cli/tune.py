@@ -9,7 +9,7 @@ import typer
 from pydantic import BaseModel, Field
 
 from cnn_train.flows.cli.app import app, cli_options, declared_default, fail
-from cnn_train.flows.cli.training import checked_run, take_ray_resources
+from cnn_train.flows.cli.training import checked_run, fix_given_fields, take_ray_resources
 from cnn_train.flows.params import TUNE_EXCLUDES, RunnerOptions, RunParameters, TuneOptions
 
 
@@ -50,6 +50,7 @@ def tune(ctx: typer.Context, **values: Any) -> None:
         values["space"] = _space(values, space_file)
     except ParameterError as error:
         fail(str(error))
+    fix_given_fields(ctx, values, "space", TuneOptions)
     plan, result = checked_run("cnn_train.flows.tune_flow.cnn_train_tune", "check_tune", values)
     _print_result(result, plan.study_name, plan.options.objective)
 

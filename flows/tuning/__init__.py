@@ -19,7 +19,6 @@ from cnn_train.flows.tuning.ranking import (
 )
 from cnn_train.flows.tuning.space import (
     FORMS,
-    TUNABLE,
     Dimension,
     SearchSpace,
     SpaceError,
@@ -58,7 +57,6 @@ __all__ = [
     "RUN_ATTR",
     "STATE_TAG",
     "TEST_ACCURACY_ATTR",
-    "TUNABLE",
     "Dimension",
     "SearchSpace",
     "SpaceError",

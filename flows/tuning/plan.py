@@ -15,7 +15,7 @@ from cnn_train.flows.params import ParameterError, RunnerOptions, RunParameters,
 from cnn_train.flows.ray_cluster import check_runner
 from cnn_train.flows.signatures import split_values, without_fixed_fields
 from cnn_train.flows.settings import state_dir
-from cnn_train.flows.tuning.space import TUNABLE, SearchSpace, SpaceError, parse_space
+from cnn_train.flows.tuning.space import SearchSpace, SpaceError, parse_space
 
 #: Run values that do not change what a trial measures, so a study may continue with other ones.
 _NOT_DEFINING = ("experiment", "data_dir", "prep_device", "train_device", "evaluate_device", "report_device")
@@ -94,7 +94,7 @@ def validate_tune(values: Mapping[str, Any]) -> TunePlan:
     check_runner(runner)
     run_values, options = split_values(values, TuneOptions)
     base = validate_parameters(**run_values)
-    space = parse_space(without_fixed_fields(run_values, options.space, TuneOptions, "space", TUNABLE))
+    space = parse_space(without_fixed_fields(run_values, options.space, TuneOptions, "space"))
     if options.sampler == "grid" and space.grid() is None:
         raise SpaceError(
             f"space: sampler grid needs choices (A,B,C) for every field; {', '.join(space.ranges())} "

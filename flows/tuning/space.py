@@ -18,9 +18,8 @@ from typing import Any, Literal
 
 from cnn_train.flows.errors import did_you_mean
 from cnn_train.flows.params import WHOLE_NUMBERS, ParameterError
+from cnn_train.flows.signatures import SEARCHABLE
 
-#: Fields a study may vary: the ones a sweep may vary (data prep runs once for all trials).
-TUNABLE = ("backend", "architecture", "epochs", "batch_size", "learning_rate", "seed")
 FORMS = "log:LOW:HIGH, int:LOW:HIGH, float:LOW:HIGH or A,B,C"
 
 Kind = Literal["log", "int", "float", "choice"]
@@ -151,8 +150,8 @@ def _choices(field: str, original: object, values: Sequence[Any]) -> Dimension:
 
 def parse_dimension(field: str, spec: object) -> Dimension:
     """One field's SPEC (text, or a list of values from a YAML/JSON file) as a Dimension."""
-    if field not in TUNABLE:
-        raise SpaceError(f"space: cannot vary {field!r}{did_you_mean(field, TUNABLE)}; tunable fields: {', '.join(TUNABLE)}")
+    if field not in SEARCHABLE:
+        raise SpaceError(f"space: cannot vary {field!r}{did_you_mean(field, SEARCHABLE)}; tunable fields: {', '.join(SEARCHABLE)}")
     if isinstance(spec, (list, tuple)):
         if any(isinstance(v, (dict, list, tuple, bool)) or v is None for v in spec):
             raise _bad(field, spec, "lists something other than numbers and words")
@@ -170,7 +169,7 @@ def parse_dimension(field: str, spec: object) -> Dimension:
 def parse_space(space: Mapping[str, object]) -> SearchSpace:
     """Every field's SPEC as a SearchSpace; an empty space or a bad SPEC is one SpaceError."""
     if not space:
-        raise SpaceError(f"space: give at least one field to vary (FIELD={FORMS}); tunable fields: {', '.join(TUNABLE)}")
+        raise SpaceError(f"space: give at least one field to vary (FIELD={FORMS}); tunable fields: {', '.join(SEARCHABLE)}")
     return SearchSpace(tuple(parse_dimension(str(field), spec) for field, spec in sorted(space.items())))
 
 
