@@ -54,7 +54,8 @@ def register_task(
     registration = tracking.register_version(name, model_uri, facts=facts, description=description, uri=run.uri)
     (record_on or run).set_tags(tracking.registration_tags(registration))
     get_run_logger().info(registration.line())
-    emit_registered(registration, facts)
+    if registration.new:  # nothing new to react to otherwise
+        emit_registered(registration, facts)
     return registration
 
 

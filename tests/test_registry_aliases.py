@@ -153,6 +153,18 @@ def test_a_worse_then_a_better_model_moves_champion_to_the_better(store, two_run
     assert _aliases(store, "worse-then-better") == {CHAMPION: "2"}
 
 
+def test_a_model_registered_again_is_no_new_version(store, two_runs):
+    """A finished study run again with --register-best registered its best model a second time, as a
+    challenger to itself (and a registration a spool delivered twice would have done the same)."""
+    first = _register(store, "registered-twice", two_runs[0], 0.88)
+    again = _register(store, "registered-twice", two_runs[0], 0.88)
+    assert (again.version, again.alias, again.new) == (first.version, CHAMPION, False)
+    assert again.line() == "registered-twice version 1 holds this model already (champion now); no new version registered"
+    assert [int(v.version) for v in tracking.client(store).search_model_versions("name = 'registered-twice'")] == [1]
+    other = _register(store, "registered-twice", two_runs[1], 0.84)  # another model still gets its version
+    assert (other.version, other.alias, other.new) == (2, CHALLENGER, True)
+
+
 def test_cnn_train_models_lists_versions_aliases_and_accuracies(store, better_then_worse):
     from cnn_train.flows.cli import app
 

@@ -67,13 +67,17 @@ class Registration:
     version: int
     alias: str
     reason: str
+    #: False when the model was registered already (a search run again, a registration delivered twice).
+    new: bool = True
 
     @property
     def model_uri(self) -> str:
-        return f"models:/{self.name}@{self.alias}"
+        return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
 
     def line(self) -> str:
         """``registered fashion-cnn version 3 as champion: its test accuracy ... beats ...``."""
+        if not self.new:
+            return f"{self.name} version {self.version} holds this model already ({self.reason}); no new version registered"
         return f"registered {self.name} version {self.version} as {self.alias}: {self.reason}"
 
 
@@ -130,8 +134,11 @@ def register_version(
     name: str, model_uri: str, *, facts: VersionFacts, description: str, uri: str | None = None
 ) -> Registration:
     """Register ``model_uri`` as a new version of ``name`` with ``facts`` as tags, and give it
-    ``champion`` when it beats the current champion on the same test set, else ``challenger``."""
+    ``champion`` when it beats the current champion on the same test set, else ``challenger``. A model
+    that ``name`` holds already is not registered again: its version is returned, ``new`` False."""
     mlflow_client = client(uri)
+    if (held := _version_holding(mlflow_client, name, model_uri)) is not None:
+        return held
     version = models.register_model(
         name, model_uri, run_id=facts.mlflow_run_id, description=description, uri=mlflow_client.tracking_uri,
         tags=facts.tags(), model_description=model_description(name),
@@ -139,6 +146,22 @@ def register_version(
     alias, reason = decide_alias(facts, version_by_alias(mlflow_client, name, CHAMPION))
     mlflow_client.set_registered_model_alias(name, alias, str(version))
     return Registration(name, version, alias, reason)
+
+
+def _version_holding(mlflow_client: MlflowClient, name: str, model_uri: str) -> Registration | None:
+    """The version of ``name`` registered from ``model_uri`` already, if any, with the alias it holds now."""
+    try:
+        held = [v for v in mlflow_client.search_model_versions(f"name = '{name}'") if v.source == model_uri]
+        aliases = mlflow_client.get_registered_model(name).aliases if held else {}
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    if not held:
+        return None
+    number = min(int(v.version) for v in held)
+    alias = next((alias for alias, version in sorted(aliases.items()) if int(version) == number), "")
+    return Registration(name, number, alias, f"{alias} now" if alias else "no alias now", new=False)
 
 
 def registration_tags(registration: Registration) -> dict[str, str]:

@@ -205,8 +205,8 @@ class Spool:
             delivered = refused = 0
             for seq, kind, payload in self.pending():
                 try:
-                    # After the model it names (a spooled one's URI is known once delivered). The one record that
-                    # doubles if its process dies before dropping it: a second version.
+                    # After the model it names (a spooled one's URI is known once delivered); delivered twice,
+                    # it finds the version it made (register_version registers a model once per name).
                     if kind == "register":
                         registry.register_delivered(payload, payload.get("model_uri") or self._meta("model_uri"), uri)
                     elif kind == "batch" and (link := payload.pop("spooled_model_dataset", None)):
