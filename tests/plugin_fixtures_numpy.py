@@ -62,6 +62,22 @@ class NoRealResume(NumpyMLPBackend):
         self._step = 0
 
 
+class FixedInitialWeights(NumpyMLPBackend):
+    """Initialises every model alike, whatever the seed (its shuffles still follow the run's seed)."""
+
+    def build(self, config, *, device, seed):
+        super().build(config, device=device, seed=0)
+
+
+class IgnoresTheSeed(NumpyMLPBackend):
+    """Builds by the seed, then starts training over from weights of seed 0: a sweep over seed gave identical trials."""
+
+    def train(self, data, config, *, on_epoch=None, initial_epoch=0):
+        if initial_epoch == 0:
+            super().build(self._config, device="cpu", seed=0)
+        return super().train(data, config.model_copy(update={"seed": 0}), on_epoch=on_epoch, initial_epoch=initial_epoch)
+
+
 class ForgetsOptimizerState(NumpyMLPBackend):
     """Resumes from the right epoch, but with a fresh optimizer: the losses drift from an unbroken run."""
 

@@ -176,6 +176,24 @@ def check_cpu_determinism(subject: Subject) -> None:
     np.testing.assert_array_equal(first.predict_proba(x), second.predict_proba(x), err_msg="same seed, different predictions")
 
 
+def check_seed_changes_training(subject: Subject) -> None:
+    """Another seed, another model: build's seed sets the initial weights, so a sweep or study over
+    ``seed`` trains different models, not one model again. (Trained before predicting: a backend need
+    not predict before it is trained.)"""
+    x, _ = images(8, seed=6)
+    trained = []
+    for seed in (11, 12):
+        backend, seen = subject.built(seed=seed), []
+        backend.train(train_data(), SMOKE.model_copy(update={"seed": 5}), on_epoch=seen.append)
+        trained.append((seen, backend.predict_proba(x)))
+    (seen_first, first), (seen_second, second) = trained
+    same_metrics = all(_same_metrics(a, b) for a, b in zip(seen_first, seen_second, strict=True))
+    assert not (same_metrics and np.array_equal(first, second)), (
+        "build(seed=11) and build(seed=12), trained alike, gave identical models: the seed must set the initial "
+        "weights, or a sweep over seed trains one model again and again"
+    )
+
+
 def check_training_options(subject: Subject) -> None:
     """Each training option beyond the lesson's is honoured (the loss changes) or refused with a ValueError."""
     _, plain = subject.trained()

@@ -58,6 +58,7 @@ CHECKS: tuple[Check, ...] = (
             checks.check_save_load_round_trip,
             lifecycle.check_resume,
             checks.check_cpu_determinism,
+            checks.check_seed_changes_training,
             checks.check_training_options,
             checks.check_rejects_wrong_image_shape,
             checks.check_rejects_empty_data,
