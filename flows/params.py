@@ -351,7 +351,7 @@ class TuneOptions(BaseModel):
     )
     trials: int = Field(
         default=16, ge=1,
-        description="Trials the study holds when done (complete, pruned or failed); a rerun runs only the missing ones.",
+        description="Trials the study holds when done (complete, pruned or failed; one queued again counts once); a rerun runs only the missing ones.",
     )
     max_concurrent: int = Field(default=2, ge=1, description="Trials running at once.")
     timeout: float | None = Field(

@@ -249,6 +249,8 @@ def _keep_trials_in_flight(
     on_ray = _on_ray()
     deadline = time.monotonic() + plan.options.timeout if plan.options.timeout else None
     target = plan.target_trials
+    if note := plan.cap_note():
+        logger.info(note)
     done = min(ended_trials(study), target)
     progress = create_progress_artifact(
         100.0 * done / target, key="tune-progress", description=f"{plan.study_name}: {done} of {target} trials done"

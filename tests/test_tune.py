@@ -105,6 +105,15 @@ def test_a_space_that_cannot_run_is_refused_before_the_study(values, message):
         validate_tune(SMALL | values)
 
 
+@pytest.mark.parametrize(("trials", "note"), [
+    (5, "the space holds 4 combination(s) of choices: the study ends at 4 trials, not 5"), (4, None),
+], ids=["more-trials-than-combinations", "as-many"])
+def test_a_space_of_choices_caps_the_study_and_says_so(trials, note):
+    """`--sampler grid --space batch_size=16,32 --trials 5` ran 2 trials without a word on why."""
+    plan = validate_tune(SMALL | {"space": {"batch_size": "16,32", "architecture": "cnn,dense"}, "sampler": "grid", "trials": trials})
+    assert (plan.target_trials, plan.cap_note()) == (min(trials, 4), note)
+
+
 def test_a_field_set_on_its_own_leaves_the_default_space():
     plan = validate_tune(SMALL | {"learning_rate": 2e-3})
     assert plan.space.names == ("batch_size",) and plan.base.learning_rate == 2e-3

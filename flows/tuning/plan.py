@@ -49,6 +49,13 @@ class TunePlan:
         points = len(list(itertools.product(*grid.values()))) if grid else None
         return min(self.options.trials, points) if points else self.options.trials
 
+    def cap_note(self) -> str | None:
+        """Why the study ends before ``--trials``, when it does (said, or 2 trials for --trials 5 look cut short)."""
+        target = self.target_trials
+        if target >= self.options.trials:
+            return None
+        return f"the space holds {target} combination(s) of choices: the study ends at {target} trials, not {self.options.trials}"
+
     @property
     def max_epochs(self) -> int:
         """The most epochs any trial can train (the pruners' budget)."""
