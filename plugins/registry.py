@@ -21,6 +21,7 @@ from types import MappingProxyType
 
 from packaging.requirements import InvalidRequirement, Requirement
 
+from cnn_train.plugins.config import ARCHITECTURES
 from cnn_train.plugins.contract import CONTRACT_METHODS, Backend
 
 GROUP = "cnn_train.backends"
@@ -206,6 +207,12 @@ def _attribute_problems(cls: type) -> list[str]:
         problems.append(
             "class attribute 'architectures' must be a non-empty tuple of architecture names, e.g. ('cnn', 'dense'); "
             f"got {architectures!r}{comma}"
+        )
+    elif unknown := [name for name in architectures if name not in ARCHITECTURES]:
+        # Else it loaded, and failed only when a check or a run built one, on ModelConfig's validation error.
+        problems.append(
+            f"class attribute 'architectures' names {', '.join(map(repr, unknown))}, which ModelConfig cannot describe; "
+            f"the architectures are {', '.join(ARCHITECTURES)}"
         )
     return problems
 

@@ -158,6 +158,12 @@ class NoFlavor(GoodBackend):
     mlflow_flavor = ""
 
 
+class UnknownArchitecture(GoodBackend):
+    """Lists an architecture ModelConfig cannot describe: it loaded, and failed only once one was built."""
+
+    architectures = ("dense", "linear")
+
+
 class ExtraRequired(GoodBackend):
     def evaluate(self, x, y, scale, *, batch_size=256): ...
 

@@ -50,6 +50,12 @@ class UnknownFlavor(NumpyMLPBackend):
         return dataclasses.replace(super().loggable_model(), flavor=self.mlflow_flavor)
 
 
+class FlavorMismatch(NumpyMLPBackend):
+    """Declares MLflow's sklearn flavor but hands the flow a pyfunc model."""
+
+    mlflow_flavor = "sklearn"
+
+
 class NoRealResume(NumpyMLPBackend):
     """Ignores ``initial_epoch`` and reloads only the weights, so a retried training starts over."""
 

@@ -13,6 +13,7 @@ from tests.plugin_fixtures_numpy import (
     AcceptsAnyDevice,
     AsksJaxForDevices,
     FixedInitialWeights,
+    FlavorMismatch,
     ForgetsOptimizerState,
     HalvedProbabilities,
     IgnoresStopRequest,
@@ -64,6 +65,15 @@ def test_the_kit_names_the_broken_promise(backend, check, reason):
     failures = _failures(backend, skip=_MLFLOW_CHECKS)
     assert list(failures) == [check], failures
     assert reason in failures[check]
+
+
+def test_a_flavor_other_than_the_logged_models_fails_model_logging():
+    """It failed does_not_log_to_mlflow, which is about something else."""
+    results = {result.name: result for result in run_checks(FlavorMismatch, only=list(_MLFLOW_CHECKS))}
+    assert not results["does_not_log_to_mlflow"].failed
+    assert results["model_logging"].reason.startswith(
+        "loggable_model().flavor is 'pyfunc' but the class's mlflow_flavor is 'sklearn'"
+    )
 
 
 def test_wrong_feature_map_shape_fails_feature_maps_shapes():

@@ -207,6 +207,8 @@ CONTRACT_BREAKERS = {
     "MissingTrain": "method train() is missing",
     "WrongBuildSignature": "build(): missing parameter 'device'",
     "NoFlavor": "'mlflow_flavor'",
+    "UnknownArchitecture": "class attribute 'architectures' names 'linear', which ModelConfig cannot describe; "
+    "the architectures are cnn, dense, cnn-improved",
     "ExtraRequired": "evaluate(): extra parameter 'scale' needs a default",
     "NOT_A_CLASS": "must be a class",
 }

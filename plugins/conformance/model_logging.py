@@ -33,6 +33,11 @@ def check_model_logging(subject: Subject) -> None:
     from cnn_train.flows.tracking import ModelRecord, RunTracker
 
     backend, _ = subject.trained()
+    loggable = backend.loggable_model()
+    assert loggable.flavor == subject.cls.mlflow_flavor, (
+        f"loggable_model().flavor is {loggable.flavor!r} but the class's mlflow_flavor is {subject.cls.mlflow_flavor!r}; "
+        "make them the same (the backend list and the logged model must agree)"
+    )
     config = subject.reference_config()
     x, _ = images(_IMAGES, seed=8)
     want = np.asarray(backend.predict_proba(x))
@@ -49,9 +54,7 @@ def check_model_logging(subject: Subject) -> None:
         # tracking code's delivery machinery for nothing.
         tracker = RunTracker.start("cnn-train-conformance", uri=uri, run_name="model_logging")
         # Two images as the example, as the flow logs them.
-        model_uri = tracker.log_model(
-            backend.loggable_model(), ModelRecord(config.input_shape, config.num_classes, input_example=x[:2])
-        )
+        model_uri = tracker.log_model(loggable, ModelRecord(config.input_shape, config.num_classes, input_example=x[:2]))
         assert model_uri is not None, "the tracking code kept the model for later instead of logging it"
         got = np.asarray(mlflow.pyfunc.load_model(model_uri).predict(x))
     assert got.shape == (_IMAGES, config.num_classes), (
