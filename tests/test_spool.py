@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -98,7 +99,8 @@ def test_test_metrics_of_a_model_kept_in_the_spool_link_to_it_once_it_is_logged(
 
     with monkeypatch.context() as outage:  # only log_model sees the outage; the courier may deliver meanwhile
         outage.setattr(runs, "check_reachable", away)
-        assert tracker.log_model(uniform_model(), tracking.ModelRecord((28, 28, 1), 10)) is None
+        example = np.zeros((2, 28, 28, 1), dtype=np.float32)  # as the flow logs it (and MLflow wants one)
+        assert tracker.log_model(uniform_model(), tracking.ModelRecord((28, 28, 1), 10, input_example=example)) is None
     if delivered_first:
         assert tracker.flush(10) == 0
     tracker.log_metrics({"test_accuracy": 0.7}, step=2, model_uri=None, dataset=("fashion-mnist-test", "d1"))
