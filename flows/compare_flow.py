@@ -70,8 +70,8 @@ def _report(
             rows, summaries, Path(out), title=title, tolerance_points=tolerance_points,
             links=links, open_hint=None if parent.url else tracking.open_hint(parent),
         )
+        markdown = figures_from_mlflow(files.report_md, parent.uri, parent.run_id, "compare")
         parent.log_artifacts(Path(out), "compare")
-        markdown = files.report_md.read_text(encoding="utf-8")
     accuracies = {row.name: row.test_accuracy for row in rows}
     verdict = reporting.parity_verdict(accuracies, tolerance_points)
     parent.describe(f"{title}: {verdict}.\n\nThe whole comparison: `compare/{files.report_md.name}` in Artifacts.")
@@ -79,7 +79,7 @@ def _report(
         {f"{name}.test_accuracy": value for name, value in accuracies.items()}
         | {"accuracy_gap_points": reporting.accuracy_gap_points(accuracies)}
     )
-    create_markdown_artifact(figures_from_mlflow(markdown, parent.uri, parent.run_id, "compare"), key="cnn-train-compare")
+    create_markdown_artifact(markdown, key="cnn-train-compare")
     table = reporting.comparison_table(rows)
     create_table_artifact(reporting.table_records(table), key="backend-comparison")
     return {

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prefect import Flow, flow, get_run_logger, runtime
@@ -39,12 +40,17 @@ def prefect_flow_run_url() -> str | None:
     return url if url and url.startswith("http") else None
 
 
-def figures_from_mlflow(markdown: str, uri: str, run_id: str, folder: str) -> str:
-    """A report logged under ``folder`` of run ``run_id``, its figures linked to the MLflow server's copies:
-    the Prefect UI shows it with no files beside it. Unchanged where MLflow is no server (nothing to link to)."""
+def figures_from_mlflow(report_md: Path, uri: str, run_id: str, folder: str) -> str:
+    """The report about to be logged under ``folder`` of run ``run_id``, rewritten with its figures linked
+    to the MLflow server's copies, and its text: MLflow's own preview of report.md shows only images at
+    absolute http addresses, and the Prefect UI has no files beside it. Unchanged where MLflow is no
+    server (nothing to link to; a reader of the folder has the figures beside it)."""
     from cnn_train.flows.reporting import relink_figures
 
-    return relink_figures(markdown, lambda name: tracking.artifact_url(uri, run_id, f"{folder}/{name}") or name)
+    markdown = report_md.read_text(encoding="utf-8")
+    markdown = relink_figures(markdown, lambda name: tracking.artifact_url(uri, run_id, f"{folder}/{name}") or name)
+    report_md.write_text(markdown, encoding="utf-8")
+    return markdown
 
 
 def _start_flow_run(experiment: str, *, run_name: str, role: str | None = None) -> RunTracker:

@@ -65,8 +65,8 @@ def report_task(
                 kernels=evaluated.kernels,
                 feature_maps=evaluated.feature_maps,
             )
+            markdown = figures_from_mlflow(files.report_md, tracker.uri, tracker.run_id, "report")
             tracker.log_artifacts(Path(out), "report")
-            markdown = files.report_md.read_text(encoding="utf-8")
             drawn = {path.name for path in files.figures.paths()}
         tracker.describe(reporting.run_description(inputs))
     _publish_to_prefect(markdown, drawn, tracker, evaluated, data, this=inputs.as_comparison_row("CNN"), dense=dense)
@@ -85,7 +85,6 @@ def _publish_to_prefect(
     dense: reporting.ComparisonRow | None,
 ) -> None:
     """The report, its figures (where an MLflow server serves them) and its tables as Prefect artifacts."""
-    markdown = figures_from_mlflow(markdown, tracker.uri, tracker.run_id, "report")
     if tracker.url:  # an MLflow server, which serves the figures
         for figure in (name for name in _PREFECT_FIGURES if name in drawn):
             url = tracking.artifact_url(tracker.uri, tracker.run_id, f"report/{figure}") or figure

@@ -116,6 +116,13 @@ def test_prefect_deployment_run_lands_in_mlflow(stack, trained):
     assert mlflow_run.data.tags["device.train"] == "cpu"
     assert mlflow_run.data.params["epochs"] == "1"
     assert 0.1 < mlflow_run.data.metrics["test_accuracy"] <= 1.0
+    # MLflow's preview of report.md draws images at absolute addresses only: its figures showed as link text.
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(client.download_artifacts(mlflow_run.info.run_id, "report/report.md", folder)).read_text()
+    served = f"(http://127.0.0.1:{env['CNN_TRAIN_MLFLOW_PORT']}/get-artifact?path=report/confusion_matrix.png&run_uuid="
+    assert served in report, report[:2000]
     # Through the MLflow server, the Prefect report shows its figures: image artifacts point at them.
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId

@@ -676,11 +676,16 @@ def test_comparison_report_refuses(backend_rows, summaries, tmp_path, links, sum
         pytest.param("sqlite:///mlflow.db", "![CM](confusion_matrix_torch.png)", id="no-server-left-as-is"),
     ],
 )
-def test_a_reports_figures_in_the_prefect_ui_come_from_the_mlflow_server(uri, expected) -> None:
+def test_a_reports_figures_come_from_the_mlflow_server(uri, expected, tmp_path) -> None:
+    """In the Prefect UI, which has no files beside the report, and in MLflow's own preview of the logged
+    report.md, which showed every figure as the text of its link: it draws images at absolute addresses only."""
     from cnn_train.flows.runs import figures_from_mlflow
 
-    out = figures_from_mlflow("# Title\n\n![CM](confusion_matrix_torch.png)\n[MLflow run](http://x/#/runs/1)\n", uri, "r1", "compare")
+    report = tmp_path / "compare.md"
+    report.write_text("# Title\n\n![CM](confusion_matrix_torch.png)\n[MLflow run](http://x/#/runs/1)\n")
+    out = figures_from_mlflow(report, uri, "r1", "compare")
     assert expected in out and "[MLflow run](http://x/#/runs/1)" in out
+    assert report.read_text() == out  # the copy MLflow keeps
 
 
 def test_relink_figures_rewrites_only_figure_links() -> None:
