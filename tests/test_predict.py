@@ -228,6 +228,14 @@ def test_the_summary_counts_classes_and_flags_low_confidence():
     )
 
 
+def test_the_headline_names_every_class_tied_for_the_last_place():
+    """'Trouser (2), Pullover (1), Sandal (1)' left out Ankle boot, predicted once too."""
+    classes = [1, 1, 2, 5, 9]  # Trouser twice; Pullover, Sandal and Ankle boot once each
+    table = predict.predictions_table([f"{i}.png" for i in range(5)], np.eye(10)[classes] * 0.9 + 0.01)
+    headline = predict.summarize(predict.Predictions((), table, ())).headline("m")
+    assert "Most predicted: Trouser (2), Pullover (1), Sandal (1), Ankle boot (1).\n" in headline
+
+
 # --- what a model must take ------------------------------------------------------------------------
 
 

@@ -104,7 +104,8 @@ class Summary:
     def headline(self, model: str) -> str:
         """A few markdown lines for the prediction run's MLflow page: the counts, the classes most predicted."""
         shown = self.class_counts[self.class_counts["images"] > 0]
-        most = shown.sort_values("images", ascending=False, kind="stable").head(3).to_dict(orient="records")
+        # The three largest counts and every class tied with the third: a cut-off tie named one of them only.
+        most = shown.nlargest(3, "images", keep="all").to_dict(orient="records")
         lines = [
             f"**{counted(self.classified, len(self.failures))}** with {model}; {len(self.low_confidence)} with a top "
             f"probability under {LOW_CONFIDENCE:.0%}.",
