@@ -882,6 +882,21 @@ def test_a_watched_flow_runs_end_shows_its_mlflow_run_and_headline_metrics(tmp_p
     assert lines[1:] == shown
 
 
+def test_a_watched_flow_runs_end_shows_its_registration(tmp_path):
+    """`trigger --watch` with register=NAME ended on the test accuracy; the version and alias were only in the logs."""
+    from tests.stores import new_store
+
+    from cnn_train.flows import flow_runs, tracking
+
+    store = new_store(tmp_path / "mlflow.db")
+    registration = tracking.Registration("fmnist-cnn", 2, "challenger", "its test accuracy 75.00% does not beat ...")
+    _recorded(store, "cnn-train", {"test_accuracy": 0.75}, **tracking.registration_tags(registration))
+    lines = flow_runs.outcome_lines(flow_runs.main_mlflow_run(FLOW_RUN, store), store)
+    assert lines[1:] == [
+        "test accuracy: 0.7500", "model registry: fmnist-cnn version 2 (challenger): its test accuracy 75.00% does not beat ..."
+    ]
+
+
 def test_a_flow_run_that_recorded_nothing_says_so_and_creates_no_store(tmp_path):
     from cnn_train.flows import flow_runs
 
