@@ -79,7 +79,7 @@ def _task_seconds(client: Any, flow_run_id: Any) -> dict[str, float]:
     seconds: dict[str, float] = {}
     for run in task_runs:
         if run.start_time and run.end_time:
-            name = run.name.rsplit("-", 1)[0]
+            name = run.name.split("-", 1)[0]  # "train-cnn", "evaluate-torch-dense-baseline", "prep-3fa"
             seconds[name] = seconds.get(name, 0.0) + (run.end_time - run.start_time).total_seconds()
     return seconds
 

@@ -69,7 +69,9 @@ def prep_task(params: RunParameters, tracker: RunTracker) -> PreparedData:
     return data
 
 
-@task(name="train", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_deterministic, **IN_MEMORY)
+# Named after what they train ("train-cnn", "train-torch-dense-baseline"): the CNN's and the dense network's
+# tasks read "train-34b" and "train-ac1" in the flow run's graph and logs.
+@task(name="train", task_run_name="train-{label}", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_deterministic, **IN_MEMORY)
 def train_task(params: RunParameters, data: PreparedData, tracker: RunTracker, *, label: str) -> steps.TrainOutcome:
     """Train on the placed device, logging each epoch as it ends; a retry resumes from the last epoch."""
     logger = get_run_logger()
@@ -87,9 +89,9 @@ def train_task(params: RunParameters, data: PreparedData, tracker: RunTracker, *
     return outcome
 
 
-@task(name="evaluate", **IN_MEMORY)
+@task(name="evaluate", task_run_name="evaluate-{label}", **IN_MEMORY)
 def evaluate_task(
-    params: RunParameters, trained: steps.TrainOutcome, data: PreparedData, tracker: RunTracker
+    params: RunParameters, trained: steps.TrainOutcome, data: PreparedData, tracker: RunTracker, *, label: str
 ) -> steps.EvalOutcome:
     """Test loss and accuracy, per-class precision/recall/F1 on the test set."""
     logger = get_run_logger()
@@ -125,7 +127,7 @@ def as_tasks(
 ) -> tuple[steps.TrainOutcome, steps.EvalOutcome]:
     """Train and evaluate as the flow's own tasks."""
     trained = train_task(params, data, tracker, label=label)
-    return trained, evaluate_task(params, trained, data, tracker)
+    return trained, evaluate_task(params, trained, data, tracker, label=label)
 
 
 def child_run(

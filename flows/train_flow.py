@@ -109,7 +109,7 @@ def cnn_train(**values: Any) -> dict[str, Any]:
         steps.log_run_params(tracker, params)
         data = prep_task(params, tracker)
         trained = train_task(params, data, tracker, label=params.architecture)
-        evaluated = evaluate_task(params, trained, data, tracker)
+        evaluated = evaluate_task(params, trained, data, tracker, label=params.architecture)
         if params.compare_dense and not params.trains_dense_baseline:
             get_run_logger().info("compare_dense: this run trains the dense network itself; there is no other to compare")
         dense = _dense_baseline(params, data, tracker) if params.trains_dense_baseline else None
@@ -133,11 +133,16 @@ def cnn_train(**values: Any) -> dict[str, Any]:
     }
 
 
+def dense_baseline_params(params: RunParameters) -> RunParameters:
+    """The dense baseline's own parameters: the run's, for the dense network, which compares with nothing
+    and is registered nowhere (its run showed the CNN's `register` as its own)."""
+    return params.model_copy(update={"architecture": "dense", "compare_dense": False, "register": None})
+
+
 def _dense_baseline(params: RunParameters, data: PreparedData, tracker: RunTracker) -> reporting.ComparisonRow:
     """The previous lesson's dense network on the same split, as a child run."""
-    dense_params = params.model_copy(update={"architecture": "dense", "compare_dense": False})
     baseline = child_run(
-        dense_params, data, tracker, run_name=f"{params.backend}-dense-baseline", role="dense-baseline"
+        dense_baseline_params(params), data, tracker, run_name=f"{params.backend}-dense-baseline", role="dense-baseline"
     )
     row = baseline.row("dense network")
     tracker.log_metrics({"dense.test_accuracy": row.test_accuracy, "dense.parameters": row.parameters or 0})

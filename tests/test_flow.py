@@ -157,6 +157,19 @@ def test_dense_baseline_sits_beside_the_cnn(finished, tmp_path):
     assert "dense network" in report and f"{run.data.metrics['dense.test_accuracy'] * 100:.2f}%" in report
 
 
+def test_the_tasks_are_named_after_what_they_train(finished):
+    """The CNN's and the dense network's tasks read "train-34b" and "train-ac1" in the flow run's graph."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    backend, state, _, _, _ = finished
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    named = sorted(run.name for run in runs if run.name.startswith(("train", "evaluate")))
+    dense = ["evaluate-torch-dense-baseline", "train-torch-dense-baseline"] if backend == "torch" else []
+    assert named == sorted(["evaluate-cnn", "train-cnn", *dense])
+
+
 def _prefect_artifacts(state):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId

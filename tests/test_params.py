@@ -79,6 +79,15 @@ def test_every_form_carries_the_declared_bounds(name, field, bad, refusal, good)
     validate({field: good}, schema, raise_on_error=True)
 
 
+def test_the_dense_baseline_registers_nothing_and_compares_with_nothing():
+    """Its child run showed the CNN's `register=NAME` as its own, though nothing registered it."""
+    from cnn_train.flows.train_flow import dense_baseline_params
+
+    params = validate_parameters(register="fmnist-cnn", compare_dense=True, epochs=3)
+    dense = dense_baseline_params(params)
+    assert (dense.architecture, dense.compare_dense, dense.register, dense.epochs) == ("dense", False, None, 3)
+
+
 @pytest.mark.parametrize("value", ["gpu-preferred", "cuda:1", "GPU-preferred", " cpu", "CUDA:0", "cuda:", "gpu"])
 def test_the_cli_takes_a_device_exactly_when_the_deployment_does(value):
     """`cnn-train run --train-device X` and `trigger -p train_device=X` agree on every X."""
