@@ -262,11 +262,8 @@ def outcome_lines(run: Any | None, uri: str) -> list[str]:
         if name == "test_accuracy":
             per_backend = sorted(k for k in metrics if k.endswith(".test_accuracy") and k not in _HEADLINE_METRICS)
             lines += [f"{k.removesuffix('.test_accuracy')} test accuracy: {metrics[k]:.4f}" for k in per_backend]
-    tags = run.data.tags
-    if registered := tags.get("cnn_train.registered_model"):  # written with the registration (registry_tags)
-        name, _, version = registered.rpartition("/")
-        alias = f" ({tags['cnn_train.registered_alias']})" if tags.get("cnn_train.registered_alias") else ""
-        lines.append(f"model registry: {name} version {version}{alias}: {tags.get('cnn_train.registered_reason', '')}".rstrip(": "))
+    if registered := tracking.registration_line(run.data.tags):
+        lines.append(registered)
     return lines
 
 

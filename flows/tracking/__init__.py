@@ -48,6 +48,7 @@ from cnn_train.flows.tracking.registry import (  # noqa: E402
     Registration,
     VersionFacts,
     register_version,
+    registration_line,
     registration_tags,
     registered_versions,
 )
@@ -113,6 +114,7 @@ __all__ = [
     "reap_stale_runs",
     "register_model",
     "register_version",
+    "registration_line",
     "registration_tags",
     "registered_versions",
     "run_url",

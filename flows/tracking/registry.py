@@ -9,6 +9,7 @@ tested elsewhere stays until someone moves the alias by hand.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,13 +165,25 @@ def _version_holding(mlflow_client: MlflowClient, name: str, model_uri: str) -> 
     return Registration(name, number, alias, f"{alias} now" if alias else "no alias now", new=False)
 
 
+_MODEL_TAG, _ALIAS_TAG, _REASON_TAG = "cnn_train.registered_model", "cnn_train.registered_alias", "cnn_train.registered_reason"
+
+
 def registration_tags(registration: Registration) -> dict[str, str]:
     """How the run a version came from (or the search that chose it) records its registration."""
     return {
-        "cnn_train.registered_model": f"{registration.name}/{registration.version}",
-        "cnn_train.registered_alias": registration.alias,
-        "cnn_train.registered_reason": registration.reason,
+        _MODEL_TAG: f"{registration.name}/{registration.version}",
+        _ALIAS_TAG: registration.alias,
+        _REASON_TAG: registration.reason,
     }
+
+
+def registration_line(tags: Mapping[str, str]) -> str | None:
+    """What :func:`registration_tags` recorded on a run, as one line; None for a run that registered nothing."""
+    if not (registered := tags.get(_MODEL_TAG)):
+        return None
+    name, _, version = registered.rpartition("/")
+    alias = f" ({tags[_ALIAS_TAG]})" if tags.get(_ALIAS_TAG) else ""
+    return f"model registry: {name} version {version}{alias}: {tags.get(_REASON_TAG, '')}".rstrip(": ")
 
 
 def register_delivered(request: dict[str, Any], model_uri: str, uri: str) -> Registration:

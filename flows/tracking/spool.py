@@ -205,14 +205,13 @@ class Spool:
             delivered = refused = 0
             for seq, kind, payload in self.pending():
                 try:
+                    if kind == "batch" and (link := payload.pop("spooled_model_dataset", None)):
+                        model_id = self._meta("model_uri").removeprefix("models:/") or None  # None: the model was refused
+                        payload["metrics"] = [[*metric[:4], model_id, *link] for metric in payload["metrics"]]
                     # After the model it names (a spooled one's URI is known once delivered); delivered twice,
                     # it finds the version it made (register_version registers a model once per name).
                     if kind == "register":
                         registry.register_delivered(payload, payload.get("model_uri") or self._meta("model_uri"), uri)
-                    elif kind == "batch" and (link := payload.pop("spooled_model_dataset", None)):
-                        model_id = self._meta("model_uri").removeprefix("models:/") or None  # None: the model was refused
-                        payload["metrics"] = [[*metric[:4], model_id, *link] for metric in payload["metrics"]]
-                        _send(mlflow_client, self.run_id, kind, payload, self.folder / "files" / str(seq))
                     elif model_uri := _send(mlflow_client, self.run_id, kind, payload, self.folder / "files" / str(seq)):
                         self._meta("model_uri", model_uri)
                 except MlflowException as error:

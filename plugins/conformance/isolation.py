@@ -70,16 +70,16 @@ def _tracking_at(uri: str) -> Iterator[None]:
         mlflow = sys.modules.get("mlflow")
         pinned_tracking = mlflow.get_tracking_uri() if mlflow and mlflow.get_tracking_uri() != uri else None
         pinned_registry = mlflow.get_registry_uri() if mlflow and mlflow.get_registry_uri() != uri else None
-        if mlflow and pinned_tracking is not None:
+        if pinned_tracking is not None:
             mlflow.set_tracking_uri(uri)
-        if mlflow and pinned_registry is not None:
+        if pinned_registry is not None:
             mlflow.set_registry_uri(uri)
         try:
             yield
         finally:
-            if mlflow and pinned_tracking is not None:
+            if pinned_tracking is not None:
                 mlflow.set_tracking_uri(pinned_tracking)
-            if mlflow and pinned_registry is not None:
+            if pinned_registry is not None:
                 mlflow.set_registry_uri(pinned_registry)
 
 
