@@ -194,10 +194,21 @@ def _join_failure(address: str, error: BaseException) -> RayClusterError:
             f"{where} did not let this Ray Client in within 30 s; if the cluster uses token authentication "
             f"(a head started with a token, or with RAY_AUTH_MODE=token), {hint}"
         )
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     explicit = address != "auto" and not address.startswith("ray://")
     hint = "; HOST:PORT joins from a node of the cluster, from elsewhere use ray://HOST:10001" if explicit else ""
-    return RayClusterError(f"could not join {where}: {first_line}{hint}")
+    return RayClusterError(f"could not join {where}: {_reason(error)}{hint}")
+
+
+def _reason(error: BaseException) -> str:
+    """One line of ``error``: its first, and when that only announces what follows (a Ray Client's
+    "Initialization failure from server:" over the server's traceback), the last line too, which names
+    the server's own error."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[-1]}"
+    return lines[0]
 
 
 @functools.cache

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from cnn_train.flows.ray_cluster import RayClusterError, parse_resources, ray_task_runner, worker_died
+from cnn_train.flows.ray_cluster import RayClusterError, _join_failure, parse_resources, ray_task_runner, worker_died
 from cnn_train.flows.sweep_flow import trial_key, validate_sweep
 from cnn_train.flows.tuning.plan import validate_tune
 from tests.local_stack import bare_env, flow_run_states, free_port
@@ -61,6 +61,30 @@ def test_an_address_that_is_not_host_port_is_refused(address: str) -> None:
 def test_an_address_nothing_answers_at_is_refused(scheme: str) -> None:
     port = free_port()  # nothing listens on it
     _refused_in_one_line(f"{scheme}127.0.0.1:{port}", f"nothing answers at 127.0.0.1:{port} (Connection refused)")
+
+
+#: How a Ray Client reports its head's failure: a header line over the proxy's traceback.
+_PROXY_FAILURE = (
+    "Initialization failure from server:\nTraceback (most recent call last):\n"
+    '  File "ray/util/client/server/proxier.py", line 776, in Datapath\n'
+    '    raise RuntimeError(\n'
+    "RuntimeError: Proxy failed to Connect to backend! Check `ray_client_server.err` on the head node\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        pytest.param(ConnectionAbortedError(_PROXY_FAILURE), "Initialization failure from server: RuntimeError: Proxy "
+                     "failed to Connect to backend! Check `ray_client_server.err` on the head node", id="server-traceback"),
+        pytest.param(ConnectionError("GCS refused\nmore detail"), "GCS refused", id="first-line"),
+        pytest.param(ConnectionError(""), "ConnectionError", id="no-message"),
+    ],
+)
+def test_a_failed_join_says_why_in_one_line(error: BaseException, reason: str) -> None:
+    """A Ray Client's failure said only "Initialization failure from server:", the header of the reason."""
+    message = str(_join_failure("ray://10.0.0.5:10001", error))
+    assert message == f"could not join the Ray cluster at ray://10.0.0.5:10001: {reason}"
 
 
 @pytest.mark.parametrize("validate", [pytest.param(validate_sweep, id="sweep"), pytest.param(validate_tune, id="tune")])
@@ -267,9 +291,12 @@ def cluster() -> Iterator[RayCluster]:
     (root / "home" / ".ray" / "auth_token").write_text(token)
     ray_cluster = RayCluster(root, token, free_port(), free_port())
     try:
+        # The head's Ray Client proxy gives the server it starts for each client 30 s to answer, which a
+        # saturated 2-core machine missed once in CI ("Proxy failed to Connect to backend!").
         ray_cluster.start(
             "--head", "--port", str(ray_cluster.port), "--ray-client-server-port", str(ray_cluster.client_port),
             "--dashboard-port", str(free_port()), "--include-dashboard", "false",
+            RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S="180",
         )
         # A node that is not the head joins only with token mode on, as Ray documents.
         ray_cluster.start("--address", ray_cluster.address, "--resources", json.dumps({BOX: 1}), RAY_AUTH_MODE="token")
