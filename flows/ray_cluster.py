@@ -1,15 +1,5 @@
-"""Trials on Ray: prefect-ray's task runner on a new local Ray or an existing cluster, what a trial asks
-Ray for, and what the driver hands to the workers.
-
-Joining a cluster follows Ray's own rules, with three differences that make failures say why:
-- ``HOST:PORT``, ``ray://HOST:PORT`` and the cluster ``auto`` finds are checked to answer while the run
-  is validated (Ray itself waits minutes on an address where nothing listens).
-- Ray 2.60 clusters use token authentication by default, and Ray sends a token to an explicit address
-  only with ``RAY_AUTH_MODE=token``; when a token is provided the way Ray documents it
-  (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) and ``RAY_AUTH_MODE`` is
-  unset, the driver turns token mode on. A cluster without authentication still accepts such a driver.
-- A refused or missing token, an ``auto`` that finds no cluster, and a Ray Client that does not
-  answer each become one line saying what to do (:class:`RayClusterError`).
+"""Trials on Ray: prefect-ray's task runner on a new local Ray or an existing cluster (joined as
+:mod:`cnn_train.flows.ray_join` says), what a trial asks Ray for, and what the driver hands to the workers.
 
 Ray's own task retries are off for trials (``max_retries=0``): a trial whose worker died is submitted
 again by the flow (:func:`worker_died`), and resumes from its MLflow child run's checkpoint.
@@ -21,22 +11,17 @@ import contextlib
 import functools
 import os
 import re
-import socket
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 from prefect.context import FlowRunContext
 
 from cnn_train.flows import temporary_server
-from cnn_train.flows.errors import ExpectedFailure
-from cnn_train.flows.params import RAY_RESOURCE_NAME, ParameterError, RunnerOptions
+from cnn_train.flows.params import RAY_RESOURCE_NAME, RunnerOptions
 from cnn_train.flows.placement import ray_resources
+from cnn_train.flows.ray_join import RayClusterError, RayOptionError, check_answers, join_failure, send_token_when_provided
 
-__all__ = [
-    "check_runner", "RayClusterError", "node_tags", "parse_resources", "ray_task_runner",
-    "token_source", "trials_on", "worker_died",
-]
+__all__ = ["node_tags", "parse_resources", "ray_task_runner", "trials_on", "worker_died"]
 
 #: Credentials trials need from the driver. They travel inside each trial's pickled entry point
 #: (:func:`_setting_credentials`), not in the job's runtime environment, which Ray writes to its nodes'
@@ -52,40 +37,6 @@ _FORWARDED_ENV = (
     "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY", "PREFECT_SERVER_ANALYTICS_ENABLED",
     "MLFLOW_LOGGING_LEVEL", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
 )
-
-# Ray's documented token settings (https://docs.ray.io/en/latest/ray-security/token-auth.html).
-AUTH_MODE_ENV = "RAY_AUTH_MODE"
-TOKEN_ENV = "RAY_AUTH_TOKEN"
-TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
-
-_ADDRESS_FORMS = (
-    "HOST:PORT (the head's port, from a node of the cluster), ray://HOST:PORT (Ray Client, from anywhere) or auto"
-)
-_HOST_PORT = re.compile(r"(?P<host>\[[0-9a-fA-F:]+\]|[^:/\s]+):(?P<port>\d{1,5})")
-_REACH_TIMEOUT = 5.0
-_HOW_TO_GIVE_A_TOKEN = (
-    f"run `ray get-auth-token` on the cluster's head node and give its output to this machine as {TOKEN_ENV} "
-    "(or save it as ~/.ray/auth_token)"
-)
-
-
-class RayClusterError(ExpectedFailure, ValueError):
-    """A Ray address that cannot be joined; the message says why and what to do."""
-
-
-class RayOptionError(RayClusterError, ParameterError):
-    """A Ray address or resource of no form Ray takes: a bad value, refused as one (the command's exit 2)."""
-
-
-def token_source() -> str | None:
-    """Where Ray would read this driver's token from, in Ray's order, or None without one."""
-    if os.environ.get(TOKEN_ENV):
-        return TOKEN_ENV
-    if path := os.environ.get(TOKEN_PATH_ENV):
-        return path if Path(path).is_file() else None
-    default = Path.home() / ".ray" / "auth_token"
-    return str(default) if default.is_file() else None
-
 
 def parse_resources(items: list[str] | None) -> dict[str, float]:
     """``["a100=1", "fast_disk=0.5"]`` as Ray custom resources every trial asks for."""
@@ -103,112 +54,6 @@ def parse_resources(items: list[str] | None) -> dict[str, float]:
             )
         resources[name] = value
     return resources
-
-
-def _endpoint(address: str) -> tuple[str, int]:
-    """Host and port of ``HOST:PORT`` or ``ray://HOST:PORT``; anything else is refused in one line."""
-    match = _HOST_PORT.fullmatch(address.removeprefix("ray://"))
-    if match is None or not 0 < int(match["port"]) < 65536:
-        raise RayOptionError(f"--ray-address takes {_ADDRESS_FORMS}; got {address!r}")
-    return match["host"].strip("[]"), int(match["port"])
-
-
-def check_runner(runner: RunnerOptions) -> None:
-    """Refuse a Ray address that is malformed, an ``auto`` that finds no cluster, or a cluster where
-    nothing listens, while the run is validated: before any MLflow run or data prep."""
-    if runner.task_runner != "ray" or not runner.ray_address:
-        return
-    if runner.ray_address != "auto":
-        _check_answers(runner.ray_address)
-    elif (found := _found_by_auto()) is not None:
-        _check_answers(found, found_by_auto=True)
-
-
-_NO_CLUSTER_FOR_AUTO = (
-    "--ray-address auto found no Ray cluster on this machine (none started with `ray start --head` "
-    "here, and no RAY_ADDRESS): start one, or give HOST:PORT or ray://HOST:PORT"
-)
-
-
-def _found_by_auto() -> str | None:
-    """The address ``ray.init(address="auto")`` would join (RAY_ADDRESS, the address the last `ray start`
-    here recorded, or a running Ray on this machine); None when Ray is not installed, which the runner
-    says as the trials start."""
-    try:
-        import ray  # noqa: F401 (the package first: its private modules lean on what its __init__ loads)
-        # Private: Ray has no public way to ask where "auto" leads without joining it.
-        from ray._private.services import get_ray_address_from_environment
-    except ImportError:
-        return None
-    try:
-        found = get_ray_address_from_environment("auto", None)
-    except ConnectionError:  # Ray's "Could not find any running Ray instance"
-        raise RayClusterError(_NO_CLUSTER_FOR_AUTO) from None
-    return None if found in (None, "auto", "local") else found
-
-
-def _check_answers(address: str, *, found_by_auto: bool = False) -> None:
-    """Refuse at once an address where nothing listens (Ray would retry for minutes)."""
-    host, port = _endpoint(address)
-    try:
-        with socket.create_connection((host, port), timeout=_REACH_TIMEOUT):
-            return
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-    if found_by_auto:
-        raise RayClusterError(
-            f"--ray-address auto found the Ray cluster at {address} (RAY_ADDRESS, or the last `ray start` on "
-            f"this machine), but nothing answers there ({reason}): start it again, or give HOST:PORT or ray://HOST:PORT"
-        )
-    client = address.startswith("ray://")
-    what = "the Ray Client server (`ray start --head` opens it on port 10001)" if client else "a Ray head (`ray start --head --port PORT`)"
-    raise RayClusterError(
-        f"nothing answers at {host}:{port} ({reason}): check the address and that {what} runs there "
-        "and can be reached from this machine"
-    )
-
-
-def _send_token_when_provided() -> None:
-    """Turn on Ray's token mode when a token is provided and the mode is not chosen (Ray sends no
-    token to an explicit address otherwise). An explicit ``RAY_AUTH_MODE`` is left alone."""
-    if not os.environ.get(AUTH_MODE_ENV) and token_source() is not None:
-        os.environ[AUTH_MODE_ENV] = "token"
-
-
-def _join_failure(address: str, error: BaseException) -> RayClusterError:
-    """One line for why joining ``address`` failed, from Ray's exception and its cause."""
-    text = f"{error} {error.__cause__ or ''}"
-    where = "the Ray cluster found by auto" if address == "auto" else f"the Ray cluster at {address}"
-    source = token_source() if os.environ.get(AUTH_MODE_ENV, "").lower() == "token" else None
-    if "InvalidAuthToken" in text or "Unauthenticated" in text or "no authentication token was found" in text:
-        if source is None:
-            return RayClusterError(f"{where} requires an authentication token and none was given: {_HOW_TO_GIVE_A_TOKEN}")
-        return RayClusterError(f"{where} refused the token from {source}: give this cluster's token; {_HOW_TO_GIVE_A_TOKEN}")
-    if "Could not find any running Ray instance" in text:
-        return RayClusterError(_NO_CLUSTER_FOR_AUTO)
-    if "ray client connection timeout" in text:
-        hint = f"it refused the token from {source}: compare it with `ray get-auth-token` on the head node" if source else (
-            f"it requires a token, none was given: {_HOW_TO_GIVE_A_TOKEN}"
-        )
-        return RayClusterError(
-            f"{where} did not let this Ray Client in within 30 s; if the cluster uses token authentication "
-            f"(a head started with a token, or with RAY_AUTH_MODE=token), {hint}"
-        )
-    explicit = address != "auto" and not address.startswith("ray://")
-    hint = "; HOST:PORT joins from a node of the cluster, from elsewhere use ray://HOST:10001" if explicit else ""
-    return RayClusterError(f"could not join {where}: {_reason(error)}{hint}")
-
-
-def _reason(error: BaseException) -> str:
-    """One line of ``error``: its first, and when that only announces what follows (a Ray Client's
-    "Initialization failure from server:" over the server's traceback), the last line too, which names
-    the server's own error."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    if lines[0].endswith(":") and len(lines) > 1:
-        return f"{lines[0]} {lines[-1]}"
-    return lines[0]
 
 
 @functools.cache
@@ -252,7 +97,7 @@ def _runner_class() -> type:
             except Exception as error:
                 if not _refused_join(error):
                     raise
-                raise _join_failure(self.address, error) from None
+                raise join_failure(self.address, error) from None
 
     return RayClusterTaskRunner
 
@@ -310,8 +155,8 @@ def ray_task_runner(
             f"task runner 'ray' needs prefect-ray and ray ({error}); install them with: pip install 'cnn-train[ray]'"
         ) from None
     if address and address != "auto":
-        _check_answers(address)
-        _send_token_when_provided()
+        check_answers(address)
+        send_token_when_provided()
 
     env = {name: os.environ[name] for name in _FORWARDED_ENV if os.environ.get(name)}
     if _trials_may_use(api_url := get_current_settings().api.url, address):

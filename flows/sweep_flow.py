@@ -36,7 +36,8 @@ from cnn_train.flows.params import (
     validate_parameters,
 )
 from cnn_train.flows.signatures import SEARCHABLE, split_values, without_fixed_fields
-from cnn_train.flows.ray_cluster import _on_ray, _ray_request, check_runner, mark_crashed, trials_on, worker_died
+from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, trials_on, worker_died
+from cnn_train.flows.ray_join import check_runner
 from cnn_train.flows.ray_cluster import ray_task_runner  # noqa: F401 - Python callers take this flow's runner from here
 from cnn_train.flows.registering import register_task, registered_summary
 from cnn_train.flows.runs import cnn_train_flow, flow_run_tags, flow_run_tracker, trial_runner_params

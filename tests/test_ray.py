@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from cnn_train.flows.ray_cluster import RayClusterError, _join_failure, parse_resources, ray_task_runner, worker_died
+from cnn_train.flows.ray_cluster import parse_resources, ray_task_runner, worker_died
+from cnn_train.flows.ray_join import RayClusterError, join_failure
 from cnn_train.flows.sweep_flow import trial_key, validate_sweep
 from cnn_train.flows.tuning.plan import validate_tune
 from tests.local_stack import bare_env, flow_run_states, free_port
@@ -83,7 +84,7 @@ _PROXY_FAILURE = (
 )
 def test_a_failed_join_says_why_in_one_line(error: BaseException, reason: str) -> None:
     """A Ray Client's failure said only "Initialization failure from server:", the header of the reason."""
-    message = str(_join_failure("ray://10.0.0.5:10001", error))
+    message = str(join_failure("ray://10.0.0.5:10001", error))
     assert message == f"could not join the Ray cluster at ray://10.0.0.5:10001: {reason}"
 
 

@@ -22,7 +22,8 @@ from cnn_train.flows.temporary_server import prefect_api
 
 def take_ray_resources(values: dict[str, Any]) -> None:
     """The repeated ``--ray-resource NAME=AMOUNT`` items as the mapping the flows take."""
-    from cnn_train.flows.ray_cluster import RayClusterError, parse_resources
+    from cnn_train.flows.ray_cluster import parse_resources
+    from cnn_train.flows.ray_join import RayClusterError
 
     try:
         values["ray_resources"] = parse_resources(values["ray_resources"])

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cnn_train.flows.params import ParameterError, RunnerOptions, RunParameters, TuneOptions, validate_parameters
-from cnn_train.flows.ray_cluster import check_runner
+from cnn_train.flows.ray_join import check_runner
 from cnn_train.flows.signatures import split_values, without_fixed_fields
 from cnn_train.flows.settings import state_dir
 from cnn_train.flows.tuning.space import SearchSpace, SpaceError, parse_space
