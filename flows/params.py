@@ -134,7 +134,7 @@ class RunParameters(BaseModel):
         default=None, ge=20, le=TRAIN_IMAGES, description="Train on this many images only (stratified); empty: all."
     )
     test_limit: int | None = Field(
-        default=None, ge=10, le=TEST_IMAGES, description="Evaluate on this many test images only; empty: all."
+        default=None, ge=10, le=TEST_IMAGES, description="Evaluate on this many test images only (stratified, the same for every seed); empty: all."
     )
     experiment: Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"\S")] = Field(default="cnn-train", min_length=1, description="MLflow experiment.")
     data_dir: OptionalText = Field(

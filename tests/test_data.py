@@ -536,6 +536,19 @@ def test_same_seed_same_split_other_seed_other_split(fake_fashion_mnist, tmp_pat
     assert not np.array_equal(other.y_train, first.y_train)
 
 
+def test_the_test_subset_is_the_same_for_every_seed(fake_fashion_mnist, tmp_path):
+    """The seed draws the training images only: runs that differ in their seed are scored on one test set,
+    so the registry compares them (a seeded subset made every such champion incomparable)."""
+    first = prepare(fake_fashion_mnist.folder, tmp_path / "a", sample_limit=100, test_limit=20, seed=7)
+    other = prepare(fake_fashion_mnist.folder, tmp_path / "b", sample_limit=100, test_limit=20, seed=8)
+
+    assert len(first.y_test) == 20
+    np.testing.assert_array_equal(other.x_test, first.x_test)
+    np.testing.assert_array_equal(other.y_test, first.y_test)
+    assert other.test_digest == first.test_digest
+    assert not np.array_equal(other.y_train, first.y_train)
+
+
 def test_digest_is_short_and_follows_the_split_parameters(fake_fashion_mnist, tmp_path):
     variants = ({}, {"sample_limit": 200, "test_limit": 50}, {"seed": 1}, {"validation_fraction": 0.2})
     folder = fake_fashion_mnist.folder

@@ -99,7 +99,8 @@ def prepare_data(
     The split's values have no defaults here: a run's come from its declared parameters (flows/params.py).
 
     ``sample_limit`` caps the training + validation images drawn from the 60,000 training images and
-    ``test_limit`` the test images (both stratified and seeded); the test set is whole by default.
+    ``test_limit`` the test images (both stratified; the training images seeded by ``seed``, the test images
+    the same for every seed); the test set is whole by default.
     ``verify_checksums=False`` is only accepted with an explicit ``data_dir`` (or ``$CNN_TRAIN_DATA_DIR``).
     """
     plan_split = partial(check_split, sample_limit, validation_fraction, NUM_CLASSES, seed=seed, test_limit=test_limit)
