@@ -4,10 +4,12 @@ shows in the terminal that triggered it instead of only in a server log or the U
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -176,6 +178,21 @@ def wait_for_end(
             if time.monotonic() > deadline:
                 return None
             time.sleep(poll_seconds)
+
+
+@contextlib.contextmanager
+def watching(flow_run_name: str, flow_run_id: str) -> Iterator[None]:
+    """A Ctrl-C while a command follows a flow run stops the following, not the run (it runs where it was
+    served): one line saying so and how to follow or stop it, then exit 130 as an interrupted command."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(
+            f"stopped watching flow run {flow_run_name}; it goes on: `cnn-train runs` shows how it ends, "
+            f"`prefect flow-run cancel {flow_run_id}` stops it",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
 
 
 def is_failure(state: Any) -> bool:

@@ -230,7 +230,7 @@ def _trigger_and_watch(*, watch_timeout: float, echo: Echo, parameters: dict | N
     shown: set[int] = set()
     run = None
     deadline = time.monotonic() + watch_timeout
-    with get_client(sync_client=True) as client:
+    with flow_runs.watching(flow_run.name, str(flow_run.id)), get_client(sync_client=True) as client:
         while True:
             state = client.read_flow_run(flow_run.id).state
             run = flow_runs.main_mlflow_run(str(flow_run.id), mlflow_uri) or run

@@ -725,6 +725,42 @@ def test_a_watch_that_gives_up_says_who_should_have_taken_the_run(prefect_api_ur
                 client.delete_work_pool(pool)
 
 
+def test_ctrl_c_on_a_watch_stops_the_watch_and_says_the_run_goes_on(prefect_api_url):
+    """The watch ended without a word, and a user could not tell whether the flow run had stopped too."""
+    import signal
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        deployment_id = client.create_deployment(flow_id=client.create_flow_from_name("watch-probe"), name="unserved")
+    watcher = subprocess.Popen(  # noqa: S603 - our own command
+        [BIN / "cnn-train", "trigger", "watch-probe/unserved", "--watch"],
+        env=os.environ | {"PREFECT_API_URL": prefect_api_url}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        first = watcher.stdout.readline()  # "flow run NAME: URL", printed once the run exists
+        name = first.split()[2].rstrip(":")
+        watcher.stdout.readline()  # its first state: the watch is waiting
+        watcher.send_signal(signal.SIGINT)
+        _, err = watcher.communicate(timeout=60)
+        with get_client(sync_client=True) as client:
+            (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+        assert watcher.returncode == 130, first + err
+        assert err.splitlines() == [
+            f"stopped watching flow run {name}; it goes on: `cnn-train runs` shows how it ends, "
+            f"`prefect flow-run cancel {run.id}` stops it"
+        ]
+        assert run.state.name == "Scheduled"  # the run itself is untouched
+    finally:
+        watcher.kill()
+        watcher.communicate()
+        with get_client(sync_client=True) as client:
+            for run in client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))):
+                client.delete_flow_run(run.id)
+            client.delete_deployment(deployment_id)
+
+
 def test_runs_lines_up_each_column_under_its_header():
     import pandas as pd
 

@@ -197,9 +197,10 @@ def trigger(
     typer.echo(f"flow run {flow_run.name}{link}")
     if not watch:
         return
-    final = flow_runs.wait_for_end(
-        str(flow_run.id), timeout=watch_timeout, on_state=lambda name: typer.echo(f"flow run {flow_run.name}: {name}")
-    )
+    with flow_runs.watching(flow_run.name, str(flow_run.id)):
+        final = flow_runs.wait_for_end(
+            str(flow_run.id), timeout=watch_timeout, on_state=lambda name: typer.echo(f"flow run {flow_run.name}: {name}")
+        )
     if final is None:
         pool = flow_run.work_pool_name
         nobody = f"no worker polls work pool {pool!r}" if pool else f"nothing serves {deployment}"
