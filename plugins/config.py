@@ -313,6 +313,8 @@ def format_validation_error(error: Exception) -> str:
     lines = []
     for item in error.errors():
         message = item["msg"].removeprefix("Value error, ")
+        if isinstance(item.get("input"), str) and not item["input"].strip() and item["type"].startswith("string_"):
+            message = "must hold a character other than spaces"  # pydantic's says "at least 1 character" of '  '
         if item["loc"]:
             got = repr(item.get("input"))  # unless the message quotes it already ("invalid device request 'tpu'")
             shown = isinstance(item.get("input"), str) and got in message

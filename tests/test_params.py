@@ -79,6 +79,18 @@ def test_every_form_carries_the_declared_bounds(name, field, bad, refusal, good)
     validate({field: good}, schema, raise_on_error=True)
 
 
+@pytest.mark.parametrize(
+    ("field", "blank"),
+    [pytest.param("experiment", " ", id="experiment-space"), pytest.param("experiment", "", id="experiment-empty"),
+     pytest.param("backend", "", id="backend-empty")],
+)
+def test_a_blank_text_with_no_empty_meaning_is_refused_in_words_that_fit(field, blank):
+    """pydantic's "String should have at least 1 character" was shown for a value of one space."""
+    with pytest.raises(ParameterError) as refused:
+        validate_parameters(**{field: blank})
+    assert str(refused.value) == f"invalid run parameters: {field}: must hold a character other than spaces (got {blank!r})"
+
+
 def test_the_dense_baseline_registers_nothing_and_compares_with_nothing():
     """Its child run showed the CNN's `register=NAME` as its own, though nothing registered it."""
     from cnn_train.flows.train_flow import dense_baseline_params
@@ -127,7 +139,7 @@ def test_a_deployment_run_out_of_bounds_or_with_an_unknown_name_is_refused_befor
     # A blank experiment made an MLflow experiment named '   '; the command's own check strips and refuses it too.
     with pytest.raises(RunRefusedError, match=r"experiment takes text with a character other than spaces$"):
         start_deployment_run("cnn-train/refusals", {"experiment": "   "})
-    with pytest.raises(ParameterError, match=r"^invalid run parameters: experiment: String should have at least 1 character"):
+    with pytest.raises(ParameterError, match=r"^invalid run parameters: experiment: must hold a character other than spaces \(got '   '\)$"):
         validate_parameters(experiment="   ")
     # A name the registry cannot take failed the flow run at its end; blank stays "not given".
     with pytest.raises(RunRefusedError, match=r"register takes a name of letters, digits, '.', '_' and '-', starting with a letter or digit, or null$"):
