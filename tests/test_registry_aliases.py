@@ -215,7 +215,8 @@ def test_the_default_is_the_best_champion_of_the_experiment(store):
         "models:/strong-line@champion", "strong-line/1", strong[0].run_id
     )
     assert choice.described == (
-        "models:/strong-line@champion (version 1, test accuracy 90.00%), the best registered champion of the experiment"
+        "models:/strong-line@champion (version 1, test accuracy 90.00%), the best of the experiment's 2 registered "
+        "champions (scored on the most test images, then the best test accuracy; --model picks another)"
     )
 
 
@@ -234,7 +235,8 @@ def test_the_default_champion_is_scored_and_on_the_most_test_images(store):
     _register(store, "c-on-all", on_all, 0.72, test_set="all-images")
     choice = tracking.default_model(uri=store, experiment="ranked-champions")
     assert choice.described == (
-        "models:/c-on-all@champion (version 1, test accuracy 72.00%), the best registered champion of the experiment"
+        "models:/c-on-all@champion (version 1, test accuracy 72.00%), the best of the experiment's 3 registered "
+        "champions (scored on the most test images, then the best test accuracy; --model picks another)"
     )
 
 

@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 from mlflow import MlflowClient
 from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from cnn_train.flows.errors import ExpectedFailure
@@ -214,7 +215,7 @@ def _best_champion(mlflow_client: MlflowClient, experiment_id: str) -> ModelChoi
     """The best champion among registered models trained in the experiment: one with a test accuracy
     before one without, then the one scored on more test images (scores on test sets of different sizes
     do not compare, and a score on all of them is the surest), then the best test accuracy."""
-    best: tuple[tuple[bool, float, float], ModelChoice] | None = None
+    ranked: list[tuple[tuple[bool, float, float], str, ModelVersion, str]] = []
     for registered in mlflow_client.search_registered_models():
         version = registered.aliases.get(CHAMPION) and version_by_alias(mlflow_client, registered.name, CHAMPION)
         run = version and version.run_id and _run_in_experiment(mlflow_client, version.run_id, experiment_id)
@@ -224,17 +225,21 @@ def _best_champion(mlflow_client: MlflowClient, experiment_id: str) -> ModelChoi
         scored = "test accuracy n/a" if math.isnan(accuracy) else f"test accuracy {accuracy * 100:.2f}%" + (
             "" if math.isinf(images) else f" on {images:.0f} test images"
         )
-        choice = ModelChoice(
-            f"models:/{registered.name}@{CHAMPION}",
-            f"models:/{registered.name}@{CHAMPION} (version {version.version}, {scored}), the best registered champion "
-            "of the experiment",
-            run_id=version.run_id,
-            registered=f"{registered.name}/{version.version}",
-        )
-        rank = (not math.isnan(accuracy), images, accuracy)
-        if best is None or rank > best[0]:
-            best = (rank, choice)
-    return best[1] if best else None
+        ranked.append(((not math.isnan(accuracy), images, accuracy), registered.name, version, scored))
+    if not ranked:
+        return None
+    _, name, version, scored = max(ranked, key=lambda candidate: candidate[0])
+    # Which of several, and by what rule: a champion on more test images wins over a higher score on fewer.
+    why = "the experiment's registered champion" if len(ranked) == 1 else (
+        f"the best of the experiment's {len(ranked)} registered champions (scored on the most test images, "
+        "then the best test accuracy; --model picks another)"
+    )
+    return ModelChoice(
+        f"models:/{name}@{CHAMPION}",
+        f"models:/{name}@{CHAMPION} (version {version.version}, {scored}), {why}",
+        run_id=version.run_id,
+        registered=f"{name}/{version.version}",
+    )
 
 
 def _test_images(run: Run) -> float:
