@@ -642,11 +642,17 @@ def test_a_keras_model_predicts_where_keras_would_pick_tensorflow(mlflow_store, 
     picture = Image.new("L", (28, 28))
     picture.paste(220, (8, 4, 20, 24))  # a bright block: something to classify
     picture.save(image)
-    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"} | {"HOME": str(home), "PREFECT_API_URL": prefect_api_url}
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"} | {
+        "HOME": str(home), "PREFECT_API_URL": prefect_api_url, "TMPDIR": str(system_tmp),
+    }
     run = subprocess.run(
         [BIN / "cnn-train", "predict", str(image), "--model", f"runs:/{state.result()['mlflow_run_id']}/model"],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    # Reading the model's backend from its MLmodel file left that file in a new temporary folder per predict.
+    assert list(system_tmp.iterdir()) == []
     model_line, image_line = run.stdout.splitlines()  # no progress bar of Keras among the predictions
     assert model_line.startswith("model: runs:/") and image_line.startswith(f"{image}: "), run.stdout

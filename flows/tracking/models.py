@@ -179,14 +179,19 @@ def _keras_backend_of(source: str) -> None:
     """A Keras model loads with the backend Keras picks as it is imported: KERAS_BACKEND, else
     ~/.keras/keras.json, which Keras writes with TensorFlow, whether installed or not. Unless the user
     chose one, the model's own (its MLmodel's ``keras_backend``) is set first (MLflow's loader does not)."""
+    from mlflow.artifacts import download_artifacts
     from mlflow.models import Model
+    from mlflow.utils.uri import append_to_uri_path
 
     if "KERAS_BACKEND" in os.environ or "keras" in sys.modules:
         return
-    try:
-        backend = Model.load(source).flavors.get("keras", {}).get("keras_backend")
-    except (MlflowException, OSError):  # nothing loadable there: the load says so
-        return
+    # Model.load of a URI downloads the MLmodel file into a temporary folder it never removes: one per predict.
+    with tempfile.TemporaryDirectory(prefix="cnn-train-mlmodel-") as where:
+        try:
+            local = source if Path(source).is_dir() else download_artifacts(append_to_uri_path(source, "MLmodel"), dst_path=where)
+            backend = Model.load(local).flavors.get("keras", {}).get("keras_backend")
+        except (MlflowException, OSError):  # nothing loadable there: the load says so
+            return
     if backend:
         os.environ["KERAS_BACKEND"] = backend
 
