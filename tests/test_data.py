@@ -109,7 +109,7 @@ BROKEN_TRAIN_IMAGES = [
     ),
     pytest.param(_header_announces_fewer_images, r"unexpected trailing bytes", id="trailing-bytes"),
     pytest.param(
-        _label_magic_in_image_file, r"wrong IDX magic number 2049; .* must start with 2051", id="wrong-magic"
+        _label_magic_in_image_file, r"wrong IDX magic number 2049; an IDX file of images starts with 2051\. Check that", id="wrong-magic"
     ),
     pytest.param(
         _small_images, r"images are 20x20, Fashion-MNIST images must be 28x28", id="wrong-image-size"

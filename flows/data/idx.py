@@ -57,8 +57,8 @@ def parse_idx(content: bytes, spec: IdxFile, where: Path | str) -> np.ndarray:
     magic, count = int(header[0]), int(header[1])
     if magic != spec.magic:
         raise DatasetError(
-            f"{where}: wrong IDX magic number {magic}; {spec.name} must start with {spec.magic} "
-            f"({spec.kind}). Check that the files are not swapped or renamed"
+            f"{where}: wrong IDX magic number {magic}; an IDX file of {spec.kind} starts with {spec.magic}. "
+            "Check that the files are not swapped or renamed"
         )
     if spec.is_images and (int(header[2]), int(header[3])) != (IMAGE_SIDE, IMAGE_SIDE):
         raise DatasetError(
