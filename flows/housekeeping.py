@@ -37,7 +37,10 @@ def parse_duration(text: str) -> timedelta:
     pieces = _DURATION.findall(compact)
     if not compact or "".join(n + u for n, u in pieces) != compact:
         raise DurationError(f"a duration is NUMBER+UNIT pieces with units w, d, h, m, s (7d, 12h, 1d12h); got {text!r}")
-    return sum((timedelta(**{_UNITS[unit]: int(number)}) for number, unit in pieces), timedelta())
+    try:
+        return sum((timedelta(**{_UNITS[unit]: int(number)}) for number, unit in pieces), timedelta())
+    except OverflowError:
+        raise DurationError(f"a duration is at most {timedelta.max.days} days; got {text!r}") from None
 
 
 def _files_under(path: Path) -> Iterator[os.stat_result]:
@@ -124,6 +127,8 @@ def _checkpoints(older_than: timedelta, run_status: Callable[[str], str | None],
         idle = now - last_written(checkpoint)
         if status == "FINISHED":
             yield Removal(checkpoint, size_of(checkpoint), "checkpoint of a FINISHED run (its model is in MLflow)")
+        elif status == "RUNNING":  # training, or abandoned until `doctor --fix` marks it FAILED: kept either way
+            continue
         elif idle > older_than.total_seconds():
             yield Removal(checkpoint, size_of(checkpoint), f"checkpoint of a {status or 'unknown'} run, untouched for {_age(idle)}")
 

@@ -57,6 +57,13 @@ def test_bad_durations_say_what_is_allowed(text):
         housekeeping.parse_duration(text)
 
 
+@pytest.mark.parametrize("text", ["1000000000d", "99999999999d", "999999999d999999999w"], ids=["days", "beyond-c-int", "sum"])
+def test_a_duration_beyond_what_python_counts_is_refused_in_one_line(text):
+    """`gc --older-than 1000000000d` ended in an OverflowError traceback."""
+    with pytest.raises(housekeeping.DurationError, match=rf"^a duration is at most 999999999 days; got '{text}'$"):
+        housekeeping.parse_duration(text)
+
+
 def test_bad_duration_is_one_line_from_the_command():
     result = CliRunner().invoke(app, ["gc", "--older-than", "a week"])
     assert result.exit_code == 2
@@ -353,7 +360,9 @@ def state(tmp_path, monkeypatch) -> Path:
     return tmp_path / ".state"
 
 
-RUN = {name: f"{index:032x}" for index, name in enumerate(["finished", "failed-old", "failed-young", "killed-old", "running-young", "unknown-old"])}
+RUN = {name: f"{index:032x}" for index, name in enumerate(
+    ["finished", "failed-old", "failed-young", "killed-old", "running-young", "running-old", "unknown-old"]
+)}
 
 
 @pytest.mark.parametrize(
@@ -364,6 +373,8 @@ RUN = {name: f"{index:032x}" for index, name in enumerate(["finished", "failed-o
         pytest.param("failed-young", "FAILED", 2, False, id="failed-young-kept-for-a-retry"),
         pytest.param("killed-old", "KILLED", 9, True, id="killed-older-than-the-age"),
         pytest.param("running-young", "RUNNING", 0, False, id="running-kept"),
+        # A run still training between two checkpoints (`gc --older-than 1s` removed its checkpoint).
+        pytest.param("running-old", "RUNNING", 9, False, id="running-kept-whatever-its-age"),
         pytest.param("unknown-old", None, 9, True, id="unknown-to-the-store-by-age"),
     ],
 )
