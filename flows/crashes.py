@@ -119,12 +119,15 @@ def orphaned_flow_runs(*, tracking_uri: str | None = None) -> list[Orphan]:
     )
     with get_client(sync_client=True) as client:
         flow_runs = client.read_flow_runs(flow_run_filter=running, limit=200)
-    serve_alive = any(runner.pid() is not None for runner in runners())
+        polled = _polled_pools(client, {run.work_pool_name for run in flow_runs if run.work_pool_name})
+    alive = {runner.name for runner in runners() if runner.pid() is not None}
     stale = {run.data.tags.get(tracking.FLOW_RUN_TAG) for run in _stale_mlflow_runs(tracking_uri)}
     running_here = flow_runs_with_a_process()
     orphans = []
     for flow_run in flow_runs:
-        reason = _why_orphaned(flow_run, serve_alive=serve_alive, stale_flow_runs=stale, running_here=running_here)
+        reason = _why_orphaned(
+            flow_run, runners_alive=alive, polled_pools=polled, stale_flow_runs=stale, running_here=running_here
+        )
         if reason:
             orphans.append(Orphan(str(flow_run.id), flow_run.state_type.value.title(), flow_run.name, reason))
     return orphans
@@ -145,11 +148,26 @@ def flow_runs_with_a_process() -> set[str]:
     return ids
 
 
+def _polled_pools(client: Any, pools: set[str]) -> set[str]:
+    """Which of ``pools`` a worker polls, as Prefect last heard (any machine's worker)."""
+    return {
+        pool for pool in pools
+        if any(worker.status.value == "ONLINE" for worker in client.read_workers_for_work_pool(pool))
+    }
+
+
 def _why_orphaned(
-    flow_run: Any, *, serve_alive: bool, stale_flow_runs: set[str | None], running_here: set[str]
+    flow_run: Any, *, runners_alive: set[str], polled_pools: set[str], stale_flow_runs: set[str | None], running_here: set[str]
 ) -> str | None:
+    pool = getattr(flow_run, "work_pool_name", None)
+    # A served run is this machine's serve process's. A pool's run is a worker's, on whichever machine polls
+    # the pool: while one does, this machine cannot tell the run is gone (its heartbeat will say).
+    if pool:
+        runner_alive = services.worker_process.name in runners_alive or pool in polled_pools
+    else:
+        runner_alive = services.serve_process.name in runners_alive
     served_here = flow_run.deployment_id is not None and any(runner.pid_file.exists() for runner in runners())
-    if served_here and not serve_alive and str(flow_run.id) not in running_here:
+    if served_here and not runner_alive and str(flow_run.id) not in running_here:
         return "the serve process (or worker) that ran it is gone, and no process here runs it"
     if str(flow_run.id) in stale_flow_runs:
         return "its MLflow heartbeat stopped"

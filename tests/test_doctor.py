@@ -142,27 +142,40 @@ def _exited_pid() -> int:
     return process.pid
 
 
+GONE = "the serve process (or worker) that ran it is gone, and no process here runs it"
+
+
 @pytest.mark.parametrize(
-    ("serve_pid", "running_here", "reason"),
+    ("runner", "pid", "pool", "polled", "running_here", "reason"),
     [
-        ("dead", set(), "the serve process (or worker) that ran it is gone, and no process here runs it"),
-        ("dead", {"flow-1"}, None),  # its flow-run process outlived the serve process: still running
-        ("alive", set(), None),
+        ("serve", "dead", None, False, set(), GONE),
+        ("serve", "dead", None, False, {"flow-1"}, None),  # its flow-run process outlived the serve process: still running
+        ("serve", "alive", None, False, set(), None),
+        ("worker", "dead", "cnn-train", False, set(), GONE),
+        # Another machine's worker polls the pool: the run may be there (it was marked Crashed while it trained).
+        ("worker", "dead", "cnn-train", True, set(), None),
+        # The serve process that took over from the worker does not run the worker's runs.
+        ("serve", "alive", "cnn-train", False, set(), GONE),
     ],
-    ids=["serve-gone", "serve-gone-flow-run-alive", "serve-alive"],
+    ids=["serve-gone", "serve-gone-flow-run-alive", "serve-alive", "worker-gone", "worker-gone-pool-polled-elsewhere",
+         "pool-run-with-only-a-serve-process"],
 )
-def test_a_served_flow_run_is_orphaned_only_when_no_process_runs_it(tmp_path, monkeypatch, serve_pid, running_here, reason):
+def test_a_flow_run_is_orphaned_only_when_no_process_runs_it(tmp_path, monkeypatch, runner, pid, pool, polled, running_here, reason):
     import os
     from types import SimpleNamespace
 
     from cnn_train.flows import crashes, services
 
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
-    services.serve_process.pid_file.parent.mkdir(parents=True)
-    services.serve_process.pid_file.write_text(str(_exited_pid() if serve_pid == "dead" else os.getpid()))
-    flow_run = SimpleNamespace(id="flow-1", deployment_id="deployment-1", infrastructure_pid=None)
-    alive = services.serve_process.pid() is not None
-    assert crashes._why_orphaned(flow_run, serve_alive=alive, stale_flow_runs=set(), running_here=running_here) == reason
+    service = services.serve_process if runner == "serve" else services.worker_process
+    service.pid_file.parent.mkdir(parents=True)
+    service.pid_file.write_text(str(_exited_pid() if pid == "dead" else os.getpid()))
+    flow_run = SimpleNamespace(id="flow-1", deployment_id="deployment-1", infrastructure_pid=None, work_pool_name=pool)
+    alive = {r.name for r in crashes.runners() if r.pid() is not None}
+    found = crashes._why_orphaned(
+        flow_run, runners_alive=alive, polled_pools={pool} if polled else set(), stale_flow_runs=set(), running_here=running_here
+    )
+    assert found == reason
 
 
 @pytest.mark.parametrize(
