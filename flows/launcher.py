@@ -91,6 +91,10 @@ def up(*, trigger: bool, watch_timeout: float, echo: Echo, worker: bool = False)
     The deployments run either served by this machine's serve process, or (``worker``) from a work
     pool through this machine's worker; starting one mode stops the other and takes the deployments
     over (the serve process clears their pool, `--worker` deploys them to it)."""
+    if worker:  # a pool name Prefect refuses starts and stops nothing
+        from cnn_train.flows import worker as work_pool
+
+        work_pool.pool_name()
     refuse_foreign_mlflow_server()
     start_service(services.prefect_server, echo, timeout=START_TIMEOUT)
     refuse_taking_the_deployments(worker=worker)  # before anything of this project's starts
@@ -163,11 +167,11 @@ def refuse_taking_the_deployments(*, worker: bool) -> None:
 
 def _start_worker(echo: Echo) -> None:
     """The work pool, the deployments on it and this machine's worker, unless the worker already polls."""
+    from cnn_train.flows import worker
+
     if services.serve_process.stop():
         echo(f"{services.serve_process.name}: stopped (the work pool takes over the deployments)")
     if not services.worker_process.ready():
-        from cnn_train.flows import worker
-
         worker.deploy(os.environ | services.quiet_environment(), echo)
     start_service(services.worker_process, echo, timeout=START_TIMEOUT)
 

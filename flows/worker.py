@@ -23,11 +23,13 @@ from pathlib import Path
 import yaml
 
 from cnn_train.flows.placement import GpuInfo, cuda_inventory
-from cnn_train.flows.settings import project_root, state_dir
+from cnn_train.flows.settings import SettingError, project_root, state_dir
 
 #: The pool ``prefect.yaml`` puts every deployment on; ``CNN_TRAIN_WORK_POOL`` names another at deploy time.
 WORK_POOL = "cnn-train"
 POOL_ENV = "CNN_TRAIN_WORK_POOL"
+#: What Prefect's schema refuses in a work pool's name (WorkPoolCreate: ``^[^/%&><]+$``).
+_NOT_IN_POOL_NAMES = ("/", "%", "&", ">", "<")
 _HEADER = (
     "# cnn-train's deployments on a Prefect process work pool (`cnn-train up --worker` deploys them).\n"
     "# Generated from flows/serve.py's DEPLOYMENTS: python -m cnn_train.flows.worker prefect-yaml\n"
@@ -37,7 +39,14 @@ Echo = Callable[[str], None]
 
 
 def pool_name() -> str:
-    return os.environ.get(POOL_ENV) or WORK_POOL
+    """``CNN_TRAIN_WORK_POOL`` (blank: :data:`WORK_POOL`), refused in one line unless Prefect takes it as a pool's name."""
+    name = os.environ.get(POOL_ENV, "").strip() or WORK_POOL
+    if any(character in name for character in _NOT_IN_POOL_NAMES):
+        raise SettingError(
+            f"{POOL_ENV}={name!r} is no work pool name: Prefect's take any characters but "
+            f"{' '.join(_NOT_IN_POOL_NAMES)}; unset it for {WORK_POOL!r}"
+        )
+    return name
 
 
 #: The checkout's ``prefect.yaml``, beside ``pyproject.toml``.

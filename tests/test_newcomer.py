@@ -151,6 +151,20 @@ def test_up_on_a_port_another_program_holds_is_one_line_and_starts_nothing(tmp_p
     assert not (tmp_path / ".prefect" / "profiles.toml").exists(), "the user's Prefect profile is left alone"
 
 
+@pytest.mark.parametrize("pool", ["bad/pool", "a&b", "<pool>"])
+def test_up_worker_with_a_pool_name_prefect_refuses_is_one_line_and_starts_or_stops_nothing(tmp_path, pool):
+    """It printed pydantic's traceback after stopping the serve process: nothing ran the deployments."""
+    env = bare_env(tmp_path) | {
+        "CNN_TRAIN_WORK_POOL": pool, "CNN_TRAIN_PREFECT_PORT": str(free_port()), "CNN_TRAIN_MLFLOW_PORT": str(free_port()),
+    }
+    result = subprocess.run([BIN / "cnn-train", "up", "--worker", "--no-trigger"], env=env, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr.splitlines()) == (1, [
+        f"cnn-train: CNN_TRAIN_WORK_POOL={pool!r} is no work pool name: Prefect's take any characters but / % & > <; "
+        "unset it for 'cnn-train'"
+    ])
+    assert list((tmp_path / "state" / "run").glob("*")) == []
+
+
 def test_the_mlflow_server_on_a_held_port_is_refused_before_it_starts(tmp_path, monkeypatch, held_port):
     from cnn_train.flows import services
     from cnn_train.flows.detached import PortInUseError
