@@ -66,3 +66,17 @@ def start_hint(url: str, start: str) -> str:
     if host in LOOPBACK or host in machine_addresses():
         return start
     return f"check that it runs on {host} and that this machine reaches it"
+
+
+def same_server(url: str, other: str) -> bool:
+    """Whether two URLs reach the same server on this machine: ``localhost``, ``127.0.0.1`` and ``::1``
+    are one host, and a trailing slash changes nothing; anything else compares as written."""
+
+    def key(value: str) -> tuple[str, str | None, int | None, str] | str:
+        parsed = urlparse(value.rstrip("/"))
+        if parsed.scheme not in ("http", "https"):
+            return value.rstrip("/")
+        host = "127.0.0.1" if parsed.hostname in LOOPBACK else parsed.hostname
+        return parsed.scheme, host, parsed.port or (443 if parsed.scheme == "https" else 80), parsed.path
+
+    return key(url) == key(other)

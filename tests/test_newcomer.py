@@ -446,6 +446,9 @@ def test_status_shows_disk_use_per_folder(state, monkeypatch, tmp_path):
         pytest.param("PREFECT_API_URL", "http://10.0.0.5:4200/api/", "its flow runs go to http://10.0.0.5:4200/api, not to this project's prefect-server", id="another-prefect-server"),
         pytest.param("MLFLOW_TRACKING_URI", "{project_db}", None, id="the-projects-own-mlflow-db"),
         pytest.param("PREFECT_API_URL", "{project_prefect}", None, id="the-projects-own-prefect-server"),
+        # The project's own server by another loopback name was called "not this project's".
+        pytest.param("MLFLOW_TRACKING_URI", "{project_mlflow_by_name}", None, id="the-projects-mlflow-server-as-localhost"),
+        pytest.param("PREFECT_API_URL", "{project_prefect_by_name}/", None, id="the-projects-prefect-server-as-localhost"),
     ],
 )
 def test_status_says_when_this_shell_sends_runs_elsewhere(state, monkeypatch, tmp_path, variable, value, said):
@@ -458,7 +461,11 @@ def test_status_says_when_this_shell_sends_runs_elsewhere(state, monkeypatch, tm
         monkeypatch.setenv(port, str(free_port()))
     for name in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv(variable, value.format(project_db=f"sqlite:///{tmp_path / 'mlflow.db'}", project_prefect=services.prefect_api_url()))
+    monkeypatch.setenv(variable, value.format(
+        project_db=f"sqlite:///{tmp_path / 'mlflow.db'}", project_prefect=services.prefect_api_url(),
+        project_mlflow_by_name=services.mlflow_url().replace("127.0.0.1", "localhost"),
+        project_prefect_by_name=services.prefect_api_url().replace("127.0.0.1", "localhost"),
+    ))
     result = CliRunner().invoke(app, ["status"])
     assert result.exit_code == 0, result.output
     elsewhere = [line for line in result.output.splitlines() if " is set in this shell: " in line]

@@ -45,6 +45,7 @@ def _elsewhere() -> list[str]:
     """A line per variable of this shell that sends its runs somewhere other than the project's servers
     and store, whatever the lines above say about those."""
     from cnn_train.flows import services
+    from cnn_train.flows.addresses import same_server
     from cnn_train.flows.settings import default_tracking_uri
 
     pointed = (
@@ -54,7 +55,7 @@ def _elsewhere() -> list[str]:
     return [
         f"{variable} is set in this shell: its {what} go to {value}, not to this project's {place}"
         for variable, what, place, project in pointed
-        if (value := os.environ.get(variable, "").rstrip("/")) and value not in project
+        if (value := os.environ.get(variable, "").rstrip("/")) and not any(same_server(value, mine) for mine in project)
     ]
 
 
