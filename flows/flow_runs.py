@@ -96,8 +96,10 @@ def what_schema_takes(schema: dict[str, Any], definitions: dict[str, Any]) -> st
     words = {"integer": "a whole number", "number": "a number", "string": "text", "boolean": "true or false",
              "array": "a list", "object": "a mapping", "null": "null"}.get(kind, "a value")
     if kind == "array" and "items" in schema:
-        at_least = f" (at least {schema['minItems']} items)" if schema.get("minItems") else ""
-        return f"a list{at_least} of {what_schema_takes(schema['items'], definitions)}"
+        rules = [f"at least {schema['minItems']} items"] if schema.get("minItems") else []
+        rules += ["each once"] if schema.get("uniqueItems") else []
+        shown = f" ({', '.join(rules)})" if rules else ""
+        return f"a list{shown} of {what_schema_takes(schema['items'], definitions)}"
     if kind == "string" and schema.get("minLength") == 1:
         return "non-empty text"
     if "minimum" in schema and "maximum" in schema:

@@ -280,11 +280,10 @@ class CompareOptions(BaseModel):
     """What the compare flow adds to a run's parameters."""
 
     backends: Annotated[list[str], BeforeValidator(_two_different_backends)] = Field(
-        default=["keras", "torch"], min_length=2, description="Backends to compare: at least two different names (CLI: repeat --backend, or keras,torch)."
+        default=["keras", "torch"], min_length=2, json_schema_extra={"uniqueItems": True},
+        description="Backends to compare: at least two different names (CLI: repeat --backend, or keras,torch).",
     )
-    tolerance_points: float = Field(
-        default=1.0, ge=0, description="Largest test-accuracy gap, in points, still called parity."
-    )
+    tolerance_points: float = Field(default=1.0, ge=0, allow_inf_nan=False, description="Largest test-accuracy gap, in points, still called parity.")
 
 
 class SweepOptions(BaseModel):

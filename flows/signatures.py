@@ -49,7 +49,7 @@ def takes_parameters(
             inspect.Parameter(
                 name,
                 inspect.Parameter.KEYWORD_ONLY,
-                default=Field(default=info.default, description=info.description),
+                default=Field(default=info.default, description=info.description, json_schema_extra=info.json_schema_extra),
                 annotation=_with_bounds(annotation, info),
             )
             for name, (annotation, info) in declared_fields(models, exclude).items()

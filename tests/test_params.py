@@ -199,7 +199,7 @@ def test_trigger_names_the_deployments_there_are(prefect_api_url, deployment, li
         pytest.param("cnn-train", "backend", "non-empty text", id="non-empty"),
         pytest.param("cnn-train", "experiment", "text with a character other than spaces", id="not-blank"),
         pytest.param("cnn-train", "compare_dense", "true or false", id="flag"),
-        pytest.param("compare", "backends", "a list (at least 2 items) of text", id="list"),
+        pytest.param("compare", "backends", "a list (at least 2 items, each once) of text", id="list"),
     ],
 )
 def test_a_refused_parameter_is_told_what_it_takes(flow_name, field, words):
@@ -443,6 +443,26 @@ def test_a_comparison_needs_two_or_more_backends_each_once(backends):
         "invalid parameters: backends: give at least two backend names, each once (e.g. keras and torch) "
         f"(got {backends!r})"
     )
+
+
+def test_a_comparison_refuses_an_infinite_tolerance():
+    """inf was taken from the CLI ("parity: max gap 1.80 points <= inf") and refused by the deployment."""
+    from cnn_train.flows.compare_flow import validate_compare
+
+    with pytest.raises(ParameterError, match=r"tolerance_points: Input should be a finite number \(got inf\)$"):
+        validate_compare({"tolerance_points": float("inf")})
+
+
+def test_the_compare_deployment_refuses_the_same_backend_twice_before_its_run_exists():
+    """The schema took ["torch", "torch"], and the flow run it created failed."""
+    from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+    from cnn_train.flows.compare_flow import cnn_train_compare
+
+    schema = cnn_train_compare.parameters.model_dump()
+    with pytest.raises(ValidationError, match="non-unique"):
+        validate({"backends": ["torch", "torch"]}, schema, raise_on_error=True)
+    validate({"backends": ["torch", "keras"]}, schema, raise_on_error=True)
 
 
 @pytest.mark.parametrize(
