@@ -34,6 +34,8 @@ class Service:
     port_variable: str = ""
     #: What to do just before the process starts (not when it already runs).
     before_start: Callable[[], object] = lambda: None
+    #: What to do with the running process's pid just before it is stopped.
+    before_stop: Callable[[int], object] = lambda pid: None
     #: The environment every service of one stack shares, under extra_env; the address its port is on.
     base_env: Callable[[], dict[str, str]] = dict
     host: Callable[[], str] = lambda: "127.0.0.1"
@@ -115,6 +117,7 @@ class Service:
         if pid is None:
             self._forget()
             return False
+        self.before_stop(pid)
         # INT first: a Prefect worker started in the background from a non-interactive shell ignores TERM
         # (Prefect maps TERM to INT, which such a shell set to ignore), measured with Prefect 3.9.
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):

@@ -323,6 +323,12 @@ serve_process = _service(
 
 
 
+def _worker_module() -> Any:
+    from cnn_train.flows import worker
+
+    return worker
+
+
 def _worker_command() -> list[str]:
     from cnn_train.flows import worker
 
@@ -351,6 +357,7 @@ worker_process = _service(
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         **heartbeat_environment(),
     },
+    before_stop=lambda pid: _worker_module().interrupt_flow_runs(pid),
 )
 
 SERVICES = (prefect_server, mlflow_server, serve_process, worker_process)

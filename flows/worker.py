@@ -154,3 +154,27 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def interrupt_flow_runs(worker_pid: int, *, timeout: float = 60.0) -> None:
+    """Ctrl-C to each flow-run process the worker ``worker_pid`` started, then wait for them: each ends its
+    runs as an interrupted command does (flow run Crashed, MLflow runs KILLED). A stopped worker sends its
+    flow-run processes, each in a session of its own, a SIGTERM that kills them on the spot: their runs
+    stayed Running and RUNNING until a heartbeat ran out."""
+    import signal
+
+    import psutil
+
+    try:
+        children = psutil.Process(worker_pid).children(recursive=True)
+    except psutil.Error:
+        return
+    running = []
+    for child in children:
+        try:
+            if "PREFECT__FLOW_RUN_ID" in child.environ():
+                child.send_signal(signal.SIGINT)
+                running.append(child)
+        except psutil.Error:
+            continue  # gone meanwhile
+    psutil.wait_procs(running, timeout=timeout)
