@@ -323,10 +323,10 @@ serve_process = _service(
 
 
 
-def _worker_module() -> Any:
+def _interrupt_worker_flow_runs(pid: int) -> None:
     from cnn_train.flows import worker
 
-    return worker
+    worker.interrupt_flow_runs(pid)
 
 
 def _worker_command() -> list[str]:
@@ -357,7 +357,7 @@ worker_process = _service(
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         **heartbeat_environment(),
     },
-    before_stop=lambda pid: _worker_module().interrupt_flow_runs(pid),
+    before_stop=_interrupt_worker_flow_runs,
 )
 
 SERVICES = (prefect_server, mlflow_server, serve_process, worker_process)

@@ -141,21 +141,6 @@ def _run_prefect(args: list[str], env: dict[str, str]) -> None:
         raise RuntimeError(f"`prefect {' '.join(args)}` failed:\n{tail}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``prefect-yaml``: rewrite ``prefect.yaml`` from the deployments list."""
-    args = sys.argv[1:] if argv is None else argv
-    if args != ["prefect-yaml"]:
-        print("usage: python -m cnn_train.flows.worker prefect-yaml", file=sys.stderr)
-        return 2
-    CHECKOUT_PREFECT_YAML.write_text(prefect_yaml(), encoding="utf-8")
-    print(f"wrote {CHECKOUT_PREFECT_YAML}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def interrupt_flow_runs(worker_pid: int, *, timeout: float = 60.0) -> None:
     """Ctrl-C to each flow-run process the worker ``worker_pid`` started, then wait for them: each ends its
     runs as an interrupted command does (flow run Crashed, MLflow runs KILLED). A stopped worker sends its
@@ -178,3 +163,18 @@ def interrupt_flow_runs(worker_pid: int, *, timeout: float = 60.0) -> None:
         except psutil.Error:
             continue  # gone meanwhile
     psutil.wait_procs(running, timeout=timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``prefect-yaml``: rewrite ``prefect.yaml`` from the deployments list."""
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["prefect-yaml"]:
+        print("usage: python -m cnn_train.flows.worker prefect-yaml", file=sys.stderr)
+        return 2
+    CHECKOUT_PREFECT_YAML.write_text(prefect_yaml(), encoding="utf-8")
+    print(f"wrote {CHECKOUT_PREFECT_YAML}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
