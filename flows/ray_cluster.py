@@ -97,6 +97,16 @@ def _runner_class() -> type:
             except Exception as error:
                 if not _refused_join(error):
                     raise
+                if not _client_server_failed_to_start(error):
+                    raise join_failure(self.address, error) from None
+            # A second client: the head's proxy starts it a new server (Prefect's runner refuses a second start).
+            self._started = False
+            _shutdown_ray()
+            try:
+                return super().__enter__()
+            except Exception as error:
+                if not _refused_join(error):
+                    raise
                 raise join_failure(self.address, error) from None
 
     return RayClusterTaskRunner
@@ -227,6 +237,18 @@ def _is_ray_error(error: BaseException, names: frozenset[str]) -> bool:
     ``ray.exceptions`` can be executed twice (prefect-ray imports Ray lazily), so the class Ray raises
     need not be the one ``import ray.exceptions`` gives here."""
     return any(cls.__module__ == "ray.exceptions" and cls.__name__ in names for cls in type(error).__mro__)
+
+
+def _client_server_failed_to_start(error: BaseException) -> bool:
+    """Whether a Ray Client's head failed to start the server it starts for each client: on a busy head it
+    missed its 30 s to answer, or died starting (seen in CI on 2 cores). A second client gets a new one."""
+    return "Initialization failure from server" in str(error)
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()
 
 
 def _refused_join(error: BaseException) -> bool:
