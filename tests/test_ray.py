@@ -408,6 +408,12 @@ def test_explicit_address_with_the_token_places_trials_on_the_node_with_the_reso
     assert sorted(r.state.name for r in _trial_task_runs(flow_run_id, prefect_api_url)) == ["Completed", "Completed"]
 
 
+def _client_server_logs(cluster: RayCluster) -> str:
+    """The tails of the head's Ray Client server logs, which say why a client's server failed to start."""
+    logs = sorted(path for path in cluster.root.rglob("ray_client_server*") if path.is_file())
+    return "".join(f"\n--- {log.name}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]) for log in logs)
+
+
 #: A driver whose one task answers what its Ray worker sees of the credentials.
 _CREDENTIALS_PROBE = """
 import os, sys
@@ -440,7 +446,9 @@ def test_trials_get_the_credentials_and_no_ray_log_holds_them(cluster, prefect_a
     probe = subprocess.run(  # noqa: S603 - our own script
         [sys.executable, "-c", _CREDENTIALS_PROBE, address], env=env, capture_output=True, text=True, timeout=300,
     )
-    assert f"the trial saw {password} {auth}" in probe.stdout, probe.stdout[-2000:] + probe.stderr[-3000:]
+    assert f"the trial saw {password} {auth}" in probe.stdout, (
+        probe.stdout[-2000:] + probe.stderr[-3000:] + _client_server_logs(cluster)
+    )
     holding = [
         str(path) for path in cluster.root.rglob("*")
         if path.is_file() and not path.is_socket() and password.encode() in path.read_bytes()
