@@ -23,6 +23,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from cnn_train.flows import services, tracking
+from cnn_train.flows.worker import flow_run_of
 from cnn_train.flows.settings import FLOW_HEARTBEAT_SECONDS as HEARTBEAT_SECONDS
 
 if TYPE_CHECKING:
@@ -134,14 +135,13 @@ def orphaned_flow_runs(*, tracking_uri: str | None = None) -> list[Orphan]:
 
 
 def flow_runs_with_a_process() -> set[str]:
-    """Ids of the flow runs some process on this machine is running (Prefect's runner gives each
-    flow-run process ``PREFECT__FLOW_RUN_ID``)."""
+    """Ids of the flow runs some process on this machine is running."""
     import psutil
 
     ids = set()
     for process in psutil.process_iter():
         try:
-            if flow_run_id := process.environ().get("PREFECT__FLOW_RUN_ID"):
+            if flow_run_id := flow_run_of(process):
                 ids.add(flow_run_id)
         except (psutil.Error, OSError):
             continue  # gone meanwhile, or another user's

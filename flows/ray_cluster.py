@@ -93,15 +93,19 @@ def _runner_class() -> type:
             if not self.address:  # a new local Ray: a failure to start it is not the user's to fix
                 return super().__enter__()
             try:
-                return super().__enter__()
-            except Exception as error:
-                if not _refused_join(error):
+                return self._join()
+            except RayClusterError as failure:
+                if not _client_server_failed_to_start(failure):
                     raise
-                if not _client_server_failed_to_start(error):
-                    raise join_failure(self.address, error) from None
             # A second client: the head's proxy starts it a new server (Prefect's runner refuses a second start).
             self._started = False
-            _shutdown_ray()
+            import ray
+
+            ray.shutdown()
+            return self._join()
+
+        def _join(self) -> RayClusterTaskRunner:
+            """prefect-ray's join, a refusal as one line (:class:`RayClusterError`)."""
             try:
                 return super().__enter__()
             except Exception as error:
@@ -243,12 +247,6 @@ def _client_server_failed_to_start(error: BaseException) -> bool:
     """Whether a Ray Client's head failed to start the server it starts for each client: on a busy head it
     missed its 30 s to answer, or died starting (seen in CI on 2 cores). A second client gets a new one."""
     return "Initialization failure from server" in str(error)
-
-
-def _shutdown_ray() -> None:
-    import ray
-
-    ray.shutdown()
 
 
 def _refused_join(error: BaseException) -> bool:

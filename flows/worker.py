@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import yaml
@@ -141,6 +142,12 @@ def _run_prefect(args: list[str], env: dict[str, str]) -> None:
         raise RuntimeError(f"`prefect {' '.join(args)}` failed:\n{tail}")
 
 
+def flow_run_of(process: Any) -> str | None:
+    """The id of the flow run a psutil ``process`` runs (Prefect's runners and workers give each flow-run
+    process ``PREFECT__FLOW_RUN_ID``), or None; psutil's errors are the caller's."""
+    return process.environ().get("PREFECT__FLOW_RUN_ID") or None
+
+
 def interrupt_flow_runs(worker_pid: int, *, timeout: float = 60.0) -> None:
     """Ctrl-C to each flow-run process the worker ``worker_pid`` started, then wait for them: each ends its
     runs as an interrupted command does (flow run Crashed, MLflow runs KILLED). A stopped worker sends its
@@ -157,7 +164,7 @@ def interrupt_flow_runs(worker_pid: int, *, timeout: float = 60.0) -> None:
     running = []
     for child in children:
         try:
-            if "PREFECT__FLOW_RUN_ID" in child.environ():
+            if flow_run_of(child):
                 child.send_signal(signal.SIGINT)
                 running.append(child)
         except psutil.Error:
