@@ -81,7 +81,7 @@ def _report(
     )
     create_markdown_artifact(markdown, key="cnn-train-compare")
     table = reporting.comparison_table(rows)
-    create_table_artifact(reporting.table_records(table), key="backend-comparison")
+    create_table_artifact(reporting.table_records(table), key="backend-comparison", description=f"{title}: {verdict}")
     return {
         "mlflow_run_id": parent.run_id,
         "mlflow_run_url": parent.url or tracking.open_hint(parent),

@@ -97,7 +97,10 @@ def _publish_to_prefect(
     create_table_artifact(reporting.table_records(per_class), key="per-class-metrics")
     if dense is not None:
         table = reporting.comparison_table([this, dense])
-        create_table_artifact(reporting.table_records(table), key="cnn-against-dense")
+        create_table_artifact(
+            reporting.table_records(table), key="cnn-against-dense",
+            description=reporting.cnn_against_dense_sentence(this, dense),
+        )
 
 
 @cnn_train_flow("cnn-train", RunParameters)

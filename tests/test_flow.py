@@ -199,6 +199,8 @@ def test_report_and_prefect_table_give_the_same_speed(finished, tmp_path):
     assert cnn["seconds_per_epoch"] == f"{np.median(seconds):.1f}"
     for figure in ("seconds_per_epoch", "images_per_second"):
         assert f"| {cnn[figure]} |" in report, (figure, cnn[figure])
+    # The table's description in the Prefect UI is report.md's sentence: the CNN's gain, not bare numbers.
+    assert table.description.startswith("The CNN reaches ") and table.description in report
 
 
 def test_prefect_artifacts(finished):
@@ -268,14 +270,14 @@ def test_a_diverged_training_fails_the_run_once_in_one_line(store):
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 1  # one attempt, one epoch
 
 
-def test_compare_command_side_by_side(store, tmp_path):
+def test_compare_command_side_by_side(store, tmp_path, prefect_api_url):
     import os
     import subprocess
     import sys
 
     cli = Path(sys.executable).with_name("cnn-train")
-    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CNN_TRAIN_STATE_DIR": str(tmp_path / "state")}
-    env.pop("PREFECT_API_URL", None)  # its own temporary Prefect server, as a user without servers gets
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CNN_TRAIN_STATE_DIR": str(tmp_path / "state"),
+                        "PREFECT_API_URL": prefect_api_url}  # the session's server keeps the flow run's artifacts to read
     result = subprocess.run(
         [cli, "compare", "--backend", "keras", "--backend", "torch", "--epochs", "1",
          "--sample-limit", "400", "--test-limit", "200", "--seed", "5"],
@@ -301,6 +303,15 @@ def test_compare_command_side_by_side(store, tmp_path):
     assert parents[0].data.tags["mlflow.note.content"] == (
         f"cnn on keras against torch: {verdict}.\n\nThe whole comparison: `compare/compare.md` in Artifacts."
     )
+    # The Prefect table says the verdict too, as its description in the UI.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        flow_run = ArtifactFilterFlowRunId(any_=[parents[0].data.tags["prefect.flow_run_id"]])
+        key = ArtifactFilterKey(any_=["backend-comparison"])
+        (table,) = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=key, flow_run_id=flow_run))
+    assert table.description == f"cnn on keras against torch: {verdict}"
 
 
 def test_the_improved_recipe_runs_and_records_how_it_trained(store, tmp_path):
