@@ -210,8 +210,8 @@ def validate_parameters(**values: Any) -> RunParameters:
         raise ParameterError("invalid run parameters: " + format_validation_error(error)) from None
     try:
         backend_class = registry.load_backend_class(params.backend)
-    except registry.BackendError as error:
-        raise ParameterError(f"backend: {error}") from None
+    except registry.BackendError as error:  # chained: `cnn-train --debug` shows where the plugin failed
+        raise ParameterError(f"backend: {error}") from error
     if params.architecture not in backend_class.architectures:
         raise ParameterError(
             f"architecture: backend {params.backend!r} cannot build {params.architecture!r}; "

@@ -8,6 +8,7 @@ backends are found exactly like a third party's: through their distribution's en
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.metadata
 import importlib.util
@@ -15,7 +16,7 @@ import inspect
 import traceback
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
@@ -118,8 +119,9 @@ def _registration(name: str) -> _Registration:
     registered = _registrations()
     if name not in registered:
         installed = ", ".join(registered) or "none (is cnn-train installed?)"
+        close = difflib.get_close_matches(name, registered, n=1)
         raise UnknownBackendError(
-            f"unknown backend {name!r}; installed backends: {installed}. "
+            f"unknown backend {name!r}{f' (did you mean {close[0]}?)' if close else ''}; installed backends: {installed}. "
             f"Backends register under the entry-point group {GROUP!r}."
         )
     candidates = registered[name]
@@ -154,14 +156,32 @@ def _import_target(registration: _Registration) -> object:
                 "is installed but has no such module)"
             ) from error
         raise BackendDependencyError(
-            f"backend {info.name!r} (from {info.distribution} {info.version}) needs the package "
-            f"{missing!r}, which is not installed: pip install {missing.split('.')[0]}"
+            f"backend {info.name!r} (from {info.distribution} {info.version}) {_import_line(error)}imports module "
+            f"{package!r}, which is not installed; {_install_hint(info, package)}"
         ) from error
     except Exception as error:
+        where = _import_line(error).strip()
         raise BackendError(
             f"backend {info.name!r} (from {info.distribution} {info.version}, {info.target}) "
-            f"failed to import: {type(error).__name__}: {error}"
+            f"failed to import: {type(error).__name__}: {error}" + (f" (raised at {where})" if where else "")
         ) from error
+
+
+def _install_hint(info: BackendInfo, module: str) -> str:
+    """``pip install`` of what the backend's distribution requires and is missing; a module's import name is
+    no pip name to guess from (``cv2`` comes from opencv-python, ``skimage`` from scikit-image)."""
+    missing = [name for name in info.requires if not _installed(name)]
+    if missing:
+        return f"{info.distribution} requires {', '.join(missing)}: pip install {' '.join(missing)}"
+    return f"install the distribution that provides module {module!r} (its pip name may differ)"
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _import_line(error: BaseException) -> str:
@@ -194,12 +214,28 @@ def load_backend(name: str) -> Backend:
         ) from error
 
 
+def mlflow_has_flavor(name: str) -> bool:
+    """Whether ``mlflow.<name>`` exists, found on disk: importing MLflow to ask would cost every load a second.
+    Without MLflow installed nothing is judged (True)."""
+    spec = importlib.util.find_spec("mlflow")
+    if spec is None:
+        return True
+    folders = [Path(folder) for folder in (spec.submodule_search_locations or [])]
+    return name.isidentifier() and any((f / name).is_dir() or (f / f"{name}.py").is_file() for f in folders)
+
+
 def _attribute_problems(cls: type) -> list[str]:
     problems = []
     flavor = getattr(cls, "mlflow_flavor", None)
     if not isinstance(flavor, str) or not flavor:
         problems.append(
             f"class attribute 'mlflow_flavor' must name an MLflow flavor module, e.g. 'pytorch', or be 'pyfunc'; got {flavor!r}"
+        )
+    elif flavor != "pyfunc" and not mlflow_has_flavor(flavor):
+        # Else the run trained in full and failed only when it logged the model.
+        problems.append(
+            f"mlflow_flavor {flavor!r} is no MLflow flavor (there is no mlflow.{flavor}); name one, e.g. 'pytorch', "
+            "'keras' or 'sklearn', or use 'pyfunc' for a framework MLflow has no flavor for"
         )
     architectures = getattr(cls, "architectures", None)
     if not isinstance(architectures, tuple) or not architectures or not all(isinstance(a, str) for a in architectures):
@@ -237,6 +273,17 @@ def _signature_problems(method_name: str, actual: Mapping[str, inspect.Parameter
     return problems
 
 
+def _constructor_problems(cls: type) -> list[str]:
+    """A backend is made with ``cls()``: an ``__init__`` that needs arguments fails every run and check."""
+    try:
+        inspect.signature(cls).bind()
+    except TypeError as error:
+        return [f"the class must construct with no arguments, and do its work in build() ({error})"]
+    except ValueError:  # pragma: no cover - a class without a signature (a C type) cannot be judged
+        return []
+    return []
+
+
 def _method_problems(cls: type) -> list[str]:
     problems = []
     for method_name in CONTRACT_METHODS:
@@ -262,7 +309,7 @@ def validate_backend_class(cls: object, *, name: str = "?") -> None:
             f"backend {name!r} must be a class implementing cnn_train.plugins.contract.Backend, "
             f"got {type(cls).__name__}"
         )
-    problems = _attribute_problems(cls) + _method_problems(cls)
+    problems = _attribute_problems(cls) + _constructor_problems(cls) + _method_problems(cls)
     if problems:
         raise BackendContractError(
             f"backend {name!r} ({cls.__module__}.{cls.__qualname__}) "
@@ -277,6 +324,8 @@ class BackendStatus:
     info: BackendInfo
     loads: bool
     problem: str = ""
+    #: Why it does not load, with the plugin's own traceback as its cause (``cnn-train --debug`` shows it).
+    error: BackendError | None = field(default=None, compare=False, repr=False)
 
 
 def backend_statuses() -> list[BackendStatus]:
@@ -287,7 +336,7 @@ def backend_statuses() -> list[BackendStatus]:
             load_backend_class(name)
         except BackendError as error:
             warnings.warn(f"cnn-train: {error}", RuntimeWarning, stacklevel=2)
-            statuses.append(BackendStatus(registrations[0].info, False, str(error)))
+            statuses.append(BackendStatus(registrations[0].info, False, str(error), error))
         else:
             statuses.append(BackendStatus(registrations[0].info, True))
     return statuses

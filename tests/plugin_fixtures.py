@@ -158,6 +158,19 @@ class NoFlavor(GoodBackend):
     mlflow_flavor = ""
 
 
+class NotAFlavor(GoodBackend):
+    """Names a module MLflow does not have: a run trained in full, then failed to log the model."""
+
+    mlflow_flavor = "numpy"
+
+
+class NeedsAnArgument(GoodBackend):
+    """The registry makes a backend with ``cls()``: every run and check failed on the missing argument."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+
 class UnknownArchitecture(GoodBackend):
     """Lists an architecture ModelConfig cannot describe: it loaded, and failed only once one was built."""
 

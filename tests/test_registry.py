@@ -120,7 +120,8 @@ def test_unknown_backend_with_nothing_installed(installed):
         pytest.param(
             "tests.plugin_fixtures_needs_jax:Backend",
             registry.BackendDependencyError,
-            "needs the package 'jax_not_installed_here', which is not installed: pip install jax_not_installed_here",
+            "tests/plugin_fixtures_needs_jax.py:3 imports module 'jax_not_installed_here', which is not installed; "
+            "install the distribution that provides module 'jax_not_installed_here' (its pip name may differ)",
             id="missing-dependency",
         ),
         pytest.param(
@@ -132,7 +133,7 @@ def test_unknown_backend_with_nothing_installed(installed):
         pytest.param(
             "tests.plugin_fixtures:RaisesOnImport",
             registry.BackendError,
-            "failed to import: RuntimeError: plugin is broken at import time",
+            "failed to import: RuntimeError: plugin is broken at import time (raised at tests/plugin_fixtures.py:",
             id="raises-on-import",
         ),
         pytest.param(
@@ -176,6 +177,56 @@ def test_a_module_missing_from_an_installed_package_is_no_advice_to_install_it(
     )
 
 
+@pytest.mark.parametrize(
+    ("requires", "hint"),
+    [
+        # An import name is no pip name: `import cv2` comes from opencv-python, `skimage` from scikit-image.
+        pytest.param((), "install the distribution that provides module 'cv2' (its pip name may differ)",
+                     id="nothing-declared"),
+        pytest.param(("cnn-train", "opencv-python-not-here>=4", "numpy"),
+                     "bad-plugin requires opencv-python-not-here: pip install opencv-python-not-here", id="declared"),
+    ],
+)
+def test_a_missing_dependency_is_named_with_where_it_is_imported_and_what_to_install(
+    installed, tmp_path, monkeypatch, requires, hint
+):
+    """It said "needs the package 'cv2', which is not installed: pip install cv2", a name pip does not know."""
+    (tmp_path / "cv_plugin.py").write_text("import os\nimport cv2.dnn\n\nclass Backend:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    installed(FakeDistribution("bad-plugin", {"bad": "cv_plugin:Backend"}, requires=requires))
+    with pytest.raises(registry.BackendDependencyError) as caught:
+        registry.load_backend("bad")
+    assert str(caught.value) == (
+        f"backend 'bad' (from bad-plugin 1.0) {tmp_path.name}/cv_plugin.py:2 imports module 'cv2', which is not installed; {hint}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("code", "line"),
+    [
+        pytest.param("import os\nundefined_name + 1\n", "NameError: name 'undefined_name' is not defined (raised at {}:2)",
+                     id="name-error"),
+        pytest.param("x = 1\n\nraise RuntimeError('no licence')\n", "RuntimeError: no licence (raised at {}:3)",
+                     id="raises"),
+    ],
+)
+def test_a_plugin_that_fails_at_import_says_where(installed, tmp_path, monkeypatch, code, line):
+    (tmp_path / "broken_plugin.py").write_text(code + "\nclass Backend:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    installed(_plugin("bad", "broken_plugin:Backend"))
+    with pytest.raises(registry.BackendError) as caught:
+        registry.load_backend("bad")
+    where = f"{tmp_path.name}/broken_plugin.py"
+    assert str(caught.value) == f"backend 'bad' (from bad-plugin 1.0, broken_plugin:Backend) failed to import: {line.format(where)}"
+
+
+def test_a_misspelt_backend_gets_a_suggestion(installed):
+    installed(_plugin("mynp", GOOD), _plugin("torch", GOOD))
+    with pytest.raises(registry.UnknownBackendError) as caught:
+        registry.load_backend("mnyp")
+    assert str(caught.value).startswith("unknown backend 'mnyp' (did you mean mynp?); installed backends: mynp, torch.")
+
+
 def test_broken_plugin_warns_and_others_stay_usable(installed):
     installed(_plugin("good", GOOD), _plugin("broken", "tests.plugin_fixtures:RaisesOnImport"))
     with pytest.warns(RuntimeWarning, match="backend 'broken'"):
@@ -207,6 +258,9 @@ CONTRACT_BREAKERS = {
     "MissingTrain": "method train() is missing",
     "WrongBuildSignature": "build(): missing parameter 'device'",
     "NoFlavor": "'mlflow_flavor'",
+    "NotAFlavor": "mlflow_flavor 'numpy' is no MLflow flavor (there is no mlflow.numpy)",
+    "NeedsAnArgument": "the class must construct with no arguments, and do its work in build() "
+    "(missing a required argument: 'scale')",
     "UnknownArchitecture": "class attribute 'architectures' names 'linear', which ModelConfig cannot describe; "
     "the architectures are cnn, dense, cnn-improved",
     "ExtraRequired": "evaluate(): extra parameter 'scale' needs a default",
@@ -261,3 +315,24 @@ def test_backends_check_command_reports_whether_each_loads(tmp_path):
     assert "BROKEN: backend 'broken'" in lines["broken"] and "failed to import" in lines["broken"]
     assert result.returncode == 1
     assert result.stderr == "cnn-train: 1 backend(s) do not load: broken (why: above); the others are usable\n"
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])
+def test_backends_check_shows_the_plugins_traceback_only_with_debug(installed, tmp_path, monkeypatch, debug):
+    """`cnn-train --debug backends --check` printed the one line only: nothing showed where the plugin broke."""
+    from typer.testing import CliRunner
+
+    from cnn_train.flows.cli import app
+    from cnn_train.flows.errors import DEBUG_ENV
+
+    (tmp_path / "broken_plugin.py").write_text("import os\nundefined_name + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    installed(_plugin("broken", "broken_plugin:Backend"), _plugin("good", GOOD))
+    monkeypatch.setenv(DEBUG_ENV, "1" if debug else "")
+    result = CliRunner().invoke(app, ["backends", "--check"])
+    assert result.exit_code == 1
+    assert "BROKEN: backend 'broken'" in result.stdout and "(raised at " in result.stdout
+    shown = "Traceback (most recent call last)" in result.stderr
+    assert shown == debug, result.stderr
+    if debug:
+        assert 'broken_plugin.py", line 2, in <module>' in result.stderr

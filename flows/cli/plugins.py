@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 import warnings
 from collections import Counter
 from typing import Annotated, Optional
@@ -32,6 +33,9 @@ def backends(
     width = max(len(info.name) for info, _ in rows)
     for info, state in rows:
         typer.echo(f"{info.name:<{width}}  {info.distribution} {info.version}  {info.target}  {state}".rstrip())
+    if check and debugging():  # the plugin's own traceback, under its one line
+        for status in (s for s in statuses if s.error is not None):
+            typer.echo("".join(traceback.format_exception(status.error)).rstrip(), err=True)
     broken = [info.name for info, state in rows if state.startswith("BROKEN")]
     if broken:  # a check that found something wrong says so on stderr and in its exit code, as doctor does
         fail(f"{len(broken)} backend(s) do not load: {', '.join(broken)} (why: above); the others are usable", code=1)

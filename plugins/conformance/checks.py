@@ -3,7 +3,6 @@ save and refuse bad input. Each check raises AssertionError saying what is wrong
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import tempfile
 from collections.abc import Callable, Mapping
@@ -14,7 +13,14 @@ import numpy as np
 
 from cnn_train.plugins import registry
 from cnn_train.plugins.config import ModelConfig
-from cnn_train.plugins.contract import EpochMetrics, TrainData, probabilities_problem
+from cnn_train.plugins.contract import (
+    EpochMetrics,
+    Evaluation,
+    TrainData,
+    TrainHistory,
+    probabilities_problem,
+    returned_problem,
+)
 from cnn_train.plugins.conformance.data import SMOKE, images, train_data
 from cnn_train.plugins.conformance.subject import NotApplicable, Subject
 
@@ -51,20 +57,9 @@ def check_entry_point_load(subject: Subject) -> None:
 
 
 def check_contract_members(subject: Subject) -> None:
-    """Every contract member exists with compatible parameters, and ``mlflow_flavor`` names a flavor."""
+    """Every contract member exists with compatible parameters, ``mlflow_flavor`` names a flavor, and the class
+    constructs with no arguments: what the registry refuses a backend for when it loads it."""
     registry.validate_backend_class(subject.cls, name=subject.label)
-    flavor = subject.cls.mlflow_flavor
-    assert flavor == "pyfunc" or _mlflow_has_module(flavor), (
-        f"mlflow_flavor {flavor!r} is no MLflow flavor (there is no mlflow.{flavor}); name one, e.g. 'pytorch', "
-        "'keras' or 'sklearn', or use 'pyfunc' for a framework MLflow has no flavor for"
-    )
-
-
-def _mlflow_has_module(name: str) -> bool:
-    """Whether ``mlflow.<name>`` exists, found on disk: importing MLflow here would cost every check a second."""
-    spec = importlib.util.find_spec("mlflow")
-    folders = [Path(folder) for folder in (spec.submodule_search_locations or [])] if spec else []
-    return name.isidentifier() and any((f / name).is_dir() or (f / f"{name}.py").is_file() for f in folders)
 
 
 def check_parameter_counts(subject: Subject) -> None:
@@ -76,6 +71,7 @@ def check_parameter_counts(subject: Subject) -> None:
         )
     for architecture in architectures:
         got = subject.built(ModelConfig.preset(architecture)).parameter_count()
+        assert (problem := returned_problem("parameter_count", got, int)) is None, problem
         want = REFERENCE_PARAMETERS[architecture]
         assert got == want, f"architecture {architecture!r} has {got:,} parameters, expected {want:,}"
 
@@ -122,8 +118,9 @@ def check_first_conv_kernels_shape(subject: Subject) -> None:
 
 
 def check_smoke_train(subject: Subject) -> None:
-    """One epoch trains with a finite loss and reports it through ``on_epoch`` as epoch 1."""
-    _, seen = subject.trained()
+    """One epoch trains with a finite loss, reports it through ``on_epoch`` as epoch 1, and returns a TrainHistory."""
+    _, seen, returned = subject.trained_returning()
+    assert (problem := returned_problem("train", returned, TrainHistory)) is None, problem
     assert [m.epoch for m in seen] == [1], f"on_epoch saw epochs {[m.epoch for m in seen]}, expected [1]"
     metrics = seen[0]
     for field in ("loss", "val_loss", "seconds", "images_per_second"):
@@ -138,6 +135,7 @@ def check_evaluate(subject: Subject) -> None:
     """``evaluate`` returns a finite non-negative loss and an accuracy within [0, 1]."""
     backend, _ = subject.trained()
     result = backend.evaluate(*images(40, seed=3))
+    assert (problem := returned_problem("evaluate", result, Evaluation)) is None, problem
     assert math.isfinite(result.loss) and result.loss >= 0, f"loss = {result.loss}, expected finite >= 0"
     assert 0.0 <= result.accuracy <= 1.0, f"accuracy = {result.accuracy}, expected within [0, 1]"
 
