@@ -8,6 +8,7 @@ import math
 import platform
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -27,7 +28,14 @@ from cnn_train.flows.settings import state_dir
 from cnn_train.flows.tracking import ModelRecord, RunTracker
 from cnn_train.plugins import registry
 from cnn_train.plugins.config import TrainConfig
-from cnn_train.plugins.contract import EpochMetrics, Evaluation, TrainHistory, probabilities_problem
+from cnn_train.plugins.contract import (
+    EpochMetrics,
+    Evaluation,
+    LoggableModel,
+    TrainHistory,
+    probabilities_problem,
+    returned_problem,
+)
 
 _PROGRESS_FILE = "progress.json"
 
@@ -250,7 +258,7 @@ def train(
             return stop
 
     with interruptible():  # a trial stopped with its flow run stops here (interrupts.py)
-        backend.train(data.train_data(), training, on_epoch=finished_epoch, initial_epoch=len(done))
+        history = backend.train(data.train_data(), training, on_epoch=finished_epoch, initial_epoch=len(done))
     if nan_epochs:
         discard_checkpoint(tracker.run_id)  # resuming from its last good epoch would diverge again
         raise TrainingDiverged(
@@ -271,11 +279,15 @@ def train(
     # Two images: a batch of one would let PyTorch's exporter fix the batch size at 1. A copy: on Ray
     # the arrays are read-only views of the object store, which torch.from_numpy warns about.
     example = data.x_val[:2].copy()
+    parameters = backend.parameter_count()
+    check_returned(params.backend, ("train", history, TrainHistory), ("parameter_count", parameters, int))
     if stopped_at is None:  # a model that breaks the contract is refused before it is logged
         check_probabilities(params.backend, np.asarray(backend.predict_proba(example)), len(example), model_config.num_classes)
+        loggable = backend.loggable_model()
+        check_returned(params.backend, ("loggable_model", loggable, LoggableModel))
     # A training stopped on request (a pruned trial) is not a model anyone will use: log none.
     model_uri = None if stopped_at is not None else tracker.log_model(
-        backend.loggable_model(),
+        loggable,
         ModelRecord(
             input_shape=model_config.input_shape,
             num_classes=model_config.num_classes,
@@ -289,7 +301,7 @@ def train(
         training=training,
         checkpoint=checkpoint,
         history=TrainHistory(tuple(epochs)),
-        parameters=backend.parameter_count(),
+        parameters=int(parameters),
         model_uri=model_uri,
         resumed_from_epoch=len(done),
         stopped_at_epoch=stopped_at,
@@ -323,6 +335,16 @@ class BackendOutputError(ExpectedFailure, RuntimeError):
     the check that tells its author more. One line: the traceback would show only this check's frames."""
 
 
+def check_returned(backend: str, *returns: tuple[str, object, type]) -> None:
+    """Refuse a method's result of the wrong type, each ``(method, value, expected type)``: else it failed later,
+    in the report or the model logging, as a traceback that never named the backend."""
+    for method, value, expected in returns:
+        if problem := returned_problem(method, value, expected):
+            raise BackendOutputError(
+                f"backend {backend!r} broke the contract: {problem}. Check it with `cnn-train check-backend {backend}`"
+            )
+
+
 def check_probabilities(backend: str, probabilities: np.ndarray, n: int, num_classes: int) -> None:
     """Refuse probabilities of the wrong shape or range before they reach MLflow or the report."""
     problem = probabilities_problem(probabilities, n, num_classes)
@@ -335,8 +357,13 @@ def check_probabilities(backend: str, probabilities: np.ndarray, n: int, num_cla
 def evaluation_of(probabilities: np.ndarray, y: np.ndarray) -> Evaluation:
     """Mean cross-entropy and accuracy of class probabilities against labels (scikit-learn)."""
     labels = np.arange(probabilities.shape[1])
+    with warnings.catch_warnings():
+        # Its own float64 tolerance (1.5e-8) flags float32 rounding, e.g. a backend's probabilities as Python
+        # floats; check_probabilities has refused rows off by more than PROBABILITY_SUM_TOLERANCE already.
+        warnings.filterwarnings("ignore", "The y_prob values do not sum to one", UserWarning)
+        loss = float(log_loss(y, probabilities, labels=labels))
     return Evaluation(
-        loss=float(log_loss(y, probabilities, labels=labels)),
+        loss=loss,
         accuracy=float(accuracy_score(y, probabilities.argmax(axis=1))),
     )
 

@@ -1,14 +1,14 @@
 """The contract every training backend satisfies, and the typed results it returns.
 
-Arrays crossing the contract are NumPy: images are float32 ``(n, height, width, channels)``
-scaled to [0, 1] (channels last, as the lesson feeds them), labels are int64 ``(n,)``.
-Backends convert to their framework's layout internally. A device is a string such as
-``"cpu"`` or ``"cuda:1"`` chosen by the placement module and always passed in.
+Arrays crossing the contract are NumPy: images are float32 ``(n, height, width, channels)`` scaled to
+[0, 1] (channels last, as the lesson feeds them), labels are int64 ``(n,)``. Backends convert to their
+framework's layout internally. A device (``"cpu"``, ``"cuda:1"``) is chosen by placement and passed in.
 Backends never talk to MLflow: they hand the flow a :class:`LoggableModel` instead.
 """
 
 from __future__ import annotations
 
+import numbers
 import re
 import time
 from abc import ABC, abstractmethod
@@ -114,8 +114,7 @@ class LoggableModel:
     artifacts: dict[str, str] = field(default_factory=dict)
 
 
-#: Called as each epoch ends. A truthy return asks the backend to stop after this epoch (a pruned
-#: trial, say); ``None`` or ``False`` lets it go on.
+#: Called as each epoch ends. A truthy return asks to stop after this epoch (a pruned trial); None or False goes on.
 EpochCallback = Callable[[EpochMetrics], bool | None]
 
 
@@ -261,6 +260,13 @@ def check_labels(y: np.ndarray, n: int, num_classes: int, *, what: str = "labels
 
 
 
+def returned_problem(method: str, value: object, expected: type) -> str | None:
+    """``"parameter_count() returned str '12', expected int"``, or None (for int: any integer but a bool)."""
+    if isinstance(value, numbers.Integral if expected is int else expected) and not isinstance(value, bool):
+        return None
+    return f"{method}() returned {type(value).__name__} {value!r:.60}, expected {expected.__name__}"
+
+
 #: How far a row of ``predict_proba`` may sum from 1 (float32 softmax rounding is far smaller).
 PROBABILITY_SUM_TOLERANCE = 1e-3
 
@@ -347,6 +353,8 @@ class Training:
             loss, accuracy = train_epoch(epoch)
             train_seconds = time.perf_counter() - started
             validation = validate()
+            if problem := returned_problem("run_epochs' validate", validation, Evaluation):
+                raise TypeError(problem)  # else an AttributeError on .loss, blamed on the caller's line
             metrics = EpochMetrics(
                 epoch=epoch,
                 loss=float(loss),

@@ -208,3 +208,32 @@ class MisspeltConfigField(NumpyMLPBackend):
     def fit(self, training):
         self.rate = training.config.lr
         return super().fit(training)
+
+
+class CountsAsText(NumpyMLPBackend):
+    """Returns its parameter count as text: the run's report failed on it, as a traceback."""
+
+    def parameter_count(self):
+        return f"{super().parameter_count()}"
+
+
+class TrainReturnsNothing(NumpyMLPBackend):
+    """Trains and reports every epoch, but returns None instead of its TrainHistory."""
+
+    def train(self, data, config, *, on_epoch=None, initial_epoch=0):
+        super().train(data, config, on_epoch=on_epoch, initial_epoch=initial_epoch)
+
+
+class EvaluatesToATuple(NumpyMLPBackend):
+    """``evaluate`` returns ``(loss, accuracy)``, not an Evaluation; its fit validates each epoch with it."""
+
+    def evaluate(self, x, y, *, batch_size=256):
+        result = super().evaluate(x, y, batch_size=batch_size)
+        return result.loss, result.accuracy
+
+
+class LogsADict(NumpyMLPBackend):
+    """``loggable_model`` returns a dict of what a LoggableModel holds."""
+
+    def loggable_model(self):
+        return dataclasses.asdict(super().loggable_model())

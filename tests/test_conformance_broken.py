@@ -12,18 +12,22 @@ from tests.plugin_fixtures import make_channels_first_maps_backend
 from tests.plugin_fixtures_numpy import (
     AcceptsAnyDevice,
     AsksJaxForDevices,
+    CountsAsText,
+    EvaluatesToATuple,
     FixedInitialWeights,
     FlavorMismatch,
     ForgetsOptimizerState,
     HalvedProbabilities,
     IgnoresStopRequest,
     IgnoresTheSeed,
+    LogsADict,
     NoRealResume,
     NumpyMLPBackend,
     PredictsWithTheGlobalGenerator,
     ReadsVisibleDevices,
     RunsNvidiaSmi,
     ShufflesWithTheGlobalGenerator,
+    TrainReturnsNothing,
     TransposedProbabilities,
     UnknownFlavor,
 )
@@ -65,6 +69,36 @@ def test_the_kit_names_the_broken_promise(backend, check, reason):
     failures = _failures(backend, skip=_MLFLOW_CHECKS)
     assert list(failures) == [check], failures
     assert reason in failures[check]
+
+
+@pytest.mark.parametrize(
+    ("backend", "expected"),
+    [
+        pytest.param(CountsAsText, {"parameter_counts": "parameter_count() returned str '101770', expected int"},
+                     id="count-as-text"),
+        pytest.param(TrainReturnsNothing, {"smoke_train": "train() returned NoneType None, expected TrainHistory",
+                                           "stops_when_asked": "train returned a history of epochs None"},
+                     id="train-returns-none"),
+        pytest.param(LogsADict, {"model_logging": "loggable_model() returned dict {'flavor': 'pyfunc', "},
+                     id="loggable-model-as-dict"),
+    ],
+)
+def test_a_result_of_the_wrong_type_is_named_by_the_check_that_gets_it(backend, expected):
+    """Each failed on what the result lacked (``'dict' object has no attribute 'flavor'``), or passed."""
+    only = [*expected, "does_not_log_to_mlflow"] if "model_logging" in expected else None
+    failures = _failures(backend, skip=() if only else _MLFLOW_CHECKS) if only is None else {
+        result.name: result.reason for result in run_checks(backend, only=only) if result.failed
+    }
+    assert sorted(failures) == sorted(expected), failures
+    for check, reason in expected.items():
+        assert failures[check].startswith(reason), failures[check]
+
+
+def test_an_evaluate_that_returns_a_tuple_fails_every_training_on_one_line():
+    """It failed 13 checks with ``AttributeError: 'tuple' object has no attribute 'loss'``, blamed on fit."""
+    [result] = run_checks(EvaluatesToATuple, only=["smoke_train"])
+    assert result.reason.startswith("TypeError: run_epochs' validate() returned tuple (")
+    assert "expected Evaluation" in result.reason
 
 
 def test_a_flavor_other_than_the_logged_models_fails_model_logging():

@@ -75,6 +75,29 @@ def test_wrong_epoch_reports_are_refused(small_data, tracker, tmp_path, monkeypa
         steps.train(params, data, tracker, device="cpu")
 
 
+@pytest.mark.parametrize(
+    ("method", "returning", "line"),
+    [
+        pytest.param("parameter_count", lambda self: "421642", "parameter_count() returned str '421642', expected int",
+                     id="count-as-text"),
+        pytest.param("loggable_model", lambda self: {"flavor": "pytorch"},
+                     "loggable_model() returned dict {'flavor': 'pytorch'}, expected LoggableModel", id="model-as-dict"),
+    ],
+)
+def test_a_result_of_the_wrong_type_is_refused_before_the_model_is_logged(
+    small_data, tracker, monkeypatch, method, returning, line
+):
+    """A count as text failed in the report, a dict at model logging: tracebacks that never named the backend."""
+    from cnn_train.backends.torch_backend import TorchBackend
+
+    params, data = small_data
+    monkeypatch.setattr(TorchBackend, method, returning)
+    with pytest.raises(steps.BackendOutputError) as refused:
+        steps.train(params.model_copy(update={"epochs": 1}), data, tracker, device="cpu")
+    assert str(refused.value) == f"backend 'torch' broke the contract: {line}. Check it with `cnn-train check-backend torch`"
+    assert not tracker.client.search_logged_models(experiment_ids=[tracker.experiment_id])
+
+
 @pytest.mark.parametrize("backend", ["torch", "keras"])
 def test_the_evaluate_step_scores_as_the_backend_does(small_data, tracker, backend):
     """One pass over the test set: loss and accuracy from the report's probabilities are the backend's own."""
@@ -123,3 +146,18 @@ def test_a_diverging_training_stops_where_its_loss_stopped_being_a_number(small_
     assert [(m.step, m.value != m.value) for m in history] == [(1, True)]
     assert not steps.checkpoint_dir(tracker.run_id).exists()
     assert not MlflowClient(tracker.uri).search_logged_models(experiment_ids=[tracker.experiment_id])
+
+
+def test_probabilities_rounded_as_float32_score_without_a_warning():
+    """A backend's float32 probabilities as Python floats made sklearn warn "do not sum to one" in every run."""
+    import warnings
+
+    import numpy as np
+
+    rows = np.random.default_rng(0).dirichlet(np.ones(10), size=50).astype(np.float32)
+    labels = rows.argmax(axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        as_floats = steps.evaluation_of(np.asarray(rows.tolist()), labels)
+    assert as_floats.accuracy == 1.0
+    assert as_floats.loss == pytest.approx(steps.evaluation_of(rows, labels).loss, rel=1e-6)

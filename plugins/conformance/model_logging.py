@@ -13,7 +13,7 @@ import numpy as np
 from cnn_train.plugins.conformance.data import images
 from cnn_train.plugins.conformance.isolation import fresh_tracking_store
 from cnn_train.plugins.conformance.subject import Subject
-from cnn_train.plugins.contract import probabilities_problem
+from cnn_train.plugins.contract import LoggableModel, probabilities_problem, returned_problem
 
 #: The loaded model's probabilities must match ``predict_proba``'s within this (absolute): the same
 #: float32 network, though possibly exported (PyTorch's pt2) or re-read, so only rounding may differ.
@@ -34,6 +34,7 @@ def check_model_logging(subject: Subject) -> None:
 
     backend, _ = subject.trained()
     loggable = backend.loggable_model()
+    assert (problem := returned_problem("loggable_model", loggable, LoggableModel)) is None, problem
     assert loggable.flavor == subject.cls.mlflow_flavor, (
         f"loggable_model().flavor is {loggable.flavor!r} but the class's mlflow_flavor is {subject.cls.mlflow_flavor!r}; "
         "make them the same (the backend list and the logged model must agree)"

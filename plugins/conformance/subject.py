@@ -68,7 +68,12 @@ class Subject:
 
     def trained(self, *, seed: int = 7) -> tuple[Backend, list[EpochMetrics]]:
         """The reference config trained for one epoch on the CPU, with the metrics ``on_epoch`` saw."""
+        backend, seen, _ = self.trained_returning(seed=seed)
+        return backend, seen
+
+    def trained_returning(self, *, seed: int = 7) -> tuple[Backend, list[EpochMetrics], object]:
+        """:meth:`trained`, and what ``train`` returned (a TrainHistory, if the backend keeps the contract)."""
         backend = self.built(seed=seed)
         seen: list[EpochMetrics] = []
-        backend.train(train_data(), SMOKE.model_copy(update={"seed": seed}), on_epoch=seen.append)
-        return backend, seen
+        returned = backend.train(train_data(), SMOKE.model_copy(update={"seed": seed}), on_epoch=seen.append)
+        return backend, seen, returned
