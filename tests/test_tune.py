@@ -69,7 +69,7 @@ def test_specs_parse(field, spec, expected):
                      id="log-fraction-of-a-count"),
         pytest.param({"learning_rate": "exp:1:2"}, "learning_rate='exp:1:2' has an unknown range kind 'exp'", id="unknown-kind"),
         pytest.param({"architecture": "cnn"}, "architecture='cnn' lists fewer than two values", id="one-choice"),
-        pytest.param({"architecture": "cnn,cnn"}, "architecture='cnn,cnn' lists a value twice", id="twice"),
+        pytest.param({"architecture": "cnn,cnn"}, "architecture='cnn,cnn' lists 'cnn' more than once", id="twice"),
         pytest.param({"epochs": 3}, "epochs=3 is not a search range", id="bare-number"),
     ],
 )
@@ -137,6 +137,64 @@ def test_command_line_items_and_files_give_the_same_space(tmp_path):
     (tmp_path / "list.yaml").write_text("- learning_rate\n")
     with pytest.raises(SpaceError, match="needs a mapping of FIELD to SPEC"):
         load_space_file(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize(
+    ("space", "line"),
+    [
+        pytest.param({"epochs": "1,1.0"}, "epochs='1,1.0' lists 1 more than once", id="a-whole-number-and-its-float"),
+        pytest.param({"seed": "1,2,1.0,2.0"}, "seed='1,2,1.0,2.0' lists 1, 2 more than once", id="two-values-each-twice"),
+        pytest.param({"batch_size": [32, 32.0]}, "batch_size=[32, 32.0] lists 32 more than once", id="file-list"),
+    ],
+)
+def test_a_value_listed_twice_is_refused_by_value(space, line):
+    # Compared by their repr before, 1 and 1.0 were two choices: two trials of the same run.
+    with pytest.raises(SpaceError) as raised:
+        parse_space(space)
+    assert str(raised.value) == f"space: {line}; use {FORMS}"
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        pytest.param("learning_rate: [1e-3, 1e-2]\n", [0.001, 0.01], id="exponent-without-a-dot"),
+        pytest.param("learning_rate: [1E5, -2e-4, +3e-4]\n", [1e5, -2e-4, 3e-4], id="capital-e-and-signs"),
+        pytest.param("learning_rate: [.5, 1., 2e-3]\n", [0.5, 1.0, 0.002], id="dot-forms-beside-an-exponent"),
+        pytest.param('{"learning_rate": [1e-3, 1E-2]}', [0.001, 0.01], id="json-exponents"),
+    ],
+)
+def test_a_space_file_reads_numbers_as_numbers(tmp_path, text, values):
+    # PyYAML reads YAML 1.1, where 1e-3 (no dot) is the string '1e-3': the study searched strings.
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    loaded = load_space_file(path)["learning_rate"]
+    assert (loaded, [type(value) for value in loaded]) == (values, [float] * len(values))
+
+
+def test_a_space_file_searches_what_the_same_items_search(tmp_path):
+    (tmp_path / "space.yaml").write_text("learning_rate: [1e-3, 1e-2]\n")
+    from_items = parse_space(parse_assignments(["learning_rate=1e-3,1e-2"]))
+    assert parse_space(load_space_file(tmp_path / "space.yaml")) == from_items
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        pytest.param('learning_rate: ["1e-3", 1e-2]\n', f"space: learning_rate=['1e-3', 0.01] lists '1e-3', not a number; use {FORMS}",
+                     id="a-quoted-number"),
+        pytest.param("learning_rate: log:1e-4:1e-2\narchitecture: [cnn, dense]\nlearning_rate: 1e-3,1e-2\n",
+                     f"space file PATH: gives learning_rate twice (lines 1 and 3); give it one SPEC ({FORMS})", id="a-field-twice"),
+        pytest.param('{"seed": "1,2", "seed": "3,4"}', f"space file PATH: gives seed twice (line 1); give it one SPEC ({FORMS})",
+                     id="a-field-twice-in-json"),
+    ],
+)
+def test_a_space_file_that_quotes_a_number_or_gives_a_field_twice_is_refused(tmp_path, text, line):
+    # A YAML mapping keeps the last of two equal keys without a word; two --space items are refused.
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(SpaceError) as raised:
+        parse_space(load_space_file(path))
+    assert str(raised.value) == line.replace("PATH", str(path))
 
 
 def test_a_float_range_for_a_whole_number_field_is_refused():

@@ -3,21 +3,26 @@ YAML/JSON file, and handed to Optuna's ``suggest_*`` calls.
 
 A SPEC is one of ``log:LOW:HIGH`` (a float drawn on a log scale; for a whole-number field such as
 ``batch_size``, a whole number on a log scale), ``int:LOW:HIGH`` (a whole number), ``float:LOW:HIGH``
-(a float) or ``A,B,C`` (one of the listed values; numbers stay numbers). Anything else, and a
-float range for a whole-number field, is refused with one line naming the field and these forms.
+(a float) or ``A,B,C`` (one of the listed values; numbers stay numbers). Anything else, a value
+listed twice (1 and 1.0 alike), and a float range for a whole-number field, is refused with one line
+naming the field and these forms. A file is read with YAML 1.2's floats (``1e-3`` is a number) and
+refuses a field given twice, as two ``--space`` items for one field are refused.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from cnn_train.flows.errors import did_you_mean
-from cnn_train.flows.params import WHOLE_NUMBERS, ParameterError
+from cnn_train.flows.params import WHOLE_NUMBERS, ParameterError, RunParameters
 from cnn_train.flows.signatures import SEARCHABLE
 
 FORMS = "log:LOW:HIGH, int:LOW:HIGH, float:LOW:HIGH or A,B,C"
@@ -140,12 +145,26 @@ def _bound(field: str, text: str, bound: str, word: str) -> float:
         raise _bad(field, text, f"has {word} {bound!r}, not a number") from None
 
 
+def _repeated(values: Sequence[Any]) -> list[Any]:
+    """The values listed more than once, each as first listed. Compared by value, not by text: 1 and 1.0
+    are one choice to the run (booleans, which 1 would equal, never reach a space's choices)."""
+    firsts = [value for index, value in enumerate(values) if values.index(value) == index]
+    return [value for value in firsts if values.count(value) > 1]
+
+
 def _choices(field: str, original: object, values: Sequence[Any]) -> Dimension:
     if len(values) < 2:
         raise _bad(field, original, "lists fewer than two values (a fixed value is a plain option, not a search)")
-    if len(set(map(repr, values))) != len(values):
-        raise _bad(field, original, "lists a value twice")
+    if repeated := _repeated(values):
+        # Two equal choices would be two trials of one run, and weigh that value twice in the sampler.
+        raise _bad(field, original, f"lists {', '.join(map(repr, repeated))} more than once")
     return Dimension(field, "choice", choices=tuple(values))
+
+
+def _takes_numbers(field: str) -> bool:
+    """A field declared as a number (epochs, batch_size, learning_rate, seed), not a word."""
+    annotation = RunParameters.model_fields[field].annotation
+    return any(kind in (int, float) for kind in (annotation, *typing.get_args(annotation)))
 
 
 def parse_dimension(field: str, spec: object) -> Dimension:
@@ -155,6 +174,10 @@ def parse_dimension(field: str, spec: object) -> Dimension:
     if isinstance(spec, (list, tuple)):
         if any(isinstance(v, (dict, list, tuple, bool)) or v is None for v in spec):
             raise _bad(field, spec, "lists something other than numbers and words")
+        # A file's quoted "1e-3" is text, which the run would parse as a number: refused, as --space refuses
+        # a word for a number, rather than searched as a string (stored and ranked as text).
+        if _takes_numbers(field) and (word := next((v for v in spec if isinstance(v, str)), None)) is not None:
+            raise _bad(field, spec, f"lists {word!r}, not a number")
         return _choices(field, spec, list(spec))
     if not isinstance(spec, str) or not spec.strip():
         raise _bad(field, spec, "is not a search range")
@@ -187,14 +210,64 @@ def parse_assignments(items: Iterable[str]) -> dict[str, str]:
     return parsed
 
 
+# YAML 1.2's floats (its core schema): PyYAML follows YAML 1.1, where a float needs a dot, so 1e-3 was the
+# string '1e-3' (and so in a JSON file, read as YAML). Whole numbers stay with the int resolver.
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_YAML12_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9]+[eE][-+]?[0-9]+
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.VERBOSE,
+)
+
+
+class _DuplicateKey(ValueError):
+    """A mapping in a space file that gives one key twice (a YAML loader would keep the last silently)."""
+
+    def __init__(self, key: object, first_line: int, line: int) -> None:
+        self.key = key
+        self.where = f"line {line}" if line == first_line else f"lines {first_line} and {line}"  # one-line JSON
+        super().__init__(f"{key} twice ({self.where})")
+
+
+@functools.cache  # one class per process; yaml is imported on first use only
+def _space_loader() -> type:
+    """A SafeLoader whose floats are YAML 1.2's and whose mappings refuse a key given twice."""
+    import yaml
+
+    class SpaceLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:  # before merge keys (<<) are flattened: an override is no duplicate
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                if key in lines:
+                    raise _DuplicateKey(key, lines[key], line)
+                lines[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    SpaceLoader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    SpaceLoader.add_implicit_resolver(_FLOAT_TAG, _YAML12_FLOAT, list("-+0123456789."))
+    return SpaceLoader
+
+
 def load_space_file(path: Path) -> dict[str, object]:
     """A YAML or JSON file holding a mapping of FIELD to SPEC (text, or a list of values)."""
     import yaml
 
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_space_loader())  # JSON is YAML too
     except OSError as error:
         raise SpaceError(f"space file {path}: cannot read it ({error.strerror})") from None
+    except _DuplicateKey as twice:
+        raise SpaceError(
+            f"space file {path}: gives {twice.key} twice ({twice.where}); give it one SPEC ({FORMS})"
+        ) from None
     except yaml.YAMLError as error:
         raise SpaceError(f"space file {path}: not YAML or JSON ({str(error).splitlines()[0]})") from None
     if not isinstance(loaded, dict):
