@@ -120,8 +120,8 @@ def check_first_conv_kernels_shape(subject: Subject) -> None:
 def check_smoke_train(subject: Subject) -> None:
     """One epoch trains with a finite loss, reports it through ``on_epoch`` as epoch 1, and returns a TrainHistory."""
     _, seen, returned = subject.trained_returning()
-    assert (problem := returned_problem("train", returned, TrainHistory)) is None, problem
     assert [m.epoch for m in seen] == [1], f"on_epoch saw epochs {[m.epoch for m in seen]}, expected [1]"
+    assert (problem := returned_problem("train", returned, TrainHistory)) is None, problem
     metrics = seen[0]
     for field in ("loss", "val_loss", "seconds", "images_per_second"):
         value = getattr(metrics, field)
