@@ -70,3 +70,8 @@ def quiet_libraries(*, verbose: bool = False, environ: MutableMapping[str, str] 
             logger.addFilter(_DropAnnouncements(prefixes))
     for message, category, module in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+def quieted() -> bool:
+    """Whether :func:`quiet_libraries` silenced this process: a Ray trial then silences its worker too."""
+    return any(isinstance(f, _DropAnnouncements) for f in logging.getLogger("prefect").filters)

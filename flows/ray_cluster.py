@@ -19,12 +19,13 @@ from prefect.context import FlowRunContext
 from cnn_train.flows import temporary_server
 from cnn_train.flows.params import RAY_RESOURCE_NAME, RunnerOptions
 from cnn_train.flows.placement import ray_resources
+from cnn_train.flows.quiet import quiet_libraries, quieted
 from cnn_train.flows.ray_join import RayClusterError, RayOptionError, check_answers, join_failure, send_token_when_provided
 
 __all__ = ["node_tags", "parse_resources", "ray_task_runner", "trials_on", "worker_died"]
 
 #: Credentials trials need from the driver. They travel inside each trial's pickled entry point
-#: (:func:`_setting_credentials`), not in the job's runtime environment, which Ray writes to its nodes'
+#: (:func:`_in_trial`), not in the job's runtime environment, which Ray writes to its nodes'
 #: logs (runtime_env_agent.log; ray_client_server.err for a Ray Client) and shows on its dashboard.
 _CREDENTIALS_ENV = (
     "PREFECT_API_AUTH_STRING", "PREFECT_API_KEY", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
@@ -75,8 +76,8 @@ def _runner_class() -> type:
             super().__init__(address=address, init_kwargs=init_kwargs)
             self.trial_resources = dict(trial_resources or {})
             self.credentials = dict(credentials or {})
-            if self.credentials:  # the remote entry point submit() hands to Ray
-                self._run_prefect_task = _setting_credentials(self.credentials, RayTaskRunner._run_prefect_task)
+            # The remote entry point submit() hands to Ray.
+            self._run_prefect_task = _in_trial(self.credentials, quieted(), RayTaskRunner._run_prefect_task)
 
         def duplicate(self) -> RayClusterTaskRunner:
             return type(self)(self.address, self.init_kwargs, self.trial_resources, self.credentials)
@@ -116,15 +117,18 @@ def _runner_class() -> type:
     return RayClusterTaskRunner
 
 
-def _setting_credentials(credentials: dict[str, str], run: Callable[..., Any]) -> Callable[..., Any]:
+def _in_trial(credentials: dict[str, str], quiet: bool, run: Callable[..., Any]) -> Callable[..., Any]:
     """``run`` (prefect-ray's remote entry point) that first sets ``credentials`` in the Ray worker's
-    environment; Ray pickles the function with them, by value."""
+    environment (Ray pickles the function with them, by value) and, for a quiet driver, silences the
+    libraries there as the command did: Ray prints its workers' logs on the driver's terminal."""
 
-    def run_with_credentials(*args: Any, **kwargs: Any) -> Any:
+    def run_in_trial(*args: Any, **kwargs: Any) -> Any:
         os.environ.update(credentials)
+        if quiet:
+            quiet_libraries()
         return run(*args, **kwargs)
 
-    return run_with_credentials
+    return run_in_trial
 
 
 def _trials_may_use(api_url: str | None, address: str | None) -> bool:

@@ -129,6 +129,24 @@ def test_a_ray_client_whose_server_failed_to_start_joins_with_a_second_client(mo
     assert len(shutdowns) == (1 if isinstance(failures[0], ConnectionAbortedError) else 0)
 
 
+@pytest.mark.parametrize(("quiet", "shown"), [(True, False), (False, True)], ids=["quiet-command", "verbose-command"])
+def test_a_trial_on_ray_is_as_quiet_as_the_command_that_started_it(quiet: bool, shown: bool) -> None:
+    """A pyfunc plugin's trial on Ray printed MLflow's pickling advice once per trial on the terminal, which
+    the command itself silences (flows/quiet.py): the filters were never set in Ray's worker processes."""
+    code = (
+        "import logging, sys\n"
+        "logging.basicConfig(stream=sys.stdout, format='%(name)s: %(message)s')\n"
+        "from cnn_train.flows.ray_cluster import _in_trial\n"
+        "advice = lambda: logging.getLogger('mlflow.pyfunc').warning('Passing a Python object as `python_model` ...')\n"
+        f"_in_trial({{'MLFLOW_TRACKING_PASSWORD': 'pw'}}, {quiet}, advice)()\n"
+        "import os; print('password set:', os.environ['MLFLOW_TRACKING_PASSWORD'] == 'pw')\n"
+    )
+    # A fresh process, as a Ray worker is: this one may have been quieted by an earlier test's command.
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert ("Passing a Python object" in out) == shown, out
+    assert "password set: True" in out
+
+
 @pytest.mark.parametrize("validate", [pytest.param(validate_sweep, id="sweep"), pytest.param(validate_tune, id="tune")])
 @pytest.mark.parametrize("address", [pytest.param("http://127.0.0.1:8265", id="dashboard-url"), pytest.param("", id="unreachable")])
 def test_a_search_refuses_a_bad_ray_address_while_it_is_validated(validate, address: str) -> None:
