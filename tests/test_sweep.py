@@ -269,6 +269,7 @@ def test_local_sweep_ranks_four_children_and_registers_the_best(mlflow_store):
     client = MlflowClient(mlflow_store)
     parent = client.get_run(result["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
+    assert "None" not in parent.data.params.values(), parent.data.params  # values left out are no params
     children = _children(client, parent.info.run_id)
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     assert {"sweep/ranking.csv", "sweep/ranking.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}

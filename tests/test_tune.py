@@ -458,6 +458,7 @@ def test_a_hopeless_trial_is_pruned_and_its_run_says_so(mlflow_store, tmp_path, 
     parent = client.get_run(result["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.params["task_runner"] == runner_class
+    assert "None" not in parent.data.params.values(), parent.data.params  # values left out are no params
     assert parent.data.tags["cnn_train.best_trial"] == "0"
     description = parent.data.tags["mlflow.note.content"]
     assert "2 trials ended: 1 complete, 1 pruned, 0 failed" in description and "Best trial: **0**" in description
