@@ -511,7 +511,8 @@ def test_without_servers_ctrl_c_records_the_crash_and_trials_get_no_loopback_api
             "--sample-limit", "2000", "--test-limit", "200", "--architecture", "cnn"]
     # A terminal's foreground job: a process group of its own, SIGINT at its default.
     sweep = subprocess.Popen(  # noqa: S603 - our own command
-        [str(BIN / "cnn-train"), "sweep", "--task-runner", "ray", *args], env=env, stdout=subprocess.PIPE,
+        # --verbose: a quiet command's trials drop the announcement of their server, the evidence read below.
+        [str(BIN / "cnn-train"), "--verbose", "sweep", "--task-runner", "ray", *args], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, process_group=0,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
