@@ -201,15 +201,14 @@ def test_a_missing_dependency_is_named_with_where_it_is_imported_and_what_to_ins
     )
 
 
-@pytest.mark.parametrize(
-    ("code", "line"),
-    [
-        pytest.param("import os\nundefined_name + 1\n", "NameError: name 'undefined_name' is not defined (raised at {}:2)",
-                     id="name-error"),
-        pytest.param("x = 1\n\nraise RuntimeError('no licence')\n", "RuntimeError: no licence (raised at {}:3)",
-                     id="raises"),
-    ],
-)
+#: A plugin module's source, and what loading it says after "failed to import: " ({} is the file).
+FAILING_IMPORTS = {
+    "name-error": ("import os\nundefined_name + 1\n", "NameError: name 'undefined_name' is not defined (raised at {}:2)"),
+    "raises": ("x = 1\n\nraise RuntimeError('no licence')\n", "RuntimeError: no licence (raised at {}:3)"),
+}
+
+
+@pytest.mark.parametrize(("code", "line"), FAILING_IMPORTS.values(), ids=FAILING_IMPORTS)
 def test_a_plugin_that_fails_at_import_says_where(installed, tmp_path, monkeypatch, code, line):
     (tmp_path / "broken_plugin.py").write_text(code + "\nclass Backend:\n    pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
