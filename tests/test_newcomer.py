@@ -439,6 +439,22 @@ def test_status_shows_disk_use_per_folder(state, monkeypatch, tmp_path):
     assert any(line.startswith("prefect-server: not running") for line in lines)
 
 
+def test_status_lines_up_the_sizes_of_a_state_folder_far_from_the_project(monkeypatch, tmp_path):
+    """A state folder outside the project shows as full paths, longer than the column was: sizes went ragged."""
+    far = tmp_path / "a-folder-with-a-rather-long-name" / "state"
+    _aged(far / "cache" / "split.npz", 0, size=2048)
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(far))
+    monkeypatch.setenv("CNN_TRAIN_ROOT", str(tmp_path / "project"))
+    for port in ("CNN_TRAIN_PREFECT_PORT", "CNN_TRAIN_MLFLOW_PORT"):
+        monkeypatch.setenv(port, str(free_port()))
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    disk = lines[lines.index("disk:") + 1 : -1]
+    assert any(str(far) in line for line in disk), disk
+    assert len({len(line) for line in disk}) == 1, "\n".join(disk)  # sizes right-aligned in one column
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "said"),
     [

@@ -35,9 +35,10 @@ def status(
     for line in _elsewhere():
         typer.echo(line)
     typer.echo("disk:")
+    width = max(len(label) for label in ("total", *(place.label for place in usage)))  # a long path keeps the sizes lined up
     for place in usage:
-        typer.echo(f"  {place.label:<28} {housekeeping.human_size(place.size):>10}")
-    typer.echo(f"  {'total':<28} {housekeeping.human_size(sum(place.size for place in usage)):>10}")
+        typer.echo(f"  {place.label:<{width}} {housekeeping.human_size(place.size):>10}")
+    typer.echo(f"  {'total':<{width}} {housekeeping.human_size(sum(place.size for place in usage)):>10}")
     typer.echo("(`cnn-train gc --dry-run` lists what can be pruned)")
 
 
