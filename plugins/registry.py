@@ -13,6 +13,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import inspect
+import re
 import traceback
 import warnings
 from collections.abc import Mapping
@@ -193,10 +194,23 @@ def _import_line(error: BaseException) -> str:
     return f"{file.parent.name}/{file.name}:{frames[-1].lineno} "
 
 
+#: A backend's name becomes part of file names (``confusion_matrix_<name>.png``), task run names and MLflow
+#: params, so it is kept to what is safe in all three.
+_USABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def load_backend_class(name: str) -> type[Backend]:
     """The class registered as ``name``, imported and checked against the contract the first time it is asked for."""
     if name not in _loaded:
-        loaded = _import_target(_registration(name))
+        registration = _registration(name)
+        if not _USABLE_NAME.fullmatch(name):
+            info = registration.info
+            raise BackendContractError(
+                f"backend name {name!r} (from {info.distribution} {info.version}) is not usable: a name is letters, "
+                "digits, '.', '_' and '-', starting with a letter or digit (it names files, tasks and MLflow params); "
+                f"rename its entry point in the group {GROUP!r}"
+            )
+        loaded = _import_target(registration)
         validate_backend_class(loaded, name=name)
         _loaded[name] = loaded  # type: ignore[assignment]  # validated just above
     return _loaded[name]

@@ -219,6 +219,16 @@ def test_a_plugin_that_fails_at_import_says_where(installed, tmp_path, monkeypat
     assert str(caught.value) == f"backend 'bad' (from bad-plugin 1.0, broken_plugin:Backend) failed to import: {line.format(where)}"
 
 
+@pytest.mark.parametrize("name", ["bad name!", "a/b", "-dash", "ünïcode"], ids=["space-and-bang", "slash", "leading-dash", "non-ascii"])
+def test_a_backend_name_that_cannot_name_a_file_is_refused(installed, name):
+    """The name reaches file names (compare's confusion_matrix_<name>.png), task names and MLflow params."""
+    installed(_plugin(name, GOOD), _plugin("good", GOOD))
+    with pytest.raises(registry.BackendContractError) as caught:
+        registry.load_backend_class(name)
+    assert str(caught.value).startswith(f"backend name {name!r} (from {name}-plugin 1.0) is not usable: a name is letters")
+    assert registry.load_backend_class("good").__name__ == "GoodBackend"
+
+
 def test_a_misspelt_backend_gets_a_suggestion(installed):
     installed(_plugin("mynp", GOOD), _plugin("torch", GOOD))
     with pytest.raises(registry.UnknownBackendError) as caught:
