@@ -94,6 +94,8 @@ def load_credentials() -> Credentials | None:
 
 
 def _checked(credentials: Credentials) -> Credentials:
+    if not credentials.username.strip():
+        raise AuthError(f"the user name must hold a character other than spaces ({USERNAME_ENV})")
     # Prefect splits its auth string at the first colon.
     if ":" in credentials.username:
         raise AuthError("the user name may not contain ':'")
@@ -124,13 +126,49 @@ def _flask_secret_key() -> str:
     return path.read_text().strip()
 
 
+def _mlflow_auth_db() -> Path:
+    return state_dir() / "mlflow-auth.db"
+
+
+def _owner_only(path: Path) -> Path:
+    """``path`` made (empty, when missing: SQLite takes an empty file as an empty database) readable by its owner only."""
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    return path
+
+
+def sync_mlflow_admin(credentials: Credentials) -> None:
+    """Make the team's credentials MLflow's admin before its server starts: MLflow creates the admin user
+    only once, so a changed password was refused by MLflow (while Prefect took it) and a changed user name
+    left the old one an admin. The previous user cnn-train made admin is removed; users added by hand stay.
+
+    No public MLflow API sets a password without the old one: this uses the basic-auth app's own store."""
+    import warnings
+
+    with warnings.catch_warnings():  # the auth package imports MLflow's FastAPI app, which Starlette warns about
+        warnings.simplefilter("ignore")
+        from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
+
+    database, record = _owner_only(_mlflow_auth_db()), state_dir() / "mlflow-auth.admin"
+    store = SqlAlchemyStore()
+    store.init_db(f"sqlite:///{database}")
+    if not store.has_user(credentials.username):
+        store.create_user(credentials.username, credentials.password, is_admin=True)
+    elif not store.authenticate_user(credentials.username, credentials.password):
+        store.update_user(credentials.username, password=credentials.password, is_admin=True)
+    previous = record.read_text().strip() if record.is_file() else ""
+    if previous and previous != credentials.username and store.has_user(previous):
+        store.delete_user(previous)
+    _owner_only(record).write_text(credentials.username)
+
+
 def mlflow_auth_config() -> Path:
     """The basic-auth app's config, with its user database under the state dir (MLflow's default is relative)."""
-    path = state_dir() / "mlflow-auth.ini"
+    path = _owner_only(state_dir() / "mlflow-auth.ini")
     path.write_text(
         "[mlflow]\n"
         "default_permission = READ\n"
-        f"database_uri = sqlite:///{state_dir() / 'mlflow-auth.db'}\n"
+        f"database_uri = sqlite:///{_mlflow_auth_db()}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
         # Checking a password costs a deliberately slow hash on every request; without this cache a
         # busy 2-core machine fell minutes behind (one worker, so no stale entries across workers).

@@ -55,6 +55,17 @@ def _server_credentials() -> dict[str, str]:
     return credentials.server_environment() if credentials else {}
 
 
+def _mlflow_server_credentials() -> dict[str, str]:
+    """The MLflow server's credentials, its user database brought to them first (auth.sync_mlflow_admin)."""
+    credentials = _credentials()
+    if credentials is None:
+        return {}
+    from cnn_train.flows import auth
+
+    auth.sync_mlflow_admin(credentials)
+    return credentials.server_environment()
+
+
 def _mlflow_auth_app() -> list[str]:
     return ["--app-name", "basic-auth"] if _credentials() else []
 DEPLOYMENT = "cnn-train/default"
@@ -304,7 +315,7 @@ mlflow_server = _service(
     ],
     ready=lambda: http_ok(f"{mlflow_url()}/health"),
     # The default server spawns ~15 processes and 3 GB on 2 cores; these keep it near 0.5 GB.
-    extra_env=lambda: {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | _server_credentials() | _mlflow_beyond_loopback(),
+    extra_env=lambda: {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | _mlflow_server_credentials() | _mlflow_beyond_loopback(),
     port=mlflow_port,
     port_variable="CNN_TRAIN_MLFLOW_PORT",
 )

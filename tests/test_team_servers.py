@@ -60,6 +60,35 @@ def test_a_credentials_file_is_refused_with_the_reason(tmp_path, monkeypatch, mo
         auth.require_for_host("0.0.0.0")
 
 
+def test_a_blank_user_name_in_the_environment_is_refused(monkeypatch):
+    """The file's blank name was refused; the environment's was taken, and MLflow made a user ' ' its admin."""
+    monkeypatch.setenv(auth.USERNAME_ENV, "  ")
+    monkeypatch.setenv(auth.PASSWORD_ENV, PASSWORD)
+    with pytest.raises(auth.AuthError, match="the user name must hold a character other than spaces"):
+        auth.require_for_host("0.0.0.0")
+
+
+def test_mlflows_admin_follows_the_teams_credentials(tmp_path, monkeypatch):
+    """MLflow makes its admin once: a new password was refused by MLflow alone (`up` then died on a 401 traceback),
+    and a new user name left the old one an admin. A user added by hand in MLflow stays."""
+    import stat
+
+    from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
+
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path))
+    auth.sync_mlflow_admin(auth.Credentials("alice", "first-password-1"))
+    store = SqlAlchemyStore()
+    store.init_db(f"sqlite:///{tmp_path / 'mlflow-auth.db'}")
+    store.create_user("carol", "carols-own-password", is_admin=False)
+    auth.sync_mlflow_admin(auth.Credentials("alice", "second-password-2"))
+    assert store.authenticate_user("alice", "second-password-2") and not store.authenticate_user("alice", "first-password-1")
+    auth.sync_mlflow_admin(auth.Credentials("bob", "second-password-2"))
+    assert {(user.username, user.is_admin) for user in store.list_users()} == {("bob", True), ("carol", False)}
+    for name in ("mlflow-auth.db", "mlflow-auth.admin"):  # password hashes, and who the admin is: the owner's only
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+    assert stat.S_IMODE(auth.mlflow_auth_config().stat().st_mode) == 0o600
+
+
 def test_credentials_from_a_private_file_reach_every_client(tmp_path, monkeypatch):
     path = tmp_path / "auth"
     path.write_text(f"# for the team\nusername={USER}\npassword={PASSWORD}\n")
