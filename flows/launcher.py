@@ -23,6 +23,37 @@ class ForeignServerError(ExpectedFailure):
     """A server on this project's port that this project did not start, which `up` cannot use as its own."""
 
 
+class RestartNeededError(ExpectedFailure):
+    """A server up started earlier listens on another host than this `up` asks for."""
+
+
+def _host_of(command: list[str]) -> str | None:
+    return command[command.index("--host") + 1] if "--host" in command[:-1] else None
+
+
+def check_same_host(service: services.Service) -> None:
+    """Refuse to go on with a running server of ours on loopback when ``--host`` now asks for more: `up --host
+    0.0.0.0` over servers on 127.0.0.1 printed the addresses teammates use, where nothing listened. (Servers on
+    every interface answer on 127.0.0.1 too: a plain `up` over them adopts them, as before.)"""
+    import psutil
+
+    from cnn_train.flows.auth import LOOPBACK
+
+    pid = service.pid()
+    wanted = _host_of(service.command())
+    if pid is None or wanted is None or wanted in LOOPBACK:
+        return
+    try:
+        running = _host_of(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return
+    if running is not None and running != wanted:
+        raise RestartNeededError(
+            f"{service.name} already runs on {running}, not {wanted}: `cnn-train down`, then `cnn-train up --host {wanted}` "
+            "(it starts the servers on that host, with the credentials configured then)"
+        )
+
+
 def start_service(service: services.Service, echo: Echo, *, timeout: float) -> None:
     """Start ``service`` unless it answers, saying which it was."""
     if not service.ready():
@@ -96,6 +127,8 @@ def up(*, trigger: bool, watch_timeout: float, echo: Echo, worker: bool = False)
 
         work_pool.pool_name()
     refuse_foreign_mlflow_server()
+    for server in (services.prefect_server, services.mlflow_server):  # before anything starts or stops
+        check_same_host(server)
     start_service(services.prefect_server, echo, timeout=START_TIMEOUT)
     refuse_taking_the_deployments(worker=worker)  # before anything of this project's starts
     start_service(services.mlflow_server, echo, timeout=START_TIMEOUT)

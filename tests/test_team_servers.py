@@ -383,3 +383,33 @@ def test_sigkill_of_serve_and_flow_run_process_ends_both_runs(team, monkeypatch)
     assert run.info.status == "FAILED", recovered.stdout
     print(f"doctor reported both {reported_after:.0f} s after the kill; Prefect Crashed after {crashed_after:.0f} s "
           f"(automation, no cnn-train process running); MLflow FAILED after {failed_after:.0f} s (by `cnn-train up`)")
+
+
+@pytest.mark.parametrize(
+    ("running", "asked", "refused"),
+    [("127.0.0.1", "0.0.0.0", True), ("0.0.0.0", "0.0.0.0", False), ("0.0.0.0", "127.0.0.1", False)],
+    ids=["loopback-then-every-interface", "same-host", "every-interface-answers-on-loopback-too"],
+)
+def test_up_over_running_servers_on_another_host_says_to_restart_them(tmp_path, monkeypatch, running, asked, refused):
+    """`up --host 0.0.0.0` over servers up had started on 127.0.0.1 printed the addresses teammates use, where
+    nothing listened: the servers stayed on loopback, without credentials."""
+    from cnn_train.flows import launcher
+
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv(services.BIND_HOST_ENV, asked)
+    # A process whose command line is a server's as up started it: what check_same_host reads.
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--host", running])
+    try:
+        services.prefect_server.pid_file.parent.mkdir(parents=True)
+        services.prefect_server.pid_file.write_text(str(stand_in.pid))
+        if refused:
+            with pytest.raises(launcher.RestartNeededError, match=re.escape(
+                f"prefect-server already runs on {running}, not {asked}: `cnn-train down`, then `cnn-train up --host {asked}`"
+            )):
+                launcher.check_same_host(services.prefect_server)
+        else:
+            launcher.check_same_host(services.prefect_server)
+        launcher.check_same_host(services.mlflow_server)  # not running: nothing to say
+    finally:
+        stand_in.kill()
+        stand_in.wait()
