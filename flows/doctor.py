@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +126,13 @@ def check_flow_runs(api_url: str | None, tracking_uri: str, *, fix: bool) -> Fin
 
 
 def check_tracking(uri: str) -> Finding:
+    server = services.mlflow_server
+    if not os.environ.get("MLFLOW_TRACKING_URI") and server.pid_file.exists() and server.pid() is None:
+        # Else the check fell back to mlflow.db and said ok, while every served run failed on the missing server.
+        return Finding(
+            "mlflow", False, f"the MLflow server `cnn-train up` started is not running (its log: {server.log_file}); "
+            "the served deployments' runs fail until it is back", "run `cnn-train up --no-trigger`",
+        )
     try:
         tracking.check_reachable(uri, timeout=3.0)
     except tracking.TrackingUnavailableError as error:

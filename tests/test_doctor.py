@@ -56,6 +56,26 @@ def test_missing_mlflow_server_is_reported():
     assert "is not reachable" in finding.detail and "cnn-train up" in finding.detail
 
 
+@pytest.mark.parametrize("variable_set", [False, True], ids=["servers-mlflow", "users-own-mlflow-uri"])
+def test_a_dead_mlflow_server_of_up_is_not_the_fallback_store(tmp_path, monkeypatch, variable_set):
+    """Its process killed, the check resolved to mlflow.db and said ok while every served run failed."""
+    from cnn_train.flows import services
+
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    if variable_set:  # the user's own store: what up started is not what this shell uses
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mine.db'}")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    services.mlflow_server.pid_file.parent.mkdir(parents=True)
+    services.mlflow_server.pid_file.write_text(str(dead.pid))
+    finding = doctor.check_tracking(f"sqlite:///{tmp_path / ('mine.db' if variable_set else 'mlflow.db')}")
+    assert finding.ok is variable_set, finding
+    if not variable_set:
+        assert finding.detail.startswith("the MLflow server `cnn-train up` started is not running (its log: ")
+        assert finding.fix == "run `cnn-train up --no-trigger`"
+
+
 def test_missing_dataset_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("CNN_TRAIN_DATA_DIR", str(tmp_path))
     finding = doctor.check_dataset()
