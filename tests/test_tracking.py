@@ -382,14 +382,21 @@ def test_a_database_password_is_not_printed():
     assert "s3cret" not in hint
 
 
-def test_an_unreachable_server_says_what_to_do():
+@pytest.mark.parametrize("projects", [True, False], ids=["the-projects-port", "another-port"])
+def test_an_unreachable_server_says_what_to_do(monkeypatch, projects):
+    """At another port than the project's, "start it with `cnn-train up`" started (or kept) the project's server
+    on its own port, and the address stayed silent."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again when the block ends: nothing listens there
+    monkeypatch.setenv("CNN_TRAIN_MLFLOW_PORT", str(port if projects else port + 1))
+    said = "start it with `cnn-train up`" if projects else (
+        f"`cnn-train up` serves the project's MLflow at http://127.0.0.1:{port + 1}, not there (CNN_TRAIN_MLFLOW_PORT moves it)"
+    )
     with pytest.raises(tracking.TrackingUnavailableError, match=rf"MLflow tracking server http://127.0.0.1:{port} "
-                       r"is not reachable \(.*\); start it with `cnn-train up`, or unset MLFLOW_TRACKING_URI"):
+                       rf"is not reachable \(.*\); {re.escape(said)}, or unset MLFLOW_TRACKING_URI"):
         tracking.check_reachable(f"http://127.0.0.1:{port}", timeout=2)
 
 

@@ -61,7 +61,7 @@ def down() -> None:
 
 @app.command()
 def doctor(
-    fix: Annotated[bool, typer.Option(help="Mark abandoned RUNNING MLflow runs FAILED.")] = False,
+    fix: Annotated[bool, typer.Option(help="Deliver records waiting in a spool, mark orphaned flow runs Crashed and abandoned RUNNING MLflow runs FAILED.")] = False,
     data_dir: Annotated[Optional[str], typer.Option(help=RunParameters.model_fields["data_dir"].description)] = None,  # noqa: UP045
 ) -> None:
     """Check the Prefect server, what runs the deployment (the serve process or a work pool's workers),

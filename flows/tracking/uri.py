@@ -16,7 +16,7 @@ from urllib.parse import quote, urlparse
 from mlflow import MlflowClient
 
 from cnn_train.flows import services
-from cnn_train.flows.addresses import start_hint
+from cnn_train.flows.addresses import same_server, start_hint
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.settings import default_tracking_uri
 
@@ -72,8 +72,13 @@ def check_reachable(uri: str, *, timeout: float = 5.0, as_client: bool = True) -
             problem = f"HTTP {response.status}"
     except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as error:
         problem = str(getattr(error, "reason", error))
+    project = services.mlflow_url()
+    # `cnn-train up` starts the project's server on its own port: at another address it would not start this one.
+    start = "start it with `cnn-train up`" if same_server(uri, project) else (
+        f"`cnn-train up` serves the project's MLflow at {project}, not there ({services.mlflow_server.port_variable} moves it)"
+    )
     raise TrackingUnavailableError(
-        f"MLflow tracking server {uri} is not reachable ({problem}); {start_hint(uri, 'start it with `cnn-train up`')}, "
+        f"MLflow tracking server {uri} is not reachable ({problem}); {start_hint(uri, start)}, "
         "or unset MLFLOW_TRACKING_URI to log to the project's mlflow.db"
     )
 
