@@ -212,3 +212,17 @@ def crash_orphans(*, tracking_uri: str | None = None) -> list[Orphan]:
     for orphan in orphans:
         crash(orphan, tracking_uri=tracking_uri)
     return orphans
+
+
+def record_this_process() -> None:
+    """Name this process as the running flow run's, ``HOST:PID`` as Prefect's process worker does, when nothing
+    has: a flow run called in a `cnn-train run` had no process to check, so after a SIGKILL doctor said all was
+    well until its MLflow heartbeat was stale (minutes), where a dead pid says so at once."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None or context.flow_run.infrastructure_pid:
+        return
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(context.flow_run.id, infrastructure_pid=f"{socket.gethostname()}:{os.getpid()}")

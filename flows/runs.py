@@ -56,6 +56,7 @@ def figures_from_mlflow(report_md: Path, uri: str, run_id: str, folder: str) -> 
 def _start_flow_run(experiment: str, *, run_name: str, role: str | None = None) -> RunTracker:
     """The flow's top-level MLflow run, after checking the store answers and reaping abandoned runs."""
     logger = get_run_logger()
+    crashes.record_this_process()
     tracking.check_reachable(tracking.tracking_uri())
     # Records an earlier run left on this machine while the server was away go first: their run's
     # end is among them, so it is not mistaken for abandoned below.

@@ -149,10 +149,13 @@ def test_sigkill_then_reaped_by_doctor_and_by_the_next_start(prefect_api_url, st
     process.kill()
     process.wait(timeout=30)
     assert _client(store).get_run(run_id).info.status == "RUNNING"  # it could not mark itself
+    flow_run_id = _client(store).get_run(run_id).data.tags["prefect.flow_run_id"]
+    # At once, by its process (the flow run names it): before, nothing until the heartbeat was stale.
+    at_once = subprocess.run([CLI, "doctor"], env=env, capture_output=True, text=True, timeout=120)
+    assert f"({flow_run_id}, Running): its process {process.pid} is gone" in at_once.stdout, at_once.stdout
     time.sleep(7)  # heartbeat 1 s: stale after 6 s
     report = subprocess.run([CLI, "doctor"], env=env, capture_output=True, text=True, timeout=120)
     assert f"FAIL stale runs: 1 run(s) RUNNING without a heartbeat: {run_id}" in report.stdout
-    flow_run_id = _client(store).get_run(run_id).data.tags["prefect.flow_run_id"]
     assert "FAIL flow runs: 1 flow run(s) Running without a process: " in report.stdout
     assert f"({flow_run_id}, Running): its MLflow heartbeat stopped" in report.stdout
     fixed = subprocess.run([CLI, "doctor", "--fix"], env=env, capture_output=True, text=True, timeout=120)
