@@ -145,13 +145,14 @@ def sync_mlflow_admin(credentials: Credentials) -> None:
     No public MLflow API sets a password without the old one: this uses the basic-auth app's own store."""
     import warnings
 
-    with warnings.catch_warnings():  # the auth package imports MLflow's FastAPI app, which Starlette warns about
+    database, record = _owner_only(_mlflow_auth_db()), state_dir() / "mlflow-auth.admin"
+    # Its import warns about Starlette (MLflow's FastAPI app), its migrations about Alembic's config: MLflow's to change.
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
 
-    database, record = _owner_only(_mlflow_auth_db()), state_dir() / "mlflow-auth.admin"
-    store = SqlAlchemyStore()
-    store.init_db(f"sqlite:///{database}")
+        store = SqlAlchemyStore()
+        store.init_db(f"sqlite:///{database}")
     if not store.has_user(credentials.username):
         store.create_user(credentials.username, credentials.password, is_admin=True)
     elif not store.authenticate_user(credentials.username, credentials.password):
