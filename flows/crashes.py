@@ -169,11 +169,12 @@ def _why_orphaned(
     served_here = flow_run.deployment_id is not None and any(runner.pid_file.exists() for runner in runners())
     if served_here and not runner_alive and str(flow_run.id) not in running_here:
         return "the serve process (or worker) that ran it is gone, and no process here runs it"
-    if str(flow_run.id) in stale_flow_runs:
-        return "its MLflow heartbeat stopped"
+    # The process first: a dead pid is the surer reason, and a heartbeat goes stale only a while later.
     host, _, pid = (flow_run.infrastructure_pid or "").rpartition(":")
     if pid.isdigit() and host == socket.gethostname() and not _alive(int(pid)):
         return f"its process {pid} is gone"
+    if str(flow_run.id) in stale_flow_runs:
+        return "its MLflow heartbeat stopped"
     return None
 
 

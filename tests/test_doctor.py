@@ -278,3 +278,27 @@ def test_a_pending_flow_run_whose_serve_process_died_is_reported_and_crashed(pre
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(flow_run.id).state
     assert state.type.value == "CRASHED" and "the serve process (or worker) that ran it is gone" in state.message
+
+
+@pytest.mark.parametrize(
+    ("process", "stale", "reason"),
+    [
+        ("dead", True, "its process {pid} is gone"),  # the surer reason, whatever the heartbeat says
+        ("dead", False, "its process {pid} is gone"),  # at once: the heartbeat goes stale only later
+        ("alive", True, "its MLflow heartbeat stopped"),  # a process that hangs, or another machine's
+        ("alive", False, None),
+    ],
+    ids=["dead-and-stale", "dead-heartbeat-fresh", "alive-but-stale", "alive-and-beating"],
+)
+def test_a_command_run_is_judged_by_the_process_it_names_then_by_its_heartbeat(process, stale, reason):
+    import os
+    from types import SimpleNamespace
+
+    from cnn_train.flows import crashes
+
+    pid = _exited_pid() if process == "dead" else os.getpid()
+    flow_run = SimpleNamespace(id="flow-1", deployment_id=None, infrastructure_pid=f"{socket.gethostname()}:{pid}", work_pool_name=None)
+    found = crashes._why_orphaned(
+        flow_run, runners_alive=set(), polled_pools=set(), stale_flow_runs={"flow-1"} if stale else set(), running_here=set()
+    )
+    assert found == (reason.format(pid=pid) if reason else None)
