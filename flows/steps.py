@@ -339,15 +339,16 @@ def check_returned(backend: str, *returns: tuple[str, object, type]) -> None:
     """Refuse a method's result of the wrong type, each ``(method, value, expected type)``: else it failed later,
     in the report or the model logging, as a traceback that never named the backend."""
     for method, value, expected in returns:
-        if problem := returned_problem(method, value, expected):
-            raise BackendOutputError(
-                f"backend {backend!r} broke the contract: {problem}. Check it with `cnn-train check-backend {backend}`"
-            )
+        _refuse(backend, returned_problem(method, value, expected))
 
 
 def check_probabilities(backend: str, probabilities: np.ndarray, n: int, num_classes: int) -> None:
     """Refuse probabilities of the wrong shape or range before they reach MLflow or the report."""
-    problem = probabilities_problem(probabilities, n, num_classes)
+    _refuse(backend, probabilities_problem(probabilities, n, num_classes))
+
+
+def _refuse(backend: str, problem: str | None) -> None:
+    """A contract breach the flow found, as the one line that names the backend and the check telling its author more."""
     if problem:
         raise BackendOutputError(
             f"backend {backend!r} broke the contract: {problem}. Check it with `cnn-train check-backend {backend}`"

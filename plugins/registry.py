@@ -337,9 +337,13 @@ class BackendStatus:
 
     info: BackendInfo
     loads: bool
-    problem: str = ""
     #: Why it does not load, with the plugin's own traceback as its cause (``cnn-train --debug`` shows it).
     error: BackendError | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def problem(self) -> str:
+        """Why it does not load, in one line ("" when it loads)."""
+        return "" if self.error is None else str(self.error)
 
 
 def backend_statuses() -> list[BackendStatus]:
@@ -350,7 +354,7 @@ def backend_statuses() -> list[BackendStatus]:
             load_backend_class(name)
         except BackendError as error:
             warnings.warn(f"cnn-train: {error}", RuntimeWarning, stacklevel=2)
-            statuses.append(BackendStatus(registrations[0].info, False, str(error), error))
+            statuses.append(BackendStatus(registrations[0].info, False, error))
         else:
             statuses.append(BackendStatus(registrations[0].info, True))
     return statuses
