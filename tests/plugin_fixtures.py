@@ -9,7 +9,6 @@ from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
 from cnn_train.plugins import registry
-from cnn_train.plugins.contract import LoggableModel
 
 if TYPE_CHECKING:  # flow subprocesses import this module through entry points; they need no pytest
     import pytest
@@ -184,28 +183,6 @@ class ExtraRequired(GoodBackend):
 class RaisesInConstructor(GoodBackend):
     def __init__(self):
         raise ConnectionError("cannot reach the licence server")
-
-
-class LogsARun(GoodBackend):
-    """Keeps the contract's shape, but records its training in MLflow itself."""
-
-    def train(self, data, config, *, on_epoch=None, initial_epoch=0):
-        import mlflow
-
-        with mlflow.start_run():
-            mlflow.log_metric("loss", 1.0)
-
-    def loggable_model(self):
-        return LoggableModel(self.mlflow_flavor, None)
-
-
-class LeavesARunActive(LogsARun):
-    """Starts an MLflow run while training and never ends it."""
-
-    def train(self, data, config, *, on_epoch=None, initial_epoch=0):
-        import mlflow
-
-        mlflow.start_run()
 
 
 NOT_A_CLASS = object()

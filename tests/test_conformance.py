@@ -29,13 +29,12 @@ from cnn_train.plugins.contract import PLAIN_TRAINING, BackendInputError, TrainD
 from tests.plugin_fixtures import (
     FakeDistribution,
     GoodBackend,
-    LeavesARunActive,
-    LogsARun,
     MissingTrain,
     only_distributions,
     pip_install,
     write_dist_info,
 )
+from tests.plugin_fixtures_numpy import LeavesARunActive, LogsARun
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_PLUGIN = ROOT / "plugins" / "examples" / "sklearn_mlp"
@@ -105,7 +104,8 @@ def shape_only_results() -> dict[str, CheckResult]:
         pytest.param("feature_maps_shapes", CheckStatus.SKIPPED, "builds only dense, which has no convolution layers", id="feature_maps_shapes"),
         pytest.param("first_conv_kernels_shape", CheckStatus.SKIPPED, "builds only dense, which has no convolution layers", id="first_conv_kernels_shape"),
         pytest.param("smoke_train", CheckStatus.FAILED, "on_epoch saw epochs [], expected [1]", id="smoke_train"),
-        pytest.param("uses_given_device", CheckStatus.FAILED, "build(device='cuda:99') ran anyway", id="uses_given_device"),
+        pytest.param("rejects_empty_data", CheckStatus.FAILED, "train on zero images: accepted without error", id="rejects_empty_data"),
+        pytest.param("uses_given_device", CheckStatus.NOT_RUN, "smoke_train failed", id="uses_given_device"),
     ],
 )
 def test_shape_only_backend(shape_only_results, name, status, reason):
@@ -144,6 +144,7 @@ def test_only_runs_what_the_named_checks_require_without_reporting_it():
     ("backend", "check", "reason"),
     [
         pytest.param(MissingTrain, "smoke_train", "contract_members failed", id="requirement-failed"),
+        pytest.param(GoodBackend, "evaluate", "smoke_train failed", id="smoke-training-failed"),
         pytest.param(GoodBackend, "feature_maps_shapes", "which has no convolution layers", id="not-applicable"),
     ],
 )
@@ -151,6 +152,28 @@ def test_pytest_skips_with_the_reason(backend, check, reason):
     bound = _params(parametrize_with_checks(backend))[check]
     with pytest.raises(pytest.skip.Exception, match=reason):
         bound()
+
+
+class TrainingFails(GoodBackend):
+    """Counts its trainings, each of which fails."""
+
+    trainings = 0
+
+    def train(self, data, config, *, on_epoch=None, initial_epoch=0):
+        type(self).trainings += 1
+        raise RuntimeError("the training broke")
+
+
+def test_pytest_skips_every_check_that_trains_after_one_failed_smoke_training():
+    bound = _params(parametrize_with_checks(TrainingFails))
+    trains = [check.name for check in CHECKS if "smoke_train" in check.requires]
+    assert len(trains) >= 10
+    for name in trains:
+        with pytest.raises(pytest.skip.Exception, match="smoke_train failed"):
+            bound[name]()
+    assert TrainingFails.trainings == 1
+    with pytest.raises(RuntimeError, match="the training broke"):
+        bound["smoke_train"]()
 
 
 @pytest.mark.parametrize("backend", [LogsARun, LeavesARunActive], ids=["logs-a-run", "leaves-a-run-active"])
@@ -261,8 +284,6 @@ def test_check_backend_command_passes_for_the_example_plugin(installed_example_p
 
 
 def test_numpy_pyfunc_plugin_passes_the_kit_by_name(installed):
-    import tests.plugin_fixtures_numpy  # noqa: F401  (imports the plugin from its source folder)
-
     installed(FakeDistribution("cnn-train-numpy-mlp", {"numpy-mlp": "cnn_train_numpy_mlp.backend:NumpyMLPBackend"}))
     results = {result.name: result for result in run_checks("numpy-mlp")}
     assert [name for name, result in results.items() if not result.passed] == list(CONVOLUTION_CHECKS)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cnn_train.plugins.conformance import run_checks
+from cnn_train.plugins.conformance import CHECKS, CheckStatus, run_checks
 from tests.plugin_fixtures import make_channels_first_maps_backend
 from tests.plugin_fixtures_numpy import (
     AcceptsAnyDevice,
@@ -76,8 +76,7 @@ def test_the_kit_names_the_broken_promise(backend, check, reason):
     [
         pytest.param(CountsAsText, {"parameter_counts": "parameter_count() returned str '101770', expected int"},
                      id="count-as-text"),
-        pytest.param(TrainReturnsNothing, {"smoke_train": "train() returned NoneType None, expected TrainHistory",
-                                           "stops_when_asked": "train returned a history of epochs None"},
+        pytest.param(TrainReturnsNothing, {"smoke_train": "train() returned NoneType None, expected TrainHistory"},
                      id="train-returns-none"),
         pytest.param(LogsADict, {"model_logging": "loggable_model() returned dict {'flavor': 'pyfunc', "},
                      id="loggable-model-as-dict"),
@@ -94,11 +93,17 @@ def test_a_result_of_the_wrong_type_is_named_by_the_check_that_gets_it(backend, 
         assert failures[check].startswith(reason), failures[check]
 
 
-def test_an_evaluate_that_returns_a_tuple_fails_every_training_on_one_line():
+def test_an_evaluate_that_returns_a_tuple_fails_one_check_and_the_checks_that_train_are_not_run():
     """It failed 13 checks with ``AttributeError: 'tuple' object has no attribute 'loss'``, blamed on fit."""
-    [result] = run_checks(EvaluatesToATuple, only=["smoke_train"])
-    assert result.reason.startswith("TypeError: run_epochs' validate() returned tuple (")
-    assert "expected Evaluation" in result.reason
+    results = {result.name: result for result in run_checks(EvaluatesToATuple)}
+    assert [name for name, result in results.items() if result.failed] == ["smoke_train"]
+    assert results["smoke_train"].reason.startswith("TypeError: run_epochs' validate() returned tuple (")
+    assert "expected Evaluation" in results["smoke_train"].reason
+    trains = [check.name for check in CHECKS if "smoke_train" in check.requires]
+    assert {name: (results[name].status, results[name].reason) for name in trains} == dict.fromkeys(
+        trains, (CheckStatus.NOT_RUN, "smoke_train failed")
+    )
+    assert results["rejects_labels_out_of_range"].passed  # what does not train still runs
 
 
 def test_a_flavor_other_than_the_logged_models_fails_model_logging():

@@ -1,7 +1,8 @@
 """The checks in order, and running them: each passes, fails with the reason, or is skipped with the reason.
 
 A check runs only when the checks it requires passed or did not apply, so a backend that cannot be
-loaded, or lacks a contract member, gets one failing check and the others report that they were not run.
+loaded, or lacks a contract member, gets one failing check and the others report that they were not run;
+one whose smoke training fails gets that failure once, and the checks that train are not run.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import enum
 import sys
 import traceback
+import weakref
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,8 @@ def _check(function: CheckFunction, *, requires: tuple[str, ...]) -> Check:
 
 _LOADS = ("entry_point_load",)
 _KEEPS_CONTRACT = ("entry_point_load", "contract_members")
+#: A training that fails fails every check that trains the same way: those wait for the smoke training.
+_TRAINS = (*_KEEPS_CONTRACT, "smoke_train")
 
 #: Every check, each after the checks it requires.
 CHECKS: tuple[Check, ...] = (
@@ -52,6 +56,11 @@ CHECKS: tuple[Check, ...] = (
             checks.check_feature_maps_shapes,
             checks.check_first_conv_kernels_shape,
             checks.check_smoke_train,
+        )
+    ),
+    *(
+        _check(function, requires=_TRAINS)
+        for function in (
             lifecycle.check_stops_when_asked,
             checks.check_evaluate,
             checks.check_predict_proba,
@@ -60,9 +69,19 @@ CHECKS: tuple[Check, ...] = (
             checks.check_cpu_determinism,
             checks.check_seed_changes_training,
             checks.check_training_options,
+        )
+    ),
+    *(
+        _check(function, requires=_KEEPS_CONTRACT)
+        for function in (
             checks.check_rejects_wrong_image_shape,
             checks.check_rejects_empty_data,
             checks.check_rejects_labels_out_of_range,
+        )
+    ),
+    *(
+        _check(function, requires=_TRAINS)
+        for function in (
             devices.check_uses_given_device,
             isolation.check_leaves_process_wide_generators_alone,
             isolation.check_does_not_log_to_mlflow,
@@ -185,10 +204,21 @@ def _results(subject: Subject, names: Collection[str]) -> dict[str, CheckResult]
     return results
 
 
+#: The smoke training's result per backend class: pytest runs each check as a test of its own, and one
+#: smoke training then serves every check that waits for it.
+_SMOKE_RESULTS: weakref.WeakKeyDictionary[type, CheckResult] = weakref.WeakKeyDictionary()
+
+
 def failed_requirement(check: Check, subject: Subject) -> str | None:
     """The first check that ``check`` requires and that fails for ``subject``, if any."""
-    results = _results(subject, check.requires)
-    return next((name for name in check.requires if results[name].failed), None)
+    gates = [name for name in check.requires if name != "smoke_train"]
+    results = _results(subject, gates)
+    failed = next((name for name in gates if results[name].failed), None)
+    if failed is None and "smoke_train" in check.requires:
+        if subject.cls not in _SMOKE_RESULTS:
+            _SMOKE_RESULTS[subject.cls] = _attempt(_BY_NAME["smoke_train"], subject)
+        failed = "smoke_train" if _SMOKE_RESULTS[subject.cls].failed else None
+    return failed
 
 
 def run_checks(backend: BackendRef, *, only: Collection[str] | None = None) -> list[CheckResult]:
