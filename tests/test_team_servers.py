@@ -9,6 +9,7 @@ address, is checked without starting them."""
 from __future__ import annotations
 
 import base64
+import json
 import re
 import os
 import signal
@@ -312,6 +313,24 @@ def test_a_teammates_refused_credentials_are_one_line_before_anything_runs(team,
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert result.stderr.splitlines() == ["cnn-train: " + line.format(prefect=team.prefect_api, mlflow=team.mlflow)]
     assert "Traceback" not in result.stdout and "epoch 1/1" not in result.stdout
+
+
+@pytest.mark.slow
+def test_status_says_the_prefect_api_refuses_this_shell_instead_of_a_server_not_answering(team):
+    """A shell of the machine without the credentials `up` was given: `status` said "deployment-server:
+    started, not answering" of a serve process that was serving."""
+    shell = {name: value for name, value in team.env.items() if name not in (auth.USERNAME_ENV, auth.PASSWORD_ENV)}
+    refused = subprocess.run([CLI, "status"], env=shell, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 0, refused.stdout + refused.stderr
+    lines = refused.stdout.splitlines()
+    assert any(line.startswith("prefect-server: ready") for line in lines), lines
+    assert any(line.startswith("deployment-server: started, ready or not: the Prefect API would not tell this shell")
+               for line in lines), lines
+    assert (f"the Prefect API at {team.prefect_api} refused this client, which presents no credentials (401 Unauthorized); "
+            "set PREFECT_API_AUTH_STRING to the servers' user:password") in lines
+    accepted = team.cli("status", "--json", timeout=120)
+    report = json.loads(accepted.stdout)
+    assert report["prefect_api_refusal"] is None and report["servers"]["deployment-server"]["ready"], report
 
 
 def _flow_run_process(flow_run_id: str) -> int | None:

@@ -24,14 +24,23 @@ def status(
     from cnn_train.flows import housekeeping, services
 
     servers = services.status()
+    refusal = _prefect_refusal(servers)
     usage = housekeeping.disk_usage()
     if as_json:
-        typer.echo(json.dumps({"servers": servers, "disk_bytes": {place.label: place.size for place in usage}}, indent=2))
+        typer.echo(json.dumps({
+            "servers": servers, "prefect_api_refusal": refusal, "disk_bytes": {place.label: place.size for place in usage}
+        }, indent=2))
         return
+    # The serve process's and the worker's readiness is the Prefect API's to tell, which refused this shell.
+    unknown = {services.serve_process.name, services.worker_process.name} if refusal else set()
     for name, server in servers.items():
         state = _SERVER_STATES.get((server["pid"] is not None, bool(server["ready"])), "not running")
+        if name in unknown and server["pid"] is not None and not server["ready"]:
+            state = "started, ready or not: the Prefect API would not tell this shell"
         pid = f", pid {server['pid']}" if server["pid"] else ""
         typer.echo(f"{name}: {state}{pid} (log: {server['log']})")
+    if refusal:
+        typer.echo(refusal)
     for line in _elsewhere():
         typer.echo(line)
     typer.echo("disk:")
@@ -40,6 +49,15 @@ def status(
         typer.echo(f"  {place.label:<{width}} {housekeeping.human_size(place.size):>10}")
     typer.echo(f"  {'total':<{width}} {housekeeping.human_size(sum(place.size for place in usage)):>10}")
     typer.echo("(`cnn-train gc --dry-run` lists what can be pruned)")
+
+
+def _prefect_refusal(servers: dict[str, dict[str, object]]) -> str | None:
+    """Why the project's Prefect server, which answers, refuses this shell's credentials; None if it does not."""
+    from cnn_train.flows import services
+
+    if not servers[services.prefect_server.name]["ready"]:
+        return None
+    return services.prefect_api_refusal(services.prefect_api_url())
 
 
 def _elsewhere() -> list[str]:
