@@ -320,12 +320,22 @@ mlflow_server = _service(
     port_variable="CNN_TRAIN_MLFLOW_PORT",
 )
 
+#: Set in the processes `up` starts to run flow runs (the serve process, the worker): their
+#: MLFLOW_TRACKING_URI is up's choice, so advice to unset it is for a user's shell, not for their runs.
+TRACKING_URI_BY_UP_ENV = "CNN_TRAIN_TRACKING_URI_BY_UP"
+
+
+def tracking_uri_set_by_up() -> bool:
+    return os.environ.get(TRACKING_URI_BY_UP_ENV) == "1"
+
+
 serve_process = _service(
     name="deployment-server",
     command=lambda: [sys.executable, "-m", "cnn_train.flows.serve"],
     ready=_deployment_served,
     extra_env=lambda: {
         "MLFLOW_TRACKING_URI": mlflow_url(),
+        TRACKING_URI_BY_UP_ENV: "1",
         # Pick up triggered runs within 2 s instead of the default 10 s poll.
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
         **heartbeat_environment(),
@@ -364,6 +374,7 @@ worker_process = _service(
     ready=_worker_polling,
     extra_env=lambda: {
         "MLFLOW_TRACKING_URI": mlflow_url(),
+        TRACKING_URI_BY_UP_ENV: "1",
         # Pick up triggered runs within 2 s instead of the default 10 s poll.
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         **heartbeat_environment(),

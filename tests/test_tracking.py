@@ -26,6 +26,7 @@ from cnn_train.flows import tracking
 from cnn_train.flows.settings import default_tracking_uri
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.plugins.contract import LoggableModel
+from tests.local_stack import free_port
 from tests.stores import new_store
 
 INPUT_SHAPE = (28, 28, 1)
@@ -380,6 +381,20 @@ def test_a_database_password_is_not_printed():
     hint = tracking.open_hint(Address("postgresql://ml:s3cret@db.internal/mlflow"))
     assert "--backend-store-uri 'postgresql://ml:***@db.internal/mlflow' " in hint
     assert "s3cret" not in hint
+
+
+def test_an_unreachable_server_in_a_run_up_serves_is_not_told_to_unset_what_up_set(monkeypatch):
+    """A served flow run's failure said "or unset MLFLOW_TRACKING_URI", which its serve process had set."""
+    from cnn_train.flows import services
+
+    port = free_port()  # nothing listens there
+    monkeypatch.setenv("CNN_TRAIN_MLFLOW_PORT", str(port))
+    monkeypatch.setenv(services.TRACKING_URI_BY_UP_ENV, "1")
+    with pytest.raises(tracking.TrackingUnavailableError) as caught:
+        tracking.check_reachable(f"http://127.0.0.1:{port}", timeout=2)
+    assert str(caught.value).endswith("; start it with `cnn-train up`: the flow runs `cnn-train up` serves log there")
+    assert services.serve_process.extra_env()[services.TRACKING_URI_BY_UP_ENV] == "1"
+    assert services.worker_process.extra_env()[services.TRACKING_URI_BY_UP_ENV] == "1"
 
 
 @pytest.mark.parametrize("projects", [True, False], ids=["the-projects-port", "another-port"])

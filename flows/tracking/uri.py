@@ -77,10 +77,11 @@ def check_reachable(uri: str, *, timeout: float = 5.0, as_client: bool = True) -
     start = "start it with `cnn-train up`" if same_server(uri, project) else (
         f"`cnn-train up` serves the project's MLflow at {project}, not there ({services.mlflow_server.port_variable} moves it)"
     )
-    raise TrackingUnavailableError(
-        f"MLflow tracking server {uri} is not reachable ({problem}); {start_hint(uri, start)}, "
-        "or unset MLFLOW_TRACKING_URI to log to the project's mlflow.db"
+    elsewhere = (
+        ": the flow runs `cnn-train up` serves log there" if services.tracking_uri_set_by_up()
+        else ", or unset MLFLOW_TRACKING_URI to log to the project's mlflow.db"
     )
+    raise TrackingUnavailableError(f"MLflow tracking server {uri} is not reachable ({problem}); {start_hint(uri, start)}{elsewhere}")
 
 
 def _check_accepted(uri: str) -> None:
