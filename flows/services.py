@@ -21,6 +21,7 @@ from cnn_train.flows import addresses
 from cnn_train.flows.detached import Service
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.settings import (
+    TRACKING_URI_BY_UP_ENV,
     default_artifact_root,
     heartbeat_environment,
     project_root,
@@ -319,15 +320,6 @@ mlflow_server = _service(
     port=mlflow_port,
     port_variable="CNN_TRAIN_MLFLOW_PORT",
 )
-
-#: Set in the processes `up` starts to run flow runs (the serve process, the worker): their
-#: MLFLOW_TRACKING_URI is up's choice, so advice to unset it is for a user's shell, not for their runs.
-TRACKING_URI_BY_UP_ENV = "CNN_TRAIN_TRACKING_URI_BY_UP"
-
-
-def tracking_uri_set_by_up() -> bool:
-    return os.environ.get(TRACKING_URI_BY_UP_ENV) == "1"
-
 
 serve_process = _service(
     name="deployment-server",

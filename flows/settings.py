@@ -143,6 +143,15 @@ def keep_library_state_in_project(environ: MutableMapping[str, str] = os.environ
     environ["PREFECT_HOME"] = str(temporary_prefect_home())
 
 
+#: Set in the processes `up` starts to run flow runs (the serve process, the worker): their
+#: MLFLOW_TRACKING_URI is up's choice, so advice to unset it is for a user's shell, not for their runs.
+TRACKING_URI_BY_UP_ENV = "CNN_TRAIN_TRACKING_URI_BY_UP"
+
+
+def tracking_uri_set_by_up() -> bool:
+    return os.environ.get(TRACKING_URI_BY_UP_ENV) == "1"
+
+
 def heartbeat_environment() -> dict[str, str]:
     """What a process running flow runs needs for Prefect to hear it is alive as often as the servers'
     zombie automation expects."""

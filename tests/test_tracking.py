@@ -386,15 +386,16 @@ def test_a_database_password_is_not_printed():
 def test_an_unreachable_server_in_a_run_up_serves_is_not_told_to_unset_what_up_set(monkeypatch):
     """A served flow run's failure said "or unset MLFLOW_TRACKING_URI", which its serve process had set."""
     from cnn_train.flows import services
+    from cnn_train.flows.settings import TRACKING_URI_BY_UP_ENV
 
     port = free_port()  # nothing listens there
     monkeypatch.setenv("CNN_TRAIN_MLFLOW_PORT", str(port))
-    monkeypatch.setenv(services.TRACKING_URI_BY_UP_ENV, "1")
+    monkeypatch.setenv(TRACKING_URI_BY_UP_ENV, "1")
     with pytest.raises(tracking.TrackingUnavailableError) as caught:
         tracking.check_reachable(f"http://127.0.0.1:{port}", timeout=2)
     assert str(caught.value).endswith("; start it with `cnn-train up`: the flow runs `cnn-train up` serves log there")
-    assert services.serve_process.extra_env()[services.TRACKING_URI_BY_UP_ENV] == "1"
-    assert services.worker_process.extra_env()[services.TRACKING_URI_BY_UP_ENV] == "1"
+    assert services.serve_process.extra_env()[TRACKING_URI_BY_UP_ENV] == "1"
+    assert services.worker_process.extra_env()[TRACKING_URI_BY_UP_ENV] == "1"
 
 
 @pytest.mark.parametrize("projects", [True, False], ids=["the-projects-port", "another-port"])

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from cnn_train.flows import services
 from cnn_train.flows.addresses import same_server, start_hint
 from cnn_train.flows.errors import ExpectedFailure
-from cnn_train.flows.settings import default_tracking_uri
+from cnn_train.flows.settings import default_tracking_uri, tracking_uri_set_by_up
 
 
 class TrackingUnavailableError(ExpectedFailure, RuntimeError):
@@ -78,7 +78,7 @@ def check_reachable(uri: str, *, timeout: float = 5.0, as_client: bool = True) -
         f"`cnn-train up` serves the project's MLflow at {project}, not there ({services.mlflow_server.port_variable} moves it)"
     )
     elsewhere = (
-        ": the flow runs `cnn-train up` serves log there" if services.tracking_uri_set_by_up()
+        ": the flow runs `cnn-train up` serves log there" if tracking_uri_set_by_up()
         else ", or unset MLFLOW_TRACKING_URI to log to the project's mlflow.db"
     )
     raise TrackingUnavailableError(f"MLflow tracking server {uri} is not reachable ({problem}); {start_hint(uri, start)}{elsewhere}")
