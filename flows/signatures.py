@@ -49,7 +49,7 @@ def takes_parameters(
             inspect.Parameter(
                 name,
                 inspect.Parameter.KEYWORD_ONLY,
-                default=Field(default=info.default, description=info.description, json_schema_extra=info.json_schema_extra),
+                default=Field(default=info.default, description=form_description(info), json_schema_extra=info.json_schema_extra),
                 annotation=_with_bounds(annotation, info),
             )
             for name, (annotation, info) in declared_fields(models, exclude).items()
@@ -70,6 +70,32 @@ def _with_bounds(annotation: Any, info: FieldInfo) -> Any:
     """``annotation`` with the declaration's bounds on it (``ge=1`` ...), for the flow's parameter schema."""
     bounds = [constraint for constraint in info.metadata if isinstance(constraint, _SCHEMA_BOUNDS)]
     return Annotated[(annotation, *bounds)] if bounds else annotation
+
+
+def _number(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:g}"
+
+
+def bounds_in_words(info: FieldInfo) -> str | None:
+    """A field's numeric bounds as a reader says them (``from 20 to 60,000``, ``at least 1``), or None."""
+    found = {name: value for item in info.metadata for name in ("ge", "gt", "le", "lt")
+             if (value := getattr(item, name, None)) is not None}
+    if isinstance(found.get("lt"), int) and "ge" in found:  # whole numbers below 2**32: at most 2**32 - 1
+        found["le"] = found.pop("lt") - 1
+    low = f"{_number(found['ge'])}" if "ge" in found else None
+    high = f"{_number(found['le'])}" if "le" in found else None
+    if low and high:
+        return f"from {low} to {high}"
+    above = f"more than {_number(found['gt'])}" if "gt" in found else f"at least {low}" if low else None
+    below = f"less than {_number(found['lt'])}" if "lt" in found else f"at most {high}" if high else None
+    return " and ".join(filter(None, (above, below))) or None
+
+
+def form_description(info: FieldInfo) -> str | None:
+    """The description a form shows: the declaration's, and the bounds it allows (the form's own error
+    for a value out of bounds, "is not valid under any of the given schemas", names none)."""
+    bounds = bounds_in_words(info)
+    return f"{info.description} Allowed: {bounds}." if bounds and info.description else info.description
 
 
 def add_arguments(parser: Any, names: Iterable[str]) -> None:

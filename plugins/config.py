@@ -217,7 +217,7 @@ class TrainConfig(BaseModel):
     epochs: int = Field(default=10, ge=1, description="Passes over the training set.")
     batch_size: int = Field(default=32, ge=1, description="Images per optimizer step.")
     learning_rate: float = Field(
-        default=1e-3, gt=0, allow_inf_nan=False, description="Adam learning rate (the peak rate of a one-cycle schedule)."
+        default=1e-3, gt=0, allow_inf_nan=False, description="Adam learning rate (with the one-cycle schedule, its peak)."
     )
     seed: int = Field(default=42, ge=0, lt=2**32, description="Seed for weights, shuffling and the split.")
     lr_schedule: LearningRateSchedule = Field(

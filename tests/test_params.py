@@ -27,7 +27,7 @@ from cnn_train.flows.params import (
     validate_parameters,
 )
 from cnn_train.flows.runs import cnn_train_flow
-from cnn_train.flows.signatures import add_arguments, declared_fields, parameter_table
+from cnn_train.flows.signatures import add_arguments, declared_fields, form_description, parameter_table
 from cnn_train.flows.sweep_flow import cnn_train_sweep
 from cnn_train.flows.train_flow import cnn_train
 from cnn_train.flows.tune_flow import cnn_train_tune
@@ -52,8 +52,28 @@ def test_flow_form_is_the_declaration(name):
     declared = declared_fields(models, exclude)
     assert list(properties) == list(declared)
     for field, (_, info) in declared.items():
-        assert properties[field]["description"] == info.description, field
+        assert properties[field]["description"] == form_description(info), field
+        assert properties[field]["description"].startswith(info.description), field
         assert properties[field].get("default") == info.default, field
+
+
+@pytest.mark.parametrize(
+    ("field", "said"),
+    [
+        pytest.param("epochs", "Allowed: at least 1.", id="at-least"),
+        pytest.param("learning_rate", "Allowed: more than 0.", id="more-than"),
+        pytest.param("seed", "Allowed: from 0 to 4,294,967,295.", id="whole-number-below"),
+        pytest.param("validation_fraction", "Allowed: more than 0 and less than 1.", id="between"),
+        pytest.param("sample_limit", "Allowed: from 20 to 60,000.", id="from-to"),
+        pytest.param("experiment", "MLflow experiment.", id="no-bounds"),
+    ],
+)
+@pytest.mark.parametrize("name", FLOWS)
+def test_the_form_says_the_bounds_its_own_error_leaves_out(name, field, said):
+    """The Prefect form refused epochs=0 with "0 is not valid under any of the given schemas", and no
+    description said what was allowed."""
+    properties = FLOWS[name][0].parameters.model_dump()["properties"]
+    assert properties[field]["description"].endswith(said)
 
 
 @pytest.mark.parametrize(
