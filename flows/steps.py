@@ -138,9 +138,12 @@ def model_params(params: RunParameters, training: TrainConfig) -> dict[str, obje
     """What made a logged model, as its own params (the experiment's Models tab compares models on them):
     the backend, the network and how it was trained, down to the precision the training device settled."""
     model = params.model()
+    chosen = {*TRAINING_VALUES, "seed"}
+    # Named as the run names them (train.lr_schedule...), so the Models tab and the runs table line up.
+    trained = {name if name in chosen else f"train.{name}": value for name, value in training.model_dump().items()}
     return (
         {"backend": params.backend, "architecture": model.architecture, "model.parameters": model.parameter_count()}
-        | training.model_dump()
+        | trained
         | {"validation_fraction": params.validation_fraction, "sample_limit": params.sample_limit, "test_limit": params.test_limit}
     )
 

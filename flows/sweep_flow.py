@@ -246,8 +246,7 @@ def cnn_train_sweep(**values: Any) -> dict[str, Any]:
     first = trials[0][1]
     with flow_run_tracker(first.experiment, run_name=f"sweep-{len(trials)}-trials", role="sweep") as parent:
         parent.log_params(
-            # A value left out (None: the architecture's default, all images) is no param: MLflow showed 'None'.
-            {k: v for k, v in values.items() if k != "grid" and k not in RunnerOptions.model_fields and v is not None}
+            {k: v for k, v in values.items() if k != "grid" and k not in RunnerOptions.model_fields}
             | {"grid": options.grid, "trials": len(trials)}
         )
         data = prep_task(data_parameters(first, values), parent)

@@ -292,8 +292,7 @@ def cnn_train_tune(**values: Any) -> dict[str, Any]:
     with flow_run_tracker(plan.base.experiment, run_name=plan.study_name, role="tune") as parent:
         parent.set_tags({STUDY_TAG: plan.study_name, "cnn_train.study_storage": redacted_url(plan.storage_url)})
         parent.log_params(
-            # A value left out (None: the architecture's default, all images) is no param: MLflow showed 'None'.
-            {k: v for k, v in values.items() if k not in ("space", "storage", *RunnerOptions.model_fields) and v is not None}
+            {k: v for k, v in values.items() if k not in ("space", "storage", *RunnerOptions.model_fields)}
             | {
                 "space": json.dumps(plan.space.specs()),
                 "storage": redacted_url(plan.storage_url),

@@ -76,9 +76,21 @@ def test_the_logged_model_carries_its_test_scores_and_what_made_it(finished):
     assert (scores["test_accuracy"].dataset_name, scores["test_accuracy"].dataset_digest) == (test_set.name, test_set.digest)
     made_of = {key: run.data.params[key] for key in ("backend", "architecture", "epochs", "batch_size", "learning_rate", "seed")}
     assert {key: model.params[key] for key in made_of} == made_of
-    assert (model.params["precision"], model.params["model.parameters"]) == (run.data.params["train.precision"], "421642")
+    # Named as the run names them: the Models tab and the runs table line up column for column.
+    shared = set(model.params) & set(run.data.params)
+    assert {"train.precision", "train.lr_schedule", "model.parameters", "sample_limit"} <= shared
+    assert {key: model.params[key] for key in shared} == {key: run.data.params[key] for key in shared}
     # Scores on test sets of different sizes do not compare: the model says how many images it was scored on.
-    assert (model.params["sample_limit"], model.params["test_limit"]) == (run.data.params["sample_limit"], run.data.params["test_limit"])
+    assert model.params["test_limit"] == run.data.params["test_limit"] == str(SMALL["test_limit"])
+
+
+def test_values_left_out_are_no_params(finished):
+    """data_dir, register and the limits left empty were logged as the text 'None'."""
+    _, _, _, run, client = finished
+    (output,) = run.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert "None" not in run.data.params.values() and "None" not in model.params.values()
+    assert "register" not in run.data.params and "data_dir" not in run.data.params
 
 
 def test_the_runs_description_heads_its_mlflow_page(finished):

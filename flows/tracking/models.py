@@ -67,11 +67,20 @@ class ModelRecord:
         return model_signature(self.input_shape, self.num_classes)
 
     def param_strings(self) -> dict[str, str] | None:
-        """The params as MLflow stores them: strings."""
-        return {key: str(value) for key, value in self.params.items()} if self.params else None
+        """The params as MLflow stores them: text, less the values left out (None)."""
+        return {key: param_text(value) for key, value in self.params.items() if value is not None} if self.params else None
 
     def example_for(self, loggable: LoggableModel) -> np.ndarray | None:
         return self.input_example if loggable.accepts_input_example else None
+
+
+def param_text(value: object) -> str:
+    """A param's or tag's value as MLflow stores it: text; lists and mappings as JSON, not Python's repr."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, default=str)
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def logged_model_id(model_uri: str | None) -> str | None:

@@ -109,11 +109,6 @@ def source_tags(source_name: str = DEFAULT_SOURCE_NAME) -> dict[str, str]:
     }
 
 
-def _stringify(value: Any) -> str:
-    text = value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
-    return text[:_MAX_PARAM_LENGTH]
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -210,13 +205,14 @@ class RunTracker:
         return run_url(self.uri, self.experiment_id, self.run_id)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        items = [[key, _stringify(value)] for key, value in params.items()]
+        # A value left out (None: the architecture's default, all images, searched for) is no param: MLflow showed 'None'.
+        items = [[key, models.param_text(value)[:_MAX_PARAM_LENGTH]] for key, value in params.items() if value is not None]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self._spool("batch", {"params": items[start : start + 100]})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set tags; a None value means there is nothing to say, so that tag is left out."""
-        items = [[k, _stringify(v)] for k, v in tags.items() if v is not None]
+        items = [[k, models.param_text(v)[:_MAX_PARAM_LENGTH]] for k, v in tags.items() if v is not None]
         for start in range(0, len(items), 100):
             self._spool("batch", {"tags": items[start : start + 100]})
 
