@@ -41,7 +41,7 @@ def image_files(folder: str) -> list[Path]:
     return list(collected.files)
 
 
-@task(name="load-model", **IN_MEMORY)
+@task(name="load-model", task_run_name="load-model", **IN_MEMORY)
 def load_model_task(spec: str | None) -> predict.LoadedModel:
     """The model named, or the default, loaded through MLflow's pyfunc API and checked."""
     model = predict.load_model(predict.choose_model(spec))
@@ -49,7 +49,7 @@ def load_model_task(spec: str | None) -> predict.LoadedModel:
     return model
 
 
-@task(name="classify", **IN_MEMORY)
+@task(name="classify", task_run_name="classify", **IN_MEMORY)
 def classify_task(model: predict.LoadedModel, files: list[Path]) -> predict.Predictions:
     """Every file as Fashion-MNIST would have it, classified; unreadable files are named, not fatal."""
     predictions = predict.classify(model, files)
@@ -60,7 +60,7 @@ def classify_task(model: predict.LoadedModel, files: list[Path]) -> predict.Pred
     return predictions
 
 
-@task(name="record", **IN_MEMORY)
+@task(name="record", task_run_name="record", **IN_MEMORY)
 def record_task(tracker: RunTracker, model: predict.LoadedModel, predictions: predict.Predictions) -> predict.Summary:
     """The CSV, the summary, the model's inputs and a figure to MLflow; a table and the examples to Prefect."""
     summary = predict.summarize(predictions)

@@ -17,7 +17,7 @@ from cnn_train.flows.tasks import IN_MEMORY
 from cnn_train.flows.tracking import Registration, RunTracker, VersionFacts
 
 
-@task(name="register", **IN_MEMORY)
+@task(name="register", task_run_name="register", **IN_MEMORY)
 def register_task(
     name: str,
     *,

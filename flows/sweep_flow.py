@@ -138,10 +138,21 @@ def trial_key(values: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(dict(values), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def trial_name(values: dict[str, Any]) -> str:
+    """A trial's name, from the values it varies: its child run's in MLflow and its task run's in Prefect."""
+    return "trial-" + "-".join(f"{k}={v}" for k, v in values.items())
+
+
+def _trial_task_run_name() -> str:
+    from prefect.runtime import task_run
+
+    return trial_name(task_run.parameters["values"])
+
+
 # A retry reopens the trial's child run (found by its key) and resumes from its checkpoint.
 @task(
-    name="trial", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_unless_deterministic,
-    cache_policy=NO_CACHE, persist_result=False,
+    name="trial", task_run_name=_trial_task_run_name, retries=1, retry_delay_seconds=2,
+    retry_condition_fn=retry_unless_deterministic, cache_policy=NO_CACHE, persist_result=False,
 )
 def trial_task(
     params: RunParameters,
@@ -152,12 +163,11 @@ def trial_task(
     scheduler_assigned: bool,
 ) -> TrialResult:
     """Train and evaluate one configuration in its own child run of the sweep."""
-    name = "trial-" + "-".join(f"{k}={v}" for k, v in values.items())
     child = child_run(
         params,
         data,
         parent,
-        run_name=name,
+        run_name=trial_name(values),
         role="sweep-trial",
         work=_trial_work(scheduler_assigned),
         tags=flow_tags,

@@ -57,7 +57,7 @@ def retry_unless_deterministic(task: object, task_run: object, state: State[Any]
     return not isinstance(state.data, NOT_RETRIED)
 
 
-@task(name="prep", **IN_MEMORY)
+@task(name="prep", task_run_name="prep", **IN_MEMORY)
 def prep_task(params: RunParameters, tracker: RunTracker) -> PreparedData:
     """Load Fashion-MNIST, split it, and record the datasets."""
     logger = get_run_logger()

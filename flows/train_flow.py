@@ -27,7 +27,7 @@ from cnn_train.flows.tracking import RunTracker
 _PREFECT_FIGURES = ("learning_curves.png", "confusion_matrix.png", "feature_maps.png")
 
 
-@task(name="report", **IN_MEMORY)
+@task(name="report", task_run_name="report", **IN_MEMORY)
 def report_task(
     params: RunParameters,
     data: PreparedData,

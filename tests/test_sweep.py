@@ -280,6 +280,15 @@ def test_local_sweep_ranks_four_children_and_registers_the_best(mlflow_store):
     version = client.get_model_version("fashion-cnn-best", str(result["registered_version"]))
     assert version.run_id == best.info.run_id
     assert f"test_accuracy={best.data.metrics['test_accuracy']:.4f}" in version.description
+    # In the flow run's graph the trials read "trial-9ea", "trial-788"...: now as their child runs do.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run_id = parent.data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        task_runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    assert sorted(run.name for run in task_runs if run.name.startswith("trial")) == sorted(c.info.run_name for c in children)
+    assert {"prep", "register"} <= {run.name for run in task_runs}
 
 
 @pytest.fixture
