@@ -22,14 +22,20 @@ def debugging() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+# What the engine of a served or worker flow run logs after the flow's own failure, raising the failed
+# state again (as a FailedRun): for a failure the user can fix, an ERROR calling it "unexpected".
+_ENGINE_RESTATEMENT = "Engine execution exited with unexpected exception"
+
+
 class _HideExpectedTracebacks(logging.Filter):
     """Keep a log record's message but drop its traceback when the exception is an ExpectedFailure, or
-    Prefect's FailedRun: the engine of a served or worker flow run raises the failed state again as one
-    ("Engine execution exited with unexpected exception"), a traceback of Prefect's own frames only,
-    after the failure itself was logged (with its traceback when it is a bug)."""
+    Prefect's FailedRun, a traceback of Prefect's own frames only, logged after the failure itself (with
+    its traceback when it is a bug); the engine's restatement of such a failure goes altogether."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and _hidden(record.exc_info[1]) and not debugging():
+            if record.msg == _ENGINE_RESTATEMENT:
+                return False
             record.exc_info = None
             record.exc_text = None
         return True

@@ -293,13 +293,17 @@ def test_an_expected_failure_is_one_line_on_stderr(prefect_api_url, store, tmp_p
 @pytest.mark.parametrize(
     ("error", "debug", "traceback_kept"),
     [
-        pytest.param("expected", False, False, id="expected-failure"),
-        pytest.param("failed-run", False, False, id="prefects-failed-run-restating-the-state"),
+        pytest.param("expected", False, None, id="expected-failure"),
+        pytest.param("failed-run", False, None, id="prefects-failed-run-restating-the-state"),
         pytest.param("bug", False, True, id="a-bug"),
         pytest.param("expected", True, True, id="expected-failure-with-debug"),
     ],
 )
-def test_run_loggers_keep_tracebacks_for_bugs_only(monkeypatch, error, debug, traceback_kept):
+@pytest.mark.parametrize("message", ["Engine execution exited with unexpected exception", "Task run failed"],
+                         ids=["engine-restatement", "other-record"])
+def test_run_loggers_keep_tracebacks_for_bugs_only(monkeypatch, error, debug, traceback_kept, message):
+    """The served flow run's log ended on an ERROR "Engine execution exited with unexpected exception" after
+    the one line of a failure the user can fix: that restatement goes; other records lose the traceback."""
     import logging
 
     from prefect.exceptions import FailedRun
@@ -313,11 +317,14 @@ def test_run_loggers_keep_tracebacks_for_bugs_only(monkeypatch, error, debug, tr
         raise raised
     except Exception:
         record = logging.getLogger("prefect.flow_runs").makeRecord(
-            "prefect.flow_runs", logging.ERROR, __file__, 1, "Engine execution exited with unexpected exception",
-            (), sys.exc_info(),
+            "prefect.flow_runs", logging.ERROR, __file__, 1, message, (), sys.exc_info(),
         )
-    assert logging.getLogger("prefect.flow_runs").filter(record)
-    assert (record.exc_info is not None) == traceback_kept
+    kept = logging.getLogger("prefect.flow_runs").filter(record)
+    if traceback_kept is None:  # an expected failure
+        assert kept == (message != "Engine execution exited with unexpected exception")
+        assert not kept or record.exc_info is None
+    else:
+        assert kept and (record.exc_info is not None) == traceback_kept
 
 
 def _flow_run_state_message(prefect_api_url: str, flow_run_id: str) -> str:
