@@ -53,6 +53,7 @@ def report_task(
             prefect_flow_run_url=prefect_flow_run_url(),
             dense_baseline=dense,
             class_names=data.class_names,
+            images=data.summary(),
         )
         # Written beside nothing else and removed once MLflow holds it: no report folders pile up.
         with tempfile.TemporaryDirectory(prefix="cnn-train-report-") as out:

@@ -146,6 +146,12 @@ def report_text(written: ReportFiles) -> str:
             "The whole report, with tables and figures: `report/report.md` in Artifacts.",
             id="alone-without-a-prefect-ui",
         ),
+        pytest.param(
+            {"dense_baseline": None, "prefect_flow_run_url": None, "images": {"train": 1800, "validation": 200, "test": 10000}},
+            "**Test accuracy 91.23%**: Fashion-MNIST CNN, torch backend, 3 epochs at batch 32 on 1,800 training images, "
+            "tested on 10,000.\n\nThe whole report, with tables and figures: `report/report.md` in Artifacts.",
+            id="with-its-split-sizes",
+        ),
     ],
 )
 def test_the_runs_mlflow_description_says_the_result_and_where_the_report_is(inputs, changes, expected):
@@ -485,6 +491,15 @@ def test_per_class_csv_keeps_raw_values(written: ReportFiles) -> None:
     assert frame["support"].sum() == N_IMAGES
     epochs = pd.read_csv(written.epochs_csv)
     assert epochs["images_per_second"].tolist() == pytest.approx([2700.0, 4500.0, 54_000 / 13])
+
+
+def test_the_reports_parameters_give_the_split_sizes(inputs: ReportInputs, history: TrainHistory) -> None:
+    """A run on 1,800 images read like one on all of them: only the data.train param said how many."""
+    sized = dataclasses.replace(inputs, images={"train": 1800, "validation": 200, "test": 500})
+    summary = reporting.classification_tables(np.arange(10), np.arange(10), CLASSES)
+    text = reporting.render_report_markdown(sized, summary)
+    assert "| train images | 1,800 |\n| validation images | 200 |\n| test images | 500 |" in text
+    assert "train images" not in reporting.render_report_markdown(inputs, summary)
 
 
 def test_report_states_metrics_links_and_tables(report_text: str) -> None:

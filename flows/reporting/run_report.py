@@ -51,6 +51,8 @@ class ReportInputs:
     #: The previous lesson's dense network, to state the CNN's gain over it.
     dense_baseline: ComparisonRow | None = None
     class_names: tuple[str, ...] = FASHION_MNIST_CLASSES
+    #: Images per split ("train", "validation", "test"), when the run knows them: runs on a sample read apart.
+    images: Mapping[str, int] | None = None
 
     def __post_init__(self) -> None:
         check_web_url("mlflow_run_url", self.mlflow_run_url)
@@ -123,6 +125,7 @@ def _key_params(inputs: ReportInputs) -> list[tuple[str, object]]:
         ("batch size", train.batch_size),
         ("learning rate", f"{train.learning_rate:g}"),
         ("seed", train.seed),
+        *((f"{split} images", f"{count:,}") for split, count in (inputs.images or {}).items()),
     ]
 
 
@@ -198,9 +201,11 @@ def run_description(inputs: ReportInputs) -> str:
     """A few markdown lines for the top of the run's MLflow page (its description): the test accuracy, the
     CNN against the dense network when it was trained, and where the whole report is."""
     epochs = len(inputs.history.epochs)
+    sizes = f" on {inputs.images['train']:,} training images, tested on {inputs.images['test']:,}" if inputs.images else ""
     lines = [
         f"**Test accuracy {format_percent(inputs.test.accuracy)}**: Fashion-MNIST {inputs.architecture_label}, "
-        f"{inputs.backend} backend, {epochs} epoch{'s' if epochs != 1 else ''} at batch {inputs.train_config.batch_size}.",
+        f"{inputs.backend} backend, {epochs} epoch{'s' if epochs != 1 else ''} at batch {inputs.train_config.batch_size}"
+        f"{sizes}.",
     ]
     if inputs.dense_baseline is not None:
         lines += ["", cnn_against_dense_sentence(inputs.as_comparison_row("CNN"), inputs.dense_baseline)]
