@@ -344,7 +344,7 @@ def _without_gpu(task: str, request: DeviceRequest) -> Placement:
     raise PlacementError(
         f"{task} requires a GPU ({request}), but no GPU is visible to this process "
         f"(check the NVIDIA driver, a CUDA build of torch and CUDA_VISIBLE_DEVICES). "
-        f"To run {task} on CPU, pass the device policy 'cpu' for it (e.g. --{task}-device cpu), "
+        f"To run {task} on CPU, pass the device policy 'cpu' for it (--{task}-device cpu, -p {task}_device=cpu), "
         f"or 'gpu-preferred' to use a GPU only when there is one"
     )
 

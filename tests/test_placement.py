@@ -206,6 +206,7 @@ def test_required_gpu_without_any_says_how_to_run_on_cpu(place) -> None:
     assert "evaluate requires a GPU (gpu-required), but no GPU is visible" in message
     assert "'cpu'" in message
     assert "--evaluate-device cpu" in message
+    assert "-p evaluate_device=cpu" in message  # a deployment's run is told what its trigger takes
 
 
 def test_preferred_without_gpu_warns(place, caplog: pytest.LogCaptureFixture) -> None:
