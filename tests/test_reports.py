@@ -261,6 +261,21 @@ def test_written_figures_are_real_pictures(written: ReportFiles) -> None:
         assert_real_png(path)
 
 
+@pytest.mark.parametrize("epochs", [[1], [1, 2, 3], list(range(1, 41))], ids=["one-epoch", "three", "forty"])
+def test_learning_curves_mark_whole_epochs(epochs: list[int]) -> None:
+    """A one-epoch run's curves had ticks at 0.96, 0.98, 1.00, 1.02 and 1.04 epochs."""
+    from cnn_train.flows.reporting.canvas import new_figure
+    from cnn_train.flows.reporting.figures import label_epochs
+
+    ax = new_figure(4, 3).subplots()
+    ax.plot(epochs, np.linspace(0.5, 0.6, len(epochs)))
+    label_epochs(ax, epochs)
+    ticks = [tick for tick in ax.get_xticks() if epochs[0] <= tick <= epochs[-1]]
+    assert ticks and all(float(tick).is_integer() for tick in ticks)
+    if len(epochs) <= 15:
+        assert ticks == epochs
+
+
 def test_mosaic_places_every_tile_with_gaps_and_caption_bands() -> None:
     tiles = np.arange(5 * 2 * 3, dtype=float).reshape(5, 2, 3)
     tiled = mosaic(tiles, 2, gap=1, band=2)
