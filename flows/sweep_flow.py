@@ -272,7 +272,8 @@ def cnn_train_sweep(**values: Any) -> dict[str, Any]:
 def _rank_and_record(parent: RunTracker, results: list[TrialResult], diverged: list[DivergedTrial]) -> dict[str, Any]:
     ranking = ranking_table(results, diverged)
     best = next(r for r in results if r.run_id == ranking.loc[0, "run_id"])
-    best_line = f"Best trial: `{best.run_id}` {best.values}, test accuracy {reporting.format_percent(best.test.accuracy)}."
+    varied = ", ".join(f"{name}={value}" for name, value in best.values.items())
+    best_line = f"Best trial: {varied}, test accuracy {reporting.format_percent(best.test.accuracy)} (MLflow run `{best.run_id}`)."
     markdown = f"# Sweep ranking\n\n{reporting.markdown_table(ranking)}\n\n{best_line}\n"
     with tempfile.TemporaryDirectory(prefix="cnn-train-sweep-") as out:
         ranking.to_csv(Path(out) / "ranking.csv", index=False)

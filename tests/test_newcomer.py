@@ -966,6 +966,31 @@ def test_a_watched_flow_runs_end_shows_its_mlflow_run_and_headline_metrics(tmp_p
     assert lines[1:] == shown
 
 
+@pytest.mark.parametrize(
+    ("metrics", "tags", "last"),
+    [
+        pytest.param({"accuracy_gap_points": 2.7}, {"cnn_train.role": "compare", "mlflow.note.content": "keras against torch: "
+                     "**no parity**, 2.70 points apart (tolerance 1.00).\n\nThe whole comparison: `compare/compare.md`."},
+                     "keras against torch: no parity, 2.70 points apart (tolerance 1.00).", id="compare-verdict"),
+        pytest.param({"best_test_accuracy": 0.7036}, {"cnn_train.role": "sweep", "mlflow.note.content": "Best trial: "
+                     "learning_rate=0.003, test accuracy 70.36% (MLflow run `abc`).\n\nThe ranking: `sweep/ranking.md`."},
+                     "Best trial: learning_rate=0.003, test accuracy 70.36% (MLflow run abc).", id="sweep-best-values"),
+        pytest.param({"test_accuracy": 0.75}, {"mlflow.note.content": "**Test accuracy 75.00%**: ..."},
+                     "test accuracy: 0.7500", id="training-says-it-in-its-metrics"),
+    ],
+)
+def test_a_watched_comparison_or_sweep_ends_on_its_verdict(tmp_path, metrics, tags, last):
+    """`trigger --watch` of a comparison printed its gap but not whether the backends agreed; of a sweep,
+    the best accuracy but not which values reached it."""
+    from tests.stores import new_store
+
+    from cnn_train.flows import flow_runs
+
+    store = new_store(tmp_path / "mlflow.db")
+    _recorded(store, "cnn-train", metrics, **tags)
+    assert flow_runs.outcome_lines(flow_runs.main_mlflow_run(FLOW_RUN, store), store)[-1] == last
+
+
 def test_a_watched_flow_runs_end_shows_its_registration(tmp_path):
     """`trigger --watch` with register=NAME ended on the test accuracy; the version and alias were only in the logs."""
     from tests.stores import new_store

@@ -276,7 +276,9 @@ def test_local_sweep_ranks_four_children_and_registers_the_best(mlflow_store):
     best = max(children, key=lambda c: c.data.metrics["test_accuracy"])
     assert parent.data.tags["cnn_train.best_run_id"] == best.info.run_id
     assert parent.data.metrics["best_test_accuracy"] == pytest.approx(best.data.metrics["test_accuracy"])
-    assert parent.data.tags["mlflow.note.content"].startswith(f"Best trial: `{best.info.run_id}` {result['best_values']}, test accuracy ")
+    varied = ", ".join(f"{name}={value}" for name, value in result["best_values"].items())  # was a Python dict
+    assert parent.data.tags["mlflow.note.content"].startswith(f"Best trial: {varied}, test accuracy ")
+    assert f"(MLflow run `{best.info.run_id}`)." in parent.data.tags["mlflow.note.content"]
     version = client.get_model_version("fashion-cnn-best", str(result["registered_version"]))
     assert version.run_id == best.info.run_id
     assert f"test_accuracy={best.data.metrics['test_accuracy']:.4f}" in version.description
