@@ -4,6 +4,7 @@ temporary MLflow store: what lands in MLflow and in Prefect is asserted, not eye
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,13 @@ def test_the_logged_model_carries_its_test_scores_and_what_made_it(finished):
     assert {key: model.params[key] for key in shared} == {key: run.data.params[key] for key in shared}
     # Scores on test sets of different sizes do not compare: the model says how many images it was scored on.
     assert model.params["test_limit"] == run.data.params["test_limit"] == str(SMALL["test_limit"])
+
+
+def test_the_run_names_the_commit_of_the_code_that_made_it(finished):
+    """MLflow had no record of which code trained a model; the Prefect deployment's version had it."""
+    _, _, _, run, _ = finished
+    head = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+    assert run.data.tags["mlflow.source.git.commit"] == head.stdout.strip()
 
 
 def test_values_left_out_are_no_params(finished):

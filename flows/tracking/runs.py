@@ -9,8 +9,11 @@ training loop never waits on the tracking server, and an outage of any length lo
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
 import logging
+import re
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -102,11 +105,27 @@ def source_tags(source_name: str = DEFAULT_SOURCE_NAME) -> dict[str, str]:
         user = getpass.getuser()
     except (KeyError, OSError):  # no login name, e.g. a container user without a passwd entry
         user = "unknown"
-    return {
+    tags = {
         "mlflow.source.name": source_name,
         "mlflow.source.type": SourceType.to_string(SourceType.LOCAL),
         "mlflow.user": user,
     }
+    if commit := code_commit():
+        tags["mlflow.source.git.commit"] = commit  # the run page's "Git commit", as the fluent API sets it
+    return tags
+
+
+@functools.cache
+def code_commit() -> str | None:
+    """The git commit of the cnn-train code this process runs, when it runs from a git checkout (an
+    installed wheel has none): which code trained a model, as the Prefect deployment's version says it."""
+    try:
+        found = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+                               capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):  # no git here
+        return None
+    commit = found.stdout.strip()
+    return commit if found.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
 
 
 def _now_ms() -> int:
