@@ -70,7 +70,8 @@ def report_task(
             tracker.log_artifacts(Path(out), "report")
             drawn = {path.name for path in files.figures.paths()}
         tracker.describe(reporting.run_description(inputs))
-    _publish_to_prefect(markdown, drawn, tracker, evaluated, data, this=inputs.as_comparison_row("CNN"), dense=dense)
+    label = f"{inputs.architecture_label} ({params.backend} backend)"
+    _publish_to_prefect(markdown, drawn, tracker, evaluated, data, label=label, this=inputs.as_comparison_row("CNN"), dense=dense)
     logger.info("report logged to MLflow run %s under report/", tracker.run_id)
     return markdown
 
@@ -82,6 +83,7 @@ def _publish_to_prefect(
     evaluated: steps.EvalOutcome,
     data: PreparedData,
     *,
+    label: str,
     this: reporting.ComparisonRow,
     dense: reporting.ComparisonRow | None,
 ) -> None:
@@ -95,7 +97,10 @@ def _publish_to_prefect(
     per_class = reporting.classification_tables(
         data.y_test, evaluated.probabilities.argmax(axis=1), data.class_names
     ).per_class
-    create_table_artifact(reporting.table_records(per_class), key="per-class-metrics")
+    create_table_artifact(
+        reporting.table_records(per_class), key="per-class-metrics",
+        description=f"Precision, recall and F1 per class of the {label}, over {len(data.y_test):,} test images.",
+    )
     if dense is not None:
         table = reporting.comparison_table([this, dense])
         create_table_artifact(

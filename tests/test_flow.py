@@ -232,6 +232,10 @@ def test_prefect_artifacts(finished):
     assert {"markdown", "table", "progress"} <= types
     progress = [a for a in artifacts if a.type == "progress"]
     assert any(float(a.data) == 100.0 for a in progress)
+    # It had no description: which model, over how many images.
+    (per_class,) = [a for a in artifacts if a.key == "per-class-metrics"]
+    backend = finished[0]
+    assert per_class.description == f"Precision, recall and F1 per class of the CNN ({backend} backend), over 300 test images."
 
 
 @pytest.mark.parametrize(
