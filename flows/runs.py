@@ -68,6 +68,10 @@ def _start_flow_run(experiment: str, *, run_name: str, role: str | None = None) 
     for run_id in tracking.reap_stale_runs():
         logger.warning("marked abandoned MLflow run %s FAILED (its heartbeat had stopped)", run_id)
     tags = flow_run_tags() | ({"cnn_train.role": role} if role else {})
+    # What ran, then the flow run's own name: runs of one kind ("torch-cnn") read apart, and each
+    # names its Prefect flow run as the flow run's page names it.
+    if context := FlowRunContext.get():
+        run_name = f"{run_name}-{context.flow_run.name}"
     tracker = RunTracker.start(experiment, run_name=run_name, tags=tags)
     logger.info("MLflow run %s: %s", tracker.run_id, tracker.url or tracking.open_hint(tracker))
     return tracker

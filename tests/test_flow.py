@@ -85,6 +85,16 @@ def test_the_logged_model_carries_its_test_scores_and_what_made_it(finished):
     assert model.params["test_limit"] == run.data.params["test_limit"] == str(SMALL["test_limit"])
 
 
+def test_the_run_is_named_after_what_ran_and_its_flow_run(finished):
+    """Every training run was named torch-cnn: a table of them could not be told apart."""
+    from prefect.client.orchestration import get_client
+
+    backend, state, _, run, _ = finished
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(state.state_details.flow_run_id)
+    assert run.info.run_name == f"{backend}-cnn-{flow_run.name}"
+
+
 def test_the_run_names_the_commit_of_the_code_that_made_it(finished):
     """MLflow had no record of which code trained a model; the Prefect deployment's version had it."""
     _, _, _, run, _ = finished

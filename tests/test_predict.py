@@ -281,6 +281,15 @@ def champion(mlflow_store: str) -> dict:
     return state.result()
 
 
+def _run_name(champion: dict) -> str:
+    """The champion's MLflow run name: what ran and its Prefect flow run, torch-cnn-<flow run name>."""
+    from mlflow import MlflowClient
+
+    name = MlflowClient().get_run(champion["mlflow_run_id"]).info.run_name
+    assert name.startswith("torch-cnn-") and len(name) > len("torch-cnn-")
+    return name
+
+
 @pytest.fixture(scope="module")
 def exported(champion, test_set, mlflow_store, tmp_path_factory) -> dict:
     """Two test images per class written out in the variants, beside a file that is no image, and the
@@ -360,7 +369,7 @@ def test_a_model_that_does_not_exist_lists_what_does(champion, tmp_path):
     assert run.stderr.splitlines() == [
         f"cnn-train: no model version answers to models:/no-such-model@champion; registered models: "
         f"{MODEL_NAME} (@champion=v1); recent finished runs of 'cnn-train': "
-        f"runs:/{champion['mlflow_run_id']}/model (torch-cnn, test accuracy {champion['test_accuracy'] * 100:.2f}%)"
+        f"runs:/{champion['mlflow_run_id']}/model ({_run_name(champion)}, test accuracy {champion['test_accuracy'] * 100:.2f}%)"
     ]
 
 
@@ -469,7 +478,7 @@ def test_a_model_uri_with_nothing_loadable_is_one_line(champion, tmp_path, where
     (line,) = result.output.splitlines()
     assert line.startswith(f"cnn-train: no model MLflow can load at {model} {says}"), line
     assert line.endswith(f"recent finished runs of 'cnn-train': runs:/{champion['mlflow_run_id']}/model "
-                         f"(torch-cnn, test accuracy {champion['test_accuracy'] * 100:.2f}%)"), line
+                         f"({_run_name(champion)}, test accuracy {champion['test_accuracy'] * 100:.2f}%)"), line
 
 
 @pytest.mark.slow
