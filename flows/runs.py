@@ -111,10 +111,20 @@ def ended(tracker: RunTracker) -> Iterator[None]:
             yield
     except BaseException as error:
         # A failed or killed run keeps its checkpoint: a retry resumes from it (`cnn-train gc` prunes).
+        tracker.describe(ending_note(_status_for(error), error), unless_described=True)
         _warn_if_waiting(tracker, tracker.finish(_status_for(error)))
         raise
     _warn_if_waiting(tracker, tracker.finish("FINISHED"))
     steps.discard_checkpoint(tracker.run_id)
+
+
+def ending_note(status: str, error: BaseException) -> str:
+    """What stopped a run, at the top of its MLflow page (a run cancelled in Prefect said nothing)."""
+    if status == "KILLED":
+        return ("**Stopped before it finished**: interrupted, or its flow run cancelled. What it recorded "
+                "until then stays, and so does its checkpoint until `cnn-train gc`.")
+    reason = str(error) if isinstance(error, ExpectedFailure) else f"{type(error).__name__}: {error}"
+    return f"**Failed**: {reason.splitlines()[0][:500] if reason.strip() else type(error).__name__}"
 
 
 def _warn_if_waiting(tracker: RunTracker, waiting: int) -> None:

@@ -91,6 +91,8 @@ def test_sigterm_during_training_ends_the_run_killed(prefect_api_url, store, tmp
     assert process.returncode != 0
     run = _client(store).get_run(run_id)
     assert run.info.status == "KILLED", output[-2000:]
+    # Its page said nothing of why it stopped.
+    assert run.data.tags["mlflow.note.content"].startswith("**Stopped before it finished**: interrupted, or its flow run cancelled.")
     # The partial model is not logged as if it were final.
     assert not _client(store).search_logged_models(experiment_ids=[run.info.experiment_id])
     assert _flow_run_state(prefect_api_url, run.data.tags["prefect.flow_run_id"]) in ("CRASHED", "CANCELLED", "FAILED")
@@ -285,9 +287,10 @@ def test_an_expected_failure_is_one_line_on_stderr(prefect_api_url, store, tmp_p
     assert "Traceback" not in result.stdout + result.stderr
     runs = _runs(store)
     assert [run.info.status for run in runs] == (["FAILED"] if creates_run else [])
-    if creates_run:  # the Prefect flow run says the same line
+    if creates_run:  # the Prefect flow run and the MLflow run's description say the same line
         state = _flow_run_state_message(prefect_api_url, runs[0].data.tags["prefect.flow_run_id"])
         assert f"cnn-train: {state}" == line
+        assert runs[0].data.tags["mlflow.note.content"] == f"**Failed**: {state}"
 
 
 @pytest.mark.parametrize(

@@ -128,6 +128,10 @@ def code_commit() -> str | None:
     return commit if found.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
 
 
+#: Runs this process described (their records may still wait in the spool, where MLflow cannot tell).
+_DESCRIBED: set[str] = set()
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -235,10 +239,14 @@ class RunTracker:
         for start in range(0, len(items), 100):
             self._spool("batch", {"tags": items[start : start + 100]})
 
-    def describe(self, markdown: str) -> None:
-        """The run's description: the markdown the MLflow UI shows at the top of the run's page."""
+    def describe(self, markdown: str, *, unless_described: bool = False) -> None:
+        """The run's description: the markdown the MLflow UI shows at the top of the run's page;
+        ``unless_described`` keeps one this process gave it already."""
         from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
+        if unless_described and self.run_id in _DESCRIBED:
+            return
+        _DESCRIBED.add(self.run_id)
         self.set_tags({MLFLOW_RUN_NOTE: markdown})
 
     def log_metrics(
