@@ -141,7 +141,7 @@ def up(*, trigger: bool, watch_timeout: float, echo: Echo, worker: bool = False)
             echo(f"{services.worker_process.name}: stopped (the serve process takes over the deployments)")
         start_service(services.serve_process, echo, timeout=START_TIMEOUT)
     echo(f"Prefect UI: {services.prefect_ui_url()}")
-    echo(f"MLflow UI:  {services.mlflow_url()}")
+    echo(f"MLflow UI:  {_mlflow_ui_link()}")
     if team := services.team_host():
         echo(f"from other machines: Prefect UI http://{team}:{services.prefect_port()}, API http://{team}:"
              f"{services.prefect_port()}/api, MLflow http://{team}:{services.mlflow_port()} (with the credentials)")
@@ -246,6 +246,22 @@ def _clean_up_after_crashes(echo: Echo) -> None:
         echo(f"flow run {orphan.name} marked Crashed, its MLflow runs FAILED: {orphan.reason}")
     for run_id in tracking.reap_stale_runs(uri=services.mlflow_url()):
         echo(f"MLflow run {run_id} marked FAILED: its heartbeat had stopped")
+
+
+def _mlflow_ui_link() -> str:
+    """The default experiment's runs, in the MLflow UI's model-training view (its home page opens the GenAI
+    view, whatever the experiment's kind); the server's address when the experiment cannot be had."""
+    from mlflow.exceptions import MlflowException
+
+    from cnn_train.flows import tracking
+    from cnn_train.flows.params import RunParameters
+
+    uri = services.mlflow_url()
+    try:
+        experiment_id = tracking.ensure_experiment(tracking.client(uri), RunParameters.model_fields["experiment"].default)
+    except (MlflowException, OSError, ExpectedFailure):
+        return uri
+    return tracking.experiment_url(uri, experiment_id) or uri
 
 
 def trigger_and_watch(*, watch_timeout: float, echo: Echo, parameters: dict | None = None) -> int:

@@ -39,6 +39,17 @@ def test_up_is_idempotent(stack):
         assert f"{service}: already running" in again.stdout
 
 
+def test_up_links_the_default_experiments_runs_in_the_model_training_view(stack):
+    """`up` printed the MLflow server's address, whose home page opens the experiment in the GenAI view."""
+    from mlflow import MlflowClient
+
+    env, printed = stack
+    mlflow_url = f"http://127.0.0.1:{env['CNN_TRAIN_MLFLOW_PORT']}"
+    experiment = MlflowClient(mlflow_url).get_experiment_by_name("cnn-train")
+    expected = f"MLflow UI:  {mlflow_url}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    assert expected in printed.splitlines(), printed
+
+
 def test_up_leaves_the_zombie_automation_on_its_own_server(stack):
     """On the server `up` started, not on a temporary one: `up` talks to Prefect only once its process
     points at that server, and a Prefect import before then would freeze settings without it (as one did)."""

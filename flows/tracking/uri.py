@@ -182,6 +182,12 @@ def artifact_url(uri: str, run_id: str, path: str) -> str | None:
     return f"{base}/get-artifact?path={quote(path)}&run_uuid={run_id}"
 
 
+def experiment_url(uri: str, experiment_id: str) -> str | None:
+    """The experiment's runs in the MLflow UI's model-training view, when the store is an MLflow server."""
+    base = ui_base_url(uri)
+    return None if base is None else f"{base}/#/experiments/{experiment_id}/runs?{MODEL_TRAINING_VIEW}"
+
+
 def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
     """The run's page in the MLflow UI, when the store is an MLflow server; None otherwise."""
     base = ui_base_url(uri)
