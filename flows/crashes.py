@@ -216,14 +216,19 @@ def crash_orphans(*, tracking_uri: str | None = None) -> list[Orphan]:
 
 
 def record_this_process() -> None:
-    """Name this process as the running flow run's, ``HOST:PID`` as Prefect's process worker does, when nothing
-    has: a flow run called in a `cnn-train run` had no process to check, so after a SIGKILL doctor said all was
-    well until its MLflow heartbeat was stale (minutes), where a dead pid says so at once."""
+    """Name this process as the running flow run's, ``HOST:PID`` as Prefect's process worker does, unless a
+    live process here is named: a flow run called in a `cnn-train run` had no process to check, so after a
+    SIGKILL doctor said all was well until its MLflow heartbeat was stale (minutes), where a dead pid says so
+    at once; and a flow run run again (Retry in the Prefect UI) kept its first attempt's, gone, so the new
+    attempt's own start marked it Crashed."""
     from prefect.client.orchestration import get_client
     from prefect.context import FlowRunContext
 
     context = FlowRunContext.get()
-    if context is None or context.flow_run is None or context.flow_run.infrastructure_pid:
+    if context is None or context.flow_run is None:
+        return
+    host, _, pid = (context.flow_run.infrastructure_pid or "").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and _alive(int(pid)):
         return
     with get_client(sync_client=True) as client:
         client.update_flow_run(context.flow_run.id, infrastructure_pid=f"{socket.gethostname()}:{os.getpid()}")

@@ -23,6 +23,12 @@ from cnn_train.flows.signatures import takes_parameters
 from cnn_train.flows.tracking import RunTracker
 
 
+#: Set on an MLflow run of a flow run that was run again (Retry in the Prefect UI): the later attempt's run.
+SUPERSEDED_TAG = "cnn_train.superseded_by"
+#: Set on the later attempt's run: the earlier attempts' runs, comma-separated.
+EARLIER_ATTEMPTS_TAG = "cnn_train.earlier_attempts"
+
+
 def flow_run_tags() -> dict[str, str]:
     """The Prefect flow run an MLflow run belongs to; a link only where a Prefect UI exists."""
     tags = {
@@ -74,7 +80,22 @@ def _start_flow_run(experiment: str, *, run_name: str, role: str | None = None) 
         run_name = f"{run_name}-{context.flow_run.name}"
     tracker = RunTracker.start(experiment, run_name=run_name, tags=tags)
     logger.info("MLflow run %s: %s", tracker.run_id, tracker.url or tracking.open_hint(tracker))
+    if (runtime.flow_run.run_count or 1) > 1:  # run again: Retry in the Prefect UI
+        _link_attempts(tracker, logger)
     return tracker
+
+
+def _link_attempts(tracker: RunTracker, logger: Any) -> None:
+    """A flow run run again starts a new MLflow run; its earlier ones (each attempt's) point at it, and it at them."""
+    earlier = [
+        run.info.run_id for run in tracking.find_runs_for_flow_run(str(runtime.flow_run.id), uri=tracker.uri)
+        if run.info.run_id != tracker.run_id and "mlflow.parentRunId" not in run.data.tags
+    ]
+    for run_id in earlier:
+        tracking.client(tracker.uri).set_tag(run_id, SUPERSEDED_TAG, tracker.run_id)
+    if earlier:
+        tracker.set_tags({EARLIER_ATTEMPTS_TAG: ",".join(earlier)})
+        logger.info("this flow run ran before: MLflow run(s) %s now name %s as their successor", ", ".join(earlier), tracker.run_id)
 
 
 @contextlib.contextmanager

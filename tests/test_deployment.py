@@ -189,3 +189,30 @@ def test_the_predict_deployment_leaves_predictions_and_a_summary_in_mlflow(stack
     assert {(a.key, a.type) for a in artifacts} >= {
         ("predictions", "table"), ("prediction-summary", "markdown"), ("predicted-examples", "image")
     }
+
+
+def test_a_flow_run_run_again_links_its_attempts_mlflow_runs(stack, trained):
+    """Retry in the Prefect UI (a finished flow run set AwaitingRetry) made a second MLflow run of the same
+    flow run, and nothing said which attempt each was. Last in the module: it adds a run to `trained`."""
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import AwaitingRetry
+
+    env, _ = stack
+    with temporary_settings({PREFECT_API_URL: prefect_api(env)}), get_client(sync_client=True) as prefect:
+        prefect.set_flow_run_state(trained, AwaitingRetry(), force=True)
+        deadline = time.monotonic() + 300
+        while True:
+            flow_run = prefect.read_flow_run(trained)
+            if (flow_run.run_count > 1 and flow_run.state.is_final()) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    assert flow_run.state.is_completed(), flow_run.state
+    client = MlflowClient(f"http://127.0.0.1:{env['CNN_TRAIN_MLFLOW_PORT']}")
+    runs = client.search_runs([client.get_experiment_by_name("cnn-train").experiment_id],
+                              f"tags.`prefect.flow_run_id` = '{trained}'", order_by=["attributes.start_time ASC"])
+    first, again = runs
+    assert first.data.tags["cnn_train.superseded_by"] == again.info.run_id
+    assert again.data.tags["cnn_train.earlier_attempts"] == first.info.run_id
+    assert again.info.status == "FINISHED"
