@@ -184,7 +184,7 @@ def test_dense_baseline_sits_beside_the_cnn(finished, tmp_path):
     child = children[0]
     assert child.info.status == "FINISHED"
     assert child.data.params["architecture"] == "dense"
-    assert run.data.metrics["dense.parameters"] == 101_770
+    assert run.data.params["dense.model.parameters"] == "101770" and "dense.parameters" not in run.data.metrics
     report = Path(client.download_artifacts(run.info.run_id, "report/report.md", str(tmp_path))).read_text()
     assert "dense network" in report and f"{run.data.metrics['dense.test_accuracy'] * 100:.2f}%" in report
 
