@@ -282,8 +282,8 @@ def _rank_and_record(parent: RunTracker, results: list[TrialResult], diverged: l
     parent.describe(f"{best_line}\n\nThe ranking: `sweep/ranking.md` in Artifacts.")
     parent.log_metrics({"best_test_accuracy": best.test.accuracy})
     parent.set_tags({"cnn_train.best_run_id": best.run_id})
-    create_table_artifact(reporting.table_records(ranking), key="sweep-ranking")
-    create_markdown_artifact(markdown, key="sweep-best")
+    create_table_artifact(reporting.table_records(ranking), key="sweep-ranking", description=best_line)
+    create_markdown_artifact(markdown, key="sweep-report", description=best_line)
     summary: dict[str, Any] = {
         "mlflow_run_id": parent.run_id,
         "mlflow_run_url": parent.url or tracking.open_hint(parent),

@@ -291,6 +291,13 @@ def test_local_sweep_ranks_four_children_and_registers_the_best(mlflow_store):
         task_runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     assert sorted(run.name for run in task_runs if run.name.startswith("trial")) == sorted(c.info.run_name for c in children)
     assert {"prep", "register"} <= {run.name for run in task_runs}
+    # The markdown ranking was keyed "sweep-best"; neither artifact said its verdict.
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    described = {a.key: a.description for a in artifacts if a.key in ("sweep-ranking", "sweep-report")}
+    assert described == dict.fromkeys(("sweep-ranking", "sweep-report"), parent.data.tags["mlflow.note.content"].splitlines()[0])
 
 
 @pytest.fixture
