@@ -203,7 +203,7 @@ def crash(orphan: Orphan, *, tracking_uri: str | None = None) -> None:
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(orphan.flow_run_id, Crashed(message=f"Marked Crashed by cnn-train: {orphan.reason}"), force=True)
     for run in tracking.find_runs_for_flow_run(orphan.flow_run_id, uri=tracking_uri):
-        if tracking.mark_unfinished(run.info.run_id, "FAILED", uri=tracking_uri):
+        if tracking.mark_unfinished(run.info.run_id, "FAILED", uri=tracking_uri, reason=f"its flow run was marked Crashed: {orphan.reason}"):
             tracking.client(tracking_uri).set_tag(run.info.run_id, tracking.REAPED_TAG, f"flow run {orphan.reason}")
 
 

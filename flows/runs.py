@@ -142,10 +142,10 @@ def ended(tracker: RunTracker) -> Iterator[None]:
 def ending_note(status: str, error: BaseException) -> str:
     """What stopped a run, at the top of its MLflow page (a run cancelled in Prefect said nothing)."""
     if status == "KILLED":
-        return ("**Stopped before it finished**: interrupted, or its flow run cancelled. What it recorded "
-                "until then stays, and so does its checkpoint until `cnn-train gc`.")
+        return tracking.ending_description(status, "interrupted, or its flow run cancelled. What it recorded "
+                                           "until then stays, and so does its checkpoint until `cnn-train gc`.")
     reason = str(error) if isinstance(error, ExpectedFailure) else f"{type(error).__name__}: {error}"
-    return f"**Failed**: {reason.splitlines()[0][:500] if reason.strip() else type(error).__name__}"
+    return tracking.ending_description(status, reason.splitlines()[0][:500] if reason.strip() else type(error).__name__)
 
 
 def _warn_if_waiting(tracker: RunTracker, waiting: int) -> None:
@@ -162,8 +162,10 @@ def _mark_runs_hook(status: str) -> Any:
 
     # Prefect's flow engine passes these positionally, its runner (a cancellation from the UI) by name.
     def hook(flow: Any, flow_run: Any, state: Any) -> None:
+        message = getattr(state, "message", None)
+        reason = f"its flow run {'crashed' if status == 'FAILED' else 'was cancelled'}" + (f" ({message})" if message else "")
         for run in tracking.find_runs_for_flow_run(str(flow_run.id)):
-            tracking.mark_unfinished(run.info.run_id, status)
+            tracking.mark_unfinished(run.info.run_id, status, reason=reason)
 
     # Prefect logs a hook by its name ("Running hook ... in response to entering state 'Crashed'").
     hook.__name__ = hook.__qualname__ = f"end_unfinished_mlflow_runs_{status.lower()}"

@@ -138,9 +138,9 @@ def _end_abandoned_runs(uri: str) -> Any:
             RunTracker(uri, run_id, experiment_id).set_tags(
                 {STATE_TAG: "failed", "cnn_train.trial_note": "its process died while it trained; the trial was queued again"}
             )
-            tracking.mark_unfinished(run_id, "FAILED", uri=uri)
+            tracking.mark_unfinished(run_id, "FAILED", uri=uri, reason="its process died while it trained; the trial was queued again")
         if parent_id := trial.user_attrs.get(PARENT_ATTR):
-            tracking.mark_unfinished(parent_id, "FAILED", uri=uri)
+            tracking.mark_unfinished(parent_id, "FAILED", uri=uri, reason="its process died while a trial trained")
 
     return end
 

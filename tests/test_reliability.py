@@ -165,6 +165,7 @@ def test_sigkill_then_reaped_by_doctor_and_by_the_next_start(prefect_api_url, st
     run = _client(store).get_run(run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["cnn_train.reaped"] == f"flow run its process {process.pid} is gone"
+    assert run.data.tags["mlflow.note.content"] == f"**Failed**: its flow run was marked Crashed: its process {process.pid} is gone"
     assert _flow_run_state(prefect_api_url, flow_run_id) == "CRASHED"
 
 

@@ -473,6 +473,7 @@ def test_heartbeat_then_reaping_and_marking(store):
     assert tracking.reap_stale_runs(uri=store, stale_after=600) == [abandoned.run_id]
     assert abandoned.status() == "FAILED"
     assert "no heartbeat for 36" in abandoned.client.get_run(abandoned.run_id).data.tags[tracking.REAPED_TAG]
+    assert abandoned.client.get_run(abandoned.run_id).data.tags["mlflow.note.content"].startswith("**Failed**: no heartbeat for 36")
     assert {r.info.run_id for r in tracking.find_runs_for_flow_run("flow-1", uri=store)} == {
         alive.run_id, abandoned.run_id, ended.run_id}
     assert tracking.mark_unfinished(ended.run_id, "KILLED", uri=store) is False
@@ -494,9 +495,14 @@ def test_a_flow_runs_end_hooks_mark_its_mlflow_runs_however_prefect_calls_them(b
         (hook,) = hooks[name]
         assert hook.__name__ == f"end_unfinished_mlflow_runs_{status.lower()}"  # what Prefect's log names
         flow_run = SimpleNamespace(id=f"flow-{name}")
+        state = SimpleNamespace(message="Process exited with status code: -9")
         if by_name:
-            hook(flow=None, flow_run=flow_run, state=None)
+            hook(flow=None, flow_run=flow_run, state=state)
         else:
-            hook(None, flow_run, None)
+            hook(None, flow_run, state)
         assert run.status() == status, name
+        # A served run killed with SIGKILL ended FAILED with nothing on its page to say why.
+        said = {"KILLED": "**Stopped before it finished**: its flow run was cancelled",
+                "FAILED": "**Failed**: its flow run crashed"}[status]
+        assert run.client.get_run(run.run_id).data.tags["mlflow.note.content"] == f"{said} (Process exited with status code: -9)"
 

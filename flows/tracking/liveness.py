@@ -76,12 +76,28 @@ def find_runs_for_flow_run(flow_run_id: str, *, uri: str | None = None) -> list[
     return mlflow_client.search_runs(experiments, filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'")
 
 
-def mark_unfinished(run_id: str, status: str, *, uri: str | None = None) -> bool:
-    """Mark a run FAILED or KILLED unless it already ended; returns whether it changed."""
+def ending_description(status: str, reason: str) -> str:
+    """What stopped a run, as the top of its MLflow page says it: ``**Failed**: reason`` or, for KILLED,
+    ``**Stopped before it finished**: reason``."""
+    return f"**{'Stopped before it finished' if status == 'KILLED' else 'Failed'}**: {reason}"
+
+
+def _describe_unless_described(mlflow_client: Any, run: Any, status: str, reason: str) -> None:
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    if not run.data.tags.get(MLFLOW_RUN_NOTE):  # what the run said of itself stays
+        mlflow_client.set_tag(run.info.run_id, MLFLOW_RUN_NOTE, ending_description(status, reason))
+
+
+def mark_unfinished(run_id: str, status: str, *, uri: str | None = None, reason: str | None = None) -> bool:
+    """Mark a run FAILED or KILLED unless it already ended, saying ``reason`` in its description when it
+    has none; returns whether it changed."""
     mlflow_client = client(uri)
     run = mlflow_client.get_run(run_id)
     if RunStatus.is_terminated(RunStatus.from_string(run.info.status)):
         return False
+    if reason:
+        _describe_unless_described(mlflow_client, run, status, reason)
     mlflow_client.set_terminated(run_id, status=status)
     return True
 
@@ -112,11 +128,9 @@ def reap_stale_runs(*, uri: str | None = None, stale_after: float = STALE_AFTER_
     mlflow_client = client(uri)
     for run in stale_runs(uri=uri, stale_after=stale_after):
         silent = time.time() - float(run.data.tags[HEARTBEAT_TAG])
-        mlflow_client.set_tag(
-            run.info.run_id,
-            REAPED_TAG,
-            f"no heartbeat for {silent:.0f} s (its process died without ending the run); marked FAILED",
-        )
+        why = f"no heartbeat for {silent:.0f} s (its process died without ending the run)"
+        mlflow_client.set_tag(run.info.run_id, REAPED_TAG, f"{why}; marked FAILED")
+        _describe_unless_described(mlflow_client, run, "FAILED", why)
         mlflow_client.set_terminated(run.info.run_id, status="FAILED")
         reaped.append(run.info.run_id)
     return reaped
