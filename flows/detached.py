@@ -67,7 +67,7 @@ class Service:
         if self.ready():
             return False
         if self.pid() is None:
-            self._check_port_free()
+            self.check_port_free()
             self.pid_file.parent.mkdir(parents=True, exist_ok=True)
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             env = os.environ | self.base_env() | self.extra_env()
@@ -95,7 +95,7 @@ class Service:
             time.sleep(0.5)
         raise TimeoutError(f"{self.name} was not ready after {timeout:.0f} s; see {self.log_file}:\n{_tail(self.log_file)}")
 
-    def _check_port_free(self) -> None:
+    def check_port_free(self) -> None:
         """Refuse in one line a port another program holds: the server would exit at once, saying so
         only in its log."""
         if self.port is None:

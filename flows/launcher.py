@@ -129,6 +129,8 @@ def up(*, trigger: bool, watch_timeout: float, echo: Echo, worker: bool = False)
     refuse_foreign_mlflow_server()
     for server in (services.prefect_server, services.mlflow_server):  # before anything starts or stops
         check_same_host(server)
+        if server.pid() is None and not server.ready():  # to start: its port must be free (Prefect's started first)
+            server.check_port_free()
     start_service(services.prefect_server, echo, timeout=START_TIMEOUT)
     refuse_taking_the_deployments(worker=worker)  # before anything of this project's starts
     start_service(services.mlflow_server, echo, timeout=START_TIMEOUT)

@@ -140,13 +140,17 @@ def held_port() -> Iterator[int]:
         yield holder.getsockname()[1]
 
 
-def test_up_on_a_port_another_program_holds_is_one_line_and_starts_nothing(tmp_path, held_port):
-    env = bare_env(tmp_path) | {"CNN_TRAIN_PREFECT_PORT": str(held_port), "CNN_TRAIN_MLFLOW_PORT": str(free_port())}
+@pytest.mark.parametrize("server", ["prefect", "mlflow"])
+def test_up_on_a_port_another_program_holds_is_one_line_and_starts_nothing(tmp_path, held_port, server):
+    """With MLflow's port held, `up` started the Prefect server first and left it running."""
+    ports = {"prefect": str(free_port()), "mlflow": str(free_port())} | {server: str(held_port)}
+    env = bare_env(tmp_path) | {"CNN_TRAIN_PREFECT_PORT": ports["prefect"], "CNN_TRAIN_MLFLOW_PORT": ports["mlflow"]}
     result = subprocess.run([BIN / "cnn-train", "up", "--no-trigger"], env=env, capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stderr.splitlines()) == (1, [
-        f"cnn-train: prefect-server cannot listen on 127.0.0.1:{held_port}: address already in use, by a program that "
-        "does not answer as prefect-server; stop it, or choose a free port with CNN_TRAIN_PREFECT_PORT"
+        f"cnn-train: {server}-server cannot listen on 127.0.0.1:{held_port}: address already in use, by a program that "
+        f"does not answer as {server}-server; stop it, or choose a free port with CNN_TRAIN_{server.upper()}_PORT"
     ])
+    assert "starting" not in result.stdout, result.stdout
     assert list((tmp_path / "state" / "run").glob("*")) == []
     assert not (tmp_path / ".prefect" / "profiles.toml").exists(), "the user's Prefect profile is left alone"
 
