@@ -61,9 +61,9 @@ CHECKS: tuple[Check, ...] = (
     *(
         _check(function, requires=_TRAINS)
         for function in (
-            lifecycle.check_stops_when_asked,
             checks.check_evaluate,
             checks.check_predict_proba,
+            lifecycle.check_stops_when_asked,
             checks.check_save_load_round_trip,
             lifecycle.check_resume,
             checks.check_cpu_determinism,
