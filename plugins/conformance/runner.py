@@ -43,24 +43,27 @@ _LOADS = ("entry_point_load",)
 _KEEPS_CONTRACT = ("entry_point_load", "contract_members")
 #: A training that fails fails every check that trains the same way: those wait for the smoke training.
 _TRAINS = (*_KEEPS_CONTRACT, "smoke_train")
+#: The checks that train, beyond the smoke training itself.
+_TRAINING_CHECKS = frozenset({
+    checks.check_evaluate, checks.check_predict_proba, lifecycle.check_stops_when_asked,
+    checks.check_save_load_round_trip, lifecycle.check_resume, checks.check_cpu_determinism,
+    checks.check_seed_changes_training, checks.check_training_options, devices.check_uses_given_device,
+    isolation.check_leaves_process_wide_generators_alone, isolation.check_does_not_log_to_mlflow,
+    model_logging.check_model_logging,
+})
 
 #: Every check, each after the checks it requires.
 CHECKS: tuple[Check, ...] = (
     _check(checks.check_entry_point_load, requires=()),
     _check(checks.check_contract_members, requires=_LOADS),
     *(
-        _check(function, requires=_KEEPS_CONTRACT)
+        _check(function, requires=_TRAINS if function in _TRAINING_CHECKS else _KEEPS_CONTRACT)
         for function in (
             checks.check_parameter_counts,
             checks.check_custom_config_parameter_count,
             checks.check_feature_maps_shapes,
             checks.check_first_conv_kernels_shape,
             checks.check_smoke_train,
-        )
-    ),
-    *(
-        _check(function, requires=_TRAINS)
-        for function in (
             checks.check_evaluate,
             checks.check_predict_proba,
             lifecycle.check_stops_when_asked,
@@ -69,19 +72,9 @@ CHECKS: tuple[Check, ...] = (
             checks.check_cpu_determinism,
             checks.check_seed_changes_training,
             checks.check_training_options,
-        )
-    ),
-    *(
-        _check(function, requires=_KEEPS_CONTRACT)
-        for function in (
             checks.check_rejects_wrong_image_shape,
             checks.check_rejects_empty_data,
             checks.check_rejects_labels_out_of_range,
-        )
-    ),
-    *(
-        _check(function, requires=_TRAINS)
-        for function in (
             devices.check_uses_given_device,
             isolation.check_leaves_process_wide_generators_alone,
             isolation.check_does_not_log_to_mlflow,
