@@ -170,12 +170,17 @@ def _why_orphaned(
     if served_here and not runner_alive and str(flow_run.id) not in running_here:
         return "the serve process (or worker) that ran it is gone, and no process here runs it"
     # The process first: a dead pid is the surer reason, and a heartbeat goes stale only a while later.
-    host, _, pid = (flow_run.infrastructure_pid or "").rpartition(":")
-    if pid.isdigit() and host == socket.gethostname() and not _alive(int(pid)):
+    if (pid := _process_here(flow_run.infrastructure_pid)) is not None and not _alive(pid):
         return f"its process {pid} is gone"
     if str(flow_run.id) in stale_flow_runs:
         return "its MLflow heartbeat stopped"
     return None
+
+
+def _process_here(infrastructure_pid: str | None) -> int | None:
+    """The pid a flow run's ``HOST:PID`` names, when HOST is this machine."""
+    host, _, pid = (infrastructure_pid or "").rpartition(":")
+    return int(pid) if pid.isdigit() and host == socket.gethostname() else None
 
 
 def _alive(pid: int) -> bool:
@@ -227,8 +232,7 @@ def record_this_process() -> None:
     context = FlowRunContext.get()
     if context is None or context.flow_run is None:
         return
-    host, _, pid = (context.flow_run.infrastructure_pid or "").rpartition(":")
-    if host == socket.gethostname() and pid.isdigit() and _alive(int(pid)):
+    if (pid := _process_here(context.flow_run.infrastructure_pid)) is not None and _alive(pid):
         return
     with get_client(sync_client=True) as client:
         client.update_flow_run(context.flow_run.id, infrastructure_pid=f"{socket.gethostname()}:{os.getpid()}")

@@ -91,11 +91,13 @@ def _link_attempts(tracker: RunTracker, logger: Any) -> None:
         run.info.run_id for run in tracking.find_runs_for_flow_run(str(runtime.flow_run.id), uri=tracker.uri)
         if run.info.run_id != tracker.run_id and "mlflow.parentRunId" not in run.data.tags
     ]
+    if not earlier:
+        return
+    mlflow_client = tracking.client(tracker.uri)
     for run_id in earlier:
-        tracking.client(tracker.uri).set_tag(run_id, SUPERSEDED_TAG, tracker.run_id)
-    if earlier:
-        tracker.set_tags({EARLIER_ATTEMPTS_TAG: ",".join(earlier)})
-        logger.info("this flow run ran before: MLflow run(s) %s now name %s as their successor", ", ".join(earlier), tracker.run_id)
+        mlflow_client.set_tag(run_id, SUPERSEDED_TAG, tracker.run_id)
+    tracker.set_tags({EARLIER_ATTEMPTS_TAG: ",".join(earlier)})
+    logger.info("this flow run ran before: MLflow run(s) %s now name %s as their successor", ", ".join(earlier), tracker.run_id)
 
 
 @contextlib.contextmanager

@@ -76,10 +76,15 @@ def _number(value: float) -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:g}"
 
 
+def _constraints(info: FieldInfo, names: Iterable[str]) -> dict[str, Any]:
+    """The declaration's constraints called ``names`` (``ge``, ``lt``, ``min_length``...) that it sets, in that order."""
+    found = {name: value for item in info.metadata for name in names if (value := getattr(item, name, None)) is not None}
+    return {name: found[name] for name in names if name in found}
+
+
 def bounds_in_words(info: FieldInfo) -> str | None:
     """A field's numeric bounds as a reader says them (``from 20 to 60,000``, ``at least 1``), or None."""
-    found = {name: value for item in info.metadata for name in ("ge", "gt", "le", "lt")
-             if (value := getattr(item, name, None)) is not None}
+    found = _constraints(info, ("ge", "gt", "le", "lt"))
     if isinstance(found.get("lt"), int) and "ge" in found:  # whole numbers below 2**32: at most 2**32 - 1
         found["le"] = found.pop("lt") - 1
     low = f"{_number(found['ge'])}" if "ge" in found else None
@@ -124,11 +129,9 @@ def _allowed(annotation: Any, info: FieldInfo) -> str:
     words = [" / ".join(f"`{choice}`" for choice in choices)] if choices else []
     if "cuda" in (info.description or ""):
         words.append("`cuda:N`")
-    bounds = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >="}
-    for item in info.metadata:
-        for attribute, symbol in bounds.items():
-            if (value := getattr(item, attribute, None)) is not None:
-                words.append(f"{symbol} {value:,}" if isinstance(value, int) else f"{symbol} {value}")
+    symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >="}
+    for name, value in _constraints(info, symbols).items():
+        words.append(f"{symbols[name]} {value:,}" if isinstance(value, int) else f"{symbols[name]} {value}")
     return ", ".join(words) or "any"
 
 
