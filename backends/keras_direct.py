@@ -107,17 +107,19 @@ class DirectSequential(keras.Sequential):
     ``Layer.__call__`` costs about 0.1 ms per layer on the torch backend (symbolic-tensor checks,
     dtype policy, masking), and each Keras op converts and checks its arguments again; this small
     network is dominated by such overhead. So the eager pass calls, per layer, an equivalent fused
-    torch op on the layer's own variables (see :func:`_torch_op`), or else the layer's ``call``. These
-    layers need none of the skipped machinery: they are built, float32, take no mask and behave the
-    same in training and inference. Symbolic calls, which build the graph, take the normal path.
+    torch op on the layer's own variables (see :func:`_torch_op`). Those layers need none of the skipped
+    machinery: they are built, float32, take no mask and behave the same in training and inference. A
+    model with any other layer (Dropout, BatchNormalization: ``training`` matters to them) and symbolic
+    calls, which build the graph, take Keras's own ``call``.
     ``fit``, its ``train_step``, the compiled loss and metrics, the optimizer and callbacks are Keras's.
     """
 
     def call(self, inputs: Any, training: bool | None = None, mask: Any = None, **kwargs: Any) -> Any:
-        if keras.backend.is_keras_tensor(inputs):
+        ops = None if keras.backend.is_keras_tensor(inputs) else self._direct_ops()
+        if ops is None:
             return super().call(inputs, training=training, mask=mask, **kwargs)
         outputs = inputs
-        for op in self._direct_ops():
+        for op in ops:
             outputs = op(outputs)
         return outputs
 
@@ -190,13 +192,15 @@ class DirectSequential(keras.Sequential):
         # In __dict__, out of Keras's attribute tracking, like the ops cache below.
         self.__dict__["_plain_loss"] = loss
 
-    def _direct_ops(self) -> tuple[Callable[[Any], Any], ...]:
+    def _direct_ops(self) -> tuple[Callable[[Any], Any], ...] | None:
+        """Every layer's fused op, or None when any layer has none (the model then runs as Keras runs it)."""
         # Cached in __dict__ (not as a tracked attribute), and rebuilt if the layer list ever changes.
         layers = tuple(self.layers)
         cached = self.__dict__.get("_direct_ops_cache")
         if cached is None or cached[0] != tuple(map(id, layers)):
-            ops = tuple(_torch_op(layer) or layer.call for layer in layers)
-            cached = self.__dict__["_direct_ops_cache"] = (tuple(map(id, layers)), ops)
+            ops = tuple(_torch_op(layer) for layer in layers)
+            fused = None if None in ops else ops
+            cached = self.__dict__["_direct_ops_cache"] = (tuple(map(id, layers)), fused)
         return cached[1]
 
 

@@ -111,3 +111,41 @@ def test_the_keras_backend_trains_with_fused_adam_a_keras_optimizer() -> None:
     assert isinstance(optimizer, keras.optimizers.Adam) and type(optimizer) is keras_backend.FusedAdam
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
     assert type(restored) is keras_backend.FusedAdam and restored.get_config() == optimizer.get_config()
+
+
+def _numpy(tensor: object) -> np.ndarray:
+    return keras.ops.convert_to_numpy(tensor)
+
+
+def test_dropout_drops_in_training_on_the_fast_path_model() -> None:
+    # Not a layer the fast path fuses: the model runs as Keras runs it, so Dropout sees `training`.
+    inputs = np.random.default_rng(0).normal(size=(64, 32)).astype("float32")
+    model = keras_backend.DirectSequential([keras.Input((32,)), keras.layers.Dense(32), keras.layers.Dropout(0.5, seed=1)])
+    kept = _numpy(model(inputs, training=False))
+    dropped = _numpy(model(inputs, training=True))
+    zeroed = dropped == 0
+    assert 0.3 < zeroed.mean() < 0.7, "training=True did not reach Dropout"
+    np.testing.assert_allclose(dropped[~zeroed], 2 * kept[~zeroed], rtol=1e-5)
+
+
+def test_batch_normalization_uses_the_batch_in_training_as_in_keras_sequential() -> None:
+    inputs = 3 + np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+    layers = [keras.Input((8,)), keras.layers.Dense(8), keras.layers.BatchNormalization()]
+    ours, theirs = keras_backend.DirectSequential(layers), keras.Sequential(layers)  # the very same layers
+    for training in (True, False):
+        np.testing.assert_allclose(
+            _numpy(ours(inputs, training=training)), _numpy(theirs(inputs, training=training)), rtol=1e-5, atol=1e-5
+        )
+    assert not np.allclose(_numpy(ours(inputs, training=True)), _numpy(ours(inputs, training=False)), atol=1e-3)
+
+
+@pytest.mark.parametrize("architecture", ["cnn", "dense"])
+def test_the_shipped_networks_take_the_fused_path(monkeypatch: pytest.MonkeyPatch, architecture: str) -> None:
+    from cnn_train.backends import keras_direct
+
+    calls = []
+    real = keras_direct.F.linear
+    monkeypatch.setattr(keras_direct.F, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = keras_backend.build_model(ModelConfig(architecture=architecture))
+    model(np.zeros((2, 28, 28, 1), dtype="float32"), training=True)
+    assert len(calls) == 2, "a shipped layer lost its fused op: the Keras backend would train slower"
