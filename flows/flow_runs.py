@@ -35,7 +35,9 @@ _HEADLINE_METRICS = {
     "images_failed": "images not classified (unreadable, or nothing to classify): {:.0f}",
 }
 #: Runs whose description's first line is their verdict, worth a line of its own.
-_VERDICT_ROLES = frozenset({"compare", "sweep"})
+_VERDICT_ROLES = frozenset({"compare", "sweep", "tune"})
+#: How a search's description gives the command that trains its best trial again.
+_AGAIN = "Train it again: "
 #: Headline metrics worth a line only when they are not zero.
 _SHOWN_WHEN_NOT_ZERO = frozenset({"images_failed"})
 
@@ -285,9 +287,10 @@ def outcome_lines(run: Any | None, uri: str) -> list[str]:
             lines += [f"{k.removesuffix('.test_accuracy')} test accuracy: {metrics[k]:.4f}" for k in per_backend]
     if registered := tracking.registration_line(run.data.tags):
         lines.append(registered)
-    # A comparison's verdict and a sweep's best values head their run's description, not its metrics.
+    # A comparison's verdict and a search's best trial head their run's description, not its metrics.
     if run.data.tags.get("cnn_train.role") in _VERDICT_ROLES and (note := run.data.tags.get("mlflow.note.content")):
         lines.append(note.splitlines()[0].replace("**", "").replace("`", ""))
+        lines += [line.replace("`", "").replace(_AGAIN, _AGAIN.lower()) for line in note.splitlines() if line.startswith(_AGAIN)]
     return lines
 
 

@@ -5,6 +5,7 @@ the other way, a flow's flat values split back into the declaration's models."""
 from __future__ import annotations
 
 import inspect
+import shlex
 import typing
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
@@ -13,7 +14,7 @@ import annotated_types
 from pydantic import BaseModel, Field, ValidationError
 from pydantic.fields import FieldInfo
 
-from cnn_train.flows.params import ParameterError, RunParameters
+from cnn_train.flows.params import ParameterError, RunParameters, training_defaults
 from cnn_train.plugins.config import format_validation_error
 
 #: Fields a sweep's grid or a study's space may vary. Data-shaping fields are fixed per search: data prep runs once.
@@ -114,6 +115,29 @@ def add_arguments(parser: Any, names: Iterable[str]) -> None:
             parser.add_argument(flag, action="store_true", help=info.description)
         else:
             parser.add_argument(flag, type=scalar, default=info.default, help=info.description)
+
+
+def assignments(values: Mapping[str, Any]) -> str:
+    """``name=value`` pairs as a trial's values read (``batch_size=64, learning_rate=0.0029...``), exact."""
+    return ", ".join(f"{name}={value!r}" if isinstance(value, float) else f"{name}={value}" for name, value in values.items())
+
+
+def run_command(params: RunParameters) -> str:
+    """The ``cnn-train run`` command that trains with ``params``: each value not its declared default as
+    its option (a search's best trial, trained again on its own). The architecture's own epochs, batch
+    size and learning rate are its defaults too."""
+    words = ["cnn-train", "run"]
+    declared = {name: info.default for name, info in RunParameters.model_fields.items()}
+    defaults = declared | training_defaults(params.architecture)
+    for name, value in params.model_dump().items():
+        if value is None or value == defaults[name]:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag.removeprefix("--"))
+        else:
+            words += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return shlex.join(words)
 
 
 def _choices(annotation: Any) -> list[Any]:

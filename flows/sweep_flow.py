@@ -35,7 +35,7 @@ from cnn_train.flows.params import (
     SweepOptions,
     validate_parameters,
 )
-from cnn_train.flows.signatures import SEARCHABLE, split_values, without_fixed_fields
+from cnn_train.flows.signatures import SEARCHABLE, assignments, run_command, split_values, without_fixed_fields
 from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, trials_on, worker_died
 from cnn_train.flows.ray_join import check_runner
 from cnn_train.flows.ray_cluster import ray_task_runner  # noqa: F401 - Python callers take this flow's runner from here
@@ -263,23 +263,30 @@ def cnn_train_sweep(**values: Any) -> dict[str, Any]:
         with trials_on(runner), interrupts.trials_stop_with_the_flow():
             parent.log_params(trial_runner_params(runner))
             results, diverged = _run_trials(trials, data, parent, max_concurrent=options.max_concurrent)
-        summary = _rank_and_record(parent, results, diverged)
+        summary = _rank_and_record(parent, results, diverged, trials)
         if options.register_best:
             summary |= _register_best(options.register_best, summary["best_run_id"], results, trials, data, parent)
     return summary
 
 
-def _rank_and_record(parent: RunTracker, results: list[TrialResult], diverged: list[DivergedTrial]) -> dict[str, Any]:
+def _rank_and_record(
+    parent: RunTracker, results: list[TrialResult], diverged: list[DivergedTrial],
+    trials: list[tuple[dict[str, Any], RunParameters]],
+) -> dict[str, Any]:
     ranking = ranking_table(results, diverged)
     best = next(r for r in results if r.run_id == ranking.loc[0, "run_id"])
-    varied = ", ".join(f"{name}={value}" for name, value in best.values.items())
-    best_line = f"Best trial: {varied}, test accuracy {reporting.format_percent(best.test.accuracy)} (MLflow run `{best.run_id}`)."
-    markdown = f"# Sweep ranking\n\n{reporting.markdown_table(ranking)}\n\n{best_line}\n"
+    best_line = (
+        f"Best trial: {assignments(best.values)}, test accuracy {reporting.format_percent(best.test.accuracy)} "
+        f"(MLflow run `{best.run_id}`)."
+    )
+    command = run_command(next(params for values, params in trials if values == best.values))
+    again = f"Train it again: `{command}`"
+    markdown = f"# Sweep ranking\n\n{reporting.markdown_table(ranking)}\n\n{best_line}\n\n{again}\n"
     with tempfile.TemporaryDirectory(prefix="cnn-train-sweep-") as out:
         ranking.to_csv(Path(out) / "ranking.csv", index=False)
         (Path(out) / "ranking.md").write_text(markdown, encoding="utf-8")
         parent.log_artifacts(Path(out), "sweep")
-    parent.describe(f"{best_line}\n\nThe ranking: `sweep/ranking.md` in Artifacts.")
+    parent.describe(f"{best_line}\n\n{again}\n\nThe ranking: `sweep/ranking.md` in Artifacts.")
     parent.log_metrics({"best_test_accuracy": best.test.accuracy})
     parent.set_tags({"cnn_train.best_run_id": best.run_id})
     create_table_artifact(reporting.table_records(ranking), key="sweep-ranking", description=best_line)
@@ -289,6 +296,7 @@ def _rank_and_record(parent: RunTracker, results: list[TrialResult], diverged: l
         "mlflow_run_url": parent.url or tracking.open_hint(parent),
         "best_run_id": best.run_id,
         "best_values": best.values,
+        "best_command": command,
         "best_test_accuracy": best.test.accuracy,
         "ranking": ranking.to_dict(orient="records"),
     }

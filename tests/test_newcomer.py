@@ -979,6 +979,10 @@ def test_a_watched_flow_runs_end_shows_its_mlflow_run_and_headline_metrics(tmp_p
         pytest.param({"best_test_accuracy": 0.7036}, {"cnn_train.role": "sweep", "mlflow.note.content": "Best trial: "
                      "learning_rate=0.003, test accuracy 70.36% (MLflow run `abc`).\n\nThe ranking: `sweep/ranking.md`."},
                      "Best trial: learning_rate=0.003, test accuracy 70.36% (MLflow run abc).", id="sweep-best-values"),
+        pytest.param({"best_value": 0.7875}, {"cnn_train.role": "tune", "mlflow.note.content": "**Best trial: 3, "
+                     "val_accuracy 78.75%, batch_size=64** (MLflow run `abc`).\n\nTrain it again: `cnn-train run "
+                     "--batch-size 64`\n\n4 trials ended: 4 complete."},
+                     "train it again: cnn-train run --batch-size 64", id="study-best-trial-and-its-command"),
         pytest.param({"test_accuracy": 0.75}, {"mlflow.note.content": "**Test accuracy 75.00%**: ..."},
                      "test accuracy: 0.7500", id="training-says-it-in-its-metrics"),
     ],

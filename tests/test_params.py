@@ -540,3 +540,31 @@ def test_no_function_repeats_a_run_parameters_default():
                         and not (isinstance(default, ast.Constant) and default.value is None)
                     ]
     assert repeated == []
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param({}, id="defaults"),
+        pytest.param({"backend": "keras", "batch_size": 64, "learning_rate": 0.0029106359131330704, "epochs": 2,
+                      "sample_limit": 800, "test_limit": 200}, id="a-trial-exactly"),
+        pytest.param({"architecture": "cnn-improved", "epochs": 10}, id="recipe-with-more-epochs"),
+        pytest.param({"data_dir": "/data/fashion mnist", "experiment": "my runs", "register": "fmnist"}, id="words-to-quote"),
+        pytest.param({"compare_dense": True, "train_device": "cpu", "seed": 0}, id="flag-and-device"),
+    ],
+)
+def test_run_command_trains_with_the_same_parameters(values: dict) -> None:
+    import shlex
+
+    import typer
+
+    from cnn_train.flows.signatures import run_command
+
+    params = RunParameters(**values)
+    words = shlex.split(run_command(params))
+    assert words[:2] == ["cnn-train", "run"]
+    # The real `cnn-train run` parser reads the command back: the same parameters, nothing lost.
+    context = typer.main.get_command(app).commands["run"].make_context("run", words[2:])
+    parsed = {name: value for name, value in context.params.items() if name in RunParameters.model_fields}
+    assert RunParameters(**parsed) == params
+    assert run_command(RunParameters(architecture=params.architecture)).count("--") == (params.architecture != "cnn")

@@ -390,7 +390,7 @@ def _sweep_children(mlflow_store: str, output: str) -> tuple[str, list]:
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_store)
-    line = re.search(r"^best trial: \{'\w+': .*\}, test accuracy \d+\.\d\d%, run ([0-9a-f]{32})$", output, re.M)
+    line = re.search(r"^best trial: \w+=\S+, test accuracy \d+\.\d\d%, run ([0-9a-f]{32})$", output, re.M)
     assert line is not None, output
     best = client.get_run(line.group(1))
     parent_id = best.data.tags["mlflow.parentRunId"]

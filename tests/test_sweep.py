@@ -278,6 +278,8 @@ def test_local_sweep_ranks_four_children_and_registers_the_best(mlflow_store):
     assert parent.data.metrics["best_test_accuracy"] == pytest.approx(best.data.metrics["test_accuracy"])
     varied = ", ".join(f"{name}={value}" for name, value in result["best_values"].items())  # was a Python dict
     assert parent.data.tags["mlflow.note.content"].startswith(f"Best trial: {varied}, test accuracy ")
+    assert f"Train it again: `{result['best_command']}`" in parent.data.tags["mlflow.note.content"]
+    assert result["best_command"].startswith("cnn-train run ")
     assert f"(MLflow run `{best.info.run_id}`)." in parent.data.tags["mlflow.note.content"]
     version = client.get_model_version("fashion-cnn-best", str(result["registered_version"]))
     assert version.run_id == best.info.run_id

@@ -461,7 +461,10 @@ def test_a_hopeless_trial_is_pruned_and_its_run_says_so(mlflow_store, tmp_path, 
     assert "None" not in parent.data.params.values(), parent.data.params  # values left out are no params
     assert parent.data.tags["cnn_train.best_trial"] == "0"
     description = parent.data.tags["mlflow.note.content"]
-    assert "2 trials ended: 1 complete, 1 pruned, 0 failed" in description and "Best trial: **0**" in description
+    assert "2 trials ended: 1 complete, 1 pruned, 0 failed" in description
+    # The best trial heads it (a watched trigger prints that line), then the command that trains it again.
+    assert description.startswith("**Best trial: 0, val_accuracy "), description
+    assert re.search(r"\n\nTrain it again: `cnn-train run [^`]*--learning-rate 0\.003[ `]", description), description
     assert description.endswith("The ranking and figures: `tune/ranking.md` in Artifacts.")
     assert parent.data.params["best.learning_rate"] == "0.003"
     assert {"ranking.csv", "ranking.md"} <= _artifact_names(client, parent.info.run_id, "tune")
@@ -532,7 +535,8 @@ def test_a_killed_study_continues_its_numbering_without_duplicate_runs(mlflow_st
     assert after[2].system_attrs["failed_trial"] == 1 and after[2].params == after[1].params
     assert "this run: trials 2)" in result.output
     # The objective by name and as the ranking shows it (a percentage), not "value 0.6400".
-    assert re.search(r"^best trial: [02], val_accuracy \d+\.\d\d%, parameters \{'learning_rate': ", result.output, re.M), result.output
+    assert re.search(r"^best trial: [02], val_accuracy \d+\.\d\d%, learning_rate=\d", result.output, re.M), result.output
+    assert re.search(r"^train it again: cnn-train run .*--learning-rate \d", result.output, re.M), result.output
 
     client = MlflowClient(mlflow_store)
     runs = _child_runs(client, "killed")

@@ -192,8 +192,11 @@ def sweep(ctx: typer.Context, **values: Any) -> None:
     from cnn_train.flows import reporting
 
     typer.echo(reporting.markdown_table(pd.DataFrame(result["ranking"])))
-    best = result["best_values"]
+    from cnn_train.flows.signatures import assignments
+
+    best = assignments(result["best_values"])
     typer.echo(f"best trial: {best}, test accuracy {result['best_test_accuracy']:.2%}, run {result['best_run_id']}")
+    typer.echo(f"train it again: {result['best_command']}")
     typer.echo(f"MLflow sweep run: {result['mlflow_run_url']}")
     if "registration" in result:
         typer.echo(result["registration"])

@@ -66,8 +66,11 @@ def _print_result(result: dict[str, Any], study_name: str, objective: str) -> No
         f"study {study_name}: {counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} failed "
         f"(this run: trials {', '.join(map(str, result['trials_run'])) or 'none'}); storage {result['storage']}"
     )
+    from cnn_train.flows.signatures import assignments
+
     value = reporting.format_percent(result["best_value"])  # as the ranking shows it
-    typer.echo(f"best trial: {result['best_trial']}, {objective} {value}, parameters {result['best_params']}")
+    typer.echo(f"best trial: {result['best_trial']}, {objective} {value}, {assignments(result['best_params'])}")
+    typer.echo(f"train it again: {result['best_command']}")
     typer.echo(f"MLflow study run: {result['mlflow_run_url']}")
     if "registration" in result:
         typer.echo(result["registration"])

@@ -4,7 +4,6 @@ registered."""
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from cnn_train.flows import reporting, tracking
 from cnn_train.flows.data import PreparedData
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.registering import register_task, registered_summary
+from cnn_train.flows.signatures import assignments, run_command
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.flows.tuning.figures import FIGURES, StudyFigures, write_study_figures
 from cnn_train.flows.tuning.plan import TunePlan
@@ -30,23 +30,26 @@ class NoCompletedTrialError(ExpectedFailure, RuntimeError):
 
 
 def _summary(plan: TunePlan, counts: dict[str, int], best: FrozenTrial | None, ran: list[int]) -> list[str]:
-    """The study's search, how its trials ended and its best trial: ranking.md's opening, and the parent run's
-    description."""
-    lines = [
+    """The best trial first (a watched trigger prints the first line), then how the trials ended and the
+    search: ranking.md's opening, and the parent run's description."""
+    lines = []
+    if best is not None:
+        lines += [
+            f"**Best trial: {best.number}, {plan.options.objective} {reporting.format_percent(best.value or 0.0)}, "
+            f"{assignments(best.params)}** (MLflow run `{best.user_attrs.get(RUN_ATTR)}`).",
+            "",
+            f"Train it again: `{run_command(plan.params_for(best.params))}`",
+            "",
+        ]
+    this_run = f"this run ran trials {', '.join(map(str, ran))}" if ran else "this run ran no trial"
+    return lines + [
+        f"{sum(counts.values())} trials ended: {counts['complete']} complete, {counts['pruned']} pruned, "
+        f"{counts['failed']} failed; {this_run}.",
+        "",
         f"Storage `{redacted_url(plan.storage_url)}`; space {', '.join(f'`{k}={v}`' for k, v in plan.space.specs().items())}; "
         f"sampler {plan.options.sampler}, pruner {plan.options.pruner}, objective {plan.options.objective} (maximised).",
         "",
-        f"{sum(counts.values())} trials ended: {counts['complete']} complete, {counts['pruned']} pruned, "
-        f"{counts['failed']} failed; this run ran trials {', '.join(map(str, ran)) or 'none'}.",
-        "",
     ]
-    if best is not None:
-        lines += [
-            f"Best trial: **{best.number}**, {plan.options.objective} {reporting.format_percent(best.value or 0.0)}, "
-            f"parameters `{json.dumps(best.params)}`, MLflow run `{best.user_attrs.get(RUN_ATTR)}`.",
-            "",
-        ]
-    return lines
 
 
 def _markdown(plan: TunePlan, ranking_md: str, counts: dict[str, int], best: FrozenTrial | None, figures: StudyFigures, ran: list[int]) -> str:
@@ -123,7 +126,11 @@ def record_study(parent: RunTracker, study: optuna.Study, plan: TunePlan, ran: l
     parent.log_metrics({"best_value": best.value or 0.0})
     parent.log_params({f"best.{name}": value for name, value in best.params.items()})
     parent.set_tags({"cnn_train.best_trial": best.number, "cnn_train.best_run_id": best.user_attrs.get(RUN_ATTR)})
-    summary |= {"best_trial": best.number, "best_value": best.value, "best_params": best.params, "best_run_id": best.user_attrs.get(RUN_ATTR)}
+    summary |= {
+        "best_trial": best.number, "best_value": best.value, "best_params": best.params,
+        "best_run_id": best.user_attrs.get(RUN_ATTR),
+        "best_command": run_command(plan.params_for(best.params)),
+    }
     if plan.options.register_best:
         summary |= _register(parent, plan, best, plan.options.register_best, data)
     return summary
