@@ -20,8 +20,9 @@ from optuna.trial import FrozenTrial, TrialState
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
+from prefect.states import Completed, State
 
-from cnn_train.flows import interrupts, steps, tracking
+from cnn_train.flows import interrupts, reporting, steps, tracking
 from cnn_train.flows.data import PreparedData
 from cnn_train.flows.params import TUNE_EXCLUDES, RunnerOptions, RunParameters, TuneOptions
 from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, trials_on, worker_died
@@ -87,12 +88,13 @@ def tune_trial_task(
     child: RunTracker,
     objective: str,
     scheduler_assigned: bool,
-) -> TrialOutcome:
+) -> TrialOutcome | State[TrialOutcome]:
     """Train trial ``number`` in its own child run of the study's run, reporting each epoch to Optuna
-    and stopping when it prunes; evaluate it on the test set when it trained to the end."""
+    and stopping when it prunes; evaluate it on the test set when it trained to the end. A pruned
+    trial's task run ends in a Completed state named Pruned, saying when and why, as its run does."""
     logger = get_run_logger()
     label = f"trial {trial.number}"
-    pruned_at: list[int] = []
+    pruned_at: list[EpochMetrics] = []
 
     def finished_epoch(metrics: EpochMetrics) -> bool:
         logger.info(progress_line(metrics, params.epochs, label))
@@ -101,7 +103,7 @@ def tune_trial_task(
         trial.report(metrics.val_accuracy, metrics.epoch)
         # Pruning after the last epoch would save nothing: such a trial completes.
         if metrics.epoch < params.epochs and trial.should_prune():
-            pruned_at.append(metrics.epoch)
+            pruned_at.append(metrics)
             logger.info("%s pruned after epoch %d (val_accuracy %.4f)", label, metrics.epoch, metrics.val_accuracy)
         return bool(pruned_at)
 
@@ -116,8 +118,12 @@ def tune_trial_task(
             child.set_tags({STATE_TAG: "failed"})
             raise
         if evaluated is None:
-            child.set_tags({STATE_TAG: pruned_label(pruned_at[0])})
-            return TrialOutcome("pruned", None, pruned_at[0], None, None)
+            stopped = pruned_at[0]
+            why = (f"pruned after epoch {stopped.epoch} of {params.epochs}, at val_accuracy "
+                   f"{reporting.format_percent(stopped.val_accuracy)}: the pruner judged it unlikely to beat the other trials")
+            child.set_tags({STATE_TAG: pruned_label(stopped.epoch)})
+            child.describe(f"**Pruned** {why.removeprefix('pruned ')}. Not evaluated on the test set.")
+            return Completed(data=TrialOutcome("pruned", None, stopped.epoch, None, None), name="Pruned", message=why)
         epochs = len(trained.history.epochs)
         value = objective_value(trained.history, objective)
         steps.log_test_metrics(

@@ -450,6 +450,18 @@ def test_a_hopeless_trial_is_pruned_and_its_run_says_so(mlflow_store, tmp_path, 
     assert pruned.data.tags[STATE_TAG] == "pruned at epoch 1"
     assert [m.step for m in client.get_metric_history(pruned.info.run_id, "val_accuracy")] == [1]
     assert "test_accuracy" not in pruned.data.metrics
+    # Only a tag said so: the run read FINISHED, no description, and its Prefect task run plain Completed.
+    assert re.match(r"\*\*Pruned\*\* after epoch 1 of 2, at val_accuracy \d+\.\d\d%: ", pruned.data.tags["mlflow.note.content"])
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run_id = client.get_run(result["mlflow_run_id"]).data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        task_runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states = {run.name: run.state for run in task_runs if run.name.startswith("trial")}
+    assert (states["trial-1"].type.value, states["trial-1"].name) == ("COMPLETED", "Pruned")
+    assert states["trial-1"].message.startswith("pruned after epoch 1 of 2, at val_accuracy ")
+    assert (states["trial-0"].name, states["trial-0"].message) == ("Completed", "")
     assert complete.info.status == "FINISHED" and complete.data.tags[STATE_TAG] == "complete"
     assert [m.step for m in client.get_metric_history(complete.info.run_id, "val_accuracy")] == [1, 2]
     assert complete.data.metrics["objective"] == pytest.approx(trials[0].value)
