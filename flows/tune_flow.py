@@ -245,6 +245,12 @@ def _hand_back(study: optuna.Study, trials: list[optuna.Trial]) -> None:
         requeue_interrupted(study, trials)
     except Exception as error:  # noqa: BLE001 - not in place of the interruption
         get_run_logger().warning("the stopped trials stay RUNNING in the study until its next invocation finds them: %s", error)
+        return
+    if trials:  # the command ends on the signal, with no line of its own: say how to go on
+        get_run_logger().warning(
+            "study %s stopped: trial(s) %s queued again; run the same command (or flow run parameters) to continue it",
+            study.study_name, ", ".join(str(trial.number) for trial in trials),
+        )
 
 
 def _keep_trials_in_flight(

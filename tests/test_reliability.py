@@ -4,6 +4,7 @@ resume, four concurrent runs on one tracking store; and bad input that must fail
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,6 +135,9 @@ def test_sigterm_during_a_search_ends_its_trials_in_threads_killed(search, prefe
     assert all(0 < len(client.get_metric_history(trial, "val_accuracy")) < epochs for trial in trials)
     if search[0] == "tune":  # the study holds them failed and queued again, not RUNNING until its next invocation
         import optuna
+
+        # The command ends on the signal: its log says how to go on (it said nothing).
+        assert re.search(r"study stopped stopped: trial\(s\) [01], [01] queued again; run the same command", output), output[-3000:]
 
         study = optuna.load_study(study_name="stopped", storage=f"sqlite:///{tmp_path / 'state' / 'optuna.db'}")
         states = {state: sorted(t.params["learning_rate"] for t in study.trials if t.state == state) for state in TrialState}

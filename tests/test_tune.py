@@ -546,6 +546,8 @@ def test_a_killed_study_continues_its_numbering_without_duplicate_runs(mlflow_st
     assert [t.state for t in after] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert after[2].system_attrs["failed_trial"] == 1 and after[2].params == after[1].params
     assert "this run: trials 2)" in result.output
+    # The ranking links the failed trial to its retry (it only said "failed").
+    assert re.search(r"^\| \d \| 1 \| failed, run again as trial 2 \|", result.output, re.M), result.output
     # The objective by name and as the ranking shows it (a percentage), not "value 0.6400".
     assert re.search(r"^best trial: [02], val_accuracy \d+\.\d\d%, learning_rate=\d", result.output, re.M), result.output
     assert re.search(r"^train it again: cnn-train run .*--learning-rate \d", result.output, re.M), result.output

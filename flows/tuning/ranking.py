@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from cnn_train.flows.tuning.study import RUN_ATTR
+from cnn_train.flows.tuning.study import RUN_ATTR, run_again_as
 
 #: MLflow tag saying how a trial ended: ``complete``, ``pruned at epoch k`` or ``failed``.
 STATE_TAG = "cnn_train.trial_state"
@@ -45,11 +45,12 @@ def ranking_table(trials: Sequence[FrozenTrial], objective: str) -> pd.DataFrame
         key=lambda t: (_ORDER[t.state], -(t.value if t.value is not None else float("-inf")), t.number),
     )
     params = sorted({name for trial in ended for name in trial.params})
+    again = run_again_as(list(trials))
     frame = pd.DataFrame(
         [
             {
                 "trial": trial.number,
-                "state": state_label(trial),
+                "state": state_label(trial) + (f", run again as trial {again[trial.number]}" if trial.number in again else ""),
                 # A pruned trial's value is the validation accuracy it was stopped at (Optuna's convention).
                 objective: trial.value,
                 **{name: trial.params.get(name) for name in params},

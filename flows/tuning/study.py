@@ -267,6 +267,14 @@ def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
     return {number for trial in trials for number in RetryHeartbeatStaleTrialCallback.retry_history(trial)}
 
 
+def run_again_as(trials: list[FrozenTrial]) -> dict[int, int]:
+    """Failed trial number -> the number of the trial queued to run it again."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        histories = {trial.number: RetryHeartbeatStaleTrialCallback.retry_history(trial) for trial in trials}
+    return {history[-1]: number for number, history in histories.items() if history}
+
+
 def counted_trials(study: optuna.Study) -> int:
     """Trials that count towards the study's target: all but failed ones that were queued again."""
     with warnings.catch_warnings():
