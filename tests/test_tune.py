@@ -483,6 +483,11 @@ def test_a_hopeless_trial_is_pruned_and_its_run_says_so(mlflow_store, tmp_path, 
     assert _artifact_names(client, parent.info.run_id, "tune/figures") == {"optimization_history.png", "intermediate_values.png"}
     for name in ("optimization_history.png", "intermediate_values.png"):
         assert inked_share(Path(client.download_artifacts(parent.info.run_id, f"tune/figures/{name}", str(tmp_path)))) > 0.02
+    # The study's markdown shows its figures (it named their files); with no MLflow server, beside it.
+    folder = Path(client.download_artifacts(parent.info.run_id, "tune", str(tmp_path / "whole")))
+    shown = re.findall(r"!\[[^\]]+\]\(([^)]+)\)", (folder / "ranking.md").read_text())
+    assert shown == ["figures/optimization_history.png", "figures/intermediate_values.png"], shown
+    assert all((folder / link).is_file() for link in shown)
     ranking_md = Path(client.download_artifacts(parent.info.run_id, "tune/ranking.md", str(tmp_path))).read_text()
     assert "param_importances.png` not drawn: parameter importance needs at least 2 completed trials (1 so far)" in ranking_md
     assert [row["state"] for row in result["ranking"]] == ["complete", "pruned at epoch 1"]

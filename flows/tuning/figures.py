@@ -20,6 +20,8 @@ FIGURES = {
     "intermediate_values.png": "each trial's validation accuracy per epoch, pruned ones stopping early",
     "param_importances.png": "how much each searched field explains the objective",
 }
+#: Figures whose x axis counts something, and what (Optuna labels the epochs "Step").
+_WHOLE_X = {"optimization_history.png": "Trial", "intermediate_values.png": "Epoch"}
 #: Share of pixels that must differ from the background for a figure to count as drawn.
 _MIN_INKED = 0.01
 
@@ -89,6 +91,11 @@ def write_study_figures(study: optuna.Study, folder: Path) -> StudyFigures:
             except (ValueError, RuntimeError) as error:  # e.g. an importance evaluator with too few trials
                 skipped[name] = f"Optuna could not draw it: {error}"
                 continue
+        if name in _WHOLE_X:  # trials and epochs are counted: no tick at 1.25
+            from matplotlib.ticker import MaxNLocator
+
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axes.set_xlabel(_WHOLE_X[name])
         figure = axes.figure if hasattr(axes, "figure") else np.ravel(axes)[0].figure
         figure.set_size_inches(8, 5)
         path = folder / name

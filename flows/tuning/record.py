@@ -5,6 +5,7 @@ registered."""
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,11 @@ def _summary(plan: TunePlan, counts: dict[str, int], best: FrozenTrial | None, r
     ]
 
 
-def _markdown(plan: TunePlan, ranking_md: str, counts: dict[str, int], best: FrozenTrial | None, figures: StudyFigures, ran: list[int]) -> str:
+def _markdown(
+    plan: TunePlan, ranking_md: str, counts: dict[str, int], best: FrozenTrial | None, figures: StudyFigures, ran: list[int],
+    figure_url: Callable[[str], str],
+) -> str:
+    """ranking.md, its figures shown from ``figure_url(file name)``."""
     lines = [f"# Study `{plan.study_name}`", "", *_summary(plan, counts, best, ran)]
     lines += [
         "## Ranking",
@@ -64,7 +69,8 @@ def _markdown(plan: TunePlan, ranking_md: str, counts: dict[str, int], best: Fro
         "## Figures",
         "",
     ]
-    lines += [f"- `figures/{path.name}`: {FIGURES[path.name]}" for path in figures.files]
+    for path in figures.files:
+        lines += [f"`figures/{path.name}`: {FIGURES[path.name]}.", "", f"![{FIGURES[path.name]}]({figure_url(path.name)})", ""]
     lines += [f"- `figures/{name}` not drawn: {why}" for name, why in figures.skipped.items()]
     return "\n".join(lines) + "\n"
 
@@ -99,7 +105,12 @@ def record_study(parent: RunTracker, study: optuna.Study, plan: TunePlan, ran: l
     with tempfile.TemporaryDirectory(prefix="cnn-train-tune-") as folder:
         out = Path(folder)
         figures = write_study_figures(study, out / "figures")
-        markdown = _markdown(plan, reporting.markdown_table(ranking), counts, best, figures, ran)
+        # Linked to the MLflow server's copies where there is one: MLflow's preview and the Prefect UI have
+        # no files beside the document (see runs.figures_from_mlflow).
+        def figure_url(name: str) -> str:
+            return tracking.artifact_url(parent.uri, parent.run_id, f"tune/figures/{name}") or f"figures/{name}"
+
+        markdown = _markdown(plan, reporting.markdown_table(ranking), counts, best, figures, ran, figure_url)
         ranking.to_csv(out / "ranking.csv", index=False)
         (out / "ranking.md").write_text(markdown, encoding="utf-8")
         parent.log_artifacts(out, "tune")
