@@ -64,7 +64,8 @@ def _print_result(result: dict[str, Any], study_name: str, objective: str) -> No
     typer.echo(reporting.markdown_table(pd.DataFrame(result["ranking"])))
     typer.echo(
         f"study {study_name}: {counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} failed "
-        f"(this run: trials {', '.join(map(str, result['trials_run'])) or 'none'}); storage {result['storage']}"
+        f"(this run: {'trials ' + ', '.join(map(str, result['trials_run'])) if result['trials_run'] else 'no trial'}); "
+        f"storage {result['storage']}"
     )
     from cnn_train.flows.signatures import assignments
 
