@@ -136,7 +136,8 @@ class RunParameters(BaseModel):
     test_limit: int | None = Field(
         default=None, ge=10, le=TEST_IMAGES, description="Evaluate on this many test images only (stratified, the same for every seed); empty: all."
     )
-    experiment: Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"\S")] = Field(default="cnn-train", min_length=1, description="MLflow experiment.")
+    experiment: Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"\S")] = Field(  # MLflow takes 500 characters
+        default="cnn-train", min_length=1, max_length=500, description="MLflow experiment.")
     data_dir: OptionalText = Field(
         default=None, description="Folder with the four Fashion-MNIST IDX files (.gz or unpacked); empty: searched for."
     )

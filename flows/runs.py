@@ -16,7 +16,7 @@ from prefect.exceptions import MissingContextError, TerminationSignal
 from prefect.states import Failed
 from pydantic import BaseModel
 
-from cnn_train.flows import crashes, steps, tracking
+from cnn_train.flows import crashes, services, steps, tracking
 from cnn_train.flows.errors import ExpectedFailure, debugging, hide_expected_tracebacks
 from cnn_train.flows.params import RunnerOptions
 from cnn_train.flows.signatures import takes_parameters
@@ -78,11 +78,8 @@ def _start_flow_run(experiment: str, *, run_name: str, role: str | None = None) 
     # names its Prefect flow run as the flow run's page names it.
     if context := FlowRunContext.get():
         run_name = f"{run_name}-{context.flow_run.name}"
-    tracker = RunTracker.start(experiment, run_name=run_name, tags=tags)
-    logger.info("MLflow run %s: %s", tracker.run_id, tracker.url or tracking.open_hint(tracker))
-    if (runtime.flow_run.run_count or 1) > 1:  # run again: Retry in the Prefect UI
-        _link_attempts(tracker, logger)
-    return tracker
+    services.check_port_variables()  # the run's link reads them: refused before the run exists
+    return RunTracker.start(experiment, run_name=run_name, tags=tags)
 
 
 def _link_attempts(tracker: RunTracker, logger: Any) -> None:
@@ -104,7 +101,11 @@ def _link_attempts(tracker: RunTracker, logger: Any) -> None:
 def flow_run_tracker(experiment: str, *, run_name: str, role: str | None = None) -> Iterator[RunTracker]:
     """The flow's top-level MLflow run (:func:`_start_flow_run`), :func:`ended` as the block ends."""
     tracker = _start_flow_run(experiment, run_name=run_name, role=role)
-    with ended(tracker):
+    with ended(tracker):  # from its first line on: whatever fails next, the run does not stay RUNNING
+        logger = get_run_logger()
+        logger.info("MLflow run %s: %s", tracker.run_id, tracker.url or tracking.open_hint(tracker))
+        if (runtime.flow_run.run_count or 1) > 1:  # run again: Retry in the Prefect UI
+            _link_attempts(tracker, logger)
         yield tracker
 
 

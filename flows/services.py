@@ -84,6 +84,11 @@ class PortError(ExpectedFailure):
     """A port variable that holds no port."""
 
 
+def check_port_variables() -> None:
+    """Refuse a port variable that holds no port (:class:`PortError`), before any command or flow run reads it."""
+    prefect_port(), mlflow_port()
+
+
 def _port(service: Service, default: int) -> int:
     """The port ``service.port_variable`` gives; else the one ``cnn-train up`` started ``service`` on, while it runs (a
     shell without the variable would otherwise miss the server, and record runs in ``mlflow.db``); else ``default``."""

@@ -153,7 +153,7 @@ def _allowed(annotation: Any, info: FieldInfo) -> str:
     words = [" / ".join(f"`{choice}`" for choice in choices)] if choices else []
     if "cuda" in (info.description or ""):
         words.append("`cuda:N`")
-    symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >="}
+    symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >=", "max_length": "length <="}
     for name, value in _constraints(info, symbols).items():
         words.append(f"{symbols[name]} {value:,}" if isinstance(value, int) else f"{symbols[name]} {value}")
     return ", ".join(words) or "any"

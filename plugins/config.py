@@ -214,7 +214,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    epochs: int = Field(default=10, ge=1, description="Passes over the training set.")
+    epochs: int = Field(default=10, ge=1, le=1000, description="Passes over the training set.")
     batch_size: int = Field(default=32, ge=1, description="Images per optimizer step.")
     learning_rate: float = Field(
         default=1e-3, gt=0, allow_inf_nan=False, description="Adam learning rate (with the one-cycle schedule, its peak)."

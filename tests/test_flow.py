@@ -256,6 +256,8 @@ def test_prefect_artifacts(finished):
         pytest.param({"epochs": 0}, "epochs: Input should be greater than or equal to 1", id="zero-epochs"),
         pytest.param({"epochs": -3}, "epochs: Input should be greater than or equal to 1", id="negative-epochs"),
         pytest.param({"epochs": 2.5}, "epochs", id="fractional-epochs"),
+        pytest.param({"epochs": 10**23}, "epochs: Input should be less than or equal to 1000", id="endless-epochs"),
+        pytest.param({"experiment": "x" * 501}, "experiment: String should have at most 500 characters", id="experiment-name-mlflow-refuses"),
         pytest.param({"backend": "tensorflow"}, "unknown backend 'tensorflow'; installed backends:", id="unknown-backend"),
         pytest.param({"architecture": "resnet"}, "architecture: Input should be 'cnn', 'dense' or 'cnn-improved'", id="unknown-architecture"),
         pytest.param({"batch_size": 0}, "batch_size: Input should be greater than or equal to 1", id="zero-batch"),
@@ -286,6 +288,21 @@ def test_bad_input_fails_before_any_mlflow_run(store, parameters, message):
         state.result()
     assert message in str(caught.value)
     assert run_count() == before
+
+
+def test_a_port_variable_that_holds_no_port_fails_before_any_mlflow_run(store, monkeypatch):
+    """It failed as the run's link was logged, after the run had started: RUNNING for good, no heartbeat to reap it by."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    monkeypatch.setenv("CNN_TRAIN_MLFLOW_PORT", "abc")
+    def run_ids() -> set[str]:
+        return {run.info.run_id for run in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+
+    before = run_ids()
+    state = _run_flow(**SMALL)
+    assert state.is_failed() and state.message.startswith("CNN_TRAIN_MLFLOW_PORT='abc' is not a port"), state.message
+    assert run_ids() == before
 
 
 def test_a_diverged_training_fails_the_run_once_in_one_line(store):

@@ -131,6 +131,16 @@ def test_a_port_variable_that_holds_no_port_is_one_line(tmp_path, value):
     ])
 
 
+@pytest.mark.parametrize("command", [["runs"], ["doctor"], ["models"], ["run", "--epochs", "1"], ["backends"]])
+@pytest.mark.parametrize("variable", ["CNN_TRAIN_PREFECT_PORT", "CNN_TRAIN_MLFLOW_PORT"])
+def test_every_command_refuses_a_port_variable_that_holds_no_port(tmp_path, command, variable):
+    """runs, models, predict and run ignored it, and doctor blamed PREFECT_API_URL."""
+    env = os.environ | {"CNN_TRAIN_STATE_DIR": str(tmp_path / "state"), variable: "abc"}
+    result = subprocess.run([BIN / "cnn-train", *command], env=env, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr.splitlines()[0]) == (1, f"cnn-train: {variable}='abc' is not a port: set a whole number from 1 to 65535, or unset it to use "
+                                                                    f"the port `cnn-train up` recorded, else {5000 if 'MLFLOW' in variable else 4200}")
+
+
 @pytest.fixture
 def held_port() -> Iterator[int]:
     """A port another program listens on (and never answers)."""

@@ -59,7 +59,7 @@ def test_flow_form_is_the_declaration(name):
 
 #: How a form field's description ends, one field per kind of bound (a whole number below 2**32 is at most 2**32 - 1).
 BOUNDS_SAID = {
-    "epochs": "Allowed: at least 1.",
+    "epochs": "Allowed: from 1 to 1,000.",
     "learning_rate": "Allowed: more than 0.",
     "seed": "Allowed: from 0 to 4,294,967,295.",
     "validation_fraction": "Allowed: more than 0 and less than 1.",
@@ -151,7 +151,7 @@ def test_a_deployment_run_out_of_bounds_or_with_an_unknown_name_is_refused_befor
     deployment_id = cnn_train.to_deployment(name="refusals").apply()
     with pytest.raises(RunRefusedError, match=r"^cnn-train/refusals refused the parameters \{'epochs': 0\}: "
                        r"Validation failed for field 'epochs'. Failure reason: 0 is less than the minimum of 1; "
-                       r"epochs takes a whole number of at least 1, or null$"):
+                       r"epochs takes a whole number from 1 to 1000, or null$"):
         start_deployment_run("cnn-train/refusals", {"epochs": 0})
     # Prefect's own reason for a choice of types names none of them: the line says what the field takes.
     with pytest.raises(RunRefusedError, match=r"'tpu' is not valid under any of the given schemas; train_device takes "
@@ -211,7 +211,7 @@ def test_trigger_names_the_deployments_there_are(prefect_api_url, deployment, li
 @pytest.mark.parametrize(
     ("flow_name", "field", "words"),
     [
-        pytest.param("cnn-train", "epochs", "a whole number of at least 1, or null", id="bounded-or-null"),
+        pytest.param("cnn-train", "epochs", "a whole number from 1 to 1000, or null", id="bounded-or-null"),
         pytest.param("cnn-train", "sample_limit", "a whole number from 20 to 60000, or null", id="range"),
         pytest.param("cnn-train", "validation_fraction", "a number above 0 and below 1", id="open-interval"),
         pytest.param("cnn-train", "architecture", "one of 'cnn', 'dense', 'cnn-improved'", id="closed-choice"),

@@ -120,6 +120,9 @@ def _before_every_command(
     quiet_libraries(verbose=verbose)
     _one_line_errors(debug=debug)
     _present_credentials()
+    from cnn_train.flows.services import check_port_variables
+
+    check_port_variables()  # each command reads them sooner or later (some only for a link): one line, at once
 
 
 #: CLI spellings that differ from the flow parameter: one `--backend` per compared backend, one
