@@ -80,3 +80,18 @@ def same_server(url: str, other: str) -> bool:
         return parsed.scheme, host, parsed.port or (443 if parsed.scheme == "https" else 80), parsed.path
 
     return key(url) == key(other)
+
+
+def api_url_problem(variable: str, url: str) -> str | None:
+    """What is wrong with ``url`` as an http(s) address, for the one line that refuses ``variable``; None when nothing is."""
+    try:
+        parsed = urlparse(url)
+        host, _ = parsed.hostname, parsed.port
+    except ValueError as error:  # a port past 65535, a bracket left open
+        return f"{variable} {url!r} is not a valid address: {error}"
+    if parsed.scheme not in ("http", "https"):
+        guess = f" (did you mean http://{url}?)" if "://" not in url else ""
+        return f"{variable} {url!r} is no http:// or https:// address{guess}"
+    if not host or any(character.isspace() for character in url):
+        return f"{variable} {url!r} is not a valid address: give http://HOST:PORT/api, without spaces"
+    return None

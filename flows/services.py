@@ -6,6 +6,7 @@ so ``up`` is idempotent."""
 from __future__ import annotations
 
 import functools
+import http.client
 import json
 import os
 import socket
@@ -15,7 +16,6 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 from cnn_train.flows import addresses
 from cnn_train.flows.detached import Service
@@ -172,8 +172,8 @@ def prefect_api_refusal(api_url: str, *, timeout: float = 3.0) -> str | None:
 def prefect_api_mistake(api_url: str, *, timeout: float = 3.0) -> str | None:
     """For a ``PREFECT_API_URL`` that does not answer: what is wrong with the address itself (no scheme, or
     the server's own address, the UI's, without ``/api``), or None when the fault is not in it."""
-    if urlparse(api_url).scheme not in ("http", "https"):
-        return f"PREFECT_API_URL {api_url} is no http:// or https:// address (did you mean http://{api_url}?)"
+    if problem := addresses.api_url_problem("PREFECT_API_URL", api_url):
+        return problem
     base = api_url.rstrip("/")
     if not base.endswith("/api") and prefect_api_answers(f"{base}/api", timeout=timeout):
         return f"PREFECT_API_URL {api_url} is the Prefect server's address, not its API's: set it to {base}/api"
@@ -183,15 +183,15 @@ def prefect_api_mistake(api_url: str, *, timeout: float = 3.0) -> str | None:
 def http_json(url: str, *, timeout: float = 2.0) -> object | None:
     """The JSON a GET of ``url`` answers (``{}`` for a body that is not JSON), or None when it does not
     answer with a success."""
-    request = urllib.request.Request(url)
-    if credentials := _credentials():
-        request.add_header("Authorization", credentials.basic_header())
-    try:
+    try:  # a malformed address (no scheme, a space, a port past 65535) raises as early as the Request
+        request = urllib.request.Request(url)
+        if credentials := _credentials():
+            request.add_header("Authorization", credentials.basic_header())
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - loopback only
             if not 200 <= response.status < 300:
                 return None
             body = response.read()
-    except (urllib.error.URLError, OSError, ValueError):
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError):
         return None
     try:
         return json.loads(body)

@@ -34,8 +34,17 @@ def test_missing_prefect_server_is_reported():
                      id="server-address-without-api"),
         pytest.param("{server}/", "PREFECT_API_URL {server}/ is the Prefect server's address, not its API's: set it to {server}/api",
                      id="with-a-trailing-slash"),
-        pytest.param("{bare}/api", "PREFECT_API_URL {bare}/api is no http:// or https:// address (did you mean http://{bare}/api?)",
+        pytest.param("{bare}/api", "PREFECT_API_URL '{bare}/api' is no http:// or https:// address (did you mean http://{bare}/api?)",
                      id="no-scheme"),
+        # These raised from deep in urllib or Prefect's settings, a traceback each.
+        pytest.param("ftp://x/api", "PREFECT_API_URL 'ftp://x/api' is no http:// or https:// address", id="other-scheme"),
+        pytest.param("http:///api", "PREFECT_API_URL 'http:///api' is not a valid address: give http://HOST:PORT/api, without spaces",
+                     id="no-host"),
+        pytest.param("{server}/api ", "PREFECT_API_URL '{server}/api ' is not a valid address: give http://HOST:PORT/api, without spaces",
+                     id="trailing-space"),
+        pytest.param("http://127.0.0.1:99999/api", "PREFECT_API_URL 'http://127.0.0.1:99999/api' is not a valid address: Port out of range 0-65535",
+                     id="port-past-65535"),
+        pytest.param("http://[::1/api", "PREFECT_API_URL 'http://[::1/api' is not a valid address: Invalid IPv6 URL", id="bracket-left-open"),
     ],
 )
 def test_a_prefect_api_url_that_is_the_wrong_address_says_the_right_one(prefect_api_url, given, says):

@@ -141,6 +141,14 @@ def test_every_command_refuses_a_port_variable_that_holds_no_port(tmp_path, comm
                                                                     f"the port `cnn-train up` recorded, else {5000 if 'MLFLOW' in variable else 4200}")
 
 
+@pytest.mark.parametrize("command", [["runs"], ["doctor"], ["run", "--epochs", "1"]])
+def test_a_malformed_prefect_api_url_is_one_line_before_prefect_reads_it(tmp_path, command):
+    """Prefect's first import refused it with a settings traceback ("Failed to initialize plugins")."""
+    env = os.environ | {"CNN_TRAIN_STATE_DIR": str(tmp_path / "state"), "PREFECT_API_URL": "http://[::1"}
+    result = subprocess.run([BIN / "cnn-train", *command], env=env, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr.splitlines()) == (1, ["cnn-train: PREFECT_API_URL 'http://[::1' is not a valid address: Invalid IPv6 URL"])
+
+
 @pytest.fixture
 def held_port() -> Iterator[int]:
     """A port another program listens on (and never answers)."""

@@ -120,9 +120,18 @@ def _before_every_command(
     quiet_libraries(verbose=verbose)
     _one_line_errors(debug=debug)
     _present_credentials()
+    _check_server_variables()
+
+
+def _check_server_variables() -> None:
+    """Each command reads them sooner or later (some only for a link), and Prefect's first import refuses a
+    malformed PREFECT_API_URL with a traceback: one line, at once."""
+    from cnn_train.flows.addresses import api_url_problem
     from cnn_train.flows.services import check_port_variables
 
-    check_port_variables()  # each command reads them sooner or later (some only for a link): one line, at once
+    check_port_variables()
+    if (url := os.environ.get("PREFECT_API_URL")) and (problem := api_url_problem("PREFECT_API_URL", url)):
+        fail(problem, 1)
 
 
 #: CLI spellings that differ from the flow parameter: one `--backend` per compared backend, one
