@@ -113,6 +113,12 @@ def test_a_mistyped_name_is_answered_with_the_names_it_may_mean(typed, names, me
         pytest.param(["up", "--watch-timeout", "-5"], "cnn-train: Invalid value for '--watch-timeout': Input should be greater than or equal to 1; see `cnn-train up --help`", id="negative-wait"),
         pytest.param(["run", "--epochs"], "cnn-train: Option '--epochs' requires an argument", id="option-without-value"),
         pytest.param(["trian"], "cnn-train: No such command 'trian'; see `cnn-train --help`", id="unknown-command"),
+        # The last one won, without a word.
+        pytest.param(["trigger", "-p", "epochs=1", "-p", "epochs=2"], "cnn-train: --param gives epochs twice; give each parameter once",
+                     id="a-parameter-twice"),
+        # Prefect's API answered 422 with a traceback.
+        pytest.param(["runs", "--limit", "201"], "cnn-train: Invalid value for '--limit': Input should be less than or equal to 200; "
+                     "see `cnn-train runs --help`", id="more-runs-than-the-api-gives"),
     ],
 )
 def test_a_command_line_mistake_is_one_line(arguments, line):

@@ -665,3 +665,24 @@ def test_a_keras_model_predicts_where_keras_would_pick_tensorflow(mlflow_store, 
     assert list(system_tmp.iterdir()) == []
     model_line, image_line = run.stdout.splitlines()  # no progress bar of Keras among the predictions
     assert model_line.startswith("model: runs:/") and image_line.startswith(f"{image}: "), run.stdout
+
+
+@pytest.mark.parametrize(
+    ("model_uri", "why"),
+    [
+        pytest.param("http://127.0.0.1:9/model", "ValueError: ", id="http"),
+        pytest.param("s3://bucket/model", "loading from there needs the module 'botocore', which is not installed", id="s3-without-boto"),
+    ],
+)
+def test_a_model_at_another_schemes_address_that_mlflow_cannot_load_is_one_line(tmp_path, model_uri, why):
+    """MLflow's own loaders failed with a traceback each (an unpacking ValueError, a ModuleNotFoundError)."""
+    import importlib.util
+
+    from cnn_train.flows import tracking
+
+    if model_uri.startswith("s3:") and importlib.util.find_spec("botocore"):
+        pytest.skip("botocore is installed here: MLflow would go on to ask S3")
+    with pytest.raises(tracking.ModelNotFoundError) as refused:
+        tracking.load_pyfunc(model_uri, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    line = str(refused.value)
+    assert line.startswith(f"MLflow cannot load a model from {model_uri} ({why}") and "\n" not in line, line

@@ -177,6 +177,14 @@ def test_a_space_file_searches_what_the_same_items_search(tmp_path):
     assert parse_space(load_space_file(tmp_path / "space.yaml")) == from_items
 
 
+def test_a_space_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_bytes("# réglages\nlearning_rate: log:1e-4:1e-2\n".encode("latin-1"))  # a traceback before
+    with pytest.raises(SpaceError) as raised:
+        load_space_file(path)
+    assert str(raised.value) == f"space file {path}: not UTF-8 text (byte 0xe9 at offset 3); save it as UTF-8"
+
+
 @pytest.mark.parametrize(
     ("text", "line"),
     [

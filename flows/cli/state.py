@@ -134,7 +134,7 @@ def _prefect_api(*, required: bool) -> str | None:
 
 
 @app.command()
-def runs(limit: Annotated[int, typer.Option(min=1, help="How many flow runs, newest first.")] = 10) -> None:
+def runs(limit: Annotated[int, typer.Option(min=1, max=200, help="How many flow runs, newest first (Prefect's API gives 200 at most).")] = 10) -> None:
     """List recent Prefect flow runs with their state and its message."""
     import pandas as pd
 
@@ -179,6 +179,8 @@ def parse_parameters(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             fail(f"--param takes NAME=VALUE; got {item!r}")
+        if key.strip() in parameters:  # the last one won, without a word
+            fail(f"--param gives {key.strip()} twice; give each parameter once")
         try:
             parameters[key.strip()] = json.loads(value)
         except ValueError:
@@ -202,8 +204,8 @@ def trigger(
 
     if deployment.count("/") != 1 or not all(deployment.split("/")):
         fail(f"{deployment!r} is not a deployment name; give FLOW/DEPLOYMENT, e.g. cnn-train/default", 2)
+    parameters = parse_parameters(param or [])  # a mistake in the command line first: it needs no server
     api_url = _prefect_api(required=True)
-    parameters = parse_parameters(param or [])
     try:
         flow_run = flow_runs.start_deployment_run(deployment, parameters)
     except flow_runs.RunRefusedError as error:  # a parameter the deployment does not have or take

@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -173,15 +174,34 @@ def load_pyfunc(model_uri: str, uri: str, *, experiment: str | None = None) -> P
         from cnn_train.flows.tracking.lookup import MISSING_CODES, ModelNotFoundError, what_exists
 
         if error.error_code not in MISSING_CODES:
+            _refuse_elsewhere(model_uri, folder, error)
             raise
         found = f"no model MLflow can load at {model_uri} ({str(error).splitlines()[0]})"
         raise ModelNotFoundError(f"{found}; {what_exists(client(uri), experiment)}" if experiment else found) from None
+    except Exception as error:
+        _remove(download)
+        _refuse_elsewhere(model_uri, folder, error)
+        raise
     except BaseException:
         _remove(download)
         raise
     if download:
         weakref.finalize(model, shutil.rmtree, download, ignore_errors=True)
     return model
+
+
+def _refuse_elsewhere(model_uri: str, folder: Path | None, error: Exception) -> None:
+    """A model at another scheme's address (s3:, http:, dbfs:...) that MLflow's loaders failed on, each
+    in its own way (a missing boto3, an unpacking error), as one line; other failures are left to raise."""
+    from cnn_train.flows.tracking.lookup import ModelNotFoundError
+
+    if folder is not None or model_uri.startswith(("runs:", "models:", "file:")) or not re.match(r"[A-Za-z][\w+.-]+:", model_uri):
+        return
+    if isinstance(error, ModuleNotFoundError):
+        why = f"loading from there needs the module {error.name!r}, which is not installed"
+    else:
+        why = f"{type(error).__name__}: {(str(error).splitlines() or ['no reason given'])[0]}"
+    raise ModelNotFoundError(f"MLflow cannot load a model from {model_uri} ({why}); copy it here or give a runs:/ or models:/ URI") from None
 
 
 def _keras_backend_of(source: str) -> None:

@@ -264,6 +264,8 @@ def load_space_file(path: Path) -> dict[str, object]:
         loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_space_loader())  # JSON is YAML too
     except OSError as error:
         raise SpaceError(f"space file {path}: cannot read it ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise SpaceError(f"space file {path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); save it as UTF-8") from None
     except _DuplicateKey as twice:
         raise SpaceError(
             f"space file {path}: gives {twice.key} twice ({twice.where}); give it one SPEC ({FORMS})"
