@@ -128,7 +128,7 @@ class RunParameters(BaseModel):
     learning_rate: float | None = _left_to_architecture("learning_rate")
     seed: int = TrainConfig.model_fields["seed"]
     validation_fraction: float = Field(
-        default=0.1, gt=0, lt=1, description="Share of the training images held out for validation (stratified)."
+        default=0.1, gt=0, lt=1, allow_inf_nan=False, description="Share of the training images held out for validation (stratified)."
     )
     sample_limit: int | None = Field(
         default=None, ge=20, le=TRAIN_IMAGES, description="Train on this many images only (stratified); empty: all."
@@ -136,8 +136,7 @@ class RunParameters(BaseModel):
     test_limit: int | None = Field(
         default=None, ge=10, le=TEST_IMAGES, description="Evaluate on this many test images only (stratified, the same for every seed); empty: all."
     )
-    experiment: Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"\S")] = Field(  # MLflow takes 500 characters
-        default="cnn-train", min_length=1, max_length=500, description="MLflow experiment.")
+    experiment: Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"\S")] = Field(default="cnn-train", min_length=1, max_length=500, description="MLflow experiment.")
     data_dir: OptionalText = Field(
         default=None, description="Folder with the four Fashion-MNIST IDX files (.gz or unpacked); empty: searched for."
     )
@@ -272,8 +271,9 @@ def _two_different_backends(value: Any) -> Any:
     # Before pydantic's min_length, which stays for the form's schema; 'keras,torch' is two, as in a grid.
     if isinstance(value, (list, tuple)):
         value = [part.strip() for name in value for part in str(name).split(",") if part.strip()]
-        if len(value) < 2 or len(set(value)) < len(value):
-            raise ValueError("give at least two backend names, each once (e.g. keras and torch)")
+        twice = ", ".join(sorted({name for name in value if value.count(name) > 1}))
+        if twice or len(value) < 2:
+            raise ValueError(f"{twice + ' given twice; ' if twice else ''}give at least two backend names, each once (e.g. keras and torch)")
     return value
 
 

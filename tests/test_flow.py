@@ -268,6 +268,7 @@ def test_prefect_artifacts(finished):
         pytest.param({"learning_rate": float("inf")}, "learning_rate: Input should be a finite number", id="infinite-learning-rate"),
         pytest.param({"validation_fraction": 0.0}, "validation_fraction: Input should be greater than 0", id="zero-validation"),
         pytest.param({"validation_fraction": 1.5}, "validation_fraction: Input should be less than 1", id="validation-above-one"),
+        pytest.param({"validation_fraction": float("nan")}, "validation_fraction: Input should be a finite number", id="nan-validation"),
         pytest.param({"sample_limit": 0}, "sample_limit: Input should be greater than or equal to 20", id="zero-sample-limit"),
         pytest.param({"sample_limit": 70_000}, "sample_limit: Input should be less than or equal to 60000", id="sample-limit-above-data"),
     ],

@@ -451,18 +451,19 @@ def test_every_cnn_is_compared_with_the_dense_network(architecture, baseline):
 
 
 @pytest.mark.parametrize(
-    "backends",
-    [["torch"], ["torch", "torch"], ["keras", "torch", "torch"], [], ["torch,"], ["torch,torch"]],
+    ("backends", "twice"),
+    [(["torch"], ""), (["torch", "torch"], "torch"), (["keras", "torch", "torch"], "torch"), ([], ""), (["torch,"], ""),
+     (["torch,torch"], "torch")],
     ids=["one", "the-same-twice", "one-repeated", "none", "one-with-a-comma", "the-same-twice-in-one"],
 )
-def test_a_comparison_needs_two_or_more_backends_each_once(backends):
+def test_a_comparison_needs_two_or_more_backends_each_once(backends, twice):
     from cnn_train.flows.compare_flow import validate_compare
 
     with pytest.raises(ParameterError) as refused:
         validate_compare({"backends": backends})
-    assert str(refused.value) == (
-        "invalid parameters: backends: give at least two backend names, each once (e.g. keras and torch) "
-        f"(got {backends!r})"
+    assert str(refused.value) == (  # the name given twice is named: 'torch,torch' read as one name
+        f"invalid parameters: backends: {twice + ' given twice; ' if twice else ''}give at least two backend names, "
+        f"each once (e.g. keras and torch) (got {backends!r})"
     )
 
 
