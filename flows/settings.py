@@ -66,7 +66,9 @@ _OFFLINE = {"DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
 def project_root() -> Path:
     """``CNN_TRAIN_ROOT`` when set, else the checkout this package was installed from, else the working directory."""
     if env := os.environ.get("CNN_TRAIN_ROOT"):
-        return Path(env).resolve()
+        if not Path(env).expanduser().is_dir():  # else a typo made a new, empty project, its runs out of view
+            raise SettingError(f"CNN_TRAIN_ROOT={env!r} is no folder: point it at the project's folder, or unset it")
+        return Path(env).expanduser().resolve()
     checkout = Path(__file__).resolve().parents[1]
     if (checkout / "pyproject.toml").is_file() and (checkout / "flows").is_dir():
         return checkout

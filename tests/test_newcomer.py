@@ -472,6 +472,7 @@ def test_status_lines_up_the_sizes_of_a_state_folder_far_from_the_project(monkey
     far = tmp_path / "a-folder-with-a-rather-long-name" / "state"
     _aged(far / "cache" / "split.npz", 0, size=2048)
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(far))
+    (tmp_path / "project").mkdir()
     monkeypatch.setenv("CNN_TRAIN_ROOT", str(tmp_path / "project"))
     for port in ("CNN_TRAIN_PREFECT_PORT", "CNN_TRAIN_MLFLOW_PORT"):
         monkeypatch.setenv(port, str(free_port()))
@@ -522,6 +523,7 @@ def test_a_relative_state_dir_is_the_same_folder_from_any_working_directory(monk
     in the project root) a database path that did not exist there: the server failed to start."""
     from cnn_train.flows.settings import state_dir
 
+    (tmp_path / "project").mkdir()
     monkeypatch.setenv("CNN_TRAIN_ROOT", str(tmp_path / "project"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", given)

@@ -275,6 +275,9 @@ EXPECTED_FAILURES = [
      "cnn-train: train requires a GPU (gpu-required), but no GPU is visible", False),
     ("state-dir-not-a-folder", lambda tmp: [], {"CNN_TRAIN_STATE_DIR": "/dev/null/state"},
      "cnn-train: CNN_TRAIN_STATE_DIR=/dev/null/state cannot be created (Not a directory); point it at a folder", False),
+    # A typo made a new, empty project there, the runs made so far out of view.
+    ("project-root-not-a-folder", lambda tmp: [], {"CNN_TRAIN_ROOT": "/nonexistent-cnn-train-root"},
+     "cnn-train: CNN_TRAIN_ROOT='/nonexistent-cnn-train-root' is no folder: point it at the project's folder, or unset it", False),
 ]
 
 
