@@ -222,10 +222,15 @@ class KerasBackend(BackendBase):
                 initial_epoch=training.initial_epoch,
                 validation_data=batches(Arrays(data.x_val, data.y_val), batch_size=common.INFERENCE_BATCH),
                 shuffle=False,  # the batches come shuffled
-                callbacks=EpochCallbacks([reporter], add_history=True, model=model, epochs=config.epochs),
+                callbacks=EpochCallbacks([reporter, *self.keras_callbacks()], add_history=True, model=model, epochs=config.epochs),
                 verbose=0,
             )
         return TrainHistory(epochs=tuple(reporter.epochs))
+
+    def keras_callbacks(self) -> list[keras.callbacks.Callback]:
+        """Keras callbacks of your own for every ``fit`` (none here): subclass this backend, return them, and
+        register the subclass as a backend of its own. They get Keras's calls, batch hooks included."""
+        return []
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256) -> Evaluation:
         model = self._built()

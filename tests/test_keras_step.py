@@ -149,3 +149,32 @@ def test_the_shipped_networks_take_the_fused_path(monkeypatch: pytest.MonkeyPatc
     model = keras_backend.build_model(ModelConfig(architecture=architecture))
     model(np.zeros((2, 28, 28, 1), dtype="float32"), training=True)
     assert len(calls) == 2, "a shipped layer lost its fused op: the Keras backend would train slower"
+
+
+def test_a_subclass_gives_fit_keras_callbacks_of_its_own() -> None:
+    """A Keras user's callbacks (here a batch counter and EarlyStopping) run in the backend's own fit."""
+
+    class Counted(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batches, self.epochs = 0, []
+
+        def on_train_batch_end(self, batch, logs=None) -> None:
+            self.batches += 1
+
+        def on_epoch_end(self, epoch, logs=None) -> None:
+            self.epochs.append(sorted(logs))
+
+    counted = Counted()
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=0, min_delta=10.0)  # stops after epoch 2
+
+    class WithCallbacks(KerasBackend):
+        def keras_callbacks(self) -> list:
+            return [counted, stop]
+
+    backend = WithCallbacks()
+    backend.build(ModelConfig(architecture="dense"), device="cpu", seed=0)
+    history = backend.train(synthetic_data(), TrainConfig(epochs=5, batch_size=32, seed=0))
+    assert len(history.epochs) == 2 and stop.stopped_epoch == 1
+    assert counted.batches == 2 * 6  # 192 training images in batches of 32
+    assert counted.epochs == [["accuracy", "loss", "val_accuracy", "val_loss"]] * 2
