@@ -36,15 +36,6 @@ def test_missing_prefect_server_is_reported():
                      id="with-a-trailing-slash"),
         pytest.param("{bare}/api", "PREFECT_API_URL '{bare}/api' is no http:// or https:// address (did you mean http://{bare}/api?)",
                      id="no-scheme"),
-        # These raised from deep in urllib or Prefect's settings, a traceback each.
-        pytest.param("ftp://x/api", "PREFECT_API_URL 'ftp://x/api' is no http:// or https:// address", id="other-scheme"),
-        pytest.param("http:///api", "PREFECT_API_URL 'http:///api' is not a valid address: give http://HOST:PORT/api, without spaces",
-                     id="no-host"),
-        pytest.param("{server}/api ", "PREFECT_API_URL '{server}/api ' is not a valid address: give http://HOST:PORT/api, without spaces",
-                     id="trailing-space"),
-        pytest.param("http://127.0.0.1:99999/api", "PREFECT_API_URL 'http://127.0.0.1:99999/api' is not a valid address: Port out of range 0-65535",
-                     id="port-past-65535"),
-        pytest.param("http://[::1/api", "PREFECT_API_URL 'http://[::1/api' is not a valid address: Invalid IPv6 URL", id="bracket-left-open"),
     ],
 )
 def test_a_prefect_api_url_that_is_the_wrong_address_says_the_right_one(prefect_api_url, given, says):
@@ -52,6 +43,22 @@ def test_a_prefect_api_url_that_is_the_wrong_address_says_the_right_one(prefect_
     names = {"server": server, "bare": server.removeprefix("http://")}
     finding = doctor.check_prefect_server(given.format(**names))
     assert (finding.ok, finding.detail, finding.fix) == (False, says.format(**names), "")
+
+
+#: Each raised from deep in urllib or Prefect's settings, a traceback.
+MALFORMED_API_URLS = {
+    "other-scheme": ("ftp://x/api", "is no http:// or https:// address"),
+    "no-host": ("http:///api", "is not a valid address: give http://HOST:PORT/api, without spaces"),
+    "trailing-space": ("http://127.0.0.1:4200/api ", "is not a valid address: give http://HOST:PORT/api, without spaces"),
+    "port-past-65535": ("http://127.0.0.1:99999/api", "is not a valid address: Port out of range 0-65535"),
+    "bracket-left-open": ("http://[::1/api", "is not a valid address: Invalid IPv6 URL"),
+}
+
+
+@pytest.mark.parametrize(("given", "says"), MALFORMED_API_URLS.values(), ids=MALFORMED_API_URLS)
+def test_a_malformed_prefect_api_url_says_what_is_wrong_with_it(given, says):
+    finding = doctor.check_prefect_server(given)
+    assert (finding.ok, finding.detail, finding.fix) == (False, f"PREFECT_API_URL {given!r} {says}", "")
 
 
 def test_no_prefect_api_configured_is_reported():
