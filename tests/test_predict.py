@@ -368,7 +368,7 @@ def test_a_model_that_does_not_exist_lists_what_does(champion, tmp_path):
     assert run.returncode == 2  # a mistake on the command line, as an image that does not exist
     assert run.stderr.splitlines() == [
         f"cnn-train: no model version answers to models:/no-such-model@champion; registered models: "
-        f"{MODEL_NAME} (@champion=v1); recent finished runs of 'cnn-train': "
+        f"{MODEL_NAME} (@champion=v1); recent finished runs with a model in 'cnn-train': "
         f"runs:/{champion['mlflow_run_id']}/model ({_run_name(champion)}, test accuracy {champion['test_accuracy'] * 100:.2f}%)"
     ]
 
@@ -477,7 +477,7 @@ def test_a_model_uri_with_nothing_loadable_is_one_line(champion, tmp_path, where
     assert result.exit_code == 2, result.output
     (line,) = result.output.splitlines()
     assert line.startswith(f"cnn-train: no model MLflow can load at {model} {says}"), line
-    assert line.endswith(f"recent finished runs of 'cnn-train': runs:/{champion['mlflow_run_id']}/model "
+    assert line.endswith(f"recent finished runs with a model in 'cnn-train': runs:/{champion['mlflow_run_id']}/model "
                          f"({_run_name(champion)}, test accuracy {champion['test_accuracy'] * 100:.2f}%)"), line
 
 

@@ -296,7 +296,7 @@ def test_a_model_that_does_not_exist_lists_what_does(store, two_runs, better_the
     message = str(caught.value)
     assert message.startswith(problem) and "\n" not in message
     assert "better-then-worse (@challenger=v2, @champion=v1)" in message
-    assert f"recent finished runs of 'ranked': runs:/{two_runs[1][0].run_id}/model (run-0.84, test accuracy 84.00%)" in message
+    assert f"recent finished runs with a model in 'ranked': runs:/{two_runs[1][0].run_id}/model (run-0.84, test accuracy 84.00%)" in message
 
 
 def _model_folder(store: str, model_uri: str) -> Path:
@@ -329,7 +329,7 @@ def test_a_local_path_that_is_no_model_folder_says_what_it_is(store, two_runs, t
         tracking.locate(given.format(**values), uri=store, experiment="ranked")
     message = str(caught.value)
     assert message.startswith(problem.format(**values)) and "\n" not in message, message
-    assert "recent finished runs of 'ranked'" in message
+    assert "recent finished runs with a model in 'ranked'" in message
 
 
 @pytest.mark.parametrize(("status", "says"), [("FAILED", "ended FAILED"), ("KILLED", "ended KILLED"), ("RUNNING", "is still running")])
@@ -382,3 +382,13 @@ def test_a_logged_model_is_located_by_its_id_or_its_run(store, two_runs, form):
     spec = {"m-id": model_uri.removeprefix("models:/"), "models-uri": model_uri, "run-uri": f"runs:/{tracker.run_id}/model"}[form]
     choice = tracking.locate(spec, uri=store, experiment="ranked")
     assert (choice.model_uri, choice.run_id) == (spec if form == "run-uri" else model_uri, tracker.run_id)
+
+
+def test_with_only_a_searchs_models_the_default_names_the_newest_of_them(store):
+    """'no finished training run with a model' while the experiment held six trials' models."""
+    tracker, _ = _trained_run(store, "searched-only", accuracy=0.81, tags={"cnn_train.role": "tune-trial"})
+    with pytest.raises(tracking.ModelNotFoundError) as caught:
+        tracking.default_model(experiment="searched-only", uri=store)
+    assert str(caught.value).endswith(
+        f"; the newest model of its searches and comparisons is runs:/{tracker.run_id}/model (run-0.81, test accuracy 81.00%)"
+    ), caught.value

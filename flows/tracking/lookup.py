@@ -180,9 +180,12 @@ def default_model(*, experiment: str, uri: str | None = None) -> ModelChoice:
         return champion
     run = _latest_training_run(mlflow_client, found.experiment_id)
     if run is None:
+        # A search's or comparison's models are there, but none is the default: name the newest.
+        inner = _finished_training_runs(mlflow_client, [found.experiment_id], 1, plain=False)
+        newest = f"; the newest model of its searches and comparisons is {_described(inner[0])}" if inner else ""
         raise ModelNotFoundError(
-            f"experiment {experiment!r} has no registered champion and no finished training run with a model; "
-            f"train one with `cnn-train run`, or pass --model{_trained_elsewhere(mlflow_client, experiment)}"
+            f"experiment {experiment!r} has no registered champion and no finished training run of its own with a "
+            f"model; train one with `cnn-train run`, or pass --model{newest or _trained_elsewhere(mlflow_client, experiment)}"
         )
     return ModelChoice(
         _run_model_uri(mlflow_client, run),
@@ -204,6 +207,11 @@ def _trained_elsewhere(mlflow_client: MlflowClient, experiment: str) -> str:
         f"; the latest model trained in another experiment is runs:/{latest.info.run_id}/model (experiment "
         f"{others[latest.info.experiment_id]!r}, {latest.info.run_name}, {_accuracy(latest)})"
     )
+
+
+def _described(run: Run) -> str:
+    """A run's model as a line names it: its URI, the run's name and test accuracy."""
+    return f"runs:/{run.info.run_id}/model ({run.info.run_name}, {_accuracy(run)})"
 
 
 def _accuracy(run: Run) -> str:
@@ -258,13 +266,14 @@ def _run_in_experiment(mlflow_client: MlflowClient, run_id: str, experiment_id: 
     return run if run.info.experiment_id == experiment_id else None
 
 
-def _finished_training_runs(mlflow_client: MlflowClient, experiment_ids: list[str], limit: int) -> list[Run]:
-    """The newest finished plain training runs with a model, across ``experiment_ids`` (one search)."""
+def _finished_training_runs(mlflow_client: MlflowClient, experiment_ids: list[str], limit: int, *, plain: bool = True) -> list[Run]:
+    """The newest finished plain training runs with a model, across ``experiment_ids`` (one search); with
+    ``plain=False``, any run with a model (a trial's, a compared backend's)."""
     runs = mlflow_client.search_runs(
         experiment_ids, "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=200
     )
-    plain = [run for run in runs if not any(tag in run.data.tags for tag in _NOT_A_DEFAULT_RUN)]
-    return [run for run in plain if run.outputs and run.outputs.model_outputs][:limit]
+    kept = [run for run in runs if not (plain and any(tag in run.data.tags for tag in _NOT_A_DEFAULT_RUN))]
+    return [run for run in kept if run.outputs and run.outputs.model_outputs][:limit]
 
 
 def _latest_training_run(mlflow_client: MlflowClient, experiment_id: str) -> Run | None:
@@ -288,9 +297,9 @@ def what_exists(mlflow_client: MlflowClient, experiment: str) -> str:
         for model in mlflow_client.search_registered_models(order_by=["name ASC"])
     ]
     found = mlflow_client.get_experiment_by_name(experiment)
-    runs = _finished_training_runs(mlflow_client, [found.experiment_id], _RECENT_RUNS) if found else []
-    recent = [f"runs:/{run.info.run_id}/model ({run.info.run_name}, {_accuracy(run)})" for run in runs]
+    runs = _finished_training_runs(mlflow_client, [found.experiment_id], _RECENT_RUNS, plain=False) if found else []
+    recent = [_described(run) for run in runs]
     return (
         f"registered models: {'; '.join(registered) or 'none'}; "
-        f"recent finished runs of {experiment!r}: {'; '.join(recent) or 'none'}"
+        f"recent finished runs with a model in {experiment!r}: {'; '.join(recent) or 'none'}"
     )
