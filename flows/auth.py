@@ -80,6 +80,9 @@ def load_credentials() -> Credentials | None:
         return _checked(Credentials(username, password))
     path = credentials_file()
     if not path.is_file():
+        if os.environ.get(FILE_ENV):  # named on purpose: running without credentials would be a silent surprise
+            raise AuthError(f"{FILE_ENV}={os.environ[FILE_ENV]} is no file: create it (mode 0600, username=... and "
+                            f"password=... lines) or unset {FILE_ENV}")
         return None
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:

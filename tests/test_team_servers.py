@@ -61,6 +61,15 @@ def test_a_credentials_file_is_refused_with_the_reason(tmp_path, monkeypatch, mo
         auth.require_for_host("0.0.0.0")
 
 
+def test_a_credentials_file_named_but_missing_is_refused(tmp_path, monkeypatch):
+    """The servers started without credentials, on loopback without a word, when the named file was a typo."""
+    for name in (auth.USERNAME_ENV, auth.PASSWORD_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(auth.FILE_ENV, str(tmp_path / "auht"))
+    with pytest.raises(auth.AuthError, match=re.escape(f"{auth.FILE_ENV}={tmp_path / 'auht'} is no file: create it")):
+        auth.load_credentials()
+
+
 def test_a_blank_user_name_in_the_environment_is_refused(monkeypatch):
     """The file's blank name was refused; the environment's was taken, and MLflow made a user ' ' its admin."""
     monkeypatch.setenv(auth.USERNAME_ENV, "  ")
@@ -121,13 +130,14 @@ def test_the_host_reaches_both_servers_command_lines(monkeypatch, bind_host):
         pytest.param(["fd00::2"], "[fd00::2]", id="ipv6-only"),
     ],
 )
-def test_on_every_interface_the_prefect_ui_finds_its_api_by_this_machines_address(monkeypatch, addresses, ui_host):
+def test_on_every_interface_the_prefect_ui_finds_its_api_by_this_machines_address(monkeypatch, tmp_path, addresses, ui_host):
     """Before, socket.getfqdn() alone: 'localhost' on a machine without a DNS name, so a teammate's browser
     called its own machine."""
     monkeypatch.setenv("CNN_TRAIN_PREFECT_PORT", "4321")
     for name in (auth.USERNAME_ENV, auth.PASSWORD_ENV, "PREFECT_UI_API_URL"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv(auth.FILE_ENV, "/nonexistent/auth")
+    monkeypatch.delenv(auth.FILE_ENV, raising=False)
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path))  # no credentials file there
     monkeypatch.setattr(machine, "machine_addresses", lambda: addresses)
     monkeypatch.delenv(services.BIND_HOST_ENV, raising=False)
     assert services.prefect_server.extra_env()["PREFECT_UI_API_URL"] == "http://127.0.0.1:4321/api"
