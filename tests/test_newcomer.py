@@ -137,8 +137,12 @@ def test_a_port_variable_that_holds_no_port_is_one_line(tmp_path, value):
     ])
 
 
-@pytest.mark.parametrize("command", [["runs"], ["doctor"], ["models"], ["run", "--epochs", "1"], ["backends"]])
-@pytest.mark.parametrize("variable", ["CNN_TRAIN_PREFECT_PORT", "CNN_TRAIN_MLFLOW_PORT"])
+@pytest.mark.parametrize(
+    ("command", "variable"),
+    [(["runs"], "CNN_TRAIN_PREFECT_PORT"), (["doctor"], "CNN_TRAIN_MLFLOW_PORT"), (["models"], "CNN_TRAIN_PREFECT_PORT"),
+     (["run", "--epochs", "1"], "CNN_TRAIN_MLFLOW_PORT"), (["backends"], "CNN_TRAIN_MLFLOW_PORT")],
+    ids=["runs", "doctor", "models", "run", "backends"],
+)
 def test_every_command_refuses_a_port_variable_that_holds_no_port(tmp_path, command, variable):
     """runs, models, predict and run ignored it, and doctor blamed PREFECT_API_URL."""
     env = os.environ | {"CNN_TRAIN_STATE_DIR": str(tmp_path / "state"), variable: "abc"}
