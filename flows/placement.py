@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+_NO_GPU = "no GPU visible"
 
 TASKS: tuple[str, ...] = ("prep", "train", "evaluate", "report")
 DEFAULT_REQUESTS: dict[str, str] = {
@@ -340,7 +341,7 @@ def _leased_placement(
 def _without_gpu(task: str, request: DeviceRequest) -> Placement:
     """The CPU for ``gpu-preferred``; for anything stricter, an immediate error saying how to run on CPU."""
     if request.policy == "gpu-preferred":
-        return Placement(task, "cpu", None, "gpu-preferred, no GPU visible", fallback=True)
+        return Placement(task, "cpu", None, f"gpu-preferred, {_NO_GPU}", fallback=True)
     raise PlacementError(
         f"{task} requires a GPU ({request}), but no GPU is visible to this process "
         f"(check the NVIDIA driver, a CUDA build of torch and CUDA_VISIBLE_DEVICES). "
@@ -382,19 +383,18 @@ def _describe(gpus: Sequence[GpuInfo]) -> str:
     return ", ".join(f"cuda:{gpu.index} ({gpu.name})" for gpu in gpus)
 
 
+#: Fallbacks this process has warned of once: a machine without any GPU warned of it for every task of every trial.
+_WARNED: set[str] = set()
+
+
 def _log_placement(log: Logger, placement: Placement) -> None:
     if placement.gpu is None:
         # One line either way: a fallback was a warning and then the same news again as information.
-        level = logging.WARNING if placement.fallback else logging.INFO
-        log.log(level, "%s runs on %s (%s)", placement.task, placement.device, placement.reason)
+        first = placement.fallback and placement.reason not in _WARNED
+        if first and placement.reason.endswith(_NO_GPU):  # GPUs all leased stays a warning each time: it passes
+            _WARNED.add(placement.reason)
+        log.log(logging.WARNING if first else logging.INFO, "%s runs on %s (%s)", placement.task, placement.device, placement.reason)
     else:
         gpu = placement.gpu
-        log.info(
-            "%s runs on %s: %s, %d MB total, %d MB free (%s)",
-            placement.task,
-            placement.device,
-            gpu.name,
-            gpu.total_memory_mb,
-            gpu.free_memory_mb,
-            placement.reason,
-        )
+        log.info("%s runs on %s: %s, %d MB total, %d MB free (%s)", placement.task, placement.device, gpu.name,
+                 gpu.total_memory_mb, gpu.free_memory_mb, placement.reason)

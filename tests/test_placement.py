@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cnn_train.flows import placement as placement_module
 from cnn_train.flows.placement import (
     DEFAULT_REQUESTS,
     SCHEDULER_ASSIGNED_ENV,
@@ -209,13 +210,16 @@ def test_required_gpu_without_any_says_how_to_run_on_cpu(place) -> None:
     assert "-p evaluate_device=cpu" in message  # a deployment's run is told what its trigger takes
 
 
-def test_preferred_without_gpu_warns(place, caplog: pytest.LogCaptureFixture) -> None:
+def test_preferred_without_gpu_warns_once_per_process(place, caplog: pytest.LogCaptureFixture, monkeypatch) -> None:
+    monkeypatch.setattr(placement_module, "_WARNED", set())  # as in a process that has placed nothing yet
     with caplog.at_level(logging.INFO, logger="cnn_train.flows.placement"):
-        with place("train", "gpu-preferred", inventory=gpus(0)) as placement:
-            assert placement.device == "cpu"
-    # One line, a warning: not a warning and then the same news again as information.
+        for task in ("train", "evaluate"):
+            with place(task, "gpu-preferred", inventory=gpus(0)) as placement:
+                assert placement.device == "cpu"
+    # One line a task, a warning the first time: a CPU-only machine warned of it for every task of every trial.
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
-        (logging.WARNING, "train runs on cpu (gpu-preferred, no GPU visible)")
+        (logging.WARNING, "train runs on cpu (gpu-preferred, no GPU visible)"),
+        (logging.INFO, "evaluate runs on cpu (gpu-preferred, no GPU visible)"),
     ]
 
 
