@@ -686,3 +686,20 @@ def test_a_model_at_another_schemes_address_that_mlflow_cannot_load_is_one_line(
         tracking.load_pyfunc(model_uri, f"sqlite:///{tmp_path / 'mlflow.db'}")
     line = str(refused.value)
     assert line.startswith(f"MLflow cannot load a model from {model_uri} ({why}") and "\n" not in line, line
+
+
+def test_a_command_that_finds_no_model_leaves_no_folder_it_made_for_results(tmp_path):
+    """The folders for --output and --show-inputs are made first (a path that cannot hold results fails at once);
+    a typo'd path left its whole new tree behind when the command then failed."""
+    from typer.testing import CliRunner
+
+    from cnn_train.flows.cli import app
+
+    Image.new("L", (28, 28)).save(tmp_path / "x.png")
+    (tmp_path / "kept").mkdir()
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "x.png"), "--output", str(tmp_path / "kept" / "new" / "deep" / "p.csv"),
+                                      "--show-inputs", str(tmp_path / "seen" / "28x28")], env=env)
+    assert result.exit_code == 2 and "no model to default to" in result.output, result.output
+    assert sorted(path.name for path in tmp_path.iterdir() if path.is_dir()) == ["kept"]
+    assert list((tmp_path / "kept").iterdir()) == []

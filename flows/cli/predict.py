@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -48,20 +49,26 @@ def predict(
     if not collected.files:
         fail(f"no image files among {', '.join(map(str, paths))}; give PNG or JPEG files, or folders holding them")
     # Where the results go is made before the model loads, so a path that cannot hold them fails at once.
-    _make_folders(*([output.parent] if output else []), *([show_inputs] if show_inputs else []))
-    if output is not None:
-        _check_writable(output)
+    made = _make_folders(*([output.parent] if output else []), *([show_inputs] if show_inputs else []))
     try:
-        tracking.check_reachable(tracking.tracking_uri())
-    except tracking.TrackingUnavailableError as error:
-        fail(str(error))
-    # A model that does not exist is a mistake on the command line (exit 2, as a missing image); one that
-    # exists but does not take 28x28x1 images, or cannot load, is an expected failure: one line, exit 1.
-    try:
-        choice = prediction.choose_model(model)
-        loaded = prediction.load_model(choice)
-    except tracking.ModelNotFoundError as error:
-        fail(str(error))
+        if output is not None:
+            _check_writable(output)
+        try:
+            tracking.check_reachable(tracking.tracking_uri())
+        except tracking.TrackingUnavailableError as error:
+            fail(str(error))
+        # A model that does not exist is a mistake on the command line (exit 2, as a missing image); one that
+        # exists but does not take 28x28x1 images, or cannot load, is an expected failure: one line, exit 1.
+        try:
+            choice = prediction.choose_model(model)
+            loaded = prediction.load_model(choice)
+        except tracking.ModelNotFoundError as error:
+            fail(str(error))
+    except BaseException:  # nothing to put in them: a typo'd path leaves no folder tree behind
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty after all: keep it
+                folder.rmdir()
+        raise
     typer.echo(f"model: {choice.described}")
     predictions = prediction.classify(loaded, collected.files)
     ranked = prediction.top_k(predictions.probabilities(), top_k)
@@ -97,14 +104,18 @@ def _check_writable(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _make_folders(*folders: Path) -> None:
+def _make_folders(*folders: Path) -> list[Path]:
+    """Make ``folders``; returns the ones made, deepest first (to take back should the command fail)."""
+    made: list[Path] = []
     for folder in folders:
+        made = [path for path in (folder, *folder.parents) if not path.exists()] + made
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:  # a file where a folder should be, or no permission
             in_the_way = next((path for path in (folder, *folder.parents) if path.is_file()), None)
             reason = f"{in_the_way} is a file" if in_the_way else error.strerror or str(error)
             fail(f"cannot make the folder {folder}: {reason}; choose another path")
+    return made
 
 
 @app.command()
