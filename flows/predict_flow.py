@@ -119,7 +119,8 @@ def cnn_train_predict(**values: Any) -> dict[str, Any]:
     model = load_model_task(options.model)
     with flow_run_tracker(PREDICT_EXPERIMENT, run_name=f"predict-{Path(options.images).name}", role="predict") as tracker:
         tracker.set_tags(model.choice.tags())
-        tracker.log_params({"model": options.model or "", "images": options.images, "image_files": len(files)})
+        # An empty model (the default one) is no param, as a run's empty values are not; the tags name the model used.
+        tracker.log_params({"model": options.model or None, "images": options.images, "image_files": len(files)})
         if model_id := getattr(model.pyfunc.metadata, "model_id", None):
             tracking.link_model_input(tracker.uri, tracker.run_id, model_id)
         predictions = classify_task(model, files)

@@ -26,13 +26,16 @@ def register_task(
     model_uri: str | None,
     run: RunTracker,
     test_accuracy: float,
-    description: str,
+    source: str | None = None,
     record_on: RunTracker | None = None,
 ) -> Registration | None:
     """Register ``model_uri`` (trained in ``run``) as a new version of ``name``; champion only if it
     beats the champion on the same test set. The decision goes in the log and on ``record_on``
     (default: ``run``) as tags. While MLflow does not answer, the registration waits in ``run``'s spool
-    and is made when it is delivered (None here)."""
+    and is made when it is delivered (None here). Every version's description reads the same way: what
+    was trained, its test accuracy on how many images, then ``source`` (a search's best trial and its values)."""
+    description = f"{params.backend} {params.architecture}, test_accuracy={test_accuracy:.4f} on {len(data.y_test):,} test images"
+    description += f". {source}" if source else ""
     facts = VersionFacts(
         backend=params.backend,
         architecture=params.architecture,

@@ -140,6 +140,15 @@ def run_command(params: RunParameters) -> str:
     return shlex.join(words)
 
 
+def train_again(params: RunParameters, split_seed: int) -> str:
+    """How to train a search's trial ``params`` again on its own: the ``cnn-train run`` command (in backquotes),
+    or why none does exactly. A search splits the data once, by ``split_seed``; ``run --seed`` sets the split too."""
+    if params.seed != split_seed:
+        return (f"no `cnn-train run` does exactly: its seed {params.seed} varied the weights and shuffles only, on "
+                f"the split of seed {split_seed}, and `cnn-train run --seed` sets both")
+    return f"`{run_command(params)}`"
+
+
 def _choices(annotation: Any) -> list[Any]:
     """The values of every Literal inside ``annotation`` (through Annotated and unions)."""
     if get_origin(annotation) is Literal:

@@ -35,7 +35,7 @@ from cnn_train.flows.params import (
     SweepOptions,
     validate_parameters,
 )
-from cnn_train.flows.signatures import SEARCHABLE, assignments, run_command, split_values, without_fixed_fields
+from cnn_train.flows.signatures import SEARCHABLE, assignments, split_values, train_again, without_fixed_fields
 from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, trials_on, worker_died
 from cnn_train.flows.ray_join import check_runner
 from cnn_train.flows.ray_cluster import ray_task_runner  # noqa: F401 - Python callers take this flow's runner from here
@@ -256,14 +256,16 @@ def cnn_train_sweep(**values: Any) -> dict[str, Any]:
     first = trials[0][1]
     with flow_run_tracker(first.experiment, run_name=f"sweep-{len(trials)}-trials", role="sweep") as parent:
         parent.log_params(
-            {k: v for k, v in values.items() if k != "grid" and k not in RunnerOptions.model_fields}
+            # A varied field's default would read as every trial's (architecture=cnn, half of them dense); the
+            # seed stays: the split's, data prep's, whatever seeds the trials' weights.
+            {k: v for k, v in values.items() if k not in ("grid", *RunnerOptions.model_fields) and (k == "seed" or k not in options.grid)}
             | {"grid": options.grid, "trials": len(trials)}
         )
         data = prep_task(data_parameters(first, values), parent)
         with trials_on(runner), interrupts.trials_stop_with_the_flow():
             parent.log_params(trial_runner_params(runner))
             results, diverged = _run_trials(trials, data, parent, max_concurrent=options.max_concurrent)
-        summary = _rank_and_record(parent, results, diverged, trials)
+        summary = _rank_and_record(parent, results, diverged, trials, data_parameters(first, values).seed)
         if options.register_best:
             summary |= _register_best(options.register_best, summary["best_run_id"], results, trials, data, parent)
     return summary
@@ -271,7 +273,7 @@ def cnn_train_sweep(**values: Any) -> dict[str, Any]:
 
 def _rank_and_record(
     parent: RunTracker, results: list[TrialResult], diverged: list[DivergedTrial],
-    trials: list[tuple[dict[str, Any], RunParameters]],
+    trials: list[tuple[dict[str, Any], RunParameters]], split_seed: int,
 ) -> dict[str, Any]:
     ranking = ranking_table(results, diverged)
     best = next(r for r in results if r.run_id == ranking.loc[0, "run_id"])
@@ -279,8 +281,7 @@ def _rank_and_record(
         f"Best trial: {assignments(best.values)}, test accuracy {reporting.format_percent(best.test.accuracy)} "
         f"(MLflow run `{best.run_id}`)."
     )
-    command = run_command(next(params for values, params in trials if values == best.values))
-    again = f"Train it again: `{command}`"
+    again = f"Train it again: {train_again(next(p for values, p in trials if values == best.values), split_seed)}"
     markdown = f"# Sweep ranking\n\n{reporting.markdown_table(ranking)}\n\n{best_line}\n\n{again}\n"
     with tempfile.TemporaryDirectory(prefix="cnn-train-sweep-") as out:
         ranking.to_csv(Path(out) / "ranking.csv", index=False)
@@ -296,7 +297,7 @@ def _rank_and_record(
         "mlflow_run_url": parent.url or tracking.open_hint(parent),
         "best_run_id": best.run_id,
         "best_values": best.values,
-        "best_command": command,
+        "train_again": again.removeprefix("Train it again: ").replace("`", ""),
         "best_test_accuracy": best.test.accuracy,
         "ranking": ranking.to_dict(orient="records"),
     }
@@ -320,7 +321,7 @@ def _register_best(
         model_uri=best.trained.model_uri,
         run=RunTracker(parent.uri, best.run_id, parent.experiment_id),
         test_accuracy=best.test.accuracy,
-        description=f"Best of sweep {parent.run_id}: test_accuracy={best.test.accuracy:.4f} with {best.values}",
+        source=f"Best trial of sweep {parent.run_id}: {assignments(best.values)}",
         record_on=parent,
     )
     return registered_summary(name, registration)

@@ -127,7 +127,6 @@ def cnn_train(**values: Any) -> dict[str, Any]:
             register_task(
                 params.register, params=params, data=data, model_uri=trained.model_uri, run=tracker,
                 test_accuracy=evaluated.evaluation.accuracy,
-                description=f"{params.backend} {params.architecture}, test_accuracy={evaluated.evaluation.accuracy:.4f}",
             )
             if params.register
             else None

@@ -304,7 +304,8 @@ def cnn_train_tune(**values: Any) -> dict[str, Any]:
     with flow_run_tracker(plan.base.experiment, run_name=plan.study_name, role="tune") as parent:
         parent.set_tags({STUDY_TAG: plan.study_name, "cnn_train.study_storage": redacted_url(plan.storage_url)})
         parent.log_params(
-            {k: v for k, v in values.items() if k not in ("space", "storage", *RunnerOptions.model_fields)}
+            {k: v for k, v in values.items() if k not in ("space", "storage", *RunnerOptions.model_fields)
+             and (k == "seed" or k not in plan.space.names)}  # as a sweep's parent: no searched field's default
             | {
                 "space": json.dumps(plan.space.specs()),
                 "storage": redacted_url(plan.storage_url),

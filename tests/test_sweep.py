@@ -270,6 +270,8 @@ def test_local_sweep_ranks_four_children_and_registers_the_best(mlflow_store):
     parent = client.get_run(result["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
     assert "None" not in parent.data.params.values(), parent.data.params  # values left out are no params
+    # architecture=cnn was logged as if every trial's, half of them dense; the seed is the split's.
+    assert not set(GRID) - {"seed"} & set(parent.data.params) and parent.data.params["seed"] == str(SMALL["seed"]), parent.data.params
     children = _children(client, parent.info.run_id)
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     assert {"sweep/ranking.csv", "sweep/ranking.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
@@ -278,12 +280,17 @@ def test_local_sweep_ranks_four_children_and_registers_the_best(mlflow_store):
     assert parent.data.metrics["best_test_accuracy"] == pytest.approx(best.data.metrics["test_accuracy"])
     varied = ", ".join(f"{name}={value}" for name, value in result["best_values"].items())  # was a Python dict
     assert parent.data.tags["mlflow.note.content"].startswith(f"Best trial: {varied}, test accuracy ")
-    assert f"Train it again: `{result['best_command']}`" in parent.data.tags["mlflow.note.content"]
-    assert result["best_command"].startswith("cnn-train run ")
+    assert f"Train it again: `{result['train_again']}`" in parent.data.tags["mlflow.note.content"]
+    assert result["train_again"].startswith("cnn-train run ")
     assert f"(MLflow run `{best.info.run_id}`)." in parent.data.tags["mlflow.note.content"]
     version = client.get_model_version("fashion-cnn-best", str(result["registered_version"]))
     assert version.run_id == best.info.run_id
-    assert f"test_accuracy={best.data.metrics['test_accuracy']:.4f}" in version.description
+    varied = ", ".join(f"{name}={value!r}" if isinstance(value, float) else f"{name}={value}" for name, value in result["best_values"].items())
+    # As a run's registration reads (it printed a Python dict, and neither said how many test images).
+    assert version.description == (
+        f"torch {best.data.params['architecture']}, test_accuracy={best.data.metrics['test_accuracy']:.4f} on 200 test images. "
+        f"Best trial of sweep {parent.info.run_id}: {varied}"
+    )
     # In the flow run's graph the trials read "trial-9ea", "trial-788"...: now as their child runs do.
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

@@ -196,7 +196,7 @@ def sweep(ctx: typer.Context, **values: Any) -> None:
 
     best = assignments(result["best_values"])
     typer.echo(f"best trial: {best}, test accuracy {result['best_test_accuracy']:.2%}, run {result['best_run_id']}")
-    typer.echo(f"train it again: {result['best_command']}")
+    typer.echo(f"train it again: {result['train_again']}")
     typer.echo(f"MLflow sweep run: {result['mlflow_run_url']}")
     if "registration" in result:
         typer.echo(result["registration"])

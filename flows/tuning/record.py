@@ -18,7 +18,7 @@ from cnn_train.flows import reporting, tracking
 from cnn_train.flows.data import PreparedData
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.registering import register_task, registered_summary
-from cnn_train.flows.signatures import assignments, run_command
+from cnn_train.flows.signatures import assignments, train_again
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.flows.tuning.figures import FIGURES, StudyFigures, write_study_figures
 from cnn_train.flows.tuning.plan import TunePlan
@@ -39,7 +39,7 @@ def _summary(plan: TunePlan, counts: dict[str, int], best: FrozenTrial | None, r
             f"**Best trial: {best.number}, {plan.options.objective} {reporting.format_percent(best.value or 0.0)}, "
             f"{assignments(best.params)}** (MLflow run `{best.user_attrs.get(RUN_ATTR)}`).",
             "",
-            f"Train it again: `{run_command(plan.params_for(best.params))}`",
+            f"Train it again: {train_again(plan.params_for(best.params), plan.base.seed)}",
             "",
         ]
     this_run = f"this run ran trials {', '.join(map(str, ran))}" if ran else "this run ran no trial"
@@ -88,8 +88,8 @@ def _register(parent: RunTracker, plan: TunePlan, best: FrozenTrial, name: str, 
         model_uri=model_uri,
         run=RunTracker(parent.uri, run_id, str(best.user_attrs.get(EXPERIMENT_ATTR, parent.experiment_id))),
         test_accuracy=float(best.user_attrs[TEST_ACCURACY_ATTR]),
-        description=f"Best of study {plan.study_name}: trial {best.number}, "
-        f"{plan.options.objective}={best.value:.4f} with {best.params}",
+        source=f"Best trial of study {plan.study_name}: {best.number}, {plan.options.objective}={best.value:.4f}, "
+        f"{assignments(best.params)}",
         record_on=parent,
     )
     return registered_summary(name, registration)
@@ -140,7 +140,7 @@ def record_study(parent: RunTracker, study: optuna.Study, plan: TunePlan, ran: l
     summary |= {
         "best_trial": best.number, "best_value": best.value, "best_params": best.params,
         "best_run_id": best.user_attrs.get(RUN_ATTR),
-        "best_command": run_command(plan.params_for(best.params)),
+        "train_again": train_again(plan.params_for(best.params), plan.base.seed).replace("`", ""),
     }
     if plan.options.register_best:
         summary |= _register(parent, plan, best, plan.options.register_best, data)
