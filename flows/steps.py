@@ -298,12 +298,17 @@ def train(
             params=model_params(params, training),
         ),
     )
+    trained = TrainHistory(tuple(epochs))
+    # The run's speed as report.md and the Prefect tables give it (the per-epoch series' last point is the last epoch's).
+    tracker.log_metrics(
+        {"median_epoch_seconds": trained.seconds_per_epoch, "median_images_per_second": trained.images_per_second}, step=len(epochs)
+    )
     return TrainOutcome(
         architecture=model_config.architecture,
         device=device,
         training=training,
         checkpoint=checkpoint,
-        history=TrainHistory(tuple(epochs)),
+        history=trained,
         parameters=int(parameters),
         model_uri=model_uri,
         resumed_from_epoch=len(done),

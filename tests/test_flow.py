@@ -229,6 +229,10 @@ def test_report_and_prefect_table_give_the_same_speed(finished, tmp_path):
     report = Path(client.download_artifacts(run.info.run_id, "report/report.md", str(tmp_path))).read_text()
     seconds = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")]
     assert cnn["seconds_per_epoch"] == f"{np.median(seconds):.1f}"
+    # MLflow has them too (its runs table showed the last epoch's as the run's speed).
+    assert run.data.metrics["median_epoch_seconds"] == pytest.approx(np.median(seconds))
+    rates = [m.value for m in client.get_metric_history(run.info.run_id, "images_per_second")]
+    assert f"{run.data.metrics['median_images_per_second']:,.0f}" == f"{np.median(rates):,.0f}" == cnn["images_per_second"]
     for figure in ("seconds_per_epoch", "images_per_second"):
         assert f"| {cnn[figure]} |" in report, (figure, cnn[figure])
     # The table's description in the Prefect UI is report.md's sentence: the CNN's gain, not bare numbers.
