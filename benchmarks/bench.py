@@ -391,6 +391,7 @@ def _free_port() -> int:
 def running_stack(work: Path, env: dict[str, str]) -> Iterator[dict[str, Any]]:
     """``cnn-train up --no-trigger`` in a temporary project root, home and pair of ports; ``down`` after."""
     root = work / "stack"
+    root.mkdir(parents=True, exist_ok=True)  # a project root must exist
     stack_env = {k: v for k, v in env.items() if k not in ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "CNN_TRAIN_STATE_DIR")}
     stack_env |= {
         "CNN_TRAIN_ROOT": str(root),

@@ -26,6 +26,7 @@ QUICK = ["--epochs", "1", "--sample-limit", "300", "--test-limit", "100"]
 
 
 def _env(prefect_api_url: str, tracking_uri: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    tmp_path.mkdir(parents=True, exist_ok=True)  # the project root each process is given: one that exists
     env = os.environ | {
         "PREFECT_API_URL": prefect_api_url,
         "MLFLOW_TRACKING_URI": tracking_uri,
