@@ -36,8 +36,6 @@ _HEADLINE_METRICS = {
 }
 #: Runs whose description's first line is their verdict, worth a line of its own.
 _VERDICT_ROLES = frozenset({"compare", "sweep", "tune"})
-#: How a search's description gives the command that trains its best trial again.
-_AGAIN = "Train it again: "
 #: Headline metrics worth a line only when they are not zero.
 _SHOWN_WHEN_NOT_ZERO = frozenset({"images_failed"})
 
@@ -290,7 +288,9 @@ def outcome_lines(run: Any | None, uri: str) -> list[str]:
     # A comparison's verdict and a search's best trial head their run's description, not its metrics.
     if run.data.tags.get("cnn_train.role") in _VERDICT_ROLES and (note := run.data.tags.get("mlflow.note.content")):
         lines.append(note.splitlines()[0].replace("**", "").replace("`", ""))
-        lines += [line.replace("`", "").replace(_AGAIN, _AGAIN.lower()) for line in note.splitlines() if line.startswith(_AGAIN)]
+        from cnn_train.flows.signatures import TRAIN_AGAIN
+
+        lines += [line.replace("`", "").replace(TRAIN_AGAIN, TRAIN_AGAIN.lower()) for line in note.splitlines() if line.startswith(TRAIN_AGAIN)]
     return lines
 
 

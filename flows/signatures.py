@@ -140,6 +140,10 @@ def run_command(params: RunParameters) -> str:
     return shlex.join(words)
 
 
+#: How a search's record gives :func:`train_again`'s answer (a watched trigger looks for the line).
+TRAIN_AGAIN = "Train it again: "
+
+
 def train_again(params: RunParameters, split_seed: int) -> str:
     """How to train a search's trial ``params`` again on its own: the ``cnn-train run`` command (in backquotes),
     or why none does exactly. A search splits the data once, by ``split_seed``; ``run --seed`` sets the split too."""

@@ -35,7 +35,7 @@ from cnn_train.flows.params import (
     SweepOptions,
     validate_parameters,
 )
-from cnn_train.flows.signatures import SEARCHABLE, assignments, split_values, train_again, without_fixed_fields
+from cnn_train.flows.signatures import SEARCHABLE, TRAIN_AGAIN, assignments, split_values, train_again, without_fixed_fields
 from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, trials_on, worker_died
 from cnn_train.flows.ray_join import check_runner
 from cnn_train.flows.ray_cluster import ray_task_runner  # noqa: F401 - Python callers take this flow's runner from here
@@ -281,7 +281,8 @@ def _rank_and_record(
         f"Best trial: {assignments(best.values)}, test accuracy {reporting.format_percent(best.test.accuracy)} "
         f"(MLflow run `{best.run_id}`)."
     )
-    again = f"Train it again: {train_again(next(p for values, p in trials if values == best.values), split_seed)}"
+    how = train_again(next(p for values, p in trials if values == best.values), split_seed)
+    again = f"{TRAIN_AGAIN}{how}"
     markdown = f"# Sweep ranking\n\n{reporting.markdown_table(ranking)}\n\n{best_line}\n\n{again}\n"
     with tempfile.TemporaryDirectory(prefix="cnn-train-sweep-") as out:
         ranking.to_csv(Path(out) / "ranking.csv", index=False)
@@ -297,7 +298,7 @@ def _rank_and_record(
         "mlflow_run_url": parent.url or tracking.open_hint(parent),
         "best_run_id": best.run_id,
         "best_values": best.values,
-        "train_again": again.removeprefix("Train it again: ").replace("`", ""),
+        "train_again": how.replace("`", ""),
         "best_test_accuracy": best.test.accuracy,
         "ranking": ranking.to_dict(orient="records"),
     }

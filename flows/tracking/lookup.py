@@ -121,11 +121,16 @@ def _find(mlflow_client: MlflowClient, model_uri: str) -> ModelChoice | str:
     )
 
 
+def elsewhere(model_uri: str) -> bool:
+    """A URI of another scheme than a folder's, the store's or a file's (s3:, http:, dbfs:, mlflow-artifacts:...)."""
+    return bool(re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", model_uri)) and not model_uri.startswith(("runs:", "models:", "file:"))
+
+
 def local_folder(model_uri: str) -> Path | None:
     """The folder on this machine ``model_uri`` names (a path, or a ``file:`` URI), else None."""
     if model_uri.startswith("file:"):
         path = Path(urlparse(model_uri).path)
-    elif re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", model_uri):  # another scheme (s3:, dbfs:, mlflow-artifacts:...)
+    elif elsewhere(model_uri):
         return None
     else:
         path = Path(model_uri).expanduser()

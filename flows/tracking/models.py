@@ -13,7 +13,6 @@ import importlib.util
 import inspect
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -193,9 +192,9 @@ def load_pyfunc(model_uri: str, uri: str, *, experiment: str | None = None) -> P
 def _refuse_elsewhere(model_uri: str, folder: Path | None, error: Exception) -> None:
     """A model at another scheme's address (s3:, http:, dbfs:...) that MLflow's loaders failed on, each
     in its own way (a missing boto3, an unpacking error), as one line; other failures are left to raise."""
-    from cnn_train.flows.tracking.lookup import ModelNotFoundError
+    from cnn_train.flows.tracking.lookup import ModelNotFoundError, elsewhere
 
-    if folder is not None or model_uri.startswith(("runs:", "models:", "file:")) or not re.match(r"[A-Za-z][\w+.-]+:", model_uri):
+    if folder is not None or not elsewhere(model_uri):
         return
     if isinstance(error, ModuleNotFoundError):
         why = f"loading from there needs the module {error.name!r}, which is not installed"

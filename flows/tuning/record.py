@@ -18,7 +18,7 @@ from cnn_train.flows import reporting, tracking
 from cnn_train.flows.data import PreparedData
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.registering import register_task, registered_summary
-from cnn_train.flows.signatures import assignments, train_again
+from cnn_train.flows.signatures import TRAIN_AGAIN, assignments, train_again
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.flows.tuning.figures import FIGURES, StudyFigures, write_study_figures
 from cnn_train.flows.tuning.plan import TunePlan
@@ -30,7 +30,7 @@ class NoCompletedTrialError(ExpectedFailure, RuntimeError):
     """The study has no trial that trained to the end, so it has no best trial."""
 
 
-def _summary(plan: TunePlan, counts: dict[str, int], best: FrozenTrial | None, ran: list[int]) -> list[str]:
+def _summary(plan: TunePlan, counts: dict[str, int], best: FrozenTrial | None, ran: list[int], again: str | None) -> list[str]:
     """The best trial first (a watched trigger prints the first line), then how the trials ended and the
     search: ranking.md's opening, and the parent run's description."""
     lines = []
@@ -39,7 +39,7 @@ def _summary(plan: TunePlan, counts: dict[str, int], best: FrozenTrial | None, r
             f"**Best trial: {best.number}, {plan.options.objective} {reporting.format_percent(best.value or 0.0)}, "
             f"{assignments(best.params)}** (MLflow run `{best.user_attrs.get(RUN_ATTR)}`).",
             "",
-            f"Train it again: {train_again(plan.params_for(best.params), plan.base.seed)}",
+            f"{TRAIN_AGAIN}{again}",
             "",
         ]
     this_run = f"this run ran trials {', '.join(map(str, ran))}" if ran else "this run ran no trial"
@@ -55,10 +55,10 @@ def _summary(plan: TunePlan, counts: dict[str, int], best: FrozenTrial | None, r
 
 def _markdown(
     plan: TunePlan, ranking_md: str, counts: dict[str, int], best: FrozenTrial | None, figures: StudyFigures, ran: list[int],
-    figure_url: Callable[[str], str],
+    figure_url: Callable[[str], str], again: str | None,
 ) -> str:
     """ranking.md, its figures shown from ``figure_url(file name)``."""
-    lines = [f"# Study `{plan.study_name}`", "", *_summary(plan, counts, best, ran)]
+    lines = [f"# Study `{plan.study_name}`", "", *_summary(plan, counts, best, ran, again)]
     lines += [
         "## Ranking",
         "",
@@ -102,6 +102,8 @@ def record_study(parent: RunTracker, study: optuna.Study, plan: TunePlan, ran: l
     ranking = ranking_table(trials, plan.options.objective)
     counts = state_counts(trials)
     best = study.best_trial if counts["complete"] else None
+    # Validated once (params_for checks the run's values): the markdown, the description and the summary give it.
+    again = train_again(plan.params_for(best.params), plan.base.seed) if best else None
     with tempfile.TemporaryDirectory(prefix="cnn-train-tune-") as folder:
         out = Path(folder)
         figures = write_study_figures(study, out / "figures")
@@ -110,11 +112,11 @@ def record_study(parent: RunTracker, study: optuna.Study, plan: TunePlan, ran: l
         def figure_url(name: str) -> str:
             return tracking.artifact_url(parent.uri, parent.run_id, f"tune/figures/{name}") or f"figures/{name}"
 
-        markdown = _markdown(plan, reporting.markdown_table(ranking), counts, best, figures, ran, figure_url)
+        markdown = _markdown(plan, reporting.markdown_table(ranking), counts, best, figures, ran, figure_url, again)
         ranking.to_csv(out / "ranking.csv", index=False)
         (out / "ranking.md").write_text(markdown, encoding="utf-8")
         parent.log_artifacts(out, "tune")
-    parent.describe("\n".join([*_summary(plan, counts, best, ran), "The ranking and figures: `tune/ranking.md` in Artifacts."]))
+    parent.describe("\n".join([*_summary(plan, counts, best, ran, again), "The ranking and figures: `tune/ranking.md` in Artifacts."]))
     for name, why in figures.skipped.items():
         get_run_logger().info("figure %s not drawn: %s", name, why)
     parent.log_metrics({f"trials_{state}": count for state, count in counts.items()})
@@ -140,7 +142,7 @@ def record_study(parent: RunTracker, study: optuna.Study, plan: TunePlan, ran: l
     summary |= {
         "best_trial": best.number, "best_value": best.value, "best_params": best.params,
         "best_run_id": best.user_attrs.get(RUN_ATTR),
-        "train_again": train_again(plan.params_for(best.params), plan.base.seed).replace("`", ""),
+        "train_again": (again or "").replace("`", ""),
     }
     if plan.options.register_best:
         summary |= _register(parent, plan, best, plan.options.register_best, data)
