@@ -127,7 +127,7 @@ def flow(args: argparse.Namespace) -> dict[str, Any]:
     and task runs' times are read back from that server; ``returned_at`` and ``measured_at`` bound
     that read-back, which is the benchmark's own work, not the command's."""
     from cnn_train.flows import collector
-    from cnn_train.flows.temporary_server import prefect_api
+    from cnn_train.flows.ops.temporary_server import prefect_api
 
     with collector.paused():  # as the command imports
         api = prefect_api()
@@ -193,7 +193,8 @@ def trigger(args: argparse.Namespace) -> dict[str, Any]:
     logged) minus (its epoch_seconds); the difference to the trigger is trigger to first step."""
     from prefect.deployments import run_deployment
 
-    from cnn_train.flows import services, tracking
+    from cnn_train.flows import tracking
+    from cnn_train.flows.ops import services
 
     parameters = {
         "backend": args.backend,

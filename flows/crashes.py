@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from cnn_train.flows import services, tracking
-from cnn_train.flows.worker import flow_run_of
+from cnn_train.flows import tracking
+from cnn_train.flows.ops import services
+from cnn_train.flows.ops.worker import flow_run_of
 from cnn_train.flows.settings import FLOW_HEARTBEAT_SECONDS as HEARTBEAT_SECONDS
 
 if TYPE_CHECKING:

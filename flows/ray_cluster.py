@@ -16,7 +16,7 @@ from typing import Any
 
 from prefect.context import FlowRunContext
 
-from cnn_train.flows import temporary_server
+from cnn_train.flows.ops import temporary_server
 from cnn_train.flows.params import RAY_RESOURCE_NAME, RunnerOptions
 from cnn_train.flows.placement import ray_resources
 from cnn_train.flows.quiet import quiet_libraries, quieted

@@ -16,7 +16,8 @@ from prefect.exceptions import MissingContextError, TerminationSignal
 from prefect.states import Failed
 from pydantic import BaseModel
 
-from cnn_train.flows import crashes, services, steps, tracking
+from cnn_train.flows import crashes, steps, tracking
+from cnn_train.flows.ops import services
 from cnn_train.flows.errors import ExpectedFailure, debugging, hide_expected_tracebacks
 from cnn_train.flows.params import RunnerOptions
 from cnn_train.flows.signatures import takes_parameters

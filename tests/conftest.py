@@ -39,7 +39,7 @@ if SUITE_TMP_VARIABLE not in os.environ:  # the main process; workers and the pr
     # /tmp/ray, where three were left per session. Short on purpose: Ray's socket paths stay under 107 bytes.
     os.environ.setdefault("RAY_TMPDIR", os.environ[SUITE_TMP_VARIABLE])
     # The processes tests start (here with -n 0) too: a model loaded by plain MLflow left its download in
-    # /tmp (a serve process keeps Prefect's runner folder in its state dir, cnn_train.flows.serve). This process's own
+    # /tmp (a serve process keeps Prefect's runner folder in its state dir, cnn_train.flows.ops.serve). This process's own
     # temporary folder stays the system's, where pytest keeps the last runs' tmp_path folders.
     tempfile.tempdir = tempfile.gettempdir()
     os.environ["TMPDIR"] = os.environ[SUITE_TMP_VARIABLE]
@@ -74,15 +74,15 @@ WAITING_MODULES = ("test_spool", "test_team_servers", "test_ray", "test_reliabil
 def pytest_configure(config: pytest.Config) -> None:
     """In the main process, before any worker starts: one Prefect schema for the session. Every Prefect
     server a test starts (temporary ones, `cnn-train up`'s, the session's) begins with a copy of it
-    instead of migrating a new database: 4.5 s of CPU each (cnn_train.flows.prefect_database). Migrated
+    instead of migrating a new database: 4.5 s of CPU each (cnn_train.flows.ops.prefect_database). Migrated
     in the background; a server that starts meanwhile waits for it."""
-    from cnn_train.flows.prefect_database import SCHEMA_DIR_VARIABLE
+    from cnn_train.flows.ops.prefect_database import SCHEMA_DIR_VARIABLE
 
     if hasattr(config, "workerinput") or os.environ.get(SCHEMA_DIR_VARIABLE):
         return  # a worker (it inherits the main process's folder), or the developer's own folder
     os.environ[SCHEMA_DIR_VARIABLE] = tempfile.mkdtemp(prefix="prefect-schema-", dir=os.environ[SUITE_TMP_VARIABLE])
     migration = subprocess.Popen(  # noqa: S603 - this project's own module
-        [sys.executable, "-c", "from cnn_train.flows import prefect_database; prefect_database.migrated_template()"],
+        [sys.executable, "-c", "from cnn_train.flows.ops import prefect_database; prefect_database.migrated_template()"],
         stdin=subprocess.DEVNULL,
     )
     atexit.register(migration.wait)  # before the folder goes (atexit runs last-registered first)
@@ -228,7 +228,7 @@ def prefect_api_url() -> Iterator[str]:
     also what subprocesses get as PREFECT_API_URL so their flow runs are recorded there."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from cnn_train.flows.temporary_server import TemporaryServer
+    from cnn_train.flows.ops.temporary_server import TemporaryServer
 
     server = TemporaryServer()
     # Stopped as the process exits, after Prefect's event and log workers have drained (they drain at

@@ -71,7 +71,7 @@ def test_the_clean_up_reaches_the_servers_even_after_prefect_read_other_settings
     code = (
         "from prefect.settings import get_current_settings\n"
         "assert get_current_settings().api.url == 'http://127.0.0.1:9/api'\n"
-        "from cnn_train.flows import launcher\n"
+        "from cnn_train.flows.ops import launcher\n"
         "launcher.clean_up_after_crashes(print)\n"
         "print('clean-up done')\n"
     )
@@ -87,7 +87,7 @@ def test_a_shell_without_the_port_variables_finds_the_servers_up_started(stack):
     env, _ = stack
     shell = {k: v for k, v in env.items() if k not in ("CNN_TRAIN_PREFECT_PORT", "CNN_TRAIN_MLFLOW_PORT")}
     found = subprocess.run(
-        [sys.executable, "-c", "from cnn_train.flows import services, tracking; print(tracking.tracking_uri(), services.prefect_api_url())"],
+        [sys.executable, "-c", "from cnn_train.flows import tracking; from cnn_train.flows.ops import services; print(tracking.tracking_uri(), services.prefect_api_url())"],
         env=shell, capture_output=True, text=True, timeout=120,
     )
     mlflow = f"http://127.0.0.1:{env['CNN_TRAIN_MLFLOW_PORT']}"

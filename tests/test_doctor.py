@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cnn_train.flows import doctor
+from cnn_train.flows.ops import doctor
 
 
 def _dead_url() -> str:
@@ -75,7 +75,7 @@ def test_missing_mlflow_server_is_reported():
 @pytest.mark.parametrize("variable_set", [False, True], ids=["servers-mlflow", "users-own-mlflow-uri"])
 def test_a_dead_mlflow_server_of_up_is_not_the_fallback_store(tmp_path, monkeypatch, variable_set):
     """Its process killed, the check resolved to mlflow.db and said ok while every served run failed."""
-    from cnn_train.flows import services
+    from cnn_train.flows.ops import services
 
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -200,7 +200,8 @@ def test_a_flow_run_is_orphaned_only_when_no_process_runs_it(tmp_path, monkeypat
     import os
     from types import SimpleNamespace
 
-    from cnn_train.flows import crashes, services
+    from cnn_train.flows import crashes
+    from cnn_train.flows.ops import services
 
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
     service = services.serve_process if runner == "serve" else services.worker_process
@@ -224,7 +225,7 @@ def test_a_flow_run_is_orphaned_only_when_no_process_runs_it(tmp_path, monkeypat
     ],
 )
 def test_the_mlflow_port_is_the_one_up_started_the_server_on(tmp_path, monkeypatch, variable, server, port):
-    from cnn_train.flows import services
+    from cnn_train.flows.ops import services
 
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.delenv("CNN_TRAIN_MLFLOW_PORT", raising=False)
@@ -238,7 +239,7 @@ def test_the_mlflow_port_is_the_one_up_started_the_server_on(tmp_path, monkeypat
 
 
 def test_a_started_server_records_its_port_and_stopping_it_removes_it(tmp_path, monkeypatch):
-    from cnn_train.flows import services
+    from cnn_train.flows.ops import services
 
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
     server = services.Service(name="sleeper", command=lambda: ["sleep", "60"], ready=lambda: server.pid() is not None,
@@ -253,7 +254,7 @@ def test_a_started_server_records_its_port_and_stopping_it_removes_it(tmp_path, 
 
 @pytest.mark.slow
 def test_a_dead_serve_process_is_reported_before_prefect_notices(prefect_api_url, tmp_path, monkeypatch):
-    from cnn_train.flows import services
+    from cnn_train.flows.ops import services
     from cnn_train.flows.train_flow import cnn_train
 
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
@@ -272,7 +273,7 @@ def test_a_pending_flow_run_whose_serve_process_died_is_reported_and_crashed(pre
     from prefect.client.orchestration import get_client
     from prefect.states import Pending
 
-    from cnn_train.flows import services
+    from cnn_train.flows.ops import services
     from cnn_train.flows.train_flow import cnn_train
     from tests.stores import new_store
 

@@ -20,13 +20,14 @@ def test_no_source_module_is_longer_than_the_limit(package: str) -> None:
     assert not too_long, f"longer than {MAX_MODULE_LINES} lines, split along a seam: {too_long}"
 
 
-def test_the_readme_layout_names_every_flows_module_and_folder() -> None:
+@pytest.mark.parametrize("folder", ["flows", "flows/ops"])
+def test_the_readme_layout_names_every_module_and_folder(folder: str) -> None:
     """A newcomer finds a concern from the Layout: leases.py, crashes.py, errors.py, auth.py and
     registering.py were missing from it."""
     readme = (ROOT / "README.md").read_text()
     layout = readme[readme.index("## Layout") :].split("```", 2)[1]
-    named = {path.name for path in (ROOT / "flows").iterdir() if path.name != "__init__.py" and path.name != "__pycache__"
+    named = {path.name for path in (ROOT / folder).iterdir() if path.name != "__init__.py" and path.name != "__pycache__"
              and (path.suffix == ".py" or path.is_dir())}
-    unnamed = sorted(name for name in named if (f"{name}/" if (ROOT / "flows" / name).is_dir() else name) not in layout
+    unnamed = sorted(name for name in named if (f"{name}/" if (ROOT / folder / name).is_dir() else name) not in layout
                      and not (name.endswith("_flow.py") and "*_flow.py" in layout))
     assert not unnamed, f"README Layout does not name: {unnamed}"

@@ -198,8 +198,8 @@ def test_up_worker_with_a_pool_name_prefect_refuses_is_one_line_and_starts_or_st
 
 
 def test_the_mlflow_server_on_a_held_port_is_refused_before_it_starts(tmp_path, monkeypatch, held_port):
-    from cnn_train.flows import services
-    from cnn_train.flows.detached import PortInUseError
+    from cnn_train.flows.ops import services
+    from cnn_train.flows.ops.detached import PortInUseError
 
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("CNN_TRAIN_MLFLOW_PORT", str(held_port))
@@ -242,7 +242,7 @@ def answering_server() -> Iterator[Callable[[dict[str, object]], int]]:
 
 def test_a_prefect_server_up_did_not_start_is_used_and_named_as_such(tmp_path, monkeypatch, answering_server):
     """A Prefect server of the user's own on this project's port: up serves the deployments there, and says so."""
-    from cnn_train.flows import launcher, services
+    from cnn_train.flows.ops import launcher, services
 
     port = answering_server({})
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
@@ -287,7 +287,7 @@ def test_up_does_not_take_the_deployments_from_another_checkout(
     """Two serve processes of one deployment would take turns at its runs, each with its own checkout's code;
     serving a pooled deployment takes it off the pool its workers poll (as `cnn-train up` does after
     `up --worker` on this project's own server, where it is meant)."""
-    from cnn_train.flows import launcher
+    from cnn_train.flows.ops import launcher
 
     port = answering_server({"/api/deployments/name/cnn-train/default": deployment})
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
@@ -303,7 +303,7 @@ def test_up_does_not_take_the_deployments_from_another_checkout(
 
 def test_an_mlflow_server_up_did_not_start_is_refused_unless_this_shell_logs_there(tmp_path, monkeypatch, answering_server):
     """Its serve process would log to that server and every other command to the project's mlflow.db."""
-    from cnn_train.flows import launcher
+    from cnn_train.flows.ops import launcher
 
     port = answering_server({})
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
@@ -503,7 +503,7 @@ def test_status_lines_up_the_sizes_of_a_state_folder_far_from_the_project(monkey
 def test_status_says_when_this_shell_sends_runs_elsewhere(state, monkeypatch, tmp_path, variable, value, said):
     """`cnn-train status` shows the project's servers; a shell whose MLFLOW_TRACKING_URI or PREFECT_API_URL
     points elsewhere records its runs there, which the server lines alone hid."""
-    from cnn_train.flows import services
+    from cnn_train.flows.ops import services
 
     monkeypatch.setenv("CNN_TRAIN_ROOT", str(tmp_path))
     for port in ("CNN_TRAIN_PREFECT_PORT", "CNN_TRAIN_MLFLOW_PORT"):
@@ -564,7 +564,7 @@ _UP_THEN_DOWN = """
 import json, subprocess, sys
 from cnn_train.flows.settings import keep_library_state_in_project
 keep_library_state_in_project()
-from cnn_train.flows import launcher, services
+from cnn_train.flows.ops import launcher, services
 said, shell = [], json.loads(sys.argv[1])
 view = lambda: subprocess.run([sys.argv[2], "config", "view", "--hide-defaults"], env=shell, capture_output=True, text=True).stdout
 launcher.point_prefect_cli_at_server(said.append)
@@ -879,13 +879,13 @@ def truncated_data_dir(real_fashion_mnist_dir, tmp_path) -> Path:
 
 @pytest.fixture
 def served(mlflow_store, prefect_api_url, tmp_path):
-    """`python -m cnn_train.flows.serve` against the session's Prefect server, until the deployment is READY."""
-    from cnn_train.flows import doctor
+    """`python -m cnn_train.flows.ops.serve` against the session's Prefect server, until the deployment is READY."""
+    from cnn_train.flows.ops import doctor
 
     log = tmp_path / "serve.log"
     with log.open("w") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "cnn_train.flows.serve"],
+            [sys.executable, "-m", "cnn_train.flows.ops.serve"],
             env=os.environ | {"PREFECT_API_URL": prefect_api_url, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
             stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -1098,7 +1098,7 @@ def test_watching_a_flow_run_whose_server_goes_away_is_one_line():
 
 def test_status_with_the_worker_alive_and_the_prefect_server_gone_says_not_ready(tmp_path, monkeypatch):
     """Before, `cnn-train status` printed the services, then the worker's readiness probe's httpx traceback."""
-    from cnn_train.flows import services
+    from cnn_train.flows.ops import services
 
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("CNN_TRAIN_PREFECT_PORT", str(free_port()))  # nothing listens there

@@ -193,7 +193,7 @@ def test_example_plugin_deployment_trigger(installed_example_plugin, tmp_path, p
     env = _plugin_env(installed_example_plugin, store, tmp_path / "state", prefect_api_url, real_fashion_mnist_dir)
     env["PYTHONUNBUFFERED"] = "1"
     serve = subprocess.Popen(
-        [sys.executable, "-m", "cnn_train.flows.serve"], cwd=elsewhere, env=env,
+        [sys.executable, "-m", "cnn_train.flows.ops.serve"], cwd=elsewhere, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:

@@ -1,4 +1,4 @@
-"""A new Prefect database starts as a copy of the migrated template (cnn_train.flows.prefect_database)."""
+"""A new Prefect database starts as a copy of the migrated template (cnn_train.flows.ops.prefect_database)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cnn_train.flows import prefect_database, services
-from cnn_train.flows.prefect_database import SCHEMA_DIR_VARIABLE
+from cnn_train.flows.ops import prefect_database, services
+from cnn_train.flows.ops.prefect_database import SCHEMA_DIR_VARIABLE
 
 #: A value Prefect never writes (SQLite's user_version header field): a database carrying it is a copy of
 #: a template marked with it.
@@ -105,7 +105,7 @@ def test_the_template_is_prefects_schema_at_its_newest_revision() -> None:
 def test_a_temporary_server_in_a_new_home_starts_from_the_template(templates, tmp_path: Path, marked_template: Path,
                                                                     monkeypatch) -> None:
     """From the template when there is one; when none can be made, from Prefect's own migration as before."""
-    from cnn_train.flows.temporary_server import TemporaryServer
+    from cnn_train.flows.ops.temporary_server import TemporaryServer
 
     if templates == "folder-is-a-file":
         (tmp_path / "not-a-folder").write_text("")
@@ -145,7 +145,7 @@ def test_servers_starting_together_on_one_new_home_all_answer_and_log_no_error(t
     """Concurrent commands in a new checkout: one server makes the template while the others wait, then
     none of them races the others to insert Prefect's block types (before: two of three servers exited
     while migrating the same new file; with a template of the schema alone, UNIQUE constraint errors)."""
-    from cnn_train.flows.temporary_server import TemporaryServer
+    from cnn_train.flows.ops.temporary_server import TemporaryServer
 
     from cnn_train.flows.settings import keep_libraries_offline
 

@@ -221,7 +221,7 @@ def test_four_concurrent_runs_all_land(prefect_api_url, store, tmp_path):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        from cnn_train.flows.services import http_ok
+        from cnn_train.flows.ops.services import http_ok
 
         deadline = time.monotonic() + 90
         while not http_ok(f"{uri}/health"):

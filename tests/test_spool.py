@@ -202,7 +202,7 @@ class MlflowServer:
             env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
-        from cnn_train.flows.services import http_ok
+        from cnn_train.flows.ops.services import http_ok
 
         deadline = time.monotonic() + 120
         while not http_ok(f"{self.uri}/health"):

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from cnn_train.flows import addresses as machine
-from cnn_train.flows import auth, services
+from cnn_train.flows.ops import addresses as machine
+from cnn_train.flows.ops import auth, services
 from tests.local_stack import bare_env, free_port
 from tests.plugin_fixtures import backend_plugin_site
 
@@ -271,7 +271,7 @@ def _status(url: str, *, method: str = "GET", authorized: bool = False) -> int:
 
 def _trigger(team: Team, parameters: dict) -> subprocess.CompletedProcess[str]:
     return team.python(
-        "from cnn_train.flows import launcher\n"
+        "from cnn_train.flows.ops import launcher\n"
         f"raise SystemExit(launcher.trigger_and_watch(watch_timeout=1200, echo=print, parameters={parameters!r}))"
     )
 
@@ -423,7 +423,7 @@ def test_sigkill_of_serve_and_flow_run_process_ends_both_runs(team, monkeypatch)
 def test_up_over_running_servers_on_another_host_says_to_restart_them(tmp_path, monkeypatch, running, asked, refused):
     """`up --host 0.0.0.0` over servers up had started on 127.0.0.1 printed the addresses teammates use, where
     nothing listened: the servers stayed on loopback, without credentials."""
-    from cnn_train.flows import launcher
+    from cnn_train.flows.ops import launcher
 
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path))
     monkeypatch.setenv(services.BIND_HOST_ENV, asked)

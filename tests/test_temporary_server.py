@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cnn_train.flows import temporary_server
-from cnn_train.flows.services import http_ok
+from cnn_train.flows.ops import temporary_server
+from cnn_train.flows.ops.services import http_ok
 from cnn_train.flows.settings import heartbeat_often_enough, keep_library_state_in_project
 from tests.local_stack import flow_run_states
 from tests.processes import signal_masks
@@ -24,7 +24,7 @@ from tests.processes import signal_masks
 # flow or blocks.
 _COMMAND = textwrap.dedent("""
     import sys, time
-    from cnn_train.flows import temporary_server
+    from cnn_train.flows.ops import temporary_server
     use = temporary_server.prefect_api()
     with use():
         from prefect.settings import get_current_settings

@@ -385,7 +385,7 @@ def test_a_database_password_is_not_printed():
 
 def test_an_unreachable_server_in_a_run_up_serves_is_not_told_to_unset_what_up_set(monkeypatch):
     """A served flow run's failure said "or unset MLFLOW_TRACKING_URI", which its serve process had set."""
-    from cnn_train.flows import services
+    from cnn_train.flows.ops import services
     from cnn_train.flows.settings import TRACKING_URI_BY_UP_ENV
 
     port = free_port()  # nothing listens there

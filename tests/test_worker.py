@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from cnn_train.flows import worker
+from cnn_train.flows.ops import worker
 from cnn_train.flows.params import RunParameters
 from cnn_train.flows.placement import GpuInfo
-from cnn_train.flows.serve import DEPLOYMENTS
+from cnn_train.flows.ops.serve import DEPLOYMENTS
 from tests.local_stack import BIN, cnn_train_up, prefect_api, run_deployment
 from tests.processes import signal_masks
 
 
 def test_prefect_yaml_declares_every_served_deployment() -> None:
     assert worker.CHECKOUT_PREFECT_YAML.read_text() == worker.prefect_yaml(), (
-        "prefect.yaml differs from flows/serve.py's DEPLOYMENTS; regenerate it: "
-        ".venv/bin/python -m cnn_train.flows.worker prefect-yaml"
+        "prefect.yaml differs from flows/ops/serve.py's DEPLOYMENTS; regenerate it: "
+        ".venv/bin/python -m cnn_train.flows.ops.worker prefect-yaml"
     )
 
 
@@ -47,7 +47,7 @@ def test_the_readme_names_every_served_deployment(deployment) -> None:
 def test_served_deployments_import_their_flow_by_module_path_as_workers_do() -> None:
     """Loaded from its file, a flow's module is named "sweep_flow", which a Ray worker cannot import to
     unpickle a trial's task: a served sweep on Ray failed with "No module named 'sweep_flow'"."""
-    from cnn_train.flows.serve import served_deployments
+    from cnn_train.flows.ops.serve import served_deployments
 
     assert [d.entrypoint for d in served_deployments()] == [d.flow_path for d in DEPLOYMENTS]
 
@@ -65,7 +65,7 @@ def test_up_waits_for_the_new_serve_process_to_register_the_deployment(deploymen
     so a trigger with a new parameter was refused for a few seconds."""
     from datetime import datetime
 
-    from cnn_train.flows.services import registered_since
+    from cnn_train.flows.ops.services import registered_since
 
     serve_started = datetime.fromisoformat("2026-12-05T12:32:10Z").timestamp()
     assert registered_since(deployment, serve_started) is served
@@ -79,7 +79,7 @@ def _as_a_background_job(code: str, **options: object) -> subprocess.Popen:
 
 @pytest.mark.parametrize("fixed", [True, False], ids=["interruptible", "as-the-shell-left-it"])
 def test_serve_stops_on_sigint_even_when_started_with_it_ignored(fixed: bool) -> None:
-    code = ("import time; from cnn_train.flows import serve; " + ("serve.interruptible(); " if fixed else "")
+    code = ("import time; from cnn_train.flows.ops import serve; " + ("serve.interruptible(); " if fixed else "")
             + "print('ready', flush=True); time.sleep(30)")
     process = _as_a_background_job(code, stderr=subprocess.PIPE)
     try:

@@ -108,7 +108,7 @@ def _before_every_command(
     the servers' zombie automation expects, and the libraries' known noise silenced, before any command
     imports Prefect or MLflow; stderr kept for failures; the servers' credentials."""
     from cnn_train.flows.quiet import quiet_libraries
-    from cnn_train.flows.serve import interruptible
+    from cnn_train.flows.ops.serve import interruptible
     from cnn_train.flows.settings import heartbeat_often_enough, keep_libraries_offline, keep_library_state_in_project
 
     # Run in the background by a shell, this process starts with SIGINT ignored: `kill -INT` would do
@@ -126,8 +126,8 @@ def _before_every_command(
 def _check_server_variables() -> None:
     """Each command reads them sooner or later (some only for a link), and Prefect's first import refuses a
     malformed PREFECT_API_URL with a traceback: one line, at once."""
-    from cnn_train.flows.addresses import api_url_problem
-    from cnn_train.flows.services import check_port_variables
+    from cnn_train.flows.ops.addresses import api_url_problem
+    from cnn_train.flows.ops.services import check_port_variables
 
     check_port_variables()
     if (url := os.environ.get("PREFECT_API_URL")) and (problem := api_url_problem("PREFECT_API_URL", url)):
@@ -151,7 +151,7 @@ def _one_line_errors(*, debug: bool) -> None:
 
 
 def _present_credentials() -> None:
-    from cnn_train.flows import auth
+    from cnn_train.flows.ops import auth
 
     # Servers shared with credentials: this process's own Prefect and MLflow clients present them too.
     if credentials := auth.load_credentials():

@@ -8,7 +8,7 @@ import typer
 
 from cnn_train.flows.cli.app import app
 from cnn_train.flows.params import RunParameters
-from cnn_train.flows.services import BindHost
+from cnn_train.flows.ops.services import BindHost
 
 
 @app.command()
@@ -36,7 +36,7 @@ def up(
     wait for it."""
     import os
 
-    from cnn_train.flows import auth, launcher, services
+    from cnn_train.flows.ops import auth, launcher, services
 
     auth.require_for_host(host)
     os.environ[services.BIND_HOST_ENV] = host
@@ -48,7 +48,7 @@ def up(
 @app.command()
 def down() -> None:
     """Stop the worker or serve process, the MLflow server and the Prefect server started by `cnn-train up`."""
-    from cnn_train.flows import launcher, services
+    from cnn_train.flows.ops import launcher, services
 
     # Read first: a server up started on another port (CNN_TRAIN_PREFECT_PORT) is found by its recorded
     # port, which stopping it removes; the profile still pointing there then made every later run fail.
@@ -70,7 +70,7 @@ def doctor(
 
     from prefect.settings import get_current_settings
 
-    from cnn_train.flows import doctor as checks
+    from cnn_train.flows.ops import doctor as checks
     from cnn_train.flows import tracking
 
     findings = checks.diagnose(

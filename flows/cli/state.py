@@ -21,7 +21,8 @@ def status(
 ) -> None:
     """Show the servers started by `cnn-train up` and how much disk the project's state uses; say when this
     shell's MLFLOW_TRACKING_URI or PREFECT_API_URL sends its runs elsewhere."""
-    from cnn_train.flows import housekeeping, services
+    from cnn_train.flows import housekeeping
+    from cnn_train.flows.ops import services
 
     servers = services.status()
     refusal = _prefect_refusal(servers)
@@ -53,7 +54,7 @@ def status(
 
 def _prefect_refusal(servers: dict[str, dict[str, object]]) -> str | None:
     """Why the project's Prefect server, which answers, refuses this shell's credentials; None if it does not."""
-    from cnn_train.flows import services
+    from cnn_train.flows.ops import services
 
     if not servers[services.prefect_server.name]["ready"]:
         return None
@@ -63,8 +64,8 @@ def _prefect_refusal(servers: dict[str, dict[str, object]]) -> str | None:
 def _elsewhere() -> list[str]:
     """A line per variable of this shell that sends its runs somewhere other than the project's servers
     and store, whatever the lines above say about those."""
-    from cnn_train.flows import services
-    from cnn_train.flows.addresses import same_server
+    from cnn_train.flows.ops import services
+    from cnn_train.flows.ops.addresses import same_server
     from cnn_train.flows.settings import default_tracking_uri
 
     pointed = (
@@ -91,7 +92,8 @@ def gc(
         age = housekeeping.parse_duration(older_than)
     except housekeeping.DurationError as error:
         fail(f"--older-than: {error}")
-    from cnn_train.flows import services, tracking  # MLflow: only once the age is known to be good
+    from cnn_train.flows import tracking  # MLflow: only once the age is known to be good
+    from cnn_train.flows.ops import services
 
     uri = tracking.tracking_uri()
     try:
@@ -115,8 +117,8 @@ def _prefect_api(*, required: bool) -> str | None:
     """The configured Prefect API URL (checked to answer), or None for a temporary server."""
     from prefect.settings import get_current_settings
 
-    from cnn_train.flows.addresses import start_hint
-    from cnn_train.flows.services import prefect_api_answers, prefect_api_mistake, prefect_api_refusal
+    from cnn_train.flows.ops.addresses import start_hint
+    from cnn_train.flows.ops.services import prefect_api_answers, prefect_api_mistake, prefect_api_refusal
 
     api_url = get_current_settings().api.url
     if api_url is None:

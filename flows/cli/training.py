@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from cnn_train.flows import collector
 from cnn_train.flows.cli.app import app, cli_options, declared_default, fail
 from cnn_train.flows.params import COMPARE_EXCLUDES, SWEEP_EXCLUDES, CompareOptions, RunnerOptions, RunParameters, SweepOptions
-from cnn_train.flows.temporary_server import prefect_api
+from cnn_train.flows.ops.temporary_server import prefect_api
 
 
 def take_ray_resources(values: dict[str, Any]) -> None:
@@ -103,8 +103,8 @@ def require_reachable_servers() -> None:
     from prefect.settings import get_current_settings
 
     from cnn_train.flows import tracking
-    from cnn_train.flows.addresses import start_hint
-    from cnn_train.flows.services import prefect_api_answers, prefect_api_mistake, prefect_api_refusal
+    from cnn_train.flows.ops.addresses import start_hint
+    from cnn_train.flows.ops.services import prefect_api_answers, prefect_api_mistake, prefect_api_refusal
 
     try:
         tracking.check_reachable(tracking.tracking_uri())

@@ -15,8 +15,8 @@ from urllib.parse import quote, urlparse
 
 from mlflow import MlflowClient
 
-from cnn_train.flows import services
-from cnn_train.flows.addresses import same_server, start_hint
+from cnn_train.flows.ops import services
+from cnn_train.flows.ops.addresses import same_server, start_hint
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.settings import default_tracking_uri, tracking_uri_set_by_up
 

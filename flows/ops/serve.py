@@ -3,8 +3,8 @@
 :data:`DEPLOYMENTS` is the one list: ``cnn-train up`` serves it from this process (flow runs execute
 in subprocesses that inherit its environment: MLflow tracking URI, Prefect API URL), and
 ``prefect.yaml``, which ``cnn-train up --worker`` deploys to a work pool, is generated from it
-(:mod:`cnn_train.flows.worker`). Add a deployment here, then regenerate ``prefect.yaml``:
-``python -m cnn_train.flows.worker prefect-yaml``.
+(:mod:`cnn_train.flows.ops.worker`). Add a deployment here, then regenerate ``prefect.yaml``:
+``python -m cnn_train.flows.ops.worker prefect-yaml``.
 """
 
 from __future__ import annotations

@@ -32,10 +32,11 @@ from cnn_train.flows.errors import ExpectedFailure
 #: the listening socket this process hands it as file descriptor argv[1]. The app is imported first,
 #: the collector paused, as commands import (cnn_train.flows.collector): the server answers about 1 s
 #: sooner (3.0 s against 4.0 s, median of four each, on a 2-vCPU EPYC), and it is the last thing a
-#: command waits for. A new database starts as a copy of a migrated one (cnn_train.flows.prefect_database).
+#: command waits for. A new database starts as a copy of a migrated one (cnn_train.flows.ops.prefect_database).
 _SERVE = """
 import socket, sys
-from cnn_train.flows import collector, prefect_database
+from cnn_train.flows import collector
+from cnn_train.flows.ops import prefect_database
 with collector.paused():
     import prefect.server.api.server
     prefect_database.prepare_server_database()
@@ -79,7 +80,7 @@ class TemporaryServer:
 
     def ready(self, timeout: float) -> str:
         """Wait until the server answers; its API URL. Raises TemporaryServerError when it exits or times out."""
-        from cnn_train.flows.services import http_ok
+        from cnn_train.flows.ops.services import http_ok
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -1,6 +1,6 @@
 """A detached process: started once with its pid and log under the state directory, found again by a
 readiness probe (so starting is idempotent), stopped by its process group. The servers of ``cnn-train
-up`` are such processes (cnn_train.flows.services)."""
+up`` are such processes (cnn_train.flows.ops.services)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnn_train.flows import crashes, services, tracking
+from cnn_train.flows import crashes, tracking
+from cnn_train.flows.ops import services
 from cnn_train.flows.data import DatasetError, locate_fashion_mnist, verify_dataset
 
 
@@ -88,7 +89,7 @@ def check_deployment(api_url: str | None, name: str = services.DEPLOYMENT) -> Fi
 def _check_pool(name: str, pool: str, api_url: str) -> Finding:
     """Worker mode (`cnn-train up --worker`): the deployment is on a work pool, and some worker, on this
     machine or another, polls it."""
-    from cnn_train.flows import worker
+    from cnn_train.flows.ops import worker
 
     online = worker.online_workers(pool, api_url)
     if services.worker_process.pid_file.exists() and services.worker_process.pid() is None:

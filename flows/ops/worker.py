@@ -6,8 +6,8 @@ either way. Other machines join with ``prefect worker start --pool cnn-train`` a
 Prefect server. A worker on a machine with GPUs takes at most one flow run per GPU; inside each run
 the placement module still chooses the card.
 
-``prefect.yaml`` is generated from :data:`cnn_train.flows.serve.DEPLOYMENTS`, so serving and the pool
-offer the same deployments; ``python -m cnn_train.flows.worker prefect-yaml`` rewrites it.
+``prefect.yaml`` is generated from :data:`cnn_train.flows.ops.serve.DEPLOYMENTS`, so serving and the pool
+offer the same deployments; ``python -m cnn_train.flows.ops.worker prefect-yaml`` rewrites it.
 Entrypoints are module paths: a worker imports the installed package, wherever its checkout is.
 """
 
@@ -33,7 +33,7 @@ POOL_ENV = "CNN_TRAIN_WORK_POOL"
 _NOT_IN_POOL_NAMES = ("/", "%", "&", ">", "<")
 _HEADER = (
     "# cnn-train's deployments on a Prefect process work pool (`cnn-train up --worker` deploys them).\n"
-    "# Generated from flows/serve.py's DEPLOYMENTS: python -m cnn_train.flows.worker prefect-yaml\n"
+    "# Generated from flows/ops/serve.py's DEPLOYMENTS: python -m cnn_train.flows.ops.worker prefect-yaml\n"
 )
 
 Echo = Callable[[str], None]
@@ -51,7 +51,7 @@ def pool_name() -> str:
 
 
 #: The checkout's ``prefect.yaml``, beside ``pyproject.toml``.
-CHECKOUT_PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
+CHECKOUT_PREFECT_YAML = Path(__file__).resolve().parents[2] / "prefect.yaml"
 
 
 def prefect_yaml_path(pool: str = WORK_POOL) -> Path:
@@ -65,9 +65,9 @@ def prefect_yaml_path(pool: str = WORK_POOL) -> Path:
 
 
 def prefect_yaml(pool: str = WORK_POOL) -> str:
-    """``prefect.yaml`` for :data:`~cnn_train.flows.serve.DEPLOYMENTS`: each on the process pool ``pool``,
+    """``prefect.yaml`` for :data:`~cnn_train.flows.ops.serve.DEPLOYMENTS`: each on the process pool ``pool``,
     no pull steps (the flow is imported from the installed package)."""
-    from cnn_train.flows.serve import DEPLOYMENTS, TAGS
+    from cnn_train.flows.ops.serve import DEPLOYMENTS, TAGS
 
     document = {
         "name": "cnn-train",
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     """``prefect-yaml``: rewrite ``prefect.yaml`` from the deployments list."""
     args = sys.argv[1:] if argv is None else argv
     if args != ["prefect-yaml"]:
-        print("usage: python -m cnn_train.flows.worker prefect-yaml", file=sys.stderr)
+        print("usage: python -m cnn_train.flows.ops.worker prefect-yaml", file=sys.stderr)
         return 2
     CHECKOUT_PREFECT_YAML.write_text(prefect_yaml(), encoding="utf-8")
     print(f"wrote {CHECKOUT_PREFECT_YAML}")

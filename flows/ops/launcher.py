@@ -7,7 +7,8 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
-from cnn_train.flows import flow_runs, services
+from cnn_train.flows import flow_runs
+from cnn_train.flows.ops import services
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.settings import default_tracking_uri, env_number
 
@@ -37,7 +38,7 @@ def check_same_host(service: services.Service) -> None:
     every interface answer on 127.0.0.1 too: a plain `up` over them adopts them, as before.)"""
     import psutil
 
-    from cnn_train.flows.auth import LOOPBACK
+    from cnn_train.flows.ops.auth import LOOPBACK
 
     pid = service.pid()
     wanted = _host_of(service.command())
@@ -123,7 +124,7 @@ def up(*, trigger: bool, watch_timeout: float, echo: Echo, worker: bool = False)
     pool through this machine's worker; starting one mode stops the other and takes the deployments
     over (the serve process clears their pool, `--worker` deploys them to it)."""
     if worker:  # a pool name Prefect refuses starts and stops nothing
-        from cnn_train.flows import worker as work_pool
+        from cnn_train.flows.ops import worker as work_pool
 
         work_pool.pool_name()
     refuse_foreign_mlflow_server()
@@ -202,7 +203,7 @@ def refuse_taking_the_deployments(*, worker: bool) -> None:
 
 def _start_worker(echo: Echo) -> None:
     """The work pool, the deployments on it and this machine's worker, unless the worker already polls."""
-    from cnn_train.flows import worker
+    from cnn_train.flows.ops import worker
 
     if services.serve_process.stop():
         echo(f"{services.serve_process.name}: stopped (the work pool takes over the deployments)")

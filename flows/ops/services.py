@@ -1,6 +1,6 @@
 """The local servers behind ``cnn-train up``: a Prefect server, an MLflow server, and the process
 serving the ``cnn-train/default`` deployment (or this machine's worker); their ports, addresses and
-credentials. Each is a detached process (cnn_train.flows.detached), found again by a health check,
+credentials. Each is a detached process (cnn_train.flows.ops.detached), found again by a health check,
 so ``up`` is idempotent."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from cnn_train.flows import addresses
-from cnn_train.flows.detached import Service
+from cnn_train.flows.ops import addresses
+from cnn_train.flows.ops.detached import Service
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.settings import (
     TRACKING_URI_BY_UP_ENV,
@@ -40,7 +40,7 @@ def bind_host() -> str:
 
 
 def _credentials():  # noqa: ANN202 - auth.Credentials | None
-    from cnn_train.flows import auth
+    from cnn_train.flows.ops import auth
 
     return auth.load_credentials()
 
@@ -61,7 +61,7 @@ def _mlflow_server_credentials() -> dict[str, str]:
     credentials = _credentials()
     if credentials is None:
         return {}
-    from cnn_train.flows import auth
+    from cnn_train.flows.ops import auth
 
     auth.sync_mlflow_admin(credentials)
     return credentials.server_environment()
@@ -280,9 +280,9 @@ _DATABASE_URL_VARIABLES = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_AP
 
 def _seed_prefect_database() -> None:
     """A new database of the servers' Prefect home starts as a copy of the migrated template, when there is
-    one (cnn_train.flows.prefect_database). With a database URL of the user's in the environment nothing is
+    one (cnn_train.flows.ops.prefect_database). With a database URL of the user's in the environment nothing is
     copied; one set only in a Prefect profile leaves an unused copy in the home, which Prefect never opens."""
-    from cnn_train.flows import prefect_database
+    from cnn_train.flows.ops import prefect_database
 
     if not any(os.environ.get(name) for name in _DATABASE_URL_VARIABLES):
         prefect_database.seed(servers_prefect_home() / "prefect.db")
@@ -328,7 +328,7 @@ mlflow_server = _service(
 
 serve_process = _service(
     name="deployment-server",
-    command=lambda: [sys.executable, "-m", "cnn_train.flows.serve"],
+    command=lambda: [sys.executable, "-m", "cnn_train.flows.ops.serve"],
     ready=_deployment_served,
     extra_env=lambda: {
         "MLFLOW_TRACKING_URI": mlflow_url(),
@@ -342,19 +342,19 @@ serve_process = _service(
 
 
 def _interrupt_worker_flow_runs(pid: int) -> None:
-    from cnn_train.flows import worker
+    from cnn_train.flows.ops import worker
 
     worker.interrupt_flow_runs(pid)
 
 
 def _worker_command() -> list[str]:
-    from cnn_train.flows import worker
+    from cnn_train.flows.ops import worker
 
     return worker.worker_command(worker.concurrency_limit())
 
 
 def _worker_polling() -> bool:
-    from cnn_train.flows import worker
+    from cnn_train.flows.ops import worker
 
     # With the Prefect server down the worker may live on, polling nothing: `status` said so with a traceback.
     return (

@@ -7,7 +7,7 @@ import ipaddress
 import socket
 from urllib.parse import urlparse
 
-from cnn_train.flows.auth import LOOPBACK
+from cnn_train.flows.ops.auth import LOOPBACK
 
 #: MLflow's own setting for the host names its server answers to, beyond loopback and private addresses.
 ALLOWED_HOSTS_ENV = "MLFLOW_SERVER_ALLOWED_HOSTS"
