@@ -203,6 +203,39 @@ def test_without_a_champion_the_default_is_the_latest_finished_training_run(stor
     )
 
 
+def _finished_runs(store: str, experiment: str, count: int, tags: dict[str, str] | None = None) -> None:
+    """``count`` finished runs without a model, newer than any before (start times one millisecond apart)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    start = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0].info.start_time
+    for offset in range(1, count + 1):
+        run = client.create_run(experiment_id, start_time=start + offset, tags=tags or {})
+        client.set_terminated(run.info.run_id, end_time=start + offset)
+
+
+def test_the_latest_training_run_is_found_under_a_study_of_more_than_200_trials(store):
+    """Filtered after one search page of 200, a 210-trial sweep hid the plain run older than it."""
+    latest, model_uri = _trained_run(store, "buried", accuracy=0.54)
+    _finished_runs(store, "buried", 201, tags={"cnn_train.role": "sweep-trial"})
+    choice = tracking.default_model(uri=store, experiment="buried")
+    assert (choice.model_uri, choice.run_id) == (model_uri, latest.run_id)
+
+
+def test_the_search_for_a_run_with_a_model_reads_on_past_a_page(store, monkeypatch):
+    """Plain runs without a model (stopped before it was logged) fill the first pages."""
+    from cnn_train.flows.tracking import lookup
+
+    monkeypatch.setattr(lookup, "_SEARCH_PAGE", 4)
+    latest, model_uri = _trained_run(store, "paged", accuracy=0.61)
+    _finished_runs(store, "paged", 9)
+    assert tracking.default_model(uri=store, experiment="paged").run_id == latest.run_id
+    monkeypatch.setattr(lookup, "_SEARCH_PAGES", 2)  # 8 runs read at most: the search stops there
+    with pytest.raises(tracking.ModelNotFoundError):
+        tracking.default_model(uri=store, experiment="paged")
+
+
 def test_the_default_is_the_best_champion_of_the_experiment(store):
     weak = _trained_run(store, "champions", accuracy=0.6)
     strong = _trained_run(store, "champions", accuracy=0.9)

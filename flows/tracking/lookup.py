@@ -23,6 +23,8 @@ from cnn_train.flows.tracking.uri import client
 #: trials) or a run inside another.
 _NOT_A_DEFAULT_RUN = ("cnn_train.role", "mlflow.parentRunId")
 _RECENT_RUNS = 5
+#: Runs read per search page, and pages read at most (10,000 runs) looking for ones with a model.
+_SEARCH_PAGE, _SEARCH_PAGES = 200, 50
 #: MLflow error codes that mean "nothing by that name" (a store or server that fails otherwise still raises).
 MISSING_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 #: The file that makes a folder an MLflow model.
@@ -272,13 +274,24 @@ def _run_in_experiment(mlflow_client: MlflowClient, run_id: str, experiment_id: 
 
 
 def _finished_training_runs(mlflow_client: MlflowClient, experiment_ids: list[str], limit: int, *, plain: bool = True) -> list[Run]:
-    """The newest finished plain training runs with a model, across ``experiment_ids`` (one search); with
-    ``plain=False``, any run with a model (a trial's, a compared backend's)."""
-    runs = mlflow_client.search_runs(
-        experiment_ids, "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=200
+    """The newest finished plain training runs with a model, across ``experiment_ids``; with ``plain=False``,
+    any run with a model (a trial's, a compared backend's). Plain runs are told apart in the search itself
+    and its pages are read on until ``limit`` are found: filtered afterwards in one page of 200, a study of
+    200 trials hid every plain run older than it."""
+    where = "attributes.status = 'FINISHED'" + "".join(
+        f" and tags.`{tag}` IS NULL" for tag in (_NOT_A_DEFAULT_RUN if plain else ())
     )
-    kept = [run for run in runs if not (plain and any(tag in run.data.tags for tag in _NOT_A_DEFAULT_RUN))]
-    return [run for run in kept if run.outputs and run.outputs.model_outputs][:limit]
+    found: list[Run] = []
+    page_token = None
+    for _ in range(_SEARCH_PAGES):
+        page = mlflow_client.search_runs(
+            experiment_ids, where, order_by=["attributes.start_time DESC"], max_results=_SEARCH_PAGE, page_token=page_token
+        )
+        found += [run for run in page if run.outputs and run.outputs.model_outputs]
+        page_token = page.token
+        if len(found) >= limit or not page_token:
+            break
+    return found[:limit]
 
 
 def _latest_training_run(mlflow_client: MlflowClient, experiment_id: str) -> Run | None:
