@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from cnn_train.flows.cli import app
 from cnn_train.flows.ops import doctor
 
 
@@ -152,24 +154,55 @@ def test_doctor_command_exit_code_and_lines(tmp_path):
     assert any(line.startswith("ok   mlflow:") for line in lines)
 
 
-def test_records_waiting_in_a_spool_are_reported_then_delivered_with_fix(tmp_path, monkeypatch):
-    from mlflow import MlflowClient
+#: What a run leaves when MLflow did not answer at its end, written by a process that then exits: an
+#: epoch's metric and the run's end.
+_LEAVE_A_SPOOL = """
+import sys
+from cnn_train.flows import tracking
+spool = tracking.Spool(sys.argv[1], uri=sys.argv[2])
+spool.append("batch", {"metrics": [["val_accuracy", 0.8, 1_700_000_000_000, 1]]})
+spool.append("end", {"status": "FINISHED", "end_time": 1_700_000_001_000})
+"""
 
-    from cnn_train.flows import tracking
+
+def _spooled_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
+    """A store with one run, and this test's state dir; returns the store's URI and the run's id."""
+    from mlflow import MlflowClient
 
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id = MlflowClient(store).create_run(MlflowClient(store).create_experiment("spooled")).info.run_id
-    # What a run leaves when MLflow did not answer at its end: an epoch and the run's end.
-    spool = tracking.Spool(run_id, uri=store)
-    spool.append("batch", {"metrics": [["val_accuracy", 0.8, 1_700_000_000_000, 1]]})
-    spool.append("end", {"status": "FINISHED", "end_time": 1_700_000_001_000})
+    return store, MlflowClient(store).create_run(MlflowClient(store).create_experiment("spooled")).info.run_id
+
+
+def test_records_a_gone_process_left_in_a_spool_are_reported_then_delivered_with_fix(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    store, run_id = _spooled_run(tmp_path, monkeypatch)
+    subprocess.run([sys.executable, "-c", _LEAVE_A_SPOOL, run_id, store], check=True)
     waiting = doctor.check_spools(fix=False)
     assert not waiting.ok and f"{run_id} (2 record(s))" in waiting.detail and "cnn-train sync" in waiting.fix
     assert doctor.check_spools(fix=True).line() == "ok   tracking spool: delivered the waiting records of 1 run(s)"
     run = MlflowClient(store).get_run(run_id)
     assert (run.info.status, run.data.metrics["val_accuracy"]) == ("FINISHED", 0.8)
     assert doctor.check_spools(fix=False).ok
+
+
+def test_records_of_a_running_run_on_their_way_are_no_fault(tmp_path, monkeypatch):
+    """While a sweep trained, doctor said FAIL (records waiting for MLflow) and exited 1 every few seconds,
+    MLflow answering all along: a run's records pass through its spool, which its own process delivers."""
+    from cnn_train.flows import tracking
+
+    store, run_id = _spooled_run(tmp_path, monkeypatch)
+    tracking.Spool(run_id, uri=store).append("batch", {"metrics": [["val_accuracy", 0.8, 1_700_000_000_000, 1]]})
+    for fix in (False, True):
+        assert doctor.check_spools(fix=fix).line() == (
+            "ok   tracking spool: no records left waiting for MLflow (1 running run(s) are delivering theirs)"
+        )
+    sync = CliRunner().invoke(app, ["sync"])
+    assert (sync.exit_code, sync.output) == (
+        0, "nothing left waiting: every ended run's records are in MLflow (1 running run(s) are delivering theirs)\n"
+    )
+    assert tracking.Spool(run_id).count() == 1, "delivered from under the process that writes it"
 
 
 def _exited_pid() -> int:

@@ -14,7 +14,10 @@ def sync() -> None:
 
     results = tracking.sync_spools()
     if not results:
-        typer.echo("nothing waiting: every run's records are in MLflow")
+        running = len(tracking.waiting_spools())  # what is left waits for a run that is still going
+        typer.echo("nothing left waiting: every ended run's records are in MLflow" + (
+            f" ({running} running run(s) are delivering theirs)" if running else ""
+        ))
         return
     for spool, delivery in results:
         typer.echo(

@@ -154,10 +154,14 @@ def check_dataset(data_dir: Path | None = None) -> Finding:
 
 
 def check_spools(*, fix: bool) -> Finding:
-    """Tracking records kept on this machine while MLflow was away: reported, and delivered with ``fix``."""
-    waiting = tracking.waiting_spools()
+    """Tracking records kept on this machine while MLflow was away: reported, and delivered with ``fix``.
+    Those of runs still going are on their way (each run's process delivers its own), not a fault."""
+    waiting = tracking.waiting_spools(left_behind=True)
     if not waiting:
-        return Finding("tracking spool", True, "no records waiting for MLflow")
+        running = len(tracking.waiting_spools()) - len(waiting)
+        return Finding("tracking spool", True, "no records left waiting for MLflow" + (
+            f" ({running} running run(s) are delivering theirs)" if running else ""
+        ))
     if fix:
         left = [(spool, delivery) for spool, delivery in tracking.sync_spools() if delivery.remaining]
         if not left:

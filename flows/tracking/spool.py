@@ -275,13 +275,14 @@ def _send(mlflow_client: MlflowClient, run_id: str, kind: str, payload: dict[str
     return None
 
 
-def waiting_spools(root: Path | None = None) -> list[Spool]:
-    """Spools on this machine still holding records (runs whose tracking server was away when they ended)."""
+def waiting_spools(root: Path | None = None, *, left_behind: bool = False) -> list[Spool]:
+    """Spools on this machine still holding records; with ``left_behind``, only those whose process is gone
+    (a run's records wait in its spool on their way to MLflow while it runs: its own courier delivers them)."""
     folder = root or spool_root()
     if not folder.is_dir():
         return []
     spools = [Spool(path.parent.name, root=folder) for path in sorted(folder.glob("*/records.sqlite"))]
-    return [spool for spool in spools if spool.count()]
+    return [spool for spool in spools if spool.count() and not (left_behind and spool.owner_alive())]
 
 
 def has_waiting_records(run_id: str, root: Path | None = None) -> bool:
@@ -308,15 +309,15 @@ EMPTY_SPOOL_SECONDS = 3600.0
 
 
 def sync(root: Path | None = None) -> list[tuple[Spool, Delivery]]:
-    """Deliver every waiting spool on this machine; emptied spools, and empty ones left by runs long
-    gone, are removed."""
+    """Deliver the spools on this machine that their processes left behind (a running one delivers its
+    own); emptied spools, and empty ones left by runs long gone, are removed."""
     folder = root or spool_root()
     for path in folder.glob("*/records.sqlite") if folder.is_dir() else ():
         with contextlib.suppress(OSError):
             if time.time() - path.stat().st_mtime > EMPTY_SPOOL_SECONDS:
                 Spool(path.parent.name, root=folder).discard_if_empty()
     results = []
-    for spool in waiting_spools(root):
+    for spool in waiting_spools(root, left_behind=True):
         results.append((spool, spool.deliver()))
         spool.discard_if_empty()
     return results
