@@ -126,18 +126,26 @@ class FlowRunSummary:
     started: datetime | None
 
 
-def recent_flow_runs(limit: int = 10) -> list[FlowRunSummary]:
-    """The newest ``limit`` flow runs (by start, not yet started ones first), with their flow's name."""
+#: The flows cnn-train declares (cnn_train.flows.runs.cnn_train_flow takes no other name): `cnn-train runs`
+#: lists theirs, not those of other flows on a shared Prefect server.
+FLOW_NAMES = ("cnn-train", "cnn-train-compare", "cnn-train-sweep", "cnn-train-tune", "cnn-train-predict")
+
+
+def recent_flow_runs(limit: int = 10, *, all_flows: bool = False) -> tuple[list[FlowRunSummary], int]:
+    """The newest ``limit`` flow runs of cnn-train's flows (of every flow with ``all_flows``), by start, not
+    yet started ones first, with their flow's name; and how many such flow runs the server holds."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterId
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterId, FlowFilterName
     from prefect.client.schemas.sorting import FlowRunSort
 
+    ours = None if all_flows else FlowFilter(name=FlowFilterName(any_=list(FLOW_NAMES)))
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit)
+        runs = client.read_flow_runs(flow_filter=ours, sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit)
+        total = client.count_flow_runs(flow_filter=ours) if len(runs) == limit else len(runs)
         flow_ids = list({run.flow_id for run in runs})
         flows = client.read_flows(flow_filter=FlowFilter(id=FlowFilterId(any_=flow_ids))) if flow_ids else []
     names = {flow.id: flow.name for flow in flows}
-    return [
+    summaries = [
         FlowRunSummary(
             id=str(run.id),
             flow=names.get(run.flow_id, "?"),
@@ -148,6 +156,7 @@ def recent_flow_runs(limit: int = 10) -> list[FlowRunSummary]:
         )
         for run in runs
     ]
+    return summaries, total
 
 
 class PrefectServerGone(ExpectedFailure, ConnectionError):

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from cnn_train.flows import crashes, steps, tracking
 from cnn_train.flows.ops import services
 from cnn_train.flows.errors import ExpectedFailure, debugging, hide_expected_tracebacks
+from cnn_train.flows.flow_runs import FLOW_NAMES
 from cnn_train.flows.params import RunnerOptions
 from cnn_train.flows.signatures import takes_parameters
 from cnn_train.flows.tracking import RunTracker
@@ -215,6 +216,9 @@ def cnn_train_flow(
     ``parameters`` (each declared once, in ``params.py``), recorded as :func:`recorded_flow` says, and
     failing in one line as :func:`fails_in_one_line` says. Its docstring is the flow's description in
     the Prefect UI."""
+
+    if name not in FLOW_NAMES:
+        raise TypeError(f"flow name {name!r} is not in cnn_train.flows.flow_runs.FLOW_NAMES, which `cnn-train runs` lists")
 
     def decorate(fn: Callable[..., Any]) -> Flow[..., Any]:
         if not (fn.__doc__ or "").strip():

@@ -770,9 +770,29 @@ def test_runs_lists_the_recent_flow_runs(first_hour, prefect_api_url):
     result = CliRunner().invoke(app, ["runs", "--limit", "3"], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0] == f"flow runs on {prefect_api_url}, newest first:"
+    assert re.fullmatch(rf"the newest 3 of \d+ cnn-train flow runs on {re.escape(prefect_api_url)}, newest first:", lines[0])
     assert len(lines) == 2 + 3 and all("Completed" in line.split() for line in lines[2:])
     assert "cnn-train-sweep" in lines[2].split()  # the newest: the sweep came after the four runs
+
+
+def test_runs_lists_cnn_trains_flow_runs_and_says_how_many_there_are(prefect_api_url):
+    """On a team's Prefect server, `cnn-train runs` showed ten runs of the team's other flow and none of
+    cnn-train's, and never said how many it left out."""
+    from prefect import flow
+
+    @flow(name="team-etl", persist_result=False)
+    def team_etl() -> None:
+        """Another flow on the same server."""
+
+    for _ in range(3):
+        team_etl()
+    ours = CliRunner().invoke(app, ["runs", "--limit", "200"], env={"COLUMNS": "250"})
+    assert ours.exit_code == 0 and "team-etl" not in ours.output, ours.output
+    every = CliRunner().invoke(app, ["runs", "--all-flows", "--limit", "2"], env={"COLUMNS": "250"})
+    assert every.exit_code == 0, every.output
+    lines = every.output.splitlines()
+    assert re.fullmatch(rf"the newest 2 of \d+ flow runs on {re.escape(prefect_api_url)}, newest first:", lines[0])
+    assert [line.split()[2] for line in lines[2:]] == ["team-etl", "team-etl"]
 
 
 @pytest.mark.parametrize(

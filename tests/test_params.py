@@ -249,8 +249,13 @@ def test_a_flow_without_a_docstring_is_refused_where_it_is_declared():
     def undocumented(**values):
         return values
 
-    with pytest.raises(TypeError, match=r"^flow 'nameless' needs a docstring: it is the flow's description in the Prefect UI$"):
-        cnn_train_flow("nameless", RunParameters)(undocumented)
+    with pytest.raises(TypeError, match=r"^flow 'cnn-train' needs a docstring: it is the flow's description in the Prefect UI$"):
+        cnn_train_flow("cnn-train", RunParameters)(undocumented)
+
+
+def test_a_flow_that_cnn_train_runs_would_not_list_is_refused_where_it_is_declared():
+    with pytest.raises(TypeError, match=r"^flow name 'cnn-train-new' is not in cnn_train.flows.flow_runs.FLOW_NAMES, which `cnn-train runs` lists$"):
+        cnn_train_flow("cnn-train-new", RunParameters)
 
 
 @pytest.mark.parametrize("name", FLOWS)

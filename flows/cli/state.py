@@ -136,19 +136,24 @@ def _prefect_api(*, required: bool) -> str | None:
 
 
 @app.command()
-def runs(limit: Annotated[int, typer.Option(min=1, max=200, help="How many flow runs, newest first (Prefect's API gives 200 at most).")] = 10) -> None:
-    """List recent Prefect flow runs with their state and its message."""
+def runs(
+    limit: Annotated[int, typer.Option(min=1, max=200, help="How many flow runs, newest first (Prefect's API gives 200 at most).")] = 10,
+    all_flows: Annotated[bool, typer.Option("--all-flows", help="Also other flows' runs on the same Prefect server, not only cnn-train's.")] = False,
+) -> None:
+    """List recent flow runs of cnn-train's flows with their state and its message."""
     import pandas as pd
 
     from cnn_train.flows import flow_runs
 
     api_url = _prefect_api(required=False)
     where = api_url or "the temporary server's database (runs made without servers)"
-    summaries = flow_runs.recent_flow_runs(limit)
+    which = "flow runs" if all_flows else "cnn-train flow runs"
+    summaries, total = flow_runs.recent_flow_runs(limit, all_flows=all_flows)
     if not summaries:
-        typer.echo(f"no flow runs on {where}")
+        typer.echo(f"no {which} on {where}" + ("" if all_flows else " (--all-flows lists other flows' runs too)"))
         return
-    typer.echo(f"flow runs on {where}, newest first:")
+    shown = f"the newest {len(summaries)} of {total}" if total > len(summaries) else f"all {total}"
+    typer.echo(f"{shown} {which} on {where}, newest first:")
     table = pd.DataFrame(
         {
             "started": [s.started.astimezone().strftime("%Y-%m-%d %H:%M") if s.started else "" for s in summaries],
