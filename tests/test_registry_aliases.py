@@ -236,6 +236,20 @@ def test_the_search_for_a_run_with_a_model_reads_on_past_a_page(store, monkeypat
         tracking.default_model(uri=store, experiment="paged")
 
 
+def test_every_registered_model_is_read_past_the_searchs_first_page(tmp_path, monkeypatch):
+    """MLflow's search gives 100 registered models a page: `cnn-train models` and the default champion
+    stopped there."""
+    from cnn_train.flows.tracking import registry
+
+    store = new_store(tmp_path / "mlflow.db")
+    monkeypatch.setattr(registry, "_MODELS_PAGE", 2)
+    runs = [_trained_run(store, "paged-models", accuracy=accuracy) for accuracy in (0.5, 0.6, 0.9)]
+    for name, run, accuracy in zip(("a-line", "b-line", "c-line"), runs, (0.5, 0.6, 0.9)):
+        _register(store, name, run, accuracy)
+    assert list(tracking.registered_versions(store)["model"]) == ["a-line", "b-line", "c-line"]
+    assert tracking.default_model(uri=store, experiment="paged-models").model_uri == "models:/c-line@champion"
+
+
 def test_the_default_is_the_best_champion_of_the_experiment(store):
     weak = _trained_run(store, "champions", accuracy=0.6)
     strong = _trained_run(store, "champions", accuracy=0.9)

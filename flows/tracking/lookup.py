@@ -16,7 +16,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from cnn_train.flows.errors import ExpectedFailure
-from cnn_train.flows.tracking.registry import ACCURACY_TAG, CHAMPION, version_by_alias
+from cnn_train.flows.tracking.registry import ACCURACY_TAG, CHAMPION, all_registered_models, version_by_alias
 from cnn_train.flows.tracking.uri import client
 
 #: Tags that mark a run other than a plain training run (compare or sweep parents, dense baselines,
@@ -231,7 +231,7 @@ def _best_champion(mlflow_client: MlflowClient, experiment_id: str) -> ModelChoi
     before one without, then the one scored on more test images (scores on test sets of different sizes
     do not compare, and a score on all of them is the surest), then the best test accuracy."""
     ranked: list[tuple[tuple[bool, float, float], str, ModelVersion, str]] = []
-    for registered in mlflow_client.search_registered_models():
+    for registered in all_registered_models(mlflow_client):
         version = registered.aliases.get(CHAMPION) and version_by_alias(mlflow_client, registered.name, CHAMPION)
         run = version and version.run_id and _run_in_experiment(mlflow_client, version.run_id, experiment_id)
         if not run:
@@ -312,7 +312,7 @@ def what_exists(mlflow_client: MlflowClient, experiment: str) -> str:
     """One line: the registered models with their aliases, and the experiment's recent training runs."""
     registered = [
         f"{model.name} ({', '.join(f'@{alias}=v{version}' for alias, version in sorted(model.aliases.items())) or 'no aliases'})"
-        for model in mlflow_client.search_registered_models(order_by=["name ASC"])
+        for model in all_registered_models(mlflow_client)
     ]
     found = mlflow_client.get_experiment_by_name(experiment)
     runs = _finished_training_runs(mlflow_client, [found.experiment_id], _RECENT_RUNS, plain=False) if found else []

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
-from mlflow.entities.model_registry import ModelVersion
+from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
 from cnn_train.flows.tracking import models
@@ -110,6 +110,22 @@ def decide_alias(facts: VersionFacts, champion: ModelVersion | None) -> tuple[st
     return CHALLENGER, f"its test accuracy {mine} does not beat {held}'s {theirs} on the same test set{stays}"
 
 
+#: Registered models read per search page (MLflow's default page; it gives no more than 1,000).
+_MODELS_PAGE = 100
+
+
+def all_registered_models(mlflow_client: MlflowClient) -> list[RegisteredModel]:
+    """Every registered model, by name, through all of the search's pages (one page stopped at 100)."""
+    found: list[RegisteredModel] = []
+    page_token = None
+    while True:
+        page = mlflow_client.search_registered_models(max_results=_MODELS_PAGE, order_by=["name ASC"], page_token=page_token)
+        found += page
+        page_token = page.token
+        if not page_token:
+            return found
+
+
 def version_by_alias(mlflow_client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     """The version of ``name`` holding ``alias``, or None when no version does (or no such model)."""
     try:
@@ -124,7 +140,8 @@ def model_description(name: str) -> str:
     """What a registered model's page says about it: its aliases' rule, and how to load and call a version."""
     return (
         f"Fashion-MNIST classifiers registered by cnn-train. `@{CHAMPION}` is the version with the best test accuracy "
-        f"on the same test set (tag `{TEST_SET_TAG}`); `@{CHALLENGER}` is the newest version that did not beat it.\n\n"
+        f"on the same test set (tag `{TEST_SET_TAG}`); `@{CHALLENGER}` is the newest version that did not take its place (it did not beat it, or was "
+        f"tested on another test set, whose accuracy does not compare).\n\n"
         f"Load one with `mlflow.pyfunc.load_model(\"models:/{name}@{CHAMPION}\")`. It takes float32 images "
         f"`(n, 28, 28, 1)` in [0, 1] (a light garment on black, as Fashion-MNIST's) and gives ten probabilities per image "
         f"(`{OUTPUT_NAME}`), in the order {', '.join(FASHION_MNIST_CLASSES)}; `cnn-train predict` brings any picture to that input."
@@ -204,7 +221,7 @@ def registered_versions(uri: str | None = None) -> pd.DataFrame:
     """Every version of every registered model, newest first per model, with aliases and accuracy."""
     mlflow_client = client(uri)
     rows = []
-    for registered in mlflow_client.search_registered_models(order_by=["name ASC"]):
+    for registered in all_registered_models(mlflow_client):
         # The registered model knows its aliases; versions from a search come without them (SQLite store).
         aliases: dict[int, list[str]] = {}
         for alias, number in sorted(registered.aliases.items()):
