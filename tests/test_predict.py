@@ -367,7 +367,8 @@ def test_a_model_that_does_not_exist_lists_what_does(champion, tmp_path):
     )
     assert run.returncode == 2  # a mistake on the command line, as an image that does not exist
     assert run.stderr.splitlines() == [
-        f"cnn-train: no model version answers to models:/no-such-model@champion; registered models: "
+        f"cnn-train: no model version answers to models:/no-such-model@champion; no registered model is named "
+        f"'no-such-model'; registered models: "
         f"{MODEL_NAME} (@champion=v1); recent finished runs with a model in 'cnn-train': "
         f"runs:/{champion['mlflow_run_id']}/model ({_run_name(champion)}, test accuracy {champion['test_accuracy'] * 100:.2f}%)"
     ]

@@ -335,6 +335,10 @@ def test_an_experiment_with_nothing_to_predict_with_says_what_to_do(store):
         pytest.param(
             "no-such-model", "no model at no-such-model: no such folder, and not a model URI (runs:/<run id>/model", id="a-word",
         ),
+        pytest.param(
+            "models:/beter-then-worse@champion", "no model version answers to models:/beter-then-worse@champion; no "
+            "registered model is named 'beter-then-worse' (did you mean better-then-worse?)", id="a-misspelt-name",
+        ),
     ],
 )
 def test_a_model_that_does_not_exist_lists_what_does(store, two_runs, better_then_worse, spec, problem):
@@ -344,6 +348,23 @@ def test_a_model_that_does_not_exist_lists_what_does(store, two_runs, better_the
     assert message.startswith(problem) and "\n" not in message
     assert "better-then-worse (@challenger=v2, @champion=v1)" in message
     assert f"recent finished runs with a model in 'ranked': runs:/{two_runs[1][0].run_id}/model (run-0.84, test accuracy 84.00%)" in message
+
+
+def test_a_miss_lists_ten_registered_models_and_names_a_trials_search(tmp_path):
+    """With many registered models the line ran to 700 characters, and a trial's run read `trial-3` without
+    its study."""
+    from mlflow import MlflowClient
+
+    store = new_store(tmp_path / "mlflow.db")
+    for index in range(12):
+        MlflowClient(store).create_registered_model(f"line-{index:02d}")
+    parent = RunTracker.start("searched", uri=store, run_name="sweep-lr")
+    trial, _ = _trained_run(store, "searched", accuracy=0.7, tags={"mlflow.parentRunId": parent.run_id, "cnn_train.role": "sweep-trial"})
+    with pytest.raises(tracking.ModelNotFoundError) as caught:
+        tracking.locate("models:/line-99@champion", uri=store, experiment="searched")
+    message = str(caught.value)
+    assert "line-09 (no aliases); and 2 more (`cnn-train models` lists them all); recent" in message and "line-10" not in message
+    assert message.endswith(f"runs:/{trial.run_id}/model (run-0.7 of sweep-lr, test accuracy 70.00%)"), message
 
 
 def _model_folder(store: str, model_uri: str) -> Path:

@@ -12,10 +12,10 @@ from urllib.parse import urlparse
 
 from mlflow import MlflowClient
 from mlflow.entities import Run
-from mlflow.entities.model_registry import ModelVersion
+from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
-from cnn_train.flows.errors import ExpectedFailure
+from cnn_train.flows.errors import ExpectedFailure, did_you_mean
 from cnn_train.flows.tracking.registry import ACCURACY_TAG, CHAMPION, all_registered_models, version_by_alias
 from cnn_train.flows.tracking.uri import client
 
@@ -23,6 +23,8 @@ from cnn_train.flows.tracking.uri import client
 #: trials) or a run inside another.
 _NOT_A_DEFAULT_RUN = ("cnn_train.role", "mlflow.parentRunId")
 _RECENT_RUNS = 5
+#: Registered models a miss lists by name before saying how many more there are.
+_LISTED_MODELS = 10
 #: Runs read per search page, and pages read at most (10,000 runs) looking for ones with a model.
 _SEARCH_PAGE, _SEARCH_PAGES = 200, 50
 #: MLflow error codes that mean "nothing by that name" (a store or server that fails otherwise still raises).
@@ -75,8 +77,19 @@ def locate(spec: str, *, experiment: str, uri: str | None = None) -> ModelChoice
             raise
         found = f"no model at {model_uri}"
     if isinstance(found, str):
-        raise ModelNotFoundError(f"{found}; {what_exists(mlflow_client, experiment)}")
+        models = all_registered_models(mlflow_client)
+        names = [model.name for model in models]
+        if (typed := _typed_name(model_uri)) and typed not in names:
+            found += f"; no registered model is named {typed!r}{did_you_mean(typed, names)}"
+        raise ModelNotFoundError(f"{found}; {what_exists(mlflow_client, experiment, models)}")
     return found
+
+
+def _typed_name(model_uri: str) -> str | None:
+    """The registered model's name in ``models:/<name>@<alias>``, ``/<version>``, ``/latest``, or a bare name."""
+    if match := re.fullmatch(r"models:/([^/@]+)(?:@.+|/\d+|/latest)?", model_uri):
+        return None if re.fullmatch(r"m-[0-9a-f]+", match.group(1)) else match.group(1)
+    return model_uri if re.fullmatch(r"[\w.-]+", model_uri) and not model_uri.startswith("m-") else None
 
 
 def _find(mlflow_client: MlflowClient, model_uri: str) -> ModelChoice | str:
@@ -216,9 +229,10 @@ def _trained_elsewhere(mlflow_client: MlflowClient, experiment: str) -> str:
     )
 
 
-def _described(run: Run) -> str:
-    """A run's model as a line names it: its URI, the run's name and test accuracy."""
-    return f"runs:/{run.info.run_id}/model ({run.info.run_name}, {_accuracy(run)})"
+def _described(run: Run, parent: str | None = None) -> str:
+    """A run's model as a line names it: its URI, the run's name (in its ``parent`` run) and test accuracy."""
+    name = run.info.run_name if parent is None else f"{run.info.run_name} of {parent}"
+    return f"runs:/{run.info.run_id}/model ({name}, {_accuracy(run)})"
 
 
 def _accuracy(run: Run) -> str:
@@ -308,16 +322,32 @@ def _run_model_uri(mlflow_client: MlflowClient, run: Run) -> str:
     return f"models:/{ids[0]}"
 
 
-def what_exists(mlflow_client: MlflowClient, experiment: str) -> str:
-    """One line: the registered models with their aliases, and the experiment's recent training runs."""
+def what_exists(mlflow_client: MlflowClient, experiment: str, models: list[RegisteredModel] | None = None) -> str:
+    """One line: the registered models (``models``, else all) with their aliases, the first
+    :data:`_LISTED_MODELS` of them by name, and the experiment's recent training runs."""
+    models = all_registered_models(mlflow_client) if models is None else models
     registered = [
         f"{model.name} ({', '.join(f'@{alias}=v{version}' for alias, version in sorted(model.aliases.items())) or 'no aliases'})"
-        for model in all_registered_models(mlflow_client)
+        for model in models[:_LISTED_MODELS]
     ]
+    if len(models) > _LISTED_MODELS:
+        registered.append(f"and {len(models) - _LISTED_MODELS} more (`cnn-train models` lists them all)")
     found = mlflow_client.get_experiment_by_name(experiment)
     runs = _finished_training_runs(mlflow_client, [found.experiment_id], _RECENT_RUNS, plain=False) if found else []
-    recent = [_described(run) for run in runs]
+    parents: dict[str, str] = {}
+    recent = [_described(run, _parent_name(mlflow_client, run, parents)) for run in runs]
     return (
         f"registered models: {'; '.join(registered) or 'none'}; "
         f"recent finished runs with a model in {experiment!r}: {'; '.join(recent) or 'none'}"
     )
+
+
+def _parent_name(mlflow_client: MlflowClient, run: Run, known: dict[str, str]) -> str | None:
+    """The name of the search or comparison a trial's or compared backend's run belongs to (looked up once)."""
+    parent_id = run.data.tags.get("mlflow.parentRunId")
+    if parent_id and parent_id not in known:
+        try:
+            known[parent_id] = mlflow_client.get_run(parent_id).info.run_name
+        except MlflowException:
+            known[parent_id] = parent_id
+    return known.get(parent_id) if parent_id else None
