@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -346,6 +347,18 @@ def test_a_store_without_a_server_has_no_url_but_a_command(tracker, default_port
         f"then open http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
         "?workflowType=machine_learning"
     )
+
+
+def test_a_store_without_a_server_is_served_on_a_free_port_when_the_projects_is_taken(tracker, monkeypatch):
+    """The project's MLflow server up for its own store held the port the command gave for another store."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        monkeypatch.setenv("CNN_TRAIN_MLFLOW_PORT", str(port))
+        hint = tracking.open_hint(tracker)
+    given = int(re.search(r" --port (\d+) ", hint).group(1))
+    assert given != port and f"then open http://127.0.0.1:{given}/#/experiments/{tracker.experiment_id}/" in hint
 
 
 def test_a_relative_sqlite_store_is_named_by_its_absolute_path(tmp_path, monkeypatch, default_port):

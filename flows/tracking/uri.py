@@ -200,10 +200,13 @@ def open_hint(run: RunAddress) -> str:
     command for its store, then the URL."""
     if url := run_url(run.uri, run.experiment_id, run.run_id):
         return f"open {url}"
-    page = _run_page(services.mlflow_url(), run.experiment_id, run.run_id)
     store = _absolute_store(run.uri)
     if store == _absolute_store(default_tracking_uri()):
-        return f"cnn-train up, then open {page}"
+        return f"cnn-train up, then open {_run_page(services.mlflow_url(), run.experiment_id, run.run_id)}"
+    # Another store: on the project's port when it is free, else on one that is (the project's server,
+    # up for its own store, holds it).
+    port = services.mlflow_port() if not _taken(services.mlflow_port()) else _free_port()
+    page = _run_page(f"http://{services.HOST}:{port}", run.experiment_id, run.run_id)
     command = [
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false",
         *(["MLFLOW_ALLOW_FILE_STORE=true"] if urlparse(store).scheme in ("", "file") else []),
@@ -216,8 +219,21 @@ def open_hint(run: RunAddress) -> str:
         # Where ensure_experiment pins a SQLite store's artifacts, so runs logged later land there too.
         artifacts = Path(urlparse(store).path.removeprefix("/")).parent / "mlartifacts"
         command += ["--artifacts-destination", shlex.quote(str(artifacts))]
-    command += ["--host", services.HOST, "--port", str(services.mlflow_port()), "--workers", "1"]
+    command += ["--host", services.HOST, "--port", str(port), "--workers", "1"]
     return f"{' '.join(command)}, then open {page}"
+
+
+def _taken(port: int) -> bool:
+    """Whether something listens on ``port`` of this machine's loopback."""
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((services.HOST, port)) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((services.HOST, 0))
+        return int(sock.getsockname()[1])
 
 
 def _is_server(uri: str) -> bool:
