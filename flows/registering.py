@@ -42,6 +42,7 @@ def register_task(
         dataset_digest=data.digest,
         test_accuracy=test_accuracy,
         test_set_digest=data.test_digest,
+        test_images=len(data.y_test),
         mlflow_run_id=run.run_id,
         mlflow_run_url=run.url,
         prefect_flow_run_id=str(runtime.flow_run.id or "") or None,

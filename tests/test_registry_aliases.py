@@ -27,16 +27,16 @@ if TYPE_CHECKING:  # what pytest.param returns; pytest does not export its class
     from _pytest.mark import ParameterSet
 
 
-def _facts(accuracy: float, test_set: str = "testset-a", run_id: str = "r") -> VersionFacts:
+def _facts(accuracy: float, test_set: str = "testset-a", run_id: str = "r", images: int | None = None) -> VersionFacts:
     return VersionFacts(
         test_accuracy=accuracy, backend="torch", architecture="cnn", dataset_digest="split-1",
-        test_set_digest=test_set, mlflow_run_id=run_id,
+        test_set_digest=test_set, mlflow_run_id=run_id, test_images=images,
     )
 
 
-def _champion(accuracy: str | None, test_set: str | None, version: str = "4") -> SimpleNamespace:
-    tags = {key: value for key, value in {"test_accuracy": accuracy, "test_set_digest": test_set}.items() if value}
-    return SimpleNamespace(version=version, tags=tags)
+def _champion(accuracy: str | None, test_set: str | None, version: str = "4", images: str | None = None) -> SimpleNamespace:
+    tags = {"test_accuracy": accuracy, "test_set_digest": test_set, "test_images": images}
+    return SimpleNamespace(version=version, tags={key: value for key, value in tags.items() if value})
 
 
 def _does_not_beat(accuracy: float, shown: str, *, case_id: str) -> ParameterSet:
@@ -63,6 +63,21 @@ def _does_not_beat(accuracy: float, shown: str, *, case_id: str) -> ParameterSet
             _champion("0.7", "testset-b"), _facts(0.99), CHALLENGER,
             "champion version 4 was tested on another test set (digest testset-b, this one testset-a), so the "
             "accuracies are not comparable; champion version 4 stays champion", id="other-test-set",
+        ),
+        pytest.param(
+            _champion("0.58", "testset-b", images="100"), _facts(0.9167, images=10_000), CHAMPION,
+            "it was tested on more test images (10,000, 91.67%) than champion version 4 (100, 58.00%), a surer score; "
+            "the accuracies of two test sets do not compare", id="more-test-images",
+        ),
+        pytest.param(
+            _champion("0.7", "testset-b", images="10000"), _facts(0.99, images=500), CHALLENGER,
+            "champion version 4 was tested on another test set (digest testset-b, this one testset-a), so the "
+            "accuracies are not comparable; champion version 4 stays champion", id="fewer-test-images",
+        ),
+        pytest.param(
+            _champion("0.7", "testset-b", images="by hand"), _facts(0.99, images=500), CHALLENGER,
+            "champion version 4 was tested on another test set (digest testset-b, this one testset-a), so the "
+            "accuracies are not comparable; champion version 4 stays champion", id="a-count-set-by-hand",
         ),
         pytest.param(
             _champion(None, None), _facts(0.99), CHALLENGER,
@@ -101,9 +116,10 @@ def two_runs(store) -> list[tuple[RunTracker, str]]:
     return [_trained_run(store, "ranked", accuracy=accuracy) for accuracy in (0.88, 0.84)]
 
 
-def _register(store: str, name: str, run: tuple[RunTracker, str], accuracy: float, test_set: str = "testset-a"):
+def _register(store: str, name: str, run: tuple[RunTracker, str], accuracy: float, test_set: str = "testset-a",
+              images: int | None = 10_000):
     tracker, model_uri = run
-    facts = _facts(accuracy, test_set, tracker.run_id)
+    facts = _facts(accuracy, test_set, tracker.run_id, images)
     return tracking.register_version(name, model_uri, facts=facts, description="test", uri=store)
 
 
@@ -171,7 +187,7 @@ def test_cnn_train_models_lists_versions_aliases_and_accuracies(store, better_th
     result = CliRunner().invoke(app, ["models"], env={"MLFLOW_TRACKING_URI": store})
     assert result.exit_code == 0, result.output
     rows = [line for line in result.stdout.splitlines() if line.startswith("| better-then-worse |")]
-    assert [row.split(" | ")[1:4] for row in rows] == [["2", "challenger", "84.00%"], ["1", "champion", "88.00%"]]
+    assert [row.split(" | ")[1:5] for row in rows] == [["2", "challenger", "84.00%", "10,000"], ["1", "champion", "88.00%", "10,000"]]
     assert all("| torch | cnn |" in row for row in rows)
 
 

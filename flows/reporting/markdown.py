@@ -51,6 +51,7 @@ COLUMN_FORMATS: Mapping[str, Formatter] = MappingProxyType({
     "seconds": number_format(".1f"),
     "seconds_per_epoch": number_format(".1f"),
     "images_per_second": _WHOLE_NUMBER,
+    "test_images": _WHOLE_NUMBER,
     "parameters": _WHOLE_NUMBER,
     "support": _WHOLE_NUMBER,
     "precision": _THREE_DECIMALS,

@@ -29,6 +29,8 @@ CHALLENGER = "challenger"
 #: Version tags the alias decision reads.
 ACCURACY_TAG = "test_accuracy"
 TEST_SET_TAG = "test_set_digest"
+#: How many test images the version was scored on (versions registered before it have none).
+TEST_IMAGES_TAG = "test_images"
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class VersionFacts:
     dataset_digest: str
     test_set_digest: str
     mlflow_run_id: str
+    test_images: int | None = None
     mlflow_run_url: str | None = None
     prefect_flow_run_id: str | None = None
     prefect_flow_run_url: str | None = None
@@ -52,6 +55,7 @@ class VersionFacts:
             "architecture": self.architecture,
             "dataset_digest": self.dataset_digest,
             TEST_SET_TAG: self.test_set_digest,
+            TEST_IMAGES_TAG: str(self.test_images) if self.test_images else None,
             "mlflow_run_id": self.mlflow_run_id,
             "mlflow_run_url": self.mlflow_run_url,
             "prefect_flow_run_id": self.prefect_flow_run_id,
@@ -99,12 +103,20 @@ def decide_alias(facts: VersionFacts, champion: ModelVersion | None) -> tuple[st
             f"{held} has no {TEST_SET_TAG}/{ACCURACY_TAG} tags (registered without them), so the two cannot be "
             f"compared{stays}; move the alias by hand with MlflowClient.set_registered_model_alias if this one is better"
         )
+    mine, theirs = _percent(facts.test_accuracy), _percent(float(their_accuracy))
     if their_test_set != facts.test_set_digest:
+        their_images = _count(champion.tags.get(TEST_IMAGES_TAG))
+        if facts.test_images and their_images and facts.test_images > their_images:
+            # Scores on two test sets do not compare, but the one on more images is the surer: a version
+            # tested on all of them replaces one from a smoke run on a few (as the default model ranks them).
+            return CHAMPION, (
+                f"it was tested on more test images ({facts.test_images:,}, {mine}) than {held} "
+                f"({their_images:,}, {theirs}), a surer score; the accuracies of two test sets do not compare"
+            )
         return CHALLENGER, (
             f"{held} was tested on another test set (digest {their_test_set}, this one {facts.test_set_digest}), "
             f"so the accuracies are not comparable{stays}"
         )
-    mine, theirs = _percent(facts.test_accuracy), _percent(float(their_accuracy))
     if facts.test_accuracy > float(their_accuracy):
         return CHAMPION, f"its test accuracy {mine} beats {held}'s {theirs} on the same test set"
     return CHALLENGER, f"its test accuracy {mine} does not beat {held}'s {theirs} on the same test set{stays}"
@@ -124,6 +136,14 @@ def all_registered_models(mlflow_client: MlflowClient) -> list[RegisteredModel]:
         page_token = page.token
         if not page_token:
             return found
+
+
+def _count(tag: str | None) -> int:
+    """A count tag's value; 0 when absent or not a whole number (set by hand)."""
+    try:
+        return int(tag or 0)
+    except ValueError:
+        return 0
 
 
 def version_by_alias(mlflow_client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
@@ -214,7 +234,7 @@ def register_delivered(request: dict[str, Any], model_uri: str, uri: str) -> Reg
 
 
 #: Columns of :func:`registered_versions`, in order.
-VERSION_COLUMNS = ("model", "version", "aliases", "test_accuracy", "backend", "architecture", "run_id", "created")
+VERSION_COLUMNS = ("model", "version", "aliases", "test_accuracy", "test_images", "backend", "architecture", "run_id", "created")
 
 
 def registered_versions(uri: str | None = None) -> pd.DataFrame:
@@ -234,6 +254,7 @@ def registered_versions(uri: str | None = None) -> pd.DataFrame:
                 "version": int(version.version),
                 "aliases": ", ".join(aliases.get(int(version.version), [])),
                 "test_accuracy": float(accuracy) if accuracy is not None else None,
+                "test_images": _count(version.tags.get(TEST_IMAGES_TAG)) or None,
                 "backend": version.tags.get("backend", ""),
                 "architecture": version.tags.get("architecture", ""),
                 "run_id": version.run_id or "",
