@@ -280,6 +280,41 @@ def test_explicit_folder_lacking_files_names_them(fake_fashion_mnist):
         locate_fashion_mnist(fake_fashion_mnist.folder, search_paths=[])
 
 
+def _refused_to_this_user(monkeypatch: pytest.MonkeyPatch, unreadable: Path, *, enter: bool) -> None:
+    """What the OS does for a user other than root (the suite runs as root in CI, which reads anything):
+    ``Path.is_dir()`` of a folder it cannot enter raises, and ``os.access`` says no for a 0600 file not its own."""
+    if not enter:
+        is_dir = Path.is_dir
+
+        def refusing_is_dir(path: Path) -> bool:
+            if path == unreadable:
+                raise PermissionError(13, "Permission denied", str(path))
+            return is_dir(path)
+
+        monkeypatch.setattr(Path, "is_dir", refusing_is_dir)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path).parent != unreadable and access(path, mode))
+
+
+@pytest.mark.parametrize(
+    ("enter", "says"),
+    [
+        pytest.param(False, "data_dir: {folder} cannot be read by this user (permission denied); name a folder you "
+                     "can read, or leave it empty to search the usual places", id="a-folder-it-cannot-enter"),
+        pytest.param(True, "data_dir: {folder} holds train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+                     "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz, which this user cannot read (permission denied)",
+                     id="files-it-cannot-read"),
+    ],
+)
+def test_a_folder_the_user_cannot_read_is_said_in_one_line(fake_fashion_mnist, monkeypatch, enter, says):
+    """A non-root user naming another account's folder got a PermissionError traceback (or, for 0600
+    files, a failed flow run with its MLflow run recorded)."""
+    _refused_to_this_user(monkeypatch, fake_fashion_mnist.folder, enter=enter)
+    with pytest.raises(DatasetError) as raised:
+        locate_fashion_mnist(fake_fashion_mnist.folder, search_paths=[])
+    assert str(raised.value) == says.format(folder=fake_fashion_mnist.folder)
+
+
 def test_an_explicit_folder_with_none_of_the_files_names_them_once(tmp_path):
     with pytest.raises(DatasetError) as raised:
         locate_fashion_mnist(tmp_path, search_paths=[])

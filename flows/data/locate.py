@@ -76,27 +76,22 @@ def locate_fashion_mnist(
     """
     if explicit := explicit_dir(data_dir):
         folder, named_by = explicit
-        if not folder.is_dir():
-            what = f"is a file; name the folder holding it ({folder.parent})" if folder.is_file() else (
-                "does not exist; name the folder holding the four Fashion-MNIST files"
-            )
-            raise DatasetError(f"{named_by}: {folder} {what}, or leave it empty to search the usual places")
-        if missing := _missing_files(folder):
-            lacks = (
-                f"holds none of the four Fashion-MNIST files ({', '.join(FILE_NAMES)}, or each without .gz)"
-                if len(missing) == len(FILE_NAMES)
-                else f"does not hold {', '.join(missing)}; it must contain all four Fashion-MNIST files, gzipped or not"
-            )
+        try:
+            return _named_folder(folder, named_by)
+        except PermissionError as error:  # Path.is_dir() and is_file() raise it for a folder this user cannot enter
             raise DatasetError(
-                f"{named_by} {folder} {lacks}. Point it at a folder that does, or unset it to search the "
-                f"usual places ({DEBIAN_DIR}, the Keras cache, a download)"
-            )
-        return folder
+                f"{named_by}: {error.filename or folder} cannot be read by this user (permission denied); name a "
+                "folder you can read, or leave it empty to search the usual places"
+            ) from None
 
     candidates = default_search_paths() if search_paths is None else [Path(p) for p in search_paths]
     looked_at = []
     for folder in candidates:
-        missing = _missing_files(folder)
+        try:
+            missing = _missing_files(folder)
+        except PermissionError:
+            looked_at.append(f"{folder} (cannot be read by this user)")
+            continue
         if not missing:
             return folder
         what = "does not exist" if not folder.is_dir() else f"lacks {', '.join(missing)}"
@@ -153,3 +148,25 @@ def source_of(folder: Path) -> str:
     """The URL a download came from, else the folder itself: what a run reports as its data source."""
     marker = folder / SOURCE_MARKER
     return marker.read_text().strip() if marker.is_file() else str(folder.resolve())
+
+
+def _named_folder(folder: Path, named_by: str) -> Path:
+    """``folder``, the one the user named, when it holds the four files and this user can read them."""
+    if not folder.is_dir():
+        what = f"is a file; name the folder holding it ({folder.parent})" if folder.is_file() else (
+            "does not exist; name the folder holding the four Fashion-MNIST files"
+        )
+        raise DatasetError(f"{named_by}: {folder} {what}, or leave it empty to search the usual places")
+    if missing := _missing_files(folder):
+        lacks = (
+            f"holds none of the four Fashion-MNIST files ({', '.join(FILE_NAMES)}, or each without .gz)"
+            if len(missing) == len(FILE_NAMES)
+            else f"does not hold {', '.join(missing)}; it must contain all four Fashion-MNIST files, gzipped or not"
+        )
+        raise DatasetError(
+            f"{named_by} {folder} {lacks}. Point it at a folder that does, or unset it to search the "
+            f"usual places ({DEBIAN_DIR}, the Keras cache, a download)"
+        )
+    if unreadable := [spec.path_in(folder).name for spec in FILES if not os.access(spec.path_in(folder), os.R_OK)]:
+        raise DatasetError(f"{named_by}: {folder} holds {', '.join(unreadable)}, which this user cannot read (permission denied)")
+    return folder
