@@ -30,12 +30,13 @@ def image_files(folder: str) -> list[Path]:
     relative path is read from where the flow runs); a missing path or a folder without images is a bad
     parameter."""
     path = Path(folder).expanduser()
-    if path.is_file():
-        return [path]  # read as it is named, whatever its ending; a bad one is then named by the flow
-    if not path.is_dir():
-        where = "" if path.is_absolute() else f" (relative to {Path.cwd()}, where this flow runs)"
-        raise ParameterError(f"images: no file or folder {folder!r}{where}; give a folder of PNG or JPEG files, or one of them")
+    # A file is read as it is named, whatever its ending; a bad one is then named by the flow.
     collected = predict.collect_images([path])
+    if collected.missing:
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()}, where this flow runs)"
+        why = predict.not_taken(path)
+        what = f"no file or folder {folder!r}{where}" if why == "no such file or folder" else f"{folder!r} is {why}"
+        raise ParameterError(f"images: {what}; give a folder of PNG or JPEG files, or one of them")
     if not collected.files:
         raise ParameterError(f"images: no image files (PNG, JPEG, ...) in {folder!r}")
     return list(collected.files)

@@ -10,6 +10,8 @@ any picture, deciding from its border whether the background is light (then it n
 
 from __future__ import annotations
 
+import os
+
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -67,10 +69,14 @@ def collect_images(paths: Iterable[Path | str]) -> Collected:
     skipped: list[Path] = []
     missing: list[Path] = []
     for path in map(Path, paths):
-        if path.is_dir():
+        try:
+            folder, file = path.is_dir(), path.is_file()
+        except PermissionError:  # in a folder this user cannot enter
+            folder = file = False
+        if folder and os.access(path, os.R_OK | os.X_OK):  # rglob passes over a folder it cannot list, silently
             for found in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
                 (files if found.suffix.lower() in suffixes else skipped).append(found)
-        elif path.is_file():
+        elif file:
             files.append(path)
         else:
             missing.append(path)
@@ -79,7 +85,12 @@ def collect_images(paths: Iterable[Path | str]) -> Collected:
 
 def not_taken(path: Path) -> str:
     """Why :func:`collect_images` did not take a path given by name."""
-    return "not a regular file or folder (a pipe, socket or device)" if path.exists() else "no such file or folder"
+    try:
+        if path.is_dir():
+            return "a folder this user cannot read (permission denied)"
+        return "not a regular file or folder (a pipe, socket or device)" if path.exists() else "no such file or folder"
+    except PermissionError:
+        return "in a folder this user cannot enter (permission denied)"
 
 
 def read_grayscale(path: Path) -> np.ndarray:
