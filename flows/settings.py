@@ -98,7 +98,11 @@ def state_dir() -> Path:
             named = f"CNN_TRAIN_STATE_DIR={given}"
             fix = f"point it at a folder you can write, or unset it to keep the state in {project_root() / '.state'}"
         else:
-            named, fix = f"the state folder {path}", "set CNN_TRAIN_STATE_DIR to a folder you can write"
+            # The root holds mlflow.db and mlartifacts/ too: moving the state alone leaves the store unwritable.
+            named, fix = f"the state folder {path}", (
+                f"set CNN_TRAIN_ROOT to a folder you can write (it holds mlflow.db, mlartifacts/ and .state/ in "
+                f"place of {project_root()}), or CNN_TRAIN_STATE_DIR alone if MLFLOW_TRACKING_URI names a store elsewhere"
+            )
         raise StateDirError(f"{named} cannot be created ({error.strerror}); {fix}") from None
     return path
 

@@ -436,15 +436,38 @@ def test_a_scheme_mlflow_has_no_store_for_says_which_it_has(uri):
         tracking.check_reachable(uri)
 
 
-@pytest.mark.parametrize("uri", ["sqlite:////nonexistent/dir/mlflow.db", "/nonexistent/mlruns", "file:///nonexistent/mlruns",
+@pytest.mark.parametrize("uri", ["sqlite:///{tmp}/nonexistent/dir/mlflow.db", "/nonexistent/mlruns", "file:///nonexistent/mlruns",
                                  "postgresql+psycopg2://user@127.0.0.1:9/db"],
                          ids=["sqlite", "path", "file", "postgresql-with-driver"])
-def test_a_local_or_database_store_is_not_opened_to_check_it(uri, monkeypatch):
+def test_a_local_or_database_store_is_not_opened_to_check_it(uri, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     # The driver is stood in for (none is installed here): the check imports it and connects to nothing.
     monkeypatch.setitem(sys.modules, "psycopg2", types.ModuleType("psycopg2"))
-    tracking.check_reachable(uri)  # nothing is created or connected to: the flow opens the store when it runs
-    assert not Path("/nonexistent").exists()
+    tracking.check_reachable(uri.format(tmp=tmp_path))  # nothing is created or connected to: the flow opens the store when it runs
+    assert not Path("/nonexistent").exists() and not (tmp_path / "nonexistent").exists()
+
+
+@pytest.mark.parametrize(
+    ("blocked", "says"),
+    [
+        pytest.param("folder", "{tmp}", id="a-folder-it-cannot-write"),
+        pytest.param("file", "{tmp}/mlflow.db", id="a-database-it-cannot-write"),
+    ],
+)
+def test_a_sqlite_store_this_user_cannot_write_is_refused_before_the_run(tmp_path, monkeypatch, blocked, says):
+    """From a read-only checkout, a run retried MLflow's 'unable to open database file' for 3.5 minutes, then
+    failed inside its flow run. The suite runs as root, which writes anything: access() plays the refusal."""
+    (tmp_path / "mlflow.db").touch()
+    refused = tmp_path if blocked == "folder" else tmp_path / "mlflow.db"
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != refused and access(path, mode))
+    with pytest.raises(tracking.TrackingUnavailableError) as caught:
+        tracking.check_reachable(f"sqlite:///{tmp_path}/mlflow.db")
+    assert str(caught.value) == (
+        f"MLFLOW_TRACKING_URI sqlite:///{tmp_path}/mlflow.db: this user cannot write {says.format(tmp=tmp_path)} (permission "
+        "denied); set CNN_TRAIN_ROOT to a folder you can write (it holds mlflow.db, mlartifacts/ and .state/), or "
+        "MLFLOW_TRACKING_URI to a store you can write"
+    )
 
 
 @pytest.mark.parametrize(

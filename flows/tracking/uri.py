@@ -134,7 +134,9 @@ def _check_scheme(uri: str) -> None:
             )
         return
     if scheme in DATABASE_ENGINES:
-        if scheme != "sqlite":
+        if scheme == "sqlite":
+            _check_sqlite_writable(uri)
+        else:
             _check_database_driver(uri)
         return
     try:
@@ -146,6 +148,26 @@ def _check_scheme(uri: str) -> None:
             f"sqlite:///FILE, http://HOST:PORT or another of its schemes ({schemes}), "
             "or unset it to log to the project's mlflow.db"
         ) from None
+
+
+def _check_sqlite_writable(uri: str) -> None:
+    """A SQLite store this user can write: its file, and its folder (SQLite writes a journal beside it, and
+    MLflow makes a missing folder). Unchecked, a read-only checkout's run retried for 3.5 minutes, then
+    failed inside its flow run with 'unable to open database file'."""
+    path = urlparse(uri).path.removeprefix("/")
+    if not path or path == ":memory:":
+        return
+    database = Path(path).expanduser()
+    folder = database.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    blocked = folder if not os.access(folder, os.W_OK) else database if database.exists() and not os.access(database, os.W_OK) else None
+    if blocked is not None:
+        named = "the project's store" if uri == default_tracking_uri() else f"MLFLOW_TRACKING_URI {uri}"
+        raise TrackingUnavailableError(
+            f"{named}: this user cannot write {blocked} (permission denied); set CNN_TRAIN_ROOT to a folder you can "
+            "write (it holds mlflow.db, mlartifacts/ and .state/), or MLFLOW_TRACKING_URI to a store you can write"
+        )
 
 
 @functools.cache  # a run's heartbeat checks its store every few seconds; a driver found stays found
