@@ -415,6 +415,37 @@ def test_sigkill_of_serve_and_flow_run_process_ends_both_runs(team, monkeypatch)
           f"(automation, no cnn-train process running); MLflow FAILED after {failed_after:.0f} s (by `cnn-train up`)")
 
 
+def test_a_port_variable_that_moves_a_running_server_is_refused_and_status_says_where_it_runs(tmp_path, monkeypatch):
+    """With its servers up on one port, `CNN_TRAIN_PREFECT_PORT=<another account's server> cnn-train up` took the
+    live pid for that server, waited 300 s for a serve process, and left the Prefect profile pointing there;
+    `status` called the other server this project's, "ready, pid N"."""
+    from typer.testing import CliRunner
+
+    from cnn_train.flows.cli import app
+    from cnn_train.flows.ops import launcher
+
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path))
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # this project's server, on 47142
+    try:
+        services.prefect_server.pid_file.parent.mkdir(parents=True)
+        services.prefect_server.pid_file.write_text(str(stand_in.pid))
+        services.prefect_server.port_file.write_text("47142")
+        launcher.check_same_port(services.prefect_server)  # the port it runs on: nothing to say
+        monkeypatch.setenv("CNN_TRAIN_PREFECT_PORT", str(free_port()))
+        asked = services.prefect_port()
+        with pytest.raises(launcher.RestartNeededError) as refused:
+            launcher.check_same_port(services.prefect_server)
+        assert str(refused.value) == (
+            f"prefect-server of this project runs on port 47142 (pid {stand_in.pid}), not on {asked} that "
+            "CNN_TRAIN_PREFECT_PORT asks for: unset it to use that server, or `cnn-train down` first to move it"
+        )
+        status = CliRunner().invoke(app, ["status"])
+        assert f"prefect-server: runs on port 47142, not on {asked} that this shell asks for (nothing answers there), pid {stand_in.pid} " in status.output
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+
+
 @pytest.mark.parametrize(
     ("running", "asked", "refused"),
     [("127.0.0.1", "0.0.0.0", True), ("0.0.0.0", "0.0.0.0", False), ("0.0.0.0", "127.0.0.1", False)],

@@ -39,6 +39,9 @@ def status(
         if name in unknown and server["pid"] is not None and not server["ready"]:
             state = "started, ready or not: the Prefect API would not tell this shell"
         pid = f", pid {server['pid']}" if server["pid"] else ""
+        if server["running_port"] not in (None, server["port"]):  # a port variable names another server's
+            answers = "another server answers there" if server["ready"] else "nothing answers there"
+            state = f"runs on port {server['running_port']}, not on {server['port']} that this shell asks for ({answers})"
         typer.echo(f"{name}: {state}{pid} (log: {server['log']})")
     if refusal:
         typer.echo(refusal)

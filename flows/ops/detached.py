@@ -62,6 +62,13 @@ class Service:
         # Killed but not yet reaped by the process that started it: gone all the same.
         return None if _is_zombie(pid) else pid
 
+    def running_port(self) -> int | None:
+        """The port this project's process was started on, while it runs (None: not running, or no port)."""
+        try:
+            return int(self.port_file.read_text()) if self.port is not None and self.pid() is not None else None
+        except (OSError, ValueError):
+            return None
+
     def start(self, *, timeout: float = 90.0) -> bool:
         """Start unless already ready; returns whether it had to start. Waits until ready."""
         if self.ready():

@@ -25,11 +25,23 @@ class ForeignServerError(ExpectedFailure):
 
 
 class RestartNeededError(ExpectedFailure):
-    """A server up started earlier listens on another host than this `up` asks for."""
+    """A server up started earlier listens on another host or port than this `up` asks for."""
 
 
 def _host_of(command: list[str]) -> str | None:
     return command[command.index("--host") + 1] if "--host" in command[:-1] else None
+
+
+def check_same_port(service: services.Service) -> None:
+    """Refuse a port variable that moves a server of this project's that runs: `up` took the live pid for
+    the server on the new port (another account's), waited 300 s for a serve process that could not be
+    ready there, and pointed the Prefect profile at that server."""
+    running = service.running_port()
+    if running is not None and running != service.port():
+        raise RestartNeededError(
+            f"{service.name} of this project runs on port {running} (pid {service.pid()}), not on {service.port()} that "
+            f"{service.port_variable} asks for: unset it to use that server, or `cnn-train down` first to move it"
+        )
 
 
 def check_same_host(service: services.Service) -> None:
@@ -129,6 +141,7 @@ def up(*, trigger: bool, watch_timeout: float, echo: Echo, worker: bool = False)
         work_pool.pool_name()
     refuse_foreign_mlflow_server()
     for server in (services.prefect_server, services.mlflow_server):  # before anything starts or stops
+        check_same_port(server)
         check_same_host(server)
         if server.pid() is None and not server.ready():  # to start: its port must be free (Prefect's started first)
             server.check_port_free()

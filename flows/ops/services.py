@@ -390,10 +390,8 @@ def project_mlflow_server() -> str | None:
 
 
 def status() -> dict[str, dict[str, object]]:
-    return {
-        service.name: {"pid": service.pid(), "ready": service.ready(), "log": str(service.log_file)}
-        for service in SERVICES
-    }
+    return {service.name: {"pid": service.pid(), "ready": service.ready(), "log": str(service.log_file), "port": service.port()
+                           if service.port else None, "running_port": service.running_port()} for service in SERVICES}
 
 
 def status_json() -> str:
