@@ -20,7 +20,9 @@ from cnn_train.flows.ops import temporary_server
 from cnn_train.flows.params import RAY_RESOURCE_NAME, RunnerOptions
 from cnn_train.flows.placement import ray_resources
 from cnn_train.flows.quiet import quiet_libraries, quieted
-from cnn_train.flows.ray_join import RayClusterError, RayOptionError, check_answers, join_failure, send_token_when_provided
+from cnn_train.flows.ray_join import (
+    RayClusterError, RayOptionError, check_answers, join_failure, keep_token_private, local_start_failure, send_token_when_provided,
+)
 
 __all__ = ["node_tags", "parse_resources", "ray_task_runner", "trials_on", "worker_died"]
 
@@ -91,8 +93,13 @@ def _runner_class() -> type:
                 return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
 
         def __enter__(self) -> RayClusterTaskRunner:
-            if not self.address:  # a new local Ray: a failure to start it is not the user's to fix
-                return super().__enter__()
+            if not self.address:  # a new local Ray: a failure to start it is not the user's to fix, but for
+                try:  # permissions on this machine
+                    started = super().__enter__()
+                except PermissionError as error:
+                    raise local_start_failure(error) from None
+                keep_token_private()
+                return started
             try:
                 return self._join()
             except RayClusterError as failure:

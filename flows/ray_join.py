@@ -61,6 +61,26 @@ def token_source() -> str | None:
     return str(default) if default.is_file() else None
 
 
+def keep_token_private() -> None:
+    """Make this user's Ray token file 0600: the local Ray writes ``~/.ray/auth_token`` readable by every
+    account (0644), while its GCS listens on every interface and the token is what guards it."""
+    path = Path(os.environ.get(TOKEN_PATH_ENV) or Path.home() / ".ray" / "auth_token")
+    try:
+        mode = path.stat()
+        if path.is_file() and mode.st_uid == os.getuid() and mode.st_mode & 0o077:
+            path.chmod(0o600)
+    except OSError:
+        pass  # none written (token auth off), or not ours to change
+
+
+def local_start_failure(error: PermissionError) -> RayClusterError:
+    """A new local Ray that could not write its session folder (another account's, under /tmp/ray), in one line."""
+    return RayClusterError(
+        f"Ray could not start on this machine: this user cannot write {error.filename or 'its session folder'} "
+        "(permission denied; another account's Ray keeps its sessions there): set RAY_TMPDIR to a folder of yours"
+    )
+
+
 def _endpoint(address: str) -> tuple[str, int]:
     """Host and port of ``HOST:PORT`` or ``ray://HOST:PORT``; anything else is refused in one line."""
     match = _HOST_PORT.fullmatch(address.removeprefix("ray://"))

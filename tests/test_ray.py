@@ -129,6 +129,40 @@ def test_a_ray_client_whose_server_failed_to_start_joins_with_a_second_client(mo
     assert len(shutdowns) == (1 if isinstance(failures[0], ConnectionAbortedError) else 0)
 
 
+@pytest.mark.parametrize("outcome", ["started", "session-folder-not-writable"])
+def test_a_new_local_ray_keeps_the_token_private_and_a_folder_it_cannot_write_is_one_line(monkeypatch, tmp_path, outcome):
+    """As a non-root user: Ray left ~/.ray/auth_token 0644 (its GCS listens on every interface), and a Ray
+    session folder of another account's under /tmp/ray ended the sweep in a PermissionError traceback. Ray's
+    start is replaced here, writing the token as Ray does, or refused as the OS refuses."""
+    from prefect_ray import RayTaskRunner
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    token = tmp_path / ".ray" / "auth_token"
+    session = tmp_path / "ray" / "session_2026-12-07"
+
+    def starting(runner):
+        if outcome != "started":
+            raise PermissionError(13, "Permission denied", str(session))
+        token.parent.mkdir()
+        token.write_text("0" * 64)
+        token.chmod(0o644)
+        return runner
+
+    monkeypatch.setattr(RayTaskRunner, "__enter__", starting)
+    runner = ray_task_runner()
+    if outcome == "started":
+        assert runner.__enter__() is runner
+        assert oct(token.stat().st_mode & 0o777) == "0o600"
+    else:
+        with pytest.raises(RayClusterError) as refused:
+            runner.__enter__()
+        assert str(refused.value) == (
+            f"Ray could not start on this machine: this user cannot write {session} (permission denied; another "
+            "account's Ray keeps its sessions there): set RAY_TMPDIR to a folder of yours"
+        )
+
+
 @pytest.mark.parametrize(("quiet", "shown"), [(True, False), (False, True)], ids=["quiet-command", "verbose-command"])
 def test_a_trial_on_ray_is_as_quiet_as_the_command_that_started_it(quiet: bool, shown: bool) -> None:
     """A pyfunc plugin's trial on Ray printed MLflow's pickling advice once per trial on the terminal, which
