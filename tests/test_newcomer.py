@@ -617,6 +617,26 @@ def test_up_points_the_profile_the_users_shell_reads_at_its_server(state, tmp_pa
     assert profiles.is_file()
 
 
+def test_up_says_which_server_the_profile_pointed_at_before(tmp_path):
+    """A second checkout's `up` re-pointed the one profile without a word: the first checkout's plain `prefect`
+    commands then reached the second's server."""
+    import json
+
+    (tmp_path / ".prefect").mkdir()
+    (tmp_path / ".prefect" / "profiles.toml").write_text(
+        'active = "ephemeral"\n\n[profiles.ephemeral]\nPREFECT_API_URL = "http://127.0.0.1:4200/api"\n'
+    )
+    shell = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH", "PREFECT_HOME")}
+    shell |= {"HOME": str(tmp_path), "CNN_TRAIN_STATE_DIR": str(tmp_path / "state"), "CNN_TRAIN_PREFECT_PORT": str(free_port())}
+    done = subprocess.run([sys.executable, "-c", _UP_THEN_DOWN, json.dumps(shell), str(BIN / "prefect")], env=shell,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["said"][0] == (
+        f"prefect profile: PREFECT_API_URL set to {seen['url']}, in place of http://127.0.0.1:4200/api (`cnn-train down` unsets it)"
+    )
+
+
 def test_a_temporary_server_gets_time_to_start_whoever_chose_its_home(state):
     # Prefect's 20 s default failed runs on a busy 2-core box while the server migrated its database.
     environ = {"PREFECT_HOME": "/mine"}

@@ -90,14 +90,16 @@ def point_prefect_cli_at_server(echo: Echo) -> None:
 
     url = services.prefect_api_url()
     try:
-        if _profile_api_url() == url:
+        if (before := _profile_api_url()) == url:
             return
         update_current_profile({PREFECT_API_URL: url})
     except OSError as error:  # a convenience for the user's shell: the servers and the run go on without it
         echo(f"prefect profile: not updated, {PREFECT_PROFILES_PATH.value()} cannot be written ({error}); "
              f"a plain `prefect` command reaches this server with PREFECT_API_URL={url} set in its shell")
         return
-    echo(f"prefect profile: PREFECT_API_URL set to {url} (`cnn-train down` unsets it)")
+    # Another checkout's `up` may have set it: its plain `prefect` commands now reach this server instead.
+    was = f", in place of {before}" if before else ""
+    echo(f"prefect profile: PREFECT_API_URL set to {url}{was} (`cnn-train down` unsets it)")
 
 
 def _profile_api_url() -> str | None:
