@@ -184,15 +184,11 @@ def test_the_predict_flow_refuses_a_folder_without_images_before_any_run(make, m
 
 
 @pytest.mark.parametrize(
-    ("name", "message"),
-    [
-        pytest.param("locked", "images: '{path}' is a folder this user cannot read (permission denied); give a folder of "
-                     "PNG or JPEG files, or one of them", id="a-folder-it-cannot-list"),
-        pytest.param("locked/secret.png", "images: '{path}' is in a folder this user cannot enter (permission denied); "
-                     "give a folder of PNG or JPEG files, or one of them", id="a-file-in-a-folder-it-cannot-enter"),
-    ],
+    ("name", "why"),
+    [("locked", "is a folder this user cannot read"), ("locked/secret.png", "is in a folder this user cannot enter")],
+    ids=["a-folder-it-cannot-list", "a-file-in-a-folder-it-cannot-enter"],
 )
-def test_a_path_the_user_cannot_read_is_said_so(tmp_path, monkeypatch, name, message):
+def test_a_path_the_user_cannot_read_is_said_so(tmp_path, monkeypatch, name, why):
     """As another account: a picture in /root gave a PermissionError traceback, and a folder it could not
     list said 'no image files'. The suite runs as root, which reads anything, so the OS's refusals are
     played here: stat inside the folder fails, and access() says no to listing it."""
@@ -213,7 +209,9 @@ def test_a_path_the_user_cannot_read_is_said_so(tmp_path, monkeypatch, name, mes
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and access(path, mode))
     with pytest.raises(ParameterError) as caught:
         image_files(str(tmp_path / name))
-    assert str(caught.value) == message.format(path=tmp_path / name)
+    assert str(caught.value) == (
+        f"images: '{tmp_path / name}' {why} (permission denied); give a folder of PNG or JPEG files, or one of them"
+    )
 
 
 def test_the_predict_flow_reads_a_folder_under_home_and_says_where_a_relative_one_was_looked_for(tmp_path, monkeypatch):
