@@ -13,6 +13,7 @@ import json
 import re
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -82,8 +83,6 @@ def test_a_blank_user_name_in_the_environment_is_refused(monkeypatch):
 def test_mlflows_admin_follows_the_teams_credentials(tmp_path, monkeypatch):
     """MLflow makes its admin once: a new password was refused by MLflow alone (`up` then died on a 401 traceback),
     and a new user name left the old one an admin. A user added by hand in MLflow stays."""
-    import stat
-
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path))
     auth.sync_mlflow_admin(auth.Credentials("alice", "first-password-1"))  # imports the store quietly, first
     from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
@@ -98,6 +97,38 @@ def test_mlflows_admin_follows_the_teams_credentials(tmp_path, monkeypatch):
     for name in ("mlflow-auth.db", "mlflow-auth.admin"):  # password hashes, and who the admin is: the owner's only
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
     assert stat.S_IMODE(auth.mlflow_auth_config().stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("store", ["projects", "elsewhere"])
+def test_up_with_credentials_keeps_the_projects_tracking_data_to_its_owner(tmp_path, monkeypatch, store):
+    """With credentials on, another account got 401 from both servers yet read mlflow.db (0644) itself."""
+    from typer.testing import CliRunner
+
+    from cnn_train.flows.cli import app
+
+    monkeypatch.setenv("CNN_TRAIN_ROOT", str(tmp_path))
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / ".state"))
+    if store == "elsewhere":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")
+    else:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlflow.db").touch(mode=0o644)
+    (tmp_path / "mlartifacts").mkdir(mode=0o755)
+    (tmp_path / ".state").mkdir(mode=0o755)
+    for path in (tmp_path / "mlflow.db", tmp_path / "mlartifacts", tmp_path / ".state"):
+        path.chmod(path.stat().st_mode | 0o044)  # as a 0022 umask leaves them, whatever this process's umask
+    private = [tmp_path / ".state"] + ([tmp_path / "mlflow.db", tmp_path / "mlartifacts"] if store == "projects" else [])
+    assert auth.keep_project_data_private() == private
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "mlflow.db", tmp_path / "mlartifacts", tmp_path / ".state")}
+    assert modes == ({"mlflow.db": 0o600, "mlartifacts": 0o700, ".state": 0o700} if store == "projects" else
+                     {"mlflow.db": 0o644, "mlartifacts": 0o755, ".state": 0o700})
+    assert auth.keep_project_data_private() == []  # already private: nothing to say
+    monkeypatch.setenv(auth.USERNAME_ENV, USER)
+    monkeypatch.setenv(auth.PASSWORD_ENV, PASSWORD)
+    (tmp_path / ".state").chmod(0o755)
+    monkeypatch.setattr("cnn_train.flows.ops.launcher.up", lambda **_: 0)  # the servers themselves are not this test's
+    said = CliRunner().invoke(app, ["up", "--no-trigger"])
+    assert said.output == f"{tmp_path / '.state'}: now readable by this user only, as the servers' credentials ask\n"
 
 
 def test_credentials_from_a_private_file_reach_every_client(tmp_path, monkeypatch):

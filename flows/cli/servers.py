@@ -38,7 +38,9 @@ def up(
 
     from cnn_train.flows.ops import auth, launcher, services
 
-    auth.require_for_host(host)
+    if auth.require_for_host(host) is not None:
+        for path in auth.keep_project_data_private():
+            typer.echo(f"{path}: now readable by this user only, as the servers' credentials ask")
     os.environ[services.BIND_HOST_ENV] = host
 
     code = launcher.up(trigger=trigger, watch_timeout=watch_timeout, echo=typer.echo, worker=worker)

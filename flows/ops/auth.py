@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnn_train.flows.errors import ExpectedFailure
-from cnn_train.flows.settings import state_dir
+from cnn_train.flows.settings import default_artifact_root, default_tracking_uri, state_dir
 
 USERNAME_ENV = "CNN_TRAIN_AUTH_USERNAME"
 PASSWORD_ENV = "CNN_TRAIN_AUTH_PASSWORD"
@@ -138,6 +138,24 @@ def _owner_only(path: Path) -> Path:
     path.touch(mode=0o600)
     path.chmod(0o600)
     return path
+
+
+def keep_project_data_private() -> list[Path]:
+    """With credentials the servers refuse other accounts, and so must the files behind them: the project's
+    ``mlflow.db`` (0600), ``mlartifacts/`` and the state folder (0700), made so when they are more open;
+    returns those changed. A store elsewhere (MLFLOW_TRACKING_URI) is its owner's to guard."""
+    places = [(state_dir(), 0o700)]
+    if os.environ.get("MLFLOW_TRACKING_URI", default_tracking_uri()) == default_tracking_uri():
+        places += [(Path(default_tracking_uri().removeprefix("sqlite:///")), 0o600), (default_artifact_root(), 0o700)]
+    changed = []
+    for path, mode in places:
+        try:
+            if path.exists() and stat.S_IMODE(path.stat().st_mode) & 0o077:
+                path.chmod(mode)
+                changed.append(path)
+        except OSError:
+            continue  # not ours to change: the servers' credentials still guard it
+    return changed
 
 
 def sync_mlflow_admin(credentials: Credentials) -> None:
