@@ -94,6 +94,7 @@ def _runner_class() -> type:
 
         def __enter__(self) -> RayClusterTaskRunner:
             if not self.address:  # a new local Ray: a failure to start it is not the user's to fix, but for
+                keep_token_private()
                 try:  # permissions on this machine
                     started = super().__enter__()
                 except PermissionError as error:

@@ -62,15 +62,21 @@ def token_source() -> str | None:
 
 
 def keep_token_private() -> None:
-    """Make this user's Ray token file 0600: the local Ray writes ``~/.ray/auth_token`` readable by every
-    account (0644), while its GCS listens on every interface and the token is what guards it."""
+    """Keep this user's Ray token to this user: the local Ray writes ``~/.ray/auth_token`` readable by every
+    account (0644), while its GCS listens on every interface and the token is what guards it. Called before
+    Ray starts (``~/.ray`` made 0700, so the file is never readable meanwhile) and after (the file 0600)."""
     path = Path(os.environ.get(TOKEN_PATH_ENV) or Path.home() / ".ray" / "auth_token")
-    try:
-        mode = path.stat()
-        if path.is_file() and mode.st_uid == os.getuid() and mode.st_mode & 0o077:
-            path.chmod(0o600)
-    except OSError:
-        pass  # none written (token auth off), or not ours to change
+    for place, mode in ((path.parent, 0o700), (path, 0o600)):
+        if place == path.parent and os.environ.get(TOKEN_PATH_ENV):
+            continue  # a folder the user chose for the token is theirs to set
+        try:
+            if place == path.parent:
+                place.mkdir(mode=mode, exist_ok=True)
+            found = place.stat()
+            if found.st_uid == os.getuid() and found.st_mode & 0o077:
+                place.chmod(mode)
+        except OSError:
+            pass  # none written (token auth off), or not ours to change
 
 
 def local_start_failure(error: PermissionError) -> RayClusterError:

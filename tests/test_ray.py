@@ -144,7 +144,8 @@ def test_a_new_local_ray_keeps_the_token_private_and_a_folder_it_cannot_write_is
     def starting(runner):
         if outcome != "started":
             raise PermissionError(13, "Permission denied", str(session))
-        token.parent.mkdir()
+        # The token is written while the cluster starts, its GCS already listening: its folder keeps it private.
+        assert oct(token.parent.stat().st_mode & 0o777) == "0o700"
         token.write_text("0" * 64)
         token.chmod(0o644)
         return runner

@@ -123,6 +123,15 @@ def test_up_with_credentials_keeps_the_projects_tracking_data_to_its_owner(tmp_p
     assert modes == ({"mlflow.db": 0o600, "mlartifacts": 0o700, ".state": 0o700} if store == "projects" else
                      {"mlflow.db": 0o644, "mlartifacts": 0o755, ".state": 0o700})
     assert auth.keep_project_data_private() == []  # already private: nothing to say
+    fresh = tmp_path / "fresh"  # a new checkout: what the servers would make with the umask's modes is made private first
+    fresh.mkdir()
+    monkeypatch.setenv("CNN_TRAIN_ROOT", str(fresh))
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(fresh / ".state"))
+    assert auth.keep_project_data_private() == [fresh / ".state"]  # made as the umask says as the state was first read
+    made = {path.name: stat.S_IMODE(path.stat().st_mode) for path in fresh.iterdir()}
+    assert made == ({"mlflow.db": 0o600, "mlartifacts": 0o700, ".state": 0o700} if store == "projects" else {".state": 0o700})
+    monkeypatch.setenv("CNN_TRAIN_ROOT", str(tmp_path))
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / ".state"))
     monkeypatch.setenv(auth.USERNAME_ENV, USER)
     monkeypatch.setenv(auth.PASSWORD_ENV, PASSWORD)
     (tmp_path / ".state").chmod(0o755)
@@ -472,6 +481,9 @@ def test_a_port_variable_that_moves_a_running_server_is_refused_and_status_says_
         )
         status = CliRunner().invoke(app, ["status"])
         assert f"prefect-server: runs on port 47142, not on {asked} that this shell asks for (nothing answers there), pid {stand_in.pid} " in status.output
+        # Every other command too: with the MLflow port moved so, a `run` logged into another account's store.
+        runs = CliRunner().invoke(app, ["runs"])
+        assert (runs.exit_code, runs.output) == (2, f"cnn-train: {refused.value}\n")
     finally:
         stand_in.kill()
         stand_in.wait()

@@ -101,6 +101,7 @@ app = _OneLineFailures(
 
 @app.callback()
 def _before_every_command(
+    ctx: typer.Context,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show the libraries' own logs and warnings.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for expected failures too.")] = False,
 ) -> None:
@@ -120,16 +121,24 @@ def _before_every_command(
     quiet_libraries(verbose=verbose)
     _one_line_errors(debug=debug)
     _present_credentials()
-    _check_server_variables()
+    _check_server_variables(ctx.invoked_subcommand)
 
 
-def _check_server_variables() -> None:
+#: Commands that tell about a port variable naming another server than this project's running one themselves.
+_SAY_WHERE_SERVERS_RUN = ("status", "down", "up")
+
+
+def _check_server_variables(command: str | None) -> None:
     """Each command reads them sooner or later (some only for a link), and Prefect's first import refuses a
-    malformed PREFECT_API_URL with a traceback: one line, at once."""
+    malformed PREFECT_API_URL with a traceback: one line, at once. A port variable that names another server
+    than this project's running one sent a `run` to another account's MLflow: refused too."""
+    from cnn_train.flows.ops import services
     from cnn_train.flows.ops.addresses import api_url_problem
-    from cnn_train.flows.ops.services import check_port_variables
 
-    check_port_variables()
+    services.check_port_variables()
+    for server in (services.prefect_server, services.mlflow_server):
+        if command not in _SAY_WHERE_SERVERS_RUN and (problem := server.moved()):
+            fail(problem)
     if (url := os.environ.get("PREFECT_API_URL")) and (problem := api_url_problem("PREFECT_API_URL", url)):
         fail(problem, 1)
 

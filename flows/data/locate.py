@@ -78,9 +78,9 @@ def locate_fashion_mnist(
         folder, named_by = explicit
         try:
             return _named_folder(folder, named_by)
-        except PermissionError as error:  # Path.is_dir() and is_file() raise it for a folder this user cannot enter
+        except PermissionError:  # Path.is_dir() and is_file() raise it in a folder this user cannot enter
             raise DatasetError(
-                f"{named_by}: {error.filename or folder} cannot be read by this user (permission denied); name a "
+                f"{named_by}: {folder} cannot be read by this user (permission denied); name a "
                 "folder you can read, or leave it empty to search the usual places"
             ) from None
 

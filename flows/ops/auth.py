@@ -13,6 +13,7 @@ By default both servers listen on 127.0.0.1 only and need none of this; ``cnn-tr
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
 import stat
@@ -142,11 +143,16 @@ def _owner_only(path: Path) -> Path:
 
 def keep_project_data_private() -> list[Path]:
     """With credentials the servers refuse other accounts, and so must the files behind them: the project's
-    ``mlflow.db`` (0600), ``mlartifacts/`` and the state folder (0700), made so when they are more open;
-    returns those changed. A store elsewhere (MLFLOW_TRACKING_URI) is its owner's to guard."""
+    ``mlflow.db`` (0600), ``mlartifacts/`` and the state folder (0700), made so when they are more open, and
+    made so by this user when missing (the servers would make them as the umask says); returns those changed.
+    A store elsewhere (MLFLOW_TRACKING_URI) is its owner's to guard."""
     places = [(state_dir(), 0o700)]
     if os.environ.get("MLFLOW_TRACKING_URI", default_tracking_uri()) == default_tracking_uri():
-        places += [(Path(default_tracking_uri().removeprefix("sqlite:///")), 0o600), (default_artifact_root(), 0o700)]
+        database = Path(default_tracking_uri().removeprefix("sqlite:///"))
+        with contextlib.suppress(OSError):
+            database.touch(mode=0o600)  # SQLite takes an empty file as an empty database
+            default_artifact_root().mkdir(mode=0o700, exist_ok=True)
+        places += [(database, 0o600), (default_artifact_root(), 0o700)]
     changed = []
     for path, mode in places:
         try:

@@ -69,6 +69,17 @@ class Service:
         except (OSError, ValueError):
             return None
 
+    def moved(self) -> str | None:
+        """Why this shell's port variable names another server than this project's running one, or None. Its
+        commands would reach that server (another account's, say): runs in its store, `up` waiting on it."""
+        running = self.running_port()
+        if running is None or running == self.port():  # type: ignore[misc]
+            return None
+        return (
+            f"{self.name} of this project runs on port {running} (pid {self.pid()}), not on {self.port()} that "  # type: ignore[misc]
+            f"{self.port_variable} asks for: unset it to use that server, or `cnn-train down` first to move it"
+        )
+
     def start(self, *, timeout: float = 90.0) -> bool:
         """Start unless already ready; returns whether it had to start. Waits until ready."""
         if self.ready():

@@ -36,12 +36,8 @@ def check_same_port(service: services.Service) -> None:
     """Refuse a port variable that moves a server of this project's that runs: `up` took the live pid for
     the server on the new port (another account's), waited 300 s for a serve process that could not be
     ready there, and pointed the Prefect profile at that server."""
-    running = service.running_port()
-    if running is not None and running != service.port():
-        raise RestartNeededError(
-            f"{service.name} of this project runs on port {running} (pid {service.pid()}), not on {service.port()} that "
-            f"{service.port_variable} asks for: unset it to use that server, or `cnn-train down` first to move it"
-        )
+    if problem := service.moved():
+        raise RestartNeededError(problem)
 
 
 def check_same_host(service: services.Service) -> None:

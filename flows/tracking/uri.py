@@ -159,9 +159,12 @@ def _check_sqlite_writable(uri: str) -> None:
         return
     database = Path(path).expanduser()
     folder = database.parent
-    while not folder.exists() and folder != folder.parent:
+    # os.path.exists, not Path.exists: under a folder this user cannot enter, the latter raises.
+    while not os.path.exists(folder) and folder != folder.parent:
         folder = folder.parent
-    blocked = folder if not os.access(folder, os.W_OK) else database if database.exists() and not os.access(database, os.W_OK) else None
+    blocked = folder if not os.access(folder, os.W_OK) else (
+        database if os.path.exists(database) and not os.access(database, os.W_OK) else None
+    )
     if blocked is not None:
         named = "the project's store" if uri == default_tracking_uri() else f"MLFLOW_TRACKING_URI {uri}"
         raise TrackingUnavailableError(
