@@ -617,9 +617,9 @@ def test_up_points_the_profile_the_users_shell_reads_at_its_server(state, tmp_pa
     assert profiles.is_file()
 
 
-def test_up_says_which_server_the_profile_pointed_at_before(tmp_path):
+def test_up_says_which_server_the_profile_pointed_at_before_and_down_puts_it_back(tmp_path):
     """A second checkout's `up` re-pointed the one profile without a word: the first checkout's plain `prefect`
-    commands then reached the second's server."""
+    commands then reached the second's server, and its `down` left them none."""
     import json
 
     (tmp_path / ".prefect").mkdir()
@@ -632,9 +632,11 @@ def test_up_says_which_server_the_profile_pointed_at_before(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
-    assert seen["said"][0] == (
-        f"prefect profile: PREFECT_API_URL set to {seen['url']}, in place of http://127.0.0.1:4200/api (`cnn-train down` unsets it)"
-    )
+    assert seen["said"] == [
+        f"prefect profile: PREFECT_API_URL set to {seen['url']}, in place of http://127.0.0.1:4200/api (`cnn-train down` sets it back)",
+        "prefect profile: PREFECT_API_URL set back to http://127.0.0.1:4200/api, as before `cnn-train up`",
+    ]
+    assert "PREFECT_API_URL='http://127.0.0.1:4200/api'" in seen["after_down"], seen["after_down"]
 
 
 def test_a_temporary_server_gets_time_to_start_whoever_chose_its_home(state):

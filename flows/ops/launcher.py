@@ -6,11 +6,12 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from cnn_train.flows import flow_runs
 from cnn_train.flows.ops import services
 from cnn_train.flows.errors import ExpectedFailure
-from cnn_train.flows.settings import default_tracking_uri, env_number
+from cnn_train.flows.settings import default_tracking_uri, env_number, state_dir
 
 Echo = Callable[[str], None]
 
@@ -89,13 +90,15 @@ def point_prefect_cli_at_server(echo: Echo) -> None:
         if (before := _profile_api_url()) == url:
             return
         update_current_profile({PREFECT_API_URL: url})
+        _profile_before().parent.mkdir(parents=True, exist_ok=True)
+        _profile_before().write_text(before or "")
     except OSError as error:  # a convenience for the user's shell: the servers and the run go on without it
         echo(f"prefect profile: not updated, {PREFECT_PROFILES_PATH.value()} cannot be written ({error}); "
              f"a plain `prefect` command reaches this server with PREFECT_API_URL={url} set in its shell")
         return
     # Another checkout's `up` may have set it: its plain `prefect` commands now reach this server instead.
-    was = f", in place of {before}" if before else ""
-    echo(f"prefect profile: PREFECT_API_URL set to {url}{was} (`cnn-train down` unsets it)")
+    was = f", in place of {before} (`cnn-train down` sets it back)" if before else " (`cnn-train down` unsets it)"
+    echo(f"prefect profile: PREFECT_API_URL set to {url}{was}")
 
 
 def _profile_api_url() -> str | None:
@@ -110,6 +113,11 @@ def _profile_api_url() -> str | None:
     return profiles[name].settings.get(PREFECT_API_URL) if name in profiles.names else None
 
 
+def _profile_before() -> Path:
+    """Where `up` keeps the PREFECT_API_URL it replaced in the profile, for `down` to put back."""
+    return state_dir() / "run" / "prefect-profile-before"
+
+
 def forget_server_in_prefect_cli(echo: Echo, api_url: str) -> None:
     """Undo :func:`point_prefect_cli_at_server` when the profile still points at our server, ``api_url``
     (read before the server stopped: its recorded port goes with it)."""
@@ -121,10 +129,17 @@ def forget_server_in_prefect_cli(echo: Echo, api_url: str) -> None:
             return
     except OSError:  # no profile up could have written
         return
+    # What up replaced goes back (another checkout's server, still up): unset, its plain `prefect` commands lost it.
+    try:
+        before = _profile_before().read_text().strip() or None
+        _profile_before().unlink()
+    except OSError:
+        before = None
     profiles = load_profiles()  # as `prefect config unset PREFECT_API_URL` does
-    profiles.update_profile(name=get_settings_context().profile.name, settings={PREFECT_API_URL: None})
+    profiles.update_profile(name=get_settings_context().profile.name, settings={PREFECT_API_URL: before})
     save_profiles(profiles)
-    echo("prefect profile: PREFECT_API_URL unset (flows called directly use a temporary server again)")
+    echo(f"prefect profile: PREFECT_API_URL set back to {before}, as before `cnn-train up`" if before else
+         "prefect profile: PREFECT_API_URL unset (flows called directly use a temporary server again)")
 
 
 def up(*, trigger: bool, watch_timeout: float, echo: Echo, worker: bool = False) -> int:
