@@ -160,8 +160,9 @@ def model_description(name: str) -> str:
     """What a registered model's page says about it: its aliases' rule, and how to load and call a version."""
     return (
         f"Fashion-MNIST classifiers registered by cnn-train. `@{CHAMPION}` is the version with the best test accuracy "
-        f"on the same test set (tag `{TEST_SET_TAG}`); `@{CHALLENGER}` is the newest version that did not take its place (it did not beat it, or was "
-        f"tested on another test set, whose accuracy does not compare).\n\n"
+        f"on the same test set (tag `{TEST_SET_TAG}`), or, across test sets, the one scored on more test images (tag "
+        f"`{TEST_IMAGES_TAG}`); `@{CHALLENGER}` is the newest version that did not take its place (it did not beat it, or "
+        f"was tested on another test set of no more images, whose accuracy does not compare).\n\n"
         f"Load one with `mlflow.pyfunc.load_model(\"models:/{name}@{CHAMPION}\")`. It takes float32 images "
         f"`(n, 28, 28, 1)` in [0, 1] (a light garment on black, as Fashion-MNIST's) and gives ten probabilities per image "
         f"(`{OUTPUT_NAME}`), in the order {', '.join(FASHION_MNIST_CLASSES)}; `cnn-train predict` brings any picture to that input."
