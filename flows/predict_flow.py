@@ -35,7 +35,7 @@ def image_files(folder: str) -> list[Path]:
     if collected.missing:
         where = "" if path.is_absolute() else f" (relative to {Path.cwd()}, where this flow runs)"
         why = predict.not_taken(path)
-        what = f"no file or folder {folder!r}{where}" if why == "no such file or folder" else f"{folder!r} is {why}"
+        what = f"no file or folder {folder!r}{where}" if why == predict.NOTHING_THERE else f"{folder!r} is {why}"
         raise ParameterError(f"images: {what}; give a folder of PNG or JPEG files, or one of them")
     if not collected.files:
         raise ParameterError(f"images: no image files (PNG, JPEG, ...) in {folder!r}")

@@ -14,6 +14,7 @@ Joining follows Ray's own rules, with three differences that make failures say w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -65,18 +66,16 @@ def keep_token_private() -> None:
     """Keep this user's Ray token to this user: the local Ray writes ``~/.ray/auth_token`` readable by every
     account (0644), while its GCS listens on every interface and the token is what guards it. Called before
     Ray starts (``~/.ray`` made 0700, so the file is never readable meanwhile) and after (the file 0600)."""
-    path = Path(os.environ.get(TOKEN_PATH_ENV) or Path.home() / ".ray" / "auth_token")
-    for place, mode in ((path.parent, 0o700), (path, 0o600)):
-        if place == path.parent and os.environ.get(TOKEN_PATH_ENV):
-            continue  # a folder the user chose for the token is theirs to set
-        try:
-            if place == path.parent:
-                place.mkdir(mode=mode, exist_ok=True)
-            found = place.stat()
-            if found.st_uid == os.getuid() and found.st_mode & 0o077:
-                place.chmod(mode)
-        except OSError:
-            pass  # none written (token auth off), or not ours to change
+    from cnn_train.flows.ops.auth import restrict
+
+    if chosen := os.environ.get(TOKEN_PATH_ENV):  # a folder the user chose for the token is theirs to set
+        restrict(Path(chosen), 0o600)
+        return
+    folder = Path.home() / ".ray"
+    with contextlib.suppress(OSError):
+        folder.mkdir(mode=0o700, exist_ok=True)
+    restrict(folder, 0o700)
+    restrict(folder / "auth_token", 0o600)
 
 
 def local_start_failure(error: PermissionError) -> RayClusterError:

@@ -167,6 +167,6 @@ def _named_folder(folder: Path, named_by: str) -> Path:
             f"{named_by} {folder} {lacks}. Point it at a folder that does, or unset it to search the "
             f"usual places ({DEBIAN_DIR}, the Keras cache, a download)"
         )
-    if unreadable := [spec.path_in(folder).name for spec in FILES if not os.access(spec.path_in(folder), os.R_OK)]:
+    if unreadable := [path.name for path in (spec.path_in(folder) for spec in FILES) if not os.access(path, os.R_OK)]:
         raise DatasetError(f"{named_by}: {folder} holds {', '.join(unreadable)}, which this user cannot read (permission denied)")
     return folder

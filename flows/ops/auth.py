@@ -153,15 +153,20 @@ def keep_project_data_private() -> list[Path]:
             database.touch(mode=0o600)  # SQLite takes an empty file as an empty database
             default_artifact_root().mkdir(mode=0o700, exist_ok=True)
         places += [(database, 0o600), (default_artifact_root(), 0o700)]
-    changed = []
-    for path, mode in places:
-        try:
-            if path.exists() and stat.S_IMODE(path.stat().st_mode) & 0o077:
-                path.chmod(mode)
-                changed.append(path)
-        except OSError:
-            continue  # not ours to change: the servers' credentials still guard it
-    return changed
+    return [path for path, mode in places if restrict(path, mode)]
+
+
+def restrict(path: Path, mode: int) -> bool:
+    """Give ``path`` ``mode`` (owner only) when it is this user's and others may read it; whether it changed.
+    A missing path, or one not this user's to change, is left as it is."""
+    try:
+        found = path.stat()
+        if found.st_uid != os.getuid() or not stat.S_IMODE(found.st_mode) & 0o077:
+            return False
+        path.chmod(mode)
+    except OSError:
+        return False
+    return True
 
 
 def sync_mlflow_admin(credentials: Credentials) -> None:

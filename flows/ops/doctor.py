@@ -156,9 +156,10 @@ def check_dataset(data_dir: Path | None = None) -> Finding:
 def check_spools(*, fix: bool) -> Finding:
     """Tracking records kept on this machine while MLflow was away: reported, and delivered with ``fix``.
     Those of runs still going are on their way (each run's process delivers its own), not a fault."""
-    waiting = tracking.waiting_spools(left_behind=True)
+    holding = tracking.waiting_spools()
+    waiting = [spool for spool in holding if not spool.owner_alive()]
     if not waiting:
-        running = len(tracking.waiting_spools()) - len(waiting)
+        running = len(holding)
         return Finding("tracking spool", True, "no records left waiting for MLflow" + (
             f" ({running} running run(s) are delivering theirs)" if running else ""
         ))

@@ -83,12 +83,16 @@ def collect_images(paths: Iterable[Path | str]) -> Collected:
     return Collected(tuple(files), tuple(skipped), tuple(missing))
 
 
+#: Why :func:`not_taken` passed over a path with nothing at it (the predict flow then says where it looked).
+NOTHING_THERE = "no such file or folder"
+
+
 def not_taken(path: Path) -> str:
     """Why :func:`collect_images` did not take a path given by name."""
     try:
         if path.is_dir():
             return "a folder this user cannot read (permission denied)"
-        return "not a regular file or folder (a pipe, socket or device)" if path.exists() else "no such file or folder"
+        return "not a regular file or folder (a pipe, socket or device)" if path.exists() else NOTHING_THERE
     except PermissionError:
         return "in a folder this user cannot enter (permission denied)"
 
