@@ -1,5 +1,5 @@
 """The model registry's aliases and the default model, against a real SQLite store: a version becomes
-champion only by beating the champion on the same test set; `cnn-train models` lists them; a
+champion by beating the champion on the same test set, or across test sets with the surer score; `cnn-train models` lists them; a
 prediction defaults to the best champion, else the latest finished training run; a name that matches
 nothing lists what exists."""
 
@@ -50,12 +50,24 @@ def _does_not_beat(accuracy: float, shown: str, *, case_id: str) -> ParameterSet
 
 
 def _not_comparable(their_images: str | None, my_images: int | None, *, case_id: str) -> ParameterSet:
-    """The case of a version scored at 99% on another test set than champion version 4's 70%, not on more
-    test images than it: it becomes challenger, the champion stays."""
+    """The case of a version scored at 99% on another test set than champion version 4's 70%, one of the two
+    scores without its count of test images: it becomes challenger, the champion stays."""
     return pytest.param(
         _champion("0.7", "testset-b", images=their_images), _facts(0.99, images=my_images), CHALLENGER,
-        "champion version 4 was tested on another test set (digest testset-b, this one testset-a), so the "
-        "accuracies are not comparable; champion version 4 stays champion", id=case_id,
+        "champion version 4 was tested on another test set (digest testset-b, this one testset-a) and one of the two "
+        "scores does not say on how many images (tag test_images), so the accuracies are not comparable; "
+        "champion version 4 stays champion", id=case_id,
+    )
+
+
+def _across_test_sets(mine: tuple[float, int], theirs: tuple[str, str], alias: str, scores: str, *, case_id: str) -> ParameterSet:
+    """The case of a version scored ``mine`` (accuracy, images) on another test set than champion version 4's
+    ``theirs``: the surer score, the higher lower end of a 95% interval, takes or keeps the alias."""
+    verdict = "its score is the surer" if alias == CHAMPION else "its score is not the surer"
+    stays = "" if alias == CHAMPION else "; champion version 4 stays champion"
+    return pytest.param(
+        _champion(theirs[0], "testset-b", images=theirs[1]), _facts(mine[0], images=mine[1]), alias,
+        f"on another test set than champion version 4's, {verdict}: {scores}{stays}", id=case_id,
     )
 
 
@@ -69,14 +81,29 @@ def _not_comparable(their_images: str | None, my_images: int | None, *, case_id:
         ),
         _does_not_beat(0.89, "89.00%", case_id="worse"),
         _does_not_beat(0.9, "90.00%", case_id="equal"),
-        _not_comparable(None, None, case_id="other-test-set"),
-        pytest.param(
-            _champion("0.58", "testset-b", images="100"), _facts(0.9167, images=10_000), CHAMPION,
-            "it was tested on more test images (10,000, 91.67%) than champion version 4 (100, 58.00%), a surer score; "
-            "the accuracies of two test sets do not compare", id="more-test-images",
-        ),
-        _not_comparable("10000", 500, case_id="fewer-test-images"),
+        _not_comparable(None, None, case_id="other-test-set-no-counts"),
+        _not_comparable("10000", None, case_id="no-count-of-mine"),
         _not_comparable("by hand", 500, case_id="a-count-set-by-hand"),
+        _across_test_sets(
+            (0.9167, 10_000), ("0.58", "100"), CHAMPION,
+            "91.67% on 10,000 test images, 95% interval from 91.11%, against champion version 4's 58.00% on 100, "
+            "from 48.21%", case_id="a-full-run-over-a-smoke-run",
+        ),
+        _across_test_sets(
+            (0.679, 1_000), ("0.79", "200"), CHALLENGER,
+            "67.90% on 1,000 test images, 95% interval from 64.94%, against champion version 4's 79.00% on 200, "
+            "from 72.84%", case_id="more-images-but-surely-worse",
+        ),
+        _across_test_sets(
+            (0.95, 2_000), ("0.9", "10000"), CHAMPION,
+            "95.00% on 2,000 test images, 95% interval from 93.96%, against champion version 4's 90.00% on 10,000, "
+            "from 89.40%", case_id="fewer-images-but-surely-better",
+        ),
+        _across_test_sets(
+            (0.91, 10_000), ("0.9", "10000"), CHAMPION,
+            "91.00% on 10,000 test images, 95% interval from 90.42%, against champion version 4's 90.00% on 10,000, "
+            "from 89.40%", case_id="as-many-images",
+        ),
         pytest.param(
             _champion(None, None), _facts(0.99), CHALLENGER,
             "champion version 4 has no test_set_digest/test_accuracy tags (registered without them), so the two "
@@ -276,29 +303,34 @@ def test_the_default_is_the_best_champion_of_the_experiment(store):
         "models:/strong-line@champion", "strong-line/1", strong[0].run_id
     )
     assert choice.described == (
-        "models:/strong-line@champion (version 1, test accuracy 90.00%), the best of the experiment's 2 registered "
-        "champions (scored on the most test images, then the best test accuracy; --model picks another)"
+        "models:/strong-line@champion (version 1, test accuracy 90.00% on 10,000 test images), the surest of the "
+        "experiment's 2 registered champions (the highest lower end of a 95% interval around each test accuracy; "
+        "--model picks another)"
     )
 
 
-def test_the_default_champion_is_scored_and_on_the_most_test_images(store):
-    """A champion registered by hand without a test accuracy (NaN) was never beaten once it came first, and
-    80% on 10 test images beat 72% on all of them."""
+def test_the_default_champion_is_scored_and_the_surest(store):
+    """A champion registered by hand without a test accuracy (NaN) was never beaten once it came first; 80% on
+    10 test images (its run's test_limit, no tag) is less sure than 72% on 10,000, and 79% on 200 surer."""
     from mlflow import MlflowClient
 
-    unscored, on_ten, on_all = (_trained_run(store, "ranked-champions", accuracy=a) for a in (0.5, 0.8, 0.72))
+    unscored, on_ten, on_all, on_two_hundred = (
+        _trained_run(store, "ranked-champions", accuracy=a) for a in (0.5, 0.8, 0.72, 0.79)
+    )
     on_ten[0].log_params({"test_limit": 10})
-    on_all[0].log_params({"test_limit": None})
-    on_ten[0].finish(), on_all[0].finish()
+    on_ten[0].finish()
     _register(store, "a-by-hand", unscored, 0.5)  # first by name, as search_registered_models lists them
     MlflowClient(store).delete_model_version_tag("a-by-hand", "1", "test_accuracy")  # as `mlflow.register_model` leaves it
-    _register(store, "b-on-ten", on_ten, 0.8, test_set="ten-images")
+    _register(store, "b-on-ten", on_ten, 0.8, test_set="ten-images", images=None)
     _register(store, "c-on-all", on_all, 0.72, test_set="all-images")
     choice = tracking.default_model(uri=store, experiment="ranked-champions")
     assert choice.described == (
-        "models:/c-on-all@champion (version 1, test accuracy 72.00%), the best of the experiment's 3 registered "
-        "champions (scored on the most test images, then the best test accuracy; --model picks another)"
+        "models:/c-on-all@champion (version 1, test accuracy 72.00% on 10,000 test images), the surest of the "
+        "experiment's 3 registered champions (the highest lower end of a 95% interval around each test accuracy; "
+        "--model picks another)"
     )
+    _register(store, "d-on-two-hundred", on_two_hundred, 0.79, test_set="two-hundred-images", images=200)
+    assert tracking.default_model(uri=store, experiment="ranked-champions").model_uri == "models:/d-on-two-hundred@champion"
 
 
 def test_no_default_model_names_the_latest_one_trained_in_another_experiment(tmp_path):

@@ -16,7 +16,14 @@ from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
 from cnn_train.flows.errors import ExpectedFailure, did_you_mean
-from cnn_train.flows.tracking.registry import ACCURACY_TAG, CHAMPION, all_registered_models, version_by_alias
+from cnn_train.flows.tracking.registry import (
+    ACCURACY_TAG,
+    CHAMPION,
+    TEST_IMAGES_TAG,
+    all_registered_models,
+    surest_accuracy,
+    version_by_alias,
+)
 from cnn_train.flows.tracking.uri import client
 
 #: Tags that mark a run other than a plain training run (compare or sweep parents, dense baselines,
@@ -242,26 +249,26 @@ def _accuracy(run: Run) -> str:
 
 def _best_champion(mlflow_client: MlflowClient, experiment_id: str) -> ModelChoice | None:
     """The best champion among registered models trained in the experiment: one with a test accuracy
-    before one without, then the one scored on more test images (scores on test sets of different sizes
-    do not compare, and a score on all of them is the surest), then the best test accuracy."""
-    ranked: list[tuple[tuple[bool, float, float], str, ModelVersion, str]] = []
+    before one without, then the surest score, as the registry ranks versions across test sets (the
+    lower end of the accuracy's 95% interval on its count of test images)."""
+    ranked: list[tuple[tuple[bool, float], str, ModelVersion, str]] = []
     for registered in all_registered_models(mlflow_client):
         version = registered.aliases.get(CHAMPION) and version_by_alias(mlflow_client, registered.name, CHAMPION)
         run = version and version.run_id and _run_in_experiment(mlflow_client, version.run_id, experiment_id)
         if not run:
             continue
-        accuracy, images = float(version.tags.get(ACCURACY_TAG, "nan")), _test_images(run)
+        accuracy, images = float(version.tags.get(ACCURACY_TAG, "nan")), _test_images(version, run)
         scored = "test accuracy n/a" if math.isnan(accuracy) else f"test accuracy {accuracy * 100:.2f}%" + (
-            "" if math.isinf(images) else f" on {images:.0f} test images"
+            "" if math.isinf(images) else f" on {images:,.0f} test images"
         )
-        ranked.append(((not math.isnan(accuracy), images, accuracy), registered.name, version, scored))
+        surest = -math.inf if math.isnan(accuracy) else surest_accuracy(accuracy, images)
+        ranked.append(((not math.isnan(accuracy), surest), registered.name, version, scored))
     if not ranked:
         return None
     _, name, version, scored = max(ranked, key=lambda candidate: candidate[0])
-    # Which of several, and by what rule: a champion on more test images wins over a higher score on fewer.
     why = "the experiment's registered champion" if len(ranked) == 1 else (
-        f"the best of the experiment's {len(ranked)} registered champions (scored on the most test images, "
-        "then the best test accuracy; --model picks another)"
+        f"the surest of the experiment's {len(ranked)} registered champions (the highest lower end of a 95% interval "
+        "around each test accuracy; --model picks another)"
     )
     return ModelChoice(
         f"models:/{name}@{CHAMPION}",
@@ -271,12 +278,17 @@ def _best_champion(mlflow_client: MlflowClient, experiment_id: str) -> ModelChoi
     )
 
 
-def _test_images(run: Run) -> float:
-    """How many test images a training run scored its model on: its ``test_limit``, else all (infinity)."""
-    try:
-        return float(int(run.data.params.get("test_limit", "")))
-    except ValueError:
-        return math.inf
+def _test_images(version: ModelVersion, run: Run) -> float:
+    """How many test images a version was scored on: its tag, else its run's ``test_limit``, else all of
+    them, a count the run did not record (infinity)."""
+    for value in (version.tags.get(TEST_IMAGES_TAG), run.data.params.get("test_limit")):
+        try:
+            count = int(value or "")
+        except ValueError:
+            continue
+        if count > 0:
+            return float(count)
+    return math.inf
 
 
 def _run_in_experiment(mlflow_client: MlflowClient, run_id: str, experiment_id: str) -> Run | None:
