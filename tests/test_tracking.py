@@ -447,6 +447,12 @@ def test_a_local_or_database_store_is_not_opened_to_check_it(uri, monkeypatch, t
     assert not Path("/nonexistent").exists() and not (tmp_path / "nonexistent").exists()
 
 
+_PROJECT_FIX = (
+    "set CNN_TRAIN_ROOT to a folder you can write (it holds mlflow.db, mlartifacts/ and .state/), or MLFLOW_TRACKING_URI "
+    "to a store you can write"
+)
+
+
 @pytest.mark.parametrize(
     ("blocked", "says"),
     [
@@ -454,19 +460,27 @@ def test_a_local_or_database_store_is_not_opened_to_check_it(uri, monkeypatch, t
         pytest.param("file", "{tmp}/mlflow.db", id="a-database-it-cannot-write"),
     ],
 )
-def test_a_sqlite_store_this_user_cannot_write_is_refused_before_the_run(tmp_path, monkeypatch, blocked, says):
+@pytest.mark.parametrize(
+    ("projects", "named", "fix"),
+    [
+        pytest.param(True, "the project's store", _PROJECT_FIX, id="the-projects-store"),
+        # A store the user named has nothing to do with the project's folder: no CNN_TRAIN_ROOT advice.
+        pytest.param(False, "MLFLOW_TRACKING_URI sqlite:///{tmp}/mlflow.db", "point it at a store you can write", id="a-named-store"),
+    ],
+)
+def test_a_sqlite_store_this_user_cannot_write_is_refused_before_the_run(tmp_path, monkeypatch, blocked, says, projects, named, fix):
     """From a read-only checkout, a run retried MLflow's 'unable to open database file' for 3.5 minutes, then
     failed inside its flow run. The suite runs as root, which writes anything: access() plays the refusal."""
     (tmp_path / "mlflow.db").touch()
+    monkeypatch.setenv("CNN_TRAIN_ROOT", str(tmp_path if projects else tmp_path / "elsewhere"))
+    (tmp_path / "elsewhere").mkdir()
     refused = tmp_path if blocked == "folder" else tmp_path / "mlflow.db"
     access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != refused and access(path, mode))
     with pytest.raises(tracking.TrackingUnavailableError) as caught:
         tracking.check_reachable(f"sqlite:///{tmp_path}/mlflow.db")
     assert str(caught.value) == (
-        f"MLFLOW_TRACKING_URI sqlite:///{tmp_path}/mlflow.db: this user cannot write {says.format(tmp=tmp_path)} (permission "
-        "denied); set CNN_TRAIN_ROOT to a folder you can write (it holds mlflow.db, mlartifacts/ and .state/), or "
-        "MLFLOW_TRACKING_URI to a store you can write"
+        f"{named.format(tmp=tmp_path)}: this user cannot write {says.format(tmp=tmp_path)} (permission denied); {fix}"
     )
 
 

@@ -165,12 +165,16 @@ def _check_sqlite_writable(uri: str) -> None:
     blocked = folder if not os.access(folder, os.W_OK) else (
         database if os.path.exists(database) and not os.access(database, os.W_OK) else None
     )
-    if blocked is not None:
-        named = "the project's store" if uri == default_tracking_uri() else f"MLFLOW_TRACKING_URI {uri}"
-        raise TrackingUnavailableError(
-            f"{named}: this user cannot write {blocked} (permission denied); set CNN_TRAIN_ROOT to a folder you can "
-            "write (it holds mlflow.db, mlartifacts/ and .state/), or MLFLOW_TRACKING_URI to a store you can write"
+    if blocked is None:
+        return
+    if uri == default_tracking_uri():
+        named, fix = "the project's store", (
+            "set CNN_TRAIN_ROOT to a folder you can write (it holds mlflow.db, mlartifacts/ and .state/), "
+            "or MLFLOW_TRACKING_URI to a store you can write"
         )
+    else:  # a store the user named: the project's folder has nothing to do with it
+        named, fix = f"MLFLOW_TRACKING_URI {uri}", "point it at a store you can write"
+    raise TrackingUnavailableError(f"{named}: this user cannot write {blocked} (permission denied); {fix}")
 
 
 @functools.cache  # a run's heartbeat checks its store every few seconds; a driver found stays found
