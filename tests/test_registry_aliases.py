@@ -216,6 +216,47 @@ def test_cnn_train_models_lists_versions_aliases_and_accuracies(store, better_th
     assert all("| torch | cnn |" in row for row in rows)
 
 
+@pytest.fixture(scope="module")
+def quoted_model(store, tmp_path_factory) -> None:
+    """A model registered by hand under a name with a quote, which MLflow's filters cannot hold (cnn-train's
+    --register takes none)."""
+    from mlflow import MlflowClient
+
+    MlflowClient(store).create_registered_model("it's a model")
+    MlflowClient(store).create_model_version("it's a model", str(tmp_path_factory.mktemp("by-hand")))
+
+
+@pytest.mark.parametrize(
+    ("names", "listed"),
+    [
+        pytest.param(["better-then-worse"], {"better-then-worse"}, id="one-model"),
+        pytest.param(["it's a model", "better-then-worse"], {"it's a model", "better-then-worse"}, id="a-name-with-a-quote"),
+    ],
+)
+def test_cnn_train_models_lists_only_the_models_named(store, better_then_worse, quoted_model, names, listed):
+    from cnn_train.flows.cli import app
+
+    result = CliRunner().invoke(app, ["models", *names], env={"MLFLOW_TRACKING_URI": store})
+    assert result.exit_code == 0, result.output
+    rows = [line.split(" | ") for line in result.stdout.splitlines()[2:]]
+    assert {row[0].removeprefix("| ") for row in rows} == listed
+    assert len(rows) == 2 + ("it's a model" in listed), "every version of each model named, no other"
+    assert ("| it's a model | 1 |" in result.stdout) == ("it's a model" in listed)
+
+
+def test_cnn_train_models_refuses_a_name_no_model_has(store, better_then_worse):
+    from cnn_train.flows.cli import app
+
+    result = CliRunner().invoke(app, ["models", "better-then-wors", "nothing-like-it"], env={"MLFLOW_TRACKING_URI": store})
+    assert result.exit_code == 2 and result.stdout == ""
+    line = result.stderr.strip()
+    assert line.startswith(
+        "cnn-train: no registered model is named 'better-then-wors' (did you mean better-then-worse?); "
+        "no registered model is named 'nothing-like-it'; registered: "
+    ), line
+    assert "\n" not in line and "better-then-worse" in line.rpartition("registered: ")[2]
+
+
 def test_a_version_the_server_already_listed_on_its_logged_model_is_not_listed_twice(store):
     """An MLflow server lists a new version on its logged model itself (version as a number); the entry
     cnn-train adds for a SQLite store made the model page show each version twice."""

@@ -119,15 +119,17 @@ def _make_folders(*folders: Path) -> list[Path]:
 
 
 @app.command()
-def models() -> None:
+def models(
+    names: Annotated[list[str] | None, typer.Argument(help="Only these registered models (all when none is named).", show_default=False)] = None,
+) -> None:
     """List registered models: versions, aliases (champion, challenger), test accuracy, backend."""
     from cnn_train.flows import reporting, tracking
 
     uri = tracking.tracking_uri()
     try:
         tracking.check_reachable(uri)
-        versions = tracking.registered_versions(uri)
-    except tracking.TrackingUnavailableError as error:
+        versions = tracking.registered_versions(uri, names or ())
+    except (tracking.TrackingUnavailableError, tracking.UnknownModelNameError) as error:
         fail(str(error))
     if versions.empty:
         typer.echo(f"no registered models in {uri}; register one with `cnn-train run --register NAME`")

@@ -15,13 +15,14 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
-from cnn_train.flows.errors import ExpectedFailure, did_you_mean
+from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.tracking.registry import (
     ACCURACY_TAG,
     CHAMPION,
     TEST_IMAGES_TAG,
     all_registered_models,
     surest_accuracy,
+    unknown_name,
     version_by_alias,
 )
 from cnn_train.flows.tracking.uri import client
@@ -87,7 +88,7 @@ def locate(spec: str, *, experiment: str, uri: str | None = None) -> ModelChoice
         models = all_registered_models(mlflow_client)
         names = [model.name for model in models]
         if (typed := _typed_name(model_uri)) and typed not in names:
-            found += f"; no registered model is named {typed!r}{did_you_mean(typed, names)}"
+            found += f"; {unknown_name(typed, names)}"
         raise ModelNotFoundError(f"{found}; {what_exists(mlflow_client, experiment, models)}")
     return found
 

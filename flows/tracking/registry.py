@@ -10,7 +10,7 @@ Otherwise the version becomes ``challenger``, and the :class:`Registration` says
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from mlflow.entities import RunTag
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
+from cnn_train.flows.errors import did_you_mean
 from cnn_train.flows.tracking import models
 from cnn_train.flows.tracking.models import OUTPUT_NAME
 from cnn_train.flows.tracking.uri import client
@@ -253,21 +254,58 @@ def register_delivered(request: dict[str, Any], model_uri: str, uri: str) -> Reg
     return registration
 
 
+def _all_model_versions(mlflow_client: MlflowClient) -> list[ModelVersion]:
+    """Every version of every registered model, through all of the search's pages. One search, not one per
+    model: a filter on a name holding a quote (``it's``) is refused, and MLflow's filters take no escape."""
+    found: list[ModelVersion] = []
+    page_token = None
+    while True:
+        page = mlflow_client.search_model_versions(page_token=page_token)
+        found += page
+        page_token = page.token
+        if not page_token:
+            return found
+
+
+def unknown_name(typed: str, known: Sequence[str]) -> str:
+    """``no registered model is named 'fashion-cn' (did you mean fashion-cnn?)``."""
+    return f"no registered model is named {typed!r}{did_you_mean(typed, known)}"
+
+
+#: Registered models a miss names, at most.
+_LISTED_NAMES = 10
 #: Columns of :func:`registered_versions`, in order.
 VERSION_COLUMNS = ("model", "version", "aliases", "test_accuracy", "test_images", "backend", "architecture", "run_id", "created")
 
 
-def registered_versions(uri: str | None = None) -> pd.DataFrame:
-    """Every version of every registered model, newest first per model, with aliases and accuracy."""
+class UnknownModelNameError(LookupError):
+    """Names asked for that no registered model has; the message lists the close ones and what exists."""
+
+
+def registered_versions(uri: str | None = None, names: Sequence[str] = ()) -> pd.DataFrame:
+    """Every version of every registered model (only those of ``names`` when given), newest first per
+    model, with aliases and accuracy. A name no model has raises :class:`UnknownModelNameError`."""
     mlflow_client = client(uri)
+    registered_models = all_registered_models(mlflow_client)
+    known = [registered.name for registered in registered_models]
+    if missing := [name for name in dict.fromkeys(names) if name not in known]:
+        listed = ", ".join(known[:_LISTED_NAMES]) + (f" and {len(known) - _LISTED_NAMES} more" if len(known) > _LISTED_NAMES else "")
+        raise UnknownModelNameError(
+            "; ".join(unknown_name(name, known) for name in missing)
+            + (f"; registered: {listed}" if known else "; none is registered yet")
+        )
+    by_name: dict[str, list[ModelVersion]] = {}
+    for version in _all_model_versions(mlflow_client):
+        by_name.setdefault(version.name, []).append(version)
     rows = []
-    for registered in all_registered_models(mlflow_client):
+    for registered in registered_models:
+        if names and registered.name not in names:
+            continue
         # The registered model knows its aliases; versions from a search come without them (SQLite store).
         aliases: dict[int, list[str]] = {}
         for alias, number in sorted(registered.aliases.items()):
             aliases.setdefault(int(number), []).append(alias)
-        versions = mlflow_client.search_model_versions(f"name = '{registered.name}'")
-        for version in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        for version in sorted(by_name.get(registered.name, []), key=lambda v: int(v.version), reverse=True):
             accuracy = version.tags.get(ACCURACY_TAG)
             rows.append({
                 "model": registered.name,
