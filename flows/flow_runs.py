@@ -9,7 +9,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -131,17 +131,37 @@ class FlowRunSummary:
 FLOW_NAMES = ("cnn-train", "cnn-train-compare", "cnn-train-sweep", "cnn-train-tune", "cnn-train-predict")
 
 
-def recent_flow_runs(limit: int = 10, *, all_flows: bool = False) -> tuple[list[FlowRunSummary], int]:
-    """The newest ``limit`` flow runs of cnn-train's flows (of every flow with ``all_flows``), by start, not
-    yet started ones first, with their flow's name; and how many such flow runs the server holds."""
+#: Prefect's state types, lower case (its StateType, without importing Prefect for a command's options).
+STATE_TYPES = ("scheduled", "pending", "running", "completed", "failed", "cancelled", "crashed", "paused", "cancelling")
+
+
+def recent_flow_runs(
+    limit: int = 10, *, all_flows: bool = False, states: Sequence[str] = ()
+) -> tuple[list[FlowRunSummary], int]:
+    """The newest ``limit`` flow runs of cnn-train's flows (of every flow with ``all_flows``; only in one of
+    the state types ``states`` when given), by start, not yet started ones first, with their flow's name;
+    and how many such flow runs the server holds."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterId, FlowFilterName
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterId,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 
     ours = None if all_flows else FlowFilter(name=FlowFilterName(any_=list(FLOW_NAMES)))
+    in_states = FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(state.upper()) for state in states]))
+    ) if states else None
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_filter=ours, sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit)
-        total = client.count_flow_runs(flow_filter=ours) if len(runs) == limit else len(runs)
+        runs = client.read_flow_runs(
+            flow_filter=ours, flow_run_filter=in_states, sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=limit
+        )
+        total = client.count_flow_runs(flow_filter=ours, flow_run_filter=in_states) if len(runs) == limit else len(runs)
         flow_ids = list({run.flow_id for run in runs})
         flows = client.read_flows(flow_filter=FlowFilter(id=FlowFilterId(any_=flow_ids))) if flow_ids else []
     names = {flow.id: flow.name for flow in flows}

@@ -119,6 +119,9 @@ def test_a_mistyped_name_is_answered_with_the_names_it_may_mean(typed, names, me
         # Prefect's API answered 422 with a traceback.
         pytest.param(["runs", "--limit", "201"], "cnn-train: Invalid value for '--limit': Input should be less than or equal to 200; "
                      "see `cnn-train runs --help`", id="more-runs-than-the-api-gives"),
+        pytest.param(["runs", "--state", "faild"], "cnn-train: Invalid value for '--state': 'faild' is not one of 'scheduled', "
+                     "'pending', 'running', 'completed', 'failed', 'cancelled', 'crashed', 'paused', 'cancelling'; see "
+                     "`cnn-train runs --help`", id="a-state-prefect-has-not"),
     ],
 )
 def test_a_command_line_mistake_is_one_line(arguments, line):
@@ -815,6 +818,37 @@ def test_runs_lists_cnn_trains_flow_runs_and_says_how_many_there_are(prefect_api
     lines = every.output.splitlines()
     assert re.fullmatch(rf"the newest 2 of \d+ flow runs on {re.escape(prefect_api_url)}, newest first:", lines[0])
     assert [line.split()[2] for line in lines[2:]] == ["team-etl", "team-etl"]
+
+
+def test_runs_lists_only_the_flow_runs_in_the_states_asked_for(prefect_api_url):
+    from prefect import flow
+
+    @flow(name="team-flaky", persist_result=False)
+    def team_flaky(fail: bool) -> None:
+        """Another flow on the same server, failing when asked."""
+        if fail:
+            raise RuntimeError("flaky")
+
+    team_flaky(False)
+    with pytest.raises(RuntimeError):
+        team_flaky(True)
+    failed = CliRunner().invoke(app, ["runs", "--all-flows", "--state", "failed", "--state", "crashed", "--limit", "200"], env={"COLUMNS": "250"})
+    assert failed.exit_code == 0, failed.output
+    lines = failed.output.splitlines()
+    assert re.fullmatch(
+        rf"all \d+ flow runs in state FAILED or CRASHED on {re.escape(prefect_api_url)}, newest first:", lines[0]
+    ), lines[0]
+    assert {line.split()[4] for line in lines[2:]} <= {"Failed", "Crashed"} and "team-flaky" in failed.output
+    ours = CliRunner().invoke(app, ["runs", "--state", "cancelling"], env={"COLUMNS": "250"})
+    assert ours.output == f"no cnn-train flow runs in state CANCELLING on {prefect_api_url} (--all-flows lists other flows' runs too)\n"
+
+
+def test_runs_state_choices_are_prefects_state_types():
+    from prefect.client.schemas.objects import StateType
+
+    from cnn_train.flows.flow_runs import STATE_TYPES
+
+    assert STATE_TYPES == tuple(state.value.lower() for state in StateType)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ recent flow runs, and triggering a deployment with the reason shown when its run
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 from typing import Annotated, Any, Optional
@@ -10,6 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cnn_train.flows.cli.app import app, fail
+from cnn_train.flows.flow_runs import STATE_TYPES
 from cnn_train.flows.errors import did_you_mean
 
 _SERVER_STATES = {(True, True): "ready", (True, False): "started, not answering", (False, True): "answering (not started here)"}
@@ -138,10 +140,22 @@ def _prefect_api(*, required: bool) -> str | None:
     return api_url
 
 
+#: The state types ``runs --state`` takes (an Enum, so a wrong one is refused with the list).
+RunState = enum.Enum("RunState", {name: name for name in STATE_TYPES}, type=str)
+
+
 @app.command()
 def runs(
     limit: Annotated[int, typer.Option(min=1, max=200, help="How many flow runs, newest first (Prefect's API gives 200 at most).")] = 10,
     all_flows: Annotated[bool, typer.Option("--all-flows", help="Also other flows' runs on the same Prefect server, not only cnn-train's.")] = False,
+    state: Annotated[
+        Optional[list[RunState]],
+        typer.Option(
+            metavar="STATE",
+            help=f"Only flow runs in this state type, one of {', '.join(STATE_TYPES)} (repeat for several: --state failed --state crashed).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """List recent flow runs of cnn-train's flows with their state and its message."""
     import pandas as pd
@@ -150,8 +164,11 @@ def runs(
 
     api_url = _prefect_api(required=False)
     where = api_url or "the temporary server's database (runs made without servers)"
-    which = "flow runs" if all_flows else "cnn-train flow runs"
-    summaries, total = flow_runs.recent_flow_runs(limit, all_flows=all_flows)
+    states = list(dict.fromkeys(chosen.value for chosen in state or ()))
+    which = ("flow runs" if all_flows else "cnn-train flow runs") + (
+        f" in state {' or '.join(name.upper() for name in states)}" if states else ""
+    )
+    summaries, total = flow_runs.recent_flow_runs(limit, all_flows=all_flows, states=states)
     if not summaries:
         typer.echo(f"no {which} on {where}" + ("" if all_flows else " (--all-flows lists other flows' runs too)"))
         return
