@@ -28,7 +28,8 @@ _ENGINE_RESTATEMENT = "Engine execution exited with unexpected exception"
 
 
 class _HideExpectedTracebacks(logging.Filter):
-    """Keep a log record's message but drop its traceback when the exception is an ExpectedFailure, or
+    """Keep a log record's message but drop its traceback when the exception is an ExpectedFailure or a
+    full disk (its message says it all), or
     Prefect's FailedRun, a traceback of Prefect's own frames only, logged after the failure itself (with
     its traceback when it is a bug); the engine's restatement of such a failure goes altogether."""
 
@@ -44,7 +45,9 @@ class _HideExpectedTracebacks(logging.Filter):
 def _hidden(error: BaseException | None) -> bool:
     from prefect.exceptions import FailedRun  # imported already: the records come from Prefect's loggers
 
-    return isinstance(error, (ExpectedFailure, FailedRun))
+    from cnn_train.flows.diskspace import disk_full
+
+    return isinstance(error, (ExpectedFailure, FailedRun)) or disk_full(error)
 
 
 _FILTER = _HideExpectedTracebacks()

@@ -16,7 +16,8 @@ from prefect.exceptions import MissingContextError, TerminationSignal
 from prefect.states import Failed
 from pydantic import BaseModel
 
-from cnn_train.flows import crashes, steps, tracking
+from cnn_train.flows import crashes, diskspace, steps, tracking
+from cnn_train.flows.diskspace import disk_full, disk_full_line
 from cnn_train.flows.ops import services
 from cnn_train.flows.errors import ExpectedFailure, debugging, hide_expected_tracebacks
 from cnn_train.flows.flow_runs import FLOW_NAMES
@@ -66,6 +67,7 @@ def _start_flow_run(experiment: str, *, run_name: str, role: str | None = None) 
     logger = get_run_logger()
     crashes.record_this_process()
     tracking.check_reachable(tracking.tracking_uri())
+    diskspace.check_free_space(diskspace.run_folders(tracking.tracking_uri()))
     # Records an earlier run left on this machine while the server was away go first: their run's
     # end is among them, so it is not mistaken for abandoned below.
     for waiting, delivery in tracking.sync_spools():
@@ -149,7 +151,10 @@ def ending_note(status: str, error: BaseException) -> str:
     if status == "KILLED":
         return tracking.ending_description(status, "interrupted, or its flow run cancelled. What it recorded "
                                            "until then stays, and so does its checkpoint until `cnn-train gc`.")
-    reason = str(error) if isinstance(error, ExpectedFailure) else f"{type(error).__name__}: {error}"
+    if disk_full(error):
+        reason = disk_full_line(error)
+    else:
+        reason = str(error) if isinstance(error, ExpectedFailure) else f"{type(error).__name__}: {error}"
     return tracking.ending_description(status, reason.splitlines()[0][:500] if reason.strip() else type(error).__name__)
 
 
@@ -178,19 +183,20 @@ def _mark_runs_hook(status: str) -> Any:
 
 
 def fails_in_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A flow body whose expected failures (bad input or dataset, unreachable server, missing GPU) end
-    the flow run Failed with that one line as its state message, logged without a traceback; other
-    errors (bugs) propagate with theirs. Goes between ``@flow`` and ``@takes_parameters``."""
+    """A flow body whose expected failures (bad input or dataset, unreachable server, missing GPU, a full
+    disk) end the flow run Failed with that one line as its state message, logged without a traceback;
+    other errors (bugs) propagate with theirs. Goes between ``@flow`` and ``@takes_parameters``."""
 
     @functools.wraps(fn)
     def body(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except ExpectedFailure as error:
-            if debugging():
+        except Exception as error:
+            if debugging() or not (isinstance(error, ExpectedFailure) or disk_full(error)):
                 raise
-            get_run_logger().error(str(error))
-            return Failed(message=str(error))
+            line = disk_full_line(error) if disk_full(error) else str(error)
+            get_run_logger().error(line)
+            return Failed(message=line)
 
     return body
 

@@ -18,6 +18,7 @@ from prefect.states import State
 
 from cnn_train.flows import interrupts, reporting, steps
 from cnn_train.flows.data import PreparedData
+from cnn_train.flows.diskspace import disk_full
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.params import RunParameters
 from cnn_train.flows.placement import Placement, place_task
@@ -44,7 +45,8 @@ def progress_line(metrics: EpochMetrics, epochs: int, label: str) -> str:
 
 #: Failures a retry would meet again: a diverged training diverges again from its last checkpoint, a
 #: user-fixable failure (a refused input, a backend breaking the contract) and a programming error in
-#: a backend are deterministic. What is left (a lost connection, a full disk, a CUDA error) is retried.
+#: a backend are deterministic, and a full disk is still full 2 s later (:func:`diskspace.disk_full`).
+#: What is left (a lost connection, a CUDA error) is retried.
 NOT_RETRIED: tuple[type[BaseException], ...] = (
     steps.TrainingDiverged, ExpectedFailure, ValueError, LookupError, AttributeError, NameError, TypeError,
     ImportError, NotImplementedError, SyntaxError,
@@ -54,7 +56,7 @@ NOT_RETRIED: tuple[type[BaseException], ...] = (
 def retry_unless_deterministic(task: object, task_run: object, state: State[Any]) -> bool:
     """The train and trial tasks' ``retry_condition_fn``: a retry resumes from the last checkpoint, which
     pays only for a failure that may not happen again (Prefect passes the raised exception as the state's data)."""
-    return not isinstance(state.data, NOT_RETRIED)
+    return not isinstance(state.data, NOT_RETRIED) and not disk_full(state.data)
 
 
 @task(name="prep", task_run_name="prep", **IN_MEMORY)

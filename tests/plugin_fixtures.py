@@ -260,6 +260,20 @@ def make_paced_backend():
     return PacedBackend
 
 
+def make_disk_full_backend():
+    """The torch backend whose checkpoint write after epoch 1 meets a full disk, as torch.save's does."""
+    import errno
+    import os
+
+    base = _torch_backend()
+
+    class DiskFullBackend(base):
+        def save(self, path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    return DiskFullBackend
+
+
 def __getattr__(name: str):
     if name == "RaisesOnImport":
         raise RuntimeError("plugin is broken at import time")
@@ -271,4 +285,6 @@ def __getattr__(name: str):
         return make_channels_first_maps_backend()
     if name == "PacedBackend":
         return make_paced_backend()
+    if name == "DiskFullBackend":
+        return make_disk_full_backend()
     raise AttributeError(name)

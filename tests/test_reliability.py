@@ -208,6 +208,29 @@ def test_transient_failure_is_retried_and_resumes_from_the_last_epoch(prefect_ap
     assert _client(store).search_logged_models(experiment_ids=[run.info.experiment_id])
 
 
+def test_a_full_disk_is_one_line_not_retried_and_ends_the_run_failed_saying_so(prefect_api_url, store, tmp_path):
+    """A full disk used to fail a run in thousands of lines, the checkpoint write retried as if transient."""
+    env = _env(
+        prefect_api_url, store, tmp_path,
+        PLUGIN_PATH=str(backend_plugin_site(tmp_path / "site", "full-disk", "tests.plugin_fixtures:DiskFullBackend")),
+    )
+    result = subprocess.run(
+        [CLI, "run", "--backend", "full-disk", "--epochs", "2", "--sample-limit", "300", "--test-limit", "100"],
+        env=env, capture_output=True, text=True, timeout=400,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "Traceback" not in output and "Retry" not in output, output[-3000:]
+    line = (
+        f"a disk this run writes to is full (writing {tmp_path}/state/checkpoints/"
+    )
+    assert result.stderr.splitlines()[-1].startswith(f"cnn-train: {line}"), result.stderr[-2000:]
+    assert "free some space (`cnn-train gc` prunes old checkpoints and logs), then run again" in result.stderr.splitlines()[-1]
+    (run,) = _runs(store)
+    assert run.info.status == "FAILED"
+    assert line in run.data.tags["mlflow.note.content"]
+
+
 def test_four_concurrent_runs_all_land(prefect_api_url, store, tmp_path):
     """Four flow runs at once through the MLflow server, as the deployment logs: all complete."""
     port = free_port()

@@ -106,9 +106,13 @@ def require_reachable_servers() -> None:
     from cnn_train.flows.ops.addresses import start_hint
     from cnn_train.flows.ops.services import prefect_api_answers, prefect_api_mistake, prefect_api_refusal
 
+    from cnn_train.flows import diskspace
+
     try:
         tracking.check_reachable(tracking.tracking_uri())
-    except tracking.TrackingUnavailableError as error:
+        # Before a temporary Prefect server starts: on a full disk its own database failed first, in 500s.
+        diskspace.check_free_space(diskspace.run_folders(tracking.tracking_uri()))
+    except (tracking.TrackingUnavailableError, diskspace.DiskFullError) as error:
         fail(str(error))
     api_url = get_current_settings().api.url
     if api_url and not prefect_api_answers(api_url):

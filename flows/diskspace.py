@@ -1,0 +1,115 @@
+"""Disk space: a run is refused up front when a disk it writes to has too little room left, and a disk
+that fills during a run is told in one line, not retried and not buried in tracebacks.
+
+On a full disk a run used to fail in thousands of lines: torch's checkpoint write, then SQLite's
+"database or disk is full" from MLflow's store and Prefect's, each with its traceback, the checkpoint
+write retried as if the failure were transient, and the cause said nowhere in a line of its own.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from urllib.parse import urlparse
+
+from cnn_train.flows.errors import ExpectedFailure
+from cnn_train.flows.settings import default_artifact_root, state_dir
+
+#: What a run writes at most, roughly: the data cache on the first full-size run (~55 MB), a checkpoint,
+#: the logged model and the report (a few MB each) and the records of MLflow and Prefect. Below this a
+#: run would likely fill the disk partway, leaving runs RUNNING and files half written.
+MIN_FREE_BYTES = 64 * 2**20
+#: The errors a full disk (or a full quota) raises.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+#: How SQLite says it (as text: MLflow and SQLAlchemy wrap its error), and how the OS does.
+_FULL_TEXTS = ("database or disk is full", "no space left on device", "disk quota exceeded")
+
+
+class DiskFullError(ExpectedFailure):
+    """A disk a run writes to is full, or too full to start one."""
+
+
+def run_folders(tracking_uri: str) -> list[Path]:
+    """The folders a run writes to: the state folder (checkpoints, caches, spools, a temporary Prefect
+    server's database), a SQLite store's folder (its artifacts go beside it) or a file store, and the
+    project's artifact folder behind a server on this machine."""
+    folders = [state_dir()]
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme == "sqlite" and parsed.path.removeprefix("/") not in ("", ":memory:"):
+        folders.append(Path(parsed.path.removeprefix("/")).parent)
+    elif parsed.scheme in ("", "file"):
+        folders.append(Path(parsed.path or tracking_uri))
+    elif parsed.hostname in ("127.0.0.1", "localhost"):
+        folders.append(default_artifact_root())
+    return folders
+
+
+def check_free_space(folders: Iterable[Path], *, needed: int = MIN_FREE_BYTES) -> None:
+    """Raise :class:`DiskFullError` naming the first disk among ``folders``' that has less than ``needed``
+    bytes free (a folder not made yet counts by the nearest one that exists)."""
+    seen: set[int] = set()
+    for folder in folders:
+        existing = _nearest_existing(Path(folder).expanduser())
+        if existing is None:
+            continue
+        try:
+            device = os.stat(existing).st_dev
+            if device in seen:
+                continue
+            seen.add(device)
+            free = shutil.disk_usage(existing).free
+        except OSError:
+            continue  # unreadable: the checks of permissions say so in their own words
+        if free < needed:
+            raise DiskFullError(
+                f"only {_size(free)} free on the disk holding {folder}; a run writes up to about {_size(needed)} "
+                f"there: free some space (`cnn-train gc` prunes old checkpoints and logs), then run again"
+            )
+
+
+def disk_full(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error it was raised from or during, says a disk is full."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, DiskFullError) or (isinstance(error, OSError) and error.errno in _FULL):
+            return True
+        if any(text in str(error).lower() for text in _FULL_TEXTS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_full_line(error: BaseException) -> str:
+    """The one line a run that met a full disk ends with, naming the file when the error does."""
+    if isinstance(error, DiskFullError):
+        return str(error)
+    where = next((found for found in _filenames(error) if found), None)
+    place = f"writing {where}" if where else "writing its records"
+    return (
+        f"a disk this run writes to is full ({place}): free some space (`cnn-train gc` prunes old checkpoints "
+        "and logs), then run again; `cnn-train doctor --fix` ends what the run could not record as ended"
+    )
+
+
+def _filenames(error: BaseException | None) -> Iterable[str]:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError):
+            yield str(error.filename2 or error.filename or "")
+        error = error.__cause__ or error.__context__
+
+
+def _nearest_existing(path: Path) -> Path | None:
+    for candidate in (path, *path.parents):
+        if os.path.exists(candidate):  # os.path: Path.exists raises under a folder this user cannot enter
+            return candidate
+    return None
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:,.0f} MB" if count >= 2**20 else f"{count / 2**10:,.0f} KB"

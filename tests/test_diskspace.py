@@ -1,0 +1,116 @@
+"""Disk space: a run refused up front when a disk it writes to is nearly full, and a full disk met during
+a run recognised through the wrappers MLflow, SQLAlchemy and Prefect put around it, told in one line and
+not retried. The end-to-end case (a run whose checkpoint meets a full disk) is in test_reliability."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import sqlite3
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from cnn_train.flows.diskspace import DiskFullError, check_free_space, disk_full, disk_full_line, run_folders
+
+
+def _raised_from(outer: Exception, inner: Exception) -> Exception:
+    """``outer`` raised ``from inner``, as a wrapper raises it."""
+    try:
+        try:
+            raise inner
+        except Exception as error:
+            raise outer from error
+    except Exception as error:
+        return error
+
+
+def _mlflow_wrapped_sqlite_full() -> Exception:
+    from mlflow.exceptions import MlflowException
+
+    return _raised_from(MlflowException("(sqlite3.OperationalError) database or disk is full\n[SQL: INSERT ...]"),
+                        sqlite3.OperationalError("database or disk is full"))
+
+
+@pytest.mark.parametrize(
+    ("make", "full"),
+    [
+        pytest.param(lambda: OSError(errno.ENOSPC, "No space left on device", "/x/weights"), True, id="enospc"),
+        pytest.param(lambda: OSError(errno.EDQUOT, "Disk quota exceeded"), True, id="quota"),
+        pytest.param(_mlflow_wrapped_sqlite_full, True, id="sqlite-full-inside-mlflow"),
+        pytest.param(lambda: _raised_from(RuntimeError("checkpoint failed"), OSError(errno.ENOSPC, "No space left on device")),
+                     True, id="enospc-as-the-cause"),
+        pytest.param(lambda: DiskFullError("only 3 MB free"), True, id="refused-up-front"),
+        pytest.param(lambda: OSError(errno.EACCES, "Permission denied", "/x"), False, id="permission"),
+        pytest.param(lambda: RuntimeError("loss is nan"), False, id="unrelated"),
+        pytest.param(lambda: None, False, id="no-error"),
+    ],
+)
+def test_a_full_disk_is_recognised_through_its_wrappers(make, full):
+    assert disk_full(make()) is full
+
+
+def test_a_full_disk_is_not_retried():
+    from cnn_train.flows.tasks import retry_unless_deterministic
+
+    state = SimpleNamespace(data=_raised_from(RuntimeError("save failed"), OSError(errno.ENOSPC, "No space left on device")))
+    assert retry_unless_deterministic(None, None, state) is False
+    assert retry_unless_deterministic(None, None, SimpleNamespace(data=ConnectionError("reset"))) is True
+
+
+@pytest.mark.parametrize(
+    ("error", "place"),
+    [
+        pytest.param(OSError(errno.ENOSPC, "No space left on device", "/s/checkpoints/r/weights"), "writing /s/checkpoints/r/weights", id="a-file"),
+        pytest.param(OSError(errno.ENOSPC, "No space left on device", "/tmp/model.pt2", None, "/a/mlartifacts/model.pt2"),
+                     "writing /a/mlartifacts/model.pt2", id="a-copy-names-where-it-went"),
+        pytest.param(sqlite3.OperationalError("database or disk is full"), "writing its records", id="no-file-named"),
+    ],
+)
+def test_the_line_names_what_was_being_written(error, place):
+    assert disk_full_line(error) == (
+        f"a disk this run writes to is full ({place}): free some space (`cnn-train gc` prunes old checkpoints and logs), "
+        "then run again; `cnn-train doctor --fix` ends what the run could not record as ended"
+    )
+
+
+def test_a_disk_with_too_little_room_is_refused_naming_it(tmp_path, monkeypatch):
+    usage = shutil.disk_usage
+
+    def nearly_full(path):
+        found = usage(path)
+        return found._replace(free=3 * 2**20) if Path(path) == tmp_path else found
+
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full)
+    with pytest.raises(DiskFullError) as caught:
+        check_free_space([tmp_path / "not-made-yet" / "state"])
+    assert str(caught.value) == (
+        f"only 3 MB free on the disk holding {tmp_path}/not-made-yet/state; a run writes up to about 64 MB there: free "
+        "some space (`cnn-train gc` prunes old checkpoints and logs), then run again"
+    )
+    check_free_space([tmp_path], needed=2 * 2**20)  # enough for what is asked
+
+
+def test_each_disk_is_asked_once(tmp_path, monkeypatch):
+    asked: list[str] = []
+    usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: asked.append(str(path)) or usage(path))
+    check_free_space([tmp_path, tmp_path / "a", tmp_path / "b"], needed=1)
+    assert asked == [str(tmp_path)]
+
+
+@pytest.mark.parametrize(
+    ("uri", "beside_state"),
+    [
+        pytest.param("sqlite:///{tmp}/store/mlflow.db", ["{tmp}/store"], id="sqlite-store-and-its-artifacts"),
+        pytest.param("file://{tmp}/mlruns", ["{tmp}/mlruns"], id="file-store"),
+        pytest.param("http://127.0.0.1:5000", ["{root}/mlartifacts"], id="the-projects-server"),
+        pytest.param("https://mlflow.example.com", [], id="a-remote-server-keeps-its-own"),
+    ],
+)
+def test_the_folders_a_run_writes_to(tmp_path, monkeypatch, uri, beside_state):
+    monkeypatch.setenv("CNN_TRAIN_ROOT", str(tmp_path))
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
+    expected = [tmp_path / "state", *(Path(folder.format(tmp=tmp_path, root=tmp_path)) for folder in beside_state)]
+    assert run_folders(uri.format(tmp=tmp_path)) == expected
