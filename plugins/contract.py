@@ -237,16 +237,18 @@ def check_buildable(
 
 
 def check_images(x: np.ndarray, config: ModelConfig, *, what: str = "images") -> None:
-    """Refuse image batches that do not match ``config.input_shape``, with a message saying what would."""
+    """Refuse image batches unlike ``config.input_shape`` or not floats in [0, 1], saying what would do (raw
+    0-255 pixels trained from a loss of 110 without a word, and NaN fails training and predictions alike)."""
     expected = tuple(config.input_shape)
     if not isinstance(x, np.ndarray):
         raise BackendInputError(f"{what} must be a NumPy array, got {type(x).__name__}")
     if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-        raise BackendInputError(
-            f"{what} must have shape (n, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
-        )
+        raise BackendInputError(f"{what} must have shape (n, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise BackendInputError(f"{what} is empty: need at least one image")
+    low, high = (float(x.min()), float(x.max())) if x.dtype.kind == "f" else (None, None)
+    if low is None or not 0.0 <= low <= high <= 1.0:
+        raise BackendInputError(f"{what} must be floats in [0, 1] (pixels / 255), got " + (f"{x.dtype} values" if low is None else f"values from {low:g} to {high:g}"))
 
 
 def check_labels(y: np.ndarray, n: int, num_classes: int, *, what: str = "labels") -> None:
@@ -254,9 +256,7 @@ def check_labels(y: np.ndarray, n: int, num_classes: int, *, what: str = "labels
     if y.ndim != 1 or y.shape[0] != n:
         raise BackendInputError(f"{what} must have shape ({n},) to match the images, got {tuple(y.shape)}")
     if n and (y.min() < 0 or y.max() >= num_classes):
-        raise BackendInputError(
-            f"{what} must lie in [0, {num_classes - 1}], got values from {int(y.min())} to {int(y.max())}"
-        )
+        raise BackendInputError(f"{what} must lie in [0, {num_classes - 1}], got values from {int(y.min())} to {int(y.max())}")
 
 
 

@@ -332,11 +332,16 @@ def _with(data: TrainData, **changes: np.ndarray) -> TrainData:
         ("label_too_big", r"training labels must lie in \[0, 9\], got values from 0 to 10"),
         ("negative_label", r"validation labels must lie in \[0, 9\], got values from -1 to \d"),
         ("short_labels", r"training labels must have shape \(192,\) to match the images, got \(191,\)"),
+        ("raw_pixels", r"training images must be floats in \[0, 1\] \(pixels / 255\), got values from [\d.e-]+ to 255"),
+        ("integer_pixels", r"validation images must be floats in \[0, 1\] \(pixels / 255\), got uint8 values"),
+        ("not_a_number", r"training images must be floats in \[0, 1\] \(pixels / 255\), got values from nan to nan"),
     ],
 )
 def test_train_refuses_bad_data_with_a_clear_message(name: str, data: TrainData, case: str, message: str) -> None:
     y_too_big, y_negative = data.y_train.copy(), data.y_val.copy()
     y_too_big[0], y_negative[0] = 10, -1
+    with_nan = data.x_train.copy()
+    with_nan[0, 0, 0, 0] = np.nan
     bad = {
         "no_channel_axis": _with(data, x_train=data.x_train[..., 0]),
         "three_channels": _with(data, x_val=np.repeat(data.x_val, 3, axis=-1)),
@@ -344,6 +349,9 @@ def test_train_refuses_bad_data_with_a_clear_message(name: str, data: TrainData,
         "label_too_big": _with(data, y_train=y_too_big),
         "negative_label": _with(data, y_val=y_negative),
         "short_labels": _with(data, y_train=data.y_train[1:]),
+        "raw_pixels": _with(data, x_train=data.x_train * 255),
+        "integer_pixels": _with(data, x_val=(data.x_val * 255).astype(np.uint8)),
+        "not_a_number": _with(data, x_train=with_nan),
     }[case]
     with pytest.raises(BackendInputError, match=message):
         built(name).train(bad, TRAIN)
@@ -355,6 +363,8 @@ def test_inference_refuses_bad_images(name: str, data: TrainData) -> None:
         backend.predict_proba(data.x_val[:2, ..., 0])
     with pytest.raises(BackendInputError, match="images is empty"):
         backend.feature_maps(data.x_val[:0], ["conv1"])
+    with pytest.raises(BackendInputError, match=r"images must be floats in \[0, 1\] \(pixels / 255\), got values from [\d.e-]+ to 255"):
+        backend.predict_proba(data.x_val[:2] * 255)
     with pytest.raises(BackendInputError, match=r"labels must lie in \[0, 9\], got values from 0 to 12"):
         backend.evaluate(data.x_val[:2], np.array([0, 12]))
 
