@@ -21,7 +21,7 @@ from cnn_train.flows.params import (
     validate_parameters,
 )
 from cnn_train.flows.signatures import split_values
-from cnn_train.flows.runs import cnn_train_flow, figures_from_mlflow, flow_run_tracker, prefect_flow_run_url
+from cnn_train.flows.runs import cnn_train_flow, figures_from_mlflow, flow_run_tracker, prefect_flow_run_url, run_links
 from cnn_train.flows.tasks import ChildRun, child_run, prep_task
 from cnn_train.flows.tracking import RunTracker
 
@@ -84,7 +84,7 @@ def _report(
     create_table_artifact(reporting.table_records(table), key="backend-comparison", description=f"{title}: {verdict}")
     return {
         "mlflow_run_id": parent.run_id,
-        "mlflow_run_url": parent.url or tracking.open_hint(parent),
+        **run_links(parent),
         "table": table.to_dict(orient="records"),
         "verdict": verdict,
         "report": markdown,

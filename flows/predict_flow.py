@@ -15,7 +15,7 @@ from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.params import ParameterError, PredictOptions
 from cnn_train.flows.signatures import split_values
 from cnn_train.flows.predict.figure import plot_examples
-from cnn_train.flows.runs import cnn_train_flow, flow_run_tracker
+from cnn_train.flows.runs import cnn_train_flow, flow_run_tracker, run_links
 from cnn_train.flows.tasks import IN_MEMORY
 from cnn_train.flows.tracking import RunTracker
 
@@ -133,7 +133,7 @@ def cnn_train_predict(**values: Any) -> dict[str, Any]:
             )
     return {
         "mlflow_run_id": tracker.run_id,
-        "mlflow_run_url": tracker.url or tracking.open_hint(tracker),
+        **run_links(tracker),
         "model": model.choice.described,
         "model_uri": model.choice.model_uri,
         "classified": summary.classified,

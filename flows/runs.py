@@ -86,6 +86,12 @@ def _start_flow_run(experiment: str, *, run_name: str, role: str | None = None) 
     return RunTracker.start(experiment, run_name=run_name, tags=tags)
 
 
+def run_links(tracker: RunTracker) -> dict[str, str | None]:
+    """What a flow returns about its MLflow run's page: ``mlflow_run_url``, its address or None where no
+    MLflow server holds the run (a script opens it as it is), and ``mlflow_open``, how a person sees it."""
+    return {"mlflow_run_url": tracker.url, "mlflow_open": tracker.url or tracking.open_hint(tracker)}
+
+
 def _link_attempts(tracker: RunTracker, logger: Any) -> None:
     """A flow run run again starts a new MLflow run; its earlier ones (each attempt's) point at it, and it at them."""
     earlier = [

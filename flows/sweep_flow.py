@@ -24,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 
-from cnn_train.flows import interrupts, reporting, steps, tracking
+from cnn_train.flows import interrupts, reporting, steps
 from cnn_train.flows.data import PreparedData
 from cnn_train.flows.errors import did_you_mean
 from cnn_train.flows.params import (
@@ -40,7 +40,7 @@ from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, tri
 from cnn_train.flows.ray_join import check_runner
 from cnn_train.flows.ray_cluster import ray_task_runner  # noqa: F401 - Python callers take this flow's runner from here
 from cnn_train.flows.registering import register_task, registered_summary
-from cnn_train.flows.runs import cnn_train_flow, flow_run_tags, flow_run_tracker, trial_runner_params
+from cnn_train.flows.runs import cnn_train_flow, flow_run_tags, flow_run_tracker, run_links, trial_runner_params
 from cnn_train.flows.tasks import ChildRun, child_run, placed_trial, prep_task, retry_unless_deterministic
 from cnn_train.flows.tracking import RunTracker
 from cnn_train.plugins.contract import Evaluation
@@ -295,7 +295,7 @@ def _rank_and_record(
     create_markdown_artifact(markdown, key="sweep-report", description=best_line)
     summary: dict[str, Any] = {
         "mlflow_run_id": parent.run_id,
-        "mlflow_run_url": parent.url or tracking.open_hint(parent),
+        **run_links(parent),
         "best_run_id": best.run_id,
         "best_values": best.values,
         "train_again": how.replace("`", ""),

@@ -19,7 +19,7 @@ from cnn_train.flows.data import PreparedData
 from cnn_train.flows.params import RunParameters, validate_parameters
 from cnn_train.flows.placement import place_task
 from cnn_train.flows.registering import register_task
-from cnn_train.flows.runs import cnn_train_flow, figures_from_mlflow, flow_run_tracker, prefect_flow_run_url
+from cnn_train.flows.runs import cnn_train_flow, figures_from_mlflow, flow_run_tracker, prefect_flow_run_url, run_links
 from cnn_train.flows.tasks import IN_MEMORY, child_run, evaluate_task, prep_task, train_task
 from cnn_train.flows.tracking import RunTracker
 
@@ -133,7 +133,7 @@ def cnn_train(**values: Any) -> dict[str, Any]:
         )
     return {
         "mlflow_run_id": tracker.run_id,
-        "mlflow_run_url": tracker.url or tracking.open_hint(tracker),
+        **run_links(tracker),
         "test_accuracy": evaluated.evaluation.accuracy,
         "test_loss": evaluated.evaluation.loss,
         "dense_test_accuracy": dense.test_accuracy if dense else None,

@@ -48,7 +48,7 @@ def test_cnn_train_run_imports_with_the_collector_paused_and_runs_the_flow_with_
 
     def flow_call(flow_fn: Any, values: dict[str, Any], api: Any) -> dict[str, Any]:
         seen.update(name=flow_fn.name, enabled=gc.isenabled(), frozen=gc.get_freeze_count())
-        return {"mlflow_run_url": "-", "test_accuracy": 0.5}
+        return {"mlflow_run_url": None, "mlflow_open": "-", "test_accuracy": 0.5}
 
     monkeypatch.setattr(training, "require_reachable_servers", lambda: seen.setdefault("checked_while", gc.isenabled()))
     monkeypatch.setattr(training, "_run_flow", flow_call)

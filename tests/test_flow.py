@@ -56,6 +56,14 @@ def test_run_is_finished_with_every_flow_parameter(finished):
     assert params["model.parameters"] == "421642"
 
 
+def test_the_result_gives_the_runs_address_or_none_and_how_to_open_it(finished, store):
+    """A script opens ``mlflow_run_url`` as it is: a sentence there ("cnn-train up, then open ...") broke it."""
+    _, _, result, run, _ = finished
+    assert result["mlflow_run_url"] is None, "a SQLite store has no page of its own"
+    assert result["mlflow_open"].startswith(f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --backend-store-uri {store}")
+    assert result["mlflow_open"].endswith(f"/runs/{run.info.run_id}?workflowType=machine_learning")
+
+
 def test_a_metric_at_every_epoch_step(finished):
     _, _, _, run, client = finished
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds", "images_per_second"):

@@ -138,7 +138,7 @@ def run(**values: Any) -> None:
         from cnn_train.flows.train_flow import cnn_train
 
     result = _run_flow(cnn_train, values, api)
-    typer.echo(f"MLflow run: {result['mlflow_run_url']}")
+    typer.echo(f"MLflow run: {result['mlflow_open']}")
     typer.echo(f"test accuracy: {result['test_accuracy']:.4f}")
     if result.get("dense_test_accuracy") is not None:
         typer.echo(f"dense network test accuracy: {result['dense_test_accuracy']:.4f}")
@@ -158,7 +158,7 @@ def compare(**values: Any) -> None:
     # The table and the verdict; compare.md's confusion matrices are pictures, in MLflow and the Prefect UI.
     typer.echo(reporting.markdown_table(pd.DataFrame(result["table"])))
     typer.echo(f"verdict: {result['verdict']}")
-    typer.echo(f"MLflow parent run (compare.md, a confusion matrix per backend): {result['mlflow_run_url']}")
+    typer.echo(f"MLflow parent run (compare.md, a confusion matrix per backend): {result['mlflow_open']}")
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
@@ -201,6 +201,6 @@ def sweep(ctx: typer.Context, **values: Any) -> None:
     best = assignments(result["best_values"])
     typer.echo(f"best trial: {best}, test accuracy {result['best_test_accuracy']:.2%}, run {result['best_run_id']}")
     typer.echo(f"train it again: {result['train_again']}")
-    typer.echo(f"MLflow sweep run: {result['mlflow_run_url']}")
+    typer.echo(f"MLflow sweep run: {result['mlflow_open']}")
     if "registration" in result:
         typer.echo(result["registration"])

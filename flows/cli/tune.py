@@ -72,6 +72,6 @@ def _print_result(result: dict[str, Any], study_name: str, objective: str) -> No
     value = reporting.format_percent(result["best_value"])  # as the ranking shows it
     typer.echo(f"best trial: {result['best_trial']}, {objective} {value}, {assignments(result['best_params'])}")
     typer.echo(f"train it again: {result['train_again']}")
-    typer.echo(f"MLflow study run: {result['mlflow_run_url']}")
+    typer.echo(f"MLflow study run: {result['mlflow_open']}")
     if "registration" in result:
         typer.echo(result["registration"])

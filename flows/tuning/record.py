@@ -15,6 +15,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from cnn_train.flows import reporting, tracking
+from cnn_train.flows.runs import run_links
 from cnn_train.flows.data import PreparedData
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.registering import register_task, registered_summary
@@ -124,7 +125,7 @@ def record_study(parent: RunTracker, study: optuna.Study, plan: TunePlan, ran: l
     create_markdown_artifact(markdown, key="tune-study")
     summary: dict[str, Any] = {
         "mlflow_run_id": parent.run_id,
-        "mlflow_run_url": parent.url or tracking.open_hint(parent),
+        **run_links(parent),
         "study_name": plan.study_name,
         "storage": redacted_url(plan.storage_url),
         "trials_run": ran,
