@@ -388,6 +388,22 @@ def test_show_inputs_writes_what_the_model_saw(predicted):
         assert first.size == (28, 28) and first.mode == "L"
 
 
+@pytest.mark.parametrize(
+    ("files", "names"),
+    [
+        pytest.param(["a/x.jpg", "b/x.png"], ["x.png", "x-2.png"], id="same-stem-in-two-folders"),
+        pytest.param(["#hash.png", "%20x%41.png", "new\nline.png", "why?.jpg"], ["_hash.png", "_20x_41.png", "new_line.png", "why_.png"],
+                     id="what-mlflow-cannot-serve"),
+        pytest.param(["two words 'é' ü.png"], ["two words 'é' ü.png"], id="spaces-quotes-and-letters-stay"),
+        pytest.param(["a#.png", "a%.png"], ["a_.png", "a_-2.png"], id="made-alike-stay-apart"),
+    ],
+)
+def test_the_names_of_what_the_model_saw_are_unique_and_servable(files, names):
+    """A predict run's inputs/ in MLflow: `#hash.png` answered 400 and `%20x%41.png` 404 from its server."""
+    inputs = [predict.ModelInput(path=Path(name), pixels=np.zeros((28, 28, 1), np.float32), inverted=False) for name in files]
+    assert predict.input_file_names(inputs) == names
+
+
 @pytest.mark.slow
 def test_a_model_that_does_not_exist_lists_what_does(champion, tmp_path):
     image = tmp_path / "x.png"

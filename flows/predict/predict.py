@@ -4,6 +4,7 @@ classes in words, and a summary (class counts, low-confidence images, files that
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,12 +157,18 @@ def write_outputs(predictions: Predictions, summary: Summary, folder: Path, *, m
     return paths
 
 
+#: What an MLflow server cannot serve back in an artifact's name (``#`` and ``?`` end the path, ``%`` is
+#: decoded twice), and control characters (a newline split the name across lines).
+_UNSERVABLE = re.compile(r"[#%?\x00-\x1f\x7f]")
+
+
 def input_file_names(inputs: Sequence[ModelInput]) -> list[str]:
     """A unique PNG name per input for the pictures the model saw (two ``a.jpg`` in different folders
-    stay apart)."""
+    stay apart), with ``_`` for the characters an MLflow server cannot serve back (:data:`_UNSERVABLE`)."""
     names, seen = [], set()
     for item in inputs:
-        stem, name, n = item.path.stem, f"{item.path.stem}.png", 1
+        stem = _UNSERVABLE.sub("_", item.path.stem)
+        name, n = f"{stem}.png", 1
         while name in seen:
             n += 1
             name = f"{stem}-{n}.png"
