@@ -183,3 +183,16 @@ def keep_libraries_offline(environ: MutableMapping[str, str] = os.environ) -> No
     """Switch Prefect's and MLflow's telemetry off for this process and the ones it starts (unless set)."""
     for name, value in _OFFLINE.items():
         environ.setdefault(name, value)
+
+
+def configure_process(*, verbose: bool = False) -> None:
+    """What every cnn-train command does first, for a script or notebook that calls the flows from Python:
+    Prefect's and the other libraries' files under the state folder (:func:`keep_library_state_in_project`),
+    telemetry off, flow-run heartbeats the servers expect, and the libraries' known noise silenced (unless
+    ``verbose``). Call it before Prefect or MLflow is imported; each setting the user made stays."""
+    from cnn_train.flows.quiet import quiet_libraries
+
+    keep_library_state_in_project()
+    keep_libraries_offline()
+    heartbeat_often_enough()
+    quiet_libraries(verbose=verbose)

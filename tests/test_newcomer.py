@@ -820,6 +820,34 @@ def test_runs_lists_cnn_trains_flow_runs_and_says_how_many_there_are(prefect_api
     assert [line.split()[2] for line in lines[2:]] == ["team-etl", "team-etl"]
 
 
+_FROM_PYTHON = """
+import sys
+from cnn_train.flows.settings import configure_process
+configure_process()
+from cnn_train.flows.train_flow import cnn_train
+result = cnn_train(epochs=1, sample_limit=300, test_limit=100, data_dir=sys.argv[1])
+print("accuracy", result["test_accuracy"], result["mlflow_run_url"])
+"""
+
+
+@pytest.mark.slow
+def test_a_script_calling_the_flow_is_set_up_as_the_commands_are(tmp_path, real_fashion_mnist_dir):
+    """A notebook calling the flow wrote ~/.prefect/prefect.db and printed MLflow's store set-up and
+    Prefect's temporary-server notice; configure_process() does what every command does first."""
+    script = tmp_path / "notebook.py"
+    script.write_text(_FROM_PYTHON)
+    env = bare_env(tmp_path)
+    result = subprocess.run([sys.executable, str(script), str(real_fashion_mnist_dir)], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "accuracy" in result.stdout and result.stdout.rstrip().endswith("None")
+    output = result.stdout + result.stderr
+    for noise in ("Creating initial MLflow database tables", "Starting temporary server", "system metrics", "Traceback"):
+        assert noise not in output, noise
+    assert not (tmp_path / ".prefect").exists(), "Prefect's state stays in the project's state folder"
+    assert (tmp_path / "state" / "prefect-temporary").is_dir()
+
+
 def test_runs_lists_only_the_flow_runs_in_the_states_asked_for(prefect_api_url):
     from prefect import flow
 

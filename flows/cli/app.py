@@ -108,17 +108,13 @@ def _before_every_command(
     """Ctrl-C works; Prefect's files under the project's state directory, flow runs' heartbeats as often as
     the servers' zombie automation expects, and the libraries' known noise silenced, before any command
     imports Prefect or MLflow; stderr kept for failures; the servers' credentials."""
-    from cnn_train.flows.quiet import quiet_libraries
     from cnn_train.flows.ops.serve import interruptible
-    from cnn_train.flows.settings import heartbeat_often_enough, keep_libraries_offline, keep_library_state_in_project
+    from cnn_train.flows.settings import configure_process
 
     # Run in the background by a shell, this process starts with SIGINT ignored: `kill -INT` would do
     # nothing, and whatever it starts without a handler of its own would inherit that (exec resets a handler).
     interruptible()
-    keep_library_state_in_project()
-    keep_libraries_offline()
-    heartbeat_often_enough()
-    quiet_libraries(verbose=verbose)
+    configure_process(verbose=verbose)
     _one_line_errors(debug=debug)
     _present_credentials()
     _check_server_variables(ctx.invoked_subcommand)
