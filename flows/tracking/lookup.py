@@ -19,9 +19,9 @@ from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.tracking.registry import (
     ACCURACY_TAG,
     CHAMPION,
-    TEST_IMAGES_TAG,
     all_registered_models,
     surest_accuracy,
+    test_images_of,
     unknown_name,
     version_by_alias,
 )
@@ -258,7 +258,7 @@ def _best_champion(mlflow_client: MlflowClient, experiment_id: str) -> ModelChoi
         run = version and version.run_id and _run_in_experiment(mlflow_client, version.run_id, experiment_id)
         if not run:
             continue
-        accuracy, images = float(version.tags.get(ACCURACY_TAG, "nan")), _test_images(version, run)
+        accuracy, images = float(version.tags.get(ACCURACY_TAG, "nan")), test_images_of(version, run)
         scored = "test accuracy n/a" if math.isnan(accuracy) else f"test accuracy {accuracy * 100:.2f}%" + (
             "" if math.isinf(images) else f" on {images:,.0f} test images"
         )
@@ -277,19 +277,6 @@ def _best_champion(mlflow_client: MlflowClient, experiment_id: str) -> ModelChoi
         run_id=version.run_id,
         registered=f"{name}/{version.version}",
     )
-
-
-def _test_images(version: ModelVersion, run: Run) -> float:
-    """How many test images a version was scored on: its tag, else its run's ``test_limit``, else all of
-    them, a count the run did not record (infinity)."""
-    for value in (version.tags.get(TEST_IMAGES_TAG), run.data.params.get("test_limit")):
-        try:
-            count = int(value or "")
-        except ValueError:
-            continue
-        if count > 0:
-            return float(count)
-    return math.inf
 
 
 def _run_in_experiment(mlflow_client: MlflowClient, run_id: str, experiment_id: str) -> Run | None:

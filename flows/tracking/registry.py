@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import RunTag
+from mlflow.entities import Run, RunTag
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
@@ -92,8 +92,9 @@ def _percent(value: float) -> str:
     return f"{value * 100:.2f}%"
 
 
-def decide_alias(facts: VersionFacts, champion: ModelVersion | None) -> tuple[str, str]:
-    """``champion`` or ``challenger`` for a new version with ``facts``, against the current champion, and why."""
+def decide_alias(facts: VersionFacts, champion: ModelVersion | None, their_images: int | None = None) -> tuple[str, str]:
+    """``champion`` or ``challenger`` for a new version with ``facts``, against the current champion (scored
+    on ``their_images``, by default its tag's count: :func:`test_images_of` finds it for older versions), and why."""
     if champion is None:
         return CHAMPION, "there was no champion yet"
     held = f"champion version {champion.version}"
@@ -107,12 +108,14 @@ def decide_alias(facts: VersionFacts, champion: ModelVersion | None) -> tuple[st
         )
     mine, theirs = _percent(facts.test_accuracy), _percent(float(their_accuracy))
     if their_test_set != facts.test_set_digest:
-        their_images = _count(champion.tags.get(TEST_IMAGES_TAG))
+        if their_images is None:
+            their_images = _count(champion.tags.get(TEST_IMAGES_TAG))
         if not (facts.test_images and their_images):
             return CHALLENGER, (
                 f"{held} was tested on another test set (digest {their_test_set}, this one {facts.test_set_digest}) "
                 f"and one of the two scores does not say on how many images (tag {TEST_IMAGES_TAG}), so the "
-                f"accuracies are not comparable{stays}"
+                f"accuracies are not comparable{stays}; move the alias by hand with "
+                "MlflowClient.set_registered_model_alias if this one is better"
             )
         # A smoke run's 58% on 100 images must not hold the alias against 91% on 10,000, nor a full run's
         # 68% take it from 79% on 200: the lower ends of the two 95% intervals rank both ways right.
@@ -156,6 +159,25 @@ def surest_accuracy(accuracy: float, images: float) -> float:
     trials = int(images)
     right = min(trials, max(0, round(accuracy * trials)))
     return float(binomtest(right, trials).proportion_ci(confidence_level=0.95, method="wilson").low)
+
+
+def test_images_of(version: ModelVersion, run: Run | None) -> float:
+    """How many test images ``version`` was scored on: its ``test_images`` tag, else its training run's
+    ``data.test`` (every cnn-train training run logs its split's sizes; versions registered before the tag
+    have only that), else the run's ``test_limit``; infinity when none says (all of an unknown test set)."""
+    params = run.data.params if run is not None else {}
+    for value in (version.tags.get(TEST_IMAGES_TAG), params.get("data.test"), params.get("test_limit")):
+        if (count := _count(value)) > 0:
+            return float(count)
+    return math.inf
+
+
+def _run_of(mlflow_client: MlflowClient, version: ModelVersion) -> Run | None:
+    """The run ``version`` was registered from, or None (none recorded, or the run was deleted)."""
+    try:
+        return mlflow_client.get_run(version.run_id) if version.run_id else None
+    except MlflowException:
+        return None
 
 
 def _count(tag: str | None) -> int:
@@ -202,7 +224,9 @@ def register_version(
         name, model_uri, run_id=facts.mlflow_run_id, description=description, uri=mlflow_client.tracking_uri,
         tags=facts.tags(), model_description=model_description(name),
     )
-    alias, reason = decide_alias(facts, version_by_alias(mlflow_client, name, CHAMPION))
+    champion = version_by_alias(mlflow_client, name, CHAMPION)
+    their_images = test_images_of(champion, _run_of(mlflow_client, champion)) if champion is not None else None
+    alias, reason = decide_alias(facts, champion, int(their_images) if their_images and math.isfinite(their_images) else 0)
     mlflow_client.set_registered_model_alias(name, alias, str(version))
     return Registration(name, version, alias, reason)
 
@@ -282,6 +306,14 @@ class UnknownModelNameError(LookupError):
     """Names asked for that no registered model has; the message lists the close ones and what exists."""
 
 
+def _listed_count(mlflow_client: MlflowClient, version: ModelVersion) -> int | None:
+    """The count ``cnn-train models`` shows: the tag's, else (a version registered before it) its run's."""
+    if count := _count(version.tags.get(TEST_IMAGES_TAG)):
+        return count
+    found = test_images_of(version, _run_of(mlflow_client, version))
+    return int(found) if math.isfinite(found) else None
+
+
 def registered_versions(uri: str | None = None, names: Sequence[str] = ()) -> pd.DataFrame:
     """Every version of every registered model (only those of ``names`` when given), newest first per
     model, with aliases and accuracy. A name no model has raises :class:`UnknownModelNameError`."""
@@ -312,7 +344,7 @@ def registered_versions(uri: str | None = None, names: Sequence[str] = ()) -> pd
                 "version": int(version.version),
                 "aliases": ", ".join(aliases.get(int(version.version), [])),
                 "test_accuracy": float(accuracy) if accuracy is not None else None,
-                "test_images": _count(version.tags.get(TEST_IMAGES_TAG)) or None,
+                "test_images": _listed_count(mlflow_client, version),
                 "backend": version.tags.get("backend", ""),
                 "architecture": version.tags.get("architecture", ""),
                 "run_id": version.run_id or "",
