@@ -4,6 +4,7 @@ the MLflow server, the dataset."""
 from __future__ import annotations
 
 import os
+import time
 import socket
 import subprocess
 import sys
@@ -283,6 +284,36 @@ def test_a_started_server_records_its_port_and_stopping_it_removes_it(tmp_path, 
     finally:
         server.stop()
     assert not server.port_file.exists() and not server.pid_file.exists()
+
+
+def test_a_process_of_the_packages_code_started_before_a_source_changed_says_so(tmp_path, monkeypatch):
+    """After a `git pull` with `up` still running, status, doctor and up called the old serve process healthy:
+    its deployments kept the old parameters (a new sweep option was refused as unknown)."""
+    from cnn_train.flows.ops import detached, services
+
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("CNN_TRAIN_ROOT", str(tmp_path))
+    source = tmp_path / "flows" / "sweep_flow.py"
+    source.parent.mkdir()
+    source.write_text("# the code the process imported\n")
+    os.utime(source, (time.time() - 60, time.time() - 60))
+    monkeypatch.setattr(detached, "_package_sources", lambda: [source])  # the checkout's files, here one of the test's
+    server = services.Service(name="served", command=lambda: ["sleep", "60"], ready=lambda: server.pid() is not None, runs_code=True)
+    server.start(timeout=30)
+    try:
+        assert server.code_changed() is None, "nothing changed since it started"
+        source.write_text("# pulled\n")
+        os.utime(source, (time.time() + 5, time.time() + 5))
+        assert server.code_changed() == (
+            f"served (pid {server.pid()}) started before flows/sweep_flow.py changed (1 source file(s) since), and serves "
+            "the deployments as the code declared them then (parameters, forms): `cnn-train down`, then `cnn-train up`, "
+            "to serve this checkout's"
+        )
+        plain = services.Service(name="server", command=lambda: ["sleep", "60"], ready=lambda: True)
+        plain.pid_file.write_text(str(server.pid()))
+        assert plain.code_changed() is None, "a server of a library's code (Prefect's, MLflow's) is not ours to restart"
+    finally:
+        server.stop()
 
 
 @pytest.mark.slow

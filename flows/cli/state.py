@@ -45,6 +45,8 @@ def status(
             answers = "another server answers there" if server["ready"] else "nothing answers there"
             state = f"runs on port {server['running_port']}, not on {server['port']} that this shell asks for ({answers})"
         typer.echo(f"{name}: {state}{pid} (log: {server['log']})")
+        if server["code_changed"]:
+            typer.echo(f"  {server['code_changed']}")
     if refusal:
         typer.echo(refusal)
     for line in _elsewhere():

@@ -13,6 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
+import cnn_train.backends
+import cnn_train.flows
+import cnn_train.plugins
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.settings import project_root, state_dir
 
@@ -39,6 +44,8 @@ class Service:
     #: The environment every service of one stack shares, under extra_env; the address its port is on.
     base_env: Callable[[], dict[str, str]] = dict
     host: Callable[[], str] = lambda: "127.0.0.1"
+    #: Whether the process runs this package's code (the serve process, a worker), which it imported as it started.
+    runs_code: bool = False
 
     @property
     def pid_file(self) -> Path:
@@ -61,6 +68,26 @@ class Service:
             return None
         # Killed but not yet reaped by the process that started it: gone all the same.
         return None if _is_zombie(pid) else pid
+
+    def code_changed(self) -> str | None:
+        """Why this running process of the package's code is older than the checkout's code (a source file
+        changed after it started: a `git pull`, an edit), or None. Its deployments keep the parameters then."""
+        pid = self.pid()
+        if not self.runs_code or pid is None:
+            return None
+        try:
+            started = psutil.Process(pid).create_time()
+        except psutil.Error:
+            return None
+        changed = [path for path in _package_sources() if path.stat().st_mtime > started]
+        if not changed:
+            return None
+        newest = max(changed, key=lambda path: path.stat().st_mtime)
+        return (
+            f"{self.name} (pid {pid}) started before {_shown(newest)} changed ({len(changed)} source file(s) since), and "
+            "serves the deployments as the code declared them then (parameters, forms): `cnn-train down`, then "
+            "`cnn-train up`, to serve this checkout's"
+        )
 
     def running_port(self) -> int | None:
         """The port this project's process was started on, while it runs (None: not running, or no port)."""
@@ -169,3 +196,16 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def _package_sources() -> list[Path]:
+    """The package's Python files a served flow run imports (not the example plugins, a package of their own)."""
+    folders = [Path(folder) for package in (cnn_train.flows, cnn_train.plugins, cnn_train.backends) for folder in package.__path__]
+    return [path for folder in folders for path in folder.rglob("*.py") if "examples" not in path.relative_to(folder).parts]
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(project_root()))
+    except ValueError:
+        return str(path)

@@ -77,6 +77,8 @@ def check_deployment(api_url: str | None, name: str = services.DEPLOYMENT) -> Fi
                 "run `cnn-train up` to start it again",
             )
     if status == "READY":
+        if changed := services.serve_process.code_changed():
+            return Finding("deployment", False, f"{name} is served (status READY), but by old code: {changed}")
         return Finding("deployment", True, f"{name} is served (status READY)")
     return Finding(
         "deployment",

@@ -75,7 +75,7 @@ def start_service(service: services.Service, echo: Echo, *, timeout: float) -> N
              f"recorded where that server keeps them; stop it, or choose another port with "
              f"{service.port_variable}, to have this project's own")
     else:
-        echo(f"{service.name}: already running")
+        echo(f"{service.name}: already running" + (f", but {changed}" if (changed := service.code_changed()) else ""))
     if service.start(timeout=timeout):
         echo(f"{service.name}: ready (log: {service.log_file})")
 

@@ -337,8 +337,8 @@ serve_process = _service(
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
         **heartbeat_environment(),
     },
+    runs_code=True,
 )
-
 
 
 def _interrupt_worker_flow_runs(pid: int) -> None:
@@ -377,6 +377,7 @@ worker_process = _service(
         **heartbeat_environment(),
     },
     before_stop=_interrupt_worker_flow_runs,
+    runs_code=True,
 )
 
 SERVICES = (prefect_server, mlflow_server, serve_process, worker_process)
@@ -391,7 +392,8 @@ def project_mlflow_server() -> str | None:
 
 def status() -> dict[str, dict[str, object]]:
     return {service.name: {"pid": service.pid(), "ready": service.ready(), "log": str(service.log_file), "port": service.port()
-                           if service.port else None, "running_port": service.running_port()} for service in SERVICES}
+                           if service.port else None, "running_port": service.running_port(), "code_changed": service.code_changed()}
+            for service in SERVICES}
 
 
 def status_json() -> str:
