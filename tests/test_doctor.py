@@ -181,7 +181,7 @@ def test_records_a_gone_process_left_in_a_spool_are_reported_then_delivered_with
     store, run_id = _spooled_run(tmp_path, monkeypatch)
     subprocess.run([sys.executable, "-c", _LEAVE_A_SPOOL, run_id, store], check=True)
     waiting = doctor.check_spools(fix=False)
-    assert not waiting.ok and f"{run_id} (2 record(s))" in waiting.detail and "cnn-train sync" in waiting.fix
+    assert not waiting.ok and f"{run_id} (2 record(s) for the store {store})" in waiting.detail and "cnn-train sync" in waiting.fix
     assert doctor.check_spools(fix=True).line() == "ok   tracking spool: delivered the waiting records of 1 run(s)"
     run = MlflowClient(store).get_run(run_id)
     assert (run.info.status, run.data.metrics["val_accuracy"]) == ("FINISHED", 0.8)

@@ -336,7 +336,7 @@ def test_a_server_that_never_returns_leaves_a_spool_that_doctor_fix_delivers(
     assert process.returncode == 0, output.text()[-3000:] + stderr
     lines = stderr.splitlines()
     assert len(lines) == 1, stderr[-3000:]
-    assert "MLflow did not answer" in lines[0] and "run `cnn-train sync`" in lines[0]
+    assert lines[0].startswith(f"cnn-train: MLflow at {server.uri} (start it) did not answer: ") and "run `cnn-train sync`" in lines[0]
     server.start()
     fixed = subprocess.run([CLI, "doctor", "--fix"], env=env, capture_output=True, text=True, timeout=300)
     assert "ok   tracking spool: delivered the waiting records of 1 run(s)" in fixed.stdout, fixed.stdout + fixed.stderr

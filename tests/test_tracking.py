@@ -556,3 +556,21 @@ def test_a_flow_runs_end_hooks_mark_its_mlflow_runs_however_prefect_calls_them(b
                 "FAILED": "**Failed**: its flow run crashed"}[status]
         assert run.client.get_run(run.run_id).data.tags["mlflow.note.content"] == f"{said} (Process exited with status code: -9)"
 
+
+
+@pytest.mark.parametrize(
+    ("uri", "says"),
+    [
+        pytest.param("http://127.0.0.1:{port}", "MLflow at http://127.0.0.1:{port} (`cnn-train up` starts it)", id="the-projects-server"),
+        pytest.param("http://localhost:{port}/", "MLflow at http://localhost:{port}/ (`cnn-train up` starts it)", id="the-same-by-another-name"),
+        pytest.param("http://127.0.0.1:9", "MLflow at http://127.0.0.1:9 (start it)", id="another-server-here"),
+        pytest.param("http://mlflow.team.example:5000", "MLflow at http://mlflow.team.example:5000 (check that it runs on "
+                     "mlflow.team.example and that this machine reaches it)", id="a-server-elsewhere"),
+        pytest.param("sqlite:///tmp/x.db", "the store sqlite:///tmp/x.db", id="a-local-store"),
+    ],
+)
+def test_a_spool_says_which_store_its_records_wait_for(monkeypatch, uri, says):
+    """After an upgrade a run without servers said "MLflow did not answer" of another run's spool, waiting for
+    a server on a port nobody named; sync and doctor did not name it either."""
+    monkeypatch.setenv("CNN_TRAIN_MLFLOW_PORT", "47311")
+    assert tracking.waiting_on(uri.format(port=47311)) == says.format(port=47311)

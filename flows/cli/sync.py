@@ -23,7 +23,7 @@ def sync() -> None:
         typer.echo(
             f"run {spool.run_id}: delivered {delivery.delivered} record(s)"
             + (f", {delivery.refused} refused by MLflow (see the log)" if delivery.refused else "")
-            + (f", {delivery.remaining} still waiting in {spool.folder}" if delivery.remaining else "")
+            + (f", {delivery.remaining} still waiting in {spool.folder} for {tracking.waiting_on(spool.uri)}" if delivery.remaining else "")
         )
     if any(delivery.remaining for _, delivery in results):
         typer.echo("cnn-train: MLflow did not take every record; run `cnn-train sync` again once it answers", err=True)

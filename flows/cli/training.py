@@ -90,8 +90,8 @@ def _say_what_waits() -> None:
 
     for spool in (spool for spool in tracking.waiting_spools() if spool.holds_end()):
         typer.echo(
-            f"cnn-train: MLflow did not answer: {spool.count()} record(s) of run {spool.run_id} (its final status "
-            f"among them) wait in {spool.folder}; run `cnn-train sync` once it answers",
+            f"cnn-train: {tracking.waiting_on(spool.uri)} did not answer: {spool.count()} record(s) of run "
+            f"{spool.run_id} (its final status among them) wait in {spool.folder}; run `cnn-train sync` once it answers",
             err=True,
         )
 

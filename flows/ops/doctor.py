@@ -170,7 +170,7 @@ def check_spools(*, fix: bool) -> Finding:
         if not left:
             return Finding("tracking spool", True, f"delivered the waiting records of {len(waiting)} run(s)")
         waiting = [spool for spool, _ in left]
-    runs = ", ".join(f"{spool.run_id} ({spool.count()} record(s))" for spool in waiting)
+    runs = ", ".join(f"{spool.run_id} ({spool.count()} record(s) for {tracking.waiting_on(spool.uri)})" for spool in waiting)
     return Finding(
         "tracking spool",
         False,

@@ -75,6 +75,7 @@ from cnn_train.flows.tracking.uri import (  # noqa: E402
     run_url,
     tracking_uri,
     ui_base_url,
+    waiting_on,
 )
 
 __all__ = [
@@ -127,6 +128,7 @@ __all__ = [
     "source_tags",
     "sync_spools",
     "has_waiting_records",
+    "waiting_on",
     "waiting_spools",
     "stale_runs",
     "tracking_uri",

@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.settings import default_artifact_root, env_number
 from cnn_train.flows.tracking import courier, liveness, models, spool
-from cnn_train.flows.tracking.uri import TrackingUnavailableError, check_reachable, run_url, tracking_uri, without_password
+from cnn_train.flows.tracking.uri import TrackingUnavailableError, check_reachable, run_url, tracking_uri, waiting_on, without_password
 from cnn_train.plugins.contract import EpochMetrics, LoggableModel
 
 # No public API or constant for the experiment kind: only the MLflow UI reads this tag (test_tracking guards it).
@@ -356,7 +356,7 @@ class RunTracker:
         """One line: what is kept, where, and how it reaches MLflow."""
         waiting = spool.Spool(self.run_id)
         return (
-            f"MLflow at {self.uri} did not answer: {waiting.count()} tracking record(s) of run "
+            f"{waiting_on(self.uri)} did not answer: {waiting.count()} tracking record(s) of run "
             f"{self.run_id} are kept in {waiting.folder}; run `cnn-train sync` once it answers "
             "to deliver them and the run's final status"
         )

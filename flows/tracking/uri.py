@@ -265,6 +265,16 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def waiting_on(uri: str) -> str:
+    """The store a spool's records wait for, and how it comes back: ``MLflow at http://127.0.0.1:5000
+    (`cnn-train up` starts it)``. A run without servers said only "MLflow did not answer" about another run's
+    records, waiting for a server nobody had named."""
+    if not _is_server(uri):
+        return f"the store {uri}"
+    start = "`cnn-train up` starts it" if same_server(uri, services.mlflow_url()) else start_hint(uri, "start it")
+    return f"MLflow at {uri} ({start})"
+
+
 def _is_server(uri: str) -> bool:
     return urlparse(uri).scheme in ("http", "https")
 
