@@ -316,6 +316,23 @@ def test_a_process_of_the_packages_code_started_before_a_source_changed_says_so(
         server.stop()
 
 
+def test_a_running_server_that_recorded_no_port_gets_it_recorded_by_the_next_up(tmp_path, monkeypatch):
+    """Servers an older cnn-train started recorded no port: a shell without the port variables saw them as
+    'started, not answering' although they answered, and `up` ("already running") did not add the port."""
+    from cnn_train.flows.ops import services
+
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
+    server = services.Service(name="older", command=lambda: ["sleep", "60"], ready=lambda: server.pid() is not None,
+                              port=lambda: 24557)
+    server.start(timeout=30)
+    try:
+        server.port_file.unlink()  # as the older code left it
+        assert server.start(timeout=30) is False, "already running: not started again"
+        assert server.port_file.read_text() == "24557" and server.running_port() == 24557
+    finally:
+        server.stop()
+
+
 @pytest.mark.slow
 def test_a_dead_serve_process_is_reported_before_prefect_notices(prefect_api_url, tmp_path, monkeypatch):
     from cnn_train.flows.ops import services

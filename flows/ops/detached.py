@@ -110,6 +110,10 @@ class Service:
     def start(self, *, timeout: float = 90.0) -> bool:
         """Start unless already ready; returns whether it had to start. Waits until ready."""
         if self.ready():
+            if self.port is not None and self.pid() is not None and not self.port_file.exists():
+                # Started by a cnn-train that recorded no port: it answers on this one, which a shell without
+                # the port variable would otherwise never find (status called it "started, not answering").
+                self.port_file.write_text(str(self.port()))
             return False
         if self.pid() is None:
             self.check_port_free()
