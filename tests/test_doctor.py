@@ -297,7 +297,8 @@ def test_a_process_of_the_packages_code_started_before_a_source_changed_says_so(
     source.parent.mkdir()
     source.write_text("# the code the process imported\n")
     os.utime(source, (time.time() - 60, time.time() - 60))
-    monkeypatch.setattr(detached, "_package_sources", lambda: [source])  # the checkout's files, here one of the test's
+    # The checkout's files, here one of the test's.
+    monkeypatch.setattr(detached, "_package_sources", lambda: [(source, detached._modified(source))])
     server = services.Service(name="served", command=lambda: ["sleep", "60"], ready=lambda: server.pid() is not None, runs_code=True)
     server.start(timeout=30)
     try:

@@ -79,10 +79,10 @@ class Service:
             started = psutil.Process(pid).create_time()
         except psutil.Error:
             return None
-        changed = [path for path in _package_sources() if path.stat().st_mtime > started]
+        changed = {path: modified for path, modified in _package_sources() if modified > started}
         if not changed:
             return None
-        newest = max(changed, key=lambda path: path.stat().st_mtime)
+        newest = max(changed, key=changed.__getitem__)
         return (
             f"{self.name} (pid {pid}) started before {_shown(newest)} changed ({len(changed)} source file(s) since), and "
             "serves the deployments as the code declared them then (parameters, forms): `cnn-train down`, then "
@@ -202,10 +202,19 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def _package_sources() -> list[Path]:
-    """The package's Python files a served flow run imports (not the example plugins, a package of their own)."""
+def _package_sources() -> list[tuple[Path, float]]:
+    """The package's Python files a served flow run imports (not the example plugins, a package of their own),
+    each with when it last changed; one removed as it is read counts as changed now."""
     folders = [Path(folder) for package in (cnn_train.flows, cnn_train.plugins, cnn_train.backends) for folder in package.__path__]
-    return [path for folder in folders for path in folder.rglob("*.py") if "examples" not in path.relative_to(folder).parts]
+    sources = [path for folder in folders for path in folder.rglob("*.py") if "examples" not in path.relative_to(folder).parts]
+    return [(path, _modified(path)) for path in sources]
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return time.time()
 
 
 def _shown(path: Path) -> str:
