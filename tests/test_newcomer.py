@@ -1209,5 +1209,6 @@ def test_status_with_the_worker_alive_and_the_prefect_server_gone_says_not_ready
     services.worker_process.pid_file.parent.mkdir(parents=True)
     services.worker_process.pid_file.write_text(str(os.getpid()))  # a live process stands in for the worker
     assert services.status()["worker"] == {
-        "pid": os.getpid(), "ready": False, "log": str(services.worker_process.log_file), "port": None, "running_port": None
+        "pid": os.getpid(), "ready": False, "log": str(services.worker_process.log_file), "port": None, "running_port": None,
+        "code_changed": services.worker_process.code_changed(),
     }
