@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -26,6 +26,11 @@ MIN_FREE_BYTES = 64 * 2**20
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 #: How SQLite says it (as text: MLflow and SQLAlchemy wrap its error), and how the OS does.
 _FULL_TEXTS = ("database or disk is full", "no space left on device", "disk quota exceeded")
+_SQLITE_FULL = _FULL_TEXTS[0]
+#: How torch.save says a write failed (its C++ stream says no more): "[enforce fail at inline_container.cc:672]
+#: . unexpected pos 64 vs 0", raised from "basic_ios::clear: iostream error". A full disk when the state folder's
+#: disk, where checkpoints go, has less room than a run needs.
+_TORCH_WRITE_FAILED = ("inline_container.cc", "iostream error")
 
 
 class DiskFullError(ExpectedFailure):
@@ -66,8 +71,18 @@ def check_free_space(folders: Iterable[Path], *, needed: int = MIN_FREE_BYTES) -
         if free < needed:
             raise DiskFullError(
                 f"only {_size(free)} free on the disk holding {folder}; a run writes up to about {_size(needed)} "
-                f"there: free some space (`cnn-train gc` prunes old checkpoints and logs), then run again"
+                f"there: free some space, then run again{_what_may_go(device)}"
             )
+
+
+def full_disk_line(folders: Iterable[Path]) -> str | None:
+    """After a failure that said nothing of disks (Prefect's 500s when its database's disk filled): the line
+    naming the first of ``folders``' disks that is full (under 1 MB free), or None."""
+    for folder in folders:
+        if (free := _free_bytes(Path(folder).expanduser())) < 2**20:
+            device = os.stat(_nearest_existing(Path(folder).expanduser()) or "/").st_dev
+            return f"the disk holding {folder} is full ({_size(free)} free): free some space, then run again{_what_may_go(device)}"
+    return None
 
 
 def disk_full(error: BaseException | None) -> bool:
@@ -79,8 +94,14 @@ def disk_full(error: BaseException | None) -> bool:
             return True
         if any(text in str(error).lower() for text in _FULL_TEXTS):
             return True
+        if _torch_write_failed(error):
+            return _free_bytes(state_dir()) < MIN_FREE_BYTES
         error = error.__cause__ or error.__context__
     return False
+
+
+def _torch_write_failed(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _TORCH_WRITE_FAILED)
 
 
 def disk_full_line(error: BaseException) -> str:
@@ -88,11 +109,39 @@ def disk_full_line(error: BaseException) -> str:
     if isinstance(error, DiskFullError):
         return str(error)
     where = next((found for found in _filenames(error) if found), None)
-    place = f"writing {where}" if where else "writing its records"
+    if where:
+        place = f"writing {where}"
+    elif _in_chain(error, _torch_write_failed):
+        place = f"writing a checkpoint in {state_dir() / 'checkpoints'}"
+    elif _in_chain(error, lambda found: _SQLITE_FULL in str(found).lower()):
+        from cnn_train.flows.tracking import tracking_uri  # the store: the one SQLite database a run writes to
+
+        place = f"writing to the store {tracking_uri()}"
+    else:
+        place = "writing its records"
     return (
-        f"a disk this run writes to is full ({place}): free some space (`cnn-train gc` prunes old checkpoints "
-        "and logs), then run again; `cnn-train doctor --fix` ends what the run could not record as ended"
+        f"a disk this run writes to is full ({place}): free some space, then run again; `cnn-train doctor --fix` "
+        "ends what the run could not record as ended"
     )
+
+
+def store_disk_full(tracking_uri: str) -> bool:
+    """Whether a SQLite store's disk is full (under 1 MB free): records that wait for it wait for room, not
+    for a server to answer."""
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme != "sqlite" or parsed.path.removeprefix("/") in ("", ":memory:"):
+        return False
+    return _free_bytes(Path(parsed.path.removeprefix("/")).parent) < 2**20
+
+
+def _in_chain(error: BaseException | None, test: Callable[[BaseException], bool]) -> bool:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if test(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _filenames(error: BaseException | None) -> Iterable[str]:
@@ -102,6 +151,26 @@ def _filenames(error: BaseException | None) -> Iterable[str]:
         if isinstance(error, OSError):
             yield str(error.filename2 or error.filename or "")
         error = error.__cause__ or error.__context__
+
+
+def _what_may_go(device: int) -> str:
+    """What of the project's own may go, on that disk: old checkpoints and logs (`cnn-train gc`), and the
+    data cache, which the next run rebuilds (most of the 64 MB a first full-size run writes)."""
+    state = state_dir()
+    if not os.path.exists(state) or os.stat(state).st_dev != device:
+        return ""
+    cache = state / "cache"
+    cached = sum(path.stat().st_size for path in cache.rglob("*") if path.is_file()) if cache.is_dir() else 0
+    return "; `cnn-train gc` prunes old checkpoints and logs" + (
+        f", and the data cache {cache} ({_size(cached)}) may be deleted: runs rebuild it" if cached else ""
+    )
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(_nearest_existing(folder) or folder).free
+    except OSError:
+        return MIN_FREE_BYTES  # unknown: not taken for full
 
 
 def _nearest_existing(path: Path) -> Path | None:

@@ -52,9 +52,24 @@ def _hidden(error: BaseException | None) -> bool:
 
 _FILTER = _HideExpectedTracebacks()
 
+# MLflow's SQL store logs each failed write with its traceback before raising it: on a full disk, the
+# courier's retries made thousands of lines while the run's own line said it all (diskspace.disk_full).
+_MLFLOW_SQL_LOGGER = "mlflow.store.db.utils"
+
+
+class _DropFullDiskErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        from cnn_train.flows.diskspace import disk_full
+
+        return debugging() or not (record.exc_info and disk_full(record.exc_info[1]))
+
+
+_FULL_DISK_FILTER = _DropFullDiskErrors()
+
 
 def hide_expected_tracebacks() -> None:
-    """Make Prefect log an expected failure of a flow or task run as its one line (console and UI alike).
+    """Make Prefect log an expected failure of a flow or task run as its one line (console and UI alike), and
+    MLflow's SQL store not log each write a full disk refused (the run says so once).
 
     Logger filters survive Prefect re-running its logging setup (dictConfig adds filters, never clears them).
     """
@@ -62,6 +77,8 @@ def hide_expected_tracebacks() -> None:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
+    if _FULL_DISK_FILTER not in (sql := logging.getLogger(_MLFLOW_SQL_LOGGER)).filters:
+        sql.addFilter(_FULL_DISK_FILTER)
 
 
 def close_names(typed: str, names: Sequence[str], *, separator: str = "_") -> list[str]:

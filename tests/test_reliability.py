@@ -225,7 +225,7 @@ def test_a_full_disk_is_one_line_not_retried_and_ends_the_run_failed_saying_so(p
         f"a disk this run writes to is full (writing {tmp_path}/state/checkpoints/"
     )
     assert result.stderr.splitlines()[-1].startswith(f"cnn-train: {line}"), result.stderr[-2000:]
-    assert "free some space (`cnn-train gc` prunes old checkpoints and logs), then run again" in result.stderr.splitlines()[-1]
+    assert "free some space, then run again; `cnn-train doctor --fix` ends what" in result.stderr.splitlines()[-1]
     (run,) = _runs(store)
     assert run.info.status == "FAILED"
     assert line in run.data.tags["mlflow.note.content"]

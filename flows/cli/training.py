@@ -74,8 +74,19 @@ def _run_flow(
     flow_fn: Any, values: dict[str, Any], api: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
 ) -> dict[str, Any]:
     """The flow's result, called on the Prefect API ``api`` gives (temporary_server.prefect_api)."""
-    with api():
-        state = flow_fn(**values, return_state=True)
+    from cnn_train.flows import diskspace, tracking
+
+    try:
+        with api():
+            state = flow_fn(**values, return_state=True)
+    except Exception as error:
+        # A full disk under the temporary server's database fails Prefect's own calls, in 500s that never
+        # say why; the flow run logged the disk's one line before that, and it is the one to end with.
+        if diskspace.disk_full(error):
+            fail(diskspace.disk_full_line(error), 1)
+        if full := diskspace.full_disk_line(diskspace.run_folders(tracking.tracking_uri())):
+            fail(full, 1)
+        raise
     if not state.is_completed():
         # An expected failure's state message is already its one line (see runs.fails_in_one_line).
         fail(state.message or f"flow run ended {state.name}", 1)

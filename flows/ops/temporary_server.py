@@ -85,6 +85,12 @@ class TemporaryServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                from cnn_train.flows import diskspace
+                from cnn_train.flows.settings import state_dir
+
+                # Its database is in the state folder: a disk that filled since the command's check kills it first.
+                if full := diskspace.full_disk_line([state_dir()]):
+                    raise diskspace.DiskFullError(full)
                 raise TemporaryServerError(
                     f"the temporary Prefect server exited with status {self.process.returncode} before it answered "
                     "(its own lines, if any, are above); `cnn-train up` starts a lasting server instead"

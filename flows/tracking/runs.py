@@ -31,6 +31,7 @@ from mlflow.exceptions import MlflowException
 
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.settings import default_artifact_root, env_number
+from cnn_train.flows.diskspace import store_disk_full
 from cnn_train.flows.tracking import courier, liveness, models, spool
 from cnn_train.flows.tracking.uri import TrackingUnavailableError, check_reachable, run_url, tracking_uri, waiting_on, without_password
 from cnn_train.plugins.contract import EpochMetrics, LoggableModel
@@ -355,10 +356,11 @@ class RunTracker:
     def waiting_message(self) -> str:
         """One line: what is kept, where, and how it reaches MLflow."""
         waiting = spool.Spool(self.run_id)
+        full = store_disk_full(self.uri)
+        why = f"the store {self.uri} is on a full disk" if full else f"{waiting_on(self.uri)} did not answer"
         return (
-            f"{waiting_on(self.uri)} did not answer: {waiting.count()} tracking record(s) of run "
-            f"{self.run_id} are kept in {waiting.folder}; run `cnn-train sync` once it answers "
-            "to deliver them and the run's final status"
+            f"{why}: {waiting.count()} tracking record(s) of run {self.run_id} are kept in {waiting.folder}; run "
+            f"`cnn-train sync` once {'its disk has room' if full else 'it answers'} to deliver them and the run's final status"
         )
 
     def status(self) -> str:
