@@ -246,15 +246,20 @@ def check_images(x: np.ndarray, config: ModelConfig, *, what: str = "images") ->
         raise BackendInputError(f"{what} must have shape (n, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise BackendInputError(f"{what} is empty: need at least one image")
-    low, high = (float(x.min()), float(x.max())) if x.dtype.kind == "f" else (None, None)
-    if low is None or not 0.0 <= low <= high <= 1.0:
-        raise BackendInputError(f"{what} must be floats in [0, 1] (pixels / 255), got " + (f"{x.dtype} values" if low is None else f"values from {low:g} to {high:g}"))
+    if x.dtype.kind != "f":
+        raise BackendInputError(f"{what} must be floats in [0, 1] (pixels / 255), got {x.dtype} values")
+    if missing := int(np.count_nonzero(np.isnan(x))):
+        raise BackendInputError(f"{what} must be floats in [0, 1] (pixels / 255), got {missing:,} NaN value(s)")
+    if not 0.0 <= (low := float(x.min())) <= (high := float(x.max())) <= 1.0:
+        raise BackendInputError(f"{what} must be floats in [0, 1] (pixels / 255), got values from {low:g} to {high:g}")
 
 
 def check_labels(y: np.ndarray, n: int, num_classes: int, *, what: str = "labels") -> None:
     """Refuse labels of the wrong length or outside ``[0, num_classes)``."""
     if y.ndim != 1 or y.shape[0] != n:
         raise BackendInputError(f"{what} must have shape ({n},) to match the images, got {tuple(y.shape)}")
+    if y.dtype.kind not in "iu":
+        raise BackendInputError(f"{what} must be whole class numbers (int64), got {y.dtype} values")
     if n and (y.min() < 0 or y.max() >= num_classes):
         raise BackendInputError(f"{what} must lie in [0, {num_classes - 1}], got values from {int(y.min())} to {int(y.max())}")
 
@@ -356,13 +361,8 @@ class Training:
             if problem := returned_problem("run_epochs' validate", validation, Evaluation):
                 raise TypeError(problem)  # else an AttributeError on .loss, blamed on the caller's line
             metrics = EpochMetrics(
-                epoch=epoch,
-                loss=float(loss),
-                accuracy=float(accuracy),
-                val_loss=validation.loss,
-                val_accuracy=validation.accuracy,
-                seconds=time.perf_counter() - started,
-                images_per_second=images / train_seconds,
+                epoch=epoch, loss=float(loss), accuracy=float(accuracy), val_loss=validation.loss,
+                val_accuracy=validation.accuracy, seconds=time.perf_counter() - started, images_per_second=images / train_seconds,
             )
             epochs.append(metrics)
             if self.stop_after(metrics):

@@ -334,7 +334,8 @@ def _with(data: TrainData, **changes: np.ndarray) -> TrainData:
         ("short_labels", r"training labels must have shape \(192,\) to match the images, got \(191,\)"),
         ("raw_pixels", r"training images must be floats in \[0, 1\] \(pixels / 255\), got values from [\d.e-]+ to 255"),
         ("integer_pixels", r"validation images must be floats in \[0, 1\] \(pixels / 255\), got uint8 values"),
-        ("not_a_number", r"training images must be floats in \[0, 1\] \(pixels / 255\), got values from nan to nan"),
+        ("not_a_number", r"training images must be floats in \[0, 1\] \(pixels / 255\), got 1 NaN value\(s\)"),
+        ("fractional_labels", r"training labels must be whole class numbers \(int64\), got float64 values"),
     ],
 )
 def test_train_refuses_bad_data_with_a_clear_message(name: str, data: TrainData, case: str, message: str) -> None:
@@ -352,6 +353,7 @@ def test_train_refuses_bad_data_with_a_clear_message(name: str, data: TrainData,
         "raw_pixels": _with(data, x_train=data.x_train * 255),
         "integer_pixels": _with(data, x_val=(data.x_val * 255).astype(np.uint8)),
         "not_a_number": _with(data, x_train=with_nan),
+        "fractional_labels": _with(data, y_train=data.y_train + 0.5),
     }[case]
     with pytest.raises(BackendInputError, match=message):
         built(name).train(bad, TRAIN)

@@ -308,7 +308,7 @@ def test_a_process_of_the_packages_code_started_before_a_source_changed_says_so(
         assert server.code_changed() == (
             f"served (pid {server.pid()}) started before flows/sweep_flow.py changed (1 source file(s) since), and serves "
             "the deployments as the code declared them then (parameters, forms): `cnn-train down`, then `cnn-train up`, "
-            "to serve this checkout's"
+            "to serve this checkout's code"
         )
         plain = services.Service(name="server", command=lambda: ["sleep", "60"], ready=lambda: True)
         plain.pid_file.write_text(str(server.pid()))

@@ -154,6 +154,7 @@ def runs(
         Optional[list[RunState]],
         typer.Option(
             metavar="STATE",
+            case_sensitive=False,  # the listing's header says FAILED; either spelling is the state
             help=f"Only flow runs in this state type, one of {', '.join(STATE_TYPES)} (repeat for several: --state failed --state crashed).",
             show_default=False,
         ),

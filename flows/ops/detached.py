@@ -86,7 +86,7 @@ class Service:
         return (
             f"{self.name} (pid {pid}) started before {_shown(newest)} changed ({len(changed)} source file(s) since), and "
             "serves the deployments as the code declared them then (parameters, forms): `cnn-train down`, then "
-            "`cnn-train up`, to serve this checkout's"
+            "`cnn-train up`, to serve this checkout's code"
         )
 
     def running_port(self) -> int | None:
