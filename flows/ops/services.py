@@ -13,6 +13,7 @@ import socket
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -326,17 +327,18 @@ mlflow_server = _service(
     port_variable="CNN_TRAIN_MLFLOW_PORT",
 )
 
+
+def _runs_flows(poll_variable: str) -> Callable[[], dict[str, str]]:
+    """The environment of a process that runs the flow runs (the serve process, a worker): up's MLflow, a
+    poll for triggered runs every 2 s instead of the default 10 s (its ``poll_variable``), heartbeats."""
+    return lambda: {"MLFLOW_TRACKING_URI": mlflow_url(), TRACKING_URI_BY_UP_ENV: "1", poll_variable: "2", **heartbeat_environment()}
+
+
 serve_process = _service(
     name="deployment-server",
     command=lambda: [sys.executable, "-m", "cnn_train.flows.ops.serve"],
     ready=_deployment_served,
-    extra_env=lambda: {
-        "MLFLOW_TRACKING_URI": mlflow_url(),
-        TRACKING_URI_BY_UP_ENV: "1",
-        # Pick up triggered runs within 2 s instead of the default 10 s poll.
-        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
-        **heartbeat_environment(),
-    },
+    extra_env=_runs_flows("PREFECT_RUNNER_POLL_FREQUENCY"),
     runs_code=True,
 )
 
@@ -369,13 +371,7 @@ worker_process = _service(
     name="worker",
     command=_worker_command,
     ready=_worker_polling,
-    extra_env=lambda: {
-        "MLFLOW_TRACKING_URI": mlflow_url(),
-        TRACKING_URI_BY_UP_ENV: "1",
-        # Pick up triggered runs within 2 s instead of the default 10 s poll.
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
-        **heartbeat_environment(),
-    },
+    extra_env=_runs_flows("PREFECT_WORKER_QUERY_SECONDS"),
     before_stop=_interrupt_worker_flow_runs,
     runs_code=True,
 )
