@@ -11,12 +11,13 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
 from cnn_train.flows.errors import ExpectedFailure
-from cnn_train.flows.settings import default_artifact_root, state_dir
+from cnn_train.flows.housekeeping import size_of
+from cnn_train.flows.settings import default_artifact_root, sqlite_database, state_dir
 
 #: What a run writes at most, roughly: the data cache on the first full-size run (~55 MB), a checkpoint,
 #: the logged model and the report (a few MB each) and the records of MLflow and Prefect. Below this a
@@ -43,8 +44,8 @@ def run_folders(tracking_uri: str) -> list[Path]:
     project's artifact folder behind a server on this machine."""
     folders = [state_dir()]
     parsed = urlparse(tracking_uri)
-    if parsed.scheme == "sqlite" and parsed.path.removeprefix("/") not in ("", ":memory:"):
-        folders.append(Path(parsed.path.removeprefix("/")).parent)
+    if (database := sqlite_database(tracking_uri)) is not None:
+        folders.append(database.parent)
     elif parsed.scheme in ("", "file"):
         folders.append(Path(parsed.path or tracking_uri))
     elif parsed.hostname in ("127.0.0.1", "localhost"):
@@ -55,19 +56,7 @@ def run_folders(tracking_uri: str) -> list[Path]:
 def check_free_space(folders: Iterable[Path], *, needed: int = MIN_FREE_BYTES) -> None:
     """Raise :class:`DiskFullError` naming the first disk among ``folders``' that has less than ``needed``
     bytes free (a folder not made yet counts by the nearest one that exists)."""
-    seen: set[int] = set()
-    for folder in folders:
-        existing = _nearest_existing(Path(folder).expanduser())
-        if existing is None:
-            continue
-        try:
-            device = os.stat(existing).st_dev
-            if device in seen:
-                continue
-            seen.add(device)
-            free = shutil.disk_usage(existing).free
-        except OSError:
-            continue  # unreadable: the checks of permissions say so in their own words
+    for folder, device, free in _disks(folders):
         if free < needed:
             raise DiskFullError(
                 f"only {_size(free)} free on the disk holding {folder}; a run writes up to about {_size(needed)} "
@@ -78,25 +67,39 @@ def check_free_space(folders: Iterable[Path], *, needed: int = MIN_FREE_BYTES) -
 def full_disk_line(folders: Iterable[Path]) -> str | None:
     """After a failure that said nothing of disks (Prefect's 500s when its database's disk filled): the line
     naming the first of ``folders``' disks that is full (under 1 MB free), or None."""
-    for folder in folders:
-        if (free := _free_bytes(Path(folder).expanduser())) < 2**20:
-            device = os.stat(_nearest_existing(Path(folder).expanduser()) or "/").st_dev
+    for folder, device, free in _disks(folders, once_per_disk=False):
+        if free < 2**20:
             return f"the disk holding {folder} is full ({_size(free)} free): free some space, then run again{_what_may_go(device)}"
     return None
 
 
+def _disks(folders: Iterable[Path], *, once_per_disk: bool = True) -> Iterator[tuple[Path, int, int]]:
+    """The disks ``folders`` are on (each once, by the first folder on it, when ``once_per_disk``): the folder,
+    the disk's device and its free bytes. A folder not made yet counts by the nearest one that exists; an
+    unreadable one is skipped (the checks of permissions say so in their own words)."""
+    seen: set[int] = set()
+    for folder in folders:
+        existing = _nearest_existing(Path(folder).expanduser())
+        try:
+            device = os.stat(existing).st_dev if existing is not None else None
+            asked = device is not None and not (once_per_disk and device in seen)
+            free = shutil.disk_usage(existing).free if asked else None
+        except OSError:
+            continue
+        if device is not None and free is not None:
+            seen.add(device)
+            yield folder, device, free
+
+
 def disk_full(error: BaseException | None) -> bool:
     """Whether ``error``, or an error it was raised from or during, says a disk is full."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, DiskFullError) or (isinstance(error, OSError) and error.errno in _FULL):
+    for found in _chain(error):
+        if isinstance(found, DiskFullError) or (isinstance(found, OSError) and found.errno in _FULL):
             return True
-        if any(text in str(error).lower() for text in _FULL_TEXTS):
+        if any(text in str(found).lower() for text in _FULL_TEXTS):
             return True
-        if _torch_write_failed(error):
+        if _torch_write_failed(found):
             return _free_bytes(state_dir()) < MIN_FREE_BYTES
-        error = error.__cause__ or error.__context__
     return False
 
 
@@ -108,12 +111,13 @@ def disk_full_line(error: BaseException) -> str:
     """The one line a run that met a full disk ends with, naming the file when the error does."""
     if isinstance(error, DiskFullError):
         return str(error)
-    where = next((found for found in _filenames(error) if found), None)
+    chain = list(_chain(error))
+    where = next((named for found in chain if isinstance(found, OSError) and (named := found.filename2 or found.filename)), None)
     if where:
         place = f"writing {where}"
-    elif _in_chain(error, _torch_write_failed):
+    elif any(_torch_write_failed(found) for found in chain):
         place = f"writing a checkpoint in {state_dir() / 'checkpoints'}"
-    elif _in_chain(error, lambda found: _SQLITE_FULL in str(found).lower()):
+    elif any(_SQLITE_FULL in str(found).lower() for found in chain):
         from cnn_train.flows.tracking import tracking_uri  # the store: the one SQLite database a run writes to
 
         place = f"writing to the store {tracking_uri()}"
@@ -128,28 +132,16 @@ def disk_full_line(error: BaseException) -> str:
 def store_disk_full(tracking_uri: str) -> bool:
     """Whether a SQLite store's disk is full (under 1 MB free): records that wait for it wait for room, not
     for a server to answer."""
-    parsed = urlparse(tracking_uri)
-    if parsed.scheme != "sqlite" or parsed.path.removeprefix("/") in ("", ":memory:"):
-        return False
-    return _free_bytes(Path(parsed.path.removeprefix("/")).parent) < 2**20
+    database = sqlite_database(tracking_uri)
+    return database is not None and _free_bytes(database.parent) < 2**20
 
 
-def _in_chain(error: BaseException | None, test: Callable[[BaseException], bool]) -> bool:
+def _chain(error: BaseException | None) -> Iterator[BaseException]:
+    """``error``, then the errors it was raised from or during, each once."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if test(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def _filenames(error: BaseException | None) -> Iterable[str]:
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError):
-            yield str(error.filename2 or error.filename or "")
+        yield error
         error = error.__cause__ or error.__context__
 
 
@@ -160,7 +152,7 @@ def _what_may_go(device: int) -> str:
     if not os.path.exists(state) or os.stat(state).st_dev != device:
         return ""
     cache = state / "cache"
-    cached = sum(path.stat().st_size for path in cache.rglob("*") if path.is_file()) if cache.is_dir() else 0
+    cached = size_of(cache)
     return "; `cnn-train gc` prunes old checkpoints and logs" + (
         f", and the data cache {cache} ({_size(cached)}) may be deleted: runs rebuild it" if cached else ""
     )

@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import MutableMapping
 from pathlib import Path
+from urllib.parse import urlparse
 
 from cnn_train.flows.errors import ExpectedFailure
 
@@ -107,9 +108,22 @@ def state_dir() -> Path:
     return path
 
 
+def sqlite_database(uri: str) -> Path | None:
+    """The database file a ``sqlite:///path`` tracking URI names, as MLflow reads it; None for another kind
+    of store, or an in-memory one."""
+    parsed = urlparse(uri)
+    path = parsed.path.removeprefix("/")
+    return Path(path) if parsed.scheme == "sqlite" and path not in ("", ":memory:") else None
+
+
+def default_database() -> Path:
+    """The project's SQLite store's file."""
+    return project_root() / "mlflow.db"
+
+
 def default_tracking_uri() -> str:
     """The project's SQLite store, as an absolute URI so the working directory does not matter."""
-    return f"sqlite:///{project_root() / 'mlflow.db'}"
+    return f"sqlite:///{default_database()}"
 
 
 def default_artifact_root() -> Path:

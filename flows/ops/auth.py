@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnn_train.flows.errors import ExpectedFailure
-from cnn_train.flows.settings import default_artifact_root, default_tracking_uri, state_dir
+from cnn_train.flows.settings import default_artifact_root, default_database, default_tracking_uri, state_dir
 
 USERNAME_ENV = "CNN_TRAIN_AUTH_USERNAME"
 PASSWORD_ENV = "CNN_TRAIN_AUTH_PASSWORD"
@@ -148,7 +148,7 @@ def keep_project_data_private() -> list[Path]:
     A store elsewhere (MLFLOW_TRACKING_URI) is its owner's to guard."""
     places = [(state_dir(), 0o700)]
     if os.environ.get("MLFLOW_TRACKING_URI", default_tracking_uri()) == default_tracking_uri():
-        database = Path(default_tracking_uri().removeprefix("sqlite:///"))
+        database = default_database()
         with contextlib.suppress(OSError):
             database.touch(mode=0o600)  # SQLite takes an empty file as an empty database
             default_artifact_root().mkdir(mode=0o700, exist_ok=True)

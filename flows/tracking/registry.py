@@ -172,6 +172,15 @@ def test_images_of(version: ModelVersion, run: Run | None) -> float:
     return math.inf
 
 
+def version_test_images(mlflow_client: MlflowClient, version: ModelVersion) -> int:
+    """How many test images ``version`` was scored on: its tag, else (registered before it) what its run
+    logged (:func:`test_images_of`), the run read only then; 0 when nobody says."""
+    if count := _count(version.tags.get(TEST_IMAGES_TAG)):
+        return count
+    found = test_images_of(version, _run_of(mlflow_client, version))
+    return int(found) if math.isfinite(found) else 0
+
+
 def _run_of(mlflow_client: MlflowClient, version: ModelVersion) -> Run | None:
     """The run ``version`` was registered from, or None (none recorded, or the run was deleted)."""
     try:
@@ -225,8 +234,7 @@ def register_version(
         tags=facts.tags(), model_description=model_description(name),
     )
     champion = version_by_alias(mlflow_client, name, CHAMPION)
-    their_images = test_images_of(champion, _run_of(mlflow_client, champion)) if champion is not None else None
-    alias, reason = decide_alias(facts, champion, int(their_images) if their_images and math.isfinite(their_images) else 0)
+    alias, reason = decide_alias(facts, champion, version_test_images(mlflow_client, champion) if champion is not None else None)
     mlflow_client.set_registered_model_alias(name, alias, str(version))
     return Registration(name, version, alias, reason)
 
@@ -306,14 +314,6 @@ class UnknownModelNameError(LookupError):
     """Names asked for that no registered model has; the message lists the close ones and what exists."""
 
 
-def _listed_count(mlflow_client: MlflowClient, version: ModelVersion) -> int | None:
-    """The count ``cnn-train models`` shows: the tag's, else (a version registered before it) its run's."""
-    if count := _count(version.tags.get(TEST_IMAGES_TAG)):
-        return count
-    found = test_images_of(version, _run_of(mlflow_client, version))
-    return int(found) if math.isfinite(found) else None
-
-
 def registered_versions(uri: str | None = None, names: Sequence[str] = ()) -> pd.DataFrame:
     """Every version of every registered model (only those of ``names`` when given), newest first per
     model, with aliases and accuracy. A name no model has raises :class:`UnknownModelNameError`."""
@@ -344,7 +344,7 @@ def registered_versions(uri: str | None = None, names: Sequence[str] = ()) -> pd
                 "version": int(version.version),
                 "aliases": ", ".join(aliases.get(int(version.version), [])),
                 "test_accuracy": float(accuracy) if accuracy is not None else None,
-                "test_images": _listed_count(mlflow_client, version),
+                "test_images": version_test_images(mlflow_client, version) or None,
                 "backend": version.tags.get("backend", ""),
                 "architecture": version.tags.get("architecture", ""),
                 "run_id": version.run_id or "",

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from cnn_train.flows.ops import services
 from cnn_train.flows.ops.addresses import same_server, start_hint
 from cnn_train.flows.errors import ExpectedFailure
-from cnn_train.flows.settings import default_tracking_uri, tracking_uri_set_by_up
+from cnn_train.flows.settings import default_tracking_uri, sqlite_database, tracking_uri_set_by_up
 
 
 class TrackingUnavailableError(ExpectedFailure, RuntimeError):
@@ -154,10 +154,9 @@ def _check_sqlite_writable(uri: str) -> None:
     """A SQLite store this user can write: its file, and its folder (SQLite writes a journal beside it, and
     MLflow makes a missing folder). Unchecked, a read-only checkout's run retried for 3.5 minutes, then
     failed inside its flow run with 'unable to open database file'."""
-    path = urlparse(uri).path.removeprefix("/")
-    if not path or path == ":memory:":
+    if (named := sqlite_database(uri)) is None:
         return
-    database = Path(path).expanduser()
+    database = named.expanduser()
     folder = database.parent
     # os.path.exists, not Path.exists: under a folder this user cannot enter, the latter raises.
     while not os.path.exists(folder) and folder != folder.parent:
@@ -244,9 +243,9 @@ def open_hint(run: RunAddress) -> str:
         "--backend-store-uri",
         shlex.quote(without_password(store)),
     ]
-    if store.startswith("sqlite:"):
+    if (database := sqlite_database(store)) is not None:
         # Where ensure_experiment pins a SQLite store's artifacts, so runs logged later land there too.
-        artifacts = Path(urlparse(store).path.removeprefix("/")).parent / "mlartifacts"
+        artifacts = database.parent / "mlartifacts"
         command += ["--artifacts-destination", shlex.quote(str(artifacts))]
     command += ["--host", services.HOST, "--port", str(port), "--workers", "1"]
     return f"{' '.join(command)}, then open {page}"
