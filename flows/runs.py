@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prefect import Flow, flow, get_run_logger, runtime
+from prefect import Flow, get_run_logger, runtime
 from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError, TerminationSignal
 from prefect.states import Failed
@@ -19,7 +20,7 @@ from pydantic import BaseModel
 from cnn_train.flows import crashes, diskspace, steps, tracking
 from cnn_train.flows.diskspace import disk_full, disk_full_line
 from cnn_train.flows.ops import services
-from cnn_train.flows.errors import ExpectedFailure, debugging, hide_expected_tracebacks
+from cnn_train.flows.errors import ExpectedFailure, debugging, did_you_mean, hide_expected_tracebacks
 from cnn_train.flows.flow_runs import FLOW_NAMES
 from cnn_train.flows.params import RunnerOptions
 from cnn_train.flows.signatures import takes_parameters
@@ -236,6 +237,35 @@ def cnn_train_flow(
         if not (fn.__doc__ or "").strip():
             raise TypeError(f"flow {name!r} needs a docstring: it is the flow's description in the Prefect UI")
         body = fails_in_one_line(takes_parameters(*parameters, exclude=exclude)(fn))
-        return flow(name=name, **recorded_flow())(body)
+        return CnnTrainFlow(fn=body, name=name, **recorded_flow())
 
     return decorate
+
+
+class CnnTrainFlow(Flow[..., Any]):
+    """A Prefect flow whose call from Python refuses a misspelt or positional argument in one line.
+    Prefect's own ``ParameterBindError`` quotes the whole signature, ~3,000 characters of the
+    parameters' declarations (their pydantic ``FieldInfo`` defaults feed the forms)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        refuse_unknown_arguments(f"{self.fn.__name__}()", inspect.signature(self.fn), args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+#: Keywords ``Flow.__call__`` takes for itself.
+_CALL_OPTIONS = ("return_state", "wait_for")
+
+
+def refuse_unknown_arguments(
+    name: str, signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """A ``TypeError`` naming what a flow's call got wrong and what it takes, as Python's own would."""
+    parameters = list(signature.parameters)
+    if args:
+        raise TypeError(f"{name} takes its parameters as keywords ({', '.join(parameters)}), not {len(args)} positional")
+    for keyword in kwargs:
+        if keyword not in signature.parameters and keyword not in _CALL_OPTIONS:
+            raise TypeError(
+                f"{name} got an unexpected keyword argument {keyword!r}{did_you_mean(keyword, parameters)}; "
+                f"its parameters: {', '.join(parameters)}"
+            )

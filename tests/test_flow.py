@@ -303,6 +303,36 @@ def test_bad_input_fails_before_any_mlflow_run(store, parameters, message):
     assert run_count() == before
 
 
+@pytest.mark.parametrize(
+    ("module", "name", "arguments", "keywords", "message"),
+    [
+        pytest.param("train_flow", "cnn_train", (), {"epoch": 1}, "cnn_train() got an unexpected keyword argument 'epoch' (did you mean epochs?); its parameters: backend, architecture, epochs,", id="train-misspelt"),
+        pytest.param("train_flow", "cnn_train", (3,), {}, "cnn_train() takes its parameters as keywords (backend, architecture,", id="train-positional"),
+        pytest.param("compare_flow", "cnn_train_compare", (), {"backend": "torch"}, "(did you mean backends?)", id="compare-singular"),
+        pytest.param("sweep_flow", "cnn_train_sweep", (), {"grids": "lr=0.1"}, "(did you mean grid?)", id="sweep-plural"),
+        pytest.param("tune_flow", "cnn_train_tune", (), {"trial": 3}, "(did you mean trials?)", id="tune-misspelt"),
+        pytest.param("predict_flow", "cnn_train_predict", (), {"image": "x.png"}, "its parameters: model, images", id="predict-singular"),
+    ],
+)
+def test_a_wrong_argument_from_python_gets_one_line_and_no_run(store, module, name, arguments, keywords, message):
+    """Prefect's ParameterBindError quoted the whole signature: ~3,000 characters of field declarations."""
+    import importlib
+
+    from mlflow import MlflowClient
+
+    flow = getattr(importlib.import_module(f"cnn_train.flows.{module}"), name)
+    client = MlflowClient(store)
+
+    def run_ids() -> set[str]:
+        return {run.info.run_id for run in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+
+    before = run_ids()
+    with pytest.raises(TypeError) as caught:
+        flow(*arguments, **keywords)
+    assert message in str(caught.value) and "\n" not in str(caught.value) and len(str(caught.value)) < 600
+    assert run_ids() == before
+
+
 def test_a_port_variable_that_holds_no_port_fails_before_any_mlflow_run(store, monkeypatch):
     """It failed as the run's link was logged, after the run had started: RUNNING for good, no heartbeat to reap it by."""
     from mlflow import MlflowClient
