@@ -120,8 +120,14 @@ def test_a_mistyped_name_is_answered_with_the_names_it_may_mean(typed, names, me
         pytest.param(["runs", "--limit", "201"], "cnn-train: Invalid value for '--limit': Input should be less than or equal to 200; "
                      "see `cnn-train runs --help`", id="more-runs-than-the-api-gives"),
         pytest.param(["runs", "--state", "faild"], "cnn-train: Invalid value for '--state': 'faild' is not one of 'scheduled', "
-                     "'pending', 'running', 'completed', 'failed', 'cancelled', 'crashed', 'paused', 'cancelling'; see "
-                     "`cnn-train runs --help`", id="a-state-prefect-has-not"),
+                     "'pending', 'running', 'completed', 'failed', 'cancelled', 'crashed', 'paused', 'cancelling' (did you mean "
+                     "failed?); see `cnn-train runs --help`", id="a-state-prefect-has-not"),
+        pytest.param(["runs", "--state", "FAIL"], "cnn-train: Invalid value for '--state': 'FAIL' is not one of 'scheduled', "
+                     "'pending', 'running', 'completed', 'failed', 'cancelled', 'crashed', 'paused', 'cancelling' (did you mean "
+                     "failed?); see `cnn-train runs --help`", id="a-state-cut-short"),
+        pytest.param(["run", "--architecture", "cnn_improved"], "cnn-train: Invalid value for '--architecture': 'cnn_improved' "
+                     "is not one of 'cnn', 'dense', 'cnn-improved' (did you mean cnn-improved?); see `cnn-train run --help`",
+                     id="closed-choice-misspelt"),
     ],
 )
 def test_a_command_line_mistake_is_one_line(arguments, line):

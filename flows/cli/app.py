@@ -6,6 +6,7 @@ import atexit
 import gc
 import inspect
 import os
+import re
 import sys
 import types
 from collections.abc import Callable
@@ -51,7 +52,7 @@ class _OneLineFailures(typer.Typer):
             if hasattr(error, "option_name") and where is not None:  # an unknown option (Click's NoSuchOption)
                 error.possibilities = option_suggestions(error.option_name, where.command)
             # The typed values' checks speak pydantic ("Value error, 'foo' is not one of ...").
-            message = error.format_message().rstrip(".").replace("Value error, ", "")
+            message = choice_suggestion(error.format_message().rstrip(".").replace("Value error, ", ""))
             hint = f"; see `{where.command_path} --help`" if where is not None else ""
             print(f"cnn-train: {message}{hint}", file=sys.stderr)
             sys.exit(error.exit_code)
@@ -78,6 +79,20 @@ def option_suggestions(typed: str, command: Any) -> list[str]:
         if name.startswith("--") and name != "--help"
     ]
     return close_names(typed, options, separator="-")
+
+
+#: A closed choice's refusal, as Click and the declaration's checks word it.
+_NOT_ONE_OF = re.compile(r"'(?P<typed>[^']*)' is not one of (?P<choices>'[^']*'(?:, '[^']*')*)")
+
+
+def choice_suggestion(message: str) -> str:
+    """``message`` with the choice a refused value may mean (``--state fail``: "did you mean failed?")."""
+    refused = _NOT_ONE_OF.search(message)
+    if refused is None:
+        return message
+    choices = re.findall(r"'([^']*)'", refused["choices"])
+    close = close_names(refused["typed"].lower(), choices, separator="-" if any("-" in c for c in choices) else "_")
+    return message[: refused.end()] + (f" (did you mean {' or '.join(close)}?)" if close else "") + message[refused.end():]
 
 
 # Python's last garbage collection walks every object torch, Keras, MLflow and Prefect made: about 3 s
