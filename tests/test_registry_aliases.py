@@ -357,7 +357,7 @@ def test_the_default_is_the_best_champion_of_the_experiment(store):
     assert choice.described == (
         "models:/strong-line@champion (version 1, test accuracy 90.00% on 10,000 test images), the surest of the "
         "experiment's 2 registered champions (the highest lower end of a 95% interval around each test accuracy; "
-        "--model picks another)"
+        "next: models:/weak-line@champion, version 1, test accuracy 60.00% on 10,000 test images; --model picks another)"
     )
 
 
@@ -379,7 +379,7 @@ def test_the_default_champion_is_scored_and_the_surest(store):
     assert choice.described == (
         "models:/c-on-all@champion (version 1, test accuracy 72.00% on 10,000 test images), the surest of the "
         "experiment's 3 registered champions (the highest lower end of a 95% interval around each test accuracy; "
-        "--model picks another)"
+        "next: models:/b-on-ten@champion, version 1, test accuracy 80.00% on 10 test images; --model picks another)"
     )
     _register(store, "d-on-two-hundred", on_two_hundred, 0.79, test_set="two-hundred-images", images=200)
     assert tracking.default_model(uri=store, experiment="ranked-champions").model_uri == "models:/d-on-two-hundred@champion"

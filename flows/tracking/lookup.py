@@ -266,10 +266,12 @@ def _best_champion(mlflow_client: MlflowClient, experiment_id: str) -> ModelChoi
         ranked.append(((not math.isnan(accuracy), surest), registered.name, version, scored))
     if not ranked:
         return None
-    _, name, version, scored = max(ranked, key=lambda candidate: candidate[0])
+    ranked.sort(key=lambda candidate: candidate[0], reverse=True)  # stable: the first listed wins a tie
+    _, name, version, scored = ranked[0]
     why = "the experiment's registered champion" if len(ranked) == 1 else (
         f"the surest of the experiment's {len(ranked)} registered champions (the highest lower end of a 95% interval "
-        "around each test accuracy; --model picks another)"
+        f"around each test accuracy; next: models:/{ranked[1][1]}@{CHAMPION}, version {ranked[1][2].version}, "
+        f"{ranked[1][3]}; --model picks another)"
     )
     return ModelChoice(
         f"models:/{name}@{CHAMPION}",
