@@ -401,3 +401,36 @@ def test_a_command_run_is_judged_by_the_process_it_names_then_by_its_heartbeat(p
         flow_run, runners_alive=set(), polled_pools=set(), stale_flow_runs={"flow-1"} if stale else set(), running_here=set()
     )
     assert found == (reason.format(pid=pid) if reason else None)
+
+
+def test_runs_without_servers_marks_a_killed_run_crashed(tmp_path, monkeypatch):
+    """A `cnn-train run` killed without servers stayed Running in the temporary server's database: nothing
+    watched it until the next run started, and `cnn-train runs` listed it Running."""
+    import atexit
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Running
+
+    from cnn_train.flows.cli import state
+    from cnn_train.flows.ops.temporary_server import TemporaryServer
+    from tests.stores import new_store
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", new_store(tmp_path / "mlflow.db"))
+    monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
+    server = TemporaryServer()  # its own: this check crashes every orphan of the server it reads
+    atexit.register(server.stop)
+    with temporary_settings({PREFECT_API_URL: server.ready(timeout=120)}):
+        monkeypatch.setattr(state, "_prefect_api", lambda required: None)  # as with no server configured
+        with get_client(sync_client=True) as client:  # as a `cnn-train run` leaves it when killed: no deployment
+            flow_run = client.create_flow_run(flow=flow(name="cnn-train")(lambda: None), name="killed-duck", state=Running())
+            client.update_flow_run(flow_run.id, infrastructure_pid=f"{socket.gethostname()}:{_exited_pid()}")
+        first = CliRunner().invoke(app, ["runs"], env={"COLUMNS": "250"})
+        again = CliRunner().invoke(app, ["runs"], env={"COLUMNS": "250"})
+    assert first.exit_code == 0, first.output
+    lines = first.output.splitlines()
+    assert lines[0].startswith("flow run killed-duck marked Crashed, its MLflow runs FAILED: its process ")
+    assert lines[0].endswith(" is gone") and lines[1].startswith("all 1 cnn-train flow runs on the temporary server's database")
+    assert lines[3].split()[3:6] == ["killed-duck", "Crashed", "Marked"]
+    assert "marked Crashed" not in again.output and "Crashed" in again.output

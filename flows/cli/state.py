@@ -172,6 +172,8 @@ def runs(
         f" in state {' or '.join(name.upper() for name in states)}" if states else ""
     )
     summaries, total = flow_runs.recent_flow_runs(limit, all_flows=all_flows, states=states)
+    if api_url is None and _crash_orphans_listed(summaries):
+        summaries, total = flow_runs.recent_flow_runs(limit, all_flows=all_flows, states=states)
     if not summaries:
         typer.echo(f"no {which} on {where}" + ("" if all_flows else " (--all-flows lists other flows' runs too)"))
         return
@@ -187,6 +189,21 @@ def runs(
         }
     )
     typer.echo(left_aligned(table))
+
+
+def _crash_orphans_listed(summaries: list[Any]) -> bool:
+    """Mark Crashed the orphans among runs made without servers, as every flow's start does; whether any was.
+    With servers, Prefect's automation and doctor see a killed run; made without them, nothing did until the
+    next run started, and this listing showed it Running. Only when one is listed Running or Pending: the
+    check reads MLflow (a second or two)."""
+    if not any(summary.state in ("Running", "Pending") for summary in summaries):
+        return False
+    from cnn_train.flows import crashes
+
+    orphans = crashes.crash_orphans()
+    for orphan in orphans:
+        typer.echo(f"flow run {orphan.name} marked Crashed, its MLflow runs FAILED: {orphan.reason}")
+    return bool(orphans)
 
 
 def left_aligned(table: Any) -> str:
