@@ -419,7 +419,8 @@ def test_runs_without_servers_marks_a_killed_run_crashed(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", new_store(tmp_path / "mlflow.db"))
     monkeypatch.setenv("CNN_TRAIN_STATE_DIR", str(tmp_path / "state"))
-    server = TemporaryServer()  # its own: this check crashes every orphan of the server it reads
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))  # a database of its own: the check crashes
+    server = TemporaryServer()  # every orphan of the server it reads, and the session's holds other tests' runs
     atexit.register(server.stop)
     with temporary_settings({PREFECT_API_URL: server.ready(timeout=120)}):
         monkeypatch.setattr(state, "_prefect_api", lambda required: None)  # as with no server configured
