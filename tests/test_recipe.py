@@ -290,6 +290,17 @@ def test_short_training_has_finite_metrics(trained) -> None:
         assert 0 <= metrics.accuracy <= 1 and 0 <= metrics.val_accuracy <= 1
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_batch_norm_is_ready_for_evaluation_after_a_few_steps(seed: int) -> None:
+    """Its running statistics began at mean 0 and variance 1 and moved a tenth of the way per step: a recipe
+    trained one epoch on 2,000 Fashion-MNIST images (15 steps) scored chance, 10%. Here 8 steps: the
+    validation score was 69% and 83% where the training had learnt the stripes."""
+    backend = built(seed=seed)
+    config = TrainConfig(epochs=1, batch_size=64, learning_rate=3e-3, lr_schedule="onecycle", seed=seed, precision="float32")
+    (epoch,) = backend.train(synthetic_data(640), config).epochs
+    assert epoch.val_accuracy >= 0.95, epoch
+
+
 def test_same_seed_same_metrics_and_predictions(trained, data: TrainData) -> None:
     backend, seen = trained
     global_state = torch.random.get_rng_state()
