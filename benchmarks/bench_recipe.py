@@ -66,6 +66,8 @@ _ONECYCLE_B128: dict[str, Any] = {"epochs": 10, "batch_size": 128, "learning_rat
 VARIANTS: dict[str, Callable[[], tuple[ModelConfig, TrainConfig]]] = {
     "lesson": lambda: (ModelConfig(), TrainConfig()),
     "recipe": _recipe,
+    # Whether bfloat16 pays on this CPU, the question placement.training_precision's flag rule answers.
+    "recipe-fp32": _recipe_with(precision="float32"),
     "recipe-b256": _recipe_with(batch_size=256, learning_rate=4e-3),
     "recipe-b512": _recipe_with(batch_size=512, learning_rate=6e-3),
     "recipe-b256-e8": _recipe_with(batch_size=256, learning_rate=4e-3, epochs=8),
