@@ -25,6 +25,7 @@ import platform
 import re
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from cnn_train.flows.placement import cpu_flags, training_precision
-from cnn_train.flows.signatures import add_arguments
+from cnn_train.flows.signatures import add_arguments, declared_type
 
 import flops
 from cnn_train.plugins.config import IMPROVED_ARCHITECTURE, IMPROVED_TRAINING, ModelConfig
@@ -57,6 +58,8 @@ def recipe_key(seed: int) -> str:
     """The variant key of the recipe's run with ``seed``."""
     return f"{RECIPE_KEY}-seed{seed}"
 SUBPROCESS_TIMEOUT = 1800.0
+#: The smallest matmul side --peak-size takes: at 256 three repeats gave 0.8-2 GFLOP/s fp32 here.
+MIN_PEAK_SIZE = 512
 EPOCH_TIMEOUT = 300.0
 #: More CPU than this taken by other processes makes the timings unrepresentative.
 BUSY_SHARE = 0.05
@@ -854,9 +857,10 @@ def raw_numbers(settings: Settings, m: Measurements) -> dict[str, Any]:
     }
 
 
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        seeds = tuple(int(part) for part in text.split(","))
+def seed_list(text: str) -> tuple[int, ...]:
+    """An argparse ``type`` for comma-separated seeds, each once."""
+    try:  # each as the declaration allows a seed ("-1: Input should be greater than or equal to 0")
+        seeds = tuple(declared_type("seed")(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"give whole numbers separated by commas, e.g. 0,1,2; got {text!r}") from None
     if len(set(seeds)) != len(seeds):
@@ -873,13 +877,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         help=f"repeats of data prep and of each trigger (default {Settings.repeats})",
     )
     parser.add_argument("--skip-servers", action="store_true", help="do not start the stack; no trigger timing")
-    parser.add_argument("--peak-size", type=int, default=Settings.peak_size, help="side of the matmul that measures the peak")
+    parser.add_argument(
+        "--peak-size", type=int, default=Settings.peak_size,
+        help=f"side of the matmul that measures the peak (at least {MIN_PEAK_SIZE}: a smaller one times noise)",
+    )
     parser.add_argument(
         "--recipe-epochs", type=int, default=Settings.recipe_epochs,
         help=f"epochs of the improved recipe's run (default its own {IMPROVED_TRAINING['epochs']}; 0 leaves it out)",
     )
     parser.add_argument(
-        "--recipe-seeds", type=_seeds, default=Settings.recipe_seeds,
+        "--recipe-seeds", type=seed_list, default=Settings.recipe_seeds,
         help="comma-separated seeds of the improved recipe's runs (default 0,1,2); its accuracy target is their mean",
     )
     parser.add_argument(
@@ -888,15 +895,57 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         "(process wall then leaves out the server's start)",
     )
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
-    parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
+    parser.add_argument("--json", type=json_output, default=None, help="also write the raw numbers here")
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.repeats < 1:
         parser.error("--epochs and --repeats must be at least 1")
     if args.recipe_epochs < 0:
         parser.error("--recipe-epochs must be 0 (leave the recipe out) or more")
+    if args.peak_size < MIN_PEAK_SIZE:
+        parser.error(f"--peak-size must be at least {MIN_PEAK_SIZE}: a {args.peak_size}x{args.peak_size} matmul takes "
+                     "microseconds, and the peak it gives made the fp32-peak shares exceed 100%")
+    if problem := data_problem(args.data_dir):
+        parser.error(problem)
     # Every setting the command line names, under the same name; the rest keep their defaults.
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)})
     return settings, args
+
+
+def json_output(text: str) -> Path:
+    """An argparse ``type`` for ``--json FILE``: refused at once when it cannot be written, not after the run."""
+    path = Path(text).expanduser()
+    folder = path.parent
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder; give a file name in it")
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{folder} is not a folder this user can write; give a file in one that is")
+    return path
+
+
+def data_problem(data_dir: str | None) -> str | None:
+    """Why the dataset cannot be had, found before the run (it failed in the first probe, in a traceback)."""
+    from cnn_train.flows.data import DatasetError
+    from cnn_train.flows.data.locate import locate_fashion_mnist
+
+    try:
+        locate_fashion_mnist(data_dir, allow_download=False)
+    except DatasetError as error:
+        return str(error)
+    return None
+
+
+@contextmanager
+def stopped_as_by_ctrl_c() -> Iterator[None]:
+    """SIGTERM (``kill``, ``timeout``, a cancelled CI job) ends the run as Ctrl-C does: the running probe is
+    killed and the temporary folder removed (it left both), and either ends in one line, not a traceback."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{Path(sys.argv[0]).name}: interrupted; what it ran was stopped and its temporary files removed", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -904,7 +953,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = " ".join([".venv/bin/python", "benchmarks/bench.py", *(sys.argv[1:] if argv is None else argv)])
     work = Path(tempfile.mkdtemp(prefix="cnn-train-bench-"))
     try:
-        measurements = measure(settings, work)
+        with stopped_as_by_ctrl_c():
+            measurements = measure(settings, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(report(settings, measurements, command, markdown=args.markdown))

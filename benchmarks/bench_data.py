@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import data_problem
 from cnn_train.flows.data import prepare_data
 from cnn_train.flows.params import DEFAULT_SPLIT
 
@@ -33,8 +34,12 @@ def describe(times: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=None, help="folder with the four .gz files")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (default 5)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if problem := data_problem(args.data_dir):
+        parser.error(problem)
 
     cache_dir = Path(tempfile.mkdtemp(prefix="bench-data-"))
     try:

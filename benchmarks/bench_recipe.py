@@ -21,11 +21,12 @@ import json
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
+from bench import data_problem, json_output, seed_list
 from cnn_train.flows.data import prepare_data
 from cnn_train.flows.placement import resolve_precision
+from cnn_train.flows.signatures import add_arguments, declared_type
 from cnn_train.plugins.config import (
     IMPROVED_ARCHITECTURE,
     ConvBlock,
@@ -121,28 +122,27 @@ def run_variant(name: str, data: Any, *, epochs: int | None, threads: int | None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variants", nargs="*", metavar="VARIANT", help=f"Any of: {', '.join(VARIANTS)}.")
-    parser.add_argument("--epochs", type=int, help="Override every variant's epochs (screening).")
-    parser.add_argument("--sample-limit", type=int, help="Train + validation images (default: all 60,000).")
-    parser.add_argument("--test-limit", type=int, help="Test images (default: all 10,000).")
+    parser.add_argument("--epochs", type=declared_type("epochs"), help="Override every variant's epochs (screening).")
+    add_arguments(parser, ("sample_limit", "test_limit", "data_dir"))
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before training.")
     parser.add_argument(
-        "--seeds", default="42", help="Comma-separated seeds, each its own split, initial weights and shuffles (default 42)."
+        "--seeds", type=seed_list, default=(42,),
+        help="Comma-separated seeds, each its own split, initial weights and shuffles (default 42).",
     )
-    parser.add_argument("--json", type=Path, help="Also write the results here.")
+    parser.add_argument("--json", type=json_output, help="Also write the results here.")
     args = parser.parse_args()
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if problem := data_problem(args.data_dir):
+        parser.error(problem)
     args.variants = args.variants or ["lesson", "recipe"]
 
-    try:
-        seeds = [int(seed) for seed in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds takes whole numbers separated by commas, e.g. 0,1,2; got {args.seeds!r}")
+    seeds = args.seeds
     results = []
     for seed in seeds:
         data = prepare_data(
-            validation_fraction=0.1, seed=seed, sample_limit=args.sample_limit, test_limit=args.test_limit
+            args.data_dir, validation_fraction=0.1, seed=seed, sample_limit=args.sample_limit, test_limit=args.test_limit
         )
         print(f"data (seed {seed}): {data.summary()}", flush=True)
         results += [run_variant(name, data, epochs=args.epochs, threads=args.threads, seed=seed) for name in args.variants]
@@ -157,7 +157,8 @@ def main() -> None:
         )
     for name in args.variants if len(seeds) > 1 else ():
         accuracies = [r.test.accuracy for r in results if r.name == name]
-        print(f"{name:40s} mean test accuracy {statistics.mean(accuracies):.4f} ± {statistics.stdev(accuracies):.4f} over seeds {args.seeds}")
+        print(f"{name:40s} mean test accuracy {statistics.mean(accuracies):.4f} ± {statistics.stdev(accuracies):.4f} "
+              f"over seeds {','.join(map(str, seeds))}")
     if args.json:
         args.json.write_text(json.dumps([{**asdict(r), "train_seconds": r.train_seconds} for r in results], indent=1))
 

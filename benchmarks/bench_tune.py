@@ -29,7 +29,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from bench import OtherWork, _cpu_model, private_environment, render_markdown, render_text
+from bench import (
+    OtherWork, _cpu_model, json_output, private_environment, render_markdown, render_text, stopped_as_by_ctrl_c,
+)
 
 BIN = Path(sys.executable).parent
 #: A space with hopeless corners (Adam at 0.1 diverges, 1e-5 barely moves in 8 epochs), as real searches have.
@@ -136,7 +138,7 @@ def _pruners(text: str) -> tuple[str, ...]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--trials", type=int, default=16, help="Trials per arm (default 16).")
     parser.add_argument("--sample-limit", type=int, default=6000, help="Training + validation images (10%% validation).")
     parser.add_argument("--epochs", type=int, default=8, help="Epochs of a trial that is not pruned.")
     parser.add_argument("--pruners", type=_pruners, default=("median",), help=f"Comma-separated, each one arm: {', '.join(PRUNERS)}.")
@@ -147,14 +149,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--space", action="append", default=None, help=f"FIELD=SPEC (repeatable); default {' '.join(SPACE)}.")
     parser.add_argument("--data-dir", default=None, help="Folder with the Fashion-MNIST files; default: searched for.")
     parser.add_argument("--markdown", action="store_true", help="Print markdown tables.")
-    parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    parser.add_argument("--json", type=json_output, default=None, help="Also write the results here.")
     return parser
 
 
 def main() -> None:
     args = _parser().parse_args()
     args.space = args.space or list(SPACE)
-    with tempfile.TemporaryDirectory(prefix="cnn-train-bench-tune-") as folder:
+    with tempfile.TemporaryDirectory(prefix="cnn-train-bench-tune-") as folder, stopped_as_by_ctrl_c():
         arms = [run_arm(name, args, Path(folder)) for name in (*args.pruners, UNPRUNED)]
     render = render_markdown if args.markdown else render_text
     print(f"CPU: {_cpu_model()}; {args.trials} trials, {args.sample_limit:,} images, up to {args.epochs} epochs, "

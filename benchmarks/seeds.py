@@ -13,12 +13,13 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import bare
+from bench import data_problem, json_output, seed_list
 from cnn_train.backends.torch_backend import TorchBackend
 from cnn_train.flows.data import PreparedData, prepare_data
 from cnn_train.plugins.config import ModelConfig, TrainConfig
+from cnn_train.flows.signatures import add_arguments, declared_type
 from cnn_train.plugins.contract import TrainData
 
 
@@ -32,19 +33,20 @@ def backend_accuracy(data: PreparedData, *, epochs: int, seed: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--json", type=Path, default=None, help="also write every result here")
+    parser.add_argument("--seeds", type=seed_list, default=(1, 2, 3), help="comma-separated seeds (default 1,2,3)")
+    parser.add_argument("--epochs", type=declared_type("epochs"), default=10, help="epochs of each training (default 10)")
+    add_arguments(parser, ("sample_limit", "test_limit", "data_dir"))
+    parser.add_argument("--json", type=json_output, default=None, help="also write every result here")
     args = parser.parse_args()
-    try:
-        seeds = [int(seed) for seed in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds must be whole numbers separated by commas, got {args.seeds!r}")
+    if problem := data_problem(args.data_dir):
+        parser.error(problem)
+    seeds = list(args.seeds)
 
     results: dict[str, list[float]] = {"torch backend": [], "bare PyTorch loop": []}
     for seed in seeds:
-        data = prepare_data(args.data_dir, validation_fraction=0.1, seed=seed)
+        data = prepare_data(
+            args.data_dir, validation_fraction=0.1, seed=seed, sample_limit=args.sample_limit, test_limit=args.test_limit
+        )
         for name, accuracy in (
             ("torch backend", lambda: backend_accuracy(data, epochs=args.epochs, seed=seed)),
             ("bare PyTorch loop", lambda: bare.train_torch(data, epochs=args.epochs, seed=seed).test_accuracy),
@@ -54,7 +56,7 @@ def main() -> None:
             print(f"seed {seed}  {name:<18} {results[name][-1]:.2%}  ({time.perf_counter() - started:.0f} s)", flush=True)
     for name, values in results.items():
         spread = f" ± {statistics.stdev(values):.2%}" if len(values) > 1 else ""
-        print(f"{name:<18} mean {statistics.mean(values):.2%}{spread} over seeds {args.seeds}")
+        print(f"{name:<18} mean {statistics.mean(values):.2%}{spread} over seeds {','.join(map(str, seeds))}")
     if args.json is not None:
         args.json.write_text(json.dumps({"seeds": seeds, "epochs": args.epochs, "test_accuracy": results}, indent=2))
 

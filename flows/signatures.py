@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import annotated_types
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from cnn_train.flows.params import ParameterError, RunParameters, training_defaults
@@ -109,12 +109,31 @@ def add_arguments(parser: Any, names: Iterable[str]) -> None:
     hints = _resolved_annotations(RunParameters)
     for name in names:
         info = RunParameters.model_fields[name]
-        scalar = next((t for t in (bool, int, float) if t in (hints[name], *get_args(hints[name]))), str)
         flag = "--" + name.replace("_", "-")
-        if scalar is bool:
+        if bool in (hints[name], *get_args(hints[name])):
             parser.add_argument(flag, action="store_true", help=info.description)
         else:
-            parser.add_argument(flag, type=scalar, default=info.default, help=info.description)
+            parser.add_argument(flag, type=declared_type(name), default=info.default, help=info.description)
+
+
+def declared_type(name: str) -> Callable[[str], Any]:
+    """An argparse ``type`` for run parameter ``name`` that also holds the declaration's bounds
+    (``--sample-limit -5`` ran until the flow refused it), refusing a value in the declaration's words."""
+    import argparse
+
+    hint, info = _resolved_annotations(RunParameters)[name], RunParameters.model_fields[name]
+    scalar = next((t for t in (int, float) if t in (hint, *get_args(hint))), str)
+    adapter = TypeAdapter(Annotated[(scalar, *info.metadata)]) if info.metadata else None
+
+    def convert(text: str) -> Any:
+        try:
+            value = scalar(text)
+            return adapter.validate_python(value) if adapter is not None else value
+        except ValidationError as error:
+            raise argparse.ArgumentTypeError(f"{text}: {error.errors()[0]['msg']}") from None
+
+    convert.__name__ = scalar.__name__  # argparse names it in "invalid int value: 'x'"
+    return convert
 
 
 def assignments(values: Mapping[str, Any]) -> str:

@@ -187,3 +187,55 @@ def test_benchmark_runs_every_variant_at_tiny_size(tmp_path: Path, real_fashion_
         for key in (key for key in VARIANT_KEYS if key.startswith("cnn-train")):
             flow_run = client.read_flow_run(raw["variants"][key]["details"]["flow_run_id"])
             assert flow_run.state.is_completed(), (key, flow_run.state)
+
+
+@pytest.mark.parametrize(
+    ("script", "arguments", "says"),
+    [
+        pytest.param("bench.py", ["--json", "/nonexistent/x.json"], "argument --json: /nonexistent is not a folder this user can write",
+                     id="json-in-a-missing-folder"),  # found after the whole run, in a traceback
+        pytest.param("bench.py", ["--data-dir", "/nonexistent"], "data_dir: /nonexistent does not exist", id="missing-data"),
+        pytest.param("bench.py", ["--sample-limit", "-5"], "argument --sample-limit: -5: Input should be greater than or equal to 20",
+                     id="sample-limit-the-flow-refuses"),
+        pytest.param("bench.py", ["--recipe-seeds", "0,-1"], "argument --recipe-seeds: -1: Input should be greater than or equal to 0",
+                     id="negative-seed"),
+        pytest.param("bench.py", ["--peak-size", "256"], "--peak-size must be at least 512", id="peak-matmul-too-small"),
+        pytest.param("bench_recipe.py", ["--epochs", "0"], "argument --epochs: 0: Input should be greater than or equal to 1",
+                     id="recipe-no-epochs"),  # it trained nothing and printed nan
+        pytest.param("bench_recipe.py", ["--json", "/nonexistent/x.json"], "is not a folder this user can write", id="recipe-json"),
+        pytest.param("seeds.py", ["--json", "/nonexistent/x.json"], "is not a folder this user can write", id="seeds-json"),
+        pytest.param("bench_tune.py", ["--json", "/nonexistent/x.json"], "is not a folder this user can write", id="tune-json"),
+        pytest.param("bench_data.py", ["--repeats", "0"], "--repeats must be at least 1", id="data-no-repeats"),
+    ],
+)
+def test_a_benchmark_mistake_is_refused_before_anything_runs(script: str, arguments: list[str], says: str) -> None:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *arguments], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and says in result.stderr.splitlines()[-1], result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_running_probe_and_removes_the_temporary_folder(tmp_path: Path, real_fashion_mnist_dir: Path) -> None:
+    """`kill`, `timeout` or a cancelled CI job: the probe it was running went on alone, and its folder stayed."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    env = os.environ | {"TMPDIR": str(tmp_path)}
+    bench = subprocess.Popen(
+        [sys.executable, str(BENCHMARKS / "bench.py"), "--epochs", "1", "--sample-limit", "400", "--test-limit", "200",
+         "--repeats", "1", "--skip-servers", "--peak-size", "512", "--recipe-epochs", "0", "--data-dir", str(real_fashion_mnist_dir)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (children := psutil.Process(bench.pid).children()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert children, "no probe started"
+    bench.send_signal(signal.SIGTERM)
+    _, stderr = bench.communicate(timeout=60)
+    assert bench.returncode == 130 and stderr.splitlines()[-1] == (
+        "bench.py: interrupted; what it ran was stopped and its temporary files removed"
+    )
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive and not list(tmp_path.glob("cnn-train-bench-*"))
