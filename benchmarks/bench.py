@@ -874,7 +874,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     add_arguments(parser, ("sample_limit", "test_limit", "data_dir"))
     parser.add_argument(
         "--repeats", type=int, default=Settings.repeats,
-        help=f"repeats of data prep and of each trigger (default {Settings.repeats})",
+        help=f"repeats of data prep, of each trigger and of the small `cnn-train run` (default {Settings.repeats})",
     )
     parser.add_argument("--skip-servers", action="store_true", help="do not start the stack; no trigger timing")
     parser.add_argument(
