@@ -163,6 +163,10 @@ def main() -> None:
           f"space {' '.join(args.space)}, TPE seed {args.seed}, {args.max_concurrent} at once")
     print(render(["arm", "trials", "pruned", "failed", "command s", "trials s", "best val acc", "best params", "other CPU"], arm_rows(arms)))
     print()
+    defaults = _parser().parse_args([])
+    if any(getattr(args, name) != getattr(defaults, name) for name in ("trials", "sample_limit", "epochs", "test_limit")):
+        print(f"targets are stated for the default configuration ({defaults.trials} trials, {defaults.sample_limit:,} images, "
+              f"{defaults.epochs} epochs, all test images); this run is not it, so the verdicts below only show the tool works")
     print(render(["target", "measured", "goal", "verdict"], [row for arm in arms[:-1] for row in verdicts(arm, arms[-1])]))
     if any(arm.other_cpu_share > 0.05 for arm in arms):
         print("warning: other processes took more than 5% of the CPU while an arm ran; the times are not representative")

@@ -131,7 +131,7 @@ class RunParameters(BaseModel):
         default=0.1, gt=0, lt=1, allow_inf_nan=False, description="Share of the training images held out for validation (stratified)."
     )
     sample_limit: int | None = Field(
-        default=None, ge=20, le=TRAIN_IMAGES, description="Train on this many images only (stratified); empty: all."
+        default=None, ge=20, le=TRAIN_IMAGES, description="Use this many training images only (stratified; the validation share is held out of them); empty: all."
     )
     test_limit: int | None = Field(
         default=None, ge=10, le=TEST_IMAGES, description="Evaluate on this many test images only (stratified, the same for every seed); empty: all."
