@@ -107,6 +107,11 @@ class Orphan:
     name: str
     reason: str
 
+    @property
+    def marked(self) -> str:
+        """The line that says it was marked (`doctor --fix`, `up`, `runs`)."""
+        return f"flow run {self.name} marked Crashed, its MLflow runs FAILED: {self.reason}"
+
 
 def orphaned_flow_runs(*, tracking_uri: str | None = None) -> list[Orphan]:
     """Running or Pending flow runs whose process is gone: the serve process that ran them died, their

@@ -80,15 +80,17 @@ def _disks(folders: Iterable[Path], *, once_per_disk: bool = True) -> Iterator[t
     seen: set[int] = set()
     for folder in folders:
         existing = _nearest_existing(Path(folder).expanduser())
+        if existing is None:
+            continue
         try:
-            device = os.stat(existing).st_dev if existing is not None else None
-            asked = device is not None and not (once_per_disk and device in seen)
-            free = shutil.disk_usage(existing).free if asked else None
+            device = os.stat(existing).st_dev
+            if once_per_disk and device in seen:
+                continue
+            free = shutil.disk_usage(existing).free
         except OSError:
             continue
-        if device is not None and free is not None:
-            seen.add(device)
-            yield folder, device, free
+        seen.add(device)
+        yield folder, device, free
 
 
 def disk_full(error: BaseException | None) -> bool:

@@ -4,6 +4,7 @@ the other way, a flow's flat values split back into the declaration's models."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import shlex
 import typing
@@ -35,6 +36,7 @@ def declared_fields(
     return fields
 
 
+@functools.cache  # the declarations never change; every flow, option and argparse type reads them
 def _resolved_annotations(model: type[BaseModel]) -> dict[str, Any]:
     return typing.get_type_hints(model, include_extras=True)
 

@@ -202,7 +202,7 @@ def _crash_orphans_listed(summaries: list[Any]) -> bool:
 
     orphans = crashes.crash_orphans()
     for orphan in orphans:
-        typer.echo(f"flow run {orphan.name} marked Crashed, its MLflow runs FAILED: {orphan.reason}")
+        typer.echo(orphan.marked)
     return bool(orphans)
 
 

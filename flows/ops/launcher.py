@@ -272,7 +272,7 @@ def _clean_up_after_crashes(echo: Echo) -> None:
     for spool, delivery in tracking.sync_spools():
         echo(f"delivered {delivery.delivered} waiting tracking record(s) of MLflow run {spool.run_id}")
     for orphan in crashes.crash_orphans(tracking_uri=services.mlflow_url()):
-        echo(f"flow run {orphan.name} marked Crashed, its MLflow runs FAILED: {orphan.reason}")
+        echo(orphan.marked)
     for run_id in tracking.reap_stale_runs(uri=services.mlflow_url()):
         echo(f"MLflow run {run_id} marked FAILED: its heartbeat had stopped")
 
