@@ -40,7 +40,7 @@ WHOLE_NUMBERS = ("epochs", "batch_size", "seed", "sample_limit", "test_limit")
 # A device request is a policy, or one card by index. The policies are a closed list (a dropdown in
 # the Prefect form); an explicit card stays possible from the CLI and `-p train_device=cuda:1`.
 DevicePolicy = Literal["cpu", "gpu-preferred", "gpu-required"]
-ExplicitDevice = Annotated[str, StringConstraints(pattern=r"^cuda:\d+$")]
+ExplicitDevice = Annotated[str, StringConstraints(pattern=f"^{placement.EXPLICIT_PATTERN}$")]
 # Titles name the two branches in the Prefect form's type switch ("str | str" otherwise).
 _FORM_DEVICE = Annotated[DevicePolicy, Field(title="policy")] | Annotated[ExplicitDevice, Field(title="one card (cuda:N)")]
 

@@ -178,8 +178,8 @@ def trial_task(
 
 
 def ranking_table(results: Sequence[TrialResult], diverged: Sequence[DivergedTrial] = ()) -> pd.DataFrame:
-    """Trials best first, with their varied values, metrics and run ids; diverged trials last, unranked,
-    with a note saying so."""
+    """Trials best first (by test accuracy; on a tie, the lower test loss first), with their varied values,
+    metrics and run ids; diverged trials last, unranked, with a note saying so."""
     frame = pd.DataFrame(
         [
             {
@@ -193,7 +193,9 @@ def ranking_table(results: Sequence[TrialResult], diverged: Sequence[DivergedTri
             for result in results
         ]
     )
-    frame = frame.sort_values("test_accuracy", ascending=False, kind="stable").reset_index(drop=True)
+    frame = frame.sort_values(
+        ["test_accuracy", "test_loss"], ascending=[False, True], kind="stable", na_position="last"
+    ).reset_index(drop=True)
     frame.insert(0, "rank", pd.array(range(1, len(frame) + 1), dtype="Int64"))
     if diverged:
         failed = pd.DataFrame([{**trial.values, "run_id": trial.run_id} for trial in diverged])

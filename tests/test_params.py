@@ -121,7 +121,9 @@ def test_the_dense_baseline_registers_nothing_and_compares_with_nothing():
     assert (dense.architecture, dense.compare_dense, dense.register, dense.epochs) == ("dense", False, None, 3)
 
 
-@pytest.mark.parametrize("value", ["gpu-preferred", "cuda:1", "GPU-preferred", " cpu", "CUDA:0", "cuda:", "gpu"])
+@pytest.mark.parametrize(
+    "value", ["gpu-preferred", "cuda:1", "cuda:10", "GPU-preferred", " cpu", "CUDA:0", "cuda:", "gpu", "cuda:01", "cuda:\uff11"]
+)
 def test_the_cli_takes_a_device_exactly_when_the_deployment_does(value):
     """`cnn-train run --train-device X` and `trigger -p train_device=X` agree on every X."""
     from prefect.utilities.schema_tools.validation import ValidationError, validate

@@ -79,7 +79,8 @@ def test_parse_request(text: str, expected: DeviceRequest) -> None:
 
 # Spelt otherwise than the deployment's schema takes them (a `trigger -p` would be refused), so refused here too.
 @pytest.mark.parametrize(
-    "text", ["gpu", "cuda", "cuda:", "cuda:-1", "cuda:x", "", "tpu", "cuda:0,1", "GPU-preferred", " cpu", "CUDA:0"]
+    "text",
+    ["gpu", "cuda", "cuda:", "cuda:-1", "cuda:x", "", "tpu", "cuda:0,1", "GPU-preferred", " cpu", "CUDA:0", "cuda:01", "cuda:\uff11"],
 )
 def test_invalid_request_names_the_value_and_the_allowed_forms(text: str) -> None:
     with pytest.raises(PlacementError) as error:

@@ -216,6 +216,16 @@ def test_ranking_is_best_first_with_each_trial_s_median_epoch():
     assert list(ranking["seconds_per_epoch"]) == [4.0, 3.0, 3.0]
 
 
+@pytest.mark.parametrize(
+    "losses",
+    [pytest.param((0.78, 0.76), id="lower-loss-second"), pytest.param((0.76, 0.78), id="lower-loss-first")],
+)
+def test_a_tie_in_accuracy_ranks_the_lower_test_loss_first(losses):
+    results = [_trial(name, 1e-3, accuracy=0.7, loss=loss, epoch_seconds=(3.0,)) for name, loss in zip("ab", losses)]
+    ranking = ranking_table(results)
+    assert ranking["test_loss"].tolist() == sorted(losses)
+
+
 def test_a_diverged_trial_is_listed_last_unranked_with_a_note():
     results = [_trial("a", 0.01, accuracy=0.7, loss=0.9, epoch_seconds=(3.0,)), _trial("b", 0.001, 0.9, 0.3, (4.0,))]
     ranking = ranking_table(results, [DivergedTrial({"learning_rate": 10.0}, "c", epoch=2)])
