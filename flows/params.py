@@ -19,12 +19,7 @@ from cnn_train.flows import placement
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.plugins import registry
 from cnn_train.plugins.config import (
-    IMPROVED_ARCHITECTURE,
-    Architecture,
-    ModelConfig,
-    TrainConfig,
-    format_validation_error,
-    recipe_training_defaults,
+    IMPROVED_ARCHITECTURE, Architecture, ModelConfig, TrainConfig, format_validation_error, recipe_training_defaults,
 )
 
 #: Images in Fashion-MNIST's files; the limits cannot exceed them.
@@ -201,13 +196,17 @@ class RunParameters(BaseModel):
 DEFAULT_SPLIT: dict[str, Any] = {name: RunParameters.model_fields[name].default for name in ("validation_fraction", "seed")}
 
 
-def validate_parameters(**values: Any) -> RunParameters:
+def validate_parameters(*, trial_on: Literal["threads", "ray"] | None = None, **values: Any) -> RunParameters:
     """RunParameters, checked against the installed backends, the split and the devices: every
-    problem becomes one ParameterError naming the field and what is allowed."""
+    problem becomes one ParameterError naming the field and what is allowed. A sweep's or study's trial
+    (``trial_on``) evaluates in its training task, on its device; on Ray, Ray places that task, so this
+    machine need not have the GPU it asks for."""
     try:
         params = RunParameters(**values)
     except ValidationError as error:
         raise ParameterError("invalid run parameters: " + format_validation_error(error)) from None
+    if trial_on is not None:
+        params = params.model_copy(update={"evaluate_device": params.train_device})
     try:
         backend_class = registry.load_backend_class(params.backend)
     except registry.BackendError as error:  # chained: `cnn-train --debug` shows where the plugin failed
@@ -230,7 +229,8 @@ def validate_parameters(**values: Any) -> RunParameters:
             f"({params.expected_train_images()} images); use at most that many"
         )
     try:
-        placement.check_satisfiable(params.device_requests())
+        placement.check_satisfiable({task: request for task, request in params.device_requests().items()
+                                     if trial_on != "ray" or task not in ("train", "evaluate")})
     except placement.PlacementError as error:
         raise ParameterError(str(error)) from None
     return params

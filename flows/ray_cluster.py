@@ -24,7 +24,7 @@ from cnn_train.flows.ray_join import (
     RayClusterError, RayOptionError, check_answers, join_failure, keep_token_private, local_start_failure, send_token_when_provided,
 )
 
-__all__ = ["node_tags", "parse_resources", "ray_task_runner", "trials_on", "worker_died"]
+__all__ = ["node_tags", "parse_resources", "ray_task_runner", "trials_on", "trials_on_ray", "worker_died"]
 
 #: Credentials trials need from the driver. They travel inside each trial's pickled entry point
 #: (:func:`_in_trial`), not in the job's runtime environment, which Ray writes to its nodes'
@@ -220,12 +220,20 @@ def trials_on(runner: RunnerOptions) -> Iterator[None]:
 
 
 def _on_ray() -> bool:
-    """Whether this flow run's tasks go to Ray."""
+    """Whether this flow run's tasks go to Ray (outside a flow run, nothing does)."""
+    if (context := FlowRunContext.get()) is None:
+        return False
     try:
         from prefect_ray import RayTaskRunner
     except ImportError:
         return False
-    return isinstance(FlowRunContext.get().task_runner, RayTaskRunner)
+    return isinstance(context.task_runner, RayTaskRunner)
+
+
+def trials_on_ray(runner: RunnerOptions) -> bool:
+    """Whether a search's trials run on Ray: asked for, or this flow run's own task runner is Ray's
+    (``flow.with_options(task_runner=ray_task_runner(...))``)."""
+    return runner.task_runner == "ray" or _on_ray()
 
 
 @contextlib.contextmanager
@@ -240,8 +248,59 @@ def _ray_request(device_request: str, on_ray: bool) -> Iterator[None]:
 
     custom = getattr(FlowRunContext.get().task_runner, "trial_resources", None)
     gpus = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else None  # the cluster's
-    with remote_options(**ray_resources(device_request, cluster_gpus=gpus, custom=custom), max_retries=0):
+    options = ray_resources(device_request, cluster_gpus=gpus, custom=custom)
+    if ray.is_initialized():
+        wait_for_a_node_offering(options)
+    with remote_options(**options, max_retries=0):
         yield
+
+
+#: How long a search waits for its Ray cluster to offer what each trial asks for (a GPU, a custom
+#: resource) before it fails: as long as a gpu-required task waits for a free card on its machine.
+RESOURCE_WAIT_SECONDS = 600.0
+
+
+def wait_for_a_node_offering(options: Mapping[str, Any], *, timeout: float | None = None, poll: float = 2.0) -> None:
+    """Return once the cluster's live nodes offer what the Ray ``options`` ask for (a node may join
+    meanwhile, started by hand or by an autoscaler), else fail in one line: Ray itself queues such a
+    task for good, saying so only in autoscaler lines on the terminal."""
+    import time
+
+    import ray
+
+    wanted = {"GPU": float(options.get("num_gpus") or 0), **{k: float(v) for k, v in (options.get("resources") or {}).items()}}
+    wanted = {name: amount for name, amount in wanted.items() if amount > 0}
+    deadline = time.monotonic() + (RESOURCE_WAIT_SECONDS if timeout is None else timeout)
+    waiting = False
+    while True:
+        offered = ray.cluster_resources()
+        missing = {name: amount for name, amount in wanted.items() if offered.get(name, 0.0) < amount}
+        if not missing:
+            return
+        asked = ", ".join(f"{name}={amount:g}" for name, amount in missing.items())
+        if time.monotonic() >= deadline:
+            has = ", ".join(f"{name}={offered[name]:g}" for name in sorted(offered) if "node:" not in name and "memory" not in name)
+            raise RayClusterError(
+                f"no node of the Ray cluster offers {asked}, which each trial asks for (its nodes offer {has or 'nothing'}); "
+                "start one that does (`ray start --address HEAD:PORT --num-gpus N` or `--resources '{\"NAME\": N}'`), "
+                "or ask for less (train_device gpu-preferred or cpu; fewer --ray-resource)"
+            )
+        if not waiting:
+            waiting = True
+            _logger().warning("the trials wait up to %.0f s for a node of the Ray cluster offering %s", deadline - time.monotonic(), asked)
+        time.sleep(poll)
+
+
+def _logger() -> Any:
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        import logging
+
+        return logging.getLogger(__name__)
 
 
 #: Ray's errors for a task whose worker process or node died under it (not a task that failed).

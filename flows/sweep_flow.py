@@ -36,7 +36,7 @@ from cnn_train.flows.params import (
     validate_parameters,
 )
 from cnn_train.flows.signatures import SEARCHABLE, TRAIN_AGAIN, assignments, split_values, train_again, without_fixed_fields
-from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, trials_on, worker_died
+from cnn_train.flows.ray_cluster import _on_ray, _ray_request, mark_crashed, trials_on, trials_on_ray, worker_died
 from cnn_train.flows.ray_join import check_runner
 from cnn_train.flows.ray_cluster import ray_task_runner  # noqa: F401 - Python callers take this flow's runner from here
 from cnn_train.flows.registering import register_task, registered_summary
@@ -99,10 +99,10 @@ def validate_sweep(
     check_runner(runner)
     base, options = split_values(values, SweepOptions)
     options = options.model_copy(update={"grid": without_fixed_fields(base, options.grid, SweepOptions, "grid")})
-    trials = []
+    trials, trial_on = [], "ray" if trials_on_ray(runner) else "threads"
     for combo in expand_grid(options.grid):
         try:
-            trials.append((combo, validate_parameters(**(base | combo))))
+            trials.append((combo, validate_parameters(trial_on=trial_on, **(base | combo))))
         except ParameterError as error:
             raise ParameterError(f"trial {combo}: {error}") from None
     return trials, options, runner

@@ -7,6 +7,7 @@ Task bodies are thin: each asks the placement module for its device, calls a pla
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -174,5 +175,6 @@ def placed_trial(params: RunParameters, child: RunTracker, *, scheduler_assigned
     with interrupts.trial(), place_task(
         "train", params.train_device, logger=logger, assigned_by_scheduler=scheduler_assigned
     ) as placement:
-        child.set_tags(placement.as_tags())
+        # The trial evaluates in this task too, on the same device: both are recorded.
+        child.set_tags(placement.as_tags() | dataclasses.replace(placement, task="evaluate").as_tags())
         yield placement

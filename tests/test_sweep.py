@@ -73,6 +73,27 @@ def test_where_a_search_runs_its_trials_is_checked_before_it_starts(runner, prob
         assert str(raised.value) == f"invalid parameters: {problem}", validate.__name__
 
 
+@pytest.mark.parametrize("task_runner", ["local", "ray"], ids=["threads-need-the-gpu-here", "ray-places-the-trial"])
+def test_a_trial_evaluates_on_its_training_device_and_only_threads_need_the_gpu_on_this_machine(monkeypatch, task_runner):
+    """A trial trains and evaluates in one task (its logged evaluate_device says so); on Ray, Ray places
+    that task on a node with a GPU, so a driver without one may ask for gpu-required."""
+    import torch
+
+    from cnn_train.flows.tuning import validate_tune
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    values = {"epochs": 1, "train_device": "gpu-required", "task_runner": task_runner}
+    if task_runner == "local":
+        for validate in (validate_sweep, validate_tune):
+            with pytest.raises(ParameterError, match="train requires a GPU"):
+                validate(values)
+        return
+    trials, _, _ = validate_sweep(values)
+    plan = validate_tune(values)
+    for params in (*(params for _, params in trials), plan.params_for({"learning_rate": 1e-3, "batch_size": 32})):
+        assert (params.train_device, params.evaluate_device) == ("gpu-required", "gpu-required")
+
+
 def test_a_field_set_on_its_own_is_every_trials_value_and_the_default_grid_gives_way():
     trials, options, _ = validate_sweep({"learning_rate": 2e-3})
     assert [combo for combo, _ in trials] == [{"architecture": "cnn"}, {"architecture": "dense"}]
@@ -369,4 +390,45 @@ def test_gpu_request_becomes_a_ray_gpu_resource(mlflow_store, recorded_ray_optio
     assert recorded_ray_options == [{"num_gpus": 1, "max_retries": 0}] * 2
     children = _children(MlflowClient(mlflow_store), result["mlflow_run_id"])
     # Inside the Ray task placement trusts Ray's assignment; with no real CUDA it falls back to CPU.
-    assert {c.data.tags["device.train"] for c in children} == {"cpu"}
+    assert {(c.data.tags["device.train"], c.data.tags["device.evaluate"]) for c in children} == {("cpu", "cpu")}
+    assert {c.data.params["evaluate_device"] for c in children} == {"gpu-preferred"}  # the train device's request
+
+
+@pytest.mark.slow
+def test_a_resource_no_node_offers_fails_the_sweep_in_one_line(mlflow_store, monkeypatch):
+    """Ray queued such a trial for good, printing only its autoscaler's 'No available node types' lines."""
+    from mlflow import MlflowClient
+
+    from prefect.exceptions import FailedRun
+
+    from cnn_train.flows import ray_cluster
+    from cnn_train.flows.sweep_flow import cnn_train_sweep
+
+    monkeypatch.setattr(ray_cluster, "RESOURCE_WAIT_SECONDS", 0.0)
+    with pytest.raises(FailedRun) as raised:  # the flow's one line, as Prefect raises a failed flow run's to Python
+        cnn_train_sweep(grid={"learning_rate": [1e-3]}, task_runner="ray", ray_resources={"a100": 1}, **SMALL)
+    line = str(raised.value)
+    assert "\n" not in line and line.startswith("no node of the Ray cluster offers a100=1, which each trial asks for (its nodes offer CPU=")
+    client = MlflowClient(mlflow_store)
+    [parent] = client.search_runs([client.get_experiment_by_name("cnn-train").experiment_id], "tags.`cnn_train.role` = 'sweep'")
+    assert parent.info.status == "FAILED" and line in parent.data.tags["mlflow.note.content"]
+
+
+@pytest.mark.parametrize(
+    ("offers", "wanted", "waits"),
+    [
+        pytest.param([{"CPU": 2.0}, {"CPU": 2.0, "a100": 1.0}], {"num_gpus": 0, "resources": {"a100": 1}}, 1, id="a-node-joins"),
+        pytest.param([{"CPU": 2.0, "GPU": 1.0}], {"num_gpus": 1}, 0, id="offered-at-once"),
+        pytest.param([{"CPU": 2.0}], {"num_gpus": 0}, 0, id="nothing-asked"),
+    ],
+)
+def test_trials_wait_for_a_node_offering_what_they_ask_for(monkeypatch, offers, wanted, waits):
+    import ray
+
+    from cnn_train.flows import ray_cluster
+
+    answers = iter(offers)
+    seen = []
+    monkeypatch.setattr(ray, "cluster_resources", lambda: seen.append(1) or next(answers))
+    ray_cluster.wait_for_a_node_offering(wanted, timeout=60, poll=0.01)
+    assert len(seen) == waits + 1

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cnn_train.flows.params import ParameterError, RunnerOptions, RunParameters, TuneOptions, validate_parameters
+from cnn_train.flows.ray_cluster import trials_on_ray
 from cnn_train.flows.ray_join import check_runner
 from cnn_train.flows.signatures import split_values, without_fixed_fields
 from cnn_train.flows.settings import state_dir
@@ -37,7 +38,7 @@ class TunePlan:
 
     def params_for(self, values: Mapping[str, Any]) -> RunParameters:
         """One trial's run parameters: the fixed values with the trial's sampled ones."""
-        return validate_parameters(**(self.run_values | dict(values)))
+        return validate_parameters(trial_on=_trial_on(self.runner), **(self.run_values | dict(values)))
 
     def definition(self) -> dict[str, Any]:
         return study_definition(self.base, self.space, self.options.objective)
@@ -83,13 +84,17 @@ def default_study_name(definition: Mapping[str, Any], options: TuneOptions) -> s
     return "tune-" + "-".join(sorted(definition["space"])) + f"-{digest}"
 
 
-def _check_corners(run_values: dict[str, Any], space: SearchSpace) -> None:
+def _trial_on(runner: RunnerOptions) -> str:
+    return "ray" if trials_on_ray(runner) else "threads"
+
+
+def _check_corners(run_values: dict[str, Any], space: SearchSpace, runner: RunnerOptions) -> None:
     """Every combination of the space's bounds is a valid run, so no trial fails on a bad value."""
     combos = itertools.islice(itertools.product(*(d.corners() for d in space.dimensions)), _MAX_CORNERS)
     for combo in combos:
         values = dict(zip(space.names, combo, strict=True))
         try:
-            validate_parameters(**(run_values | values))
+            validate_parameters(trial_on=_trial_on(runner), **(run_values | values))
         except ParameterError as error:
             shown = ", ".join(f"{k}={v}" for k, v in values.items())
             raise SpaceError(f"space: {shown} is not a valid run: {error}") from None
@@ -100,14 +105,14 @@ def validate_tune(values: Mapping[str, Any]) -> TunePlan:
     values, runner = split_values(values, RunnerOptions)
     check_runner(runner)
     run_values, options = split_values(values, TuneOptions)
-    base = validate_parameters(**run_values)
+    base = validate_parameters(trial_on=_trial_on(runner), **run_values)
     space = parse_space(without_fixed_fields(run_values, options.space, TuneOptions, "space"))
     if options.sampler == "grid" and space.grid() is None:
         raise SpaceError(
             f"space: sampler grid needs choices (A,B,C) for every field; {', '.join(space.ranges())} "
             "is a range: list values, or use sampler tpe or random"
         )
-    _check_corners(run_values, space)
+    _check_corners(run_values, space, runner)
     if options.storage:
         _check_storage_url(options.storage)
     name = options.study_name or default_study_name(study_definition(base, space, options.objective), options)
