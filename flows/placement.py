@@ -74,9 +74,7 @@ POLICIES: tuple[str, ...] = ("cpu", "gpu-preferred", "gpu-required", "explicit")
 SCHEDULER_ASSIGNED_ENV = "CNN_TRAIN_SCHEDULER_ASSIGNED"
 
 _ALLOWED_FORMS = "'cpu', 'gpu-preferred', 'gpu-required' or 'cuda:N' (N a GPU index, e.g. 'cuda:0')"
-#: ``cuda:N`` as written by hand: ASCII digits, no leading zero (``\d`` would take ``cuda:01`` and full-width
-#: digits, and two spellings of one card). The deployment schema's pattern is the same.
-EXPLICIT_PATTERN = r"cuda:(0|[1-9][0-9]*)"
+EXPLICIT_PATTERN = r"cuda:(0|[1-9][0-9]*)"  # the deployment schema's too; ``\d`` took 'cuda:01' and full-width digits
 _EXPLICIT = re.compile(EXPLICIT_PATTERN)
 _MIB = 1024 * 1024
 
