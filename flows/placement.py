@@ -75,7 +75,6 @@ SCHEDULER_ASSIGNED_ENV = "CNN_TRAIN_SCHEDULER_ASSIGNED"
 
 _ALLOWED_FORMS = "'cpu', 'gpu-preferred', 'gpu-required' or 'cuda:N' (N a GPU index, e.g. 'cuda:0')"
 EXPLICIT_PATTERN = r"cuda:(0|[1-9][0-9]*)"  # the deployment schema's too; ``\d`` took 'cuda:01' and full-width digits
-_EXPLICIT = re.compile(EXPLICIT_PATTERN)
 _MIB = 1024 * 1024
 
 Logger = logging.Logger | logging.LoggerAdapter
@@ -117,7 +116,7 @@ def parse_request(value: str | DeviceRequest) -> DeviceRequest:
     text = value if isinstance(value, str) else None
     if text in ("cpu", "gpu-preferred", "gpu-required"):
         return DeviceRequest(text)
-    if text is not None and (match := _EXPLICIT.fullmatch(text)):
+    if text is not None and (match := re.fullmatch(EXPLICIT_PATTERN, text)):
         return DeviceRequest("explicit", int(match.group(1)))
     raise PlacementError(f"invalid device request {value!r}; expected {_ALLOWED_FORMS}")
 
