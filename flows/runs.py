@@ -69,6 +69,7 @@ def _start_flow_run(experiment: str, *, run_name: str, role: str | None = None) 
     crashes.record_this_process()
     tracking.check_reachable(tracking.tracking_uri())
     diskspace.check_free_space(diskspace.run_folders(tracking.tracking_uri()))
+    tracking.ready_store(tracking.tracking_uri())
     # Records an earlier run left on this machine while the server was away go first: their run's
     # end is among them, so it is not mistaken for abandoned below.
     for waiting, delivery in tracking.sync_spools():

@@ -574,3 +574,27 @@ def test_a_spool_says_which_store_its_records_wait_for(monkeypatch, uri, says):
     a server on a port nobody named; sync and doctor did not name it either."""
     monkeypatch.setenv("CNN_TRAIN_MLFLOW_PORT", "47311")
     assert tracking.waiting_on(uri.format(port=47311)) == says.format(port=47311)
+
+
+def test_commands_opening_one_new_store_together_all_get_it_whole(tmp_path):
+    """MLflow makes a new SQLite store by applying its migrations one by one; three processes doing it to one
+    new file at once failed ('Online migration expected to match one row') and could leave it broken for good."""
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    script = "import sys; from cnn_train.flows import tracking; tracking.ready_store(sys.argv[1]); print('ready')"
+    openers = [
+        subprocess.Popen([sys.executable, "-c", script, uri], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(3)
+    ]
+    outputs = [opener.communicate(timeout=180)[0] for opener in openers]
+    assert [output.strip().splitlines()[-1:] for output in outputs] == [["ready"]] * 3, outputs
+    assert tracking.client(uri).search_experiments()  # the Default experiment, in a whole schema
+
+
+def test_a_store_that_cannot_be_opened_is_one_line_naming_it(tmp_path):
+    database = tmp_path / "mlflow.db"
+    database.write_bytes(b"not a database, but a file someone put here" * 100)
+    with pytest.raises(tracking.TrackingUnavailableError) as raised:
+        tracking.ready_store(f"sqlite:///{database}")
+    line = str(raised.value)
+    assert "\n" not in line and line.startswith(f"the MLflow store {database} cannot be opened (")
+    assert "put back a copy that works, or move it away" in line

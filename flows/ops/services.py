@@ -22,11 +22,7 @@ from cnn_train.flows.ops import addresses
 from cnn_train.flows.ops.detached import Service
 from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.settings import (
-    TRACKING_URI_BY_UP_ENV,
-    default_artifact_root,
-    heartbeat_environment,
-    project_root,
-    servers_prefect_home,
+    TRACKING_URI_BY_UP_ENV, default_artifact_root, heartbeat_environment, project_root, servers_prefect_home,
 )
 
 HOST = "127.0.0.1"
@@ -302,6 +298,12 @@ prefect_server = _service(
     before_start=_seed_prefect_database,
 )
 
+def _ready_mlflow_store() -> None:
+    from cnn_train.flows import tracking  # a new store's schema is made under its lock, as a run makes it
+
+    tracking.ready_store(f"sqlite:///{project_root() / 'mlflow.db'}")
+
+
 mlflow_server = _service(
     name="mlflow-server",
     command=lambda: [
@@ -325,6 +327,7 @@ mlflow_server = _service(
     extra_env=lambda: {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | _mlflow_server_credentials() | _mlflow_beyond_loopback(),
     port=mlflow_port,
     port_variable="CNN_TRAIN_MLFLOW_PORT",
+    before_start=_ready_mlflow_store,
 )
 
 

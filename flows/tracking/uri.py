@@ -48,6 +48,37 @@ def client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=uri or tracking_uri())
 
 
+def ready_store(uri: str) -> None:
+    """Open a SQLite store, making its schema if it is new, under an OS lock beside it (``<file>.lock``),
+    once per process. MLflow makes a new store by applying its migrations one by one; two processes doing
+    it to one new file at once failed ('Online migration expected to match one row', 'duplicate column'),
+    and one interrupted that way left a temporary table that broke the store for every later run.
+    Other stores (a server, a database of the user's) are theirs to manage."""
+    if (database := sqlite_database(uri)) is not None:
+        _ready_sqlite_store(uri, database.expanduser())
+
+
+@functools.cache
+def _ready_sqlite_store(uri: str, database: Path) -> None:
+    import fcntl
+
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes, or the process ends
+        try:
+            probe = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            probe.search_experiments(max_results=1)
+            probe.search_registered_models(max_results=1)
+        except Exception as error:  # SQLAlchemy's and Alembic's, whose modules are not imported here
+            detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            why = (
+                "another program holds it locked; let it finish, or stop it" if "database is locked" in detail
+                else "a change of its schema was interrupted, or it is no MLflow store this version can read; "
+                "put back a copy that works, or move it away and a new store is made"
+            )
+            raise TrackingUnavailableError(f"the MLflow store {database} cannot be opened ({detail}): {why}") from error
+
+
 def check_reachable(uri: str, *, timeout: float = 5.0, as_client: bool = True) -> None:
     """Fail fast, with what to do about it, when an HTTP tracking server does not answer, or refuses this
     client (``as_client``: one API call), or MLflow has no store for the URI's scheme (a typo such as
