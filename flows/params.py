@@ -8,6 +8,7 @@ take their declaration from there.
 
 from __future__ import annotations
 
+import numbers
 import re
 import warnings
 from typing import Annotated, Any, Literal
@@ -100,10 +101,8 @@ def _left_to_architecture(name: str) -> Any:
 
 
 def _device(task: str, what: str) -> Any:
-    return Field(
-        default=placement.DEFAULT_REQUESTS[task],
-        description=f"Device for {what}: cpu, gpu-preferred (CPU fallback), gpu-required, or cuda:N for one card.",
-    )
+    description = f"Device for {what}: cpu, gpu-preferred (CPU fallback), gpu-required, or cuda:N for one card."
+    return Field(default=placement.DEFAULT_REQUESTS[task], description=description)
 
 
 # Every pydantic model class has ABCMeta's `register`; the `register` field hides it on instances only, where
@@ -160,13 +159,14 @@ class RunParameters(BaseModel):
     @classmethod
     def _whole_numbers(cls, values: Any) -> Any:
         # pydantic would take "3" as 3 and truncate nothing; an epoch count of 2.5 is a mistake worth naming.
-        # JSON's 2.0 is a whole number: Prefect's server accepts it as an integer (`-p epochs=2.0`).
+        # JSON's 2.0 is a whole number: Prefect's server accepts it as an integer (`-p epochs=2.0`); so is a notebook's np.int64.
         for name in WHOLE_NUMBERS:
             value = values.get(name) if isinstance(values, dict) else None
-            if isinstance(value, float) and value.is_integer():
-                values = values | {name: int(value)}
-            elif isinstance(value, bool) or (value is not None and not isinstance(value, int)):
+            whole = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and float(value).is_integer())
+            if isinstance(value, bool) or (value is not None and not whole):
                 raise ValueError(f"{name}: must be a whole number (got {value!r})")
+            if value is not None:
+                values = values | {name: int(value)}
         return values
 
     def model(self) -> ModelConfig:

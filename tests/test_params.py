@@ -9,6 +9,7 @@ import inspect
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -358,6 +359,24 @@ def test_benchmark_options_take_the_declared_defaults():
     args = parser.parse_args([])
     assert (args.validation_fraction, args.sample_limit, args.seed, args.compare_dense) == (0.1, None, 42, False)
     assert parser.parse_args(["--sample-limit", "300"]).sample_limit == 300
+
+
+@pytest.mark.parametrize(
+    "value",
+    [np.int64(3), np.int32(3), np.uint16(3), np.float64(3.0), np.float32(3.0), 3.0, 3],
+    ids=lambda value: f"{type(value).__name__}",
+)
+def test_a_whole_number_of_any_numeric_type_is_taken_as_an_int(value):
+    """A notebook's loop over np.arange gave 'epochs: must be a whole number (got np.int64(1))'."""
+    params = validate_parameters(epochs=value, seed=value, sample_limit=value * 100)
+    assert (params.epochs, params.seed, params.sample_limit) == (3, 3, 300)
+    assert all(type(v) is int for v in (params.epochs, params.seed, params.sample_limit))
+
+
+@pytest.mark.parametrize("value", [np.float32(2.5), np.float64("nan"), "3", np.bool_(True), True], ids=repr)
+def test_a_number_that_is_not_whole_is_refused_whatever_its_type(value):
+    with pytest.raises(ParameterError, match=r"^invalid run parameters: epochs: must be a whole number \(got "):
+        validate_parameters(epochs=value)
 
 
 @pytest.mark.parametrize(
