@@ -14,7 +14,8 @@ handler or a lock it would leave the lock held. So it is raised at once only ins
 :func:`interruptible` blocks, a backend training or predicting (where a trial spends its time), and
 not inside their :func:`deferred` parts (an epoch's checkpoint and records being written), where it
 waits for the part's end; a trial asked to stop anywhere else stops as it enters its next
-interruptible block. Trials on Ray run in Ray's worker processes, which Ray stops with the driver.
+interruptible block. Trials on Ray are cancelled (``ray.cancel`` raises ``KeyboardInterrupt`` in the
+trial's worker) and waited for the same way (:func:`cnn_train.flows.ray_cluster.stop_trials_on_ray`).
 """
 
 from __future__ import annotations
@@ -177,12 +178,15 @@ def is_interruption(error: BaseException) -> bool:
 @contextlib.contextmanager
 def trials_stop_with_the_flow(then: Callable[[], None] | None = None) -> Iterator[None]:
     """Around a flow's trial loop: when the flow run is interrupted in it, its trials in this process's
-    threads are stopped too, and have ended their runs, before ``then`` runs and the interruption goes on."""
+    threads or on Ray are stopped too, and have ended their runs, before ``then`` runs and the interruption goes on."""
     try:
         yield
     except BaseException as error:
         if is_interruption(error):
             interrupt_trials(_current_flow_run_id())
+            from cnn_train.flows.ray_cluster import stop_trials_on_ray
+
+            stop_trials_on_ray(WAIT_SECONDS)
             if then is not None:
                 then()
         raise

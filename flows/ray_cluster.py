@@ -11,6 +11,8 @@ import contextlib
 import functools
 import os
 import re
+import signal
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -78,6 +80,7 @@ def _runner_class() -> type:
             super().__init__(address=address, init_kwargs=init_kwargs)
             self.trial_resources = dict(trial_resources or {})
             self.credentials = dict(credentials or {})
+            self.submitted: list[Any] = []  # the trials' futures, to stop them with the flow run (stop_trials)
             # The remote entry point submit() hands to Ray.
             self._run_prefect_task = _in_trial(self.credentials, quieted(), RayTaskRunner._run_prefect_task)
 
@@ -90,9 +93,32 @@ def _runner_class() -> type:
 
         def submit(self, task: Any, parameters: dict[str, Any], wait_for: Any = None, dependencies: Any = None) -> Any:
             with _api_for_trials(self.address):
-                return super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+                future = super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+            self.submitted.append(future)
+            return future
+
+        def stop_trials(self, wait_seconds: float) -> None:
+            """Cancel the trials still running (``ray.cancel``: a KeyboardInterrupt in the trial, which ends its
+            MLflow run KILLED and its task run Crashed, as in threads) and wait up to ``wait_seconds`` for them.
+            Left running, the runner's exit shut Ray down under them: runs FAILED, task runs Running for good."""
+            import ray
+
+            refs = {future.wrapped_future: future for future in self.submitted}
+            if not refs:
+                return
+            _, running = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+            for ref in running:
+                ray.cancel(ref)
+            if running:
+                _, stuck = ray.wait(running, num_returns=len(running), timeout=wait_seconds)
+                for ref in stuck:
+                    mark_crashed(refs[ref].task_run_id, f"its flow run was interrupted and its Ray task did not stop within {wait_seconds:g} s")
 
         def __enter__(self) -> RayClusterTaskRunner:
+            with _sigterm_handler_kept():
+                return self._enter()
+
+        def _enter(self) -> RayClusterTaskRunner:
             if not self.address:  # a new local Ray: a failure to start it is not the user's to fix, but for
                 keep_token_private()
                 try:  # permissions on this machine
@@ -123,6 +149,30 @@ def _runner_class() -> type:
                 raise join_failure(self.address, error) from None
 
     return RayClusterTaskRunner
+
+
+@contextlib.contextmanager
+def _sigterm_handler_kept() -> Iterator[None]:
+    """Put back the SIGTERM handler ``ray.init`` replaces with ``sys.exit`` in the driver: Prefect's, which turns
+    a SIGTERM or a cancellation into ``TerminationSignal`` (an interrupted search's runs end KILLED; they
+    ended FAILED with 'SystemExit: 15'), and which Prefect's runner checks for before it cancels a flow run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+
+
+def stop_trials_on_ray(wait_seconds: float) -> None:
+    """Stop this flow run's trials on Ray, when its tasks go to a runner of this module (see ``stop_trials``)."""
+    context = FlowRunContext.get()
+    stop = getattr(getattr(context, "task_runner", None), "stop_trials", None)
+    if stop is not None:
+        stop(wait_seconds)
 
 
 def _in_trial(credentials: dict[str, str], quiet: bool, run: Callable[..., Any]) -> Callable[..., Any]:

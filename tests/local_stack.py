@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -115,3 +116,27 @@ def run_deployment(env: dict[str, str], name: str, *parameters: str, watch_timeo
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Completed" in run.stdout
     return re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+
+
+def training_run(env: dict[str, str], *trigger: str) -> tuple[str, str]:
+    """A long run triggered through the stack (``trigger``: `cnn-train trigger`'s arguments; by default the
+    default deployment's), once it trains: its flow run's id, and the id of the MLflow run that trains."""
+    from mlflow import MlflowClient
+
+    trigger = trigger or ("-p", "compare_dense=false")
+    trigger = subprocess.run(
+        [BIN / "cnn-train", "trigger", *trigger, "-p", "epochs=50", "-p", "sample_limit=2000"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert trigger.returncode == 0, trigger.stdout + trigger.stderr
+    flow_run_id = trigger.stdout.split("/runs/flow-run/")[1].split()[0]
+    client = MlflowClient(f"http://127.0.0.1:{env['CNN_TRAIN_MLFLOW_PORT']}")
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        runs = client.search_runs(
+            [client.get_experiment_by_name("cnn-train").experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
+        ) if client.get_experiment_by_name("cnn-train") else []
+        if training := [run for run in runs if client.get_metric_history(run.info.run_id, "val_accuracy")]:
+            return flow_run_id, training[0].info.run_id
+        time.sleep(1)
+    raise AssertionError(f"flow run {flow_run_id} did not train within 180 s")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.local_stack import BIN, cnn_train_up, prefect_api, run_deployment
+from tests.local_stack import BIN, cnn_train_up, prefect_api, run_deployment, training_run
 
 pytestmark = pytest.mark.slow
 
@@ -216,3 +216,34 @@ def test_a_flow_run_run_again_links_its_attempts_mlflow_runs(stack, trained):
     assert first.data.tags["cnn_train.superseded_by"] == again.info.run_id
     assert again.data.tags["cnn_train.earlier_attempts"] == first.info.run_id
     assert again.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    "trigger",
+    [
+        pytest.param((), id="run"),
+        # Its flow-run process died with the serve process: the sweep's runs stayed RUNNING, its flow run Running.
+        pytest.param(("cnn-train-sweep/default", "-p", "task_runner=ray", "-p", 'grid={"learning_rate": [0.001]}'), id="sweep-on-ray"),
+    ],
+)
+def test_down_ends_a_served_run_in_flight_as_an_interrupted_run(stack, trigger):
+    """`down` ends what the serve process runs as an interrupted command ends: flow run Crashed, MLflow runs KILLED."""
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    env, _ = stack
+    flow_run_id, mlflow_run_id = training_run(env, *trigger)
+    down = subprocess.run([BIN / "cnn-train", "down"], env=env, capture_output=True, text=True, timeout=180)
+    assert down.returncode == 0, down.stdout + down.stderr
+    root = Path(env["CNN_TRAIN_ROOT"])
+    store = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = store.search_runs([store.get_experiment_by_name("cnn-train").experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert mlflow_run_id in {run.info.run_id for run in runs}
+    assert {run.info.status for run in runs} == {"KILLED"}, [(run.info.run_name, run.info.status) for run in runs]
+    up = subprocess.run([BIN / "cnn-train", "up", "--no-trigger"], env=env, capture_output=True, text=True, timeout=400)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "marked Crashed" not in up.stdout  # nothing left for up to clean
+    with temporary_settings({PREFECT_API_URL: prefect_api(env)}), get_client(sync_client=True) as client:
+        stopped = client.read_flow_run(flow_run_id).state
+    assert (stopped.name, stopped.message) == ("Crashed", "Execution was aborted by an interrupt signal.")

@@ -544,6 +544,7 @@ def test_without_servers_ctrl_c_records_the_crash_and_trials_get_no_loopback_api
     env |= {"PREFECT_HOME": str(home), "RAY_AUTH_TOKEN": cluster.token}
     args = ["--ray-address", cluster.address, "--grid", "learning_rate=0.001", "--epochs", "50",
             "--sample-limit", "2000", "--test-limit", "200", "--architecture", "cnn"]
+    started_ms = int(time.time() * 1000)
     # A terminal's foreground job: a process group of its own, SIGINT at its default.
     sweep = subprocess.Popen(  # noqa: S603 - our own command
         # --verbose: a quiet command's trials drop the announcement of their server, the evidence read below.
@@ -566,6 +567,12 @@ def test_without_servers_ctrl_c_records_the_crash_and_trials_get_no_loopback_api
             sweep.wait()
     assert sweep.returncode == 130, "".join(lines)[-2000:] + output[-3000:]
     assert flow_run_states(home, "cnn-train-sweep") == ["CRASHED"]
+    # The trial is cancelled and ends its run as a Ctrl-C does: Ray's shutdown killed it under its run (FAILED).
+    from mlflow import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("cnn-train").experiment_id], f"attributes.start_time >= {started_ms}")
+    assert sorted((r.data.tags["cnn_train.role"], r.info.status) for r in runs) == [("sweep", "KILLED"), ("sweep-trial", "KILLED")], ([r.data.tags.get("mlflow.note.content") for r in runs], output[-4000:])
     # The trial's worker started a server of its own (Ray shows its lines as "(trial pid=N) ...").
     assert any("(trial pid=" in line and "Starting temporary server" in line for line in lines), "".join(lines)[-3000:]
 

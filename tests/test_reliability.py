@@ -82,6 +82,15 @@ def _flow_run_state(prefect_api_url: str, flow_run_id: str) -> str:
         return client.read_flow_run(flow_run_id).state.type.value
 
 
+def _task_run_states(prefect_api_url: str, flow_run_id: str) -> list[tuple[str, str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return [(run.name, run.state.type.value) for run in task_runs]
+
+
 def test_sigterm_during_training_ends_the_run_killed(prefect_api_url, store, tmp_path):
     process = subprocess.Popen(
         [CLI, "run", "--epochs", "6", "--sample-limit", "1500", "--test-limit", "100"],
@@ -106,6 +115,9 @@ def test_sigterm_during_training_ends_the_run_killed(prefect_api_url, store, tmp
     "search",
     [
         pytest.param(["sweep", "--grid", "learning_rate=0.001,0.002"], id="sweep"),
+        # Ray's handler made SIGTERM a SystemExit (the sweep's run FAILED), and its shutdown killed the trials
+        # under their runs (FAILED by the crash hook) and task runs (Running for good).
+        pytest.param(["sweep", "--grid", "learning_rate=0.001,0.002", "--task-runner", "ray"], id="sweep-on-ray"),
         pytest.param(
             ["tune", "--study-name", "stopped", "--space", "learning_rate=log:1e-4:1e-2", "--trials", "2", "--no-prune"],
             id="tune",
@@ -134,6 +146,8 @@ def test_sigterm_during_a_search_ends_its_trials_in_threads_killed(search, prefe
     assert {runs[trial].info.status for trial in trials} == {"KILLED"}, output[-3000:]
     assert {runs[runs[trial].data.tags["mlflow.parentRunId"]].info.status for trial in trials} == {"KILLED"}
     assert all(0 < len(client.get_metric_history(trial, "val_accuracy")) < epochs for trial in trials)
+    flow_run_id = runs[trials[0]].data.tags["prefect.flow_run_id"]
+    assert {state for name, state in _task_run_states(prefect_api_url, flow_run_id) if "trial" in name} == {"CRASHED"}, output[-3000:]
     if search[0] == "tune":  # the study holds them failed and queued again, not RUNNING until its next invocation
         import optuna
 

@@ -16,7 +16,7 @@ from cnn_train.flows.ops import worker
 from cnn_train.flows.params import RunParameters
 from cnn_train.flows.placement import GpuInfo
 from cnn_train.flows.ops.serve import DEPLOYMENTS
-from tests.local_stack import BIN, cnn_train_up, prefect_api, run_deployment
+from tests.local_stack import BIN, cnn_train_up, prefect_api, run_deployment, training_run
 from tests.processes import signal_masks
 
 
@@ -184,28 +184,6 @@ def test_prefect_deployment_run_completes_through_the_worker(worker_stack):
     assert main[0].data.params["sample_limit"] == "2000"
 
 
-def _training_run(env: dict[str, str]) -> tuple[str, str]:
-    """A long run triggered through the pool, once it trains: its flow run's and MLflow run's ids."""
-    from mlflow import MlflowClient
-
-    trigger = subprocess.run(
-        [BIN / "cnn-train", "trigger", "-p", "epochs=50", "-p", "sample_limit=2000", "-p", "compare_dense=false"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert trigger.returncode == 0, trigger.stdout + trigger.stderr
-    flow_run_id = trigger.stdout.split("/runs/flow-run/")[1].split()[0]
-    client = MlflowClient(f"http://127.0.0.1:{env['CNN_TRAIN_MLFLOW_PORT']}")
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        runs = client.search_runs(
-            [client.get_experiment_by_name("cnn-train").experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
-        ) if client.get_experiment_by_name("cnn-train") else []
-        if runs and client.get_metric_history(runs[0].info.run_id, "val_accuracy"):
-            return flow_run_id, runs[0].info.run_id
-        time.sleep(1)
-    raise AssertionError(f"flow run {flow_run_id} did not train within 180 s")
-
-
 @pytest.mark.slow
 def test_serving_again_takes_the_deployments_back_from_the_pool(worker_stack):
     """Also: the worker's run in flight ends as an interrupted run does. Stopping the worker killed its
@@ -213,7 +191,7 @@ def test_serving_again_takes_the_deployments_back_from_the_pool(worker_stack):
     from mlflow import MlflowClient
 
     env, _ = worker_stack
-    flow_run_id, mlflow_run_id = _training_run(env)
+    flow_run_id, mlflow_run_id = training_run(env)
     up = subprocess.run([BIN / "cnn-train", "up", "--no-trigger"], env=env, capture_output=True, text=True, timeout=600)
     assert up.returncode == 0, up.stdout + up.stderr
     assert "worker: stopped (the serve process takes over the deployments)" in up.stdout

@@ -342,11 +342,12 @@ serve_process = _service(
     command=lambda: [sys.executable, "-m", "cnn_train.flows.ops.serve"],
     ready=_deployment_served,
     extra_env=_runs_flows("PREFECT_RUNNER_POLL_FREQUENCY"),
+    before_stop=lambda pid: _interrupt_flow_runs(pid),
     runs_code=True,
 )
 
 
-def _interrupt_worker_flow_runs(pid: int) -> None:
+def _interrupt_flow_runs(pid: int) -> None:
     from cnn_train.flows.ops import worker
 
     worker.interrupt_flow_runs(pid)
@@ -375,7 +376,7 @@ worker_process = _service(
     command=_worker_command,
     ready=_worker_polling,
     extra_env=_runs_flows("PREFECT_WORKER_QUERY_SECONDS"),
-    before_stop=_interrupt_worker_flow_runs,
+    before_stop=_interrupt_flow_runs,
     runs_code=True,
 )
 

@@ -149,10 +149,10 @@ def flow_run_of(process: Any) -> str | None:
 
 
 def interrupt_flow_runs(worker_pid: int, *, timeout: float = 60.0) -> None:
-    """Ctrl-C to each flow-run process the worker ``worker_pid`` started, then wait for them: each ends its
-    runs as an interrupted command does (flow run Crashed, MLflow runs KILLED). A stopped worker sends its
-    flow-run processes, each in a session of its own, a SIGTERM that kills them on the spot: their runs
-    stayed Running and RUNNING until a heartbeat ran out."""
+    """Ctrl-C to each flow-run process the worker (or serve process) ``worker_pid`` started, then wait for them:
+    each ends its runs as an interrupted command does (flow run Crashed, MLflow runs KILLED). A stopped worker
+    sends its flow-run processes, each in a session of its own, a SIGTERM that kills them on the spot: their
+    runs stayed Running and RUNNING until a heartbeat ran out."""
     import signal
 
     import psutil
