@@ -370,7 +370,7 @@ def test_a_relative_sqlite_store_is_named_by_its_absolute_path(tmp_path, monkeyp
 
 def test_the_project_store_is_browsed_with_cnn_train_up(default_port):
     assert tracking.open_hint(Address(default_tracking_uri())) == (
-        "cnn-train up, then open http://127.0.0.1:5000/#/experiments/7/runs/abc123?workflowType=machine_learning"
+        "cnn-train up --no-trigger, then open http://127.0.0.1:5000/#/experiments/7/runs/abc123?workflowType=machine_learning"
     )
 
 

@@ -255,13 +255,14 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
 
 def open_hint(run: RunAddress) -> str:
     """The exact way to see ``run`` in a browser: ``open <its URL>`` when an MLflow server holds it,
-    ``cnn-train up, then open <URL>`` for the project's own store, else the lean ``mlflow server``
+    ``cnn-train up --no-trigger, then open <URL>`` for the project's own store, else the lean ``mlflow server``
     command for its store, then the URL."""
     if url := run_url(run.uri, run.experiment_id, run.run_id):
         return f"open {url}"
     store = _absolute_store(run.uri)
     if store == _absolute_store(default_tracking_uri()):
-        return f"cnn-train up, then open {_run_page(services.mlflow_url(), run.experiment_id, run.run_id)}"
+        # --no-trigger: a plain `up` also starts the default deployment's full training run.
+        return f"cnn-train up --no-trigger, then open {_run_page(services.mlflow_url(), run.experiment_id, run.run_id)}"
     # Another store: on the project's port when it is free, else on one that is (the project's server,
     # up for its own store, holds it).
     port = services.mlflow_port() if not _taken(services.mlflow_port()) else _free_port()
