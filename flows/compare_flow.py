@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from cnn_train.flows import reporting, tracking
 from cnn_train.flows.data import PreparedData
+from cnn_train.flows.errors import ExpectedFailure
 from cnn_train.flows.params import (
     COMPARE_EXCLUDES,
     CompareOptions,
@@ -41,16 +42,51 @@ def cnn_train_compare(**values: Any) -> dict[str, Any]:
     with flow_run_tracker(first.experiment, run_name="compare-" + "-".join(options.backends), role="compare") as parent:
         parent.log_params(first.model_dump(exclude=set(COMPARE_EXCLUDES)) | options.model_dump())
         data = prep_task(first, parent)
-        children = {
-            params.backend: child_run(
-                params, data, parent, run_name=f"{params.backend}-{params.architecture}", role="compare-backend"
-            )
-            for params in per_backend
-        }
-        title = f"{first.architecture} on " + " against ".join(options.backends)
+        children, failed = _train_each(per_backend, data, parent)
+        if len(children) < 2:
+            raise ComparisonFailed(_failures_line(failed, children)) from next(iter(failed.values()))
+        title = f"{first.architecture} on " + " against ".join(children)
         result = _report(parent, data, children, title=title, tolerance_points=options.tolerance_points)
+        if failed:  # the others' comparison is recorded; the run still fails, naming what is missing
+            raise ComparisonFailed(_failures_line(failed, children)) from next(iter(failed.values()))
     get_run_logger().info(result["verdict"])
     return result
+
+
+class ComparisonFailed(ExpectedFailure, RuntimeError):
+    """A backend of the comparison failed; the message names each one and why."""
+
+
+def _train_each(
+    per_backend: list[RunParameters], data: PreparedData, parent: RunTracker
+) -> tuple[dict[str, ChildRun], dict[str, Exception]]:
+    """Each backend's child run, in order; one that fails is set apart and the next still trains (the first
+    failure ended the comparison, and no later backend ran)."""
+    children: dict[str, ChildRun] = {}
+    failed: dict[str, Exception] = {}
+    for params in per_backend:
+        try:
+            children[params.backend] = child_run(
+                params, data, parent, run_name=f"{params.backend}-{params.architecture}", role="compare-backend"
+            )
+        except Exception as error:  # an interruption (KeyboardInterrupt, TerminationSignal) stops them all
+            failed[params.backend] = error
+            get_run_logger().error("backend %s failed: %s", params.backend, _reason(error))
+    return children, failed
+
+
+def _reason(error: Exception) -> str:
+    text = str(error) if isinstance(error, ExpectedFailure) else f"{type(error).__name__}: {error}"
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+def _failures_line(failed: dict[str, Exception], children: dict[str, ChildRun]) -> str:
+    line = "; ".join(f"backend {name} failed: {_reason(error)}" for name, error in failed.items())
+    if len(children) >= 2:
+        return f"{line}; the comparison of {', '.join(children)} is recorded without it"
+    if children:
+        return f"{line}; {next(iter(children))} trained (its child run), but a comparison needs two backends"
+    return line
 
 
 def _report(

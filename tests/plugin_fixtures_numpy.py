@@ -258,3 +258,10 @@ class LeavesARunActive(NumpyMLPBackend):
 
         mlflow.start_run()
         return super().train(data, config, on_epoch=on_epoch, initial_epoch=initial_epoch)
+
+
+class FailsToTrain(NumpyMLPBackend):
+    """A backend whose training fails as a framework's might (out of memory, a driver error)."""
+
+    def train(self, data, config, *, on_epoch=None, initial_epoch=0):
+        raise RuntimeError("the framework ran out of memory")

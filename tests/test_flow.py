@@ -431,3 +431,56 @@ def test_the_improved_recipe_runs_and_records_how_it_trained(store, tmp_path):
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model", dst_path=str(tmp_path))
     images = np.random.default_rng(0).uniform(size=(3, 28, 28, 1)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(model.predict(images)).sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("backends", "line", "compared"),
+    [
+        pytest.param(
+            ["numpy-mlp-fails", "numpy-mlp"],
+            "backend numpy-mlp-fails failed: RuntimeError: the framework ran out of memory; numpy-mlp trained "
+            "(its child run), but a comparison needs two backends",
+            False, id="one-of-two",
+        ),
+        pytest.param(
+            ["numpy-mlp", "numpy-mlp-fails", "numpy-mlp-too"],
+            "backend numpy-mlp-fails failed: RuntimeError: the framework ran out of memory; the comparison of "
+            "numpy-mlp, numpy-mlp-too is recorded without it",
+            True, id="one-of-three",
+        ),
+    ],
+)
+def test_a_failing_backend_is_named_and_the_others_still_train(store, monkeypatch, backends, line, compared):
+    """The first backend's failure ended the comparison: the later ones never trained, and the line said not which failed."""
+    from mlflow import MlflowClient
+    from prefect.exceptions import FailedRun
+
+    from cnn_train.flows.compare_flow import cnn_train_compare
+    from cnn_train.plugins import registry
+    from tests.plugin_fixtures import FakeDistribution, only_distributions
+    from tests.plugin_fixtures_numpy import PLUGIN_SOURCE  # noqa: F401  (imports the plugin from its source folder)
+
+    only_distributions(monkeypatch, FakeDistribution("cnn-train-numpy-mlp", {
+        "numpy-mlp": "cnn_train_numpy_mlp.backend:NumpyMLPBackend",
+        "numpy-mlp-too": "cnn_train_numpy_mlp.backend:NumpyMLPBackend",
+        "numpy-mlp-fails": "tests.plugin_fixtures_numpy:FailsToTrain",
+    }, version="0.1.0", requires=("cnn-train", "numpy>=1.26", "mlflow>=3.1")))
+    registry.refresh()
+    try:
+        with pytest.raises(FailedRun) as raised:
+            cnn_train_compare(backends=backends, architecture="dense", **SMALL)
+    finally:
+        monkeypatch.undo()
+        registry.refresh()
+    assert str(raised.value) == line
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("cnn-train").experiment_id], "tags.`cnn_train.role` = 'compare'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    parent = runs[0]
+    assert parent.info.status == "FAILED"
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {c.info.run_name.split("-dense")[0]: c.info.status for c in children} == {
+        name: "FAILED" if name.endswith("fails") else "FINISHED" for name in backends
+    }
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "compare")}
+    assert ("compare/compare.md" in artifacts) is compared
