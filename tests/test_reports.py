@@ -398,6 +398,26 @@ def test_parity_verdict(accuracies: dict[str, float], verdict: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("accuracies", "verdict"),
+    [
+        pytest.param(  # two models answering one class each were "parity: max gap 0.00 points"
+            {"torch": 0.1, "keras": 0.1},
+            "no verdict: every backend is at chance level (10.00% for 10 classes): learnt nothing (torch 10.00%, keras 10.00%)",
+            id="both-guess",
+        ),
+        pytest.param(
+            {"torch": 0.85, "keras": 0.115},
+            "no parity: max gap 73.50 points > 1 (torch 85.00%, keras 11.50%); keras at chance level (10.00% for 10 "
+            "classes): learnt nothing",
+            id="one-guesses",
+        ),
+    ],
+)
+def test_a_backend_at_chance_level_is_named_so(accuracies: dict[str, float], verdict: str) -> None:
+    assert reporting.parity_verdict(accuracies, tolerance_points=1.0) == verdict
+
+
+@pytest.mark.parametrize(
     ("accuracies", "message"),
     [
         pytest.param({"torch": 0.9}, "need at least two accuracies", id="single"),

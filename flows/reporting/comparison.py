@@ -71,13 +71,25 @@ def accuracy_gap_points(accuracies: Mapping[str, float]) -> float:
     return round((max(values) - min(values)) * 100, 9)
 
 
-def parity_verdict(accuracies: Mapping[str, float], tolerance_points: float = 1.0) -> str:
-    """``"parity: max gap 0.40 points <= 1 (...)"`` or ``"no parity: max gap 2.10 points > 1 (...)"``."""
+#: Points above chance (one class of N guessed every time) within which a model has learnt nothing.
+CHANCE_MARGIN_POINTS = 2.0
+
+
+def parity_verdict(accuracies: Mapping[str, float], tolerance_points: float = 1.0, *, classes: int = 10) -> str:
+    """``"parity: max gap 0.40 points <= 1 (...)"`` or ``"no parity: max gap 2.10 points > 1 (...)"``; backends
+    at chance level are named as such (two models answering one class each were called at parity)."""
     gap = accuracy_gap_points(accuracies)
     listing = ", ".join(f"{name} {format_percent(value)}" for name, value in accuracies.items())
+    chance = 1 / classes
+    guessing = [name for name, value in accuracies.items() if value <= chance + CHANCE_MARGIN_POINTS / 100]
+    at_chance = f"at chance level ({format_percent(chance)} for {classes} classes): learnt nothing"
+    if len(guessing) == len(accuracies):
+        return f"no verdict: every backend is {at_chance} ({listing})"
     if gap <= tolerance_points:
-        return f"parity: max gap {gap:.2f} points <= {tolerance_points:g} ({listing})"
-    return f"no parity: max gap {gap:.2f} points > {tolerance_points:g} ({listing})"
+        verdict = f"parity: max gap {gap:.2f} points <= {tolerance_points:g} ({listing})"
+    else:
+        verdict = f"no parity: max gap {gap:.2f} points > {tolerance_points:g} ({listing})"
+    return verdict + (f"; {', '.join(guessing)} {at_chance}" if guessing else "")
 
 
 def cnn_against_dense_sentence(cnn: ComparisonRow, dense: ComparisonRow) -> str:
