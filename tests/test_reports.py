@@ -555,8 +555,8 @@ def test_report_and_comparison_table_carry_the_same_speed(
     table = reporting.comparison_table([inputs.as_comparison_row("CNN (torch)"), dense_row])
     assert table.loc[0, "seconds_per_epoch"] == inputs.history.seconds_per_epoch == 13.0
     assert table.loc[0, "images_per_second"] == inputs.history.images_per_second
-    assert "| seconds per epoch (median) | 13.0 |" in report_text
-    assert "| images per second (median) | 4,154 |" in report_text
+    assert "| seconds per epoch, validation included (median of 3) | 13.0 |" in report_text
+    assert "| training images per second (median of 3) | 4,154 |" in report_text
     assert "| CNN (torch) | 91.23% | 421,642 | 13.0 | 4,154 |" in report_text
 
 
@@ -744,3 +744,17 @@ def test_relink_figures_rewrites_only_figure_links() -> None:
     assert "![Curves](http://mlflow/get-artifact?path=report/learning_curves.png)" in out
     assert "![CM](http://mlflow/get-artifact?path=report/confusion_matrix.png)" in out
     assert "[MLflow run](http://x/#/runs/1)" in out
+
+
+@pytest.mark.parametrize(("whose", "title"), [(None, "Confusion matrix (6 images)"), ("keras", "keras: Confusion matrix (6 images)")],
+                         ids=["a-run", "a-compared-backend"])
+def test_a_confusion_matrix_says_whose_it_is(monkeypatch, tmp_path, whose, title):
+    """compare's two pictures had one title, 'Confusion matrix (1,000 images)': apart from their file names, alike."""
+    from cnn_train.flows.reporting import figures
+
+    titles = []
+    saved = figures.save
+    monkeypatch.setattr(figures, "save", lambda figure, path: titles.append(figure._suptitle.get_text()) or saved(figure, path))
+    summary = reporting.classification_tables(np.array([0, 1, 2, 0, 1, 2]), np.array([0, 1, 1, 0, 2, 2]), ("a", "b", "c"))
+    figures.plot_confusion_matrix(summary, tmp_path / "matrix.png", whose=whose)
+    assert titles == [title]

@@ -46,7 +46,7 @@ def write_comparison_report(
     table.to_csv(table_csv, index=False)
     verdict = parity_verdict({row.name: row.test_accuracy for row in rows}, tolerance_points)
     pictures = tuple(
-        plot_confusion_matrix(summaries[row.name], out_dir / f"confusion_matrix_{row.name}.png") for row in rows
+        plot_confusion_matrix(summaries[row.name], out_dir / f"confusion_matrix_{row.name}.png", whose=row.name) for row in rows
     )
     lines = [f"# {title}", "", *link_line(links or {})]
     if open_hint:

@@ -72,12 +72,13 @@ def _draw_matrix(
     ax.figure.colorbar(image, ax=ax, shrink=0.8)
 
 
-def plot_confusion_matrix(summary: ClassificationSummary, path: Path | str) -> Path:
-    """Confusion matrix as counts and as row-normalised rates, with class names on both axes."""
+def plot_confusion_matrix(summary: ClassificationSummary, path: Path | str, *, whose: str | None = None) -> Path:
+    """Confusion matrix as counts and as row-normalised rates, with class names on both axes; ``whose``
+    (a backend's name) heads the title, so the picture says whose it is once downloaded on its own."""
     figure = new_figure(17, 7.5)
     count_ax, rate_ax = figure.subplots(1, 2)
     names = summary.class_names
     _draw_matrix(count_ax, summary.confusion, names, "Counts", lambda value: f"{int(value)}")
     _draw_matrix(rate_ax, summary.confusion_rates, names, "Share of each true class", lambda value: f"{value:.2f}")
-    figure.suptitle(f"Confusion matrix ({int(summary.confusion.sum()):,} images)")
+    figure.suptitle(f"{whose + ': ' if whose else ''}Confusion matrix ({int(summary.confusion.sum()):,} images)")
     return save(figure, path)
