@@ -190,8 +190,8 @@ def cpu_flags() -> frozenset[str]:
 
 def training_precision(requested: str, device: str, *, flags: frozenset[str] | None = None) -> tuple[str, str]:
     """The precision to train in on ``device``, and why: ``auto`` is bfloat16 only where it is native (emulated, it is slower)."""
-    if requested != "auto":
-        return requested, "asked for"
+    if requested != "auto":  # the lesson's float32, or a TrainConfig's own choice ("asked for" read as the user's)
+        return requested, "set by the training, not chosen for this machine"
     if device.startswith("cuda"):
         import torch  # lazily, as in cuda_inventory
         if torch.cuda.is_bf16_supported():

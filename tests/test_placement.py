@@ -619,8 +619,8 @@ AVX2_ONLY = frozenset({"avx", "avx2", "fma"})
         pytest.param("auto", AVX512_BF16, "bfloat16", "natively (avx512_bf16)", id="auto-avx512-bf16"),
         pytest.param("auto", AVX2_ONLY, "float32", "neither AMX nor AVX-512 BF16", id="auto-avx2"),
         pytest.param("auto", frozenset(), "float32", "neither AMX nor AVX-512 BF16", id="auto-no-cpuinfo"),
-        pytest.param("bfloat16", AVX2_ONLY, "bfloat16", "asked for", id="bfloat16-is-kept"),
-        pytest.param("float32", AMX, "float32", "asked for", id="float32-is-kept"),
+        pytest.param("bfloat16", AVX2_ONLY, "bfloat16", "set by the training, not chosen for this machine", id="bfloat16-is-kept"),
+        pytest.param("float32", AMX, "float32", "set by the training, not chosen for this machine", id="float32-is-kept"),
     ],
 )
 def test_training_precision_on_the_cpu(requested: str, flags: frozenset[str], expected: str, reason: str) -> None:
