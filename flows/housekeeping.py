@@ -130,7 +130,7 @@ def _checkpoints(older_than: timedelta, run_status: Callable[[str], str | None],
         elif status == "RUNNING":  # training, or abandoned until `doctor --fix` marks it FAILED: kept either way
             continue
         elif idle > older_than.total_seconds():
-            yield Removal(checkpoint, size_of(checkpoint), f"checkpoint of a {status or 'unknown'} run, untouched for {_age(idle)}")
+            yield Removal(checkpoint, size_of(checkpoint), f"checkpoint of {'a ' + status if status else 'an unknown'} run, untouched for {_age(idle)}")
 
 
 def _temporary_prefect(older_than: timedelta, now: float) -> Iterator[Removal]:
