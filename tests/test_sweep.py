@@ -4,6 +4,7 @@ and device requests turned into Ray resource requests."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -405,12 +406,15 @@ def test_a_resource_no_node_offers_fails_the_sweep_in_one_line(mlflow_store, mon
     from cnn_train.flows.sweep_flow import cnn_train_sweep
 
     monkeypatch.setattr(ray_cluster, "RESOURCE_WAIT_SECONDS", 0.0)
+    started_ms = int(time.time() * 1000)
     with pytest.raises(FailedRun) as raised:  # the flow's one line, as Prefect raises a failed flow run's to Python
         cnn_train_sweep(grid={"learning_rate": [1e-3]}, task_runner="ray", ray_resources={"a100": 1}, **SMALL)
     line = str(raised.value)
     assert "\n" not in line and line.startswith("no node of the Ray cluster offers a100=1, which each trial asks for (its nodes offer CPU=")
     client = MlflowClient(mlflow_store)
-    [parent] = client.search_runs([client.get_experiment_by_name("cnn-train").experiment_id], "tags.`cnn_train.role` = 'sweep'")
+    [parent] = client.search_runs(  # the module's store holds its other tests' sweeps too
+        [client.get_experiment_by_name("cnn-train").experiment_id], f"tags.`cnn_train.role` = 'sweep' and attributes.start_time >= {started_ms}"
+    )
     assert parent.info.status == "FAILED" and line in parent.data.tags["mlflow.note.content"]
 
 
