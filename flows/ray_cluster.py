@@ -171,8 +171,12 @@ def stop_trials_on_ray(wait_seconds: float) -> None:
     """Stop this flow run's trials on Ray, when its tasks go to a runner of this module (see ``stop_trials``)."""
     context = FlowRunContext.get()
     stop = getattr(getattr(context, "task_runner", None), "stop_trials", None)
-    if stop is not None:
+    if stop is None:
+        return
+    try:
         stop(wait_seconds)
+    except Exception as error:  # on the interruption's way out: it goes on, not this
+        _logger().warning("could not stop the trials on Ray (%s: %s); Ray's shutdown ends them", type(error).__name__, error)
 
 
 def _in_trial(credentials: dict[str, str], quiet: bool, run: Callable[..., Any]) -> Callable[..., Any]:
