@@ -170,8 +170,7 @@ def _sigterm_handler_kept() -> Iterator[None]:
 def stop_trials_on_ray(wait_seconds: float) -> None:
     """Stop this flow run's trials on Ray, when its tasks go to a runner of this module (see ``stop_trials``)."""
     context = FlowRunContext.get()
-    stop = getattr(getattr(context, "task_runner", None), "stop_trials", None)
-    if stop is None:
+    if (stop := getattr(getattr(context, "task_runner", None), "stop_trials", None)) is None:
         return
     try:
         stop(wait_seconds)
