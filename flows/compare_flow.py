@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from cnn_train.flows import reporting, tracking
 from cnn_train.flows.data import PreparedData
-from cnn_train.flows.errors import ExpectedFailure
+from cnn_train.flows.errors import ExpectedFailure, one_line_reason
 from cnn_train.flows.params import (
     COMPARE_EXCLUDES,
     CompareOptions,
@@ -71,17 +71,12 @@ def _train_each(
             )
         except Exception as error:  # an interruption (KeyboardInterrupt, TerminationSignal) stops them all
             failed[params.backend] = error
-            get_run_logger().error("backend %s failed: %s", params.backend, _reason(error))
+            get_run_logger().error("backend %s failed: %s", params.backend, one_line_reason(error))
     return children, failed
 
 
-def _reason(error: Exception) -> str:
-    text = str(error) if isinstance(error, ExpectedFailure) else f"{type(error).__name__}: {error}"
-    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
-
-
 def _failures_line(failed: dict[str, Exception], children: dict[str, ChildRun]) -> str:
-    line = "; ".join(f"backend {name} failed: {_reason(error)}" for name, error in failed.items())
+    line = "; ".join(f"backend {name} failed: {one_line_reason(error)}" for name, error in failed.items())
     if len(children) >= 2:
         return f"{line}; the comparison of {', '.join(children)} is recorded without it"
     if children:

@@ -104,3 +104,9 @@ def did_you_mean(typed: str, names: Sequence[str]) -> str:
     """``' (did you mean learning_rate?)'``, or nothing when no name is close."""
     close = close_names(typed, names)
     return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def one_line_reason(error: BaseException) -> str:
+    """What went wrong, in one line: an expected failure's own message, else the exception's type and message."""
+    text = str(error) if isinstance(error, ExpectedFailure) else f"{type(error).__name__}: {error}"
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__

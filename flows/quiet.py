@@ -75,3 +75,14 @@ def quiet_libraries(*, verbose: bool = False, environ: MutableMapping[str, str] 
 def quieted() -> bool:
     """Whether :func:`quiet_libraries` silenced this process: a Ray trial then silences its worker too."""
     return any(isinstance(f, _DropAnnouncements) for f in logging.getLogger("prefect").filters)
+
+
+def run_logger(fallback: str) -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run's logger, or the module logger ``fallback`` outside any run (a trial in a bare thread)."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(fallback)

@@ -21,7 +21,7 @@ from prefect.context import FlowRunContext
 from cnn_train.flows.ops import temporary_server
 from cnn_train.flows.params import RAY_RESOURCE_NAME, RunnerOptions
 from cnn_train.flows.placement import ray_resources
-from cnn_train.flows.quiet import quiet_libraries, quieted
+from cnn_train.flows.quiet import quiet_libraries, quieted, run_logger
 from cnn_train.flows.ray_join import (
     RayClusterError, RayOptionError, check_answers, join_failure, keep_token_private, local_start_failure, send_token_when_provided,
 )
@@ -175,7 +175,7 @@ def stop_trials_on_ray(wait_seconds: float) -> None:
     try:
         stop(wait_seconds)
     except Exception as error:  # on the interruption's way out: it goes on, not this
-        _logger().warning("could not stop the trials on Ray (%s: %s); Ray's shutdown ends them", type(error).__name__, error)
+        run_logger(__name__).warning("could not stop the trials on Ray (%s: %s); Ray's shutdown ends them", type(error).__name__, error)
 
 
 def _in_trial(credentials: dict[str, str], quiet: bool, run: Callable[..., Any]) -> Callable[..., Any]:
@@ -340,20 +340,8 @@ def wait_for_a_node_offering(options: Mapping[str, Any], *, timeout: float | Non
             )
         if not waiting:
             waiting = True
-            _logger().warning("the trials wait up to %.0f s for a node of the Ray cluster offering %s", deadline - time.monotonic(), asked)
+            run_logger(__name__).warning("the trials wait up to %.0f s for a node of the Ray cluster offering %s", deadline - time.monotonic(), asked)
         time.sleep(poll)
-
-
-def _logger() -> Any:
-    from prefect import get_run_logger
-    from prefect.exceptions import MissingContextError
-
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        import logging
-
-        return logging.getLogger(__name__)
 
 
 #: Ray's errors for a task whose worker process or node died under it (not a task that failed).

@@ -6,23 +6,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import logging
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from prefect import Flow, get_run_logger, runtime
 from prefect.context import FlowRunContext
-from prefect.exceptions import MissingContextError, TerminationSignal
+from prefect.exceptions import TerminationSignal
 from prefect.states import Failed
 from pydantic import BaseModel
 
 from cnn_train.flows import crashes, diskspace, steps, tracking
 from cnn_train.flows.diskspace import disk_full, disk_full_line
 from cnn_train.flows.ops import services
-from cnn_train.flows.errors import ExpectedFailure, debugging, did_you_mean, hide_expected_tracebacks
+from cnn_train.flows.errors import ExpectedFailure, debugging, did_you_mean, hide_expected_tracebacks, one_line_reason
 from cnn_train.flows.flow_runs import FLOW_NAMES
 from cnn_train.flows.params import RunnerOptions
+from cnn_train.flows.quiet import run_logger
 from cnn_train.flows.signatures import takes_parameters
 from cnn_train.flows.tracking import RunTracker
 
@@ -162,17 +162,13 @@ def ending_note(status: str, error: BaseException) -> str:
     if disk_full(error):
         reason = disk_full_line(error)
     else:
-        reason = str(error) if isinstance(error, ExpectedFailure) else f"{type(error).__name__}: {error}"
-    return tracking.ending_description(status, reason.splitlines()[0][:500] if reason.strip() else type(error).__name__)
+        reason = one_line_reason(error)
+    return tracking.ending_description(status, reason[:500])
 
 
 def _warn_if_waiting(tracker: RunTracker, waiting: int) -> None:
     if waiting:
-        try:
-            logger: Any = get_run_logger()
-        except MissingContextError:  # a trial outside any Prefect run
-            logger = logging.getLogger(__name__)
-        logger.warning(tracker.waiting_message())
+        run_logger(__name__).warning(tracker.waiting_message())
 
 
 def _mark_runs_hook(status: str) -> Any:
